@@ -1,0 +1,151 @@
+//! What the real machine says about itself: host name, CPU model, network, disk space, load.
+
+use std::path::Path;
+
+use dunes_shared::model::NetworkInterface;
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+pub fn network_interfaces() -> Vec<NetworkInterface> {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let mut out: Vec<NetworkInterface> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            if name == "lo" {
+                return None;
+            }
+            let read = |f: &str| {
+                std::fs::read_to_string(e.path().join(f))
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            };
+            Some(NetworkInterface {
+                mac: read("address").unwrap_or_default(),
+                speed_mbps: read("speed")
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .filter(|s| *s > 0)
+                    .map(|s| s as u32),
+                name,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Total and free MiB of the file system holding `path`.
+#[allow(unsafe_code)]
+pub fn storage_mib(path: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return (0, 0);
+    };
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return (0, 0);
+    }
+    let unit = stat.f_frsize as u64;
+    let mib = 1024 * 1024;
+    (
+        stat.f_blocks as u64 * unit / mib,
+        stat.f_bavail as u64 * unit / mib,
+    )
+}
+
+/// (used, total) memory of the machine in MiB.
+pub fn memory_mib() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let total = field("MemTotal:") / 1024;
+    let available = field("MemAvailable:") / 1024;
+    (total.saturating_sub(available), total)
+}
+
+pub fn uptime_secs() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+/// CPU busy share between two calls, from /proc/stat.
+#[derive(Debug, Default)]
+pub struct CpuLoad {
+    last: Option<(u64, u64)>,
+}
+
+impl CpuLoad {
+    pub fn sample_percent(&mut self) -> f32 {
+        let Some((busy, total)) = read_cpu_times() else {
+            return 0.0;
+        };
+        let percent = match self.last {
+            Some((b0, t0)) if total > t0 => {
+                (busy.saturating_sub(b0)) as f32 * 100.0 / (total - t0) as f32
+            }
+            _ => 0.0,
+        };
+        self.last = Some((busy, total));
+        percent.clamp(0.0, 100.0)
+    }
+}
+
+fn read_cpu_times() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_machine() {
+        let (total, free) = storage_mib(Path::new("/"));
+        assert!(total > 0 && free <= total);
+        let (used, total) = memory_mib();
+        assert!(total > 0 && used <= total);
+        let mut load = CpuLoad::default();
+        load.sample_percent();
+        assert!((0.0..=100.0).contains(&load.sample_percent()));
+        assert!(storage_mib(Path::new("/nonexistent/dir")) == (0, 0));
+    }
+}

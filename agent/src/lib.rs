@@ -1,0 +1,10 @@
+//! The Dunes host agent: owns the runtimes of one host, reports status and executes the
+//! console's commands over QUIC with mutual TLS.
+
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod inventory;
+pub mod libvirt;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,484 @@
+//! The libvirt runtime. libvirt calls block, so one dedicated thread owns the connection and
+//! runs jobs sent to it; between jobs it polls domain states and publishes every change.
+
+use std::{collections::HashMap, sync::mpsc, time::Duration};
+
+use dunes_shared::{
+    model::{RuntimeInfo, RuntimeKind, SpecError, TemplateName, VmName, VmSpec, VmState, VmStatus},
+    protocol::AgentEvent,
+};
+use tokio::sync::{broadcast, oneshot};
+use virt::{
+    connect::Connect,
+    domain::{Domain, DomainState},
+};
+
+use crate::storage::{Storage, StorageError, Template};
+
+/// How often domain states are compared with what was last published.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{action} failed: {message}")]
+    Libvirt {
+        action: &'static str,
+        message: String,
+    },
+    #[error("VM {0} does not exist")]
+    NotFound(VmName),
+    #[error("VM {0} already exists")]
+    AlreadyExists(VmName),
+    #[error("VM {name} is {state}; {hint}")]
+    WrongState {
+        name: VmName,
+        state: VmState,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the libvirt worker stopped")]
+    WorkerGone,
+}
+
+fn lv(action: &'static str) -> impl FnOnce(virt::error::Error) -> RuntimeError {
+    move |e| RuntimeError::Libvirt {
+        action,
+        message: e.message().to_string(),
+    }
+}
+
+/// Facts about the hypervisor's host, read once at start.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub model: String,
+    pub runtime: RuntimeInfo,
+}
+
+type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+
+/// Handle to the libvirt thread; cheap to clone.
+#[derive(Clone)]
+pub struct LibvirtRuntime {
+    jobs: mpsc::Sender<Job>,
+    pub node: NodeFacts,
+}
+
+impl std::fmt::Debug for LibvirtRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtRuntime")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn start_event_loop() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The embedded QEMU driver and keep-alives need libvirt's event loop running.
+        if virt::event::event_register_default_impl().is_ok() {
+            let _ = std::thread::Builder::new()
+                .name("libvirt-events".into())
+                .spawn(|| while virt::event::event_run_default_impl().is_ok() {});
+        }
+        virt::error::clear_error_callback();
+    });
+}
+
+impl LibvirtRuntime {
+    /// Opens `uri` on a new thread and starts polling. Fails if libvirt cannot be opened.
+    pub fn start(
+        uri: &str,
+        storage: Storage,
+        events: broadcast::Sender<AgentEvent>,
+    ) -> Result<Self, RuntimeError> {
+        start_event_loop();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let uri = uri.to_string();
+        std::thread::Builder::new()
+            .name("libvirt".into())
+            .spawn(move || {
+                let worker = Worker::open(&uri, storage, events);
+                match worker {
+                    Ok((mut worker, facts)) => {
+                        let _ = ready_tx.send(Ok(facts));
+                        worker.run(jobs_rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| RuntimeError::Libvirt {
+                action: "starting the libvirt thread",
+                message: e.to_string(),
+            })?;
+        let node = ready_rx.recv().map_err(|_| RuntimeError::WorkerGone)??;
+        Ok(LibvirtRuntime {
+            jobs: jobs_tx,
+            node,
+        })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Worker) -> T + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |w: &mut Worker| {
+                let _ = tx.send(job(w));
+            }))
+            .map_err(|_| RuntimeError::WorkerGone)?;
+        rx.await.map_err(|_| RuntimeError::WorkerGone)
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<VmStatus>, RuntimeError> {
+        self.run(|w| w.list()).await?
+    }
+
+    pub async fn create_vm(&self, spec: VmSpec, start: bool) -> Result<VmStatus, RuntimeError> {
+        spec.validate()?;
+        self.run(move |w| w.create(&spec, start)).await?
+    }
+
+    pub async fn start_vm(&self, name: VmName) -> Result<VmStatus, RuntimeError> {
+        self.run(move |w| w.start(&name)).await?
+    }
+
+    /// Asks the guest to shut down and waits up to `timeout_secs` before forcing it off.
+    pub async fn stop_vm(
+        &self,
+        name: VmName,
+        force: bool,
+        timeout_secs: u32,
+    ) -> Result<VmStatus, RuntimeError> {
+        if !force {
+            let n = name.clone();
+            let stopped = self.run(move |w| w.request_shutdown(&n)).await??;
+            if !stopped {
+                let deadline =
+                    tokio::time::Instant::now() + Duration::from_secs(timeout_secs.into());
+                loop {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                    let n = name.clone();
+                    let state = self.run(move |w| w.state_of(&n)).await??;
+                    if !state.is_active() {
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(vm = %name, "guest did not shut down in {timeout_secs}s, forcing it off");
+                        break;
+                    }
+                }
+            }
+        }
+        self.run(move |w| w.force_off(&name)).await?
+    }
+
+    pub async fn delete_vm(&self, name: VmName) -> Result<(), RuntimeError> {
+        self.run(move |w| w.delete(&name)).await?
+    }
+}
+
+struct Worker {
+    conn: Connect,
+    storage: Storage,
+    domain_type: &'static str,
+    events: broadcast::Sender<AgentEvent>,
+    published: HashMap<VmName, VmStatus>,
+    templates: HashMap<String, Option<TemplateName>>,
+}
+
+impl Worker {
+    fn open(
+        uri: &str,
+        storage: Storage,
+        events: broadcast::Sender<AgentEvent>,
+    ) -> Result<(Self, NodeFacts), RuntimeError> {
+        let conn = Connect::open(Some(uri)).map_err(lv("opening libvirt"))?;
+        let info = conn.node_info().map_err(lv("reading node info"))?;
+        let driver = conn.driver_type().unwrap_or_default();
+        let version = conn
+            .hyp_version()
+            .map(|v| format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000))
+            .unwrap_or_default();
+        let domain_type = if uri.starts_with("test:") {
+            "test"
+        } else {
+            "qemu"
+        };
+        let facts = NodeFacts {
+            cpus: info.cpus,
+            memory_mib: info.memory / 1024,
+            model: info.model.clone(),
+            runtime: RuntimeInfo {
+                kind: RuntimeKind::Libvirt,
+                driver,
+                version,
+            },
+        };
+        let mut worker = Worker {
+            conn,
+            storage,
+            domain_type,
+            events,
+            published: HashMap::new(),
+            templates: HashMap::new(),
+        };
+        worker.poll();
+        Ok((worker, facts))
+    }
+
+    fn run(&mut self, jobs: mpsc::Receiver<Job>) {
+        loop {
+            match jobs.recv_timeout(POLL_INTERVAL) {
+                Ok(job) => job(self),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            self.poll();
+        }
+    }
+
+    /// Compares every domain with what was published last and pushes the differences.
+    fn poll(&mut self) {
+        let Ok(list) = self.list() else { return };
+        let mut current: HashMap<VmName, VmStatus> =
+            list.into_iter().map(|v| (v.name.clone(), v)).collect();
+        for (name, status) in &current {
+            if self.published.get(name) != Some(status) {
+                let _ = self.events.send(AgentEvent::VmChanged(status.clone()));
+            }
+        }
+        for name in self.published.keys() {
+            if !current.contains_key(name) {
+                let _ = self
+                    .events
+                    .send(AgentEvent::VmRemoved { name: name.clone() });
+            }
+        }
+        std::mem::swap(&mut self.published, &mut current);
+    }
+
+    fn status(&mut self, dom: &Domain) -> Result<Option<VmStatus>, RuntimeError> {
+        let raw_name = dom.name().map_err(lv("reading a domain name"))?;
+        let Ok(name) = VmName::new(raw_name) else {
+            // Domains Dunes did not create may have names it cannot manage; leave them be.
+            return Ok(None);
+        };
+        let info = dom.info().map_err(lv("reading domain info"))?;
+        let uuid = dom.uuid_string().map_err(lv("reading a domain uuid"))?;
+        let template = match self.templates.get(&uuid) {
+            Some(t) => t.clone(),
+            None => {
+                let t = dom.xml_desc(0).ok().and_then(|xml| template_from_xml(&xml));
+                self.templates.insert(uuid.clone(), t.clone());
+                t
+            }
+        };
+        Ok(Some(VmStatus {
+            disk_bytes: self.storage.disk_allocated_bytes(&name),
+            uuid,
+            name,
+            state: map_state(info.state.known()),
+            vcpus: info.nr_virt_cpu,
+            memory_mib: info.max_mem / 1024,
+            template,
+        }))
+    }
+
+    fn list(&mut self) -> Result<Vec<VmStatus>, RuntimeError> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(lv("listing domains"))?;
+        let mut out = Vec::with_capacity(domains.len());
+        for dom in &domains {
+            if let Some(status) = self.status(dom)? {
+                out.push(status);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn lookup(&self, name: &VmName) -> Result<Domain, RuntimeError> {
+        self.conn
+            .lookup_domain_by_name(name.as_str())
+            .map_err(|_| RuntimeError::NotFound(name.clone()))
+    }
+
+    fn status_of(&mut self, name: &VmName) -> Result<VmStatus, RuntimeError> {
+        let dom = self.lookup(name)?;
+        self.status(&dom)?
+            .ok_or_else(|| RuntimeError::NotFound(name.clone()))
+    }
+
+    fn state_of(&mut self, name: &VmName) -> Result<VmState, RuntimeError> {
+        Ok(self.status_of(name)?.state)
+    }
+
+    fn create(&mut self, spec: &VmSpec, start: bool) -> Result<VmStatus, RuntimeError> {
+        if self.conn.lookup_domain_by_name(spec.name.as_str()).is_ok() {
+            return Err(RuntimeError::AlreadyExists(spec.name.clone()));
+        }
+        let template = self.storage.template(&spec.template)?;
+        let disk = self.storage.create_disk(&spec.name, &template)?;
+        let xml = domain_xml(self.domain_type, spec, &template, &disk, &self.storage);
+        let dom = match self.conn.define_domain_xml(&xml) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = self.storage.delete_disk(&spec.name);
+                return Err(lv("defining the domain")(e));
+            }
+        };
+        if start {
+            dom.create().map_err(lv("starting the VM"))?;
+        }
+        self.status_of(&spec.name)
+    }
+
+    fn start(&mut self, name: &VmName) -> Result<VmStatus, RuntimeError> {
+        let dom = self.lookup(name)?;
+        let status = self.status_of(name)?;
+        match status.state {
+            VmState::Running => return Ok(status),
+            VmState::Paused => dom.resume().map_err(lv("resuming the VM"))?,
+            _ => dom.create().map_err(lv("starting the VM"))?,
+        };
+        self.status_of(name)
+    }
+
+    /// Asks for a guest shutdown; returns whether the VM is already off.
+    fn request_shutdown(&mut self, name: &VmName) -> Result<bool, RuntimeError> {
+        let dom = self.lookup(name)?;
+        if !self.state_of(name)?.is_active() {
+            return Ok(true);
+        }
+        dom.shutdown().map_err(lv("shutting down the VM"))?;
+        Ok(!self.state_of(name)?.is_active())
+    }
+
+    fn force_off(&mut self, name: &VmName) -> Result<VmStatus, RuntimeError> {
+        let dom = self.lookup(name)?;
+        if self.state_of(name)?.is_active() {
+            dom.destroy().map_err(lv("forcing the VM off"))?;
+        }
+        self.status_of(name)
+    }
+
+    fn delete(&mut self, name: &VmName) -> Result<(), RuntimeError> {
+        let dom = self.lookup(name)?;
+        let state = self.state_of(name)?;
+        if state.is_active() {
+            return Err(RuntimeError::WrongState {
+                name: name.clone(),
+                state,
+                hint: "stop it first",
+            });
+        }
+        let uuid = dom.uuid_string().unwrap_or_default();
+        dom.undefine().map_err(lv("undefining the VM"))?;
+        self.templates.remove(&uuid);
+        self.storage.delete_disk(name)?;
+        let _ = std::fs::remove_file(self.storage.console_log_path(name));
+        Ok(())
+    }
+}
+
+fn map_state(state: Option<DomainState>) -> VmState {
+    match state {
+        Some(DomainState::Running) => VmState::Running,
+        Some(DomainState::Shutoff) => VmState::Shutoff,
+        Some(DomainState::Paused) => VmState::Paused,
+        Some(DomainState::Shutdown) => VmState::ShuttingDown,
+        Some(DomainState::Crashed) => VmState::Crashed,
+        Some(DomainState::PMSuspended) => VmState::Suspended,
+        Some(DomainState::Blocked) => VmState::Blocked,
+        _ => VmState::Unknown,
+    }
+}
+
+const METADATA_NS: &str = "https://dunes.invalid/xmlns/vm/1";
+
+fn template_from_xml(xml: &str) -> Option<TemplateName> {
+    let start = xml.find("<dunes:template>")? + "<dunes:template>".len();
+    let end = start + xml[start..].find("</dunes:template>")?;
+    TemplateName::new(&xml[start..end]).ok()
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// The domain definition. Names are validated and paths are ours, but paths are escaped
+/// anyway: the data dir may hold any character.
+fn domain_xml(
+    domain_type: &str,
+    spec: &VmSpec,
+    template: &Template,
+    disk: &std::path::Path,
+    storage: &Storage,
+) -> String {
+    let vcpus = spec.vcpus.unwrap_or(template.info.default_vcpus).max(1);
+    let memory_mib = spec.memory_mib.unwrap_or(template.info.default_memory_mib);
+    let path = |p: &std::path::Path| xml_escape(&p.display().to_string());
+    let mut os = String::from("<type arch='x86_64'>hvm</type>");
+    if let Some(kernel) = &template.kernel {
+        os.push_str(&format!("<kernel>{}</kernel>", path(kernel)));
+    }
+    if let Some(initrd) = &template.initrd {
+        os.push_str(&format!("<initrd>{}</initrd>", path(initrd)));
+    }
+    if let Some(cmdline) = &template.cmdline {
+        os.push_str(&format!("<cmdline>{}</cmdline>", xml_escape(cmdline)));
+    }
+    let mut devices = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        path(disk)
+    );
+    if domain_type == "qemu" {
+        devices.push_str(&format!(
+            "<serial type='file'><source path='{}'/><target port='0'/></serial><console type='file'><source path='{}'/><target type='serial' port='0'/></console>\
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+            path(&storage.console_log_path(&spec.name)),
+            path(&storage.console_log_path(&spec.name)),
+        ));
+    }
+    format!(
+        "<domain type='{domain_type}'><name>{name}</name>\
+         <metadata><dunes:vm xmlns:dunes='{METADATA_NS}'><dunes:template>{template}</dunes:template></dunes:vm></metadata>\
+         <memory unit='MiB'>{memory_mib}</memory><vcpu>{vcpus}</vcpu><os>{os}</os>\
+         <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>\
+         <devices>{devices}</devices></domain>",
+        name = spec.name,
+        template = template.info.name,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_metadata_round_trip() {
+        let xml = "<domain><metadata><dunes:vm xmlns:dunes='x'><dunes:template>tiny</dunes:template></dunes:vm></metadata></domain>";
+        assert_eq!(template_from_xml(xml).unwrap().as_str(), "tiny");
+        assert_eq!(template_from_xml("<domain/>"), None);
+        assert_eq!(
+            template_from_xml("<dunes:template>../x</dunes:template>"),
+            None
+        );
+        assert_eq!(xml_escape("a'&<b"), "a&apos;&amp;&lt;b");
+    }
+}

@@ -1,0 +1,537 @@
+//! The agent's QUIC endpoint: enrollment, the control protocol, and the event stream.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use dunes_shared::{
+    error_chain,
+    model::{HostInventory, HostStatus},
+    pki::{self, Fingerprint},
+    protocol::{
+        ALPN_CONTROL, ALPN_ENROLL, AgentEvent, CreateVm, DeleteVm, EnrollBegin, EnrollBeginReply,
+        EnrollFinish, ErrorCode, Hello, HelloReply, ListTemplates, ListVms, PROTOCOL_VERSION,
+        Request, StartVm, StopVm, WireError, codes,
+    },
+    rpc::{encode_reply, push_event, read_request, send_reply},
+};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::broadcast;
+
+use crate::{
+    config::AgentConfig,
+    identity::AgentIdentity,
+    inventory,
+    libvirt::{LibvirtRuntime, RuntimeError},
+    storage::{Storage, StorageError},
+};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub libvirt_uri: String,
+    pub config: AgentConfig,
+    /// Directory with the tiny guest (vmlinuz, initrd.img, disk.img) for the `tiny` template.
+    pub guest_dir: Option<PathBuf>,
+}
+
+/// A started agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub host_id: dunes_shared::model::HostId,
+    pub local_addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    /// A fresh join token, when the agent is not enrolled yet.
+    pub join_token: Option<String>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    identity: Mutex<AgentIdentity>,
+    runtime: LibvirtRuntime,
+    storage: Storage,
+    config: AgentConfig,
+    events: broadcast::Sender<AgentEvent>,
+    endpoint: quinn::Endpoint,
+    libvirt_uri: String,
+    cpu: Mutex<inventory::CpuLoad>,
+    vms_running: AtomicU32,
+}
+
+impl RunningAgent {
+    /// Opens the data dir and libvirt, binds the endpoint and starts serving.
+    pub async fn start(opts: AgentOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data dir {}: {e}", opts.data_dir.display())
+        })?;
+        let identity = AgentIdentity::load_or_create(&opts.data_dir, opts.config.host_id.as_ref())?;
+        let storage = Storage::open(&opts.data_dir)?;
+        storage.ensure_tiny_template(opts.guest_dir.as_deref())?;
+        let (events, _) = broadcast::channel(1024);
+        let runtime = {
+            let (uri, storage, events) =
+                (opts.libvirt_uri.clone(), storage.clone(), events.clone());
+            tokio::task::spawn_blocking(move || LibvirtRuntime::start(&uri, storage, events))
+                .await??
+        };
+        let join_token = if identity.is_enrolled() {
+            None
+        } else {
+            Some(identity.issue_token()?)
+        };
+        let server_config = pki::quic_server_config(pki::agent_server_config(
+            &identity.tls_identity(),
+            identity.ca_der.as_ref(),
+        )?)?;
+        let endpoint = bind_endpoint(opts.listen, server_config)?;
+        let local_addr = endpoint.local_addr()?;
+        std::fs::write(opts.data_dir.join("listen-addr"), format!("{local_addr}\n"))?;
+        let shared = Arc::new(Shared {
+            identity: Mutex::new(identity),
+            runtime,
+            storage,
+            config: opts.config.clone(),
+            events,
+            endpoint,
+            libvirt_uri: opts.libvirt_uri.clone(),
+            cpu: Mutex::new(inventory::CpuLoad::default()),
+            vms_running: AtomicU32::new(0),
+        });
+        let (host_id, fingerprint) = {
+            let id = lock(&shared.identity);
+            (id.host_id.clone(), id.fingerprint()?)
+        };
+        tokio::spawn(accept_loop(shared.clone()));
+        tokio::spawn(status_loop(shared.clone()));
+        Ok(RunningAgent {
+            host_id,
+            local_addr,
+            fingerprint,
+            join_token,
+            shared,
+        })
+    }
+
+    /// Stops accepting and closes every connection.
+    pub async fn shutdown(&self) {
+        self.shared
+            .endpoint
+            .close(codes::CLOSE_NORMAL, b"agent shutting down");
+        self.shared.endpoint.wait_idle().await;
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("libvirt_uri", &self.libvirt_uri)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn bind_endpoint(addr: SocketAddr, config: quinn::ServerConfig) -> anyhow::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Larger buffers keep disk streams from dropping packets; the kernel may cap them.
+    let _ = state.set_recv_buffer_size((&socket).into(), UDP_BUFFER_BYTES);
+    let _ = state.set_send_buffer_size((&socket).into(), UDP_BUFFER_BYTES);
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(shared, conn).await,
+                Err(e) => tracing::info!(%remote, "handshake refused: {e}"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    match alpn.as_deref() {
+        Some(p) if p == ALPN_CONTROL => serve_control(shared, conn).await,
+        Some(p) if p == ALPN_ENROLL => serve_enroll(shared, conn).await,
+        _ => conn.close(codes::CLOSE_BAD_HELLO, b"unknown protocol"),
+    }
+}
+
+fn wire(err: RuntimeError) -> WireError {
+    let code = match &err {
+        RuntimeError::NotFound(_) | RuntimeError::Storage(StorageError::NoTemplate(_)) => {
+            ErrorCode::NotFound
+        }
+        RuntimeError::AlreadyExists(_) | RuntimeError::Storage(StorageError::DiskExists(_)) => {
+            ErrorCode::AlreadyExists
+        }
+        RuntimeError::WrongState { .. } => ErrorCode::Conflict,
+        RuntimeError::Spec(_) => ErrorCode::BadRequest,
+        RuntimeError::Storage(_) => ErrorCode::Storage,
+        RuntimeError::Libvirt { .. } => ErrorCode::Runtime,
+        RuntimeError::WorkerGone => ErrorCode::Internal,
+    };
+    WireError::new(code, error_chain(&err))
+}
+
+impl Shared {
+    fn inventory(&self) -> HostInventory {
+        let (storage_total_mib, storage_free_mib) = inventory::storage_mib(self.storage.root());
+        let node = &self.runtime.node;
+        HostInventory {
+            host_id: lock(&self.identity).host_id.clone(),
+            hostname: inventory::hostname(),
+            cpus: node.cpus,
+            cpu_model: if self.libvirt_uri.starts_with("test:") {
+                node.model.clone()
+            } else {
+                inventory::cpu_model()
+            },
+            memory_mib: node.memory_mib,
+            storage_total_mib,
+            storage_free_mib,
+            network: inventory::network_interfaces(),
+            runtimes: vec![node.runtime.clone()],
+            site: (&self.config.site).into(),
+            prices: self.config.prices,
+            security_level: self.config.security_level,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    fn status(&self) -> HostStatus {
+        let (memory_used_mib, memory_total_mib) = inventory::memory_mib();
+        HostStatus {
+            cpu_load_percent: lock(&self.cpu).sample_percent(),
+            memory_used_mib,
+            memory_total_mib,
+            storage_free_mib: inventory::storage_mib(self.storage.root()).1,
+            vms_running: self.vms_running.load(Ordering::Relaxed),
+            uptime_secs: inventory::uptime_secs(),
+        }
+    }
+}
+
+async fn status_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(STATUS_INTERVAL);
+    loop {
+        tick.tick().await;
+        if let Ok(vms) = shared.runtime.list_vms().await {
+            let running = vms.iter().filter(|v| v.state.is_active()).count() as u32;
+            shared.vms_running.store(running, Ordering::Relaxed);
+        }
+        let status = shared.status();
+        let _ = shared.events.send(AgentEvent::HostStatus(status));
+    }
+}
+
+/// Control connections: a CA-verified console certificate, then the hello, then requests.
+async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
+    let peer = conn
+        .peer_identity()
+        .and_then(|a| a.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().cloned());
+    // The handshake verified the chain (when a certificate was sent at all); the role is ours to check.
+    if !peer.is_some_and(|c| pki::cert_is_console(&c)) {
+        tracing::warn!(remote = %conn.remote_address(), "control connection without a console certificate refused");
+        conn.close(
+            codes::CLOSE_UNAUTHENTICATED,
+            b"a console certificate from this cluster's CA is required",
+        );
+        return;
+    }
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+        let request = read_request(&mut send, &mut recv).await.ok()?;
+        Some((send, request))
+    })
+    .await;
+    let Ok(Some((
+        mut send,
+        Request::Hello(Hello {
+            protocol_version,
+            console_name,
+        }),
+    ))) = hello
+    else {
+        conn.close(codes::CLOSE_BAD_HELLO, b"expected a hello");
+        return;
+    };
+    if protocol_version != PROTOCOL_VERSION {
+        let reply = encode_reply::<Hello>(Err(WireError::new(
+            ErrorCode::WrongProtocol,
+            format!("this agent speaks protocol {PROTOCOL_VERSION}, not {protocol_version}"),
+        )));
+        if let Ok(frame) = reply {
+            let _ = send_reply(&mut send, &frame).await;
+        }
+        conn.close(codes::CLOSE_BAD_HELLO, b"protocol version mismatch");
+        return;
+    }
+    // Subscribe before listing, so no change falls between the list and the stream.
+    let events = shared.events.subscribe();
+    let vms = match shared.runtime.list_vms().await {
+        Ok(v) => v,
+        Err(e) => {
+            let frame = encode_reply::<Hello>(Err(wire(e)));
+            if let Ok(frame) = frame {
+                let _ = send_reply(&mut send, &frame).await;
+            }
+            return;
+        }
+    };
+    let reply = HelloReply {
+        protocol_version: PROTOCOL_VERSION,
+        inventory: shared.inventory(),
+        status: shared.status(),
+        vms,
+    };
+    match encode_reply::<Hello>(Ok(reply)) {
+        Ok(frame) if send_reply(&mut send, &frame).await.is_ok() => {}
+        _ => return,
+    }
+    tracing::info!(remote = %conn.remote_address(), console = %console_name, "console connected");
+    tokio::spawn(push_events(shared.clone(), conn.clone(), events));
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(remote = %conn.remote_address(), "console connection ended: {e}");
+                return;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let request = match read_request(&mut send, &mut recv).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("bad request frame: {}", error_chain(&e));
+                    return;
+                }
+            };
+            let kind = request.kind();
+            match dispatch(&shared, request).await {
+                Ok(frame) => {
+                    let _ = send_reply(&mut send, &frame).await;
+                }
+                Err(e) => {
+                    tracing::error!(request = kind, "reply does not encode: {}", error_chain(&e))
+                }
+            }
+        });
+    }
+}
+
+async fn dispatch(
+    shared: &Shared,
+    request: Request,
+) -> Result<Vec<u8>, dunes_shared::codec::FrameError> {
+    let rt = &shared.runtime;
+    match request {
+        Request::ListVms(_) => encode_reply::<ListVms>(rt.list_vms().await.map_err(wire)),
+        Request::ListTemplates(_) => encode_reply::<ListTemplates>(
+            shared
+                .storage
+                .templates()
+                .map_err(|e| WireError::new(ErrorCode::Storage, error_chain(&e))),
+        ),
+        Request::CreateVm(CreateVm { spec, start }) => {
+            encode_reply::<CreateVm>(rt.create_vm(spec, start).await.map_err(wire))
+        }
+        Request::StartVm(StartVm { name }) => {
+            encode_reply::<StartVm>(rt.start_vm(name).await.map_err(wire))
+        }
+        Request::StopVm(StopVm {
+            name,
+            force,
+            timeout_secs,
+        }) => {
+            let timeout = if timeout_secs == 0 {
+                shared.config.stop_timeout_secs
+            } else {
+                timeout_secs
+            };
+            encode_reply::<StopVm>(rt.stop_vm(name, force, timeout).await.map_err(wire))
+        }
+        Request::DeleteVm(DeleteVm { name }) => {
+            encode_reply::<DeleteVm>(rt.delete_vm(name).await.map_err(wire))
+        }
+        Request::Hello(_) => encode_reply::<Hello>(Err(WireError::new(
+            ErrorCode::BadRequest,
+            "hello was already exchanged on this connection",
+        ))),
+        other => encode_reply::<ListVms>(Err(WireError::new(
+            ErrorCode::WrongProtocol,
+            format!("{} is not part of the control protocol", other.kind()),
+        ))),
+    }
+}
+
+async fn push_events(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut events: broadcast::Receiver<AgentEvent>,
+) {
+    let Ok(mut stream) = conn.open_uni().await else {
+        return;
+    };
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(_)) => match shared.runtime.list_vms().await {
+                // The console fell behind: replace its view instead of replaying.
+                Ok(vms) => AgentEvent::VmList(vms),
+                Err(_) => continue,
+            },
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if push_event(&mut stream, &event).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn invalid_token() -> WireError {
+    WireError::new(
+        ErrorCode::InvalidToken,
+        "the join token is wrong or was already used; run `dunes-agent token` on the host for a fresh one",
+    )
+}
+
+/// Enrollment: prove the token, get a CSR signed, install the certificate.
+async fn serve_enroll(shared: Arc<Shared>, conn: quinn::Connection) {
+    // The CA offered in this connection's first step; the certificate must chain to it.
+    let mut offered_ca: Option<CertificateDer<'static>> = None;
+    loop {
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let Ok(request) = read_request(&mut send, &mut recv).await else {
+            return;
+        };
+        let frame =
+            match request {
+                Request::EnrollBegin(EnrollBegin { token, ca_cert_der }) => {
+                    let reply = enroll_begin(&shared, &token, ca_cert_der).map(|(reply, ca)| {
+                        offered_ca = Some(ca);
+                        reply
+                    });
+                    encode_reply::<EnrollBegin>(reply)
+                }
+                Request::EnrollFinish(EnrollFinish { token, cert_der }) => encode_reply::<
+                    EnrollFinish,
+                >(
+                    enroll_finish(&shared, &token, cert_der, offered_ca.as_ref()),
+                ),
+                other => encode_reply::<EnrollFinish>(Err(WireError::new(
+                    ErrorCode::WrongProtocol,
+                    format!("{} is not part of enrollment", other.kind()),
+                ))),
+            };
+        match frame {
+            Ok(frame) => {
+                let _ = send_reply(&mut send, &frame).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn enroll_begin(
+    shared: &Shared,
+    token: &str,
+    ca_cert_der: Vec<u8>,
+) -> Result<(EnrollBeginReply, CertificateDer<'static>), WireError> {
+    let identity = lock(&shared.identity);
+    if !identity.token_matches(token) {
+        tracing::warn!("enrollment with a wrong or used token refused");
+        return Err(invalid_token());
+    }
+    if x509_parses(&ca_cert_der).is_none() {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            "the CA certificate does not parse",
+        ));
+    }
+    let csr_der = pki::host_csr(&identity.key_pem, &identity.host_id)
+        .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))?;
+    Ok((
+        EnrollBeginReply {
+            host_id: identity.host_id.clone(),
+            csr_der,
+        },
+        CertificateDer::from(ca_cert_der),
+    ))
+}
+
+fn x509_parses(der: &[u8]) -> Option<()> {
+    pki::cert_dns_names(der).ok().map(|_| ())
+}
+
+fn enroll_finish(
+    shared: &Shared,
+    token: &str,
+    cert_der: Vec<u8>,
+    offered_ca: Option<&CertificateDer<'static>>,
+) -> Result<(), WireError> {
+    let mut identity = lock(&shared.identity);
+    if !identity.token_matches(token) {
+        return Err(invalid_token());
+    }
+    let Some(ca) = offered_ca else {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            "enrollment must begin before it finishes",
+        ));
+    };
+    let cert = CertificateDer::from(cert_der);
+    let bad = |message: String| WireError::new(ErrorCode::BadRequest, message);
+    pki::verify_host_cert(&cert, ca, &identity.host_id).map_err(|e| {
+        bad(format!(
+            "the certificate is not valid for this host: {}",
+            error_chain(&e)
+        ))
+    })?;
+    let own = identity.fingerprint().map_err(|e| bad(error_chain(&e)))?;
+    if Fingerprint::of_certificate(&cert).ok() != Some(own) {
+        return Err(bad("the certificate is for another key".into()));
+    }
+    let internal = |e: &dyn std::error::Error| WireError::new(ErrorCode::Internal, e.to_string());
+    identity
+        .install(cert, ca.clone())
+        .map_err(|e| internal(&e))?;
+    identity.consume_token().map_err(|e| internal(&e))?;
+    let config = pki::agent_server_config(&identity.tls_identity(), identity.ca_der.as_ref())
+        .and_then(pki::quic_server_config)
+        .map_err(|e| internal(&e))?;
+    shared.endpoint.set_server_config(Some(config));
+    tracing::info!(host = %identity.host_id, "enrolled; only peers with certificates from the cluster CA are accepted now");
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! The agent's storage directory: templates and VM disks, every path confined to it.
+
+use std::{
+    fs::File,
+    io::{Read, Seek, SeekFrom, Write},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use dunes_shared::model::{TemplateInfo, TemplateName, VmName};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("template {0} does not exist")]
+    NoTemplate(TemplateName),
+    #[error("template {name} is not usable: {message}")]
+    BadTemplate { name: TemplateName, message: String },
+    #[error("a disk for {0} already exists")]
+    DiskExists(VmName),
+    #[error("{action} {path} failed")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StorageError {
+    let path = path.display().to_string();
+    move |source| StorageError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// What a template directory's `template.toml` says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateManifest {
+    pub description: String,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u64,
+    /// Direct kernel boot, relative to the template directory.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+/// A template resolved to absolute paths inside the storage directory.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub info: TemplateInfo,
+    pub disk: PathBuf,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+const TEMPLATE_DISK: &str = "disk.img";
+const TINY_DISK_BYTES: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Storage {
+    root: PathBuf,
+}
+
+impl Storage {
+    /// Opens (and creates) the storage layout under the data dir.
+    pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
+        let root = data_dir.join("storage");
+        for dir in [root.join("images"), root.join("disks")] {
+            std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        }
+        Ok(Storage { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn template_dir(&self, name: &TemplateName) -> PathBuf {
+        // A validated name holds no '/' and no "..", so this stays inside the root.
+        self.root.join("images").join(name.as_str())
+    }
+
+    pub fn disk_path(&self, vm: &VmName) -> PathBuf {
+        self.root.join("disks").join(format!("{vm}.img"))
+    }
+
+    /// Makes sure the built-in `tiny` template exists. Without a guest image it gets an empty
+    /// sparse disk, which is all libvirt's test driver needs.
+    pub fn ensure_tiny_template(&self, guest_dir: Option<&Path>) -> Result<(), StorageError> {
+        let name = TemplateName::new("tiny").expect("valid literal");
+        let dir = self.template_dir(&name);
+        if dir.join("template.toml").exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let mut manifest = TemplateManifest {
+            description: "Tiny guest: Debian kernel, busybox, qemu-guest-agent".into(),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+        };
+        match guest_dir {
+            Some(src) => {
+                for file in ["vmlinuz", "initrd.img", TEMPLATE_DISK] {
+                    let from = src.join(file);
+                    sparse_copy(&from, &dir.join(file))?;
+                }
+                manifest.kernel = Some("vmlinuz".into());
+                manifest.initrd = Some("initrd.img".into());
+                manifest.cmdline = Some("console=ttyS0 quiet".into());
+            }
+            None => {
+                let disk = dir.join(TEMPLATE_DISK);
+                let file = File::create(&disk).map_err(io_err("creating", &disk))?;
+                file.set_len(TINY_DISK_BYTES)
+                    .map_err(io_err("sizing", &disk))?;
+            }
+        }
+        let text = toml::to_string(&manifest).expect("manifest serializes");
+        let path = dir.join("template.toml");
+        std::fs::write(&path, text).map_err(io_err("writing", &path))
+    }
+
+    pub fn template(&self, name: &TemplateName) -> Result<Template, StorageError> {
+        let dir = self.template_dir(name);
+        let path = dir.join("template.toml");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StorageError::NoTemplate(name.clone()));
+            }
+            Err(e) => return Err(io_err("reading", &path)(e)),
+        };
+        let bad = |message: String| StorageError::BadTemplate {
+            name: name.clone(),
+            message,
+        };
+        let manifest: TemplateManifest =
+            toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
+        let inside = |rel: &Option<String>| -> Result<Option<PathBuf>, StorageError> {
+            match rel {
+                None => Ok(None),
+                Some(r) if is_plain_file_name(r) => Ok(Some(dir.join(r))),
+                Some(r) => Err(bad(format!("{r:?} is not a file name inside the template"))),
+            }
+        };
+        let disk = dir.join(TEMPLATE_DISK);
+        let disk_bytes = std::fs::metadata(&disk)
+            .map_err(io_err("reading", &disk))?
+            .len();
+        Ok(Template {
+            info: TemplateInfo {
+                name: name.clone(),
+                description: manifest.description.clone(),
+                default_vcpus: manifest.default_vcpus,
+                default_memory_mib: manifest.default_memory_mib,
+                disk_mib: disk_bytes.div_ceil(1024 * 1024),
+            },
+            kernel: inside(&manifest.kernel)?,
+            initrd: inside(&manifest.initrd)?,
+            cmdline: manifest.cmdline,
+            disk,
+        })
+    }
+
+    pub fn templates(&self) -> Result<Vec<TemplateInfo>, StorageError> {
+        let dir = self.root.join("images");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
+            let entry = entry.map_err(io_err("listing", &dir))?;
+            let Some(name) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| TemplateName::new(n).ok())
+            else {
+                continue;
+            };
+            if let Ok(t) = self.template(&name) {
+                out.push(t.info);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Copies the template's disk for a new VM, keeping holes as holes.
+    pub fn create_disk(&self, vm: &VmName, template: &Template) -> Result<PathBuf, StorageError> {
+        let path = self.disk_path(vm);
+        if path.exists() {
+            return Err(StorageError::DiskExists(vm.clone()));
+        }
+        sparse_copy(&template.disk, &path)?;
+        Ok(path)
+    }
+
+    pub fn delete_disk(&self, vm: &VmName) -> Result<(), StorageError> {
+        let path = self.disk_path(vm);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("deleting", &path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where a VM's serial console is logged.
+    pub fn console_log_path(&self, vm: &VmName) -> PathBuf {
+        self.root.join("disks").join(format!("{vm}.console.log"))
+    }
+
+    /// Bytes really allocated for a VM's disk.
+    pub fn disk_allocated_bytes(&self, vm: &VmName) -> u64 {
+        std::fs::metadata(self.disk_path(vm))
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    }
+}
+
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// Copies a file, seeking over all-zero blocks so the copy stays sparse.
+pub fn sparse_copy(from: &Path, to: &Path) -> Result<(), StorageError> {
+    const BLOCK: usize = 64 * 1024;
+    let mut src = File::open(from).map_err(io_err("opening", from))?;
+    let len = src.metadata().map_err(io_err("reading", from))?.len();
+    let tmp = to.with_extension("partial");
+    let mut dst = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    let mut buf = vec![0u8; BLOCK];
+    let mut offset = 0u64;
+    while offset < len {
+        let want = BLOCK.min((len - offset) as usize);
+        src.read_exact(&mut buf[..want])
+            .map_err(io_err("reading", from))?;
+        if buf[..want].iter().all(|b| *b == 0) {
+            dst.seek(SeekFrom::Current(want as i64))
+                .map_err(io_err("writing", &tmp))?;
+        } else {
+            dst.write_all(&buf[..want])
+                .map_err(io_err("writing", &tmp))?;
+        }
+        offset += want as u64;
+    }
+    dst.set_len(len).map_err(io_err("sizing", &tmp))?;
+    dst.sync_all().map_err(io_err("syncing", &tmp))?;
+    std::fs::rename(&tmp, to).map_err(io_err("renaming", &tmp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_template_and_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        storage.ensure_tiny_template(None).unwrap();
+        let tiny = storage
+            .template(&TemplateName::new("tiny").unwrap())
+            .unwrap();
+        assert_eq!(tiny.info.disk_mib, 64);
+        assert_eq!(storage.templates().unwrap().len(), 1);
+        let vm = VmName::new("web").unwrap();
+        let disk = storage.create_disk(&vm, &tiny).unwrap();
+        assert!(disk.starts_with(dir.path()));
+        assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 * 1024 * 1024);
+        // Sparse: almost nothing allocated.
+        assert!(storage.disk_allocated_bytes(&vm) < 1024 * 1024);
+        assert!(matches!(
+            storage.create_disk(&vm, &tiny),
+            Err(StorageError::DiskExists(_))
+        ));
+        storage.delete_disk(&vm).unwrap();
+        assert!(!disk.exists());
+        storage.delete_disk(&vm).unwrap();
+        let missing = TemplateName::new("nope").unwrap();
+        assert_eq!(
+            storage.template(&missing).unwrap_err().to_string(),
+            "template nope does not exist"
+        );
+    }
+
+    #[test]
+    fn template_paths_cannot_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let name = TemplateName::new("evil").unwrap();
+        let tdir = storage.root().join("images/evil");
+        std::fs::create_dir_all(&tdir).unwrap();
+        std::fs::write(tdir.join("disk.img"), b"").unwrap();
+        std::fs::write(
+            tdir.join("template.toml"),
+            "description = \"x\"\ndefault_vcpus = 1\ndefault_memory_mib = 64\nkernel = \"../../../etc/passwd\"\n",
+        )
+        .unwrap();
+        let err = storage.template(&name).unwrap_err().to_string();
+        assert!(err.contains("not a file name inside the template"), "{err}");
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("a");
+        let mut f = File::create(&src).unwrap();
+        f.set_len(1024 * 1024).unwrap();
+        f.seek(SeekFrom::Start(300_000)).unwrap();
+        f.write_all(b"hello").unwrap();
+        drop(f);
+        let dst = dir.path().join("b");
+        sparse_copy(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    }
+}

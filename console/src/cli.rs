@@ -1,0 +1,432 @@
+//! Command line of `dunes-console`: the window (default), `--headless`, `--demo`, and `ctl`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::{
+    ctl::{self, CtlRequest},
+    demo, engine,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dunes-console",
+    version,
+    about = "Dunes console: manage the VMs of many hosts from one window (or headless)"
+)]
+pub struct Cli {
+    /// Where the console keeps its CA, store and control socket [default: $XDG_DATA_HOME/dunes-console; with --demo a fresh temporary dir]
+    #[arg(long, value_name = "DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Run the engine without a window, until interrupted.
+    #[arg(long)]
+    pub headless: bool,
+    /// Start three local demo agents on libvirt's test driver and enroll them.
+    #[arg(long)]
+    pub demo: bool,
+    #[command(subcommand)]
+    pub command: Option<TopCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopCommand {
+    /// Talk to the running console (window or headless) through its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// List enrolled hosts.
+    Hosts,
+    /// List VMs on all hosts.
+    Vms,
+    /// Show the latest events.
+    Events {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Manage hosts.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Manage VMs. A VM is named NAME, or HOST/NAME when names repeat across hosts.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Enroll the agent at ADDR with the join token it printed.
+    Add {
+        /// HOST:PORT of the agent.
+        address: String,
+        #[arg(long)]
+        token: String,
+        /// The fingerprint the agent printed; enrollment fails if the agent's key differs.
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM from a template.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        template: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// Start it once created.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Start a VM.
+    Start { vm: String },
+    /// Stop a VM: the guest is asked to shut down, and forced off after the agent's timeout.
+    Stop {
+        vm: String,
+        /// Force it off at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a stopped VM and its disks.
+    Delete { vm: String },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUNES_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dunes_console=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn default_data_dir(demo: bool) -> anyhow::Result<PathBuf> {
+    if demo {
+        // A fresh fleet every time: the test driver forgets its VMs when agents stop anyway.
+        let dir = std::env::temp_dir().join(format!("dunes-demo-{}", std::process::id()));
+        return Ok(dir);
+    }
+    directories::ProjectDirs::from("", "", "dunes-console")
+        .map(|d| d.data_dir().to_path_buf())
+        .ok_or_else(|| anyhow::anyhow!("no home directory to put the data dir in; pass --data-dir"))
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    init_tracing();
+    let result = match cli.command {
+        Some(TopCommand::Ctl(args)) => run_ctl(cli.data_dir, args),
+        None => run_console(cli.data_dir, cli.headless, cli.demo),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("dunes-console: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_console(data_dir: Option<PathBuf>, headless: bool, with_demo: bool) -> anyhow::Result<()> {
+    let temporary = with_demo && data_dir.is_none();
+    let data_dir = data_dir.map_or_else(|| default_data_dir(with_demo), Ok)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("dunes-engine")
+        .enable_all()
+        .build()?;
+    let (engine, fleet) = runtime.block_on(async {
+        let engine = engine::start(&data_dir).await?;
+        ctl::serve(engine.clone()).await?;
+        let fleet = if with_demo {
+            Some(demo::start(&engine).await?)
+        } else {
+            None
+        };
+        anyhow::Ok((engine, fleet))
+    })?;
+    eprintln!(
+        "dunes-console: data dir {} (ctl: dunes-console ctl --data-dir {} hosts)",
+        data_dir.display(),
+        data_dir.display()
+    );
+    let result = if headless {
+        runtime.block_on(shutdown_signal());
+        Ok(())
+    } else {
+        let _guard = runtime.enter();
+        run_window(engine)
+    };
+    if let Some(fleet) = fleet {
+        runtime.block_on(fleet.stop());
+    }
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    result
+}
+
+fn run_window(engine: engine::EngineHandle) -> anyhow::Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Dunes console")
+            .with_app_id("dunes-console")
+            .with_inner_size([1400.0, 860.0])
+            .with_min_inner_size([720.0, 480.0]),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "Dunes console",
+        options,
+        Box::new(move |cc| Ok(Box::new(crate::ui::ConsoleApp::new(&cc.egui_ctx, engine)))),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn ctl_request(command: &CtlCommand) -> CtlRequest {
+    match command {
+        CtlCommand::Hosts => CtlRequest::Hosts,
+        CtlCommand::Vms => CtlRequest::Vms,
+        CtlCommand::Events { limit } => CtlRequest::Events { limit: *limit },
+        CtlCommand::Host(HostCommand::Add {
+            address,
+            token,
+            fingerprint,
+        }) => CtlRequest::HostAdd {
+            address: address.clone(),
+            token: token.clone(),
+            fingerprint: fingerprint.clone(),
+        },
+        CtlCommand::Vm(VmCommand::Create {
+            name,
+            template,
+            host,
+            vcpus,
+            memory_mib,
+            start,
+        }) => CtlRequest::VmCreate {
+            name: name.clone(),
+            template: template.clone(),
+            host: host.clone(),
+            vcpus: *vcpus,
+            memory_mib: *memory_mib,
+            start: *start,
+        },
+        CtlCommand::Vm(VmCommand::Start { vm }) => CtlRequest::VmStart { vm: vm.clone() },
+        CtlCommand::Vm(VmCommand::Stop { vm, force }) => CtlRequest::VmStop {
+            vm: vm.clone(),
+            force: *force,
+        },
+        CtlCommand::Vm(VmCommand::Delete { vm }) => CtlRequest::VmDelete { vm: vm.clone() },
+    }
+}
+
+fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Result<()> {
+    let data_dir = data_dir.map_or_else(|| default_data_dir(false), Ok)?;
+    let request = ctl_request(&args.command);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Stopping a guest may take the agent's whole shutdown timeout.
+    let response = runtime.block_on(ctl::request(&data_dir, &request, Duration::from_secs(600)))?;
+    if !response.ok {
+        anyhow::bail!("{}", response.error.unwrap_or_else(|| "failed".into()));
+    }
+    let data = response.data.unwrap_or(Value::Null);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+    } else {
+        print!("{}", render_table(&args.command, &data));
+    }
+    Ok(())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>| {
+        let mut s: String = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    out.push_str(&line(headers.iter().map(|h| h.to_string()).collect()));
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+fn render_table(command: &CtlCommand, data: &Value) -> String {
+    let items = data.as_array().cloned().unwrap_or_default();
+    let pick =
+        |item: &Value, keys: &[&str]| keys.iter().map(|k| text(&item[*k])).collect::<Vec<_>>();
+    match command {
+        CtlCommand::Hosts => table(
+            &[
+                "ID",
+                "STATE",
+                "SITE",
+                "ADDRESS",
+                "CPUS",
+                "MEMORY_MIB",
+                "VMS",
+                "RUNTIMES",
+            ],
+            items
+                .iter()
+                .map(|i| {
+                    pick(
+                        i,
+                        &[
+                            "id",
+                            "state",
+                            "site",
+                            "address",
+                            "cpus",
+                            "memory_mib",
+                            "vms",
+                            "runtimes",
+                        ],
+                    )
+                })
+                .collect(),
+        ),
+        CtlCommand::Vms => table(
+            &["NAME", "HOST", "STATE", "VCPUS", "MEMORY_MIB", "TEMPLATE"],
+            items
+                .iter()
+                .map(|i| {
+                    pick(
+                        i,
+                        &["name", "host", "state", "vcpus", "memory_mib", "template"],
+                    )
+                })
+                .collect(),
+        ),
+        CtlCommand::Events { .. } => table(
+            &["TIME", "LEVEL", "HOST", "MESSAGE"],
+            items
+                .iter()
+                .map(|i| {
+                    vec![
+                        crate::ui::clock(i["time_ms"].as_u64().unwrap_or(0)),
+                        text(&i["level"]),
+                        text(&i["host"]),
+                        text(&i["message"]),
+                    ]
+                })
+                .collect(),
+        ),
+        CtlCommand::Host(HostCommand::Add { .. }) => {
+            format!(
+                "enrolled {} with key {}\n",
+                text(&data["id"]),
+                text(&data["fingerprint"])
+            )
+        }
+        CtlCommand::Vm(VmCommand::Delete { .. }) => format!(
+            "deleted {} on {}\n",
+            text(&data["deleted"]),
+            text(&data["host"])
+        ),
+        CtlCommand::Vm(_) => format!(
+            "{} on {}: {}\n",
+            text(&data["name"]),
+            text(&data["host"]),
+            text(&data["state"])
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctl_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "dunes-console",
+            "ctl",
+            "--json",
+            "vm",
+            "create",
+            "--name",
+            "a",
+            "--template",
+            "tiny",
+            "--host",
+            "h1",
+            "--memory-mib",
+            "128",
+        ])
+        .unwrap();
+        let Some(TopCommand::Ctl(args)) = cli.command else {
+            panic!()
+        };
+        assert!(args.json);
+        assert!(matches!(
+            ctl_request(&args.command),
+            CtlRequest::VmCreate {
+                memory_mib: Some(128),
+                start: false,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["dunes-console", "ctl", "vm", "stop"]).is_err());
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "BB"], vec![vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+}

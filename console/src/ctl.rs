@@ -1,0 +1,349 @@
+//! `dunes-console ctl`: a local control socket in the data dir (owner-only), one JSON request
+//! line and one JSON response line per connection.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use dunes_shared::{
+    model::{HostId, TemplateName, VmName, VmSpec, VmStatus},
+    pki::Fingerprint,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::engine::{Command, EngineError, EngineHandle, HostView, Snapshot};
+
+pub const SOCKET_NAME: &str = "ctl.sock";
+/// Longest request line accepted.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum CtlRequest {
+    Hosts,
+    Vms,
+    Events {
+        limit: usize,
+    },
+    HostAdd {
+        address: String,
+        token: String,
+        fingerprint: Option<String>,
+    },
+    VmCreate {
+        name: String,
+        template: String,
+        host: String,
+        vcpus: Option<u32>,
+        memory_mib: Option<u64>,
+        start: bool,
+    },
+    VmStart {
+        vm: String,
+    },
+    VmStop {
+        vm: String,
+        force: bool,
+    },
+    VmDelete {
+        vm: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CtlResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("another console is already running on {0}")]
+    AlreadyRunning(String),
+    #[error("cannot open the control socket {path}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no console is running on {0} (start dunes-console, or dunes-console --headless)")]
+    NotRunning(String),
+    #[error("the control socket failed")]
+    Io(#[from] std::io::Error),
+    #[error("the console's answer does not parse")]
+    BadResponse(#[from] serde_json::Error),
+}
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_NAME)
+}
+
+/// Binds the socket (mode 0600) and serves it until the engine stops.
+pub async fn serve(engine: EngineHandle) -> Result<tokio::task::JoinHandle<()>, CtlError> {
+    let path = socket_path(engine.data_dir());
+    let shown = path.display().to_string();
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(CtlError::AlreadyRunning(
+                engine.data_dir().display().to_string(),
+            ));
+        }
+        // A socket left by a console that died.
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| CtlError::Bind {
+        path: shown.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        CtlError::Bind {
+            path: shown,
+            source,
+        }
+    })?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let _ = serve_one(engine, stream).await;
+            });
+        }
+    }))
+}
+
+async fn serve_one(engine: EngineHandle, stream: UnixStream) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(
+        read,
+        MAX_REQUEST_BYTES as u64,
+    ));
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<CtlRequest>(&line) {
+        Ok(request) => match handle(&engine, request).await {
+            Ok(data) => CtlResponse {
+                ok: true,
+                data: Some(data),
+                error: None,
+            },
+            Err(error) => CtlResponse {
+                ok: false,
+                data: None,
+                error: Some(error),
+            },
+        },
+        Err(e) => CtlResponse {
+            ok: false,
+            data: None,
+            error: Some(format!("bad request: {e}")),
+        },
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+pub fn host_json(h: &HostView) -> Value {
+    let inv = h.inventory();
+    json!({
+        "id": h.id(),
+        "name": inv.map(|i| i.hostname.clone()),
+        "address": h.record.address,
+        "site": h.site_name(),
+        "remote": h.is_remote(),
+        "state": h.link.as_str(),
+        "link_error": h.link_error,
+        "fingerprint": h.record.fingerprint.to_string(),
+        "cpus": inv.map(|i| i.cpus),
+        "memory_mib": inv.map(|i| i.memory_mib),
+        "storage_total_mib": inv.map(|i| i.storage_total_mib),
+        "storage_free_mib": inv.map(|i| i.storage_free_mib),
+        "runtimes": inv.map(|i| i.runtimes.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
+        "security_level": inv.map(|i| i.security_level),
+        "prices": inv.map(|i| i.prices),
+        "vms": h.vms.len(),
+    })
+}
+
+pub fn vm_json(host: &HostId, vm: &VmStatus) -> Value {
+    json!({
+        "id": vm.uuid,
+        "name": vm.name,
+        "host": host,
+        "state": vm.state.as_str(),
+        "vcpus": vm.vcpus,
+        "memory_mib": vm.memory_mib,
+        "template": vm.template,
+        "disk_bytes": vm.disk_bytes,
+    })
+}
+
+fn all_vms(snap: &Snapshot) -> Vec<Value> {
+    snap.hosts
+        .iter()
+        .flat_map(|h| h.vms.iter().map(|v| vm_json(h.id(), v)))
+        .collect()
+}
+
+fn engine_err(e: EngineError) -> String {
+    e.to_string()
+}
+
+async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, String> {
+    match request {
+        CtlRequest::Hosts => Ok(Value::Array(
+            engine
+                .snapshot()
+                .hosts
+                .iter()
+                .map(|h| host_json(h))
+                .collect(),
+        )),
+        CtlRequest::Vms => Ok(Value::Array(all_vms(&engine.snapshot()))),
+        CtlRequest::Events { limit } => {
+            let snap = engine.snapshot();
+            let skip = snap.events.len().saturating_sub(limit);
+            Ok(serde_json::to_value(&snap.events[skip..]).map_err(|e| e.to_string())?)
+        }
+        CtlRequest::HostAdd {
+            address,
+            token,
+            fingerprint,
+        } => {
+            let expected_fingerprint = fingerprint
+                .map(|f| f.parse::<Fingerprint>())
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            let added = engine
+                .request(|reply| Command::AddHost {
+                    address,
+                    token,
+                    expected_fingerprint,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({"id": added.host_id, "fingerprint": added.fingerprint.to_string()}))
+        }
+        CtlRequest::VmCreate {
+            name,
+            template,
+            host,
+            vcpus,
+            memory_mib,
+            start,
+        } => {
+            let spec = VmSpec {
+                name: VmName::new(name).map_err(|e| e.to_string())?,
+                template: TemplateName::new(template).map_err(|e| e.to_string())?,
+                vcpus,
+                memory_mib,
+            };
+            let host = HostId::new(host).map_err(|e| e.to_string())?;
+            let vm = engine
+                .request(|reply| Command::CreateVm {
+                    host: host.clone(),
+                    spec,
+                    start,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(vm_json(&host, &vm))
+        }
+        CtlRequest::VmStart { vm } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let vm = engine
+                .request(|reply| Command::StartVm {
+                    host: host.clone(),
+                    name: found.name,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(vm_json(&host, &vm))
+        }
+        CtlRequest::VmStop { vm, force } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let vm = engine
+                .request(|reply| Command::StopVm {
+                    host: host.clone(),
+                    name: found.name,
+                    force,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(vm_json(&host, &vm))
+        }
+        CtlRequest::VmDelete { vm } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let name = found.name.clone();
+            engine
+                .request(|reply| Command::DeleteVm {
+                    host: host.clone(),
+                    name,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({"deleted": found.name, "host": host}))
+        }
+    }
+}
+
+/// Sends one request to the console running on `data_dir`.
+pub async fn request(
+    data_dir: &Path,
+    request: &CtlRequest,
+    timeout: Duration,
+) -> Result<CtlResponse, CtlError> {
+    let path = socket_path(data_dir);
+    let mut stream = UnixStream::connect(&path)
+        .await
+        .map_err(|_| CtlError::NotRunning(data_dir.display().to_string()))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    let exchange = async {
+        stream.write_all(&line).await?;
+        let mut reader = BufReader::new(stream);
+        let mut answer = String::new();
+        reader.read_line(&mut answer).await?;
+        Ok::<_, CtlError>(serde_json::from_str::<CtlResponse>(&answer)?)
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+        CtlError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the console did not answer in time",
+        ))
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json_shape() {
+        let r = CtlRequest::VmStop {
+            vm: "web".into(),
+            force: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"cmd":"vm-stop","vm":"web","force":true}"#
+        );
+        assert!(serde_json::from_str::<CtlRequest>(r#"{"cmd":"rm-rf"}"#).is_err());
+    }
+}

@@ -1,0 +1,730 @@
+//! The management engine: no egui here. It owns the fleet state, talks to agents and
+//! publishes an immutable [`Snapshot`] after every change. The UI, ctl and tests drive it
+//! through [`EngineHandle`].
+
+pub mod console_pki;
+pub mod enroll;
+pub mod link;
+pub mod snapshot;
+pub mod store;
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use dunes_shared::{
+    error_chain,
+    model::{HostId, VmName, VmSpec, VmStatus},
+    pki::{self, Fingerprint},
+    protocol::{AgentEvent, CreateVm, DeleteVm, StartVm, StopVm},
+    rpc::{CallError, call},
+};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+
+pub use snapshot::{HostView, LinkState, Snapshot};
+pub use store::{EventRecord, HostRecord, Level};
+
+use self::{
+    console_pki::{ConsolePki, ConsolePkiError},
+    enroll::{Enrolled, enroll},
+    link::{LinkMessage, run_link},
+    store::{Store, StoreError},
+};
+
+/// Commands waiting for the engine; the UI's `try_send` fails (and says so) beyond this.
+const COMMAND_QUEUE: usize = 256;
+/// Events kept in memory and in every snapshot.
+const EVENTS_IN_VIEW: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("host {0} is not enrolled")]
+    UnknownHost(HostId),
+    #[error("host {0} is unreachable")]
+    Unreachable(HostId),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Agent(String),
+    #[error("{0}")]
+    Enroll(String),
+    #[error("the engine is busy; try again")]
+    Busy,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineStartError {
+    #[error("cannot create the data dir {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] ConsolePkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot open a QUIC endpoint")]
+    Endpoint(#[source] std::io::Error),
+    #[error("TLS setup failed")]
+    Tls(#[from] pki::PkiError),
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostAdded {
+    pub host_id: HostId,
+    pub fingerprint: Fingerprint,
+}
+
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Command {
+    AddHost {
+        address: String,
+        token: String,
+        expected_fingerprint: Option<Fingerprint>,
+        reply: Reply<HostAdded>,
+    },
+    SetHostAddress {
+        host: HostId,
+        address: String,
+        reply: Reply<()>,
+    },
+    CreateVm {
+        host: HostId,
+        spec: VmSpec,
+        start: bool,
+        reply: Reply<VmStatus>,
+    },
+    StartVm {
+        host: HostId,
+        name: VmName,
+        reply: Reply<VmStatus>,
+    },
+    StopVm {
+        host: HostId,
+        name: VmName,
+        force: bool,
+        reply: Reply<VmStatus>,
+    },
+    DeleteVm {
+        host: HostId,
+        name: VmName,
+        reply: Reply<()>,
+    },
+}
+
+type Repaint = Arc<Mutex<Option<Box<dyn Fn() + Send + Sync>>>>;
+
+/// The way in: send commands, read snapshots.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    repaint: Repaint,
+    data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineHandle {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Called after every publish, e.g. to repaint a window.
+    pub fn set_repaint(&self, repaint: impl Fn() + Send + Sync + 'static) {
+        *self.repaint.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(repaint));
+    }
+
+    /// Queues a command without waiting; for the UI thread.
+    pub fn try_send(&self, command: Command) -> Result<(), EngineError> {
+        self.commands.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => EngineError::Busy,
+            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+        })
+    }
+
+    /// Sends a command and waits for its reply.
+    pub async fn request<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Waits until a snapshot satisfies `pred`, or `timeout` passes.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Snapshot) -> bool,
+    ) -> Result<Arc<Snapshot>, Arc<Snapshot>> {
+        let mut rx = self.snapshot.clone();
+        let found = tokio::time::timeout(timeout, async {
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                if pred(&snap) {
+                    return snap;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await;
+        found.map_err(|_| self.snapshot())
+    }
+}
+
+struct HostEntry {
+    view: HostView,
+    published: Arc<HostView>,
+    dirty: bool,
+    conn: Option<quinn::Connection>,
+    address: watch::Sender<String>,
+    link_task: JoinHandle<()>,
+}
+
+impl Drop for HostEntry {
+    fn drop(&mut self) {
+        self.link_task.abort();
+    }
+}
+
+enum Internal {
+    Log {
+        level: Level,
+        host: Option<HostId>,
+        message: String,
+    },
+    Enrolled {
+        enrolled: Enrolled,
+        address: String,
+        reply: Reply<HostAdded>,
+    },
+}
+
+struct Actor {
+    store: Store,
+    pki: Arc<ConsolePki>,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    hosts: BTreeMap<HostId, HostEntry>,
+    events: VecDeque<EventRecord>,
+    events_dirty: bool,
+    published_events: Arc<Vec<EventRecord>>,
+    next_seq: u64,
+    link_tx: mpsc::Sender<LinkMessage>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    snapshot_tx: watch::Sender<Arc<Snapshot>>,
+    repaint: Repaint,
+    version: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Starts the engine on the current tokio runtime.
+pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| EngineStartError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
+    let pki = Arc::new(ConsolePki::load_or_create(data_dir)?);
+    let (store, loaded) = Store::open(&data_dir.join("store.redb"))?;
+    let client_config = pki::quic_client_config(pki::control_client_config(
+        pki.ca.cert_der(),
+        &pki.identity,
+    )?)?;
+    let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal address"))
+        .map_err(EngineStartError::Endpoint)?;
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (link_tx, link_rx) = mpsc::channel(4096);
+    let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let repaint: Repaint = Arc::new(Mutex::new(None));
+    let next_seq = loaded.events.last().map_or(0, |e| e.seq + 1);
+    let mut actor = Actor {
+        store,
+        pki,
+        endpoint,
+        client_config,
+        hosts: BTreeMap::new(),
+        events: loaded.events.into_iter().collect(),
+        events_dirty: true,
+        published_events: Arc::new(Vec::new()),
+        next_seq,
+        link_tx,
+        internal_tx,
+        snapshot_tx,
+        repaint: repaint.clone(),
+        version: 0,
+    };
+    let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
+    for (host, vm) in loaded.vms {
+        vms_by_host.entry(host).or_default().push(vm);
+    }
+    for record in loaded.hosts {
+        let vms = vms_by_host.remove(&record.id).unwrap_or_default();
+        actor.add_host_entry(record, vms);
+    }
+    actor.log(Level::Info, None, "console started".into());
+    actor.publish();
+    tokio::spawn(actor.run(cmd_rx, link_rx, internal_rx));
+    Ok(EngineHandle {
+        commands: cmd_tx,
+        snapshot: snapshot_rx,
+        repaint,
+        data_dir: data_dir.to_path_buf(),
+    })
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut links: mpsc::Receiver<LinkMessage>,
+        mut internal: mpsc::UnboundedReceiver<Internal>,
+    ) {
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                Some(msg) = links.recv() => self.link(msg),
+                Some(msg) = internal.recv() => self.internal(msg),
+            }
+            // Take what else is waiting before publishing once.
+            for _ in 0..512 {
+                match links.try_recv() {
+                    Ok(msg) => self.link(msg),
+                    Err(_) => break,
+                }
+            }
+            self.publish();
+        }
+        self.endpoint.close(
+            dunes_shared::protocol::codes::CLOSE_NORMAL,
+            b"console stopping",
+        );
+        let _ = self.store.flush().await;
+    }
+
+    fn publish(&mut self) {
+        let mut changed = false;
+        for entry in self.hosts.values_mut() {
+            if entry.dirty {
+                entry.published = Arc::new(entry.view.clone());
+                entry.dirty = false;
+                changed = true;
+            }
+        }
+        if self.events_dirty {
+            self.published_events = Arc::new(self.events.iter().cloned().collect());
+            self.events_dirty = false;
+            changed = true;
+        }
+        let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.hosts.len();
+        if !changed && !host_count_changed && self.version > 0 {
+            return;
+        }
+        self.version += 1;
+        let mut hosts: Vec<Arc<HostView>> =
+            self.hosts.values().map(|e| e.published.clone()).collect();
+        hosts.sort_by(|a, b| (a.site_name(), a.id()).cmp(&(b.site_name(), b.id())));
+        let _ = self.snapshot_tx.send(Arc::new(Snapshot {
+            hosts,
+            events: self.published_events.clone(),
+            version: self.version,
+        }));
+        if let Some(repaint) = self
+            .repaint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            repaint();
+        }
+    }
+
+    fn log(&mut self, level: Level, host: Option<HostId>, message: String) {
+        match level {
+            Level::Info => tracing::info!(host = ?host.as_ref().map(|h| h.as_str()), "{message}"),
+            Level::Warning => {
+                tracing::warn!(host = ?host.as_ref().map(|h| h.as_str()), "{message}")
+            }
+            Level::Error => tracing::error!(host = ?host.as_ref().map(|h| h.as_str()), "{message}"),
+        }
+        let event = EventRecord {
+            seq: self.next_seq,
+            time_ms: now_ms(),
+            level,
+            host,
+            message,
+        };
+        self.next_seq += 1;
+        self.store.put_event(event.clone());
+        self.events.push_back(event);
+        while self.events.len() > EVENTS_IN_VIEW {
+            self.events.pop_front();
+        }
+        self.events_dirty = true;
+    }
+
+    fn add_host_entry(&mut self, record: HostRecord, vms: Vec<VmStatus>) {
+        let (address_tx, address_rx) = watch::channel(record.address.clone());
+        let link_task = tokio::spawn(run_link(
+            record.id.clone(),
+            address_rx,
+            record.fingerprint,
+            self.endpoint.clone(),
+            self.client_config.clone(),
+            self.link_tx.clone(),
+        ));
+        let view = HostView {
+            record,
+            link: LinkState::Connecting,
+            link_error: None,
+            status: None,
+            vms,
+        };
+        self.hosts.insert(
+            view.record.id.clone(),
+            HostEntry {
+                published: Arc::new(view.clone()),
+                view,
+                dirty: true,
+                conn: None,
+                address: address_tx,
+                link_task,
+            },
+        );
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::AddHost {
+                address,
+                token,
+                expected_fingerprint,
+                reply,
+            } => {
+                if let Err(e) = enroll::validate_address(&address) {
+                    let _ = reply.send(Err(EngineError::Invalid(e.to_string())));
+                    return;
+                }
+                self.log(
+                    Level::Info,
+                    None,
+                    format!("enrolling the agent at {address}"),
+                );
+                let (endpoint, pki, internal) = (
+                    self.endpoint.clone(),
+                    self.pki.clone(),
+                    self.internal_tx.clone(),
+                );
+                tokio::spawn(async move {
+                    match enroll(&endpoint, &pki, &address, &token, expected_fingerprint).await {
+                        Ok(enrolled) => {
+                            let _ = internal.send(Internal::Enrolled {
+                                enrolled,
+                                address,
+                                reply,
+                            });
+                        }
+                        Err(e) => {
+                            let message =
+                                format!("enrolling {address} failed: {}", error_chain(&e));
+                            let _ = internal.send(Internal::Log {
+                                level: Level::Error,
+                                host: None,
+                                message: message.clone(),
+                            });
+                            let _ = reply.send(Err(EngineError::Enroll(message)));
+                        }
+                    }
+                });
+            }
+            Command::SetHostAddress {
+                host,
+                address,
+                reply,
+            } => {
+                let result = self.set_address(&host, address);
+                let _ = reply.send(result);
+            }
+            Command::CreateVm {
+                host,
+                spec,
+                start,
+                reply,
+            } => {
+                if let Err(e) = spec.validate() {
+                    let _ = reply.send(Err(EngineError::Invalid(e.to_string())));
+                    return;
+                }
+                let what = format!("creating VM {} on {host}", spec.name);
+                self.agent_call(host, what, reply, CreateVm { spec, start });
+            }
+            Command::StartVm { host, name, reply } => {
+                self.agent_call(host, format!("starting VM {name}"), reply, StartVm { name });
+            }
+            Command::StopVm {
+                host,
+                name,
+                force,
+                reply,
+            } => {
+                let what = if force {
+                    format!("forcing VM {name} off")
+                } else {
+                    format!("stopping VM {name}")
+                };
+                self.agent_call(
+                    host,
+                    what,
+                    reply,
+                    StopVm {
+                        name,
+                        force,
+                        timeout_secs: 0,
+                    },
+                );
+            }
+            Command::DeleteVm { host, name, reply } => {
+                self.agent_call(
+                    host,
+                    format!("deleting VM {name}"),
+                    reply,
+                    DeleteVm { name },
+                );
+            }
+        }
+    }
+
+    fn set_address(&mut self, host: &HostId, address: String) -> Result<(), EngineError> {
+        enroll::validate_address(&address).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let entry = self
+            .hosts
+            .get_mut(host)
+            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?;
+        if entry.view.record.address != address {
+            entry.view.record.address = address.clone();
+            entry.dirty = true;
+            self.store.put_host(entry.view.record.clone());
+            let _ = entry.address.send(address.clone());
+            self.log(
+                Level::Info,
+                Some(host.clone()),
+                format!("address set to {address}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends one request to a host's agent in the background; the reply goes to the caller
+    /// and a failure to the event log.
+    fn agent_call<R>(&mut self, host: HostId, what: String, reply: Reply<R::Response>, request: R)
+    where
+        R: dunes_shared::protocol::Rpc + Send + 'static,
+    {
+        let Some(entry) = self.hosts.get(&host) else {
+            let _ = reply.send(Err(EngineError::UnknownHost(host)));
+            return;
+        };
+        let Some(conn) = entry.conn.clone() else {
+            let _ = reply.send(Err(EngineError::Unreachable(host)));
+            return;
+        };
+        self.log(Level::Info, Some(host.clone()), what.clone());
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = call(&conn, request)
+                .await
+                .map_err(|e: CallError| match e.remote() {
+                    Some(remote) => EngineError::Agent(remote.message.clone()),
+                    None => EngineError::Unreachable(host.clone()),
+                });
+            if let Err(e) = &result {
+                let _ = internal.send(Internal::Log {
+                    level: Level::Error,
+                    host: Some(host),
+                    message: format!("{what} failed: {e}"),
+                });
+            }
+            let _ = reply.send(result);
+        });
+    }
+
+    fn internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::Log {
+                level,
+                host,
+                message,
+            } => self.log(level, host, message),
+            Internal::Enrolled {
+                enrolled,
+                address,
+                reply,
+            } => {
+                let Enrolled {
+                    host_id,
+                    fingerprint,
+                } = enrolled;
+                if let Some(old) = self.hosts.remove(&host_id) {
+                    if old.view.record.fingerprint != fingerprint {
+                        self.log(
+                            Level::Warning,
+                            Some(host_id.clone()),
+                            format!("host re-enrolled with a new key {fingerprint}"),
+                        );
+                    }
+                }
+                let record = HostRecord {
+                    id: host_id.clone(),
+                    address: address.clone(),
+                    fingerprint,
+                    enrolled_at_ms: now_ms(),
+                    inventory: None,
+                };
+                self.store.put_host(record.clone());
+                self.add_host_entry(record, Vec::new());
+                self.log(
+                    Level::Info,
+                    Some(host_id.clone()),
+                    format!("enrolled at {address}, key {fingerprint}"),
+                );
+                let _ = reply.send(Ok(HostAdded {
+                    host_id,
+                    fingerprint,
+                }));
+            }
+        }
+    }
+
+    fn link(&mut self, msg: LinkMessage) {
+        match msg {
+            LinkMessage::Connected { host, conn, hello } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                let was = entry.view.link;
+                entry.conn = Some(conn);
+                entry.view.link = LinkState::Online;
+                entry.view.link_error = None;
+                entry.view.status = Some(hello.status);
+                if entry.view.record.inventory.as_ref() != Some(&hello.inventory) {
+                    entry.view.record.inventory = Some(hello.inventory);
+                    self.store.put_host(entry.view.record.clone());
+                }
+                entry.view.vms = hello.vms.clone();
+                entry.dirty = true;
+                self.store.replace_vms(host.clone(), hello.vms);
+                if was != LinkState::Online {
+                    self.log(Level::Info, Some(host), "online".into());
+                }
+            }
+            LinkMessage::Event { host, event } => self.agent_event(host, event),
+            LinkMessage::Lost {
+                host,
+                stable_id,
+                reason,
+            } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                let current = entry.conn.as_ref().map(|c| c.stable_id());
+                if stable_id.is_some() && current != stable_id {
+                    return;
+                }
+                entry.conn = None;
+                let was = entry.view.link;
+                entry.view.link = LinkState::Unreachable;
+                entry.view.link_error = Some(reason.clone());
+                entry.dirty = true;
+                if was != LinkState::Unreachable {
+                    self.log(Level::Warning, Some(host), format!("unreachable: {reason}"));
+                }
+            }
+        }
+    }
+
+    fn agent_event(&mut self, host: HostId, event: AgentEvent) {
+        let Some(entry) = self.hosts.get_mut(&host) else {
+            return;
+        };
+        let mut note = None;
+        match event {
+            AgentEvent::HostStatus(status) => entry.view.status = Some(status),
+            AgentEvent::VmChanged(vm) => {
+                match entry.view.vms.iter_mut().find(|v| v.name == vm.name) {
+                    Some(old) => {
+                        if old.state != vm.state {
+                            note = Some(format!("VM {} is {}", vm.name, vm.state));
+                        }
+                        *old = vm.clone();
+                    }
+                    None => {
+                        note = Some(format!("VM {} appeared ({})", vm.name, vm.state));
+                        entry.view.vms.push(vm.clone());
+                        entry.view.vms.sort_by(|a, b| a.name.cmp(&b.name));
+                    }
+                }
+                self.store.put_vm(host.clone(), vm);
+            }
+            AgentEvent::VmRemoved { name } => {
+                entry.view.vms.retain(|v| v.name != name);
+                note = Some(format!("VM {name} was deleted"));
+                self.store.delete_vm(host.clone(), name);
+            }
+            AgentEvent::Inventory(inventory) => {
+                entry.view.record.inventory = Some(inventory);
+                self.store.put_host(entry.view.record.clone());
+            }
+            AgentEvent::VmList(vms) => {
+                entry.view.vms = vms.clone();
+                self.store.replace_vms(host.clone(), vms);
+            }
+            _ => {}
+        }
+        entry.dirty = true;
+        if let Some(message) = note {
+            self.log(Level::Info, Some(host), message);
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The immutable picture of the fleet the engine publishes to the UI and to ctl.
+
+use std::sync::Arc;
+
+use dunes_shared::model::{HostId, HostInventory, HostStatus, VmName, VmStatus};
+use serde::Serialize;
+
+use super::store::{EventRecord, HostRecord};
+
+/// How the console's link to an agent stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Connecting,
+    Online,
+    Unreachable,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Online => "online",
+            LinkState::Unreachable => "unreachable",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub record: HostRecord,
+    pub link: LinkState,
+    /// Why the link is down, when it is.
+    pub link_error: Option<String>,
+    pub status: Option<HostStatus>,
+    pub vms: Vec<VmStatus>,
+}
+
+impl HostView {
+    pub fn id(&self) -> &HostId {
+        &self.record.id
+    }
+
+    pub fn inventory(&self) -> Option<&HostInventory> {
+        self.record.inventory.as_ref()
+    }
+
+    pub fn site_name(&self) -> &str {
+        self.inventory().map_or("unknown", |i| i.site.name.as_str())
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.inventory().is_some_and(|i| i.site.remote)
+    }
+
+    pub fn vm(&self, name: &VmName) -> Option<&VmStatus> {
+        self.vms.iter().find(|v| &v.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Sorted by site, then host id.
+    pub hosts: Vec<Arc<HostView>>,
+    /// The most recent events, oldest first.
+    pub events: Arc<Vec<EventRecord>>,
+    /// Bumped on every publish.
+    pub version: u64,
+}
+
+impl Snapshot {
+    pub fn host(&self, id: &HostId) -> Option<&Arc<HostView>> {
+        self.hosts.iter().find(|h| h.id() == id)
+    }
+
+    /// Finds a VM by name across hosts: `NAME` or `HOST/NAME`.
+    pub fn find_vm(&self, reference: &str) -> Result<(HostId, VmStatus), String> {
+        let (host, name) = match reference.split_once('/') {
+            Some((h, n)) => (Some(HostId::new(h).map_err(|e| e.to_string())?), n),
+            None => (None, reference),
+        };
+        let name = VmName::new(name).map_err(|e| e.to_string())?;
+        let matches: Vec<(HostId, VmStatus)> = self
+            .hosts
+            .iter()
+            .filter(|h| host.as_ref().is_none_or(|id| h.id() == id))
+            .filter_map(|h| h.vm(&name).map(|v| (h.id().clone(), v.clone())))
+            .collect();
+        match matches.len() {
+            0 => Err(format!("no VM named {reference}")),
+            1 => Ok(matches.into_iter().next().expect("one match")),
+            _ => Err(format!(
+                "VM name {name} exists on hosts {}; say HOST/{name}",
+                matches
+                    .iter()
+                    .map(|(h, _)| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The Dunes console: the management engine (no egui), its local control socket, the
+//! demo fleet, and the egui window.
+
+pub mod cli;
+pub mod ctl;
+pub mod demo;
+pub mod engine;
+pub mod ui;

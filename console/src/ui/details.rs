@@ -1,0 +1,138 @@
+//! Details of the selected host or VM, with the actions that fit its state.
+
+use dunes_shared::model::{HostId, VmName};
+use egui::RichText;
+
+use super::{Actions, Selection, link_color, state_color};
+use crate::engine::{LinkState, Snapshot};
+
+#[derive(Debug, Default)]
+pub struct DetailsPanel;
+
+fn row(ui: &mut egui::Ui, key: &str, value: impl Into<egui::WidgetText>) {
+    ui.label(RichText::new(key).weak());
+    ui.label(value);
+    ui.end_row();
+}
+
+impl DetailsPanel {
+    /// Returns a VM the operator asked to delete.
+    pub fn details_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        snapshot: &Snapshot,
+        selection: &mut Selection,
+        actions: &mut Actions<'_>,
+    ) -> Option<(HostId, VmName)> {
+        let mut delete = None;
+        egui::ScrollArea::vertical().auto_shrink([false; 2]).show(ui, |ui| match selection.clone() {
+            Selection::None => {
+                ui.heading("Details");
+                ui.label("Select a host or a VM in the topology.");
+            }
+            Selection::Host(id) => {
+                let Some(host) = snapshot.host(&id) else {
+                    ui.label(format!("Host {id} is no longer enrolled."));
+                    return;
+                };
+                ui.heading(format!("Host {id}"));
+                egui::Grid::new("host-details").num_columns(2).striped(true).show(ui, |ui| {
+                    row(ui, "State", RichText::new(host.link.as_str()).color(link_color(host.link)));
+                    if let Some(err) = &host.link_error {
+                        row(ui, "Last error", err.as_str());
+                    }
+                    row(ui, "Address", host.record.address.as_str());
+                    row(ui, "Key", host.record.fingerprint.to_string());
+                    if let Some(inv) = host.inventory() {
+                        row(ui, "Host name", inv.hostname.as_str());
+                        row(
+                            ui,
+                            "Site",
+                            format!("{}{}", inv.site.name, if inv.site.remote { " (remote)" } else { "" }),
+                        );
+                        row(ui, "Link", format!("{} Mbit/s, {} ms", inv.site.link_bandwidth_mbps, inv.site.link_latency_ms));
+                        row(ui, "CPUs", format!("{} × {}", inv.cpus, inv.cpu_model));
+                        row(ui, "Memory", format!("{} MiB", inv.memory_mib));
+                        row(ui, "Storage", format!("{} MiB free of {}", inv.storage_free_mib, inv.storage_total_mib));
+                        let runtimes: Vec<String> = inv
+                            .runtimes
+                            .iter()
+                            .map(|r| format!("{} ({} {})", r.kind.as_str(), r.driver, r.version))
+                            .collect();
+                        row(ui, "Runtimes", runtimes.join(", "));
+                        row(ui, "Security level", inv.security_level.to_string());
+                        row(
+                            ui,
+                            "Prices",
+                            format!(
+                                "{:.3}/GB-month stored, {:.3}/GB transferred, {:.3}/CPU-hour",
+                                inv.prices.per_gb_month_stored, inv.prices.per_gb_transferred, inv.prices.per_cpu_hour
+                            ),
+                        );
+                        let net: Vec<String> = inv.network.iter().map(|n| n.name.clone()).collect();
+                        row(ui, "Network", net.join(", "));
+                    }
+                    if let Some(status) = host.status {
+                        row(ui, "CPU load", format!("{:.0} %", status.cpu_load_percent));
+                        row(ui, "Memory used", format!("{} / {} MiB", status.memory_used_mib, status.memory_total_mib));
+                        row(ui, "Running VMs", status.vms_running.to_string());
+                    }
+                });
+                ui.separator();
+                ui.label(RichText::new(format!("{} VMs", host.vms.len())).strong());
+                for vm in &host.vms {
+                    ui.horizontal(|ui| {
+                        ui.colored_label(state_color(vm.state), "●");
+                        if ui.selectable_label(false, vm.name.as_str()).clicked() {
+                            *selection = Selection::Vm(id.clone(), vm.name.clone());
+                        }
+                        ui.label(RichText::new(vm.state.as_str()).weak());
+                    });
+                }
+            }
+            Selection::Vm(host_id, name) => {
+                let Some(host) = snapshot.host(&host_id) else {
+                    ui.label(format!("Host {host_id} is no longer enrolled."));
+                    return;
+                };
+                let Some(vm) = host.vm(&name) else {
+                    ui.label(format!("VM {name} no longer exists on {host_id}."));
+                    return;
+                };
+                ui.heading(format!("VM {name}"));
+                egui::Grid::new("vm-details").num_columns(2).striped(true).show(ui, |ui| {
+                    row(ui, "State", RichText::new(vm.state.as_str()).color(state_color(vm.state)));
+                    row(ui, "Host", host_id.as_str());
+                    row(ui, "vCPUs", vm.vcpus.to_string());
+                    row(ui, "Memory", format!("{} MiB", vm.memory_mib));
+                    row(ui, "Template", vm.template.as_ref().map_or("—".to_string(), |t| t.to_string()));
+                    row(ui, "Disk allocated", format!("{:.1} MiB", vm.disk_bytes as f64 / 1048576.0));
+                    row(ui, "UUID", vm.uuid.as_str());
+                });
+                let online = host.link == LinkState::Online;
+                if !online {
+                    ui.colored_label(link_color(host.link), format!("Host {host_id} is {}: actions wait for it.", host.link.as_str()));
+                }
+                ui.horizontal_wrapped(|ui| {
+                    if ui.add_enabled(online && !vm.state.is_active(), egui::Button::new("Start")).clicked() {
+                        actions.start_vm(&host_id, &name);
+                    }
+                    if ui.add_enabled(online && vm.state.is_active(), egui::Button::new("Stop")).clicked() {
+                        actions.stop_vm(&host_id, &name, false);
+                    }
+                    if ui.add_enabled(online && vm.state.is_active(), egui::Button::new("Force off")).clicked() {
+                        actions.stop_vm(&host_id, &name, true);
+                    }
+                    if ui
+                        .add_enabled(online && !vm.state.is_active(), egui::Button::new("Delete…"))
+                        .on_hover_text("Delete the VM and its disks (Del)")
+                        .clicked()
+                    {
+                        delete = Some((host_id.clone(), name.clone()));
+                    }
+                });
+            }
+        });
+        delete
+    }
+}

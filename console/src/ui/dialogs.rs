@@ -1,0 +1,276 @@
+//! The "Add host" and "New VM" dialogs. Inputs are checked as they are typed; nothing is sent
+//! until they are valid.
+
+use dunes_shared::{
+    model::{HostId, MEMORY_MIB_MAX, MEMORY_MIB_MIN, TemplateName, VCPUS_MAX, VmName, VmSpec},
+    pki::Fingerprint,
+};
+use egui::{Color32, Key, RichText};
+
+use super::{Actions, Selection};
+use crate::engine::{Command, LinkState, Snapshot, enroll::validate_address};
+
+#[derive(Debug, Default)]
+pub struct AddHostDialog {
+    open: bool,
+    address: String,
+    token: String,
+    fingerprint: String,
+}
+
+fn error_line(ui: &mut egui::Ui, error: &Option<String>) {
+    if let Some(e) = error {
+        ui.label(RichText::new(e).color(Color32::from_rgb(248, 81, 73)));
+    }
+}
+
+impl AddHostDialog {
+    pub fn open(&mut self) {
+        self.open = true;
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    fn problem(&self) -> Option<String> {
+        if let Err(e) = validate_address(self.address.trim()) {
+            return Some(e.to_string());
+        }
+        if self.token.trim().is_empty() {
+            return Some("enter the join token the agent printed".into());
+        }
+        if !self.fingerprint.trim().is_empty() {
+            if let Err(e) = self.fingerprint.parse::<Fingerprint>() {
+                return Some(e.to_string());
+            }
+        }
+        None
+    }
+
+    pub fn add_host_ui(&mut self, ctx: &egui::Context, actions: &mut Actions<'_>) {
+        if !self.open {
+            return;
+        }
+        let mut open = true;
+        let mut submitted = false;
+        egui::Window::new("Add host")
+            .open(&mut open)
+            .collapsible(false)
+            .resizable(false)
+            .show(ctx, |ui| {
+                ui.label("Start dunes-agent on the host: it prints its address, key fingerprint and a one-time join token.");
+                egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
+                    ui.label("Address");
+                    ui.add(egui::TextEdit::singleline(&mut self.address).hint_text("host:port").desired_width(260.0));
+                    ui.end_row();
+                    ui.label("Join token");
+                    ui.add(egui::TextEdit::singleline(&mut self.token).hint_text("xxxx-xxxx-…").desired_width(260.0));
+                    ui.end_row();
+                    ui.label("Fingerprint");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut self.fingerprint)
+                            .hint_text("sha256:… (optional, checked if given)")
+                            .desired_width(260.0),
+                    );
+                    ui.end_row();
+                });
+                let problem = self.problem();
+                if !self.address.is_empty() {
+                    error_line(ui, &problem);
+                }
+                ui.label(
+                    RichText::new("After enrollment the console pins the agent's key: compare the fingerprint shown in the event log with the one the agent printed.")
+                        .weak()
+                        .small(),
+                );
+                let enter = ui.input(|i| i.key_pressed(Key::Enter));
+                if ui.add_enabled(problem.is_none(), egui::Button::new("Enroll")).clicked() || (enter && problem.is_none()) {
+                    submitted = true;
+                }
+            });
+        if submitted {
+            let address = self.address.trim().to_string();
+            let token = self.token.trim().to_string();
+            let expected_fingerprint = self.fingerprint.parse().ok();
+            actions.send(format!("Enrolling {address}"), |reply| Command::AddHost {
+                address,
+                token,
+                expected_fingerprint,
+                reply,
+            });
+            *self = AddHostDialog::default();
+            return;
+        }
+        if !open || ctx.input(|i| i.key_pressed(Key::Escape)) {
+            self.open = false;
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct NewVmDialog {
+    open: bool,
+    name: String,
+    host: Option<HostId>,
+    template: String,
+    vcpus: u32,
+    memory_mib: u64,
+    start: bool,
+}
+
+impl Default for NewVmDialog {
+    fn default() -> Self {
+        NewVmDialog {
+            open: false,
+            name: String::new(),
+            host: None,
+            template: "tiny".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            start: true,
+        }
+    }
+}
+
+impl NewVmDialog {
+    pub fn open(&mut self, snapshot: &Snapshot, selection: &Selection) {
+        self.open = true;
+        let preferred = match selection {
+            Selection::Host(h) | Selection::Vm(h, _) => Some(h.clone()),
+            Selection::None => None,
+        };
+        self.host = preferred.or_else(|| {
+            snapshot
+                .hosts
+                .iter()
+                .find(|h| h.link == LinkState::Online)
+                .map(|h| h.id().clone())
+        });
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    fn spec(&self, snapshot: &Snapshot) -> Result<(HostId, VmSpec), String> {
+        let name = VmName::new(self.name.trim()).map_err(|e| e.to_string())?;
+        let template = TemplateName::new(self.template.trim()).map_err(|e| e.to_string())?;
+        let host = self.host.clone().ok_or("choose a host")?;
+        let view = snapshot
+            .host(&host)
+            .ok_or_else(|| format!("host {host} is not enrolled"))?;
+        if view.link != LinkState::Online {
+            return Err(format!("host {host} is {}", view.link.as_str()));
+        }
+        if view.vm(&name).is_some() {
+            return Err(format!("{host} already has a VM named {name}"));
+        }
+        let spec = VmSpec {
+            name,
+            template,
+            vcpus: Some(self.vcpus),
+            memory_mib: Some(self.memory_mib),
+        };
+        spec.validate().map_err(|e| e.to_string())?;
+        Ok((host, spec))
+    }
+
+    pub fn new_vm_ui(
+        &mut self,
+        ctx: &egui::Context,
+        snapshot: &Snapshot,
+        actions: &mut Actions<'_>,
+    ) {
+        if !self.open {
+            return;
+        }
+        let mut open = true;
+        let mut submit = None;
+        egui::Window::new("New VM")
+            .open(&mut open)
+            .collapsible(false)
+            .resizable(false)
+            .show(ctx, |ui| {
+                egui::Grid::new("new-vm").num_columns(2).show(ui, |ui| {
+                    ui.label("Name");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut self.name)
+                            .hint_text("a-z, 0-9 and -")
+                            .desired_width(220.0),
+                    );
+                    ui.end_row();
+                    ui.label("Host");
+                    let shown = self
+                        .host
+                        .as_ref()
+                        .map_or("choose…".to_string(), |h| h.to_string());
+                    egui::ComboBox::from_label("")
+                        .selected_text(shown)
+                        .show_ui(ui, |ui| {
+                            for h in &snapshot.hosts {
+                                let label =
+                                    format!("{} ({}, {})", h.id(), h.site_name(), h.link.as_str());
+                                ui.selectable_value(&mut self.host, Some(h.id().clone()), label);
+                            }
+                        });
+                    ui.end_row();
+                    ui.label("Template");
+                    ui.add(
+                        egui::TextEdit::singleline(&mut self.template)
+                            .hint_text("tiny")
+                            .desired_width(220.0),
+                    );
+                    ui.end_row();
+                    ui.label("vCPUs");
+                    ui.add(
+                        egui::DragValue::new(&mut self.vcpus)
+                            .range(1..=VCPUS_MAX)
+                            .suffix(" vCPU"),
+                    );
+                    ui.end_row();
+                    ui.label("Memory");
+                    ui.add(
+                        egui::DragValue::new(&mut self.memory_mib)
+                            .range(MEMORY_MIB_MIN..=MEMORY_MIB_MAX)
+                            .speed(16.0)
+                            .suffix(" MiB"),
+                    );
+                    ui.end_row();
+                });
+                ui.checkbox(&mut self.start, "Start after creating");
+                let spec = self.spec(snapshot);
+                if !self.name.is_empty() {
+                    error_line(ui, &spec.as_ref().err().cloned());
+                }
+                let enter = ui.input(|i| i.key_pressed(Key::Enter));
+                if ui
+                    .add_enabled(spec.is_ok(), egui::Button::new("Create"))
+                    .clicked()
+                    || (enter && spec.is_ok())
+                {
+                    submit = spec.ok();
+                }
+            });
+        if let Some((host, spec)) = submit {
+            let start = self.start;
+            actions.send(format!("Creating {} on {host}", spec.name), |reply| {
+                Command::CreateVm {
+                    host,
+                    spec,
+                    start,
+                    reply,
+                }
+            });
+            let keep_host = self.host.clone();
+            *self = NewVmDialog {
+                host: keep_host,
+                ..NewVmDialog::default()
+            };
+            return;
+        }
+        if !open || ctx.input(|i| i.key_pressed(Key::Escape)) {
+            self.open = false;
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The egui window. Each panel is a struct with a `..._ui` method; panels read the engine's
+//! latest snapshot and send commands with `try_send`, never blocking.
+
+mod details;
+mod dialogs;
+mod event_log;
+mod topology;
+
+use std::sync::Arc;
+
+use dunes_shared::model::{HostId, VmName};
+use egui::{Color32, Key, KeyboardShortcut, Modifiers};
+use tokio::sync::oneshot;
+
+use crate::engine::{Command, EngineError, EngineHandle, LinkState, Snapshot};
+use dunes_shared::model::VmState;
+
+pub use details::DetailsPanel;
+pub use dialogs::{AddHostDialog, NewVmDialog};
+pub use event_log::EventLogPanel;
+pub use event_log::clock;
+pub use topology::TopologyPanel;
+
+const NEW_VM: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::N);
+const ADD_HOST: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::H);
+
+/// What the operator has selected.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Selection {
+    #[default]
+    None,
+    Host(HostId),
+    Vm(HostId, VmName),
+}
+
+/// A reply channel polled once a frame; the UI only needs success or the error text.
+trait PendingReply: Send {
+    fn poll(&mut self) -> Option<Result<(), EngineError>>;
+}
+
+impl<T: Send> PendingReply for oneshot::Receiver<Result<T, EngineError>> {
+    fn poll(&mut self) -> Option<Result<(), EngineError>> {
+        match self.try_recv() {
+            Ok(result) => Some(result.map(|_| ())),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(EngineError::Stopped)),
+        }
+    }
+}
+
+/// An operation sent to the engine whose answer is still to come.
+struct Pending {
+    what: String,
+    rx: Box<dyn PendingReply>,
+}
+
+/// Shared by the panels during one frame: the snapshot and a way to act.
+pub struct Actions<'a> {
+    engine: &'a EngineHandle,
+    pending: &'a mut Vec<Pending>,
+    status: &'a mut Option<(String, bool)>,
+}
+
+impl Actions<'_> {
+    /// Sends a command built around a reply channel; the answer shows in the status line.
+    pub fn send<T: Send + 'static>(
+        &mut self,
+        what: String,
+        make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
+    ) {
+        let (tx, rx) = oneshot::channel::<Result<T, EngineError>>();
+        match self.engine.try_send(make(tx)) {
+            Ok(()) => {
+                *self.status = Some((format!("{what}…"), false));
+                self.pending.push(Pending {
+                    what,
+                    rx: Box::new(rx),
+                });
+            }
+            Err(e) => *self.status = Some((format!("{what}: {e}"), true)),
+        }
+    }
+
+    pub fn start_vm(&mut self, host: &HostId, name: &VmName) {
+        let (host, name) = (host.clone(), name.clone());
+        self.send(format!("Starting {name}"), |reply| Command::StartVm {
+            host,
+            name,
+            reply,
+        });
+    }
+
+    pub fn stop_vm(&mut self, host: &HostId, name: &VmName, force: bool) {
+        let (host, name) = (host.clone(), name.clone());
+        let what = if force {
+            format!("Forcing {name} off")
+        } else {
+            format!("Stopping {name}")
+        };
+        self.send(what, |reply| Command::StopVm {
+            host,
+            name,
+            force,
+            reply,
+        });
+    }
+}
+
+/// A VM the operator asked to delete, waiting for confirmation.
+#[derive(Debug, Clone)]
+struct ConfirmDelete {
+    host: HostId,
+    name: VmName,
+}
+
+pub struct ConsoleApp {
+    engine: EngineHandle,
+    snapshot: Arc<Snapshot>,
+    selection: Selection,
+    topology: TopologyPanel,
+    details: DetailsPanel,
+    event_log: EventLogPanel,
+    add_host: AddHostDialog,
+    new_vm: NewVmDialog,
+    confirm_delete: Option<ConfirmDelete>,
+    pending: Vec<Pending>,
+    status: Option<(String, bool)>,
+}
+
+impl ConsoleApp {
+    pub fn new(ctx: &egui::Context, engine: EngineHandle) -> Self {
+        let repaint_ctx = ctx.clone();
+        engine.set_repaint(move || repaint_ctx.request_repaint());
+        ConsoleApp {
+            snapshot: engine.snapshot(),
+            engine,
+            selection: Selection::None,
+            topology: TopologyPanel::default(),
+            details: DetailsPanel,
+            event_log: EventLogPanel::default(),
+            add_host: AddHostDialog::default(),
+            new_vm: NewVmDialog::default(),
+            confirm_delete: None,
+            pending: Vec::new(),
+            status: None,
+        }
+    }
+
+    pub fn selection(&self) -> &Selection {
+        &self.selection
+    }
+
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// Draws one frame.
+    pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
+        self.snapshot = self.engine.snapshot();
+        self.poll_pending();
+        if ui.input_mut(|i| i.consume_shortcut(&NEW_VM)) {
+            self.new_vm.open(&self.snapshot, &self.selection);
+        }
+        if ui.input_mut(|i| i.consume_shortcut(&ADD_HOST)) {
+            self.add_host.open();
+        }
+        let snapshot = self.snapshot.clone();
+        let mut actions = Actions {
+            engine: &self.engine,
+            pending: &mut self.pending,
+            status: &mut self.status,
+        };
+        let mut delete_request = None;
+
+        egui::Panel::top("toolbar").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.heading("Dunes");
+                ui.separator();
+                if ui
+                    .button("Add host…")
+                    .on_hover_text("Enroll an agent (Ctrl+H)")
+                    .clicked()
+                {
+                    self.add_host.open();
+                }
+                if ui
+                    .button("New VM…")
+                    .on_hover_text("Create a VM (Ctrl+N)")
+                    .clicked()
+                {
+                    self.new_vm.open(&snapshot, &self.selection);
+                }
+                ui.separator();
+                let online = snapshot
+                    .hosts
+                    .iter()
+                    .filter(|h| h.link == LinkState::Online)
+                    .count();
+                let vms: usize = snapshot.hosts.iter().map(|h| h.vms.len()).sum();
+                let running: usize = snapshot
+                    .hosts
+                    .iter()
+                    .map(|h| h.vms.iter().filter(|v| v.state == VmState::Running).count())
+                    .sum();
+                ui.label(format!(
+                    "{online}/{} hosts online · {running}/{vms} VMs running",
+                    snapshot.hosts.len()
+                ));
+                if let Some((text, is_error)) = &*actions.status {
+                    ui.separator();
+                    let color = if *is_error {
+                        Color32::LIGHT_RED
+                    } else {
+                        ui.visuals().text_color()
+                    };
+                    ui.colored_label(color, text);
+                }
+            });
+        });
+        egui::Panel::bottom("event-log")
+            .resizable(true)
+            .default_size(170.0)
+            .show(ui, |ui| self.event_log.event_log_ui(ui, &snapshot));
+        egui::Panel::right("details")
+            .resizable(true)
+            .default_size(300.0)
+            .show(ui, |ui| {
+                if let Some(request) =
+                    self.details
+                        .details_ui(ui, &snapshot, &mut self.selection, &mut actions)
+                {
+                    delete_request = Some(request);
+                }
+            });
+        egui::CentralPanel::default().show(ui, |ui| {
+            if let Some(request) =
+                self.topology
+                    .topology_ui(ui, &snapshot, &mut self.selection, &mut actions)
+            {
+                delete_request = Some(request);
+            }
+        });
+        if let Some((host, name)) = delete_request {
+            self.confirm_delete = Some(ConfirmDelete { host, name });
+        }
+        if ui.input(|i| i.key_pressed(Key::Delete))
+            && !self.add_host.is_open()
+            && !self.new_vm.is_open()
+        {
+            if let Selection::Vm(host, name) = &self.selection {
+                self.confirm_delete = Some(ConfirmDelete {
+                    host: host.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+        self.add_host.add_host_ui(ui.ctx(), &mut actions);
+        self.new_vm.new_vm_ui(ui.ctx(), &snapshot, &mut actions);
+        self.confirm_delete_ui(ui.ctx());
+    }
+
+    fn confirm_delete_ui(&mut self, ctx: &egui::Context) {
+        let Some(confirm) = self.confirm_delete.clone() else {
+            return;
+        };
+        let mut actions = Actions {
+            engine: &self.engine,
+            pending: &mut self.pending,
+            status: &mut self.status,
+        };
+        let response = egui::Modal::new(egui::Id::unique("confirm-delete")).show(ctx, |ui| {
+            ui.heading(format!("Delete VM {}?", confirm.name));
+            ui.label(format!(
+                "The VM and its disks on host {} are removed. This cannot be undone.",
+                confirm.host
+            ));
+            ui.horizontal(|ui| {
+                if ui.button("Delete").clicked() {
+                    let ConfirmDelete { host, name } = confirm.clone();
+                    actions.send(format!("Deleting {name}"), |reply| Command::DeleteVm {
+                        host,
+                        name,
+                        reply,
+                    });
+                    ui.close();
+                }
+                if ui.button("Cancel").clicked() {
+                    ui.close();
+                }
+            });
+        });
+        if response.should_close() {
+            self.confirm_delete = None;
+        }
+    }
+
+    fn poll_pending(&mut self) {
+        let mut still = Vec::new();
+        for mut p in self.pending.drain(..) {
+            match p.rx.poll() {
+                Some(Ok(())) => self.status = Some((format!("{}: done", p.what), false)),
+                Some(Err(e)) => self.status = Some((format!("{}: {e}", p.what), true)),
+                None => still.push(p),
+            }
+        }
+        self.pending = still;
+    }
+}
+
+impl eframe::App for ConsoleApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.frame_ui(ui);
+        if !self.pending.is_empty() {
+            ui.ctx()
+                .request_repaint_after(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// Colour of a VM state, used for chips and labels.
+pub fn state_color(state: VmState) -> Color32 {
+    match state {
+        VmState::Running => Color32::from_rgb(46, 160, 67),
+        VmState::Shutoff => Color32::from_rgb(110, 118, 129),
+        VmState::Paused | VmState::Suspended => Color32::from_rgb(210, 153, 34),
+        VmState::ShuttingDown => Color32::from_rgb(219, 109, 40),
+        VmState::Crashed => Color32::from_rgb(218, 54, 51),
+        _ => Color32::from_rgb(130, 80, 223),
+    }
+}
+
+pub fn link_color(link: LinkState) -> Color32 {
+    match link {
+        LinkState::Online => Color32::from_rgb(46, 160, 67),
+        LinkState::Connecting => Color32::from_rgb(210, 153, 34),
+        LinkState::Unreachable => Color32::from_rgb(218, 54, 51),
+    }
+}

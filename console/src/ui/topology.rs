@@ -1,0 +1,505 @@
+//! The topology: sites as regions (a remote site dashed, like the seed's dotted line), hosts
+//! as cards with capacity bars and runtime badges, VMs as chips coloured by state.
+//! Only what is inside the viewport is painted, so thousands of hosts stay cheap.
+
+use dunes_shared::model::{HostId, VmName};
+use egui::{
+    Align2, Color32, CornerRadius, FontId, Pos2, Rect, Role, Sense, Shape, Stroke, StrokeKind,
+    Vec2, WidgetInfo, pos2, vec2,
+};
+
+use super::{Actions, Selection, link_color, state_color};
+use crate::engine::{HostView, LinkState, Snapshot};
+
+const CARD_W: f32 = 236.0;
+const CARD_BASE_H: f32 = 112.0;
+const CHIP_H: f32 = 20.0;
+const CHIP_GAP: f32 = 4.0;
+const CHIPS_PER_ROW: usize = 2;
+const GAP: f32 = 12.0;
+const SITE_PAD: f32 = 12.0;
+const SITE_HEADER: f32 = 28.0;
+
+#[derive(Debug, Default)]
+pub struct TopologyPanel {
+    filter: String,
+}
+
+struct SiteBox {
+    rect: Rect,
+    name: String,
+    remote: bool,
+    link: Option<(u32, u32)>,
+    cards: Vec<(usize, Rect)>,
+}
+
+fn card_height(vms: usize) -> f32 {
+    let rows = vms.div_ceil(CHIPS_PER_ROW).max(1);
+    CARD_BASE_H + rows as f32 * (CHIP_H + CHIP_GAP)
+}
+
+impl TopologyPanel {
+    fn matches(&self, host: &HostView) -> bool {
+        let f = self.filter.trim();
+        f.is_empty()
+            || host.id().as_str().contains(f)
+            || host.site_name().contains(f)
+            || host.vms.iter().any(|v| v.name.as_str().contains(f))
+    }
+
+    /// Lays out sites and cards from the top-left corner, for a given width.
+    fn layout(&self, snapshot: &Snapshot, width: f32) -> (Vec<SiteBox>, f32) {
+        let mut groups: Vec<(bool, &str, Vec<usize>)> = Vec::new();
+        for (i, host) in snapshot.hosts.iter().enumerate() {
+            if !self.matches(host) {
+                continue;
+            }
+            match groups.iter_mut().find(|g| g.1 == host.site_name()) {
+                Some(g) => g.2.push(i),
+                None => groups.push((host.is_remote(), host.site_name(), vec![i])),
+            }
+        }
+        // Local sites first, remote ones after, as in the seed's figure.
+        groups.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let per_row = (((width - 2.0 * SITE_PAD + GAP) / (CARD_W + GAP)).floor() as usize).max(1);
+        let mut y = 0.0;
+        let mut sites = Vec::new();
+        for (remote, name, members) in groups {
+            let top = y;
+            let mut cards = Vec::new();
+            let mut row_y = top + SITE_HEADER;
+            for row in members.chunks(per_row) {
+                let row_h = row
+                    .iter()
+                    .map(|&i| card_height(snapshot.hosts[i].vms.len()))
+                    .fold(0.0, f32::max);
+                for (col, &i) in row.iter().enumerate() {
+                    let min = pos2(SITE_PAD + col as f32 * (CARD_W + GAP), row_y);
+                    let h = card_height(snapshot.hosts[i].vms.len());
+                    cards.push((i, Rect::from_min_size(min, vec2(CARD_W, h))));
+                }
+                row_y += row_h + GAP;
+            }
+            let used_w =
+                (members.len().min(per_row) as f32) * (CARD_W + GAP) - GAP + 2.0 * SITE_PAD;
+            let rect = Rect::from_min_max(
+                pos2(0.0, top),
+                pos2(used_w.max(CARD_W + 2.0 * SITE_PAD), row_y),
+            );
+            let link = snapshot.hosts[members[0]]
+                .inventory()
+                .map(|i| (i.site.link_bandwidth_mbps, i.site.link_latency_ms));
+            sites.push(SiteBox {
+                rect,
+                name: name.to_string(),
+                remote,
+                link,
+                cards,
+            });
+            y = row_y + GAP;
+        }
+        (sites, y)
+    }
+
+    /// Draws the topology; returns a VM the operator asked to delete.
+    pub fn topology_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        snapshot: &Snapshot,
+        selection: &mut Selection,
+        actions: &mut Actions<'_>,
+    ) -> Option<(HostId, VmName)> {
+        ui.horizontal(|ui| {
+            ui.add(
+                egui::TextEdit::singleline(&mut self.filter)
+                    .hint_text("Filter hosts, sites or VMs")
+                    .desired_width(240.0),
+            );
+            if !self.filter.is_empty() && ui.button("Clear").clicked() {
+                self.filter.clear();
+            }
+        });
+        if snapshot.hosts.is_empty() {
+            ui.add_space(40.0);
+            ui.vertical_centered(|ui| {
+                ui.label("No hosts yet. Use \"Add host…\" with the address and join token an agent printed.");
+            });
+            return None;
+        }
+        let mut delete = None;
+        let width = ui.available_width();
+        let (sites, height) = self.layout(snapshot, width);
+        egui::ScrollArea::vertical()
+            .auto_shrink([false; 2])
+            .show_viewport(ui, |ui, viewport| {
+                let (area, _) = ui.allocate_exact_size(vec2(width, height), Sense::hover());
+                let origin = area.min.to_vec2();
+                let visible = viewport.translate(origin).expand(8.0);
+                for site in &sites {
+                    let rect = site.rect.translate(origin);
+                    if rect.intersects(visible) {
+                        paint_site(ui, site, rect);
+                    }
+                    for &(i, card) in &site.cards {
+                        let card = card.translate(origin);
+                        if card.intersects(visible) {
+                            if let Some(d) =
+                                host_card(ui, &snapshot.hosts[i], card, selection, actions)
+                            {
+                                delete = Some(d);
+                            }
+                        }
+                    }
+                }
+            });
+        if ui.input(|i| i.key_pressed(egui::Key::Escape)) {
+            *selection = Selection::None;
+        }
+        delete
+    }
+}
+
+fn paint_site(ui: &egui::Ui, site: &SiteBox, rect: Rect) {
+    let painter = ui.painter();
+    let visuals = ui.visuals();
+    let text = visuals.text_color();
+    if site.remote {
+        painter.rect_filled(
+            rect,
+            CornerRadius::same(8),
+            visuals.faint_bg_color.gamma_multiply(0.6),
+        );
+        let c = [
+            rect.left_top(),
+            rect.right_top(),
+            rect.right_bottom(),
+            rect.left_bottom(),
+            rect.left_top(),
+        ];
+        painter.extend(Shape::dashed_line(
+            &c,
+            Stroke::new(1.5, Color32::from_rgb(88, 166, 255)),
+            8.0,
+            5.0,
+        ));
+    } else {
+        painter.rect(
+            rect,
+            CornerRadius::same(8),
+            visuals.faint_bg_color,
+            Stroke::new(1.0, visuals.widgets.noninteractive.bg_stroke.color),
+            StrokeKind::Inside,
+        );
+    }
+    let mut title = format!("site {}", site.name);
+    if site.remote {
+        title.push_str(" · remote");
+    }
+    if let Some((bandwidth, latency)) = site.link {
+        title.push_str(&format!(" · link {bandwidth} Mbit/s, {latency} ms"));
+    }
+    painter.text(
+        rect.left_top() + vec2(SITE_PAD, 8.0),
+        Align2::LEFT_TOP,
+        title,
+        FontId::proportional(13.0),
+        text,
+    );
+}
+
+fn bar(
+    painter: &egui::Painter,
+    rect: Rect,
+    label: &str,
+    fraction: f32,
+    detail: String,
+    text: Color32,
+) {
+    let label_w = 38.0;
+    painter.text(
+        rect.left_center(),
+        Align2::LEFT_CENTER,
+        label,
+        FontId::monospace(10.0),
+        text,
+    );
+    let track = Rect::from_min_max(
+        pos2(rect.left() + label_w, rect.top() + 3.0),
+        pos2(rect.right() - 78.0, rect.bottom() - 3.0),
+    );
+    painter.rect_filled(track, CornerRadius::same(3), Color32::from_gray(60));
+    let f = fraction.clamp(0.0, 1.0);
+    let color = if f > 0.9 {
+        Color32::from_rgb(218, 54, 51)
+    } else if f > 0.7 {
+        Color32::from_rgb(210, 153, 34)
+    } else {
+        Color32::from_rgb(56, 139, 253)
+    };
+    let filled = Rect::from_min_max(
+        track.min,
+        pos2(track.left() + track.width() * f, track.bottom()),
+    );
+    painter.rect_filled(filled, CornerRadius::same(3), color);
+    painter.text(
+        rect.right_center(),
+        Align2::RIGHT_CENTER,
+        detail,
+        FontId::monospace(10.0),
+        text,
+    );
+}
+
+fn badge(painter: &egui::Painter, at: Pos2, text: &str, color: Color32) -> f32 {
+    let galley =
+        painter.layout_no_wrap(text.to_string(), FontId::proportional(10.5), Color32::WHITE);
+    let rect = Rect::from_min_size(at, galley.size() + vec2(10.0, 4.0));
+    painter.rect_filled(rect, CornerRadius::same(4), color);
+    painter.galley(rect.min + vec2(5.0, 2.0), galley, Color32::WHITE);
+    rect.width() + 4.0
+}
+
+/// One host card with its VM chips; returns a delete request from a chip's menu.
+fn host_card(
+    ui: &mut egui::Ui,
+    host: &HostView,
+    rect: Rect,
+    selection: &mut Selection,
+    actions: &mut Actions<'_>,
+) -> Option<(HostId, VmName)> {
+    let id = ui.scope_id().with(("host-card", host.id().as_str()));
+    let response = ui.interact(rect, id, Sense::click());
+    let label = host.id().to_string();
+    response.widget_info(|| WidgetInfo::labeled(Role::Button, true, &label));
+    if response.clicked() {
+        *selection = Selection::Host(host.id().clone());
+    }
+    let selected = matches!(selection, Selection::Host(h) if h == host.id());
+    let online = host.link == LinkState::Online;
+    let painter = ui.painter().clone();
+    let visuals = ui.visuals();
+    let text = if online {
+        visuals.text_color()
+    } else {
+        visuals.weak_text_color()
+    };
+    let fill = if online {
+        visuals.extreme_bg_color
+    } else {
+        visuals.extreme_bg_color.gamma_multiply(0.6)
+    };
+    let stroke = if selected {
+        Stroke::new(2.0, visuals.selection.stroke.color)
+    } else if response.hovered() {
+        Stroke::new(1.0, visuals.widgets.hovered.bg_stroke.color)
+    } else {
+        Stroke::new(1.0, visuals.widgets.noninteractive.bg_stroke.color)
+    };
+    painter.rect(
+        rect,
+        CornerRadius::same(6),
+        fill,
+        stroke,
+        StrokeKind::Inside,
+    );
+    let inner = rect.shrink(8.0);
+    painter.circle_filled(
+        inner.left_top() + vec2(5.0, 8.0),
+        5.0,
+        link_color(host.link),
+    );
+    painter.text(
+        inner.left_top() + vec2(16.0, 0.0),
+        Align2::LEFT_TOP,
+        host.id().as_str(),
+        FontId::proportional(15.0),
+        text,
+    );
+    painter.text(
+        inner.right_top(),
+        Align2::RIGHT_TOP,
+        host.link.as_str(),
+        FontId::proportional(11.0),
+        link_color(host.link),
+    );
+    let mut x = inner.left();
+    let badge_y = inner.top() + 21.0;
+    if let Some(inv) = host.inventory() {
+        for runtime in &inv.runtimes {
+            x += badge(
+                &painter,
+                pos2(x, badge_y),
+                runtime.kind.as_str(),
+                Color32::from_rgb(31, 111, 235),
+            );
+        }
+        x += badge(
+            &painter,
+            pos2(x, badge_y),
+            &format!("security {}", inv.security_level),
+            Color32::from_rgb(110, 64, 201),
+        );
+        badge(
+            &painter,
+            pos2(x, badge_y),
+            &format!("{:.3}/CPU-h", inv.prices.per_cpu_hour),
+            Color32::from_rgb(87, 96, 106),
+        );
+        let active: Vec<_> = host.vms.iter().filter(|v| v.state.is_active()).collect();
+        let vcpus: u32 = active.iter().map(|v| v.vcpus).sum();
+        let mem: u64 = active.iter().map(|v| v.memory_mib).sum();
+        let used_storage = inv.storage_total_mib.saturating_sub(
+            host.status
+                .map_or(inv.storage_free_mib, |s| s.storage_free_mib),
+        );
+        let row = |n: f32| {
+            Rect::from_min_size(
+                pos2(inner.left(), inner.top() + 42.0 + n * 15.0),
+                vec2(inner.width(), 14.0),
+            )
+        };
+        bar(
+            &painter,
+            row(0.0),
+            "CPU",
+            vcpus as f32 / inv.cpus.max(1) as f32,
+            format!("{vcpus}/{} vCPU", inv.cpus),
+            text,
+        );
+        bar(
+            &painter,
+            row(1.0),
+            "MEM",
+            mem as f32 / inv.memory_mib.max(1) as f32,
+            format!(
+                "{:.1}/{:.0} GiB",
+                mem as f32 / 1024.0,
+                inv.memory_mib as f32 / 1024.0
+            ),
+            text,
+        );
+        bar(
+            &painter,
+            row(2.0),
+            "DISK",
+            used_storage as f32 / inv.storage_total_mib.max(1) as f32,
+            format!(
+                "{:.0}/{:.0} GiB",
+                used_storage as f32 / 1024.0,
+                inv.storage_total_mib as f32 / 1024.0
+            ),
+            text,
+        );
+    } else {
+        painter.text(
+            pos2(inner.left(), badge_y),
+            Align2::LEFT_TOP,
+            host.link_error
+                .as_deref()
+                .unwrap_or("waiting for the agent's inventory"),
+            FontId::proportional(11.0),
+            text,
+        );
+    }
+    let chip_w = (inner.width() - CHIP_GAP * (CHIPS_PER_ROW as f32 - 1.0)) / CHIPS_PER_ROW as f32;
+    let chips_top = rect.top() + CARD_BASE_H - 6.0;
+    let mut delete = None;
+    for (n, vm) in host.vms.iter().enumerate() {
+        let (row, col) = (n / CHIPS_PER_ROW, n % CHIPS_PER_ROW);
+        let chip = Rect::from_min_size(
+            pos2(
+                inner.left() + col as f32 * (chip_w + CHIP_GAP),
+                chips_top + row as f32 * (CHIP_H + CHIP_GAP),
+            ),
+            Vec2::new(chip_w, CHIP_H),
+        );
+        let chip_id = ui
+            .scope_id()
+            .with(("vm-chip", host.id().as_str(), vm.name.as_str()));
+        let chip_response = ui.interact(chip, chip_id, Sense::click());
+        let name = vm.name.to_string();
+        let selected_vm =
+            matches!(selection, Selection::Vm(h, v) if h == host.id() && v == &vm.name);
+        chip_response.widget_info(|| WidgetInfo::selected(Role::Button, true, selected_vm, &name));
+        if chip_response.clicked() {
+            *selection = Selection::Vm(host.id().clone(), vm.name.clone());
+        }
+        let mut color = state_color(vm.state);
+        if !online {
+            color = color.gamma_multiply(0.45);
+        }
+        painter.rect_filled(chip, CornerRadius::same(4), color);
+        if selected_vm || chip_response.hovered() {
+            painter.rect_stroke(
+                chip,
+                CornerRadius::same(4),
+                Stroke::new(2.0, Color32::WHITE),
+                StrokeKind::Inside,
+            );
+        }
+        painter.text(
+            chip.left_center() + vec2(6.0, 0.0),
+            Align2::LEFT_CENTER,
+            elide(&name, chip_w - 12.0),
+            FontId::proportional(11.5),
+            Color32::WHITE,
+        );
+        chip_response
+            .on_hover_text(format!(
+                "{} · {} · {} vCPU · {} MiB",
+                vm.name, vm.state, vm.vcpus, vm.memory_mib
+            ))
+            .context_menu(|ui| {
+                ui.label(format!("VM {} on {}", vm.name, host.id()));
+                ui.separator();
+                let enabled = online;
+                if ui
+                    .add_enabled(enabled && !vm.state.is_active(), egui::Button::new("Start"))
+                    .clicked()
+                {
+                    actions.start_vm(host.id(), &vm.name);
+                    ui.close();
+                }
+                if ui
+                    .add_enabled(enabled && vm.state.is_active(), egui::Button::new("Stop"))
+                    .clicked()
+                {
+                    actions.stop_vm(host.id(), &vm.name, false);
+                    ui.close();
+                }
+                if ui
+                    .add_enabled(
+                        enabled && vm.state.is_active(),
+                        egui::Button::new("Force off"),
+                    )
+                    .clicked()
+                {
+                    actions.stop_vm(host.id(), &vm.name, true);
+                    ui.close();
+                }
+                if ui
+                    .add_enabled(
+                        enabled && !vm.state.is_active(),
+                        egui::Button::new("Delete…"),
+                    )
+                    .clicked()
+                {
+                    delete = Some((host.id().clone(), vm.name.clone()));
+                    ui.close();
+                }
+            });
+    }
+    delete
+}
+
+/// Shortens a name to fit a width, by a rough per-character estimate (cheap for many chips).
+fn elide(name: &str, width: f32) -> String {
+    let max = (width / 6.5).floor().max(3.0) as usize;
+    if name.chars().count() <= max {
+        name.to_string()
+    } else {
+        let mut s: String = name.chars().take(max - 1).collect();
+        s.push('…');
+        s
+    }
+}

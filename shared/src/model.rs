@@ -1,0 +1,366 @@
+//! The model: hosts, their inventory and status, VMs, templates.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest name accepted for hosts, VMs, sites and templates (a DNS label).
+pub const NAME_MAX_LEN: usize = 63;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid {kind} {value:?}: use 1 to 63 characters a-z, 0-9 and '-', not starting or ending with '-'"
+)]
+pub struct NameError {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+fn is_valid_name(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= NAME_MAX_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-')
+}
+
+/// Defines a validated name type. Deserialization validates too, so a name from the network
+/// or a file is as safe to use in a path or a domain XML as one typed by the operator.
+macro_rules! validated_name {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(value: impl Into<String>) -> Result<Self, NameError> {
+                let value = value.into();
+                if is_valid_name(&value) {
+                    Ok(Self(value))
+                } else {
+                    Err(NameError { kind: $kind, value })
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(value: String) -> Result<Self, NameError> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = NameError;
+            fn from_str(value: &str) -> Result<Self, NameError> {
+                Self::new(value)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+validated_name!(
+    /// Stable identity of a host; its certificate names it.
+    HostId,
+    "host id"
+);
+validated_name!(
+    /// Name of a VM, unique on its host.
+    VmName,
+    "VM name"
+);
+validated_name!(
+    /// Name of a site (a group of hosts sharing a location and a link).
+    SiteName,
+    "site name"
+);
+validated_name!(
+    /// Name of a VM template in an agent's image library.
+    TemplateName,
+    "template name"
+);
+
+/// What runs workloads on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum RuntimeKind {
+    Libvirt,
+    Process,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Libvirt => "libvirt",
+            RuntimeKind::Process => "process",
+        }
+    }
+}
+
+/// One runtime on a host, with what it reports about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    pub kind: RuntimeKind,
+    /// For libvirt: the hypervisor type as libvirt names it (`Test`, `QEMU`).
+    pub driver: String,
+    pub version: String,
+}
+
+/// Where a host stands, and what its link to the rest of the fleet is like.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Site {
+    pub name: SiteName,
+    /// A remote site is reached over a wide-area link (the seed's dotted line).
+    pub remote: bool,
+    pub link_bandwidth_mbps: u32,
+    pub link_latency_ms: u32,
+}
+
+impl Default for Site {
+    fn default() -> Self {
+        Site {
+            name: SiteName::new("default").expect("valid literal"),
+            remote: false,
+            link_bandwidth_mbps: 1000,
+            link_latency_ms: 1,
+        }
+    }
+}
+
+/// Operating prices of a host, in the fleet's currency unit.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Prices {
+    pub per_gb_month_stored: f64,
+    pub per_gb_transferred: f64,
+    pub per_cpu_hour: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub name: String,
+    pub mac: String,
+    pub speed_mbps: Option<u32>,
+}
+
+/// Everything the console needs to know about a host to place work on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInventory {
+    pub host_id: HostId,
+    pub hostname: String,
+    pub cpus: u32,
+    pub cpu_model: String,
+    pub memory_mib: u64,
+    pub storage_total_mib: u64,
+    pub storage_free_mib: u64,
+    pub network: Vec<NetworkInterface>,
+    pub runtimes: Vec<RuntimeInfo>,
+    pub site: Site,
+    pub prices: Prices,
+    /// Higher is more trusted; services can demand a minimum.
+    pub security_level: u8,
+    pub agent_version: String,
+}
+
+/// What changes about a host from second to second.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub cpu_load_percent: f32,
+    pub memory_used_mib: u64,
+    pub memory_total_mib: u64,
+    pub storage_free_mib: u64,
+    pub vms_running: u32,
+    pub uptime_secs: u64,
+}
+
+/// Lifecycle state of a VM, as libvirt reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum VmState {
+    Running,
+    Shutoff,
+    Paused,
+    ShuttingDown,
+    Crashed,
+    Suspended,
+    Blocked,
+    Unknown,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Shutoff => "shutoff",
+            VmState::Paused => "paused",
+            VmState::ShuttingDown => "shutting-down",
+            VmState::Crashed => "crashed",
+            VmState::Suspended => "suspended",
+            VmState::Blocked => "blocked",
+            VmState::Unknown => "unknown",
+        }
+    }
+
+    /// Whether the VM holds CPU and memory on its host.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            VmState::Running | VmState::Paused | VmState::ShuttingDown | VmState::Blocked
+        )
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub const VCPUS_MAX: u32 = 256;
+pub const MEMORY_MIB_MIN: u64 = 16;
+pub const MEMORY_MIB_MAX: u64 = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    #[error("vcpus must be between 1 and {VCPUS_MAX}, not {0}")]
+    Vcpus(u32),
+    #[error("memory must be between {MEMORY_MIB_MIN} and {MEMORY_MIB_MAX} MiB, not {0}")]
+    Memory(u64),
+}
+
+/// What the operator asks for when creating a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: VmName,
+    pub template: TemplateName,
+    /// `None` takes the template's default.
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+}
+
+impl VmSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(vcpus) = self.vcpus {
+            if vcpus == 0 || vcpus > VCPUS_MAX {
+                return Err(SpecError::Vcpus(vcpus));
+            }
+        }
+        if let Some(memory) = self.memory_mib {
+            if !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&memory) {
+                return Err(SpecError::Memory(memory));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A VM as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub uuid: String,
+    pub name: VmName,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The template it was made from, when Dunes made it.
+    pub template: Option<TemplateName>,
+    /// Bytes allocated for its disks in the agent's storage directory.
+    pub disk_bytes: u64,
+}
+
+/// A template in an agent's image library.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    pub name: TemplateName,
+    pub description: String,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u64,
+    pub disk_mib: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_accept_dns_labels_only() {
+        for good in ["a", "web-1", "0", &"x".repeat(63)] {
+            assert!(VmName::new(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "a/b",
+            "../x",
+            &"x".repeat(64),
+            "é",
+        ] {
+            let err = VmName::new(bad).unwrap_err();
+            assert_eq!(err.value, bad);
+        }
+        assert_eq!(
+            HostId::new("Bad").unwrap_err().to_string(),
+            "invalid host id \"Bad\": use 1 to 63 characters a-z, 0-9 and '-', not starting or ending with '-'"
+        );
+    }
+
+    #[test]
+    fn deserializing_an_invalid_name_fails() {
+        let bytes = postcard::to_allocvec(&"../etc".to_string()).unwrap();
+        assert!(postcard::from_bytes::<VmName>(&bytes).is_err());
+        let bytes = postcard::to_allocvec(&"web".to_string()).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<VmName>(&bytes).unwrap().as_str(),
+            "web"
+        );
+    }
+
+    #[test]
+    fn spec_limits() {
+        let mut spec = VmSpec {
+            name: VmName::new("a").unwrap(),
+            template: TemplateName::new("tiny").unwrap(),
+            vcpus: Some(2),
+            memory_mib: Some(256),
+        };
+        assert!(spec.validate().is_ok());
+        spec.vcpus = Some(0);
+        assert_eq!(spec.validate(), Err(SpecError::Vcpus(0)));
+        spec.vcpus = None;
+        spec.memory_mib = Some(8);
+        assert_eq!(spec.validate(), Err(SpecError::Memory(8)));
+    }
+
+    #[test]
+    fn states_have_lower_case_names() {
+        assert_eq!(VmState::Running.to_string(), "running");
+        assert_eq!(VmState::Shutoff.as_str(), "shutoff");
+        assert!(VmState::Paused.is_active());
+        assert!(!VmState::Shutoff.is_active());
+    }
+}
