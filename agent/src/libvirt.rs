@@ -231,8 +231,23 @@ impl Worker {
             published: HashMap::new(),
             templates: HashMap::new(),
         };
+        worker.restore_definitions();
         worker.poll();
         Ok((worker, facts))
+    }
+
+    /// Defines again the VMs this agent created that the runtime no longer knows (the test
+    /// driver forgets everything when the agent stops; QEMU keeps them and this does nothing).
+    fn restore_definitions(&mut self) {
+        for (name, xml) in self.storage.definitions() {
+            if self.conn.lookup_domain_by_name(name.as_str()).is_ok() {
+                continue;
+            }
+            match self.conn.define_domain_xml(&xml) {
+                Ok(_) => tracing::info!(vm = %name, "restored the VM's definition"),
+                Err(e) => tracing::warn!(vm = %name, "cannot restore the VM's definition: {}", e.message()),
+            }
+        }
     }
 
     fn run(&mut self, jobs: mpsc::Receiver<Job>) {
@@ -338,6 +353,11 @@ impl Worker {
                 return Err(lv("defining the domain")(e));
             }
         };
+        if let Err(e) = self.storage.save_definition(&spec.name, &xml) {
+            let _ = dom.undefine();
+            let _ = self.storage.delete_disk(&spec.name);
+            return Err(e.into());
+        }
         if start {
             dom.create().map_err(lv("starting the VM"))?;
         }
@@ -387,6 +407,7 @@ impl Worker {
         dom.undefine().map_err(lv("undefining the VM"))?;
         self.templates.remove(&uuid);
         self.storage.delete_disk(name)?;
+        self.storage.delete_definition(name)?;
         let _ = std::fs::remove_file(self.storage.console_log_path(name));
         Ok(())
     }

@@ -71,7 +71,7 @@ impl Storage {
     /// Opens (and creates) the storage layout under the data dir.
     pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
         let root = data_dir.join("storage");
-        for dir in [root.join("images"), root.join("disks")] {
+        for dir in [root.join("images"), root.join("disks"), root.join("domains")] {
             std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         }
         Ok(Storage { root })
@@ -207,6 +207,38 @@ impl Storage {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("deleting", &path)(e)),
             _ => Ok(()),
         }
+    }
+
+    /// Keeps a copy of a VM's definition, so the VM survives a runtime that forgets it.
+    pub fn save_definition(&self, vm: &VmName, xml: &str) -> Result<(), StorageError> {
+        let path = self.root.join("domains").join(format!("{vm}.xml"));
+        std::fs::write(&path, xml).map_err(io_err("writing", &path))
+    }
+
+    pub fn delete_definition(&self, vm: &VmName) -> Result<(), StorageError> {
+        let path = self.root.join("domains").join(format!("{vm}.xml"));
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("deleting", &path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every saved definition, by VM name.
+    pub fn definitions(&self) -> Vec<(VmName, String)> {
+        let dir = self.root.join("domains");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(VmName, String)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let file = e.file_name();
+                let name = VmName::new(file.to_str()?.strip_suffix(".xml")?).ok()?;
+                Some((name, std::fs::read_to_string(e.path()).ok()?))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Where a VM's serial console is logged.

@@ -261,15 +261,15 @@ pub struct VmSpec {
 
 impl VmSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
-        if let Some(vcpus) = self.vcpus {
-            if vcpus == 0 || vcpus > VCPUS_MAX {
-                return Err(SpecError::Vcpus(vcpus));
-            }
+        if let Some(vcpus) = self.vcpus
+            && (vcpus == 0 || vcpus > VCPUS_MAX)
+        {
+            return Err(SpecError::Vcpus(vcpus));
         }
-        if let Some(memory) = self.memory_mib {
-            if !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&memory) {
-                return Err(SpecError::Memory(memory));
-            }
+        if let Some(memory) = self.memory_mib
+            && !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&memory)
+        {
+            return Err(SpecError::Memory(memory));
         }
         Ok(())
     }

@@ -536,8 +536,7 @@ mod tests {
         let text = fp.to_string();
         assert_eq!(text.len(), 7 + 64);
         assert_eq!(text.parse::<Fingerprint>().unwrap(), fp);
-        let colons = text[7..]
-            .as_bytes()
+        let colons = text.as_bytes()[7..]
             .chunks(2)
             .map(|c| std::str::from_utf8(c).unwrap().to_uppercase())
             .collect::<Vec<_>>()

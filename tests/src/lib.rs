@@ -1,1 +1,157 @@
+//! Helpers for the end-to-end suites: real agent processes, a real engine, real QUIC.
 
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use dunes_console::engine::{self, Command as EngineCommand, EngineHandle, HostAdded};
+use dunes_shared::{model::HostId, pki::Fingerprint};
+
+/// How long an agent gets to print its startup lines (QEMU's first probe takes ~8 s).
+pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn agent_binary() -> PathBuf {
+    dunes_console::demo::agent_binary().expect("build the workspace first: cargo build --workspace --bins")
+}
+
+pub fn console_binary() -> PathBuf {
+    agent_binary().with_file_name("dunes-console")
+}
+
+/// A `dunes-agent` child process.
+#[derive(Debug)]
+pub struct AgentProcess {
+    pub child: Child,
+    pub host_id: HostId,
+    pub address: String,
+    pub fingerprint: Fingerprint,
+    pub token: Option<String>,
+    pub data_dir: PathBuf,
+    site: String,
+    libvirt_uri: String,
+    extra_args: Vec<String>,
+}
+
+impl AgentProcess {
+    /// Starts an agent with its own data dir and a config naming its host id and site.
+    pub fn spawn(data_dir: &Path, host_id: &str, site: &str, libvirt_uri: &str) -> anyhow::Result<Self> {
+        Self::spawn_with(data_dir, host_id, site, libvirt_uri, "127.0.0.1:0", Vec::new())
+    }
+
+    pub fn spawn_with(
+        data_dir: &Path,
+        host_id: &str,
+        site: &str,
+        libvirt_uri: &str,
+        listen: &str,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let config = data_dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!("host_id = \"{host_id}\"\nstop_timeout_secs = 20\n[site]\nname = \"{site}\"\n"),
+        )?;
+        let mut child = Command::new(agent_binary())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", listen, "--libvirt", libvirt_uri, "--config"])
+            .arg(&config)
+            .args(&extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(data_dir.join("agent.log"))?))
+            .spawn()
+            .context("starting dunes-agent")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut address, mut fingerprint, mut token, mut enrolled) = (None, None, None, false);
+        while address.is_none() || fingerprint.is_none() || (token.is_none() && !enrolled) {
+            let line = match rx.recv_timeout(AGENT_START_TIMEOUT) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(data_dir.join("agent.log")).unwrap_or_default();
+                    bail!("agent {host_id} did not start: {log}");
+                }
+            };
+            match line.split_once(": ") {
+                Some(("listening", v)) => address = Some(v.to_string()),
+                Some(("fingerprint", v)) => fingerprint = Some(v.parse()?),
+                Some(("join-token", v)) => token = Some(v.to_string()),
+                Some(("enrolled", _)) => enrolled = true,
+                _ => {}
+            }
+        }
+        Ok(AgentProcess {
+            child,
+            host_id: HostId::new(host_id)?,
+            address: address.expect("loop ends with it"),
+            fingerprint: fingerprint.expect("loop ends with it"),
+            token,
+            data_dir: data_dir.to_path_buf(),
+            site: site.to_string(),
+            libvirt_uri: libvirt_uri.to_string(),
+            extra_args,
+        })
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the agent again on the same data dir and address.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let mut again = Self::spawn_with(
+            &self.data_dir,
+            self.host_id.as_str(),
+            &self.site,
+            &self.libvirt_uri,
+            &self.address,
+            self.extra_args.clone(),
+        )?;
+        // `again` now holds the dead child and drops it.
+        std::mem::swap(&mut self.child, &mut again.child);
+        Ok(())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Enrolls an agent through the engine, checking its printed fingerprint.
+pub async fn enroll(engine: &EngineHandle, agent: &AgentProcess) -> anyhow::Result<HostAdded> {
+    let token = agent.token.clone().context("the agent printed no join token")?;
+    Ok(engine
+        .request(|reply| EngineCommand::AddHost {
+            address: agent.address.clone(),
+            token,
+            expected_fingerprint: Some(agent.fingerprint),
+            reply,
+        })
+        .await?)
+}
+
+/// Starts an engine on a data dir.
+pub async fn start_engine(data_dir: &Path) -> anyhow::Result<EngineHandle> {
+    Ok(engine::start(data_dir).await?)
+}

@@ -606,14 +606,14 @@ impl Actor {
                     host_id,
                     fingerprint,
                 } = enrolled;
-                if let Some(old) = self.hosts.remove(&host_id) {
-                    if old.view.record.fingerprint != fingerprint {
-                        self.log(
-                            Level::Warning,
-                            Some(host_id.clone()),
-                            format!("host re-enrolled with a new key {fingerprint}"),
-                        );
-                    }
+                if let Some(old) = self.hosts.remove(&host_id)
+                    && old.view.record.fingerprint != fingerprint
+                {
+                    self.log(
+                        Level::Warning,
+                        Some(host_id.clone()),
+                        format!("host re-enrolled with a new key {fingerprint}"),
+                    );
                 }
                 let record = HostRecord {
                     id: host_id.clone(),

@@ -98,7 +98,7 @@ pub struct Loaded {
 }
 
 enum Op {
-    PutHost(HostRecord),
+    PutHost(Box<HostRecord>),
     PutVm(HostId, VmStatus),
     DeleteVm(HostId, VmName),
     ReplaceVms(HostId, Vec<VmStatus>),
@@ -156,7 +156,7 @@ impl Store {
     }
 
     pub fn put_host(&self, host: HostRecord) {
-        self.send(Op::PutHost(host));
+        self.send(Op::PutHost(Box::new(host)));
     }
     pub fn put_vm(&self, host: HostId, vm: VmStatus) {
         self.send(Op::PutVm(host, vm));
@@ -358,7 +358,7 @@ mod tests {
             .iter()
             .map(|(h, v)| (h.to_string(), v.name.to_string(), v.state))
             .collect();
-        vms.sort();
+        vms.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         assert_eq!(
             vms,
             vec![

@@ -40,10 +40,10 @@ impl AddHostDialog {
         if self.token.trim().is_empty() {
             return Some("enter the join token the agent printed".into());
         }
-        if !self.fingerprint.trim().is_empty() {
-            if let Err(e) = self.fingerprint.parse::<Fingerprint>() {
-                return Some(e.to_string());
-            }
+        if !self.fingerprint.trim().is_empty()
+            && let Err(e) = self.fingerprint.parse::<Fingerprint>()
+        {
+            return Some(e.to_string());
         }
         None
     }

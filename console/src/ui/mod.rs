@@ -246,13 +246,12 @@ impl ConsoleApp {
         if ui.input(|i| i.key_pressed(Key::Delete))
             && !self.add_host.is_open()
             && !self.new_vm.is_open()
+            && let Selection::Vm(host, name) = &self.selection
         {
-            if let Selection::Vm(host, name) = &self.selection {
-                self.confirm_delete = Some(ConfirmDelete {
-                    host: host.clone(),
-                    name: name.clone(),
-                });
-            }
+            self.confirm_delete = Some(ConfirmDelete {
+                host: host.clone(),
+                name: name.clone(),
+            });
         }
         self.add_host.add_host_ui(ui.ctx(), &mut actions);
         self.new_vm.new_vm_ui(ui.ctx(), &snapshot, &mut actions);

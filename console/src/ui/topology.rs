@@ -142,12 +142,11 @@ impl TopologyPanel {
                     }
                     for &(i, card) in &site.cards {
                         let card = card.translate(origin);
-                        if card.intersects(visible) {
-                            if let Some(d) =
+                        if card.intersects(visible)
+                            && let Some(d) =
                                 host_card(ui, &snapshot.hosts[i], card, selection, actions)
-                            {
-                                delete = Some(d);
-                            }
+                        {
+                            delete = Some(d);
                         }
                     }
                 }

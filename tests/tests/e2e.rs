@@ -1,0 +1,191 @@
+//! End to end: two real agents on libvirt's test driver, a real engine, real QUIC + mTLS.
+
+use std::time::{Duration, Instant};
+
+use dunes_console::engine::{Command, EngineError, EngineHandle, LinkState, Snapshot};
+use dunes_shared::model::{HostId, RuntimeKind, TemplateName, VmName, VmSpec, VmState};
+use dunes_tests::{AgentProcess, enroll, start_engine};
+
+/// The issue's bound for a state change to reach the engine.
+const STATE_VISIBLE: Duration = Duration::from_secs(1);
+
+fn vm_state(s: &Snapshot, host: &HostId, vm: &str) -> Option<VmState> {
+    s.host(host)?.vm(&VmName::new(vm).unwrap()).map(|v| v.state)
+}
+
+/// Waits for `pred` and returns how long it took; fails the test past `limit`.
+async fn within(engine: &EngineHandle, limit: Duration, what: &str, pred: impl Fn(&Snapshot) -> bool) -> Duration {
+    let started = Instant::now();
+    match engine.wait_for(limit, pred).await {
+        Ok(_) => started.elapsed(),
+        Err(snapshot) => panic!("{what} not seen within {limit:?}; hosts: {:#?}", snapshot.hosts),
+    }
+}
+
+fn spec(name: &str) -> VmSpec {
+    VmSpec {
+        name: VmName::new(name).unwrap(),
+        template: TemplateName::new("tiny").unwrap(),
+        vcpus: Some(1),
+        memory_mib: Some(128),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_inventory_lifecycle_and_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = AgentProcess::spawn(&dir.path().join("a"), "node-a", "lausanne", "test:///default").unwrap();
+    let b = AgentProcess::spawn(&dir.path().join("b"), "node-b", "geneva", "test:///default").unwrap();
+    let engine = start_engine(&dir.path().join("console")).await.unwrap();
+
+    // Enrollment pins the fingerprint each agent printed.
+    let added = enroll(&engine, &a).await.unwrap();
+    assert_eq!(added.host_id, a.host_id);
+    assert_eq!(added.fingerprint, a.fingerprint);
+    enroll(&engine, &b).await.unwrap();
+    within(&engine, Duration::from_secs(5), "both hosts online", |s| {
+        s.hosts.len() == 2 && s.hosts.iter().all(|h| h.link == LinkState::Online)
+    })
+    .await;
+
+    // Inventory from the real machine and libvirt's node info.
+    let snap = engine.snapshot();
+    let host_a = snap.host(&a.host_id).unwrap();
+    let inv = host_a.inventory().expect("inventory after hello");
+    assert!(inv.cpus > 0 && inv.memory_mib > 0);
+    assert!(inv.storage_total_mib > 0);
+    assert_eq!(inv.site.name.as_str(), "lausanne");
+    assert_eq!(inv.runtimes[0].kind, RuntimeKind::Libvirt);
+    assert_eq!(inv.runtimes[0].driver, "TEST");
+    assert_eq!(snap.host(&b.host_id).unwrap().site_name(), "geneva");
+
+    // A token is good once.
+    let reused = enroll(&engine, &a).await.unwrap_err().to_string();
+    assert!(reused.contains("wrong or was already used"), "{reused}");
+
+    // Create, start, stop, delete: each state reaches the engine within a second.
+    let host = a.host_id.clone();
+    let created = engine
+        .request(|reply| Command::CreateVm { host: host.clone(), spec: spec("web-1"), start: false, reply })
+        .await
+        .unwrap();
+    assert_eq!(created.state, VmState::Shutoff);
+    assert_eq!(created.template.as_ref().map(|t| t.as_str()), Some("tiny"));
+    let t = within(&engine, STATE_VISIBLE, "created VM", |s| vm_state(s, &host, "web-1") == Some(VmState::Shutoff)).await;
+    eprintln!("create visible after {t:?}");
+    let name = VmName::new("web-1").unwrap();
+    engine
+        .request(|reply| Command::StartVm { host: host.clone(), name: name.clone(), reply })
+        .await
+        .unwrap();
+    let t = within(&engine, STATE_VISIBLE, "running", |s| vm_state(s, &host, "web-1") == Some(VmState::Running)).await;
+    eprintln!("start visible after {t:?}");
+    engine
+        .request(|reply| Command::StopVm { host: host.clone(), name: name.clone(), force: false, reply })
+        .await
+        .unwrap();
+    let t = within(&engine, STATE_VISIBLE, "shutoff", |s| vm_state(s, &host, "web-1") == Some(VmState::Shutoff)).await;
+    eprintln!("stop visible after {t:?}");
+    engine
+        .request(|reply| Command::DeleteVm { host: host.clone(), name: name.clone(), reply })
+        .await
+        .unwrap();
+    within(&engine, STATE_VISIBLE, "deleted", |s| vm_state(s, &host, "web-1").is_none()).await;
+    assert!(!a.data_dir.join("storage/disks/web-1.img").exists(), "the disk is deleted with the VM");
+
+    // Errors come back as readable sentences and change nothing.
+    let err = engine
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: VmSpec { template: TemplateName::new("nope").unwrap(), ..spec("x") },
+            start: false,
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err, EngineError::Agent("template nope does not exist".into()));
+    let err = engine
+        .request(|reply| Command::StartVm { host: host.clone(), name: VmName::new("ghost").unwrap(), reply })
+        .await
+        .unwrap_err();
+    assert_eq!(err, EngineError::Agent("VM ghost does not exist".into()));
+    let err = engine
+        .request(|reply| Command::CreateVm { host: host.clone(), spec: VmSpec { vcpus: Some(0), ..spec("x") }, start: false, reply })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Invalid(_)), "{err}");
+    let err = engine
+        .request(|reply| Command::CreateVm { host: HostId::new("nowhere").unwrap(), spec: spec("x"), start: false, reply })
+        .await
+        .unwrap_err();
+    assert_eq!(err, EngineError::UnknownHost(HostId::new("nowhere").unwrap()));
+
+    // Kill an agent: unreachable within 5 s, its VMs still in view.
+    engine
+        .request(|reply| Command::CreateVm { host: host.clone(), spec: spec("keep"), start: true, reply })
+        .await
+        .unwrap();
+    within(&engine, STATE_VISIBLE, "keep running", |s| vm_state(s, &host, "keep") == Some(VmState::Running)).await;
+    a.kill();
+    let t = within(&engine, Duration::from_secs(5), "unreachable", |s| {
+        s.host(&host).is_some_and(|h| h.link == LinkState::Unreachable)
+    })
+    .await;
+    eprintln!("unreachable after {t:?}");
+    let snap = engine.snapshot();
+    assert!(snap.host(&host).unwrap().vm(&VmName::new("keep").unwrap()).is_some(), "VMs stay in view");
+    assert_eq!(snap.host(&b.host_id).unwrap().link, LinkState::Online, "the other host is unaffected");
+    let err = engine
+        .request(|reply| Command::StartVm { host: host.clone(), name: VmName::new("keep").unwrap(), reply })
+        .await
+        .unwrap_err();
+    assert_eq!(err, EngineError::Unreachable(host.clone()));
+
+    // Restart it: online again, and the VM it created is still there.
+    a.restart().unwrap();
+    let t = within(&engine, Duration::from_secs(10), "online again", |s| {
+        s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+    })
+    .await;
+    eprintln!("online again after {t:?}");
+    assert!(vm_state(&engine.snapshot(), &host, "keep").is_some(), "no VM lost");
+
+    let events: Vec<String> = engine.snapshot().events.iter().map(|e| e.message.clone()).collect();
+    assert!(events.iter().any(|m| m.starts_with("unreachable")), "{events:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_restart_keeps_hosts_and_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::spawn(&dir.path().join("a"), "node-r", "lausanne", "test:///default").unwrap();
+    let console_dir = dir.path().join("console");
+    {
+        let engine = start_engine(&console_dir).await.unwrap();
+        enroll(&engine, &agent).await.unwrap();
+        within(&engine, Duration::from_secs(5), "online", |s| {
+            s.hosts.first().is_some_and(|h| h.link == LinkState::Online && !h.vms.is_empty())
+        })
+        .await;
+        drop(engine);
+    }
+    // The store is released once the old engine's tasks notice their handles are gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let engine = loop {
+        match start_engine(&console_dir).await {
+            Ok(e) => break e,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the store: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // Known at once from the store, then online over mTLS without a new token.
+    let snap = engine.snapshot();
+    assert_eq!(snap.hosts.len(), 1);
+    assert!(!snap.hosts[0].vms.is_empty(), "last known VMs come from the store");
+    within(&engine, Duration::from_secs(5), "online after console restart", |s| {
+        s.hosts[0].link == LinkState::Online
+    })
+    .await;
+}
