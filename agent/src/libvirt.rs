@@ -245,7 +245,9 @@ impl Worker {
             }
             match self.conn.define_domain_xml(&xml) {
                 Ok(_) => tracing::info!(vm = %name, "restored the VM's definition"),
-                Err(e) => tracing::warn!(vm = %name, "cannot restore the VM's definition: {}", e.message()),
+                Err(e) => {
+                    tracing::warn!(vm = %name, "cannot restore the VM's definition: {}", e.message())
+                }
             }
         }
     }

@@ -71,7 +71,11 @@ impl Storage {
     /// Opens (and creates) the storage layout under the data dir.
     pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
         let root = data_dir.join("storage");
-        for dir in [root.join("images"), root.join("disks"), root.join("domains")] {
+        for dir in [
+            root.join("images"),
+            root.join("disks"),
+            root.join("domains"),
+        ] {
             std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         }
         Ok(Storage { root })

@@ -31,11 +31,20 @@ impl CallError {
 
 /// Sends one request and waits for its typed response.
 pub async fn call<R: Rpc>(conn: &quinn::Connection, request: R) -> Result<R::Response, CallError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(&mut send, &request.into()).await?;
-    send.finish()?;
-    let response: Result<R::Response, WireError> = read_frame(&mut recv).await?;
-    response.map_err(CallError::Remote)
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_frame(&mut send, &request.into()).await?;
+        send.finish()?;
+        let response: Result<R::Response, WireError> = read_frame(&mut recv).await?;
+        response.map_err(CallError::Remote)
+    };
+    match exchange.await {
+        // A stream error on a closed connection is best told by why the connection closed.
+        Err(CallError::Frame(_) | CallError::Closed(_)) if conn.close_reason().is_some() => {
+            Err(CallError::Connection(conn.close_reason().expect("checked")))
+        }
+        other => other,
+    }
 }
 
 /// Encodes the response to a request of type `R`; the type parameter keeps a handler from

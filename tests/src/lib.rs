@@ -16,7 +16,8 @@ use dunes_shared::{model::HostId, pki::Fingerprint};
 pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn agent_binary() -> PathBuf {
-    dunes_console::demo::agent_binary().expect("build the workspace first: cargo build --workspace --bins")
+    dunes_console::demo::agent_binary()
+        .expect("build the workspace first: cargo build --workspace --bins")
 }
 
 pub fn console_binary() -> PathBuf {
@@ -39,8 +40,20 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts an agent with its own data dir and a config naming its host id and site.
-    pub fn spawn(data_dir: &Path, host_id: &str, site: &str, libvirt_uri: &str) -> anyhow::Result<Self> {
-        Self::spawn_with(data_dir, host_id, site, libvirt_uri, "127.0.0.1:0", Vec::new())
+    pub fn spawn(
+        data_dir: &Path,
+        host_id: &str,
+        site: &str,
+        libvirt_uri: &str,
+    ) -> anyhow::Result<Self> {
+        Self::spawn_with(
+            data_dir,
+            host_id,
+            site,
+            libvirt_uri,
+            "127.0.0.1:0",
+            Vec::new(),
+        )
     }
 
     pub fn spawn_with(
@@ -65,7 +78,9 @@ impl AgentProcess {
             .args(&extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(data_dir.join("agent.log"))?))
+            .stderr(Stdio::from(std::fs::File::create(
+                data_dir.join("agent.log"),
+            )?))
             .spawn()
             .context("starting dunes-agent")?;
         let stdout = child.stdout.take().expect("piped");
@@ -84,7 +99,8 @@ impl AgentProcess {
                 Ok(l) => l,
                 Err(_) => {
                     let _ = child.kill();
-                    let log = std::fs::read_to_string(data_dir.join("agent.log")).unwrap_or_default();
+                    let log =
+                        std::fs::read_to_string(data_dir.join("agent.log")).unwrap_or_default();
                     bail!("agent {host_id} did not start: {log}");
                 }
             };
@@ -140,7 +156,10 @@ impl Drop for AgentProcess {
 
 /// Enrolls an agent through the engine, checking its printed fingerprint.
 pub async fn enroll(engine: &EngineHandle, agent: &AgentProcess) -> anyhow::Result<HostAdded> {
-    let token = agent.token.clone().context("the agent printed no join token")?;
+    let token = agent
+        .token
+        .clone()
+        .context("the agent printed no join token")?;
     Ok(engine
         .request(|reply| EngineCommand::AddHost {
             address: agent.address.clone(),

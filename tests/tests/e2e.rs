@@ -14,11 +14,19 @@ fn vm_state(s: &Snapshot, host: &HostId, vm: &str) -> Option<VmState> {
 }
 
 /// Waits for `pred` and returns how long it took; fails the test past `limit`.
-async fn within(engine: &EngineHandle, limit: Duration, what: &str, pred: impl Fn(&Snapshot) -> bool) -> Duration {
+async fn within(
+    engine: &EngineHandle,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Duration {
     let started = Instant::now();
     match engine.wait_for(limit, pred).await {
         Ok(_) => started.elapsed(),
-        Err(snapshot) => panic!("{what} not seen within {limit:?}; hosts: {:#?}", snapshot.hosts),
+        Err(snapshot) => panic!(
+            "{what} not seen within {limit:?}; hosts: {:#?}",
+            snapshot.hosts
+        ),
     }
 }
 
@@ -34,8 +42,15 @@ fn spec(name: &str) -> VmSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_inventory_lifecycle_and_reconnect() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = AgentProcess::spawn(&dir.path().join("a"), "node-a", "lausanne", "test:///default").unwrap();
-    let b = AgentProcess::spawn(&dir.path().join("b"), "node-b", "geneva", "test:///default").unwrap();
+    let mut a = AgentProcess::spawn(
+        &dir.path().join("a"),
+        "node-a",
+        "lausanne",
+        "test:///default",
+    )
+    .unwrap();
+    let b =
+        AgentProcess::spawn(&dir.path().join("b"), "node-b", "geneva", "test:///default").unwrap();
     let engine = start_engine(&dir.path().join("console")).await.unwrap();
 
     // Enrollment pins the fingerprint each agent printed.
@@ -66,77 +81,159 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
     // Create, start, stop, delete: each state reaches the engine within a second.
     let host = a.host_id.clone();
     let created = engine
-        .request(|reply| Command::CreateVm { host: host.clone(), spec: spec("web-1"), start: false, reply })
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: spec("web-1"),
+            start: false,
+            reply,
+        })
         .await
         .unwrap();
     assert_eq!(created.state, VmState::Shutoff);
     assert_eq!(created.template.as_ref().map(|t| t.as_str()), Some("tiny"));
-    let t = within(&engine, STATE_VISIBLE, "created VM", |s| vm_state(s, &host, "web-1") == Some(VmState::Shutoff)).await;
+    let t = within(&engine, STATE_VISIBLE, "created VM", |s| {
+        vm_state(s, &host, "web-1") == Some(VmState::Shutoff)
+    })
+    .await;
     eprintln!("create visible after {t:?}");
     let name = VmName::new("web-1").unwrap();
     engine
-        .request(|reply| Command::StartVm { host: host.clone(), name: name.clone(), reply })
+        .request(|reply| Command::StartVm {
+            host: host.clone(),
+            name: name.clone(),
+            reply,
+        })
         .await
         .unwrap();
-    let t = within(&engine, STATE_VISIBLE, "running", |s| vm_state(s, &host, "web-1") == Some(VmState::Running)).await;
+    let t = within(&engine, STATE_VISIBLE, "running", |s| {
+        vm_state(s, &host, "web-1") == Some(VmState::Running)
+    })
+    .await;
     eprintln!("start visible after {t:?}");
     engine
-        .request(|reply| Command::StopVm { host: host.clone(), name: name.clone(), force: false, reply })
+        .request(|reply| Command::StopVm {
+            host: host.clone(),
+            name: name.clone(),
+            force: false,
+            reply,
+        })
         .await
         .unwrap();
-    let t = within(&engine, STATE_VISIBLE, "shutoff", |s| vm_state(s, &host, "web-1") == Some(VmState::Shutoff)).await;
+    let t = within(&engine, STATE_VISIBLE, "shutoff", |s| {
+        vm_state(s, &host, "web-1") == Some(VmState::Shutoff)
+    })
+    .await;
     eprintln!("stop visible after {t:?}");
     engine
-        .request(|reply| Command::DeleteVm { host: host.clone(), name: name.clone(), reply })
+        .request(|reply| Command::DeleteVm {
+            host: host.clone(),
+            name: name.clone(),
+            reply,
+        })
         .await
         .unwrap();
-    within(&engine, STATE_VISIBLE, "deleted", |s| vm_state(s, &host, "web-1").is_none()).await;
-    assert!(!a.data_dir.join("storage/disks/web-1.img").exists(), "the disk is deleted with the VM");
+    within(&engine, STATE_VISIBLE, "deleted", |s| {
+        vm_state(s, &host, "web-1").is_none()
+    })
+    .await;
+    assert!(
+        !a.data_dir.join("storage/disks/web-1.img").exists(),
+        "the disk is deleted with the VM"
+    );
 
     // Errors come back as readable sentences and change nothing.
     let err = engine
         .request(|reply| Command::CreateVm {
             host: host.clone(),
-            spec: VmSpec { template: TemplateName::new("nope").unwrap(), ..spec("x") },
+            spec: VmSpec {
+                template: TemplateName::new("nope").unwrap(),
+                ..spec("x")
+            },
             start: false,
             reply,
         })
         .await
         .unwrap_err();
-    assert_eq!(err, EngineError::Agent("template nope does not exist".into()));
+    assert_eq!(
+        err,
+        EngineError::Agent("template nope does not exist".into())
+    );
     let err = engine
-        .request(|reply| Command::StartVm { host: host.clone(), name: VmName::new("ghost").unwrap(), reply })
+        .request(|reply| Command::StartVm {
+            host: host.clone(),
+            name: VmName::new("ghost").unwrap(),
+            reply,
+        })
         .await
         .unwrap_err();
     assert_eq!(err, EngineError::Agent("VM ghost does not exist".into()));
     let err = engine
-        .request(|reply| Command::CreateVm { host: host.clone(), spec: VmSpec { vcpus: Some(0), ..spec("x") }, start: false, reply })
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: VmSpec {
+                vcpus: Some(0),
+                ..spec("x")
+            },
+            start: false,
+            reply,
+        })
         .await
         .unwrap_err();
     assert!(matches!(err, EngineError::Invalid(_)), "{err}");
     let err = engine
-        .request(|reply| Command::CreateVm { host: HostId::new("nowhere").unwrap(), spec: spec("x"), start: false, reply })
+        .request(|reply| Command::CreateVm {
+            host: HostId::new("nowhere").unwrap(),
+            spec: spec("x"),
+            start: false,
+            reply,
+        })
         .await
         .unwrap_err();
-    assert_eq!(err, EngineError::UnknownHost(HostId::new("nowhere").unwrap()));
+    assert_eq!(
+        err,
+        EngineError::UnknownHost(HostId::new("nowhere").unwrap())
+    );
 
     // Kill an agent: unreachable within 5 s, its VMs still in view.
     engine
-        .request(|reply| Command::CreateVm { host: host.clone(), spec: spec("keep"), start: true, reply })
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: spec("keep"),
+            start: true,
+            reply,
+        })
         .await
         .unwrap();
-    within(&engine, STATE_VISIBLE, "keep running", |s| vm_state(s, &host, "keep") == Some(VmState::Running)).await;
+    within(&engine, STATE_VISIBLE, "keep running", |s| {
+        vm_state(s, &host, "keep") == Some(VmState::Running)
+    })
+    .await;
     a.kill();
     let t = within(&engine, Duration::from_secs(5), "unreachable", |s| {
-        s.host(&host).is_some_and(|h| h.link == LinkState::Unreachable)
+        s.host(&host)
+            .is_some_and(|h| h.link == LinkState::Unreachable)
     })
     .await;
     eprintln!("unreachable after {t:?}");
     let snap = engine.snapshot();
-    assert!(snap.host(&host).unwrap().vm(&VmName::new("keep").unwrap()).is_some(), "VMs stay in view");
-    assert_eq!(snap.host(&b.host_id).unwrap().link, LinkState::Online, "the other host is unaffected");
+    assert!(
+        snap.host(&host)
+            .unwrap()
+            .vm(&VmName::new("keep").unwrap())
+            .is_some(),
+        "VMs stay in view"
+    );
+    assert_eq!(
+        snap.host(&b.host_id).unwrap().link,
+        LinkState::Online,
+        "the other host is unaffected"
+    );
     let err = engine
-        .request(|reply| Command::StartVm { host: host.clone(), name: VmName::new("keep").unwrap(), reply })
+        .request(|reply| Command::StartVm {
+            host: host.clone(),
+            name: VmName::new("keep").unwrap(),
+            reply,
+        })
         .await
         .unwrap_err();
     assert_eq!(err, EngineError::Unreachable(host.clone()));
@@ -148,22 +245,41 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
     })
     .await;
     eprintln!("online again after {t:?}");
-    assert!(vm_state(&engine.snapshot(), &host, "keep").is_some(), "no VM lost");
+    assert!(
+        vm_state(&engine.snapshot(), &host, "keep").is_some(),
+        "no VM lost"
+    );
 
-    let events: Vec<String> = engine.snapshot().events.iter().map(|e| e.message.clone()).collect();
-    assert!(events.iter().any(|m| m.starts_with("unreachable")), "{events:#?}");
+    let events: Vec<String> = engine
+        .snapshot()
+        .events
+        .iter()
+        .map(|e| e.message.clone())
+        .collect();
+    assert!(
+        events.iter().any(|m| m.starts_with("unreachable")),
+        "{events:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_restart_keeps_hosts_and_vms() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = AgentProcess::spawn(&dir.path().join("a"), "node-r", "lausanne", "test:///default").unwrap();
+    let agent = AgentProcess::spawn(
+        &dir.path().join("a"),
+        "node-r",
+        "lausanne",
+        "test:///default",
+    )
+    .unwrap();
     let console_dir = dir.path().join("console");
     {
         let engine = start_engine(&console_dir).await.unwrap();
         enroll(&engine, &agent).await.unwrap();
         within(&engine, Duration::from_secs(5), "online", |s| {
-            s.hosts.first().is_some_and(|h| h.link == LinkState::Online && !h.vms.is_empty())
+            s.hosts
+                .first()
+                .is_some_and(|h| h.link == LinkState::Online && !h.vms.is_empty())
         })
         .await;
         drop(engine);
@@ -183,9 +299,15 @@ async fn console_restart_keeps_hosts_and_vms() {
     // Known at once from the store, then online over mTLS without a new token.
     let snap = engine.snapshot();
     assert_eq!(snap.hosts.len(), 1);
-    assert!(!snap.hosts[0].vms.is_empty(), "last known VMs come from the store");
-    within(&engine, Duration::from_secs(5), "online after console restart", |s| {
-        s.hosts[0].link == LinkState::Online
-    })
+    assert!(
+        !snap.hosts[0].vms.is_empty(),
+        "last known VMs come from the store"
+    );
+    within(
+        &engine,
+        Duration::from_secs(5),
+        "online after console restart",
+        |s| s.hosts[0].link == LinkState::Online,
+    )
     .await;
 }

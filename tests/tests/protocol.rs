@@ -1,0 +1,317 @@
+//! The protocol over real quinn on 127.0.0.1 with real certificates: what is accepted and
+//! what is refused, before and after enrollment.
+
+use std::time::Duration;
+
+use dunes_agent::{
+    config::AgentConfig,
+    server::{AgentOptions, RunningAgent},
+};
+use dunes_console::engine::{
+    console_pki::ConsolePki,
+    enroll::{EnrollError, enroll},
+    link::{LinkError, connect},
+};
+use dunes_shared::{
+    model::HostId,
+    pki::{self, Fingerprint},
+    protocol::{Hello, ListVms, PROTOCOL_VERSION, codes},
+    rpc::{CallError, call},
+};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    agent: RunningAgent,
+    console: ConsolePki,
+    endpoint: quinn::Endpoint,
+}
+
+async fn fixture(host: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = RunningAgent::start(AgentOptions {
+        data_dir: dir.path().join("agent"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        libvirt_uri: "test:///default".into(),
+        config: AgentConfig {
+            host_id: Some(HostId::new(host).unwrap()),
+            ..AgentConfig::default()
+        },
+        guest_dir: None,
+    })
+    .await
+    .unwrap();
+    let console = ConsolePki::load_or_create(&dir.path().join("console")).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    Fixture {
+        _dir: dir,
+        agent,
+        console,
+        endpoint,
+    }
+}
+
+impl Fixture {
+    fn address(&self) -> String {
+        self.agent.local_addr.to_string()
+    }
+
+    async fn enroll(&self) {
+        let token = self.agent.join_token.clone().unwrap();
+        let done = enroll(
+            &self.endpoint,
+            &self.console,
+            &self.address(),
+            &token,
+            Some(self.agent.fingerprint),
+        )
+        .await
+        .unwrap();
+        assert_eq!(done.host_id, self.agent.host_id);
+    }
+
+    fn control_config(&self, console: &ConsolePki) -> quinn::ClientConfig {
+        pki::quic_client_config(
+            pki::control_client_config(self.console.ca.cert_der(), &console.identity).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Opens a control connection with `config` and says hello.
+    async fn hello_with(
+        &self,
+        config: quinn::ClientConfig,
+        server_name: &str,
+    ) -> Result<(), String> {
+        let connecting = self
+            .endpoint
+            .connect_with(config, self.agent.local_addr, server_name)
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+            .await
+            .map_err(|_| "timeout".to_string())?
+            .map_err(|e| format!("handshake: {e}"))?;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            call(
+                &conn,
+                Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    console_name: "test".into(),
+                },
+            ),
+        )
+        .await
+        .map_err(|_| "timeout".to_string())?;
+        reply.map(|_| ()).map_err(|e| match e {
+            CallError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+                format!("closed by the agent with code {}", close.error_code)
+            }
+            other => format!(
+                "{other}: {:?}",
+                std::error::Error::source(&other).map(|s| s.to_string())
+            ),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_is_accepted_after_enrollment() {
+    let f = fixture("proto-ok").await;
+    f.enroll().await;
+    let (conn, hello) = connect(
+        &f.endpoint,
+        &f.control_config(&f.console),
+        &f.agent.host_id,
+        &f.address(),
+        f.agent.fingerprint,
+    )
+    .await
+    .unwrap();
+    assert_eq!(hello.inventory.host_id, f.agent.host_id);
+    assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
+    // The certificate the agent now presents is CA-signed, with the same pinned key.
+    let cert = dunes_console::engine::link::peer_certificate(&conn).unwrap();
+    pki::verify_host_cert(&cert, f.console.ca.cert_der(), &f.agent.host_id).unwrap();
+    assert_eq!(
+        Fingerprint::of_certificate(&cert).unwrap(),
+        f.agent.fingerprint
+    );
+    call(&conn, ListVms).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_is_refused_before_enrollment() {
+    let f = fixture("proto-new").await;
+    // Not enrolled: the agent offers enrollment only, so the control ALPN cannot be agreed.
+    let err = f
+        .hello_with(
+            f.control_config(&f.console),
+            &pki::host_cert_name(&f.agent.host_id),
+        )
+        .await
+        .unwrap_err();
+    assert!(!err.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_without_a_client_certificate() {
+    let f = fixture("proto-nocert").await;
+    f.enroll().await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(f.console.ca.cert_der().clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![dunes_shared::protocol::ALPN_CONTROL.to_vec()];
+    let config = pki::quic_client_config(tls).unwrap();
+    let err = f
+        .hello_with(config, &pki::host_cert_name(&f.agent.host_id))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        format!(
+            "closed by the agent with code {}",
+            codes::CLOSE_UNAUTHENTICATED
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_with_a_certificate_from_another_ca() {
+    let f = fixture("proto-otherca").await;
+    f.enroll().await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = ConsolePki::load_or_create(other_dir.path()).unwrap();
+    // Trusts the right CA for the agent, but presents a console certificate from another CA.
+    let err = f
+        .hello_with(
+            f.control_config(&other),
+            &pki::host_cert_name(&f.agent.host_id),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("handshake") || err.contains("connection lost"),
+        "{err}"
+    );
+    // And the real console still gets in.
+    f.hello_with(
+        f.control_config(&f.console),
+        &pki::host_cert_name(&f.agent.host_id),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_not_named_as_enrolled_is_refused() {
+    let f = fixture("proto-name").await;
+    f.enroll().await;
+    let wrong = HostId::new("someone-else").unwrap();
+    let err = connect(
+        &f.endpoint,
+        &f.control_config(&f.console),
+        &wrong,
+        &f.address(),
+        f.agent.fingerprint,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, LinkError::Connection(_) | LinkError::Hello(_)),
+        "{err}"
+    );
+    // A pinned key that differs is refused too, even with a valid certificate.
+    let err = connect(
+        &f.endpoint,
+        &f.control_config(&f.console),
+        &f.agent.host_id,
+        &f.address(),
+        Fingerprint([7; 32]),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, LinkError::KeyChanged { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_and_reused_tokens_are_refused() {
+    let f = fixture("proto-token").await;
+    let err = enroll(&f.endpoint, &f.console, &f.address(), "0000-0000", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EnrollError::Refused(ref m) if m.contains("wrong or was already used")),
+        "{err}"
+    );
+    // A fingerprint that differs from the agent's key stops enrollment before the token is sent.
+    let token = f.agent.join_token.clone().unwrap();
+    let err = enroll(
+        &f.endpoint,
+        &f.console,
+        &f.address(),
+        &token,
+        Some(Fingerprint([1; 32])),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, EnrollError::FingerprintMismatch { .. }),
+        "{err}"
+    );
+    f.enroll().await;
+    let err = enroll(&f.endpoint, &f.console, &f.address(), &token, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EnrollError::Refused(ref m) if m.contains("wrong or was already used")),
+        "{err}"
+    );
+    let err = enroll(&f.endpoint, &f.console, "not-an-address", &token, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid address \"not-an-address\": expected HOST:PORT"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_the_stream_not_the_agent() {
+    use tokio::io::AsyncWriteExt;
+    let f = fixture("proto-frames").await;
+    f.enroll().await;
+    let (conn, _) = connect(
+        &f.endpoint,
+        &f.control_config(&f.console),
+        &f.agent.host_id,
+        &f.address(),
+        f.agent.fingerprint,
+    )
+    .await
+    .unwrap();
+    for (bytes, code) in [
+        (
+            ((5 * 1024 * 1024) as u32).to_le_bytes().to_vec(),
+            codes::STREAM_FRAME_TOO_LARGE,
+        ),
+        (
+            vec![3, 0, 0, 0, 0xff, 0xff, 0xff],
+            codes::STREAM_UNDECODABLE,
+        ),
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let _ = send.finish();
+        let err = recv.read_to_end(1024).await.unwrap_err();
+        assert!(
+            matches!(err, quinn::ReadToEndError::Read(quinn::ReadError::Reset(c)) if c == code),
+            "{err:?}"
+        );
+    }
+    // The connection and the agent are fine.
+    call(&conn, ListVms).await.unwrap();
+}
