@@ -82,7 +82,8 @@ impl DetailsPanel {
                 ui.label(RichText::new(format!("{} VMs", host.vms.len())).strong());
                 for vm in &host.vms {
                     ui.horizontal(|ui| {
-                        ui.colored_label(state_color(vm.state), "●");
+                        let (dot, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
+                        ui.painter().circle_filled(dot.center(), 4.0, state_color(vm.state));
                         if ui.selectable_label(false, vm.name.as_str()).clicked() {
                             *selection = Selection::Vm(id.clone(), vm.name.clone());
                         }

@@ -200,12 +200,12 @@ impl NewVmDialog {
                             .desired_width(220.0),
                     );
                     ui.end_row();
-                    ui.label("Host");
+                    let host_label = ui.label("Host");
                     let shown = self
                         .host
                         .as_ref()
                         .map_or("choose…".to_string(), |h| h.to_string());
-                    egui::ComboBox::from_label("")
+                    egui::ComboBox::from_id_salt("new-vm-host")
                         .selected_text(shown)
                         .show_ui(ui, |ui| {
                             for h in &snapshot.hosts {
@@ -213,7 +213,9 @@ impl NewVmDialog {
                                     format!("{} ({}, {})", h.id(), h.site_name(), h.link.as_str());
                                 ui.selectable_value(&mut self.host, Some(h.id().clone()), label);
                             }
-                        });
+                        })
+                        .response
+                        .labelled_by(host_label.id);
                     ui.end_row();
                     ui.label("Template");
                     ui.add(

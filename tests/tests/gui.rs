@@ -1,0 +1,140 @@
+//! The real egui app, driven by egui_kittest against a real engine and live agents.
+
+use std::time::Duration;
+
+use dunes_console::{
+    engine::{Command, EngineHandle, LinkState},
+    ui::{ConsoleApp, Selection},
+};
+use dunes_shared::model::{TemplateName, VmName, VmSpec, VmState};
+use dunes_tests::{AgentProcess, enroll, start_engine};
+use egui::Role;
+use egui_kittest::{Harness, kittest::Queryable as _};
+
+/// Steps the UI until `done` holds, like an operator waiting for the screen to update.
+fn step_until(
+    harness: &mut Harness<'_, ConsoleApp>,
+    what: &str,
+    done: impl Fn(&Harness<'_, ConsoleApp>) -> bool,
+) {
+    for _ in 0..400 {
+        harness.step();
+        if done(harness) {
+            // Let the layout settle (panels size to their content) before the next click.
+            for _ in 0..4 {
+                harness.step();
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = harness.render().map(|img| img.save("/tmp/gui-fail.png"));
+    panic!("the UI never showed {what}");
+}
+
+fn vm_state(engine: &EngineHandle, vm: &str) -> Option<VmState> {
+    let snap = engine.snapshot();
+    snap.find_vm(vm).ok().map(|(_, v)| v.state)
+}
+
+#[test]
+fn the_window_shows_the_live_fleet_and_drives_real_vms() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = AgentProcess::spawn(
+        &dir.path().join("a"),
+        "gui-a",
+        "lausanne",
+        "test:///default",
+    )
+    .unwrap();
+    let b =
+        AgentProcess::spawn(&dir.path().join("b"), "gui-b", "geneva", "test:///default").unwrap();
+    let engine = runtime.block_on(async {
+        let engine = start_engine(&dir.path().join("console")).await.unwrap();
+        enroll(&engine, &a).await.unwrap();
+        enroll(&engine, &b).await.unwrap();
+        let host = a.host_id.clone();
+        engine
+            .request(|reply| Command::CreateVm {
+                host,
+                spec: VmSpec {
+                    name: VmName::new("gui-vm").unwrap(),
+                    template: TemplateName::new("tiny").unwrap(),
+                    vcpus: Some(1),
+                    memory_mib: Some(64),
+                },
+                start: false,
+                reply,
+            })
+            .await
+            .unwrap();
+        engine
+    });
+    let _enter = runtime.enter();
+    let app_engine = engine.clone();
+    let mut harness = Harness::builder()
+        .with_size([1400.0, 900.0])
+        .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, app_engine));
+
+    // Hosts and VMs appear, as cards and chips.
+    step_until(&mut harness, "both hosts and the VM", |h| {
+        h.query_by_role_and_label(Role::Button, "gui-a").is_some()
+            && h.query_by_role_and_label(Role::Button, "gui-b").is_some()
+            && h.query_by_role_and_label(Role::Button, "gui-vm").is_some()
+            && h.state()
+                .snapshot()
+                .hosts
+                .iter()
+                .all(|h| h.link == LinkState::Online)
+    });
+    harness
+        .query_by_label_contains("2/2 hosts online")
+        .expect("the toolbar counts hosts");
+
+    // Selecting the VM shows its details.
+    harness
+        .get_by_role_and_label(Role::Button, "gui-vm")
+        .click();
+    step_until(&mut harness, "the VM's details", |h| {
+        h.query_by_label("VM gui-vm").is_some()
+    });
+    assert_eq!(
+        harness.state().selection(),
+        &Selection::Vm(a.host_id.clone(), VmName::new("gui-vm").unwrap())
+    );
+    assert!(
+        harness.query_by_label("shutoff").is_some(),
+        "the details show the state"
+    );
+
+    // Start from the UI: the real VM runs.
+    harness.get_by_role_and_label(Role::Button, "Start").click();
+    step_until(&mut harness, "the VM running", |_| {
+        vm_state(&engine, "gui-vm") == Some(VmState::Running)
+    });
+    step_until(&mut harness, "the state in the details", |h| {
+        h.query_by_label("running").is_some()
+    });
+
+    // Stop from the UI: the real VM is shut off.
+    harness.get_by_role_and_label(Role::Button, "Stop").click();
+    step_until(&mut harness, "the VM shut off", |_| {
+        vm_state(&engine, "gui-vm") == Some(VmState::Shutoff)
+    });
+
+    // Selecting a host card shows the host.
+    harness.get_by_role_and_label(Role::Button, "gui-b").click();
+    step_until(&mut harness, "the host's details", |h| {
+        h.query_by_label("Host gui-b").is_some()
+    });
+    assert!(harness.query_by_label("geneva").is_some());
+
+    if let Ok(path) = std::env::var("DUNES_GUI_SNAPSHOT") {
+        harness.render().expect("render").save(path).expect("save");
+    }
+}
