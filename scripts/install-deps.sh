@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages Dunes needs. Usage: install-deps.sh [build|demo|test]
+#   build: compile (libvirt headers)      demo: + what the window needs at run time
+#   test:  + real VMs (QEMU, the tiny guest's ingredients), Xvfb for screenshots, network namespaces
+set -euo pipefail
+level=${1:-test}
+
+build=(pkg-config libvirt-dev gcc)
+window=(libx11-6 libx11-xcb1 libxcursor1 libxi6 libxrandr2 libxkbcommon-x11-0 libfontconfig1
+        libvulkan1 mesa-vulkan-drivers libegl1 libegl-mesa0 libgl1-mesa-dri)
+# qemu-utils is listed on purpose: installing qemu-system-x86 alone may replace a newer one.
+vms=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils qemu-guest-agent
+     busybox-static cpio e2fsprogs xvfb x11-apps imagemagick iproute2)
+
+packages=("${build[@]}")
+case "$level" in
+  build) ;;
+  demo) packages+=("${window[@]}") ;;
+  test) packages+=("${window[@]}" "${vms[@]}") ;;
+  *) echo "usage: $0 [build|demo|test]" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "Rust is not installed: install Rust 1.95 with rustup (https://rustup.rs), then run this again." >&2
+  exit 1
+fi

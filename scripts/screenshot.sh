@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Takes docs/screenshot.png: the real console window with the demo fleet, under Xvfb.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-docs/screenshot.png}
+bash scripts/install-deps.sh test
+cargo build --workspace --bins
+work=$(mktemp -d)
+display=:97
+Xvfb $display -screen 0 1440x900x24 >/dev/null 2>&1 &
+xvfb=$!
+export DISPLAY=$display XDG_RUNTIME_DIR=$work
+trap 'kill $console $xvfb 2>/dev/null || true; rm -rf "$work"' EXIT
+./target/debug/dunes-console --demo --data-dir "$work/console" >"$work/console.log" 2>&1 &
+console=$!
+ctl() { ./target/debug/dunes-console ctl --data-dir "$work/console" "$@"; }
+for _ in $(seq 100); do
+  if [ "$(ctl --json hosts 2>/dev/null | grep -c '"state": "online"')" = 3 ]; then break; fi
+  sleep 0.2
+done
+# A little life in the picture: one VM created and started, one stopped.
+ctl vm create --name web-3 --template tiny --host lsn-2 --start >/dev/null
+ctl vm stop shop-web-1 >/dev/null
+sleep 2
+xwd -root -display $display -silent | convert xwd:- "$out"
+echo "wrote $out"

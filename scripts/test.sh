@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, unit tests, protocol tests over real QUIC, end-to-end
+# suites with real agents, the GUI driven by egui_kittest, and a real VM under QEMU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh test
+
+# The tiny guest for the real-VM test, built from Debian packages (cached under target/).
+export DUNES_GUEST_DIR="$PWD/target/tiny-guest"
+bash assets/guest/build-tiny-guest.sh "$DUNES_GUEST_DIR"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The suites start the real agent binary, so build it first.
+cargo build --workspace --bins
+cargo test --workspace -- --test-threads=2
