@@ -1,0 +1,242 @@
+//! The binaries as an operator uses them: `dunes-console --demo --headless`, then `ctl`.
+
+use std::{
+    process::{Child, Command, Output},
+    time::{Duration, Instant},
+};
+
+use dunes_tests::{agent_binary, console_binary};
+use serde_json::Value;
+
+struct Console(Child);
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        // SIGTERM, so it stops its demo agents the way an operator's Ctrl+C would.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn ctl(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(console_binary())
+        .arg("ctl")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn headless_demo_answers_ctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("console");
+    let _console = Console(
+        Command::new(console_binary())
+            .args(["--demo", "--headless", "--data-dir"])
+            .arg(&data)
+            .stderr(std::fs::File::create(dir.path().join("console.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Three hosts, enrolled automatically, online.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let hosts = loop {
+        let out = ctl(&data, &["--json", "hosts"]);
+        if out.status.success() {
+            let hosts = json(&out);
+            if hosts
+                .as_array()
+                .is_some_and(|h| h.len() == 3 && h.iter().all(|h| h["state"] == "online"))
+            {
+                break hosts;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "demo did not come up: {}",
+            std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let hosts = hosts.as_array().unwrap();
+    for field in [
+        "id",
+        "name",
+        "address",
+        "site",
+        "state",
+        "cpus",
+        "memory_mib",
+        "runtimes",
+    ] {
+        assert!(
+            hosts.iter().all(|h| !h[field].is_null()),
+            "hosts lack {field}"
+        );
+    }
+    let sites: Vec<&str> = hosts.iter().map(|h| h["site"].as_str().unwrap()).collect();
+    assert_eq!(sites.iter().filter(|s| **s == "lausanne").count(), 2);
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h["site"] == "geneva" && h["remote"] == true)
+    );
+    let cpus: Vec<u64> = hosts.iter().map(|h| h["cpus"].as_u64().unwrap()).collect();
+    assert!(
+        cpus.windows(2).any(|w| w[0] != w[1]),
+        "demo hosts differ in size: {cpus:?}"
+    );
+    assert_eq!(hosts[0]["runtimes"][0], "libvirt");
+
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let vms = vms.as_array().unwrap();
+    assert!(vms.len() >= 6, "a few VMs per host");
+    for field in ["id", "name", "host", "state"] {
+        assert!(vms.iter().all(|v| !v[field].is_null()), "VMs lack {field}");
+    }
+    assert!(
+        vms.iter().any(|v| v["state"] == "running") && vms.iter().any(|v| v["state"] == "shutoff")
+    );
+
+    // The whole lifecycle from the command line.
+    let vm = json(&ctl(
+        &data,
+        &[
+            "--json",
+            "vm",
+            "create",
+            "--name",
+            "cli-vm",
+            "--template",
+            "tiny",
+            "--host",
+            "lsn-2",
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "512",
+        ],
+    ));
+    assert_eq!(vm["state"], "shutoff");
+    assert_eq!(vm["vcpus"], 2);
+    assert_eq!(
+        json(&ctl(&data, &["--json", "vm", "start", "cli-vm"]))["state"],
+        "running"
+    );
+    assert_eq!(
+        json(&ctl(&data, &["--json", "vm", "stop", "cli-vm"]))["state"],
+        "shutoff"
+    );
+    let table = ctl(&data, &["vms"]);
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(
+        table.lines().any(|l| l
+            .split_whitespace()
+            .take(3)
+            .eq(["cli-vm", "lsn-2", "shutoff"])),
+        "{table}"
+    );
+    json(&ctl(&data, &["--json", "vm", "delete", "lsn-2/cli-vm"]));
+
+    // Bad input: non-zero exit, one readable line, nothing changed.
+    for (args, message) in [
+        (vec!["vm", "start", "nope"], "no VM named nope"),
+        (
+            vec![
+                "vm",
+                "create",
+                "--name",
+                "Bad_Name",
+                "--template",
+                "tiny",
+                "--host",
+                "lsn-1",
+            ],
+            "invalid VM name",
+        ),
+        (
+            vec![
+                "vm",
+                "create",
+                "--name",
+                "x",
+                "--template",
+                "tiny",
+                "--host",
+                "lsn-1",
+                "--memory-mib",
+                "1",
+            ],
+            "memory must be between",
+        ),
+        (vec!["vm", "delete", "shop-db"], "is running; stop it first"),
+        (
+            vec!["host", "add", "nohost", "--token", "t"],
+            "invalid address",
+        ),
+    ] {
+        let out = ctl(&data, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+    assert_eq!(
+        json(&ctl(&data, &["--json", "vms"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        vms.len()
+    );
+    let events = json(&ctl(&data, &["--json", "events", "--limit", "500"]));
+    assert!(events.as_array().unwrap().iter().any(|e| {
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is running; stop it first")
+    }));
+}
+
+#[test]
+fn ctl_without_a_console_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ctl(dir.path(), &["hosts"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no console is running on"), "{stderr}");
+}
+
+#[test]
+fn agent_refuses_bad_arguments_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, message) in [
+        (vec!["--listen", "nope"], "invalid --listen address"),
+        (vec!["--libvirt", "xen:///"], "unsupported libvirt URI"),
+        (
+            vec!["--config", "/nonexistent/agent.toml"],
+            "cannot read /nonexistent/agent.toml",
+        ),
+    ] {
+        let out = Command::new(agent_binary())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(message), "{stderr}");
+    }
+}
