@@ -57,8 +57,13 @@ fn the_window_shows_the_live_fleet_and_drives_real_vms() {
     let engine = runtime.block_on(async {
         let engine = start_engine(&dir.path().join("console")).await.unwrap();
         enroll(&engine, &a).await.unwrap();
-        enroll(&engine, &b).await.unwrap();
         let host = a.host_id.clone();
+        engine
+            .wait_for(Duration::from_secs(5), |s| {
+                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+            })
+            .await
+            .expect("online");
         engine
             .request(|reply| Command::CreateVm {
                 host,
@@ -80,6 +85,40 @@ fn the_window_shows_the_live_fleet_and_drives_real_vms() {
     let mut harness = Harness::builder()
         .with_size([1400.0, 900.0])
         .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, app_engine));
+
+    // Enroll the second host through the "Add host" dialog, as an operator would.
+    step_until(&mut harness, "the first host", |h| {
+        h.query_by_role_and_label(Role::Button, "gui-a").is_some()
+    });
+    harness.get_by_label("Add host…").click();
+    step_until(&mut harness, "the dialog", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Address")
+            .is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::TextInput, "Address")
+        .focus();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::TextInput, "Address")
+        .type_text(&b.address);
+    harness
+        .get_by_role_and_label(Role::TextInput, "Join token")
+        .focus();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::TextInput, "Join token")
+        .type_text(b.token.as_deref().unwrap());
+    harness.step();
+    harness.get_by_label("Enroll").click();
+    let pinned = b.fingerprint.to_string();
+    step_until(&mut harness, "the pinned fingerprint in the dialog", |h| {
+        h.query_by_label(&pinned).is_some()
+    });
+    harness
+        .query_by_label("Enrolled host gui-b.")
+        .expect("the dialog says which host it enrolled");
+    harness.key_press(egui::Key::Escape);
 
     // Hosts and VMs appear, as cards and chips.
     step_until(&mut harness, "both hosts and the VM", |h| {

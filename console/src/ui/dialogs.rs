@@ -7,8 +7,12 @@ use dunes_shared::{
 };
 use egui::{Color32, Key, RichText};
 
+use tokio::sync::oneshot;
+
 use super::{Actions, Selection};
-use crate::engine::{Command, LinkState, Snapshot, enroll::validate_address};
+use crate::engine::{
+    Command, EngineError, HostAdded, LinkState, Snapshot, enroll::validate_address,
+};
 
 #[derive(Debug, Default)]
 pub struct AddHostDialog {
@@ -16,6 +20,18 @@ pub struct AddHostDialog {
     address: String,
     token: String,
     fingerprint: String,
+    /// The enrollment under way.
+    pending: Option<oneshot::Receiver<Result<HostAdded, EngineError>>>,
+    /// How the last enrollment ended, shown until the dialog is used again.
+    outcome: Option<Result<HostAdded, String>>,
+}
+
+/// A grid row: a label and the widget it names (for screen readers and tests alike).
+fn field(ui: &mut egui::Ui, label: &str, widget: impl egui::Widget) -> egui::Response {
+    let label = ui.label(label);
+    let response = ui.add(widget).labelled_by(label.id);
+    ui.end_row();
+    response
 }
 
 fn error_line(ui: &mut egui::Ui, error: &Option<String>) {
@@ -27,6 +43,9 @@ fn error_line(ui: &mut egui::Ui, error: &Option<String>) {
 impl AddHostDialog {
     pub fn open(&mut self) {
         self.open = true;
+        if self.pending.is_none() {
+            self.outcome = None;
+        }
     }
 
     pub fn is_open(&self) -> bool {
@@ -52,6 +71,26 @@ impl AddHostDialog {
         if !self.open {
             return;
         }
+        if let Some(rx) = &mut self.pending {
+            match rx.try_recv() {
+                Ok(result) => {
+                    self.outcome = Some(result.map_err(|e| e.to_string()));
+                    self.pending = None;
+                    if matches!(self.outcome, Some(Ok(_))) {
+                        self.address.clear();
+                        self.token.clear();
+                        self.fingerprint.clear();
+                    }
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    ctx.request_repaint_after(std::time::Duration::from_millis(100));
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    self.outcome = Some(Err(EngineError::Stopped.to_string()));
+                    self.pending = None;
+                }
+            }
+        }
         let mut open = true;
         let mut submitted = false;
         egui::Window::new("Add host")
@@ -61,46 +100,60 @@ impl AddHostDialog {
             .show(ctx, |ui| {
                 ui.label("Start dunes-agent on the host: it prints its address, key fingerprint and a one-time join token.");
                 egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
-                    ui.label("Address");
-                    ui.add(egui::TextEdit::singleline(&mut self.address).hint_text("host:port").desired_width(260.0));
-                    ui.end_row();
-                    ui.label("Join token");
-                    ui.add(egui::TextEdit::singleline(&mut self.token).hint_text("xxxx-xxxx-…").desired_width(260.0));
-                    ui.end_row();
-                    ui.label("Fingerprint");
-                    ui.add(
+                    field(ui, "Address", egui::TextEdit::singleline(&mut self.address).hint_text("host:port").desired_width(260.0));
+                    field(ui, "Join token", egui::TextEdit::singleline(&mut self.token).hint_text("xxxx-xxxx-…").desired_width(260.0));
+                    field(ui, "Fingerprint", 
                         egui::TextEdit::singleline(&mut self.fingerprint)
                             .hint_text("sha256:… (optional, checked if given)")
                             .desired_width(260.0),
                     );
-                    ui.end_row();
                 });
                 let problem = self.problem();
                 if !self.address.is_empty() {
                     error_line(ui, &problem);
                 }
                 ui.label(
-                    RichText::new("After enrollment the console pins the agent's key: compare the fingerprint shown in the event log with the one the agent printed.")
+                    RichText::new("The console pins the agent's key at enrollment: give the fingerprint the agent printed, or compare it with the one shown here afterwards.")
                         .weak()
                         .small(),
                 );
+                let ready = problem.is_none() && self.pending.is_none();
                 let enter = ui.input(|i| i.key_pressed(Key::Enter));
-                if ui.add_enabled(problem.is_none(), egui::Button::new("Enroll")).clicked() || (enter && problem.is_none()) {
-                    submitted = true;
+                ui.horizontal(|ui| {
+                    if ui.add_enabled(ready, egui::Button::new("Enroll")).clicked() || (enter && ready) {
+                        submitted = true;
+                    }
+                    if self.pending.is_some() {
+                        ui.spinner();
+                        ui.label("enrolling…");
+                    }
+                });
+                match &self.outcome {
+                    Some(Ok(added)) => {
+                        ui.label(RichText::new(format!("Enrolled host {}.", added.host_id)).strong());
+                        field(ui, "Pinned key (compare with the agent's output):", egui::Label::new(RichText::new(added.fingerprint.to_string()).monospace()).wrap());
+                    }
+                    Some(Err(e)) => error_line(ui, &Some(e.clone())),
+                    None => {}
                 }
             });
         if submitted {
             let address = self.address.trim().to_string();
             let token = self.token.trim().to_string();
             let expected_fingerprint = self.fingerprint.parse().ok();
-            actions.send(format!("Enrolling {address}"), |reply| Command::AddHost {
+            let (tx, rx) = oneshot::channel();
+            match actions.engine.try_send(Command::AddHost {
                 address,
                 token,
                 expected_fingerprint,
-                reply,
-            });
-            *self = AddHostDialog::default();
-            return;
+                reply: tx,
+            }) {
+                Ok(()) => {
+                    self.pending = Some(rx);
+                    self.outcome = None;
+                }
+                Err(e) => self.outcome = Some(Err(e.to_string())),
+            }
         }
         if !open || ctx.input(|i| i.key_pressed(Key::Escape)) {
             self.open = false;
@@ -199,7 +252,6 @@ impl NewVmDialog {
                             .hint_text("a-z, 0-9 and -")
                             .desired_width(220.0),
                     );
-                    ui.end_row();
                     let host_label = ui.label("Host");
                     let shown = self
                         .host
@@ -217,28 +269,28 @@ impl NewVmDialog {
                         .response
                         .labelled_by(host_label.id);
                     ui.end_row();
-                    ui.label("Template");
-                    ui.add(
+                    field(
+                        ui,
+                        "Template",
                         egui::TextEdit::singleline(&mut self.template)
                             .hint_text("tiny")
                             .desired_width(220.0),
                     );
-                    ui.end_row();
-                    ui.label("vCPUs");
-                    ui.add(
+                    field(
+                        ui,
+                        "vCPUs",
                         egui::DragValue::new(&mut self.vcpus)
                             .range(1..=VCPUS_MAX)
                             .suffix(" vCPU"),
                     );
-                    ui.end_row();
-                    ui.label("Memory");
-                    ui.add(
+                    field(
+                        ui,
+                        "Memory",
                         egui::DragValue::new(&mut self.memory_mib)
                             .range(MEMORY_MIB_MIN..=MEMORY_MIB_MAX)
                             .speed(16.0)
                             .suffix(" MiB"),
                     );
-                    ui.end_row();
                 });
                 ui.checkbox(&mut self.start, "Start after creating");
                 let spec = self.spec(snapshot);
