@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages Dunes needs. Usage: install-deps.sh [build|demo|test]
 #   build: compile (libvirt headers)      demo: + what the window needs at run time
-#   test:  + real VMs (QEMU, the tiny guest's ingredients), Xvfb for screenshots, network namespaces
+#   test:  + Xvfb for screenshots, network namespaces (QEMU comes with the tiny guest's recipe)
 set -euo pipefail
 level=${1:-test}
 
 build=(pkg-config libvirt-dev gcc)
 window=(libx11-6 libx11-xcb1 libxcursor1 libxi6 libxrandr2 libxkbcommon-x11-0 libfontconfig1
         libvulkan1 mesa-vulkan-drivers libegl1 libegl-mesa0 libgl1-mesa-dri)
-# qemu-utils is listed on purpose: installing qemu-system-x86 alone may replace a newer one.
-vms=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils qemu-guest-agent
-     busybox-static cpio e2fsprogs xvfb x11-apps imagemagick iproute2)
+# QEMU, libvirt's daemon library and the guest's ingredients are installed by
+# assets/guest/build-tiny-guest.sh, which pins qemu-utils to qemu-system-x86's version.
+vms=(xvfb x11-apps imagemagick iproute2)
 
 packages=("${build[@]}")
 case "$level" in

@@ -50,6 +50,65 @@ fn lv(action: &'static str) -> impl FnOnce(virt::error::Error) -> RuntimeError {
     }
 }
 
+/// What `qemu:///embed` needs in its root to run as root without a system daemon's setup.
+const EMBED_QEMU_CONF: &str = "# Written by dunes-agent for the embedded QEMU driver.
+user = \"root\"
+group = \"root\"
+security_driver = \"none\"
+cgroup_controllers = [ ]
+stdio_handler = \"file\"
+dynamic_ownership = 0
+remember_owner = 0
+";
+
+/// Resolves the operator's libvirt URI against the data dir: `qemu:///embed` means an
+/// embedded QEMU driver rooted at `DATA_DIR/qemu`, and an explicit embed root must lie
+/// inside the data dir (the agent writes its configuration there).
+pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, RuntimeError> {
+    let root = match uri {
+        "qemu:///embed" => data_dir.join("qemu"),
+        _ => match uri.strip_prefix("qemu:///embed?root=") {
+            Some(root) => std::path::PathBuf::from(root),
+            None => return Ok(uri.to_string()),
+        },
+    };
+    let data_dir = data_dir.canonicalize().map_err(|e| RuntimeError::Libvirt {
+        action: "resolving the data dir",
+        message: e.to_string(),
+    })?;
+    let absolute = if root.is_absolute() {
+        root
+    } else {
+        data_dir.join(root)
+    };
+    std::fs::create_dir_all(absolute.join("etc")).map_err(|e| RuntimeError::Libvirt {
+        action: "creating the embed root",
+        message: format!("{}: {e}", absolute.display()),
+    })?;
+    let root = absolute.canonicalize().map_err(|e| RuntimeError::Libvirt {
+        action: "resolving the embed root",
+        message: e.to_string(),
+    })?;
+    if !root.starts_with(&data_dir) {
+        return Err(RuntimeError::Libvirt {
+            action: "checking the embed root",
+            message: format!(
+                "{} is outside the data dir {}",
+                root.display(),
+                data_dir.display()
+            ),
+        });
+    }
+    let conf = root.join("etc/qemu.conf");
+    if !conf.exists() {
+        std::fs::write(&conf, EMBED_QEMU_CONF).map_err(|e| RuntimeError::Libvirt {
+            action: "writing qemu.conf",
+            message: e.to_string(),
+        })?;
+    }
+    Ok(format!("qemu:///embed?root={}", root.display()))
+}
+
 /// Facts about the hypervisor's host, read once at start.
 #[derive(Debug, Clone)]
 pub struct NodeFacts {
@@ -456,7 +515,11 @@ fn domain_xml(
     let vcpus = spec.vcpus.unwrap_or(template.info.default_vcpus).max(1);
     let memory_mib = spec.memory_mib.unwrap_or(template.info.default_memory_mib);
     let path = |p: &std::path::Path| xml_escape(&p.display().to_string());
-    let mut os = String::from("<type arch='x86_64'>hvm</type>");
+    let mut os = String::from(if domain_type == "qemu" {
+        "<type arch='x86_64' machine='pc'>hvm</type>"
+    } else {
+        "<type arch='x86_64'>hvm</type>"
+    });
     if let Some(kernel) = &template.kernel {
         os.push_str(&format!("<kernel>{}</kernel>", path(kernel)));
     }
@@ -470,18 +533,22 @@ fn domain_xml(
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
         path(disk)
     );
+    let mut features = "";
     if domain_type == "qemu" {
+        // ACPI lets a graceful stop press the power button; the serial console is logged to
+        // a file beside the disk, and qemu-ga gets its channel.
+        features = "<features><acpi/><apic/></features>";
         devices.push_str(&format!(
-            "<serial type='file'><source path='{}'/><target port='0'/></serial><console type='file'><source path='{}'/><target type='serial' port='0'/></console>\
-             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
-            path(&storage.console_log_path(&spec.name)),
+            "<serial type='pty'><log file='{}' append='off'/><target port='0'/></serial><console type='pty'><target type='serial' port='0'/></console>\
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+             <controller type='usb' model='none'/><memballoon model='none'/>",
             path(&storage.console_log_path(&spec.name)),
         ));
     }
     format!(
         "<domain type='{domain_type}'><name>{name}</name>\
          <metadata><dunes:vm xmlns:dunes='{METADATA_NS}'><dunes:template>{template}</dunes:template></dunes:vm></metadata>\
-         <memory unit='MiB'>{memory_mib}</memory><vcpu>{vcpus}</vcpu><os>{os}</os>\
+         <memory unit='MiB'>{memory_mib}</memory><vcpu>{vcpus}</vcpu><os>{os}</os>{features}\
          <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>\
          <devices>{devices}</devices></domain>",
         name = spec.name,
@@ -503,5 +570,40 @@ mod tests {
             None
         );
         assert_eq!(xml_escape("a'&<b"), "a&apos;&amp;&lt;b");
+    }
+}
+
+#[cfg(test)]
+mod embed_tests {
+    use super::*;
+
+    #[test]
+    fn embed_roots_stay_inside_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let uri = resolve_uri("qemu:///embed", &data).unwrap();
+        let root = data.canonicalize().unwrap().join("qemu");
+        assert_eq!(uri, format!("qemu:///embed?root={}", root.display()));
+        assert!(
+            std::fs::read_to_string(root.join("etc/qemu.conf"))
+                .unwrap()
+                .contains("security_driver = \"none\"")
+        );
+        assert!(
+            resolve_uri("qemu:///embed?root=vm-root", &data)
+                .unwrap()
+                .ends_with("/data/vm-root")
+        );
+        let outside = dir.path().join("elsewhere");
+        let err =
+            resolve_uri(&format!("qemu:///embed?root={}", outside.display()), &data).unwrap_err();
+        assert!(err.to_string().contains("outside the data dir"), "{err}");
+        let err = resolve_uri("qemu:///embed?root=../escape", &data).unwrap_err();
+        assert!(err.to_string().contains("outside the data dir"), "{err}");
+        assert_eq!(
+            resolve_uri("test:///default", &data).unwrap(),
+            "test:///default"
+        );
     }
 }

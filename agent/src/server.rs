@@ -79,9 +79,9 @@ impl RunningAgent {
         let storage = Storage::open(&opts.data_dir)?;
         storage.ensure_tiny_template(opts.guest_dir.as_deref())?;
         let (events, _) = broadcast::channel(1024);
+        let libvirt_uri = crate::libvirt::resolve_uri(&opts.libvirt_uri, &opts.data_dir)?;
         let runtime = {
-            let (uri, storage, events) =
-                (opts.libvirt_uri.clone(), storage.clone(), events.clone());
+            let (uri, storage, events) = (libvirt_uri.clone(), storage.clone(), events.clone());
             tokio::task::spawn_blocking(move || LibvirtRuntime::start(&uri, storage, events))
                 .await??
         };
@@ -104,7 +104,7 @@ impl RunningAgent {
             config: opts.config.clone(),
             events,
             endpoint,
-            libvirt_uri: opts.libvirt_uri.clone(),
+            libvirt_uri,
             cpu: Mutex::new(inventory::CpuLoad::default()),
             vms_running: AtomicU32::new(0),
         });

@@ -149,6 +149,7 @@ impl Default for Site {
 
 /// Operating prices of a host, in the fleet's currency unit.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Prices {
     pub per_gb_month_stored: f64,
     pub per_gb_transferred: f64,

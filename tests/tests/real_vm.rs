@@ -1,0 +1,160 @@
+//! A real VM: an agent on QEMU embedded through `qemu:///embed` boots the tiny guest (TCG),
+//! the engine sees it running, a graceful stop shuts it off.
+//!
+//! Needs root and the guest from `assets/guest/build-tiny-guest.sh` in `DUNES_GUEST_DIR`
+//! (`scripts/test.sh` provides both). Under CI a missing prerequisite fails the test.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use dunes_console::engine::{Command, LinkState};
+use dunes_shared::model::{TemplateName, VmName, VmSpec, VmState};
+use dunes_tests::{AgentProcess, enroll, start_engine};
+
+fn prerequisites() -> Option<PathBuf> {
+    let guest = std::env::var_os("DUNES_GUEST_DIR").map(PathBuf::from);
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let missing = match (&guest, root) {
+        (None, _) => Some(
+            "DUNES_GUEST_DIR is not set (run scripts/test.sh, or build the guest with assets/guest/build-tiny-guest.sh)",
+        ),
+        (Some(dir), _) if !dir.join("vmlinuz").exists() => Some("DUNES_GUEST_DIR has no vmlinuz"),
+        (_, false) => Some("qemu:///embed needs root"),
+        _ => None,
+    };
+    match missing {
+        None => guest,
+        Some(why) if std::env::var_os("CI").is_some() => {
+            panic!("the real-VM test cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("\n*** SKIPPING the real-VM test: {why} ***\n");
+            None
+        }
+    }
+}
+
+/// QEMU outlives a killed agent by design; make sure none is left behind by this test.
+struct KillQemu(PathBuf);
+
+impl Drop for KillQemu {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .arg("-f")
+            .arg(self.0.display().to_string())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_guest_boots_under_qemu_and_stops() {
+    let Some(guest) = prerequisites() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let agent_dir = dir.path().join("agent");
+    let _cleanup = KillQemu(agent_dir.clone());
+    let agent = AgentProcess::spawn_with(
+        &agent_dir,
+        "qemu-host",
+        "lausanne",
+        "qemu:///embed",
+        "127.0.0.1:0",
+        vec!["--guest-dir".into(), guest.display().to_string()],
+    )
+    .unwrap();
+    let engine = start_engine(&dir.path().join("console")).await.unwrap();
+    enroll(&engine, &agent).await.unwrap();
+    let host = agent.host_id.clone();
+    engine
+        .wait_for(Duration::from_secs(10), |s| {
+            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+        })
+        .await
+        .expect("online");
+    let inventory = engine
+        .snapshot()
+        .host(&host)
+        .unwrap()
+        .inventory()
+        .cloned()
+        .unwrap();
+    assert_eq!(inventory.runtimes[0].driver, "QEMU");
+
+    let name = VmName::new("tiny-1").unwrap();
+    let started = Instant::now();
+    let vm = engine
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: VmSpec {
+                name: name.clone(),
+                template: TemplateName::new("tiny").unwrap(),
+                vcpus: Some(1),
+                memory_mib: Some(256),
+            },
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    engine
+        .wait_for(Duration::from_secs(1), |s| {
+            s.find_vm("tiny-1")
+                .is_ok_and(|(_, v)| v.state == VmState::Running)
+        })
+        .await
+        .expect("the engine shows running");
+
+    // The guest really boots: its init reports on the serial console.
+    let console = agent_dir.join("storage/disks/tiny-1.console.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("dunes-guest: ready") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not boot; console:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("guest ready {:?} after create", started.elapsed());
+
+    // Graceful stop: the guest powers off by itself, well before the forced-off timeout.
+    let stopping = Instant::now();
+    let vm = engine
+        .request(|reply| Command::StopVm {
+            host: host.clone(),
+            name: name.clone(),
+            force: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.state, VmState::Shutoff);
+    eprintln!("graceful stop took {:?}", stopping.elapsed());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(20),
+        "the stop was forced, not graceful"
+    );
+    engine
+        .wait_for(Duration::from_secs(1), |s| {
+            s.find_vm("tiny-1")
+                .is_ok_and(|(_, v)| v.state == VmState::Shutoff)
+        })
+        .await
+        .expect("the engine shows shutoff");
+
+    engine
+        .request(|reply| Command::DeleteVm {
+            host: host.clone(),
+            name: name.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(!agent_dir.join("storage/disks/tiny-1.img").exists());
+}
