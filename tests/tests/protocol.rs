@@ -281,7 +281,6 @@ async fn wrong_and_reused_tokens_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_close_the_stream_not_the_agent() {
-    use tokio::io::AsyncWriteExt;
     let f = fixture("proto-frames").await;
     f.enroll().await;
     let (conn, _) = connect(
