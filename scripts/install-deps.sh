@@ -32,6 +32,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# qemu:///embed runs QEMU as root but libvirt still looks these up.
+if [ "$level" = test ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  getent group libvirt-qemu >/dev/null || $sudo groupadd --system libvirt-qemu
+  getent passwd libvirt-qemu >/dev/null ||
+    $sudo useradd --system --gid libvirt-qemu --no-create-home --shell /usr/sbin/nologin libvirt-qemu
+fi
+
 if ! command -v cargo >/dev/null; then
   echo "Rust is not installed: install Rust 1.95 with rustup (https://rustup.rs), then run this again." >&2
   exit 1

@@ -9,6 +9,9 @@ bash scripts/install-deps.sh test
 export DUNES_GUEST_DIR="$PWD/target/tiny-guest"
 bash assets/guest/build-tiny-guest.sh "$DUNES_GUEST_DIR"
 
+# The GUI test renders with wgpu on the CPU; winit wants a runtime dir.
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The suites start the real agent binary, so build it first.
