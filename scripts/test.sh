@@ -16,4 +16,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The suites start the real agent binary, so build it first.
 cargo build --workspace --bins
-cargo test --workspace -- --test-threads=2
+log=$(mktemp)
+cargo test --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+# One closing line for the whole run.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
