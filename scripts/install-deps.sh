@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages Dunes needs. Usage: install-deps.sh [build|demo|test]
 #   build: compile (libvirt headers)      demo: + what the window needs at run time
-#   test:  + Xvfb for screenshots, network namespaces (QEMU comes with the tiny guest's recipe)
+#   test:  + Xvfb and xdotool for screenshots, network namespaces (QEMU comes with the tiny guest's recipe)
 set -euo pipefail
 level=${1:-test}
 
@@ -10,7 +10,7 @@ window=(libx11-6 libx11-xcb1 libxcursor1 libxi6 libxrandr2 libxkbcommon-x11-0 li
         libvulkan1 mesa-vulkan-drivers libegl1 libegl-mesa0 libgl1-mesa-dri)
 # QEMU, libvirt's daemon library and the guest's ingredients are installed by
 # assets/guest/build-tiny-guest.sh, which pins qemu-utils to qemu-system-x86's version.
-vms=(xvfb x11-apps imagemagick iproute2)
+vms=(xvfb x11-apps xdotool imagemagick iproute2)
 
 packages=("${build[@]}")
 case "$level" in

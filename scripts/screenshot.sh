@@ -21,6 +21,11 @@ done
 # A little life in the picture: one VM created and started, one stopped.
 ctl vm create --name web-3 --template tiny --host lsn-2 --start >/dev/null
 ctl vm stop shop-web-1 >/dev/null
-sleep 2
-xwd -root -display $display -silent | convert xwd:- "$out"
+sleep 1
+# Select a VM so the details panel has something to show: the console draws its window at the
+# screen's origin without a window manager, and the demo fleet's layout is fixed.
+xdotool mousemove 190 200 click 1
+sleep 1
+window=$(xdotool search --name '^Dunes' | head -n1)
+xwd -id "$window" -display $display -silent | convert xwd:- "$out"
 echo "wrote $out"

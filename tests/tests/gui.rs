@@ -177,3 +177,131 @@ fn the_window_shows_the_live_fleet_and_drives_real_vms() {
         harness.render().expect("render").save(path).expect("save");
     }
 }
+
+#[test]
+fn new_vm_dialog_and_context_menu_manage_a_vm() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::spawn(
+        &dir.path().join("a"),
+        "menu-a",
+        "lausanne",
+        "test:///default",
+    )
+    .unwrap();
+    let engine = runtime.block_on(async {
+        let engine = start_engine(&dir.path().join("console")).await.unwrap();
+        enroll(&engine, &agent).await.unwrap();
+        let host = agent.host_id.clone();
+        engine
+            .wait_for(Duration::from_secs(5), |s| {
+                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+            })
+            .await
+            .expect("online");
+        engine
+    });
+    let _enter = runtime.enter();
+    let app_engine = engine.clone();
+    let mut harness = Harness::builder()
+        .with_size([1400.0, 900.0])
+        .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, app_engine));
+    step_until(&mut harness, "the host", |h| {
+        h.query_by_role_and_label(Role::Button, "menu-a").is_some()
+    });
+
+    // Ctrl+N opens the dialog with the name field focused.
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::N);
+    step_until(&mut harness, "the New VM dialog", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Name")
+            .is_some_and(|n| n.is_focused())
+    });
+
+    // A bad name is refused in place, with the reason.
+    harness
+        .get_by_role_and_label(Role::TextInput, "Name")
+        .type_text("Web");
+    step_until(&mut harness, "the name's error", |h| {
+        h.query_by_label_contains("invalid VM name \"Web\"")
+            .is_some()
+    });
+    harness.get_by_label("Create").click();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::TextInput, "Name")
+        .focus();
+    harness.step();
+    for _ in 0..3 {
+        harness.key_press(egui::Key::Backspace);
+    }
+    harness.step();
+    assert!(
+        engine.snapshot().find_vm("Web").is_err(),
+        "a disabled Create sends nothing"
+    );
+
+    // A good one is created on the only host and started.
+    harness
+        .get_by_role_and_label(Role::TextInput, "Name")
+        .type_text("web-9");
+    step_until(&mut harness, "the error to go", |h| {
+        h.query_by_label_contains("invalid VM name").is_none()
+    });
+    harness.get_by_label("Create").click();
+    step_until(&mut harness, "the new VM running on its chip", |h| {
+        vm_state(&engine, "web-9") == Some(VmState::Running)
+            && h.query_by_role_and_label(Role::Button, "web-9").is_some()
+    });
+    let (host, vm) = {
+        let snap = engine.snapshot();
+        let (host, vm) = snap.find_vm("web-9").unwrap();
+        (host.clone(), vm.clone())
+    };
+    assert_eq!(host, agent.host_id);
+    assert_eq!(vm.template.as_ref().map(|t| t.as_str()), Some("tiny"));
+    assert!(
+        harness.query_by_label("New VM").is_none(),
+        "the dialog closes after Create"
+    );
+
+    // Right-click on the chip: force it off, then delete it after confirming.
+    harness
+        .get_by_role_and_label(Role::Button, "web-9")
+        .click_secondary();
+    step_until(&mut harness, "the context menu", |h| {
+        h.query_by_label("VM web-9 on menu-a").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Force off")
+        .click();
+    step_until(&mut harness, "the VM shut off", |_| {
+        vm_state(&engine, "web-9") == Some(VmState::Shutoff)
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "web-9")
+        .click_secondary();
+    step_until(&mut harness, "the context menu", |h| {
+        h.query_by_role_and_label(Role::Button, "Delete…").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Delete…")
+        .click();
+    step_until(&mut harness, "the confirmation", |h| {
+        h.query_by_label("Delete VM web-9?").is_some()
+    });
+    assert!(
+        engine.snapshot().find_vm("web-9").is_ok(),
+        "nothing is deleted before the operator confirms"
+    );
+    harness
+        .get_by_role_and_label(Role::Button, "Delete")
+        .click();
+    step_until(&mut harness, "the VM gone", |h| {
+        engine.snapshot().find_vm("web-9").is_err()
+            && h.query_by_role_and_label(Role::Button, "web-9").is_none()
+    });
+}

@@ -382,12 +382,12 @@ impl Actor {
     }
 
     fn log(&mut self, level: Level, host: Option<HostId>, message: String) {
+        // "-" for fleet-wide events keeps the log line greppable by host.
+        let host_name = host.as_ref().map_or("-", |h| h.as_str());
         match level {
-            Level::Info => tracing::info!(host = ?host.as_ref().map(|h| h.as_str()), "{message}"),
-            Level::Warning => {
-                tracing::warn!(host = ?host.as_ref().map(|h| h.as_str()), "{message}")
-            }
-            Level::Error => tracing::error!(host = ?host.as_ref().map(|h| h.as_str()), "{message}"),
+            Level::Info => tracing::info!(host = host_name, "{message}"),
+            Level::Warning => tracing::warn!(host = host_name, "{message}"),
+            Level::Error => tracing::error!(host = host_name, "{message}"),
         }
         let event = EventRecord {
             seq: self.next_seq,

@@ -24,6 +24,7 @@ pub struct AddHostDialog {
     pending: Option<oneshot::Receiver<Result<HostAdded, EngineError>>>,
     /// How the last enrollment ended, shown until the dialog is used again.
     outcome: Option<Result<HostAdded, String>>,
+    focus_address: bool,
 }
 
 /// A grid row: a label and the widget it names (for screen readers and tests alike).
@@ -43,6 +44,7 @@ fn error_line(ui: &mut egui::Ui, error: &Option<String>) {
 impl AddHostDialog {
     pub fn open(&mut self) {
         self.open = true;
+        self.focus_address = true;
         if self.pending.is_none() {
             self.outcome = None;
         }
@@ -100,7 +102,10 @@ impl AddHostDialog {
             .show(ctx, |ui| {
                 ui.label("Start dunes-agent on the host: it prints its address, key fingerprint and a one-time join token.");
                 egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
-                    field(ui, "Address", egui::TextEdit::singleline(&mut self.address).hint_text("host:port").desired_width(260.0));
+                    let address = field(ui, "Address", egui::TextEdit::singleline(&mut self.address).hint_text("host:port").desired_width(260.0));
+                    if std::mem::take(&mut self.focus_address) {
+                        address.request_focus();
+                    }
                     field(ui, "Join token", egui::TextEdit::singleline(&mut self.token).hint_text("xxxx-xxxx-…").desired_width(260.0));
                     field(ui, "Fingerprint", 
                         egui::TextEdit::singleline(&mut self.fingerprint)
@@ -170,6 +175,7 @@ pub struct NewVmDialog {
     vcpus: u32,
     memory_mib: u64,
     start: bool,
+    focus_name: bool,
 }
 
 impl Default for NewVmDialog {
@@ -182,6 +188,7 @@ impl Default for NewVmDialog {
             vcpus: 1,
             memory_mib: 256,
             start: true,
+            focus_name: false,
         }
     }
 }
@@ -189,6 +196,7 @@ impl Default for NewVmDialog {
 impl NewVmDialog {
     pub fn open(&mut self, snapshot: &Snapshot, selection: &Selection) {
         self.open = true;
+        self.focus_name = true;
         let preferred = match selection {
             Selection::Host(h) | Selection::Vm(h, _) => Some(h.clone()),
             Selection::None => None,
@@ -246,12 +254,19 @@ impl NewVmDialog {
             .resizable(false)
             .show(ctx, |ui| {
                 egui::Grid::new("new-vm").num_columns(2).show(ui, |ui| {
-                    ui.label("Name");
-                    ui.add(
-                        egui::TextEdit::singleline(&mut self.name)
-                            .hint_text("a-z, 0-9 and -")
-                            .desired_width(220.0),
-                    );
+                    let name_label = ui.label("Name");
+                    let name_field = ui
+                        .add(
+                            egui::TextEdit::singleline(&mut self.name)
+                                .hint_text("a-z, 0-9 and -")
+                                .desired_width(220.0),
+                        )
+                        .labelled_by(name_label.id);
+                    ui.end_row();
+                    // Typing starts right away after Ctrl+N.
+                    if std::mem::take(&mut self.focus_name) {
+                        name_field.request_focus();
+                    }
                     let host_label = ui.label("Host");
                     let shown = self
                         .host
