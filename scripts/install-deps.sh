@@ -5,7 +5,7 @@
 set -euo pipefail
 level=${1:-test}
 
-build=(pkg-config libvirt-dev gcc)
+build=(pkg-config libvirt-dev gcc libc6-dev ca-certificates)
 window=(libx11-6 libx11-xcb1 libxcursor1 libxi6 libxrandr2 libxkbcommon-x11-0 libfontconfig1
         libvulkan1 mesa-vulkan-drivers libegl1 libegl-mesa0 libgl1-mesa-dri)
 # QEMU, libvirt's daemon library and the guest's ingredients are installed by
@@ -29,7 +29,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing: ${missing[*]}"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # qemu:///embed runs QEMU as root but libvirt still looks these up.
@@ -41,7 +41,18 @@ if [ "$level" = test ]; then
     $sudo useradd --system --gid libvirt-qemu --no-create-home --shell /usr/sbin/nologin libvirt-qemu
 fi
 
+# Rust: the toolchain pinned in rust-toolchain.toml, through rustup.
+if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 if ! command -v cargo >/dev/null; then
-  echo "Rust is not installed: install Rust 1.95 with rustup (https://rustup.rs), then run this again." >&2
-  exit 1
+  echo "installing Rust with rustup (https://rustup.rs) into $HOME/.cargo"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  command -v curl >/dev/null || {
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl ca-certificates >/dev/null
+  }
+  toolchain=$(sed -n 's/^channel = "\(.*\)"/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+    sh -s -- -y --no-modify-path --profile minimal --default-toolchain "$toolchain" -c rustfmt -c clippy ||
+    { echo "could not install Rust: install Rust $toolchain with rustup, then run this again" >&2; exit 1; }
 fi

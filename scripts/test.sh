@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh test
+if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 
 # The tiny guest for the real-VM test, built from Debian packages (cached under target/).
 export DUNES_GUEST_DIR="$PWD/target/tiny-guest"

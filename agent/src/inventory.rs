@@ -128,7 +128,10 @@ fn read_cpu_times() -> Option<(u64, u64)> {
         .split_whitespace()
         .filter_map(|v| v.parse().ok())
         .collect();
-    let total: u64 = values.iter().take(8).sum();
+    let total = values
+        .iter()
+        .take(8)
+        .fold(0u64, |n, v| n.saturating_add(*v));
     let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
     Some((total.saturating_sub(idle), total))
 }

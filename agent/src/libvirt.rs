@@ -39,6 +39,10 @@ pub enum RuntimeError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(
+        "template {0} has nothing to boot on this host: build the tiny guest with assets/guest/build-tiny-guest.sh DIR and restart the agent with --guest-dir DIR"
+    )]
+    NoGuest(TemplateName),
     #[error("the libvirt worker stopped")]
     WorkerGone,
 }
@@ -61,6 +65,22 @@ dynamic_ownership = 0
 remember_owner = 0
 ";
 
+/// Resolves `.` and `..` without touching the file system, so a path can be checked before
+/// anything is created there.
+fn normalize_lexically(path: &std::path::Path) -> std::path::PathBuf {
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// Resolves the operator's libvirt URI against the data dir: `qemu:///embed` means an
 /// embedded QEMU driver rooted at `DATA_DIR/qemu`, and an explicit embed root must lie
 /// inside the data dir (the agent writes its configuration there).
@@ -76,11 +96,22 @@ pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, Runt
         action: "resolving the data dir",
         message: e.to_string(),
     })?;
-    let absolute = if root.is_absolute() {
+    let absolute = normalize_lexically(&if root.is_absolute() {
         root
     } else {
         data_dir.join(root)
-    };
+    });
+    // Checked before anything is created, and again below once symlinks are resolved.
+    if !absolute.starts_with(&data_dir) {
+        return Err(RuntimeError::Libvirt {
+            action: "checking the embed root",
+            message: format!(
+                "{} is outside the data dir {}",
+                absolute.display(),
+                data_dir.display()
+            ),
+        });
+    }
     std::fs::create_dir_all(absolute.join("etc")).map_err(|e| RuntimeError::Libvirt {
         action: "creating the embed root",
         message: format!("{}: {e}", absolute.display()),
@@ -405,6 +436,9 @@ impl Worker {
             return Err(RuntimeError::AlreadyExists(spec.name.clone()));
         }
         let template = self.storage.template(&spec.template)?;
+        if template.placeholder && self.domain_type != "test" {
+            return Err(RuntimeError::NoGuest(spec.template.clone()));
+        }
         let disk = self.storage.create_disk(&spec.name, &template)?;
         let xml = domain_xml(self.domain_type, spec, &template, &disk, &self.storage);
         let dom = match self.conn.define_domain_xml(&xml) {
@@ -601,6 +635,10 @@ mod embed_tests {
         assert!(err.to_string().contains("outside the data dir"), "{err}");
         let err = resolve_uri("qemu:///embed?root=../escape", &data).unwrap_err();
         assert!(err.to_string().contains("outside the data dir"), "{err}");
+        assert!(
+            !outside.exists() && !dir.path().join("escape").exists(),
+            "a refused root is never created"
+        );
         assert_eq!(
             resolve_uri("test:///default", &data).unwrap(),
             "test:///default"

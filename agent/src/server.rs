@@ -12,7 +12,7 @@ use std::{
 
 use dunes_shared::{
     error_chain,
-    model::{HostInventory, HostStatus},
+    model::{HostInventory, HostStatus, TemplateName},
     pki::{self, Fingerprint},
     protocol::{
         ALPN_CONTROL, ALPN_ENROLL, AgentEvent, CreateVm, DeleteVm, EnrollBegin, EnrollBeginReply,
@@ -85,6 +85,14 @@ impl RunningAgent {
             tokio::task::spawn_blocking(move || LibvirtRuntime::start(&uri, storage, events))
                 .await??
         };
+        if !libvirt_uri.starts_with("test:")
+            && let Ok(tiny) = storage.template(&TemplateName::new("tiny").expect("valid literal"))
+            && tiny.placeholder
+        {
+            tracing::warn!(
+                "the tiny template has nothing to boot under QEMU: pass --guest-dir with the output of assets/guest/build-tiny-guest.sh"
+            );
+        }
         let join_token = if identity.is_enrolled() {
             None
         } else {
@@ -193,6 +201,7 @@ fn wire(err: RuntimeError) -> WireError {
             ErrorCode::AlreadyExists
         }
         RuntimeError::WrongState { .. } => ErrorCode::Conflict,
+        RuntimeError::NoGuest(_) => ErrorCode::Unsupported,
         RuntimeError::Spec(_) => ErrorCode::BadRequest,
         RuntimeError::Storage(_) => ErrorCode::Storage,
         RuntimeError::Libvirt { .. } => ErrorCode::Runtime,

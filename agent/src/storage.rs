@@ -47,6 +47,12 @@ pub struct TemplateManifest {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
+    /// An empty disk with nothing to boot: enough for libvirt's test driver only.
+    #[serde(default)]
+    pub placeholder: bool,
+    /// Where the guest files were copied from, so a different guest dir replaces them.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 /// A template resolved to absolute paths inside the storage directory.
@@ -57,6 +63,8 @@ pub struct Template {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
+    /// Nothing to boot: only libvirt's test driver can run it.
+    pub placeholder: bool,
 }
 
 const TEMPLATE_DISK: &str = "disk.img";
@@ -99,8 +107,22 @@ impl Storage {
     pub fn ensure_tiny_template(&self, guest_dir: Option<&Path>) -> Result<(), StorageError> {
         let name = TemplateName::new("tiny").expect("valid literal");
         let dir = self.template_dir(&name);
-        if dir.join("template.toml").exists() {
-            return Ok(());
+        let manifest_path = dir.join("template.toml");
+        if manifest_path.exists() {
+            let installed: Option<TemplateManifest> = std::fs::read_to_string(&manifest_path)
+                .ok()
+                .and_then(|t| toml::from_str(&t).ok());
+            let wanted = guest_dir.map(|d| d.display().to_string());
+            let current = installed.is_some_and(|m| wanted.is_none() || m.source == wanted);
+            if current {
+                return Ok(());
+            }
+            // A guest given now replaces the placeholder or another guest. VM disks are
+            // copies, so no VM depends on the old files.
+            tracing::info!(
+                "installing the tiny guest from {}",
+                wanted.unwrap_or_default()
+            );
         }
         std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         let mut manifest = TemplateManifest {
@@ -110,6 +132,8 @@ impl Storage {
             kernel: None,
             initrd: None,
             cmdline: None,
+            placeholder: guest_dir.is_none(),
+            source: guest_dir.map(|d| d.display().to_string()),
         };
         match guest_dir {
             Some(src) => {
@@ -171,6 +195,7 @@ impl Storage {
             kernel: inside(&manifest.kernel)?,
             initrd: inside(&manifest.initrd)?,
             cmdline: manifest.cmdline,
+            placeholder: manifest.placeholder,
             disk,
         })
     }
@@ -321,6 +346,32 @@ mod tests {
             storage.template(&missing).unwrap_err().to_string(),
             "template nope does not exist"
         );
+    }
+
+    #[test]
+    fn a_guest_dir_replaces_the_placeholder() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&dir.path().join("data")).unwrap();
+        let tiny_name = TemplateName::new("tiny").unwrap();
+        storage.ensure_tiny_template(None).unwrap();
+        let tiny = storage.template(&tiny_name).unwrap();
+        assert!(tiny.placeholder && tiny.kernel.is_none());
+
+        let guest = dir.path().join("guest");
+        std::fs::create_dir(&guest).unwrap();
+        for (file, text) in [("vmlinuz", "k"), ("initrd.img", "i"), ("disk.img", "d")] {
+            std::fs::write(guest.join(file), text).unwrap();
+        }
+        storage.ensure_tiny_template(Some(&guest)).unwrap();
+        let tiny = storage.template(&tiny_name).unwrap();
+        assert!(!tiny.placeholder);
+        let kernel = tiny.kernel.expect("direct kernel boot");
+        assert!(kernel.starts_with(dir.path().join("data")));
+        assert_eq!(std::fs::read_to_string(kernel).unwrap(), "k");
+
+        // Restarting without --guest-dir keeps the installed guest.
+        storage.ensure_tiny_template(None).unwrap();
+        assert!(!storage.template(&tiny_name).unwrap().placeholder);
     }
 
     #[test]

@@ -32,7 +32,16 @@ for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if ((${#missing[@]})); then
+    sudo=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || { log "packages missing (${missing[*]}) and no sudo: run as root"; exit 1; }
+        sudo=(sudo)
+    fi
     qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    if [[ -z $qv || $qv == "(none)" ]]; then
+        "${sudo[@]}" apt-get update -qq
+        qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    fi
     args=()
     for p in "${missing[@]}"; do
         case $p in qemu-system-x86|qemu-utils) args+=("$p=$qv") ;; *) args+=("$p") ;; esac
@@ -40,13 +49,10 @@ if ((${#missing[@]})); then
     # pin qemu-utils too when only qemu-system-x86 is missing (see above)
     [[ " ${args[*]} " == *" qemu-system-x86="* && " ${args[*]} " != *" qemu-utils="* ]] &&
         args+=("qemu-utils=$qv")
-    cmd=(apt-get install -y --no-install-recommends --allow-downgrades "${args[@]}")
-    if ((EUID != 0)); then
-        log "missing packages; run as root:"; echo "  ${cmd[*]}" >&2; exit 1
-    fi
     log "installing: ${args[*]}"
     t0=$SECONDS
-    DEBIAN_FRONTEND=noninteractive "${cmd[@]}" >&2
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends --allow-downgrades "${args[@]}" >&2
     log "apt-get install took $((SECONDS - t0)) s"
 fi
 

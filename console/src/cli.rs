@@ -75,6 +75,9 @@ pub enum HostCommand {
         /// The fingerprint the agent printed; enrollment fails if the agent's key differs.
         #[arg(long)]
         fingerprint: Option<String>,
+        /// Replace an enrolled host of the same id that has another key (a reinstalled host).
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -224,10 +227,12 @@ fn ctl_request(command: &CtlCommand) -> CtlRequest {
             address,
             token,
             fingerprint,
+            replace,
         }) => CtlRequest::HostAdd {
             address: address.clone(),
             token: token.clone(),
             fingerprint: fingerprint.clone(),
+            replace: *replace,
         },
         CtlCommand::Vm(VmCommand::Create {
             name,

@@ -36,6 +36,8 @@ pub enum CtlRequest {
         address: String,
         token: String,
         fingerprint: Option<String>,
+        #[serde(default)]
+        replace: bool,
     },
     VmCreate {
         name: String,
@@ -220,6 +222,7 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
             address,
             token,
             fingerprint,
+            replace,
         } => {
             let expected_fingerprint = fingerprint
                 .map(|f| f.parse::<Fingerprint>())
@@ -230,6 +233,7 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                     address,
                     token,
                     expected_fingerprint,
+                    replace,
                     reply,
                 })
                 .await

@@ -248,6 +248,7 @@ pub async fn start(engine: &EngineHandle) -> Result<DemoFleet, DemoError> {
                     address: address.clone(),
                     token,
                     expected_fingerprint: started.fingerprint,
+                    replace: false,
                     reply,
                 })
                 .await

@@ -165,6 +165,7 @@ pub async fn enroll(engine: &EngineHandle, agent: &AgentProcess) -> anyhow::Resu
             address: agent.address.clone(),
             token,
             expected_fingerprint: Some(agent.fingerprint),
+            replace: false,
             reply,
         })
         .await?)

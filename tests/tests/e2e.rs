@@ -20,7 +20,18 @@ async fn within(
     what: &str,
     pred: impl Fn(&Snapshot) -> bool,
 ) -> Duration {
-    let started = Instant::now();
+    within_since(Instant::now(), engine, limit, what, pred).await
+}
+
+/// Like `within`, counting from `started` (when the command was sent).
+async fn within_since(
+    started: Instant,
+    engine: &EngineHandle,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Duration {
+    let limit = limit.saturating_sub(started.elapsed());
     match engine.wait_for(limit, pred).await {
         Ok(_) => started.elapsed(),
         Err(snapshot) => panic!(
@@ -80,6 +91,7 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
 
     // Create, start, stop, delete: each state reaches the engine within a second.
     let host = a.host_id.clone();
+    let sent = Instant::now();
     let created = engine
         .request(|reply| Command::CreateVm {
             host: host.clone(),
@@ -91,12 +103,13 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         .unwrap();
     assert_eq!(created.state, VmState::Shutoff);
     assert_eq!(created.template.as_ref().map(|t| t.as_str()), Some("tiny"));
-    let t = within(&engine, STATE_VISIBLE, "created VM", |s| {
+    let t = within_since(sent, &engine, STATE_VISIBLE, "created VM", |s| {
         vm_state(s, &host, "web-1") == Some(VmState::Shutoff)
     })
     .await;
     eprintln!("create visible after {t:?}");
     let name = VmName::new("web-1").unwrap();
+    let sent = Instant::now();
     engine
         .request(|reply| Command::StartVm {
             host: host.clone(),
@@ -105,11 +118,12 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         })
         .await
         .unwrap();
-    let t = within(&engine, STATE_VISIBLE, "running", |s| {
+    let t = within_since(sent, &engine, STATE_VISIBLE, "running", |s| {
         vm_state(s, &host, "web-1") == Some(VmState::Running)
     })
     .await;
     eprintln!("start visible after {t:?}");
+    let sent = Instant::now();
     engine
         .request(|reply| Command::StopVm {
             host: host.clone(),
@@ -119,11 +133,12 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         })
         .await
         .unwrap();
-    let t = within(&engine, STATE_VISIBLE, "shutoff", |s| {
+    let t = within_since(sent, &engine, STATE_VISIBLE, "shutoff", |s| {
         vm_state(s, &host, "web-1") == Some(VmState::Shutoff)
     })
     .await;
     eprintln!("stop visible after {t:?}");
+    let sent = Instant::now();
     engine
         .request(|reply| Command::DeleteVm {
             host: host.clone(),
@@ -132,7 +147,7 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         })
         .await
         .unwrap();
-    within(&engine, STATE_VISIBLE, "deleted", |s| {
+    within_since(sent, &engine, STATE_VISIBLE, "deleted", |s| {
         vm_state(s, &host, "web-1").is_none()
     })
     .await;
@@ -208,11 +223,18 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         vm_state(s, &host, "keep") == Some(VmState::Running)
     })
     .await;
+    let killed = Instant::now();
     a.kill();
-    let t = within(&engine, Duration::from_secs(5), "unreachable", |s| {
-        s.host(&host)
-            .is_some_and(|h| h.link == LinkState::Unreachable)
-    })
+    let t = within_since(
+        killed,
+        &engine,
+        Duration::from_secs(5),
+        "unreachable",
+        |s| {
+            s.host(&host)
+                .is_some_and(|h| h.link == LinkState::Unreachable)
+        },
+    )
     .await;
     eprintln!("unreachable after {t:?}");
     let snap = engine.snapshot();
@@ -310,4 +332,74 @@ async fn console_restart_keeps_hosts_and_vms() {
         |s| s.hosts[0].link == LinkState::Online,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_machine_with_the_same_host_id_needs_replace() {
+    let dir = tempfile::tempdir().unwrap();
+    let first =
+        AgentProcess::spawn(&dir.path().join("a"), "twin", "lausanne", "test:///default").unwrap();
+    // Another data dir, so another key, but the same host id: a cloned machine.
+    let clone =
+        AgentProcess::spawn(&dir.path().join("b"), "twin", "lausanne", "test:///default").unwrap();
+    assert_ne!(first.fingerprint, clone.fingerprint);
+    let engine = start_engine(&dir.path().join("console")).await.unwrap();
+    enroll(&engine, &first).await.unwrap();
+    let host = first.host_id.clone();
+    within(&engine, Duration::from_secs(5), "online", |s| {
+        s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+    })
+    .await;
+
+    let add = |replace: bool| {
+        let engine = engine.clone();
+        let (address, token) = (clone.address.clone(), clone.token.clone().unwrap());
+        async move {
+            engine
+                .request(|reply| Command::AddHost {
+                    address,
+                    token,
+                    expected_fingerprint: None,
+                    replace,
+                    reply,
+                })
+                .await
+        }
+    };
+    let err = add(false).await.unwrap_err().to_string();
+    assert!(
+        err.contains("host twin is already enrolled with another key"),
+        "{err}"
+    );
+    let snap = engine.snapshot();
+    let still = snap.host(&host).unwrap();
+    assert_eq!(
+        still.record.fingerprint, first.fingerprint,
+        "nothing changed"
+    );
+    assert_eq!(still.record.address, first.address);
+
+    // The refusal came before the token was used: the operator can still replace on purpose.
+    let added = add(true).await.unwrap();
+    assert_eq!(added.fingerprint, clone.fingerprint);
+    within(&engine, Duration::from_secs(5), "the clone online", |s| {
+        s.host(&host).is_some_and(|h| {
+            h.link == LinkState::Online && h.record.fingerprint == clone.fingerprint
+        })
+    })
+    .await;
+    assert_eq!(engine.snapshot().hosts.len(), 1);
+
+    // An empty token is refused before anything goes on the network.
+    let err = engine
+        .request(|reply| Command::AddHost {
+            address: clone.address.clone(),
+            token: "  ".into(),
+            expected_fingerprint: None,
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Invalid(_)), "{err}");
 }

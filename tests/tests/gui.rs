@@ -268,6 +268,44 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
         "the dialog closes after Create"
     );
 
+    // Delete while typing in the filter edits the text; on a selected VM it asks first, and
+    // Escape keeps the VM.
+    harness.get_by_role_and_label(Role::Button, "web-9").click();
+    harness.step();
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::F);
+    step_until(&mut harness, "the filter focused", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Filter")
+            .is_some_and(|n| n.is_focused())
+    });
+    harness
+        .get_by_role_and_label(Role::TextInput, "Filter")
+        .type_text("web");
+    harness.key_press(egui::Key::Delete);
+    for _ in 0..3 {
+        harness.step();
+    }
+    assert!(
+        harness.query_by_label("Delete VM web-9?").is_none(),
+        "Delete in a text field is not a VM delete"
+    );
+    harness.get_by_role_and_label(Role::Button, "web-9").click();
+    step_until(&mut harness, "the filter to let go of the keyboard", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Filter")
+            .is_some_and(|n| !n.is_focused())
+    });
+    harness.key_press(egui::Key::Delete);
+    step_until(&mut harness, "the confirmation", |h| {
+        h.query_by_label("Delete VM web-9?").is_some()
+    });
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the confirmation to close", |h| {
+        h.query_by_label("Delete VM web-9?").is_none()
+    });
+    assert!(
+        engine.snapshot().find_vm("web-9").is_ok(),
+        "Escape keeps the VM"
+    );
+
     // Right-click on the chip: force it off, then delete it after confirming.
     harness
         .get_by_role_and_label(Role::Button, "web-9")

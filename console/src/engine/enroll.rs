@@ -20,6 +20,8 @@ const ENROLL_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum EnrollError {
     #[error("invalid address {0:?}: expected HOST:PORT")]
     BadAddress(String),
+    #[error("IPv6 addresses are not supported yet: use an IPv4 address or a host name, not {0:?}")]
+    Ipv6(String),
     #[error("cannot reach {address}")]
     Unreachable {
         address: String,
@@ -41,6 +43,18 @@ pub enum EnrollError {
     Csr(#[from] pki::PkiError),
     #[error("the agent's certificate request is for another key than the one it presented")]
     KeyMismatch,
+    #[error(
+        "host {host} is already enrolled with another key ({enrolled}); to replace it, enroll again with replace"
+    )]
+    HostIdTaken { host: HostId, enrolled: Fingerprint },
+}
+
+/// Hosts already enrolled, by id, with their pinned keys: a new agent must not silently take
+/// over an enrolled host's id (two machines cloned with the same host name, say).
+#[derive(Debug, Clone, Default)]
+pub struct EnrollPolicy {
+    pub enrolled: std::collections::HashMap<HostId, Fingerprint>,
+    pub replace: bool,
 }
 
 impl From<CallError> for EnrollError {
@@ -66,6 +80,10 @@ pub fn validate_address(address: &str) -> Result<(), EnrollError> {
     if host.is_empty() || port == 0 || host.chars().any(|c| c.is_whitespace() || c == '/') {
         return Err(bad());
     }
+    // The console's endpoint is bound to IPv4 and host names resolve to IPv4 only.
+    if host.starts_with('[') || host.contains(':') {
+        return Err(EnrollError::Ipv6(address.to_string()));
+    }
     Ok(())
 }
 
@@ -75,11 +93,12 @@ pub async fn enroll(
     address: &str,
     token: &str,
     expected: Option<Fingerprint>,
+    policy: EnrollPolicy,
 ) -> Result<Enrolled, EnrollError> {
     validate_address(address)?;
     tokio::time::timeout(
         ENROLL_TIMEOUT,
-        enroll_inner(endpoint, pki, address, token, expected),
+        enroll_inner(endpoint, pki, address, token, expected, policy),
     )
     .await
     .map_err(|_| EnrollError::Timeout)?
@@ -91,6 +110,7 @@ async fn enroll_inner(
     address: &str,
     token: &str,
     expected: Option<Fingerprint>,
+    policy: EnrollPolicy,
 ) -> Result<Enrolled, EnrollError> {
     let unreachable = |source| EnrollError::Unreachable {
         address: address.to_string(),
@@ -123,6 +143,16 @@ async fn enroll_inner(
             },
         )
         .await?;
+        // Checked before EnrollFinish, so a refusal leaves the agent's token usable.
+        if let Some(enrolled) = policy.enrolled.get(&begin.host_id)
+            && *enrolled != presented
+            && !policy.replace
+        {
+            return Err(EnrollError::HostIdTaken {
+                host: begin.host_id,
+                enrolled: *enrolled,
+            });
+        }
         let cert = pki.ca.sign_host_csr(&begin.csr_der, &begin.host_id)?;
         // Pinning: the key we sign must be the key that answered the TLS handshake.
         if Fingerprint::of_certificate(&cert)? != presented {
@@ -152,11 +182,18 @@ mod tests {
 
     #[test]
     fn addresses() {
-        for ok in ["127.0.0.1:7443", "host-a:1", "[::1]:7443"] {
+        for ok in ["127.0.0.1:7443", "host-a:1", "node-1.example.org:7443"] {
             assert!(validate_address(ok).is_ok(), "{ok}");
         }
         for bad in ["", "127.0.0.1", ":7443", "h:0", "h:99999", "a b:1", "h:x"] {
             assert!(validate_address(bad).is_err(), "{bad}");
+        }
+        for v6 in ["[::1]:7443", "fe80::1:7443"] {
+            let err = validate_address(v6).unwrap_err().to_string();
+            assert!(
+                err.starts_with("IPv6 addresses are not supported yet"),
+                "{err}"
+            );
         }
     }
 }

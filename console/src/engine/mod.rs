@@ -93,6 +93,8 @@ pub enum Command {
         address: String,
         token: String,
         expected_fingerprint: Option<Fingerprint>,
+        /// Take over an enrolled host's id even though the agent has another key.
+        replace: bool,
         reply: Reply<HostAdded>,
     },
     SetHostAddress {
@@ -441,10 +443,17 @@ impl Actor {
                 address,
                 token,
                 expected_fingerprint,
+                replace,
                 reply,
             } => {
                 if let Err(e) = enroll::validate_address(&address) {
                     let _ = reply.send(Err(EngineError::Invalid(e.to_string())));
+                    return;
+                }
+                if token.trim().is_empty() {
+                    let _ = reply.send(Err(EngineError::Invalid(
+                        "the join token is empty: give the one the agent printed".into(),
+                    )));
                     return;
                 }
                 self.log(
@@ -457,8 +466,25 @@ impl Actor {
                     self.pki.clone(),
                     self.internal_tx.clone(),
                 );
+                let policy = enroll::EnrollPolicy {
+                    enrolled: self
+                        .hosts
+                        .iter()
+                        .map(|(id, e)| (id.clone(), e.view.record.fingerprint))
+                        .collect(),
+                    replace,
+                };
                 tokio::spawn(async move {
-                    match enroll(&endpoint, &pki, &address, &token, expected_fingerprint).await {
+                    match enroll(
+                        &endpoint,
+                        &pki,
+                        &address,
+                        &token,
+                        expected_fingerprint,
+                        policy,
+                    )
+                    .await
+                    {
                         Ok(enrolled) => {
                             let _ = internal.send(Internal::Enrolled {
                                 enrolled,
@@ -612,7 +638,7 @@ impl Actor {
                     self.log(
                         Level::Warning,
                         Some(host_id.clone()),
-                        format!("host re-enrolled with a new key {fingerprint}"),
+                        format!("host replaced: now pinned to the new key {fingerprint}"),
                     );
                 }
                 let record = HostRecord {

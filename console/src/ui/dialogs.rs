@@ -25,6 +25,8 @@ pub struct AddHostDialog {
     /// How the last enrollment ended, shown until the dialog is used again.
     outcome: Option<Result<HostAdded, String>>,
     focus_address: bool,
+    /// Let the agent take over an enrolled host's id despite another key.
+    replace: bool,
 }
 
 /// A grid row: a label and the widget it names (for screen readers and tests alike).
@@ -113,6 +115,7 @@ impl AddHostDialog {
                             .desired_width(260.0),
                     );
                 });
+                ui.checkbox(&mut self.replace, "Replace an enrolled host with the same id (a reinstalled machine)");
                 let problem = self.problem();
                 if !self.address.is_empty() {
                     error_line(ui, &problem);
@@ -151,6 +154,7 @@ impl AddHostDialog {
                 address,
                 token,
                 expected_fingerprint,
+                replace: std::mem::take(&mut self.replace),
                 reply: tx,
             }) {
                 Ok(()) => {

@@ -243,7 +243,9 @@ impl ConsoleApp {
         if let Some((host, name)) = delete_request {
             self.confirm_delete = Some(ConfirmDelete { host, name });
         }
+        // Delete in a text field edits the text; it only means "delete the VM" elsewhere.
         if ui.input(|i| i.key_pressed(Key::Delete))
+            && !ui.ctx().egui_wants_keyboard_input()
             && !self.add_host.is_open()
             && !self.new_vm.is_open()
             && let Selection::Vm(host, name) = &self.selection

@@ -20,6 +20,9 @@ const GAP: f32 = 12.0;
 const SITE_PAD: f32 = 12.0;
 const SITE_HEADER: f32 = 28.0;
 
+const FILTER: egui::KeyboardShortcut =
+    egui::KeyboardShortcut::new(egui::Modifiers::COMMAND, egui::Key::F);
+
 #[derive(Debug, Default)]
 pub struct TopologyPanel {
     filter: String,
@@ -110,11 +113,17 @@ impl TopologyPanel {
         actions: &mut Actions<'_>,
     ) -> Option<(HostId, VmName)> {
         ui.horizontal(|ui| {
-            ui.add(
-                egui::TextEdit::singleline(&mut self.filter)
-                    .hint_text("Filter hosts, sites or VMs")
-                    .desired_width(240.0),
-            );
+            let label = ui.label("Filter");
+            let field = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.filter)
+                        .hint_text("hosts, sites or VMs (Ctrl+F)")
+                        .desired_width(240.0),
+                )
+                .labelled_by(label.id);
+            if ui.input_mut(|i| i.consume_shortcut(&FILTER)) {
+                field.request_focus();
+            }
             if !self.filter.is_empty() && ui.button("Clear").clicked() {
                 self.filter.clear();
             }
@@ -345,8 +354,11 @@ fn host_card(
             Color32::from_rgb(87, 96, 106),
         );
         let active: Vec<_> = host.vms.iter().filter(|v| v.state.is_active()).collect();
-        let vcpus: u32 = active.iter().map(|v| v.vcpus).sum();
-        let mem: u64 = active.iter().map(|v| v.memory_mib).sum();
+        // Agents report these; a wild value must not overflow the UI thread.
+        let vcpus = active.iter().fold(0u32, |n, v| n.saturating_add(v.vcpus));
+        let mem = active
+            .iter()
+            .fold(0u64, |n, v| n.saturating_add(v.memory_mib));
         let used_storage = inv.storage_total_mib.saturating_sub(
             host.status
                 .map_or(inv.storage_free_mib, |s| s.storage_free_mib),
