@@ -9,7 +9,7 @@ use dunes_agent::{
 };
 use dunes_console::engine::{
     console_pki::ConsolePki,
-    enroll::{EnrollError, enroll},
+    enroll::{EnrollError, EnrollPolicy, enroll},
     link::{LinkError, connect},
 };
 use dunes_shared::{
@@ -63,6 +63,7 @@ impl Fixture {
             &self.address(),
             &token,
             Some(self.agent.fingerprint),
+            EnrollPolicy::default(),
         )
         .await
         .unwrap();
@@ -240,9 +241,16 @@ async fn an_agent_not_named_as_enrolled_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_and_reused_tokens_are_refused() {
     let f = fixture("proto-token").await;
-    let err = enroll(&f.endpoint, &f.console, &f.address(), "0000-0000", None)
-        .await
-        .unwrap_err();
+    let err = enroll(
+        &f.endpoint,
+        &f.console,
+        &f.address(),
+        "0000-0000",
+        None,
+        EnrollPolicy::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, EnrollError::Refused(ref m) if m.contains("wrong or was already used")),
         "{err}"
@@ -255,6 +263,7 @@ async fn wrong_and_reused_tokens_are_refused() {
         &f.address(),
         &token,
         Some(Fingerprint([1; 32])),
+        EnrollPolicy::default(),
     )
     .await
     .unwrap_err();
@@ -263,16 +272,30 @@ async fn wrong_and_reused_tokens_are_refused() {
         "{err}"
     );
     f.enroll().await;
-    let err = enroll(&f.endpoint, &f.console, &f.address(), &token, None)
-        .await
-        .unwrap_err();
+    let err = enroll(
+        &f.endpoint,
+        &f.console,
+        &f.address(),
+        &token,
+        None,
+        EnrollPolicy::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, EnrollError::Refused(ref m) if m.contains("wrong or was already used")),
         "{err}"
     );
-    let err = enroll(&f.endpoint, &f.console, "not-an-address", &token, None)
-        .await
-        .unwrap_err();
+    let err = enroll(
+        &f.endpoint,
+        &f.console,
+        "not-an-address",
+        &token,
+        None,
+        EnrollPolicy::default(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
         "invalid address \"not-an-address\": expected HOST:PORT"
