@@ -17,7 +17,7 @@ use crate::{
     about = "Dunes console: manage the VMs of many hosts from one window (or headless)"
 )]
 pub struct Cli {
-    /// Where the console keeps its CA, store and control socket [default: $XDG_DATA_HOME/dunes-console; with --demo a fresh temporary dir]
+    /// Where the console keeps its CA, store and control socket [default: $XDG_DATA_HOME/dunes-console; with --demo a fresh temporary dir, printed at start, to pass to ctl]
     #[arg(long, value_name = "DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// Run the engine without a window, until interrupted.
@@ -189,9 +189,18 @@ fn run_console(data_dir: Option<PathBuf>, headless: bool, with_demo: bool) -> an
     result
 }
 
+/// The window icon, drawn for this project (assets/icons/dunes.png).
+const ICON_PNG: &[u8] = include_bytes!("../../assets/icons/dunes.png");
+
 fn run_window(engine: engine::EngineHandle) -> anyhow::Result<()> {
+    let mut viewport = egui::ViewportBuilder::default();
+    // A broken icon is cosmetic: the window opens without it.
+    match eframe::icon_data::from_png_bytes(ICON_PNG) {
+        Ok(icon) => viewport = viewport.with_icon(icon),
+        Err(e) => tracing::warn!("window icon unusable: {e}"),
+    }
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default()
+        viewport: viewport
             .with_title("Dunes console")
             .with_app_id("dunes-console")
             .with_inner_size([1400.0, 860.0])
@@ -397,6 +406,12 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_icon_decodes() {
+        let icon = eframe::icon_data::from_png_bytes(ICON_PNG).unwrap();
+        assert_eq!((icon.width, icon.height), (256, 256));
+    }
 
     #[test]
     fn ctl_arguments_parse() {
