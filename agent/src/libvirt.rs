@@ -101,17 +101,22 @@ pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, Runt
     } else {
         data_dir.join(root)
     });
+    let inside = |path: &std::path::Path| {
+        if path.starts_with(&data_dir) {
+            Ok(())
+        } else {
+            Err(RuntimeError::Libvirt {
+                action: "checking the embed root",
+                message: format!(
+                    "{} is outside the data dir {}",
+                    path.display(),
+                    data_dir.display()
+                ),
+            })
+        }
+    };
     // Checked before anything is created, and again below once symlinks are resolved.
-    if !absolute.starts_with(&data_dir) {
-        return Err(RuntimeError::Libvirt {
-            action: "checking the embed root",
-            message: format!(
-                "{} is outside the data dir {}",
-                absolute.display(),
-                data_dir.display()
-            ),
-        });
-    }
+    inside(&absolute)?;
     std::fs::create_dir_all(absolute.join("etc")).map_err(|e| RuntimeError::Libvirt {
         action: "creating the embed root",
         message: format!("{}: {e}", absolute.display()),
@@ -120,16 +125,7 @@ pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, Runt
         action: "resolving the embed root",
         message: e.to_string(),
     })?;
-    if !root.starts_with(&data_dir) {
-        return Err(RuntimeError::Libvirt {
-            action: "checking the embed root",
-            message: format!(
-                "{} is outside the data dir {}",
-                root.display(),
-                data_dir.display()
-            ),
-        });
-    }
+    inside(&root)?;
     let conf = root.join("etc/qemu.conf");
     if !conf.exists() {
         std::fs::write(&conf, EMBED_QEMU_CONF).map_err(|e| RuntimeError::Libvirt {

@@ -37,33 +37,50 @@ fn vm_state(engine: &EngineHandle, vm: &str) -> Option<VmState> {
     snap.find_vm(vm).ok().map(|(_, v)| v.state)
 }
 
-#[test]
-fn the_window_shows_the_live_fleet_and_drives_real_vms() {
+/// A runtime, an agent on the test driver and an engine that has enrolled it and sees it online.
+fn live_host(
+    dir: &std::path::Path,
+    host_id: &str,
+    site: &str,
+) -> (tokio::runtime::Runtime, AgentProcess, EngineHandle) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let a = AgentProcess::spawn(
-        &dir.path().join("a"),
-        "gui-a",
-        "lausanne",
-        "test:///default",
-    )
-    .unwrap();
-    let b =
-        AgentProcess::spawn(&dir.path().join("b"), "gui-b", "geneva", "test:///default").unwrap();
+    let agent = AgentProcess::spawn(&dir.join(host_id), host_id, site, "test:///default").unwrap();
     let engine = runtime.block_on(async {
-        let engine = start_engine(&dir.path().join("console")).await.unwrap();
-        enroll(&engine, &a).await.unwrap();
-        let host = a.host_id.clone();
+        let engine = start_engine(&dir.join("console")).await.unwrap();
+        enroll(&engine, &agent).await.unwrap();
+        let host = agent.host_id.clone();
         engine
             .wait_for(Duration::from_secs(5), |s| {
                 s.host(&host).is_some_and(|h| h.link == LinkState::Online)
             })
             .await
             .expect("online");
+        engine
+    });
+    (runtime, agent, engine)
+}
+
+/// The real app at the window size of the screenshot.
+fn window(engine: &EngineHandle) -> Harness<'static, ConsoleApp> {
+    let engine = engine.clone();
+    Harness::builder()
+        .with_size([1400.0, 900.0])
+        .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, engine))
+}
+
+#[test]
+fn the_window_shows_the_live_fleet_and_drives_real_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, a, engine) = live_host(dir.path(), "gui-a", "lausanne");
+    // The second host is enrolled through the dialog below.
+    let b =
+        AgentProcess::spawn(&dir.path().join("b"), "gui-b", "geneva", "test:///default").unwrap();
+    let host = a.host_id.clone();
+    runtime.block_on(async {
         engine
             .request(|reply| Command::CreateVm {
                 host,
@@ -78,13 +95,9 @@ fn the_window_shows_the_live_fleet_and_drives_real_vms() {
             })
             .await
             .unwrap();
-        engine
     });
     let _enter = runtime.enter();
-    let app_engine = engine.clone();
-    let mut harness = Harness::builder()
-        .with_size([1400.0, 900.0])
-        .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, app_engine));
+    let mut harness = window(&engine);
 
     // Enroll the second host through the "Add host" dialog, as an operator would.
     step_until(&mut harness, "the first host", |h| {
@@ -180,36 +193,10 @@ fn the_window_shows_the_live_fleet_and_drives_real_vms() {
 
 #[test]
 fn new_vm_dialog_and_context_menu_manage_a_vm() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let agent = AgentProcess::spawn(
-        &dir.path().join("a"),
-        "menu-a",
-        "lausanne",
-        "test:///default",
-    )
-    .unwrap();
-    let engine = runtime.block_on(async {
-        let engine = start_engine(&dir.path().join("console")).await.unwrap();
-        enroll(&engine, &agent).await.unwrap();
-        let host = agent.host_id.clone();
-        engine
-            .wait_for(Duration::from_secs(5), |s| {
-                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-            })
-            .await
-            .expect("online");
-        engine
-    });
+    let (runtime, agent, engine) = live_host(dir.path(), "menu-a", "lausanne");
     let _enter = runtime.enter();
-    let app_engine = engine.clone();
-    let mut harness = Harness::builder()
-        .with_size([1400.0, 900.0])
-        .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, app_engine));
+    let mut harness = window(&engine);
     step_until(&mut harness, "the host", |h| {
         h.query_by_role_and_label(Role::Button, "menu-a").is_some()
     });
