@@ -66,6 +66,11 @@ pub enum CtlCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum HostCommand {
+    /// Show the key fingerprint the agent at ADDR presents, without enrolling it.
+    Probe {
+        /// HOST:PORT of the agent.
+        address: String,
+    },
     /// Enroll the agent at ADDR with the join token it printed.
     Add {
         /// HOST:PORT of the agent.
@@ -232,6 +237,9 @@ fn ctl_request(command: &CtlCommand) -> CtlRequest {
         CtlCommand::Hosts => CtlRequest::Hosts,
         CtlCommand::Vms => CtlRequest::Vms,
         CtlCommand::Events { limit } => CtlRequest::Events { limit: *limit },
+        CtlCommand::Host(HostCommand::Probe { address }) => CtlRequest::HostProbe {
+            address: address.clone(),
+        },
         CtlCommand::Host(HostCommand::Add {
             address,
             token,
@@ -382,6 +390,9 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
                 })
                 .collect(),
         ),
+        CtlCommand::Host(HostCommand::Probe { address }) => {
+            format!("{address} presents key {}\n", text(&data["fingerprint"]))
+        }
         CtlCommand::Host(HostCommand::Add { .. }) => {
             format!(
                 "enrolled {} with key {}\n",

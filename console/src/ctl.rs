@@ -32,6 +32,9 @@ pub enum CtlRequest {
     Events {
         limit: usize,
     },
+    HostProbe {
+        address: String,
+    },
     HostAdd {
         address: String,
         token: String,
@@ -217,6 +220,13 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
             let snap = engine.snapshot();
             let skip = snap.events.len().saturating_sub(limit);
             Ok(serde_json::to_value(&snap.events[skip..]).map_err(|e| e.to_string())?)
+        }
+        CtlRequest::HostProbe { address } => {
+            let fingerprint = engine
+                .request(|reply| Command::ProbeHost { address, reply })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({"fingerprint": fingerprint.to_string()}))
         }
         CtlRequest::HostAdd {
             address,

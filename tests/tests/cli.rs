@@ -99,6 +99,11 @@ fn headless_demo_answers_ctl() {
     );
     assert_eq!(hosts[0]["runtimes"][0], "libvirt");
 
+    // Probing an agent shows the key the console pinned for it.
+    let address = hosts[0]["address"].as_str().unwrap();
+    let probed = json(&ctl(&data, &["--json", "host", "probe", address]));
+    assert_eq!(probed["fingerprint"], hosts[0]["fingerprint"]);
+
     let vms = json(&ctl(&data, &["--json", "vms"]));
     let vms = vms.as_array().unwrap();
     assert!(vms.len() >= 6, "a few VMs per host");
@@ -184,6 +189,14 @@ fn headless_demo_answers_ctl() {
         (
             vec!["host", "add", "nohost", "--token", "t"],
             "invalid address",
+        ),
+        (
+            vec!["host", "add", "127.0.0.1:7443", "--token", ""],
+            "the join token is empty",
+        ),
+        (
+            vec!["host", "probe", "[::1]:7443"],
+            "IPv6 addresses are not supported yet",
         ),
     ] {
         let out = ctl(&data, &args);

@@ -124,13 +124,29 @@ fn the_window_shows_the_live_fleet_and_drives_real_vms() {
         .type_text(b.token.as_deref().unwrap());
     harness.step();
     harness.get_by_label("Enroll").click();
-    let pinned = b.fingerprint.to_string();
-    step_until(&mut harness, "the pinned fingerprint in the dialog", |h| {
-        h.query_by_label(&pinned).is_some()
+    // First the key the agent presents, to compare with what it printed; nothing enrolled yet.
+    let presented = b.fingerprint.to_string();
+    step_until(&mut harness, "the presented key to trust", |h| {
+        h.query_by_label(&presented).is_some()
+            && h.query_by_role_and_label(Role::Button, "Trust and enroll")
+                .is_some()
     });
+    assert!(engine.snapshot().host(&b.host_id).is_none());
     harness
-        .query_by_label("Enrolled host gui-b.")
-        .expect("the dialog says which host it enrolled");
+        .get_by_role_and_label(Role::Button, "Trust and enroll")
+        .click();
+    step_until(&mut harness, "the enrolled host and its pinned key", |h| {
+        h.query_by_label("Enrolled host gui-b.").is_some() && h.query_by_label(&presented).is_some()
+    });
+    assert_eq!(
+        engine
+            .snapshot()
+            .host(&b.host_id)
+            .unwrap()
+            .record
+            .fingerprint,
+        b.fingerprint
+    );
     harness.key_press(egui::Key::Escape);
 
     // Hosts and VMs appear, as cards and chips.

@@ -9,7 +9,7 @@ use dunes_agent::{
 };
 use dunes_console::engine::{
     console_pki::ConsolePki,
-    enroll::{EnrollError, EnrollPolicy, enroll},
+    enroll::{EnrollError, EnrollPolicy, enroll, probe},
     link::{LinkError, connect},
 };
 use dunes_shared::{
@@ -336,4 +336,18 @@ async fn bad_frames_close_the_stream_not_the_agent() {
     }
     // The connection and the agent are fine.
     call(&conn, ListVms).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probing_shows_the_key_and_changes_nothing() {
+    let f = fixture("proto-probe").await;
+    let presented = probe(&f.endpoint, &f.address()).await.unwrap();
+    assert_eq!(presented, f.agent.fingerprint);
+    // The token is untouched: enrollment still works afterwards.
+    f.enroll().await;
+    let err = probe(&f.endpoint, "127.0.0.1:1").await.unwrap_err();
+    assert!(
+        matches!(err, EnrollError::Unreachable { .. } | EnrollError::Timeout),
+        "{err}"
+    );
 }

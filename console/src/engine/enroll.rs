@@ -104,14 +104,11 @@ pub async fn enroll(
     .map_err(|_| EnrollError::Timeout)?
 }
 
-async fn enroll_inner(
+/// Connects on the enrollment protocol and returns the key the agent presents.
+async fn connect_enroll(
     endpoint: &quinn::Endpoint,
-    pki: &ConsolePki,
     address: &str,
-    token: &str,
-    expected: Option<Fingerprint>,
-    policy: EnrollPolicy,
-) -> Result<Enrolled, EnrollError> {
+) -> Result<(quinn::Connection, Fingerprint), EnrollError> {
     let unreachable = |source| EnrollError::Unreachable {
         address: address.to_string(),
         source,
@@ -123,12 +120,44 @@ async fn enroll_inner(
         .map_err(|e| unreachable(e.into()))?
         .await
         .map_err(|e| unreachable(e.into()))?;
+    let presented = match peer_certificate(&conn) {
+        Some(cert) => Fingerprint::of_certificate(&cert),
+        None => {
+            conn.close(codes::CLOSE_NORMAL, b"");
+            return Err(unreachable(LinkError::NoCertificate));
+        }
+    };
+    match presented {
+        Ok(fingerprint) => Ok((conn, fingerprint)),
+        Err(e) => {
+            conn.close(codes::CLOSE_NORMAL, b"");
+            Err(e.into())
+        }
+    }
+}
+
+/// The key an agent presents, for the operator to compare with what the agent printed before
+/// trusting it. Sends nothing but the handshake.
+pub async fn probe(endpoint: &quinn::Endpoint, address: &str) -> Result<Fingerprint, EnrollError> {
+    validate_address(address)?;
+    let (conn, fingerprint) =
+        tokio::time::timeout(ENROLL_TIMEOUT, connect_enroll(endpoint, address))
+            .await
+            .map_err(|_| EnrollError::Timeout)??;
+    conn.close(codes::CLOSE_NORMAL, b"");
+    Ok(fingerprint)
+}
+
+async fn enroll_inner(
+    endpoint: &quinn::Endpoint,
+    pki: &ConsolePki,
+    address: &str,
+    token: &str,
+    expected: Option<Fingerprint>,
+    policy: EnrollPolicy,
+) -> Result<Enrolled, EnrollError> {
+    let (conn, presented) = connect_enroll(endpoint, address).await?;
     let result = async {
-        let cert = peer_certificate(&conn).ok_or(EnrollError::Unreachable {
-            address: address.to_string(),
-            source: LinkError::NoCertificate,
-        })?;
-        let presented = Fingerprint::of_certificate(&cert)?;
         if let Some(expected) = expected.filter(|e| *e != presented) {
             return Err(EnrollError::FingerprintMismatch {
                 expected,

@@ -89,6 +89,12 @@ pub struct HostAdded {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Command {
+    /// Reads the key an agent presents, without enrolling it, so the operator can compare it
+    /// with what the agent printed.
+    ProbeHost {
+        address: String,
+        reply: Reply<Fingerprint>,
+    },
     AddHost {
         address: String,
         token: String,
@@ -439,6 +445,15 @@ impl Actor {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
+            Command::ProbeHost { address, reply } => {
+                let endpoint = self.endpoint.clone();
+                tokio::spawn(async move {
+                    let result = enroll::probe(&endpoint, &address).await.map_err(|e| {
+                        EngineError::Enroll(format!("{address}: {}", error_chain(&e)))
+                    });
+                    let _ = reply.send(result);
+                });
+            }
             Command::AddHost {
                 address,
                 token,

@@ -20,13 +20,21 @@ pub struct AddHostDialog {
     address: String,
     token: String,
     fingerprint: String,
-    /// The enrollment under way.
-    pending: Option<oneshot::Receiver<Result<HostAdded, EngineError>>>,
-    /// How the last enrollment ended, shown until the dialog is used again.
-    outcome: Option<Result<HostAdded, String>>,
-    focus_address: bool,
     /// Let the agent take over an enrolled host's id despite another key.
     replace: bool,
+    focus_address: bool,
+    /// The probe or enrollment under way.
+    pending: Option<AddHostStep>,
+    /// The key the agent at this address presented, waiting for the operator's trust.
+    probed: Option<(String, Fingerprint)>,
+    /// How the last attempt ended, shown until the dialog is used again.
+    outcome: Option<Result<HostAdded, String>>,
+}
+
+#[derive(Debug)]
+enum AddHostStep {
+    Probe(String, oneshot::Receiver<Result<Fingerprint, EngineError>>),
+    Enroll(oneshot::Receiver<Result<HostAdded, EngineError>>),
 }
 
 /// A grid row: a label and the widget it names (for screen readers and tests alike).
@@ -64,39 +72,109 @@ impl AddHostDialog {
             return Some("enter the join token the agent printed".into());
         }
         if !self.fingerprint.trim().is_empty()
-            && let Err(e) = self.fingerprint.parse::<Fingerprint>()
+            && let Err(e) = self.fingerprint.trim().parse::<Fingerprint>()
         {
             return Some(e.to_string());
         }
         None
     }
 
+    /// Takes the answer of the step under way, if it has come.
+    fn poll(&mut self, ctx: &egui::Context) {
+        let Some(step) = &mut self.pending else {
+            return;
+        };
+        let done = match step {
+            AddHostStep::Probe(address, rx) => match rx.try_recv() {
+                Ok(Ok(fingerprint)) => {
+                    self.probed = Some((address.clone(), fingerprint));
+                    true
+                }
+                Ok(Err(e)) => {
+                    self.outcome = Some(Err(e.to_string()));
+                    true
+                }
+                Err(oneshot::error::TryRecvError::Empty) => false,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    self.outcome = Some(Err(EngineError::Stopped.to_string()));
+                    true
+                }
+            },
+            AddHostStep::Enroll(rx) => match rx.try_recv() {
+                Ok(result) => {
+                    if result.is_ok() {
+                        self.address.clear();
+                        self.token.clear();
+                        self.fingerprint.clear();
+                        self.replace = false;
+                    }
+                    self.outcome = Some(result.map_err(|e| e.to_string()));
+                    self.probed = None;
+                    true
+                }
+                Err(oneshot::error::TryRecvError::Empty) => false,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    self.outcome = Some(Err(EngineError::Stopped.to_string()));
+                    true
+                }
+            },
+        };
+        if done {
+            self.pending = None;
+        } else {
+            ctx.request_repaint_after(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Enrolls with the key the operator vouched for: typed in, or probed and trusted.
+    fn enroll(&mut self, actions: &mut Actions<'_>, expected_fingerprint: Fingerprint) {
+        let (tx, rx) = oneshot::channel();
+        let command = Command::AddHost {
+            address: self.address.trim().to_string(),
+            token: self.token.trim().to_string(),
+            expected_fingerprint: Some(expected_fingerprint),
+            replace: self.replace,
+            reply: tx,
+        };
+        match actions.engine.try_send(command) {
+            Ok(()) => {
+                self.pending = Some(AddHostStep::Enroll(rx));
+                self.outcome = None;
+            }
+            Err(e) => self.outcome = Some(Err(e.to_string())),
+        }
+    }
+
+    fn probe(&mut self, actions: &mut Actions<'_>) {
+        let address = self.address.trim().to_string();
+        let (tx, rx) = oneshot::channel();
+        match actions.engine.try_send(Command::ProbeHost {
+            address: address.clone(),
+            reply: tx,
+        }) {
+            Ok(()) => {
+                self.pending = Some(AddHostStep::Probe(address, rx));
+                self.outcome = None;
+            }
+            Err(e) => self.outcome = Some(Err(e.to_string())),
+        }
+    }
+
     pub fn add_host_ui(&mut self, ctx: &egui::Context, actions: &mut Actions<'_>) {
         if !self.open {
             return;
         }
-        if let Some(rx) = &mut self.pending {
-            match rx.try_recv() {
-                Ok(result) => {
-                    self.outcome = Some(result.map_err(|e| e.to_string()));
-                    self.pending = None;
-                    if matches!(self.outcome, Some(Ok(_))) {
-                        self.address.clear();
-                        self.token.clear();
-                        self.fingerprint.clear();
-                    }
-                }
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    ctx.request_repaint_after(std::time::Duration::from_millis(100));
-                }
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    self.outcome = Some(Err(EngineError::Stopped.to_string()));
-                    self.pending = None;
-                }
-            }
+        self.poll(ctx);
+        // A key probed at another address vouches for nothing here.
+        if self
+            .probed
+            .as_ref()
+            .is_some_and(|(address, _)| address != self.address.trim())
+        {
+            self.probed = None;
         }
         let mut open = true;
-        let mut submitted = false;
+        let (mut submit, mut trust, mut distrust) = (false, false, false);
         egui::Window::new("Add host")
             .open(&mut open)
             .collapsible(false)
@@ -109,9 +187,9 @@ impl AddHostDialog {
                         address.request_focus();
                     }
                     field(ui, "Join token", egui::TextEdit::singleline(&mut self.token).hint_text("xxxx-xxxx-…").desired_width(260.0));
-                    field(ui, "Fingerprint", 
+                    field(ui, "Fingerprint",
                         egui::TextEdit::singleline(&mut self.fingerprint)
-                            .hint_text("sha256:… (optional, checked if given)")
+                            .hint_text("sha256:… (optional: else shown to compare)")
                             .desired_width(260.0),
                     );
                 });
@@ -120,52 +198,59 @@ impl AddHostDialog {
                 if !self.address.is_empty() {
                     error_line(ui, &problem);
                 }
-                ui.label(
-                    RichText::new("The console pins the agent's key at enrollment: give the fingerprint the agent printed, or compare it with the one shown here afterwards.")
-                        .weak()
-                        .small(),
-                );
                 let ready = problem.is_none() && self.pending.is_none();
-                let enter = ui.input(|i| i.key_pressed(Key::Enter));
-                ui.horizontal(|ui| {
-                    if ui.add_enabled(ready, egui::Button::new("Enroll")).clicked() || (enter && ready) {
-                        submitted = true;
-                    }
-                    if self.pending.is_some() {
+                if let Some((address, fingerprint)) = &self.probed {
+                    ui.separator();
+                    ui.label(format!("The agent at {address} presents this key. Compare it with the fingerprint the agent printed:"));
+                    ui.label(RichText::new(fingerprint.to_string()).monospace().strong());
+                    ui.horizontal(|ui| {
+                        trust = ui.add_enabled(ready, egui::Button::new("Trust and enroll")).clicked();
+                        distrust = ui.button("Cancel").clicked();
+                    });
+                } else {
+                    ui.label(
+                        RichText::new("Without a fingerprint the console first shows the key the agent presents, and enrolls only once you trust it.")
+                            .weak()
+                            .small(),
+                    );
+                    let enter = ui.input(|i| i.key_pressed(Key::Enter));
+                    ui.horizontal(|ui| {
+                        submit = ui.add_enabled(ready, egui::Button::new("Enroll")).clicked() || (enter && ready);
+                    });
+                }
+                if let Some(step) = &self.pending {
+                    ui.horizontal(|ui| {
                         ui.spinner();
-                        ui.label("enrolling…");
-                    }
-                });
+                        ui.label(match step {
+                            AddHostStep::Probe(..) => "reading the agent's key…",
+                            AddHostStep::Enroll(_) => "enrolling…",
+                        });
+                    });
+                }
                 match &self.outcome {
                     Some(Ok(added)) => {
                         ui.label(RichText::new(format!("Enrolled host {}.", added.host_id)).strong());
-                        field(ui, "Pinned key (compare with the agent's output):", egui::Label::new(RichText::new(added.fingerprint.to_string()).monospace()).wrap());
+                        field(ui, "Pinned key:", egui::Label::new(RichText::new(added.fingerprint.to_string()).monospace()).wrap());
                     }
                     Some(Err(e)) => error_line(ui, &Some(e.clone())),
                     None => {}
                 }
             });
-        if submitted {
-            let address = self.address.trim().to_string();
-            let token = self.token.trim().to_string();
-            let expected_fingerprint = self.fingerprint.parse().ok();
-            let (tx, rx) = oneshot::channel();
-            match actions.engine.try_send(Command::AddHost {
-                address,
-                token,
-                expected_fingerprint,
-                replace: std::mem::take(&mut self.replace),
-                reply: tx,
-            }) {
-                Ok(()) => {
-                    self.pending = Some(rx);
-                    self.outcome = None;
-                }
-                Err(e) => self.outcome = Some(Err(e.to_string())),
+        if submit {
+            match self.fingerprint.trim().parse::<Fingerprint>() {
+                Ok(given) => self.enroll(actions, given),
+                Err(_) => self.probe(actions),
             }
+        }
+        if trust && let Some((_, fingerprint)) = self.probed {
+            self.enroll(actions, fingerprint);
+        }
+        if distrust {
+            self.probed = None;
         }
         if !open || ctx.input(|i| i.key_pressed(Key::Escape)) {
             self.open = false;
+            self.probed = None;
         }
     }
 }
