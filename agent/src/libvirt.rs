@@ -152,6 +152,38 @@ type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 pub struct LibvirtRuntime {
     jobs: mpsc::Sender<Job>,
     pub node: NodeFacts,
+    storage: Storage,
+    /// VMs being created: their disks are copied off the libvirt thread, so a second create
+    /// of the same name must be refused here rather than by libvirt.
+    creating: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<VmName>>>,
+}
+
+/// Holds a VM name in `LibvirtRuntime::creating` until dropped.
+struct CreateClaim {
+    creating: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<VmName>>>,
+    name: VmName,
+}
+
+impl CreateClaim {
+    fn take(runtime: &LibvirtRuntime, name: &VmName) -> Result<Self, RuntimeError> {
+        let mut set = runtime.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(name.clone()) {
+            return Err(RuntimeError::AlreadyExists(name.clone()));
+        }
+        Ok(CreateClaim {
+            creating: runtime.creating.clone(),
+            name: name.clone(),
+        })
+    }
+}
+
+impl Drop for CreateClaim {
+    fn drop(&mut self) {
+        self.creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
 }
 
 impl std::fmt::Debug for LibvirtRuntime {
@@ -186,10 +218,11 @@ impl LibvirtRuntime {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let uri = uri.to_string();
+        let worker_storage = storage.clone();
         std::thread::Builder::new()
             .name("libvirt".into())
             .spawn(move || {
-                let worker = Worker::open(&uri, storage, events);
+                let worker = Worker::open(&uri, worker_storage, events);
                 match worker {
                     Ok((mut worker, facts)) => {
                         let _ = ready_tx.send(Ok(facts));
@@ -208,6 +241,8 @@ impl LibvirtRuntime {
         Ok(LibvirtRuntime {
             jobs: jobs_tx,
             node,
+            storage,
+            creating: Default::default(),
         })
     }
 
@@ -228,9 +263,27 @@ impl LibvirtRuntime {
         self.run(|w| w.list()).await?
     }
 
+    /// Creates a VM. The disk is copied on a blocking-pool thread, so a large template does not
+    /// hold up the libvirt thread's state polling. Runs to the end even if the caller goes away,
+    /// so no disk is left without its domain.
     pub async fn create_vm(&self, spec: VmSpec, start: bool) -> Result<VmStatus, RuntimeError> {
         spec.validate()?;
-        self.run(move |w| w.create(&spec, start)).await?
+        let runtime = self.clone();
+        tokio::spawn(async move {
+            let _claim = CreateClaim::take(&runtime, &spec.name)?;
+            let checked = spec.clone();
+            let template = runtime.run(move |w| w.check_create(&checked)).await??;
+            let (storage, name, source) =
+                (runtime.storage.clone(), spec.name.clone(), template.clone());
+            let disk = tokio::task::spawn_blocking(move || storage.create_disk(&name, &source))
+                .await
+                .map_err(|_| RuntimeError::WorkerGone)??;
+            runtime
+                .run(move |w| w.define(&spec, &template, &disk, start))
+                .await?
+        })
+        .await
+        .map_err(|_| RuntimeError::WorkerGone)?
     }
 
     pub async fn start_vm(&self, name: VmName) -> Result<VmStatus, RuntimeError> {
@@ -427,7 +480,8 @@ impl Worker {
         Ok(self.status_of(name)?.state)
     }
 
-    fn create(&mut self, spec: &VmSpec, start: bool) -> Result<VmStatus, RuntimeError> {
+    /// What a create needs before its disk is copied: a free name and a bootable template.
+    fn check_create(&mut self, spec: &VmSpec) -> Result<Template, RuntimeError> {
         if self.conn.lookup_domain_by_name(spec.name.as_str()).is_ok() {
             return Err(RuntimeError::AlreadyExists(spec.name.clone()));
         }
@@ -435,8 +489,18 @@ impl Worker {
         if template.placeholder && self.domain_type != "test" {
             return Err(RuntimeError::NoGuest(spec.template.clone()));
         }
-        let disk = self.storage.create_disk(&spec.name, &template)?;
-        let xml = domain_xml(self.domain_type, spec, &template, &disk, &self.storage);
+        Ok(template)
+    }
+
+    /// Defines (and maybe starts) a VM whose disk is in place; removes the disk on failure.
+    fn define(
+        &mut self,
+        spec: &VmSpec,
+        template: &Template,
+        disk: &std::path::Path,
+        start: bool,
+    ) -> Result<VmStatus, RuntimeError> {
+        let xml = domain_xml(self.domain_type, spec, template, disk, &self.storage);
         let dom = match self.conn.define_domain_xml(&xml) {
             Ok(d) => d,
             Err(e) => {

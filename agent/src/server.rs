@@ -248,6 +248,16 @@ impl Shared {
     }
 }
 
+/// Runs `f` on the blocking pool: reading /proc, /sys and the storage dir is file I/O that
+/// must not hold a tokio worker.
+async fn off_worker<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&Shared) -> T + Send + 'static,
+) -> Option<T> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || f(&shared)).await.ok()
+}
+
 async fn status_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     loop {
@@ -256,8 +266,9 @@ async fn status_loop(shared: Arc<Shared>) {
             let running = vms.iter().filter(|v| v.state.is_active()).count() as u32;
             shared.vms_running.store(running, Ordering::Relaxed);
         }
-        let status = shared.status();
-        let _ = shared.events.send(AgentEvent::HostStatus(status));
+        if let Some(status) = off_worker(&shared, Shared::status).await {
+            let _ = shared.events.send(AgentEvent::HostStatus(status));
+        }
     }
 }
 
@@ -316,10 +327,14 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
             return;
         }
     };
+    let Some((inventory, status)) = off_worker(&shared, |s| (s.inventory(), s.status())).await
+    else {
+        return;
+    };
     let reply = HelloReply {
         protocol_version: PROTOCOL_VERSION,
-        inventory: shared.inventory(),
-        status: shared.status(),
+        inventory,
+        status,
         vms,
     };
     match encode_reply::<Hello>(Ok(reply)) {
@@ -359,17 +374,22 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
 }
 
 async fn dispatch(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     request: Request,
 ) -> Result<Vec<u8>, dunes_shared::codec::FrameError> {
     let rt = &shared.runtime;
     match request {
         Request::ListVms(_) => encode_reply::<ListVms>(rt.list_vms().await.map_err(wire)),
         Request::ListTemplates(_) => encode_reply::<ListTemplates>(
-            shared
-                .storage
-                .templates()
-                .map_err(|e| WireError::new(ErrorCode::Storage, error_chain(&e))),
+            match off_worker(shared, |s| s.storage.templates()).await {
+                Some(listed) => {
+                    listed.map_err(|e| WireError::new(ErrorCode::Storage, error_chain(&e)))
+                }
+                None => Err(WireError::new(
+                    ErrorCode::Internal,
+                    "the agent is shutting down",
+                )),
+            },
         ),
         Request::CreateVm(CreateVm { spec, start }) => {
             encode_reply::<CreateVm>(rt.create_vm(spec, start).await.map_err(wire))

@@ -289,11 +289,21 @@ fn is_plain_file_name(name: &str) -> bool {
 
 /// Copies a file, seeking over all-zero blocks so the copy stays sparse.
 pub fn sparse_copy(from: &Path, to: &Path) -> Result<(), StorageError> {
+    let tmp = to.with_extension("partial");
+    let result = copy_holes_kept(from, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, to).map_err(io_err("renaming", &tmp)));
+    if result.is_err() {
+        // A half-written copy is worth nothing; leave no clutter in the storage dir.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn copy_holes_kept(from: &Path, tmp: &Path) -> Result<(), StorageError> {
     const BLOCK: usize = 64 * 1024;
     let mut src = File::open(from).map_err(io_err("opening", from))?;
     let len = src.metadata().map_err(io_err("reading", from))?.len();
-    let tmp = to.with_extension("partial");
-    let mut dst = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    let mut dst = File::create(tmp).map_err(io_err("creating", tmp))?;
     let mut buf = vec![0u8; BLOCK];
     let mut offset = 0u64;
     while offset < len {
@@ -302,16 +312,15 @@ pub fn sparse_copy(from: &Path, to: &Path) -> Result<(), StorageError> {
             .map_err(io_err("reading", from))?;
         if buf[..want].iter().all(|b| *b == 0) {
             dst.seek(SeekFrom::Current(want as i64))
-                .map_err(io_err("writing", &tmp))?;
+                .map_err(io_err("writing", tmp))?;
         } else {
             dst.write_all(&buf[..want])
-                .map_err(io_err("writing", &tmp))?;
+                .map_err(io_err("writing", tmp))?;
         }
         offset += want as u64;
     }
-    dst.set_len(len).map_err(io_err("sizing", &tmp))?;
-    dst.sync_all().map_err(io_err("syncing", &tmp))?;
-    std::fs::rename(&tmp, to).map_err(io_err("renaming", &tmp))
+    dst.set_len(len).map_err(io_err("sizing", tmp))?;
+    dst.sync_all().map_err(io_err("syncing", tmp))
 }
 
 #[cfg(test)]

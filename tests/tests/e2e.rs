@@ -209,6 +209,38 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         EngineError::UnknownHost(HostId::new("nowhere").unwrap())
     );
 
+    // Two creates of one name at once: one VM, one clear refusal, no stray disk.
+    let create_twin = || {
+        engine.request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: spec("twin"),
+            start: false,
+            reply,
+        })
+    };
+    let (first, second) = tokio::join!(create_twin(), create_twin());
+    let refused = match (first, second) {
+        (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+        other => panic!("expected one create to win: {other:?}"),
+    };
+    assert!(
+        refused.to_string().contains("twin already exists"),
+        "{refused}"
+    );
+    within(&engine, STATE_VISIBLE, "the twin", |s| {
+        vm_state(s, &host, "twin") == Some(VmState::Shutoff)
+    })
+    .await;
+    let disks: Vec<_> = std::fs::read_dir(a.data_dir.join("storage/disks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        disks,
+        vec!["twin.img".to_string()],
+        "one disk, no partial copy"
+    );
+
     // Kill an agent: unreachable within 5 s, its VMs still in view.
     engine
         .request(|reply| Command::CreateVm {
