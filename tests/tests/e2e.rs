@@ -435,3 +435,41 @@ async fn a_second_machine_with_the_same_host_id_needs_replace() {
         .unwrap_err();
     assert!(matches!(err, EngineError::Invalid(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_claiming_one_id_at_once_cannot_both_enroll() {
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |sub: &str| {
+        AgentProcess::spawn(&dir.path().join(sub), "race", "lausanne", "test:///default").unwrap()
+    };
+    let (x, y) = (spawn("x"), spawn("y"));
+    let engine = start_engine(&dir.path().join("console")).await.unwrap();
+    let (rx, ry) = tokio::join!(enroll(&engine, &x), enroll(&engine, &y));
+    let (winner, loser, refused) = match (rx, ry) {
+        (Ok(_), Err(e)) => (&x, &y, e),
+        (Err(e), Ok(_)) => (&y, &x, e),
+        other => panic!("expected exactly one enrollment to win: {other:?}"),
+    };
+    let refused = refused.to_string();
+    assert!(
+        refused.contains("another enrollment of host race is under way")
+            || refused.contains("host race is already enrolled with another key"),
+        "{refused}"
+    );
+    let snap = engine.snapshot();
+    assert_eq!(snap.hosts.len(), 1);
+    assert_eq!(snap.hosts[0].record.fingerprint, winner.fingerprint);
+    // The loser's token was never used.
+    let token = loser.token.clone().unwrap();
+    let replaced = engine
+        .request(|reply| Command::AddHost {
+            address: loser.address.clone(),
+            token,
+            expected_fingerprint: Some(loser.fingerprint),
+            replace: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(replaced.fingerprint, loser.fingerprint);
+}

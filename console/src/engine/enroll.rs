@@ -47,14 +47,62 @@ pub enum EnrollError {
         "host {host} is already enrolled with another key ({enrolled}); to replace it, enroll again with replace"
     )]
     HostIdTaken { host: HostId, enrolled: Fingerprint },
+    #[error("another enrollment of host {0} is under way")]
+    HostIdBusy(HostId),
+    #[error("the engine stopped")]
+    EngineGone,
 }
 
-/// Hosts already enrolled, by id, with their pinned keys: a new agent must not silently take
-/// over an enrolled host's id (two machines cloned with the same host name, say).
-#[derive(Debug, Clone, Default)]
+/// What enrollment may do with the host id an agent claims. The engine answers through the
+/// gate with its live host list, so two agents claiming one id at once cannot both pass:
+/// a new agent must not silently take over an enrolled host's id (a cloned machine, say).
+#[derive(Default)]
 pub struct EnrollPolicy {
-    pub enrolled: std::collections::HashMap<HostId, Fingerprint>,
+    pub(super) gate: Option<tokio::sync::mpsc::UnboundedSender<super::Internal>>,
     pub replace: bool,
+}
+
+impl std::fmt::Debug for EnrollPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollPolicy")
+            .field("gated", &self.gate.is_some())
+            .field("replace", &self.replace)
+            .finish()
+    }
+}
+
+/// Asks the engine to hold a host id for an enrollment under way.
+#[derive(Debug)]
+pub(super) struct GateRequest {
+    pub host_id: HostId,
+    pub fingerprint: Fingerprint,
+    pub replace: bool,
+    pub answer: tokio::sync::oneshot::Sender<Result<HostIdHold, EnrollError>>,
+}
+
+/// A host id held for one enrollment; released when dropped, which the engine does only once
+/// the enrolled host is in its list.
+#[derive(Debug)]
+pub struct HostIdHold {
+    host_id: HostId,
+    release: tokio::sync::mpsc::UnboundedSender<super::Internal>,
+}
+
+impl HostIdHold {
+    pub(super) fn new(
+        host_id: HostId,
+        release: tokio::sync::mpsc::UnboundedSender<super::Internal>,
+    ) -> Self {
+        HostIdHold { host_id, release }
+    }
+}
+
+impl Drop for HostIdHold {
+    fn drop(&mut self) {
+        let _ = self
+            .release
+            .send(super::Internal::ReleaseHostId(self.host_id.clone()));
+    }
 }
 
 impl From<CallError> for EnrollError {
@@ -66,10 +114,12 @@ impl From<CallError> for EnrollError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Enrolled {
     pub host_id: HostId,
     pub fingerprint: Fingerprint,
+    /// Keeps the id held until the engine has recorded the host.
+    pub hold: Option<HostIdHold>,
 }
 
 /// Checks `HOST:PORT` syntax without resolving.
@@ -173,15 +223,20 @@ async fn enroll_inner(
         )
         .await?;
         // Checked before EnrollFinish, so a refusal leaves the agent's token usable.
-        if let Some(enrolled) = policy.enrolled.get(&begin.host_id)
-            && *enrolled != presented
-            && !policy.replace
-        {
-            return Err(EnrollError::HostIdTaken {
-                host: begin.host_id,
-                enrolled: *enrolled,
-            });
-        }
+        let hold = match &policy.gate {
+            Some(gate) => {
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                gate.send(super::Internal::GateHostId(GateRequest {
+                    host_id: begin.host_id.clone(),
+                    fingerprint: presented,
+                    replace: policy.replace,
+                    answer,
+                }))
+                .map_err(|_| EnrollError::EngineGone)?;
+                Some(answered.await.map_err(|_| EnrollError::EngineGone)??)
+            }
+            None => None,
+        };
         let cert = pki.ca.sign_host_csr(&begin.csr_der, &begin.host_id)?;
         // Pinning: the key we sign must be the key that answered the TLS handshake.
         if Fingerprint::of_certificate(&cert)? != presented {
@@ -198,6 +253,7 @@ async fn enroll_inner(
         Ok(Enrolled {
             host_id: begin.host_id,
             fingerprint: presented,
+            hold,
         })
     }
     .await;

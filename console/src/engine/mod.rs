@@ -239,6 +239,8 @@ enum Internal {
         address: String,
         reply: Reply<HostAdded>,
     },
+    GateHostId(enroll::GateRequest),
+    ReleaseHostId(HostId),
 }
 
 struct Actor {
@@ -247,6 +249,8 @@ struct Actor {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     hosts: BTreeMap<HostId, HostEntry>,
+    /// Host ids held by enrollments under way.
+    enrolling: std::collections::HashSet<HostId>,
     events: VecDeque<EventRecord>,
     events_dirty: bool,
     published_events: Arc<Vec<EventRecord>>,
@@ -291,6 +295,7 @@ pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
         endpoint,
         client_config,
         hosts: BTreeMap::new(),
+        enrolling: Default::default(),
         events: loaded.events.into_iter().collect(),
         events_dirty: true,
         published_events: Arc::new(Vec::new()),
@@ -482,11 +487,7 @@ impl Actor {
                     self.internal_tx.clone(),
                 );
                 let policy = enroll::EnrollPolicy {
-                    enrolled: self
-                        .hosts
-                        .iter()
-                        .map(|(id, e)| (id.clone(), e.view.record.fingerprint))
-                        .collect(),
+                    gate: Some(self.internal_tx.clone()),
                     replace,
                 };
                 tokio::spawn(async move {
@@ -646,6 +647,7 @@ impl Actor {
                 let Enrolled {
                     host_id,
                     fingerprint,
+                    hold,
                 } = enrolled;
                 if let Some(old) = self.hosts.remove(&host_id)
                     && old.view.record.fingerprint != fingerprint
@@ -670,10 +672,41 @@ impl Actor {
                     Some(host_id.clone()),
                     format!("enrolled at {address}, key {fingerprint}"),
                 );
+                // Whoever awaits the reply finds the host in the snapshot.
+                self.publish();
                 let _ = reply.send(Ok(HostAdded {
                     host_id,
                     fingerprint,
                 }));
+                // Released only now that the host is in the list the gate checks.
+                drop(hold);
+            }
+            Internal::GateHostId(request) => {
+                let enroll::GateRequest {
+                    host_id,
+                    fingerprint,
+                    replace,
+                    answer,
+                } = request;
+                let verdict = if self.enrolling.contains(&host_id) {
+                    Err(enroll::EnrollError::HostIdBusy(host_id))
+                } else if let Some(entry) = self.hosts.get(&host_id)
+                    && entry.view.record.fingerprint != fingerprint
+                    && !replace
+                {
+                    Err(enroll::EnrollError::HostIdTaken {
+                        host: host_id,
+                        enrolled: entry.view.record.fingerprint,
+                    })
+                } else {
+                    self.enrolling.insert(host_id.clone());
+                    Ok(enroll::HostIdHold::new(host_id, self.internal_tx.clone()))
+                };
+                // If the enrollment is gone already, its hold is dropped here and released.
+                let _ = answer.send(verdict);
+            }
+            Internal::ReleaseHostId(host_id) => {
+                self.enrolling.remove(&host_id);
             }
         }
     }
