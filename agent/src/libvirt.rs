@@ -86,23 +86,26 @@ fn normalize_lexically(path: &std::path::Path) -> std::path::PathBuf {
 /// inside the data dir (the agent writes its configuration there).
 pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, RuntimeError> {
     let root = match uri {
-        "qemu:///embed" => data_dir.join("qemu"),
+        "qemu:///embed" => None,
         _ => match uri.strip_prefix("qemu:///embed?root=") {
-            Some(root) => std::path::PathBuf::from(root),
+            Some(root) => Some(std::path::PathBuf::from(root)),
             None => return Ok(uri.to_string()),
         },
     };
-    let data_dir = data_dir.canonicalize().map_err(|e| RuntimeError::Libvirt {
+    let resolving = |e: std::io::Error| RuntimeError::Libvirt {
         action: "resolving the data dir",
         message: e.to_string(),
-    })?;
-    let absolute = normalize_lexically(&if root.is_absolute() {
-        root
-    } else {
-        data_dir.join(root)
-    });
-    let inside = |path: &std::path::Path| {
-        if path.starts_with(&data_dir) {
+    };
+    // Both spellings of the data dir count: as given (perhaps through a symlink) and resolved.
+    let given = normalize_lexically(&std::path::absolute(data_dir).map_err(resolving)?);
+    let data_dir = data_dir.canonicalize().map_err(resolving)?;
+    let absolute = match root {
+        None => data_dir.join("qemu"),
+        Some(root) if root.is_absolute() => normalize_lexically(&root),
+        Some(root) => normalize_lexically(&data_dir.join(root)),
+    };
+    let inside = |path: &std::path::Path, lexical: bool| {
+        if path.starts_with(&data_dir) || (lexical && path.starts_with(&given)) {
             Ok(())
         } else {
             Err(RuntimeError::Libvirt {
@@ -116,7 +119,7 @@ pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, Runt
         }
     };
     // Checked before anything is created, and again below once symlinks are resolved.
-    inside(&absolute)?;
+    inside(&absolute, true)?;
     std::fs::create_dir_all(absolute.join("etc")).map_err(|e| RuntimeError::Libvirt {
         action: "creating the embed root",
         message: format!("{}: {e}", absolute.display()),
@@ -125,7 +128,7 @@ pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, Runt
         action: "resolving the embed root",
         message: e.to_string(),
     })?;
-    inside(&root)?;
+    inside(&root, false)?;
     let conf = root.join("etc/qemu.conf");
     if !conf.exists() {
         std::fs::write(&conf, EMBED_QEMU_CONF).map_err(|e| RuntimeError::Libvirt {
@@ -703,5 +706,19 @@ mod embed_tests {
             resolve_uri("test:///default", &data).unwrap(),
             "test:///default"
         );
+
+        // A data dir reached through a symlink, with the default root or one named through
+        // the link, is still the data dir.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        let uri = resolve_uri("qemu:///embed", &link).unwrap();
+        assert_eq!(uri, format!("qemu:///embed?root={}", root.display()));
+        let through_link = link.join("other-root");
+        let uri = resolve_uri(
+            &format!("qemu:///embed?root={}", through_link.display()),
+            &link,
+        )
+        .unwrap();
+        assert!(uri.ends_with("/data/other-root"), "{uri}");
     }
 }

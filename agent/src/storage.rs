@@ -50,7 +50,8 @@ pub struct TemplateManifest {
     /// An empty disk with nothing to boot: enough for libvirt's test driver only.
     #[serde(default)]
     pub placeholder: bool,
-    /// Where the guest files were copied from, so a different guest dir replaces them.
+    /// Where the guest files were copied from, with their sizes and times, so another or a
+    /// rebuilt guest replaces them.
     #[serde(default)]
     pub source: Option<String>,
 }
@@ -108,20 +109,23 @@ impl Storage {
         let name = TemplateName::new("tiny").expect("valid literal");
         let dir = self.template_dir(&name);
         let manifest_path = dir.join("template.toml");
+        let wanted = guest_dir.map(guest_stamp).transpose()?;
         if manifest_path.exists() {
             let installed: Option<TemplateManifest> = std::fs::read_to_string(&manifest_path)
                 .ok()
                 .and_then(|t| toml::from_str(&t).ok());
-            let wanted = guest_dir.map(|d| d.display().to_string());
             let current = installed.is_some_and(|m| wanted.is_none() || m.source == wanted);
             if current {
                 return Ok(());
             }
-            // A guest given now replaces the placeholder or another guest. VM disks are
-            // copies, so no VM depends on the old files.
+            // A guest given now (or rebuilt since) replaces the placeholder or the old guest.
+            // VM disks are copies; defined VMs boot the new kernel and initrd on their next
+            // start, running ones keep what they booted.
             tracing::info!(
                 "installing the tiny guest from {}",
-                wanted.unwrap_or_default()
+                guest_dir
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
             );
         }
         std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
@@ -133,7 +137,7 @@ impl Storage {
             initrd: None,
             cmdline: None,
             placeholder: guest_dir.is_none(),
-            source: guest_dir.map(|d| d.display().to_string()),
+            source: wanted,
         };
         match guest_dir {
             Some(src) => {
@@ -195,7 +199,12 @@ impl Storage {
             kernel: inside(&manifest.kernel)?,
             initrd: inside(&manifest.initrd)?,
             cmdline: manifest.cmdline,
-            placeholder: manifest.placeholder,
+            // Manifests from before `placeholder` existed: no kernel and no source means the
+            // empty built-in disk.
+            placeholder: manifest.placeholder
+                || (manifest.kernel.is_none()
+                    && manifest.source.is_none()
+                    && name.as_str() == "tiny"),
             disk,
         })
     }
@@ -288,6 +297,22 @@ fn is_plain_file_name(name: &str) -> bool {
 }
 
 /// Copies a file, seeking over all-zero blocks so the copy stays sparse.
+/// Identifies a guest build: its directory and each file's size and modification time.
+fn guest_stamp(dir: &Path) -> Result<String, StorageError> {
+    let mut stamp = dir.display().to_string();
+    for file in ["vmlinuz", "initrd.img", TEMPLATE_DISK] {
+        let path = dir.join(file);
+        let meta = std::fs::metadata(&path).map_err(io_err("reading", &path))?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        stamp.push_str(&format!(" {file}:{}:{modified}", meta.len()));
+    }
+    Ok(stamp)
+}
+
 pub fn sparse_copy(from: &Path, to: &Path) -> Result<(), StorageError> {
     let tmp = to.with_extension("partial");
     let result = copy_holes_kept(from, &tmp)
@@ -381,6 +406,26 @@ mod tests {
         // Restarting without --guest-dir keeps the installed guest.
         storage.ensure_tiny_template(None).unwrap();
         assert!(!storage.template(&tiny_name).unwrap().placeholder);
+
+        // A guest rebuilt in the same place is installed again.
+        std::fs::write(guest.join("vmlinuz"), "k2").unwrap();
+        storage.ensure_tiny_template(Some(&guest)).unwrap();
+        let kernel = storage.template(&tiny_name).unwrap().kernel.unwrap();
+        assert_eq!(std::fs::read_to_string(kernel).unwrap(), "k2");
+
+        // A manifest written before `placeholder` existed still counts as the empty disk.
+        let old = dir.path().join("old");
+        let old_storage = Storage::open(&old).unwrap();
+        old_storage.ensure_tiny_template(None).unwrap();
+        let manifest = old.join("storage/images/tiny/template.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let legacy: String = text
+            .lines()
+            .filter(|l| !l.starts_with("placeholder"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&manifest, legacy).unwrap();
+        assert!(old_storage.template(&tiny_name).unwrap().placeholder);
     }
 
     #[test]

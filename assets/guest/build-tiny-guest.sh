@@ -16,6 +16,8 @@ MODULES=(virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_p
          virtio_blk virtio_console crc32c_generic jbd2 mbcache crc16 ext4 button evdev)
 
 log() { echo "build-tiny-guest: $*" >&2; }
+# mkfs.ext4 and friends live in /usr/sbin, which a normal user's PATH lacks.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)   # libvirt wants absolute paths
@@ -63,8 +65,17 @@ trap 'rm -rf "$WORK"' EXIT
 # vmlinuz and initrd.img are built together: the modules must match the kernel.
 if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ]]; then
     # The installable kernel is whatever the linux-image-amd64 metapackage depends on.
-    kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    [[ -n $kpkg ]] || { log "cannot resolve linux-image-amd64 (apt-get update?)"; exit 1; }
+    resolve_kernel() {
+        apt-cache depends linux-image-amd64 2>/dev/null |
+            awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true
+    }
+    kpkg=$(resolve_kernel)
+    if [[ -z $kpkg ]]; then   # empty package lists (fresh containers): fetch them once
+        log "refreshing the package lists"
+        if ((EUID != 0)); then sudo apt-get update -qq; else apt-get update -qq; fi
+        kpkg=$(resolve_kernel)
+    fi
+    [[ -n $kpkg ]] || { log "cannot resolve linux-image-amd64 from the package lists"; exit 1; }
     log "downloading $kpkg"
     # apt-get download writes into the cwd; _apt cannot write to a 0700 mktemp dir (harmless warning)
     (cd "$WORK" && apt-get download "$kpkg" >&2)

@@ -9,7 +9,10 @@ use dunes_console::{
 use dunes_shared::model::{TemplateName, VmName, VmSpec, VmState};
 use dunes_tests::{AgentProcess, enroll, start_engine};
 use egui::Role;
-use egui_kittest::{Harness, kittest::Queryable as _};
+use egui_kittest::{
+    Harness,
+    kittest::{NodeT as _, Queryable as _},
+};
 
 /// Steps the UI until `done` holds, like an operator waiting for the screen to update.
 fn step_until(
@@ -232,6 +235,13 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
         h.query_by_label_contains("invalid VM name \"Web\"")
             .is_some()
     });
+    assert!(
+        harness
+            .get_by_label("Create")
+            .accesskit_node()
+            .is_disabled(),
+        "Create waits for a valid name"
+    );
     harness.get_by_label("Create").click();
     harness.step();
     harness
@@ -243,7 +253,11 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
     }
     harness.step();
     assert!(
-        engine.snapshot().find_vm("Web").is_err(),
+        !engine
+            .snapshot()
+            .events
+            .iter()
+            .any(|e| e.message.starts_with("creating VM")),
         "a disabled Create sends nothing"
     );
 

@@ -165,12 +165,11 @@ impl AddHostDialog {
             return;
         }
         self.poll(ctx);
-        // A key probed at another address vouches for nothing here.
-        if self
-            .probed
-            .as_ref()
-            .is_some_and(|(address, _)| address != self.address.trim())
-        {
+        // A key probed at another address vouches for nothing here, and a fingerprint typed in
+        // takes over from the probed one.
+        if self.probed.as_ref().is_some_and(|(address, _)| {
+            address != self.address.trim() || !self.fingerprint.trim().is_empty()
+        }) {
             self.probed = None;
         }
         let mut open = true;
