@@ -7,6 +7,7 @@ bash scripts/install-deps.sh test
 if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 cargo build --workspace --bins
 work=$(mktemp -d)
+console=""
 display=:97
 Xvfb $display -screen 0 1440x900x24 >/dev/null 2>&1 &
 xvfb=$!

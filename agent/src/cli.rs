@@ -31,6 +31,9 @@ pub enum Command {
         /// The agent's data directory.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// The agent's configuration file, for the host id on a data dir's first use.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -78,6 +81,40 @@ pub fn validate_libvirt_uri(uri: &str) -> anyhow::Result<()> {
     }
 }
 
+const NAME: &str = "dunes-agent";
+
+/// Parses the command line. Help and version print as usual; a usage error is one line on
+/// stderr and exit code 2, like every other error of this program.
+pub fn parse_args() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|err| {
+        use clap::error::ErrorKind;
+        if matches!(
+            err.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        eprintln!("{NAME}: {} (see {NAME} --help)", usage_error_line(&err));
+        ExitCode::from(2)
+    })
+}
+
+/// clap's message without its usage block, on one line.
+fn usage_error_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = parts.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
+}
+
 pub fn main(cli: Cli) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUNES_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -88,22 +125,26 @@ pub fn main(cli: Cli) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Some(Command::Token { data_dir }) => token(data_dir),
+        Some(Command::Token { data_dir, config }) => token(data_dir, config),
         None => run(cli.run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("dunes-agent: {}", chain.join(": "));
+            eprintln!("{NAME}: {}", chain.join(": "));
             ExitCode::FAILURE
         }
     }
 }
 
-fn token(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn token(data_dir: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match &config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
     let data_dir = data_dir.map_or_else(default_data_dir, Ok)?;
-    let identity = AgentIdentity::load_or_create(&data_dir, None)?;
+    let identity = AgentIdentity::load_or_create(&data_dir, config.host_id.as_ref())?;
     let token = identity.issue_token()?;
     println!("host: {}", identity.host_id);
     println!("fingerprint: {}", identity.fingerprint()?);

@@ -93,7 +93,10 @@ impl AgentIdentity {
         };
         let ca_path = dir.join("ca.der");
         let ca_der = match std::fs::read(&ca_path) {
-            Ok(c) => Some(CertificateDer::from(c)),
+            // A CA without the certificate it signed (enrollment stopped between its two
+            // writes) is no enrollment: the agent starts over with a fresh join token.
+            Ok(c) => Some(CertificateDer::from(c))
+                .filter(|ca| pki::verify_host_cert(&cert_der, ca, &host_id).is_ok()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&ca_path)(e)),
         };
@@ -237,5 +240,28 @@ mod tests {
         assert!(!a.token_matches(&token), "a new token replaces the old one");
         a.consume_token().unwrap();
         assert!(!a.token_matches(&newer));
+    }
+
+    #[test]
+    fn a_half_written_enrollment_is_no_enrollment() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = HostId::new("h1").unwrap();
+        let mut a = AgentIdentity::load_or_create(dir.path(), Some(&id)).unwrap();
+        let ca = pki::CertificateAuthority::generate().unwrap();
+        // The CA written, the signed certificate not yet: as if stopped in between.
+        write_atomic(&dir.path().join("identity/ca.der"), ca.cert_der()).unwrap();
+        assert!(
+            !AgentIdentity::load_or_create(dir.path(), None)
+                .unwrap()
+                .is_enrolled()
+        );
+        let csr = pki::host_csr(&a.key_pem, &id).unwrap();
+        let signed = ca.sign_host_csr(&csr, &id).unwrap();
+        a.install(signed, ca.cert_der().clone()).unwrap();
+        assert!(
+            AgentIdentity::load_or_create(dir.path(), None)
+                .unwrap()
+                .is_enrolled()
+        );
     }
 }

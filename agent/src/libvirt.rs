@@ -302,25 +302,34 @@ impl LibvirtRuntime {
     ) -> Result<VmStatus, RuntimeError> {
         if !force {
             let n = name.clone();
-            let stopped = self.run(move |w| w.request_shutdown(&n)).await??;
-            if !stopped {
-                let deadline =
-                    tokio::time::Instant::now() + Duration::from_secs(timeout_secs.into());
-                loop {
-                    tokio::time::sleep(POLL_INTERVAL).await;
-                    let n = name.clone();
-                    let state = self.run(move |w| w.state_of(&n)).await??;
-                    if !state.is_active() {
-                        break;
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::warn!(vm = %name, "guest did not shut down in {timeout_secs}s, forcing it off");
-                        break;
-                    }
+            match self.run(move |w| w.request_shutdown(&n)).await? {
+                Ok(true) => {}
+                Ok(false) => self.wait_until_off(&name, timeout_secs).await?,
+                // A guest without ACPI, or a driver that cannot ask, is forced off at once:
+                // the operator asked for the VM to stop, and waiting would change nothing.
+                Err(RuntimeError::Libvirt { message, .. }) => {
+                    tracing::warn!(vm = %name, "graceful shutdown refused ({message}), forcing it off");
                 }
+                Err(e) => return Err(e),
             }
         }
         self.run(move |w| w.force_off(&name)).await?
+    }
+
+    /// Waits for the guest to power off, up to `timeout_secs`.
+    async fn wait_until_off(&self, name: &VmName, timeout_secs: u32) -> Result<(), RuntimeError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs.into());
+        loop {
+            tokio::time::sleep(POLL_INTERVAL).await;
+            let n = name.clone();
+            if !self.run(move |w| w.state_of(&n)).await??.is_active() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(vm = %name, "guest did not shut down in {timeout_secs}s, forcing it off");
+                return Ok(());
+            }
+        }
     }
 
     pub async fn delete_vm(&self, name: VmName) -> Result<(), RuntimeError> {
@@ -378,9 +387,13 @@ impl Worker {
         Ok((worker, facts))
     }
 
-    /// Defines again the VMs this agent created that the runtime no longer knows (the test
-    /// driver forgets everything when the agent stops; QEMU keeps them and this does nothing).
+    /// Defines again the VMs this agent created, which the test driver forgets whenever the
+    /// agent stops. QEMU keeps its definitions: a VM missing there was removed on purpose
+    /// (with virsh, say) and is not brought back.
     fn restore_definitions(&mut self) {
+        if self.domain_type != "test" {
+            return;
+        }
         for (name, xml) in self.storage.definitions() {
             if self.conn.lookup_domain_by_name(name.as_str()).is_ok() {
                 continue;
@@ -562,10 +575,18 @@ impl Worker {
             });
         }
         let uuid = dom.uuid_string().unwrap_or_default();
-        dom.undefine().map_err(lv("undefining the VM"))?;
+        // The saved definition goes first: were it left behind, the next start of the agent
+        // would define the deleted VM again.
+        self.storage.delete_definition(name)?;
+        if let Err(e) = dom.undefine() {
+            // Keep the VM whole: without its saved definition the test driver would lose it.
+            if let Ok(xml) = dom.xml_desc(0) {
+                let _ = self.storage.save_definition(name, &xml);
+            }
+            return Err(lv("undefining the VM")(e));
+        }
         self.templates.remove(&uuid);
         self.storage.delete_disk(name)?;
-        self.storage.delete_definition(name)?;
         let _ = std::fs::remove_file(self.storage.console_log_path(name));
         Ok(())
     }

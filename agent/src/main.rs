@@ -1,5 +1,6 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    dunes_agent::cli::main(dunes_agent::cli::Cli::parse())
+    match dunes_agent::cli::parse_args() {
+        Ok(cli) => dunes_agent::cli::main(cli),
+        Err(code) => code,
+    }
 }

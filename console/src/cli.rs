@@ -128,15 +128,57 @@ fn init_tracing() {
         .try_init();
 }
 
+/// A fresh, owner-only directory for a demo: the test driver forgets its VMs when the
+/// agents stop anyway. Its name is not guessable, so no other user can take it first.
+fn demo_data_dir() -> anyhow::Result<PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix("dunes-demo-")
+        .tempdir()
+        .map_err(|e| anyhow::anyhow!("cannot create a demo data dir: {e}"))?;
+    Ok(dir.keep())
+}
+
 fn default_data_dir(demo: bool) -> anyhow::Result<PathBuf> {
     if demo {
-        // A fresh fleet every time: the test driver forgets its VMs when agents stop anyway.
-        let dir = std::env::temp_dir().join(format!("dunes-demo-{}", std::process::id()));
-        return Ok(dir);
+        return demo_data_dir();
     }
     directories::ProjectDirs::from("", "", "dunes-console")
         .map(|d| d.data_dir().to_path_buf())
         .ok_or_else(|| anyhow::anyhow!("no home directory to put the data dir in; pass --data-dir"))
+}
+
+const NAME: &str = "dunes-console";
+
+/// Parses the command line. Help and version print as usual; a usage error is one line on
+/// stderr and exit code 2, like every other error of this program.
+pub fn parse_args() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|err| {
+        use clap::error::ErrorKind;
+        if matches!(
+            err.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        eprintln!("{NAME}: {} (see {NAME} --help)", usage_error_line(&err));
+        ExitCode::from(2)
+    })
+}
+
+/// clap's message without its usage block, on one line.
+fn usage_error_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = parts.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -149,7 +191,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("dunes-console: {}", chain.join(": "));
+            eprintln!("{NAME}: {}", chain.join(": "));
             ExitCode::FAILURE
         }
     }
@@ -162,7 +204,7 @@ fn run_console(data_dir: Option<PathBuf>, headless: bool, with_demo: bool) -> an
         .thread_name("dunes-engine")
         .enable_all()
         .build()?;
-    let (engine, fleet) = runtime.block_on(async {
+    let started = runtime.block_on(async {
         let engine = engine::start(&data_dir).await?;
         ctl::serve(engine.clone()).await?;
         let fleet = if with_demo {
@@ -171,7 +213,16 @@ fn run_console(data_dir: Option<PathBuf>, headless: bool, with_demo: bool) -> an
             None
         };
         anyhow::Ok((engine, fleet))
-    })?;
+    });
+    let (engine, fleet) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            if temporary {
+                let _ = std::fs::remove_dir_all(&data_dir);
+            }
+            return Err(e);
+        }
+    };
     eprintln!(
         "dunes-console: data dir {} (ctl: dunes-console ctl --data-dir {} hosts)",
         data_dir.display(),
@@ -182,7 +233,7 @@ fn run_console(data_dir: Option<PathBuf>, headless: bool, with_demo: bool) -> an
         Ok(())
     } else {
         let _guard = runtime.enter();
-        run_window(engine)
+        run_window(engine, runtime.handle())
     };
     if let Some(fleet) = fleet {
         runtime.block_on(fleet.stop());
@@ -197,7 +248,10 @@ fn run_console(data_dir: Option<PathBuf>, headless: bool, with_demo: bool) -> an
 /// The window icon, drawn for this project (assets/icons/dunes.png).
 const ICON_PNG: &[u8] = include_bytes!("../../assets/icons/dunes.png");
 
-fn run_window(engine: engine::EngineHandle) -> anyhow::Result<()> {
+fn run_window(
+    engine: engine::EngineHandle,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<()> {
     let mut viewport = egui::ViewportBuilder::default();
     // A broken icon is cosmetic: the window opens without it.
     match eframe::icon_data::from_png_bytes(ICON_PNG) {
@@ -212,10 +266,24 @@ fn run_window(engine: engine::EngineHandle) -> anyhow::Result<()> {
             .with_min_inner_size([720.0, 480.0]),
         ..Default::default()
     };
+    // Ctrl+C or SIGTERM closes the window, so the demo agents and the store are shut down
+    // the same way as when the operator closes it.
+    let window: std::sync::Arc<std::sync::Mutex<Option<egui::Context>>> = Default::default();
+    let closer = window.clone();
+    runtime.spawn(async move {
+        shutdown_signal().await;
+        if let Some(ctx) = closer.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            ctx.request_repaint();
+        }
+    });
     eframe::run_native(
         "Dunes console",
         options,
-        Box::new(move |cc| Ok(Box::new(crate::ui::ConsoleApp::new(&cc.egui_ctx, engine)))),
+        Box::new(move |cc| {
+            *window.lock().unwrap_or_else(|p| p.into_inner()) = Some(cc.egui_ctx.clone());
+            Ok(Box::new(crate::ui::ConsoleApp::new(&cc.egui_ctx, engine)))
+        }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
 }
@@ -455,6 +523,18 @@ mod tests {
             }
         ));
         assert!(Cli::try_parse_from(["dunes-console", "ctl", "vm", "stop"]).is_err());
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        let err = Cli::try_parse_from(["dunes-console", "ctl", "host", "add", "10.0.0.5:7443"])
+            .unwrap_err();
+        let line = usage_error_line(&err);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.contains("--token"), "{line}");
+        let err = Cli::try_parse_from(["dunes-console", "ctl", "hots"]).unwrap_err();
+        let line = usage_error_line(&err);
+        assert!(line.starts_with("unrecognized subcommand 'hots'"), "{line}");
     }
 
     #[test]

@@ -21,6 +21,8 @@ use tokio::{
 use crate::engine::{Command, EngineError, EngineHandle, HostView, Snapshot};
 
 pub const SOCKET_NAME: &str = "ctl.sock";
+/// How long a client gets to send its request line.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -133,7 +135,10 @@ async fn serve_one(engine: EngineHandle, stream: UnixStream) -> std::io::Result<
         MAX_REQUEST_BYTES as u64,
     ));
     let mut line = String::new();
-    reader.read_line(&mut line).await?;
+    // A client that connects and says nothing does not hold a task forever.
+    tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let response = match serde_json::from_str::<CtlRequest>(&line) {
         Ok(request) => match handle(&engine, request).await {
             Ok(data) => CtlResponse {

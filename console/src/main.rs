@@ -1,5 +1,6 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    dunes_console::cli::main(dunes_console::cli::Cli::parse())
+    match dunes_console::cli::parse_args() {
+        Ok(cli) => dunes_console::cli::main(cli),
+        Err(code) => code,
+    }
 }

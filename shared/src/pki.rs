@@ -474,10 +474,14 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
         source,
     };
     let tmp = path.with_extension("tmp");
+    // A leftover temporary file may have wider permissions: start from a new one.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(err)?;

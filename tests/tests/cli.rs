@@ -253,3 +253,144 @@ fn agent_refuses_bad_arguments_with_one_line() {
         assert!(stderr.contains(message), "{stderr}");
     }
 }
+
+#[test]
+fn usage_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for (binary, args, message) in [
+        (
+            console_binary(),
+            vec!["ctl", "host", "add", "10.0.0.5:7443"],
+            "--token",
+        ),
+        (
+            console_binary(),
+            vec![
+                "ctl",
+                "vm",
+                "create",
+                "--name",
+                "a",
+                "--template",
+                "tiny",
+                "--host",
+                "h",
+                "--vcpus",
+                "two",
+            ],
+            "invalid value 'two'",
+        ),
+        (
+            agent_binary(),
+            vec!["--colour", "blue"],
+            "unexpected argument '--colour'",
+        ),
+    ] {
+        let out = Command::new(&binary)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+    // Help still prints in full and succeeds.
+    let out = Command::new(console_binary())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--headless"));
+}
+
+#[test]
+fn agent_token_takes_the_host_id_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "host_id = \"from-config\"\n").unwrap();
+    let out = Command::new(agent_binary())
+        .args(["token", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.lines().any(|l| l == "host: from-config"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("join-token: ")),
+        "{stdout}"
+    );
+}
+
+/// Process ids of `pid`'s children, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+/// Whether a process still runs (a zombie waiting for its reaper does not count).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name in parentheses.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
+#[test]
+fn demo_agents_exit_when_the_console_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("console");
+    let mut console = Command::new(console_binary())
+        .args(["--demo", "--headless", "--data-dir"])
+        .arg(&data)
+        .stderr(std::fs::File::create(dir.path().join("console.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let agents = loop {
+        let agents: Vec<u32> = children_of(console.id())
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "dunes-agent")
+            })
+            .collect();
+        if agents.len() == 3 {
+            break agents;
+        }
+        assert!(Instant::now() < deadline, "the demo agents did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // SIGKILL: no chance to clean up, as in a crash.
+    console.kill().unwrap();
+    console.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agents.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "demo agents outlived the console: {:?}",
+            agents.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -74,6 +74,21 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
     })
     .await;
 
+    // Host status keeps coming, every second.
+    let uptime = |s: &Snapshot| {
+        s.host(&a.host_id)
+            .and_then(|h| h.status)
+            .map(|st| st.uptime_secs)
+    };
+    let first = uptime(&engine.snapshot()).expect("status with the hello");
+    within(
+        &engine,
+        Duration::from_millis(2500),
+        "a newer host status",
+        |s| uptime(s).is_some_and(|u| u > first),
+    )
+    .await;
+
     // Inventory from the real machine and libvirt's node info.
     let snap = engine.snapshot();
     let host_a = snap.host(&a.host_id).unwrap();
@@ -154,6 +169,10 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
     assert!(
         !a.data_dir.join("storage/disks/web-1.img").exists(),
         "the disk is deleted with the VM"
+    );
+    assert!(
+        !a.data_dir.join("storage/domains/web-1.xml").exists(),
+        "its saved definition too, so a restart does not bring it back"
     );
 
     // Errors come back as readable sentences and change nothing.
@@ -255,6 +274,13 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         vm_state(s, &host, "keep") == Some(VmState::Running)
     })
     .await;
+    let names = |s: &Snapshot| -> Vec<String> {
+        s.host(&host)
+            .map(|h| h.vms.iter().map(|v| v.name.to_string()).collect())
+            .unwrap_or_default()
+    };
+    let before = names(&engine.snapshot());
+    assert!(before.contains(&"keep".to_string()) && before.contains(&"twin".to_string()));
     let killed = Instant::now();
     a.kill();
     let t = within_since(
@@ -299,10 +325,7 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
     })
     .await;
     eprintln!("online again after {t:?}");
-    assert!(
-        vm_state(&engine.snapshot(), &host, "keep").is_some(),
-        "no VM lost"
-    );
+    assert_eq!(names(&engine.snapshot()), before, "no VM lost");
 
     let events: Vec<String> = engine
         .snapshot()

@@ -322,6 +322,15 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
         engine.snapshot().find_vm("web-9").is_ok(),
         "Escape keeps the VM"
     );
+    assert!(
+        matches!(harness.state().selection(), Selection::Vm(_, name) if name.as_str() == "web-9"),
+        "Escape closed the confirmation only, not the selection"
+    );
+    // With no dialog in front, Escape clears the selection.
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the selection cleared", |h| {
+        *h.state().selection() == Selection::None
+    });
 
     // Right-click on the chip: force it off, then delete it after confirming.
     harness
@@ -358,5 +367,78 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
     step_until(&mut harness, "the VM gone", |h| {
         engine.snapshot().find_vm("web-9").is_err()
             && h.query_by_role_and_label(Role::Button, "web-9").is_none()
+    });
+
+    // Enter in a dialog's field submits that dialog.
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::N);
+    step_until(&mut harness, "the New VM dialog", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Name")
+            .is_some_and(|n| n.is_focused())
+    });
+    harness
+        .get_by_role_and_label(Role::TextInput, "Name")
+        .type_text("web-10");
+    harness.step();
+    harness.key_press(egui::Key::Enter);
+    step_until(&mut harness, "web-10 created by Enter", |_| {
+        vm_state(&engine, "web-10") == Some(VmState::Running)
+    });
+
+    // One dialog at a time; Enter typed elsewhere (the filter) submits nothing.
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::N);
+    step_until(&mut harness, "the New VM dialog", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Name").is_some()
+    });
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::H);
+    step_until(&mut harness, "Add host instead of New VM", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Address")
+            .is_some_and(|n| n.is_focused())
+            && h.query_by_role_and_label(Role::TextInput, "Name").is_none()
+    });
+    harness
+        .get_by_role_and_label(Role::TextInput, "Address")
+        .type_text(&agent.address);
+    harness
+        .get_by_role_and_label(Role::TextInput, "Join token")
+        .focus();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::TextInput, "Join token")
+        .type_text("not-the-token");
+    harness.step();
+    assert_eq!(
+        harness
+            .get_by_role_and_label(Role::TextInput, "Join token")
+            .accesskit_node()
+            .value()
+            .as_deref(),
+        Some("not-the-token")
+    );
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::F);
+    step_until(&mut harness, "the filter focused", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Filter")
+            .is_some_and(|n| n.is_focused())
+    });
+    harness.key_press(egui::Key::Enter);
+    for _ in 0..10 {
+        harness.step();
+    }
+    assert!(
+        harness.query_by_label("reading the agent's key…").is_none()
+            && harness
+                .query_by_label_contains("presents this key")
+                .is_none(),
+        "Enter in the filter did not submit Add host"
+    );
+    assert!(
+        harness
+            .query_by_role_and_label(Role::TextInput, "Address")
+            .is_some()
+    );
+    // Escape closes the dialog and leaves the rest alone.
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "Add host closed", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Address")
+            .is_none()
     });
 }

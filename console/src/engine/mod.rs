@@ -39,6 +39,10 @@ use self::{
 
 /// Commands waiting for the engine; the UI's `try_send` fails (and says so) beyond this.
 const COMMAND_QUEUE: usize = 256;
+/// How long an agent gets to answer one request. A graceful stop waits for the guest up to
+/// the agent's own stop timeout, so this is generous; it only catches an agent that hangs
+/// with its connection alive.
+pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(540);
 /// Events kept in memory and in every snapshot.
 const EVENTS_IN_VIEW: usize = 1000;
 
@@ -62,7 +66,7 @@ pub enum EngineError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineStartError {
-    #[error("cannot create the data dir {path}")]
+    #[error("cannot set up the data dir {path}")]
     DataDir {
         path: String,
         #[source]
@@ -271,10 +275,18 @@ fn now_ms() -> u64 {
 
 /// Starts the engine on the current tokio runtime.
 pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
-    std::fs::create_dir_all(data_dir).map_err(|source| EngineStartError::DataDir {
+    let data_dir_error = |source| EngineStartError::DataDir {
         path: data_dir.display().to_string(),
         source,
-    })?;
+    };
+    std::fs::create_dir_all(data_dir).map_err(data_dir_error)?;
+    // The CA key, the store and the control socket live here: owner only, before any of
+    // them is created.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(data_dir_error)?;
+    }
     let pki = Arc::new(ConsolePki::load_or_create(data_dir)?);
     let (store, loaded) = Store::open(&data_dir.join("store.redb"))?;
     let client_config = pki::quic_client_config(pki::control_client_config(
@@ -615,12 +627,17 @@ impl Actor {
         self.log(Level::Info, Some(host.clone()), what.clone());
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
-            let result = call(&conn, request)
-                .await
-                .map_err(|e: CallError| match e.remote() {
+            let result = match tokio::time::timeout(AGENT_CALL_TIMEOUT, call(&conn, request)).await
+            {
+                Ok(answer) => answer.map_err(|e: CallError| match e.remote() {
                     Some(remote) => EngineError::Agent(remote.message.clone()),
                     None => EngineError::Unreachable(host.clone()),
-                });
+                }),
+                Err(_) => Err(EngineError::Agent(format!(
+                    "the agent did not answer within {} s",
+                    AGENT_CALL_TIMEOUT.as_secs()
+                ))),
+            };
             if let Err(e) = &result {
                 let _ = internal.send(Internal::Log {
                     level: Level::Error,

@@ -45,6 +45,12 @@ fn field(ui: &mut egui::Ui, label: &str, widget: impl egui::Widget) -> egui::Res
     response
 }
 
+/// Enter pressed in this text field: it submits the dialog the field belongs to, and only
+/// that one (Enter in the filter box or another window submits nothing here).
+fn entered_in(response: &egui::Response) -> bool {
+    response.lost_focus() && response.ctx.input(|i| i.key_pressed(Key::Enter))
+}
+
 fn error_line(ui: &mut egui::Ui, error: &Option<String>) {
     if let Some(e) = error {
         ui.label(RichText::new(e).color(Color32::from_rgb(248, 81, 73)));
@@ -180,18 +186,19 @@ impl AddHostDialog {
             .resizable(false)
             .show(ctx, |ui| {
                 ui.label("Start dunes-agent on the host: it prints its address, key fingerprint and a one-time join token.");
-                egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
+                let entered = egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
                     let address = field(ui, "Address", egui::TextEdit::singleline(&mut self.address).hint_text("host:port").desired_width(260.0));
                     if std::mem::take(&mut self.focus_address) {
                         address.request_focus();
                     }
-                    field(ui, "Join token", egui::TextEdit::singleline(&mut self.token).hint_text("xxxx-xxxx-…").desired_width(260.0));
-                    field(ui, "Fingerprint",
+                    let token = field(ui, "Join token", egui::TextEdit::singleline(&mut self.token).hint_text("xxxx-xxxx-…").desired_width(260.0));
+                    let fingerprint = field(ui, "Fingerprint",
                         egui::TextEdit::singleline(&mut self.fingerprint)
                             .hint_text("sha256:… (optional: else shown to compare)")
                             .desired_width(260.0),
                     );
-                });
+                    [address, token, fingerprint].iter().any(entered_in)
+                }).inner;
                 ui.checkbox(&mut self.replace, "Replace an enrolled host with the same id (a reinstalled machine)");
                 let problem = self.problem();
                 if !self.address.is_empty() {
@@ -212,9 +219,8 @@ impl AddHostDialog {
                             .weak()
                             .small(),
                     );
-                    let enter = ui.input(|i| i.key_pressed(Key::Enter));
                     ui.horizontal(|ui| {
-                        submit = ui.add_enabled(ready, egui::Button::new("Enroll")).clicked() || (enter && ready);
+                        submit = ui.add_enabled(ready, egui::Button::new("Enroll")).clicked() || (entered && ready);
                     });
                 }
                 if let Some(step) = &self.pending {
@@ -248,9 +254,13 @@ impl AddHostDialog {
             self.probed = None;
         }
         if !open || ctx.input(|i| i.key_pressed(Key::Escape)) {
-            self.open = false;
-            self.probed = None;
+            self.close();
         }
+    }
+
+    pub fn close(&mut self) {
+        self.open = false;
+        self.probed = None;
     }
 }
 
@@ -341,70 +351,81 @@ impl NewVmDialog {
             .collapsible(false)
             .resizable(false)
             .show(ctx, |ui| {
-                egui::Grid::new("new-vm").num_columns(2).show(ui, |ui| {
-                    let name_label = ui.label("Name");
-                    let name_field = ui
-                        .add(
-                            egui::TextEdit::singleline(&mut self.name)
-                                .hint_text("a-z, 0-9 and -")
+                let entered = egui::Grid::new("new-vm")
+                    .num_columns(2)
+                    .show(ui, |ui| {
+                        let name_label = ui.label("Name");
+                        let name_field = ui
+                            .add(
+                                egui::TextEdit::singleline(&mut self.name)
+                                    .hint_text("a-z, 0-9 and -")
+                                    .desired_width(220.0),
+                            )
+                            .labelled_by(name_label.id);
+                        ui.end_row();
+                        // Typing starts right away after Ctrl+N.
+                        if std::mem::take(&mut self.focus_name) {
+                            name_field.request_focus();
+                        }
+                        let host_label = ui.label("Host");
+                        let shown = self
+                            .host
+                            .as_ref()
+                            .map_or("choose…".to_string(), |h| h.to_string());
+                        egui::ComboBox::from_id_salt("new-vm-host")
+                            .selected_text(shown)
+                            .show_ui(ui, |ui| {
+                                for h in &snapshot.hosts {
+                                    let label = format!(
+                                        "{} ({}, {})",
+                                        h.id(),
+                                        h.site_name(),
+                                        h.link.as_str()
+                                    );
+                                    ui.selectable_value(
+                                        &mut self.host,
+                                        Some(h.id().clone()),
+                                        label,
+                                    );
+                                }
+                            })
+                            .response
+                            .labelled_by(host_label.id);
+                        ui.end_row();
+                        let template = field(
+                            ui,
+                            "Template",
+                            egui::TextEdit::singleline(&mut self.template)
+                                .hint_text("tiny")
                                 .desired_width(220.0),
-                        )
-                        .labelled_by(name_label.id);
-                    ui.end_row();
-                    // Typing starts right away after Ctrl+N.
-                    if std::mem::take(&mut self.focus_name) {
-                        name_field.request_focus();
-                    }
-                    let host_label = ui.label("Host");
-                    let shown = self
-                        .host
-                        .as_ref()
-                        .map_or("choose…".to_string(), |h| h.to_string());
-                    egui::ComboBox::from_id_salt("new-vm-host")
-                        .selected_text(shown)
-                        .show_ui(ui, |ui| {
-                            for h in &snapshot.hosts {
-                                let label =
-                                    format!("{} ({}, {})", h.id(), h.site_name(), h.link.as_str());
-                                ui.selectable_value(&mut self.host, Some(h.id().clone()), label);
-                            }
-                        })
-                        .response
-                        .labelled_by(host_label.id);
-                    ui.end_row();
-                    field(
-                        ui,
-                        "Template",
-                        egui::TextEdit::singleline(&mut self.template)
-                            .hint_text("tiny")
-                            .desired_width(220.0),
-                    );
-                    field(
-                        ui,
-                        "vCPUs",
-                        egui::DragValue::new(&mut self.vcpus)
-                            .range(1..=VCPUS_MAX)
-                            .suffix(" vCPU"),
-                    );
-                    field(
-                        ui,
-                        "Memory",
-                        egui::DragValue::new(&mut self.memory_mib)
-                            .range(MEMORY_MIB_MIN..=MEMORY_MIB_MAX)
-                            .speed(16.0)
-                            .suffix(" MiB"),
-                    );
-                });
+                        );
+                        field(
+                            ui,
+                            "vCPUs",
+                            egui::DragValue::new(&mut self.vcpus)
+                                .range(1..=VCPUS_MAX)
+                                .suffix(" vCPU"),
+                        );
+                        field(
+                            ui,
+                            "Memory",
+                            egui::DragValue::new(&mut self.memory_mib)
+                                .range(MEMORY_MIB_MIN..=MEMORY_MIB_MAX)
+                                .speed(16.0)
+                                .suffix(" MiB"),
+                        );
+                        entered_in(&name_field) || entered_in(&template)
+                    })
+                    .inner;
                 ui.checkbox(&mut self.start, "Start after creating");
                 let spec = self.spec(snapshot);
                 if !self.name.is_empty() {
                     error_line(ui, &spec.as_ref().err().cloned());
                 }
-                let enter = ui.input(|i| i.key_pressed(Key::Enter));
                 if ui
                     .add_enabled(spec.is_ok(), egui::Button::new("Create"))
                     .clicked()
-                    || (enter && spec.is_ok())
+                    || (entered && spec.is_ok())
                 {
                     submit = spec.ok();
                 }
@@ -427,7 +448,11 @@ impl NewVmDialog {
             return;
         }
         if !open || ctx.input(|i| i.key_pressed(Key::Escape)) {
-            self.open = false;
+            self.close();
         }
+    }
+
+    pub fn close(&mut self) {
+        self.open = false;
     }
 }

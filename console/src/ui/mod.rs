@@ -158,11 +158,24 @@ impl ConsoleApp {
     pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
         self.snapshot = self.engine.snapshot();
         self.poll_pending();
+        // Escape closes the dialog in front; only with none open does it clear the selection.
+        if ui.input(|i| i.key_pressed(Key::Escape))
+            && !self.add_host.is_open()
+            && !self.new_vm.is_open()
+            && self.confirm_delete.is_none()
+        {
+            self.selection = Selection::None;
+        }
         if ui.input_mut(|i| i.consume_shortcut(&NEW_VM)) {
-            self.new_vm.open(&self.snapshot, &self.selection);
+            open_new_vm(
+                &mut self.new_vm,
+                &mut self.add_host,
+                &self.snapshot,
+                &self.selection,
+            );
         }
         if ui.input_mut(|i| i.consume_shortcut(&ADD_HOST)) {
-            self.add_host.open();
+            open_add_host(&mut self.add_host, &mut self.new_vm);
         }
         let snapshot = self.snapshot.clone();
         let mut actions = Actions {
@@ -181,14 +194,19 @@ impl ConsoleApp {
                     .on_hover_text("Enroll an agent (Ctrl+H)")
                     .clicked()
                 {
-                    self.add_host.open();
+                    open_add_host(&mut self.add_host, &mut self.new_vm);
                 }
                 if ui
                     .button("New VM…")
                     .on_hover_text("Create a VM (Ctrl+N)")
                     .clicked()
                 {
-                    self.new_vm.open(&snapshot, &self.selection);
+                    open_new_vm(
+                        &mut self.new_vm,
+                        &mut self.add_host,
+                        &snapshot,
+                        &self.selection,
+                    );
                 }
                 ui.separator();
                 let online = snapshot
@@ -306,6 +324,22 @@ impl ConsoleApp {
         }
         self.pending = still;
     }
+}
+
+/// One dialog at a time, so Enter and Escape can only mean the one in front.
+fn open_add_host(add_host: &mut AddHostDialog, new_vm: &mut NewVmDialog) {
+    new_vm.close();
+    add_host.open();
+}
+
+fn open_new_vm(
+    new_vm: &mut NewVmDialog,
+    add_host: &mut AddHostDialog,
+    snapshot: &Snapshot,
+    selection: &Selection,
+) {
+    add_host.close();
+    new_vm.open(snapshot, selection);
 }
 
 impl eframe::App for ConsoleApp {

@@ -160,9 +160,6 @@ impl TopologyPanel {
                     }
                 }
             });
-        if ui.input(|i| i.key_pressed(egui::Key::Escape)) {
-            *selection = Selection::None;
-        }
         delete
     }
 }
