@@ -1,5 +1,6 @@
 //! A real VM: an agent on QEMU embedded through `qemu:///embed` boots the tiny guest (TCG),
-//! the engine sees it running, a graceful stop shuts it off.
+//! the engine sees it running; a stop the guest ignores is forced after the timeout, and a
+//! graceful stop of the booted guest shuts it off.
 //!
 //! Needs root and the guest from `assets/guest/build-tiny-guest.sh` in `DUNES_GUEST_DIR`
 //! (`scripts/test.sh` provides both). Under CI a missing prerequisite fails the test.
@@ -83,7 +84,6 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
     assert_eq!(inventory.runtimes[0].driver, "QEMU");
 
     let name = VmName::new("tiny-1").unwrap();
-    let started = Instant::now();
     let vm = engine
         .request(|reply| Command::CreateVm {
             host: host.clone(),
@@ -107,6 +107,37 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         .await
         .expect("the engine shows running");
 
+    // A guest that does not answer the power button is forced off after the agent's stop
+    // timeout (20 s in the test agents' config). Pressed the moment QEMU starts, before the
+    // guest kernel has set up ACPI, the button press is lost: a guest that ignores it.
+    let stopping = Instant::now();
+    let vm = engine
+        .request(|reply| Command::StopVm {
+            host: host.clone(),
+            name: name.clone(),
+            force: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.state, VmState::Shutoff);
+    let took = stopping.elapsed();
+    eprintln!("unanswered stop took {took:?}");
+    let log = std::fs::read_to_string(agent_dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        took >= Duration::from_secs(20) && log.contains("did not shut down in 20s, forcing it off"),
+        "the stop was not forced after the timeout ({took:?}); agent log:\n{log}"
+    );
+    let started = Instant::now();
+    engine
+        .request(|reply| Command::StartVm {
+            host: host.clone(),
+            name: name.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+
     // The guest really boots: its init reports on the serial console.
     let console = agent_dir.join("storage/disks/tiny-1.console.log");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -121,7 +152,7 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    eprintln!("guest ready {:?} after create", started.elapsed());
+    eprintln!("guest ready {:?} after start", started.elapsed());
 
     // Graceful stop: the guest powers off by itself, well before the forced-off timeout.
     let stopping = Instant::now();
