@@ -81,6 +81,22 @@ fn normalize_lexically(path: &std::path::Path) -> std::path::PathBuf {
     out
 }
 
+/// The embed root travels inside a URI: characters with a meaning there would change it.
+fn uri_safe(root: &std::path::Path) -> Result<(), RuntimeError> {
+    let shown = root.display().to_string();
+    if shown.chars().any(|c| {
+        matches!(c, '?' | '&' | '#' | '%' | '\'' | '"') || c.is_whitespace() || c.is_control()
+    }) {
+        return Err(RuntimeError::Libvirt {
+            action: "checking the embed root",
+            message: format!(
+                "{shown} has characters a libvirt URI cannot carry; use a plainer data dir path"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Resolves the operator's libvirt URI against the data dir: `qemu:///embed` means an
 /// embedded QEMU driver rooted at `DATA_DIR/qemu`, and an explicit embed root must lie
 /// inside the data dir (the agent writes its configuration there).
@@ -120,6 +136,7 @@ pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, Runt
     };
     // Checked before anything is created, and again below once symlinks are resolved.
     inside(&absolute, true)?;
+    uri_safe(&absolute)?;
     std::fs::create_dir_all(absolute.join("etc")).map_err(|e| RuntimeError::Libvirt {
         action: "creating the embed root",
         message: format!("{}: {e}", absolute.display()),
@@ -129,6 +146,7 @@ pub fn resolve_uri(uri: &str, data_dir: &std::path::Path) -> Result<String, Runt
         message: e.to_string(),
     })?;
     inside(&root, false)?;
+    uri_safe(&root)?;
     let conf = root.join("etc/qemu.conf");
     if !conf.exists() {
         std::fs::write(&conf, EMBED_QEMU_CONF).map_err(|e| RuntimeError::Libvirt {
@@ -726,6 +744,15 @@ mod embed_tests {
         assert_eq!(
             resolve_uri("test:///default", &data).unwrap(),
             "test:///default"
+        );
+
+        let odd = dir.path().join("with space");
+        std::fs::create_dir_all(&odd).unwrap();
+        let err = resolve_uri("qemu:///embed", &odd).unwrap_err();
+        assert!(err.to_string().contains("cannot carry"), "{err}");
+        assert!(
+            !odd.join("qemu").exists(),
+            "nothing is created for a refused root"
         );
 
         // A data dir reached through a symlink, with the default root or one named through

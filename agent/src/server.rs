@@ -67,6 +67,8 @@ struct Shared {
     libvirt_uri: String,
     cpu: Mutex<inventory::CpuLoad>,
     vms_running: AtomicU32,
+    /// Bumped by every enrollment: control connections trusted under the previous one close.
+    enrollments: tokio::sync::watch::Sender<u64>,
 }
 
 impl RunningAgent {
@@ -115,6 +117,7 @@ impl RunningAgent {
             libvirt_uri,
             cpu: Mutex::new(inventory::CpuLoad::default()),
             vms_running: AtomicU32::new(0),
+            enrollments: tokio::sync::watch::Sender::new(0),
         });
         let (host_id, fingerprint) = {
             let id = lock(&shared.identity);
@@ -343,8 +346,18 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
     }
     tracing::info!(remote = %conn.remote_address(), console = %console_name, "console connected");
     tokio::spawn(push_events(shared.clone(), conn.clone(), events));
+    let mut enrollments = shared.enrollments.subscribe();
     loop {
-        let (mut send, mut recv) = match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            accepted = conn.accept_bi() => accepted,
+            _ = enrollments.changed() => {
+                // Enrolled again, perhaps into another cluster: this console's trust is gone.
+                tracing::info!(remote = %conn.remote_address(), "closing a console connection from before the new enrollment");
+                conn.close(codes::CLOSE_UNAUTHENTICATED, b"the agent was enrolled again");
+                return;
+            }
+        };
+        let (mut send, mut recv) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(remote = %conn.remote_address(), "console connection ended: {e}");
@@ -561,6 +574,7 @@ fn enroll_finish(
         .and_then(pki::quic_server_config)
         .map_err(|e| internal(&e))?;
     shared.endpoint.set_server_config(Some(config));
+    shared.enrollments.send_modify(|n| *n += 1);
     tracing::info!(host = %identity.host_id, "enrolled; only peers with certificates from the cluster CA are accepted now");
     Ok(())
 }

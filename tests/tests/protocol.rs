@@ -20,7 +20,7 @@ use dunes_shared::{
 };
 
 struct Fixture {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     agent: RunningAgent,
     console: ConsolePki,
     endpoint: quinn::Endpoint,
@@ -43,7 +43,7 @@ async fn fixture(host: &str) -> Fixture {
     let console = ConsolePki::load_or_create(&dir.path().join("console")).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     Fixture {
-        _dir: dir,
+        dir,
         agent,
         console,
         endpoint,
@@ -234,6 +234,71 @@ async fn refused_with_a_host_certificate_from_the_same_ca() {
             codes::CLOSE_UNAUTHENTICATED
         )
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolling_again_cuts_off_the_previous_console() {
+    let f = fixture("proto-move").await;
+    f.enroll().await;
+    let (old_conn, _) = connect(
+        &f.endpoint,
+        &f.control_config(&f.console),
+        &f.agent.host_id,
+        &f.address(),
+        f.agent.fingerprint,
+    )
+    .await
+    .unwrap();
+    // The operator moves the host to another cluster: a fresh token, another console's CA.
+    let token =
+        dunes_agent::identity::AgentIdentity::load_or_create(&f.dir.path().join("agent"), None)
+            .unwrap()
+            .issue_token()
+            .unwrap();
+    let new_dir = tempfile::tempdir().unwrap();
+    let new_console = ConsolePki::load_or_create(new_dir.path()).unwrap();
+    enroll(
+        &f.endpoint,
+        &new_console,
+        &f.address(),
+        &token,
+        Some(f.agent.fingerprint),
+        EnrollPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), old_conn.closed())
+        .await
+        .expect("the old console's connection is closed");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == codes::CLOSE_UNAUTHENTICATED),
+        "{closed}"
+    );
+    // The old console cannot come back; the new one gets in.
+    let new_config = pki::quic_client_config(
+        pki::control_client_config(new_console.ca.cert_der(), &new_console.identity).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        connect(
+            &f.endpoint,
+            &f.control_config(&f.console),
+            &f.agent.host_id,
+            &f.address(),
+            f.agent.fingerprint,
+        )
+        .await
+        .is_err()
+    );
+    connect(
+        &f.endpoint,
+        &new_config,
+        &f.agent.host_id,
+        &f.address(),
+        f.agent.fingerprint,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
