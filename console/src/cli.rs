@@ -153,32 +153,16 @@ const NAME: &str = "dunes-console";
 /// stderr and exit code 2, like every other error of this program.
 pub fn parse_args() -> Result<Cli, ExitCode> {
     Cli::try_parse().map_err(|err| {
-        use clap::error::ErrorKind;
-        if matches!(
-            err.kind(),
-            ErrorKind::DisplayHelp
-                | ErrorKind::DisplayVersion
-                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-        ) {
+        if !err.use_stderr()
+            || err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        {
             let _ = err.print();
-            return ExitCode::SUCCESS;
+            return ExitCode::from(err.exit_code() as u8);
         }
-        eprintln!("{NAME}: {} (see {NAME} --help)", usage_error_line(&err));
+        let line = dunes_shared::usage_error_line(&err.render().to_string());
+        eprintln!("{NAME}: {line} (see {NAME} --help)");
         ExitCode::from(2)
     })
-}
-
-/// clap's message without its usage block, on one line.
-fn usage_error_line(err: &clap::Error) -> String {
-    let text = err.render().to_string();
-    let parts: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-        .filter(|l| !l.is_empty())
-        .collect();
-    let line = parts.join(" ");
-    line.strip_prefix("error: ").unwrap_or(&line).to_string()
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -529,11 +513,11 @@ mod tests {
     fn usage_errors_are_one_line() {
         let err = Cli::try_parse_from(["dunes-console", "ctl", "host", "add", "10.0.0.5:7443"])
             .unwrap_err();
-        let line = usage_error_line(&err);
+        let line = dunes_shared::usage_error_line(&err.render().to_string());
         assert!(!line.contains('\n'), "{line}");
         assert!(line.contains("--token"), "{line}");
         let err = Cli::try_parse_from(["dunes-console", "ctl", "hots"]).unwrap_err();
-        let line = usage_error_line(&err);
+        let line = dunes_shared::usage_error_line(&err.render().to_string());
         assert!(line.starts_with("unrecognized subcommand 'hots'"), "{line}");
     }
 

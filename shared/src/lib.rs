@@ -24,3 +24,28 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// A command-line parser's error as rendered (the message, perhaps a tip, then a usage block)
+/// turned into one line: the message and the tip, without the usage and the "error: " prefix.
+pub fn usage_error_line(rendered: &str) -> String {
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = parts.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn usage_errors_become_one_line() {
+        let rendered = "error: the following required arguments were not provided:\n  --token <TOKEN>\n\nUsage: dunes-console ctl host add --token <TOKEN> <ADDRESS>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            super::usage_error_line(rendered),
+            "the following required arguments were not provided: --token <TOKEN>"
+        );
+    }
+}
