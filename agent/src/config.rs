@@ -45,6 +45,10 @@ pub struct SiteConfig {
     pub link_latency_ms: u32,
 }
 
+/// Longest graceful stop a config may ask for; the console waits a little longer than this
+/// for a stop's answer (`dunes_console::engine::STOP_CALL_TIMEOUT`).
+pub const STOP_TIMEOUT_SECS_MAX: u32 = 900;
+
 fn default_security_level() -> u8 {
     1
 }
@@ -107,6 +111,12 @@ impl AgentConfig {
 
     pub fn parse(text: &str) -> Result<Self, String> {
         let config: AgentConfig = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        if !(1..=STOP_TIMEOUT_SECS_MAX).contains(&config.stop_timeout_secs) {
+            return Err(format!(
+                "stop_timeout_secs must be between 1 and {STOP_TIMEOUT_SECS_MAX}, not {}",
+                config.stop_timeout_secs
+            ));
+        }
         let p = config.prices;
         if [p.per_gb_month_stored, p.per_gb_transferred, p.per_cpu_hour]
             .iter()
@@ -160,5 +170,11 @@ mod tests {
                 .contains("negative")
         );
         assert!(AgentConfig::parse("").is_ok());
+        assert!(
+            AgentConfig::parse("stop_timeout_secs = 0")
+                .unwrap_err()
+                .contains("between 1 and 900")
+        );
+        assert!(AgentConfig::parse("stop_timeout_secs = 901").is_err());
     }
 }

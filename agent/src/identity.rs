@@ -96,7 +96,7 @@ impl AgentIdentity {
             // A CA without the certificate it signed (enrollment stopped between its two
             // writes) is no enrollment: the agent starts over with a fresh join token.
             Ok(c) => Some(CertificateDer::from(c))
-                .filter(|ca| pki::verify_host_cert(&cert_der, ca, &host_id).is_ok()),
+                .filter(|ca| pki::host_cert_issued_by(&cert_der, ca, &host_id).is_ok()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&ca_path)(e)),
         };

@@ -320,15 +320,13 @@ impl LibvirtRuntime {
     ) -> Result<VmStatus, RuntimeError> {
         if !force {
             let n = name.clone();
-            match self.run(move |w| w.request_shutdown(&n)).await? {
-                Ok(true) => {}
-                Ok(false) => self.wait_until_off(&name, timeout_secs).await?,
-                // A guest without ACPI, or a driver that cannot ask, is forced off at once:
-                // the operator asked for the VM to stop, and waiting would change nothing.
-                Err(RuntimeError::Libvirt { message, .. }) => {
-                    tracing::warn!(vm = %name, "graceful shutdown refused ({message}), forcing it off");
+            match self.run(move |w| w.request_shutdown(&n)).await?? {
+                ShutdownAsked::AlreadyOff => {}
+                ShutdownAsked::Asked => self.wait_until_off(&name, timeout_secs).await?,
+                // The operator asked for the VM to stop, and waiting would change nothing.
+                ShutdownAsked::CannotAsk(why) => {
+                    tracing::warn!(vm = %name, "the guest cannot be asked to shut down ({why}), forcing it off");
                 }
-                Err(e) => return Err(e),
             }
         }
         self.run(move |w| w.force_off(&name)).await?
@@ -353,6 +351,13 @@ impl LibvirtRuntime {
     pub async fn delete_vm(&self, name: VmName) -> Result<(), RuntimeError> {
         self.run(move |w| w.delete(&name)).await?
     }
+}
+
+/// What came of asking a guest to shut down.
+enum ShutdownAsked {
+    AlreadyOff,
+    Asked,
+    CannotAsk(String),
 }
 
 struct Worker {
@@ -565,13 +570,29 @@ impl Worker {
     }
 
     /// Asks for a guest shutdown; returns whether the VM is already off.
-    fn request_shutdown(&mut self, name: &VmName) -> Result<bool, RuntimeError> {
+    fn request_shutdown(&mut self, name: &VmName) -> Result<ShutdownAsked, RuntimeError> {
         let dom = self.lookup(name)?;
         if !self.state_of(name)?.is_active() {
-            return Ok(true);
+            return Ok(ShutdownAsked::AlreadyOff);
         }
-        dom.shutdown().map_err(lv("shutting down the VM"))?;
-        Ok(!self.state_of(name)?.is_active())
+        if let Err(e) = dom.shutdown() {
+            use virt::error::ErrorNumber;
+            // Only "there is no way to ask" (no ACPI, a driver without shutdown); any other
+            // failure is reported, and the VM left as it is.
+            return match e.code() {
+                virt::enumutil::Enum::Known(
+                    ErrorNumber::NoSupport
+                    | ErrorNumber::OperationUnsupported
+                    | ErrorNumber::ArgumentUnsupported,
+                ) => Ok(ShutdownAsked::CannotAsk(e.message().to_string())),
+                _ => Err(lv("shutting down the VM")(e)),
+            };
+        }
+        if self.state_of(name)?.is_active() {
+            Ok(ShutdownAsked::Asked)
+        } else {
+            Ok(ShutdownAsked::AlreadyOff)
+        }
     }
 
     fn force_off(&mut self, name: &VmName) -> Result<VmStatus, RuntimeError> {
@@ -598,8 +619,12 @@ impl Worker {
         self.storage.delete_definition(name)?;
         if let Err(e) = dom.undefine() {
             // Keep the VM whole: without its saved definition the test driver would lose it.
-            if let Ok(xml) = dom.xml_desc(0) {
-                let _ = self.storage.save_definition(name, &xml);
+            let saved = dom
+                .xml_desc(0)
+                .map_err(lv("reading the definition"))
+                .and_then(|xml| Ok(self.storage.save_definition(name, &xml)?));
+            if let Err(lost) = saved {
+                tracing::warn!(vm = %name, "the VM's saved definition is gone ({lost}); the test driver forgets it at the next restart");
             }
             return Err(lv("undefining the VM")(e));
         }

@@ -95,6 +95,14 @@ impl RunningAgent {
                 "the tiny template has nothing to boot under QEMU: pass --guest-dir with the output of assets/guest/build-tiny-guest.sh"
             );
         }
+        if let Some(ca) = &identity.ca_der
+            && let Err(e) = pki::verify_host_cert(&identity.cert_der, ca, &identity.host_id)
+        {
+            tracing::warn!(
+                "this agent's certificate is not valid now ({}): check the clock, or enroll the host again with a fresh token (dunes-agent token)",
+                error_chain(&e)
+            );
+        }
         let join_token = if identity.is_enrolled() {
             None
         } else {
@@ -281,15 +289,18 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
         .peer_identity()
         .and_then(|a| a.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|certs| certs.first().cloned());
-    // The handshake verified the chain (when a certificate was sent at all); the role is ours to check.
-    if !peer.is_some_and(|c| pki::cert_is_console(&c)) {
-        tracing::warn!(remote = %conn.remote_address(), "control connection without a console certificate refused");
+    // Subscribed before the check: an enrollment that lands after it is seen as a change.
+    let mut enrollments = shared.enrollments.subscribe();
+    // The handshake verified the chain (when a certificate was sent at all) under the CA of
+    // that moment; the role is ours to check, and the CA may have changed since.
+    let Some(peer) = peer.filter(|c| console_trusted(&shared, c)) else {
+        tracing::warn!(remote = %conn.remote_address(), "control connection without a console certificate from the cluster CA refused");
         conn.close(
             codes::CLOSE_UNAUTHENTICATED,
             b"a console certificate from this cluster's CA is required",
         );
         return;
-    }
+    };
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (mut send, mut recv) = conn.accept_bi().await.ok()?;
         let request = read_request(&mut send, &mut recv).await.ok()?;
@@ -346,13 +357,15 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
     }
     tracing::info!(remote = %conn.remote_address(), console = %console_name, "console connected");
     tokio::spawn(push_events(shared.clone(), conn.clone(), events));
-    let mut enrollments = shared.enrollments.subscribe();
     loop {
         let accepted = tokio::select! {
             accepted = conn.accept_bi() => accepted,
             _ = enrollments.changed() => {
-                // Enrolled again, perhaps into another cluster: this console's trust is gone.
-                tracing::info!(remote = %conn.remote_address(), "closing a console connection from before the new enrollment");
+                if console_trusted(&shared, &peer) {
+                    continue;
+                }
+                // Enrolled into another cluster: this console's trust is gone.
+                tracing::info!(remote = %conn.remote_address(), "closing a console connection the new enrollment no longer trusts");
                 conn.close(codes::CLOSE_UNAUTHENTICATED, b"the agent was enrolled again");
                 return;
             }
@@ -384,6 +397,12 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
             }
         });
     }
+}
+
+/// Whether `cert` is a console certificate of the CA the agent is enrolled under now.
+fn console_trusted(shared: &Shared, cert: &CertificateDer<'static>) -> bool {
+    let ca = lock(&shared.identity).ca_der.clone();
+    ca.is_some_and(|ca| pki::verify_console_cert(cert, &ca).is_ok())
 }
 
 async fn dispatch(

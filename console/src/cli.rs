@@ -251,25 +251,54 @@ fn run_window(
         ..Default::default()
     };
     // Ctrl+C or SIGTERM closes the window, so the demo agents and the store are shut down
-    // the same way as when the operator closes it.
-    let window: std::sync::Arc<std::sync::Mutex<Option<egui::Context>>> = Default::default();
+    // the same way as when the operator closes it. A signal before the window exists is kept
+    // for it; a second one, if the window does not close, ends the process at once.
+    let window: std::sync::Arc<std::sync::Mutex<WindowCloser>> = Default::default();
     let closer = window.clone();
     runtime.spawn(async move {
         shutdown_signal().await;
-        if let Some(ctx) = closer.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
-            ctx.request_repaint();
-        }
+        lock(&closer).close();
+        shutdown_signal().await;
+        eprintln!("{NAME}: interrupted twice, exiting at once");
+        std::process::exit(130);
     });
     eframe::run_native(
         "Dunes console",
         options,
         Box::new(move |cc| {
-            *window.lock().unwrap_or_else(|p| p.into_inner()) = Some(cc.egui_ctx.clone());
+            lock(&window).attach(cc.egui_ctx.clone());
             Ok(Box::new(crate::ui::ConsoleApp::new(&cc.egui_ctx, engine)))
         }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Closes the window on a signal, or as soon as it exists when the signal came first.
+#[derive(Default)]
+struct WindowCloser {
+    ctx: Option<egui::Context>,
+    requested: bool,
+}
+
+impl WindowCloser {
+    fn close(&mut self) {
+        self.requested = true;
+        if let Some(ctx) = &self.ctx {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            ctx.request_repaint();
+        }
+    }
+
+    fn attach(&mut self, ctx: egui::Context) {
+        self.ctx = Some(ctx);
+        if self.requested {
+            self.close();
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -333,8 +362,10 @@ fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // Stopping a guest may take the agent's whole shutdown timeout.
-    let response = runtime.block_on(ctl::request(&data_dir, &request, Duration::from_secs(600)))?;
+    // Stopping a guest may take the agent's whole shutdown timeout; the engine gives up on
+    // the agent first and says why.
+    let timeout = engine::STOP_CALL_TIMEOUT + Duration::from_secs(30);
+    let response = runtime.block_on(ctl::request(&data_dir, &request, timeout))?;
     if !response.ok {
         anyhow::bail!("{}", response.error.unwrap_or_else(|| "failed".into()));
     }

@@ -318,6 +318,30 @@ pub fn verify_host_cert(
     ca: &CertificateDer<'static>,
     host_id: &HostId,
 ) -> Result<(), PkiError> {
+    verify_host_cert_at(cert_der, ca, host_id, UnixTime::now())
+}
+
+/// Checks that `cert_der` was issued by `ca` for `host_id`, whatever the clock says: it tells
+/// a certificate of this CA from one that is not, even once it has expired.
+pub fn host_cert_issued_by(
+    cert_der: &CertificateDer<'static>,
+    ca: &CertificateDer<'static>,
+    host_id: &HostId,
+) -> Result<(), PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|_| PkiError::Parse)?;
+    let not_before =
+        u64::try_from(cert.validity().not_before.timestamp()).map_err(|_| PkiError::Parse)?;
+    // One second into the certificate's life, when it was valid if it was ever valid.
+    let at = UnixTime::since_unix_epoch(Duration::from_secs(not_before + 1));
+    verify_host_cert_at(cert_der, ca, host_id, at)
+}
+
+fn verify_host_cert_at(
+    cert_der: &CertificateDer<'static>,
+    ca: &CertificateDer<'static>,
+    host_id: &HostId,
+    at: UnixTime,
+) -> Result<(), PkiError> {
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(root_store(ca)?),
         provider(),
@@ -325,7 +349,25 @@ pub fn verify_host_cert(
     .build()
     .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
     let name = ServerName::try_from(host_cert_name(host_id)).map_err(|_| PkiError::Parse)?;
-    verifier.verify_server_cert(cert_der, &[], &name, &[], UnixTime::now())?;
+    verifier.verify_server_cert(cert_der, &[], &name, &[], at)?;
+    Ok(())
+}
+
+/// Checks that `cert_der` is a console certificate issued by `ca` and valid now.
+pub fn verify_console_cert(
+    cert_der: &CertificateDer<'static>,
+    ca: &CertificateDer<'static>,
+) -> Result<(), PkiError> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider())
+        .build()?
+        .verify_client_cert(cert_der, &[], UnixTime::now())?;
+    let found = cert_dns_names(cert_der)?;
+    if !found.iter().any(|n| n == CONSOLE_CERT_NAME) {
+        return Err(PkiError::WrongName {
+            expected: CONSOLE_CERT_NAME.to_string(),
+            found,
+        });
+    }
     Ok(())
 }
 
@@ -516,6 +558,40 @@ mod tests {
         let err = ca.sign_host_csr(&csr, &other).unwrap_err();
         assert!(matches!(err, PkiError::WrongName { .. }), "{err}");
         assert!(ca.sign_host_csr(b"garbage", &host).is_err());
+    }
+
+    #[test]
+    fn issued_by_ignores_the_clock_but_not_the_issuer() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let other_ca = CertificateAuthority::generate().unwrap();
+        let host = HostId::new("node-1").unwrap();
+        let key_pem = generate_key_pem().unwrap();
+        let mut params = leaf_params(&host_cert_name(&host)).unwrap();
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(400);
+        params.not_after = now - time::Duration::days(35);
+        let key = KeyPair::from_pem(&key_pem).unwrap();
+        let expired = params.signed_by(&key, &ca.issuer).unwrap().der().clone();
+        assert!(verify_host_cert(&expired, ca.cert_der(), &host).is_err());
+        host_cert_issued_by(&expired, ca.cert_der(), &host).unwrap();
+        assert!(host_cert_issued_by(&expired, other_ca.cert_der(), &host).is_err());
+        let self_signed = self_signed_host_cert(&key_pem, &host).unwrap();
+        assert!(host_cert_issued_by(&self_signed, ca.cert_der(), &host).is_err());
+    }
+
+    #[test]
+    fn console_certificates_are_told_apart() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let other_ca = CertificateAuthority::generate().unwrap();
+        let key = generate_key_pem().unwrap();
+        let console = ca.issue_console_cert(&key).unwrap();
+        verify_console_cert(&console, ca.cert_der()).unwrap();
+        assert!(verify_console_cert(&console, other_ca.cert_der()).is_err());
+        let host = HostId::new("node-1").unwrap();
+        let csr = host_csr(&key, &host).unwrap();
+        let host_cert = ca.sign_host_csr(&csr, &host).unwrap();
+        let err = verify_console_cert(&host_cert, ca.cert_der()).unwrap_err();
+        assert!(matches!(err, PkiError::WrongName { .. }), "{err}");
     }
 
     #[test]

@@ -74,7 +74,7 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
     })
     .await;
 
-    // Host status keeps coming, every second.
+    // Host status keeps coming (every second; the bound here is loose for a loaded machine).
     let uptime = |s: &Snapshot| {
         s.host(&a.host_id)
             .and_then(|h| h.status)
@@ -83,7 +83,7 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
     let first = uptime(&engine.snapshot()).expect("status with the hello");
     within(
         &engine,
-        Duration::from_millis(2500),
+        Duration::from_secs(5),
         "a newer host status",
         |s| uptime(s).is_some_and(|u| u > first),
     )

@@ -314,6 +314,14 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
     step_until(&mut harness, "the confirmation", |h| {
         h.query_by_label("Delete VM web-9?").is_some()
     });
+    // The confirmation is modal: Ctrl+N opens nothing beneath it.
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::N);
+    harness.step();
+    assert!(
+        harness
+            .query_by_role_and_label(Role::TextInput, "Name")
+            .is_none()
+    );
     harness.key_press(egui::Key::Escape);
     step_until(&mut harness, "the confirmation to close", |h| {
         h.query_by_label("Delete VM web-9?").is_none()

@@ -249,12 +249,31 @@ async fn enrolling_again_cuts_off_the_previous_console() {
     )
     .await
     .unwrap();
-    // The operator moves the host to another cluster: a fresh token, another console's CA.
-    let token =
+    let fresh_token = || {
         dunes_agent::identity::AgentIdentity::load_or_create(&f.dir.path().join("agent"), None)
             .unwrap()
             .issue_token()
-            .unwrap();
+            .unwrap()
+    };
+    // Enrolled again into the same cluster: the console's connection stays.
+    enroll(
+        &f.endpoint,
+        &f.console,
+        &f.address(),
+        &fresh_token(),
+        Some(f.agent.fingerprint),
+        EnrollPolicy::default(),
+    )
+    .await
+    .unwrap();
+    call(&old_conn, ListVms).await.unwrap();
+    // Time for a wrong close to arrive, were one sent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    call(&old_conn, ListVms).await.unwrap();
+    assert!(old_conn.close_reason().is_none());
+
+    // The operator moves the host to another cluster: a fresh token, another console's CA.
+    let token = fresh_token();
     let new_dir = tempfile::tempdir().unwrap();
     let new_console = ConsolePki::load_or_create(new_dir.path()).unwrap();
     enroll(

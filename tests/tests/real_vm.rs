@@ -99,18 +99,14 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         .await
         .unwrap();
     assert_eq!(vm.state, VmState::Running);
-    engine
-        .wait_for(Duration::from_secs(1), |s| {
-            s.find_vm("tiny-1")
-                .is_ok_and(|(_, v)| v.state == VmState::Running)
-        })
-        .await
-        .expect("the engine shows running");
+    let created = Instant::now();
 
     // A guest that does not answer the power button is forced off after the agent's stop
     // timeout (20 s in the test agents' config). Pressed the moment QEMU starts, before the
-    // guest kernel has set up ACPI, the button press is lost: a guest that ignores it.
+    // guest kernel has set up ACPI (and before qemu-guest-agent could answer instead), the
+    // press is lost: a guest that ignores it.
     let stopping = Instant::now();
+    eprintln!("stop sent {:?} after the VM started", created.elapsed());
     let vm = engine
         .request(|reply| Command::StopVm {
             host: host.clone(),
@@ -137,6 +133,13 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         })
         .await
         .unwrap();
+    engine
+        .wait_for(Duration::from_secs(1), |s| {
+            s.find_vm("tiny-1")
+                .is_ok_and(|(_, v)| v.state == VmState::Running)
+        })
+        .await
+        .expect("the engine shows running");
 
     // The guest really boots: its init reports on the serial console.
     let console = agent_dir.join("storage/disks/tiny-1.console.log");

@@ -39,10 +39,11 @@ use self::{
 
 /// Commands waiting for the engine; the UI's `try_send` fails (and says so) beyond this.
 const COMMAND_QUEUE: usize = 256;
-/// How long an agent gets to answer one request. A graceful stop waits for the guest up to
-/// the agent's own stop timeout, so this is generous; it only catches an agent that hangs
-/// with its connection alive.
-pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(540);
+/// How long an agent gets to answer a start or a delete: long enough for a slow hypervisor,
+/// short enough to tell an agent that hangs with its connection alive.
+pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// A graceful stop waits for the guest up to the agent's stop timeout (at most 900 s).
+pub const STOP_CALL_TIMEOUT: Duration = Duration::from_secs(960);
 /// Events kept in memory and in every snapshot.
 const EVENTS_IN_VIEW: usize = 1000;
 
@@ -279,13 +280,23 @@ pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
         path: data_dir.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(data_dir).map_err(data_dir_error)?;
-    // The CA key, the store and the control socket live here: owner only, before any of
-    // them is created.
+    // The CA key, the store and the control socket live here: a new data dir is the owner's
+    // only. An existing one is the operator's to set; its key files are 0600 either way.
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(data_dir_error)?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        match std::fs::metadata(data_dir) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => tracing::warn!(
+                "the data dir {} is open to other users (mode {:o}); chmod 700 keeps the control socket and the store to you",
+                data_dir.display(),
+                meta.permissions().mode() & 0o777
+            ),
+            Ok(_) => {}
+            Err(_) => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data_dir)
+                .map_err(data_dir_error)?,
+        }
     }
     let pki = Arc::new(ConsolePki::load_or_create(data_dir)?);
     let (store, loaded) = Store::open(&data_dir.join("store.redb"))?;
@@ -552,10 +563,16 @@ impl Actor {
                     return;
                 }
                 let what = format!("creating VM {} on {host}", spec.name);
-                self.agent_call(host, what, reply, CreateVm { spec, start });
+                self.agent_call(host, what, reply, CreateVm { spec, start }, None);
             }
             Command::StartVm { host, name, reply } => {
-                self.agent_call(host, format!("starting VM {name}"), reply, StartVm { name });
+                self.agent_call(
+                    host,
+                    format!("starting VM {name}"),
+                    reply,
+                    StartVm { name },
+                    Some(AGENT_CALL_TIMEOUT),
+                );
             }
             Command::StopVm {
                 host,
@@ -577,6 +594,7 @@ impl Actor {
                         force,
                         timeout_secs: 0,
                     },
+                    Some(STOP_CALL_TIMEOUT),
                 );
             }
             Command::DeleteVm { host, name, reply } => {
@@ -585,6 +603,7 @@ impl Actor {
                     format!("deleting VM {name}"),
                     reply,
                     DeleteVm { name },
+                    Some(AGENT_CALL_TIMEOUT),
                 );
             }
         }
@@ -612,8 +631,15 @@ impl Actor {
 
     /// Sends one request to a host's agent in the background; the reply goes to the caller
     /// and a failure to the event log.
-    fn agent_call<R>(&mut self, host: HostId, what: String, reply: Reply<R::Response>, request: R)
-    where
+    /// `deadline` is `None` for work whose length depends on the data (a disk copy).
+    fn agent_call<R>(
+        &mut self,
+        host: HostId,
+        what: String,
+        reply: Reply<R::Response>,
+        request: R,
+        deadline: Option<Duration>,
+    ) where
         R: dunes_shared::protocol::Rpc + Send + 'static,
     {
         let Some(entry) = self.hosts.get(&host) else {
@@ -627,17 +653,23 @@ impl Actor {
         self.log(Level::Info, Some(host.clone()), what.clone());
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
-            let result = match tokio::time::timeout(AGENT_CALL_TIMEOUT, call(&conn, request)).await
-            {
-                Ok(answer) => answer.map_err(|e: CallError| match e.remote() {
+            let answer = match deadline {
+                Some(limit) => tokio::time::timeout(limit, call(&conn, request))
+                    .await
+                    .map_err(|_| {
+                        EngineError::Agent(format!(
+                            "the agent did not answer within {} s",
+                            limit.as_secs()
+                        ))
+                    }),
+                None => Ok(call(&conn, request).await),
+            };
+            let result = answer.and_then(|answer| {
+                answer.map_err(|e: CallError| match e.remote() {
                     Some(remote) => EngineError::Agent(remote.message.clone()),
                     None => EngineError::Unreachable(host.clone()),
-                }),
-                Err(_) => Err(EngineError::Agent(format!(
-                    "the agent did not answer within {} s",
-                    AGENT_CALL_TIMEOUT.as_secs()
-                ))),
-            };
+                })
+            });
             if let Err(e) = &result {
                 let _ = internal.send(Internal::Log {
                     level: Level::Error,

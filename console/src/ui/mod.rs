@@ -166,7 +166,9 @@ impl ConsoleApp {
         {
             self.selection = Selection::None;
         }
-        if ui.input_mut(|i| i.consume_shortcut(&NEW_VM)) {
+        // The delete confirmation is modal: no other dialog opens beneath it.
+        let modal = self.confirm_delete.is_some();
+        if !modal && ui.input_mut(|i| i.consume_shortcut(&NEW_VM)) {
             open_new_vm(
                 &mut self.new_vm,
                 &mut self.add_host,
@@ -174,7 +176,7 @@ impl ConsoleApp {
                 &self.selection,
             );
         }
-        if ui.input_mut(|i| i.consume_shortcut(&ADD_HOST)) {
+        if !modal && ui.input_mut(|i| i.consume_shortcut(&ADD_HOST)) {
             open_add_host(&mut self.add_host, &mut self.new_vm);
         }
         let snapshot = self.snapshot.clone();
