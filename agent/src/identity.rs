@@ -7,10 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use dunes_shared::{
+    durable,
     model::HostId,
     pki::{self, Fingerprint, Identity, PkiError},
     token,
 };
+use hex::FromHex;
 use rustls::pki_types::CertificateDer;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError {
     let path = path.display().to_string();
     move |source| IdentityError::Io { path, source }
 }
+
+/// How long a join token can be used after it was issued.
+pub const TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 #[derive(Debug)]
 pub struct AgentIdentity {
@@ -66,7 +71,8 @@ impl AgentIdentity {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = wanted.cloned().unwrap_or_else(default_host_id);
-                std::fs::write(&id_path, format!("{id}\n")).map_err(io(&id_path))?;
+                durable::write_file(&id_path, format!("{id}\n").as_bytes(), 0o644)
+                    .map_err(io(&id_path))?;
                 id
             }
             Err(e) => return Err(io(&id_path)(e)),
@@ -86,7 +92,7 @@ impl AgentIdentity {
             Ok(c) => CertificateDer::from(c),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let c = pki::self_signed_host_cert(&key_pem, &host_id)?;
-                std::fs::write(&cert_path, &c).map_err(io(&cert_path))?;
+                durable::write_file(&cert_path, &c, 0o644).map_err(io(&cert_path))?;
                 c
             }
             Err(e) => return Err(io(&cert_path)(e)),
@@ -150,7 +156,7 @@ impl AgentIdentity {
         let token = token::generate_token();
         pki::write_secret_file(
             &self.token_path(),
-            hex_encode(&token::token_hash(&token)).as_bytes(),
+            hex::encode(token::token_hash(&token)).as_bytes(),
         )?;
         Ok(token)
     }
@@ -159,12 +165,30 @@ impl AgentIdentity {
         self.token_path().exists()
     }
 
-    /// Whether `candidate` is the outstanding join token.
+    /// Whether an unused join token younger than [`TOKEN_LIFETIME`] is outstanding.
+    pub fn has_fresh_token(&self) -> bool {
+        std::fs::metadata(self.token_path())
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|issued| issued.elapsed().ok())
+            .is_some_and(|age| age < TOKEN_LIFETIME)
+    }
+
+    /// Whether enrollment is offered: always before the first enrollment; afterwards only
+    /// while a fresh token from `dunes-agent token` is unused.
+    pub fn enrollment_open(&self) -> bool {
+        !self.is_enrolled() || self.has_fresh_token()
+    }
+
+    /// Whether `candidate` is the outstanding join token, and still fresh.
     pub fn token_matches(&self, candidate: &str) -> bool {
+        if !self.has_fresh_token() {
+            return false;
+        }
         let Ok(stored) = std::fs::read_to_string(self.token_path()) else {
             return false;
         };
-        let Some(stored) = hex_decode_32(stored.trim()) else {
+        let Ok(stored) = <[u8; 32]>::from_hex(stored.trim()) else {
             return false;
         };
         token::hashes_match(&stored, &token::token_hash(candidate))
@@ -175,30 +199,14 @@ impl AgentIdentity {
         let path = self.token_path();
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
-            _ => Ok(()),
+            // The removal must be on disk: a token spent before a crash stays spent.
+            _ => durable::sync_dir(&self.dir).map_err(io(&self.dir)),
         }
     }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hex_decode_32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-    }
-    Some(out)
+    durable::write_file(path, bytes, 0o644).map_err(io(path))
 }
 
 /// The machine's host name, turned into a valid host id.

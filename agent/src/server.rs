@@ -11,15 +11,16 @@ use std::{
 };
 
 use dunes_shared::{
+    codec::{MAX_FRAME_BYTES, PREAUTH_FRAME_BYTES},
     error_chain,
     model::{HostInventory, HostStatus, TemplateName},
     pki::{self, Fingerprint},
     protocol::{
         ALPN_CONTROL, ALPN_ENROLL, AgentEvent, CreateVm, DeleteVm, EnrollBegin, EnrollBeginReply,
-        EnrollFinish, ErrorCode, Hello, HelloReply, ListTemplates, ListVms, PROTOCOL_VERSION,
-        Request, StartVm, StopVm, WireError, codes,
+        EnrollFinish, ErrorCode, Hello, HelloReply, ListTemplates, ListVms, Request, StartVm,
+        StopVm, WireError, codes, features,
     },
-    rpc::{encode_reply, push_event, read_request, send_reply},
+    rpc::{Incoming, encode_reply, push_event, read_request, send_reply, unsupported_reply},
 };
 use rustls::pki_types::CertificateDer;
 use tokio::sync::broadcast;
@@ -33,6 +34,12 @@ use crate::{
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// An enrollment connection is closed after this, finished or not.
+const ENROLL_DEADLINE: Duration = Duration::from_secs(10);
+/// Enrollment connections served at once; more are closed at once.
+const ENROLL_CONCURRENT: usize = 4;
+/// TLS handshakes in progress at once; more are refused before any crypto is done.
+const HANDSHAKES_CONCURRENT: usize = 64;
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -58,6 +65,11 @@ pub struct RunningAgent {
 }
 
 struct Shared {
+    /// The two TLS setups of the current identity; each connection gets one (see
+    /// [`Shared::server_config_now`]).
+    tls: Mutex<TlsConfigs>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    enroll_slots: Arc<tokio::sync::Semaphore>,
     identity: Mutex<AgentIdentity>,
     runtime: LibvirtRuntime,
     storage: Storage,
@@ -108,14 +120,14 @@ impl RunningAgent {
         } else {
             Some(identity.issue_token()?)
         };
-        let server_config = pki::quic_server_config(pki::agent_server_config(
-            &identity.tls_identity(),
-            identity.ca_der.as_ref(),
-        )?)?;
-        let endpoint = bind_endpoint(opts.listen, server_config)?;
+        let tls = TlsConfigs::new(&identity)?;
+        let endpoint = bind_endpoint(opts.listen, (*tls.control_only).clone())?;
         let local_addr = endpoint.local_addr()?;
         std::fs::write(opts.data_dir.join("listen-addr"), format!("{local_addr}\n"))?;
         let shared = Arc::new(Shared {
+            tls: Mutex::new(tls),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_CONCURRENT)),
+            enroll_slots: Arc::new(tokio::sync::Semaphore::new(ENROLL_CONCURRENT)),
             identity: Mutex::new(identity),
             runtime,
             storage,
@@ -178,14 +190,75 @@ fn bind_endpoint(addr: SocketAddr, config: quinn::ServerConfig) -> anyhow::Resul
     )?)
 }
 
+/// The server configurations of one identity: with the enrollment ALPN and without it.
+struct TlsConfigs {
+    with_enroll: Arc<quinn::ServerConfig>,
+    control_only: Arc<quinn::ServerConfig>,
+}
+
+impl TlsConfigs {
+    fn new(identity: &AgentIdentity) -> Result<Self, pki::PkiError> {
+        let make = |offer_enroll| {
+            pki::agent_server_config(
+                &identity.tls_identity(),
+                identity.ca_der.as_ref(),
+                offer_enroll,
+            )
+            .and_then(pki::quic_server_config)
+            .map(Arc::new)
+        };
+        Ok(TlsConfigs {
+            with_enroll: make(true)?,
+            control_only: make(false)?,
+        })
+    }
+}
+
+impl Shared {
+    /// What a connection arriving now is offered: enrollment only while the agent is not
+    /// enrolled, or a fresh join token is outstanding.
+    fn server_config_now(&self) -> Arc<quinn::ServerConfig> {
+        let offer = lock(&self.identity).enrollment_open();
+        let tls = lock(&self.tls);
+        if offer {
+            tls.with_enroll.clone()
+        } else {
+            tls.control_only.clone()
+        }
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        // Refused before any crypto: a flood of handshakes cannot take the agent's CPU.
+        let Ok(slot) = shared.handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "too many handshakes in progress; connection refused");
+            incoming.refuse();
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => serve_connection(shared, conn).await,
-                Err(e) => tracing::info!(%remote, "handshake refused: {e}"),
+            let config = {
+                let shared = shared.clone();
+                match tokio::task::spawn_blocking(move || shared.server_config_now()).await {
+                    Ok(c) => c,
+                    Err(_) => return,
+                }
+            };
+            let connecting = match incoming.accept_with(config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(%remote, "connection refused: {e}");
+                    return;
+                }
+            };
+            let handshake = tokio::time::timeout(HELLO_TIMEOUT, connecting).await;
+            drop(slot);
+            match handshake {
+                Ok(Ok(conn)) => serve_connection(shared, conn).await,
+                Ok(Err(e)) => tracing::info!(%remote, "handshake refused: {e}"),
+                Err(_) => tracing::info!(%remote, "handshake timed out"),
             }
         });
     }
@@ -198,7 +271,19 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         .and_then(|h| h.protocol);
     match alpn.as_deref() {
         Some(p) if p == ALPN_CONTROL => serve_control(shared, conn).await,
-        Some(p) if p == ALPN_ENROLL => serve_enroll(shared, conn).await,
+        Some(p) if p == ALPN_ENROLL => {
+            let Ok(_slot) = shared.enroll_slots.clone().try_acquire_owned() else {
+                conn.close(codes::CLOSE_BUSY, b"too many enrollments at once");
+                return;
+            };
+            // Unauthenticated peers get a deadline, finished or not.
+            if tokio::time::timeout(ENROLL_DEADLINE, serve_enroll(shared, conn.clone()))
+                .await
+                .is_err()
+            {
+                conn.close(codes::CLOSE_TIMEOUT, b"enrollment took too long");
+            }
+        }
         _ => conn.close(codes::CLOSE_BAD_HELLO, b"unknown protocol"),
     }
 }
@@ -303,32 +388,23 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
     };
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (mut send, mut recv) = conn.accept_bi().await.ok()?;
-        let request = read_request(&mut send, &mut recv).await.ok()?;
+        let request = read_request(&mut send, &mut recv, PREAUTH_FRAME_BYTES)
+            .await
+            .ok()?;
         Some((send, request))
     })
     .await;
     let Ok(Some((
         mut send,
-        Request::Hello(Hello {
-            protocol_version,
+        Incoming::Request(Request::Hello(Hello {
             console_name,
-        }),
+            features: console_features,
+        })),
     ))) = hello
     else {
         conn.close(codes::CLOSE_BAD_HELLO, b"expected a hello");
         return;
     };
-    if protocol_version != PROTOCOL_VERSION {
-        let reply = encode_reply::<Hello>(Err(WireError::new(
-            ErrorCode::WrongProtocol,
-            format!("this agent speaks protocol {PROTOCOL_VERSION}, not {protocol_version}"),
-        )));
-        if let Ok(frame) = reply {
-            let _ = send_reply(&mut send, &frame).await;
-        }
-        conn.close(codes::CLOSE_BAD_HELLO, b"protocol version mismatch");
-        return;
-    }
     // Subscribe before listing, so no change falls between the list and the stream.
     let events = shared.events.subscribe();
     let vms = match shared.runtime.list_vms().await {
@@ -346,16 +422,16 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
         return;
     };
     let reply = HelloReply {
-        protocol_version: PROTOCOL_VERSION,
         inventory,
         status,
         vms,
+        features: features::announce(features::AGENT),
     };
     match encode_reply::<Hello>(Ok(reply)) {
         Ok(frame) if send_reply(&mut send, &frame).await.is_ok() => {}
         _ => return,
     }
-    tracing::info!(remote = %conn.remote_address(), console = %console_name, "console connected");
+    tracing::info!(remote = %conn.remote_address(), console = %console_name, features = ?console_features, "console connected");
     tokio::spawn(push_events(shared.clone(), conn.clone(), events));
     loop {
         let accepted = tokio::select! {
@@ -379,8 +455,15 @@ async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let request = match read_request(&mut send, &mut recv).await {
-                Ok(r) => r,
+            let request = match read_request(&mut send, &mut recv, MAX_FRAME_BYTES).await {
+                Ok(Incoming::Request(r)) => r,
+                Ok(Incoming::Unknown(kind)) => {
+                    tracing::warn!(request = %kind, "a request this agent does not know was refused");
+                    if let Ok(frame) = unsupported_reply(&kind) {
+                        let _ = send_reply(&mut send, &frame).await;
+                    }
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!("bad request frame: {}", error_chain(&e));
                     return;
@@ -482,7 +565,7 @@ async fn push_events(
 fn invalid_token() -> WireError {
     WireError::new(
         ErrorCode::InvalidToken,
-        "the join token is wrong or was already used; run `dunes-agent token` on the host for a fresh one",
+        "the join token is wrong, used or older than 24 h; run `dunes-agent token` on the host for a fresh one",
     )
 }
 
@@ -494,8 +577,15 @@ async fn serve_enroll(shared: Arc<Shared>, conn: quinn::Connection) {
         let Ok((mut send, mut recv)) = conn.accept_bi().await else {
             return;
         };
-        let Ok(request) = read_request(&mut send, &mut recv).await else {
-            return;
+        let request = match read_request(&mut send, &mut recv, PREAUTH_FRAME_BYTES).await {
+            Ok(Incoming::Request(request)) => request,
+            Ok(Incoming::Unknown(kind)) => {
+                if let Ok(frame) = unsupported_reply(&kind) {
+                    let _ = send_reply(&mut send, &frame).await;
+                }
+                continue;
+            }
+            Err(_) => return,
         };
         let frame =
             match request {
@@ -589,10 +679,11 @@ fn enroll_finish(
         .install(cert, ca.clone())
         .map_err(|e| internal(&e))?;
     identity.consume_token().map_err(|e| internal(&e))?;
-    let config = pki::agent_server_config(&identity.tls_identity(), identity.ca_der.as_ref())
-        .and_then(pki::quic_server_config)
-        .map_err(|e| internal(&e))?;
-    shared.endpoint.set_server_config(Some(config));
+    let tls = TlsConfigs::new(&identity).map_err(|e| internal(&e))?;
+    shared
+        .endpoint
+        .set_server_config(Some((*tls.control_only).clone()));
+    *lock(&shared.tls) = tls;
     shared.enrollments.send_modify(|n| *n += 1);
     tracing::info!(host = %identity.host_id, "enrolled; only peers with certificates from the cluster CA are accepted now");
     Ok(())

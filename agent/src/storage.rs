@@ -158,7 +158,8 @@ impl Storage {
         }
         let text = toml::to_string(&manifest).expect("manifest serializes");
         let path = dir.join("template.toml");
-        std::fs::write(&path, text).map_err(io_err("writing", &path))
+        dunes_shared::durable::write_file(&path, text.as_bytes(), 0o644)
+            .map_err(io_err("writing", &path))
     }
 
     pub fn template(&self, name: &TemplateName) -> Result<Template, StorageError> {
@@ -250,14 +251,17 @@ impl Storage {
     /// Keeps a copy of a VM's definition, so the VM survives a runtime that forgets it.
     pub fn save_definition(&self, vm: &VmName, xml: &str) -> Result<(), StorageError> {
         let path = self.root.join("domains").join(format!("{vm}.xml"));
-        std::fs::write(&path, xml).map_err(io_err("writing", &path))
+        dunes_shared::durable::write_file(&path, xml.as_bytes(), 0o644)
+            .map_err(io_err("writing", &path))
     }
 
     pub fn delete_definition(&self, vm: &VmName) -> Result<(), StorageError> {
         let path = self.root.join("domains").join(format!("{vm}.xml"));
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("deleting", &path)(e)),
-            _ => Ok(()),
+            // On disk before the VM is undefined: a crash must not bring it back.
+            _ => dunes_shared::durable::sync_dir(&self.root.join("domains"))
+                .map_err(io_err("syncing", &path)),
         }
     }
 

@@ -4,6 +4,7 @@
 //! Nothing here creates a runtime, talks to libvirt, or touches a database.
 
 pub mod codec;
+pub mod durable;
 pub mod model;
 pub mod pki;
 pub mod protocol;

@@ -106,6 +106,9 @@ validated_name!(
 pub enum RuntimeKind {
     Libvirt,
     Process,
+    /// A runtime a newer agent added.
+    #[serde(other)]
+    Unknown,
 }
 
 impl RuntimeKind {
@@ -113,6 +116,7 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Libvirt => "libvirt",
             RuntimeKind::Process => "process",
+            RuntimeKind::Unknown => "unknown",
         }
     }
 }
@@ -205,6 +209,8 @@ pub enum VmState {
     Crashed,
     Suspended,
     Blocked,
+    /// A state this release cannot tell, or one a newer agent added.
+    #[serde(other)]
     Unknown,
 }
 

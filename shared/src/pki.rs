@@ -381,9 +381,12 @@ fn root_store(ca_der: &CertificateDer<'static>) -> Result<RootCertStore, PkiErro
 /// client certificate is asked for. With one, client certificates are verified against it;
 /// a client may still connect without one, for enrollment only — the control protocol
 /// refuses such a connection at its hello.
+/// `offer_enroll` adds the enrollment ALPN for an enrolled agent (while a fresh join token
+/// is outstanding); an agent not enrolled offers it always.
 pub fn agent_server_config(
     identity: &Identity,
     client_ca: Option<&CertificateDer<'static>>,
+    offer_enroll: bool,
 ) -> Result<rustls::ServerConfig, PkiError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
@@ -393,10 +396,13 @@ pub fn agent_server_config(
                 WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider())
                     .allow_unauthenticated()
                     .build()?;
-            (
-                builder.with_client_cert_verifier(verifier),
-                vec![ALPN_CONTROL.to_vec(), ALPN_ENROLL.to_vec()],
-            )
+            // rustls picks the first of these the client offers: a console offers control only,
+            // an enrolling or probing client offers enrollment first.
+            let mut alpn = vec![ALPN_CONTROL.to_vec()];
+            if offer_enroll {
+                alpn.insert(0, ALPN_ENROLL.to_vec());
+            }
+            (builder.with_client_cert_verifier(verifier), alpn)
         }
         None => (builder.with_no_client_auth(), vec![ALPN_ENROLL.to_vec()]),
     };
@@ -420,15 +426,17 @@ pub fn control_client_config(
     Ok(config)
 }
 
-/// Client side of enrollment: the agent is not CA-signed yet, so any certificate is accepted
-/// here (its signatures still checked) and the caller compares the key fingerprint instead.
+/// Client side of enrollment and probes: the agent is not CA-signed yet, so any certificate is
+/// accepted here (its signatures still checked) and the caller compares the key fingerprint
+/// instead. The control ALPN is offered second, so an enrolled agent that offers no enrollment
+/// still shows its key and the caller can say why enrollment is closed.
 pub fn enroll_client_config() -> Result<rustls::ClientConfig, PkiError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(FingerprintLater(provider())))
         .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
+    config.alpn_protocols = vec![ALPN_ENROLL.to_vec(), ALPN_CONTROL.to_vec()];
     Ok(config)
 }
 
@@ -507,29 +515,12 @@ pub fn quic_client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConf
     Ok(config)
 }
 
-/// Writes a secret (a private key, a token hash) readable by its owner only.
+/// Writes a secret (a private key, a token hash) readable by its owner only, durably.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| PkiError::Write {
+    crate::durable::write_file(path, contents, 0o600).map_err(|source| PkiError::Write {
         path: path.display().to_string(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    // A leftover temporary file may have wider permissions: start from a new one.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
-        _ => {}
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 #[cfg(test)]
@@ -607,7 +598,7 @@ mod tests {
             cert_der: cert,
         };
         assert!(control_client_config(ca.cert_der(), &identity).is_ok());
-        assert!(agent_server_config(&identity, Some(ca.cert_der())).is_ok());
+        assert!(agent_server_config(&identity, Some(ca.cert_der()), false).is_ok());
     }
 
     #[test]

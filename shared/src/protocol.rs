@@ -1,8 +1,10 @@
 //! Wire protocol v1: one request per bidirectional stream, the response type tied to the
 //! request, status pushed by the agent on one long-lived unidirectional stream.
 //!
-//! Every enum here is append-only: new variants go at the end, and the golden-bytes tests
-//! below keep old messages decodable.
+//! The major version is in the ALPN; what a peer can do beyond it is its feature set, sent
+//! in the hello. Messages only grow: a new field carries `#[serde(default)]`, a new variant
+//! is added and announced by a feature, nothing is renamed or removed. The golden-bytes tests
+//! below keep old messages decodable; the rules are in `docs/PROTOCOL.md`.
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -12,8 +14,25 @@ use crate::model::{HostId, HostInventory, HostStatus, TemplateInfo, VmName, VmSp
 pub const ALPN_CONTROL: &[u8] = b"dunes/1";
 /// ALPN of the enrollment protocol: a console proves a join token and installs a certificate.
 pub const ALPN_ENROLL: &[u8] = b"dunes-enroll/1";
-/// Version carried by the application-level hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Feature names a peer announces in its hello. A request is sent only to a peer that
+/// announced its feature; a name this release does not know is ignored.
+pub mod features {
+    /// `ListVms`, `CreateVm`, `StartVm`, `StopVm`, `DeleteVm`.
+    pub const VM_LIFECYCLE: &str = "vm-lifecycle";
+    /// `ListTemplates`.
+    pub const TEMPLATES: &str = "templates";
+
+    /// What this release of the agent offers.
+    pub const AGENT: &[&str] = &[VM_LIFECYCLE, TEMPLATES];
+    /// What this release of the console offers to agents.
+    pub const CONSOLE: &[&str] = &[];
+
+    /// A feature set as sent in a hello.
+    pub fn announce(set: &[&str]) -> Vec<String> {
+        set.iter().map(|f| f.to_string()).collect()
+    }
+}
 
 /// QUIC application error codes on connections and streams.
 pub mod codes {
@@ -24,6 +43,10 @@ pub mod codes {
     pub const CLOSE_UNAUTHENTICATED: VarInt = VarInt::from_u32(0x10);
     /// The first stream was not a valid hello.
     pub const CLOSE_BAD_HELLO: VarInt = VarInt::from_u32(0x11);
+    /// Too many connections of this kind at once; try again later.
+    pub const CLOSE_BUSY: VarInt = VarInt::from_u32(0x12);
+    /// The peer took longer than the deadline of this kind of connection.
+    pub const CLOSE_TIMEOUT: VarInt = VarInt::from_u32(0x13);
     /// A frame exceeded the size limit.
     pub const STREAM_FRAME_TOO_LARGE: VarInt = VarInt::from_u32(0x20);
     /// A frame did not decode.
@@ -61,21 +84,28 @@ pub enum ErrorCode {
     Internal,
     WrongProtocol,
     Unsupported,
+    /// A code this release does not know, from a newer peer.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Opens every control connection; the connection is trusted only once this is answered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
-    pub protocol_version: u32,
     pub console_name: String,
+    /// What the console offers (see [`features`]).
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HelloReply {
-    pub protocol_version: u32,
     pub inventory: HostInventory,
     pub status: HostStatus,
     pub vms: Vec<VmStatus>,
+    /// What the agent offers (see [`features`]).
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,12 +143,14 @@ pub struct DeleteVm {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrollBegin {
     pub token: String,
+    #[serde(with = "serde_bytes")]
     pub ca_cert_der: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrollBeginReply {
     pub host_id: HostId,
+    #[serde(with = "serde_bytes")]
     pub csr_der: Vec<u8>,
 }
 
@@ -126,6 +158,7 @@ pub struct EnrollBeginReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrollFinish {
     pub token: String,
+    #[serde(with = "serde_bytes")]
     pub cert_der: Vec<u8>,
 }
 
@@ -148,15 +181,15 @@ impl Request {
     /// Short name for logs and errors.
     pub fn kind(&self) -> &'static str {
         match self {
-            Request::Hello(_) => "hello",
-            Request::ListVms(_) => "list-vms",
-            Request::ListTemplates(_) => "list-templates",
-            Request::CreateVm(_) => "create-vm",
-            Request::StartVm(_) => "start-vm",
-            Request::StopVm(_) => "stop-vm",
-            Request::DeleteVm(_) => "delete-vm",
-            Request::EnrollBegin(_) => "enroll-begin",
-            Request::EnrollFinish(_) => "enroll-finish",
+            Request::Hello(_) => Hello::KIND,
+            Request::ListVms(_) => ListVms::KIND,
+            Request::ListTemplates(_) => ListTemplates::KIND,
+            Request::CreateVm(_) => CreateVm::KIND,
+            Request::StartVm(_) => StartVm::KIND,
+            Request::StopVm(_) => StopVm::KIND,
+            Request::DeleteVm(_) => DeleteVm::KIND,
+            Request::EnrollBegin(_) => EnrollBegin::KIND,
+            Request::EnrollFinish(_) => EnrollFinish::KIND,
         }
     }
 }
@@ -164,13 +197,19 @@ impl Request {
 /// Ties a request type to its response type; the wire carries `Result<Response, WireError>`.
 pub trait Rpc: Into<Request> {
     type Response: Serialize + DeserializeOwned + Send + 'static;
+    /// The feature the peer must have announced; `None` for what every peer speaks.
+    const FEATURE: Option<&'static str>;
+    /// Short name for logs and errors, as [`Request::kind`].
+    const KIND: &'static str;
 }
 
 macro_rules! rpc {
-    ($($req:ident => $resp:ty),* $(,)?) => {
+    ($($req:ident => $resp:ty, $feature:expr, $kind:literal;)*) => {
         $(
             impl Rpc for $req {
                 type Response = $resp;
+                const FEATURE: Option<&'static str> = $feature;
+                const KIND: &'static str = $kind;
             }
             impl From<$req> for Request {
                 fn from(value: $req) -> Request {
@@ -182,15 +221,15 @@ macro_rules! rpc {
 }
 
 rpc! {
-    Hello => HelloReply,
-    ListVms => Vec<VmStatus>,
-    ListTemplates => Vec<TemplateInfo>,
-    CreateVm => VmStatus,
-    StartVm => VmStatus,
-    StopVm => VmStatus,
-    DeleteVm => (),
-    EnrollBegin => EnrollBeginReply,
-    EnrollFinish => (),
+    Hello => HelloReply, None, "hello";
+    ListVms => Vec<VmStatus>, Some(features::VM_LIFECYCLE), "list-vms";
+    ListTemplates => Vec<TemplateInfo>, Some(features::TEMPLATES), "list-templates";
+    CreateVm => VmStatus, Some(features::VM_LIFECYCLE), "create-vm";
+    StartVm => VmStatus, Some(features::VM_LIFECYCLE), "start-vm";
+    StopVm => VmStatus, Some(features::VM_LIFECYCLE), "stop-vm";
+    DeleteVm => (), Some(features::VM_LIFECYCLE), "delete-vm";
+    EnrollBegin => EnrollBeginReply, None, "enroll-begin";
+    EnrollFinish => (), None, "enroll-finish";
 }
 
 /// What an agent pushes on its event stream.
@@ -210,85 +249,349 @@ pub enum AgentEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{TemplateName, VmState};
+    use crate::codec::{Decoded, decode_message, decode_payload, encode_payload};
+    use crate::model::{
+        NetworkInterface, Prices, RuntimeInfo, RuntimeKind, Site, TemplateName, VmState,
+    };
 
+    /// The bytes of `value` are `hex_bytes`, and those bytes decode to `value`.
     fn golden<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
         value: &T,
         hex_bytes: &str,
     ) {
-        let bytes = postcard::to_allocvec(value).unwrap();
+        let bytes = encode_payload(value).unwrap();
         assert_eq!(
             hex::encode(&bytes),
             hex_bytes,
             "encoding of {value:?} changed"
         );
-        let decoded: T = postcard::from_bytes(&hex::decode(hex_bytes).unwrap()).unwrap();
+        let decoded: T = decode_payload(&hex::decode(hex_bytes).unwrap()).unwrap();
         assert_eq!(&decoded, value);
     }
 
-    #[test]
-    fn golden_requests() {
-        golden(
-            &Request::Hello(Hello {
-                protocol_version: 1,
-                console_name: "c".into(),
-            }),
-            "00010163",
-        );
-        golden(&Request::ListVms(ListVms), "01");
-        golden(
-            &Request::CreateVm(CreateVm {
-                spec: VmSpec {
-                    name: VmName::new("web").unwrap(),
-                    template: TemplateName::new("tiny").unwrap(),
-                    vcpus: Some(2),
-                    memory_mib: None,
-                },
-                start: true,
-            }),
-            "03037765620474696e7901020001",
-        );
-        golden(
-            &Request::StopVm(StopVm {
-                name: VmName::new("a").unwrap(),
-                force: false,
-                timeout_secs: 300,
-            }),
-            "050161 00ac02".replace(' ', "").as_str(),
-        );
-        golden(
-            &Request::EnrollFinish(EnrollFinish {
-                token: "t".into(),
-                cert_der: vec![1, 2],
-            }),
-            "0801740201 02".replace(' ', "").as_str(),
-        );
-    }
-
-    #[test]
-    fn golden_responses_and_events() {
-        let vm = VmStatus {
+    fn vm() -> VmStatus {
+        VmStatus {
             uuid: "u".into(),
             name: VmName::new("a").unwrap(),
             state: VmState::Shutoff,
             vcpus: 1,
             memory_mib: 128,
-            template: None,
+            template: Some(TemplateName::new("tiny").unwrap()),
             disk_bytes: 0,
-        };
-        golden(
-            &AgentEvent::VmChanged(vm.clone()),
-            "01017501610101800100 00".replace(' ', "").as_str(),
+        }
+    }
+
+    fn status() -> HostStatus {
+        HostStatus {
+            cpu_load_percent: 0.5,
+            memory_used_mib: 1,
+            memory_total_mib: 2,
+            storage_free_mib: 3,
+            vms_running: 4,
+            uptime_secs: 5,
+        }
+    }
+
+    fn inventory() -> HostInventory {
+        HostInventory {
+            host_id: HostId::new("h").unwrap(),
+            hostname: "n".into(),
+            cpus: 2,
+            cpu_model: "m".into(),
+            memory_mib: 1024,
+            storage_total_mib: 10,
+            storage_free_mib: 5,
+            network: vec![NetworkInterface {
+                name: "e".into(),
+                mac: "0".into(),
+                speed_mbps: Some(1000),
+            }],
+            runtimes: vec![RuntimeInfo {
+                kind: RuntimeKind::Libvirt,
+                driver: "Test".into(),
+                version: "1".into(),
+            }],
+            site: Site::default(),
+            prices: Prices::default(),
+            security_level: 1,
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    fn name() -> VmName {
+        VmName::new("a").unwrap()
+    }
+
+    #[test]
+    fn golden_requests() {
+        let all: Vec<(Request, &str)> = vec![
+            (
+                Request::Hello(Hello {
+                    console_name: "c".into(),
+                    features: vec!["f".into()],
+                }),
+                "81a548656c6c6f82ac636f6e736f6c655f6e616d65a163a8666561747572657391a166",
+            ),
+            (Request::ListVms(ListVms), "81a74c697374566d7390"),
+            (
+                Request::ListTemplates(ListTemplates),
+                "81ad4c69737454656d706c6174657390",
+            ),
+            (
+                Request::CreateVm(CreateVm {
+                    spec: VmSpec {
+                        name: name(),
+                        template: TemplateName::new("tiny").unwrap(),
+                        vcpus: Some(2),
+                        memory_mib: None,
+                    },
+                    start: true,
+                }),
+                concat!(
+                    "81a8437265617465566d82a47370656384a46e616d65a161a874656d706c617465a474696e79a576",
+                    "6370757302aa6d656d6f72795f6d6962c0a57374617274c3",
+                ),
+            ),
+            (
+                Request::StartVm(StartVm { name: name() }),
+                "81a75374617274566d81a46e616d65a161",
+            ),
+            (
+                Request::StopVm(StopVm {
+                    name: name(),
+                    force: false,
+                    timeout_secs: 300,
+                }),
+                "81a653746f70566d83a46e616d65a161a5666f726365c2ac74696d656f75745f73656373cd012c",
+            ),
+            (
+                Request::DeleteVm(DeleteVm { name: name() }),
+                "81a844656c657465566d81a46e616d65a161",
+            ),
+            (
+                Request::EnrollBegin(EnrollBegin {
+                    token: "t".into(),
+                    ca_cert_der: vec![1],
+                }),
+                "81ab456e726f6c6c426567696e82a5746f6b656ea174ab63615f636572745f646572c40101",
+            ),
+            (
+                Request::EnrollFinish(EnrollFinish {
+                    token: "t".into(),
+                    cert_der: vec![1, 2],
+                }),
+                "81ac456e726f6c6c46696e69736882a5746f6b656ea174a8636572745f646572c4020102",
+            ),
+        ];
+        // Every variant is pinned.
+        let kinds: std::collections::BTreeSet<&str> = all.iter().map(|(r, _)| r.kind()).collect();
+        assert_eq!(kinds.len(), crate::codec::enum_variants::<Request>().len());
+        for (request, hex_bytes) in &all {
+            golden(request, hex_bytes);
+        }
+    }
+
+    #[test]
+    fn golden_responses() {
+        golden::<Result<HelloReply, WireError>>(
+            &Ok(HelloReply {
+                inventory: inventory(),
+                status: status(),
+                vms: vec![vm()],
+                features: vec!["f".into()],
+            }),
+            concat!(
+                "81a24f6b84a9696e76656e746f72798da7686f73745f6964a168a8686f73746e616d65a16ea46370",
+                "757302a96370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f746f",
+                "74616c5f6d69620ab073746f726167655f667265655f6d696205a76e6574776f726b9183a46e616d",
+                "65a165a36d6163a130aa73706565645f6d627073cd03e8a872756e74696d65739183a46b696e64a7",
+                "6c696276697274a6647269766572a454657374a776657273696f6ea131a47369746584a46e616d65",
+                "a764656661756c74a672656d6f7465c2b36c696e6b5f62616e6477696474685f6d627073cd03e8af",
+                "6c696e6b5f6c6174656e63795f6d7301a670726963657383b37065725f67625f6d6f6e74685f7374",
+                "6f726564cb0000000000000000b27065725f67625f7472616e73666572726564cb00000000000000",
+                "00ac7065725f6370755f686f7572cb0000000000000000ae73656375726974795f6c6576656c01ad",
+                "6167656e745f76657273696f6ea5302e312e30a673746174757386b06370755f6c6f61645f706572",
+                "63656e74ca3f000000af6d656d6f72795f757365645f6d696201b06d656d6f72795f746f74616c5f",
+                "6d696202b073746f726167655f667265655f6d696203ab766d735f72756e6e696e6704ab75707469",
+                "6d655f7365637305a3766d739187a475756964a175a46e616d65a161a57374617465a7736875746f",
+                "6666a5766370757301aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa646973",
+                "6b5f627974657300a8666561747572657391a166",
+            ),
         );
-        golden(
-            &AgentEvent::VmRemoved {
-                name: VmName::new("a").unwrap(),
-            },
-            "020161",
+        golden::<Result<Vec<VmStatus>, WireError>>(
+            &Ok(vec![vm()]),
+            concat!(
+                "81a24f6b9187a475756964a175a46e616d65a161a57374617465a7736875746f6666a57663707573",
+                "01aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f627974657300",
+            ),
         );
-        let err: Result<(), WireError> = Err(WireError::new(ErrorCode::NotFound, "x"));
-        golden(&err, "01010178");
-        let ok: Result<Vec<VmStatus>, WireError> = Ok(vec![vm]);
-        golden(&ok, "0001017501610101800100 00".replace(' ', "").as_str());
+        golden::<Result<Vec<TemplateInfo>, WireError>>(
+            &Ok(vec![TemplateInfo {
+                name: TemplateName::new("tiny").unwrap(),
+                description: "d".into(),
+                default_vcpus: 1,
+                default_memory_mib: 64,
+                disk_mib: 8,
+            }]),
+            concat!(
+                "81a24f6b9185a46e616d65a474696e79ab6465736372697074696f6ea164ad64656661756c745f76",
+                "6370757301b264656661756c745f6d656d6f72795f6d696240a86469736b5f6d696208",
+            ),
+        );
+        golden::<Result<VmStatus, WireError>>(
+            &Ok(vm()),
+            concat!(
+                "81a24f6b87a475756964a175a46e616d65a161a57374617465a7736875746f6666a5766370757301",
+                "aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f627974657300",
+            ),
+        );
+        golden::<Result<(), WireError>>(&Ok(()), "81a24f6bc0");
+        golden::<Result<EnrollBeginReply, WireError>>(
+            &Ok(EnrollBeginReply {
+                host_id: HostId::new("h").unwrap(),
+                csr_der: vec![1],
+            }),
+            "81a24f6b82a7686f73745f6964a168a76373725f646572c40101",
+        );
+        golden::<Result<(), WireError>>(
+            &Err(WireError::new(ErrorCode::NotFound, "x")),
+            "81a345727282a4636f6465a84e6f74466f756e64a76d657373616765a178",
+        );
+    }
+
+    #[test]
+    fn golden_events() {
+        let all: Vec<(AgentEvent, &str)> = vec![
+            (
+                AgentEvent::HostStatus(status()),
+                concat!(
+                    "81aa486f737453746174757386b06370755f6c6f61645f70657263656e74ca3f000000af6d656d6f",
+                    "72795f757365645f6d696201b06d656d6f72795f746f74616c5f6d696202b073746f726167655f66",
+                    "7265655f6d696203ab766d735f72756e6e696e6704ab757074696d655f7365637305",
+                ),
+            ),
+            (
+                AgentEvent::VmChanged(vm()),
+                concat!(
+                    "81a9566d4368616e67656487a475756964a175a46e616d65a161a57374617465a7736875746f6666",
+                    "a5766370757301aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f",
+                    "627974657300",
+                ),
+            ),
+            (
+                AgentEvent::VmRemoved { name: name() },
+                "81a9566d52656d6f76656481a46e616d65a161",
+            ),
+            (
+                AgentEvent::Inventory(inventory()),
+                concat!(
+                    "81a9496e76656e746f72798da7686f73745f6964a168a8686f73746e616d65a16ea46370757302a9",
+                    "6370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f746f74616c5f",
+                    "6d69620ab073746f726167655f667265655f6d696205a76e6574776f726b9183a46e616d65a165a3",
+                    "6d6163a130aa73706565645f6d627073cd03e8a872756e74696d65739183a46b696e64a76c696276",
+                    "697274a6647269766572a454657374a776657273696f6ea131a47369746584a46e616d65a7646566",
+                    "61756c74a672656d6f7465c2b36c696e6b5f62616e6477696474685f6d627073cd03e8af6c696e6b",
+                    "5f6c6174656e63795f6d7301a670726963657383b37065725f67625f6d6f6e74685f73746f726564",
+                    "cb0000000000000000b27065725f67625f7472616e73666572726564cb0000000000000000ac7065",
+                    "725f6370755f686f7572cb0000000000000000ae73656375726974795f6c6576656c01ad6167656e",
+                    "745f76657273696f6ea5302e312e30",
+                ),
+            ),
+            (
+                AgentEvent::VmList(vec![vm()]),
+                concat!(
+                    "81a6566d4c6973749187a475756964a175a46e616d65a161a57374617465a7736875746f6666a576",
+                    "6370757301aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f6279",
+                    "74657300",
+                ),
+            ),
+        ];
+        assert_eq!(all.len(), crate::codec::enum_variants::<AgentEvent>().len());
+        for (event, hex_bytes) in &all {
+            golden(event, hex_bytes);
+        }
+    }
+
+    /// Bytes a newer peer might send, written out by hand: today's code must read them.
+    #[test]
+    fn future_messages_decode() {
+        use rmp::encode::{write_map_len, write_str, write_uint};
+        // A VmRemoved event with a field appended: {"VmRemoved": {"name": "a", "reason": "moved"}}.
+        let mut extra = Vec::new();
+        write_map_len(&mut extra, 1).unwrap();
+        write_str(&mut extra, "VmRemoved").unwrap();
+        write_map_len(&mut extra, 2).unwrap();
+        write_str(&mut extra, "name").unwrap();
+        write_str(&mut extra, "a").unwrap();
+        write_str(&mut extra, "reason").unwrap();
+        write_str(&mut extra, "moved").unwrap();
+        assert_eq!(
+            decode_message::<AgentEvent>(&extra).unwrap(),
+            Decoded::Known(AgentEvent::VmRemoved { name: name() })
+        );
+
+        // An event kind added later: skipped, not an error.
+        let mut unknown = Vec::new();
+        write_map_len(&mut unknown, 1).unwrap();
+        write_str(&mut unknown, "AppChanged").unwrap();
+        write_map_len(&mut unknown, 1).unwrap();
+        write_str(&mut unknown, "instances").unwrap();
+        write_uint(&mut unknown, 3).unwrap();
+        assert_eq!(
+            decode_message::<AgentEvent>(&unknown).unwrap(),
+            Decoded::Unknown("AppChanged".into())
+        );
+
+        // A request kind added later: known as unknown, so the agent can answer it.
+        let mut request = Vec::new();
+        write_map_len(&mut request, 1).unwrap();
+        write_str(&mut request, "MigrateVm").unwrap();
+        write_map_len(&mut request, 0).unwrap();
+        assert_eq!(
+            decode_message::<Request>(&request).unwrap(),
+            Decoded::Unknown("MigrateVm".into())
+        );
+
+        // A VM state and an error code added later read as Unknown.
+        let mut changed = encode_payload(&AgentEvent::VmChanged(vm())).unwrap();
+        let at = changed
+            .windows(7)
+            .position(|w| w == b"shutoff")
+            .expect("state is encoded by name");
+        changed[at..at + 7].copy_from_slice(b"zzzzzzz");
+        match decode_message::<AgentEvent>(&changed).unwrap() {
+            Decoded::Known(AgentEvent::VmChanged(v)) => assert_eq!(v.state, VmState::Unknown),
+            other => panic!("{other:?}"),
+        }
+        let mut err = Vec::new();
+        write_map_len(&mut err, 1).unwrap();
+        write_str(&mut err, "Err").unwrap();
+        write_map_len(&mut err, 2).unwrap();
+        write_str(&mut err, "code").unwrap();
+        write_str(&mut err, "Throttled").unwrap();
+        write_str(&mut err, "message").unwrap();
+        write_str(&mut err, "slow down").unwrap();
+        let decoded: Result<(), WireError> = decode_payload(&err).unwrap();
+        assert_eq!(decoded.unwrap_err().code, ErrorCode::Unknown);
+    }
+
+    /// An older peer's messages, without the fields added since, still decode.
+    #[test]
+    fn past_messages_decode() {
+        use rmp::encode::{write_map_len, write_str};
+        // A hello from a console before features: {"Hello": {"console_name": "c"}}.
+        let mut hello = Vec::new();
+        write_map_len(&mut hello, 1).unwrap();
+        write_str(&mut hello, "Hello").unwrap();
+        write_map_len(&mut hello, 1).unwrap();
+        write_str(&mut hello, "console_name").unwrap();
+        write_str(&mut hello, "c").unwrap();
+        assert_eq!(
+            decode_payload::<Request>(&hello).unwrap(),
+            Request::Hello(Hello {
+                console_name: "c".into(),
+                features: Vec::new(),
+            })
+        );
     }
 }

@@ -1,10 +1,15 @@
 //! Request/response over QUIC: one request per bidirectional stream.
 
+use std::{collections::BTreeSet, sync::Arc};
+
 use serde::Serialize;
 
 use crate::{
-    codec::{FrameError, encode_frame, read_frame, write_frame},
-    protocol::{Request, Rpc, WireError, codes},
+    codec::{
+        Decoded, FrameError, MAX_FRAME_BYTES, decode_message, encode_frame, read_frame_limited,
+        read_payload, write_frame,
+    },
+    protocol::{ErrorCode, Request, Rpc, WireError, codes},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +22,12 @@ pub enum CallError {
     Frame(#[from] FrameError),
     #[error("{0}")]
     Remote(WireError),
+    /// Refused before sending: the peer did not announce what the request needs.
+    #[error("the peer does not offer {feature} (needed for {request}); update it")]
+    NotOffered {
+        request: &'static str,
+        feature: &'static str,
+    },
 }
 
 impl CallError {
@@ -31,11 +42,22 @@ impl CallError {
 
 /// Sends one request and waits for its typed response.
 pub async fn call<R: Rpc>(conn: &quinn::Connection, request: R) -> Result<R::Response, CallError> {
+    call_limited(conn, request, MAX_FRAME_BYTES).await
+}
+
+/// As [`call`], with a limit on the response's size (small before the peer is trusted).
+pub async fn call_limited<R: Rpc>(
+    conn: &quinn::Connection,
+    request: R,
+    limit: usize,
+) -> Result<R::Response, CallError> {
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, &request.into()).await?;
         send.finish()?;
-        let response: Result<R::Response, WireError> = read_frame(&mut recv).await?;
+        let response: Result<R::Response, WireError> = read_frame_limited(&mut recv, limit)
+            .await?
+            .ok_or(FrameError::Truncated)?;
         response.map_err(CallError::Remote)
     };
     match exchange.await {
@@ -47,20 +69,73 @@ pub async fn call<R: Rpc>(conn: &quinn::Connection, request: R) -> Result<R::Res
     }
 }
 
+/// A connection whose hello is done, with the features its peer announced.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub conn: quinn::Connection,
+    features: Arc<BTreeSet<String>>,
+}
+
+impl Peer {
+    pub fn new(conn: quinn::Connection, features: &[String]) -> Self {
+        Peer {
+            conn,
+            features: Arc::new(features.iter().cloned().collect()),
+        }
+    }
+
+    pub fn offers(&self, feature: &str) -> bool {
+        self.features.contains(feature)
+    }
+
+    pub fn features(&self) -> impl Iterator<Item = &str> {
+        self.features.iter().map(String::as_str)
+    }
+
+    /// Sends `request` if the peer announced its feature; refuses it locally otherwise.
+    pub async fn call<R: Rpc>(&self, request: R) -> Result<R::Response, CallError> {
+        if let Some(feature) = R::FEATURE
+            && !self.offers(feature)
+        {
+            return Err(CallError::NotOffered {
+                request: R::KIND,
+                feature,
+            });
+        }
+        call(&self.conn, request).await
+    }
+}
+
 /// Encodes the response to a request of type `R`; the type parameter keeps a handler from
 /// answering with the wrong response type.
 pub fn encode_reply<R: Rpc>(result: Result<R::Response, WireError>) -> Result<Vec<u8>, FrameError> {
     encode_frame(&result)
 }
 
-/// Reads the request on a freshly accepted stream. A bad frame stops the stream with a named
-/// code and is returned, so the caller can log it; it never panics.
+/// A request as read from a stream.
+#[derive(Debug)]
+pub enum Incoming {
+    Request(Request),
+    /// A request a newer peer added: answer [`unsupported_reply`].
+    Unknown(String),
+}
+
+/// Reads the request on a freshly accepted stream, at most `limit` bytes. A bad frame stops
+/// the stream with a named code and is returned, so the caller can log it; it never panics.
 pub async fn read_request(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
-) -> Result<Request, FrameError> {
-    match read_frame::<_, Request>(recv).await {
-        Ok(request) => Ok(request),
+    limit: usize,
+) -> Result<Incoming, FrameError> {
+    let read = async {
+        let payload = read_payload(recv, limit)
+            .await?
+            .ok_or(FrameError::Truncated)?;
+        decode_message::<Request>(&payload)
+    };
+    match read.await {
+        Ok(Decoded::Known(request)) => Ok(Incoming::Request(request)),
+        Ok(Decoded::Unknown(kind)) => Ok(Incoming::Unknown(kind)),
         Err(err) => {
             let code = match err {
                 FrameError::TooLarge { .. } => Some(codes::STREAM_FRAME_TOO_LARGE),
@@ -74,6 +149,15 @@ pub async fn read_request(
             Err(err)
         }
     }
+}
+
+/// The answer to a request this release does not know; an `Err` decodes whatever response
+/// type the sender expects.
+pub fn unsupported_reply(kind: &str) -> Result<Vec<u8>, FrameError> {
+    encode_frame(&Err::<(), _>(WireError::new(
+        ErrorCode::Unsupported,
+        format!("this peer does not know the request {kind}; update it"),
+    )))
 }
 
 /// Writes an encoded reply and finishes the stream.

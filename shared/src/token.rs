@@ -26,9 +26,11 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(normalized.as_bytes()).into()
 }
 
-/// Compares two hashes in constant time.
+/// Compares two hashes in constant time (`subtle`: ring deprecated its own compare as
+/// internal, with no promise about side channels).
 pub fn hashes_match(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use dunes_console::engine::{
 use dunes_shared::{
     model::HostId,
     pki::{self, Fingerprint},
-    protocol::{Hello, ListVms, PROTOCOL_VERSION, codes},
+    protocol::{Hello, ListVms, codes, features},
     rpc::{CallError, call},
 };
 
@@ -96,8 +96,8 @@ impl Fixture {
             call(
                 &conn,
                 Hello {
-                    protocol_version: PROTOCOL_VERSION,
                     console_name: "test".into(),
+                    features: Vec::new(),
                 },
             ),
         )
@@ -119,7 +119,7 @@ impl Fixture {
 async fn mutual_tls_is_accepted_after_enrollment() {
     let f = fixture("proto-ok").await;
     f.enroll().await;
-    let (conn, hello) = connect(
+    let (peer, hello) = connect(
         &f.endpoint,
         &f.control_config(&f.console),
         &f.agent.host_id,
@@ -128,8 +128,9 @@ async fn mutual_tls_is_accepted_after_enrollment() {
     )
     .await
     .unwrap();
+    let conn = peer.conn;
     assert_eq!(hello.inventory.host_id, f.agent.host_id);
-    assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
+    assert!(hello.features.iter().any(|f| f == features::VM_LIFECYCLE));
     // The certificate the agent now presents is CA-signed, with the same pinned key.
     let cert = dunes_console::engine::link::peer_certificate(&conn).unwrap();
     pki::verify_host_cert(&cert, f.console.ca.cert_der(), &f.agent.host_id).unwrap();
@@ -240,7 +241,7 @@ async fn refused_with_a_host_certificate_from_the_same_ca() {
 async fn enrolling_again_cuts_off_the_previous_console() {
     let f = fixture("proto-move").await;
     f.enroll().await;
-    let (old_conn, _) = connect(
+    let (peer, _) = connect(
         &f.endpoint,
         &f.control_config(&f.console),
         &f.agent.host_id,
@@ -249,6 +250,7 @@ async fn enrolling_again_cuts_off_the_previous_console() {
     )
     .await
     .unwrap();
+    let old_conn = peer.conn;
     let fresh_token = || {
         dunes_agent::identity::AgentIdentity::load_or_create(&f.dir.path().join("agent"), None)
             .unwrap()
@@ -368,7 +370,7 @@ async fn wrong_and_reused_tokens_are_refused() {
     .await
     .unwrap_err();
     assert!(
-        matches!(err, EnrollError::Refused(ref m) if m.contains("wrong or was already used")),
+        matches!(err, EnrollError::Refused(ref m) if m.contains("wrong, used or older than 24 h")),
         "{err}"
     );
     // A fingerprint that differs from the agent's key stops enrollment before the token is sent.
@@ -388,6 +390,7 @@ async fn wrong_and_reused_tokens_are_refused() {
         "{err}"
     );
     f.enroll().await;
+    // Spent: the enrolled agent no longer even offers enrollment.
     let err = enroll(
         &f.endpoint,
         &f.console,
@@ -398,10 +401,7 @@ async fn wrong_and_reused_tokens_are_refused() {
     )
     .await
     .unwrap_err();
-    assert!(
-        matches!(err, EnrollError::Refused(ref m) if m.contains("wrong or was already used")),
-        "{err}"
-    );
+    assert!(matches!(err, EnrollError::EnrollmentClosed), "{err}");
     let err = enroll(
         &f.endpoint,
         &f.console,
@@ -422,7 +422,7 @@ async fn wrong_and_reused_tokens_are_refused() {
 async fn bad_frames_close_the_stream_not_the_agent() {
     let f = fixture("proto-frames").await;
     f.enroll().await;
-    let (conn, _) = connect(
+    let (peer, _) = connect(
         &f.endpoint,
         &f.control_config(&f.console),
         &f.agent.host_id,
@@ -431,6 +431,7 @@ async fn bad_frames_close_the_stream_not_the_agent() {
     )
     .await
     .unwrap();
+    let conn = peer.conn;
     for (bytes, code) in [
         (
             ((5 * 1024 * 1024) as u32).to_le_bytes().to_vec(),

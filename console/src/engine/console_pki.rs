@@ -58,10 +58,12 @@ impl ConsolePki {
             _ => {
                 let ca = CertificateAuthority::generate()?;
                 pki::write_secret_file(&ca_key, ca.key_pem().as_bytes())?;
-                std::fs::write(&ca_cert, ca.cert_der()).map_err(|source| ConsolePkiError::Io {
-                    path: ca_cert.display().to_string(),
-                    source,
-                })?;
+                dunes_shared::durable::write_file(&ca_cert, ca.cert_der(), 0o644).map_err(
+                    |source| ConsolePkiError::Io {
+                        path: ca_cert.display().to_string(),
+                        source,
+                    },
+                )?;
                 ca
             }
         };
@@ -76,9 +78,11 @@ impl ConsolePki {
         };
         // Re-issued at every start: cheap, and it never expires under a running console.
         let cert_der: CertificateDer<'static> = ca.issue_console_cert(&key_pem)?;
-        std::fs::write(&cert_path, &cert_der).map_err(|source| ConsolePkiError::Io {
-            path: cert_path.display().to_string(),
-            source,
+        dunes_shared::durable::write_file(&cert_path, &cert_der, 0o644).map_err(|source| {
+            ConsolePkiError::Io {
+                path: cert_path.display().to_string(),
+                source,
+            }
         })?;
         Ok(ConsolePki {
             ca,

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use dunes_shared::{
+    codec::PREAUTH_FRAME_BYTES,
     model::HostId,
     pki::{self, Fingerprint},
     protocol::{EnrollBegin, EnrollFinish, codes},
-    rpc::{CallError, call},
+    rpc::{CallError, call_limited},
 };
 
 use super::{
@@ -51,6 +52,10 @@ pub enum EnrollError {
     HostIdBusy(HostId),
     #[error("the engine stopped")]
     EngineGone,
+    #[error(
+        "the agent is enrolled and offers no enrollment now: run `dunes-agent token` on the host for a fresh token"
+    )]
+    EnrollmentClosed,
 }
 
 /// What enrollment may do with the host id an agent claims. The engine answers through the
@@ -58,7 +63,7 @@ pub enum EnrollError {
 /// a new agent must not silently take over an enrolled host's id (a cloned machine, say).
 #[derive(Default)]
 pub struct EnrollPolicy {
-    pub(super) gate: Option<tokio::sync::mpsc::UnboundedSender<super::Internal>>,
+    pub(super) gate: Option<tokio::sync::mpsc::Sender<super::Internal>>,
     pub replace: bool,
 }
 
@@ -85,23 +90,33 @@ pub(super) struct GateRequest {
 #[derive(Debug)]
 pub struct HostIdHold {
     host_id: HostId,
-    release: tokio::sync::mpsc::UnboundedSender<super::Internal>,
+    held: HeldHostIds,
 }
 
+/// Host ids held by enrollments under way; shared so that a hold is released by its drop,
+/// wherever that happens, without a message.
+pub(super) type HeldHostIds = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<HostId>>>;
+
 impl HostIdHold {
-    pub(super) fn new(
-        host_id: HostId,
-        release: tokio::sync::mpsc::UnboundedSender<super::Internal>,
-    ) -> Self {
-        HostIdHold { host_id, release }
+    /// Holds `host_id`, or returns `None` when another enrollment holds it.
+    pub(super) fn take(host_id: HostId, held: &HeldHostIds) -> Option<Self> {
+        let inserted = held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host_id.clone());
+        inserted.then(|| HostIdHold {
+            host_id,
+            held: held.clone(),
+        })
     }
 }
 
 impl Drop for HostIdHold {
     fn drop(&mut self) {
-        let _ = self
-            .release
-            .send(super::Internal::ReleaseHostId(self.host_id.clone()));
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.host_id);
     }
 }
 
@@ -155,10 +170,12 @@ pub async fn enroll(
 }
 
 /// Connects on the enrollment protocol and returns the key the agent presents.
+/// Connects for enrollment or a probe: the connection, the key presented, and whether the
+/// agent offered enrollment on it.
 async fn connect_enroll(
     endpoint: &quinn::Endpoint,
     address: &str,
-) -> Result<(quinn::Connection, Fingerprint), EnrollError> {
+) -> Result<(quinn::Connection, Fingerprint, bool), EnrollError> {
     let unreachable = |source| EnrollError::Unreachable {
         address: address.to_string(),
         source,
@@ -177,8 +194,13 @@ async fn connect_enroll(
             return Err(unreachable(LinkError::NoCertificate));
         }
     };
+    let enrolling = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .is_some_and(|p| p == dunes_shared::protocol::ALPN_ENROLL);
     match presented {
-        Ok(fingerprint) => Ok((conn, fingerprint)),
+        Ok(fingerprint) => Ok((conn, fingerprint, enrolling)),
         Err(e) => {
             conn.close(codes::CLOSE_NORMAL, b"");
             Err(e.into())
@@ -190,7 +212,7 @@ async fn connect_enroll(
 /// trusting it. Sends nothing but the handshake.
 pub async fn probe(endpoint: &quinn::Endpoint, address: &str) -> Result<Fingerprint, EnrollError> {
     validate_address(address)?;
-    let (conn, fingerprint) =
+    let (conn, fingerprint, _) =
         tokio::time::timeout(ENROLL_TIMEOUT, connect_enroll(endpoint, address))
             .await
             .map_err(|_| EnrollError::Timeout)??;
@@ -206,7 +228,7 @@ async fn enroll_inner(
     expected: Option<Fingerprint>,
     policy: EnrollPolicy,
 ) -> Result<Enrolled, EnrollError> {
-    let (conn, presented) = connect_enroll(endpoint, address).await?;
+    let (conn, presented, enrolling) = connect_enroll(endpoint, address).await?;
     let result = async {
         if let Some(expected) = expected.filter(|e| *e != presented) {
             return Err(EnrollError::FingerprintMismatch {
@@ -214,12 +236,16 @@ async fn enroll_inner(
                 presented,
             });
         }
-        let begin = call(
+        if !enrolling {
+            return Err(EnrollError::EnrollmentClosed);
+        }
+        let begin = call_limited(
             &conn,
             EnrollBegin {
                 token: token.to_string(),
                 ca_cert_der: pki.ca.cert_der().to_vec(),
             },
+            PREAUTH_FRAME_BYTES,
         )
         .await?;
         // Checked before EnrollFinish, so a refusal leaves the agent's token usable.
@@ -232,6 +258,7 @@ async fn enroll_inner(
                     replace: policy.replace,
                     answer,
                 }))
+                .await
                 .map_err(|_| EnrollError::EngineGone)?;
                 Some(answered.await.map_err(|_| EnrollError::EngineGone)??)
             }
@@ -242,12 +269,13 @@ async fn enroll_inner(
         if Fingerprint::of_certificate(&cert)? != presented {
             return Err(EnrollError::KeyMismatch);
         }
-        call(
+        call_limited(
             &conn,
             EnrollFinish {
                 token: token.to_string(),
                 cert_der: cert.to_vec(),
             },
+            PREAUTH_FRAME_BYTES,
         )
         .await?;
         Ok(Enrolled {

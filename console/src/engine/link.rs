@@ -1,14 +1,18 @@
 //! One task per enrolled host: connect, verify, hello, follow the event stream, reconnect.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use dunes_shared::{
-    codec::read_frame_opt,
+    codec::{Decoded, MAX_FRAME_BYTES, decode_message, read_payload},
     error_chain,
     model::HostId,
     pki::{self, Fingerprint},
-    protocol::{AgentEvent, Hello, HelloReply, PROTOCOL_VERSION},
-    rpc::call,
+    protocol::{AgentEvent, Hello, HelloReply, features},
+    rpc::{Peer, call},
 };
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
@@ -17,17 +21,35 @@ use tokio::sync::{mpsc, watch};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// A connection that lasted less than this counts as a failed attempt: the backoff goes on
+/// growing, so an agent that drops every link at once is not hammered.
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// `base` less up to half of it, at random, so that links lost together do not come back in
+/// step.
+pub fn jittered(base: Duration) -> Duration {
+    let mut bytes = [0u8; 4];
+    pki::fill_random(&mut bytes);
+    let fraction = f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX);
+    base.mul_f64(1.0 - 0.5 * fraction)
+}
 
 #[derive(Debug)]
 pub enum LinkMessage {
     Connected {
         host: HostId,
-        conn: quinn::Connection,
+        peer: Peer,
         hello: Box<HelloReply>,
     },
     Event {
         host: HostId,
         event: AgentEvent,
+    },
+    /// An event of a kind this release does not know (from a newer agent) was skipped; sent
+    /// for the first one of each kind on a connection.
+    Skipped {
+        host: HostId,
+        kind: String,
     },
     Lost {
         host: HostId,
@@ -81,7 +103,7 @@ pub async fn connect(
     host: &HostId,
     address: &str,
     pinned: Fingerprint,
-) -> Result<(quinn::Connection, HelloReply), LinkError> {
+) -> Result<(Peer, HelloReply), LinkError> {
     let addr = resolve(address).await?;
     let conn = tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -103,8 +125,8 @@ pub async fn connect(
         call(
             &conn,
             Hello {
-                protocol_version: PROTOCOL_VERSION,
                 console_name: "dunes-console".into(),
+                features: features::announce(features::CONSOLE),
             },
         ),
     )
@@ -116,7 +138,7 @@ pub async fn connect(
             found: hello.inventory.host_id,
         });
     }
-    Ok((conn, hello))
+    Ok((Peer::new(conn, &hello.features), hello))
 }
 
 /// Keeps a host connected until `stop` changes or the engine goes away.
@@ -131,56 +153,55 @@ pub async fn run_link(
     let mut backoff = BACKOFF_MIN;
     loop {
         let addr = address.borrow_and_update().clone();
-        match connect(&endpoint, &config, &host, &addr, pinned).await {
-            Ok((conn, hello)) => {
-                backoff = BACKOFF_MIN;
-                let stable_id = conn.stable_id();
-                if tx
-                    .send(LinkMessage::Connected {
-                        host: host.clone(),
-                        conn: conn.clone(),
-                        hello: Box::new(hello),
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
+        let (reason, stable_id, lasted) =
+            match connect(&endpoint, &config, &host, &addr, pinned).await {
+                Ok((peer, hello)) => {
+                    let up_at = Instant::now();
+                    let conn = peer.conn.clone();
+                    let stable_id = conn.stable_id();
+                    if tx
+                        .send(LinkMessage::Connected {
+                            host: host.clone(),
+                            peer,
+                            hello: Box::new(hello),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let reason = tokio::select! {
+                        r = follow_events(&host, &conn, &tx) => r,
+                        _ = address.changed() => "the host's address changed".to_string(),
+                    };
+                    conn.close(dunes_shared::protocol::codes::CLOSE_NORMAL, b"");
+                    (reason, Some(stable_id), up_at.elapsed())
                 }
-                let reason = tokio::select! {
-                    r = follow_events(&host, &conn, &tx) => r,
-                    _ = address.changed() => "the host's address changed".to_string(),
-                };
-                conn.close(dunes_shared::protocol::codes::CLOSE_NORMAL, b"");
-                if tx
-                    .send(LinkMessage::Lost {
-                        host: host.clone(),
-                        stable_id: Some(stable_id),
-                        reason,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(e) => {
-                if tx
-                    .send(LinkMessage::Lost {
-                        host: host.clone(),
-                        stable_id: None,
-                        reason: error_chain(&e),
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = address.changed() => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
+                Err(e) => (error_chain(&e), None, Duration::ZERO),
+            };
+        if tx
+            .send(LinkMessage::Lost {
+                host: host.clone(),
+                stable_id,
+                reason,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let wait = if lasted >= STABLE_CONNECTION {
+            // A link that was up a good while is retried at once, as a fresh start.
+            backoff = BACKOFF_MIN;
+            jittered(BACKOFF_MIN)
+        } else {
+            let wait = jittered(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            wait
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = address.changed() => backoff = BACKOFF_MIN,
         }
         if tx.is_closed() {
             return;
@@ -197,9 +218,32 @@ async fn follow_events(
         Ok(s) => s,
         Err(e) => return error_chain(&e),
     };
+    let mut skipped: HashMap<String, u64> = HashMap::new();
     loop {
-        match read_frame_opt::<_, AgentEvent>(&mut stream).await {
-            Ok(Some(event)) => {
+        let read = match read_payload(&mut stream, MAX_FRAME_BYTES).await {
+            Ok(Some(payload)) => decode_message::<AgentEvent>(&payload).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(Some(Decoded::Unknown(kind))) => {
+                let count = skipped.entry(kind.clone()).or_default();
+                *count += 1;
+                if *count == 1 {
+                    tracing::warn!(host = %host, event = %kind, "skipping events of a kind this console does not know (a newer agent?)");
+                    if tx
+                        .send(LinkMessage::Skipped {
+                            host: host.clone(),
+                            kind,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return "engine stopped".into();
+                    }
+                }
+            }
+            Ok(Some(Decoded::Known(event))) => {
                 if tx
                     .send(LinkMessage::Event {
                         host: host.clone(),

@@ -20,7 +20,7 @@ use dunes_shared::{
     model::{HostId, VmName, VmSpec, VmStatus},
     pki::{self, Fingerprint},
     protocol::{AgentEvent, CreateVm, DeleteVm, StartVm, StopVm},
-    rpc::{CallError, call},
+    rpc::{CallError, Peer},
 };
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -44,6 +44,12 @@ const COMMAND_QUEUE: usize = 256;
 pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// A graceful stop waits for the guest up to the agent's stop timeout (at most 900 s).
 pub const STOP_CALL_TIMEOUT: Duration = Duration::from_secs(960);
+/// A create copies the template's disk: generous, but an agent that hangs is still told.
+pub const CREATE_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Results of background work waiting for the engine; senders wait beyond this.
+const INTERNAL_QUEUE: usize = 1024;
+/// Agent events waiting for the engine; a full queue slows the links, then the agents.
+const LINK_QUEUE: usize = 4096;
 /// Events kept in memory and in every snapshot.
 const EVENTS_IN_VIEW: usize = 1000;
 
@@ -59,6 +65,8 @@ pub enum EngineError {
     Agent(String),
     #[error("{0}")]
     Enroll(String),
+    #[error("the change was not saved: {0}")]
+    Store(String),
     #[error("the engine is busy; try again")]
     Busy,
     #[error("the engine has stopped")]
@@ -222,7 +230,9 @@ struct HostEntry {
     view: HostView,
     published: Arc<HostView>,
     dirty: bool,
-    conn: Option<quinn::Connection>,
+    peer: Option<Peer>,
+    /// Event kinds from a newer agent already reported in the event log.
+    skipped_kinds: std::collections::BTreeSet<String>,
     address: watch::Sender<String>,
     link_task: JoinHandle<()>,
 }
@@ -245,7 +255,8 @@ enum Internal {
         reply: Reply<HostAdded>,
     },
     GateHostId(enroll::GateRequest),
-    ReleaseHostId(HostId),
+    /// An agent call finished: its result is applied to the engine's state here.
+    CallDone(Box<dyn FnOnce(&mut Actor) + Send>),
 }
 
 struct Actor {
@@ -255,13 +266,13 @@ struct Actor {
     client_config: quinn::ClientConfig,
     hosts: BTreeMap<HostId, HostEntry>,
     /// Host ids held by enrollments under way.
-    enrolling: std::collections::HashSet<HostId>,
+    enrolling: enroll::HeldHostIds,
     events: VecDeque<EventRecord>,
     events_dirty: bool,
     published_events: Arc<Vec<EventRecord>>,
     next_seq: u64,
     link_tx: mpsc::Sender<LinkMessage>,
-    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_tx: mpsc::Sender<Internal>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     repaint: Repaint,
     version: u64,
@@ -307,11 +318,12 @@ pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
     let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal address"))
         .map_err(EngineStartError::Endpoint)?;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (link_tx, link_rx) = mpsc::channel(4096);
-    let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+    let (link_tx, link_rx) = mpsc::channel(LINK_QUEUE);
+    let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let repaint: Repaint = Arc::new(Mutex::new(None));
     let next_seq = loaded.events.last().map_or(0, |e| e.seq + 1);
+    let loaded_upgrade = loaded.upgraded_from;
     let mut actor = Actor {
         store,
         pki,
@@ -337,6 +349,16 @@ pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
         let vms = vms_by_host.remove(&record.id).unwrap_or_default();
         actor.add_host_entry(record, vms);
     }
+    if let Some(from) = loaded_upgrade {
+        actor.log(
+            Level::Info,
+            None,
+            format!(
+                "store upgraded from schema {from} to {}",
+                store::SCHEMA_VERSION
+            ),
+        );
+    }
     actor.log(Level::Info, None, "console started".into());
     actor.publish();
     tokio::spawn(actor.run(cmd_rx, link_rx, internal_rx));
@@ -353,7 +375,7 @@ impl Actor {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut links: mpsc::Receiver<LinkMessage>,
-        mut internal: mpsc::UnboundedReceiver<Internal>,
+        mut internal: mpsc::Receiver<Internal>,
     ) {
         loop {
             tokio::select! {
@@ -372,6 +394,8 @@ impl Actor {
                 }
             }
             self.publish();
+            // Waits while the writer's queue is full: the engine slows down, nothing is lost.
+            self.store.submit().await;
         }
         self.endpoint.close(
             dunes_shared::protocol::codes::CLOSE_NORMAL,
@@ -433,7 +457,7 @@ impl Actor {
             message,
         };
         self.next_seq += 1;
-        self.store.put_event(event.clone());
+        self.store.put_event(&event);
         self.events.push_back(event);
         while self.events.len() > EVENTS_IN_VIEW {
             self.events.pop_front();
@@ -464,7 +488,8 @@ impl Actor {
                 published: Arc::new(view.clone()),
                 view,
                 dirty: true,
-                conn: None,
+                peer: None,
+                skipped_kinds: Default::default(),
                 address: address_tx,
                 link_task,
             },
@@ -525,20 +550,24 @@ impl Actor {
                     .await
                     {
                         Ok(enrolled) => {
-                            let _ = internal.send(Internal::Enrolled {
-                                enrolled,
-                                address,
-                                reply,
-                            });
+                            let _ = internal
+                                .send(Internal::Enrolled {
+                                    enrolled,
+                                    address,
+                                    reply,
+                                })
+                                .await;
                         }
                         Err(e) => {
                             let message =
                                 format!("enrolling {address} failed: {}", error_chain(&e));
-                            let _ = internal.send(Internal::Log {
-                                level: Level::Error,
-                                host: None,
-                                message: message.clone(),
-                            });
+                            let _ = internal
+                                .send(Internal::Log {
+                                    level: Level::Error,
+                                    host: None,
+                                    message: message.clone(),
+                                })
+                                .await;
                             let _ = reply.send(Err(EngineError::Enroll(message)));
                         }
                     }
@@ -548,10 +577,12 @@ impl Actor {
                 host,
                 address,
                 reply,
-            } => {
-                let result = self.set_address(&host, address);
-                let _ = reply.send(result);
-            }
+            } => match self.set_address(&host, address) {
+                Ok(()) => self.reply_after_commit(reply, ()),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Command::CreateVm {
                 host,
                 spec,
@@ -563,7 +594,14 @@ impl Actor {
                     return;
                 }
                 let what = format!("creating VM {} on {host}", spec.name);
-                self.agent_call(host, what, reply, CreateVm { spec, start }, None);
+                self.agent_call(
+                    host,
+                    what,
+                    reply,
+                    CreateVm { spec, start },
+                    CREATE_CALL_TIMEOUT,
+                    Actor::apply_vm,
+                );
             }
             Command::StartVm { host, name, reply } => {
                 self.agent_call(
@@ -571,7 +609,8 @@ impl Actor {
                     format!("starting VM {name}"),
                     reply,
                     StartVm { name },
-                    Some(AGENT_CALL_TIMEOUT),
+                    AGENT_CALL_TIMEOUT,
+                    Actor::apply_vm,
                 );
             }
             Command::StopVm {
@@ -594,16 +633,19 @@ impl Actor {
                         force,
                         timeout_secs: 0,
                     },
-                    Some(STOP_CALL_TIMEOUT),
+                    STOP_CALL_TIMEOUT,
+                    Actor::apply_vm,
                 );
             }
             Command::DeleteVm { host, name, reply } => {
+                let deleted = name.clone();
                 self.agent_call(
                     host,
                     format!("deleting VM {name}"),
                     reply,
                     DeleteVm { name },
-                    Some(AGENT_CALL_TIMEOUT),
+                    AGENT_CALL_TIMEOUT,
+                    move |actor, host, ()| actor.remove_vm(host, &deleted),
                 );
             }
         }
@@ -618,7 +660,7 @@ impl Actor {
         if entry.view.record.address != address {
             entry.view.record.address = address.clone();
             entry.dirty = true;
-            self.store.put_host(entry.view.record.clone());
+            self.store.put_host(&entry.view.record);
             let _ = entry.address.send(address.clone());
             self.log(
                 Level::Info,
@@ -629,16 +671,17 @@ impl Actor {
         Ok(())
     }
 
-    /// Sends one request to a host's agent in the background; the reply goes to the caller
-    /// and a failure to the event log.
-    /// `deadline` is `None` for work whose length depends on the data (a disk copy).
+    /// Sends one request to a host's agent in the background, within `deadline`. The result
+    /// comes back to the engine as a message: on success `apply` updates the engine's state,
+    /// and the caller gets the reply once that is committed; a failure goes to the event log.
     fn agent_call<R>(
         &mut self,
         host: HostId,
         what: String,
         reply: Reply<R::Response>,
         request: R,
-        deadline: Option<Duration>,
+        deadline: Duration,
+        apply: impl FnOnce(&mut Actor, &HostId, &R::Response) + Send + 'static,
     ) where
         R: dunes_shared::protocol::Rpc + Send + 'static,
     {
@@ -646,39 +689,71 @@ impl Actor {
             let _ = reply.send(Err(EngineError::UnknownHost(host)));
             return;
         };
-        let Some(conn) = entry.conn.clone() else {
+        let Some(peer) = entry.peer.clone() else {
             let _ = reply.send(Err(EngineError::Unreachable(host)));
             return;
         };
         self.log(Level::Info, Some(host.clone()), what.clone());
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
-            let answer = match deadline {
-                Some(limit) => tokio::time::timeout(limit, call(&conn, request))
-                    .await
-                    .map_err(|_| {
-                        EngineError::Agent(format!(
-                            "the agent did not answer within {} s",
-                            limit.as_secs()
-                        ))
-                    }),
-                None => Ok(call(&conn, request).await),
+            let result = match tokio::time::timeout(deadline, peer.call(request)).await {
+                Err(_) => Err(EngineError::Agent(format!(
+                    "the agent did not answer within {} s",
+                    deadline.as_secs()
+                ))),
+                Ok(Err(e)) => Err(match e {
+                    CallError::Remote(remote) => EngineError::Agent(remote.message),
+                    e @ CallError::NotOffered { .. } => EngineError::Agent(e.to_string()),
+                    _ => EngineError::Unreachable(host.clone()),
+                }),
+                Ok(Ok(response)) => Ok(response),
             };
-            let result = answer.and_then(|answer| {
-                answer.map_err(|e: CallError| match e.remote() {
-                    Some(remote) => EngineError::Agent(remote.message.clone()),
-                    None => EngineError::Unreachable(host.clone()),
-                })
-            });
-            if let Err(e) = &result {
-                let _ = internal.send(Internal::Log {
-                    level: Level::Error,
-                    host: Some(host),
-                    message: format!("{what} failed: {e}"),
-                });
-            }
-            let _ = reply.send(result);
+            let done = move |actor: &mut Actor| match result {
+                Ok(response) => {
+                    apply(actor, &host, &response);
+                    actor.reply_after_commit(reply, response);
+                }
+                Err(e) => {
+                    actor.log(Level::Error, Some(host), format!("{what} failed: {e}"));
+                    let _ = reply.send(Err(e));
+                }
+            };
+            // A full queue makes this wait; a stopped engine has no one to tell.
+            let _ = internal.send(Internal::CallDone(Box::new(done))).await;
         });
+    }
+
+    /// Sends `value` to the caller once every write made so far is committed; a failed commit
+    /// is the caller's error.
+    fn reply_after_commit<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
+        self.store.after_commit(Box::new(move |committed| {
+            let _ = reply.send(committed.map(|()| value).map_err(EngineError::Store));
+        }));
+    }
+
+    /// A VM as an agent's reply reports it: into the view and the store.
+    fn apply_vm(&mut self, host: &HostId, vm: &VmStatus) {
+        let Some(entry) = self.hosts.get_mut(host) else {
+            return;
+        };
+        match entry.view.vms.iter_mut().find(|v| v.name == vm.name) {
+            Some(old) => *old = vm.clone(),
+            None => {
+                entry.view.vms.push(vm.clone());
+                entry.view.vms.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
+        entry.dirty = true;
+        self.store.put_vm(host.clone(), vm);
+    }
+
+    fn remove_vm(&mut self, host: &HostId, name: &VmName) {
+        let Some(entry) = self.hosts.get_mut(host) else {
+            return;
+        };
+        entry.view.vms.retain(|v| &v.name != name);
+        entry.dirty = true;
+        self.store.delete_vm(host.clone(), name.clone());
     }
 
     fn internal(&mut self, msg: Internal) {
@@ -714,19 +789,22 @@ impl Actor {
                     enrolled_at_ms: now_ms(),
                     inventory: None,
                 };
-                self.store.put_host(record.clone());
+                self.store.put_host(&record);
                 self.add_host_entry(record, Vec::new());
                 self.log(
                     Level::Info,
                     Some(host_id.clone()),
                     format!("enrolled at {address}, key {fingerprint}"),
                 );
-                // Whoever awaits the reply finds the host in the snapshot.
+                // Whoever awaits the reply finds the host in the snapshot, and on disk.
                 self.publish();
-                let _ = reply.send(Ok(HostAdded {
-                    host_id,
-                    fingerprint,
-                }));
+                self.reply_after_commit(
+                    reply,
+                    HostAdded {
+                        host_id,
+                        fingerprint,
+                    },
+                );
                 // Released only now that the host is in the list the gate checks.
                 drop(hold);
             }
@@ -737,9 +815,7 @@ impl Actor {
                     replace,
                     answer,
                 } = request;
-                let verdict = if self.enrolling.contains(&host_id) {
-                    Err(enroll::EnrollError::HostIdBusy(host_id))
-                } else if let Some(entry) = self.hosts.get(&host_id)
+                let verdict = if let Some(entry) = self.hosts.get(&host_id)
                     && entry.view.record.fingerprint != fingerprint
                     && !replace
                 {
@@ -748,41 +824,51 @@ impl Actor {
                         enrolled: entry.view.record.fingerprint,
                     })
                 } else {
-                    self.enrolling.insert(host_id.clone());
-                    Ok(enroll::HostIdHold::new(host_id, self.internal_tx.clone()))
+                    enroll::HostIdHold::take(host_id.clone(), &self.enrolling)
+                        .ok_or(enroll::EnrollError::HostIdBusy(host_id))
                 };
                 // If the enrollment is gone already, its hold is dropped here and released.
                 let _ = answer.send(verdict);
             }
-            Internal::ReleaseHostId(host_id) => {
-                self.enrolling.remove(&host_id);
-            }
+            Internal::CallDone(apply) => apply(self),
         }
     }
 
     fn link(&mut self, msg: LinkMessage) {
         match msg {
-            LinkMessage::Connected { host, conn, hello } => {
+            LinkMessage::Connected { host, peer, hello } => {
                 let Some(entry) = self.hosts.get_mut(&host) else {
                     return;
                 };
                 let was = entry.view.link;
-                entry.conn = Some(conn);
+                entry.peer = Some(peer);
                 entry.view.link = LinkState::Online;
                 entry.view.link_error = None;
                 entry.view.status = Some(hello.status);
                 if entry.view.record.inventory.as_ref() != Some(&hello.inventory) {
                     entry.view.record.inventory = Some(hello.inventory);
-                    self.store.put_host(entry.view.record.clone());
+                    self.store.put_host(&entry.view.record);
                 }
-                entry.view.vms = hello.vms.clone();
+                self.store.replace_vms(host.clone(), &hello.vms);
+                entry.view.vms = hello.vms;
                 entry.dirty = true;
-                self.store.replace_vms(host.clone(), hello.vms);
                 if was != LinkState::Online {
                     self.log(Level::Info, Some(host), "online".into());
                 }
             }
             LinkMessage::Event { host, event } => self.agent_event(host, event),
+            LinkMessage::Skipped { host, kind } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                if entry.skipped_kinds.insert(kind.clone()) {
+                    self.log(
+                        Level::Warning,
+                        Some(host),
+                        format!("the agent sends {kind} events, which this console does not know; they are skipped (update the console)"),
+                    );
+                }
+            }
             LinkMessage::Lost {
                 host,
                 stable_id,
@@ -791,11 +877,11 @@ impl Actor {
                 let Some(entry) = self.hosts.get_mut(&host) else {
                     return;
                 };
-                let current = entry.conn.as_ref().map(|c| c.stable_id());
+                let current = entry.peer.as_ref().map(|p| p.conn.stable_id());
                 if stable_id.is_some() && current != stable_id {
                     return;
                 }
-                entry.conn = None;
+                entry.peer = None;
                 let was = entry.view.link;
                 entry.view.link = LinkState::Unreachable;
                 entry.view.link_error = Some(reason.clone());
@@ -828,7 +914,7 @@ impl Actor {
                         entry.view.vms.sort_by(|a, b| a.name.cmp(&b.name));
                     }
                 }
-                self.store.put_vm(host.clone(), vm);
+                self.store.put_vm(host.clone(), &vm);
             }
             AgentEvent::VmRemoved { name } => {
                 entry.view.vms.retain(|v| v.name != name);
@@ -837,11 +923,11 @@ impl Actor {
             }
             AgentEvent::Inventory(inventory) => {
                 entry.view.record.inventory = Some(inventory);
-                self.store.put_host(entry.view.record.clone());
+                self.store.put_host(&entry.view.record);
             }
             AgentEvent::VmList(vms) => {
-                entry.view.vms = vms.clone();
-                self.store.replace_vms(host.clone(), vms);
+                self.store.replace_vms(host.clone(), &vms);
+                entry.view.vms = vms;
             }
             _ => {}
         }

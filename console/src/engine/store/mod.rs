@@ -1,0 +1,668 @@
+//! The console's redb store: enrolled hosts, the last known VMs of each host, the event log.
+//!
+//! Reads happen once at start. The engine collects its writes while it handles a message
+//! and hands them over as one batch at the end ([`Store::submit`]); a dedicated thread commits
+//! batches in order, then runs their acknowledgements, so a reply that waits for one is sent
+//! only once its record is on disk. The queue of batches is bounded: when the writer falls
+//! behind, `submit` waits, the engine stops taking messages, and the links' bounded queues and
+//! QUIC flow control slow the agents down. Nothing is dropped.
+//!
+//! Records are storage types ([`rows`]), never wire types; the `meta` table holds the schema
+//! version, and an older store is upgraded when it is opened.
+
+mod rows;
+mod v1;
+
+use std::{path::Path, thread};
+
+use dunes_shared::{
+    error_chain,
+    model::{HostId, VmName, VmStatus},
+    pki::Fingerprint,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::sync::mpsc;
+
+use self::rows::{EventRow, HostRow, VmRow};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+const SCHEMA_KEY: &str = "schema_version";
+/// 1: postcard records of the model types (the first release, no `meta` table).
+/// 2: MessagePack storage rows.
+pub const SCHEMA_VERSION: u64 = 2;
+
+/// Events kept in the store; older ones are pruned.
+pub const EVENTS_KEPT: u64 = 10_000;
+/// Batches waiting for the writer; `submit` waits beyond this.
+const BATCH_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store {path} is in use by another console")]
+    InUse { path: String },
+    #[error(
+        "the store was written by a newer console (schema {found}); this one reads up to {SCHEMA_VERSION}"
+    )]
+    TooNew { found: u64 },
+    #[error("store operation failed")]
+    Redb(#[from] redb::Error),
+    #[error("a stored record does not decode")]
+    Decode(String),
+    #[error("a record does not encode")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("the store writer stopped")]
+    WriterGone,
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// An enrolled host, as the operator added it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRecord {
+    pub id: HostId,
+    /// `host:port` as the operator typed it.
+    pub address: String,
+    /// The agent's key, pinned at enrollment.
+    pub fingerprint: Fingerprint,
+    pub enrolled_at_ms: u64,
+    /// Last inventory seen, so an unreachable host still shows what it is.
+    pub inventory: Option<dunes_shared::model::HostInventory>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Info,
+    Warning,
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// An entry of the event log (serialized only for `ctl --json` output; stored as a row).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRecord {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub level: Level,
+    pub host: Option<HostId>,
+    pub message: String,
+}
+
+/// What the store held at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub hosts: Vec<HostRecord>,
+    pub vms: Vec<(HostId, VmStatus)>,
+    pub events: Vec<EventRecord>,
+    /// The schema the file had before this open upgraded it, if it did.
+    pub upgraded_from: Option<u64>,
+}
+
+enum Op {
+    PutHost(HostRow),
+    PutVm(HostId, VmRow),
+    DeleteVm(HostId, VmName),
+    ReplaceVms(HostId, Vec<VmRow>),
+    PutEvent(EventRow),
+}
+
+/// Runs once the batch it came with is committed (or failed), with the error as one line.
+pub type Ack = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+struct Batch {
+    ops: Vec<Op>,
+    acks: Vec<Ack>,
+}
+
+/// The engine's side of the store: collects writes, submits them as batches.
+pub struct Store {
+    batches: mpsc::Sender<Batch>,
+    pending: Vec<Op>,
+    acks: Vec<Ack>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+fn vm_key(host: &HostId, vm: &VmName) -> String {
+    format!("{host}/{vm}")
+}
+
+fn encode<T: Serialize>(row: &T) -> Result<Vec<u8>, StoreError> {
+    Ok(rmp_serde::to_vec_named(row)?)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Decode(e.to_string()))
+}
+
+impl Store {
+    /// Opens (or creates) the store, upgrades an older schema, reads it, and starts the
+    /// writer thread.
+    pub fn open(path: &Path) -> Result<(Store, Loaded), StoreError> {
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse {
+                    path: path.display().to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let upgraded_from = prepare(&db)?;
+        let mut loaded = load(&db)?;
+        loaded.upgraded_from = upgraded_from;
+        let (batches, rx) = mpsc::channel(BATCH_QUEUE);
+        thread::Builder::new()
+            .name("store".into())
+            .spawn(move || writer(db, rx))
+            .map_err(|e| StoreError::Redb(redb::Error::Io(e)))?;
+        Ok((
+            Store {
+                batches,
+                pending: Vec::new(),
+                acks: Vec::new(),
+            },
+            loaded,
+        ))
+    }
+
+    pub fn put_host(&mut self, host: &HostRecord) {
+        self.pending.push(Op::PutHost(host.into()));
+    }
+    pub fn put_vm(&mut self, host: HostId, vm: &VmStatus) {
+        self.pending.push(Op::PutVm(host, vm.into()));
+    }
+    pub fn delete_vm(&mut self, host: HostId, vm: VmName) {
+        self.pending.push(Op::DeleteVm(host, vm));
+    }
+    pub fn replace_vms(&mut self, host: HostId, vms: &[VmStatus]) {
+        self.pending
+            .push(Op::ReplaceVms(host, vms.iter().map(VmRow::from).collect()));
+    }
+    pub fn put_event(&mut self, event: &EventRecord) {
+        self.pending.push(Op::PutEvent(event.into()));
+    }
+
+    /// Runs `ack` once every write collected so far is committed.
+    pub fn after_commit(&mut self, ack: Ack) {
+        self.acks.push(ack);
+    }
+
+    /// Hands the collected writes to the writer; waits while its queue is full. A dead
+    /// writer fails the acknowledgements waiting, so no caller is told "saved".
+    pub async fn submit(&mut self) {
+        if self.pending.is_empty() && self.acks.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            ops: std::mem::take(&mut self.pending),
+            acks: std::mem::take(&mut self.acks),
+        };
+        if let Err(mpsc::error::SendError(batch)) = self.batches.send(batch).await {
+            tracing::error!("the store writer stopped: changes are no longer saved");
+            for ack in batch.acks {
+                ack(Err(StoreError::WriterGone.to_string()));
+            }
+        }
+    }
+
+    /// Submits what is collected and waits until it is committed.
+    pub async fn flush(&mut self) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.after_commit(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        self.submit().await;
+        rx.await
+            .map_err(|_| StoreError::WriterGone)?
+            .map_err(|e| StoreError::Redb(redb::Error::Io(std::io::Error::other(e))))
+    }
+}
+
+/// Creates the tables of a new store, or upgrades an older one. Returns the schema it had,
+/// when it was upgraded.
+fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
+    let tx = db.begin_write()?;
+    let found = {
+        let meta = tx.open_table(META)?;
+        meta.get(SCHEMA_KEY)?.map(|v| v.value())
+    };
+    let found = match found {
+        Some(v) => v,
+        // No version: the first release wrote it, or it is new (no hosts table yet).
+        None => {
+            let existing: Vec<String> = tx.list_tables()?.map(|t| t.name().to_string()).collect();
+            if existing.iter().any(|t| t == HOSTS.name()) {
+                1
+            } else {
+                SCHEMA_VERSION
+            }
+        }
+    };
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { found });
+    }
+    tx.open_table(HOSTS)?;
+    tx.open_table(VMS)?;
+    tx.open_table(EVENTS)?;
+    if found == 1 {
+        upgrade_from_v1(&tx)?;
+    }
+    tx.open_table(META)?.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok((found < SCHEMA_VERSION).then_some(found))
+}
+
+/// Rewrites every postcard record of schema 1 as a storage row, in the same transaction that
+/// sets the new version: a crash leaves the old store as it was.
+fn upgrade_from_v1(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut hosts = tx.open_table(HOSTS)?;
+    let old: Vec<(String, Vec<u8>)> = hosts
+        .iter()?
+        .map(|i| i.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    for (key, bytes) in old {
+        let row: HostRow = postcard_v1::<v1::Host>(&bytes)?.into();
+        hosts.insert(key.as_str(), encode(&row)?.as_slice())?;
+    }
+    let mut vms = tx.open_table(VMS)?;
+    let old: Vec<(String, Vec<u8>)> = vms
+        .iter()?
+        .map(|i| i.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    for (key, bytes) in old {
+        let row: VmRow = postcard_v1::<v1::Vm>(&bytes)?.into();
+        vms.insert(key.as_str(), encode(&row)?.as_slice())?;
+    }
+    let mut events = tx.open_table(EVENTS)?;
+    let old: Vec<(u64, Vec<u8>)> = events
+        .iter()?
+        .map(|i| i.map(|(k, v)| (k.value(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    for (key, bytes) in old {
+        let row: EventRow = postcard_v1::<v1::Event>(&bytes)?.into();
+        events.insert(key, encode(&row)?.as_slice())?;
+    }
+    Ok(())
+}
+
+fn postcard_v1<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Decode(format!("schema 1 record: {e}")))
+}
+
+/// Reads every record. A row that no longer makes a valid record is skipped with a warning:
+/// one bad row must not keep the console from starting.
+fn load(db: &Database) -> Result<Loaded, StoreError> {
+    let tx = db.begin_read()?;
+    let mut loaded = Loaded::default();
+    for item in tx.open_table(HOSTS)?.iter()? {
+        let (k, v) = item?;
+        match decode::<HostRow>(v.value()).map(HostRecord::try_from) {
+            Ok(Ok(host)) => loaded.hosts.push(host),
+            Ok(Err(e)) => tracing::warn!("skipping host {}: {e}", k.value()),
+            Err(e) => tracing::warn!("skipping host {}: {}", k.value(), error_chain(&e)),
+        }
+    }
+    for item in tx.open_table(VMS)?.iter()? {
+        let (k, v) = item?;
+        let Some(host) = k
+            .value()
+            .split_once('/')
+            .and_then(|(h, _)| HostId::new(h).ok())
+        else {
+            continue;
+        };
+        match decode::<VmRow>(v.value()).map(VmStatus::try_from) {
+            Ok(Ok(vm)) => loaded.vms.push((host, vm)),
+            Ok(Err(e)) => tracing::warn!("skipping VM {}: {e}", k.value()),
+            Err(e) => tracing::warn!("skipping VM {}: {}", k.value(), error_chain(&e)),
+        }
+    }
+    let events = tx.open_table(EVENTS)?;
+    for item in events.iter()?.rev().take(1000) {
+        let (_, v) = item?;
+        if let Ok(row) = decode::<EventRow>(v.value()) {
+            loaded.events.push(row.into());
+        }
+    }
+    loaded.events.reverse();
+    Ok(loaded)
+}
+
+fn writer(db: Database, mut rx: mpsc::Receiver<Batch>) {
+    while let Some(first) = rx.blocking_recv() {
+        // Commit whatever else is waiting with it: one fsync for many batches.
+        let mut batches = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batches.push(more);
+        }
+        let mut ops = Vec::new();
+        let mut acks = Vec::new();
+        for b in batches {
+            ops.extend(b.ops);
+            acks.extend(b.acks);
+        }
+        let result = apply(&db, ops).map_err(|e| error_chain(&e));
+        if let Err(e) = &result {
+            tracing::error!("store write failed: {e}");
+        }
+        for ack in acks {
+            ack(result.clone());
+        }
+    }
+}
+
+fn apply(db: &Database, batch: Vec<Op>) -> Result<(), StoreError> {
+    let tx = db.begin_write()?;
+    {
+        let mut hosts = tx.open_table(HOSTS)?;
+        let mut vms = tx.open_table(VMS)?;
+        let mut events = tx.open_table(EVENTS)?;
+        for op in batch {
+            match op {
+                Op::PutHost(h) => {
+                    hosts.insert(h.id.as_str(), encode(&h)?.as_slice())?;
+                }
+                Op::PutVm(host, vm) => {
+                    vms.insert(
+                        format!("{host}/{}", vm.name).as_str(),
+                        encode(&vm)?.as_slice(),
+                    )?;
+                }
+                Op::DeleteVm(host, name) => {
+                    vms.remove(vm_key(&host, &name).as_str())?;
+                }
+                Op::ReplaceVms(host, list) => {
+                    let prefix = format!("{host}/");
+                    let end = format!("{host}0"); // '0' sorts right after '/'
+                    let old: Vec<String> = vms
+                        .range(prefix.as_str()..end.as_str())?
+                        .filter_map(|i| i.ok().map(|(k, _)| k.value().to_string()))
+                        .collect();
+                    for k in old {
+                        vms.remove(k.as_str())?;
+                    }
+                    for vm in list {
+                        vms.insert(
+                            format!("{host}/{}", vm.name).as_str(),
+                            encode(&vm)?.as_slice(),
+                        )?;
+                    }
+                }
+                Op::PutEvent(e) => {
+                    events.insert(e.seq, encode(&e)?.as_slice())?;
+                    if e.seq >= EVENTS_KEPT {
+                        events.remove(e.seq - EVENTS_KEPT)?;
+                    }
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dunes_shared::model::VmState;
+
+    fn vm(name: &str, state: VmState) -> VmStatus {
+        VmStatus {
+            uuid: format!("u-{name}"),
+            name: VmName::new(name).unwrap(),
+            state,
+            vcpus: 1,
+            memory_mib: 64,
+            template: None,
+            disk_bytes: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let h1 = HostId::new("h1").unwrap();
+        let h10 = HostId::new("h10").unwrap();
+        {
+            let (mut store, loaded) = Store::open(&path).unwrap();
+            assert!(loaded.hosts.is_empty());
+            store.put_host(&HostRecord {
+                id: h1.clone(),
+                address: "127.0.0.1:1".into(),
+                fingerprint: Fingerprint([1; 32]),
+                enrolled_at_ms: 5,
+                inventory: None,
+            });
+            store.put_vm(h1.clone(), &vm("a", VmState::Running));
+            store.put_vm(h1.clone(), &vm("b", VmState::Running));
+            store.put_vm(h10.clone(), &vm("c", VmState::Shutoff));
+            store.replace_vms(
+                h1.clone(),
+                &[vm("b", VmState::Shutoff), vm("d", VmState::Running)],
+            );
+            store.delete_vm(h1.clone(), VmName::new("d").unwrap());
+            for seq in 0..3 {
+                store.put_event(&EventRecord {
+                    seq,
+                    time_ms: seq,
+                    level: Level::Info,
+                    host: Some(h1.clone()),
+                    message: format!("e{seq}"),
+                });
+            }
+            store.flush().await.unwrap();
+            // A second open of the same file is refused with a clear error.
+            let err = Store::open(&path).unwrap_err();
+            assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+        }
+        // The writer thread holds the database until its channel closes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let (_, loaded) = loop {
+            match Store::open(&path) {
+                Ok(r) => break r,
+                Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(loaded.hosts.len(), 1);
+        assert_eq!(loaded.hosts[0].address, "127.0.0.1:1");
+        let mut vms: Vec<(String, String, VmState)> = loaded
+            .vms
+            .iter()
+            .map(|(h, v)| (h.to_string(), v.name.to_string(), v.state))
+            .collect();
+        vms.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        assert_eq!(
+            vms,
+            vec![
+                ("h1".into(), "b".into(), VmState::Shutoff),
+                ("h10".into(), "c".into(), VmState::Shutoff),
+            ]
+        );
+        assert_eq!(
+            loaded.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+    }
+
+    fn copy_fixture(dir: &Path) -> std::path::PathBuf {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1.redb");
+        let path = dir.join("store.redb");
+        std::fs::copy(&fixture, &path).unwrap();
+        path
+    }
+
+    async fn reopen(path: &Path) -> (Store, Loaded) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(path) {
+                Ok(r) => return r,
+                Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// The fixture was written by the first release (schema 1, postcard records, no `meta`).
+    #[tokio::test]
+    async fn a_store_of_the_first_release_opens_with_nothing_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = copy_fixture(dir.path());
+        let (store, loaded) = Store::open(&path).unwrap();
+        assert_eq!(loaded.upgraded_from, Some(1));
+        let check = |loaded: &Loaded| {
+            let ids: Vec<&str> = loaded.hosts.iter().map(|h| h.id.as_str()).collect();
+            assert_eq!(ids, ["node-1", "node-2"]);
+            let h = &loaded.hosts[0];
+            assert_eq!(h.address, "127.0.0.1:7443");
+            assert_eq!(h.fingerprint, Fingerprint([7; 32]));
+            assert_eq!(h.enrolled_at_ms, 1_700_000_000_000);
+            let inv = h.inventory.as_ref().unwrap();
+            assert_eq!(inv.host_id.as_str(), "node-1");
+            assert_eq!((inv.cpus, inv.memory_mib), (4, 8192));
+            assert_eq!(inv.site.name.as_str(), "geneva");
+            assert!(inv.site.remote);
+            assert_eq!(inv.site.link_bandwidth_mbps, 200);
+            assert_eq!(inv.prices.per_cpu_hour, 0.015);
+            assert_eq!(inv.network[0].mac, "52:54:00:00:00:01");
+            assert_eq!(
+                inv.runtimes[0].kind,
+                dunes_shared::model::RuntimeKind::Libvirt
+            );
+            assert_eq!(inv.security_level, 2);
+            assert!(loaded.hosts[1].inventory.is_none());
+            let mut vms: Vec<(String, String, VmState, u64)> = loaded
+                .vms
+                .iter()
+                .map(|(h, v)| (h.to_string(), v.name.to_string(), v.state, v.memory_mib))
+                .collect();
+            vms.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            assert_eq!(
+                vms,
+                [
+                    ("node-1".into(), "db-1".into(), VmState::Shutoff, 256),
+                    ("node-1".into(), "web-1".into(), VmState::Running, 512),
+                ]
+            );
+            let web = &loaded
+                .vms
+                .iter()
+                .find(|(_, v)| v.name.as_str() == "web-1")
+                .unwrap()
+                .1;
+            assert_eq!(web.template.as_ref().unwrap().as_str(), "tiny");
+            assert_eq!(web.uuid, "11111111-2222-3333-4444-555555555555");
+            let events: Vec<(u64, Level, Option<&str>, &str)> = loaded
+                .events
+                .iter()
+                .map(|e| {
+                    (
+                        e.seq,
+                        e.level,
+                        e.host.as_ref().map(|h| h.as_str()),
+                        e.message.as_str(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                events,
+                [
+                    (0, Level::Info, None, "event 0"),
+                    (1, Level::Info, Some("node-1"), "event 1"),
+                    (2, Level::Warning, Some("node-1"), "event 2"),
+                ]
+            );
+        };
+        check(&loaded);
+        drop(store);
+        // Upgraded once: the next open reads schema 2 as it is.
+        let (_store, again) = reopen(&path).await;
+        assert_eq!(again.upgraded_from, None);
+        check(&again);
+    }
+
+    #[tokio::test]
+    async fn a_store_from_a_newer_console_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert(SCHEMA_KEY, SCHEMA_VERSION + 1)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { found } if found == SCHEMA_VERSION + 1));
+        assert!(err.to_string().contains("newer console"), "{err}");
+        let db = Database::create(&path).unwrap();
+        let tx = db.begin_read().unwrap();
+        assert_eq!(
+            tx.open_table(META)
+                .unwrap()
+                .get(SCHEMA_KEY)
+                .unwrap()
+                .unwrap()
+                .value(),
+            SCHEMA_VERSION + 1
+        );
+    }
+
+    #[tokio::test]
+    async fn an_acknowledgement_runs_after_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (mut store, _) = Store::open(&path).unwrap();
+        store.put_vm(HostId::new("h").unwrap(), &vm("a", VmState::Running));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.after_commit(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        store.submit().await;
+        rx.await.unwrap().unwrap();
+        drop(store);
+        let (_, loaded) = reopen(&path).await;
+        assert_eq!(loaded.vms.len(), 1);
+    }
+}

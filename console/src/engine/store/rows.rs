@@ -1,0 +1,302 @@
+//! What the store keeps, as storage types: they change only with the schema version, never
+//! with the wire protocol. Encoded as MessagePack maps keyed by field name, so a field added
+//! later with `#[serde(default)]` reads from older rows without an upgrade step.
+
+use dunes_shared::{
+    model::{
+        HostId, HostInventory, NetworkInterface, Prices, RuntimeInfo, RuntimeKind, Site, SiteName,
+        TemplateName, VmName, VmState, VmStatus,
+    },
+    pki::Fingerprint,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{EventRecord, HostRecord, Level};
+
+/// A row that does not make a valid record (a name that no longer validates, say).
+#[derive(Debug, thiserror::Error)]
+#[error("stored {what} is invalid: {why}")]
+pub struct RowError {
+    pub what: &'static str,
+    pub why: String,
+}
+
+fn invalid(what: &'static str) -> impl Fn(dunes_shared::model::NameError) -> RowError {
+    move |e| RowError {
+        what,
+        why: e.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostRow {
+    pub id: String,
+    pub address: String,
+    pub fingerprint: [u8; 32],
+    pub enrolled_at_ms: u64,
+    #[serde(default)]
+    pub inventory: Option<InventoryRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InventoryRow {
+    pub hostname: String,
+    pub cpus: u32,
+    pub cpu_model: String,
+    pub memory_mib: u64,
+    pub storage_total_mib: u64,
+    pub storage_free_mib: u64,
+    pub network: Vec<NicRow>,
+    pub runtimes: Vec<RuntimeRow>,
+    pub site: SiteRow,
+    pub prices: PricesRow,
+    pub security_level: u8,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NicRow {
+    pub name: String,
+    pub mac: String,
+    pub speed_mbps: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeRow {
+    /// `libvirt`, `process`, or a kind a newer console stored.
+    pub kind: String,
+    pub driver: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteRow {
+    pub name: String,
+    pub remote: bool,
+    pub link_bandwidth_mbps: u32,
+    pub link_latency_ms: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct PricesRow {
+    pub per_gb_month_stored: f64,
+    pub per_gb_transferred: f64,
+    pub per_cpu_hour: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRow {
+    pub uuid: String,
+    pub name: String,
+    /// As [`VmState::as_str`].
+    pub state: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub template: Option<String>,
+    pub disk_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRow {
+    pub seq: u64,
+    pub time_ms: u64,
+    /// `info`, `warning` or `error`.
+    pub level: String,
+    pub host: Option<String>,
+    pub message: String,
+}
+
+impl From<&HostRecord> for HostRow {
+    fn from(h: &HostRecord) -> Self {
+        HostRow {
+            id: h.id.to_string(),
+            address: h.address.clone(),
+            fingerprint: h.fingerprint.0,
+            enrolled_at_ms: h.enrolled_at_ms,
+            inventory: h.inventory.as_ref().map(InventoryRow::from),
+        }
+    }
+}
+
+impl TryFrom<HostRow> for HostRecord {
+    type Error = RowError;
+    fn try_from(row: HostRow) -> Result<Self, RowError> {
+        let id = HostId::new(row.id).map_err(invalid("host id"))?;
+        let inventory = match row.inventory {
+            Some(inv) => Some(inv.into_model(&id)?),
+            None => None,
+        };
+        Ok(HostRecord {
+            id,
+            address: row.address,
+            fingerprint: Fingerprint(row.fingerprint),
+            enrolled_at_ms: row.enrolled_at_ms,
+            inventory,
+        })
+    }
+}
+
+impl From<&HostInventory> for InventoryRow {
+    fn from(i: &HostInventory) -> Self {
+        InventoryRow {
+            hostname: i.hostname.clone(),
+            cpus: i.cpus,
+            cpu_model: i.cpu_model.clone(),
+            memory_mib: i.memory_mib,
+            storage_total_mib: i.storage_total_mib,
+            storage_free_mib: i.storage_free_mib,
+            network: i
+                .network
+                .iter()
+                .map(|n| NicRow {
+                    name: n.name.clone(),
+                    mac: n.mac.clone(),
+                    speed_mbps: n.speed_mbps,
+                })
+                .collect(),
+            runtimes: i
+                .runtimes
+                .iter()
+                .map(|r| RuntimeRow {
+                    kind: r.kind.as_str().to_string(),
+                    driver: r.driver.clone(),
+                    version: r.version.clone(),
+                })
+                .collect(),
+            site: SiteRow {
+                name: i.site.name.to_string(),
+                remote: i.site.remote,
+                link_bandwidth_mbps: i.site.link_bandwidth_mbps,
+                link_latency_ms: i.site.link_latency_ms,
+            },
+            prices: PricesRow {
+                per_gb_month_stored: i.prices.per_gb_month_stored,
+                per_gb_transferred: i.prices.per_gb_transferred,
+                per_cpu_hour: i.prices.per_cpu_hour,
+            },
+            security_level: i.security_level,
+            agent_version: i.agent_version.clone(),
+        }
+    }
+}
+
+impl InventoryRow {
+    fn into_model(self, host_id: &HostId) -> Result<HostInventory, RowError> {
+        Ok(HostInventory {
+            host_id: host_id.clone(),
+            hostname: self.hostname,
+            cpus: self.cpus,
+            cpu_model: self.cpu_model,
+            memory_mib: self.memory_mib,
+            storage_total_mib: self.storage_total_mib,
+            storage_free_mib: self.storage_free_mib,
+            network: self
+                .network
+                .into_iter()
+                .map(|n| NetworkInterface {
+                    name: n.name,
+                    mac: n.mac,
+                    speed_mbps: n.speed_mbps,
+                })
+                .collect(),
+            runtimes: self
+                .runtimes
+                .into_iter()
+                .map(|r| RuntimeInfo {
+                    kind: match r.kind.as_str() {
+                        "libvirt" => RuntimeKind::Libvirt,
+                        "process" => RuntimeKind::Process,
+                        _ => RuntimeKind::Unknown,
+                    },
+                    driver: r.driver,
+                    version: r.version,
+                })
+                .collect(),
+            site: Site {
+                name: SiteName::new(self.site.name).map_err(invalid("site name"))?,
+                remote: self.site.remote,
+                link_bandwidth_mbps: self.site.link_bandwidth_mbps,
+                link_latency_ms: self.site.link_latency_ms,
+            },
+            prices: Prices {
+                per_gb_month_stored: self.prices.per_gb_month_stored,
+                per_gb_transferred: self.prices.per_gb_transferred,
+                per_cpu_hour: self.prices.per_cpu_hour,
+            },
+            security_level: self.security_level,
+            agent_version: self.agent_version,
+        })
+    }
+}
+
+const VM_STATES: [VmState; 8] = [
+    VmState::Running,
+    VmState::Shutoff,
+    VmState::Paused,
+    VmState::ShuttingDown,
+    VmState::Crashed,
+    VmState::Suspended,
+    VmState::Blocked,
+    VmState::Unknown,
+];
+
+impl From<&VmStatus> for VmRow {
+    fn from(v: &VmStatus) -> Self {
+        VmRow {
+            uuid: v.uuid.clone(),
+            name: v.name.to_string(),
+            state: v.state.as_str().to_string(),
+            vcpus: v.vcpus,
+            memory_mib: v.memory_mib,
+            template: v.template.as_ref().map(|t| t.to_string()),
+            disk_bytes: v.disk_bytes,
+        }
+    }
+}
+
+impl TryFrom<VmRow> for VmStatus {
+    type Error = RowError;
+    fn try_from(row: VmRow) -> Result<Self, RowError> {
+        Ok(VmStatus {
+            uuid: row.uuid,
+            name: VmName::new(row.name).map_err(invalid("VM name"))?,
+            state: VM_STATES
+                .into_iter()
+                .find(|s| s.as_str() == row.state)
+                .unwrap_or(VmState::Unknown),
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            // A template name that no longer validates is only a label: drop it.
+            template: row.template.and_then(|t| TemplateName::new(t).ok()),
+            disk_bytes: row.disk_bytes,
+        })
+    }
+}
+
+impl From<&EventRecord> for EventRow {
+    fn from(e: &EventRecord) -> Self {
+        EventRow {
+            seq: e.seq,
+            time_ms: e.time_ms,
+            level: e.level.as_str().to_string(),
+            host: e.host.as_ref().map(|h| h.to_string()),
+            message: e.message.clone(),
+        }
+    }
+}
+
+impl From<EventRow> for EventRecord {
+    fn from(row: EventRow) -> Self {
+        EventRecord {
+            seq: row.seq,
+            time_ms: row.time_ms,
+            level: match row.level.as_str() {
+                "error" => Level::Error,
+                "warning" => Level::Warning,
+                _ => Level::Info,
+            },
+            host: row.host.and_then(|h| HostId::new(h).ok()),
+            message: row.message,
+        }
+    }
+}
