@@ -20,7 +20,10 @@ use dunes_shared::{
         EnrollFinish, ErrorCode, Hello, HelloReply, ListTemplates, ListVms, Request, StartVm,
         StopVm, WireError, codes, features,
     },
-    rpc::{Incoming, encode_reply, push_event, read_request, send_reply, unsupported_reply},
+    rpc::{
+        Incoming, encode_reply, frame_error_code, push_event, read_request, send_reply,
+        unsupported_reply,
+    },
 };
 use rustls::pki_types::CertificateDer;
 use tokio::sync::broadcast;
@@ -585,7 +588,13 @@ async fn serve_enroll(shared: Arc<Shared>, conn: quinn::Connection) {
                 }
                 continue;
             }
-            Err(_) => return,
+            Err(e) => {
+                // Before authentication one bad frame ends the connection, with its code.
+                if let Some(code) = frame_error_code(&e) {
+                    conn.close(code, b"bad frame");
+                }
+                return;
+            }
         };
         let frame =
             match request {

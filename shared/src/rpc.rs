@@ -137,17 +137,21 @@ pub async fn read_request(
         Ok(Decoded::Known(request)) => Ok(Incoming::Request(request)),
         Ok(Decoded::Unknown(kind)) => Ok(Incoming::Unknown(kind)),
         Err(err) => {
-            let code = match err {
-                FrameError::TooLarge { .. } => Some(codes::STREAM_FRAME_TOO_LARGE),
-                FrameError::Undecodable(_) => Some(codes::STREAM_UNDECODABLE),
-                _ => None,
-            };
-            if let Some(code) = code {
+            if let Some(code) = frame_error_code(&err) {
                 let _ = recv.stop(code);
                 let _ = send.reset(code);
             }
             Err(err)
         }
+    }
+}
+
+/// The code a bad frame is refused with, when it is the peer's fault.
+pub fn frame_error_code(err: &FrameError) -> Option<quinn::VarInt> {
+    match err {
+        FrameError::TooLarge { .. } => Some(codes::STREAM_FRAME_TOO_LARGE),
+        FrameError::Undecodable(_) => Some(codes::STREAM_UNDECODABLE),
+        _ => None,
     }
 }
 

@@ -394,3 +394,100 @@ fn demo_agents_exit_when_the_console_is_killed() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `ctl` until it succeeds (the console is starting), within 30 s.
+fn ctl_when_up(dir: &std::path::Path, args: &[&str]) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ctl(dir, args);
+        if out.status.success() || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// "Acknowledged" means "committed": a console killed the moment ctl reports success keeps
+/// all it reported. The agent is killed too, so nothing can be learnt again from it.
+#[test]
+fn acknowledged_changes_survive_a_sigkill_of_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("console");
+    let mut agent = dunes_tests::AgentProcess::spawn(
+        &dir.path().join("agent"),
+        "durable-1",
+        "lausanne",
+        "test:///default",
+    )
+    .unwrap();
+    let start_console = |log: &str| {
+        Command::new(console_binary())
+            .args(["--headless", "--data-dir"])
+            .arg(&data)
+            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut console = start_console("console-1.log");
+    json(&ctl_when_up(&data, &["--json", "hosts"]));
+    let token = agent.token.clone().unwrap();
+    let fingerprint = agent.fingerprint.to_string();
+    json(&ctl(
+        &data,
+        &[
+            "--json",
+            "host",
+            "add",
+            &agent.address,
+            "--token",
+            &token,
+            "--fingerprint",
+            &fingerprint,
+        ],
+    ));
+    // VM commands need the link up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while json(&ctl(&data, &["--json", "hosts"]))[0]["state"] != "online" {
+        assert!(Instant::now() < deadline, "the host did not come online");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for name in ["kept", "dropped"] {
+        json(&ctl(
+            &data,
+            &[
+                "--json",
+                "vm",
+                "create",
+                "--name",
+                name,
+                "--template",
+                "tiny",
+                "--host",
+                "durable-1",
+            ],
+        ));
+    }
+    json(&ctl(&data, &["--json", "vm", "delete", "dropped"]));
+    // At once, as a power cut would.
+    console.kill().unwrap();
+    console.wait().unwrap();
+    agent.kill();
+
+    let _console = Console(start_console("console-2.log"));
+    let hosts = json(&ctl_when_up(&data, &["--json", "hosts"]));
+    let hosts = hosts.as_array().unwrap();
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert_eq!(hosts[0]["id"], "durable-1");
+    assert_eq!(hosts[0]["address"], agent.address.as_str());
+    assert_eq!(hosts[0]["fingerprint"], fingerprint.as_str());
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let names: Vec<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    // (`test` is the test driver's own domain.)
+    assert!(names.contains(&"kept"), "{vms}");
+    assert!(!names.contains(&"dropped"), "{vms}");
+}

@@ -468,3 +468,138 @@ async fn probing_shows_the_key_and_changes_nothing() {
         "{err}"
     );
 }
+
+fn fresh_token(f: &Fixture) -> String {
+    dunes_agent::identity::AgentIdentity::load_or_create(&f.dir.path().join("agent"), None)
+        .unwrap()
+        .issue_token()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_is_offered_again_only_while_a_fresh_token_is_unused() {
+    let f = fixture("proto-reopen").await;
+    f.enroll().await;
+    let again = |token: String| {
+        let f = &f;
+        async move {
+            enroll(
+                &f.endpoint,
+                &f.console,
+                &f.address(),
+                &token,
+                Some(f.agent.fingerprint),
+                EnrollPolicy::default(),
+            )
+            .await
+        }
+    };
+    // Enrolled, no token: enrollment is closed, yet a probe still shows the key.
+    let err = again("0000".into()).await.unwrap_err();
+    assert!(matches!(err, EnrollError::EnrollmentClosed), "{err}");
+    assert_eq!(
+        probe(&f.endpoint, &f.address()).await.unwrap(),
+        f.agent.fingerprint
+    );
+    // A fresh token opens it, for that token only, once.
+    let token = fresh_token(&f);
+    let err = again("0000".into()).await.unwrap_err();
+    assert!(matches!(err, EnrollError::Refused(_)), "{err}");
+    again(token.clone()).await.unwrap();
+    let err = again(token).await.unwrap_err();
+    assert!(matches!(err, EnrollError::EnrollmentClosed), "{err}");
+    // A token older than 24 h opens nothing.
+    let token = fresh_token(&f);
+    let file = std::fs::File::options()
+        .write(true)
+        .open(f.dir.path().join("agent/identity/token.sha256"))
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(25 * 3600))
+        .unwrap();
+    let err = again(token).await.unwrap_err();
+    assert!(matches!(err, EnrollError::EnrollmentClosed), "{err}");
+}
+
+/// Opens an enrollment connection, as anyone on the network can.
+async fn enroll_connection(f: &Fixture) -> quinn::Connection {
+    let config = pki::quic_client_config(pki::enroll_client_config().unwrap()).unwrap();
+    f.endpoint
+        .connect_with(config, f.agent.local_addr, "enroll.dunes")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_before_authentication_are_limited_to_64_kib() {
+    let f = fixture("proto-preauth").await;
+    let conn = enroll_connection(&f).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // 100 KiB announced: refused from the length alone, well under the 4 MiB of control frames.
+    send.write_all(&(100 * 1024u32).to_le_bytes())
+        .await
+        .unwrap();
+    send.write_all(&[0x90; 64]).await.unwrap();
+    // The stream is reset and the unauthenticated connection closed, both with the named code.
+    let err = recv.read_to_end(1024).await.unwrap_err();
+    let code = match &err {
+        quinn::ReadToEndError::Read(quinn::ReadError::Reset(c)) => *c,
+        quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(
+            quinn::ConnectionError::ApplicationClosed(close),
+        )) => close.error_code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(code, codes::STREAM_FRAME_TOO_LARGE);
+    // The token is untouched: enrollment still works.
+    f.enroll().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_connection_is_closed_after_its_deadline() {
+    let f = fixture("proto-deadline").await;
+    let conn = enroll_connection(&f).await;
+    // Says nothing: the agent closes it after 10 s.
+    let started = std::time::Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(30), conn.closed())
+        .await
+        .expect("closed by the agent");
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::CLOSE_TIMEOUT),
+        "{reason}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_kind_the_agent_does_not_know_is_answered_and_the_link_stays() {
+    let f = fixture("proto-future").await;
+    f.enroll().await;
+    let (peer, _) = connect(
+        &f.endpoint,
+        &f.control_config(&f.console),
+        &f.agent.host_id,
+        &f.address(),
+        f.agent.fingerprint,
+    )
+    .await
+    .unwrap();
+    // {"MigrateVm": {"name": "a"}}, a request of a later release.
+    let mut payload = Vec::new();
+    rmp::encode::write_map_len(&mut payload, 1).unwrap();
+    rmp::encode::write_str(&mut payload, "MigrateVm").unwrap();
+    rmp::encode::write_map_len(&mut payload, 1).unwrap();
+    rmp::encode::write_str(&mut payload, "name").unwrap();
+    rmp::encode::write_str(&mut payload, "a").unwrap();
+    let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
+    send.write_all(&(payload.len() as u32).to_le_bytes())
+        .await
+        .unwrap();
+    send.write_all(&payload).await.unwrap();
+    send.finish().unwrap();
+    let reply: Result<(), dunes_shared::protocol::WireError> =
+        dunes_shared::codec::read_frame(&mut recv).await.unwrap();
+    let err = reply.unwrap_err();
+    assert_eq!(err.code, dunes_shared::protocol::ErrorCode::Unsupported);
+    assert!(err.message.contains("MigrateVm"), "{}", err.message);
+    peer.call(ListVms).await.unwrap();
+}
