@@ -52,24 +52,33 @@ pub fn network_interfaces() -> Vec<NetworkInterface> {
     out
 }
 
-/// Total and free MiB of the file system holding `path`.
-#[allow(unsafe_code)]
+/// Total and free MiB of the file system holding `path`; zeros when it cannot be read.
 pub fn storage_mib(path: &Path) -> (u64, u64) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+    let Ok(stat) = rustix::fs::statvfs(path) else {
         return (0, 0);
     };
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a valid out-pointer.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return (0, 0);
-    }
-    let unit = stat.f_frsize as u64;
+    let unit = stat.f_frsize;
     let mib = 1024 * 1024;
     (
-        stat.f_blocks as u64 * unit / mib,
-        stat.f_bavail as u64 * unit / mib,
+        stat.f_blocks.saturating_mul(unit) / mib,
+        stat.f_bavail.saturating_mul(unit) / mib,
     )
+}
+
+/// Logical CPUs of the machine, from /proc/cpuinfo (not this process's affinity).
+pub fn cpu_count() -> u32 {
+    let counted = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|text| {
+            text.lines()
+                .filter(|l| l.starts_with("processor") && l.contains(':'))
+                .count() as u32
+        })
+        .unwrap_or(0);
+    if counted > 0 {
+        counted
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    }
 }
 
 /// (used, total) memory of the machine in MiB.
@@ -150,5 +159,8 @@ mod tests {
         load.sample_percent();
         assert!((0.0..=100.0).contains(&load.sample_percent()));
         assert!(storage_mib(Path::new("/nonexistent/dir")) == (0, 0));
+        let cpus = cpu_count();
+        assert!(cpus >= 1);
+        assert!(cpus as usize >= std::thread::available_parallelism().unwrap().get());
     }
 }

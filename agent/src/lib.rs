@@ -5,6 +5,6 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod inventory;
-pub mod libvirt;
+pub mod runtime;
 pub mod server;
 pub mod storage;

@@ -83,7 +83,7 @@ impl Storage {
         for dir in [
             root.join("images"),
             root.join("disks"),
-            root.join("domains"),
+            root.join("definitions"),
         ] {
             std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         }
@@ -94,13 +94,27 @@ impl Storage {
         &self.root
     }
 
-    fn template_dir(&self, name: &TemplateName) -> PathBuf {
+    pub fn template_dir(&self, name: &TemplateName) -> PathBuf {
         // A validated name holds no '/' and no "..", so this stays inside the root.
         self.root.join("images").join(name.as_str())
     }
 
+    pub fn disks_dir(&self) -> PathBuf {
+        self.root.join("disks")
+    }
+
+    /// A disk by file name; the caller has checked it is a plain file name.
+    pub fn disk_file(&self, file: &str) -> PathBuf {
+        self.disks_dir().join(file)
+    }
+
+    /// The file name of a VM's first disk inside [`Storage::disks_dir`].
+    pub fn disk_file_name(vm: &VmName) -> String {
+        format!("{vm}.img")
+    }
+
     pub fn disk_path(&self, vm: &VmName) -> PathBuf {
-        self.root.join("disks").join(format!("{vm}.img"))
+        self.disk_file(&Self::disk_file_name(vm))
     }
 
     /// Makes sure the built-in `tiny` template exists. Without a guest image it gets an empty
@@ -248,39 +262,52 @@ impl Storage {
         }
     }
 
-    /// Keeps a copy of a VM's definition, so the VM survives a runtime that forgets it.
-    pub fn save_definition(&self, vm: &VmName, xml: &str) -> Result<(), StorageError> {
-        let path = self.root.join("domains").join(format!("{vm}.xml"));
-        dunes_shared::durable::write_file(&path, xml.as_bytes(), 0o644)
+    fn definition_path(&self, vm: &VmName) -> PathBuf {
+        self.root.join("definitions").join(format!("{vm}.toml"))
+    }
+
+    /// Keeps a VM's definition record (see `runtime::libvirt::definition`), durably.
+    pub fn save_definition(&self, vm: &VmName, record: &str) -> Result<(), StorageError> {
+        let path = self.definition_path(vm);
+        dunes_shared::durable::write_file(&path, record.as_bytes(), 0o644)
             .map_err(io_err("writing", &path))
     }
 
     pub fn delete_definition(&self, vm: &VmName) -> Result<(), StorageError> {
-        let path = self.root.join("domains").join(format!("{vm}.xml"));
+        let path = self.definition_path(vm);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("deleting", &path)(e)),
             // On disk before the VM is undefined: a crash must not bring it back.
-            _ => dunes_shared::durable::sync_dir(&self.root.join("domains"))
+            _ => dunes_shared::durable::sync_dir(&self.root.join("definitions"))
                 .map_err(io_err("syncing", &path)),
         }
     }
 
-    /// Every saved definition, by VM name.
+    pub fn definition(&self, vm: &VmName) -> Result<Option<String>, StorageError> {
+        let path = self.definition_path(vm);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading", &path)(e)),
+        }
+    }
+
+    /// Every definition record, by VM name.
     pub fn definitions(&self) -> Vec<(VmName, String)> {
+        read_named_files(&self.root.join("definitions"), ".toml")
+    }
+
+    /// Domain XML files the first release kept in `storage/domains`, to be turned into
+    /// records once.
+    pub fn legacy_definitions(&self) -> Vec<(VmName, PathBuf, String)> {
         let dir = self.root.join("domains");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<(VmName, String)> = entries
-            .flatten()
-            .filter_map(|e| {
-                let file = e.file_name();
-                let name = VmName::new(file.to_str()?.strip_suffix(".xml")?).ok()?;
-                Some((name, std::fs::read_to_string(e.path()).ok()?))
+        read_named_files(&dir, ".xml")
+            .into_iter()
+            .map(|(name, text)| {
+                let path = dir.join(format!("{name}.xml"));
+                (name, path, text)
             })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+            .collect()
     }
 
     /// Where a VM's serial console is logged.
@@ -294,6 +321,23 @@ impl Storage {
             .map(|m| m.blocks() * 512)
             .unwrap_or(0)
     }
+}
+
+/// Files `NAME{suffix}` of a directory whose NAME is a valid VM name, with their contents.
+fn read_named_files(dir: &Path, suffix: &str) -> Vec<(VmName, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(VmName, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name();
+            let name = VmName::new(file.to_str()?.strip_suffix(suffix)?).ok()?;
+            Some((name, std::fs::read_to_string(e.path()).ok()?))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 fn is_plain_file_name(name: &str) -> bool {

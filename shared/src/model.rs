@@ -167,6 +167,31 @@ pub struct NetworkInterface {
     pub speed_mbps: Option<u32>,
 }
 
+/// Where a host's CPU and memory figures come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SizesFrom {
+    /// Read from the machine (/proc).
+    #[default]
+    Machine,
+    /// Declared by libvirt's test driver for its mock host (the demo fleet).
+    TestDriver,
+    /// A source a newer agent added.
+    #[serde(other)]
+    Unknown,
+}
+
+impl SizesFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SizesFrom::Machine => "machine",
+            SizesFrom::TestDriver => "test-driver",
+            SizesFrom::Unknown => "unknown",
+        }
+    }
+}
+
 /// Everything the console needs to know about a host to place work on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostInventory {
@@ -184,6 +209,9 @@ pub struct HostInventory {
     /// Higher is more trusted; services can demand a minimum.
     pub security_level: u8,
     pub agent_version: String,
+    /// Where `cpus` and `memory_mib` come from.
+    #[serde(default)]
+    pub sizes_from: SizesFrom,
 }
 
 /// What changes about a host from second to second.

@@ -64,13 +64,35 @@ impl AgentProcess {
         listen: &str,
         extra_args: Vec<String>,
     ) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(data_dir)?;
-        let config = data_dir.join("agent.toml");
+        Self::spawn_in(None, data_dir, host_id, site, libvirt_uri, listen, extra_args)
+    }
+
+    /// As [`AgentProcess::spawn_with`], run from `cwd` with `data_dir` given as it is (a
+    /// relative data dir, as a new user types it).
+    pub fn spawn_in(
+        cwd: Option<&Path>,
+        data_dir: &Path,
+        host_id: &str,
+        site: &str,
+        libvirt_uri: &str,
+        listen: &str,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let here = match cwd {
+            Some(cwd) => cwd.join(data_dir),
+            None => data_dir.to_path_buf(),
+        };
+        std::fs::create_dir_all(&here)?;
+        let config = here.join("agent.toml");
         std::fs::write(
             &config,
             format!("host_id = \"{host_id}\"\nstop_timeout_secs = 20\n[site]\nname = \"{site}\"\n"),
         )?;
-        let mut child = Command::new(agent_binary())
+        let mut command = Command::new(agent_binary());
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", listen, "--libvirt", libvirt_uri, "--config"])
@@ -78,9 +100,7 @@ impl AgentProcess {
             .args(&extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(
-                data_dir.join("agent.log"),
-            )?))
+            .stderr(Stdio::from(std::fs::File::create(here.join("agent.log"))?))
             .spawn()
             .context("starting dunes-agent")?;
         let stdout = child.stdout.take().expect("piped");
@@ -99,8 +119,7 @@ impl AgentProcess {
                 Ok(l) => l,
                 Err(_) => {
                     let _ = child.kill();
-                    let log =
-                        std::fs::read_to_string(data_dir.join("agent.log")).unwrap_or_default();
+                    let log = std::fs::read_to_string(here.join("agent.log")).unwrap_or_default();
                     bail!("agent {host_id} did not start: {log}");
                 }
             };
@@ -118,7 +137,7 @@ impl AgentProcess {
             address: address.expect("loop ends with it"),
             fingerprint: fingerprint.expect("loop ends with it"),
             token,
-            data_dir: data_dir.to_path_buf(),
+            data_dir: here,
             site: site.to_string(),
             libvirt_uri: libvirt_uri.to_string(),
             extra_args,

@@ -118,6 +118,12 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         .unwrap();
     assert_eq!(created.state, VmState::Shutoff);
     assert_eq!(created.template.as_ref().map(|t| t.as_str()), Some("tiny"));
+    // Its definition is kept as a record that names no path of this agent.
+    let record =
+        std::fs::read_to_string(a.data_dir.join("storage/definitions/web-1.toml")).unwrap();
+    assert!(record.contains("file = \"web-1.img\""), "{record}");
+    assert!(!record.contains(&*a.data_dir.to_string_lossy()), "{record}");
+    assert!(record.contains(&format!("uuid = \"{}\"", created.uuid)), "{record}");
     let t = within_since(sent, &engine, STATE_VISIBLE, "created VM", |s| {
         vm_state(s, &host, "web-1") == Some(VmState::Shutoff)
     })
@@ -171,8 +177,8 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         "the disk is deleted with the VM"
     );
     assert!(
-        !a.data_dir.join("storage/domains/web-1.xml").exists(),
-        "its saved definition too, so a restart does not bring it back"
+        !a.data_dir.join("storage/definitions/web-1.toml").exists(),
+        "its definition record too, so a restart does not bring it back"
     );
 
     // Errors come back as readable sentences and change nothing.

@@ -59,6 +59,7 @@ fn inventory(host: &HostId) -> HostInventory {
         prices: Prices::default(),
         security_level: 0,
         agent_version: "9.9.9".into(),
+        sizes_from: Default::default(),
     }
 }
 

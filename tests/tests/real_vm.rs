@@ -1,6 +1,6 @@
 //! A real VM: an agent on QEMU embedded through `qemu:///embed` boots the tiny guest (TCG),
 //! the engine sees it running; a stop the guest ignores is forced after the timeout, and a
-//! graceful stop of the booted guest shuts it off.
+//! graceful stop of the booted guest shuts it off. The agent's data dir is given relative.
 //!
 //! Needs root and the guest from `assets/guest/build-tiny-guest.sh` in `DUNES_GUEST_DIR`
 //! (`scripts/test.sh` provides both). Under CI a missing prerequisite fails the test.
@@ -56,8 +56,10 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
     let dir = tempfile::tempdir().unwrap();
     let agent_dir = dir.path().join("agent");
     let _cleanup = KillQemu(agent_dir.clone());
-    let agent = AgentProcess::spawn_with(
-        &agent_dir,
+    // Given relative, as a new user types it: QEMU must still find the disk.
+    let agent = AgentProcess::spawn_in(
+        Some(dir.path()),
+        std::path::Path::new("./agent"),
         "qemu-host",
         "lausanne",
         "qemu:///embed",

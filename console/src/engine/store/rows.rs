@@ -5,7 +5,7 @@
 use dunes_shared::{
     model::{
         HostId, HostInventory, NetworkInterface, Prices, RuntimeInfo, RuntimeKind, Site, SiteName,
-        TemplateName, VmName, VmState, VmStatus,
+        SizesFrom, TemplateName, VmName, VmState, VmStatus,
     },
     pki::Fingerprint,
 };
@@ -52,6 +52,9 @@ pub struct InventoryRow {
     pub prices: PricesRow,
     pub security_level: u8,
     pub agent_version: String,
+    /// As [`SizesFrom::as_str`]; rows of schema 1 have none (the machine's).
+    #[serde(default)]
+    pub sizes_from: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +179,7 @@ impl From<&HostInventory> for InventoryRow {
             },
             security_level: i.security_level,
             agent_version: i.agent_version.clone(),
+            sizes_from: Some(i.sizes_from.as_str().to_string()),
         }
     }
 }
@@ -225,6 +229,11 @@ impl InventoryRow {
             },
             security_level: self.security_level,
             agent_version: self.agent_version,
+            sizes_from: match self.sizes_from.as_deref() {
+                None | Some("machine") => SizesFrom::Machine,
+                Some("test-driver") => SizesFrom::TestDriver,
+                Some(_) => SizesFrom::Unknown,
+            },
         })
     }
 }

@@ -154,6 +154,7 @@ impl From<Host> for HostRow {
                 },
                 security_level: i.security_level,
                 agent_version: i.agent_version,
+                sizes_from: None,
             }),
         }
     }

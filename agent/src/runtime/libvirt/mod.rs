@@ -1,0 +1,654 @@
+//! The libvirt runtime. libvirt calls block, so each runs on the blocking pool (at most
+//! [`CONCURRENT_CALLS`] at once), with one connection that libvirt makes thread-safe. Calls for
+//! one VM are ordered by a lock of that VM; calls for different VMs run side by side, so a slow
+//! QEMU define or start holds back neither the others nor the status push. A poller thread
+//! compares domain states with what it published last, on its own clock: its cost is the
+//! number of VMs per interval, whatever the number of requests.
+
+pub mod definition;
+pub mod embed;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use dunes_shared::model::{
+    RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus,
+};
+use tokio::sync::{Semaphore, broadcast};
+use virt::{
+    connect::Connect,
+    domain::{Domain, DomainState},
+};
+
+use self::definition::{Devices, DirectBoot, DiskDefinition, DomainType, VmDefinition};
+use super::{Capabilities, Runtime, RuntimeError, RuntimeFuture, StatusChange};
+use crate::storage::{Storage, Template};
+
+/// How often domain states are compared with what was published last.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// libvirt calls running at once on the blocking pool.
+pub const CONCURRENT_CALLS: usize = 8;
+/// Status changes a slow subscriber may fall behind by before it must list again.
+const CHANGES_QUEUE: usize = 1024;
+
+fn lv(action: &'static str) -> impl FnOnce(virt::error::Error) -> RuntimeError {
+    move |e| RuntimeError::Libvirt {
+        action,
+        message: e.message().to_string(),
+    }
+}
+
+/// What the hypervisor says about its host, read once at start.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub model: String,
+}
+
+/// Handle to the libvirt runtime; cheap to clone.
+#[derive(Clone)]
+pub struct LibvirtRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Connect,
+    storage: Storage,
+    domain_type: DomainType,
+    info: RuntimeInfo,
+    node: NodeFacts,
+    changes: broadcast::Sender<StatusChange>,
+    active: AtomicU32,
+    calls: Semaphore,
+    /// One lock per VM name: calls for one VM are ordered.
+    vm_locks: Mutex<HashMap<VmName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Template of each domain, by UUID: read from its XML once.
+    templates: Mutex<HashMap<String, Option<TemplateName>>>,
+}
+
+impl std::fmt::Debug for LibvirtRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtRuntime")
+            .field("info", &self.inner.info)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a poll compares: everything but the disk usage, which changes all the time and
+/// belongs to the statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lifecycle {
+    uuid: String,
+    state: VmState,
+    vcpus: u32,
+    memory_mib: u64,
+    template: Option<TemplateName>,
+}
+
+/// What came of asking a guest to shut down.
+enum ShutdownAsked {
+    AlreadyOff,
+    Asked,
+    CannotAsk(String),
+}
+
+impl LibvirtRuntime {
+    /// Opens `uri` (blocking: call it off the async workers), turns the first release's saved
+    /// domain XML into definition records, restores definitions the test driver forgot, and
+    /// starts the poller.
+    pub fn start(uri: &str, storage: Storage) -> Result<Self, RuntimeError> {
+        embed::start_event_loop();
+        let conn = Connect::open(Some(uri)).map_err(lv("opening libvirt"))?;
+        let info = conn.node_info().map_err(lv("reading node info"))?;
+        let driver = conn.driver_type().unwrap_or_default();
+        let version = conn
+            .hyp_version()
+            .map(|v| format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000))
+            .unwrap_or_default();
+        let domain_type = if uri.starts_with("test:") {
+            DomainType::Test
+        } else {
+            DomainType::Qemu
+        };
+        let inner = Arc::new(Inner {
+            conn,
+            storage,
+            domain_type,
+            info: RuntimeInfo {
+                kind: RuntimeKind::Libvirt,
+                driver,
+                version,
+            },
+            node: NodeFacts {
+                cpus: info.cpus,
+                memory_mib: info.memory / 1024,
+                model: info.model.clone(),
+            },
+            changes: broadcast::channel(CHANGES_QUEUE).0,
+            active: AtomicU32::new(0),
+            calls: Semaphore::new(CONCURRENT_CALLS),
+            vm_locks: Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
+        });
+        inner.upgrade_legacy_definitions();
+        inner.restore_definitions();
+        let mut published = HashMap::new();
+        inner.poll(&mut published);
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("libvirt-poll".into())
+            .spawn(move || poll_loop(weak, published))
+            .map_err(|e| RuntimeError::Libvirt {
+                action: "starting the poller",
+                message: e.to_string(),
+            })?;
+        Ok(LibvirtRuntime { inner })
+    }
+
+    /// The sizes libvirt's test driver declares for its mock host; `None` on a real
+    /// hypervisor, whose host is the machine itself.
+    pub fn declared_sizes(&self) -> Option<&NodeFacts> {
+        (self.inner.domain_type == DomainType::Test).then_some(&self.inner.node)
+    }
+
+    pub fn is_test_driver(&self) -> bool {
+        self.inner.domain_type == DomainType::Test
+    }
+
+    /// Runs `f` on the blocking pool, within the limit of concurrent calls.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, RuntimeError> + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let _permit = self
+            .inner
+            .calls
+            .acquire()
+            .await
+            .map_err(|_| RuntimeError::WorkerGone)?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|_| RuntimeError::WorkerGone)?
+    }
+
+    /// The lock that orders calls for `name`.
+    async fn lock_vm(&self, name: &VmName) -> tokio::sync::OwnedMutexGuard<()> {
+        let vm_lock = lock(&self.inner.vm_locks)
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        vm_lock.lock_owned().await
+    }
+
+    /// Forgets the lock of a deleted VM once no call holds or waits for it.
+    fn release_vm_lock(&self, name: &VmName) {
+        let mut locks = lock(&self.inner.vm_locks);
+        if locks.get(name).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(name);
+        }
+    }
+
+    async fn create_vm(&self, spec: VmSpec, start: bool) -> Result<VmStatus, RuntimeError> {
+        spec.validate()?;
+        let runtime = self.clone();
+        // Runs to the end even if the caller goes away, so no disk is left without its domain.
+        tokio::spawn(async move {
+            let _vm = runtime.lock_vm(&spec.name).await;
+            let checked = spec.clone();
+            let template = runtime.call(move |i| i.check_create(&checked)).await?;
+            let def = definition_for(&spec, &template);
+            let (storage, name) = (runtime.inner.storage.clone(), spec.name.clone());
+            // File I/O, not a libvirt call: it takes no call permit.
+            tokio::task::spawn_blocking(move || storage.create_disk(&name, &template))
+                .await
+                .map_err(|_| RuntimeError::WorkerGone)??;
+            runtime.call(move |i| i.define(&def, start)).await
+        })
+        .await
+        .map_err(|_| RuntimeError::WorkerGone)?
+    }
+
+    async fn stop_vm(
+        &self,
+        name: VmName,
+        force: bool,
+        timeout_secs: u32,
+    ) -> Result<VmStatus, RuntimeError> {
+        if !force {
+            let asked = {
+                let _vm = self.lock_vm(&name).await;
+                let n = name.clone();
+                self.call(move |i| i.request_shutdown(&n)).await?
+            };
+            match asked {
+                ShutdownAsked::AlreadyOff => {}
+                // The VM's lock is not held while the guest takes its time: a force off asked
+                // meanwhile goes through at once.
+                ShutdownAsked::Asked => self.wait_until_off(&name, timeout_secs).await?,
+                // The operator asked for the VM to stop, and waiting would change nothing.
+                ShutdownAsked::CannotAsk(why) => {
+                    tracing::warn!(vm = %name, "the guest cannot be asked to shut down ({why}), forcing it off");
+                }
+            }
+        }
+        let _vm = self.lock_vm(&name).await;
+        self.call(move |i| i.force_off(&name)).await
+    }
+
+    /// Waits for the guest to power off, up to `timeout_secs`.
+    async fn wait_until_off(&self, name: &VmName, timeout_secs: u32) -> Result<(), RuntimeError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs.into());
+        loop {
+            tokio::time::sleep(POLL_INTERVAL).await;
+            let n = name.clone();
+            if !self.call(move |i| i.state_of(&n)).await?.is_active() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(vm = %name, "guest did not shut down in {timeout_secs}s, forcing it off");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The definition of a new VM from its spec and template.
+fn definition_for(spec: &VmSpec, template: &Template) -> VmDefinition {
+    let file_name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    VmDefinition {
+        name: spec.name.clone(),
+        uuid: uuid::Uuid::new_v4().to_string(),
+        template: template.info.name.clone(),
+        vcpus: spec.vcpus.unwrap_or(template.info.default_vcpus).max(1),
+        memory_mib: spec.memory_mib.unwrap_or(template.info.default_memory_mib),
+        disks: vec![DiskDefinition {
+            file: Storage::disk_file_name(&spec.name),
+            format: "raw".into(),
+            target: "vda".into(),
+        }],
+        boot: template
+            .kernel
+            .as_deref()
+            .and_then(file_name)
+            .map(|kernel| DirectBoot {
+                kernel,
+                initrd: template.initrd.as_deref().and_then(file_name),
+                cmdline: template.cmdline.clone(),
+            }),
+        devices: Devices {
+            serial_log: true,
+            guest_agent: true,
+        },
+    }
+}
+
+impl Runtime for LibvirtRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Libvirt
+    }
+
+    fn info(&self) -> RuntimeInfo {
+        self.inner.info.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { vms: true }
+    }
+
+    fn list(&self) -> RuntimeFuture<'_, Vec<VmStatus>> {
+        Box::pin(self.call(|i| i.list()))
+    }
+
+    fn create(&self, spec: VmSpec, start: bool) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(self.create_vm(spec, start))
+    }
+
+    fn start(&self, name: VmName) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(async move {
+            let _vm = self.lock_vm(&name).await;
+            self.call(move |i| i.start(&name)).await
+        })
+    }
+
+    fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(self.stop_vm(name, force, timeout_secs))
+    }
+
+    fn delete(&self, name: VmName) -> RuntimeFuture<'_, ()> {
+        Box::pin(async move {
+            let vm = self.lock_vm(&name).await;
+            let n = name.clone();
+            let result = self.call(move |i| i.delete(&n)).await;
+            drop(vm);
+            if result.is_ok() {
+                self.release_vm_lock(&name);
+            }
+            result
+        })
+    }
+
+    fn changes(&self) -> broadcast::Receiver<StatusChange> {
+        self.inner.changes.subscribe()
+    }
+
+    fn active_count(&self) -> u32 {
+        self.inner.active.load(Ordering::Relaxed)
+    }
+}
+
+fn poll_loop(inner: Weak<Inner>, mut published: HashMap<VmName, Lifecycle>) {
+    loop {
+        std::thread::sleep(POLL_INTERVAL);
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.poll(&mut published);
+    }
+}
+
+impl Inner {
+    /// Compares every domain with what was published last and pushes the differences.
+    fn poll(&self, published: &mut HashMap<VmName, Lifecycle>) {
+        let Ok(domains) = self.conn.list_all_domains(0) else {
+            return;
+        };
+        let mut current = HashMap::with_capacity(domains.len());
+        for dom in &domains {
+            if let Ok(Some((name, life))) = self.lifecycle(dom) {
+                current.insert(name, life);
+            }
+        }
+        for (name, life) in &current {
+            if published.get(name) != Some(life) {
+                let status = self.status_from(name.clone(), life.clone());
+                let _ = self.changes.send(StatusChange::Changed(status));
+            }
+        }
+        for name in published.keys() {
+            if !current.contains_key(name) {
+                let _ = self.changes.send(StatusChange::Removed(name.clone()));
+            }
+        }
+        let active = current.values().filter(|l| l.state.is_active()).count();
+        self.active.store(active as u32, Ordering::Relaxed);
+        *published = current;
+    }
+
+    fn lifecycle(&self, dom: &Domain) -> Result<Option<(VmName, Lifecycle)>, RuntimeError> {
+        let raw_name = dom.name().map_err(lv("reading a domain name"))?;
+        let Ok(name) = VmName::new(raw_name) else {
+            // Domains Dunes did not create may have names it cannot manage; leave them be.
+            return Ok(None);
+        };
+        let info = dom.info().map_err(lv("reading domain info"))?;
+        let uuid = dom.uuid_string().map_err(lv("reading a domain uuid"))?;
+        let cached = lock(&self.templates).get(&uuid).cloned();
+        let template = match cached {
+            Some(t) => t,
+            None => {
+                let t = dom
+                    .xml_desc(0)
+                    .ok()
+                    .and_then(|xml| definition::template_of(&xml));
+                lock(&self.templates).insert(uuid.clone(), t.clone());
+                t
+            }
+        };
+        Ok(Some((
+            name,
+            Lifecycle {
+                uuid,
+                state: map_state(info.state.known()),
+                vcpus: info.nr_virt_cpu,
+                memory_mib: info.max_mem / 1024,
+                template,
+            },
+        )))
+    }
+
+    fn status_from(&self, name: VmName, life: Lifecycle) -> VmStatus {
+        VmStatus {
+            disk_bytes: self.storage.disk_allocated_bytes(&name),
+            uuid: life.uuid,
+            name,
+            state: life.state,
+            vcpus: life.vcpus,
+            memory_mib: life.memory_mib,
+            template: life.template,
+        }
+    }
+
+    fn list(&self) -> Result<Vec<VmStatus>, RuntimeError> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(lv("listing domains"))?;
+        let mut out = Vec::with_capacity(domains.len());
+        for dom in &domains {
+            if let Some((name, life)) = self.lifecycle(dom)? {
+                out.push(self.status_from(name, life));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn lookup(&self, name: &VmName) -> Result<Domain, RuntimeError> {
+        self.conn
+            .lookup_domain_by_name(name.as_str())
+            .map_err(|_| RuntimeError::NotFound(name.clone()))
+    }
+
+    fn status_of(&self, name: &VmName) -> Result<VmStatus, RuntimeError> {
+        let dom = self.lookup(name)?;
+        let (name, life) = self
+            .lifecycle(&dom)?
+            .ok_or_else(|| RuntimeError::NotFound(name.clone()))?;
+        Ok(self.status_from(name, life))
+    }
+
+    fn state_of(&self, name: &VmName) -> Result<VmState, RuntimeError> {
+        let dom = self.lookup(name)?;
+        let info = dom.info().map_err(lv("reading domain info"))?;
+        Ok(map_state(info.state.known()))
+    }
+
+    /// What a create needs before its disk is copied: a free name and a bootable template.
+    fn check_create(&self, spec: &VmSpec) -> Result<Template, RuntimeError> {
+        if self.conn.lookup_domain_by_name(spec.name.as_str()).is_ok() {
+            return Err(RuntimeError::AlreadyExists(spec.name.clone()));
+        }
+        let template = self.storage.template(&spec.template)?;
+        if template.placeholder && self.domain_type != DomainType::Test {
+            return Err(RuntimeError::NoGuest(spec.template.clone()));
+        }
+        Ok(template)
+    }
+
+    /// Keeps the record, then defines (and maybe starts) a VM whose disk is in place; undoes
+    /// both, and removes the disk, when the definition fails.
+    fn define(&self, def: &VmDefinition, start: bool) -> Result<VmStatus, RuntimeError> {
+        let undo = |storage: &Storage| {
+            let _ = storage.delete_definition(&def.name);
+            let _ = storage.delete_disk(&def.name);
+        };
+        let xml = match def.domain_xml(self.domain_type, &self.storage) {
+            Ok(xml) => xml,
+            Err(e) => {
+                undo(&self.storage);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.storage.save_definition(&def.name, &def.to_toml()) {
+            undo(&self.storage);
+            return Err(e.into());
+        }
+        let dom = match self.conn.define_domain_xml(&xml) {
+            Ok(d) => d,
+            Err(e) => {
+                undo(&self.storage);
+                return Err(lv("defining the domain")(e));
+            }
+        };
+        if start {
+            dom.create().map_err(lv("starting the VM"))?;
+        }
+        self.status_of(&def.name)
+    }
+
+    fn start(&self, name: &VmName) -> Result<VmStatus, RuntimeError> {
+        let dom = self.lookup(name)?;
+        match self.state_of(name)? {
+            VmState::Running => {}
+            VmState::Paused => dom.resume().map(drop).map_err(lv("resuming the VM"))?,
+            _ => dom.create().map(drop).map_err(lv("starting the VM"))?,
+        };
+        self.status_of(name)
+    }
+
+    /// Asks for a guest shutdown.
+    fn request_shutdown(&self, name: &VmName) -> Result<ShutdownAsked, RuntimeError> {
+        let dom = self.lookup(name)?;
+        if !self.state_of(name)?.is_active() {
+            return Ok(ShutdownAsked::AlreadyOff);
+        }
+        if let Err(e) = dom.shutdown() {
+            use virt::error::ErrorNumber;
+            // Only "there is no way to ask" (no ACPI, a driver without shutdown); any other
+            // failure is reported, and the VM left as it is.
+            return match e.code() {
+                virt::enumutil::Enum::Known(
+                    ErrorNumber::NoSupport
+                    | ErrorNumber::OperationUnsupported
+                    | ErrorNumber::ArgumentUnsupported,
+                ) => Ok(ShutdownAsked::CannotAsk(e.message().to_string())),
+                _ => Err(lv("shutting down the VM")(e)),
+            };
+        }
+        if self.state_of(name)?.is_active() {
+            Ok(ShutdownAsked::Asked)
+        } else {
+            Ok(ShutdownAsked::AlreadyOff)
+        }
+    }
+
+    fn force_off(&self, name: &VmName) -> Result<VmStatus, RuntimeError> {
+        let dom = self.lookup(name)?;
+        if self.state_of(name)?.is_active() {
+            dom.destroy().map_err(lv("forcing the VM off"))?;
+        }
+        self.status_of(name)
+    }
+
+    fn delete(&self, name: &VmName) -> Result<(), RuntimeError> {
+        let dom = self.lookup(name)?;
+        let state = self.state_of(name)?;
+        if state.is_active() {
+            return Err(RuntimeError::WrongState {
+                name: name.clone(),
+                state,
+                hint: "stop it first",
+            });
+        }
+        let uuid = dom.uuid_string().unwrap_or_default();
+        // The record goes first: were it left behind, the next start of the agent would
+        // define the deleted VM again on the test driver.
+        let record = self.storage.definition(name)?;
+        self.storage.delete_definition(name)?;
+        if let Err(e) = dom.undefine() {
+            // Keep the VM whole: put its record back.
+            if let Some(record) = record
+                && let Err(lost) = self.storage.save_definition(name, &record)
+            {
+                tracing::warn!(vm = %name, "the VM's definition record is gone ({lost})");
+            }
+            return Err(lv("undefining the VM")(e));
+        }
+        lock(&self.templates).remove(&uuid);
+        self.storage.delete_disk(name)?;
+        let _ = std::fs::remove_file(self.storage.console_log_path(name));
+        Ok(())
+    }
+
+    /// The first release kept each VM's domain XML in `storage/domains`; each becomes a
+    /// definition record once, and the XML file goes.
+    fn upgrade_legacy_definitions(&self) {
+        for (name, path, xml) in self.storage.legacy_definitions() {
+            // libvirt's own copy has the UUID it chose; the saved XML had none.
+            let xml = self
+                .conn
+                .lookup_domain_by_name(name.as_str())
+                .and_then(|d| d.xml_desc(0))
+                .unwrap_or(xml);
+            let converted = definition::DomainXml::parse(&xml).and_then(|mut doc| {
+                // Defined by the first release and forgotten since: it gets a UUID now.
+                doc.uuid
+                    .get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
+                VmDefinition::from_parsed(doc, &self.storage)
+            });
+            match converted
+                .map_err(RuntimeError::from)
+                .and_then(|def| Ok(self.storage.save_definition(&name, &def.to_toml())?))
+            {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&path);
+                    tracing::info!(vm = %name, "kept the VM's definition as a record");
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %name, "cannot read the saved definition {}: {e}", path.display())
+                }
+            }
+        }
+    }
+
+    /// Defines again the VMs this agent created, which the test driver forgets whenever the
+    /// agent stops. QEMU keeps its definitions: a VM missing there was removed on purpose
+    /// (with virsh, say) and is not brought back.
+    fn restore_definitions(&self) {
+        if self.domain_type != DomainType::Test {
+            return;
+        }
+        for (name, record) in self.storage.definitions() {
+            if self.conn.lookup_domain_by_name(name.as_str()).is_ok() {
+                continue;
+            }
+            let defined = VmDefinition::from_toml(&record)
+                .and_then(|def| def.domain_xml(self.domain_type, &self.storage))
+                .map_err(RuntimeError::from)
+                .and_then(|xml| {
+                    self.conn
+                        .define_domain_xml(&xml)
+                        .map_err(lv("defining the domain"))
+                });
+            match defined {
+                Ok(_) => tracing::info!(vm = %name, "restored the VM's definition"),
+                Err(e) => tracing::warn!(vm = %name, "cannot restore the VM's definition: {e}"),
+            }
+        }
+    }
+}
+
+fn map_state(state: Option<DomainState>) -> VmState {
+    match state {
+        Some(DomainState::Running) => VmState::Running,
+        Some(DomainState::Shutoff) => VmState::Shutoff,
+        Some(DomainState::Paused) => VmState::Paused,
+        Some(DomainState::Shutdown) => VmState::ShuttingDown,
+        Some(DomainState::Crashed) => VmState::Crashed,
+        Some(DomainState::PMSuspended) => VmState::Suspended,
+        Some(DomainState::Blocked) => VmState::Blocked,
+        _ => VmState::Unknown,
+    }
+}

@@ -1,0 +1,155 @@
+//! What runs workloads on a host, behind one trait. Each runtime (libvirt today; the process
+//! runtime and others later) is one module here plus one registration in [`RuntimeRegistry`];
+//! the server dispatches requests through the registry and never names a runtime.
+
+pub mod libvirt;
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use dunes_shared::{
+    model::{RuntimeInfo, RuntimeKind, SpecError, TemplateName, VmName, VmSpec, VmState, VmStatus},
+    protocol::{ErrorCode, WireError},
+};
+use tokio::sync::broadcast;
+
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{action} failed: {message}")]
+    Libvirt {
+        action: &'static str,
+        message: String,
+    },
+    #[error("VM {0} does not exist")]
+    NotFound(VmName),
+    #[error("VM {0} already exists")]
+    AlreadyExists(VmName),
+    #[error("VM {name} is {state}; {hint}")]
+    WrongState {
+        name: VmName,
+        state: VmState,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Definition(#[from] libvirt::definition::DefinitionError),
+    #[error(
+        "template {0} has nothing to boot on this host: build the tiny guest with assets/guest/build-tiny-guest.sh DIR and restart the agent with --guest-dir DIR"
+    )]
+    NoGuest(TemplateName),
+    #[error("this host has no runtime for {0}")]
+    NoRuntime(&'static str),
+    #[error("a {0} runtime is registered already")]
+    Duplicate(&'static str),
+    #[error("the runtime stopped")]
+    WorkerGone,
+}
+
+impl RuntimeError {
+    /// The error as sent to the console: a code and a sentence.
+    pub fn to_wire(&self) -> WireError {
+        let code = match self {
+            RuntimeError::NotFound(_) | RuntimeError::Storage(StorageError::NoTemplate(_)) => {
+                ErrorCode::NotFound
+            }
+            RuntimeError::AlreadyExists(_) | RuntimeError::Storage(StorageError::DiskExists(_)) => {
+                ErrorCode::AlreadyExists
+            }
+            RuntimeError::WrongState { .. } => ErrorCode::Conflict,
+            RuntimeError::NoGuest(_) | RuntimeError::NoRuntime(_) => ErrorCode::Unsupported,
+            RuntimeError::Spec(_) => ErrorCode::BadRequest,
+            RuntimeError::Storage(_) => ErrorCode::Storage,
+            RuntimeError::Libvirt { .. } | RuntimeError::Definition(_) => ErrorCode::Runtime,
+            RuntimeError::Duplicate(_) | RuntimeError::WorkerGone => ErrorCode::Internal,
+        };
+        WireError::new(code, dunes_shared::error_chain(self))
+    }
+}
+
+/// What a runtime's operations return.
+pub type RuntimeFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, RuntimeError>> + Send + 'a>>;
+
+/// What a runtime can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Virtual machines with disks (`CreateVm` and the rest of the VM lifecycle).
+    pub vms: bool,
+}
+
+/// A change a runtime saw, pushed as it happens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusChange {
+    Changed(VmStatus),
+    Removed(VmName),
+}
+
+/// A runtime of the host. Operations on different workloads run concurrently; operations on
+/// one workload are ordered.
+pub trait Runtime: Send + Sync + 'static {
+    fn kind(&self) -> RuntimeKind;
+    /// Driver and version, as shown in the host's inventory.
+    fn info(&self) -> RuntimeInfo;
+    fn capabilities(&self) -> Capabilities;
+    fn list(&self) -> RuntimeFuture<'_, Vec<VmStatus>>;
+    fn create(&self, spec: VmSpec, start: bool) -> RuntimeFuture<'_, VmStatus>;
+    fn start(&self, name: VmName) -> RuntimeFuture<'_, VmStatus>;
+    /// Asks the workload to stop and forces it after `timeout_secs`, or at once with `force`.
+    fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus>;
+    fn delete(&self, name: VmName) -> RuntimeFuture<'_, ()>;
+    /// The stream of status changes.
+    fn changes(&self) -> broadcast::Receiver<StatusChange>;
+    /// Workloads holding CPU and memory, as last seen; no runtime call.
+    fn active_count(&self) -> u32;
+}
+
+/// The runtimes of this host, one per kind.
+#[derive(Default, Clone)]
+pub struct RuntimeRegistry {
+    runtimes: Vec<Arc<dyn Runtime>>,
+}
+
+impl std::fmt::Debug for RuntimeRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.runtimes.iter().map(|r| r.kind()))
+            .finish()
+    }
+}
+
+impl RuntimeRegistry {
+    pub fn register(&mut self, runtime: Arc<dyn Runtime>) -> Result<(), RuntimeError> {
+        if self.get(runtime.kind()).is_some() {
+            return Err(RuntimeError::Duplicate(runtime.kind().as_str()));
+        }
+        self.runtimes.push(runtime);
+        Ok(())
+    }
+
+    pub fn get(&self, kind: RuntimeKind) -> Option<&Arc<dyn Runtime>> {
+        self.runtimes.iter().find(|r| r.kind() == kind)
+    }
+
+    /// The runtime that runs VMs.
+    pub fn vms(&self) -> Result<&Arc<dyn Runtime>, RuntimeError> {
+        self.runtimes
+            .iter()
+            .find(|r| r.capabilities().vms)
+            .ok_or(RuntimeError::NoRuntime("VMs"))
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Runtime>> {
+        self.runtimes.iter()
+    }
+
+    pub fn infos(&self) -> Vec<RuntimeInfo> {
+        self.runtimes.iter().map(|r| r.info()).collect()
+    }
+
+    pub fn active_count(&self) -> u32 {
+        self.runtimes.iter().map(|r| r.active_count()).sum()
+    }
+}

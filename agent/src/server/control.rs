@@ -1,0 +1,204 @@
+//! Control connections: a CA-verified console certificate, then the hello, then one request
+//! per stream, dispatched to the runtimes.
+
+use std::sync::Arc;
+
+use dunes_shared::{
+    codec::{MAX_FRAME_BYTES, PREAUTH_FRAME_BYTES},
+    error_chain,
+    model::VmStatus,
+    pki,
+    protocol::{
+        CreateVm, DeleteVm, ErrorCode, Hello, HelloReply, ListTemplates, ListVms, Request, StartVm,
+        StopVm, WireError, codes, features,
+    },
+    rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
+};
+use rustls::pki_types::CertificateDer;
+
+use super::{HELLO_TIMEOUT, Shared, lock, off_worker, status::push_events};
+use crate::runtime::RuntimeError;
+
+/// Every VM of the host's VM runtime.
+pub(super) async fn list_vms(shared: &Shared) -> Result<Vec<VmStatus>, RuntimeError> {
+    shared.runtimes.vms()?.list().await
+}
+
+pub(super) async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
+    let peer = conn
+        .peer_identity()
+        .and_then(|a| a.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().cloned());
+    // Subscribed before the check: an enrollment that lands after it is seen as a change.
+    let mut enrollments = shared.enrollments.subscribe();
+    // The handshake verified the chain (when a certificate was sent at all) under the CA of
+    // that moment; the role is ours to check, and the CA may have changed since.
+    let Some(peer) = peer.filter(|c| console_trusted(&shared, c)) else {
+        tracing::warn!(remote = %conn.remote_address(), "control connection without a console certificate from the cluster CA refused");
+        conn.close(
+            codes::CLOSE_UNAUTHENTICATED,
+            b"a console certificate from this cluster's CA is required",
+        );
+        return;
+    };
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+        let request = read_request(&mut send, &mut recv, PREAUTH_FRAME_BYTES)
+            .await
+            .ok()?;
+        Some((send, request))
+    })
+    .await;
+    let Ok(Some((
+        mut send,
+        Incoming::Request(Request::Hello(Hello {
+            console_name,
+            features: console_features,
+        })),
+    ))) = hello
+    else {
+        conn.close(codes::CLOSE_BAD_HELLO, b"expected a hello");
+        return;
+    };
+    // Subscribe before listing, so no change falls between the list and the stream.
+    let events = shared.events.subscribe();
+    let vms = match list_vms(&shared).await {
+        Ok(v) => v,
+        Err(e) => {
+            let frame = encode_reply::<Hello>(Err(e.to_wire()));
+            if let Ok(frame) = frame {
+                let _ = send_reply(&mut send, &frame).await;
+            }
+            return;
+        }
+    };
+    let Some((inventory, status)) = off_worker(&shared, |s| (s.inventory(), s.status())).await
+    else {
+        return;
+    };
+    let reply = HelloReply {
+        inventory,
+        status,
+        vms,
+        features: features::announce(features::AGENT),
+    };
+    match encode_reply::<Hello>(Ok(reply)) {
+        Ok(frame) if send_reply(&mut send, &frame).await.is_ok() => {}
+        _ => return,
+    }
+    tracing::info!(remote = %conn.remote_address(), console = %console_name, features = ?console_features, "console connected");
+    tokio::spawn(push_events(shared.clone(), conn.clone(), events));
+    loop {
+        let accepted = tokio::select! {
+            accepted = conn.accept_bi() => accepted,
+            _ = enrollments.changed() => {
+                if console_trusted(&shared, &peer) {
+                    continue;
+                }
+                // Enrolled into another cluster: this console's trust is gone.
+                tracing::info!(remote = %conn.remote_address(), "closing a console connection the new enrollment no longer trusts");
+                conn.close(codes::CLOSE_UNAUTHENTICATED, b"the agent was enrolled again");
+                return;
+            }
+        };
+        let (mut send, mut recv) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(remote = %conn.remote_address(), "console connection ended: {e}");
+                return;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let request = match read_request(&mut send, &mut recv, MAX_FRAME_BYTES).await {
+                Ok(Incoming::Request(r)) => r,
+                Ok(Incoming::Unknown(kind)) => {
+                    tracing::warn!(request = %kind, "a request this agent does not know was refused");
+                    if let Ok(frame) = unsupported_reply(&kind) {
+                        let _ = send_reply(&mut send, &frame).await;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("bad request frame: {}", error_chain(&e));
+                    return;
+                }
+            };
+            let kind = request.kind();
+            match dispatch(&shared, request).await {
+                Ok(frame) => {
+                    let _ = send_reply(&mut send, &frame).await;
+                }
+                Err(e) => {
+                    tracing::error!(request = kind, "reply does not encode: {}", error_chain(&e))
+                }
+            }
+        });
+    }
+}
+
+/// Whether `cert` is a console certificate of the CA the agent is enrolled under now.
+fn console_trusted(shared: &Shared, cert: &CertificateDer<'static>) -> bool {
+    let ca = lock(&shared.identity).ca_der.clone();
+    ca.is_some_and(|ca| pki::verify_console_cert(cert, &ca).is_ok())
+}
+
+async fn dispatch(
+    shared: &Arc<Shared>,
+    request: Request,
+) -> Result<Vec<u8>, dunes_shared::codec::FrameError> {
+    let vms = shared.runtimes.vms();
+    let vms = || vms.map_err(|e| e.to_wire());
+    match request {
+        Request::ListVms(_) => encode_reply::<ListVms>(match vms() {
+            Ok(rt) => rt.list().await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e),
+        }),
+        Request::ListTemplates(_) => encode_reply::<ListTemplates>(
+            match off_worker(shared, |s| s.storage.templates()).await {
+                Some(listed) => {
+                    listed.map_err(|e| WireError::new(ErrorCode::Storage, error_chain(&e)))
+                }
+                None => Err(WireError::new(
+                    ErrorCode::Internal,
+                    "the agent is shutting down",
+                )),
+            },
+        ),
+        Request::CreateVm(CreateVm { spec, start }) => encode_reply::<CreateVm>(match vms() {
+            Ok(rt) => rt.create(spec, start).await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e),
+        }),
+        Request::StartVm(StartVm { name }) => encode_reply::<StartVm>(match vms() {
+            Ok(rt) => rt.start(name).await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e),
+        }),
+        Request::StopVm(StopVm {
+            name,
+            force,
+            timeout_secs,
+        }) => {
+            let timeout = if timeout_secs == 0 {
+                shared.config.stop_timeout_secs
+            } else {
+                timeout_secs
+            };
+            encode_reply::<StopVm>(match vms() {
+                Ok(rt) => rt.stop(name, force, timeout).await.map_err(|e| e.to_wire()),
+                Err(e) => Err(e),
+            })
+        }
+        Request::DeleteVm(DeleteVm { name }) => encode_reply::<DeleteVm>(match vms() {
+            Ok(rt) => rt.delete(name).await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e),
+        }),
+        Request::Hello(_) => encode_reply::<Hello>(Err(WireError::new(
+            ErrorCode::BadRequest,
+            "hello was already exchanged on this connection",
+        ))),
+        other => encode_reply::<ListVms>(Err(WireError::new(
+            ErrorCode::WrongProtocol,
+            format!("{} is not part of the control protocol", other.kind()),
+        ))),
+    }
+}

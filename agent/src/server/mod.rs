@@ -1,0 +1,253 @@
+//! The agent's QUIC endpoint: enrollment, the control protocol and the event stream, each in
+//! a module of its own (`endpoint`, `control`, `enrollment`, `status`), over the runtimes of
+//! [`crate::runtime`].
+
+mod control;
+mod endpoint;
+mod enrollment;
+mod status;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use dunes_shared::{
+    error_chain,
+    model::{HostInventory, HostStatus, SizesFrom, TemplateName},
+    pki::{self, Fingerprint},
+    protocol::{AgentEvent, codes},
+};
+use tokio::sync::broadcast;
+
+use crate::{
+    config::AgentConfig,
+    identity::AgentIdentity,
+    inventory,
+    runtime::{
+        RuntimeRegistry,
+        libvirt::{LibvirtRuntime, NodeFacts, embed},
+    },
+    storage::Storage,
+};
+
+use self::endpoint::{TlsConfigs, bind_endpoint};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// An enrollment connection is closed after this, finished or not.
+const ENROLL_DEADLINE: Duration = Duration::from_secs(10);
+/// Enrollment connections served at once; more are closed at once.
+const ENROLL_CONCURRENT: usize = 4;
+/// TLS handshakes in progress at once; more are refused before any crypto is done.
+const HANDSHAKES_CONCURRENT: usize = 64;
+/// Events waiting for the slowest console connection; one that falls further behind gets the
+/// whole VM list instead of the backlog.
+const EVENTS_QUEUE: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub libvirt_uri: String,
+    pub config: AgentConfig,
+    /// Directory with the tiny guest (vmlinuz, initrd.img, disk.img) for the `tiny` template.
+    pub guest_dir: Option<PathBuf>,
+}
+
+/// A started agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub host_id: dunes_shared::model::HostId,
+    pub local_addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    /// A fresh join token, when the agent is not enrolled yet.
+    pub join_token: Option<String>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The two TLS setups of the current identity; each connection gets one (see
+    /// [`Shared::server_config_now`]).
+    tls: Mutex<TlsConfigs>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    enroll_slots: Arc<tokio::sync::Semaphore>,
+    identity: Mutex<AgentIdentity>,
+    runtimes: RuntimeRegistry,
+    storage: Storage,
+    config: AgentConfig,
+    events: broadcast::Sender<AgentEvent>,
+    endpoint: quinn::Endpoint,
+    libvirt_uri: String,
+    /// The mock host's sizes, on libvirt's test driver; the machine's otherwise.
+    declared: Option<NodeFacts>,
+    cpu: Mutex<inventory::CpuLoad>,
+    /// Bumped by every enrollment: control connections trusted under the previous one close.
+    enrollments: tokio::sync::watch::Sender<u64>,
+}
+
+impl RunningAgent {
+    /// Opens the data dir and libvirt, binds the endpoint and starts serving.
+    pub async fn start(opts: AgentOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data dir {}: {e}", opts.data_dir.display())
+        })?;
+        // Absolute from here on: libvirt and QEMU resolve paths from their own directories.
+        let data_dir = opts.data_dir.canonicalize().map_err(|e| {
+            anyhow::anyhow!("cannot resolve data dir {}: {e}", opts.data_dir.display())
+        })?;
+        let opts = AgentOptions { data_dir, ..opts };
+        let identity = AgentIdentity::load_or_create(&opts.data_dir, opts.config.host_id.as_ref())?;
+        let storage = Storage::open(&opts.data_dir)?;
+        storage.ensure_tiny_template(opts.guest_dir.as_deref())?;
+        let (events, _) = broadcast::channel(EVENTS_QUEUE);
+        let libvirt_uri = embed::resolve_uri(&opts.libvirt_uri, &opts.data_dir)?;
+        let libvirt = {
+            let (uri, storage) = (libvirt_uri.clone(), storage.clone());
+            tokio::task::spawn_blocking(move || LibvirtRuntime::start(&uri, storage)).await??
+        };
+        let declared = libvirt.declared_sizes().cloned();
+        let mut runtimes = RuntimeRegistry::default();
+        runtimes.register(Arc::new(libvirt))?;
+        if !libvirt_uri.starts_with("test:")
+            && let Ok(tiny) = storage.template(&TemplateName::new("tiny").expect("valid literal"))
+            && tiny.placeholder
+        {
+            tracing::warn!(
+                "the tiny template has nothing to boot under QEMU: pass --guest-dir with the output of assets/guest/build-tiny-guest.sh"
+            );
+        }
+        if let Some(ca) = &identity.ca_der
+            && let Err(e) = pki::verify_host_cert(&identity.cert_der, ca, &identity.host_id)
+        {
+            tracing::warn!(
+                "this agent's certificate is not valid now ({}): check the clock, or enroll the host again with a fresh token (dunes-agent token)",
+                error_chain(&e)
+            );
+        }
+        let join_token = if identity.is_enrolled() {
+            None
+        } else {
+            Some(identity.issue_token()?)
+        };
+        let tls = TlsConfigs::new(&identity)?;
+        let endpoint = bind_endpoint(opts.listen, (*tls.control_only).clone())?;
+        let local_addr = endpoint.local_addr()?;
+        std::fs::write(opts.data_dir.join("listen-addr"), format!("{local_addr}\n"))?;
+        let shared = Arc::new(Shared {
+            tls: Mutex::new(tls),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_CONCURRENT)),
+            enroll_slots: Arc::new(tokio::sync::Semaphore::new(ENROLL_CONCURRENT)),
+            identity: Mutex::new(identity),
+            runtimes,
+            storage,
+            config: opts.config.clone(),
+            events,
+            endpoint,
+            libvirt_uri,
+            declared,
+            cpu: Mutex::new(inventory::CpuLoad::default()),
+            enrollments: tokio::sync::watch::Sender::new(0),
+        });
+        let (host_id, fingerprint) = {
+            let id = lock(&shared.identity);
+            (id.host_id.clone(), id.fingerprint()?)
+        };
+        for runtime in shared.runtimes.all() {
+            tokio::spawn(status::forward_changes(
+                runtime.clone(),
+                shared.events.clone(),
+            ));
+        }
+        tokio::spawn(endpoint::accept_loop(shared.clone()));
+        tokio::spawn(status::status_loop(shared.clone()));
+        Ok(RunningAgent {
+            host_id,
+            local_addr,
+            fingerprint,
+            join_token,
+            shared,
+        })
+    }
+
+    /// Stops accepting and closes every connection.
+    pub async fn shutdown(&self) {
+        self.shared
+            .endpoint
+            .close(codes::CLOSE_NORMAL, b"agent shutting down");
+        self.shared.endpoint.wait_idle().await;
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("libvirt_uri", &self.libvirt_uri)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    /// What the host is; file I/O, so call it through [`off_worker`].
+    fn inventory(&self) -> HostInventory {
+        let (storage_total_mib, storage_free_mib) = inventory::storage_mib(self.storage.root());
+        let (cpus, cpu_model, memory_mib, sizes_from) = match &self.declared {
+            Some(node) => (
+                node.cpus,
+                node.model.clone(),
+                node.memory_mib,
+                SizesFrom::TestDriver,
+            ),
+            None => (
+                inventory::cpu_count(),
+                inventory::cpu_model(),
+                inventory::memory_mib().1,
+                SizesFrom::Machine,
+            ),
+        };
+        HostInventory {
+            host_id: lock(&self.identity).host_id.clone(),
+            hostname: inventory::hostname(),
+            cpus,
+            cpu_model,
+            memory_mib,
+            storage_total_mib,
+            storage_free_mib,
+            network: inventory::network_interfaces(),
+            runtimes: self.runtimes.infos(),
+            site: (&self.config.site).into(),
+            prices: self.config.prices,
+            security_level: self.config.security_level,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            sizes_from,
+        }
+    }
+
+    /// What changes from second to second; file I/O, so call it through [`off_worker`].
+    fn status(&self) -> HostStatus {
+        let (memory_used_mib, memory_total_mib) = inventory::memory_mib();
+        HostStatus {
+            cpu_load_percent: lock(&self.cpu).sample_percent(),
+            memory_used_mib,
+            memory_total_mib,
+            storage_free_mib: inventory::storage_mib(self.storage.root()).1,
+            vms_running: self.runtimes.active_count(),
+            uptime_secs: inventory::uptime_secs(),
+        }
+    }
+}
+
+/// Runs `f` on the blocking pool: reading /proc, /sys and the storage dir is file I/O that
+/// must not hold a tokio worker.
+async fn off_worker<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&Shared) -> T + Send + 'static,
+) -> Option<T> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || f(&shared)).await.ok()
+}
