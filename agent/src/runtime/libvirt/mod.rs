@@ -652,3 +652,124 @@ fn map_state(state: Option<DomainState>) -> VmState {
         _ => VmState::Unknown,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn spec(name: &str) -> VmSpec {
+        VmSpec {
+            name: VmName::new(name).unwrap(),
+            template: TemplateName::new("tiny").unwrap(),
+            vcpus: Some(1),
+            memory_mib: Some(64),
+        }
+    }
+
+    fn runtime(dir: &std::path::Path) -> LibvirtRuntime {
+        let storage = Storage::open(dir).unwrap();
+        storage.ensure_tiny_template(None).unwrap();
+        // A private copy of the test driver's default host per open.
+        let node = dir.join("node.xml");
+        std::fs::write(
+            &node,
+            "<node><cpu><mode>host</mode></cpu><memory>1048576</memory></node>",
+        )
+        .unwrap();
+        LibvirtRuntime::start(&format!("test://{}", node.display()), storage).unwrap()
+    }
+
+    /// A call that takes its time (a QEMU define, say) holds back neither another VM's calls
+    /// nor the poller.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_call_for_one_vm_holds_back_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        rt.create(spec("slow"), false).await.unwrap();
+        let mut changes = rt.changes();
+        let slow = {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                let _vm = rt.lock_vm(&VmName::new("slow").unwrap()).await;
+                rt.call(|_| {
+                    std::thread::sleep(Duration::from_secs(3));
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let began = Instant::now();
+        let other = VmName::new("other").unwrap();
+        rt.create(spec("other"), true).await.unwrap();
+        rt.stop(other.clone(), true, 1).await.unwrap();
+        // The poller saw "other" appear while the slow call still runs.
+        let seen = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                if let Ok(StatusChange::Changed(vm)) = changes.recv().await
+                    && vm.name == other
+                {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(seen.is_ok(), "no status change while the slow call ran");
+        rt.delete(other).await.unwrap();
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "the other VM's calls waited {:?}",
+            began.elapsed()
+        );
+        assert!(!slow.is_finished(), "the slow call is still running");
+        slow.await.unwrap().unwrap();
+        // Calls for the same VM are ordered: this start waited for the slow call.
+        rt.start(VmName::new("slow").unwrap()).await.unwrap();
+    }
+
+    /// Disk usage changes all the time; it is no reason to publish a change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disk_usage_alone_publishes_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let name = VmName::new("busy").unwrap();
+        rt.create(spec("busy"), true).await.unwrap();
+        // Let the poller publish the new VM, then listen.
+        tokio::time::sleep(POLL_INTERVAL * 3).await;
+        let mut changes = rt.changes();
+        let disk = rt.inner.storage.disk_path(&name);
+        let before = rt.inner.storage.disk_allocated_bytes(&name);
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            f.seek(SeekFrom::Start(1 << 20)).unwrap();
+            f.write_all(&[7u8; 256 * 1024]).unwrap();
+            f.sync_all().unwrap();
+        }
+        assert!(rt.inner.storage.disk_allocated_bytes(&name) > before);
+        tokio::time::sleep(POLL_INTERVAL * 4).await;
+        assert!(
+            matches!(
+                changes.try_recv(),
+                Err(broadcast::error::TryRecvError::Empty)
+            ),
+            "a change was published for disk usage alone"
+        );
+        // A real change still is, with the current usage.
+        rt.stop(name.clone(), true, 1).await.unwrap();
+        let changed = tokio::time::timeout(Duration::from_secs(2), changes.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match changed {
+            StatusChange::Changed(vm) => {
+                assert_eq!(vm.state, VmState::Shutoff);
+                assert!(vm.disk_bytes > before);
+            }
+            other => panic!("{other:?}"),
+        }
+        rt.delete(name).await.unwrap();
+    }
+}
