@@ -64,7 +64,15 @@ impl AgentProcess {
         listen: &str,
         extra_args: Vec<String>,
     ) -> anyhow::Result<Self> {
-        Self::spawn_in(None, data_dir, host_id, site, libvirt_uri, listen, extra_args)
+        Self::spawn_in(
+            None,
+            data_dir,
+            host_id,
+            site,
+            libvirt_uri,
+            listen,
+            extra_args,
+        )
     }
 
     /// As [`AgentProcess::spawn_with`], run from `cwd` with `data_dir` given as it is (a

@@ -123,7 +123,10 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         std::fs::read_to_string(a.data_dir.join("storage/definitions/web-1.toml")).unwrap();
     assert!(record.contains("file = \"web-1.img\""), "{record}");
     assert!(!record.contains(&*a.data_dir.to_string_lossy()), "{record}");
-    assert!(record.contains(&format!("uuid = \"{}\"", created.uuid)), "{record}");
+    assert!(
+        record.contains(&format!("uuid = \"{}\"", created.uuid)),
+        "{record}"
+    );
     let t = within_since(sent, &engine, STATE_VISIBLE, "created VM", |s| {
         vm_state(s, &host, "web-1") == Some(VmState::Shutoff)
     })

@@ -63,7 +63,7 @@ pub enum EnrollError {
 /// a new agent must not silently take over an enrolled host's id (a cloned machine, say).
 #[derive(Default)]
 pub struct EnrollPolicy {
-    pub(super) gate: Option<tokio::sync::mpsc::Sender<super::Internal>>,
+    pub(super) gate: Option<tokio::sync::mpsc::Sender<super::actor::Internal>>,
     pub replace: bool,
 }
 
@@ -252,7 +252,7 @@ async fn enroll_inner(
         let hold = match &policy.gate {
             Some(gate) => {
                 let (answer, answered) = tokio::sync::oneshot::channel();
-                gate.send(super::Internal::GateHostId(GateRequest {
+                gate.send(super::actor::Internal::GateHostId(GateRequest {
                     host_id: begin.host_id.clone(),
                     fingerprint: presented,
                     replace: policy.replace,

@@ -1,0 +1,133 @@
+//! The engine's actor: the state it owns and its loop. One message at a time (a command, a
+//! link message, the result of background work), then one publish and one store batch.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use dunes_shared::{model::HostId, rpc::Peer};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use super::{
+    Command, HostAdded, HostView, Repaint, Reply, Snapshot,
+    console_pki::ConsolePki,
+    enroll::{self, Enrolled},
+    link::LinkMessage,
+    store::{EventRecord, Level, Store},
+};
+
+pub(super) struct HostEntry {
+    pub(super) view: HostView,
+    pub(super) published: Arc<HostView>,
+    pub(super) dirty: bool,
+    pub(super) peer: Option<Peer>,
+    /// Event kinds from a newer agent already reported in the event log.
+    pub(super) skipped_kinds: std::collections::BTreeSet<String>,
+    pub(super) address: watch::Sender<String>,
+    pub(super) link_task: JoinHandle<()>,
+}
+
+impl Drop for HostEntry {
+    fn drop(&mut self) {
+        self.link_task.abort();
+    }
+}
+
+pub(super) enum Internal {
+    Log {
+        level: Level,
+        host: Option<HostId>,
+        message: String,
+    },
+    Enrolled {
+        enrolled: Enrolled,
+        address: String,
+        reply: Reply<HostAdded>,
+    },
+    GateHostId(enroll::GateRequest),
+    /// An agent call finished: its result is applied to the engine's state here.
+    CallDone(Box<dyn FnOnce(&mut Actor) + Send>),
+}
+
+pub(super) struct Actor {
+    pub(super) store: Store,
+    pub(super) pki: Arc<ConsolePki>,
+    pub(super) endpoint: quinn::Endpoint,
+    pub(super) client_config: quinn::ClientConfig,
+    pub(super) hosts: BTreeMap<HostId, HostEntry>,
+    /// Host ids held by enrollments under way.
+    pub(super) enrolling: enroll::HeldHostIds,
+    pub(super) events: VecDeque<EventRecord>,
+    pub(super) events_dirty: bool,
+    pub(super) published_events: Arc<Vec<EventRecord>>,
+    pub(super) next_seq: u64,
+    pub(super) link_tx: mpsc::Sender<LinkMessage>,
+    pub(super) internal_tx: mpsc::Sender<Internal>,
+    pub(super) snapshot_tx: watch::Sender<Arc<Snapshot>>,
+    pub(super) repaint: Repaint,
+    pub(super) version: u64,
+}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Actor {
+    pub(super) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut links: mpsc::Receiver<LinkMessage>,
+        mut internal: mpsc::Receiver<Internal>,
+    ) {
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                Some(msg) = links.recv() => self.link(msg),
+                Some(msg) = internal.recv() => self.internal(msg),
+            }
+            // Take what else is waiting before publishing once.
+            for _ in 0..512 {
+                match links.try_recv() {
+                    Ok(msg) => self.link(msg),
+                    Err(_) => break,
+                }
+            }
+            self.publish();
+            // Waits while the writer's queue is full: the engine slows down, nothing is lost.
+            self.store.submit().await;
+        }
+        self.endpoint.close(
+            dunes_shared::protocol::codes::CLOSE_NORMAL,
+            b"console stopping",
+        );
+        let _ = self.store.flush().await;
+    }
+
+    fn internal(&mut self, msg: Internal) {
+        match msg {
+            Internal::Log {
+                level,
+                host,
+                message,
+            } => self.log(level, host, message),
+            Internal::Enrolled {
+                enrolled,
+                address,
+                reply,
+            } => self.enrolled(enrolled, address, reply),
+            Internal::GateHostId(request) => self.gate(request),
+            Internal::CallDone(apply) => apply(self),
+        }
+    }
+}

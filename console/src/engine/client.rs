@@ -1,0 +1,145 @@
+//! One typed client for agent calls: every call has a deadline, and its result comes back to
+//! the engine as a message, applied to the engine's state before the caller hears of it.
+
+use std::time::Duration;
+
+use dunes_shared::{
+    model::HostId,
+    protocol::{CreateVm, Rpc, StopVm},
+    rpc::{CallError, Peer},
+};
+
+use super::{
+    EngineError, Reply,
+    actor::{Actor, Internal},
+    store::Level,
+};
+
+/// How long an agent gets to answer most calls: long enough for a slow hypervisor, short
+/// enough to tell an agent that hangs with its connection alive.
+pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// A graceful stop waits for the guest up to the agent's stop timeout (at most 900 s).
+pub const STOP_CALL_TIMEOUT: Duration = Duration::from_secs(960);
+/// A create copies the template's disk: generous, but an agent that hangs is still told.
+pub const CREATE_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The deadline of a request kind.
+pub fn deadline<R: Rpc>() -> Duration {
+    match R::KIND {
+        k if k == CreateVm::KIND => CREATE_CALL_TIMEOUT,
+        k if k == StopVm::KIND => STOP_CALL_TIMEOUT,
+        _ => AGENT_CALL_TIMEOUT,
+    }
+}
+
+/// A host's agent, as the engine calls it.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    pub host: HostId,
+    pub peer: Peer,
+}
+
+impl AgentClient {
+    /// Sends `request` and waits for the answer, within the deadline of its kind.
+    pub async fn call<R: Rpc>(&self, request: R) -> Result<R::Response, EngineError> {
+        self.call_within(request, deadline::<R>()).await
+    }
+
+    pub async fn call_within<R: Rpc>(
+        &self,
+        request: R,
+        limit: Duration,
+    ) -> Result<R::Response, EngineError> {
+        match tokio::time::timeout(limit, self.peer.call(request)).await {
+            Err(_) => Err(EngineError::Agent(format!(
+                "the agent did not answer within {} s",
+                limit.as_secs()
+            ))),
+            Ok(Err(e)) => Err(match e {
+                CallError::Remote(remote) => EngineError::Agent(remote.message),
+                e @ CallError::NotOffered { .. } => EngineError::Agent(e.to_string()),
+                _ => EngineError::Unreachable(self.host.clone()),
+            }),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+}
+
+impl Actor {
+    /// The client of a host's agent, when its link is up.
+    pub(super) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
+        let entry = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?;
+        let peer = entry
+            .peer
+            .clone()
+            .ok_or_else(|| EngineError::Unreachable(host.clone()))?;
+        Ok(AgentClient {
+            host: host.clone(),
+            peer,
+        })
+    }
+
+    /// Sends one request to a host's agent in the background. The result comes back to the
+    /// engine as a message: on success `apply` updates the engine's state, and the caller gets
+    /// the reply once that is committed; a failure goes to the event log.
+    pub(super) fn agent_call<R>(
+        &mut self,
+        host: HostId,
+        what: String,
+        reply: Reply<R::Response>,
+        request: R,
+        apply: impl FnOnce(&mut Actor, &HostId, &R::Response) + Send + 'static,
+    ) where
+        R: Rpc + Send + 'static,
+    {
+        let client = match self.client(&host) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        self.log(Level::Info, Some(host.clone()), what.clone());
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = client.call(request).await;
+            let done = move |actor: &mut Actor| match result {
+                Ok(response) => {
+                    apply(actor, &host, &response);
+                    actor.reply_after_commit(reply, response);
+                }
+                Err(e) => {
+                    actor.log(Level::Error, Some(host), format!("{what} failed: {e}"));
+                    // After the logged failure is published and saved, like a success.
+                    actor.store.after_commit(Box::new(move |_| {
+                        let _ = reply.send(Err(e));
+                    }));
+                }
+            };
+            // A full queue makes this wait; a stopped engine has no one to tell.
+            let _ = internal.send(Internal::CallDone(Box::new(done))).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dunes_shared::protocol::{DeleteVm, ListVms, StartVm};
+
+    #[test]
+    fn every_call_has_a_deadline() {
+        assert_eq!(deadline::<CreateVm>(), CREATE_CALL_TIMEOUT);
+        assert_eq!(deadline::<StopVm>(), STOP_CALL_TIMEOUT);
+        for d in [
+            deadline::<StartVm>(),
+            deadline::<DeleteVm>(),
+            deadline::<ListVms>(),
+        ] {
+            assert_eq!(d, AGENT_CALL_TIMEOUT);
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Commands from the UI and ctl: checked, then carried out here or by an agent call; the
+//! reply waits for the commit of what the command changed.
+
+use dunes_shared::{
+    error_chain,
+    model::HostId,
+    protocol::{CreateVm, DeleteVm, StartVm, StopVm},
+};
+
+use super::{
+    Command, EngineError, Reply,
+    actor::{Actor, Internal},
+    enroll::{self, enroll},
+    store::Level,
+};
+
+impl Actor {
+    pub(super) fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::ProbeHost { address, reply } => {
+                let endpoint = self.endpoint.clone();
+                tokio::spawn(async move {
+                    let result = enroll::probe(&endpoint, &address).await.map_err(|e| {
+                        EngineError::Enroll(format!("{address}: {}", error_chain(&e)))
+                    });
+                    let _ = reply.send(result);
+                });
+            }
+            Command::AddHost {
+                address,
+                token,
+                expected_fingerprint,
+                replace,
+                reply,
+            } => {
+                if let Err(e) = enroll::validate_address(&address) {
+                    let _ = reply.send(Err(EngineError::Invalid(e.to_string())));
+                    return;
+                }
+                if token.trim().is_empty() {
+                    let _ = reply.send(Err(EngineError::Invalid(
+                        "the join token is empty: give the one the agent printed".into(),
+                    )));
+                    return;
+                }
+                self.log(
+                    Level::Info,
+                    None,
+                    format!("enrolling the agent at {address}"),
+                );
+                let (endpoint, pki, internal) = (
+                    self.endpoint.clone(),
+                    self.pki.clone(),
+                    self.internal_tx.clone(),
+                );
+                let policy = enroll::EnrollPolicy {
+                    gate: Some(self.internal_tx.clone()),
+                    replace,
+                };
+                tokio::spawn(async move {
+                    match enroll(
+                        &endpoint,
+                        &pki,
+                        &address,
+                        &token,
+                        expected_fingerprint,
+                        policy,
+                    )
+                    .await
+                    {
+                        Ok(enrolled) => {
+                            let _ = internal
+                                .send(Internal::Enrolled {
+                                    enrolled,
+                                    address,
+                                    reply,
+                                })
+                                .await;
+                        }
+                        Err(e) => {
+                            let message =
+                                format!("enrolling {address} failed: {}", error_chain(&e));
+                            let _ = internal
+                                .send(Internal::Log {
+                                    level: Level::Error,
+                                    host: None,
+                                    message: message.clone(),
+                                })
+                                .await;
+                            let _ = reply.send(Err(EngineError::Enroll(message)));
+                        }
+                    }
+                });
+            }
+            Command::SetHostAddress {
+                host,
+                address,
+                reply,
+            } => match self.set_address(&host, address) {
+                Ok(()) => self.reply_after_commit(reply, ()),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::CreateVm {
+                host,
+                spec,
+                start,
+                reply,
+            } => {
+                if let Err(e) = spec.validate() {
+                    let _ = reply.send(Err(EngineError::Invalid(e.to_string())));
+                    return;
+                }
+                let what = format!("creating VM {} on {host}", spec.name);
+                self.agent_call(host, what, reply, CreateVm { spec, start }, Actor::apply_vm);
+            }
+            Command::StartVm { host, name, reply } => {
+                self.agent_call(
+                    host,
+                    format!("starting VM {name}"),
+                    reply,
+                    StartVm { name },
+                    Actor::apply_vm,
+                );
+            }
+            Command::StopVm {
+                host,
+                name,
+                force,
+                reply,
+            } => {
+                let what = if force {
+                    format!("forcing VM {name} off")
+                } else {
+                    format!("stopping VM {name}")
+                };
+                self.agent_call(
+                    host,
+                    what,
+                    reply,
+                    StopVm {
+                        name,
+                        force,
+                        timeout_secs: 0,
+                    },
+                    Actor::apply_vm,
+                );
+            }
+            Command::DeleteVm { host, name, reply } => {
+                let deleted = name.clone();
+                self.agent_call(
+                    host,
+                    format!("deleting VM {name}"),
+                    reply,
+                    DeleteVm { name },
+                    move |actor, host, ()| actor.remove_vm(host, &deleted),
+                );
+            }
+        }
+    }
+
+    fn set_address(&mut self, host: &HostId, address: String) -> Result<(), EngineError> {
+        enroll::validate_address(&address).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let entry = self
+            .hosts
+            .get_mut(host)
+            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?;
+        if entry.view.record.address != address {
+            entry.view.record.address = address.clone();
+            entry.dirty = true;
+            self.store.put_host(&entry.view.record);
+            let _ = entry.address.send(address.clone());
+            self.log(
+                Level::Info,
+                Some(host.clone()),
+                format!("address set to {address}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends `value` to the caller once every write made so far is committed; a failed commit
+    /// is the caller's error.
+    pub(super) fn reply_after_commit<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
+        self.store.after_commit(Box::new(move |committed| {
+            let _ = reply.send(committed.map(|()| value).map_err(EngineError::Store));
+        }));
+    }
+}

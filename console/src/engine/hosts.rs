@@ -1,0 +1,178 @@
+//! Hosts and their links: what an agent says (hello, events) becomes the host's view and its
+//! stored record; a VM as an agent's reply reports it too.
+
+use std::sync::Arc;
+
+use dunes_shared::{
+    model::{HostId, VmName, VmStatus},
+    protocol::AgentEvent,
+};
+use tokio::sync::watch;
+
+use super::{
+    HostView, LinkState,
+    actor::{Actor, HostEntry},
+    link::{LinkMessage, run_link},
+    store::{HostRecord, Level},
+};
+
+impl Actor {
+    pub(super) fn add_host_entry(&mut self, record: HostRecord, vms: Vec<VmStatus>) {
+        let (address_tx, address_rx) = watch::channel(record.address.clone());
+        let link_task = tokio::spawn(run_link(
+            record.id.clone(),
+            address_rx,
+            record.fingerprint,
+            self.endpoint.clone(),
+            self.client_config.clone(),
+            self.link_tx.clone(),
+        ));
+        let view = HostView {
+            record,
+            link: LinkState::Connecting,
+            link_error: None,
+            status: None,
+            vms,
+        };
+        self.hosts.insert(
+            view.record.id.clone(),
+            HostEntry {
+                published: Arc::new(view.clone()),
+                view,
+                dirty: true,
+                peer: None,
+                skipped_kinds: Default::default(),
+                address: address_tx,
+                link_task,
+            },
+        );
+    }
+
+    pub(super) fn link(&mut self, msg: LinkMessage) {
+        match msg {
+            LinkMessage::Connected { host, peer, hello } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                let was = entry.view.link;
+                entry.peer = Some(peer);
+                entry.view.link = LinkState::Online;
+                entry.view.link_error = None;
+                entry.view.status = Some(hello.status);
+                if entry.view.record.inventory.as_ref() != Some(&hello.inventory) {
+                    entry.view.record.inventory = Some(hello.inventory);
+                    self.store.put_host(&entry.view.record);
+                }
+                self.store.replace_vms(host.clone(), &hello.vms);
+                entry.view.vms = hello.vms;
+                entry.dirty = true;
+                if was != LinkState::Online {
+                    self.log(Level::Info, Some(host), "online".into());
+                }
+            }
+            LinkMessage::Event { host, event } => self.agent_event(host, event),
+            LinkMessage::Skipped { host, kind } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                if entry.skipped_kinds.insert(kind.clone()) {
+                    self.log(
+                        Level::Warning,
+                        Some(host),
+                        format!("the agent sends {kind} events, which this console does not know; they are skipped (update the console)"),
+                    );
+                }
+            }
+            LinkMessage::Lost {
+                host,
+                stable_id,
+                reason,
+            } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                let current = entry.peer.as_ref().map(|p| p.conn.stable_id());
+                if stable_id.is_some() && current != stable_id {
+                    return;
+                }
+                entry.peer = None;
+                let was = entry.view.link;
+                entry.view.link = LinkState::Unreachable;
+                entry.view.link_error = Some(reason.clone());
+                entry.dirty = true;
+                if was != LinkState::Unreachable {
+                    self.log(Level::Warning, Some(host), format!("unreachable: {reason}"));
+                }
+            }
+        }
+    }
+
+    fn agent_event(&mut self, host: HostId, event: AgentEvent) {
+        let Some(entry) = self.hosts.get_mut(&host) else {
+            return;
+        };
+        let mut note = None;
+        match event {
+            AgentEvent::HostStatus(status) => entry.view.status = Some(status),
+            AgentEvent::VmChanged(vm) => {
+                match entry.view.vms.iter_mut().find(|v| v.name == vm.name) {
+                    Some(old) => {
+                        if old.state != vm.state {
+                            note = Some(format!("VM {} is {}", vm.name, vm.state));
+                        }
+                        *old = vm.clone();
+                    }
+                    None => {
+                        note = Some(format!("VM {} appeared ({})", vm.name, vm.state));
+                        entry.view.vms.push(vm.clone());
+                        entry.view.vms.sort_by(|a, b| a.name.cmp(&b.name));
+                    }
+                }
+                self.store.put_vm(host.clone(), &vm);
+            }
+            AgentEvent::VmRemoved { name } => {
+                entry.view.vms.retain(|v| v.name != name);
+                note = Some(format!("VM {name} was deleted"));
+                self.store.delete_vm(host.clone(), name);
+            }
+            AgentEvent::Inventory(inventory) => {
+                entry.view.record.inventory = Some(inventory);
+                self.store.put_host(&entry.view.record);
+            }
+            AgentEvent::VmList(vms) => {
+                self.store.replace_vms(host.clone(), &vms);
+                entry.view.vms = vms;
+            }
+            _ => {}
+        }
+        entry.dirty = true;
+        if let Some(message) = note {
+            self.log(Level::Info, Some(host), message);
+        }
+    }
+
+    /// A VM as an agent's reply reports it: into the view and the store.
+    pub(super) fn apply_vm(&mut self, host: &HostId, vm: &VmStatus) {
+        let Some(entry) = self.hosts.get_mut(host) else {
+            return;
+        };
+        match entry.view.vms.iter_mut().find(|v| v.name == vm.name) {
+            Some(old) => *old = vm.clone(),
+            None => {
+                entry.view.vms.push(vm.clone());
+                entry.view.vms.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
+        entry.dirty = true;
+        self.store.put_vm(host.clone(), vm);
+    }
+
+    pub(super) fn remove_vm(&mut self, host: &HostId, name: &VmName) {
+        let Some(entry) = self.hosts.get_mut(host) else {
+            return;
+        };
+        entry.view.vms.retain(|v| &v.name != name);
+        entry.dirty = true;
+        self.store.delete_vm(host.clone(), name.clone());
+    }
+}

@@ -1,0 +1,45 @@
+//! Publishing: an immutable snapshot through the watch channel, then a repaint request.
+//! Only hosts that changed are cloned; the rest are shared with the previous snapshot.
+
+use std::sync::Arc;
+
+use super::{HostView, Snapshot, actor::Actor};
+
+impl Actor {
+    pub(super) fn publish(&mut self) {
+        let mut changed = false;
+        for entry in self.hosts.values_mut() {
+            if entry.dirty {
+                entry.published = Arc::new(entry.view.clone());
+                entry.dirty = false;
+                changed = true;
+            }
+        }
+        if self.events_dirty {
+            self.published_events = Arc::new(self.events.iter().cloned().collect());
+            self.events_dirty = false;
+            changed = true;
+        }
+        let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.hosts.len();
+        if !changed && !host_count_changed && self.version > 0 {
+            return;
+        }
+        self.version += 1;
+        let mut hosts: Vec<Arc<HostView>> =
+            self.hosts.values().map(|e| e.published.clone()).collect();
+        hosts.sort_by(|a, b| (a.site_name(), a.id()).cmp(&(b.site_name(), b.id())));
+        let _ = self.snapshot_tx.send(Arc::new(Snapshot {
+            hosts,
+            events: self.published_events.clone(),
+            version: self.version,
+        }));
+        if let Some(repaint) = self
+            .repaint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            repaint();
+        }
+    }
+}

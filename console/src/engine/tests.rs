@@ -1,0 +1,210 @@
+//! The engine's command and event handling against real agents run in-process (the agent is a
+//! library) on 127.0.0.1, each on a private copy of libvirt's test driver.
+
+use std::{path::Path, time::Duration};
+
+use dunes_agent::{
+    config::AgentConfig,
+    server::{AgentOptions, RunningAgent},
+};
+use dunes_shared::model::{HostId, TemplateName, VmName, VmSpec, VmState};
+
+use super::{Command, EngineError, EngineHandle, LinkState, start};
+
+async fn agent(dir: &Path, host: &str) -> RunningAgent {
+    let data_dir = dir.join(host);
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let node = data_dir.join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><cpu><mode>host</mode></cpu><memory>2097152</memory></node>",
+    )
+    .unwrap();
+    RunningAgent::start(AgentOptions {
+        data_dir,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        libvirt_uri: format!("test://{}", node.display()),
+        config: AgentConfig {
+            host_id: Some(HostId::new(host).unwrap()),
+            ..AgentConfig::default()
+        },
+        guest_dir: None,
+    })
+    .await
+    .unwrap()
+}
+
+async fn engine_with(dir: &Path, agent: &RunningAgent) -> EngineHandle {
+    let engine = start(&dir.join("console")).await.unwrap();
+    engine
+        .request(|reply| Command::AddHost {
+            address: agent.local_addr.to_string(),
+            token: agent.join_token.clone().unwrap(),
+            expected_fingerprint: Some(agent.fingerprint),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    let host = agent.host_id.clone();
+    engine
+        .wait_for(Duration::from_secs(20), |s| {
+            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+        })
+        .await
+        .expect("the host comes online");
+    engine
+}
+
+fn spec(name: &str) -> VmSpec {
+    VmSpec {
+        name: VmName::new(name).unwrap(),
+        template: TemplateName::new("tiny").unwrap(),
+        vcpus: Some(1),
+        memory_mib: Some(64),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_call_is_applied_to_the_view_before_its_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "engine-apply").await;
+    let engine = engine_with(dir.path(), &agent).await;
+    let host = agent.host_id.clone();
+    let vm_of = |engine: &EngineHandle, name: &str| {
+        engine
+            .snapshot()
+            .host(&host)
+            .and_then(|h| h.vms.iter().find(|v| v.name.as_str() == name).cloned())
+    };
+    let created = engine
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: spec("apply-1"),
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.state, VmState::Running);
+    // No waiting: the reply came after the engine took the result in.
+    assert_eq!(
+        vm_of(&engine, "apply-1").map(|v| v.state),
+        Some(VmState::Running)
+    );
+    let stopped = engine
+        .request(|reply| Command::StopVm {
+            host: host.clone(),
+            name: created.name.clone(),
+            force: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stopped.state, VmState::Shutoff);
+    assert_eq!(
+        vm_of(&engine, "apply-1").map(|v| v.state),
+        Some(VmState::Shutoff)
+    );
+    engine
+        .request(|reply| Command::DeleteVm {
+            host: host.clone(),
+            name: created.name.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(vm_of(&engine, "apply-1").is_none());
+    // What each command did is in the event log.
+    let log: Vec<String> = engine
+        .snapshot()
+        .events
+        .iter()
+        .map(|e| e.message.clone())
+        .collect();
+    for wanted in [
+        "creating VM apply-1 on engine-apply",
+        "forcing VM apply-1 off",
+        "deleting VM apply-1",
+    ] {
+        assert!(log.iter().any(|m| m == wanted), "{wanted:?} not in {log:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_error_is_the_callers_and_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "engine-errors").await;
+    let engine = engine_with(dir.path(), &agent).await;
+    let host = agent.host_id.clone();
+    let err = engine
+        .request(|reply| Command::StartVm {
+            host: host.clone(),
+            name: VmName::new("nowhere").unwrap(),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err, EngineError::Agent("VM nowhere does not exist".into()));
+    let snap = engine.snapshot();
+    let last = snap.events.last().unwrap();
+    assert_eq!(
+        last.message,
+        "starting VM nowhere failed: VM nowhere does not exist"
+    );
+    // A spec the engine can check is refused before any agent is asked.
+    let mut bad = spec("bad");
+    bad.vcpus = Some(0);
+    let err = engine
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: bad,
+            start: false,
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Invalid(_)), "{err}");
+    let err = engine
+        .request(|reply| Command::StartVm {
+            host: HostId::new("no-such-host").unwrap(),
+            name: VmName::new("a").unwrap(),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "host no-such-host is not enrolled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_agent_is_unreachable_and_refuses_calls_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "engine-lost").await;
+    let engine = engine_with(dir.path(), &agent).await;
+    let host = agent.host_id.clone();
+    agent.shutdown().await;
+    let snap = engine
+        .wait_for(Duration::from_secs(20), |s| {
+            s.host(&host)
+                .is_some_and(|h| h.link == LinkState::Unreachable)
+        })
+        .await
+        .expect("the host is seen unreachable");
+    assert!(
+        snap.events
+            .iter()
+            .any(|e| e.host.as_ref() == Some(&host) && e.message.starts_with("unreachable: ")),
+        "the loss is in the event log"
+    );
+    let asked = std::time::Instant::now();
+    let err = engine
+        .request(|reply| Command::StartVm {
+            host: host.clone(),
+            name: VmName::new("a").unwrap(),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err, EngineError::Unreachable(host));
+    assert!(asked.elapsed() < Duration::from_secs(1));
+}
