@@ -26,6 +26,10 @@ pub struct Cli {
     /// Start three local demo agents on libvirt's test driver and enroll them.
     #[arg(long)]
     pub demo: bool,
+    /// Days the certificates of hosts and of this console last; each is renewed over its
+    /// live connection at two thirds of its life.
+    #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=365))]
+    pub cert_days: u32,
     #[command(subcommand)]
     pub command: Option<TopCommand>,
 }
@@ -169,7 +173,12 @@ pub fn main(cli: Cli) -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Some(TopCommand::Ctl(args)) => run_ctl(cli.data_dir, args),
-        None => run_console(cli.data_dir, cli.headless, cli.demo),
+        None => {
+            let options = engine::EngineOptions {
+                cert_lifetime: Duration::from_secs(u64::from(cli.cert_days) * 24 * 3600),
+            };
+            run_console(cli.data_dir, cli.headless, cli.demo, options)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,7 +190,12 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn run_console(data_dir: Option<PathBuf>, headless: bool, with_demo: bool) -> anyhow::Result<()> {
+fn run_console(
+    data_dir: Option<PathBuf>,
+    headless: bool,
+    with_demo: bool,
+    options: engine::EngineOptions,
+) -> anyhow::Result<()> {
     let temporary = with_demo && data_dir.is_none();
     let data_dir = data_dir.map_or_else(|| default_data_dir(with_demo), Ok)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -189,7 +203,7 @@ fn run_console(data_dir: Option<PathBuf>, headless: bool, with_demo: bool) -> an
         .enable_all()
         .build()?;
     let started = runtime.block_on(async {
-        let engine = engine::start(&data_dir).await?;
+        let engine = engine::start_with(&data_dir, options).await?;
         ctl::serve(engine.clone()).await?;
         let fleet = if with_demo {
             Some(demo::start(&engine).await?)

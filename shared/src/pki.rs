@@ -27,7 +27,12 @@ use crate::{
 pub const CONSOLE_CERT_NAME: &str = "console.dunes";
 const HOST_NAME_SUFFIX: &str = ".host.dunes";
 const CA_VALIDITY_DAYS: i64 = 3650;
-const LEAF_VALIDITY_DAYS: i64 = 365;
+/// An agent's self-signed certificate, shown only until enrollment.
+const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long a certificate the CA signs lasts by default; it is renewed at two thirds of it.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Certificates start this much before they are issued, for clocks a little behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -147,7 +152,7 @@ pub fn cert_is_console(cert_der: &[u8]) -> bool {
     cert_dns_names(cert_der).is_ok_and(|names| names.iter().any(|n| n == CONSOLE_CERT_NAME))
 }
 
-fn leaf_params(dns_name: &str) -> Result<CertificateParams, PkiError> {
+fn leaf_params(dns_name: &str, lifetime: Duration) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(vec![dns_name.to_string()])?;
     params.distinguished_name.push(DnType::CommonName, dns_name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -162,9 +167,46 @@ fn leaf_params(dns_name: &str) -> Result<CertificateParams, PkiError> {
     serial[0] &= 0x7f;
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::from_secs(3600);
-    params.not_after = now + time::Duration::days(LEAF_VALIDITY_DAYS);
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + lifetime;
     Ok(params)
+}
+
+/// When a certificate was issued and when it expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertValidity {
+    pub issued: std::time::SystemTime,
+    pub expires: std::time::SystemTime,
+}
+
+impl CertValidity {
+    /// Two thirds into its life: when it is renewed.
+    pub fn renew_at(&self) -> std::time::SystemTime {
+        let life = self
+            .expires
+            .duration_since(self.issued)
+            .unwrap_or(Duration::ZERO);
+        self.issued + life * 2 / 3
+    }
+
+    pub fn lifetime(&self) -> Duration {
+        self.expires
+            .duration_since(self.issued)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// The validity of a certificate, read from it.
+pub fn cert_validity(cert_der: &[u8]) -> Result<CertValidity, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|_| PkiError::Parse)?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        std::time::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    let validity = cert.validity();
+    let (not_before, expires) = (at(validity.not_before), at(validity.not_after));
+    // Issued CLOCK_SKEW after its start, unless that is past its end (a foreign certificate).
+    let issued = (not_before + CLOCK_SKEW).min(expires);
+    Ok(CertValidity { issued, expires })
 }
 
 /// A private key with its certificate chain, ready for TLS.
@@ -204,7 +246,7 @@ pub fn self_signed_host_cert(
     host_id: &HostId,
 ) -> Result<CertificateDer<'static>, PkiError> {
     let key = KeyPair::from_pem(key_pem)?;
-    let mut params = leaf_params(&host_cert_name(host_id))?;
+    let mut params = leaf_params(&host_cert_name(host_id), SELF_SIGNED_VALIDITY)?;
     params.use_authority_key_identifier_extension = false;
     Ok(params.self_signed(&key)?.der().clone())
 }
@@ -212,7 +254,7 @@ pub fn self_signed_host_cert(
 /// A certificate signing request for a host key.
 pub fn host_csr(key_pem: &str, host_id: &HostId) -> Result<Vec<u8>, PkiError> {
     let key = KeyPair::from_pem(key_pem)?;
-    let mut params = leaf_params(&host_cert_name(host_id))?;
+    let mut params = leaf_params(&host_cert_name(host_id), SELF_SIGNED_VALIDITY)?;
     // A CSR cannot carry this extension; the CA adds it when signing.
     params.use_authority_key_identifier_extension = false;
     params.serial_number = None;
@@ -224,6 +266,8 @@ pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     key_pem: String,
     cert_der: CertificateDer<'static>,
+    /// How long the certificates it signs last.
+    leaf_lifetime: Duration,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -255,6 +299,7 @@ impl CertificateAuthority {
             issuer: Issuer::new(params, key),
             key_pem,
             cert_der,
+            leaf_lifetime: DEFAULT_CERT_LIFETIME,
         })
     }
 
@@ -265,7 +310,18 @@ impl CertificateAuthority {
             issuer,
             key_pem: key_pem.to_string(),
             cert_der,
+            leaf_lifetime: DEFAULT_CERT_LIFETIME,
         })
+    }
+
+    /// The CA, signing certificates that last `lifetime`.
+    pub fn with_leaf_lifetime(mut self, lifetime: Duration) -> Self {
+        self.leaf_lifetime = lifetime;
+        self
+    }
+
+    pub fn leaf_lifetime(&self) -> Duration {
+        self.leaf_lifetime
     }
 
     pub fn key_pem(&self) -> &str {
@@ -279,7 +335,7 @@ impl CertificateAuthority {
     /// Issues the console's certificate for its key.
     pub fn issue_console_cert(&self, key_pem: &str) -> Result<CertificateDer<'static>, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
-        Ok(leaf_params(CONSOLE_CERT_NAME)?
+        Ok(leaf_params(CONSOLE_CERT_NAME, self.leaf_lifetime)?
             .signed_by(&key, &self.issuer)?
             .der()
             .clone())
@@ -307,7 +363,7 @@ impl CertificateAuthority {
         if found != [expected.clone()] {
             return Err(PkiError::WrongName { expected, found });
         }
-        csr.params = leaf_params(&expected)?;
+        csr.params = leaf_params(&expected, self.leaf_lifetime)?;
         Ok(csr.signed_by(&self.issuer)?.der().clone())
     }
 }
@@ -528,6 +584,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn signed_certificates_last_the_cas_lifetime_and_renew_at_two_thirds() {
+        let ca = CertificateAuthority::generate()
+            .unwrap()
+            .with_leaf_lifetime(Duration::from_secs(90));
+        let host = HostId::new("h").unwrap();
+        let key = generate_key_pem().unwrap();
+        let cert = ca
+            .sign_host_csr(&host_csr(&key, &host).unwrap(), &host)
+            .unwrap();
+        let v = cert_validity(&cert).unwrap();
+        let lifetime = v.lifetime().as_secs();
+        assert!((89..=91).contains(&lifetime), "{lifetime}");
+        let renew_in = v
+            .renew_at()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap()
+            .as_secs();
+        assert!((58..=61).contains(&renew_in), "{renew_in}");
+        let default = CertificateAuthority::generate().unwrap();
+        let console = default.issue_console_cert(&key).unwrap();
+        assert_eq!(
+            cert_validity(&console).unwrap().lifetime().as_secs() / 86400,
+            30
+        );
+    }
+
+    #[test]
     fn host_certificate_round_trip() {
         let ca = CertificateAuthority::generate().unwrap();
         let host = HostId::new("node-1").unwrap();
@@ -557,7 +640,7 @@ mod tests {
         let other_ca = CertificateAuthority::generate().unwrap();
         let host = HostId::new("node-1").unwrap();
         let key_pem = generate_key_pem().unwrap();
-        let mut params = leaf_params(&host_cert_name(&host)).unwrap();
+        let mut params = leaf_params(&host_cert_name(&host), DEFAULT_CERT_LIFETIME).unwrap();
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(400);
         params.not_after = now - time::Duration::days(35);

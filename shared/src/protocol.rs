@@ -22,9 +22,11 @@ pub mod features {
     pub const VM_LIFECYCLE: &str = "vm-lifecycle";
     /// `ListTemplates`.
     pub const TEMPLATES: &str = "templates";
+    /// `RenewBegin`, `RenewFinish`: the host certificate renewed over the live connection.
+    pub const CERT_RENEWAL: &str = "cert-renewal";
 
     /// What this release of the agent offers.
-    pub const AGENT: &[&str] = &[VM_LIFECYCLE, TEMPLATES];
+    pub const AGENT: &[&str] = &[VM_LIFECYCLE, TEMPLATES, CERT_RENEWAL];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[];
 
@@ -162,6 +164,24 @@ pub struct EnrollFinish {
     pub cert_der: Vec<u8>,
 }
 
+/// First step of a renewal: the agent's CSR for the key it has (its pinned key stays).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewBegin;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewBeginReply {
+    #[serde(with = "serde_bytes")]
+    pub csr_der: Vec<u8>,
+}
+
+/// Second step: the agent checks and installs the renewed certificate; new connections get
+/// it, the live one goes on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewFinish {
+    #[serde(with = "serde_bytes")]
+    pub cert_der: Vec<u8>,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -175,6 +195,8 @@ pub enum Request {
     DeleteVm(DeleteVm),
     EnrollBegin(EnrollBegin),
     EnrollFinish(EnrollFinish),
+    RenewBegin(RenewBegin),
+    RenewFinish(RenewFinish),
 }
 
 impl Request {
@@ -190,6 +212,8 @@ impl Request {
             Request::DeleteVm(_) => DeleteVm::KIND,
             Request::EnrollBegin(_) => EnrollBegin::KIND,
             Request::EnrollFinish(_) => EnrollFinish::KIND,
+            Request::RenewBegin(_) => RenewBegin::KIND,
+            Request::RenewFinish(_) => RenewFinish::KIND,
         }
     }
 }
@@ -230,6 +254,8 @@ rpc! {
     DeleteVm => (), Some(features::VM_LIFECYCLE), "delete-vm";
     EnrollBegin => EnrollBeginReply, None, "enroll-begin";
     EnrollFinish => (), None, "enroll-finish";
+    RenewBegin => RenewBeginReply, Some(features::CERT_RENEWAL), "renew-begin";
+    RenewFinish => (), Some(features::CERT_RENEWAL), "renew-finish";
 }
 
 /// What an agent pushes on its event stream.
@@ -377,6 +403,14 @@ mod tests {
                 "81ab456e726f6c6c426567696e82a5746f6b656ea174ab63615f636572745f646572c40101",
             ),
             (
+                Request::RenewBegin(RenewBegin),
+                "81aa52656e6577426567696e90",
+            ),
+            (
+                Request::RenewFinish(RenewFinish { cert_der: vec![3] }),
+                "81ab52656e657746696e69736881a8636572745f646572c40103",
+            ),
+            (
                 Request::EnrollFinish(EnrollFinish {
                     token: "t".into(),
                     cert_der: vec![1, 2],
@@ -454,6 +488,10 @@ mod tests {
                 csr_der: vec![1],
             }),
             "81a24f6b82a7686f73745f6964a168a76373725f646572c40101",
+        );
+        golden::<Result<RenewBeginReply, WireError>>(
+            &Ok(RenewBeginReply { csr_der: vec![4] }),
+            "81a24f6b81a76373725f646572c40104",
         );
         golden::<Result<(), WireError>>(
             &Err(WireError::new(ErrorCode::NotFound, "x")),

@@ -13,7 +13,7 @@ use std::{
 
 use dunes_console::engine::{
     console_pki::ConsolePki,
-    link::{LinkMessage, connect, run_link},
+    link::{LinkContext, LinkMessage, connect, run_link},
 };
 use dunes_shared::{
     codec::{encode_frame, read_frame},
@@ -210,13 +210,18 @@ impl Console {
     ) {
         let (tx, rx) = mpsc::channel(64);
         let (address_tx, address_rx) = watch::channel(agent.address.clone());
+        let (_config_tx, config) = watch::channel(self.config());
         let task = tokio::spawn(run_link(
             agent.host.clone(),
             address_rx,
             agent.fingerprint,
-            self.endpoint.clone(),
-            self.config(),
-            tx,
+            LinkContext {
+                endpoint: self.endpoint.clone(),
+                config,
+                // The fake agents renew nothing.
+                ca: None,
+                tx,
+            },
         ));
         (rx, task, address_tx)
     }

@@ -9,14 +9,16 @@ use dunes_shared::{
     model::VmStatus,
     pki,
     protocol::{
-        CreateVm, DeleteVm, ErrorCode, Hello, HelloReply, ListTemplates, ListVms, Request, StartVm,
-        StopVm, WireError, codes, features,
+        CreateVm, DeleteVm, ErrorCode, Hello, HelloReply, ListTemplates, ListVms, RenewBegin,
+        RenewBeginReply, RenewFinish, Request, StartVm, StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
 use rustls::pki_types::CertificateDer;
 
-use super::{HELLO_TIMEOUT, Shared, lock, off_worker, status::push_events};
+use super::{
+    HELLO_TIMEOUT, Shared, enrollment::install_certificate, lock, off_worker, status::push_events,
+};
 use crate::runtime::RuntimeError;
 
 /// Every VM of the host's VM runtime.
@@ -159,10 +161,7 @@ async fn dispatch(
                 Some(listed) => {
                     listed.map_err(|e| WireError::new(ErrorCode::Storage, error_chain(&e)))
                 }
-                None => Err(WireError::new(
-                    ErrorCode::Internal,
-                    "the agent is shutting down",
-                )),
+                None => Err(shutting_down()),
             },
         ),
         Request::CreateVm(CreateVm { spec, start }) => encode_reply::<CreateVm>(match vms() {
@@ -192,6 +191,16 @@ async fn dispatch(
             Ok(rt) => rt.delete(name).await.map_err(|e| e.to_wire()),
             Err(e) => Err(e),
         }),
+        Request::RenewBegin(_) => encode_reply::<RenewBegin>(
+            off_worker(shared, renew_begin)
+                .await
+                .unwrap_or_else(|| Err(shutting_down())),
+        ),
+        Request::RenewFinish(RenewFinish { cert_der }) => encode_reply::<RenewFinish>(
+            off_worker(shared, move |s| renew_finish(s, cert_der))
+                .await
+                .unwrap_or_else(|| Err(shutting_down())),
+        ),
         Request::Hello(_) => encode_reply::<Hello>(Err(WireError::new(
             ErrorCode::BadRequest,
             "hello was already exchanged on this connection",
@@ -201,4 +210,40 @@ async fn dispatch(
             format!("{} is not part of the control protocol", other.kind()),
         ))),
     }
+}
+
+fn shutting_down() -> WireError {
+    WireError::new(ErrorCode::Internal, "the agent is shutting down")
+}
+
+/// A CSR for the key this agent has: the pinned key stays through every renewal.
+fn renew_begin(shared: &Shared) -> Result<RenewBeginReply, WireError> {
+    let identity = lock(&shared.identity);
+    if !identity.is_enrolled() {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            "this agent is not enrolled",
+        ));
+    }
+    let csr_der = pki::host_csr(&identity.key_pem, &identity.host_id)
+        .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))?;
+    Ok(RenewBeginReply { csr_der })
+}
+
+/// Installs a renewed certificate from the CA this agent is enrolled under.
+fn renew_finish(shared: &Shared, cert_der: Vec<u8>) -> Result<(), WireError> {
+    let mut identity = lock(&shared.identity);
+    let Some(ca) = identity.ca_der.clone() else {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            "this agent is not enrolled",
+        ));
+    };
+    install_certificate(shared, &mut identity, CertificateDer::from(cert_der), &ca)?;
+    let expires = pki::cert_validity(&identity.cert_der)
+        .ok()
+        .and_then(|v| v.expires.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    tracing::info!(expires_unix = expires, "certificate renewed");
+    Ok(())
 }

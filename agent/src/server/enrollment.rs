@@ -120,7 +120,24 @@ fn enroll_finish(
             "enrollment must begin before it finishes",
         ));
     };
-    let cert = CertificateDer::from(cert_der);
+    install_certificate(shared, &mut identity, CertificateDer::from(cert_der), ca)?;
+    identity
+        .consume_token()
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+    shared.enrollments.send_modify(|n| *n += 1);
+    tracing::info!(host = %identity.host_id, "enrolled; only peers with certificates from the cluster CA are accepted now");
+    Ok(())
+}
+
+/// Checks a certificate the console signed (valid now, under `ca`, naming this host, for this
+/// agent's key), installs it durably, and offers it to new connections. Live connections go
+/// on with what they agreed on.
+pub(super) fn install_certificate(
+    shared: &Shared,
+    identity: &mut crate::identity::AgentIdentity,
+    cert: CertificateDer<'static>,
+    ca: &CertificateDer<'static>,
+) -> Result<(), WireError> {
     let bad = |message: String| WireError::new(ErrorCode::BadRequest, message);
     pki::verify_host_cert(&cert, ca, &identity.host_id).map_err(|e| {
         bad(format!(
@@ -136,13 +153,10 @@ fn enroll_finish(
     identity
         .install(cert, ca.clone())
         .map_err(|e| internal(&e))?;
-    identity.consume_token().map_err(|e| internal(&e))?;
-    let tls = TlsConfigs::new(&identity).map_err(|e| internal(&e))?;
+    let tls = TlsConfigs::new(identity).map_err(|e| internal(&e))?;
     shared
         .endpoint
         .set_server_config(Some((*tls.control_only).clone()));
     *lock(&shared.tls) = tls;
-    shared.enrollments.send_modify(|n| *n += 1);
-    tracing::info!(host = %identity.host_id, "enrolled; only peers with certificates from the cluster CA are accepted now");
     Ok(())
 }

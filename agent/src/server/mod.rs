@@ -65,6 +65,16 @@ pub struct RunningAgent {
     /// A fresh join token, when the agent is not enrolled yet.
     pub join_token: Option<String>,
     shared: Arc<Shared>,
+    /// The agent's own tasks; stopped by `shutdown` or when this is dropped.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 struct Shared {
@@ -154,29 +164,39 @@ impl RunningAgent {
             let id = lock(&shared.identity);
             (id.host_id.clone(), id.fingerprint()?)
         };
-        for runtime in shared.runtimes.all() {
-            tokio::spawn(status::forward_changes(
-                runtime.clone(),
-                shared.events.clone(),
-            ));
-        }
-        tokio::spawn(endpoint::accept_loop(shared.clone()));
-        tokio::spawn(status::status_loop(shared.clone()));
+        let mut tasks: Vec<_> = shared
+            .runtimes
+            .all()
+            .map(|runtime| {
+                tokio::spawn(status::forward_changes(
+                    runtime.clone(),
+                    shared.events.clone(),
+                ))
+            })
+            .collect();
+        tasks.push(tokio::spawn(endpoint::accept_loop(shared.clone())));
+        tasks.push(tokio::spawn(status::status_loop(shared.clone())));
         Ok(RunningAgent {
             host_id,
             local_addr,
             fingerprint,
             join_token,
             shared,
+            tasks,
         })
     }
 
     /// Stops accepting and closes every connection.
+    /// Once the connections are closed, the agent's tasks stop, and the port and the
+    /// runtimes are let go with the last handle.
     pub async fn shutdown(&self) {
         self.shared
             .endpoint
             .close(codes::CLOSE_NORMAL, b"agent shutting down");
         self.shared.endpoint.wait_idle().await;
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 

@@ -54,7 +54,12 @@ pub(super) async fn push_events(
         return;
     };
     loop {
-        let event = match events.recv().await {
+        let received = tokio::select! {
+            r = events.recv() => r,
+            // Ends with its connection, not with the next event.
+            _ = conn.closed() => return,
+        };
+        let event = match received {
             Ok(e) => e,
             Err(broadcast::error::RecvError::Lagged(_)) => match list_vms(&shared).await {
                 // The console fell behind: replace its view instead of replaying.

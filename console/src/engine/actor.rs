@@ -17,7 +17,7 @@ use super::{
     Command, HostAdded, HostView, Repaint, Reply, Snapshot,
     console_pki::ConsolePki,
     enroll::{self, Enrolled},
-    link::LinkMessage,
+    link::{LinkContext, LinkMessage},
     store::{EventRecord, Level, Store},
 };
 
@@ -58,7 +58,8 @@ pub(super) struct Actor {
     pub(super) store: Store,
     pub(super) pki: Arc<ConsolePki>,
     pub(super) endpoint: quinn::Endpoint,
-    pub(super) client_config: quinn::ClientConfig,
+    /// What every link task gets; its client setup follows console certificate renewals.
+    pub(super) links: LinkContext,
     pub(super) hosts: BTreeMap<HostId, HostEntry>,
     /// Host ids held by enrollments under way.
     pub(super) enrolling: enroll::HeldHostIds,
@@ -66,7 +67,6 @@ pub(super) struct Actor {
     pub(super) events_dirty: bool,
     pub(super) published_events: Arc<Vec<EventRecord>>,
     pub(super) next_seq: u64,
-    pub(super) link_tx: mpsc::Sender<LinkMessage>,
     pub(super) internal_tx: mpsc::Sender<Internal>,
     pub(super) snapshot_tx: watch::Sender<Arc<Snapshot>>,
     pub(super) repaint: Repaint,

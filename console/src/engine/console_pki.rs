@@ -20,7 +20,9 @@ pub enum ConsolePkiError {
 #[derive(Debug)]
 pub struct ConsolePki {
     pub ca: CertificateAuthority,
+    /// The identity issued at start; see [`ConsolePki::renewed_identity`].
     pub identity: Identity,
+    cert_path: std::path::PathBuf,
 }
 
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, ConsolePkiError> {
@@ -35,8 +37,17 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, ConsolePkiError> {
 }
 
 impl ConsolePki {
-    /// Loads the CA and console identity, creating them on first start (keys mode 0600).
+    /// Loads the CA and console identity, creating them on first start (keys mode 0600);
+    /// certificates last [`pki::DEFAULT_CERT_LIFETIME`].
     pub fn load_or_create(data_dir: &Path) -> Result<Self, ConsolePkiError> {
+        Self::load_or_create_with(data_dir, pki::DEFAULT_CERT_LIFETIME)
+    }
+
+    /// As [`ConsolePki::load_or_create`], signing certificates that last `lifetime`.
+    pub fn load_or_create_with(
+        data_dir: &Path,
+        lifetime: std::time::Duration,
+    ) -> Result<Self, ConsolePkiError> {
         use std::os::unix::fs::PermissionsExt;
         let dir = data_dir.join("pki");
         let io = |source| ConsolePkiError::Io {
@@ -54,9 +65,10 @@ impl ConsolePki {
         let ca = match (read_optional(&ca_key)?, read_optional(&ca_cert)?) {
             (Some(key), Some(cert)) => {
                 CertificateAuthority::load(&String::from_utf8_lossy(&key), &cert)?
+                    .with_leaf_lifetime(lifetime)
             }
             _ => {
-                let ca = CertificateAuthority::generate()?;
+                let ca = CertificateAuthority::generate()?.with_leaf_lifetime(lifetime);
                 pki::write_secret_file(&ca_key, ca.key_pem().as_bytes())?;
                 dunes_shared::durable::write_file(&ca_cert, ca.cert_der(), 0o644).map_err(
                     |source| ConsolePkiError::Io {
@@ -76,17 +88,32 @@ impl ConsolePki {
                 k
             }
         };
-        // Re-issued at every start: cheap, and it never expires under a running console.
-        let cert_der: CertificateDer<'static> = ca.issue_console_cert(&key_pem)?;
-        dunes_shared::durable::write_file(&cert_path, &cert_der, 0o644).map_err(|source| {
+        let pki = ConsolePki {
+            ca,
+            identity: Identity {
+                key_pem,
+                cert_der: CertificateDer::from(Vec::new()),
+            },
+            cert_path,
+        };
+        // Re-issued at every start, and renewed by the engine while it runs.
+        let identity = pki.renewed_identity()?;
+        Ok(ConsolePki { identity, ..pki })
+    }
+
+    /// A fresh console certificate for the same key, kept in the data dir.
+    pub fn renewed_identity(&self) -> Result<Identity, ConsolePkiError> {
+        let cert_der: CertificateDer<'static> =
+            self.ca.issue_console_cert(&self.identity.key_pem)?;
+        dunes_shared::durable::write_file(&self.cert_path, &cert_der, 0o644).map_err(|source| {
             ConsolePkiError::Io {
-                path: cert_path.display().to_string(),
+                path: self.cert_path.display().to_string(),
                 source,
             }
         })?;
-        Ok(ConsolePki {
-            ca,
-            identity: Identity { key_pem, cert_der },
+        Ok(Identity {
+            key_pem: self.identity.key_pem.clone(),
+            cert_der,
         })
     }
 }

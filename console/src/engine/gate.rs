@@ -39,6 +39,7 @@ impl Actor {
             fingerprint,
             enrolled_at_ms: now_ms(),
             inventory: None,
+            cert_expires_ms: None,
         };
         self.store.put_host(&record);
         self.add_host_entry(record, Vec::new());

@@ -13,6 +13,7 @@ use super::{
     HostView, LinkState,
     actor::{Actor, HostEntry},
     link::{LinkMessage, run_link},
+    snapshot::{rfc3339, unix_ms},
     store::{HostRecord, Level},
 };
 
@@ -23,9 +24,7 @@ impl Actor {
             record.id.clone(),
             address_rx,
             record.fingerprint,
-            self.endpoint.clone(),
-            self.client_config.clone(),
-            self.link_tx.clone(),
+            self.links.clone(),
         ));
         let view = HostView {
             record,
@@ -50,7 +49,12 @@ impl Actor {
 
     pub(super) fn link(&mut self, msg: LinkMessage) {
         match msg {
-            LinkMessage::Connected { host, peer, hello } => {
+            LinkMessage::Connected {
+                host,
+                peer,
+                hello,
+                cert_expires,
+            } => {
                 let Some(entry) = self.hosts.get_mut(&host) else {
                     return;
                 };
@@ -59,8 +63,12 @@ impl Actor {
                 entry.view.link = LinkState::Online;
                 entry.view.link_error = None;
                 entry.view.status = Some(hello.status);
-                if entry.view.record.inventory.as_ref() != Some(&hello.inventory) {
+                let cert_expires_ms = cert_expires.map(unix_ms);
+                if entry.view.record.inventory.as_ref() != Some(&hello.inventory)
+                    || entry.view.record.cert_expires_ms != cert_expires_ms
+                {
                     entry.view.record.inventory = Some(hello.inventory);
+                    entry.view.record.cert_expires_ms = cert_expires_ms;
                     self.store.put_host(&entry.view.record);
                 }
                 self.store.replace_vms(host.clone(), &hello.vms);
@@ -71,6 +79,31 @@ impl Actor {
                 }
             }
             LinkMessage::Event { host, event } => self.agent_event(host, event),
+            LinkMessage::CertRenewed { host, expires } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                entry.view.record.cert_expires_ms = Some(unix_ms(expires));
+                entry.dirty = true;
+                self.store.put_host(&entry.view.record);
+                self.log(
+                    Level::Info,
+                    Some(host),
+                    format!("certificate renewed, valid until {}", rfc3339(expires)),
+                );
+            }
+            LinkMessage::RenewalFailed {
+                host,
+                reason,
+                expires,
+            } => self.log(
+                Level::Warning,
+                Some(host),
+                format!(
+                    "certificate renewal failed ({reason}); it expires at {}",
+                    rfc3339(expires)
+                ),
+            ),
             LinkMessage::Skipped { host, kind } => {
                 let Some(entry) = self.hosts.get_mut(&host) else {
                     return;
@@ -98,6 +131,15 @@ impl Actor {
                 entry.peer = None;
                 let was = entry.view.link;
                 entry.view.link = LinkState::Unreachable;
+                // Known expired: no retry will help, only enrolling the host again.
+                let reason = if entry.view.cert_expired() {
+                    format!(
+                        "certificate expired: re-enroll (on the host: dunes-agent token; then: dunes-console ctl host add {} --token TOKEN)",
+                        entry.view.record.address
+                    )
+                } else {
+                    reason
+                };
                 entry.view.link_error = Some(reason.clone());
                 entry.dirty = true;
                 if was != LinkState::Unreachable {

@@ -3,7 +3,8 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use dunes_shared::{
@@ -11,16 +12,22 @@ use dunes_shared::{
     error_chain,
     model::HostId,
     pki::{self, Fingerprint},
-    protocol::{AgentEvent, Hello, HelloReply, features},
+    protocol::{AgentEvent, Hello, HelloReply, RenewBegin, RenewFinish, features},
     rpc::{Peer, call},
 };
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 
+use super::console_pki::ConsolePki;
+
 /// How long one connection attempt, or the hello, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// How long a renewal may take.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
+/// A failed renewal is not tried again sooner than this.
+const RENEW_RETRY_MIN: Duration = Duration::from_secs(1);
 /// A connection that lasted less than this counts as a failed attempt: the backoff goes on
 /// growing, so an agent that drops every link at once is not hammered.
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -40,6 +47,19 @@ pub enum LinkMessage {
         host: HostId,
         peer: Peer,
         hello: Box<HelloReply>,
+        /// When the certificate the agent presented expires.
+        cert_expires: Option<SystemTime>,
+    },
+    /// The agent's certificate was renewed over the live connection.
+    CertRenewed {
+        host: HostId,
+        expires: SystemTime,
+    },
+    /// A renewal failed; it is tried again before the certificate expires.
+    RenewalFailed {
+        host: HostId,
+        reason: String,
+        expires: SystemTime,
     },
     Event {
         host: HostId,
@@ -141,29 +161,44 @@ pub async fn connect(
     Ok((Peer::new(conn, &hello.features), hello))
 }
 
-/// Keeps a host connected until `stop` changes or the engine goes away.
+/// What every link task shares.
+#[derive(Clone)]
+pub struct LinkContext {
+    pub endpoint: quinn::Endpoint,
+    /// The console's client setup; a renewed console certificate arrives here.
+    pub config: watch::Receiver<quinn::ClientConfig>,
+    /// Signs renewed host certificates; without it a link renews nothing.
+    pub ca: Option<Arc<ConsolePki>>,
+    pub tx: mpsc::Sender<LinkMessage>,
+}
+
+/// Keeps a host connected until the engine goes away: connects, follows the agent's events,
+/// renews its certificate at two thirds of its life, reconnects with backoff.
 pub async fn run_link(
     host: HostId,
     mut address: watch::Receiver<String>,
     pinned: Fingerprint,
-    endpoint: quinn::Endpoint,
-    config: quinn::ClientConfig,
-    tx: mpsc::Sender<LinkMessage>,
+    ctx: LinkContext,
 ) {
+    let tx = ctx.tx.clone();
     let mut backoff = BACKOFF_MIN;
     loop {
         let addr = address.borrow_and_update().clone();
+        let config = ctx.config.borrow().clone();
         let (reason, stable_id, lasted) =
-            match connect(&endpoint, &config, &host, &addr, pinned).await {
+            match connect(&ctx.endpoint, &config, &host, &addr, pinned).await {
                 Ok((peer, hello)) => {
                     let up_at = Instant::now();
                     let conn = peer.conn.clone();
                     let stable_id = conn.stable_id();
+                    let validity =
+                        peer_certificate(&conn).and_then(|c| pki::cert_validity(&c).ok());
                     if tx
                         .send(LinkMessage::Connected {
                             host: host.clone(),
-                            peer,
+                            peer: peer.clone(),
                             hello: Box::new(hello),
+                            cert_expires: validity.map(|v| v.expires),
                         })
                         .await
                         .is_err()
@@ -172,6 +207,7 @@ pub async fn run_link(
                     }
                     let reason = tokio::select! {
                         r = follow_events(&host, &conn, &tx) => r,
+                        r = keep_certificate(&host, &peer, pinned, validity, &ctx) => r,
                         _ = address.changed() => "the host's address changed".to_string(),
                     };
                     conn.close(dunes_shared::protocol::codes::CLOSE_NORMAL, b"");
@@ -207,6 +243,93 @@ pub async fn run_link(
             return;
         }
     }
+}
+
+/// How long from now until `at` (zero when it is past).
+fn until(at: SystemTime) -> Duration {
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Renews the agent's certificate at two thirds of its life, over this connection, for as
+/// long as the connection lasts; returns only when the engine is gone.
+async fn keep_certificate(
+    host: &HostId,
+    peer: &Peer,
+    pinned: Fingerprint,
+    validity: Option<pki::CertValidity>,
+    ctx: &LinkContext,
+) -> String {
+    let (Some(ca), Some(mut validity)) = (ctx.ca.as_ref(), validity) else {
+        return std::future::pending().await;
+    };
+    if !peer.offers(features::CERT_RENEWAL) {
+        let _ = ctx
+            .tx
+            .send(LinkMessage::RenewalFailed {
+                host: host.clone(),
+                reason: "the agent cannot renew its certificate; update it".into(),
+                expires: validity.expires,
+            })
+            .await;
+        return std::future::pending().await;
+    }
+    let mut renew_at = validity.renew_at();
+    loop {
+        tokio::time::sleep(until(renew_at)).await;
+        let renewed = tokio::time::timeout(RENEW_TIMEOUT, renew(host, peer, pinned, ca)).await;
+        let message = match renewed {
+            Ok(Ok(v)) => {
+                validity = v;
+                renew_at = v.renew_at();
+                LinkMessage::CertRenewed {
+                    host: host.clone(),
+                    expires: v.expires,
+                }
+            }
+            failed => {
+                let reason = match failed {
+                    Ok(Err(e)) => e,
+                    _ => format!("no answer within {} s", RENEW_TIMEOUT.as_secs()),
+                };
+                // Tried again after a quarter of what is left, but not in a tight loop.
+                renew_at = SystemTime::now() + (until(validity.expires) / 4).max(RENEW_RETRY_MIN);
+                LinkMessage::RenewalFailed {
+                    host: host.clone(),
+                    reason,
+                    expires: validity.expires,
+                }
+            }
+        };
+        if ctx.tx.send(message).await.is_err() {
+            return "engine stopped".into();
+        }
+    }
+}
+
+/// One renewal: the agent's CSR for its pinned key, signed by the CA, installed by the agent.
+async fn renew(
+    host: &HostId,
+    peer: &Peer,
+    pinned: Fingerprint,
+    ca: &ConsolePki,
+) -> Result<pki::CertValidity, String> {
+    let begin = peer.call(RenewBegin).await.map_err(|e| error_chain(&e))?;
+    let cert = ca
+        .ca
+        .sign_host_csr(&begin.csr_der, host)
+        .map_err(|e| error_chain(&e))?;
+    // The key stays the pinned one: a renewal never changes who the host is.
+    if Fingerprint::of_certificate(&cert).ok() != Some(pinned) {
+        return Err("the agent asked for a certificate for another key".into());
+    }
+    let validity = pki::cert_validity(&cert).map_err(|e| error_chain(&e))?;
+    peer.call(RenewFinish {
+        cert_der: cert.to_vec(),
+    })
+    .await
+    .map_err(|e| error_chain(&e))?;
+    Ok(validity)
 }
 
 async fn follow_events(

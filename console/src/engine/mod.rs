@@ -35,8 +35,9 @@ pub use snapshot::{HostView, LinkState, Snapshot};
 pub use store::{EventRecord, HostRecord, Level};
 
 use self::{
-    actor::Actor,
+    actor::{Actor, Internal},
     console_pki::{ConsolePki, ConsolePkiError},
+    link::LinkContext,
     store::{Store, StoreError},
 };
 
@@ -220,8 +221,32 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine on the current tokio runtime.
+/// How an engine is set up beyond its data dir.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// How long the certificates the cluster CA signs last (hosts' and the console's own);
+    /// each is renewed at two thirds of it.
+    pub cert_lifetime: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
+        }
+    }
+}
+
+/// Starts the engine on the current tokio runtime, with the default options.
 pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
+    start_with(data_dir, EngineOptions::default()).await
+}
+
+/// Starts the engine on the current tokio runtime.
+pub async fn start_with(
+    data_dir: &Path,
+    options: EngineOptions,
+) -> Result<EngineHandle, EngineStartError> {
     let data_dir_error = |source| EngineStartError::DataDir {
         path: data_dir.display().to_string(),
         source,
@@ -244,7 +269,10 @@ pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
                 .map_err(data_dir_error)?,
         }
     }
-    let pki = Arc::new(ConsolePki::load_or_create(data_dir)?);
+    let pki = Arc::new(ConsolePki::load_or_create_with(
+        data_dir,
+        options.cert_lifetime,
+    )?);
     let (store, loaded) = Store::open(&data_dir.join("store.redb"))?;
     let client_config = pki::quic_client_config(pki::control_client_config(
         pki.ca.cert_der(),
@@ -255,6 +283,19 @@ pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (link_tx, link_rx) = mpsc::channel(LINK_QUEUE);
     let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
+    let (config_tx, config_rx) = watch::channel(client_config);
+    tokio::spawn(renew_console_cert(
+        pki.clone(),
+        pki.identity.cert_der.clone(),
+        config_tx,
+        internal_tx.clone(),
+    ));
+    let links = LinkContext {
+        endpoint: endpoint.clone(),
+        config: config_rx,
+        ca: Some(pki.clone()),
+        tx: link_tx,
+    };
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let repaint: Repaint = Arc::new(Mutex::new(None));
     let next_seq = loaded.events.last().map_or(0, |e| e.seq + 1);
@@ -263,14 +304,13 @@ pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
         store,
         pki,
         endpoint,
-        client_config,
+        links,
         hosts: BTreeMap::new(),
         enrolling: Default::default(),
         events: loaded.events.into_iter().collect(),
         events_dirty: true,
         published_events: Arc::new(Vec::new()),
         next_seq,
-        link_tx,
         internal_tx,
         snapshot_tx,
         repaint: repaint.clone(),
@@ -303,4 +343,61 @@ pub async fn start(data_dir: &Path) -> Result<EngineHandle, EngineStartError> {
         repaint,
         data_dir: data_dir.to_path_buf(),
     })
+}
+
+/// Renews the console's own certificate at two thirds of its life: new connections present
+/// the new one, live ones go on. A failure is logged and tried again a little later.
+async fn renew_console_cert(
+    pki: Arc<ConsolePki>,
+    mut cert: rustls::pki_types::CertificateDer<'static>,
+    config: watch::Sender<quinn::ClientConfig>,
+    internal: mpsc::Sender<Internal>,
+) {
+    loop {
+        let Ok(validity) = pki::cert_validity(&cert) else {
+            return;
+        };
+        let wait = validity
+            .renew_at()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::time::sleep(wait).await;
+        let renewed = {
+            let pki = pki.clone();
+            tokio::task::spawn_blocking(move || {
+                let identity = pki
+                    .renewed_identity()
+                    .map_err(|e| dunes_shared::error_chain(&e))?;
+                let tls = pki::control_client_config(pki.ca.cert_der(), &identity)
+                    .and_then(pki::quic_client_config)
+                    .map_err(|e| dunes_shared::error_chain(&e))?;
+                Ok::<_, String>((identity.cert_der, tls))
+            })
+            .await
+        };
+        match renewed {
+            Ok(Ok((new_cert, tls))) => {
+                cert = new_cert;
+                if config.send(tls).is_err() {
+                    return;
+                }
+                tracing::info!("console certificate renewed");
+            }
+            failed => {
+                let reason = match failed {
+                    Ok(Err(e)) => e,
+                    _ => "the renewal task failed".into(),
+                };
+                let message = Internal::Log {
+                    level: Level::Error,
+                    host: None,
+                    message: format!("renewing the console certificate failed: {reason}"),
+                };
+                if internal.send(message).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep((validity.lifetime() / 20).max(Duration::from_secs(1))).await;
+            }
+        }
+    }
 }

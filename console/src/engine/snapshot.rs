@@ -1,6 +1,9 @@
 //! The immutable picture of the fleet the engine publishes to the UI and to ctl.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use dunes_shared::model::{HostId, HostInventory, HostStatus, VmName, VmStatus};
 use serde::Serialize;
@@ -56,6 +59,17 @@ impl HostView {
     pub fn vm(&self, name: &VmName) -> Option<&VmStatus> {
         self.vms.iter().find(|v| &v.name == name)
     }
+
+    /// When the agent's certificate expires, as last seen.
+    pub fn cert_expires(&self) -> Option<SystemTime> {
+        self.record
+            .cert_expires_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    pub fn cert_expired(&self) -> bool {
+        self.cert_expires().is_some_and(|t| t <= SystemTime::now())
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -99,4 +113,22 @@ impl Snapshot {
             )),
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A time as RFC 3339 in UTC, to the second.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }

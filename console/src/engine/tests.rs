@@ -9,9 +9,13 @@ use dunes_agent::{
 };
 use dunes_shared::model::{HostId, TemplateName, VmName, VmSpec, VmState};
 
-use super::{Command, EngineError, EngineHandle, LinkState, start};
+use super::{Command, EngineError, EngineHandle, EngineOptions, LinkState, start_with};
 
 async fn agent(dir: &Path, host: &str) -> RunningAgent {
+    agent_on(dir, host, "127.0.0.1:0").await
+}
+
+async fn agent_on(dir: &Path, host: &str, listen: &str) -> RunningAgent {
     let data_dir = dir.join(host);
     std::fs::create_dir_all(&data_dir).unwrap();
     let node = data_dir.join("node.xml");
@@ -22,7 +26,7 @@ async fn agent(dir: &Path, host: &str) -> RunningAgent {
     .unwrap();
     RunningAgent::start(AgentOptions {
         data_dir,
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: listen.parse().unwrap(),
         libvirt_uri: format!("test://{}", node.display()),
         config: AgentConfig {
             host_id: Some(HostId::new(host).unwrap()),
@@ -35,7 +39,15 @@ async fn agent(dir: &Path, host: &str) -> RunningAgent {
 }
 
 async fn engine_with(dir: &Path, agent: &RunningAgent) -> EngineHandle {
-    let engine = start(&dir.join("console")).await.unwrap();
+    engine_with_options(dir, agent, EngineOptions::default()).await
+}
+
+async fn engine_with_options(
+    dir: &Path,
+    agent: &RunningAgent,
+    options: EngineOptions,
+) -> EngineHandle {
+    let engine = start_with(&dir.join("console"), options).await.unwrap();
     engine
         .request(|reply| Command::AddHost {
             address: agent.local_addr.to_string(),
@@ -207,4 +219,177 @@ async fn a_lost_agent_is_unreachable_and_refuses_calls_at_once() {
         .unwrap_err();
     assert_eq!(err, EngineError::Unreachable(host));
     assert!(asked.elapsed() < Duration::from_secs(1));
+}
+
+fn log_of(engine: &EngineHandle, host: &HostId) -> Vec<String> {
+    engine
+        .snapshot()
+        .events
+        .iter()
+        .filter(|e| e.host.as_ref() == Some(host))
+        .map(|e| e.message.clone())
+        .collect()
+}
+
+/// Certificates of a few seconds, renewed again and again: the link is never lost, VM
+/// commands work throughout, and a new connection after the first certificates expired
+/// comes up with the renewed ones on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_over_the_live_link_and_commands_work_throughout() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "renewing").await;
+    let lifetime = Duration::from_secs(6);
+    let engine = engine_with_options(
+        dir.path(),
+        &agent,
+        EngineOptions {
+            cert_lifetime: lifetime,
+        },
+    )
+    .await;
+    let host = agent.host_id.clone();
+    let first_expiry = engine
+        .snapshot()
+        .host(&host)
+        .unwrap()
+        .cert_expires()
+        .unwrap();
+    let mut link_changes = engine.subscribe();
+    let began = std::time::Instant::now();
+    let mut round = 0;
+    while began.elapsed() < Duration::from_secs(18) {
+        let name = VmName::new(format!("r-{round}")).unwrap();
+        engine
+            .request(|reply| Command::CreateVm {
+                host: host.clone(),
+                spec: spec(name.as_str()),
+                start: true,
+                reply,
+            })
+            .await
+            .unwrap();
+        engine
+            .request(|reply| Command::StopVm {
+                host: host.clone(),
+                name: name.clone(),
+                force: true,
+                reply,
+            })
+            .await
+            .unwrap();
+        engine
+            .request(|reply| Command::DeleteVm {
+                host: host.clone(),
+                name,
+                reply,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            link_changes.borrow_and_update().host(&host).unwrap().link,
+            LinkState::Online
+        );
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let log = log_of(&engine, &host);
+    let renewals = log
+        .iter()
+        .filter(|m| m.starts_with("certificate renewed"))
+        .count();
+    assert!(renewals >= 3, "{renewals} renewals in 18 s: {log:?}");
+    assert_eq!(log.iter().filter(|m| *m == "online").count(), 1, "{log:?}");
+    assert!(!log.iter().any(|m| m.starts_with("unreachable")), "{log:?}");
+    let expires = engine
+        .snapshot()
+        .host(&host)
+        .unwrap()
+        .cert_expires()
+        .unwrap();
+    assert!(
+        expires > first_expiry + lifetime,
+        "the known expiry moves on"
+    );
+
+    // Both first certificates expired long ago: a new connection needs the renewed ones.
+    engine
+        .request(|reply| Command::SetHostAddress {
+            host: host.clone(),
+            address: format!("localhost:{}", agent.local_addr.port()),
+            reply,
+        })
+        .await
+        .unwrap();
+    engine
+        .wait_for(Duration::from_secs(20), |s| {
+            s.host(&host).is_some_and(|h| {
+                h.link == LinkState::Online && h.record.address.starts_with("localhost")
+            })
+        })
+        .await
+        .expect("a new connection with the renewed certificates");
+    let online = log_of(&engine, &host)
+        .iter()
+        .filter(|m| *m == "online")
+        .count();
+    assert_eq!(online, 2, "reconnected once");
+    engine
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: spec("after"),
+            start: false,
+            reply,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_certificate_expired_offline_says_re_enroll() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = agent(dir.path(), "expired").await;
+    let address = first.local_addr;
+    let engine = engine_with_options(
+        dir.path(),
+        &first,
+        EngineOptions {
+            cert_lifetime: Duration::from_secs(3),
+        },
+    )
+    .await;
+    let host = first.host_id.clone();
+    first.shutdown().await;
+    drop(first);
+    let expires = engine
+        .snapshot()
+        .host(&host)
+        .unwrap()
+        .cert_expires()
+        .unwrap();
+    tokio::time::sleep(
+        expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_secs(1),
+    )
+    .await;
+    let _again = agent_on(dir.path(), "expired", &address.to_string()).await;
+    let snap = engine
+        .wait_for(Duration::from_secs(20), |s| {
+            s.host(&host).is_some_and(|h| {
+                h.link_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("certificate expired: re-enroll"))
+            })
+        })
+        .await
+        .expect("the host says its certificate expired");
+    let h = snap.host(&host).unwrap();
+    assert_eq!(h.link, LinkState::Unreachable);
+    assert!(h.cert_expired());
+    let err = h.link_error.as_deref().unwrap();
+    assert!(
+        err.contains("dunes-agent token") && err.contains(&format!("ctl host add {address}")),
+        "{err}"
+    );
 }

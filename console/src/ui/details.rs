@@ -43,6 +43,14 @@ impl DetailsPanel {
                     }
                     row(ui, "Address", host.record.address.as_str());
                     row(ui, "Key", host.record.fingerprint.to_string());
+                    if let Some(expires) = host.cert_expires() {
+                        let text = crate::engine::snapshot::rfc3339(expires);
+                        if host.cert_expired() {
+                            row(ui, "Certificate", RichText::new(format!("expired {text}: re-enroll")).color(egui::Color32::LIGHT_RED));
+                        } else {
+                            row(ui, "Certificate", format!("renewed automatically; expires {text}"));
+                        }
+                    }
                     if let Some(inv) = host.inventory() {
                         row(ui, "Host name", inv.hostname.as_str());
                         row(
@@ -51,8 +59,14 @@ impl DetailsPanel {
                             format!("{}{}", inv.site.name, if inv.site.remote { " (remote)" } else { "" }),
                         );
                         row(ui, "Link", format!("{} Mbit/s, {} ms", inv.site.link_bandwidth_mbps, inv.site.link_latency_ms));
-                        row(ui, "CPUs", format!("{} × {}", inv.cpus, inv.cpu_model));
-                        row(ui, "Memory", format!("{} MiB", inv.memory_mib));
+                        // The demo's hosts are mock hosts: say that their sizes are declared.
+                        let declared = if inv.sizes_from == dunes_shared::model::SizesFrom::TestDriver {
+                            " (declared by libvirt's test driver)"
+                        } else {
+                            ""
+                        };
+                        row(ui, "CPUs", format!("{} × {}{declared}", inv.cpus, inv.cpu_model));
+                        row(ui, "Memory", format!("{} MiB{declared}", inv.memory_mib));
                         row(ui, "Storage", format!("{} MiB free of {}", inv.storage_free_mib, inv.storage_total_mib));
                         let runtimes: Vec<String> = inv
                             .runtimes

@@ -87,6 +87,8 @@ pub struct HostRecord {
     pub enrolled_at_ms: u64,
     /// Last inventory seen, so an unreachable host still shows what it is.
     pub inventory: Option<dunes_shared::model::HostInventory>,
+    /// When the agent's certificate expires, as last seen (ms since the Unix epoch).
+    pub cert_expires_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,6 +469,7 @@ mod tests {
                 fingerprint: Fingerprint([1; 32]),
                 enrolled_at_ms: 5,
                 inventory: None,
+                cert_expires_ms: None,
             });
             store.put_vm(h1.clone(), &vm("a", VmState::Running));
             store.put_vm(h1.clone(), &vm("b", VmState::Running));

@@ -36,6 +36,8 @@ pub struct HostRow {
     pub enrolled_at_ms: u64,
     #[serde(default)]
     pub inventory: Option<InventoryRow>,
+    #[serde(default)]
+    pub cert_expires_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +119,7 @@ impl From<&HostRecord> for HostRow {
             fingerprint: h.fingerprint.0,
             enrolled_at_ms: h.enrolled_at_ms,
             inventory: h.inventory.as_ref().map(InventoryRow::from),
+            cert_expires_ms: h.cert_expires_ms,
         }
     }
 }
@@ -135,6 +138,7 @@ impl TryFrom<HostRow> for HostRecord {
             fingerprint: Fingerprint(row.fingerprint),
             enrolled_at_ms: row.enrolled_at_ms,
             inventory,
+            cert_expires_ms: row.cert_expires_ms,
         })
     }
 }

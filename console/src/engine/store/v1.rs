@@ -112,6 +112,7 @@ impl From<Host> for HostRow {
             address: h.address,
             fingerprint: h.fingerprint,
             enrolled_at_ms: h.enrolled_at_ms,
+            cert_expires_ms: None,
             inventory: h.inventory.map(|i| InventoryRow {
                 hostname: i.hostname,
                 cpus: i.cpus,
