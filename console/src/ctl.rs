@@ -176,6 +176,7 @@ pub fn host_json(h: &HostView) -> Value {
         "link_error": h.link_error,
         "fingerprint": h.record.fingerprint.to_string(),
         "cert_expires": h.cert_expires().map(crate::engine::snapshot::rfc3339),
+        "skipped_events": h.skipped_events,
         "cpus": inv.map(|i| i.cpus),
         "sizes_from": inv.map(|i| i.sizes_from.as_str()),
         "memory_mib": inv.map(|i| i.memory_mib),

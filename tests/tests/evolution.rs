@@ -252,7 +252,9 @@ async fn an_unknown_event_kind_is_skipped_once_counted_and_the_link_stays() {
         other => panic!("expected Connected, got {other:?}"),
     }
     match next(&mut rx).await {
-        LinkMessage::Skipped { kind, .. } => assert_eq!(kind, "AppChanged"),
+        LinkMessage::Skipped { kind, count, .. } => {
+            assert_eq!((kind.as_str(), count), ("AppChanged", 1))
+        }
         other => panic!("expected Skipped, got {other:?}"),
     }
     match next(&mut rx).await {
@@ -262,7 +264,13 @@ async fn an_unknown_event_kind_is_skipped_once_counted_and_the_link_stays() {
         } => assert_eq!(s.vms_running, 7),
         other => panic!("expected the status after the unknown event, got {other:?}"),
     }
-    // The second AppChanged is skipped silently: the next message is the known event after it.
+    // The second AppChanged is skipped and counted, and the known event after it arrives.
+    match next(&mut rx).await {
+        LinkMessage::Skipped { kind, count, .. } => {
+            assert_eq!((kind.as_str(), count), ("AppChanged", 2))
+        }
+        other => panic!("expected the count of skipped events, got {other:?}"),
+    }
     match next(&mut rx).await {
         LinkMessage::Event {
             event: AgentEvent::VmRemoved { name },

@@ -32,6 +32,7 @@ impl Actor {
             link_error: None,
             status: None,
             vms,
+            skipped_events: Default::default(),
         };
         self.hosts.insert(
             view.record.id.clone(),
@@ -62,6 +63,7 @@ impl Actor {
                 entry.peer = Some(peer);
                 entry.view.link = LinkState::Online;
                 entry.view.link_error = None;
+                entry.view.skipped_events.clear();
                 entry.view.status = Some(hello.status);
                 let cert_expires_ms = cert_expires.map(unix_ms);
                 if entry.view.record.inventory.as_ref() != Some(&hello.inventory)
@@ -104,10 +106,12 @@ impl Actor {
                     rfc3339(expires)
                 ),
             ),
-            LinkMessage::Skipped { host, kind } => {
+            LinkMessage::Skipped { host, kind, count } => {
                 let Some(entry) = self.hosts.get_mut(&host) else {
                     return;
                 };
+                entry.view.skipped_events.insert(kind.clone(), count);
+                entry.dirty = true;
                 if entry.skipped_kinds.insert(kind.clone()) {
                     self.log(
                         Level::Warning,

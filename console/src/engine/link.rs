@@ -65,11 +65,12 @@ pub enum LinkMessage {
         host: HostId,
         event: AgentEvent,
     },
-    /// An event of a kind this release does not know (from a newer agent) was skipped; sent
-    /// for the first one of each kind on a connection.
+    /// Events of a kind this release does not know (from a newer agent) were skipped: `count`
+    /// of them on this connection so far. Sent at the 1st, 2nd, 4th, 8th… of each kind.
     Skipped {
         host: HostId,
         kind: String,
+        count: u64,
     },
     Lost {
         host: HostId,
@@ -352,12 +353,15 @@ async fn follow_events(
             Ok(Some(Decoded::Unknown(kind))) => {
                 let count = skipped.entry(kind.clone()).or_default();
                 *count += 1;
-                if *count == 1 {
-                    tracing::warn!(host = %host, event = %kind, "skipping events of a kind this console does not know (a newer agent?)");
+                if count.is_power_of_two() {
+                    if *count == 1 {
+                        tracing::warn!(host = %host, event = %kind, "skipping events of a kind this console does not know (a newer agent?)");
+                    }
                     if tx
                         .send(LinkMessage::Skipped {
                             host: host.clone(),
                             kind,
+                            count: *count,
                         })
                         .await
                         .is_err()

@@ -37,6 +37,9 @@ pub struct HostView {
     pub link_error: Option<String>,
     pub status: Option<HostStatus>,
     pub vms: Vec<VmStatus>,
+    /// Events of kinds this console does not know, skipped on the current link, by kind
+    /// (counted at powers of two: a lower bound).
+    pub skipped_events: std::collections::BTreeMap<String, u64>,
 }
 
 impl HostView {

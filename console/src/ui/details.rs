@@ -43,6 +43,10 @@ impl DetailsPanel {
                     }
                     row(ui, "Address", host.record.address.as_str());
                     row(ui, "Key", host.record.fingerprint.to_string());
+                    if !host.skipped_events.is_empty() {
+                        let kinds: Vec<String> = host.skipped_events.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+                        row(ui, "Skipped events", format!("{} (from a newer agent: update the console)", kinds.join(", ")));
+                    }
                     if let Some(expires) = host.cert_expires() {
                         let text = crate::engine::snapshot::rfc3339(expires);
                         if host.cert_expired() {
