@@ -61,7 +61,11 @@ fn hello() -> Result<HelloReply, WireError> {
         },
         status: status(),
         vms: (0..100).map(vm).collect(),
-        features: vec!["vm-lifecycle".into(), "templates".into(), "cert-renewal".into()],
+        features: vec![
+            "vm-lifecycle".into(),
+            "templates".into(),
+            "cert-renewal".into(),
+        ],
     })
 }
 
