@@ -26,7 +26,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print a fresh one-time join token (replacing any earlier one) and the key fingerprint.
+    /// Print a fresh join token (replacing any earlier one; good once, for 24 h) and the key
+    /// fingerprint. An enrolled agent offers enrollment only while such a token is unused.
     Token {
         /// The agent's data directory.
         #[arg(long, value_name = "DIR")]

@@ -258,7 +258,7 @@ impl Storage {
         let path = self.disk_path(vm);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("deleting", &path)(e)),
-            _ => Ok(()),
+            _ => sync_parent(&path),
         }
     }
 
@@ -364,12 +364,19 @@ fn guest_stamp(dir: &Path) -> Result<String, StorageError> {
 pub fn sparse_copy(from: &Path, to: &Path) -> Result<(), StorageError> {
     let tmp = to.with_extension("partial");
     let result = copy_holes_kept(from, &tmp)
-        .and_then(|()| std::fs::rename(&tmp, to).map_err(io_err("renaming", &tmp)));
+        .and_then(|()| std::fs::rename(&tmp, to).map_err(io_err("renaming", &tmp)))
+        .and_then(|()| sync_parent(to));
     if result.is_err() {
         // A half-written copy is worth nothing; leave no clutter in the storage dir.
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Syncs the directory holding `path`: a name created, renamed or removed there is on disk.
+fn sync_parent(path: &Path) -> Result<(), StorageError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    dunes_shared::durable::sync_dir(dir).map_err(io_err("syncing", dir))
 }
 
 fn copy_holes_kept(from: &Path, tmp: &Path) -> Result<(), StorageError> {

@@ -26,8 +26,8 @@ pub struct Cli {
     /// Start three local demo agents on libvirt's test driver and enroll them.
     #[arg(long)]
     pub demo: bool,
-    /// Days the certificates of hosts and of this console last; each is renewed over its
-    /// live connection at two thirds of its life.
+    /// Days the certificates of hosts and of this console last. Each is renewed at two thirds
+    /// of its life: a host's over its live connection, the console's own for new connections.
     #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=365))]
     pub cert_days: u32,
     #[command(subcommand)]

@@ -80,6 +80,9 @@ pub fn decode_message<T: DeserializeOwned>(payload: &[u8]) -> Result<Decoded<T>,
     }
 }
 
+/// Longest variant name taken as a name; anything longer is garbage.
+const VARIANT_NAME_MAX: usize = 64;
+
 /// The variant name an externally tagged enum was encoded with: a string for a unit variant,
 /// or the key of a one-entry map.
 fn variant_name(payload: &[u8]) -> Option<String> {
@@ -90,8 +93,13 @@ fn variant_name(payload: &[u8]) -> Option<String> {
         return None;
     }
     let len = rmp::decode::read_str_len(&mut rd).ok()? as usize;
+    if len > VARIANT_NAME_MAX {
+        return None;
+    }
     let bytes = rd.get(..len)?;
-    String::from_utf8(bytes.to_vec()).ok()
+    String::from_utf8(bytes.to_vec())
+        .ok()
+        .filter(|n| n.bytes().all(|b| b.is_ascii_graphic()))
 }
 
 /// The variant names of a derived enum, read from what its `Deserialize` asks for.
@@ -265,16 +273,48 @@ mod tests {
         assert_eq!(back, big);
     }
 
+    /// A reader that notes the largest buffer it was handed.
+    struct Watching {
+        data: Vec<u8>,
+        at: usize,
+        largest_buffer: usize,
+    }
+
+    impl AsyncRead for Watching {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.largest_buffer = self.largest_buffer.max(buf.remaining());
+            let n = buf.remaining().min(self.data.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
     #[tokio::test]
     async fn a_length_prefix_alone_allocates_nothing_large() {
-        // A peer that announces 4 MiB and sends 10 bytes gets a truncation error, and the
-        // reader never held more than one chunk beyond what arrived.
-        let mut bytes = (MAX_FRAME_BYTES as u32).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&[0x90; 10]);
-        let err = read_payload(&mut &bytes[..], MAX_FRAME_BYTES)
+        // A peer that announces 4 MiB and sends 100 KiB gets a truncation error, and the
+        // buffer never ran more than one chunk ahead of what arrived.
+        let mut data = (MAX_FRAME_BYTES as u32).to_le_bytes().to_vec();
+        data.extend_from_slice(&[0x90; 100 * 1024]);
+        let mut reader = Watching {
+            data,
+            at: 0,
+            largest_buffer: 0,
+        };
+        let err = read_payload(&mut reader, MAX_FRAME_BYTES)
             .await
             .unwrap_err();
         assert!(matches!(err, FrameError::Truncated), "{err}");
+        assert!(
+            reader.largest_buffer <= READ_CHUNK_BYTES,
+            "a {} byte buffer for a frame not yet sent",
+            reader.largest_buffer
+        );
     }
 
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! Wire protocol v1: one request per bidirectional stream, the response type tied to the
+//! Wire protocol v2: one request per bidirectional stream, the response type tied to the
 //! request, status pushed by the agent on one long-lived unidirectional stream.
 //!
 //! The major version is in the ALPN; what a peer can do beyond it is its feature set, sent
@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::model::{HostId, HostInventory, HostStatus, TemplateInfo, VmName, VmSpec, VmStatus};
 
 /// ALPN of the control protocol between console and agent.
-pub const ALPN_CONTROL: &[u8] = b"dunes/1";
+pub const ALPN_CONTROL: &[u8] = b"dunes/2";
 /// ALPN of the enrollment protocol: a console proves a join token and installs a certificate.
-pub const ALPN_ENROLL: &[u8] = b"dunes-enroll/1";
+pub const ALPN_ENROLL: &[u8] = b"dunes-enroll/2";
 
 /// Feature names a peer announces in its hello. A request is sent only to a peer that
 /// announced its feature; a name this release does not know is ignored.

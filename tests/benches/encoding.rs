@@ -21,7 +21,7 @@ fn vm(i: usize) -> VmStatus {
     VmStatus {
         uuid: format!("6f1c2a4e-9a55-4b0e-8f4d-{i:012}"),
         name: VmName::new(format!("web-{i}")).unwrap(),
-        state: if i % 3 == 0 {
+        state: if i.is_multiple_of(3) {
             VmState::Shutoff
         } else {
             VmState::Running

@@ -25,6 +25,8 @@ pub enum RuntimeError {
     NotFound(VmName),
     #[error("VM {0} already exists")]
     AlreadyExists(VmName),
+    #[error("VM {name} could not start, so it was not created: {message}")]
+    NotStarted { name: VmName, message: String },
     #[error("VM {name} is {state}; {hint}")]
     WrongState {
         name: VmName,
@@ -63,7 +65,9 @@ impl RuntimeError {
             RuntimeError::NoGuest(_) | RuntimeError::NoRuntime(_) => ErrorCode::Unsupported,
             RuntimeError::Spec(_) => ErrorCode::BadRequest,
             RuntimeError::Storage(_) => ErrorCode::Storage,
-            RuntimeError::Libvirt { .. } | RuntimeError::Definition(_) => ErrorCode::Runtime,
+            RuntimeError::Libvirt { .. }
+            | RuntimeError::Definition(_)
+            | RuntimeError::NotStarted { .. } => ErrorCode::Runtime,
             RuntimeError::Duplicate(_) | RuntimeError::WorkerGone => ErrorCode::Internal,
         };
         WireError::new(code, dunes_shared::error_chain(self))

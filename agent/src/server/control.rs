@@ -212,7 +212,7 @@ async fn dispatch(
     }
 }
 
-fn shutting_down() -> WireError {
+pub(super) fn shutting_down() -> WireError {
     WireError::new(ErrorCode::Internal, "the agent is shutting down")
 }
 

@@ -12,7 +12,7 @@ use dunes_shared::{
 };
 use rustls::pki_types::CertificateDer;
 
-use super::{Shared, endpoint::TlsConfigs, lock};
+use super::{Shared, control::shutting_down, endpoint::TlsConfigs, lock, off_worker};
 
 fn invalid_token() -> WireError {
     WireError::new(
@@ -45,25 +45,33 @@ pub(super) async fn serve_enroll(shared: Arc<Shared>, conn: quinn::Connection) {
                 return;
             }
         };
-        let frame =
-            match request {
-                Request::EnrollBegin(EnrollBegin { token, ca_cert_der }) => {
-                    let reply = enroll_begin(&shared, &token, ca_cert_der).map(|(reply, ca)| {
-                        offered_ca = Some(ca);
-                        reply
-                    });
-                    encode_reply::<EnrollBegin>(reply)
-                }
-                Request::EnrollFinish(EnrollFinish { token, cert_der }) => encode_reply::<
-                    EnrollFinish,
-                >(
-                    enroll_finish(&shared, &token, cert_der, offered_ca.as_ref()),
-                ),
-                other => encode_reply::<EnrollFinish>(Err(WireError::new(
-                    ErrorCode::WrongProtocol,
-                    format!("{} is not part of enrollment", other.kind()),
-                ))),
-            };
+        let frame = match request {
+            // Key material, a CSR and fsyncs under the identity lock: off the workers.
+            Request::EnrollBegin(EnrollBegin { token, ca_cert_der }) => {
+                let begun = off_worker(&shared, move |s| enroll_begin(s, &token, ca_cert_der))
+                    .await
+                    .unwrap_or_else(|| Err(shutting_down()));
+                let reply = begun.map(|(reply, ca)| {
+                    offered_ca = Some(ca);
+                    reply
+                });
+                encode_reply::<EnrollBegin>(reply)
+            }
+            Request::EnrollFinish(EnrollFinish { token, cert_der }) => {
+                let ca = offered_ca.clone();
+                encode_reply::<EnrollFinish>(
+                    off_worker(&shared, move |s| {
+                        enroll_finish(s, &token, cert_der, ca.as_ref())
+                    })
+                    .await
+                    .unwrap_or_else(|| Err(shutting_down())),
+                )
+            }
+            other => encode_reply::<EnrollFinish>(Err(WireError::new(
+                ErrorCode::WrongProtocol,
+                format!("{} is not part of enrollment", other.kind()),
+            ))),
+        };
         match frame {
             Ok(frame) => {
                 let _ = send_reply(&mut send, &frame).await;

@@ -138,7 +138,7 @@ impl Actor {
                 // Known expired: no retry will help, only enrolling the host again.
                 let reason = if entry.view.cert_expired() {
                     format!(
-                        "certificate expired: re-enroll (on the host: dunes-agent token; then: dunes-console ctl host add {} --token TOKEN)",
+                        "certificate expired: re-enroll (on the host: dunes-agent token; then: dunes-console ctl host add {} --token TOKEN); last error: {reason}",
                         entry.view.record.address
                     )
                 } else {

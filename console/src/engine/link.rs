@@ -18,16 +18,33 @@ use dunes_shared::{
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 
-use super::console_pki::ConsolePki;
+use super::{EngineError, client::AgentClient, console_pki::ConsolePki};
 
 /// How long one connection attempt, or the hello, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
-/// How long a renewal may take.
-const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
-/// A failed renewal is not tried again sooner than this.
-const RENEW_RETRY_MIN: Duration = Duration::from_secs(1);
+/// The cap for links that drop soon after they come up: an agent that drops every link is
+/// tried less and less often, and fills the event log more and more slowly.
+const BACKOFF_MAX_FLAPPING: Duration = Duration::from_secs(60);
+/// A failed renewal is not tried again sooner than this (less for certificates that short).
+const RENEW_RETRY_MIN: Duration = Duration::from_secs(60);
+/// Timers that wait for a wall-clock time wake at least this often: a machine that slept
+/// does not renew late.
+const WALL_CLOCK_CHECK: Duration = Duration::from_secs(60);
+/// Kinds of unknown events counted apart; more are counted together as `other`.
+const SKIPPED_KINDS_MAX: usize = 32;
+
+/// Why a renewal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error(transparent)]
+    Agent(#[from] EngineError),
+    #[error("signing the agent's request failed")]
+    Sign(#[from] pki::PkiError),
+    #[error("the agent asked for a certificate for another key than the pinned one")]
+    OtherKey,
+}
 /// A connection that lasted less than this counts as a failed attempt: the backoff goes on
 /// growing, so an agent that drops every link at once is not hammered.
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -233,7 +250,12 @@ pub async fn run_link(
             jittered(BACKOFF_MIN)
         } else {
             let wait = jittered(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            let cap = if stable_id.is_some() {
+                BACKOFF_MAX_FLAPPING
+            } else {
+                BACKOFF_MAX
+            };
+            backoff = (backoff * 2).min(cap.max(backoff));
             wait
         };
         tokio::select! {
@@ -250,6 +272,18 @@ pub async fn run_link(
 fn until(at: SystemTime) -> Duration {
     at.duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO)
+}
+
+/// Sleeps until the wall clock reads `at`, looking at it again at least every minute: tokio's
+/// timers stand still while the machine sleeps.
+pub async fn sleep_until_wall(at: SystemTime) {
+    loop {
+        let left = until(at);
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(WALL_CLOCK_CHECK)).await;
+    }
 }
 
 /// Renews the agent's certificate at two thirds of its life, over this connection, for as
@@ -275,34 +309,41 @@ async fn keep_certificate(
             .await;
         return std::future::pending().await;
     }
+    let client = AgentClient {
+        host: host.clone(),
+        peer: peer.clone(),
+    };
     let mut renew_at = validity.renew_at();
+    let mut failing = false;
     loop {
-        tokio::time::sleep(until(renew_at)).await;
-        let renewed = tokio::time::timeout(RENEW_TIMEOUT, renew(host, peer, pinned, ca)).await;
-        let message = match renewed {
-            Ok(Ok(v)) => {
+        sleep_until_wall(renew_at).await;
+        let message = match renew(&client, pinned, ca).await {
+            Ok(v) => {
                 validity = v;
                 renew_at = v.renew_at();
-                LinkMessage::CertRenewed {
+                failing = false;
+                Some(LinkMessage::CertRenewed {
                     host: host.clone(),
                     expires: v.expires,
-                }
+                })
             }
-            failed => {
-                let reason = match failed {
-                    Ok(Err(e)) => e,
-                    _ => format!("no answer within {} s", RENEW_TIMEOUT.as_secs()),
-                };
-                // Tried again after a quarter of what is left, but not in a tight loop.
-                renew_at = SystemTime::now() + (until(validity.expires) / 4).max(RENEW_RETRY_MIN);
-                LinkMessage::RenewalFailed {
+            Err(e) => {
+                // Tried again after a quarter of what is left, never in a tight loop; told
+                // once until it works again.
+                let floor = RENEW_RETRY_MIN.min(validity.lifetime() / 10);
+                renew_at = SystemTime::now() + (until(validity.expires) / 4).max(floor);
+                let first = !failing;
+                failing = true;
+                first.then(|| LinkMessage::RenewalFailed {
                     host: host.clone(),
-                    reason,
+                    reason: error_chain(&e),
                     expires: validity.expires,
-                }
+                })
             }
         };
-        if ctx.tx.send(message).await.is_err() {
+        if let Some(message) = message
+            && ctx.tx.send(message).await.is_err()
+        {
             return "engine stopped".into();
         }
     }
@@ -310,26 +351,22 @@ async fn keep_certificate(
 
 /// One renewal: the agent's CSR for its pinned key, signed by the CA, installed by the agent.
 async fn renew(
-    host: &HostId,
-    peer: &Peer,
+    client: &AgentClient,
     pinned: Fingerprint,
     ca: &ConsolePki,
-) -> Result<pki::CertValidity, String> {
-    let begin = peer.call(RenewBegin).await.map_err(|e| error_chain(&e))?;
-    let cert = ca
-        .ca
-        .sign_host_csr(&begin.csr_der, host)
-        .map_err(|e| error_chain(&e))?;
+) -> Result<pki::CertValidity, RenewError> {
+    let begin = client.call(RenewBegin).await?;
+    let cert = ca.ca.sign_host_csr(&begin.csr_der, &client.host)?;
     // The key stays the pinned one: a renewal never changes who the host is.
     if Fingerprint::of_certificate(&cert).ok() != Some(pinned) {
-        return Err("the agent asked for a certificate for another key".into());
+        return Err(RenewError::OtherKey);
     }
-    let validity = pki::cert_validity(&cert).map_err(|e| error_chain(&e))?;
-    peer.call(RenewFinish {
-        cert_der: cert.to_vec(),
-    })
-    .await
-    .map_err(|e| error_chain(&e))?;
+    let validity = pki::cert_validity(&cert)?;
+    client
+        .call(RenewFinish {
+            cert_der: cert.to_vec(),
+        })
+        .await?;
     Ok(validity)
 }
 
@@ -351,6 +388,11 @@ async fn follow_events(
         };
         match read {
             Ok(Some(Decoded::Unknown(kind))) => {
+                let kind = if skipped.len() >= SKIPPED_KINDS_MAX && !skipped.contains_key(&kind) {
+                    "other".to_string()
+                } else {
+                    kind
+                };
                 let count = skipped.entry(kind.clone()).or_default();
                 *count += 1;
                 if count.is_power_of_two() {

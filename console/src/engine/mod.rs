@@ -354,14 +354,22 @@ async fn renew_console_cert(
     internal: mpsc::Sender<Internal>,
 ) {
     loop {
-        let Ok(validity) = pki::cert_validity(&cert) else {
-            return;
+        let validity = match pki::cert_validity(&cert) {
+            Ok(v) => v,
+            Err(e) => {
+                let message = Internal::Log {
+                    level: Level::Error,
+                    host: None,
+                    message: format!(
+                        "the console certificate does not parse ({}); it will not be renewed",
+                        dunes_shared::error_chain(&e)
+                    ),
+                };
+                let _ = internal.send(message).await;
+                return;
+            }
         };
-        let wait = validity
-            .renew_at()
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        tokio::time::sleep(wait).await;
+        link::sleep_until_wall(validity.renew_at()).await;
         let renewed = {
             let pki = pki.clone();
             tokio::task::spawn_blocking(move || {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use dunes_shared::model::{TemplateName, VmName};
+use dunes_shared::model::{MEMORY_MIB_MAX, MEMORY_MIB_MIN, TemplateName, VCPUS_MAX, VmName};
 use quick_xml::{
     Reader, Writer,
     events::{BytesText, Event},
@@ -128,6 +128,18 @@ impl VmDefinition {
                 return bad("initrd", initrd);
             }
         }
+        if !(1..=VCPUS_MAX).contains(&self.vcpus) {
+            return Err(DefinitionError::Invalid(format!(
+                "vcpus must be between 1 and {VCPUS_MAX}, not {}",
+                self.vcpus
+            )));
+        }
+        if !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&self.memory_mib) {
+            return Err(DefinitionError::Invalid(format!(
+                "memory must be between {MEMORY_MIB_MIN} and {MEMORY_MIB_MAX} MiB, not {}",
+                self.memory_mib
+            )));
+        }
         if uuid::Uuid::parse_str(&self.uuid).is_err() {
             return Err(DefinitionError::Invalid(format!(
                 "{:?} is not a UUID",
@@ -137,8 +149,9 @@ impl VmDefinition {
         Ok(())
     }
 
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a definition serializes")
+    pub fn to_toml(&self) -> Result<String, DefinitionError> {
+        self.validate()?;
+        toml::to_string(self).map_err(|e| DefinitionError::Record(e.to_string()))
     }
 
     pub fn from_toml(text: &str) -> Result<Self, DefinitionError> {
@@ -299,7 +312,7 @@ impl VmDefinition {
         .map_err(|e| DefinitionError::Invalid(e.to_string()))?;
         let memory_mib = match (doc.memory, doc.memory_unit.as_deref()) {
             (Some(m), Some("MiB")) => m,
-            (Some(m), Some("GiB")) => m * 1024,
+            (Some(m), Some("GiB")) => m.saturating_mul(1024),
             (Some(m), Some("KiB") | None) => m / 1024,
             (Some(_), Some(unit)) => {
                 return Err(DefinitionError::Invalid(format!(
@@ -569,7 +582,7 @@ mod tests {
         );
 
         // The record has no absolute path: another agent's storage reads it as its own.
-        let record = def.to_toml();
+        let record = def.to_toml().unwrap();
         assert!(!record.contains(&*data.to_string_lossy()), "{record}");
         let other = Storage::open(&dir.path().join("other")).unwrap();
         let there = VmDefinition::from_toml(&record)
@@ -586,7 +599,8 @@ mod tests {
     fn records_that_would_leave_the_storage_dir_are_refused() {
         let mut def = definition();
         def.disks[0].file = "../../etc/passwd".into();
-        let err = VmDefinition::from_toml(&def.to_toml()).unwrap_err();
+        let record = toml::to_string(&def).unwrap();
+        let err = VmDefinition::from_toml(&record).unwrap_err();
         assert!(err.to_string().contains("not a plain file name"), "{err}");
         let mut def = definition();
         def.boot.as_mut().unwrap().kernel = "/boot/vmlinuz".into();

@@ -383,6 +383,10 @@ impl Inner {
         }
         let active = current.values().filter(|l| l.state.is_active()).count();
         self.active.store(active as u32, Ordering::Relaxed);
+        // What was learnt about domains that are gone (removed outside Dunes too) goes.
+        lock(&self.templates).retain(|uuid, _| current.values().any(|l| &l.uuid == uuid));
+        lock(&self.vm_locks)
+            .retain(|name, l| current.contains_key(name) || Arc::strong_count(l) > 1);
         *published = current;
     }
 
@@ -491,9 +495,13 @@ impl Inner {
                 return Err(e.into());
             }
         };
-        if let Err(e) = self.storage.save_definition(&def.name, &def.to_toml()) {
+        let saved = def
+            .to_toml()
+            .map_err(RuntimeError::from)
+            .and_then(|record| Ok(self.storage.save_definition(&def.name, &record)?));
+        if let Err(e) = saved {
             undo(&self.storage);
-            return Err(e.into());
+            return Err(e);
         }
         let dom = match self.conn.define_domain_xml(&xml) {
             Ok(d) => d,
@@ -502,8 +510,18 @@ impl Inner {
                 return Err(lv("defining the domain")(e));
             }
         };
-        if start {
-            dom.create().map_err(lv("starting the VM"))?;
+        if start && let Err(e) = dom.create() {
+            // A create that cannot start leaves nothing behind: the operator can fix the
+            // cause and create it again.
+            if let Err(gone) = dom.undefine() {
+                tracing::warn!(vm = %def.name, "the VM that could not start stays defined: {}", gone.message());
+                return Err(lv("starting the VM")(e));
+            }
+            undo(&self.storage);
+            return Err(RuntimeError::NotStarted {
+                name: def.name.clone(),
+                message: e.message().to_string(),
+            });
         }
         self.status_of(&def.name)
     }
@@ -577,7 +595,10 @@ impl Inner {
             return Err(lv("undefining the VM")(e));
         }
         lock(&self.templates).remove(&uuid);
-        self.storage.delete_disk(name)?;
+        // The VM is gone now; a disk that would not go is reported, not a failed delete.
+        if let Err(e) = self.storage.delete_disk(name) {
+            tracing::warn!(vm = %name, "the deleted VM's disk stays: {e}");
+        }
         let _ = std::fs::remove_file(self.storage.console_log_path(name));
         Ok(())
     }
@@ -600,7 +621,7 @@ impl Inner {
             });
             match converted
                 .map_err(RuntimeError::from)
-                .and_then(|def| Ok(self.storage.save_definition(&name, &def.to_toml())?))
+                .and_then(|def| Ok(self.storage.save_definition(&name, &def.to_toml()?)?))
             {
                 Ok(()) => {
                     let _ = std::fs::remove_file(&path);

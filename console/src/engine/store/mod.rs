@@ -51,7 +51,7 @@ pub enum StoreError {
     TooNew { found: u64 },
     #[error("store operation failed")]
     Redb(#[from] redb::Error),
-    #[error("a stored record does not decode")]
+    #[error("a stored record does not decode: {0}")]
     Decode(String),
     #[error("a record does not encode")]
     Encode(#[from] rmp_serde::encode::Error),
@@ -297,8 +297,9 @@ fn upgrade_from_v1(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .map(|i| i.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
         .collect::<Result<_, _>>()?;
     for (key, bytes) in old {
-        let row: HostRow = postcard_v1::<v1::Host>(&bytes)?.into();
-        hosts.insert(key.as_str(), encode(&row)?.as_slice())?;
+        if let Some(old) = readable_v1::<v1::Host>("host", &key, &bytes) {
+            hosts.insert(key.as_str(), encode(&HostRow::from(old))?.as_slice())?;
+        }
     }
     let mut vms = tx.open_table(VMS)?;
     let old: Vec<(String, Vec<u8>)> = vms
@@ -306,8 +307,9 @@ fn upgrade_from_v1(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .map(|i| i.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
         .collect::<Result<_, _>>()?;
     for (key, bytes) in old {
-        let row: VmRow = postcard_v1::<v1::Vm>(&bytes)?.into();
-        vms.insert(key.as_str(), encode(&row)?.as_slice())?;
+        if let Some(old) = readable_v1::<v1::Vm>("VM", &key, &bytes) {
+            vms.insert(key.as_str(), encode(&VmRow::from(old))?.as_slice())?;
+        }
     }
     let mut events = tx.open_table(EVENTS)?;
     let old: Vec<(u64, Vec<u8>)> = events
@@ -315,14 +317,23 @@ fn upgrade_from_v1(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .map(|i| i.map(|(k, v)| (k.value(), v.value().to_vec())))
         .collect::<Result<_, _>>()?;
     for (key, bytes) in old {
-        let row: EventRow = postcard_v1::<v1::Event>(&bytes)?.into();
-        events.insert(key, encode(&row)?.as_slice())?;
+        if let Some(old) = readable_v1::<v1::Event>("event", &key.to_string(), &bytes) {
+            events.insert(key, encode(&EventRow::from(old))?.as_slice())?;
+        }
     }
     Ok(())
 }
 
-fn postcard_v1<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Decode(format!("schema 1 record: {e}")))
+/// A schema 1 record, or `None` with a warning: one unreadable row must not keep the console
+/// from starting (it stays as it was, and `load` skips it too).
+fn readable_v1<T: DeserializeOwned>(what: &str, key: &str, bytes: &[u8]) -> Option<T> {
+    match postcard::from_bytes(bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!("skipping {what} {key} of schema 1: it does not decode ({e})");
+            None
+        }
+    }
 }
 
 /// Reads every record. A row that no longer makes a valid record is skipped with a warning:
@@ -371,29 +382,31 @@ fn writer(db: Database, mut rx: mpsc::Receiver<Batch>) {
         while let Ok(more) = rx.try_recv() {
             batches.push(more);
         }
-        let mut ops = Vec::new();
-        let mut acks = Vec::new();
-        for b in batches {
-            ops.extend(b.ops);
-            acks.extend(b.acks);
-        }
-        let result = apply(&db, ops).map_err(|e| error_chain(&e));
-        if let Err(e) = &result {
-            tracing::error!("store write failed: {e}");
-        }
-        for ack in acks {
-            ack(result.clone());
+        let together = apply(&db, batches.iter().flat_map(|b| &b.ops));
+        for batch in batches {
+            // A failed commit is retried batch by batch, so one bad write fails only the
+            // command that made it.
+            let result = match &together {
+                Ok(()) => Ok(()),
+                Err(_) => apply(&db, batch.ops.iter()).map_err(|e| error_chain(&e)),
+            };
+            if let Err(e) = &result {
+                tracing::error!("store write failed: {e}");
+            }
+            for ack in batch.acks {
+                ack(result.clone());
+            }
         }
     }
 }
 
-fn apply(db: &Database, batch: Vec<Op>) -> Result<(), StoreError> {
+fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), StoreError> {
     let tx = db.begin_write()?;
     {
         let mut hosts = tx.open_table(HOSTS)?;
         let mut vms = tx.open_table(VMS)?;
         let mut events = tx.open_table(EVENTS)?;
-        for op in batch {
+        for op in ops {
             match op {
                 Op::PutHost(h) => {
                     hosts.insert(h.id.as_str(), encode(&h)?.as_slice())?;
@@ -405,7 +418,7 @@ fn apply(db: &Database, batch: Vec<Op>) -> Result<(), StoreError> {
                     )?;
                 }
                 Op::DeleteVm(host, name) => {
-                    vms.remove(vm_key(&host, &name).as_str())?;
+                    vms.remove(vm_key(host, name).as_str())?;
                 }
                 Op::ReplaceVms(host, list) => {
                     let prefix = format!("{host}/");
