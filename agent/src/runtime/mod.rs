@@ -92,7 +92,10 @@ pub enum StatusChange {
 }
 
 /// A runtime of the host. Operations on different workloads run concurrently; operations on
-/// one workload are ordered.
+/// one workload are ordered. The lifecycle is named and typed after VMs (the wire protocol's
+/// `CreateVm` and `VmStatus`), but nothing in it is libvirt's: a workload has a name, a
+/// template, vCPUs and memory, and a state. A runtime says with [`Capabilities`] which
+/// requests reach it; the server finds it in the [`RuntimeRegistry`], never by its type.
 pub trait Runtime: Send + Sync + 'static {
     fn kind(&self) -> RuntimeKind;
     /// Driver and version, as shown in the host's inventory.

@@ -1,16 +1,14 @@
 //! The QUIC endpoint: the TLS setup each connection is offered, a cap on handshakes, and the
 //! dispatch of a connection by its ALPN.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use dunes_shared::{
     pki,
     protocol::{ALPN_CONTROL, ALPN_ENROLL, codes},
 };
 
-use super::{
-    ENROLL_DEADLINE, HELLO_TIMEOUT, Shared, control::serve_control, enrollment::serve_enroll, lock,
-};
+use super::{HELLO_TIMEOUT, Shared, control::serve_control, enrollment::serve_enroll, lock};
 use crate::identity::AgentIdentity;
 
 const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -33,7 +31,44 @@ pub(super) fn bind_endpoint(
     )?)
 }
 
-/// The server configurations of one identity: with the enrollment ALPN and without it.
+/// Who may reach a protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// Anyone, while enrollment is open: the peer is not known yet.
+    Enrollment,
+    /// Once enrolled; the handler checks the peer's cluster certificate.
+    Cluster,
+}
+
+/// Serves one connection of a protocol.
+type Serve = fn(Arc<Shared>, quinn::Connection) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A protocol the agent serves, by ALPN.
+pub(super) struct Protocol {
+    pub alpn: &'static [u8],
+    pub reach: Reach,
+    pub serve: Serve,
+}
+
+/// Every protocol the agent serves: a new one (disk transfers, say) is a module of its own
+/// and one entry here. Enrollment comes first: rustls agrees on the first of these that the
+/// client offers, and only enrolling or probing clients offer it.
+pub(super) fn protocols() -> [Protocol; 2] {
+    [
+        Protocol {
+            alpn: ALPN_ENROLL,
+            reach: Reach::Enrollment,
+            serve: |shared, conn| Box::pin(serve_enroll(shared, conn)),
+        },
+        Protocol {
+            alpn: ALPN_CONTROL,
+            reach: Reach::Cluster,
+            serve: |shared, conn| Box::pin(serve_control(shared, conn)),
+        },
+    ]
+}
+
+/// The server configurations of one identity: with the enrollment protocols and without them.
 pub(super) struct TlsConfigs {
     with_enroll: Arc<quinn::ServerConfig>,
     pub(super) control_only: Arc<quinn::ServerConfig>,
@@ -41,14 +76,22 @@ pub(super) struct TlsConfigs {
 
 impl TlsConfigs {
     pub(super) fn new(identity: &AgentIdentity) -> Result<Self, pki::PkiError> {
-        let make = |offer_enroll| {
-            pki::agent_server_config(
+        let enrolled = identity.is_enrolled();
+        let make = |offer_enroll: bool| {
+            let mut tls = pki::agent_server_config(
                 &identity.tls_identity(),
                 identity.ca_der.as_ref(),
                 offer_enroll,
-            )
-            .and_then(pki::quic_server_config)
-            .map(Arc::new)
+            )?;
+            tls.alpn_protocols = protocols()
+                .iter()
+                .filter(|p| match p.reach {
+                    Reach::Enrollment => offer_enroll,
+                    Reach::Cluster => enrolled,
+                })
+                .map(|p| p.alpn.to_vec())
+                .collect();
+            pki::quic_server_config(tls).map(Arc::new)
         };
         Ok(TlsConfigs {
             with_enroll: make(true)?,
@@ -112,21 +155,11 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol);
-    match alpn.as_deref() {
-        Some(p) if p == ALPN_CONTROL => serve_control(shared, conn).await,
-        Some(p) if p == ALPN_ENROLL => {
-            let Ok(_slot) = shared.enroll_slots.clone().try_acquire_owned() else {
-                conn.close(codes::CLOSE_BUSY, b"too many enrollments at once");
-                return;
-            };
-            // Unauthenticated peers get a deadline, finished or not.
-            if tokio::time::timeout(ENROLL_DEADLINE, serve_enroll(shared, conn.clone()))
-                .await
-                .is_err()
-            {
-                conn.close(codes::CLOSE_TIMEOUT, b"enrollment took too long");
-            }
-        }
-        _ => conn.close(codes::CLOSE_BAD_HELLO, b"unknown protocol"),
+    match protocols()
+        .into_iter()
+        .find(|p| alpn.as_deref() == Some(p.alpn))
+    {
+        Some(protocol) => (protocol.serve)(shared, conn).await,
+        None => conn.close(codes::CLOSE_BAD_HELLO, b"unknown protocol"),
     }
 }

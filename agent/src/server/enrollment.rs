@@ -1,5 +1,5 @@
 //! Enrollment: prove the join token, get a CSR signed, install the certificate. Reached only
-//! over the enrollment ALPN, with small frames, a deadline and a cap (see `endpoint`).
+//! over the enrollment ALPN, with small frames, a deadline and a cap on connections at once.
 
 use std::sync::Arc;
 
@@ -7,12 +7,14 @@ use dunes_shared::{
     codec::PREAUTH_FRAME_BYTES,
     error_chain,
     pki::{self, Fingerprint},
-    protocol::{EnrollBegin, EnrollBeginReply, EnrollFinish, ErrorCode, Request, WireError},
+    protocol::{EnrollBegin, EnrollBeginReply, EnrollFinish, ErrorCode, Request, WireError, codes},
     rpc::{Incoming, encode_reply, frame_error_code, read_request, send_reply, unsupported_reply},
 };
 use rustls::pki_types::CertificateDer;
 
-use super::{Shared, control::shutting_down, endpoint::TlsConfigs, lock, off_worker};
+use super::{
+    ENROLL_DEADLINE, Shared, control::shutting_down, endpoint::TlsConfigs, lock, off_worker,
+};
 
 fn invalid_token() -> WireError {
     WireError::new(
@@ -22,7 +24,22 @@ fn invalid_token() -> WireError {
 }
 
 /// Enrollment: prove the token, get a CSR signed, install the certificate.
+/// Serves an enrollment connection within the caps on strangers: a few at once, each for a
+/// limited time.
 pub(super) async fn serve_enroll(shared: Arc<Shared>, conn: quinn::Connection) {
+    let Ok(_slot) = shared.enroll_slots.clone().try_acquire_owned() else {
+        conn.close(codes::CLOSE_BUSY, b"too many enrollments at once");
+        return;
+    };
+    if tokio::time::timeout(ENROLL_DEADLINE, enroll_steps(shared, conn.clone()))
+        .await
+        .is_err()
+    {
+        conn.close(codes::CLOSE_TIMEOUT, b"enrollment took too long");
+    }
+}
+
+async fn enroll_steps(shared: Arc<Shared>, conn: quinn::Connection) {
     // The CA offered in this connection's first step; the certificate must chain to it.
     let mut offered_ca: Option<CertificateDer<'static>> = None;
     loop {
