@@ -118,9 +118,14 @@ impl AgentConfig {
             ));
         }
         let p = config.prices;
-        if [p.per_gb_month_stored, p.per_gb_transferred, p.per_cpu_hour]
-            .iter()
-            .any(|v| !v.is_finite() || *v < 0.0)
+        if [
+            p.per_gb_month_stored,
+            p.per_gb_transferred,
+            p.per_cpu_hour,
+            p.per_gb_memory_hour,
+        ]
+        .iter()
+        .any(|v| !v.is_finite() || *v < 0.0)
         {
             return Err("prices must be finite and not negative".into());
         }

@@ -123,7 +123,7 @@ fn node_xml(agent: &DemoAgent) -> String {
 
 fn agent_toml(agent: &DemoAgent) -> String {
     format!(
-        "host_id = \"{}\"\nsecurity_level = {}\nstop_timeout_secs = 10\n[site]\nname = \"{}\"\nremote = {}\nlink_bandwidth_mbps = {}\nlink_latency_ms = {}\n[prices]\nper_gb_month_stored = {:?}\nper_gb_transferred = {:?}\nper_cpu_hour = {:?}\n",
+        "host_id = \"{}\"\nsecurity_level = {}\nstop_timeout_secs = 10\n[site]\nname = \"{}\"\nremote = {}\nlink_bandwidth_mbps = {}\nlink_latency_ms = {}\n[prices]\nper_gb_month_stored = {:?}\nper_gb_transferred = {:?}\nper_cpu_hour = {:?}\nper_gb_memory_hour = {:?}\n",
         agent.host_id,
         agent.security_level,
         agent.site,
@@ -133,6 +133,7 @@ fn agent_toml(agent: &DemoAgent) -> String {
         agent.prices.per_gb_month_stored,
         agent.prices.per_gb_transferred,
         agent.prices.per_cpu_hour,
+        agent.prices.per_gb_memory_hour,
     )
 }
 

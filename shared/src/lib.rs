@@ -9,6 +9,7 @@ pub mod model;
 pub mod pki;
 pub mod protocol;
 pub mod rpc;
+pub mod service;
 pub mod token;
 
 /// An error with its sources, as one line: "outer: inner: innermost".

@@ -98,6 +98,16 @@ validated_name!(
     TemplateName,
     "template name"
 );
+validated_name!(
+    /// Name of a service: a group of applications run as one.
+    ServiceName,
+    "service name"
+);
+validated_name!(
+    /// Name of an application, unique in its service.
+    AppName,
+    "application name"
+);
 
 /// What runs workloads on a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -158,6 +168,8 @@ pub struct Prices {
     pub per_gb_month_stored: f64,
     pub per_gb_transferred: f64,
     pub per_cpu_hour: f64,
+    /// Memory allocated to workloads, per GiB and hour.
+    pub per_gb_memory_hour: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

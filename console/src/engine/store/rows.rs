@@ -87,6 +87,8 @@ pub struct PricesRow {
     pub per_gb_month_stored: f64,
     pub per_gb_transferred: f64,
     pub per_cpu_hour: f64,
+    #[serde(default)]
+    pub per_gb_memory_hour: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +182,7 @@ impl From<&HostInventory> for InventoryRow {
                 per_gb_month_stored: i.prices.per_gb_month_stored,
                 per_gb_transferred: i.prices.per_gb_transferred,
                 per_cpu_hour: i.prices.per_cpu_hour,
+                per_gb_memory_hour: i.prices.per_gb_memory_hour,
             },
             security_level: i.security_level,
             agent_version: i.agent_version.clone(),
@@ -230,6 +233,7 @@ impl InventoryRow {
                 per_gb_month_stored: self.prices.per_gb_month_stored,
                 per_gb_transferred: self.prices.per_gb_transferred,
                 per_cpu_hour: self.prices.per_cpu_hour,
+                per_gb_memory_hour: self.prices.per_gb_memory_hour,
             },
             security_level: self.security_level,
             agent_version: self.agent_version,

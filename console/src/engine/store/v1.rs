@@ -152,6 +152,7 @@ impl From<Host> for HostRow {
                     per_gb_month_stored: i.prices.per_gb_month_stored,
                     per_gb_transferred: i.prices.per_gb_transferred,
                     per_cpu_hour: i.prices.per_cpu_hour,
+                    per_gb_memory_hour: 0.0,
                 },
                 security_level: i.security_level,
                 agent_version: i.agent_version,

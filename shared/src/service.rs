@@ -1,0 +1,419 @@
+//! Services: named groups of applications with the rules that say where their instances may
+//! run. Pure types and their checks; placement lives in the console's engine.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{AppName, HostId, RuntimeKind, ServiceName, SiteName, TemplateName};
+
+/// How the console tells that an instance is ready for the applications that depend on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Readiness {
+    /// The instance runs.
+    Running,
+    /// qemu-guest-agent answers a ping inside the VM.
+    GuestAgent,
+    /// A TCP port accepts connections.
+    Tcp { port: u16 },
+    /// A command exits 0.
+    Command { command: String },
+}
+
+/// An interpreter an application needs on its host (the seed's catalogue of machines having
+/// an interpreter of a particular type).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterpreterNeed {
+    /// As hosts report it: `python3`, `java`.
+    pub name: String,
+    /// The lowest version that will do, compared by dotted numbers (`3.11`).
+    #[serde(default)]
+    pub min_version: Option<String>,
+}
+
+/// A unit of a service, with one or more instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplicationSpec {
+    pub name: AppName,
+    pub runtime: RuntimeKind,
+    /// A VM image for libvirt; a process template for the process runtime.
+    pub template: TemplateName,
+    #[serde(default)]
+    pub interpreter: Option<InterpreterNeed>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub storage_mib: u64,
+    /// The link bandwidth its instances need to serve well.
+    #[serde(default)]
+    pub bandwidth_mbps: u32,
+    pub instances: u32,
+    pub readiness: Readiness,
+    /// Applications whose instances must all be ready before this one starts.
+    #[serde(default)]
+    pub depends_on: Vec<AppName>,
+}
+
+/// A minimum security level, for the whole service or for one application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityRule {
+    #[serde(default)]
+    pub application: Option<AppName>,
+    pub level: u8,
+}
+
+/// Pinning: an application's instances only on these hosts, or only in these sites.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinRule {
+    pub application: AppName,
+    #[serde(default)]
+    pub hosts: Vec<HostId>,
+    #[serde(default)]
+    pub sites: Vec<SiteName>,
+}
+
+/// Where a service's instances may run.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ServiceRules {
+    /// Applications whose instances all run on different hosts.
+    #[serde(default)]
+    pub distinct_hosts: Vec<AppName>,
+    /// Pairs of applications that never share a host.
+    #[serde(default)]
+    pub anti_affinity: Vec<[AppName; 2]>,
+    /// Pairs whose second application runs only where the first has an instance.
+    #[serde(default)]
+    pub affinity: Vec<[AppName; 2]>,
+    #[serde(default)]
+    pub pin: Vec<PinRule>,
+    /// Applications whose instances stay where they were first placed.
+    #[serde(default)]
+    pub never_relocate: Vec<AppName>,
+    #[serde(default)]
+    pub min_security_level: Vec<SecurityRule>,
+    /// Sites the service may use; empty means all.
+    #[serde(default)]
+    pub allowed_sites: Vec<SiteName>,
+    /// In the fleet's currency unit.
+    #[serde(default)]
+    pub max_cost_per_hour: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: ServiceName,
+    pub applications: Vec<ApplicationSpec>,
+    #[serde(default)]
+    pub rules: ServiceRules,
+}
+
+/// Why a service definition is refused; each says what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("service {0} has no applications")]
+    Empty(ServiceName),
+    #[error("application {0} is defined twice")]
+    DuplicateApp(AppName),
+    #[error("{rule} names application {app}, which the service does not have")]
+    UnknownApp { rule: String, app: AppName },
+    #[error("the dependencies form a cycle: {}", .0.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(" → "))]
+    Cycle(Vec<AppName>),
+    #[error("application {app}: {message}")]
+    BadApp { app: AppName, message: String },
+    #[error("{0}")]
+    Contradiction(String),
+}
+
+impl ApplicationSpec {
+    fn check(&self) -> Result<(), ServiceError> {
+        let bad = |message: String| ServiceError::BadApp {
+            app: self.name.clone(),
+            message,
+        };
+        if !(1..=crate::model::VCPUS_MAX).contains(&self.vcpus) {
+            return Err(bad(format!(
+                "vcpus must be between 1 and {}, not {}",
+                crate::model::VCPUS_MAX,
+                self.vcpus
+            )));
+        }
+        if !(crate::model::MEMORY_MIB_MIN..=crate::model::MEMORY_MIB_MAX).contains(&self.memory_mib)
+        {
+            return Err(bad(format!(
+                "memory_mib must be between {} and {}, not {}",
+                crate::model::MEMORY_MIB_MIN,
+                crate::model::MEMORY_MIB_MAX,
+                self.memory_mib
+            )));
+        }
+        if self.instances > MAX_INSTANCES {
+            return Err(bad(format!(
+                "instances must be at most {MAX_INSTANCES}, not {}",
+                self.instances
+            )));
+        }
+        if self.runtime == RuntimeKind::Unknown {
+            return Err(bad("runtime must be libvirt or process".into()));
+        }
+        if let Readiness::Command { command } = &self.readiness
+            && command.trim().is_empty()
+        {
+            return Err(bad("the readiness command is empty".into()));
+        }
+        if let Readiness::Tcp { port: 0 } = self.readiness {
+            return Err(bad("the readiness port must not be 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Instances one application may ask for.
+pub const MAX_INSTANCES: u32 = 10_000;
+
+impl ServiceSpec {
+    /// Checks the whole definition: names, references, the dependency graph, contradictions.
+    pub fn validate(&self) -> Result<(), ServiceError> {
+        if self.applications.is_empty() {
+            return Err(ServiceError::Empty(self.name.clone()));
+        }
+        let mut names = BTreeSet::new();
+        for app in &self.applications {
+            if !names.insert(&app.name) {
+                return Err(ServiceError::DuplicateApp(app.name.clone()));
+            }
+            app.check()?;
+        }
+        let known = |rule: &str, app: &AppName| {
+            if names.contains(app) {
+                Ok(())
+            } else {
+                Err(ServiceError::UnknownApp {
+                    rule: rule.to_string(),
+                    app: app.clone(),
+                })
+            }
+        };
+        for app in &self.applications {
+            for dep in &app.depends_on {
+                known(&format!("application {}'s depends_on", app.name), dep)?;
+            }
+        }
+        let r = &self.rules;
+        for a in &r.distinct_hosts {
+            known("distinct_hosts", a)?;
+        }
+        for pair in &r.anti_affinity {
+            pair.iter().try_for_each(|a| known("anti_affinity", a))?;
+        }
+        for pair in &r.affinity {
+            pair.iter().try_for_each(|a| known("affinity", a))?;
+            if pair[0] == pair[1] {
+                return Err(ServiceError::Contradiction(format!(
+                    "affinity of {} with itself: list it in distinct_hosts or nowhere",
+                    pair[0]
+                )));
+            }
+            if r.anti_affinity
+                .iter()
+                .any(|aa| aa.contains(&pair[0]) && aa.contains(&pair[1]))
+            {
+                return Err(ServiceError::Contradiction(format!(
+                    "{} and {} are in both affinity and anti_affinity",
+                    pair[0], pair[1]
+                )));
+            }
+        }
+        for pin in &r.pin {
+            known("pin", &pin.application)?;
+            if pin.hosts.is_empty() && pin.sites.is_empty() {
+                return Err(ServiceError::Contradiction(format!(
+                    "the pin of {} names no host and no site",
+                    pin.application
+                )));
+            }
+        }
+        for a in &r.never_relocate {
+            known("never_relocate", a)?;
+        }
+        for rule in &r.min_security_level {
+            if let Some(a) = &rule.application {
+                known("min_security_level", a)?;
+            }
+        }
+        if let Some(max) = r.max_cost_per_hour
+            && !(max.is_finite() && max >= 0.0)
+        {
+            return Err(ServiceError::Contradiction(format!(
+                "max_cost_per_hour must be a positive number, not {max}"
+            )));
+        }
+        if let Some(cycle) = self.dependency_cycle() {
+            return Err(ServiceError::Cycle(cycle));
+        }
+        Ok(())
+    }
+
+    pub fn application(&self, name: &AppName) -> Option<&ApplicationSpec> {
+        self.applications.iter().find(|a| &a.name == name)
+    }
+
+    /// A dependency cycle, as the applications along it (the first repeated at the end).
+    pub fn dependency_cycle(&self) -> Option<Vec<AppName>> {
+        let deps: BTreeMap<&AppName, &Vec<AppName>> = self
+            .applications
+            .iter()
+            .map(|a| (&a.name, &a.depends_on))
+            .collect();
+        // 0 unvisited, 1 on the current path, 2 done.
+        let mut mark: BTreeMap<&AppName, u8> = BTreeMap::new();
+        let mut path: Vec<&AppName> = Vec::new();
+        fn visit<'a>(
+            app: &'a AppName,
+            deps: &BTreeMap<&'a AppName, &'a Vec<AppName>>,
+            mark: &mut BTreeMap<&'a AppName, u8>,
+            path: &mut Vec<&'a AppName>,
+        ) -> Option<Vec<AppName>> {
+            match mark.get(app) {
+                Some(2) => return None,
+                Some(1) => {
+                    let from = path.iter().position(|a| *a == app).unwrap_or(0);
+                    let mut cycle: Vec<AppName> =
+                        path[from..].iter().map(|a| (*a).clone()).collect();
+                    cycle.push(app.clone());
+                    return Some(cycle);
+                }
+                _ => {}
+            }
+            mark.insert(app, 1);
+            path.push(app);
+            for dep in deps.get(app).into_iter().flat_map(|d| d.iter()) {
+                if let Some(cycle) = visit(dep, deps, mark, path) {
+                    return Some(cycle);
+                }
+            }
+            path.pop();
+            mark.insert(app, 2);
+            None
+        }
+        for app in deps.keys() {
+            if let Some(cycle) = visit(app, &deps, &mut mark, &mut path) {
+                return Some(cycle);
+            }
+        }
+        None
+    }
+
+    /// Applications in start order: each after everything it depends on, ties by name.
+    /// `None` when the dependencies form a cycle.
+    pub fn start_order(&self) -> Option<Vec<&ApplicationSpec>> {
+        let mut done: BTreeSet<&AppName> = BTreeSet::new();
+        let mut order = Vec::with_capacity(self.applications.len());
+        let mut left: Vec<&ApplicationSpec> = self.applications.iter().collect();
+        left.sort_by(|a, b| a.name.cmp(&b.name));
+        while !left.is_empty() {
+            let ready = left
+                .iter()
+                .position(|a| a.depends_on.iter().all(|d| done.contains(d)))?;
+            let app = left.remove(ready);
+            done.insert(&app.name);
+            order.push(app);
+        }
+        Some(order)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(name: &str, deps: &[&str]) -> ApplicationSpec {
+        ApplicationSpec {
+            name: AppName::new(name).unwrap(),
+            runtime: RuntimeKind::Libvirt,
+            template: TemplateName::new("tiny").unwrap(),
+            interpreter: None,
+            vcpus: 1,
+            memory_mib: 256,
+            storage_mib: 1024,
+            bandwidth_mbps: 0,
+            instances: 1,
+            readiness: Readiness::Running,
+            depends_on: deps.iter().map(|d| AppName::new(*d).unwrap()).collect(),
+        }
+    }
+
+    fn service(apps: Vec<ApplicationSpec>) -> ServiceSpec {
+        ServiceSpec {
+            name: ServiceName::new("shop").unwrap(),
+            applications: apps,
+            rules: ServiceRules::default(),
+        }
+    }
+
+    fn name(n: &str) -> AppName {
+        AppName::new(n).unwrap()
+    }
+
+    #[test]
+    fn a_dependency_cycle_is_refused_and_named() {
+        let s = service(vec![
+            app("web", &["payment"]),
+            app("payment", &["db"]),
+            app("db", &["web"]),
+        ]);
+        let err = s.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the dependencies form a cycle: db → web → payment → db"
+        );
+        assert!(s.start_order().is_none());
+    }
+
+    #[test]
+    fn start_order_follows_dependencies() {
+        let s = service(vec![
+            app("web", &["payment"]),
+            app("reports", &[]),
+            app("payment", &["db"]),
+            app("db", &[]),
+        ]);
+        s.validate().unwrap();
+        let order: Vec<&str> = s
+            .start_order()
+            .unwrap()
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        assert_eq!(order, ["db", "payment", "reports", "web"]);
+    }
+
+    #[test]
+    fn rules_naming_unknown_or_contradictory_applications_are_refused() {
+        let mut s = service(vec![app("web", &[]), app("db", &[])]);
+        s.rules.anti_affinity = vec![[name("web"), name("cache")]];
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "anti_affinity names application cache, which the service does not have"
+        );
+        s.rules.anti_affinity = vec![[name("web"), name("db")]];
+        s.rules.affinity = vec![[name("db"), name("web")]];
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "db and web are in both affinity and anti_affinity"
+        );
+        let s = service(vec![app("web", &["nope"])]);
+        assert!(matches!(s.validate(), Err(ServiceError::UnknownApp { .. })));
+        let s = service(vec![app("web", &[]), app("web", &[])]);
+        assert_eq!(s.validate(), Err(ServiceError::DuplicateApp(name("web"))));
+        let mut bad = app("web", &[]);
+        bad.vcpus = 0;
+        assert!(
+            service(vec![bad])
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("application web: vcpus must be")
+        );
+    }
+}
