@@ -267,7 +267,8 @@ pub enum AgentEvent {
     VmRemoved {
         name: VmName,
     },
-    Inventory(HostInventory),
+    /// Boxed: it is by far the largest event (same bytes on the wire).
+    Inventory(Box<HostInventory>),
     /// The whole VM list, replacing what the console holds (sent when events were dropped).
     VmList(Vec<VmStatus>),
 }
@@ -523,7 +524,7 @@ mod tests {
                 "81a9566d52656d6f76656481a46e616d65a161",
             ),
             (
-                AgentEvent::Inventory(inventory()),
+                AgentEvent::Inventory(Box::new(inventory())),
                 concat!(
                     "81a9496e76656e746f72798ea7686f73745f6964a168a8686f73746e616d65a16ea46370757302a9",
                     "6370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f746f74616c5f",

@@ -182,7 +182,7 @@ impl Actor {
                 self.store.delete_vm(host.clone(), name);
             }
             AgentEvent::Inventory(inventory) => {
-                entry.view.record.inventory = Some(inventory);
+                entry.view.record.inventory = Some(*inventory);
                 self.store.put_host(&entry.view.record);
             }
             AgentEvent::VmList(vms) => {

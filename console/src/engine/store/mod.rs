@@ -130,7 +130,7 @@ pub struct Loaded {
 }
 
 enum Op {
-    PutHost(HostRow),
+    PutHost(Box<HostRow>),
     PutVm(HostId, VmRow),
     DeleteVm(HostId, VmName),
     ReplaceVms(HostId, Vec<VmRow>),
@@ -202,7 +202,7 @@ impl Store {
     }
 
     pub fn put_host(&mut self, host: &HostRecord) {
-        self.pending.push(Op::PutHost(host.into()));
+        self.pending.push(Op::PutHost(Box::new(host.into())));
     }
     pub fn put_vm(&mut self, host: HostId, vm: &VmStatus) {
         self.pending.push(Op::PutVm(host, vm.into()));
