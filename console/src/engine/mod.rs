@@ -13,6 +13,7 @@ mod hosts;
 pub mod link;
 pub mod placement;
 mod publish;
+pub mod service_file;
 pub mod snapshot;
 pub mod store;
 #[cfg(test)]

@@ -1,0 +1,360 @@
+//! Service files (TOML), as an operator writes them. Every refusal names the line: a field the
+//! format does not have, a value of the wrong kind, or a definition that does not hold (a
+//! dependency cycle, a rule naming an unknown application).
+//!
+//! ```toml
+//! name = "shop"
+//!
+//! [[application]]
+//! name = "db"
+//! runtime = "libvirt"
+//! template = "tiny"
+//! vcpus = 2
+//! memory_mib = 2048
+//! storage_mib = 20480
+//! instances = 1
+//! readiness = "guest-agent"          # running | guest-agent | { tcp = 5432 } | { command = "..." }
+//!
+//! [[application]]
+//! name = "web"
+//! depends_on = ["db"]
+//! # ...
+//!
+//! [rules]
+//! distinct_hosts = ["web"]
+//! anti_affinity = [["web", "reports"]]
+//! affinity = [["db", "reports"]]      # reports runs where db runs
+//! pin = [{ application = "db", sites = ["lausanne"] }]
+//! never_relocate = ["payment"]
+//! min_security_level = [{ application = "payment", level = 3 }]
+//! allowed_sites = ["lausanne", "geneva"]
+//! max_cost_per_hour = 2.5
+//! ```
+
+use dunes_shared::{
+    model::{AppName, HostId, RuntimeKind, ServiceName, SiteName, TemplateName},
+    service::{
+        ApplicationSpec, InterpreterNeed, PinRule, Readiness, SecurityRule, ServiceError,
+        ServiceRules, ServiceSpec,
+    },
+};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Why a service file is refused: where, and what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ServiceFileError {
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    name: Spanned<ServiceName>,
+    #[serde(rename = "application", default)]
+    applications: Vec<AppFile>,
+    #[serde(default)]
+    rules: Option<Spanned<RulesFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppFile {
+    name: Spanned<AppName>,
+    runtime: RuntimeFile,
+    template: TemplateName,
+    #[serde(default)]
+    interpreter: Option<InterpreterFile>,
+    vcpus: u32,
+    memory_mib: u64,
+    #[serde(default)]
+    storage_mib: u64,
+    #[serde(default)]
+    bandwidth_mbps: u32,
+    #[serde(default = "one")]
+    instances: u32,
+    #[serde(default)]
+    readiness: Option<ReadinessFile>,
+    #[serde(default)]
+    depends_on: Vec<AppName>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RuntimeFile {
+    Libvirt,
+    Process,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterpreterFile {
+    name: String,
+    #[serde(default)]
+    min_version: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReadinessFile {
+    Word(ReadinessWord),
+    Tcp { tcp: u16 },
+    Command { command: String },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ReadinessWord {
+    Running,
+    GuestAgent,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    distinct_hosts: Vec<AppName>,
+    #[serde(default)]
+    anti_affinity: Vec<[AppName; 2]>,
+    #[serde(default)]
+    affinity: Vec<[AppName; 2]>,
+    #[serde(default)]
+    pin: Vec<PinFile>,
+    #[serde(default)]
+    never_relocate: Vec<AppName>,
+    #[serde(default)]
+    min_security_level: Vec<SecurityFile>,
+    #[serde(default)]
+    allowed_sites: Vec<SiteName>,
+    #[serde(default)]
+    max_cost_per_hour: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinFile {
+    application: AppName,
+    #[serde(default)]
+    hosts: Vec<HostId>,
+    #[serde(default)]
+    sites: Vec<SiteName>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecurityFile {
+    #[serde(default)]
+    application: Option<AppName>,
+    level: u8,
+}
+
+/// The 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The key written on a line (`vcpus = 0` → `vcpus`), to name the field of a bad value.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let (key, _) = l.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.contains(['[', '{', ' '])).then(|| key.to_string())
+}
+
+/// Parses and checks a service file; nothing is created from a file that fails.
+pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
+    let file: File = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(1, |s| line_of(text, s.start));
+        let message = e.message().trim().to_string();
+        let message = match key_on_line(text, line) {
+            Some(key) if !message.contains(&format!("`{key}`")) => format!("{key}: {message}"),
+            _ => message,
+        };
+        ServiceFileError { line, message }
+    })?;
+    let name_line = line_of(text, file.name.span().start);
+    let app_lines: Vec<(AppName, usize)> = file
+        .applications
+        .iter()
+        .map(|a| (a.name.get_ref().clone(), line_of(text, a.name.span().start)))
+        .collect();
+    let rules_line = file
+        .rules
+        .as_ref()
+        .map_or(name_line, |r| line_of(text, r.span().start));
+    let spec = ServiceSpec {
+        name: file.name.into_inner(),
+        applications: file.applications.into_iter().map(app_spec).collect(),
+        rules: file
+            .rules
+            .map(|r| rules_spec(r.into_inner()))
+            .unwrap_or_default(),
+    };
+    spec.validate().map_err(|e| {
+        let app_line = |a: &AppName| app_lines.iter().find(|(n, _)| n == a).map(|(_, l)| *l);
+        let line = match &e {
+            ServiceError::Empty(_) => Some(name_line),
+            ServiceError::DuplicateApp(a) => app_lines
+                .iter()
+                .filter(|(n, _)| n == a)
+                .nth(1)
+                .map(|(_, l)| *l),
+            ServiceError::BadApp { app, .. } => app_line(app),
+            ServiceError::Cycle(cycle) => cycle.first().and_then(app_line),
+            ServiceError::UnknownApp { rule, .. } if rule.starts_with("application ") => spec
+                .applications
+                .iter()
+                .find(|a| rule.starts_with(&format!("application {}'s", a.name)))
+                .and_then(|a| app_line(&a.name)),
+            ServiceError::UnknownApp { .. } | ServiceError::Contradiction(_) => Some(rules_line),
+        };
+        ServiceFileError {
+            line: line.unwrap_or(1),
+            message: e.to_string(),
+        }
+    })?;
+    Ok(spec)
+}
+
+fn app_spec(a: AppFile) -> ApplicationSpec {
+    ApplicationSpec {
+        name: a.name.into_inner(),
+        runtime: match a.runtime {
+            RuntimeFile::Libvirt => RuntimeKind::Libvirt,
+            RuntimeFile::Process => RuntimeKind::Process,
+        },
+        template: a.template,
+        interpreter: a.interpreter.map(|i| InterpreterNeed {
+            name: i.name,
+            min_version: i.min_version,
+        }),
+        vcpus: a.vcpus,
+        memory_mib: a.memory_mib,
+        storage_mib: a.storage_mib,
+        bandwidth_mbps: a.bandwidth_mbps,
+        instances: a.instances,
+        readiness: match a.readiness {
+            None | Some(ReadinessFile::Word(ReadinessWord::Running)) => Readiness::Running,
+            Some(ReadinessFile::Word(ReadinessWord::GuestAgent)) => Readiness::GuestAgent,
+            Some(ReadinessFile::Tcp { tcp }) => Readiness::Tcp { port: tcp },
+            Some(ReadinessFile::Command { command }) => Readiness::Command { command },
+        },
+        depends_on: a.depends_on,
+    }
+}
+
+fn rules_spec(r: RulesFile) -> ServiceRules {
+    ServiceRules {
+        distinct_hosts: r.distinct_hosts,
+        anti_affinity: r.anti_affinity,
+        affinity: r.affinity,
+        pin: r
+            .pin
+            .into_iter()
+            .map(|p| PinRule {
+                application: p.application,
+                hosts: p.hosts,
+                sites: p.sites,
+            })
+            .collect(),
+        never_relocate: r.never_relocate,
+        min_security_level: r
+            .min_security_level
+            .into_iter()
+            .map(|s| SecurityRule {
+                application: s.application,
+                level: s.level,
+            })
+            .collect(),
+        allowed_sites: r.allowed_sites,
+        max_cost_per_hour: r.max_cost_per_hour,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHOP: &str = include_str!("../../../assets/examples/shop.toml");
+
+    #[test]
+    fn the_example_shop_parses() {
+        let spec = parse_service_file(SHOP).unwrap();
+        assert_eq!(spec.name.as_str(), "shop");
+        let order: Vec<&str> = spec
+            .start_order()
+            .unwrap()
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        let at = |n: &str| order.iter().position(|a| *a == n).unwrap();
+        assert!(
+            at("db") < at("payment") && at("payment") < at("web"),
+            "{order:?}"
+        );
+        let web = spec.application(&AppName::new("web").unwrap()).unwrap();
+        assert_eq!(web.instances, 2);
+        assert!(spec.rules.distinct_hosts.contains(&web.name));
+    }
+
+    #[test]
+    fn an_unknown_field_names_its_line() {
+        let text = "name = \"s\"\n\n[[application]]\nname = \"a\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 256\ncolour = \"red\"\n";
+        let err = parse_service_file(text).unwrap_err();
+        assert_eq!(err.line, 9, "{err}");
+        assert!(err.message.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_line_and_field() {
+        let text = "name = \"s\"\n[[application]]\nname = \"a\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = \"two\"\nmemory_mib = 256\n";
+        let err = parse_service_file(text).unwrap_err();
+        assert_eq!(err.line, 6, "{err}");
+        assert!(err.message.starts_with("vcpus: "), "{err}");
+        let text = "name = \"Shop!\"\n";
+        let err = parse_service_file(text).unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.message.contains("invalid service name"), "{err}");
+        let text = "name = \"s\"\n[[application]]\nname = \"a\"\nruntime = \"docker\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 256\n";
+        let err = parse_service_file(text).unwrap_err();
+        assert_eq!(err.line, 4, "{err}");
+    }
+
+    #[test]
+    fn a_cycle_and_an_unknown_application_name_their_lines() {
+        let app = |name: &str, deps: &str| {
+            format!(
+                "[[application]]\nname = \"{name}\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 256\ndepends_on = [{deps}]\n"
+            )
+        };
+        let text = format!(
+            "name = \"s\"\n{}{}",
+            app("web", "\"db\""),
+            app("db", "\"web\"")
+        );
+        let err = parse_service_file(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 10: the dependencies form a cycle: db → web → db"
+        );
+        let text = format!(
+            "name = \"s\"\n{}\n[rules]\ndistinct_hosts = [\"cache\"]\n",
+            app("web", "")
+        );
+        let err = parse_service_file(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 10: distinct_hosts names application cache, which the service does not have"
+        );
+    }
+}
