@@ -66,6 +66,31 @@ pub enum CtlCommand {
     /// Manage VMs. A VM is named NAME, or HOST/NAME when names repeat across hosts.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// List services: status, applications and cost per hour.
+    Services,
+    /// Define, plan and remove services of several applications.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Define a service from its file (TOML; see assets/examples/shop.toml).
+    Create {
+        /// The service file; a refusal names its line.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Replace the service of the same name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Show where every instance would run and why hosts were left out, changing nothing.
+    /// Exit code 0: nothing to change; 1: changes; 2: something cannot be placed.
+    Plan { name: String },
+    /// Show a service's definition.
+    Show { name: String },
+    /// Remove a service's definition.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,11 +202,11 @@ pub fn main(cli: Cli) -> ExitCode {
             let options = engine::EngineOptions {
                 cert_lifetime: Duration::from_secs(u64::from(cli.cert_days) * 24 * 3600),
             };
-            run_console(cli.data_dir, cli.headless, cli.demo, options)
+            run_console(cli.data_dir, cli.headless, cli.demo, options).map(|()| ExitCode::SUCCESS)
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("{NAME}: {}", chain.join(": "));
@@ -327,8 +352,36 @@ async fn shutdown_signal() {
     }
 }
 
-fn ctl_request(command: &CtlCommand) -> CtlRequest {
-    match command {
+fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
+    Ok(match command {
+        CtlCommand::Services => CtlRequest::Services,
+        CtlCommand::Service(ServiceCommand::Create { file, replace }) => {
+            let size = std::fs::metadata(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+                .len();
+            if size > ctl::MAX_REQUEST_BYTES as u64 / 2 {
+                anyhow::bail!(
+                    "{} is {size} bytes; a service file may have at most {}",
+                    file.display(),
+                    ctl::MAX_REQUEST_BYTES / 2
+                );
+            }
+            let source = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            CtlRequest::ServiceCreate {
+                source,
+                replace: *replace,
+            }
+        }
+        CtlCommand::Service(ServiceCommand::Plan { name }) => {
+            CtlRequest::ServicePlan { name: name.clone() }
+        }
+        CtlCommand::Service(ServiceCommand::Show { name }) => {
+            CtlRequest::ServiceShow { name: name.clone() }
+        }
+        CtlCommand::Service(ServiceCommand::Delete { name }) => {
+            CtlRequest::ServiceDelete { name: name.clone() }
+        }
         CtlCommand::Hosts => CtlRequest::Hosts,
         CtlCommand::Vms => CtlRequest::Vms,
         CtlCommand::Events { limit } => CtlRequest::Events { limit: *limit },
@@ -367,12 +420,12 @@ fn ctl_request(command: &CtlCommand) -> CtlRequest {
             force: *force,
         },
         CtlCommand::Vm(VmCommand::Delete { vm }) => CtlRequest::VmDelete { vm: vm.clone() },
-    }
+    })
 }
 
-fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Result<()> {
+fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Result<ExitCode> {
     let data_dir = data_dir.map_or_else(|| default_data_dir(false), Ok)?;
-    let request = ctl_request(&args.command);
+    let request = ctl_request(&args.command)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -389,7 +442,17 @@ fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", render_table(&args.command, &data));
     }
-    Ok(())
+    // A plan tells by its exit code whether deploying it would do anything.
+    if let CtlCommand::Service(ServiceCommand::Plan { .. }) = args.command {
+        return Ok(if data["feasible"] == Value::Bool(false) {
+            ExitCode::from(2)
+        } else if data["changes"] == Value::Bool(true) {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn text(v: &Value) -> String {
@@ -508,7 +571,89 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
             text(&data["host"]),
             text(&data["state"])
         ),
+        CtlCommand::Services => table(
+            &[
+                "NAME",
+                "STATUS",
+                "APPLICATIONS",
+                "INSTANCES",
+                "COST_PER_HOUR",
+            ],
+            items
+                .iter()
+                .map(|s| {
+                    let apps = s["applications"].as_array().cloned().unwrap_or_default();
+                    let instances: u64 = apps.iter().filter_map(|a| a["instances"].as_u64()).sum();
+                    vec![
+                        text(&s["name"]),
+                        text(&s["status"]),
+                        apps.iter()
+                            .map(|a| text(&a["name"]))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        instances.to_string(),
+                        s["cost_per_hour"]
+                            .as_f64()
+                            .map_or("-".into(), |c| format!("{c:.3}")),
+                    ]
+                })
+                .collect(),
+        ),
+        CtlCommand::Service(ServiceCommand::Create { .. }) => {
+            format!("service {} defined\n", text(&data["name"]))
+        }
+        CtlCommand::Service(ServiceCommand::Delete { .. }) => {
+            format!("service {} deleted\n", text(&data["deleted"]))
+        }
+        CtlCommand::Service(ServiceCommand::Show { .. }) => text(&data["source"]),
+        CtlCommand::Service(ServiceCommand::Plan { .. }) => render_plan(data),
     }
+}
+
+/// A plan for a person: what goes where at what cost, what cannot, and why hosts were left out.
+fn render_plan(plan: &Value) -> String {
+    let mut out = format!(
+        "plan for service {} (fingerprint {})\n",
+        text(&plan["service"]),
+        text(&plan["fingerprint"])
+    );
+    let list = |key: &str| plan[key].as_array().cloned().unwrap_or_default();
+    for p in list("placements") {
+        let sign = if p["action"] == "create" { "+" } else { "=" };
+        out.push_str(&format!(
+            "  {sign} {:<16} on {:<12} {:>8.3}/h\n",
+            text(&p["instance"]),
+            text(&p["host"]),
+            p["cost_per_hour"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    for r in list("removals") {
+        out.push_str(&format!(
+            "  - {:<16} on {}\n",
+            text(&r["instance"]),
+            text(&r["host"])
+        ));
+    }
+    for u in list("unplaced") {
+        out.push_str(&format!(
+            "  ! {:<16} cannot be placed: {}\n",
+            text(&u["instance"]),
+            text(&u["would_fit"])
+        ));
+    }
+    if let Some(rejections) = plan["rejections"].as_object().filter(|r| !r.is_empty()) {
+        out.push_str("hosts left out:\n");
+        for (app, reasons) in rejections {
+            for reason in reasons.as_array().into_iter().flatten() {
+                out.push_str(&format!("  {app}: {}\n", text(reason)));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "cost: {:.3}/h\n",
+        plan["cost_per_hour"].as_f64().unwrap_or(0.0)
+    ));
+    out
 }
 
 #[cfg(test)]
@@ -544,7 +689,7 @@ mod tests {
         };
         assert!(args.json);
         assert!(matches!(
-            ctl_request(&args.command),
+            ctl_request(&args.command).unwrap(),
             CtlRequest::VmCreate {
                 memory_mib: Some(128),
                 start: false,

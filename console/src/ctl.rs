@@ -8,7 +8,7 @@ use std::{
 };
 
 use dunes_shared::{
-    model::{HostId, TemplateName, VmName, VmSpec, VmStatus},
+    model::{HostId, ServiceName, TemplateName, VmName, VmSpec, VmStatus},
     pki::Fingerprint,
 };
 use serde::{Deserialize, Serialize};
@@ -18,13 +18,16 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::engine::{Command, EngineError, EngineHandle, HostView, Snapshot};
+use crate::engine::{
+    Command, EngineError, EngineHandle, HostView, ServicePlan, ServiceView, Snapshot,
+    placement::Action, snapshot::rfc3339,
+};
 
 pub const SOCKET_NAME: &str = "ctl.sock";
 /// How long a client gets to send its request line.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest request line accepted.
-const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest request line accepted (a service file travels in one).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -61,6 +64,22 @@ pub enum CtlRequest {
     },
     VmDelete {
         vm: String,
+    },
+    Services,
+    ServiceCreate {
+        /// The service file's text.
+        source: String,
+        #[serde(default)]
+        replace: bool,
+    },
+    ServicePlan {
+        name: String,
+    },
+    ServiceShow {
+        name: String,
+    },
+    ServiceDelete {
+        name: String,
     },
 }
 
@@ -202,6 +221,69 @@ pub fn vm_json(host: &HostId, vm: &VmStatus) -> Value {
     })
 }
 
+/// A service for `services --json`: its name, status, applications and cost per hour (of its
+/// plan, until it is deployed).
+pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
+    let defined_at =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(view.record.defined_at_ms);
+    match &view.spec {
+        Ok(spec) => json!({
+            "name": view.name(),
+            "status": "defined",
+            "defined_at": rfc3339(defined_at),
+            "applications": spec.applications.iter().map(|a| json!({
+                "name": a.name,
+                "runtime": a.runtime.as_str(),
+                "instances": a.instances,
+                "vcpus": a.vcpus,
+                "memory_mib": a.memory_mib,
+                "storage_mib": a.storage_mib,
+                "depends_on": a.depends_on,
+            })).collect::<Vec<_>>(),
+            "start_order": spec.start_order().map(|o| o.iter().map(|a| a.name.to_string()).collect::<Vec<_>>()),
+            "cost_per_hour": plan.map(|p| p.plan.cost_per_hour),
+        }),
+        Err(e) => json!({
+            "name": view.name(),
+            "status": "unreadable",
+            "defined_at": rfc3339(defined_at),
+            "error": e,
+            "applications": [],
+            "cost_per_hour": null,
+        }),
+    }
+}
+
+/// A plan as ctl shows it.
+pub fn plan_json(sp: &ServicePlan) -> Value {
+    let plan = &sp.plan;
+    json!({
+        "service": sp.service,
+        "fingerprint": sp.fingerprint,
+        "feasible": plan.is_feasible(),
+        "changes": plan.changes(),
+        "cost_per_hour": plan.cost_per_hour,
+        "placements": plan.placements.iter().map(|p| json!({
+            "application": p.app,
+            "instance": format!("{}-{}", p.app, p.index),
+            "host": p.host,
+            "action": match p.action { Action::Create => "create", Action::Keep => "keep" },
+            "cost_per_hour": p.cost_per_hour,
+        })).collect::<Vec<_>>(),
+        "removals": plan.removals.iter().map(|e| json!({
+            "instance": format!("{}-{}", e.app, e.index),
+            "host": e.host,
+        })).collect::<Vec<_>>(),
+        "unplaced": plan.unplaced.iter().map(|u| json!({
+            "instance": format!("{}-{}", u.app, u.index),
+            "would_fit": u.would_fit,
+        })).collect::<Vec<_>>(),
+        "rejections": plan.rejections.iter().map(|(app, list)| {
+            (app.to_string(), Value::Array(list.iter().map(|r| Value::String(r.reason.clone())).collect()))
+        }).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
 fn all_vms(snap: &Snapshot) -> Vec<Value> {
     snap.hosts
         .iter()
@@ -308,6 +390,66 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .await
                 .map_err(engine_err)?;
             Ok(vm_json(&host, &vm))
+        }
+        CtlRequest::Services => {
+            let services = engine.snapshot().services.clone();
+            let mut out = Vec::with_capacity(services.len());
+            for view in services.iter() {
+                let plan = match &view.spec {
+                    Ok(_) => {
+                        let name = view.name().clone();
+                        engine
+                            .request(|reply| Command::PlanService { name, reply })
+                            .await
+                            .ok()
+                    }
+                    Err(_) => None,
+                };
+                out.push(service_json(view, plan.as_ref()));
+            }
+            Ok(Value::Array(out))
+        }
+        CtlRequest::ServiceCreate { source, replace } => {
+            let name = engine
+                .request(|reply| Command::DefineService {
+                    source,
+                    replace,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({ "name": name }))
+        }
+        CtlRequest::ServicePlan { name } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let plan = engine
+                .request(|reply| Command::PlanService { name, reply })
+                .await
+                .map_err(engine_err)?;
+            Ok(plan_json(&plan))
+        }
+        CtlRequest::ServiceShow { name } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let snap = engine.snapshot();
+            let view = snap
+                .services
+                .iter()
+                .find(|s| s.name() == &name)
+                .ok_or_else(|| format!("service {name} does not exist"))?;
+            let mut shown = service_json(view, None);
+            shown["source"] = Value::String(view.record.source.clone());
+            Ok(shown)
+        }
+        CtlRequest::ServiceDelete { name } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            engine
+                .request(|reply| Command::DeleteService {
+                    name: name.clone(),
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({ "deleted": name }))
         }
         CtlRequest::VmDelete { vm } => {
             let (host, found) = engine.snapshot().find_vm(&vm)?;

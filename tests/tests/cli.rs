@@ -491,3 +491,107 @@ fn acknowledged_changes_survive_a_sigkill_of_the_console() {
     assert!(names.contains(&"kept"), "{vms}");
     assert!(!names.contains(&"dropped"), "{vms}");
 }
+
+/// The seed's e-commerce service on the demo fleet: defined from its file, planned with every
+/// rule explained, refused with its line when the file is wrong.
+#[test]
+fn services_are_defined_and_planned_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("console");
+    let _console = Console(
+        Command::new(console_binary())
+            .args(["--demo", "--headless", "--data-dir"])
+            .arg(&data)
+            .stderr(std::fs::File::create(dir.path().join("console.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ctl(&data, &["--json", "hosts"]);
+        if out.status.success()
+            && json(&out)
+                .as_array()
+                .is_some_and(|h| h.len() == 3 && h.iter().all(|h| h["state"] == "online"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let shop =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/examples/shop.toml");
+    let created = json(&ctl(
+        &data,
+        &["--json", "service", "create", "-f", shop.to_str().unwrap()],
+    ));
+    assert_eq!(created["name"], "shop");
+
+    // The plan: exit code 2, since no demo host has the process runtime the reports job needs.
+    let plan = ctl(&data, &["--json", "service", "plan", "shop"]);
+    assert_eq!(
+        plan.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let host_of = |instance: &str| {
+        plan["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["instance"] == instance)
+            .map(|p| p["host"].as_str().unwrap().to_string())
+    };
+    // Only lsn-1 has security level 3; the two web instances on different hosts.
+    assert_eq!(host_of("payment-0").as_deref(), Some("lsn-1"));
+    assert_ne!(host_of("web-0"), host_of("web-1"));
+    assert!(host_of("db-0").is_some());
+    assert_eq!(plan["unplaced"][0]["instance"], "reports-0");
+    let payment_out: Vec<&str> = plan["rejections"]["payment"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        payment_out.contains(&"gva-1: security level 1 < required 3"),
+        "{payment_out:?}"
+    );
+    assert!(plan["cost_per_hour"].as_f64().unwrap() > 0.0);
+    // The same plan for a person.
+    let text = String::from_utf8(ctl(&data, &["service", "plan", "shop"]).stdout).unwrap();
+    assert!(
+        text.contains("! reports-0") && text.contains("has no process runtime"),
+        "{text}"
+    );
+
+    let services = json(&ctl(&data, &["--json", "services"]));
+    assert_eq!(services[0]["name"], "shop");
+    assert_eq!(services[0]["status"], "defined");
+    assert_eq!(services[0]["applications"].as_array().unwrap().len(), 4);
+    assert!(services[0]["cost_per_hour"].as_f64().is_some());
+
+    // A wrong file is refused with its line, and changes nothing.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\n[[application]]\nname = \"a\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 256\ncolour = 1\n",
+    )
+    .unwrap();
+    let out = ctl(&data, &["service", "create", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 8: unknown field `colour`"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let out = ctl(&data, &["service", "create", "-f", shop.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists already"));
+    assert_eq!(
+        json(&ctl(&data, &["--json", "services"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -147,6 +147,15 @@ impl Actor {
                     Actor::apply_vm,
                 );
             }
+            Command::DefineService {
+                source,
+                replace,
+                reply,
+            } => self.define_service(source, replace, reply),
+            Command::DeleteService { name, reply } => self.delete_service(&name, reply),
+            Command::PlanService { name, reply } => {
+                let _ = reply.send(self.plan_service(&name));
+            }
             Command::DeleteVm { host, name, reply } => {
                 let deleted = name.clone();
                 self.agent_call(

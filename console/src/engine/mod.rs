@@ -14,6 +14,7 @@ pub mod link;
 pub mod placement;
 mod publish;
 pub mod service_file;
+pub mod services;
 pub mod snapshot;
 pub mod store;
 #[cfg(test)]
@@ -33,8 +34,9 @@ use dunes_shared::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
+pub use services::{ServicePlan, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};
-pub use store::{EventRecord, HostRecord, Level};
+pub use store::{EventRecord, HostRecord, Level, ServiceRecord};
 
 use self::{
     actor::{Actor, Internal},
@@ -139,6 +141,21 @@ pub enum Command {
         host: HostId,
         name: VmName,
         reply: Reply<()>,
+    },
+    /// Defines a service from the text of its file (or replaces it, with `replace`).
+    DefineService {
+        source: String,
+        replace: bool,
+        reply: Reply<dunes_shared::model::ServiceName>,
+    },
+    DeleteService {
+        name: dunes_shared::model::ServiceName,
+        reply: Reply<()>,
+    },
+    /// A dry run: where every instance would go, and why hosts were left out.
+    PlanService {
+        name: dunes_shared::model::ServiceName,
+        reply: Reply<ServicePlan>,
     },
 }
 
@@ -312,6 +329,9 @@ pub async fn start_with(
         events: loaded.events.into_iter().collect(),
         events_dirty: true,
         published_events: Arc::new(Vec::new()),
+        services: Default::default(),
+        services_dirty: true,
+        published_services: Arc::new(Vec::new()),
         next_seq,
         internal_tx,
         snapshot_tx,
@@ -322,6 +342,7 @@ pub async fn start_with(
     for (host, vm) in loaded.vms {
         vms_by_host.entry(host).or_default().push(vm);
     }
+    actor.load_services(loaded.services);
     for record in loaded.hosts {
         let vms = vms_by_host.remove(&record.id).unwrap_or_default();
         actor.add_host_entry(record, vms);

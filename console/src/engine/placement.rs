@@ -644,12 +644,19 @@ pub fn place_instances(service: &ServiceSpec, hosts: &[HostOffer], existing: &[E
                     p.note(a, h, r);
                     continue;
                 }
-                // Cheaper first; then spread; then a link that serves the bandwidth needed.
+                // In thousandths of the currency per hour: the cost, one per instance of the
+                // service already on the host (spread), and up to 100 for a link that serves
+                // none of the bandwidth the application needs.
                 let spread = f64::from(p.service_count[h]);
-                let short_mbps = app
-                    .bandwidth_mbps
-                    .saturating_sub(hosts[h].link_bandwidth_mbps);
-                let score = cost * 1000.0 + spread + f64::from(short_mbps) / 100.0;
+                let short = if app.bandwidth_mbps == 0 {
+                    0.0
+                } else {
+                    f64::from(
+                        app.bandwidth_mbps
+                            .saturating_sub(hosts[h].link_bandwidth_mbps),
+                    ) / f64::from(app.bandwidth_mbps)
+                };
+                let score = cost * 1000.0 + spread + short * 100.0;
                 if best.is_none_or(|(_, s)| score < s) {
                     best = Some((h, score));
                 }
@@ -1030,6 +1037,26 @@ mod tests {
         );
         assert_eq!(hosts_of(&plan, "payment"), ["lsn-1"]);
         assert!(!plan.changes());
+    }
+
+    #[test]
+    fn an_application_that_needs_bandwidth_goes_where_the_link_serves_it() {
+        let mut hosts = fleet();
+        // gva-1 is the cheapest host, on a slow link.
+        hosts[0].prices.per_cpu_hour = 0.001;
+        hosts[0].link_bandwidth_mbps = 200;
+        let mut web = app("web", 1, 512);
+        let s = service(vec![web.clone()], ServiceRules::default());
+        assert_eq!(
+            hosts_of(&place_instances(&s, &hosts, &[]), "web"),
+            ["gva-1"]
+        );
+        web.bandwidth_mbps = 1000;
+        let s = service(vec![web], ServiceRules::default());
+        assert_ne!(
+            hosts_of(&place_instances(&s, &hosts, &[]), "web"),
+            ["gva-1"]
+        );
     }
 
     #[test]

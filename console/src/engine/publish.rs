@@ -20,6 +20,11 @@ impl Actor {
             self.events_dirty = false;
             changed = true;
         }
+        if self.services_dirty {
+            self.published_services = Arc::new(self.services.values().cloned().collect());
+            self.services_dirty = false;
+            changed = true;
+        }
         let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.hosts.len();
         if !changed && !host_count_changed && self.version > 0 {
             return;
@@ -31,6 +36,7 @@ impl Actor {
         let _ = self.snapshot_tx.send(Arc::new(Snapshot {
             hosts,
             events: self.published_events.clone(),
+            services: self.published_services.clone(),
             version: self.version,
         }));
         if let Some(repaint) = self

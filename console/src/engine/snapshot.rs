@@ -81,6 +81,8 @@ pub struct Snapshot {
     pub hosts: Vec<Arc<HostView>>,
     /// The most recent events, oldest first.
     pub events: Arc<Vec<EventRecord>>,
+    /// Sorted by name.
+    pub services: Arc<Vec<Arc<super::ServiceView>>>,
     /// Bumped on every publish.
     pub version: u64,
 }

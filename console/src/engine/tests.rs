@@ -395,3 +395,61 @@ async fn an_agent_whose_certificate_expired_offline_says_re_enroll() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_is_planned_on_the_fleet_as_it_is_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "planning").await;
+    let engine = engine_with(dir.path(), &agent).await;
+    let source = "name = \"site\"\n[[application]]\nname = \"web\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 512\ninstances = 2\n";
+    let name = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(engine.snapshot().services.len(), 1);
+    let plan = |engine: EngineHandle| {
+        let name = name.clone();
+        async move {
+            engine
+                .request(|reply| Command::PlanService { name, reply })
+                .await
+                .unwrap()
+        }
+    };
+    let first = plan(engine.clone()).await;
+    assert!(first.plan.is_feasible(), "{:?}", first.plan.unplaced);
+    assert!(
+        first
+            .plan
+            .placements
+            .iter()
+            .all(|p| p.host == agent.host_id)
+    );
+    assert_eq!(plan(engine.clone()).await.fingerprint, first.fingerprint);
+    // The fleet changes (a running VM takes memory): the plan's fingerprint does too.
+    engine
+        .request(|reply| Command::CreateVm {
+            host: agent.host_id.clone(),
+            spec: spec("taker"),
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_ne!(plan(engine.clone()).await.fingerprint, first.fingerprint);
+    // A service is refused as a whole when its file is wrong, and nothing is kept.
+    let err = engine
+        .request(|reply| Command::DefineService {
+            source: "name = \"other\"\n[[application]]\nname = \"x\"\n".into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("line 2: "), "{err}");
+    assert_eq!(engine.snapshot().services.len(), 1);
+}

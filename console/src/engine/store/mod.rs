@@ -30,6 +30,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Services, by name: the operator's file as written (a table an older console ignores).
+const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 
 const SCHEMA_KEY: &str = "schema_version";
 /// 1: postcard records of the model types (the first release, no `meta` table).
@@ -125,11 +127,23 @@ pub struct Loaded {
     pub hosts: Vec<HostRecord>,
     pub vms: Vec<(HostId, VmStatus)>,
     pub events: Vec<EventRecord>,
+    pub services: Vec<ServiceRecord>,
     /// The schema the file had before this open upgraded it, if it did.
     pub upgraded_from: Option<u64>,
 }
 
+/// A service as the operator defined it: the file's text is what is kept, so the definition
+/// is read by the parser of whichever release opens the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceRecord {
+    pub name: dunes_shared::model::ServiceName,
+    pub source: String,
+    pub defined_at_ms: u64,
+}
+
 enum Op {
+    PutService(rows::ServiceRow),
+    DeleteService(String),
     PutHost(Box<HostRow>),
     PutVm(HostId, VmRow),
     DeleteVm(HostId, VmName),
@@ -214,6 +228,12 @@ impl Store {
         self.pending
             .push(Op::ReplaceVms(host, vms.iter().map(VmRow::from).collect()));
     }
+    pub fn put_service(&mut self, service: &ServiceRecord) {
+        self.pending.push(Op::PutService(service.into()));
+    }
+    pub fn delete_service(&mut self, name: &dunes_shared::model::ServiceName) {
+        self.pending.push(Op::DeleteService(name.to_string()));
+    }
     pub fn put_event(&mut self, event: &EventRecord) {
         self.pending.push(Op::PutEvent(event.into()));
     }
@@ -280,6 +300,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(HOSTS)?;
     tx.open_table(VMS)?;
     tx.open_table(EVENTS)?;
+    tx.open_table(SERVICES)?;
     if found == 1 {
         upgrade_from_v1(&tx)?;
     }
@@ -364,6 +385,14 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping VM {}: {}", k.value(), error_chain(&e)),
         }
     }
+    for item in tx.open_table(SERVICES)?.iter()? {
+        let (k, v) = item?;
+        match decode::<rows::ServiceRow>(v.value()).map(ServiceRecord::try_from) {
+            Ok(Ok(service)) => loaded.services.push(service),
+            Ok(Err(e)) => tracing::warn!("skipping service {}: {e}", k.value()),
+            Err(e) => tracing::warn!("skipping service {}: {}", k.value(), error_chain(&e)),
+        }
+    }
     let events = tx.open_table(EVENTS)?;
     for item in events.iter()?.rev().take(1000) {
         let (_, v) = item?;
@@ -406,8 +435,15 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut hosts = tx.open_table(HOSTS)?;
         let mut vms = tx.open_table(VMS)?;
         let mut events = tx.open_table(EVENTS)?;
+        let mut services = tx.open_table(SERVICES)?;
         for op in ops {
             match op {
+                Op::PutService(row) => {
+                    services.insert(row.name.as_str(), encode(row)?.as_slice())?;
+                }
+                Op::DeleteService(name) => {
+                    services.remove(name.as_str())?;
+                }
                 Op::PutHost(h) => {
                     hosts.insert(h.id.as_str(), encode(&h)?.as_slice())?;
                 }
@@ -680,5 +716,25 @@ mod tests {
         drop(store);
         let (_, loaded) = reopen(&path).await;
         assert_eq!(loaded.vms.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn services_survive_reopen_and_deletion_sticks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let record = |name: &str| ServiceRecord {
+            name: dunes_shared::model::ServiceName::new(name).unwrap(),
+            source: format!("name = \"{name}\"\n"),
+            defined_at_ms: 7,
+        };
+        {
+            let (mut store, _) = Store::open(&path).unwrap();
+            store.put_service(&record("shop"));
+            store.put_service(&record("blog"));
+            store.delete_service(&record("blog").name);
+            store.flush().await.unwrap();
+        }
+        let (_, loaded) = reopen(&path).await;
+        assert_eq!(loaded.services, vec![record("shop")]);
     }
 }

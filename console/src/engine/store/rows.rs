@@ -317,3 +317,33 @@ impl From<EventRow> for EventRecord {
         }
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRow {
+    pub name: String,
+    /// The service file as the operator wrote it.
+    pub source: String,
+    pub defined_at_ms: u64,
+}
+
+impl From<&super::ServiceRecord> for ServiceRow {
+    fn from(s: &super::ServiceRecord) -> Self {
+        ServiceRow {
+            name: s.name.to_string(),
+            source: s.source.clone(),
+            defined_at_ms: s.defined_at_ms,
+        }
+    }
+}
+
+impl TryFrom<ServiceRow> for super::ServiceRecord {
+    type Error = RowError;
+    fn try_from(row: ServiceRow) -> Result<Self, RowError> {
+        Ok(super::ServiceRecord {
+            name: dunes_shared::model::ServiceName::new(row.name)
+                .map_err(invalid("service name"))?,
+            source: row.source,
+            defined_at_ms: row.defined_at_ms,
+        })
+    }
+}
