@@ -87,9 +87,20 @@ pub enum ServiceCommand {
     /// Show where every instance would run and why hosts were left out, changing nothing.
     /// Exit code 0: nothing to change; 1: changes; 2: something cannot be placed.
     Plan { name: String },
+    /// Apply the plan: create the instances it places, remove those it removes.
+    Deploy {
+        name: String,
+        /// The fingerprint `service plan` printed: refuse if the fleet changed since.
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// Start the instances in dependency order, each application once those it needs run.
+    Start { name: String },
+    /// Stop the instances in reverse dependency order.
+    Stop { name: String },
     /// Show a service's definition.
     Show { name: String },
-    /// Remove a service's definition.
+    /// Remove every instance of a service (forced off, disks deleted), then its definition.
     Delete { name: String },
 }
 
@@ -382,6 +393,18 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
         CtlCommand::Service(ServiceCommand::Delete { name }) => {
             CtlRequest::ServiceDelete { name: name.clone() }
         }
+        CtlCommand::Service(ServiceCommand::Deploy { name, fingerprint }) => {
+            CtlRequest::ServiceDeploy {
+                name: name.clone(),
+                fingerprint: fingerprint.clone(),
+            }
+        }
+        CtlCommand::Service(ServiceCommand::Start { name }) => {
+            CtlRequest::ServiceStart { name: name.clone() }
+        }
+        CtlCommand::Service(ServiceCommand::Stop { name }) => {
+            CtlRequest::ServiceStop { name: name.clone() }
+        }
         CtlCommand::Hosts => CtlRequest::Hosts,
         CtlCommand::Vms => CtlRequest::Vms,
         CtlCommand::Events { limit } => CtlRequest::Events { limit: *limit },
@@ -602,9 +625,24 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
         CtlCommand::Service(ServiceCommand::Create { .. }) => {
             format!("service {} defined\n", text(&data["name"]))
         }
-        CtlCommand::Service(ServiceCommand::Delete { .. }) => {
-            format!("service {} deleted\n", text(&data["deleted"]))
-        }
+        CtlCommand::Service(
+            ServiceCommand::Delete { .. }
+            | ServiceCommand::Deploy { .. }
+            | ServiceCommand::Start { .. }
+            | ServiceCommand::Stop { .. },
+        ) => data["done"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                format!(
+                    "{} on {}: {}\n",
+                    text(&d["instance"]),
+                    text(&d["host"]),
+                    text(&d["result"])
+                )
+            })
+            .collect(),
         CtlCommand::Service(ServiceCommand::Show { .. }) => text(&data["source"]),
         CtlCommand::Service(ServiceCommand::Plan { .. }) => render_plan(data),
     }

@@ -19,8 +19,8 @@ use tokio::{
 };
 
 use crate::engine::{
-    Command, EngineError, EngineHandle, HostView, ServicePlan, ServiceView, Snapshot,
-    placement::Action, snapshot::rfc3339,
+    Command, EngineError, EngineHandle, HostView, OperationReport, ServicePlan, ServiceView,
+    Snapshot, placement::Action, snapshot::rfc3339,
 };
 
 pub const SOCKET_NAME: &str = "ctl.sock";
@@ -79,6 +79,17 @@ pub enum CtlRequest {
         name: String,
     },
     ServiceDelete {
+        name: String,
+    },
+    ServiceDeploy {
+        name: String,
+        #[serde(default)]
+        fingerprint: Option<String>,
+    },
+    ServiceStart {
+        name: String,
+    },
+    ServiceStop {
         name: String,
     },
 }
@@ -221,15 +232,48 @@ pub fn vm_json(host: &HostId, vm: &VmStatus) -> Value {
     })
 }
 
+/// What an operation did; an error naming each instance that failed when one did, so that
+/// nothing is left half-done without being said.
+fn report_json(report: &OperationReport) -> Result<Value, String> {
+    if !report.failed.is_empty() {
+        return Err(format!(
+            "{} of {} steps failed: {}",
+            report.failed.len(),
+            report.failed.len() + report.done.len(),
+            report
+                .failed
+                .iter()
+                .map(|(i, why)| format!("{i}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    Ok(json!({
+        "done": report.done.iter().map(|(instance, host, what)| json!({
+            "instance": instance, "host": host, "result": what,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
 /// A service for `services --json`: its name, status, applications and cost per hour (of its
-/// plan, until it is deployed).
+/// instances once deployed; of its plan before).
 pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
     let defined_at =
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(view.record.defined_at_ms);
     match &view.spec {
         Ok(spec) => json!({
             "name": view.name(),
-            "status": "defined",
+            "status": view.status.as_str(),
+            "instances": view.instances.iter().map(|i| json!({
+                "instance": format!("{}-{}", i.record.app, i.record.index),
+                "application": i.record.app,
+                "host": i.record.host,
+                "vm": i.record.vm,
+                "state": i.record.state.as_str(),
+                "vm_state": i.vm_state.map(|s| s.as_str()),
+                "ready": i.ready,
+                "cost_per_hour": i.cost_per_hour,
+            })).collect::<Vec<_>>(),
             "defined_at": rfc3339(defined_at),
             "applications": spec.applications.iter().map(|a| json!({
                 "name": a.name,
@@ -241,7 +285,11 @@ pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
                 "depends_on": a.depends_on,
             })).collect::<Vec<_>>(),
             "start_order": spec.start_order().map(|o| o.iter().map(|a| a.name.to_string()).collect::<Vec<_>>()),
-            "cost_per_hour": plan.map(|p| p.plan.cost_per_hour),
+            "cost_per_hour": if view.instances.is_empty() {
+                plan.map(|p| p.plan.cost_per_hour)
+            } else {
+                Some(view.cost_per_hour())
+            },
         }),
         Err(e) => json!({
             "name": view.name(),
@@ -284,10 +332,23 @@ pub fn plan_json(sp: &ServicePlan) -> Value {
     })
 }
 
+/// Every VM, with the service and application it is an instance of, when it is one.
 fn all_vms(snap: &Snapshot) -> Vec<Value> {
     snap.hosts
         .iter()
-        .flat_map(|h| h.vms.iter().map(|v| vm_json(h.id(), v)))
+        .flat_map(|h| {
+            h.vms.iter().map(|v| {
+                let mut vm = vm_json(h.id(), v);
+                let instance = snap
+                    .services
+                    .iter()
+                    .find_map(|s| s.instance_of_vm(h.id(), &v.name).map(|i| (s.name(), i)));
+                vm["service"] = json!(instance.map(|(s, _)| s));
+                vm["application"] = json!(instance.map(|(_, i)| &i.record.app));
+                vm["runtime"] = json!("libvirt");
+                vm
+            })
+        })
         .collect()
 }
 
@@ -442,14 +503,39 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
         }
         CtlRequest::ServiceDelete { name } => {
             let name = ServiceName::new(name).map_err(|e| e.to_string())?;
-            engine
-                .request(|reply| Command::DeleteService {
-                    name: name.clone(),
+            let report = engine
+                .request(|reply| Command::DeleteService { name, reply })
+                .await
+                .map_err(engine_err)?;
+            report_json(&report)
+        }
+        CtlRequest::ServiceDeploy { name, fingerprint } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let report = engine
+                .request(|reply| Command::DeployService {
+                    name,
+                    fingerprint,
                     reply,
                 })
                 .await
                 .map_err(engine_err)?;
-            Ok(json!({ "deleted": name }))
+            report_json(&report)
+        }
+        CtlRequest::ServiceStart { name } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let report = engine
+                .request(|reply| Command::StartService { name, reply })
+                .await
+                .map_err(engine_err)?;
+            report_json(&report)
+        }
+        CtlRequest::ServiceStop { name } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let report = engine
+                .request(|reply| Command::StopService { name, reply })
+                .await
+                .map_err(engine_err)?;
+            report_json(&report)
         }
         CtlRequest::VmDelete { vm } => {
             let (host, found) = engine.snapshot().find_vm(&vm)?;

@@ -497,28 +497,7 @@ fn acknowledged_changes_survive_a_sigkill_of_the_console() {
 #[test]
 fn services_are_defined_and_planned_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("console");
-    let _console = Console(
-        Command::new(console_binary())
-            .args(["--demo", "--headless", "--data-dir"])
-            .arg(&data)
-            .stderr(std::fs::File::create(dir.path().join("console.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = ctl(&data, &["--json", "hosts"]);
-        if out.status.success()
-            && json(&out)
-                .as_array()
-                .is_some_and(|h| h.len() == 3 && h.iter().all(|h| h["state"] == "online"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "demo did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (_console, data) = demo(dir.path());
     let shop =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/examples/shop.toml");
     let created = json(&ctl(
@@ -594,4 +573,170 @@ fn services_are_defined_and_planned_from_a_file() {
             .len(),
         1
     );
+}
+
+/// Starts the demo and waits for its three hosts.
+fn demo(dir: &std::path::Path) -> (Console, std::path::PathBuf) {
+    let data = dir.join("console");
+    let console = Console(
+        Command::new(console_binary())
+            .args(["--demo", "--headless", "--data-dir"])
+            .arg(&data)
+            .stderr(std::fs::File::create(dir.join("console.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ctl(&data, &["--json", "hosts"]);
+        if out.status.success()
+            && json(&out)
+                .as_array()
+                .is_some_and(|h| h.len() == 3 && h.iter().all(|h| h["state"] == "online"))
+        {
+            return (console, data);
+        }
+        assert!(Instant::now() < deadline, "demo did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn service_status(data: &std::path::Path, name: &str) -> Value {
+    json(&ctl(data, &["--json", "services"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until the service's status is `wanted`.
+fn until_status(data: &std::path::Path, name: &str, wanted: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = service_status(data, name);
+        if s["status"] == wanted {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never {wanted}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A service on the demo's three agents, end to end: plan, deploy exactly that plan, start in
+/// dependency order, degrade, stop, delete.
+#[test]
+fn a_service_is_deployed_started_degraded_stopped_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo(dir.path());
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/site.toml");
+    json(&ctl(
+        &data,
+        &["--json", "service", "create", "-f", file.to_str().unwrap()],
+    ));
+    let plan = ctl(&data, &["--json", "service", "plan", "site"]);
+    assert_eq!(plan.status.code(), Some(1), "changes to make");
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let fingerprint = plan["fingerprint"].as_str().unwrap().to_string();
+
+    // A fingerprint the fleet no longer matches is refused, and nothing is created.
+    let out = ctl(
+        &data,
+        &["service", "deploy", "site", "--fingerprint", "0000"],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the fleet changed since that plan"));
+    assert_eq!(service_status(&data, "site")["status"], "defined");
+
+    json(&ctl(
+        &data,
+        &[
+            "--json",
+            "service",
+            "deploy",
+            "site",
+            "--fingerprint",
+            &fingerprint,
+        ],
+    ));
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let instances: Vec<(String, String)> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["service"] == "site")
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().into(),
+                v["host"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(instances.len(), 4, "{vms}");
+    // Exactly the plan: every instance where the plan put it.
+    for p in plan["placements"].as_array().unwrap() {
+        let vm = format!("site-{}", p["instance"].as_str().unwrap());
+        assert!(
+            instances.contains(&(vm.clone(), p["host"].as_str().unwrap().into())),
+            "{vm} not where planned"
+        );
+    }
+    let host_of = |vm: &str| instances.iter().find(|(n, _)| n == vm).unwrap().1.clone();
+    assert_eq!(
+        host_of("site-payment-0"),
+        "lsn-1",
+        "the only host of level 3"
+    );
+    assert_ne!(host_of("site-web-0"), host_of("site-web-1"));
+    // Deployed again, nothing changes.
+    assert_eq!(
+        ctl(&data, &["service", "plan", "site"]).status.code(),
+        Some(0)
+    );
+
+    json(&ctl(&data, &["--json", "service", "start", "site"]));
+    until_status(&data, "site", "available");
+    // Started in dependency order: db, then payment, then web.
+    let events = json(&ctl(&data, &["--json", "events", "--limit", "200"]));
+    let started: Vec<String> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.starts_with("service site: ") && m.ends_with(": running"))
+        .map(|m| m.split_whitespace().nth(2).unwrap().to_string())
+        .collect();
+    assert_eq!(started.len(), 4, "{started:?}");
+    assert_eq!(started[0], "db-0");
+    assert_eq!(started[1], "payment-0");
+    assert!(
+        started[2..].iter().all(|s| s.starts_with("web-")),
+        "{started:?}"
+    );
+
+    // One web instance stops: degraded, and the operator is told.
+    json(&ctl(
+        &data,
+        &["--json", "vm", "stop", "site-web-0", "--force"],
+    ));
+    until_status(&data, "site", "degraded");
+    json(&ctl(&data, &["--json", "service", "stop", "site"]));
+    until_status(&data, "site", "down");
+    let events = json(&ctl(&data, &["--json", "events", "--limit", "200"]));
+    let said = |m: &str| events.as_array().unwrap().iter().any(|e| e["message"] == m);
+    assert!(said("service site is available") && said("service site is degraded"));
+
+    json(&ctl(&data, &["--json", "service", "delete", "site"]));
+    assert_eq!(
+        json(&ctl(&data, &["--json", "services"])),
+        serde_json::json!([])
+    );
+    let left: Vec<Value> = json(&ctl(&data, &["--json", "vms"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"].as_str().unwrap().starts_with("site-"))
+        .cloned()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -66,7 +66,9 @@ pub(super) struct Actor {
     pub(super) events: VecDeque<EventRecord>,
     pub(super) events_dirty: bool,
     pub(super) published_events: Arc<Vec<EventRecord>>,
-    pub(super) services: BTreeMap<dunes_shared::model::ServiceName, Arc<super::ServiceView>>,
+    pub(super) services: BTreeMap<dunes_shared::model::ServiceName, super::services::ServiceEntry>,
+    /// Every service's instances, by `service/app/index`.
+    pub(super) instances: BTreeMap<String, super::store::InstanceRecord>,
     pub(super) services_dirty: bool,
     pub(super) published_services: Arc<Vec<Arc<super::ServiceView>>>,
     pub(super) next_seq: u64,

@@ -153,6 +153,13 @@ impl Actor {
                 reply,
             } => self.define_service(source, replace, reply),
             Command::DeleteService { name, reply } => self.delete_service(&name, reply),
+            Command::DeployService {
+                name,
+                fingerprint,
+                reply,
+            } => self.deploy_service(&name, fingerprint, reply),
+            Command::StartService { name, reply } => self.start_service(&name, reply),
+            Command::StopService { name, reply } => self.stop_service(&name, reply),
             Command::PlanService { name, reply } => {
                 let _ = reply.send(self.plan_service(&name));
             }

@@ -34,7 +34,7 @@ use dunes_shared::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
-pub use services::{ServicePlan, ServiceView};
+pub use services::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};
 pub use store::{EventRecord, HostRecord, Level, ServiceRecord};
 
@@ -148,9 +148,27 @@ pub enum Command {
         replace: bool,
         reply: Reply<dunes_shared::model::ServiceName>,
     },
+    /// Removes every instance of the service, then its definition.
     DeleteService {
         name: dunes_shared::model::ServiceName,
-        reply: Reply<()>,
+        reply: Reply<OperationReport>,
+    },
+    /// Applies the plan made now; with a fingerprint, only if it is still the plan shown.
+    DeployService {
+        name: dunes_shared::model::ServiceName,
+        fingerprint: Option<String>,
+        reply: Reply<OperationReport>,
+    },
+    /// Starts the instances in dependency order: an application after everything it needs
+    /// is ready.
+    StartService {
+        name: dunes_shared::model::ServiceName,
+        reply: Reply<OperationReport>,
+    },
+    /// Stops the instances in reverse dependency order.
+    StopService {
+        name: dunes_shared::model::ServiceName,
+        reply: Reply<OperationReport>,
     },
     /// A dry run: where every instance would go, and why hosts were left out.
     PlanService {
@@ -330,6 +348,7 @@ pub async fn start_with(
         events_dirty: true,
         published_events: Arc::new(Vec::new()),
         services: Default::default(),
+        instances: Default::default(),
         services_dirty: true,
         published_services: Arc::new(Vec::new()),
         next_seq,
@@ -342,7 +361,7 @@ pub async fn start_with(
     for (host, vm) in loaded.vms {
         vms_by_host.entry(host).or_default().push(vm);
     }
-    actor.load_services(loaded.services);
+    actor.load_services(loaded.services, loaded.instances);
     for record in loaded.hosts {
         let vms = vms_by_host.remove(&record.id).unwrap_or_default();
         actor.add_host_entry(record, vms);

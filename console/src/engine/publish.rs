@@ -3,11 +3,15 @@
 
 use std::sync::Arc;
 
-use super::{HostView, Snapshot, actor::Actor};
+use dunes_shared::model::ServiceName;
+
+use super::{HostView, ServiceStatus, Snapshot, actor::Actor, store::Level};
 
 impl Actor {
     pub(super) fn publish(&mut self) {
         let mut changed = false;
+        // A service's status follows its instances' VMs: any host change may change it.
+        let hosts_changed = self.hosts.values().any(|e| e.dirty);
         for entry in self.hosts.values_mut() {
             if entry.dirty {
                 entry.published = Arc::new(entry.view.clone());
@@ -15,14 +19,39 @@ impl Actor {
                 changed = true;
             }
         }
+        if self.services_dirty || (hosts_changed && !self.services.is_empty()) {
+            let views = self.service_views();
+            // Every change of a service's status reaches the operator as an event.
+            let before: Vec<(ServiceName, ServiceStatus)> = self
+                .published_services
+                .iter()
+                .map(|s| (s.name().clone(), s.status))
+                .collect();
+            for view in &views {
+                let was = before
+                    .iter()
+                    .find(|(n, _)| n == view.name())
+                    .map(|(_, s)| *s);
+                if was.is_some_and(|w| w != view.status) {
+                    let level = match view.status {
+                        ServiceStatus::Down | ServiceStatus::Unreadable => Level::Error,
+                        ServiceStatus::Degraded => Level::Warning,
+                        _ => Level::Info,
+                    };
+                    self.log(
+                        level,
+                        None,
+                        format!("service {} is {}", view.name(), view.status.as_str()),
+                    );
+                }
+            }
+            self.published_services = Arc::new(views);
+            self.services_dirty = false;
+            changed = true;
+        }
         if self.events_dirty {
             self.published_events = Arc::new(self.events.iter().cloned().collect());
             self.events_dirty = false;
-            changed = true;
-        }
-        if self.services_dirty {
-            self.published_services = Arc::new(self.services.values().cloned().collect());
-            self.services_dirty = false;
             changed = true;
         }
         let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.hosts.len();

@@ -1,5 +1,7 @@
 //! Services in the engine: defined from the operator's file, kept in the store, planned
-//! against the fleet as the engine sees it now.
+//! against the fleet as the engine sees it now, deployed step by step (each instance written
+//! to the store before its VM is created or removed), started in dependency order and stopped
+//! in reverse, with a status made from every instance.
 
 use std::{
     collections::BTreeMap,
@@ -7,16 +9,75 @@ use std::{
     sync::Arc,
 };
 
-use dunes_shared::{model::ServiceName, service::ServiceSpec};
+use dunes_shared::{
+    model::{AppName, HostId, ServiceName, VmName, VmSpec, VmState, VmStatus},
+    protocol::{CreateVm, DeleteVm, StartVm, StopVm},
+    service::ServiceSpec,
+};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     EngineError, LinkState, Reply,
-    actor::{Actor, now_ms},
-    placement::{Existing, HostOffer, Plan, Resources, place_instances},
+    actor::{Actor, Internal, now_ms},
+    client::AgentClient,
+    placement::{Action, Existing, HostOffer, Plan, Resources, place_instances},
     service_file::parse_service_file,
     snapshot::HostView,
-    store::{Level, ServiceRecord},
+    store::{InstanceRecord, InstanceState, Level, ServiceRecord},
 };
+
+/// What a service is busy with, when it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Deploying,
+    Starting,
+    Stopping,
+    Deleting,
+}
+
+/// How a service stands, from every instance in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceStatus {
+    /// Defined, with no instance deployed.
+    Defined,
+    /// Every instance ready.
+    Available,
+    /// Every application has a ready instance, but not every instance is.
+    Degraded,
+    Down,
+    Deploying,
+    Starting,
+    Stopping,
+    Deleting,
+    /// The stored file no longer reads.
+    Unreadable,
+}
+
+impl ServiceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceStatus::Defined => "defined",
+            ServiceStatus::Available => "available",
+            ServiceStatus::Degraded => "degraded",
+            ServiceStatus::Down => "down",
+            ServiceStatus::Deploying => "deploying",
+            ServiceStatus::Starting => "starting",
+            ServiceStatus::Stopping => "stopping",
+            ServiceStatus::Deleting => "deleting",
+            ServiceStatus::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// An instance as the snapshot shows it.
+#[derive(Debug, Clone)]
+pub struct InstanceView {
+    pub record: InstanceRecord,
+    /// Its VM's state, when its host reports the VM.
+    pub vm_state: Option<VmState>,
+    pub ready: bool,
+    pub cost_per_hour: f64,
+}
 
 /// A service as the snapshot shows it.
 #[derive(Debug, Clone)]
@@ -24,16 +85,42 @@ pub struct ServiceView {
     pub record: ServiceRecord,
     /// `Err` when the stored file no longer reads (a release that changed the format).
     pub spec: Result<ServiceSpec, String>,
+    pub instances: Vec<InstanceView>,
+    pub status: ServiceStatus,
 }
 
 impl ServiceView {
-    fn new(record: ServiceRecord) -> Self {
-        let spec = parse_service_file(&record.source).map_err(|e| e.to_string());
-        ServiceView { record, spec }
-    }
-
     pub fn name(&self) -> &ServiceName {
         &self.record.name
+    }
+
+    pub fn cost_per_hour(&self) -> f64 {
+        self.instances.iter().map(|i| i.cost_per_hour).sum()
+    }
+
+    pub fn instance_of_vm(&self, host: &HostId, vm: &VmName) -> Option<&InstanceView> {
+        self.instances
+            .iter()
+            .find(|i| &i.record.host == host && &i.record.vm == vm)
+    }
+}
+
+/// A service as the engine keeps it.
+#[derive(Debug, Clone)]
+pub(super) struct ServiceEntry {
+    pub record: ServiceRecord,
+    pub spec: Result<ServiceSpec, String>,
+    pub busy: Option<Operation>,
+}
+
+impl ServiceEntry {
+    fn new(record: ServiceRecord) -> Self {
+        let spec = parse_service_file(&record.source).map_err(|e| e.to_string());
+        ServiceEntry {
+            record,
+            spec,
+            busy: None,
+        }
     }
 }
 
@@ -45,6 +132,28 @@ pub struct ServicePlan {
     /// Of the hosts, instances and definition the plan saw; a deploy of this plan refuses
     /// when it no longer matches.
     pub fingerprint: String,
+}
+
+/// What a deploy, start, stop or delete did, step by step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OperationReport {
+    /// `(instance, host, what happened)`, in order.
+    pub done: Vec<(String, HostId, String)>,
+    /// `(instance, why it failed)`.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The VM that is an instance: `SERVICE-APP-INDEX`.
+pub fn instance_vm_name(
+    service: &ServiceName,
+    app: &AppName,
+    index: u32,
+) -> Result<VmName, String> {
+    VmName::new(format!("{service}-{app}-{index}")).map_err(|_| {
+        format!(
+            "the VM name {service}-{app}-{index} would be longer than 63 characters: shorten the service or application name"
+        )
+    })
 }
 
 /// A host as placement sees it, from what the engine knows of it. CPUs and memory held by
@@ -82,7 +191,78 @@ pub fn fingerprint(spec: &ServiceSpec, hosts: &[HostOffer], existing: &[Existing
     format!("{:016x}", hasher.finish())
 }
 
+/// The status of a service from its instances and what it is busy with.
+pub fn service_status(
+    spec: &ServiceSpec,
+    instances: &[InstanceView],
+    busy: Option<Operation>,
+) -> ServiceStatus {
+    match busy {
+        Some(Operation::Deploying) => return ServiceStatus::Deploying,
+        Some(Operation::Starting) => return ServiceStatus::Starting,
+        Some(Operation::Stopping) => return ServiceStatus::Stopping,
+        Some(Operation::Deleting) => return ServiceStatus::Deleting,
+        None => {}
+    }
+    if instances.is_empty() {
+        return ServiceStatus::Defined;
+    }
+    let wanted: u32 = spec.applications.iter().map(|a| a.instances).sum();
+    let ready = instances.iter().filter(|i| i.ready).count() as u32;
+    if ready >= wanted && instances.iter().all(|i| i.ready) {
+        return ServiceStatus::Available;
+    }
+    let every_app_has_one = spec
+        .applications
+        .iter()
+        .filter(|a| a.instances > 0)
+        .all(|a| instances.iter().any(|i| i.record.app == a.name && i.ready));
+    if every_app_has_one {
+        ServiceStatus::Degraded
+    } else {
+        ServiceStatus::Down
+    }
+}
+
+/// One agent call of an operation.
+enum Step {
+    Create {
+        instance: InstanceRecord,
+        spec: VmSpec,
+    },
+    Remove {
+        instance: InstanceRecord,
+    },
+    Start {
+        instance: InstanceRecord,
+    },
+    Stop {
+        instance: InstanceRecord,
+    },
+}
+
 impl Actor {
+    fn service_entry(&self, name: &ServiceName) -> Result<&ServiceEntry, EngineError> {
+        self.services
+            .get(name)
+            .ok_or_else(|| EngineError::Invalid(format!("service {name} does not exist")))
+    }
+
+    fn readable_spec(&self, name: &ServiceName) -> Result<ServiceSpec, EngineError> {
+        self.service_entry(name)?
+            .spec
+            .clone()
+            .map_err(|e| EngineError::Invalid(format!("service {name} no longer reads: {e}")))
+    }
+
+    fn instances_of(&self, name: &ServiceName) -> Vec<InstanceRecord> {
+        self.instances
+            .values()
+            .filter(|i| &i.service == name)
+            .cloned()
+            .collect()
+    }
+
     pub(super) fn define_service(
         &mut self,
         source: String,
@@ -97,13 +277,30 @@ impl Actor {
             }
         };
         let name = spec.name.clone();
-        let existed = self.services.contains_key(&name);
-        if existed && !replace {
-            let _ = reply.send(Err(EngineError::Invalid(format!(
-                "service {name} exists already; replace it to change it"
-            ))));
+        if let Some(too_long) = spec
+            .applications
+            .iter()
+            .find_map(|a| instance_vm_name(&name, &a.name, a.instances.saturating_sub(1)).err())
+        {
+            let _ = reply.send(Err(EngineError::Invalid(too_long)));
             return;
         }
+        let existing = self.services.get(&name);
+        if let Some(existing) = existing {
+            if !replace {
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "service {name} exists already; replace it to change it"
+                ))));
+                return;
+            }
+            if existing.busy.is_some() {
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "service {name} is busy; try again when it is done"
+                ))));
+                return;
+            }
+        }
+        let existed = existing.is_some();
         let record = ServiceRecord {
             name: name.clone(),
             source,
@@ -111,63 +308,546 @@ impl Actor {
         };
         self.store.put_service(&record);
         self.services
-            .insert(name.clone(), Arc::new(ServiceView::new(record)));
+            .insert(name.clone(), ServiceEntry::new(record));
         self.services_dirty = true;
         let verb = if existed { "changed" } else { "defined" };
         self.log(Level::Info, None, format!("service {name} {verb}"));
         self.reply_after_commit(reply, name);
     }
 
-    pub(super) fn delete_service(&mut self, name: &ServiceName, reply: Reply<()>) {
-        if self.services.remove(name).is_none() {
-            let _ = reply.send(Err(EngineError::Invalid(format!(
-                "service {name} does not exist"
-            ))));
-            return;
-        }
-        self.store.delete_service(name);
-        self.services_dirty = true;
-        self.log(Level::Info, None, format!("service {name} deleted"));
-        self.reply_after_commit(reply, ());
-    }
-
     pub(super) fn plan_service(&self, name: &ServiceName) -> Result<ServicePlan, EngineError> {
-        let view = self
-            .services
-            .get(name)
-            .ok_or_else(|| EngineError::Invalid(format!("service {name} does not exist")))?;
-        let spec = view
-            .spec
-            .as_ref()
-            .map_err(|e| EngineError::Invalid(format!("service {name} no longer reads: {e}")))?;
+        let spec = self.readable_spec(name)?;
         let mut hosts: Vec<HostOffer> = self
             .hosts
             .values()
             .filter_map(|e| host_offer(&e.view))
             .collect();
         hosts.sort_by(|a, b| a.id.cmp(&b.id));
-        // Deployed instances are tracked once deploy exists; until then every plan starts
-        // from nothing.
-        let existing: Vec<Existing> = Vec::new();
-        let plan = place_instances(spec, &hosts, &existing);
+        let existing: Vec<Existing> = self
+            .instances_of(name)
+            .into_iter()
+            .filter(|i| i.state != InstanceState::Removing)
+            .map(|i| Existing {
+                app: i.app,
+                index: i.index,
+                host: i.host,
+            })
+            .collect();
+        let plan = place_instances(&spec, &hosts, &existing);
         Ok(ServicePlan {
             service: name.clone(),
-            fingerprint: fingerprint(spec, &hosts, &existing),
+            fingerprint: fingerprint(&spec, &hosts, &existing),
             plan,
         })
     }
 
-    /// Services loaded from the store at start.
-    pub(super) fn load_services(&mut self, records: Vec<ServiceRecord>) {
+    /// Applies the plan made now, if it is the one the operator saw (`fingerprint`).
+    pub(super) fn deploy_service(
+        &mut self,
+        name: &ServiceName,
+        fingerprint: Option<String>,
+        reply: Reply<OperationReport>,
+    ) {
+        let prepared = (|| {
+            let spec = self.readable_spec(name)?;
+            self.not_busy(name)?;
+            let planned = self.plan_service(name)?;
+            if let Some(seen) = fingerprint
+                && seen != planned.fingerprint
+            {
+                return Err(EngineError::Invalid(format!(
+                    "the fleet changed since that plan (fingerprint {seen}, now {}): plan again",
+                    planned.fingerprint
+                )));
+            }
+            if !planned.plan.is_feasible() {
+                return Err(EngineError::Invalid(format!(
+                    "{} instances of {name} cannot be placed; `service plan {name}` says why",
+                    planned.plan.unplaced.len()
+                )));
+            }
+            Ok((spec, planned.plan))
+        })();
+        let (spec, plan) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let mut steps = Vec::new();
+        for p in plan
+            .placements
+            .iter()
+            .filter(|p| p.action == Action::Create)
+        {
+            let Some(app) = spec.application(&p.app) else {
+                continue;
+            };
+            let vm = match instance_vm_name(name, &p.app, p.index) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    let _ = reply.send(Err(EngineError::Invalid(e)));
+                    return;
+                }
+            };
+            let instance = InstanceRecord {
+                service: name.clone(),
+                app: p.app.clone(),
+                index: p.index,
+                host: p.host.clone(),
+                vm: vm.clone(),
+                state: InstanceState::Creating,
+            };
+            steps.push(Step::Create {
+                spec: VmSpec {
+                    name: vm,
+                    template: app.template.clone(),
+                    vcpus: Some(app.vcpus),
+                    memory_mib: Some(app.memory_mib),
+                },
+                instance,
+            });
+        }
+        for removal in &plan.removals {
+            if let Some(instance) = self
+                .instances
+                .values()
+                .find(|i| &i.service == name && i.app == removal.app && i.index == removal.index)
+                .cloned()
+            {
+                steps.push(Step::Remove { instance });
+            }
+        }
+        self.begin(name, Operation::Deploying, steps, reply);
+    }
+
+    pub(super) fn start_service(&mut self, name: &ServiceName, reply: Reply<OperationReport>) {
+        let steps = self.readable_spec(name).and_then(|spec| {
+            self.not_busy(name)?;
+            let order = spec.start_order().unwrap_or_default();
+            let instances = self.instances_of(name);
+            Ok(order
+                .iter()
+                .flat_map(|app| {
+                    instances
+                        .iter()
+                        .filter(|i| i.app == app.name && i.state == InstanceState::Created)
+                        .map(|i| Step::Start {
+                            instance: i.clone(),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>())
+        });
+        match steps {
+            Ok(steps) => self.begin(name, Operation::Starting, steps, reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    pub(super) fn stop_service(&mut self, name: &ServiceName, reply: Reply<OperationReport>) {
+        let steps = self.readable_spec(name).and_then(|spec| {
+            self.not_busy(name)?;
+            let mut order = spec.start_order().unwrap_or_default();
+            order.reverse();
+            let instances = self.instances_of(name);
+            Ok(order
+                .iter()
+                .flat_map(|app| {
+                    instances
+                        .iter()
+                        .filter(|i| i.app == app.name && i.state == InstanceState::Created)
+                        .map(|i| Step::Stop {
+                            instance: i.clone(),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>())
+        });
+        match steps {
+            Ok(steps) => self.begin(name, Operation::Stopping, steps, reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Removes every instance (forced off, VM and disks deleted), then the definition.
+    pub(super) fn delete_service(&mut self, name: &ServiceName, reply: Reply<OperationReport>) {
+        if let Err(e) = self.service_entry(name).and_then(|_| self.not_busy(name)) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let steps = self
+            .instances_of(name)
+            .into_iter()
+            .map(|instance| Step::Remove { instance })
+            .collect();
+        self.begin(name, Operation::Deleting, steps, reply);
+    }
+
+    fn not_busy(&self, name: &ServiceName) -> Result<(), EngineError> {
+        match self.service_entry(name)?.busy {
+            Some(op) => Err(EngineError::Invalid(format!(
+                "service {name} is busy ({}); try again when it is done",
+                match op {
+                    Operation::Deploying => "deploying",
+                    Operation::Starting => "starting",
+                    Operation::Stopping => "stopping",
+                    Operation::Deleting => "deleting",
+                }
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the service busy, writes every step's instance before its side effect, and once
+    /// that is committed runs the steps in order.
+    fn begin(
+        &mut self,
+        name: &ServiceName,
+        operation: Operation,
+        steps: Vec<Step>,
+        reply: Reply<OperationReport>,
+    ) {
+        if let Some(entry) = self.services.get_mut(name) {
+            entry.busy = Some(operation);
+        }
+        self.services_dirty = true;
+        for step in &steps {
+            match step {
+                Step::Create { instance, .. } => {
+                    self.store.put_instance(instance);
+                    self.instances.insert(instance.key(), instance.clone());
+                }
+                Step::Remove { instance } => {
+                    let removing = InstanceRecord {
+                        state: InstanceState::Removing,
+                        ..instance.clone()
+                    };
+                    self.store.put_instance(&removing);
+                    self.instances.insert(removing.key(), removing);
+                }
+                Step::Start { .. } | Step::Stop { .. } => {}
+            }
+        }
+        let what = match operation {
+            Operation::Deploying => "deploying",
+            Operation::Starting => "starting",
+            Operation::Stopping => "stopping",
+            Operation::Deleting => "deleting",
+        };
+        self.log(
+            Level::Info,
+            None,
+            format!("service {name}: {what}, {} steps", steps.len()),
+        );
+        let (internal, service) = (self.internal_tx.clone(), name.clone());
+        let runtime = tokio::runtime::Handle::current();
+        self.store
+            .after_commit(Box::new(move |committed| match committed {
+                Ok(()) => {
+                    runtime.spawn(run_steps(service, operation, steps, internal, reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(EngineError::Store(e)));
+                    // The service stays marked busy until the engine restarts: its journal
+                    // could not be written, so nothing was done and nothing may be assumed.
+                }
+            }));
+    }
+
+    /// The outcome of one step, applied to the engine's state.
+    fn step_done(
+        &mut self,
+        step: &Step,
+        result: Result<Option<VmStatus>, EngineError>,
+    ) -> Result<String, String> {
+        match (step, result) {
+            (Step::Create { instance, .. }, Ok(vm)) => {
+                if let Some(vm) = vm {
+                    self.apply_vm(&instance.host, &vm);
+                }
+                let created = InstanceRecord {
+                    state: InstanceState::Created,
+                    ..instance.clone()
+                };
+                self.store.put_instance(&created);
+                self.instances.insert(created.key(), created);
+                Ok("created".into())
+            }
+            (Step::Create { instance, .. }, Err(e)) => {
+                // The VM may exist from a deploy cut short: then it is the instance.
+                let exists = self
+                    .hosts
+                    .get(&instance.host)
+                    .is_some_and(|h| h.view.vm(&instance.vm).is_some());
+                if exists {
+                    let created = InstanceRecord {
+                        state: InstanceState::Created,
+                        ..instance.clone()
+                    };
+                    self.store.put_instance(&created);
+                    self.instances.insert(created.key(), created);
+                    Ok("found, created before".into())
+                } else {
+                    self.store.delete_instance(instance);
+                    self.instances.remove(&instance.key());
+                    Err(e.to_string())
+                }
+            }
+            (Step::Remove { instance }, Ok(_)) => {
+                self.remove_vm(&instance.host, &instance.vm);
+                self.store.delete_instance(instance);
+                self.instances.remove(&instance.key());
+                Ok("removed".into())
+            }
+            (Step::Remove { .. }, Err(e)) => Err(e.to_string()),
+            (Step::Start { instance } | Step::Stop { instance }, Ok(vm)) => {
+                let state = vm.as_ref().map_or("", |v| v.state.as_str()).to_string();
+                if let Some(vm) = vm {
+                    self.apply_vm(&instance.host, &vm);
+                }
+                Ok(state)
+            }
+            (Step::Start { .. } | Step::Stop { .. }, Err(e)) => Err(e.to_string()),
+        }
+    }
+
+    fn end_operation(
+        &mut self,
+        name: &ServiceName,
+        operation: Operation,
+        report: OperationReport,
+        reply: Reply<OperationReport>,
+    ) {
+        if let Some(entry) = self.services.get_mut(name) {
+            entry.busy = None;
+        }
+        if operation == Operation::Deleting && report.failed.is_empty() {
+            self.services.remove(name);
+            self.store.delete_service(name);
+        }
+        self.services_dirty = true;
+        let what = match operation {
+            Operation::Deploying => "deployed",
+            Operation::Starting => "started",
+            Operation::Stopping => "stopped",
+            Operation::Deleting => "deleted",
+        };
+        let (level, message) = if report.failed.is_empty() {
+            (Level::Info, format!("service {name} {what}"))
+        } else {
+            (
+                Level::Error,
+                format!(
+                    "service {name} not fully {what}: {}",
+                    report
+                        .failed
+                        .iter()
+                        .map(|(i, why)| format!("{i}: {why}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+        };
+        self.log(level, None, message);
+        self.reply_after_commit(reply, report);
+    }
+
+    /// Services and instances loaded from the store at start. An operation the last run cut
+    /// short is left as its journal says: the next deploy finds what exists.
+    pub(super) fn load_services(
+        &mut self,
+        records: Vec<ServiceRecord>,
+        instances: Vec<InstanceRecord>,
+    ) {
         let mut services = BTreeMap::new();
         for record in records {
-            let view = ServiceView::new(record);
-            if let Err(e) = &view.spec {
-                tracing::warn!("service {} no longer reads: {e}", view.name());
+            let entry = ServiceEntry::new(record);
+            if let Err(e) = &entry.spec {
+                tracing::warn!("service {} no longer reads: {e}", entry.record.name);
             }
-            services.insert(view.name().clone(), Arc::new(view));
+            services.insert(entry.record.name.clone(), entry);
         }
         self.services = services;
+        self.instances = instances.into_iter().map(|i| (i.key(), i)).collect();
         self.services_dirty = true;
+    }
+
+    /// The services as the snapshot shows them, with the VM states their hosts report.
+    pub(super) fn service_views(&self) -> Vec<Arc<ServiceView>> {
+        self.services
+            .values()
+            .map(|entry| {
+                let instances: Vec<InstanceView> = self
+                    .instances
+                    .values()
+                    .filter(|i| i.service == entry.record.name)
+                    .map(|i| {
+                        let host = self.hosts.get(&i.host);
+                        let vm_state = host.and_then(|h| h.view.vm(&i.vm)).map(|v| v.state);
+                        let cost_per_hour =
+                            match (&entry.spec, host.and_then(|h| h.view.inventory())) {
+                                (Ok(spec), Some(inv)) => {
+                                    spec.application(&i.app).map_or(0.0, |a| {
+                                        super::placement::instance_cost_per_hour(a, &inv.prices)
+                                    })
+                                }
+                                _ => 0.0,
+                            };
+                        // Readiness is the VM running; the guest-agent, TCP and command
+                        // checks of the service file come with the process runtime.
+                        let ready = i.state == InstanceState::Created
+                            && vm_state == Some(VmState::Running)
+                            && host.is_some_and(|h| h.view.link == LinkState::Online);
+                        InstanceView {
+                            record: i.clone(),
+                            vm_state,
+                            ready,
+                            cost_per_hour,
+                        }
+                    })
+                    .collect();
+                let status = match &entry.spec {
+                    Ok(spec) => service_status(spec, &instances, entry.busy),
+                    Err(_) => ServiceStatus::Unreadable,
+                };
+                Arc::new(ServiceView {
+                    record: entry.record.clone(),
+                    spec: entry.spec.clone(),
+                    instances,
+                    status,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Runs an operation's steps in order, each one an agent call whose outcome the engine takes
+/// in before the next; then ends the operation.
+async fn run_steps(
+    service: ServiceName,
+    operation: Operation,
+    steps: Vec<Step>,
+    internal: mpsc::Sender<Internal>,
+    reply: Reply<OperationReport>,
+) {
+    let mut report = OperationReport::default();
+    for step in steps {
+        let (host, instance_name) = match &step {
+            Step::Create { instance, .. }
+            | Step::Remove { instance }
+            | Step::Start { instance }
+            | Step::Stop { instance } => (
+                instance.host.clone(),
+                format!("{}-{}", instance.app, instance.index),
+            ),
+        };
+        let client = ask(&internal, {
+            let host = host.clone();
+            move |actor: &mut Actor| actor.client(&host)
+        })
+        .await;
+        let result = match client {
+            None => return,
+            Some(Err(e)) => Err(e),
+            Some(Ok(client)) => call_step(&client, &step).await,
+        };
+        let Some(outcome) = ask(&internal, move |actor: &mut Actor| {
+            actor.step_done(&step, result)
+        })
+        .await
+        else {
+            return;
+        };
+        let line = match &outcome {
+            Ok(what) => format!("service {service}: {instance_name} on {host}: {what}"),
+            Err(why) => format!("service {service}: {instance_name} on {host} failed: {why}"),
+        };
+        let level = if outcome.is_ok() {
+            Level::Info
+        } else {
+            Level::Error
+        };
+        let host_for_log = host.clone();
+        let _ = ask(&internal, move |actor: &mut Actor| {
+            actor.log(level, Some(host_for_log), line)
+        })
+        .await;
+        match outcome {
+            Ok(what) => report.done.push((instance_name, host, what)),
+            Err(why) => report.failed.push((instance_name, why)),
+        }
+    }
+    let _ = internal
+        .send(Internal::CallDone(Box::new(move |actor: &mut Actor| {
+            actor.end_operation(&service, operation, report, reply)
+        })))
+        .await;
+}
+
+/// Runs `f` in the engine and returns what it gives; `None` when the engine is gone.
+async fn ask<T: Send + 'static>(
+    internal: &mpsc::Sender<Internal>,
+    f: impl FnOnce(&mut Actor) -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    internal
+        .send(Internal::CallDone(Box::new(move |actor: &mut Actor| {
+            let _ = tx.send(f(actor));
+        })))
+        .await
+        .ok()?;
+    rx.await.ok()
+}
+
+async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>, EngineError> {
+    match step {
+        Step::Create { spec, .. } => client
+            .call(CreateVm {
+                spec: spec.clone(),
+                start: false,
+            })
+            .await
+            .map(Some),
+        Step::Remove { instance } => {
+            let stopped = client
+                .call(StopVm {
+                    name: instance.vm.clone(),
+                    force: true,
+                    timeout_secs: 0,
+                })
+                .await;
+            match stopped {
+                // Already gone: nothing left to remove.
+                Err(EngineError::Agent(m)) if m.ends_with("does not exist") => return Ok(None),
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+            client
+                .call(DeleteVm {
+                    name: instance.vm.clone(),
+                })
+                .await
+                .map(|()| None)
+        }
+        Step::Start { instance } => client
+            .call(StartVm {
+                name: instance.vm.clone(),
+            })
+            .await
+            .map(Some),
+        Step::Stop { instance } => client
+            .call(StopVm {
+                name: instance.vm.clone(),
+                force: false,
+                timeout_secs: 0,
+            })
+            .await
+            .map(Some),
     }
 }

@@ -32,6 +32,9 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// Services, by name: the operator's file as written (a table an older console ignores).
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
+/// Instances of services, by `service/application/index`: written before the VM is created
+/// or removed, so a deploy cut short is known for what it did.
+const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 
 const SCHEMA_KEY: &str = "schema_version";
 /// 1: postcard records of the model types (the first release, no `meta` table).
@@ -128,6 +131,7 @@ pub struct Loaded {
     pub vms: Vec<(HostId, VmStatus)>,
     pub events: Vec<EventRecord>,
     pub services: Vec<ServiceRecord>,
+    pub instances: Vec<InstanceRecord>,
     /// The schema the file had before this open upgraded it, if it did.
     pub upgraded_from: Option<u64>,
 }
@@ -141,7 +145,46 @@ pub struct ServiceRecord {
     pub defined_at_ms: u64,
 }
 
+/// Where an instance of a service stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Written before its VM is created; the VM may or may not exist yet.
+    Creating,
+    Created,
+    /// Written before its VM is removed.
+    Removing,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Creating => "creating",
+            InstanceState::Created => "created",
+            InstanceState::Removing => "removing",
+        }
+    }
+}
+
+/// One instance of an application of a service, and the VM that is it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRecord {
+    pub service: dunes_shared::model::ServiceName,
+    pub app: dunes_shared::model::AppName,
+    pub index: u32,
+    pub host: HostId,
+    pub vm: VmName,
+    pub state: InstanceState,
+}
+
+impl InstanceRecord {
+    pub fn key(&self) -> String {
+        format!("{}/{}/{}", self.service, self.app, self.index)
+    }
+}
+
 enum Op {
+    PutInstance(rows::InstanceRow),
+    DeleteInstance(String),
     PutService(rows::ServiceRow),
     DeleteService(String),
     PutHost(Box<HostRow>),
@@ -228,6 +271,12 @@ impl Store {
         self.pending
             .push(Op::ReplaceVms(host, vms.iter().map(VmRow::from).collect()));
     }
+    pub fn put_instance(&mut self, instance: &InstanceRecord) {
+        self.pending.push(Op::PutInstance(instance.into()));
+    }
+    pub fn delete_instance(&mut self, instance: &InstanceRecord) {
+        self.pending.push(Op::DeleteInstance(instance.key()));
+    }
     pub fn put_service(&mut self, service: &ServiceRecord) {
         self.pending.push(Op::PutService(service.into()));
     }
@@ -301,6 +350,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(VMS)?;
     tx.open_table(EVENTS)?;
     tx.open_table(SERVICES)?;
+    tx.open_table(INSTANCES)?;
     if found == 1 {
         upgrade_from_v1(&tx)?;
     }
@@ -393,6 +443,14 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping service {}: {}", k.value(), error_chain(&e)),
         }
     }
+    for item in tx.open_table(INSTANCES)?.iter()? {
+        let (k, v) = item?;
+        match decode::<rows::InstanceRow>(v.value()).map(InstanceRecord::try_from) {
+            Ok(Ok(instance)) => loaded.instances.push(instance),
+            Ok(Err(e)) => tracing::warn!("skipping instance {}: {e}", k.value()),
+            Err(e) => tracing::warn!("skipping instance {}: {}", k.value(), error_chain(&e)),
+        }
+    }
     let events = tx.open_table(EVENTS)?;
     for item in events.iter()?.rev().take(1000) {
         let (_, v) = item?;
@@ -436,8 +494,16 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut vms = tx.open_table(VMS)?;
         let mut events = tx.open_table(EVENTS)?;
         let mut services = tx.open_table(SERVICES)?;
+        let mut instances = tx.open_table(INSTANCES)?;
         for op in ops {
             match op {
+                Op::PutInstance(row) => {
+                    let key = format!("{}/{}/{}", row.service, row.app, row.index);
+                    instances.insert(key.as_str(), encode(row)?.as_slice())?;
+                }
+                Op::DeleteInstance(key) => {
+                    instances.remove(key.as_str())?;
+                }
                 Op::PutService(row) => {
                     services.insert(row.name.as_str(), encode(row)?.as_slice())?;
                 }

@@ -347,3 +347,46 @@ impl TryFrom<ServiceRow> for super::ServiceRecord {
         })
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRow {
+    pub service: String,
+    pub app: String,
+    pub index: u32,
+    pub host: String,
+    pub vm: String,
+    /// As [`super::InstanceState::as_str`].
+    pub state: String,
+}
+
+impl From<&super::InstanceRecord> for InstanceRow {
+    fn from(i: &super::InstanceRecord) -> Self {
+        InstanceRow {
+            service: i.service.to_string(),
+            app: i.app.to_string(),
+            index: i.index,
+            host: i.host.to_string(),
+            vm: i.vm.to_string(),
+            state: i.state.as_str().to_string(),
+        }
+    }
+}
+
+impl TryFrom<InstanceRow> for super::InstanceRecord {
+    type Error = RowError;
+    fn try_from(row: InstanceRow) -> Result<Self, RowError> {
+        use dunes_shared::model::{AppName, ServiceName};
+        Ok(super::InstanceRecord {
+            service: ServiceName::new(row.service).map_err(invalid("service name"))?,
+            app: AppName::new(row.app).map_err(invalid("application name"))?,
+            index: row.index,
+            host: HostId::new(row.host).map_err(invalid("host id"))?,
+            vm: VmName::new(row.vm).map_err(invalid("VM name"))?,
+            state: match row.state.as_str() {
+                "created" => super::InstanceState::Created,
+                "removing" => super::InstanceState::Removing,
+                _ => super::InstanceState::Creating,
+            },
+        })
+    }
+}
