@@ -24,9 +24,11 @@ pub mod features {
     pub const TEMPLATES: &str = "templates";
     /// `RenewBegin`, `RenewFinish`: the host certificate renewed over the live connection.
     pub const CERT_RENEWAL: &str = "cert-renewal";
+    /// `CheckReady`: the readiness checks of service applications.
+    pub const READINESS: &str = "readiness";
 
     /// What this release of the agent offers.
-    pub const AGENT: &[&str] = &[VM_LIFECYCLE, TEMPLATES, CERT_RENEWAL];
+    pub const AGENT: &[&str] = &[VM_LIFECYCLE, TEMPLATES, CERT_RENEWAL, READINESS];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[];
 
@@ -182,6 +184,49 @@ pub struct RenewFinish {
     pub cert_der: Vec<u8>,
 }
 
+/// Which readiness check to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ProbeKind {
+    /// The workload runs.
+    Running,
+    /// qemu-guest-agent answers a ping inside the VM.
+    GuestAgent,
+    /// A TCP port accepts connections.
+    Tcp,
+    /// A command exits 0.
+    Command,
+    /// A check a newer console added.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A readiness check: its kind, and what that kind needs. A struct, not an enum with data,
+/// so that a kind a newer console adds reads as `Unknown` here (docs/PROTOCOL.md, rule 5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadinessProbe {
+    pub kind: ProbeKind,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+/// Is this workload ready for the applications that depend on it?
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckReady {
+    pub name: VmName,
+    pub probe: ReadinessProbe,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadyReply {
+    pub ready: bool,
+    /// What the check saw, for the operator when it is not ready.
+    pub detail: String,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -197,6 +242,7 @@ pub enum Request {
     EnrollFinish(EnrollFinish),
     RenewBegin(RenewBegin),
     RenewFinish(RenewFinish),
+    CheckReady(CheckReady),
 }
 
 impl Request {
@@ -214,6 +260,7 @@ impl Request {
             Request::EnrollFinish(_) => EnrollFinish::KIND,
             Request::RenewBegin(_) => RenewBegin::KIND,
             Request::RenewFinish(_) => RenewFinish::KIND,
+            Request::CheckReady(_) => CheckReady::KIND,
         }
     }
 }
@@ -256,6 +303,7 @@ rpc! {
     EnrollFinish => (), None, "enroll-finish";
     RenewBegin => RenewBeginReply, Some(features::CERT_RENEWAL), "renew-begin";
     RenewFinish => (), Some(features::CERT_RENEWAL), "renew-finish";
+    CheckReady => ReadyReply, Some(features::READINESS), "check-ready";
 }
 
 /// What an agent pushes on its event stream.
@@ -404,6 +452,17 @@ mod tests {
                 "81ab456e726f6c6c426567696e82a5746f6b656ea174ab63615f636572745f646572c40101",
             ),
             (
+                Request::CheckReady(CheckReady {
+                    name: name(),
+                    probe: ReadinessProbe {
+                        kind: ProbeKind::Tcp,
+                        port: Some(80),
+                        command: None,
+                    },
+                }),
+                "81aa436865636b526561647982a46e616d65a161a570726f626583a46b696e64a3746370a4706f727450a7636f6d6d616e64c0",
+            ),
+            (
                 Request::RenewBegin(RenewBegin),
                 "81aa52656e6577426567696e90",
             ),
@@ -489,6 +548,13 @@ mod tests {
                 csr_der: vec![1],
             }),
             "81a24f6b82a7686f73745f6964a168a76373725f646572c40101",
+        );
+        golden::<Result<ReadyReply, WireError>>(
+            &Ok(ReadyReply {
+                ready: false,
+                detail: "d".into(),
+            }),
+            "81a24f6b82a57265616479c2a664657461696ca164",
         );
         golden::<Result<RenewBeginReply, WireError>>(
             &Ok(RenewBeginReply { csr_der: vec![4] }),

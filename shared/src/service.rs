@@ -164,6 +164,16 @@ impl ApplicationSpec {
         if let Readiness::Tcp { port: 0 } = self.readiness {
             return Err(bad("the readiness port must not be 0".into()));
         }
+        if self.runtime == RuntimeKind::Libvirt
+            && matches!(
+                self.readiness,
+                Readiness::Tcp { .. } | Readiness::Command { .. }
+            )
+        {
+            return Err(bad(
+                "a VM is ready when it runs or when its guest agent answers: use readiness \"running\" or \"guest-agent\"".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -406,6 +416,15 @@ mod tests {
         assert!(matches!(s.validate(), Err(ServiceError::UnknownApp { .. })));
         let s = service(vec![app("web", &[]), app("web", &[])]);
         assert_eq!(s.validate(), Err(ServiceError::DuplicateApp(name("web"))));
+        let mut vm = app("web", &[]);
+        vm.readiness = Readiness::Tcp { port: 80 };
+        assert!(
+            service(vec![vm])
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("use readiness \"running\" or \"guest-agent\"")
+        );
         let mut bad = app("web", &[]);
         bad.vcpus = 0;
         assert!(

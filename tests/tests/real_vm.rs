@@ -193,4 +193,53 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         .await
         .unwrap();
     assert!(!agent_dir.join("storage/disks/tiny-1.img").exists());
+
+    // A service application on the tiny guest: its start returns once the guest agent
+    // answers, which is after the guest has booted.
+    let source = "name = \"svc\"\n[[application]]\nname = \"app\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 256\nreadiness = \"guest-agent\"\n";
+    let service = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    let deployed = engine
+        .request(|reply| Command::DeployService {
+            name: service.clone(),
+            fingerprint: None,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(deployed.failed.is_empty(), "{deployed:?}");
+    let starting = Instant::now();
+    let started = engine
+        .request(|reply| Command::StartService {
+            name: service.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    eprintln!(
+        "service start with guest-agent readiness took {:?}",
+        starting.elapsed()
+    );
+    assert_eq!(started.done[0].2, "running, ready", "{started:?}");
+    let booted = std::fs::read_to_string(agent_dir.join("storage/disks/svc-app-0.console.log"))
+        .unwrap_or_default();
+    assert!(
+        booted.contains("dunes-guest: ready"),
+        "the start returned before the guest had booted:\n{booted}"
+    );
+    let deleted = engine
+        .request(|reply| Command::DeleteService {
+            name: service,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(deleted.failed.is_empty(), "{deleted:?}");
+    assert!(!agent_dir.join("storage/disks/svc-app-0.img").exists());
 }

@@ -8,7 +8,7 @@ use std::{future::Future, pin::Pin, sync::Arc};
 
 use dunes_shared::{
     model::{RuntimeInfo, RuntimeKind, SpecError, TemplateName, VmName, VmSpec, VmState, VmStatus},
-    protocol::{ErrorCode, WireError},
+    protocol::{ErrorCode, ReadinessProbe, ReadyReply, WireError},
 };
 use tokio::sync::broadcast;
 
@@ -47,6 +47,11 @@ pub enum RuntimeError {
     NoRuntime(&'static str),
     #[error("a {0} runtime is registered already")]
     Duplicate(&'static str),
+    #[error("the {runtime} runtime cannot check {check} readiness")]
+    UnsupportedCheck {
+        runtime: &'static str,
+        check: &'static str,
+    },
     #[error("the runtime stopped")]
     WorkerGone,
 }
@@ -62,7 +67,9 @@ impl RuntimeError {
                 ErrorCode::AlreadyExists
             }
             RuntimeError::WrongState { .. } => ErrorCode::Conflict,
-            RuntimeError::NoGuest(_) | RuntimeError::NoRuntime(_) => ErrorCode::Unsupported,
+            RuntimeError::NoGuest(_)
+            | RuntimeError::NoRuntime(_)
+            | RuntimeError::UnsupportedCheck { .. } => ErrorCode::Unsupported,
             RuntimeError::Spec(_) => ErrorCode::BadRequest,
             RuntimeError::Storage(_) => ErrorCode::Storage,
             RuntimeError::Libvirt { .. }
@@ -107,6 +114,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// Asks the workload to stop and forces it after `timeout_secs`, or at once with `force`.
     fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus>;
     fn delete(&self, name: VmName) -> RuntimeFuture<'_, ()>;
+    /// Whether the workload is ready for the applications that depend on it.
+    fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply>;
     /// The stream of status changes.
     fn changes(&self) -> broadcast::Receiver<StatusChange>;
     /// Workloads holding CPU and memory, as last seen; no runtime call.

@@ -9,8 +9,9 @@ use dunes_shared::{
     model::VmStatus,
     pki,
     protocol::{
-        CreateVm, DeleteVm, ErrorCode, Hello, HelloReply, ListTemplates, ListVms, RenewBegin,
-        RenewBeginReply, RenewFinish, Request, StartVm, StopVm, WireError, codes, features,
+        CheckReady, CreateVm, DeleteVm, ErrorCode, Hello, HelloReply, ListTemplates, ListVms,
+        RenewBegin, RenewBeginReply, RenewFinish, Request, StartVm, StopVm, WireError, codes,
+        features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -184,6 +185,12 @@ async fn dispatch(
             };
             encode_reply::<StopVm>(match vms() {
                 Ok(rt) => rt.stop(name, force, timeout).await.map_err(|e| e.to_wire()),
+                Err(e) => Err(e),
+            })
+        }
+        Request::CheckReady(CheckReady { name, probe }) => {
+            encode_reply::<CheckReady>(match vms() {
+                Ok(rt) => rt.check_ready(name, probe).await.map_err(|e| e.to_wire()),
                 Err(e) => Err(e),
             })
         }

@@ -11,8 +11,8 @@ use std::{
 
 use dunes_shared::{
     model::{AppName, HostId, ServiceName, VmName, VmSpec, VmState, VmStatus},
-    protocol::{CreateVm, DeleteVm, StartVm, StopVm},
-    service::ServiceSpec,
+    protocol::{CheckReady, CreateVm, DeleteVm, ProbeKind, ReadinessProbe, StartVm, StopVm},
+    service::{Readiness, ServiceSpec},
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -235,6 +235,8 @@ enum Step {
     },
     Start {
         instance: InstanceRecord,
+        probe: ReadinessProbe,
+        depends_on: Vec<AppName>,
     },
     Stop {
         instance: InstanceRecord,
@@ -435,6 +437,8 @@ impl Actor {
                         .filter(|i| i.app == app.name && i.state == InstanceState::Created)
                         .map(|i| Step::Start {
                             instance: i.clone(),
+                            probe: probe_of(&app.readiness),
+                            depends_on: app.depends_on.clone(),
                         })
                         .collect::<Vec<_>>()
                 })
@@ -606,7 +610,21 @@ impl Actor {
                 Ok("removed".into())
             }
             (Step::Remove { .. }, Err(e)) => Err(e.to_string()),
-            (Step::Start { instance } | Step::Stop { instance }, Ok(vm)) => {
+            (
+                Step::Start {
+                    instance, probe, ..
+                },
+                Ok(vm),
+            ) => {
+                if let Some(vm) = vm {
+                    self.apply_vm(&instance.host, &vm);
+                }
+                Ok(match probe.kind {
+                    ProbeKind::Running => "running".into(),
+                    _ => "running, ready".into(),
+                })
+            }
+            (Step::Stop { instance }, Ok(vm)) => {
                 let state = vm.as_ref().map_or("", |v| v.state.as_str()).to_string();
                 if let Some(vm) = vm {
                     self.apply_vm(&instance.host, &vm);
@@ -737,11 +755,27 @@ async fn run_steps(
     reply: Reply<OperationReport>,
 ) {
     let mut report = OperationReport::default();
+    // Applications with an instance that did not become ready: what needs them waits.
+    let mut not_ready: std::collections::BTreeSet<AppName> = Default::default();
     for step in steps {
+        if let Step::Start {
+            instance,
+            depends_on,
+            ..
+        } = &step
+            && let Some(missing) = depends_on.iter().find(|d| not_ready.contains(*d))
+        {
+            not_ready.insert(instance.app.clone());
+            report.failed.push((
+                format!("{}-{}", instance.app, instance.index),
+                format!("not started: {missing} is not ready"),
+            ));
+            continue;
+        }
         let (host, instance_name) = match &step {
             Step::Create { instance, .. }
             | Step::Remove { instance }
-            | Step::Start { instance }
+            | Step::Start { instance, .. }
             | Step::Stop { instance } => (
                 instance.host.clone(),
                 format!("{}-{}", instance.app, instance.index),
@@ -757,6 +791,10 @@ async fn run_steps(
             Some(Err(e)) => Err(e),
             Some(Ok(client)) => call_step(&client, &step).await,
         };
+        let started_app = match &step {
+            Step::Start { instance, .. } => Some(instance.app.clone()),
+            _ => None,
+        };
         let Some(outcome) = ask(&internal, move |actor: &mut Actor| {
             actor.step_done(&step, result)
         })
@@ -764,6 +802,9 @@ async fn run_steps(
         else {
             return;
         };
+        if let (Some(app), Err(_)) = (started_app, &outcome) {
+            not_ready.insert(app);
+        }
         let line = match &outcome {
             Ok(what) => format!("service {service}: {instance_name} on {host}: {what}"),
             Err(why) => format!("service {service}: {instance_name} on {host} failed: {why}"),
@@ -788,6 +829,53 @@ async fn run_steps(
             actor.end_operation(&service, operation, report, reply)
         })))
         .await;
+}
+
+/// How long an instance gets to pass its readiness check after it started.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+const READY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The agent's check for a readiness rule of the service file.
+pub fn probe_of(readiness: &Readiness) -> ReadinessProbe {
+    let (kind, port, command) = match readiness {
+        Readiness::Running => (ProbeKind::Running, None, None),
+        Readiness::GuestAgent => (ProbeKind::GuestAgent, None, None),
+        Readiness::Tcp { port } => (ProbeKind::Tcp, Some(*port), None),
+        Readiness::Command { command } => (ProbeKind::Command, None, Some(command.clone())),
+    };
+    ReadinessProbe {
+        kind,
+        port,
+        command,
+    }
+}
+
+/// Asks the agent until the instance passes its check, within [`READY_TIMEOUT`].
+async fn wait_until_ready(
+    client: &AgentClient,
+    instance: &InstanceRecord,
+    probe: &ReadinessProbe,
+) -> Result<(), EngineError> {
+    let began = tokio::time::Instant::now();
+    loop {
+        let answer = client
+            .call(CheckReady {
+                name: instance.vm.clone(),
+                probe: probe.clone(),
+            })
+            .await?;
+        if answer.ready {
+            return Ok(());
+        }
+        if began.elapsed() >= READY_TIMEOUT {
+            return Err(EngineError::Agent(format!(
+                "not ready after {} s: {}",
+                READY_TIMEOUT.as_secs(),
+                answer.detail
+            )));
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
 }
 
 /// Runs `f` in the engine and returns what it gives; `None` when the engine is gone.
@@ -835,12 +923,17 @@ async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>
                 .await
                 .map(|()| None)
         }
-        Step::Start { instance } => client
-            .call(StartVm {
-                name: instance.vm.clone(),
-            })
-            .await
-            .map(Some),
+        Step::Start {
+            instance, probe, ..
+        } => {
+            let vm = client
+                .call(StartVm {
+                    name: instance.vm.clone(),
+                })
+                .await?;
+            wait_until_ready(client, instance, probe).await?;
+            Ok(Some(vm))
+        }
         Step::Stop { instance } => client
             .call(StopVm {
                 name: instance.vm.clone(),

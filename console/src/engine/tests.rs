@@ -453,3 +453,68 @@ async fn a_service_is_planned_on_the_fleet_as_it_is_now() {
     assert!(err.to_string().starts_with("line 2: "), "{err}");
     assert_eq!(engine.snapshot().services.len(), 1);
 }
+
+/// An application starts only once every instance it depends on is ready: here the database
+/// is gone behind the service's back, so the web front is not started at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependent_is_not_started_when_what_it_needs_is_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "gated").await;
+    let engine = engine_with(dir.path(), &agent).await;
+    let app = |name: &str, deps: &str| {
+        format!(
+            "[[application]]\nname = \"{name}\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\nreadiness = \"guest-agent\"\ndepends_on = [{deps}]\n"
+        )
+    };
+    let source = format!("name = \"gate\"\n{}{}", app("db", ""), app("web", "\"db\""));
+    let name = engine
+        .request(|reply| Command::DefineService {
+            source,
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    let deployed = engine
+        .request(|reply| Command::DeployService {
+            name: name.clone(),
+            fingerprint: None,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(deployed.done.len(), 2, "{deployed:?}");
+    engine
+        .request(|reply| Command::DeleteVm {
+            host: agent.host_id.clone(),
+            name: VmName::new("gate-db-0").unwrap(),
+            reply,
+        })
+        .await
+        .unwrap();
+    let started = engine
+        .request(|reply| Command::StartService {
+            name: name.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(started.failed.len(), 2, "{started:?}");
+    assert_eq!(started.failed[0].0, "db-0");
+    assert_eq!(
+        started.failed[1],
+        (
+            "web-0".to_string(),
+            "not started: db is not ready".to_string()
+        )
+    );
+    let snap = engine.snapshot();
+    let web = snap
+        .host(&agent.host_id)
+        .unwrap()
+        .vm(&VmName::new("gate-web-0").unwrap())
+        .cloned()
+        .unwrap();
+    assert_eq!(web.state, VmState::Shutoff);
+    assert_eq!(snap.services[0].status.as_str(), "down");
+}

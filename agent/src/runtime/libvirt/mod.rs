@@ -17,8 +17,9 @@ use std::{
     time::Duration,
 };
 
-use dunes_shared::model::{
-    RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus,
+use dunes_shared::{
+    model::{RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus},
+    protocol::{ProbeKind, ReadinessProbe, ReadyReply},
 };
 use tokio::sync::{Semaphore, broadcast};
 use virt::{
@@ -34,6 +35,8 @@ use crate::storage::{Storage, Template};
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// libvirt calls running at once on the blocking pool.
 pub const CONCURRENT_CALLS: usize = 8;
+/// How long a guest-agent ping may take.
+const GUEST_PING_TIMEOUT_SECS: i32 = 2;
 /// Status changes a slow subscriber may fall behind by before it must list again.
 const CHANGES_QUEUE: usize = 1024;
 
@@ -339,6 +342,10 @@ impl Runtime for LibvirtRuntime {
         })
     }
 
+    fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply> {
+        Box::pin(self.call(move |i| i.check_ready(&name, &probe)))
+    }
+
     fn changes(&self) -> broadcast::Receiver<StatusChange> {
         self.inner.changes.subscribe()
     }
@@ -559,6 +566,65 @@ impl Inner {
             Ok(ShutdownAsked::Asked)
         } else {
             Ok(ShutdownAsked::AlreadyOff)
+        }
+    }
+
+    fn check_ready(
+        &self,
+        name: &VmName,
+        probe: &ReadinessProbe,
+    ) -> Result<ReadyReply, RuntimeError> {
+        let state = self.state_of(name)?;
+        let not_yet = || ReadyReply {
+            ready: false,
+            detail: format!("the VM is {state}"),
+        };
+        match probe.kind {
+            ProbeKind::Running => Ok(if state == VmState::Running {
+                ReadyReply {
+                    ready: true,
+                    detail: "the VM runs".into(),
+                }
+            } else {
+                not_yet()
+            }),
+            ProbeKind::GuestAgent if state != VmState::Running => Ok(not_yet()),
+            // A mock hypervisor has no guest to ask.
+            ProbeKind::GuestAgent if self.domain_type == DomainType::Test => Ok(ReadyReply {
+                ready: true,
+                detail: "libvirt's test driver has no guest agent: running counts".into(),
+            }),
+            ProbeKind::GuestAgent => {
+                let dom = self.lookup(name)?;
+                Ok(
+                    match dom.qemu_agent_command(
+                        r#"{"execute":"guest-ping"}"#,
+                        GUEST_PING_TIMEOUT_SECS,
+                        0,
+                    ) {
+                        Ok(_) => ReadyReply {
+                            ready: true,
+                            detail: "the guest agent answers".into(),
+                        },
+                        Err(e) => ReadyReply {
+                            ready: false,
+                            detail: format!("the guest agent does not answer yet: {}", e.message()),
+                        },
+                    },
+                )
+            }
+            ProbeKind::Tcp => Err(RuntimeError::UnsupportedCheck {
+                runtime: "libvirt",
+                check: "tcp",
+            }),
+            ProbeKind::Command => Err(RuntimeError::UnsupportedCheck {
+                runtime: "libvirt",
+                check: "command",
+            }),
+            _ => Err(RuntimeError::UnsupportedCheck {
+                runtime: "libvirt",
+                check: "this",
+            }),
         }
     }
 
@@ -791,6 +857,43 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        rt.delete(name).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_follows_the_vm_and_says_what_it_cannot_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let name = VmName::new("ready").unwrap();
+        rt.create(spec("ready"), false).await.unwrap();
+        let probe = |kind| ReadinessProbe {
+            kind,
+            port: Some(80),
+            command: None,
+        };
+        let off = rt
+            .check_ready(name.clone(), probe(ProbeKind::GuestAgent))
+            .await
+            .unwrap();
+        assert!(!off.ready && off.detail == "the VM is shutoff", "{off:?}");
+        rt.start(name.clone()).await.unwrap();
+        for kind in [ProbeKind::Running, ProbeKind::GuestAgent] {
+            assert!(
+                rt.check_ready(name.clone(), probe(kind))
+                    .await
+                    .unwrap()
+                    .ready
+            );
+        }
+        let err = rt
+            .check_ready(name.clone(), probe(ProbeKind::Tcp))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the libvirt runtime cannot check tcp readiness"
+        );
+        rt.stop(name.clone(), true, 1).await.unwrap();
         rt.delete(name).await.unwrap();
     }
 }
