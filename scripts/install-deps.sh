@@ -6,11 +6,11 @@ set -euo pipefail
 level=${1:-test}
 
 build=(pkg-config libvirt-dev gcc libc6-dev ca-certificates)
-window=(libx11-6 libx11-xcb1 libxcursor1 libxi6 libxrandr2 libxkbcommon-x11-0 libfontconfig1
+window=(python3 libx11-6 libx11-xcb1 libxcursor1 libxi6 libxrandr2 libxkbcommon-x11-0 libfontconfig1
         libvulkan1 mesa-vulkan-drivers libegl1 libegl-mesa0 libgl1-mesa-dri)
 # QEMU, libvirt's daemon library and the guest's ingredients are installed by
 # assets/guest/build-tiny-guest.sh, which pins qemu-utils to qemu-system-x86's version.
-vms=(xvfb x11-apps xdotool imagemagick iproute2)
+vms=(xvfb x11-apps xdotool imagemagick iproute2 python3)
 
 packages=("${build[@]}")
 case "$level" in

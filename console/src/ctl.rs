@@ -213,6 +213,7 @@ pub fn host_json(h: &HostView) -> Value {
         "storage_total_mib": inv.map(|i| i.storage_total_mib),
         "storage_free_mib": inv.map(|i| i.storage_free_mib),
         "runtimes": inv.map(|i| i.runtimes.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
+        "interpreters": inv.map(|i| i.interpreters.iter().map(|x| json!({"name": x.name, "version": x.version})).collect::<Vec<_>>()).unwrap_or_default(),
         "security_level": inv.map(|i| i.security_level),
         "prices": inv.map(|i| i.prices),
         "vms": h.vms.len(),
@@ -345,7 +346,7 @@ fn all_vms(snap: &Snapshot) -> Vec<Value> {
                     .find_map(|s| s.instance_of_vm(h.id(), &v.name).map(|i| (s.name(), i)));
                 vm["service"] = json!(instance.map(|(s, _)| s));
                 vm["application"] = json!(instance.map(|(_, i)| &i.record.app));
-                vm["runtime"] = json!("libvirt");
+                vm["runtime"] = json!(v.runtime.as_str());
                 vm
             })
         })

@@ -109,11 +109,12 @@ validated_name!(
     "application name"
 );
 
-/// What runs workloads on a host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What runs workloads on a host. Messages from before runtimes were named meant libvirt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum RuntimeKind {
+    #[default]
     Libvirt,
     Process,
     /// A runtime a newer agent added.
@@ -224,6 +225,16 @@ pub struct HostInventory {
     /// Where `cpus` and `memory_mib` come from.
     #[serde(default)]
     pub sizes_from: SizesFrom,
+    /// Interpreters found on the host, for applications that need one.
+    #[serde(default)]
+    pub interpreters: Vec<InterpreterInfo>,
+}
+
+/// An interpreter a host has, with its version (`python3`, `3.11.2`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterpreterInfo {
+    pub name: String,
+    pub version: String,
 }
 
 /// What changes about a host from second to second.
@@ -334,6 +345,9 @@ pub struct VmStatus {
     pub template: Option<TemplateName>,
     /// Bytes allocated for its disks in the agent's storage directory.
     pub disk_bytes: u64,
+    /// What runs it: a libvirt VM, or a supervised process.
+    #[serde(default)]
+    pub runtime: RuntimeKind,
 }
 
 /// A template in an agent's image library.

@@ -8,7 +8,9 @@
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::model::{HostId, HostInventory, HostStatus, TemplateInfo, VmName, VmSpec, VmStatus};
+use crate::model::{
+    HostId, HostInventory, HostStatus, RuntimeKind, TemplateInfo, VmName, VmSpec, VmStatus,
+};
 
 /// ALPN of the control protocol between console and agent.
 pub const ALPN_CONTROL: &[u8] = b"dunes/2";
@@ -122,11 +124,16 @@ pub struct ListTemplates;
 pub struct CreateVm {
     pub spec: VmSpec,
     pub start: bool,
+    /// Which runtime runs it (the template is that runtime's).
+    #[serde(default)]
+    pub runtime: RuntimeKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartVm {
     pub name: VmName,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,11 +143,15 @@ pub struct StopVm {
     pub force: bool,
     /// How long the guest gets to shut down before the plug is pulled.
     pub timeout_secs: u32,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeleteVm {
     pub name: VmName,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
 }
 
 /// First step of enrollment: prove the join token, hand over the cluster CA, get a CSR.
@@ -218,6 +229,8 @@ pub struct ReadinessProbe {
 pub struct CheckReady {
     pub name: VmName,
     pub probe: ReadinessProbe,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -353,6 +366,7 @@ mod tests {
             memory_mib: 128,
             template: Some(TemplateName::new("tiny").unwrap()),
             disk_bytes: 0,
+            runtime: RuntimeKind::Libvirt,
         }
     }
 
@@ -391,6 +405,10 @@ mod tests {
             security_level: 1,
             agent_version: "0.1.0".into(),
             sizes_from: crate::model::SizesFrom::TestDriver,
+            interpreters: vec![crate::model::InterpreterInfo {
+                name: "python3".into(),
+                version: "3.11.2".into(),
+            }],
         }
     }
 
@@ -422,27 +440,38 @@ mod tests {
                         memory_mib: None,
                     },
                     start: true,
+                    runtime: RuntimeKind::Process,
                 }),
                 concat!(
-                    "81a8437265617465566d82a47370656384a46e616d65a161a874656d706c617465a474696e79a576",
-                    "6370757302aa6d656d6f72795f6d6962c0a57374617274c3",
+                    "81a8437265617465566d83a47370656384a46e616d65a161a874656d706c617465a474696e79a576",
+                    "6370757302aa6d656d6f72795f6d6962c0a57374617274c3a772756e74696d65a770726f63657373",
                 ),
             ),
             (
-                Request::StartVm(StartVm { name: name() }),
-                "81a75374617274566d81a46e616d65a161",
+                Request::StartVm(StartVm {
+                    name: name(),
+                    runtime: RuntimeKind::Libvirt,
+                }),
+                "81a75374617274566d82a46e616d65a161a772756e74696d65a76c696276697274",
             ),
             (
                 Request::StopVm(StopVm {
                     name: name(),
                     force: false,
                     timeout_secs: 300,
+                    runtime: RuntimeKind::Libvirt,
                 }),
-                "81a653746f70566d83a46e616d65a161a5666f726365c2ac74696d656f75745f73656373cd012c",
+                concat!(
+                    "81a653746f70566d84a46e616d65a161a5666f726365c2ac74696d656f75745f73656373cd012ca7",
+                    "72756e74696d65a76c696276697274",
+                ),
             ),
             (
-                Request::DeleteVm(DeleteVm { name: name() }),
-                "81a844656c657465566d81a46e616d65a161",
+                Request::DeleteVm(DeleteVm {
+                    name: name(),
+                    runtime: RuntimeKind::Libvirt,
+                }),
+                "81a844656c657465566d82a46e616d65a161a772756e74696d65a76c696276697274",
             ),
             (
                 Request::EnrollBegin(EnrollBegin {
@@ -459,8 +488,12 @@ mod tests {
                         port: Some(80),
                         command: None,
                     },
+                    runtime: RuntimeKind::Process,
                 }),
-                "81aa436865636b526561647982a46e616d65a161a570726f626583a46b696e64a3746370a4706f727450a7636f6d6d616e64c0",
+                concat!(
+                    "81aa436865636b526561647983a46e616d65a161a570726f626583a46b696e64a3746370a4706f72",
+                    "7450a7636f6d6d616e64c0a772756e74696d65a770726f63657373",
+                ),
             ),
             (
                 Request::RenewBegin(RenewBegin),
@@ -496,7 +529,7 @@ mod tests {
                 features: vec!["f".into()],
             }),
             concat!(
-                "81a24f6b84a9696e76656e746f72798ea7686f73745f6964a168a8686f73746e616d65a16ea46370",
+                "81a24f6b84a9696e76656e746f72798fa7686f73745f6964a168a8686f73746e616d65a16ea46370",
                 "757302a96370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f746f",
                 "74616c5f6d69620ab073746f726167655f667265655f6d696205a76e6574776f726b9183a46e616d",
                 "65a165a36d6163a130aa73706565645f6d627073cd03e8a872756e74696d65739183a46b696e64a7",
@@ -506,19 +539,22 @@ mod tests {
                 "6f726564cb0000000000000000b27065725f67625f7472616e73666572726564cb00000000000000",
                 "00ac7065725f6370755f686f7572cb0000000000000000b27065725f67625f6d656d6f72795f686f",
                 "7572cb0000000000000000ae73656375726974795f6c6576656c01ad6167656e745f76657273696f",
-                "6ea5302e312e30aa73697a65735f66726f6dab746573742d647269766572a673746174757386b063",
-                "70755f6c6f61645f70657263656e74ca3f000000af6d656d6f72795f757365645f6d696201b06d65",
-                "6d6f72795f746f74616c5f6d696202b073746f726167655f667265655f6d696203ab766d735f7275",
-                "6e6e696e6704ab757074696d655f7365637305a3766d739187a475756964a175a46e616d65a161a5",
-                "7374617465a7736875746f6666a5766370757301aa6d656d6f72795f6d6962cc80a874656d706c61",
-                "7465a474696e79aa6469736b5f627974657300a8666561747572657391a166",
+                "6ea5302e312e30aa73697a65735f66726f6dab746573742d647269766572ac696e74657270726574",
+                "6572739182a46e616d65a7707974686f6e33a776657273696f6ea6332e31312e32a6737461747573",
+                "86b06370755f6c6f61645f70657263656e74ca3f000000af6d656d6f72795f757365645f6d696201",
+                "b06d656d6f72795f746f74616c5f6d696202b073746f726167655f667265655f6d696203ab766d73",
+                "5f72756e6e696e6704ab757074696d655f7365637305a3766d739188a475756964a175a46e616d65",
+                "a161a57374617465a7736875746f6666a5766370757301aa6d656d6f72795f6d6962cc80a874656d",
+                "706c617465a474696e79aa6469736b5f627974657300a772756e74696d65a76c696276697274a866",
+                "6561747572657391a166",
             ),
         );
         golden::<Result<Vec<VmStatus>, WireError>>(
             &Ok(vec![vm()]),
             concat!(
-                "81a24f6b9187a475756964a175a46e616d65a161a57374617465a7736875746f6666a57663707573",
+                "81a24f6b9188a475756964a175a46e616d65a161a57374617465a7736875746f6666a57663707573",
                 "01aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f627974657300",
+                "a772756e74696d65a76c696276697274",
             ),
         );
         golden::<Result<Vec<TemplateInfo>, WireError>>(
@@ -537,8 +573,9 @@ mod tests {
         golden::<Result<VmStatus, WireError>>(
             &Ok(vm()),
             concat!(
-                "81a24f6b87a475756964a175a46e616d65a161a57374617465a7736875746f6666a5766370757301",
-                "aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f627974657300",
+                "81a24f6b88a475756964a175a46e616d65a161a57374617465a7736875746f6666a5766370757301",
+                "aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f627974657300a7",
+                "72756e74696d65a76c696276697274",
             ),
         );
         golden::<Result<(), WireError>>(&Ok(()), "81a24f6bc0");
@@ -580,9 +617,9 @@ mod tests {
             (
                 AgentEvent::VmChanged(vm()),
                 concat!(
-                    "81a9566d4368616e67656487a475756964a175a46e616d65a161a57374617465a7736875746f6666",
+                    "81a9566d4368616e67656488a475756964a175a46e616d65a161a57374617465a7736875746f6666",
                     "a5766370757301aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f",
-                    "627974657300",
+                    "627974657300a772756e74696d65a76c696276697274",
                 ),
             ),
             (
@@ -592,7 +629,7 @@ mod tests {
             (
                 AgentEvent::Inventory(Box::new(inventory())),
                 concat!(
-                    "81a9496e76656e746f72798ea7686f73745f6964a168a8686f73746e616d65a16ea46370757302a9",
+                    "81a9496e76656e746f72798fa7686f73745f6964a168a8686f73746e616d65a16ea46370757302a9",
                     "6370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f746f74616c5f",
                     "6d69620ab073746f726167655f667265655f6d696205a76e6574776f726b9183a46e616d65a165a3",
                     "6d6163a130aa73706565645f6d627073cd03e8a872756e74696d65739183a46b696e64a76c696276",
@@ -602,15 +639,16 @@ mod tests {
                     "cb0000000000000000b27065725f67625f7472616e73666572726564cb0000000000000000ac7065",
                     "725f6370755f686f7572cb0000000000000000b27065725f67625f6d656d6f72795f686f7572cb00",
                     "00000000000000ae73656375726974795f6c6576656c01ad6167656e745f76657273696f6ea5302e",
-                    "312e30aa73697a65735f66726f6dab746573742d647269766572",
+                    "312e30aa73697a65735f66726f6dab746573742d647269766572ac696e7465727072657465727391",
+                    "82a46e616d65a7707974686f6e33a776657273696f6ea6332e31312e32",
                 ),
             ),
             (
                 AgentEvent::VmList(vec![vm()]),
                 concat!(
-                    "81a6566d4c6973749187a475756964a175a46e616d65a161a57374617465a7736875746f6666a576",
+                    "81a6566d4c6973749188a475756964a175a46e616d65a161a57374617465a7736875746f6666a576",
                     "6370757301aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f6279",
-                    "74657300",
+                    "74657300a772756e74696d65a76c696276697274",
                 ),
             ),
         ];
@@ -686,6 +724,16 @@ mod tests {
     /// An older peer's messages, without the fields added since, still decode.
     #[test]
     fn past_messages_decode() {
+        // A CreateVm from before runtimes were named: a libvirt VM.
+        let before_runtimes = hex::decode(concat!(
+            "81a8437265617465566d82a47370656384a46e616d65a161a874656d706c617465a474696e79a576",
+            "6370757302aa6d656d6f72795f6d6962c0a57374617274c3",
+        ))
+        .unwrap();
+        match decode_payload::<Request>(&before_runtimes).unwrap() {
+            Request::CreateVm(c) => assert_eq!(c.runtime, RuntimeKind::Libvirt),
+            other => panic!("{other:?}"),
+        }
         // An Inventory event from before `sizes_from`: the machine's sizes.
         let before_sizes_from = hex::decode(concat!(
             "81a9496e76656e746f72798da7686f73745f6964a168a8686f73746e616d65a16ea46370757302a9",

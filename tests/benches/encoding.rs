@@ -30,6 +30,7 @@ fn vm(i: usize) -> VmStatus {
         memory_mib: 2048,
         template: Some(TemplateName::new("tiny").unwrap()),
         disk_bytes: 1_234_567_890 + i as u64,
+        runtime: RuntimeKind::Libvirt,
     }
 }
 
@@ -58,6 +59,7 @@ fn hello() -> Result<HelloReply, WireError> {
             security_level: 2,
             agent_version: "0.1.0".into(),
             sizes_from: SizesFrom::Machine,
+            interpreters: Vec::new(),
         },
         status: status(),
         vms: (0..100).map(vm).collect(),

@@ -506,12 +506,13 @@ fn services_are_defined_and_planned_from_a_file() {
     ));
     assert_eq!(created["name"], "shop");
 
-    // The plan: exit code 2, since no demo host has the process runtime the reports job needs.
+    // The plan: every instance placed (exit code 1: changes to make).
     let plan = ctl(&data, &["--json", "service", "plan", "shop"]);
     assert_eq!(
         plan.status.code(),
-        Some(2),
-        "{}",
+        Some(1),
+        "{}{}",
+        String::from_utf8_lossy(&plan.stdout),
         String::from_utf8_lossy(&plan.stderr)
     );
     let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
@@ -523,11 +524,35 @@ fn services_are_defined_and_planned_from_a_file() {
             .find(|p| p["instance"] == instance)
             .map(|p| p["host"].as_str().unwrap().to_string())
     };
-    // Only lsn-1 has security level 3; the two web instances on different hosts.
+    // Only lsn-1 has security level 3; the two web instances on different hosts; the
+    // reports job on the process runtime, where python3 was found.
     assert_eq!(host_of("payment-0").as_deref(), Some("lsn-1"));
     assert_ne!(host_of("web-0"), host_of("web-1"));
     assert!(host_of("db-0").is_some());
-    assert_eq!(plan["unplaced"][0]["instance"], "reports-0");
+    let reports_host = host_of("reports-0").expect("reports placed");
+    let hosts = json(&ctl(&data, &["--json", "hosts"]));
+    let reporting = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == reports_host.as_str())
+        .unwrap();
+    assert!(
+        reporting["runtimes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "process"),
+        "{reporting}"
+    );
+    assert!(
+        reporting["interpreters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "python3"),
+        "{reporting}"
+    );
     let payment_out: Vec<&str> = plan["rejections"]["payment"]
         .as_array()
         .unwrap()
@@ -542,7 +567,7 @@ fn services_are_defined_and_planned_from_a_file() {
     // The same plan for a person.
     let text = String::from_utf8(ctl(&data, &["service", "plan", "shop"]).stdout).unwrap();
     assert!(
-        text.contains("! reports-0") && text.contains("has no process runtime"),
+        text.contains("+ reports-0") && text.contains("security level 1 < required 3"),
         "{text}"
     );
 
@@ -551,6 +576,29 @@ fn services_are_defined_and_planned_from_a_file() {
     assert_eq!(services[0]["status"], "defined");
     assert_eq!(services[0]["applications"].as_array().unwrap().len(), 4);
     assert!(services[0]["cost_per_hour"].as_f64().is_some());
+
+    // Deployed and started: the reports job really runs as a process on its host.
+    json(&ctl(&data, &["--json", "service", "deploy", "shop"]));
+    json(&ctl(&data, &["--json", "service", "start", "shop"]));
+    until_status(&data, "shop", "available");
+    let report = data
+        .join("demo-agents")
+        .join(&reports_host)
+        .join("processes/shop-reports-0/work/reports/last.txt");
+    assert!(
+        std::fs::read_to_string(&report).is_ok_and(|t| t.starts_with("report ")),
+        "{}",
+        report.display()
+    );
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let reports_vm = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "shop-reports-0")
+        .unwrap();
+    assert_eq!(reports_vm["runtime"], "process");
+    assert_eq!(reports_vm["application"], "reports");
 
     // A wrong file is refused with its line, and changes nothing.
     let bad = dir.path().join("bad.toml");

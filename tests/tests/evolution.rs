@@ -60,6 +60,7 @@ fn inventory(host: &HostId) -> HostInventory {
         security_level: 0,
         agent_version: "9.9.9".into(),
         sizes_from: Default::default(),
+        interpreters: Vec::new(),
     }
 }
 

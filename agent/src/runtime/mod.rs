@@ -3,6 +3,7 @@
 //! the server dispatches requests through the registry and never names a runtime.
 
 pub mod libvirt;
+pub mod process;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 

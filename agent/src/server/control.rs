@@ -22,9 +22,14 @@ use super::{
 };
 use crate::runtime::RuntimeError;
 
-/// Every VM of the host's VM runtime.
+/// Every workload of every runtime of the host, by name.
 pub(super) async fn list_vms(shared: &Shared) -> Result<Vec<VmStatus>, RuntimeError> {
-    shared.runtimes.vms()?.list().await
+    let mut all = Vec::new();
+    for runtime in shared.runtimes.all() {
+        all.extend(runtime.list().await?);
+    }
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(all)
 }
 
 pub(super) async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) {
@@ -150,13 +155,16 @@ async fn dispatch(
     shared: &Arc<Shared>,
     request: Request,
 ) -> Result<Vec<u8>, dunes_shared::codec::FrameError> {
-    let vms = shared.runtimes.vms();
-    let vms = || vms.map_err(|e| e.to_wire());
+    let runtime = |kind| {
+        shared
+            .runtimes
+            .get(kind)
+            .ok_or(RuntimeError::NoRuntime(kind.as_str()))
+    };
     match request {
-        Request::ListVms(_) => encode_reply::<ListVms>(match vms() {
-            Ok(rt) => rt.list().await.map_err(|e| e.to_wire()),
-            Err(e) => Err(e),
-        }),
+        Request::ListVms(_) => {
+            encode_reply::<ListVms>(list_vms(shared).await.map_err(|e| e.to_wire()))
+        }
         Request::ListTemplates(_) => encode_reply::<ListTemplates>(
             match off_worker(shared, |s| s.storage.templates()).await {
                 Some(listed) => {
@@ -165,38 +173,51 @@ async fn dispatch(
                 None => Err(shutting_down()),
             },
         ),
-        Request::CreateVm(CreateVm { spec, start }) => encode_reply::<CreateVm>(match vms() {
+        Request::CreateVm(CreateVm {
+            spec,
+            start,
+            runtime: kind,
+        }) => encode_reply::<CreateVm>(match runtime(kind) {
             Ok(rt) => rt.create(spec, start).await.map_err(|e| e.to_wire()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_wire()),
         }),
-        Request::StartVm(StartVm { name }) => encode_reply::<StartVm>(match vms() {
+        Request::StartVm(StartVm {
+            name,
+            runtime: kind,
+        }) => encode_reply::<StartVm>(match runtime(kind) {
             Ok(rt) => rt.start(name).await.map_err(|e| e.to_wire()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_wire()),
         }),
         Request::StopVm(StopVm {
             name,
             force,
             timeout_secs,
+            runtime: kind,
         }) => {
             let timeout = if timeout_secs == 0 {
                 shared.config.stop_timeout_secs
             } else {
                 timeout_secs
             };
-            encode_reply::<StopVm>(match vms() {
+            encode_reply::<StopVm>(match runtime(kind) {
                 Ok(rt) => rt.stop(name, force, timeout).await.map_err(|e| e.to_wire()),
-                Err(e) => Err(e),
+                Err(e) => Err(e.to_wire()),
             })
         }
-        Request::CheckReady(CheckReady { name, probe }) => {
-            encode_reply::<CheckReady>(match vms() {
-                Ok(rt) => rt.check_ready(name, probe).await.map_err(|e| e.to_wire()),
-                Err(e) => Err(e),
-            })
-        }
-        Request::DeleteVm(DeleteVm { name }) => encode_reply::<DeleteVm>(match vms() {
+        Request::CheckReady(CheckReady {
+            name,
+            probe,
+            runtime: kind,
+        }) => encode_reply::<CheckReady>(match runtime(kind) {
+            Ok(rt) => rt.check_ready(name, probe).await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e.to_wire()),
+        }),
+        Request::DeleteVm(DeleteVm {
+            name,
+            runtime: kind,
+        }) => encode_reply::<DeleteVm>(match runtime(kind) {
             Ok(rt) => rt.delete(name).await.map_err(|e| e.to_wire()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_wire()),
         }),
         Request::RenewBegin(_) => encode_reply::<RenewBegin>(
             off_worker(shared, renew_begin)

@@ -29,6 +29,7 @@ use crate::{
     runtime::{
         RuntimeRegistry,
         libvirt::{LibvirtRuntime, NodeFacts, embed},
+        process::ProcessRuntime,
     },
     storage::Storage,
 };
@@ -92,6 +93,7 @@ struct Shared {
     libvirt_uri: String,
     /// The mock host's sizes, on libvirt's test driver; the machine's otherwise.
     declared: Option<NodeFacts>,
+    interpreters: Vec<dunes_shared::model::InterpreterInfo>,
     cpu: Mutex<inventory::CpuLoad>,
     /// Bumped by every enrollment: control connections trusted under the previous one close.
     enrollments: tokio::sync::watch::Sender<u64>,
@@ -120,6 +122,9 @@ impl RunningAgent {
         let declared = libvirt.declared_sizes().cloned();
         let mut runtimes = RuntimeRegistry::default();
         runtimes.register(Arc::new(libvirt))?;
+        let processes = ProcessRuntime::start(&opts.data_dir)?;
+        let interpreters = processes.interpreters().to_vec();
+        runtimes.register(Arc::new(processes))?;
         if !libvirt_uri.starts_with("test:")
             && let Ok(tiny) = storage.template(&TemplateName::new("tiny").expect("valid literal"))
             && tiny.placeholder
@@ -157,6 +162,7 @@ impl RunningAgent {
             endpoint,
             libvirt_uri,
             declared,
+            interpreters,
             cpu: Mutex::new(inventory::CpuLoad::default()),
             enrollments: tokio::sync::watch::Sender::new(0),
         });
@@ -245,6 +251,7 @@ impl Shared {
             security_level: self.config.security_level,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             sizes_from,
+            interpreters: self.interpreters.clone(),
         }
     }
 

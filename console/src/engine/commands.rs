@@ -3,7 +3,7 @@
 
 use dunes_shared::{
     error_chain,
-    model::HostId,
+    model::{HostId, RuntimeKind},
     protocol::{CreateVm, DeleteVm, StartVm, StopVm},
 };
 
@@ -113,14 +113,20 @@ impl Actor {
                     return;
                 }
                 let what = format!("creating VM {} on {host}", spec.name);
-                self.agent_call(host, what, reply, CreateVm { spec, start }, Actor::apply_vm);
+                let create = CreateVm {
+                    spec,
+                    start,
+                    runtime: RuntimeKind::Libvirt,
+                };
+                self.agent_call(host, what, reply, create, Actor::apply_vm);
             }
             Command::StartVm { host, name, reply } => {
+                let runtime = self.runtime_of(&host, &name);
                 self.agent_call(
                     host,
                     format!("starting VM {name}"),
                     reply,
-                    StartVm { name },
+                    StartVm { runtime, name },
                     Actor::apply_vm,
                 );
             }
@@ -130,6 +136,7 @@ impl Actor {
                 force,
                 reply,
             } => {
+                let runtime = self.runtime_of(&host, &name);
                 let what = if force {
                     format!("forcing VM {name} off")
                 } else {
@@ -140,6 +147,7 @@ impl Actor {
                     what,
                     reply,
                     StopVm {
+                        runtime,
                         name,
                         force,
                         timeout_secs: 0,
@@ -165,15 +173,24 @@ impl Actor {
             }
             Command::DeleteVm { host, name, reply } => {
                 let deleted = name.clone();
+                let runtime = self.runtime_of(&host, &name);
                 self.agent_call(
                     host,
                     format!("deleting VM {name}"),
                     reply,
-                    DeleteVm { name },
+                    DeleteVm { runtime, name },
                     move |actor, host, ()| actor.remove_vm(host, &deleted),
                 );
             }
         }
+    }
+
+    /// The runtime a host reports for a workload; libvirt for one it does not know.
+    fn runtime_of(&self, host: &HostId, name: &dunes_shared::model::VmName) -> RuntimeKind {
+        self.hosts
+            .get(host)
+            .and_then(|h| h.view.vm(name))
+            .map_or(RuntimeKind::Libvirt, |v| v.runtime)
     }
 
     fn set_address(&mut self, host: &HostId, address: String) -> Result<(), EngineError> {

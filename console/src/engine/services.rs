@@ -175,7 +175,14 @@ pub fn host_offer(host: &HostView) -> Option<HostOffer> {
         prices: inv.prices,
         link_bandwidth_mbps: inv.site.link_bandwidth_mbps,
         runtimes: inv.runtimes.iter().map(|r| r.kind).collect(),
-        interpreters: Vec::new(),
+        interpreters: inv
+            .interpreters
+            .iter()
+            .map(|i| super::placement::Interpreter {
+                name: i.name.clone(),
+                version: i.version.clone(),
+            })
+            .collect(),
         free: Resources {
             vcpus: inv.cpus.saturating_sub(vcpus),
             memory_mib: inv.memory_mib.saturating_sub(memory_mib),
@@ -400,6 +407,7 @@ impl Actor {
                 host: p.host.clone(),
                 vm: vm.clone(),
                 state: InstanceState::Creating,
+                runtime: app.runtime,
             };
             steps.push(Step::Create {
                 spec: VmSpec {
@@ -862,6 +870,7 @@ async fn wait_until_ready(
             .call(CheckReady {
                 name: instance.vm.clone(),
                 probe: probe.clone(),
+                runtime: instance.runtime,
             })
             .await?;
         if answer.ready {
@@ -895,10 +904,11 @@ async fn ask<T: Send + 'static>(
 
 async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>, EngineError> {
     match step {
-        Step::Create { spec, .. } => client
+        Step::Create { spec, instance } => client
             .call(CreateVm {
                 spec: spec.clone(),
                 start: false,
+                runtime: instance.runtime,
             })
             .await
             .map(Some),
@@ -908,6 +918,7 @@ async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>
                     name: instance.vm.clone(),
                     force: true,
                     timeout_secs: 0,
+                    runtime: instance.runtime,
                 })
                 .await;
             match stopped {
@@ -919,6 +930,7 @@ async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>
             client
                 .call(DeleteVm {
                     name: instance.vm.clone(),
+                    runtime: instance.runtime,
                 })
                 .await
                 .map(|()| None)
@@ -929,6 +941,7 @@ async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>
             let vm = client
                 .call(StartVm {
                     name: instance.vm.clone(),
+                    runtime: instance.runtime,
                 })
                 .await?;
             wait_until_ready(client, instance, probe).await?;
@@ -939,6 +952,7 @@ async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>
                 name: instance.vm.clone(),
                 force: false,
                 timeout_secs: 0,
+                runtime: instance.runtime,
             })
             .await
             .map(Some),

@@ -438,6 +438,7 @@ impl Inner {
             vcpus: life.vcpus,
             memory_mib: life.memory_mib,
             template: life.template,
+            runtime: RuntimeKind::Libvirt,
         }
     }
 

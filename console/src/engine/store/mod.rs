@@ -174,6 +174,7 @@ pub struct InstanceRecord {
     pub host: HostId,
     pub vm: VmName,
     pub state: InstanceState,
+    pub runtime: dunes_shared::model::RuntimeKind,
 }
 
 impl InstanceRecord {
@@ -566,6 +567,7 @@ mod tests {
             memory_mib: 64,
             template: None,
             disk_bytes: 0,
+            runtime: Default::default(),
         }
     }
 

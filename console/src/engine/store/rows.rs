@@ -57,6 +57,9 @@ pub struct InventoryRow {
     /// As [`SizesFrom::as_str`]; rows of schema 1 have none (the machine's).
     #[serde(default)]
     pub sizes_from: Option<String>,
+    /// `(name, version)` of each interpreter found.
+    #[serde(default)]
+    pub interpreters: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +104,9 @@ pub struct VmRow {
     pub memory_mib: u64,
     pub template: Option<String>,
     pub disk_bytes: u64,
+    /// `libvirt` or `process`; rows from before runtimes were named are libvirt VMs.
+    #[serde(default)]
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +193,11 @@ impl From<&HostInventory> for InventoryRow {
             security_level: i.security_level,
             agent_version: i.agent_version.clone(),
             sizes_from: Some(i.sizes_from.as_str().to_string()),
+            interpreters: i
+                .interpreters
+                .iter()
+                .map(|x| (x.name.clone(), x.version.clone()))
+                .collect(),
         }
     }
 }
@@ -242,6 +253,11 @@ impl InventoryRow {
                 Some("test-driver") => SizesFrom::TestDriver,
                 Some(_) => SizesFrom::Unknown,
             },
+            interpreters: self
+                .interpreters
+                .into_iter()
+                .map(|(name, version)| dunes_shared::model::InterpreterInfo { name, version })
+                .collect(),
         })
     }
 }
@@ -267,6 +283,7 @@ impl From<&VmStatus> for VmRow {
             memory_mib: v.memory_mib,
             template: v.template.as_ref().map(|t| t.to_string()),
             disk_bytes: v.disk_bytes,
+            runtime: Some(v.runtime.as_str().to_string()),
         }
     }
 }
@@ -283,6 +300,7 @@ impl TryFrom<VmRow> for VmStatus {
                 .unwrap_or(VmState::Unknown),
             vcpus: row.vcpus,
             memory_mib: row.memory_mib,
+            runtime: runtime_kind(row.runtime.as_deref()),
             // A template name that no longer validates is only a label: drop it.
             template: row.template.and_then(|t| TemplateName::new(t).ok()),
             disk_bytes: row.disk_bytes,
@@ -357,6 +375,8 @@ pub struct InstanceRow {
     pub vm: String,
     /// As [`super::InstanceState::as_str`].
     pub state: String,
+    #[serde(default)]
+    pub runtime: Option<String>,
 }
 
 impl From<&super::InstanceRecord> for InstanceRow {
@@ -368,6 +388,7 @@ impl From<&super::InstanceRecord> for InstanceRow {
             host: i.host.to_string(),
             vm: i.vm.to_string(),
             state: i.state.as_str().to_string(),
+            runtime: Some(i.runtime.as_str().to_string()),
         }
     }
 }
@@ -387,6 +408,16 @@ impl TryFrom<InstanceRow> for super::InstanceRecord {
                 "removing" => super::InstanceState::Removing,
                 _ => super::InstanceState::Creating,
             },
+            runtime: runtime_kind(row.runtime.as_deref()),
         })
+    }
+}
+
+/// A runtime kind as stored; none is libvirt (rows from before runtimes were named).
+fn runtime_kind(stored: Option<&str>) -> RuntimeKind {
+    match stored {
+        None | Some("libvirt") => RuntimeKind::Libvirt,
+        Some("process") => RuntimeKind::Process,
+        Some(_) => RuntimeKind::Unknown,
     }
 }

@@ -157,6 +157,7 @@ impl From<Host> for HostRow {
                 security_level: i.security_level,
                 agent_version: i.agent_version,
                 sizes_from: None,
+                interpreters: Vec::new(),
             }),
         }
     }
@@ -182,6 +183,7 @@ impl From<Vm> for VmRow {
             memory_mib: v.memory_mib,
             template: v.template,
             disk_bytes: v.disk_bytes,
+            runtime: None,
         }
     }
 }
