@@ -433,38 +433,36 @@ impl Actor {
     }
 
     pub(super) fn start_service(&mut self, name: &ServiceName, reply: Reply<OperationReport>) {
-        let steps = self.readable_spec(name).and_then(|spec| {
-            self.not_busy(name)?;
-            let order = spec.start_order().unwrap_or_default();
-            let instances = self.instances_of(name);
-            Ok(order
-                .iter()
-                .flat_map(|app| {
-                    instances
-                        .iter()
-                        .filter(|i| i.app == app.name && i.state == InstanceState::Created)
-                        .map(|i| Step::Start {
-                            instance: i.clone(),
-                            probe: probe_of(&app.readiness),
-                            depends_on: app.depends_on.clone(),
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect::<Vec<_>>())
-        });
-        match steps {
-            Ok(steps) => self.begin(name, Operation::Starting, steps, reply),
-            Err(e) => {
-                let _ = reply.send(Err(e));
+        self.in_order(name, Operation::Starting, reply, |app, instance| {
+            Step::Start {
+                instance,
+                probe: probe_of(&app.readiness),
+                depends_on: app.depends_on.clone(),
             }
-        }
+        });
     }
 
     pub(super) fn stop_service(&mut self, name: &ServiceName, reply: Reply<OperationReport>) {
+        self.in_order(name, Operation::Stopping, reply, |_, instance| Step::Stop {
+            instance,
+        });
+    }
+
+    /// Runs one step per created instance, application by application: in start order to
+    /// start, in reverse to stop.
+    fn in_order(
+        &mut self,
+        name: &ServiceName,
+        operation: Operation,
+        reply: Reply<OperationReport>,
+        step: impl Fn(&dunes_shared::service::ApplicationSpec, InstanceRecord) -> Step,
+    ) {
         let steps = self.readable_spec(name).and_then(|spec| {
             self.not_busy(name)?;
             let mut order = spec.start_order().unwrap_or_default();
-            order.reverse();
+            if operation == Operation::Stopping {
+                order.reverse();
+            }
             let instances = self.instances_of(name);
             Ok(order
                 .iter()
@@ -472,15 +470,13 @@ impl Actor {
                     instances
                         .iter()
                         .filter(|i| i.app == app.name && i.state == InstanceState::Created)
-                        .map(|i| Step::Stop {
-                            instance: i.clone(),
-                        })
+                        .map(|i| step(app, i.clone()))
                         .collect::<Vec<_>>()
                 })
                 .collect::<Vec<_>>())
         });
         match steps {
-            Ok(steps) => self.begin(name, Operation::Stopping, steps, reply),
+            Ok(steps) => self.begin(name, operation, steps, reply),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
