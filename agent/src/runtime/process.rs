@@ -600,7 +600,9 @@ async fn supervise(
         let Some(command) = lock(&rt.inner.instances)
             .get(&name)
             .map(|i| i.def.command.clone())
+            .filter(|c| !c.is_empty())
         else {
+            tracing::warn!(process = %name, "has no command to run");
             break;
         };
         let spawned = tokio::process::Command::new(&command[0])
