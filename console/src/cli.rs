@@ -94,7 +94,7 @@ pub enum ServiceCommand {
         #[arg(long)]
         fingerprint: Option<String>,
     },
-    /// Start the instances in dependency order, each application once those it needs run.
+    /// Start the instances in dependency order, each application once those it needs are ready.
     Start { name: String },
     /// Stop the instances in reverse dependency order.
     Stop { name: String },
