@@ -213,6 +213,7 @@ pub fn host_json(h: &HostView) -> Value {
         "storage_total_mib": inv.map(|i| i.storage_total_mib),
         "storage_free_mib": inv.map(|i| i.storage_free_mib),
         "runtimes": inv.map(|i| i.runtimes.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
+        "runtime_details": inv.map(|i| i.runtimes.iter().map(|r| json!({"kind": r.kind.as_str(), "driver": r.driver, "version": r.version, "limits": r.limits, "users": r.users})).collect::<Vec<_>>()).unwrap_or_default(),
         "interpreters": inv.map(|i| i.interpreters.iter().map(|x| json!({"name": x.name, "version": x.version})).collect::<Vec<_>>()).unwrap_or_default(),
         "security_level": inv.map(|i| i.security_level),
         "prices": inv.map(|i| i.prices),

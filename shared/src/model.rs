@@ -139,6 +139,12 @@ pub struct RuntimeInfo {
     /// For libvirt: the hypervisor type as libvirt names it (`Test`, `QEMU`).
     pub driver: String,
     pub version: String,
+    /// How CPU and memory limits are applied to what it runs, or why they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<String>,
+    /// As which user what it runs runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<String>,
 }
 
 /// Where a host stands, and what its link to the rest of the fleet is like.

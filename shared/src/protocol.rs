@@ -399,6 +399,8 @@ mod tests {
                 kind: RuntimeKind::Libvirt,
                 driver: "Test".into(),
                 version: "1".into(),
+                limits: None,
+                users: None,
             }],
             site: Site::default(),
             prices: Prices::default(),

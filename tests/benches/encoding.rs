@@ -53,6 +53,8 @@ fn hello() -> Result<HelloReply, WireError> {
                 kind: RuntimeKind::Libvirt,
                 driver: "QEMU".into(),
                 version: "9.0.0".into(),
+                limits: None,
+                users: None,
             }],
             site: Site::default(),
             prices: Prices::default(),

@@ -599,6 +599,63 @@ fn services_are_defined_and_planned_from_a_file() {
         .unwrap();
     assert_eq!(reports_vm["runtime"], "process");
     assert_eq!(reports_vm["application"], "reports");
+    let memory_bytes = reports_vm["memory_mib"].as_u64().unwrap() * 1024 * 1024;
+
+    // It runs inside its limits, as a user of its own where the agent is root, and comes
+    // back after a crash.
+    let instance_dir = report.parent().unwrap().parent().unwrap().parent().unwrap();
+    let pid_of = || {
+        std::fs::read_to_string(instance_dir.join("pid"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+    };
+    let pid = pid_of().expect("the process has a pid file");
+    let process_runtime = reporting["runtime_details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "process")
+        .unwrap()
+        .clone();
+    let limits = process_runtime["limits"].as_str().unwrap();
+    if limits.contains("through cgroup") {
+        let memory_limit = process_memory_limit(pid).expect("the process is in a memory group");
+        assert_eq!(memory_limit, memory_bytes, "{limits}");
+    } else {
+        eprintln!("NOT CHECKED: this machine applies no limits: {limits}");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next().map(str::to_string))
+        .unwrap();
+    if process_runtime["users"]
+        .as_str()
+        .unwrap()
+        .starts_with("a user of its own")
+    {
+        assert_ne!(uid, "0", "{status}");
+    }
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(new) = pid_of()
+            && new != pid
+            && std::path::Path::new(&format!("/proc/{new}")).exists()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reports job was not restarted after it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    until_status(&data, "shop", "available");
 
     // A wrong file is refused with its line, and changes nothing.
     let bad = dir.path().join("bad.toml");
@@ -621,6 +678,33 @@ fn services_are_defined_and_planned_from_a_file() {
             .len(),
         1
     );
+}
+
+/// The memory limit of the control group `pid` is in (cgroup v2 or v1), in bytes.
+fn process_memory_limit(pid: u32) -> Option<u64> {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    groups.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        let (dirs, file) = if controllers.split(',').any(|c| c == "memory") {
+            (vec!["/sys/fs/cgroup/memory"], "memory.limit_in_bytes")
+        } else if controllers.is_empty() {
+            (
+                vec!["/sys/fs/cgroup", "/sys/fs/cgroup/unified"],
+                "memory.max",
+            )
+        } else {
+            return None;
+        };
+        dirs.iter().find_map(|d| {
+            std::fs::read_to_string(std::path::Path::new(d).join(path).join(file))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+    })
 }
 
 /// Starts the demo and waits for its three hosts.

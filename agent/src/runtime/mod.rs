@@ -2,6 +2,7 @@
 //! runtime and others later) is one module here plus one registration in [`RuntimeRegistry`];
 //! the server dispatches requests through the registry and never names a runtime.
 
+pub mod cgroup;
 pub mod libvirt;
 pub mod process;
 

@@ -4,8 +4,12 @@
 //!
 //! A process template is a directory `storage/images/NAME` with a `process.toml` (the command
 //! and default sizes) and the files the command needs, copied into each instance's working
-//! directory. Not done yet: running each instance as a user of its own, and CPU and memory
-//! limits through cgroup v2 (the inventory says limits are not applied).
+//! directory.
+//!
+//! Where the agent runs as root, each instance runs as a user of its own: a uid from the
+//! range systemd keeps for dynamic users (61184-65519), with no entry in /etc/passwd (nothing
+//! outside the data dir is written), owning the instance's working directory. CPU and memory
+//! limits come from [`super::cgroup`]; the inventory says how they are applied, or why not.
 
 use std::{
     collections::BTreeMap,
@@ -25,12 +29,15 @@ use dunes_shared::{
     protocol::{ProbeKind, ReadinessProbe, ReadyReply},
 };
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     sync::{broadcast, watch},
 };
 
-use super::{Capabilities, Runtime, RuntimeError, RuntimeFuture, StatusChange};
+use super::{
+    Capabilities, Runtime, RuntimeError, RuntimeFuture, StatusChange, cgroup::CgroupLimits,
+};
 use crate::storage::StorageError;
 
 /// A log is rotated past this size; one older log is kept.
@@ -42,6 +49,44 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 /// How long a readiness command may run.
 const READY_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 const CHANGES_QUEUE: usize = 1024;
+/// The uids systemd keeps for dynamic users: no account owns them.
+const INSTANCE_UIDS: std::ops::RangeInclusive<u32> = 61184..=65519;
+/// The search path of an instance running as its own user, which cannot read root's.
+const INSTANCE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// util-linux's `setpriv`, which every Debian has (util-linux is essential).
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+fn running_as_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Whether instances under `root` can get users of their own: the agent is root, can drop
+/// to them, and they can walk down to their working directories (an interpreter opens its
+/// script by its full path).
+fn own_users_possible(root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !running_as_root() {
+        return Err("the agent's user: own users need the agent to run as root".into());
+    }
+    if !Path::new(SETPRIV).exists() {
+        return Err("the agent's user: /usr/bin/setpriv (util-linux) is missing".into());
+    }
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("the agent's user: {e}"))?;
+    for dir in root.ancestors() {
+        let mode = std::fs::metadata(dir).map_or(0, |m| m.permissions().mode());
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "the agent's user: other users cannot walk {} (mode {:o}), so instances could not reach their files",
+                dir.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// What a process template's `process.toml` says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +110,9 @@ struct ProcessDefinition {
     command: Vec<String>,
     /// Whether it should run: restored at the agent's next start.
     want_running: bool,
+    /// The instance's own user (and group), where the agent runs as root.
+    #[serde(default)]
+    uid: Option<u32>,
 }
 
 /// What stops a supervised process.
@@ -89,6 +137,15 @@ struct Inner {
     changes: broadcast::Sender<StatusChange>,
     active: AtomicU32,
     interpreters: Vec<InterpreterInfo>,
+    limits: CgroupLimits,
+    /// Whether instances get users of their own, or why not.
+    own_users: Result<(), String>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.limits.release();
+    }
 }
 
 /// Handle to the process runtime; cheap to clone.
@@ -136,14 +193,15 @@ while True:
 "#;
 
 /// Interpreters found on this machine, with their versions.
+/// Where instances run as users of their own, they are found on [`INSTANCE_PATH`].
 pub fn find_interpreters() -> Vec<InterpreterInfo> {
     let mut found = Vec::new();
     for (name, arg) in [("python3", "--version"), ("node", "--version")] {
-        let Ok(out) = std::process::Command::new(name)
-            .arg(arg)
-            .stdin(Stdio::null())
-            .output()
-        else {
+        let mut command = std::process::Command::new(name);
+        if running_as_root() {
+            command.env("PATH", INSTANCE_PATH);
+        }
+        let Ok(out) = command.arg(arg).stdin(Stdio::null()).output() else {
             continue;
         };
         let text = format!(
@@ -176,6 +234,7 @@ impl ProcessRuntime {
         std::fs::create_dir_all(&root).map_err(io("creating", &root))?;
         let templates = data_dir.join("storage/images");
         install_reports_template(&templates)?;
+        let limits = CgroupLimits::detect(data_dir);
         let mut instances = BTreeMap::new();
         for entry in std::fs::read_dir(&root)
             .map_err(io("listing", &root))?
@@ -188,6 +247,12 @@ impl ProcessRuntime {
             match toml::from_str::<ProcessDefinition>(&text) {
                 Ok(def) => {
                     end_orphan(&entry.path());
+                    // What the orphan started is in its groups still.
+                    if let Ok(Some(groups)) =
+                        limits.instance(def.name.as_str(), def.vcpus, def.memory_mib)
+                    {
+                        groups.kill_all();
+                    }
                     instances.insert(
                         def.name.clone(),
                         Instance {
@@ -201,6 +266,7 @@ impl ProcessRuntime {
                 Err(e) => tracing::warn!("skipping {}: {}", path.display(), e.message()),
             }
         }
+        let own_users = own_users_possible(&root);
         let runtime = ProcessRuntime {
             inner: Arc::new(Inner {
                 root,
@@ -209,6 +275,8 @@ impl ProcessRuntime {
                 changes: broadcast::channel(CHANGES_QUEUE).0,
                 active: AtomicU32::new(0),
                 interpreters: find_interpreters(),
+                limits,
+                own_users,
             }),
         };
         let wanted: Vec<VmName> = lock(&runtime.inner.instances)
@@ -281,6 +349,31 @@ impl ProcessRuntime {
             .map_err(io("writing", &path))
     }
 
+    /// A uid of the dynamic range that no instance of this agent and no account has; the
+    /// same name on the same agent tries the same uid first.
+    fn allocate_uid(&self, name: &VmName, instances: &BTreeMap<VmName, Instance>) -> u32 {
+        let mut taken: std::collections::BTreeSet<u32> =
+            instances.values().filter_map(|i| i.def.uid).collect();
+        if let Ok(passwd) = std::fs::read_to_string("/etc/passwd") {
+            taken.extend(
+                passwd
+                    .lines()
+                    .filter_map(|l| l.split(':').nth(2)?.parse::<u32>().ok()),
+            );
+        }
+        let first = *INSTANCE_UIDS.start();
+        let span = INSTANCE_UIDS.end() - first + 1;
+        let mut hasher = Sha256::new();
+        hasher.update(self.inner.root.as_os_str().as_encoded_bytes());
+        hasher.update(name.as_str().as_bytes());
+        let digest = hasher.finalize();
+        let seed = u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]) % span;
+        (0..span)
+            .map(|i| first + (seed + i) % span)
+            .find(|uid| !taken.contains(uid))
+            .unwrap_or(first + seed)
+    }
+
     /// Starts a supervisor for `name` unless one runs.
     fn launch(&self, name: &VmName) {
         let (tx, rx) = watch::channel(None);
@@ -329,11 +422,16 @@ impl ProcessRuntime {
             memory_mib: spec.memory_mib.unwrap_or(template.default_memory_mib),
             command: template.command.clone(),
             want_running: start,
+            uid: None,
         };
+        let mut def = def;
         {
             let mut instances = lock(&self.inner.instances);
             if instances.contains_key(&spec.name) {
                 return Err(RuntimeError::AlreadyExists(spec.name.clone()));
+            }
+            if self.inner.own_users.is_ok() {
+                def.uid = Some(self.allocate_uid(&spec.name, &instances));
             }
             instances.insert(
                 spec.name.clone(),
@@ -350,6 +448,9 @@ impl ProcessRuntime {
             let work = dir.join("work");
             std::fs::create_dir_all(&work).map_err(io("creating", &work))?;
             copy_template_files(&template_dir, &work)?;
+            if let Some(uid) = def.uid {
+                give_to(&work, uid)?;
+            }
             self.save(&def)
         })();
         if let Err(e) = made {
@@ -447,7 +548,18 @@ impl ProcessRuntime {
         let status = self.status(&name)?;
         let reply = |ready: bool, detail: String| Ok(ReadyReply { ready, detail });
         if status.state != VmState::Running {
-            return reply(false, format!("the process is {}", status.state));
+            // What it last said on stderr is usually why.
+            let said = std::fs::read_to_string(self.dir(&name).join("stderr.log"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .map(str::to_string)
+                })
+                .map(|l| format!(" (stderr: {})", l.chars().take(200).collect::<String>()))
+                .unwrap_or_default();
+            return reply(false, format!("the process is {}{said}", status.state));
         }
         match probe.kind {
             ProbeKind::Running => reply(true, "the process runs".into()),
@@ -462,10 +574,12 @@ impl ProcessRuntime {
             }
             ProbeKind::Command => {
                 let command = probe.command.unwrap_or_default();
-                let run = tokio::process::Command::new("/bin/sh")
+                let uid = lock(&self.inner.instances)
+                    .get(&name)
+                    .and_then(|i| i.def.uid);
+                let run = instance_command("/bin/sh", uid, &self.dir(&name).join("work"))
                     .arg("-c")
                     .arg(&command)
-                    .current_dir(self.dir(&name).join("work"))
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -508,6 +622,54 @@ fn install_reports_template(templates: &Path) -> Result<(), RuntimeError> {
     })?;
     dunes_shared::durable::write_file(&manifest, text.as_bytes(), 0o644)
         .map_err(io("writing", &manifest))
+}
+
+/// Makes `work` and what is in it the instance user's, and private to it.
+fn give_to(work: &Path, uid: u32) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(work)
+        .map_err(io("listing", work))?
+        .flatten()
+    {
+        let path = entry.path();
+        std::os::unix::fs::chown(&path, Some(uid), Some(uid)).map_err(io("handing over", &path))?;
+    }
+    std::os::unix::fs::chown(work, Some(uid), Some(uid)).map_err(io("handing over", work))?;
+    std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("handing over", work))
+}
+
+/// A command that runs as the instance's user where it has one, with an environment of its
+/// own rather than the agent's.
+///
+/// The user is dropped by util-linux's `setpriv` after the agent, still root, has entered the
+/// working directory: the instance user need not be able to walk the directories above it
+/// (a data dir is private to root).
+fn instance_command(program: &str, uid: Option<u32>, work: &Path) -> tokio::process::Command {
+    let Some(uid) = uid else {
+        let mut command = tokio::process::Command::new(program);
+        command.current_dir(work);
+        return command;
+    };
+    let uid = uid.to_string();
+    let mut command = tokio::process::Command::new(SETPRIV);
+    command
+        .args([
+            "--reuid",
+            &uid,
+            "--regid",
+            &uid,
+            "--clear-groups",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(program)
+        .current_dir(work)
+        .env_clear()
+        .env("PATH", INSTANCE_PATH)
+        .env("HOME", work)
+        .env("LANG", "C.UTF-8");
+    command
 }
 
 /// Copies a template's files (not its manifest) into a working directory.
@@ -597,22 +759,59 @@ async fn supervise(
         if stop.borrow().is_some() {
             break;
         }
-        let Some(command) = lock(&rt.inner.instances)
+        let Some(def) = lock(&rt.inner.instances)
             .get(&name)
-            .map(|i| i.def.command.clone())
-            .filter(|c| !c.is_empty())
+            .map(|i| i.def.clone())
+            .filter(|i| !i.command.is_empty())
         else {
             tracing::warn!(process = %name, "has no command to run");
             break;
         };
-        let spawned = tokio::process::Command::new(&command[0])
-            .args(&command[1..])
-            .current_dir(dir.join("work"))
-            .stdin(Stdio::null())
+        let command = &def.command;
+        let groups = match rt
+            .inner
+            .limits
+            .instance(name.as_str(), def.vcpus, def.memory_mib)
+        {
+            Ok(groups) => groups,
+            Err(e) => {
+                tracing::warn!(process = %name, "runs without limits: {e}");
+                None
+            }
+        };
+        let work = dir.join("work");
+        let mut spawn = if groups.is_some() {
+            // The child waits on its stdin until the agent has put it in its groups, so
+            // that nothing it runs escapes them.
+            let mut wrapper = instance_command("/bin/sh", def.uid, &work);
+            wrapper
+                .arg("-c")
+                .arg("read -r go; exec \"$@\" </dev/null")
+                .arg("dunes-start")
+                .args(command)
+                .stdin(Stdio::piped());
+            wrapper
+        } else {
+            let mut direct = instance_command(&command[0], def.uid, &work);
+            direct.args(&command[1..]).stdin(Stdio::null());
+            direct
+        };
+        let spawned = spawn
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .spawn();
+            .spawn()
+            .and_then(|mut child| {
+                if let (Some(groups), Some(pid)) = (&groups, child.id()) {
+                    if let Err(e) = groups.join(pid) {
+                        let _ = child.start_kill();
+                        return Err(std::io::Error::other(e));
+                    }
+                    // Its end of the pipe closes: the child goes on to its command.
+                    drop(child.stdin.take());
+                }
+                Ok(child)
+            });
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -658,17 +857,26 @@ async fn supervise(
                         .await
                         .is_ok()
                     {
+                        if let Some(groups) = &groups {
+                            groups.kill_all();
+                        }
                         break;
                     }
                     tracing::warn!(process = %name, "did not stop in {:?}, killing it", request.timeout);
                 }
                 let _ = child.kill().await;
+                if let Some(groups) = &groups {
+                    groups.kill_all();
+                }
                 break;
             }
             Some(status) => {
                 let how = status.map_or_else(|e| e.to_string(), |s| s.to_string());
                 tracing::warn!(process = %name, "exited on its own ({how}); restarting in {backoff:?}");
                 rt.set_state(&name, VmState::Crashed);
+                if let Some(groups) = &groups {
+                    groups.kill_all();
+                }
                 if let Some(i) = lock(&rt.inner.instances).get_mut(&name) {
                     i.restarts += 1;
                 }
@@ -682,6 +890,13 @@ async fn supervise(
                 backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
             }
         }
+    }
+    // A killed process leaves its groups once it is reaped: wait a little for that.
+    for _ in 0..50 {
+        if rt.inner.limits.remove_instance(name.as_str()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if let Some(i) = lock(&rt.inner.instances).get_mut(&name) {
         i.stop = None;
@@ -697,8 +912,13 @@ impl Runtime for ProcessRuntime {
     fn info(&self) -> RuntimeInfo {
         RuntimeInfo {
             kind: RuntimeKind::Process,
-            driver: "supervised processes (no CPU or memory limits yet)".into(),
+            driver: "supervised processes".into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            limits: Some(self.inner.limits.describe()),
+            users: Some(match &self.inner.own_users {
+                Ok(()) => "a user of its own per instance (uids 61184-65519)".into(),
+                Err(why) => why.clone(),
+            }),
         }
     }
 
@@ -810,12 +1030,112 @@ mod tests {
         assert!(!dir.path().join("processes/job").exists());
     }
 
+    fn proc_field(pid: &str, field: &str) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_instance_runs_as_its_own_user_inside_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        // Instance users walk down to their files, as under /var/lib (a temporary dir is 0700).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let images = dir.path().join("storage/images/forker");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::write(
+            images.join("run.sh"),
+            "sleep 300 &\necho $! > child.pid\nwait\n",
+        )
+        .unwrap();
+        std::fs::write(
+            images.join("process.toml"),
+            "description = \"forks\"\ncommand = [\"/bin/sh\", \"run.sh\"]\ndefault_vcpus = 1\ndefault_memory_mib = 64\n",
+        )
+        .unwrap();
+        let rt = ProcessRuntime::start(dir.path()).unwrap();
+        let info = rt.info();
+        eprintln!("limits: {:?}; users: {:?}", info.limits, info.users);
+        let name = VmName::new("job").unwrap();
+        let mut job = spec("job", "forker");
+        job.vcpus = Some(2);
+        rt.create(job, true).await.unwrap();
+        let work = dir.path().join("processes/job/work");
+        until(|| work.join("child.pid").exists(), "the job never forked").await;
+        let pid = std::fs::read_to_string(dir.path().join("processes/job/pid")).unwrap();
+        let pid = pid.trim().to_string();
+        let child = std::fs::read_to_string(work.join("child.pid")).unwrap();
+        let child = child.trim().to_string();
+        let uid = lock(&rt.inner.instances).get(&name).and_then(|i| i.def.uid);
+        let possible = own_users_possible(&dir.path().join("processes"));
+        if possible.is_ok() {
+            let uid = uid.expect("an agent running as root gives each instance a user");
+            assert!(INSTANCE_UIDS.contains(&uid));
+            assert_eq!(proc_field(&pid, "Uid:"), Some(uid.to_string()));
+            assert_eq!(proc_field(&child, "Uid:"), Some(uid.to_string()));
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(std::fs::metadata(&work).unwrap().uid(), uid);
+            assert_eq!(std::fs::metadata(work.join("run.sh")).unwrap().uid(), uid);
+        } else {
+            eprintln!("NOT CHECKED: {possible:?}");
+            assert_eq!(uid, None);
+        }
+        match &rt.inner.limits {
+            CgroupLimits::Unavailable(why) => {
+                eprintln!("NOT CHECKED: no control groups to limit with here: {why}");
+            }
+            limits => {
+                let groups = limits.instance("job", 2, 64).unwrap().unwrap();
+                for group in groups.dirs() {
+                    let members = std::fs::read_to_string(group.join("cgroup.procs")).unwrap();
+                    let members: Vec<&str> = members.lines().collect();
+                    assert!(members.contains(&pid.as_str()), "{pid} not in {group:?}");
+                    assert!(
+                        members.contains(&child.as_str()),
+                        "{child} not in {group:?}"
+                    );
+                }
+                let read = |file: &str| {
+                    groups
+                        .dirs()
+                        .iter()
+                        .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+                        .unwrap_or_default()
+                };
+                if let CgroupLimits::V2 { .. } = limits {
+                    assert_eq!(read("memory.max").trim(), "67108864");
+                    assert_eq!(read("cpu.max").trim(), "200000 100000");
+                } else {
+                    assert_eq!(read("memory.limit_in_bytes").trim(), "67108864");
+                    assert_eq!(read("cpu.cfs_quota_us").trim(), "200000");
+                    assert_eq!(read("cpu.cfs_period_us").trim(), "100000");
+                }
+                rt.stop(name.clone(), false, 5).await.unwrap();
+                // What the job left behind is ended with it, and its groups are gone.
+                until(
+                    || proc_field(&child, "State:").is_none_or(|s| s == "Z"),
+                    "the job's child outlived the job",
+                )
+                .await;
+                assert!(groups.dirs().iter().all(|d| !d.exists()));
+            }
+        }
+        rt.stop(name.clone(), true, 1).await.unwrap();
+        rt.delete(name).await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_reports_job_becomes_ready_by_its_command_and_comes_back_after_a_restart() {
         if find_interpreters().iter().all(|i| i.name != "python3") {
             panic!("python3 is needed for the built-in reports template");
         }
         let dir = tempfile::tempdir().unwrap();
+        // Walkable, so that the job runs as a user of its own where the test runs as root.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let rt = ProcessRuntime::start(dir.path()).unwrap();
         let name = VmName::new("reports-0").unwrap();
         rt.create(spec("reports-0", "reports"), true).await.unwrap();
@@ -832,6 +1152,11 @@ mod tests {
             }
             assert!(Instant::now() < deadline, "never ready: {}", r.detail);
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if rt.inner.own_users.is_ok() {
+            let pid = std::fs::read_to_string(dir.path().join("processes/reports-0/pid")).unwrap();
+            let uid = proc_field(pid.trim(), "Uid:").unwrap();
+            assert_ne!(uid, "0", "python3 runs as the instance's user");
         }
         let tcp = rt
             .check_ready(

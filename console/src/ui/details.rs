@@ -78,6 +78,15 @@ impl DetailsPanel {
                             .map(|r| format!("{} ({} {})", r.kind.as_str(), r.driver, r.version))
                             .collect();
                         row(ui, "Runtimes", runtimes.join(", "));
+                        for r in &inv.runtimes {
+                            let kind = r.kind.as_str();
+                            if let Some(limits) = &r.limits {
+                                row(ui, &format!("Limits ({kind})"), limits.clone());
+                            }
+                            if let Some(users) = &r.users {
+                                row(ui, &format!("Users ({kind})"), users.clone());
+                            }
+                        }
                         row(ui, "Security level", inv.security_level.to_string());
                         row(
                             ui,

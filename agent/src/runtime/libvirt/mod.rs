@@ -132,6 +132,8 @@ impl LibvirtRuntime {
                 kind: RuntimeKind::Libvirt,
                 driver,
                 version,
+                limits: None,
+                users: None,
             },
             node: NodeFacts {
                 cpus: info.cpus,

@@ -75,6 +75,10 @@ pub struct RuntimeRow {
     pub kind: String,
     pub driver: String,
     pub version: String,
+    #[serde(default)]
+    pub limits: Option<String>,
+    #[serde(default)]
+    pub users: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +180,8 @@ impl From<&HostInventory> for InventoryRow {
                     kind: r.kind.as_str().to_string(),
                     driver: r.driver.clone(),
                     version: r.version.clone(),
+                    limits: r.limits.clone(),
+                    users: r.users.clone(),
                 })
                 .collect(),
             site: SiteRow {
@@ -232,6 +238,8 @@ impl InventoryRow {
                     },
                     driver: r.driver,
                     version: r.version,
+                    limits: r.limits,
+                    users: r.users,
                 })
                 .collect(),
             site: Site {

@@ -140,6 +140,8 @@ impl From<Host> for HostRow {
                         .to_string(),
                         driver: r.driver,
                         version: r.version,
+                        limits: None,
+                        users: None,
                     })
                     .collect(),
                 site: SiteRow {
