@@ -92,8 +92,8 @@ fn mkdir(path: &Path) -> Result<(), String> {
 }
 
 impl CgroupLimits {
-    /// Finds how limits can be applied on this machine for the agent with `data_dir`, and
-    /// creates the agent's own group.
+    /// Finds how limits can be applied on this machine for the agent with `data_dir`, by
+    /// creating the agent's own group once (it is made again for the first instance).
     pub fn detect(data_dir: &Path) -> Self {
         let (Ok(mountinfo), Ok(proc_cgroup)) = (
             std::fs::read_to_string("/proc/self/mountinfo"),
@@ -109,7 +109,11 @@ impl CgroupLimits {
             .and_then(|(point, _, _)| Some(join_group(point, &own_group(&proc_cgroup, "")?)));
         let v2_reason = match &v2 {
             Some(own) => match Self::setup_v2(own, &name) {
-                Ok(base) => return CgroupLimits::V2 { base },
+                Ok(base) => {
+                    let limits = CgroupLimits::V2 { base };
+                    limits.release();
+                    return limits;
+                }
                 Err(reason) => reason,
             },
             None => "cgroup v2 is not mounted".to_string(),
@@ -128,7 +132,13 @@ impl CgroupLimits {
             let cpu = cpu.join(&name);
             let memory = memory.join(&name);
             match mkdir(&cpu).and_then(|()| mkdir(&memory)) {
-                Ok(()) => return CgroupLimits::V1 { cpu, memory },
+                Ok(()) => {
+                    let limits = CgroupLimits::V1 { cpu, memory };
+                    // Made again with the first instance: an agent that runs no process
+                    // leaves no group behind.
+                    limits.release();
+                    return limits;
+                }
                 Err(e) => return CgroupLimits::Unavailable(format!("{v2_reason}; cgroup v1: {e}")),
             }
         }
@@ -191,12 +201,16 @@ impl CgroupLimits {
         match self {
             CgroupLimits::V2 { base } => {
                 let dir = base.join(name);
+                mkdir(base)?;
+                write(&base.join("cgroup.subtree_control"), "+cpu +memory")?;
                 mkdir(&dir)?;
                 write(&dir.join("memory.max"), &memory_bytes.to_string())?;
                 write(&dir.join("cpu.max"), &format!("{quota_us} {CPU_PERIOD_US}"))?;
                 Ok(Some(InstanceGroups { dirs: vec![dir] }))
             }
             CgroupLimits::V1 { cpu, memory } => {
+                mkdir(cpu)?;
+                mkdir(memory)?;
                 let cpu = cpu.join(name);
                 let memory = memory.join(name);
                 mkdir(&cpu)?;
@@ -215,7 +229,7 @@ impl CgroupLimits {
         }
     }
 
-    /// Removes the agent's own group when the runtime closes (only an empty group goes).
+    /// Removes the agent's own group if it holds no instance group.
     pub fn release(&self) {
         let dirs = match self {
             CgroupLimits::V2 { base } => vec![base.clone()],
@@ -235,10 +249,15 @@ impl CgroupLimits {
             CgroupLimits::V1 { cpu, memory } => vec![cpu.join(name), memory.join(name)],
             CgroupLimits::Unavailable(_) => Vec::new(),
         };
-        dirs.iter().all(|dir| match std::fs::remove_dir(dir) {
+        let gone = dirs.iter().all(|dir| match std::fs::remove_dir(dir) {
             Ok(()) => true,
             Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-        })
+        });
+        // The agent's group goes with its last instance's.
+        if gone {
+            self.release();
+        }
+        gone
     }
 }
 
