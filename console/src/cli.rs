@@ -100,6 +100,16 @@ pub enum ServiceCommand {
     Stop { name: String },
     /// Show a service's definition.
     Show { name: String },
+    /// Make an existing VM an instance of one of the service's applications. A deploy never
+    /// removes an adopted VM; deleting the service does.
+    Adopt {
+        name: String,
+        /// The application it becomes an instance of.
+        #[arg(long)]
+        app: String,
+        /// The VM: NAME, or HOST/NAME when names repeat across hosts.
+        vm: String,
+    },
     /// Remove every instance of a service (forced off, disks deleted), then its definition.
     Delete { name: String },
 }
@@ -405,6 +415,11 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
         CtlCommand::Service(ServiceCommand::Stop { name }) => {
             CtlRequest::ServiceStop { name: name.clone() }
         }
+        CtlCommand::Service(ServiceCommand::Adopt { name, app, vm }) => CtlRequest::ServiceAdopt {
+            name: name.clone(),
+            app: app.clone(),
+            vm: vm.clone(),
+        },
         CtlCommand::Hosts => CtlRequest::Hosts,
         CtlCommand::Vms => CtlRequest::Vms,
         CtlCommand::Events { limit } => CtlRequest::Events { limit: *limit },
@@ -644,6 +659,14 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
             })
             .collect(),
         CtlCommand::Service(ServiceCommand::Show { .. }) => text(&data["source"]),
+        CtlCommand::Service(ServiceCommand::Adopt { .. }) => format!(
+            "{} on {} is now instance {}-{} of service {}\n",
+            text(&data["vm"]),
+            text(&data["host"]),
+            text(&data["application"]),
+            text(&data["index"]),
+            text(&data["service"])
+        ),
         CtlCommand::Service(ServiceCommand::Plan { .. }) => render_plan(data),
     }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use dunes_shared::{
-    model::{HostId, ServiceName, TemplateName, VmName, VmSpec, VmStatus},
+    model::{AppName, HostId, ServiceName, TemplateName, VmName, VmSpec, VmStatus},
     pki::Fingerprint,
 };
 use serde::{Deserialize, Serialize};
@@ -91,6 +91,12 @@ pub enum CtlRequest {
     },
     ServiceStop {
         name: String,
+    },
+    ServiceAdopt {
+        name: String,
+        app: String,
+        /// NAME, or HOST/NAME.
+        vm: String,
     },
 }
 
@@ -538,6 +544,28 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .await
                 .map_err(engine_err)?;
             report_json(&report)
+        }
+        CtlRequest::ServiceAdopt { name, app, vm } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let app = AppName::new(app).map_err(|e| e.to_string())?;
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let instance = engine
+                .request(|reply| Command::AdoptVm {
+                    service: name,
+                    app,
+                    host,
+                    vm: found.name,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({
+                "service": instance.service,
+                "application": instance.app,
+                "index": instance.index,
+                "host": instance.host,
+                "vm": instance.vm,
+            }))
         }
         CtlRequest::VmDelete { vm } => {
             let (host, found) = engine.snapshot().find_vm(&vm)?;

@@ -657,6 +657,50 @@ fn services_are_defined_and_planned_from_a_file() {
     }
     until_status(&data, "shop", "available");
 
+    // A VM of the demo is adopted as a third web instance: the plan still changes nothing.
+    let loose = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["service"].is_null() && v["runtime"] == "libvirt")
+        .expect("the demo has VMs of no service");
+    let reference = format!(
+        "{}/{}",
+        loose["host"].as_str().unwrap(),
+        loose["name"].as_str().unwrap()
+    );
+    let adopted = json(&ctl(
+        &data,
+        &[
+            "--json", "service", "adopt", "shop", "--app", "web", &reference,
+        ],
+    ));
+    assert_eq!(adopted["index"], 2, "{adopted}");
+    let again = ctl(
+        &data,
+        &["service", "adopt", "shop", "--app", "web", &reference],
+    );
+    assert!(
+        String::from_utf8_lossy(&again.stderr)
+            .contains("is already instance web-2 of service shop"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let now = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["host"] == loose["host"] && v["name"] == loose["name"])
+        .unwrap();
+    assert_eq!(now["service"], "shop");
+    assert_eq!(now["application"], "web");
+    assert_eq!(
+        ctl(&data, &["service", "plan", "shop"]).status.code(),
+        Some(0),
+        "an adopted VM beyond the count is kept as it is"
+    );
+
     // A wrong file is refused with its line, and changes nothing.
     let bad = dir.path().join("bad.toml");
     std::fs::write(

@@ -167,6 +167,13 @@ impl Actor {
                 reply,
             } => self.deploy_service(&name, fingerprint, reply),
             Command::StartService { name, reply } => self.start_service(&name, reply),
+            Command::AdoptVm {
+                service,
+                app,
+                host,
+                vm,
+                reply,
+            } => self.adopt_vm(&service, &app, &host, &vm, reply),
             Command::StopService { name, reply } => self.stop_service(&name, reply),
             Command::PlanService { name, reply } => {
                 let _ = reply.send(self.plan_service(&name));

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
 pub use services::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};
-pub use store::{EventRecord, HostRecord, Level, ServiceRecord};
+pub use store::{EventRecord, HostRecord, InstanceRecord, Level, ServiceRecord};
 
 use self::{
     actor::{Actor, Internal},
@@ -169,6 +169,14 @@ pub enum Command {
     StopService {
         name: dunes_shared::model::ServiceName,
         reply: Reply<OperationReport>,
+    },
+    /// Makes an existing VM an instance of one of the service's applications.
+    AdoptVm {
+        service: dunes_shared::model::ServiceName,
+        app: dunes_shared::model::AppName,
+        host: HostId,
+        vm: VmName,
+        reply: Reply<InstanceRecord>,
     },
     /// A dry run: where every instance would go, and why hosts were left out.
     PlanService {

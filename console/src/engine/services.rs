@@ -332,10 +332,14 @@ impl Actor {
             .filter_map(|e| host_offer(&e.view))
             .collect();
         hosts.sort_by(|a, b| a.id.cmp(&b.id));
+        let count = |app: &AppName| spec.application(app).map_or(0, |a| a.instances);
         let existing: Vec<Existing> = self
             .instances_of(name)
             .into_iter()
             .filter(|i| i.state != InstanceState::Removing)
+            // An adopted VM beyond the instance count is kept as it is: a deploy never
+            // removes what the operator brought in (deleting the service does).
+            .filter(|i| !(i.adopted && i.index >= count(&i.app)))
             .map(|i| Existing {
                 app: i.app,
                 index: i.index,
@@ -408,6 +412,7 @@ impl Actor {
                 vm: vm.clone(),
                 state: InstanceState::Creating,
                 runtime: app.runtime,
+                adopted: false,
             };
             steps.push(Step::Create {
                 spec: VmSpec {
@@ -495,6 +500,85 @@ impl Actor {
             .map(|instance| Step::Remove { instance })
             .collect();
         self.begin(name, Operation::Deleting, steps, reply);
+    }
+
+    /// Makes VM `vm` on `host` an instance of application `app` of service `name`: the lowest
+    /// free index of the application, counted from then on like a deployed instance.
+    pub(super) fn adopt_vm(
+        &mut self,
+        name: &ServiceName,
+        app: &AppName,
+        host: &HostId,
+        vm: &VmName,
+        reply: Reply<InstanceRecord>,
+    ) {
+        let adopted = (|| {
+            let spec = self.readable_spec(name)?;
+            self.not_busy(name)?;
+            let app_spec = spec.application(app).ok_or_else(|| {
+                EngineError::Invalid(format!("service {name} has no application {app}"))
+            })?;
+            let status = self
+                .hosts
+                .get(host)
+                .ok_or_else(|| EngineError::Invalid(format!("host {host} is not in the fleet")))?
+                .view
+                .vm(vm)
+                .ok_or_else(|| EngineError::Invalid(format!("host {host} has no VM {vm}")))?;
+            if status.runtime != app_spec.runtime {
+                return Err(EngineError::Invalid(format!(
+                    "{vm} runs on the {} runtime; application {app} needs {}",
+                    status.runtime.as_str(),
+                    app_spec.runtime.as_str()
+                )));
+            }
+            if let Some(i) = self
+                .instances
+                .values()
+                .find(|i| &i.host == host && &i.vm == vm)
+            {
+                return Err(EngineError::Invalid(format!(
+                    "{vm} is already instance {}-{} of service {}",
+                    i.app, i.index, i.service
+                )));
+            }
+            let used: std::collections::BTreeSet<u32> = self
+                .instances
+                .values()
+                .filter(|i| &i.service == name && &i.app == app)
+                .map(|i| i.index)
+                .collect();
+            let index = (0..).find(|n| !used.contains(n)).unwrap_or(0);
+            Ok(InstanceRecord {
+                service: name.clone(),
+                app: app.clone(),
+                index,
+                host: host.clone(),
+                vm: vm.clone(),
+                state: InstanceState::Created,
+                runtime: status.runtime,
+                adopted: true,
+            })
+        })();
+        match adopted {
+            Ok(instance) => {
+                self.store.put_instance(&instance);
+                self.instances.insert(instance.key(), instance.clone());
+                self.services_dirty = true;
+                self.log(
+                    Level::Info,
+                    Some(host.clone()),
+                    format!(
+                        "{vm} adopted into service {name} as {app}-{}",
+                        instance.index
+                    ),
+                );
+                self.reply_after_commit(reply, instance);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
     }
 
     fn not_busy(&self, name: &ServiceName) -> Result<(), EngineError> {

@@ -7,7 +7,7 @@ use dunes_agent::{
     config::AgentConfig,
     server::{AgentOptions, RunningAgent},
 };
-use dunes_shared::model::{HostId, TemplateName, VmName, VmSpec, VmState};
+use dunes_shared::model::{AppName, HostId, TemplateName, VmName, VmSpec, VmState};
 
 use super::{Command, EngineError, EngineHandle, EngineOptions, LinkState, start_with};
 
@@ -517,4 +517,96 @@ async fn a_dependent_is_not_started_when_what_it_needs_is_not_ready() {
         .unwrap();
     assert_eq!(web.state, VmState::Shutoff);
     assert_eq!(snap.services[0].status.as_str(), "down");
+}
+
+/// An existing VM adopted into a service is an instance like a deployed one: the plan keeps
+/// it, and a deploy never removes an adopted VM beyond the instance count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_vms_are_adopted_into_a_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "adopting").await;
+    let engine = engine_with(dir.path(), &agent).await;
+    let source = "name = \"site\"\n[[application]]\nname = \"web\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\ninstances = 2\n[[application]]\nname = \"jobs\"\nruntime = \"process\"\ntemplate = \"reports\"\nvcpus = 1\nmemory_mib = 64\ninstances = 0\n";
+    let name = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    for vm in ["legacy", "older", "third"] {
+        engine
+            .request(|reply| Command::CreateVm {
+                host: agent.host_id.clone(),
+                spec: spec(vm),
+                start: true,
+                reply,
+            })
+            .await
+            .unwrap();
+    }
+    let adopt = |vm: &str, app: &str| {
+        let (engine, name, host) = (engine.clone(), name.clone(), agent.host_id.clone());
+        let (vm, app) = (VmName::new(vm).unwrap(), AppName::new(app).unwrap());
+        async move {
+            engine
+                .request(|reply| Command::AdoptVm {
+                    service: name,
+                    app,
+                    host,
+                    vm,
+                    reply,
+                })
+                .await
+        }
+    };
+    let web = adopt("legacy", "web").await.unwrap();
+    assert_eq!((web.index, web.adopted), (0, true));
+    let err = adopt("legacy", "web").await.unwrap_err().to_string();
+    assert_eq!(err, "legacy is already instance web-0 of service site");
+    let err = adopt("older", "jobs").await.unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "older runs on the libvirt runtime; application jobs needs process"
+    );
+    let err = adopt("older", "cache").await.unwrap_err().to_string();
+    assert_eq!(err, "service site has no application cache");
+    let err = adopt("ghost", "web").await.unwrap_err().to_string();
+    assert!(err.contains("has no VM ghost"), "{err}");
+
+    let plan = engine
+        .request(|reply| Command::PlanService {
+            name: name.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    let creates: Vec<u32> = plan
+        .plan
+        .placements
+        .iter()
+        .filter(|p| p.action == crate::engine::placement::Action::Create)
+        .map(|p| p.index)
+        .collect();
+    assert_eq!(creates, [1], "the adopted VM is web-0: {:?}", plan.plan);
+
+    // Two more: web-1, then one beyond the count of 2, which a deploy leaves alone.
+    assert_eq!(adopt("older", "web").await.unwrap().index, 1);
+    assert_eq!(adopt("third", "web").await.unwrap().index, 2);
+    let deployed = engine
+        .request(|reply| Command::DeployService {
+            name: name.clone(),
+            fingerprint: None,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(deployed.done.is_empty(), "{deployed:?}");
+    let snap = engine.snapshot();
+    let host = snap.host(&agent.host_id).unwrap();
+    assert!(host.vm(&VmName::new("third").unwrap()).is_some());
+    let view = &snap.services[0];
+    assert_eq!(view.instances.len(), 3);
+    assert_eq!(view.status.as_str(), "available");
 }

@@ -175,6 +175,8 @@ pub struct InstanceRecord {
     pub vm: VmName,
     pub state: InstanceState,
     pub runtime: dunes_shared::model::RuntimeKind,
+    /// A VM that existed before and was adopted into the service: a deploy never removes it.
+    pub adopted: bool,
 }
 
 impl InstanceRecord {

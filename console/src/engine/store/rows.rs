@@ -385,6 +385,8 @@ pub struct InstanceRow {
     pub state: String,
     #[serde(default)]
     pub runtime: Option<String>,
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 impl From<&super::InstanceRecord> for InstanceRow {
@@ -397,6 +399,7 @@ impl From<&super::InstanceRecord> for InstanceRow {
             vm: i.vm.to_string(),
             state: i.state.as_str().to_string(),
             runtime: Some(i.runtime.as_str().to_string()),
+            adopted: i.adopted,
         }
     }
 }
@@ -417,6 +420,7 @@ impl TryFrom<InstanceRow> for super::InstanceRecord {
                 _ => super::InstanceState::Creating,
             },
             runtime: runtime_kind(row.runtime.as_deref()),
+            adopted: row.adopted,
         })
     }
 }
