@@ -222,6 +222,12 @@ pub fn main(cli: Cli) -> ExitCode {
         None => {
             let options = engine::EngineOptions {
                 cert_lifetime: Duration::from_secs(u64::from(cli.cert_days) * 24 * 3600),
+                // The window is on a desktop; a headless console is not.
+                desktop_notifications: if cli.headless {
+                    engine::notify::DesktopNotifications::Off
+                } else {
+                    engine::notify::DesktopNotifications::SessionBus
+                },
             };
             run_console(cli.data_dir, cli.headless, cli.demo, options).map(|()| ExitCode::SUCCESS)
         }

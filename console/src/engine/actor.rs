@@ -76,6 +76,8 @@ pub(super) struct Actor {
     pub(super) snapshot_tx: watch::Sender<Arc<Snapshot>>,
     pub(super) repaint: Repaint,
     pub(super) version: u64,
+    /// Service status changes for the desktop, when notifications are on.
+    pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
 }
 
 pub(super) fn now_ms() -> u64 {

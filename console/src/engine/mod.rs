@@ -11,6 +11,7 @@ mod event_log;
 mod gate;
 mod hosts;
 pub mod link;
+pub mod notify;
 pub mod placement;
 mod publish;
 pub mod service_file;
@@ -272,12 +273,15 @@ pub struct EngineOptions {
     /// How long the certificates the cluster CA signs last (hosts' and the console's own);
     /// each is renewed at two thirds of it.
     pub cert_lifetime: Duration,
+    /// Where service status changes go as desktop notifications.
+    pub desktop_notifications: notify::DesktopNotifications,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             cert_lifetime: pki::DEFAULT_CERT_LIFETIME,
+            desktop_notifications: notify::DesktopNotifications::Off,
         }
     }
 }
@@ -364,6 +368,7 @@ pub async fn start_with(
         snapshot_tx,
         repaint: repaint.clone(),
         version: 0,
+        notices: notify::start(&options.desktop_notifications),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
     for (host, vm) in loaded.vms {

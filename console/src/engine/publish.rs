@@ -5,9 +5,39 @@ use std::sync::Arc;
 
 use dunes_shared::model::ServiceName;
 
-use super::{HostView, ServiceStatus, Snapshot, actor::Actor, store::Level};
+use super::{
+    HostView, ServiceStatus, ServiceView, Snapshot,
+    actor::Actor,
+    notify::{Notice, Urgency},
+    store::Level,
+};
 
 impl Actor {
+    /// Hands a service's new status to the desktop notifier, never waiting for it.
+    fn notify(&self, view: &ServiceView) {
+        let Some(notices) = &self.notices else {
+            return;
+        };
+        let ready = view.instances.iter().filter(|i| i.ready).count();
+        let urgency = match view.status {
+            ServiceStatus::Down | ServiceStatus::Unreadable => Urgency::Critical,
+            ServiceStatus::Degraded => Urgency::Normal,
+            _ => Urgency::Low,
+        };
+        let notice = Notice {
+            service: view.name().to_string(),
+            summary: format!("Service {} is {}", view.name(), view.status.as_str()),
+            body: format!("{ready} of {} instances ready", view.instances.len()),
+            urgency,
+        };
+        if notices.try_send(notice).is_err() {
+            tracing::warn!(
+                "a desktop notice for service {} was dropped: the notifier is behind",
+                view.name()
+            );
+        }
+    }
+
     pub(super) fn publish(&mut self) {
         let mut changed = false;
         // A service's status follows its instances' VMs: any host change may change it.
@@ -43,6 +73,7 @@ impl Actor {
                         None,
                         format!("service {} is {}", view.name(), view.status.as_str()),
                     );
+                    self.notify(view);
                 }
             }
             self.published_services = Arc::new(views);

@@ -244,6 +244,7 @@ async fn certificates_renew_over_the_live_link_and_commands_work_throughout() {
         &agent,
         EngineOptions {
             cert_lifetime: lifetime,
+            ..EngineOptions::default()
         },
     )
     .await;
@@ -354,6 +355,7 @@ async fn an_agent_whose_certificate_expired_offline_says_re_enroll() {
         &first,
         EngineOptions {
             cert_lifetime: Duration::from_secs(3),
+            ..EngineOptions::default()
         },
     )
     .await;
@@ -609,4 +611,141 @@ async fn existing_vms_are_adopted_into_a_service() {
     let view = &snap.services[0];
     assert_eq!(view.instances.len(), 3);
     assert_eq!(view.status.as_str(), "available");
+}
+
+/// What the stand-in notification server heard: summary, body, urgency.
+type Heard = tokio::sync::mpsc::UnboundedSender<(String, String, u8)>;
+
+/// The freedesktop notification interface, served on a private bus by the test: the engine's
+/// calls cross a real dbus-daemon.
+struct NotificationServer {
+    heard: Heard,
+}
+
+#[zbus::interface(name = "org.freedesktop.Notifications")]
+impl NotificationServer {
+    #[allow(clippy::too_many_arguments)]
+    async fn notify(
+        &self,
+        app_name: String,
+        _replaces_id: u32,
+        _app_icon: String,
+        summary: String,
+        body: String,
+        _actions: Vec<String>,
+        hints: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        _expire_timeout: i32,
+    ) -> u32 {
+        assert_eq!(app_name, "Dunes");
+        let urgency = hints
+            .get("urgency")
+            .and_then(|v| u8::try_from(v).ok())
+            .unwrap_or(9);
+        let _ = self.heard.send((summary, body, urgency));
+        7
+    }
+}
+
+/// The next notice with summary `wanted`, skipping others.
+async fn until_heard(
+    heard: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String, u8)>,
+    wanted: &str,
+) -> (String, String, u8) {
+    let mut seen = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), heard.recv())
+            .await
+            .unwrap_or_else(|_| panic!("never heard {wanted:?}; heard {seen:?}"))
+            .unwrap();
+        if next.0 == wanted {
+            return next;
+        }
+        seen.push(next);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_status_changes_reach_the_desktop() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("session-bus");
+    let address = format!("unix:path={}", socket.display());
+    let mut daemon = std::process::Command::new("dbus-daemon")
+        .args(["--session", "--nofork", &format!("--address={address}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dbus-daemon (Debian package dbus-daemon) runs the test's session bus");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no bus at {address}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let _server = zbus::connection::Builder::address(address.as_str())
+        .unwrap()
+        .name("org.freedesktop.Notifications")
+        .unwrap()
+        .serve_at(
+            "/org/freedesktop/Notifications",
+            NotificationServer { heard: heard_tx },
+        )
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+
+    let agent = agent(dir.path(), "notifying").await;
+    let engine = engine_with_options(
+        dir.path(),
+        &agent,
+        EngineOptions {
+            desktop_notifications: super::notify::DesktopNotifications::Address(address),
+            ..EngineOptions::default()
+        },
+    )
+    .await;
+    let source = "name = \"site\"\n[[application]]\nname = \"web\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\n";
+    let name = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    for step in ["deploy", "start"] {
+        let name = name.clone();
+        let report = match step {
+            "deploy" => {
+                engine
+                    .request(|reply| Command::DeployService {
+                        name,
+                        fingerprint: None,
+                        reply,
+                    })
+                    .await
+            }
+            _ => {
+                engine
+                    .request(|reply| Command::StartService { name, reply })
+                    .await
+            }
+        };
+        assert!(report.unwrap().failed.is_empty());
+    }
+    let (_, body, urgency) = until_heard(&mut heard, "Service site is available").await;
+    assert_eq!((body.as_str(), urgency), ("1 of 1 instances ready", 0));
+    // Its only VM stops behind the service's back: down, and urgent.
+    engine
+        .request(|reply| Command::StopVm {
+            host: agent.host_id.clone(),
+            name: VmName::new("site-web-0").unwrap(),
+            force: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    let (_, body, urgency) = until_heard(&mut heard, "Service site is down").await;
+    assert_eq!((body.as_str(), urgency), ("0 of 1 instances ready", 2));
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }
