@@ -86,13 +86,22 @@ pub enum ServiceCommand {
     },
     /// Show where every instance would run and why hosts were left out, changing nothing.
     /// Exit code 0: nothing to change; 1: changes; 2: something cannot be placed.
-    Plan { name: String },
+    Plan {
+        name: String,
+        /// Place an instance by hand, as APP-INDEX=HOST (repeatable); the plan says whether
+        /// each holds or the rule it breaks.
+        #[arg(long = "place", value_name = "APP-INDEX=HOST")]
+        place: Vec<String>,
+    },
     /// Apply the plan: create the instances it places, remove those it removes.
     Deploy {
         name: String,
         /// The fingerprint `service plan` printed: refuse if the fleet changed since.
         #[arg(long)]
         fingerprint: Option<String>,
+        /// The instances placed by hand in that plan, as APP-INDEX=HOST.
+        #[arg(long = "place", value_name = "APP-INDEX=HOST")]
+        place: Vec<String>,
     },
     /// Start the instances in dependency order, each application once those it needs are ready.
     Start { name: String },
@@ -400,21 +409,25 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
                 replace: *replace,
             }
         }
-        CtlCommand::Service(ServiceCommand::Plan { name }) => {
-            CtlRequest::ServicePlan { name: name.clone() }
-        }
+        CtlCommand::Service(ServiceCommand::Plan { name, place }) => CtlRequest::ServicePlan {
+            name: name.clone(),
+            place: place.clone(),
+        },
         CtlCommand::Service(ServiceCommand::Show { name }) => {
             CtlRequest::ServiceShow { name: name.clone() }
         }
         CtlCommand::Service(ServiceCommand::Delete { name }) => {
             CtlRequest::ServiceDelete { name: name.clone() }
         }
-        CtlCommand::Service(ServiceCommand::Deploy { name, fingerprint }) => {
-            CtlRequest::ServiceDeploy {
-                name: name.clone(),
-                fingerprint: fingerprint.clone(),
-            }
-        }
+        CtlCommand::Service(ServiceCommand::Deploy {
+            name,
+            fingerprint,
+            place,
+        }) => CtlRequest::ServiceDeploy {
+            name: name.clone(),
+            fingerprint: fingerprint.clone(),
+            place: place.clone(),
+        },
         CtlCommand::Service(ServiceCommand::Start { name }) => {
             CtlRequest::ServiceStart { name: name.clone() }
         }
@@ -706,6 +719,17 @@ fn render_plan(plan: &Value) -> String {
             "  ! {:<16} cannot be placed: {}\n",
             text(&u["instance"]),
             text(&u["would_fit"])
+        ));
+    }
+    for o in list("overrides") {
+        let verdict = match o["breaks"].as_str() {
+            Some(why) => format!("breaks a rule: {why}"),
+            None => "holds".to_string(),
+        };
+        out.push_str(&format!(
+            "  placed by hand: {} on {}: {verdict}\n",
+            text(&o["instance"]),
+            text(&o["host"])
         ));
     }
     if let Some(rejections) = plan["rejections"].as_object().filter(|r| !r.is_empty()) {

@@ -20,7 +20,9 @@ use tokio::{
 
 use crate::engine::{
     Command, EngineError, EngineHandle, HostView, OperationReport, ServicePlan, ServiceView,
-    Snapshot, placement::Action, snapshot::rfc3339,
+    Snapshot,
+    placement::{Action, Override},
+    snapshot::rfc3339,
 };
 
 pub const SOCKET_NAME: &str = "ctl.sock";
@@ -74,6 +76,9 @@ pub enum CtlRequest {
     },
     ServicePlan {
         name: String,
+        /// `APP-INDEX=HOST`: instances placed by hand.
+        #[serde(default)]
+        place: Vec<String>,
     },
     ServiceShow {
         name: String,
@@ -85,6 +90,8 @@ pub enum CtlRequest {
         name: String,
         #[serde(default)]
         fingerprint: Option<String>,
+        #[serde(default)]
+        place: Vec<String>,
     },
     ServiceStart {
         name: String,
@@ -337,6 +344,12 @@ pub fn plan_json(sp: &ServicePlan) -> Value {
         "rejections": plan.rejections.iter().map(|(app, list)| {
             (app.to_string(), Value::Array(list.iter().map(|r| Value::String(r.reason.clone())).collect()))
         }).collect::<serde_json::Map<_, _>>(),
+        "overrides": plan.overrides.iter().map(|o| json!({
+            "instance": format!("{}-{}", o.placement.app, o.placement.index),
+            "host": o.placement.host,
+            "holds": o.verdict.is_ok(),
+            "breaks": o.verdict.as_ref().err(),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -468,7 +481,11 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                     Ok(_) => {
                         let name = view.name().clone();
                         engine
-                            .request(|reply| Command::PlanService { name, reply })
+                            .request(|reply| Command::PlanService {
+                                name,
+                                overrides: Vec::new(),
+                                reply,
+                            })
                             .await
                             .ok()
                     }
@@ -489,10 +506,15 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .map_err(engine_err)?;
             Ok(json!({ "name": name }))
         }
-        CtlRequest::ServicePlan { name } => {
+        CtlRequest::ServicePlan { name, place } => {
             let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let overrides = parse_overrides(&place)?;
             let plan = engine
-                .request(|reply| Command::PlanService { name, reply })
+                .request(|reply| Command::PlanService {
+                    name,
+                    overrides,
+                    reply,
+                })
                 .await
                 .map_err(engine_err)?;
             Ok(plan_json(&plan))
@@ -517,12 +539,18 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .map_err(engine_err)?;
             report_json(&report)
         }
-        CtlRequest::ServiceDeploy { name, fingerprint } => {
+        CtlRequest::ServiceDeploy {
+            name,
+            fingerprint,
+            place,
+        } => {
             let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let overrides = parse_overrides(&place)?;
             let report = engine
                 .request(|reply| Command::DeployService {
                     name,
                     fingerprint,
+                    overrides,
                     reply,
                 })
                 .await
@@ -581,6 +609,23 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
             Ok(json!({"deleted": found.name, "host": host}))
         }
     }
+}
+
+/// `APP-INDEX=HOST` choices, as `--place` takes them.
+fn parse_overrides(place: &[String]) -> Result<Vec<Override>, String> {
+    place
+        .iter()
+        .map(|p| {
+            let bad = || format!("--place {p}: write APP-INDEX=HOST, as in web-1=lsn-2");
+            let (instance, host) = p.split_once('=').ok_or_else(bad)?;
+            let (app, index) = instance.rsplit_once('-').ok_or_else(bad)?;
+            Ok(Override {
+                app: AppName::new(app).map_err(|e| format!("--place {p}: {e}"))?,
+                index: index.parse().map_err(|_| bad())?,
+                host: HostId::new(host).map_err(|e| format!("--place {p}: {e}"))?,
+            })
+        })
+        .collect()
 }
 
 /// Sends one request to the console running on `data_dir`.

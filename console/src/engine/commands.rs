@@ -164,8 +164,9 @@ impl Actor {
             Command::DeployService {
                 name,
                 fingerprint,
+                overrides,
                 reply,
-            } => self.deploy_service(&name, fingerprint, reply),
+            } => self.deploy_service(&name, fingerprint, &overrides, reply),
             Command::StartService { name, reply } => self.start_service(&name, reply),
             Command::AdoptVm {
                 service,
@@ -175,8 +176,12 @@ impl Actor {
                 reply,
             } => self.adopt_vm(&service, &app, &host, &vm, reply),
             Command::StopService { name, reply } => self.stop_service(&name, reply),
-            Command::PlanService { name, reply } => {
-                let _ = reply.send(self.plan_service(&name));
+            Command::PlanService {
+                name,
+                overrides,
+                reply,
+            } => {
+                let _ = reply.send(self.plan_service(&name, &overrides));
             }
             Command::DeleteVm { host, name, reply } => {
                 let deleted = name.clone();

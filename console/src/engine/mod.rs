@@ -158,6 +158,8 @@ pub enum Command {
     DeployService {
         name: dunes_shared::model::ServiceName,
         fingerprint: Option<String>,
+        /// Instances the operator placed by hand.
+        overrides: Vec<placement::Override>,
         reply: Reply<OperationReport>,
     },
     /// Starts the instances in dependency order: an application after everything it needs
@@ -182,6 +184,8 @@ pub enum Command {
     /// A dry run: where every instance would go, and why hosts were left out.
     PlanService {
         name: dunes_shared::model::ServiceName,
+        /// Instances the operator placed by hand; each gets a verdict.
+        overrides: Vec<placement::Override>,
         reply: Reply<ServicePlan>,
     },
 }

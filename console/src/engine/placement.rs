@@ -98,6 +98,24 @@ pub struct Plan {
     /// For each application, every host that runs none of its instances and why.
     pub rejections: BTreeMap<AppName, Vec<Rejection>>,
     pub cost_per_hour: f64,
+    /// The operator's overrides and whether each holds: `Err` is the rule it breaks.
+    pub overrides: Vec<OverrideVerdict>,
+}
+
+/// The operator's choice of host for one instance, over what placement would pick.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Override {
+    pub app: AppName,
+    pub index: u32,
+    pub host: HostId,
+}
+
+/// Whether an override holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverrideVerdict {
+    pub placement: Override,
+    /// `Err`: the sentence of the rule or resource it breaks on that host.
+    pub verdict: Result<(), String>,
 }
 
 impl Plan {
@@ -547,6 +565,19 @@ fn placement_order(service: &ServiceSpec) -> Vec<usize> {
 /// Places every instance of `service` on `hosts`, keeping the instances in `existing` where
 /// they are when the rules still allow it (always, for applications that never relocate).
 pub fn place_instances(service: &ServiceSpec, hosts: &[HostOffer], existing: &[Existing]) -> Plan {
+    place_instances_with(service, hosts, existing, &[])
+}
+
+/// As [`place_instances`], with instances the operator placed by hand: each goes to its host
+/// if every rule and the host's free resources allow it (before the other instances of its
+/// application), and is left unplaced with the reason otherwise. An override of an instance
+/// that is kept where it runs is not applied: a running instance is not moved by a plan.
+pub fn place_instances_with(
+    service: &ServiceSpec,
+    hosts: &[HostOffer],
+    existing: &[Existing],
+    overrides: &[Override],
+) -> Plan {
     let n_apps = service.applications.len();
     let n_hosts = hosts.len();
     let mut p = Placer {
@@ -579,6 +610,7 @@ pub fn place_instances(service: &ServiceSpec, hosts: &[HostOffer], existing: &[E
         }
     }
     let host_index = |id: &HostId| hosts.iter().position(|h| &h.id == id);
+    let mut verdicts = Vec::new();
     let mut placements = Vec::new();
     let mut removals = Vec::new();
     let mut unplaced = Vec::new();
@@ -633,8 +665,56 @@ pub fn place_instances(service: &ServiceSpec, hosts: &[HostOffer], existing: &[E
             .iter()
             .map(|&h| instance_cost_per_hour(app, &hosts[h].prices))
             .collect();
-        for index in 0..app.instances {
+        let chosen = |index: u32| {
+            overrides
+                .iter()
+                .find(|o| o.app == app.name && o.index == index)
+        };
+        // The operator's choices first, so that the others work around them.
+        let mut order: Vec<u32> = (0..app.instances)
+            .filter(|&i| chosen(i).is_some())
+            .collect();
+        order.extend((0..app.instances).filter(|&i| chosen(i).is_none()));
+        for index in order {
             if kept[a][index as usize] {
+                continue;
+            }
+            if let Some(choice) = chosen(index) {
+                let verdict = match host_index(&choice.host) {
+                    None => Err(format!("{}: not in the fleet", choice.host)),
+                    Some(h) => {
+                        let cost = instance_cost_per_hour(app, &hosts[h].prices);
+                        match p
+                            .static_reject(app, &hosts[h])
+                            .or_else(|| p.dynamic_reject(a, h, cost))
+                        {
+                            Some(r) => Err(p.sentence(app, &hosts[h], &r)),
+                            None => {
+                                p.cost_so_far += cost;
+                                p.take(a, h, index, true);
+                                placements.push(Placement {
+                                    app: app.name.clone(),
+                                    index,
+                                    host: hosts[h].id.clone(),
+                                    action: Action::Create,
+                                    cost_per_hour: cost,
+                                });
+                                Ok(())
+                            }
+                        }
+                    }
+                };
+                if let Err(why) = &verdict {
+                    unplaced.push(Unplaced {
+                        app: app.name.clone(),
+                        index,
+                        would_fit: format!("placed by hand where it cannot run: {why}"),
+                    });
+                }
+                verdicts.push(OverrideVerdict {
+                    placement: choice.clone(),
+                    verdict,
+                });
                 continue;
             }
             let mut best: Option<(usize, f64)> = None;
@@ -708,6 +788,7 @@ pub fn place_instances(service: &ServiceSpec, hosts: &[HostOffer], existing: &[E
         unplaced,
         rejections,
         cost_per_hour,
+        overrides: verdicts,
     }
 }
 
@@ -1069,5 +1150,62 @@ mod tests {
         assert_eq!(a, place_instances(&s, &hosts, &[]));
         assert!(version_at_least("3.11.2", "3.9"));
         assert!(!version_at_least("3.9", "3.11"));
+    }
+
+    #[test]
+    fn an_instance_placed_by_hand_goes_there_or_says_the_rule_it_breaks() {
+        let rules = ServiceRules {
+            distinct_hosts: vec![name("web")],
+            min_security_level: vec![SecurityRule {
+                application: Some(name("pay")),
+                level: 3,
+            }],
+            ..ServiceRules::default()
+        };
+        let s = service(vec![app("web", 2, 512), app("pay", 1, 512)], rules);
+        let choice = |app: &str, index: u32, host: &str| Override {
+            app: name(app),
+            index,
+            host: HostId::new(host).unwrap(),
+        };
+        // Allowed: it goes there, and the other web instance works around it.
+        let plan = place_instances_with(&s, &fleet(), &[], &[choice("web", 1, "lsn-2")]);
+        assert!(plan.is_feasible(), "{:?}", plan.unplaced);
+        assert_eq!(plan.overrides[0].verdict, Ok(()));
+        let web1 = plan
+            .placements
+            .iter()
+            .find(|p| p.app.as_str() == "web" && p.index == 1);
+        assert_eq!(web1.unwrap().host.as_str(), "lsn-2");
+        assert!(!hosts_of(&plan, "web").iter().all(|h| h == "lsn-2"));
+        // Two web instances on one host break the distinct-hosts rule.
+        let plan = place_instances_with(
+            &s,
+            &fleet(),
+            &[],
+            &[choice("web", 0, "lsn-1"), choice("web", 1, "lsn-1")],
+        );
+        assert_eq!(plan.overrides[0].verdict, Ok(()));
+        assert_eq!(
+            plan.overrides[1].verdict,
+            Err("lsn-1: already runs web-0 (distinct hosts for web)".into())
+        );
+        assert!(!plan.is_feasible());
+        // Payment on a host below its security level.
+        let plan = place_instances_with(&s, &fleet(), &[], &[choice("pay", 0, "lsn-1")]);
+        assert_eq!(
+            plan.overrides[0].verdict,
+            Err("lsn-1: security level 1 < required 3".into())
+        );
+        assert!(
+            plan.unplaced[0]
+                .would_fit
+                .contains("security level 1 < required 3")
+        );
+        // Without overrides it is the plain plan.
+        assert_eq!(
+            place_instances_with(&s, &fleet(), &[], &[]),
+            place_instances(&s, &fleet(), &[])
+        );
     }
 }

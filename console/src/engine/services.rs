@@ -20,7 +20,7 @@ use super::{
     EngineError, LinkState, Reply,
     actor::{Actor, Internal, now_ms},
     client::AgentClient,
-    placement::{Action, Existing, HostOffer, Plan, Resources, place_instances},
+    placement::{Action, Existing, HostOffer, Override, Plan, Resources, place_instances_with},
     service_file::parse_service_file,
     snapshot::HostView,
     store::{InstanceRecord, InstanceState, Level, ServiceRecord},
@@ -192,9 +192,14 @@ pub fn host_offer(host: &HostView) -> Option<HostOffer> {
 }
 
 /// A digest of what a plan depends on.
-pub fn fingerprint(spec: &ServiceSpec, hosts: &[HostOffer], existing: &[Existing]) -> String {
+pub fn fingerprint(
+    spec: &ServiceSpec,
+    hosts: &[HostOffer],
+    existing: &[Existing],
+    overrides: &[Override],
+) -> String {
     let mut hasher = DefaultHasher::new();
-    hasher.write(format!("{spec:?}|{hosts:?}|{existing:?}").as_bytes());
+    hasher.write(format!("{spec:?}|{hosts:?}|{existing:?}|{overrides:?}").as_bytes());
     format!("{:016x}", hasher.finish())
 }
 
@@ -324,7 +329,11 @@ impl Actor {
         self.reply_after_commit(reply, name);
     }
 
-    pub(super) fn plan_service(&self, name: &ServiceName) -> Result<ServicePlan, EngineError> {
+    pub(super) fn plan_service(
+        &self,
+        name: &ServiceName,
+        overrides: &[Override],
+    ) -> Result<ServicePlan, EngineError> {
         let spec = self.readable_spec(name)?;
         let mut hosts: Vec<HostOffer> = self
             .hosts
@@ -346,10 +355,10 @@ impl Actor {
                 host: i.host,
             })
             .collect();
-        let plan = place_instances(&spec, &hosts, &existing);
+        let plan = place_instances_with(&spec, &hosts, &existing, overrides);
         Ok(ServicePlan {
             service: name.clone(),
-            fingerprint: fingerprint(&spec, &hosts, &existing),
+            fingerprint: fingerprint(&spec, &hosts, &existing, overrides),
             plan,
         })
     }
@@ -359,12 +368,13 @@ impl Actor {
         &mut self,
         name: &ServiceName,
         fingerprint: Option<String>,
+        overrides: &[Override],
         reply: Reply<OperationReport>,
     ) {
         let prepared = (|| {
             let spec = self.readable_spec(name)?;
             self.not_busy(name)?;
-            let planned = self.plan_service(name)?;
+            let planned = self.plan_service(name, overrides)?;
             if let Some(seen) = fingerprint
                 && seen != planned.fingerprint
             {

@@ -417,7 +417,11 @@ async fn a_service_is_planned_on_the_fleet_as_it_is_now() {
         let name = name.clone();
         async move {
             engine
-                .request(|reply| Command::PlanService { name, reply })
+                .request(|reply| Command::PlanService {
+                    name,
+                    overrides: Vec::new(),
+                    reply,
+                })
                 .await
                 .unwrap()
         }
@@ -481,6 +485,7 @@ async fn a_dependent_is_not_started_when_what_it_needs_is_not_ready() {
         .request(|reply| Command::DeployService {
             name: name.clone(),
             fingerprint: None,
+            overrides: Vec::new(),
             reply,
         })
         .await
@@ -580,6 +585,7 @@ async fn existing_vms_are_adopted_into_a_service() {
     let plan = engine
         .request(|reply| Command::PlanService {
             name: name.clone(),
+            overrides: Vec::new(),
             reply,
         })
         .await
@@ -600,6 +606,7 @@ async fn existing_vms_are_adopted_into_a_service() {
         .request(|reply| Command::DeployService {
             name: name.clone(),
             fingerprint: None,
+            overrides: Vec::new(),
             reply,
         })
         .await
@@ -720,6 +727,7 @@ async fn service_status_changes_reach_the_desktop() {
                     .request(|reply| Command::DeployService {
                         name,
                         fingerprint: None,
+                        overrides: Vec::new(),
                         reply,
                     })
                     .await
