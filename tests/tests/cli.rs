@@ -564,6 +564,26 @@ fn services_are_defined_and_planned_from_a_file() {
         "{payment_out:?}"
     );
     assert!(plan["cost_per_hour"].as_f64().unwrap() > 0.0);
+    // Payment placed by hand on a level-1 host: the plan says the rule it breaks (exit 2).
+    let by_hand = ctl(
+        &data,
+        &[
+            "--json",
+            "service",
+            "plan",
+            "shop",
+            "--place",
+            "payment-0=gva-1",
+        ],
+    );
+    assert_eq!(by_hand.status.code(), Some(2));
+    let by_hand: Value = serde_json::from_slice(&by_hand.stdout).unwrap();
+    assert_eq!(
+        by_hand["overrides"][0]["breaks"],
+        "gva-1: security level 1 < required 3"
+    );
+    let bad = ctl(&data, &["service", "plan", "shop", "--place", "payment"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("write APP-INDEX=HOST"));
     // The same plan for a person.
     let text = String::from_utf8(ctl(&data, &["service", "plan", "shop"]).stdout).unwrap();
     assert!(

@@ -450,3 +450,219 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
             .is_none()
     });
 }
+
+/// Presses on `from`, moves to `to` in small steps (as a hand does), and stays there.
+fn drag_to(harness: &mut Harness<'_, ConsoleApp>, from: egui::Pos2, to: egui::Pos2) {
+    harness.hover_at(from);
+    harness.step();
+    harness.drag_at(from);
+    harness.step();
+    for i in 1..=12 {
+        harness.hover_at(from.lerp(to, i as f32 / 12.0));
+        harness.step();
+    }
+    for _ in 0..3 {
+        harness.hover_at(to);
+        harness.step();
+    }
+}
+
+/// Services in the window: a service written in the editor (checked as it is typed), its
+/// plan with the hosts left out and why, an instance dragged by hand onto a host that breaks
+/// a rule (the verdict shows while it hovers and stays after the drop, and deploy waits),
+/// the deploy, and a VM chip dragged onto the service to adopt it.
+#[test]
+fn services_are_written_planned_placed_by_hand_deployed_and_adopt_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, a, engine) = live_host(dir.path(), "svc-a", "lausanne");
+    let b =
+        AgentProcess::spawn(&dir.path().join("b"), "svc-b", "geneva", "test:///default").unwrap();
+    runtime.block_on(async {
+        enroll(&engine, &b).await.unwrap();
+        let host = b.host_id.clone();
+        engine
+            .wait_for(Duration::from_secs(5), |s| {
+                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+            })
+            .await
+            .expect("online");
+        // libvirt's test driver starts each host with a running `test` VM of 8 GiB, more than
+        // the host's declared memory: off, so that the service has room.
+        for host in [a.host_id.clone(), b.host_id.clone()] {
+            engine
+                .request(|reply| Command::StopVm {
+                    host,
+                    name: VmName::new("test").unwrap(),
+                    force: true,
+                    reply,
+                })
+                .await
+                .unwrap();
+        }
+        let host = a.host_id.clone();
+        engine
+            .request(|reply| Command::CreateVm {
+                host,
+                spec: VmSpec {
+                    name: VmName::new("loose").unwrap(),
+                    template: TemplateName::new("tiny").unwrap(),
+                    vcpus: Some(1),
+                    memory_mib: Some(64),
+                },
+                start: true,
+                reply,
+            })
+            .await
+            .unwrap();
+    });
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "both hosts", |h| {
+        h.query_by_role_and_label(Role::Button, "svc-a").is_some()
+            && h.query_by_role_and_label(Role::Button, "svc-b").is_some()
+    });
+
+    // The editor checks the file as it is typed, and says what is wrong on which line.
+    harness.get_by_label("New service…").click();
+    step_until(&mut harness, "the editor", |h| {
+        h.query_by_role_and_label(Role::MultilineTextInput, "Service file")
+            .is_some()
+            || h.query_by_role_and_label(Role::TextInput, "Service file")
+                .is_some()
+    });
+    let editor = |h: &Harness<'_, ConsoleApp>| {
+        h.query_by_role_and_label(Role::MultilineTextInput, "Service file")
+            .map(|n| n.rect())
+            .or_else(|| {
+                h.query_by_role_and_label(Role::TextInput, "Service file")
+                    .map(|n| n.rect())
+            })
+            .unwrap()
+    };
+    let field = editor(&harness);
+    harness.hover_at(field.center());
+    harness.drag_at(field.center());
+    harness.drop_at(field.center());
+    harness.step();
+    harness.step();
+    let source = "name = \"site\"\n[[application]]\nname = \"web\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\ninstances = 2\ncolour = 3\n";
+    harness.event(egui::Event::Text(source.into()));
+    step_until(&mut harness, "the line of the unknown field", |h| {
+        h.query_by_label_contains("line 9").is_some()
+    });
+    assert!(
+        harness
+            .get_by_label("Define")
+            .accesskit_node()
+            .is_disabled()
+    );
+    // Take the bad line out: the file reads, with what it defines beside it.
+    for _ in 0.."colour = 3\n".len() {
+        harness.key_press(egui::Key::Backspace);
+    }
+    let rules = "[[application]]\nname = \"db\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\n[[application]]\nname = \"pay\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\ninstances = 0\n[rules]\ndistinct_hosts = [\"web\"]\npin = [{ application = \"db\", sites = [\"lausanne\"] }]\nmin_security_level = [{ application = \"pay\", level = 3 }]\n";
+    harness.event(egui::Event::Text(rules.into()));
+    step_until(&mut harness, "the file to read", |h| {
+        h.query_by_label_contains("reads: 3 applications").is_some()
+            && h.query_by_label("web: instances on different hosts")
+                .is_some()
+    });
+    harness.get_by_label("Define").click();
+    step_until(&mut harness, "the service in the panel", |h| {
+        h.query_by_role_and_label(Role::Button, "service site")
+            .is_some()
+    });
+
+    // Its plan names every host left out and why.
+    harness.get_by_label("Plan…").click();
+    step_until(&mut harness, "the plan with its rejections", |h| {
+        h.query_by_label("pay: svc-a: security level 1 < required 3")
+            .is_some()
+            && h.query_by_label_contains("web-1 -> ").is_some()
+    });
+    let host_of = |h: &Harness<'_, ConsoleApp>, instance: &str| {
+        let label = h
+            .query_by_label_contains(&format!("{instance} -> "))
+            .unwrap()
+            .accesskit_node()
+            .value()
+            .unwrap_or_default();
+        label
+            .split(" -> ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let web0_host = host_of(&harness, "web-0");
+    assert_ne!(web0_host, host_of(&harness, "web-1"), "distinct hosts");
+
+    // db-0, pinned to lausanne, dragged onto the geneva host: the verdict while it hovers,
+    // then after the drop.
+    let from = harness.get_by_label_contains("db-0 -> ").rect().center();
+    let to = harness
+        .get_by_role_and_label(Role::Group, "host svc-b")
+        .rect()
+        .center();
+    drag_to(&mut harness, from, to);
+    let broken = "svc-b: db is pinned to other sites";
+    assert!(
+        harness
+            .query_by_label(&format!("db-0 breaks a rule: {broken}"))
+            .is_some(),
+        "no live verdict while hovering"
+    );
+    harness.drop_at(to);
+    step_until(&mut harness, "the verdict of the hand placement", |h| {
+        h.query_by_label(&format!("db-0 on svc-b: breaks {broken}"))
+            .is_some()
+    });
+    assert!(
+        harness
+            .get_by_label("Deploy")
+            .accesskit_node()
+            .is_disabled(),
+        "a plan that breaks a rule is not deployed"
+    );
+    assert!(engine.snapshot().services[0].instances.is_empty());
+
+    // Without it, the plan deploys.
+    harness.get_by_label("Clear hand placements").click();
+    step_until(&mut harness, "the plan without hand placements", |h| {
+        h.query_by_label("Placed by hand").is_none()
+            && h.query_by_label("Deploy")
+                .is_some_and(|d| !d.accesskit_node().is_disabled())
+    });
+    harness.get_by_label("Deploy").click();
+    step_until(&mut harness, "three deployed instances", |h| {
+        engine.snapshot().services[0].instances.len() == 3
+            && h.query_by_role_and_label(Role::Button, "site-web-1")
+                .is_some()
+    });
+
+    // The loose VM's chip dropped onto the service: it becomes web-2.
+    let from = harness
+        .get_by_role_and_label(Role::Button, "loose")
+        .rect()
+        .center();
+    let to = harness
+        .get_by_role_and_label(Role::Button, "service site")
+        .rect()
+        .center();
+    drag_to(&mut harness, from, to);
+    harness.drop_at(to);
+    step_until(&mut harness, "the adopt dialog", |h| {
+        h.query_by_label("Adopt loose into site?").is_some()
+    });
+    harness.get_by_label("Adopt").click();
+    step_until(&mut harness, "the adopted instance", |h| {
+        let snap = engine.snapshot();
+        let _ = h;
+        snap.services[0]
+            .instances
+            .iter()
+            .any(|i| i.record.vm.as_str() == "loose" && i.record.adopted && i.record.index == 2)
+    });
+}

@@ -209,6 +209,7 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         .request(|reply| Command::DeployService {
             name: service.clone(),
             fingerprint: None,
+            overrides: Vec::new(),
             reply,
         })
         .await

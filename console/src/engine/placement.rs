@@ -132,8 +132,7 @@ impl Plan {
         self.placements
             .iter()
             .filter(|p| &p.app == app)
-            .map(|p| p.cost_per_hour)
-            .sum()
+            .fold(0.0, |sum, p| sum + p.cost_per_hour)
     }
 }
 
@@ -781,7 +780,8 @@ pub fn place_instances_with(
         }
     }
     placements.sort_by(|x, y| (&x.app, x.index).cmp(&(&y.app, y.index)));
-    let cost_per_hour = placements.iter().map(|p| p.cost_per_hour).sum();
+    // From +0.0: a sum of nothing is otherwise -0.0, shown as "-0.000".
+    let cost_per_hour = placements.iter().fold(0.0, |sum, p| sum + p.cost_per_hour);
     Plan {
         placements,
         removals,

@@ -95,7 +95,9 @@ impl ServiceView {
     }
 
     pub fn cost_per_hour(&self) -> f64 {
-        self.instances.iter().map(|i| i.cost_per_hour).sum()
+        self.instances
+            .iter()
+            .fold(0.0, |sum, i| sum + i.cost_per_hour)
     }
 
     pub fn instance_of_vm(&self, host: &HostId, vm: &VmName) -> Option<&InstanceView> {
@@ -189,6 +191,32 @@ pub fn host_offer(host: &HostView) -> Option<HostOffer> {
             storage_mib: storage_free_mib,
         },
     })
+}
+
+/// What placement starts from: the hosts as offers (sorted by id) and the instances that
+/// exist. The engine plans from its own state with it, and the plan dialog from a snapshot
+/// for its live verdicts.
+pub fn plan_inputs<'a>(
+    spec: &ServiceSpec,
+    hosts: impl Iterator<Item = &'a HostView>,
+    instances: &[InstanceRecord],
+) -> (Vec<HostOffer>, Vec<Existing>) {
+    let mut offers: Vec<HostOffer> = hosts.filter_map(host_offer).collect();
+    offers.sort_by(|a, b| a.id.cmp(&b.id));
+    let count = |app: &AppName| spec.application(app).map_or(0, |a| a.instances);
+    let existing = instances
+        .iter()
+        .filter(|i| i.state != InstanceState::Removing)
+        // An adopted VM beyond the instance count is kept as it is: a deploy never removes
+        // what the operator brought in (deleting the service does).
+        .filter(|i| !(i.adopted && i.index >= count(&i.app)))
+        .map(|i| Existing {
+            app: i.app.clone(),
+            index: i.index,
+            host: i.host.clone(),
+        })
+        .collect();
+    (offers, existing)
 }
 
 /// A digest of what a plan depends on.
@@ -335,26 +363,11 @@ impl Actor {
         overrides: &[Override],
     ) -> Result<ServicePlan, EngineError> {
         let spec = self.readable_spec(name)?;
-        let mut hosts: Vec<HostOffer> = self
-            .hosts
-            .values()
-            .filter_map(|e| host_offer(&e.view))
-            .collect();
-        hosts.sort_by(|a, b| a.id.cmp(&b.id));
-        let count = |app: &AppName| spec.application(app).map_or(0, |a| a.instances);
-        let existing: Vec<Existing> = self
-            .instances_of(name)
-            .into_iter()
-            .filter(|i| i.state != InstanceState::Removing)
-            // An adopted VM beyond the instance count is kept as it is: a deploy never
-            // removes what the operator brought in (deleting the service does).
-            .filter(|i| !(i.adopted && i.index >= count(&i.app)))
-            .map(|i| Existing {
-                app: i.app,
-                index: i.index,
-                host: i.host,
-            })
-            .collect();
+        let (hosts, existing) = plan_inputs(
+            &spec,
+            self.hosts.values().map(|e| &e.view),
+            &self.instances_of(name),
+        );
         let plan = place_instances_with(&spec, &hosts, &existing, overrides);
         Ok(ServicePlan {
             service: name.clone(),

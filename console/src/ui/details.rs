@@ -1,9 +1,9 @@
 //! Details of the selected host or VM, with the actions that fit its state.
 
-use dunes_shared::model::{HostId, VmName};
+use dunes_shared::model::ServiceName;
 use egui::RichText;
 
-use super::{Actions, Selection, link_color, state_color};
+use super::{Actions, Selection, UiAction, link_color, state_color};
 use crate::engine::{LinkState, Snapshot};
 
 #[derive(Debug, Default)]
@@ -16,15 +16,13 @@ fn row(ui: &mut egui::Ui, key: &str, value: impl Into<egui::WidgetText>) {
 }
 
 impl DetailsPanel {
-    /// Returns a VM the operator asked to delete.
     pub fn details_ui(
         &mut self,
         ui: &mut egui::Ui,
         snapshot: &Snapshot,
-        selection: &mut Selection,
+        selection: &Selection,
         actions: &mut Actions<'_>,
-    ) -> Option<(HostId, VmName)> {
-        let mut delete = None;
+    ) {
         egui::ScrollArea::vertical().auto_shrink([false; 2]).show(ui, |ui| match selection.clone() {
             Selection::None => {
                 ui.heading("Details");
@@ -112,7 +110,7 @@ impl DetailsPanel {
                         let (dot, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
                         ui.painter().circle_filled(dot.center(), 4.0, state_color(vm.state));
                         if ui.selectable_label(false, vm.name.as_str()).clicked() {
-                            *selection = Selection::Vm(id.clone(), vm.name.clone());
+                            actions.push(UiAction::Select(Selection::Vm(id.clone(), vm.name.clone())));
                         }
                         ui.label(RichText::new(vm.state.as_str()).weak());
                     });
@@ -156,11 +154,73 @@ impl DetailsPanel {
                         .on_hover_text("Delete the VM and its disks (Del)")
                         .clicked()
                     {
-                        delete = Some((host_id.clone(), name.clone()));
+                        actions.push(UiAction::ConfirmDeleteVm(host_id.clone(), name.clone()));
                     }
                 });
             }
+            Selection::Service(name) => service_details(ui, snapshot, &name, actions),
         });
-        delete
+    }
+}
+
+/// The selected service: status, applications with their cost, and every instance.
+fn service_details(
+    ui: &mut egui::Ui,
+    snapshot: &Snapshot,
+    name: &ServiceName,
+    actions: &mut Actions<'_>,
+) {
+    let Some(view) = snapshot.services.iter().find(|s| s.name() == name) else {
+        ui.label(format!("Service {name} no longer exists."));
+        return;
+    };
+    ui.heading(format!("Service {name}"));
+    egui::Grid::new("service-details")
+        .num_columns(2)
+        .striped(true)
+        .show(ui, |ui| {
+            row(
+                ui,
+                "Status",
+                RichText::new(view.status.as_str()).color(super::service_color(view.status)),
+            );
+            row(ui, "Cost", format!("{:.3}/h", view.cost_per_hour()));
+            row(
+                ui,
+                "Instances",
+                format!(
+                    "{} ({} ready)",
+                    view.instances.len(),
+                    view.instances.iter().filter(|i| i.ready).count()
+                ),
+            );
+        });
+    if let Err(e) = &view.spec {
+        ui.colored_label(
+            egui::Color32::LIGHT_RED,
+            format!("The stored file no longer reads: {e}"),
+        );
+        return;
+    }
+    ui.separator();
+    for inst in &view.instances {
+        ui.horizontal(|ui| {
+            let color = inst.vm_state.map_or(egui::Color32::GRAY, state_color);
+            let (dot, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
+            ui.painter().circle_filled(dot.center(), 4.0, color);
+            let label = format!(
+                "{}-{} on {}",
+                inst.record.app, inst.record.index, inst.record.host
+            );
+            if ui.selectable_label(false, label).clicked() {
+                actions.push(UiAction::Select(Selection::Vm(
+                    inst.record.host.clone(),
+                    inst.record.vm.clone(),
+                )));
+            }
+            let state = inst.vm_state.map_or("missing", |s| s.as_str());
+            let ready = if inst.ready { ", ready" } else { "" };
+            ui.label(RichText::new(format!("{state}{ready}")).weak());
+        });
     }
 }

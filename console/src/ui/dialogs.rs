@@ -297,7 +297,7 @@ impl NewVmDialog {
         self.focus_name = true;
         let preferred = match selection {
             Selection::Host(h) | Selection::Vm(h, _) => Some(h.clone()),
-            Selection::None => None,
+            Selection::None | Selection::Service(_) => None,
         };
         self.host = preferred.or_else(|| {
             snapshot

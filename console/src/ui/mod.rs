@@ -4,11 +4,14 @@
 mod details;
 mod dialogs;
 mod event_log;
+mod plan;
+mod service_editor;
+mod services;
 mod topology;
 
 use std::sync::Arc;
 
-use dunes_shared::model::{HostId, VmName};
+use dunes_shared::model::{AppName, HostId, ServiceName, VmName};
 use egui::{Color32, Key, KeyboardShortcut, Modifiers};
 use tokio::sync::oneshot;
 
@@ -19,6 +22,9 @@ pub use details::DetailsPanel;
 pub use dialogs::{AddHostDialog, NewVmDialog};
 pub use event_log::EventLogPanel;
 pub use event_log::clock;
+pub use plan::PlanDialog;
+pub use service_editor::ServiceEditor;
+pub use services::{AdoptDialog, ServicesPanel};
 pub use topology::TopologyPanel;
 
 const NEW_VM: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::N);
@@ -31,6 +37,41 @@ pub enum Selection {
     None,
     Host(HostId),
     Vm(HostId, VmName),
+    Service(ServiceName),
+}
+
+/// What a panel asks of the app; handled once, at the end of the frame, so that panels never
+/// reach into each other.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UiAction {
+    Select(Selection),
+    /// Ask before deleting a VM.
+    ConfirmDeleteVm(HostId, VmName),
+    /// A VM chip dropped onto a service: ask which application it becomes.
+    Adopt {
+        service: ServiceName,
+        host: HostId,
+        vm: VmName,
+    },
+    /// Open the service editor, on a new service or an existing one.
+    EditService(Option<ServiceName>),
+    OpenPlan(ServiceName),
+    /// Ask before deleting a service and every instance in it.
+    ConfirmDeleteService(ServiceName),
+}
+
+/// A VM chip being dragged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmDrag {
+    pub host: HostId,
+    pub vm: VmName,
+}
+
+/// A planned instance being dragged in the plan dialog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedDrag {
+    pub app: AppName,
+    pub index: u32,
 }
 
 /// A reply channel polled once a frame; the UI only needs success or the error text.
@@ -59,9 +100,20 @@ pub struct Actions<'a> {
     engine: &'a EngineHandle,
     pending: &'a mut Vec<Pending>,
     status: &'a mut Option<(String, bool)>,
+    queue: &'a mut Vec<UiAction>,
 }
 
 impl Actions<'_> {
+    /// Queues a UI action for the end of the frame.
+    pub fn push(&mut self, action: UiAction) {
+        self.queue.push(action);
+    }
+
+    /// Shows a line in the status bar.
+    pub fn say(&mut self, text: String, is_error: bool) {
+        *self.status = Some((text, is_error));
+    }
+
     /// Sends a command built around a reply channel; the answer shows in the status line.
     pub fn send<T: Send + 'static>(
         &mut self,
@@ -106,11 +158,11 @@ impl Actions<'_> {
     }
 }
 
-/// A VM the operator asked to delete, waiting for confirmation.
+/// What the operator asked to delete, waiting for confirmation.
 #[derive(Debug, Clone)]
-struct ConfirmDelete {
-    host: HostId,
-    name: VmName,
+enum ConfirmDelete {
+    Vm(HostId, VmName),
+    Service(ServiceName),
 }
 
 pub struct ConsoleApp {
@@ -118,13 +170,18 @@ pub struct ConsoleApp {
     snapshot: Arc<Snapshot>,
     selection: Selection,
     topology: TopologyPanel,
+    services: ServicesPanel,
     details: DetailsPanel,
     event_log: EventLogPanel,
     add_host: AddHostDialog,
     new_vm: NewVmDialog,
+    editor: ServiceEditor,
+    plan: PlanDialog,
+    adopt: AdoptDialog,
     confirm_delete: Option<ConfirmDelete>,
     pending: Vec<Pending>,
     status: Option<(String, bool)>,
+    queue: Vec<UiAction>,
 }
 
 impl ConsoleApp {
@@ -136,13 +193,18 @@ impl ConsoleApp {
             engine,
             selection: Selection::None,
             topology: TopologyPanel::default(),
+            services: ServicesPanel,
             details: DetailsPanel,
             event_log: EventLogPanel::default(),
             add_host: AddHostDialog::default(),
             new_vm: NewVmDialog::default(),
+            editor: ServiceEditor::default(),
+            plan: PlanDialog::default(),
+            adopt: AdoptDialog::default(),
             confirm_delete: None,
             pending: Vec::new(),
             status: None,
+            queue: Vec::new(),
         }
     }
 
@@ -154,16 +216,22 @@ impl ConsoleApp {
         &self.snapshot
     }
 
+    /// Whether a dialog is in front (Escape and Delete then belong to it).
+    fn dialog_open(&self) -> bool {
+        self.add_host.is_open()
+            || self.new_vm.is_open()
+            || self.editor.is_open()
+            || self.plan.is_open()
+            || self.adopt.is_open()
+            || self.confirm_delete.is_some()
+    }
+
     /// Draws one frame.
     pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
         self.snapshot = self.engine.snapshot();
         self.poll_pending();
         // Escape closes the dialog in front; only with none open does it clear the selection.
-        if ui.input(|i| i.key_pressed(Key::Escape))
-            && !self.add_host.is_open()
-            && !self.new_vm.is_open()
-            && self.confirm_delete.is_none()
-        {
+        if ui.input(|i| i.key_pressed(Key::Escape)) && !self.dialog_open() {
             self.selection = Selection::None;
         }
         // The delete confirmation is modal: no other dialog opens beneath it.
@@ -180,12 +248,13 @@ impl ConsoleApp {
             open_add_host(&mut self.add_host, &mut self.new_vm);
         }
         let snapshot = self.snapshot.clone();
+        let dialog_open = self.dialog_open();
         let mut actions = Actions {
             engine: &self.engine,
             pending: &mut self.pending,
             status: &mut self.status,
+            queue: &mut self.queue,
         };
-        let mut delete_request = None;
 
         egui::Panel::top("toolbar").show(ui, |ui| {
             ui.horizontal(|ui| {
@@ -241,43 +310,71 @@ impl ConsoleApp {
             .resizable(true)
             .default_size(170.0)
             .show(ui, |ui| self.event_log.event_log_ui(ui, &snapshot));
+        egui::Panel::left("services")
+            .resizable(true)
+            .default_size(290.0)
+            .show(ui, |ui| {
+                self.services
+                    .services_ui(ui, &snapshot, &self.selection, &mut actions)
+            });
         egui::Panel::right("details")
             .resizable(true)
             .default_size(300.0)
             .show(ui, |ui| {
-                if let Some(request) =
-                    self.details
-                        .details_ui(ui, &snapshot, &mut self.selection, &mut actions)
-                {
-                    delete_request = Some(request);
-                }
+                self.details
+                    .details_ui(ui, &snapshot, &self.selection, &mut actions)
             });
         egui::CentralPanel::default().show(ui, |ui| {
-            if let Some(request) =
-                self.topology
-                    .topology_ui(ui, &snapshot, &mut self.selection, &mut actions)
-            {
-                delete_request = Some(request);
-            }
+            self.topology
+                .topology_ui(ui, &snapshot, &self.selection, &mut actions)
         });
-        if let Some((host, name)) = delete_request {
-            self.confirm_delete = Some(ConfirmDelete { host, name });
-        }
         // Delete in a text field edits the text; it only means "delete the VM" elsewhere.
         if ui.input(|i| i.key_pressed(Key::Delete))
             && !ui.ctx().egui_wants_keyboard_input()
-            && !self.add_host.is_open()
-            && !self.new_vm.is_open()
+            && !dialog_open
             && let Selection::Vm(host, name) = &self.selection
         {
-            self.confirm_delete = Some(ConfirmDelete {
-                host: host.clone(),
-                name: name.clone(),
-            });
+            actions.push(UiAction::ConfirmDeleteVm(host.clone(), name.clone()));
         }
         self.add_host.add_host_ui(ui.ctx(), &mut actions);
         self.new_vm.new_vm_ui(ui.ctx(), &snapshot, &mut actions);
+        self.editor.editor_ui(ui.ctx(), &snapshot, &mut actions);
+        self.plan.plan_ui(ui.ctx(), &snapshot, &mut actions);
+        self.adopt.adopt_ui(ui.ctx(), &snapshot, &mut actions);
         self.confirm_delete_ui(ui.ctx());
+        self.handle_actions();
+    }
+
+    /// Carries out what the panels asked for during the frame.
+    fn handle_actions(&mut self) {
+        for action in std::mem::take(&mut self.queue) {
+            match action {
+                UiAction::Select(selection) => self.selection = selection,
+                UiAction::ConfirmDeleteVm(host, name) => {
+                    self.confirm_delete = Some(ConfirmDelete::Vm(host, name));
+                }
+                UiAction::ConfirmDeleteService(name) => {
+                    self.confirm_delete = Some(ConfirmDelete::Service(name));
+                }
+                UiAction::Adopt { service, host, vm } => {
+                    self.adopt.open(&self.snapshot, service, host, vm);
+                }
+                UiAction::EditService(name) => {
+                    self.plan.close();
+                    self.editor.open(&self.snapshot, name.as_ref());
+                }
+                UiAction::OpenPlan(name) => {
+                    self.editor.close();
+                    let mut actions = Actions {
+                        engine: &self.engine,
+                        pending: &mut self.pending,
+                        status: &mut self.status,
+                        queue: &mut Vec::new(),
+                    };
+                    self.plan.open(name, &mut actions);
+                }
+            }
+        }
     }
 
     fn confirm_delete_ui(&mut self, ctx: &egui::Context) {
@@ -288,21 +385,39 @@ impl ConsoleApp {
             engine: &self.engine,
             pending: &mut self.pending,
             status: &mut self.status,
+            queue: &mut self.queue,
         };
         let response = egui::Modal::new(egui::Id::unique("confirm-delete")).show(ctx, |ui| {
-            ui.heading(format!("Delete VM {}?", confirm.name));
-            ui.label(format!(
-                "The VM and its disks on host {} are removed. This cannot be undone.",
-                confirm.host
-            ));
+            match &confirm {
+                ConfirmDelete::Vm(host, name) => {
+                    ui.heading(format!("Delete VM {name}?"));
+                    ui.label(format!(
+                        "The VM and its disks on host {host} are removed. This cannot be undone."
+                    ));
+                }
+                ConfirmDelete::Service(name) => {
+                    ui.heading(format!("Delete service {name}?"));
+                    ui.label(
+                        "Every instance is forced off and removed with its disks, then the definition. This cannot be undone.",
+                    );
+                }
+            }
             ui.horizontal(|ui| {
                 if ui.button("Delete").clicked() {
-                    let ConfirmDelete { host, name } = confirm.clone();
-                    actions.send(format!("Deleting {name}"), |reply| Command::DeleteVm {
-                        host,
-                        name,
-                        reply,
-                    });
+                    match confirm.clone() {
+                        ConfirmDelete::Vm(host, name) => {
+                            actions.send(format!("Deleting {name}"), |reply| Command::DeleteVm {
+                                host,
+                                name,
+                                reply,
+                            });
+                        }
+                        ConfirmDelete::Service(name) => {
+                            actions.send(format!("Deleting service {name}"), |reply| {
+                                Command::DeleteService { name, reply }
+                            });
+                        }
+                    }
                     ui.close();
                 }
                 if ui.button("Cancel").clicked() {
@@ -352,6 +467,28 @@ impl eframe::App for ConsoleApp {
                 .request_repaint_after(std::time::Duration::from_millis(100));
         }
     }
+}
+
+/// Colour of a service status.
+pub fn service_color(status: crate::engine::ServiceStatus) -> Color32 {
+    use crate::engine::ServiceStatus as S;
+    match status {
+        S::Available => Color32::from_rgb(46, 160, 67),
+        S::Degraded => Color32::from_rgb(210, 153, 34),
+        S::Down | S::Unreadable => Color32::from_rgb(218, 54, 51),
+        S::Defined => Color32::from_rgb(110, 118, 129),
+        S::Deploying | S::Starting | S::Stopping | S::Deleting => Color32::from_rgb(88, 166, 255),
+    }
+}
+
+/// A service's own colour, for the chips of its instances: a hue from its name, the same on
+/// every run.
+pub fn service_tag_color(name: &ServiceName) -> Color32 {
+    let hash = name.as_str().bytes().fold(2166136261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16777619)
+    });
+    let hue = (hash % 360) as f32 / 360.0;
+    egui::ecolor::Hsva::new(hue, 0.75, 0.95, 1.0).into()
 }
 
 /// Colour of a VM state, used for chips and labels.

@@ -2,13 +2,18 @@
 //! as cards with capacity bars and runtime badges, VMs as chips coloured by state.
 //! Only what is inside the viewport is painted, so thousands of hosts stay cheap.
 
-use dunes_shared::model::{HostId, VmName};
+use std::collections::BTreeMap;
+
+use dunes_shared::model::{HostId, RuntimeKind, ServiceName, VmName};
 use egui::{
     Align2, Color32, CornerRadius, FontId, Pos2, Rect, Role, Sense, Shape, Stroke, StrokeKind,
     Vec2, WidgetInfo, pos2, vec2,
 };
 
-use super::{Actions, Selection, link_color, state_color};
+use super::{Actions, Selection, UiAction, VmDrag, link_color, service_tag_color, state_color};
+
+/// The service each instance belongs to, by host and VM name.
+type Tags = BTreeMap<(HostId, VmName), ServiceName>;
 use crate::engine::{HostView, LinkState, Snapshot};
 
 const CARD_W: f32 = 236.0;
@@ -104,14 +109,14 @@ impl TopologyPanel {
         (sites, y)
     }
 
-    /// Draws the topology; returns a VM the operator asked to delete.
+    /// Draws the topology. A VM chip can be dragged onto a service (in the services panel).
     pub fn topology_ui(
         &mut self,
         ui: &mut egui::Ui,
         snapshot: &Snapshot,
-        selection: &mut Selection,
+        selection: &Selection,
         actions: &mut Actions<'_>,
-    ) -> Option<(HostId, VmName)> {
+    ) {
         ui.horizontal(|ui| {
             let label = ui.label("Filter");
             let field = ui
@@ -133,9 +138,20 @@ impl TopologyPanel {
             ui.vertical_centered(|ui| {
                 ui.label("No hosts yet. Use \"Add host…\" with the address and join token an agent printed.");
             });
-            return None;
+            return;
         }
-        let mut delete = None;
+        let tags: Tags = snapshot
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.instances.iter().map(|i| {
+                    (
+                        (i.record.host.clone(), i.record.vm.clone()),
+                        s.name().clone(),
+                    )
+                })
+            })
+            .collect();
         let width = ui.available_width();
         let (sites, height) = self.layout(snapshot, width);
         egui::ScrollArea::vertical()
@@ -151,16 +167,30 @@ impl TopologyPanel {
                     }
                     for &(i, card) in &site.cards {
                         let card = card.translate(origin);
-                        if card.intersects(visible)
-                            && let Some(d) =
-                                host_card(ui, &snapshot.hosts[i], card, selection, actions)
-                        {
-                            delete = Some(d);
+                        if card.intersects(visible) {
+                            host_card(ui, &snapshot.hosts[i], card, selection, actions, &tags);
                         }
                     }
                 }
             });
-        delete
+        // The chip being dragged follows the pointer.
+        if let (Some(drag), Some(pos)) = (
+            egui::DragAndDrop::payload::<VmDrag>(ui.ctx()),
+            ui.ctx().pointer_latest_pos(),
+        ) {
+            let painter = ui.ctx().layer_painter(egui::LayerId::new(
+                egui::Order::Tooltip,
+                egui::Id::unique("dragged-chip"),
+            ));
+            let galley = painter.layout_no_wrap(
+                format!("{} from {}", drag.vm, drag.host),
+                FontId::proportional(12.0),
+                Color32::WHITE,
+            );
+            let rect = Rect::from_min_size(pos + vec2(12.0, 8.0), galley.size() + vec2(12.0, 6.0));
+            painter.rect_filled(rect, CornerRadius::same(4), Color32::from_rgb(31, 111, 235));
+            painter.galley(rect.min + vec2(6.0, 3.0), galley, Color32::WHITE);
+        }
     }
 }
 
@@ -264,20 +294,21 @@ fn badge(painter: &egui::Painter, at: Pos2, text: &str, color: Color32) -> f32 {
     rect.width() + 4.0
 }
 
-/// One host card with its VM chips; returns a delete request from a chip's menu.
+/// One host card with its VM chips, each tagged with its service's colour.
 fn host_card(
     ui: &mut egui::Ui,
     host: &HostView,
     rect: Rect,
-    selection: &mut Selection,
+    selection: &Selection,
     actions: &mut Actions<'_>,
-) -> Option<(HostId, VmName)> {
+    tags: &Tags,
+) {
     let id = ui.scope_id().with(("host-card", host.id().as_str()));
     let response = ui.interact(rect, id, Sense::click());
     let label = host.id().to_string();
     response.widget_info(|| WidgetInfo::labeled(Role::Button, true, &label));
     if response.clicked() {
-        *selection = Selection::Host(host.id().clone());
+        actions.push(UiAction::Select(Selection::Host(host.id().clone())));
     }
     let selected = matches!(selection, Selection::Host(h) if h == host.id());
     let online = host.link == LinkState::Online;
@@ -411,7 +442,6 @@ fn host_card(
     }
     let chip_w = (inner.width() - CHIP_GAP * (CHIPS_PER_ROW as f32 - 1.0)) / CHIPS_PER_ROW as f32;
     let chips_top = rect.top() + CARD_BASE_H - 6.0;
-    let mut delete = None;
     for (n, vm) in host.vms.iter().enumerate() {
         let (row, col) = (n / CHIPS_PER_ROW, n % CHIPS_PER_ROW);
         let chip = Rect::from_min_size(
@@ -424,19 +454,55 @@ fn host_card(
         let chip_id = ui
             .scope_id()
             .with(("vm-chip", host.id().as_str(), vm.name.as_str()));
-        let chip_response = ui.interact(chip, chip_id, Sense::click());
+        let chip_response = ui.interact(chip, chip_id, Sense::click_and_drag());
+        chip_response.dnd_set_drag_payload(VmDrag {
+            host: host.id().clone(),
+            vm: vm.name.clone(),
+        });
         let name = vm.name.to_string();
         let selected_vm =
             matches!(selection, Selection::Vm(h, v) if h == host.id() && v == &vm.name);
         chip_response.widget_info(|| WidgetInfo::selected(Role::Button, true, selected_vm, &name));
         if chip_response.clicked() {
-            *selection = Selection::Vm(host.id().clone(), vm.name.clone());
+            actions.push(UiAction::Select(Selection::Vm(
+                host.id().clone(),
+                vm.name.clone(),
+            )));
         }
         let mut color = state_color(vm.state);
         if !online {
             color = color.gamma_multiply(0.45);
         }
         painter.rect_filled(chip, CornerRadius::same(4), color);
+        let service = tags.get(&(host.id().clone(), vm.name.clone()));
+        let mut text_left = chip.left() + 6.0;
+        if let Some(service) = service {
+            // A stripe in the service's colour on the chip's left edge.
+            let stripe = Rect::from_min_size(chip.min, vec2(5.0, chip.height()));
+            painter.rect_filled(stripe, CornerRadius::same(2), service_tag_color(service));
+            text_left += 4.0;
+        }
+        let mut text_right = chip.right() - 6.0;
+        if vm.runtime == RuntimeKind::Process {
+            // Process instances carry a badge of their own.
+            let badge_rect = Rect::from_min_size(
+                pos2(chip.right() - 34.0, chip.top() + 3.0),
+                vec2(30.0, chip.height() - 6.0),
+            );
+            painter.rect_filled(
+                badge_rect,
+                CornerRadius::same(3),
+                Color32::from_rgb(40, 44, 52),
+            );
+            painter.text(
+                badge_rect.center(),
+                Align2::CENTER_CENTER,
+                "proc",
+                FontId::monospace(9.5),
+                Color32::from_rgb(230, 237, 243),
+            );
+            text_right = badge_rect.left() - 3.0;
+        }
         if selected_vm || chip_response.hovered() {
             painter.rect_stroke(
                 chip,
@@ -446,16 +512,21 @@ fn host_card(
             );
         }
         painter.text(
-            chip.left_center() + vec2(6.0, 0.0),
+            pos2(text_left, chip.center().y),
             Align2::LEFT_CENTER,
-            elide(&name, chip_w - 12.0),
+            elide(&name, text_right - text_left),
             FontId::proportional(11.5),
             Color32::WHITE,
         );
+        let service_note = service.map_or(String::new(), |s| format!(" · service {s}"));
         chip_response
             .on_hover_text(format!(
-                "{} · {} · {} vCPU · {} MiB",
-                vm.name, vm.state, vm.vcpus, vm.memory_mib
+                "{} · {} · {} vCPU · {} MiB · {}{service_note}",
+                vm.name,
+                vm.state,
+                vm.vcpus,
+                vm.memory_mib,
+                vm.runtime.as_str()
             ))
             .context_menu(|ui| {
                 ui.label(format!("VM {} on {}", vm.name, host.id()));
@@ -492,12 +563,14 @@ fn host_card(
                     )
                     .clicked()
                 {
-                    delete = Some((host.id().clone(), vm.name.clone()));
+                    actions.push(UiAction::ConfirmDeleteVm(
+                        host.id().clone(),
+                        vm.name.clone(),
+                    ));
                     ui.close();
                 }
             });
     }
-    delete
 }
 
 /// Shortens a name to fit a width, by a rough per-character estimate (cheap for many chips).
