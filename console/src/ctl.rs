@@ -287,6 +287,8 @@ pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
                 "state": i.record.state.as_str(),
                 "vm_state": i.vm_state.map(|s| s.as_str()),
                 "ready": i.ready,
+                "ready_detail": i.ready_detail,
+                "adopted": i.record.adopted,
                 "cost_per_hour": i.cost_per_hour,
             })).collect::<Vec<_>>(),
             "defined_at": rfc3339(defined_at),
@@ -294,6 +296,11 @@ pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
                 "name": a.name,
                 "runtime": a.runtime.as_str(),
                 "instances": a.instances,
+                "cost_per_hour": if view.instances.is_empty() {
+                    plan.map(|p| p.plan.cost_of(&a.name))
+                } else {
+                    Some(view.instances.iter().filter(|i| i.record.app == a.name).fold(0.0, |sum, i| sum + i.cost_per_hour))
+                },
                 "vcpus": a.vcpus,
                 "memory_mib": a.memory_mib,
                 "storage_mib": a.storage_mib,

@@ -505,3 +505,123 @@ async fn two_agents_claiming_one_id_at_once_cannot_both_enroll() {
         .unwrap();
     assert_eq!(replaced.fingerprint, loser.fingerprint);
 }
+
+fn signal(agent: &AgentProcess, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &agent.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A host that goes away in the middle of a deploy (frozen, as a hung or cut-off machine
+/// is): the step on it fails with its instance named, nothing is recorded for it, the other
+/// host's instance stays, the service shows what it is, and once the host is back the next
+/// deploy makes only what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_vanishes_during_a_deploy_leaves_the_service_shown_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AgentProcess::spawn(
+        &dir.path().join("a"),
+        "gone-a",
+        "lausanne",
+        "test:///default",
+    )
+    .unwrap();
+    let b =
+        AgentProcess::spawn(&dir.path().join("b"), "gone-b", "geneva", "test:///default").unwrap();
+    let engine = start_engine(&dir.path().join("console")).await.unwrap();
+    for agent in [&a, &b] {
+        enroll(&engine, agent).await.unwrap();
+        let host = agent.host_id.clone();
+        within(&engine, Duration::from_secs(10), "online", |s| {
+            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+        })
+        .await;
+        // The test driver's own `test` VM takes more memory than the host declares.
+        engine
+            .request(|reply| Command::StopVm {
+                host: agent.host_id.clone(),
+                name: VmName::new("test").unwrap(),
+                force: true,
+                reply,
+            })
+            .await
+            .unwrap();
+    }
+    let source = "name = \"front\"\n[[application]]\nname = \"web\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\ninstances = 2\n[rules]\ndistinct_hosts = [\"web\"]\n";
+    let name = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    let deploy = || {
+        let (engine, name) = (engine.clone(), name.clone());
+        async move {
+            engine
+                .request(|reply| Command::DeployService {
+                    name,
+                    fingerprint: None,
+                    overrides: Vec::new(),
+                    reply,
+                })
+                .await
+                .unwrap()
+        }
+    };
+
+    signal(&b, "-STOP");
+    let report = deploy().await;
+    assert_eq!(report.done.len(), 1, "{report:?}");
+    assert_eq!(report.done[0].1, a.host_id);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    let (failed, why) = &report.failed[0];
+    assert!(failed.starts_with("web-"), "{failed}");
+    assert!(!why.is_empty());
+    let snap = engine.snapshot();
+    let view = &snap.services[0];
+    assert_eq!(view.instances.len(), 1, "only what was made is recorded");
+    assert_eq!(view.instances[0].record.host, a.host_id);
+    assert_eq!(view.status.as_str(), "down", "deployed, not started");
+    let started = engine
+        .request(|reply| Command::StartService {
+            name: name.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(started.failed.is_empty(), "{started:?}");
+    within(&engine, Duration::from_secs(10), "degraded", |s| {
+        s.services[0].status.as_str() == "degraded"
+    })
+    .await;
+
+    // Back: the next deploy makes only the missing instance.
+    signal(&b, "-CONT");
+    let host = b.host_id.clone();
+    within(
+        &engine,
+        Duration::from_secs(30),
+        "the host back online",
+        |s| s.host(&host).is_some_and(|h| h.link == LinkState::Online),
+    )
+    .await;
+    let again = deploy().await;
+    assert!(again.failed.is_empty(), "{again:?}");
+    assert_eq!(again.done.len(), 1, "{again:?}");
+    assert_eq!(again.done[0].1, b.host_id);
+    engine
+        .request(|reply| Command::StartService {
+            name: name.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    within(&engine, Duration::from_secs(10), "available", |s| {
+        s.services[0].status.as_str() == "available"
+    })
+    .await;
+}

@@ -76,6 +76,10 @@ pub(super) struct Actor {
     pub(super) snapshot_tx: watch::Sender<Arc<Snapshot>>,
     pub(super) repaint: Repaint,
     pub(super) version: u64,
+    /// The last readiness answer of each running instance, by `service/app/index`.
+    pub(super) readiness: BTreeMap<String, super::readiness::LastCheck>,
+    /// Instances with a readiness check under way.
+    pub(super) checking: std::collections::BTreeSet<String>,
     /// Service status changes for the desktop, when notifications are on.
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
 }
@@ -94,8 +98,11 @@ impl Actor {
         mut links: mpsc::Receiver<LinkMessage>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
+        let mut readiness = tokio::time::interval(super::readiness::READINESS_EVERY);
+        readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = readiness.tick() => self.check_readiness(),
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => break,

@@ -56,6 +56,11 @@ impl AgentClient {
                 limit.as_secs()
             ))),
             Ok(Err(e)) => Err(match e {
+                CallError::Remote(remote)
+                    if remote.code == dunes_shared::protocol::ErrorCode::AlreadyExists =>
+                {
+                    EngineError::Exists(remote.message)
+                }
                 CallError::Remote(remote) => EngineError::Agent(remote.message),
                 e @ CallError::NotOffered { .. } => EngineError::Agent(e.to_string()),
                 _ => EngineError::Unreachable(self.host.clone()),

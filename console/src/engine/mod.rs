@@ -14,6 +14,7 @@ pub mod link;
 pub mod notify;
 pub mod placement;
 mod publish;
+mod readiness;
 pub mod service_file;
 pub mod services;
 pub mod snapshot;
@@ -63,6 +64,9 @@ pub enum EngineError {
     Invalid(String),
     #[error("{0}")]
     Agent(String),
+    /// The agent has what it was asked to create.
+    #[error("{0}")]
+    Exists(String),
     #[error("{0}")]
     Enroll(String),
     #[error("the change was not saved: {0}")]
@@ -373,6 +377,8 @@ pub async fn start_with(
         repaint: repaint.clone(),
         version: 0,
         notices: notify::start(&options.desktop_notifications),
+        readiness: BTreeMap::new(),
+        checking: Default::default(),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
     for (host, vm) in loaded.vms {

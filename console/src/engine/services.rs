@@ -76,6 +76,8 @@ pub struct InstanceView {
     /// Its VM's state, when its host reports the VM.
     pub vm_state: Option<VmState>,
     pub ready: bool,
+    /// What the last readiness check said, for applications checked beyond "running".
+    pub ready_detail: Option<String>,
     pub cost_per_hour: f64,
 }
 
@@ -695,11 +697,13 @@ impl Actor {
                 Ok("created".into())
             }
             (Step::Create { instance, .. }, Err(e)) => {
-                // The VM may exist from a deploy cut short: then it is the instance.
-                let exists = self
-                    .hosts
-                    .get(&instance.host)
-                    .is_some_and(|h| h.view.vm(&instance.vm).is_some());
+                // The VM may exist from a deploy cut short (a host that went away may still
+                // have carried out the create): then it is the instance.
+                let exists = matches!(e, EngineError::Exists(_))
+                    || self
+                        .hosts
+                        .get(&instance.host)
+                        .is_some_and(|h| h.view.vm(&instance.vm).is_some());
                 if exists {
                     let created = InstanceRecord {
                         state: InstanceState::Created,
@@ -729,6 +733,16 @@ impl Actor {
             ) => {
                 if let Some(vm) = vm {
                     self.apply_vm(&instance.host, &vm);
+                }
+                if probe.kind != ProbeKind::Running {
+                    // It passed its check just now: ready until the next check says otherwise.
+                    self.readiness.insert(
+                        instance.key(),
+                        super::readiness::LastCheck {
+                            ready: true,
+                            detail: "passed its check when it started".into(),
+                        },
+                    );
                 }
                 Ok(match probe.kind {
                     ProbeKind::Running => "running".into(),
@@ -828,15 +842,29 @@ impl Actor {
                                 }
                                 _ => 0.0,
                             };
-                        // Readiness is the VM running; the guest-agent, TCP and command
-                        // checks of the service file come with the process runtime.
-                        let ready = i.state == InstanceState::Created
+                        let running = i.state == InstanceState::Created
                             && vm_state == Some(VmState::Running)
                             && host.is_some_and(|h| h.view.link == LinkState::Online);
+                        // Beyond "running", an instance is ready when its last check said so.
+                        let checked = entry
+                            .spec
+                            .as_ref()
+                            .ok()
+                            .and_then(|s| s.application(&i.app))
+                            .is_some_and(|a| !matches!(a.readiness, Readiness::Running));
+                        let (ready, ready_detail) = match (running, checked) {
+                            (false, _) => (false, None),
+                            (true, false) => (true, None),
+                            (true, true) => match self.readiness.get(&i.key()) {
+                                Some(c) => (c.ready, Some(c.detail.clone())),
+                                None => (false, Some("not checked yet".to_string())),
+                            },
+                        };
                         InstanceView {
                             record: i.clone(),
                             vm_state,
                             ready,
+                            ready_detail,
                             cost_per_hour,
                         }
                     })

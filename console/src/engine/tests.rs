@@ -757,3 +757,70 @@ async fn service_status_changes_reach_the_desktop() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
+
+/// After a start, readiness keeps being checked: an application whose check stops passing
+/// makes the service go down, and comes back when it passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_checked_again_while_a_service_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "checking").await;
+    let template = dir.path().join("checking/storage/images/flagger");
+    std::fs::create_dir_all(&template).unwrap();
+    std::fs::write(
+        template.join("process.toml"),
+        "description = \"ready while ready.flag exists\"\ncommand = [\"/bin/sh\", \"-c\", \"touch ready.flag; exec sleep 1000\"]\ndefault_vcpus = 1\ndefault_memory_mib = 32\n",
+    )
+    .unwrap();
+    let engine = engine_with(dir.path(), &agent).await;
+    let source = "name = \"flags\"\n[[application]]\nname = \"job\"\nruntime = \"process\"\ntemplate = \"flagger\"\nvcpus = 1\nmemory_mib = 32\nreadiness = { command = \"test -f ready.flag\" }\n";
+    let name = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    for deploy in [true, false] {
+        let name = name.clone();
+        let report = if deploy {
+            engine
+                .request(|reply| Command::DeployService {
+                    name,
+                    fingerprint: None,
+                    overrides: Vec::new(),
+                    reply,
+                })
+                .await
+        } else {
+            engine
+                .request(|reply| Command::StartService { name, reply })
+                .await
+        };
+        assert!(report.unwrap().failed.is_empty());
+    }
+    let status = |engine: &EngineHandle| engine.snapshot().services[0].status.as_str();
+    assert_eq!(status(&engine), "available");
+    let flag = dir
+        .path()
+        .join("checking/processes/flags-job-0/work/ready.flag");
+    std::fs::remove_file(&flag).unwrap();
+    let down = engine
+        .wait_for(Duration::from_secs(20), |s| {
+            s.services[0].status.as_str() == "down"
+        })
+        .await;
+    assert!(down.is_ok(), "still {}", status(&engine));
+    let detail = engine.snapshot().services[0].instances[0]
+        .ready_detail
+        .clone()
+        .unwrap();
+    assert!(detail.starts_with("`test -f ready.flag` exits"), "{detail}");
+    std::fs::write(&flag, "").unwrap();
+    let back = engine
+        .wait_for(Duration::from_secs(20), |s| {
+            s.services[0].status.as_str() == "available"
+        })
+        .await;
+    assert!(back.is_ok(), "still {}", status(&engine));
+}

@@ -6,7 +6,7 @@ use dunes_shared::model::{AppName, HostId, ServiceName, VmName};
 use egui::{Color32, CornerRadius, RichText, Role, Sense, Stroke, StrokeKind, WidgetInfo};
 
 use super::{Actions, Selection, UiAction, VmDrag, service_color, service_tag_color, state_color};
-use crate::engine::{Command, ServiceStatus, ServiceView, Snapshot};
+use crate::engine::{Command, ServiceStatus, ServiceView, Snapshot, store::InstanceState};
 
 #[derive(Debug, Default)]
 pub struct ServicesPanel;
@@ -100,16 +100,26 @@ fn service_card(
                     ui.horizontal_wrapped(|ui| {
                         for inst in instances {
                             let color = inst.vm_state.map_or(Color32::GRAY, state_color);
+                            // A deploy cut short leaves its journal: shown as it stands.
+                            let journal = match inst.record.state {
+                                InstanceState::Created => "",
+                                InstanceState::Creating => " (creating)",
+                                InstanceState::Removing => " (removing)",
+                            };
                             let text = format!(
-                                "{}-{}@{}",
+                                "{}-{}@{}{journal}",
                                 inst.record.app, inst.record.index, inst.record.host
                             );
                             let state = inst.vm_state.map_or("missing", |s| s.as_str());
                             ui.label(RichText::new(text).small().color(color))
                                 .on_hover_text(format!(
-                                    "VM {} · {state}{}{}",
+                                    "VM {} · {state} ({}){}{}{}",
                                     inst.record.vm,
+                                    inst.record.state.as_str(),
                                     if inst.ready { " · ready" } else { "" },
+                                    inst.ready_detail
+                                        .as_ref()
+                                        .map_or(String::new(), |d| format!(" · {d}")),
                                     if inst.record.adopted {
                                         " · adopted"
                                     } else {
