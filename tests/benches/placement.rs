@@ -49,6 +49,7 @@ fn hosts() -> Vec<HostOffer> {
                 memory_mib: 256 * 1024,
                 storage_mib: 4 * 1024 * 1024,
             },
+            taken_names: Default::default(),
         })
         .collect()
 }

@@ -51,10 +51,10 @@ impl AgentClient {
         limit: Duration,
     ) -> Result<R::Response, EngineError> {
         match tokio::time::timeout(limit, self.peer.call(request)).await {
-            Err(_) => Err(EngineError::Agent(format!(
-                "the agent did not answer within {} s",
-                limit.as_secs()
-            ))),
+            Err(_) => Err(EngineError::NoAnswer {
+                host: self.host.clone(),
+                secs: limit.as_secs(),
+            }),
             Ok(Err(e)) => Err(match e {
                 CallError::Remote(remote)
                     if remote.code == dunes_shared::protocol::ErrorCode::AlreadyExists =>

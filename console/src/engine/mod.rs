@@ -67,6 +67,9 @@ pub enum EngineError {
     /// The agent has what it was asked to create.
     #[error("{0}")]
     Exists(String),
+    /// The agent took the request but gave no answer in time: what it did is not known.
+    #[error("the agent on {host} did not answer within {secs} s")]
+    NoAnswer { host: HostId, secs: u64 },
     #[error("{0}")]
     Enroll(String),
     #[error("the change was not saved: {0}")]

@@ -47,6 +47,9 @@ pub struct HostOffer {
     /// What is free once everything already running is counted, this service's kept
     /// instances included.
     pub free: Resources,
+    /// Names of VMs on the host that are not this service's: an instance of the same name
+    /// cannot be created there.
+    pub taken_names: std::collections::BTreeSet<String>,
 }
 
 /// An instance of the service that runs already.
@@ -183,6 +186,7 @@ enum Reject {
     Affinity {
         with: usize,
     },
+    NameTaken(String),
     Cost {
         total: f64,
         max: f64,
@@ -349,6 +353,14 @@ impl<'a> Placer<'a> {
         None
     }
 
+    fn name_reject(&self, h: usize, vm: Option<&str>) -> Option<Reject> {
+        let vm = vm?;
+        self.hosts[h]
+            .taken_names
+            .contains(vm)
+            .then(|| Reject::NameTaken(vm.to_string()))
+    }
+
     fn cost_reject(&self, cost: f64) -> Option<Reject> {
         if let Some(max) = self.service.rules.max_cost_per_hour
             && self.cost_so_far + cost > max + 1e-9
@@ -429,6 +441,10 @@ impl<'a> Placer<'a> {
                 name(*other),
                 app.name,
                 name(*other)
+            ),
+            Reject::NameTaken(vm) => write!(
+                s,
+                "has a VM named {vm} outside the service (adopt it or remove it)"
             ),
             Reject::Affinity { with } => write!(
                 s,
@@ -609,6 +625,7 @@ pub fn place_instances_with(
         }
     }
     let host_index = |id: &HostId| hosts.iter().position(|h| &h.id == id);
+    let any_taken = hosts.iter().any(|h| !h.taken_names.is_empty());
     let mut verdicts = Vec::new();
     let mut placements = Vec::new();
     let mut removals = Vec::new();
@@ -678,6 +695,9 @@ pub fn place_instances_with(
             if kept[a][index as usize] {
                 continue;
             }
+            // Only where some host has VMs of other names is the instance's name needed.
+            let vm = any_taken.then(|| format!("{}-{}-{index}", service.name, app.name));
+            let vm = vm.as_deref();
             if let Some(choice) = chosen(index) {
                 let verdict = match host_index(&choice.host) {
                     None => Err(format!("{}: not in the fleet", choice.host)),
@@ -686,6 +706,7 @@ pub fn place_instances_with(
                         match p
                             .static_reject(app, &hosts[h])
                             .or_else(|| p.dynamic_reject(a, h, cost))
+                            .or_else(|| p.name_reject(h, vm))
                         {
                             Some(r) => Err(p.sentence(app, &hosts[h], &r)),
                             None => {
@@ -719,7 +740,10 @@ pub fn place_instances_with(
             let mut best: Option<(usize, f64)> = None;
             for (k, &h) in candidates.iter().enumerate() {
                 let cost = costs[k];
-                if let Some(r) = p.dynamic_reject(a, h, cost) {
+                if let Some(r) = p
+                    .dynamic_reject(a, h, cost)
+                    .or_else(|| p.name_reject(h, vm))
+                {
                     p.note(a, h, r);
                     continue;
                 }
@@ -826,6 +850,7 @@ mod tests {
                 memory_mib: memory_gib * 1024,
                 storage_mib: 100 * 1024,
             },
+            taken_names: Default::default(),
         }
     }
 
@@ -1206,6 +1231,32 @@ mod tests {
         assert_eq!(
             place_instances_with(&s, &fleet(), &[], &[]),
             place_instances(&s, &fleet(), &[])
+        );
+    }
+
+    #[test]
+    fn a_host_with_a_vm_of_the_instances_name_is_left_out_and_says_so() {
+        let mut hosts = fleet();
+        hosts[0].taken_names.insert("shop-web-0".into());
+        let s = service(vec![app("web", 1, 512)], ServiceRules::default());
+        let plan = place_instances(&s, &hosts, &[]);
+        assert_ne!(hosts_of(&plan, "web"), ["gva-1"]);
+        let plan = place_instances_with(
+            &s,
+            &hosts,
+            &[],
+            &[Override {
+                app: name("web"),
+                index: 0,
+                host: HostId::new("gva-1").unwrap(),
+            }],
+        );
+        assert_eq!(
+            plan.overrides[0].verdict,
+            Err(
+                "gva-1: has a VM named shop-web-0 outside the service (adopt it or remove it)"
+                    .into()
+            )
         );
     }
 }

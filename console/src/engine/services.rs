@@ -192,6 +192,7 @@ pub fn host_offer(host: &HostView) -> Option<HostOffer> {
             memory_mib: inv.memory_mib.saturating_sub(memory_mib),
             storage_mib: storage_free_mib,
         },
+        taken_names: Default::default(),
     })
 }
 
@@ -203,7 +204,22 @@ pub fn plan_inputs<'a>(
     hosts: impl Iterator<Item = &'a HostView>,
     instances: &[InstanceRecord],
 ) -> (Vec<HostOffer>, Vec<Existing>) {
-    let mut offers: Vec<HostOffer> = hosts.filter_map(host_offer).collect();
+    let mut offers: Vec<HostOffer> = hosts
+        .filter_map(|view| {
+            let mut offer = host_offer(view)?;
+            offer.taken_names = view
+                .vms
+                .iter()
+                .filter(|v| {
+                    !instances
+                        .iter()
+                        .any(|i| i.host == offer.id && i.vm == v.name)
+                })
+                .map(|v| v.name.to_string())
+                .collect();
+            Some(offer)
+        })
+        .collect();
     offers.sort_by(|a, b| a.id.cmp(&b.id));
     let count = |app: &AppName| spec.application(app).map_or(0, |a| a.instances);
     let existing = instances
@@ -414,10 +430,21 @@ impl Actor {
             }
         };
         let mut steps = Vec::new();
+        // What a deploy cut short left `creating` is created again where it was journaled:
+        // the agent creates it, or says it has it.
+        let unfinished = |p: &&super::placement::Placement| {
+            p.action == Action::Keep
+                && self.instances.values().any(|i| {
+                    &i.service == name
+                        && i.app == p.app
+                        && i.index == p.index
+                        && i.state == InstanceState::Creating
+                })
+        };
         for p in plan
             .placements
             .iter()
-            .filter(|p| p.action == Action::Create)
+            .filter(|p| p.action == Action::Create || unfinished(p))
         {
             let Some(app) = spec.application(&p.app) else {
                 continue;
@@ -429,6 +456,19 @@ impl Actor {
                     return;
                 }
             };
+            // A VM of that name that no instance accounts for is someone else's.
+            if p.action == Action::Create
+                && self
+                    .hosts
+                    .get(&p.host)
+                    .is_some_and(|h| h.view.vm(&vm).is_some())
+            {
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "host {} already has a VM named {vm} that is not part of service {name}: adopt it (service adopt {name} --app {} {}/{vm}) or remove it",
+                    p.host, p.app, p.host
+                ))));
+                return;
+            }
             let instance = InstanceRecord {
                 service: name.clone(),
                 app: p.app.clone(),
@@ -712,6 +752,14 @@ impl Actor {
                     self.store.put_instance(&created);
                     self.instances.insert(created.key(), created);
                     Ok("found, created before".into())
+                } else if matches!(
+                    e,
+                    EngineError::Unreachable(_) | EngineError::NoAnswer { .. }
+                ) {
+                    // The host went away with the request: it may have created the VM. The
+                    // journal keeps the instance as `creating`, and the next deploy creates
+                    // it or finds it.
+                    Err(format!("{e}; it stays `creating` until the next deploy"))
                 } else {
                     self.store.delete_instance(instance);
                     self.instances.remove(&instance.key());
