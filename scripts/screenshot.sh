@@ -20,13 +20,15 @@ for _ in $(seq 100); do
   if [ "$(ctl --json hosts 2>/dev/null | grep -c '"state": "online"')" = 3 ]; then break; fi
   sleep 0.2
 done
-# A little life in the picture: one VM created and started, one stopped.
-ctl vm create --name web-3 --template tiny --host lsn-2 --start >/dev/null
-ctl vm stop shop-web-1 >/dev/null
-sleep 1
-# Select a VM so the details panel has something to show: the console draws its window at the
-# screen's origin without a window manager, and the demo fleet's layout is fixed.
-xdotool mousemove 190 200 click 1
+# A little life in the picture: the shop service deployed and started, one VM stopped.
+ctl service create -f assets/examples/shop.toml >/dev/null
+ctl service deploy shop >/dev/null
+ctl service start shop >/dev/null
+ctl vm stop build-runner --force >/dev/null 2>&1 || true
+sleep 4
+# Select the service so the details panel has something to show: the console draws its window
+# at the screen's origin without a window manager, and the demo's layout is fixed.
+xdotool mousemove 150 95 click 1
 sleep 1
 window=$(xdotool search --name '^Dunes' | head -n1)
 xwd -id "$window" -display $display -silent | convert xwd:- "$out"
