@@ -8,3 +8,4 @@ pub mod inventory;
 pub mod runtime;
 pub mod server;
 pub mod storage;
+pub mod transfer;

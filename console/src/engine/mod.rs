@@ -11,6 +11,7 @@ mod event_log;
 mod gate;
 mod hosts;
 pub mod link;
+pub mod migration;
 pub mod notify;
 pub mod placement;
 mod publish;

@@ -1,0 +1,367 @@
+//! The migration state machine: pure, no I/O. A migration moves one VM from a source host to
+//! a target host through
+//! `planned → stopping → transferring → verifying → defining → starting → confirmed →
+//! source-deleted`. The journal is written before each step's side effect, and every side
+//! effect can be repeated, so a console that stops anywhere picks the migration up from its
+//! journal. Before `confirmed`, a failure rolls back: the target's data goes, and the VM runs
+//! again on the source if it ran before. The source's data is deleted only after the target
+//! has confirmed the VM running with data whose hash matched.
+//!
+//! The driver beside this module carries the effects out and feeds their outcomes back in.
+
+use dunes_shared::model::{HostId, VmName};
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MigrationStep {
+    Planned,
+    Stopping,
+    Transferring,
+    Verifying,
+    Defining,
+    Starting,
+    Confirmed,
+    SourceDeleted,
+    /// A failure before `confirmed`: undoing on the target, then back to the source.
+    RollingBack,
+    RolledBack,
+}
+
+impl MigrationStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStep::Planned => "planned",
+            MigrationStep::Stopping => "stopping",
+            MigrationStep::Transferring => "transferring",
+            MigrationStep::Verifying => "verifying",
+            MigrationStep::Defining => "defining",
+            MigrationStep::Starting => "starting",
+            MigrationStep::Confirmed => "confirmed",
+            MigrationStep::SourceDeleted => "source-deleted",
+            MigrationStep::RollingBack => "rolling-back",
+            MigrationStep::RolledBack => "rolled-back",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "planned" => MigrationStep::Planned,
+            "stopping" => MigrationStep::Stopping,
+            "transferring" => MigrationStep::Transferring,
+            "verifying" => MigrationStep::Verifying,
+            "defining" => MigrationStep::Defining,
+            "starting" => MigrationStep::Starting,
+            "confirmed" => MigrationStep::Confirmed,
+            "source-deleted" => MigrationStep::SourceDeleted,
+            "rolling-back" => MigrationStep::RollingBack,
+            "rolled-back" => MigrationStep::RolledBack,
+            _ => return None,
+        })
+    }
+
+    /// Whether the migration is over, one way or the other.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MigrationStep::SourceDeleted | MigrationStep::RolledBack
+        )
+    }
+
+    /// Whether the target holds the only running copy: from here on nothing rolls back.
+    pub fn is_committed(self) -> bool {
+        matches!(
+            self,
+            MigrationStep::Confirmed | MigrationStep::SourceDeleted
+        )
+    }
+
+    /// The step after this one when it succeeded.
+    fn next(self) -> Self {
+        match self {
+            MigrationStep::Planned => MigrationStep::Stopping,
+            MigrationStep::Stopping => MigrationStep::Transferring,
+            MigrationStep::Transferring => MigrationStep::Verifying,
+            MigrationStep::Verifying => MigrationStep::Defining,
+            MigrationStep::Defining => MigrationStep::Starting,
+            MigrationStep::Starting => MigrationStep::Confirmed,
+            MigrationStep::Confirmed | MigrationStep::SourceDeleted => MigrationStep::SourceDeleted,
+            MigrationStep::RollingBack | MigrationStep::RolledBack => MigrationStep::RolledBack,
+        }
+    }
+}
+
+/// One migration as the journal keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationJournal {
+    pub id: u64,
+    pub vm: VmName,
+    pub from: HostId,
+    pub to: HostId,
+    pub step: MigrationStep,
+    /// Whether the VM ran before: a rollback starts it again, and the target starts it.
+    pub was_running: bool,
+    /// Why it rolled back, or what it waits for.
+    pub error: Option<String>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// A side effect for the driver: each can be carried out again with the same result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Stop the VM on the source: gracefully, then forced after the timeout.
+    StopSource,
+    /// Stream the disks from the source to the target (from where an earlier try stopped).
+    Transfer,
+    /// Compare the whole-image hashes on both ends.
+    Verify,
+    /// Define the VM on the target from the source's portable definition.
+    DefineOnTarget,
+    /// Start it on the target and wait until it runs (and is ready, where checked).
+    StartOnTarget,
+    /// Delete the VM and its disks on the source.
+    DeleteSource,
+    /// Remove whatever the target holds of this VM (partial data, a definition).
+    CleanTarget,
+    /// Start the VM again on the source.
+    StartSource,
+}
+
+/// What came of the effect of the current step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// It failed for good: roll back (before `confirmed`), or keep trying (after).
+    Failed(String),
+    /// A host does not answer: the journal waits, shown as such, and nothing is guessed.
+    Waiting(String),
+    /// The operator cancelled: roll back, as a failure would.
+    Cancelled,
+}
+
+/// The effects that carry out the step the journal stands at, in order. A rollback is one
+/// step of two effects (clean the target, start the source again if the VM ran), both
+/// repeatable, so that the journal says `rolled-back` only once the source runs again.
+pub fn effects_of(journal: &MigrationJournal) -> Vec<Effect> {
+    match journal.step {
+        MigrationStep::Planned | MigrationStep::SourceDeleted | MigrationStep::RolledBack => {
+            Vec::new()
+        }
+        MigrationStep::Stopping => vec![Effect::StopSource],
+        MigrationStep::Transferring => vec![Effect::Transfer],
+        MigrationStep::Verifying => vec![Effect::Verify],
+        MigrationStep::Defining => vec![Effect::DefineOnTarget],
+        MigrationStep::Starting => vec![Effect::StartOnTarget],
+        MigrationStep::Confirmed => vec![Effect::DeleteSource],
+        MigrationStep::RollingBack if journal.was_running => {
+            vec![Effect::CleanTarget, Effect::StartSource]
+        }
+        MigrationStep::RollingBack => vec![Effect::CleanTarget],
+    }
+}
+
+/// The journal after `outcome` of its current step's effects, and the effects to carry out
+/// next, in order. The new journal is written before any of them runs.
+pub fn advance(journal: &MigrationJournal, outcome: Outcome) -> (MigrationJournal, Vec<Effect>) {
+    let mut next = journal.clone();
+    match outcome {
+        Outcome::Waiting(why) => {
+            next.error = Some(format!("waiting: {why}"));
+            return (next, Vec::new());
+        }
+        Outcome::Done if journal.step == MigrationStep::RollingBack => {
+            // The reason it rolled back stays with it.
+            next.step = MigrationStep::RolledBack;
+            return (next, Vec::new());
+        }
+        Outcome::Done => {
+            next.error = None;
+            next.step = journal.step.next();
+        }
+        Outcome::Failed(why) if journal.step.is_committed() => {
+            // The target runs the VM: deleting the source is tried again, never undone.
+            next.error = Some(format!("deleting the source failed: {why}; trying again"));
+            return (next, vec![Effect::DeleteSource]);
+        }
+        Outcome::Failed(why) if journal.step == MigrationStep::RollingBack => {
+            let reason = journal.error.clone().unwrap_or_default();
+            next.error = Some(format!(
+                "{reason}; the rollback failed ({why}) and is tried again"
+            ));
+            let effects = effects_of(&next);
+            return (next, effects);
+        }
+        Outcome::Failed(why) => {
+            next.step = MigrationStep::RollingBack;
+            next.error = Some(format!("{} failed: {why}", journal.step.as_str()));
+        }
+        Outcome::Cancelled => {
+            if journal.step.is_committed()
+                || journal.step.is_finished()
+                || journal.step == MigrationStep::RollingBack
+            {
+                return (next, Vec::new());
+            }
+            next.step = MigrationStep::RollingBack;
+            next.error = Some(format!("cancelled while {}", journal.step.as_str()));
+        }
+    }
+    let effects = effects_of(&next);
+    (next, effects)
+}
+
+/// What a console that starts again does with a migration its journal left open: the effects
+/// of the step it stands at, again (each can be repeated); a plan only starts now.
+pub fn resume(journal: &MigrationJournal) -> Vec<Effect> {
+    match journal.step {
+        MigrationStep::Planned => vec![Effect::StopSource],
+        _ => effects_of(journal),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(step: MigrationStep) -> MigrationJournal {
+        MigrationJournal {
+            id: 1,
+            vm: VmName::new("web").unwrap(),
+            from: HostId::new("lsn-1").unwrap(),
+            to: HostId::new("gva-1").unwrap(),
+            step,
+            was_running: true,
+            error: None,
+            bytes_done: 0,
+            bytes_total: 0,
+        }
+    }
+
+    #[test]
+    fn a_migration_walks_every_step_and_deletes_the_source_last() {
+        let mut j = journal(MigrationStep::Planned);
+        let mut effects = Vec::new();
+        j.step = MigrationStep::Stopping;
+        while !j.step.is_finished() {
+            let (next, fx) = advance(&j, Outcome::Done);
+            effects.extend(fx);
+            j = next;
+        }
+        assert_eq!(j.step, MigrationStep::SourceDeleted);
+        assert_eq!(
+            effects,
+            [
+                Effect::Transfer,
+                Effect::Verify,
+                Effect::DefineOnTarget,
+                Effect::StartOnTarget,
+                Effect::DeleteSource,
+            ]
+        );
+        assert_eq!(effects.last(), Some(&Effect::DeleteSource));
+    }
+
+    #[test]
+    fn a_failure_before_confirmed_rolls_back_and_the_source_runs_again() {
+        for step in [
+            MigrationStep::Stopping,
+            MigrationStep::Transferring,
+            MigrationStep::Verifying,
+            MigrationStep::Defining,
+            MigrationStep::Starting,
+        ] {
+            let (rolling, fx) = advance(&journal(step), Outcome::Failed("boom".into()));
+            assert_eq!(rolling.step, MigrationStep::RollingBack, "{step:?}");
+            assert_eq!(fx, [Effect::CleanTarget, Effect::StartSource]);
+            assert_eq!(
+                rolling.error.as_deref(),
+                Some(format!("{} failed: boom", step.as_str()).as_str())
+            );
+            assert!(!fx.contains(&Effect::DeleteSource), "never the source");
+            let (back, fx) = advance(&rolling, Outcome::Done);
+            assert_eq!(back.step, MigrationStep::RolledBack);
+            assert!(fx.is_empty());
+            assert_eq!(back.error, rolling.error, "the reason is kept");
+        }
+        // A VM that was off stays off on the source.
+        let mut off = journal(MigrationStep::Transferring);
+        off.was_running = false;
+        assert_eq!(
+            advance(&off, Outcome::Failed("x".into())).1,
+            [Effect::CleanTarget]
+        );
+        // A rollback that fails is tried again, keeping the first reason.
+        let rolling = advance(
+            &journal(MigrationStep::Verifying),
+            Outcome::Failed("hash".into()),
+        )
+        .0;
+        let (again, fx) = advance(&rolling, Outcome::Failed("agent busy".into()));
+        assert_eq!(again.step, MigrationStep::RollingBack);
+        assert_eq!(fx, [Effect::CleanTarget, Effect::StartSource]);
+        assert!(
+            again
+                .error
+                .unwrap()
+                .starts_with("verifying failed: hash; the rollback failed")
+        );
+    }
+
+    #[test]
+    fn after_confirmed_nothing_rolls_back_and_cancel_is_refused() {
+        let confirmed = journal(MigrationStep::Confirmed);
+        let (j, fx) = advance(&confirmed, Outcome::Failed("disk busy".into()));
+        assert_eq!(j.step, MigrationStep::Confirmed);
+        assert_eq!(fx, [Effect::DeleteSource]);
+        let (j, fx) = advance(&confirmed, Outcome::Cancelled);
+        assert_eq!(j, confirmed);
+        assert!(fx.is_empty());
+        let (j, fx) = advance(&journal(MigrationStep::Transferring), Outcome::Cancelled);
+        assert_eq!(j.step, MigrationStep::RollingBack);
+        assert_eq!(j.error.as_deref(), Some("cancelled while transferring"));
+        assert_eq!(fx, [Effect::CleanTarget, Effect::StartSource]);
+    }
+
+    #[test]
+    fn a_host_that_does_not_answer_leaves_the_journal_waiting() {
+        let j = journal(MigrationStep::Transferring);
+        let (waiting, fx) = advance(&j, Outcome::Waiting("gva-1 is unreachable".into()));
+        assert_eq!(waiting.step, MigrationStep::Transferring);
+        assert!(fx.is_empty());
+        assert_eq!(
+            waiting.error.as_deref(),
+            Some("waiting: gva-1 is unreachable")
+        );
+        // Back: the same step again.
+        assert_eq!(resume(&waiting), [Effect::Transfer]);
+    }
+
+    #[test]
+    fn a_restarted_console_repeats_the_step_it_stood_at() {
+        for (step, effects) in [
+            (MigrationStep::Planned, vec![Effect::StopSource]),
+            (MigrationStep::Stopping, vec![Effect::StopSource]),
+            (MigrationStep::Transferring, vec![Effect::Transfer]),
+            (MigrationStep::Verifying, vec![Effect::Verify]),
+            (MigrationStep::Defining, vec![Effect::DefineOnTarget]),
+            (MigrationStep::Starting, vec![Effect::StartOnTarget]),
+            (MigrationStep::Confirmed, vec![Effect::DeleteSource]),
+            (
+                MigrationStep::RollingBack,
+                vec![Effect::CleanTarget, Effect::StartSource],
+            ),
+            (MigrationStep::SourceDeleted, vec![]),
+            (MigrationStep::RolledBack, vec![]),
+        ] {
+            assert_eq!(resume(&journal(step)), effects, "{step:?}");
+        }
+        for step in [
+            MigrationStep::Planned,
+            MigrationStep::RollingBack,
+            MigrationStep::SourceDeleted,
+        ] {
+            assert_eq!(MigrationStep::parse(step.as_str()), Some(step));
+        }
+        assert_eq!(MigrationStep::parse("teleporting"), None);
+    }
+}
