@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod rpc;
 pub mod service;
 pub mod token;
+pub mod transfer;
 
 /// An error with its sources, as one line: "outer: inner: innermost".
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

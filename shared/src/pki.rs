@@ -482,6 +482,21 @@ pub fn control_client_config(
     Ok(config)
 }
 
+/// Client side of a disk transfer: one agent to another, each verified against the CA (the
+/// server name is the target host's) with the source's host certificate as client
+/// certificate.
+pub fn transfer_client_config(
+    ca: &CertificateDer<'static>,
+    identity: &Identity,
+) -> Result<rustls::ClientConfig, PkiError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(root_store(ca)?)
+        .with_client_auth_cert(vec![identity.cert_der.clone()], identity.private_key()?)?;
+    config.alpn_protocols = vec![crate::transfer::ALPN_TRANSFER.to_vec()];
+    Ok(config)
+}
+
 /// Client side of enrollment and probes: the agent is not CA-signed yet, so any certificate is
 /// accepted here (its signatures still checked) and the caller compares the key fingerprint
 /// instead. The control ALPN is offered second, so an enrolled agent that offers no enrollment

@@ -28,9 +28,17 @@ pub mod features {
     pub const CERT_RENEWAL: &str = "cert-renewal";
     /// `CheckReady`: the readiness checks of service applications.
     pub const READINESS: &str = "readiness";
+    /// `PrepareReceive`, `SendDisk`: disks streamed agent to agent (`dunes-transfer/1`).
+    pub const DISK_TRANSFER: &str = "disk-transfer";
 
     /// What this release of the agent offers.
-    pub const AGENT: &[&str] = &[VM_LIFECYCLE, TEMPLATES, CERT_RENEWAL, READINESS];
+    pub const AGENT: &[&str] = &[
+        VM_LIFECYCLE,
+        TEMPLATES,
+        CERT_RENEWAL,
+        READINESS,
+        DISK_TRANSFER,
+    ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[];
 
@@ -240,6 +248,38 @@ pub struct ReadyReply {
     pub detail: String,
 }
 
+/// To the target of a transfer: accept the source's stream for this ticket (once, until it
+/// expires).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareReceive {
+    pub ticket: crate::transfer::TransferTicket,
+}
+
+/// To the source of a transfer: stream the VM's disk to the target at `target_address`, going
+/// on from what the target already holds. Answered when the target has verified the image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendDisk {
+    pub ticket: crate::transfer::TransferTicket,
+    /// HOST:PORT of the target agent.
+    pub target_address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendReport {
+    /// The image's size.
+    pub size_bytes: u64,
+    /// Allocated bytes in the image: what a transfer from zero sends.
+    pub allocated_bytes: u64,
+    /// Bytes of chunks sent by this call (a resumed transfer sends less).
+    pub sent_bytes: u64,
+    /// Where this call went on from.
+    pub resumed_from: u64,
+    /// Chunks the target asked for again after a hash mismatch.
+    pub resent_chunks: u32,
+    /// The image digest both ends agreed on, in hex.
+    pub digest: String,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -256,6 +296,8 @@ pub enum Request {
     RenewBegin(RenewBegin),
     RenewFinish(RenewFinish),
     CheckReady(CheckReady),
+    PrepareReceive(PrepareReceive),
+    SendDisk(SendDisk),
 }
 
 impl Request {
@@ -274,6 +316,8 @@ impl Request {
             Request::RenewBegin(_) => RenewBegin::KIND,
             Request::RenewFinish(_) => RenewFinish::KIND,
             Request::CheckReady(_) => CheckReady::KIND,
+            Request::PrepareReceive(_) => PrepareReceive::KIND,
+            Request::SendDisk(_) => SendDisk::KIND,
         }
     }
 }
@@ -317,6 +361,8 @@ rpc! {
     RenewBegin => RenewBeginReply, Some(features::CERT_RENEWAL), "renew-begin";
     RenewFinish => (), Some(features::CERT_RENEWAL), "renew-finish";
     CheckReady => ReadyReply, Some(features::READINESS), "check-ready";
+    PrepareReceive => (), Some(features::DISK_TRANSFER), "prepare-receive";
+    SendDisk => SendReport, Some(features::DISK_TRANSFER), "send-disk";
 }
 
 /// What an agent pushes on its event stream.
@@ -355,6 +401,16 @@ mod tests {
         );
         let decoded: T = decode_payload(&hex::decode(hex_bytes).unwrap()).unwrap();
         assert_eq!(&decoded, value);
+    }
+
+    fn ticket() -> crate::transfer::TransferTicket {
+        crate::transfer::TransferTicket {
+            id: "ab".into(),
+            vm: name(),
+            source: HostId::new("a").unwrap(),
+            target: HostId::new("b").unwrap(),
+            expires_unix_secs: 9,
+        }
     }
 
     fn vm() -> VmStatus {
@@ -512,6 +568,24 @@ mod tests {
                 }),
                 "81ac456e726f6c6c46696e69736882a5746f6b656ea174a8636572745f646572c4020102",
             ),
+            (
+                Request::PrepareReceive(PrepareReceive { ticket: ticket() }),
+                concat!(
+                    "81ae507265706172655265636569766581a67469636b657485a26964a26162a2766da161a6736f75",
+                    "726365a161a6746172676574a162b1657870697265735f756e69785f7365637309",
+                ),
+            ),
+            (
+                Request::SendDisk(SendDisk {
+                    ticket: ticket(),
+                    target_address: "h:1".into(),
+                }),
+                concat!(
+                    "81a853656e644469736b82a67469636b657485a26964a26162a2766da161a6736f75726365a161a6",
+                    "746172676574a162b1657870697265735f756e69785f7365637309ae7461726765745f6164647265",
+                    "7373a3683a31",
+                ),
+            ),
         ];
         // Every variant is pinned.
         let kinds: std::collections::BTreeSet<&str> = all.iter().map(|(r, _)| r.kind()).collect();
@@ -581,6 +655,21 @@ mod tests {
             ),
         );
         golden::<Result<(), WireError>>(&Ok(()), "81a24f6bc0");
+        golden::<Result<SendReport, WireError>>(
+            &Ok(SendReport {
+                size_bytes: 1,
+                allocated_bytes: 2,
+                sent_bytes: 3,
+                resumed_from: 4,
+                resent_chunks: 5,
+                digest: "d".into(),
+            }),
+            concat!(
+                "81a24f6b86aa73697a655f627974657301af616c6c6f63617465645f627974657302aa73656e745f",
+                "627974657303ac726573756d65645f66726f6d04ad726573656e745f6368756e6b7305a664696765",
+                "7374a164",
+            ),
+        );
         golden::<Result<EnrollBeginReply, WireError>>(
             &Ok(EnrollBeginReply {
                 host_id: HostId::new("h").unwrap(),

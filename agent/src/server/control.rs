@@ -10,8 +10,8 @@ use dunes_shared::{
     pki,
     protocol::{
         CheckReady, CreateVm, DeleteVm, ErrorCode, Hello, HelloReply, ListTemplates, ListVms,
-        RenewBegin, RenewBeginReply, RenewFinish, Request, StartVm, StopVm, WireError, codes,
-        features,
+        PrepareReceive, RenewBegin, RenewBeginReply, RenewFinish, Request, SendDisk, StartVm,
+        StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -212,6 +212,12 @@ async fn dispatch(
             Ok(rt) => rt.check_ready(name, probe).await.map_err(|e| e.to_wire()),
             Err(e) => Err(e.to_wire()),
         }),
+        Request::PrepareReceive(request) => {
+            encode_reply::<PrepareReceive>(super::transfer::prepare_receive(shared, request))
+        }
+        Request::SendDisk(request) => {
+            encode_reply::<SendDisk>(super::transfer::send(shared, request).await)
+        }
         Request::DeleteVm(DeleteVm {
             name,
             runtime: kind,

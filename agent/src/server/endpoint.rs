@@ -6,9 +6,13 @@ use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 use dunes_shared::{
     pki,
     protocol::{ALPN_CONTROL, ALPN_ENROLL, codes},
+    transfer::ALPN_TRANSFER,
 };
 
-use super::{HELLO_TIMEOUT, Shared, control::serve_control, enrollment::serve_enroll, lock};
+use super::{
+    HELLO_TIMEOUT, Shared, control::serve_control, enrollment::serve_enroll, lock,
+    transfer::serve_transfer,
+};
 use crate::identity::AgentIdentity;
 
 const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -53,7 +57,7 @@ pub(super) struct Protocol {
 /// Every protocol the agent serves: a new one (disk transfers, say) is a module of its own
 /// and one entry here. Enrollment comes first: rustls agrees on the first of these that the
 /// client offers, and only enrolling or probing clients offer it.
-pub(super) fn protocols() -> [Protocol; 2] {
+pub(super) fn protocols() -> [Protocol; 3] {
     [
         Protocol {
             alpn: ALPN_ENROLL,
@@ -64,6 +68,11 @@ pub(super) fn protocols() -> [Protocol; 2] {
             alpn: ALPN_CONTROL,
             reach: Reach::Cluster,
             serve: |shared, conn| Box::pin(serve_control(shared, conn)),
+        },
+        Protocol {
+            alpn: ALPN_TRANSFER,
+            reach: Reach::Cluster,
+            serve: |shared, conn| Box::pin(serve_transfer(shared, conn)),
         },
     ]
 }

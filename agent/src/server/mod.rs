@@ -6,6 +6,7 @@ mod control;
 mod endpoint;
 mod enrollment;
 mod status;
+mod transfer;
 
 use std::{
     net::SocketAddr,
@@ -97,6 +98,10 @@ struct Shared {
     cpu: Mutex<inventory::CpuLoad>,
     /// Bumped by every enrollment: control connections trusted under the previous one close.
     enrollments: tokio::sync::watch::Sender<u64>,
+    /// Transfers the console announced to this agent as their target, by ticket id.
+    tickets: Mutex<std::collections::BTreeMap<String, dunes_shared::transfer::TransferTicket>>,
+    /// A test hook: the next disk this agent sends has its first chunk corrupted on the wire.
+    transfer_faults: Mutex<bool>,
 }
 
 impl RunningAgent {
@@ -165,6 +170,8 @@ impl RunningAgent {
             interpreters,
             cpu: Mutex::new(inventory::CpuLoad::default()),
             enrollments: tokio::sync::watch::Sender::new(0),
+            tickets: Mutex::new(Default::default()),
+            transfer_faults: Mutex::new(false),
         });
         let (host_id, fingerprint) = {
             let id = lock(&shared.identity);
@@ -190,6 +197,12 @@ impl RunningAgent {
             shared,
             tasks,
         })
+    }
+
+    /// A test hook for the transfer's fault tests: the next disk this agent sends has one byte
+    /// of its first chunk flipped on the wire, which the target must catch and ask again.
+    pub fn corrupt_next_sent_chunk(&self) {
+        *lock(&self.shared.transfer_faults) = true;
     }
 
     /// Stops accepting and closes every connection.

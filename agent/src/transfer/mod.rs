@@ -1,6 +1,7 @@
-//! Disk streams between agents for migrations. This far: what crosses the wire (allocated
-//! extents in hashed chunks, an image digest) and the target's resumable, verified writer.
-//! The `dunes-transfer/1` protocol with the console's one-time tickets comes next.
+//! Disk streams between agents for migrations: what crosses the wire (allocated extents in
+//! hashed chunks, an image digest), the target's resumable, verified writer, and the source's
+//! sender. The target's side of the protocol is served in `server::transfer`.
 
 pub mod extents;
 pub mod receive;
+pub mod send;

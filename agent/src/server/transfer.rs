@@ -1,0 +1,334 @@
+//! Disk transfers, agent to agent: the target's side of `dunes-transfer/1` (a CA-signed host
+//! certificate, the ticket the console gave this agent for exactly that peer and VM, then
+//! verified chunks into the storage dir), and the control requests that set one up.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use dunes_shared::{
+    codec::{MAX_FRAME_BYTES, read_frame_limited, write_frame},
+    error_chain, pki,
+    protocol::{ErrorCode, PrepareReceive, SendDisk, SendReport, WireError, codes},
+    transfer::{TransferFrame, TransferTicket},
+};
+use rustls::pki_types::CertificateDer;
+
+use super::{Shared, lock};
+use crate::{
+    storage::Storage,
+    transfer::{
+        extents::ChunkRecord,
+        receive::{ReceiveError, Receiving},
+        send::{SendJob, send_disk},
+    },
+};
+
+/// How long the source may take to open its stream after connecting.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Chunks written between two syncs (and acknowledgements): 16 MiB.
+const CHUNKS_PER_ACK: usize = 16;
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn refuse(message: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::BadRequest, message.into())
+}
+
+/// `PrepareReceive`: keep the ticket for the source to present.
+pub(super) fn prepare_receive(shared: &Shared, request: PrepareReceive) -> Result<(), WireError> {
+    let ticket = request.ticket;
+    let own = lock(&shared.identity).host_id.clone();
+    if !TransferTicket::valid_id(&ticket.id) {
+        return Err(refuse("the ticket id is not 32 hex digits"));
+    }
+    if ticket.target != own {
+        return Err(refuse(format!(
+            "the ticket is for {}, not this host ({own})",
+            ticket.target
+        )));
+    }
+    if ticket.expires_unix_secs <= now_secs() {
+        return Err(refuse("the ticket has expired"));
+    }
+    let disk = shared
+        .storage
+        .disk_file(&Storage::disk_file_name(&ticket.vm));
+    if disk.exists()
+        || shared
+            .storage
+            .definition(&ticket.vm)
+            .ok()
+            .flatten()
+            .is_some()
+    {
+        return Err(WireError::new(
+            ErrorCode::AlreadyExists,
+            format!("VM {} already has a disk or a definition here", ticket.vm),
+        ));
+    }
+    let mut tickets = lock(&shared.tickets);
+    tickets.retain(|_, t| t.expires_unix_secs > now_secs());
+    tickets.insert(ticket.id.clone(), ticket);
+    Ok(())
+}
+
+/// `SendDisk`: stream the VM's disk to the target the ticket names.
+pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<SendReport, WireError> {
+    let ticket = request.ticket;
+    let (own, identity, ca) = {
+        let id = lock(&shared.identity);
+        (id.host_id.clone(), id.tls_identity(), id.ca_der.clone())
+    };
+    if ticket.source != own {
+        return Err(refuse(format!(
+            "the ticket is from {}, not this host ({own})",
+            ticket.source
+        )));
+    }
+    let Some(ca) = ca else {
+        return Err(refuse("this agent is not enrolled"));
+    };
+    let address = tokio::net::lookup_host(request.target_address.as_str())
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| refuse(format!("cannot resolve {}", request.target_address)))?;
+    let disk = shared
+        .storage
+        .disk_file(&Storage::disk_file_name(&ticket.vm));
+    if !disk.exists() {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("VM {} has no disk on this host", ticket.vm),
+        ));
+    }
+    let config = pki::transfer_client_config(&ca, &identity)
+        .and_then(pki::quic_client_config)
+        .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))?;
+    let corrupt_first_chunk = std::mem::take(&mut *lock(&shared.transfer_faults));
+    send_disk(
+        &shared.endpoint,
+        config,
+        SendJob {
+            ticket,
+            address,
+            disk,
+            corrupt_first_chunk,
+        },
+    )
+    .await
+    .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))
+}
+
+fn peer_host(shared: &Shared, conn: &quinn::Connection) -> Option<dunes_shared::model::HostId> {
+    let cert = conn
+        .peer_identity()
+        .and_then(|a| a.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().cloned())?;
+    let ca = lock(&shared.identity).ca_der.clone()?;
+    let host = pki::cert_host_id(&cert)?;
+    pki::verify_host_cert(&cert, &ca, &host).ok()?;
+    Some(host)
+}
+
+/// One transfer connection, on the target.
+pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection) {
+    let Some(peer) = peer_host(&shared, &conn) else {
+        tracing::warn!(remote = %conn.remote_address(), "transfer without a host certificate from the cluster CA refused");
+        conn.close(
+            codes::CLOSE_UNAUTHENTICATED,
+            b"a host certificate from this cluster's CA is required",
+        );
+        return;
+    };
+    let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(OPEN_TIMEOUT, conn.accept_bi()).await
+    else {
+        conn.close(codes::CLOSE_TIMEOUT, b"no transfer stream");
+        return;
+    };
+    let opened = read_frame_limited::<_, TransferFrame>(&mut recv, MAX_FRAME_BYTES).await;
+    let Ok(Some(TransferFrame::Open { ticket, vm, size })) = opened else {
+        conn.close(
+            codes::CLOSE_BAD_HELLO,
+            b"expected the opening of a transfer",
+        );
+        return;
+    };
+    // The ticket stays until the image is verified: a cut link comes back with it.
+    let found = lock(&shared.tickets).get(&ticket).cloned();
+    let refusal = match &found {
+        None => Some("no such ticket (unknown, used or expired)".to_string()),
+        Some(t) if t.source != peer => Some(format!("the ticket is not for {peer}")),
+        Some(t) if t.vm != vm => Some(format!("the ticket is not for VM {vm}")),
+        Some(t) if t.expires_unix_secs <= now_secs() => Some("the ticket has expired".into()),
+        Some(_) => None,
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(%peer, "transfer refused: {reason}");
+        let _ = write_frame(&mut send, &TransferFrame::Refused { reason }).await;
+        let _ = send.finish();
+        // The source closes once it has read why.
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+        return;
+    }
+    let dir = shared.storage.disks_dir();
+    let file_name = Storage::disk_file_name(&vm);
+    let opened = {
+        let (dir, file_name) = (dir.clone(), file_name.clone());
+        tokio::task::spawn_blocking(move || Receiving::open(&dir, &file_name, size)).await
+    };
+    let receiving = match opened {
+        Ok(Ok(r)) => Arc::new(Mutex::new(Some(r))),
+        Ok(Err(e)) => {
+            let _ = write_frame(
+                &mut send,
+                &TransferFrame::Refused {
+                    reason: e.to_string(),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let resume_from = lock(&receiving).as_ref().map_or(0, |r| r.resume_from());
+    tracing::info!(%peer, %vm, size, resume_from, "receiving a disk");
+    if write_frame(&mut send, &TransferFrame::Accepted { resume_from })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Runs a blocking step on the receiver, off the async workers.
+    async fn with<T: Send + 'static>(
+        receiving: &Arc<Mutex<Option<Receiving>>>,
+        f: impl FnOnce(&mut Receiving) -> Result<T, ReceiveError> + Send + 'static,
+    ) -> Result<T, ReceiveError> {
+        let receiving = receiving.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&receiving);
+            let r = guard.as_mut().ok_or(ReceiveError::DigestMismatch)?;
+            f(r)
+        })
+        .await
+        .unwrap_or(Err(ReceiveError::DigestMismatch))
+    }
+    let mut awaiting: Option<u64> = None;
+    let mut since_ack = 0usize;
+    loop {
+        let frame = match read_frame_limited::<_, TransferFrame>(&mut recv, MAX_FRAME_BYTES).await {
+            Ok(Some(f)) => f,
+            // The link broke: what is acknowledged stays for the next try.
+            Ok(None) | Err(_) => {
+                let _ = with(&receiving, |r| r.checkpoint()).await;
+                return;
+            }
+        };
+        match frame {
+            TransferFrame::Chunk { offset, hash, data } => {
+                if let Some(wanted) = awaiting {
+                    if offset != wanted {
+                        continue;
+                    }
+                    awaiting = None;
+                }
+                let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                    awaiting = Some(offset);
+                    let _ = write_frame(&mut send, &TransferFrame::Resend { offset }).await;
+                    continue;
+                };
+                let record = ChunkRecord {
+                    offset,
+                    len: data.len() as u32,
+                    hash,
+                };
+                match with(&receiving, move |r| r.write_chunk(record, &data)).await {
+                    Ok(()) => {}
+                    Err(ReceiveError::Corrupt { offset }) => {
+                        tracing::warn!(%peer, %vm, offset, "a chunk did not match its hash; asked again");
+                        awaiting = Some(offset);
+                        if write_frame(&mut send, &TransferFrame::Resend { offset })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = write_frame(
+                            &mut send,
+                            &TransferFrame::Finished {
+                                ok: false,
+                                detail: e.to_string(),
+                            },
+                        )
+                        .await;
+                        return;
+                    }
+                }
+                since_ack += 1;
+                if since_ack >= CHUNKS_PER_ACK {
+                    since_ack = 0;
+                    match with(&receiving, |r| r.checkpoint()).await {
+                        Ok(through) => {
+                            let _ = write_frame(&mut send, &TransferFrame::Ack { through }).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%vm, "cannot sync the transfer: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+            // The source comes back to the chunk asked for, then finishes again.
+            TransferFrame::Finish { .. } if awaiting.is_some() => {}
+            TransferFrame::Finish { digest } => {
+                let digest = <[u8; 32]>::try_from(digest.as_slice()).unwrap_or([0; 32]);
+                let taken = lock(&receiving).take();
+                let finished = match taken {
+                    Some(r) => tokio::task::spawn_blocking(move || r.finish(&digest))
+                        .await
+                        .unwrap_or(Err(ReceiveError::DigestMismatch)),
+                    None => Err(ReceiveError::DigestMismatch),
+                };
+                let frame = match &finished {
+                    Ok(_) => {
+                        // Used: the ticket goes.
+                        lock(&shared.tickets).remove(&ticket);
+                        tracing::info!(%peer, %vm, "disk received and verified");
+                        TransferFrame::Finished {
+                            ok: true,
+                            detail: "verified".into(),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, %vm, "disk not verified: {e}");
+                        Receiving::abandon(&dir, &file_name);
+                        TransferFrame::Finished {
+                            ok: false,
+                            detail: e.to_string(),
+                        }
+                    }
+                };
+                let _ = write_frame(&mut send, &frame).await;
+                let _ = send.finish();
+                // The source closes once it has read the answer.
+                let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+                return;
+            }
+            other => {
+                tracing::warn!(%peer, "unexpected transfer frame: {other:?}");
+                return;
+            }
+        }
+    }
+}

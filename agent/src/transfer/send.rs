@@ -1,0 +1,220 @@
+//! The source's side of a disk transfer: it opens a `dunes-transfer/1` connection to the
+//! target with its host certificate, presents the console's ticket, and streams the image's
+//! allocated chunks from where the target says it stands. A chunk the target finds corrupt is
+//! sent again, with everything after it (go-back-N); the image digest closes the stream.
+
+use std::{fs::File, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use dunes_shared::{
+    codec::{MAX_FRAME_BYTES, read_frame_limited, write_frame},
+    protocol::SendReport,
+    transfer::{TransferFrame, TransferTicket},
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::extents::{ChunkRecord, allocated_extents, chunks_of, image_digest, read_chunk};
+
+/// How long the target may take to answer the opening of a transfer.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot reach the target at {address}: {message}")]
+    Connect { address: String, message: String },
+    #[error("the target refused the transfer: {0}")]
+    Refused(String),
+    #[error("the target did not verify the image: {0}")]
+    NotVerified(String),
+    #[error("the link to the target broke: {0}")]
+    Link(String),
+    #[error("reading the disk {path}: {source}")]
+    Disk {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where and how to send.
+#[derive(Debug)]
+pub struct SendJob {
+    pub ticket: TransferTicket,
+    pub address: SocketAddr,
+    pub disk: PathBuf,
+    /// A test hook: the first chunk sent has one byte flipped on the wire.
+    pub corrupt_first_chunk: bool,
+}
+
+fn link<E: std::fmt::Display>(e: E) -> SendError {
+    SendError::Link(e.to_string())
+}
+
+/// Streams the disk of `job` to its target and returns once the target has verified it.
+pub async fn send_disk(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    job: SendJob,
+) -> Result<SendReport, SendError> {
+    let disk_err = |path: &PathBuf| {
+        let path = path.display().to_string();
+        move |source| SendError::Disk { path, source }
+    };
+    let file = Arc::new(File::open(&job.disk).map_err(disk_err(&job.disk))?);
+    let size = file.metadata().map_err(disk_err(&job.disk))?.len();
+    let plan = {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || allocated_extents(&file))
+            .await
+            .map_err(link)?
+            .map_err(disk_err(&job.disk))?
+    };
+    let chunks = chunks_of(&plan);
+    let allocated_bytes: u64 = plan.iter().map(|e| e.1).sum();
+
+    let server_name = dunes_shared::pki::host_cert_name(&job.ticket.target);
+    let connect_err = |message: String| SendError::Connect {
+        address: job.address.to_string(),
+        message,
+    };
+    let conn = endpoint
+        .connect_with(config, job.address, &server_name)
+        .map_err(|e| connect_err(e.to_string()))?
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(link)?;
+    write_frame(
+        &mut send,
+        &TransferFrame::Open {
+            ticket: job.ticket.id.clone(),
+            vm: job.ticket.vm.clone(),
+            size,
+        },
+    )
+    .await
+    .map_err(link)?;
+    let opened = tokio::time::timeout(
+        OPEN_TIMEOUT,
+        read_frame_limited::<_, TransferFrame>(&mut recv, MAX_FRAME_BYTES),
+    )
+    .await
+    .map_err(|_| SendError::Link("the target did not answer the transfer".into()))?
+    .map_err(link)?;
+    let resume_from = match opened {
+        Some(TransferFrame::Accepted { resume_from }) => resume_from,
+        Some(TransferFrame::Refused { reason }) => {
+            conn.close(0u32.into(), b"refused");
+            return Err(SendError::Refused(reason));
+        }
+        other => return Err(SendError::Link(format!("unexpected answer: {other:?}"))),
+    };
+
+    // The target's answers: requests to send again, and the end.
+    let (resend_tx, mut resend_rx) = mpsc::channel::<u64>(64);
+    let (finished_tx, mut finished_rx) = oneshot::channel::<Result<(), SendError>>();
+    tokio::spawn(async move {
+        let end = loop {
+            match read_frame_limited::<_, TransferFrame>(&mut recv, MAX_FRAME_BYTES).await {
+                Ok(Some(TransferFrame::Resend { offset })) => {
+                    if resend_tx.send(offset).await.is_err() {
+                        break Err(SendError::Link("the sender stopped".into()));
+                    }
+                }
+                Ok(Some(TransferFrame::Ack { .. })) => {}
+                Ok(Some(TransferFrame::Finished { ok: true, .. })) => break Ok(()),
+                Ok(Some(TransferFrame::Finished { ok: false, detail })) => {
+                    break Err(SendError::NotVerified(detail));
+                }
+                Ok(Some(other)) => {
+                    break Err(SendError::Link(format!("unexpected frame: {other:?}")));
+                }
+                Ok(None) => break Err(SendError::Link("the target closed the stream".into())),
+                Err(e) => break Err(link(e)),
+            }
+        };
+        let _ = finished_tx.send(end);
+    });
+
+    // Every chunk is hashed for the digest; only those past `resume_from` travel.
+    let mut records: Vec<Option<ChunkRecord>> = vec![None; chunks.len()];
+    let mut next = 0usize;
+    let mut sent_bytes = 0u64;
+    let mut resent_chunks = 0u32;
+    let mut corrupt = job.corrupt_first_chunk;
+    let read = |i: usize| {
+        let (offset, len) = chunks[i];
+        let file = file.clone();
+        async move {
+            tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
+                .await
+                .map_err(link)?
+                .map_err(|source| SendError::Disk {
+                    path: String::new(),
+                    source,
+                })
+        }
+    };
+    let position = |offset: u64| chunks.iter().position(|c| c.0 == offset);
+    loop {
+        while let Ok(offset) = resend_rx.try_recv() {
+            if let Some(i) = position(offset) {
+                next = next.min(i);
+                resent_chunks += 1;
+            }
+        }
+        if next < chunks.len() {
+            let (data, record) = read(next).await?;
+            records[next] = Some(record);
+            if record.end() > resume_from {
+                let mut data = data;
+                if corrupt {
+                    data[0] ^= 0xff;
+                    corrupt = false;
+                }
+                sent_bytes += u64::from(record.len);
+                write_frame(
+                    &mut send,
+                    &TransferFrame::Chunk {
+                        offset: record.offset,
+                        hash: record.hash.to_vec(),
+                        data,
+                    },
+                )
+                .await
+                .map_err(link)?;
+            }
+            next += 1;
+            continue;
+        }
+        let all: Vec<ChunkRecord> = records.iter().flatten().copied().collect();
+        let digest = image_digest(size, &all);
+        write_frame(
+            &mut send,
+            &TransferFrame::Finish {
+                digest: digest.to_vec(),
+            },
+        )
+        .await
+        .map_err(link)?;
+        tokio::select! {
+            Some(offset) = resend_rx.recv() => {
+                if let Some(i) = position(offset) {
+                    next = i;
+                    resent_chunks += 1;
+                }
+            }
+            end = &mut finished_rx => {
+                end.map_err(|_| SendError::Link("the target's answers stopped".into()))??;
+                let _ = send.finish();
+                conn.close(0u32.into(), b"transfer done");
+                return Ok(SendReport {
+                    size_bytes: size,
+                    allocated_bytes,
+                    sent_bytes,
+                    resumed_from: resume_from,
+                    resent_chunks,
+                    digest: hex::encode(digest),
+                });
+            }
+        }
+    }
+}

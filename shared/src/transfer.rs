@@ -1,0 +1,139 @@
+//! Disk streams between agents (`dunes-transfer/1`): the one-time ticket the console gives
+//! both ends, and the frames of a transfer. A transfer is one bidirectional stream: the source
+//! opens it with the ticket, the target answers where to go on from, chunks flow one way and
+//! acknowledgements (or a request to send a chunk again) the other, and the source's image
+//! digest closes it. Bulk data never shares a connection with control requests.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{HostId, VmName};
+
+/// ALPN of agent-to-agent disk transfers.
+pub const ALPN_TRANSFER: &[u8] = b"dunes-transfer/1";
+
+/// A transfer the console allowed: which VM's disk, from which host to which, until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferTicket {
+    /// 32 hex digits from the console's random source; used once.
+    pub id: String,
+    pub vm: VmName,
+    pub source: HostId,
+    pub target: HostId,
+    pub expires_unix_secs: u64,
+}
+
+impl TransferTicket {
+    /// Whether `id` looks like a ticket id (it is looked up as it is, never used in a path).
+    pub fn valid_id(id: &str) -> bool {
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+}
+
+/// The frames of a transfer stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum TransferFrame {
+    /// Source → target: the ticket and the image's size in bytes.
+    Open {
+        ticket: String,
+        vm: VmName,
+        size: u64,
+    },
+    /// Target → source: go on from this offset (0 for a new transfer).
+    Accepted { resume_from: u64 },
+    /// Target → source: no transfer; the stream ends.
+    Refused { reason: String },
+    /// Source → target: allocated bytes at `offset`, with their BLAKE3 hash.
+    Chunk {
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        hash: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Target → source: the chunk at `offset` did not match its hash; send it again.
+    Resend { offset: u64 },
+    /// Target → source: everything before `through` is on disk.
+    Ack { through: u64 },
+    /// Source → target: every chunk is sent; the digest of the whole image.
+    Finish {
+        #[serde(with = "serde_bytes")]
+        digest: Vec<u8>,
+    },
+    /// Target → source: the image verified and has its name, or why not.
+    Finished { ok: bool, detail: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_payload, encode_payload};
+
+    #[test]
+    fn golden_frames() {
+        let vm = VmName::new("web").unwrap();
+        let all: Vec<(TransferFrame, &str)> = vec![
+            (
+                TransferFrame::Open {
+                    ticket: "ab".into(),
+                    vm: vm.clone(),
+                    size: 5,
+                },
+                "81a44f70656e83a67469636b6574a26162a2766da3776562a473697a6505",
+            ),
+            (
+                TransferFrame::Accepted { resume_from: 7 },
+                "81a8416363657074656481ab726573756d655f66726f6d07",
+            ),
+            (
+                TransferFrame::Refused {
+                    reason: "no".into(),
+                },
+                "81a75265667573656481a6726561736f6ea26e6f",
+            ),
+            (
+                TransferFrame::Chunk {
+                    offset: 1,
+                    hash: vec![2],
+                    data: vec![3, 4],
+                },
+                "81a54368756e6b83a66f666673657401a468617368c40102a464617461c4020304",
+            ),
+            (
+                TransferFrame::Resend { offset: 9 },
+                "81a6526573656e6481a66f666673657409",
+            ),
+            (
+                TransferFrame::Ack { through: 10 },
+                "81a341636b81a77468726f7567680a",
+            ),
+            (
+                TransferFrame::Finish { digest: vec![5] },
+                "81a646696e69736881a6646967657374c40105",
+            ),
+            (
+                TransferFrame::Finished {
+                    ok: true,
+                    detail: "d".into(),
+                },
+                "81a846696e697368656482a26f6bc3a664657461696ca164",
+            ),
+        ];
+        assert_eq!(
+            all.len(),
+            crate::codec::enum_variants::<TransferFrame>().len()
+        );
+        for (frame, hex_bytes) in &all {
+            let bytes = encode_payload(frame).unwrap();
+            assert_eq!(
+                hex::encode(&bytes),
+                *hex_bytes,
+                "encoding of {frame:?} changed"
+            );
+            let back: TransferFrame = decode_payload(&bytes).unwrap();
+            assert_eq!(&back, frame);
+        }
+        assert!(TransferTicket::valid_id(&"0f".repeat(16)));
+        assert!(!TransferTicket::valid_id("../../etc"));
+    }
+}

@@ -1,0 +1,270 @@
+//! Disk transfers between two real agents over `dunes-transfer/1`, with real certificates
+//! from one cluster CA: only with the console's ticket, only from the named peer, only
+//! allocated bytes, verified, resumed, and a corrupt chunk asked again and never written.
+
+use std::{
+    io::{Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use dunes_agent::{
+    config::AgentConfig,
+    server::{AgentOptions, RunningAgent},
+    storage::Storage,
+    transfer::{
+        extents::{allocated_extents, chunks_of, read_chunk},
+        receive::Receiving,
+    },
+};
+use dunes_console::engine::{
+    console_pki::ConsolePki,
+    enroll::{EnrollPolicy, enroll},
+};
+use dunes_shared::{
+    model::{HostId, VmName},
+    pki,
+    protocol::{Hello, PrepareReceive, SendDisk, SendReport},
+    rpc::{CallError, call},
+    transfer::TransferTicket,
+};
+
+struct Host {
+    agent: RunningAgent,
+    data_dir: PathBuf,
+    conn: quinn::Connection,
+}
+
+async fn host(dir: &Path, id: &str, console: &ConsolePki, endpoint: &quinn::Endpoint) -> Host {
+    let data_dir = dir.join(id);
+    let agent = RunningAgent::start(AgentOptions {
+        data_dir: data_dir.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        libvirt_uri: "test:///default".into(),
+        config: AgentConfig {
+            host_id: Some(HostId::new(id).unwrap()),
+            ..AgentConfig::default()
+        },
+        guest_dir: None,
+    })
+    .await
+    .unwrap();
+    enroll(
+        endpoint,
+        console,
+        &agent.local_addr.to_string(),
+        agent.join_token.as_deref().unwrap(),
+        Some(agent.fingerprint),
+        EnrollPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let config = pki::quic_client_config(
+        pki::control_client_config(console.ca.cert_der(), &console.identity).unwrap(),
+    )
+    .unwrap();
+    let conn = endpoint
+        .connect_with(
+            config,
+            agent.local_addr,
+            &pki::host_cert_name(&agent.host_id),
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    call(
+        &conn,
+        Hello {
+            console_name: "test".into(),
+            features: Vec::new(),
+        },
+    )
+    .await
+    .unwrap();
+    let data_dir = data_dir.canonicalize().unwrap();
+    Host {
+        agent,
+        data_dir,
+        conn,
+    }
+}
+
+impl Host {
+    fn disk(&self, vm: &VmName) -> PathBuf {
+        Storage::open(&self.data_dir)
+            .unwrap()
+            .disk_file(&Storage::disk_file_name(vm))
+    }
+}
+
+/// A 64 MiB image holding 3 MiB of data in two places.
+fn write_image(path: &Path, seed: u8) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(64 << 20).unwrap();
+    for (at, n) in [(4u64 << 20, 1u64 << 20), (40 << 20, 2 << 20)] {
+        f.seek(SeekFrom::Start(at)).unwrap();
+        let data: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(seed)).collect();
+        f.write_all(&data).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn ticket(vm: &VmName, source: &Host, target: &Host, n: u8) -> TransferTicket {
+    TransferTicket {
+        id: format!("{n:02x}").repeat(16),
+        vm: vm.clone(),
+        source: source.agent.host_id.clone(),
+        target: target.agent.host_id.clone(),
+        expires_unix_secs: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600,
+    }
+}
+
+async fn send(source: &Host, target: &Host, ticket: TransferTicket) -> Result<SendReport, String> {
+    let sent = tokio::time::timeout(
+        Duration::from_secs(60),
+        call(
+            &source.conn,
+            SendDisk {
+                ticket,
+                target_address: target.agent.local_addr.to_string(),
+            },
+        ),
+    )
+    .await
+    .expect("the transfer ended");
+    sent.map_err(|e| match e {
+        CallError::Remote(w) => w.message,
+        other => other.to_string(),
+    })
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap()) * 512
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_move_only_with_a_ticket_sparse_verified_resumed_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let console = ConsolePki::load_or_create(&dir.path().join("console")).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let a = host(dir.path(), "xfer-a", &console, &endpoint).await;
+    let b = host(dir.path(), "xfer-b", &console, &endpoint).await;
+    let c = host(dir.path(), "xfer-c", &console, &endpoint).await;
+
+    // A plain transfer: only the allocated 3 MiB travel, and the copy is the image.
+    let vm = VmName::new("moved").unwrap();
+    write_image(&a.disk(&vm), 3);
+    let t = ticket(&vm, &a, &b, 1);
+    call(&b.conn, PrepareReceive { ticket: t.clone() })
+        .await
+        .unwrap();
+    let report = send(&a, &b, t.clone()).await.unwrap();
+    assert_eq!(report.size_bytes, 64 << 20);
+    assert!(
+        report.allocated_bytes >= 3 << 20 && report.allocated_bytes < 8 << 20,
+        "{report:?}"
+    );
+    assert_eq!(report.sent_bytes, report.allocated_bytes);
+    assert_eq!((report.resumed_from, report.resent_chunks), (0, 0));
+    assert_eq!(
+        std::fs::read(b.disk(&vm)).unwrap(),
+        std::fs::read(a.disk(&vm)).unwrap()
+    );
+    assert!(
+        allocated_bytes(&b.disk(&vm)) < 8 << 20,
+        "sparse on the target too"
+    );
+    // A ticket is used once.
+    let again = send(&a, &b, t).await.unwrap_err();
+    assert!(again.contains("no such ticket"), "{again}");
+
+    // Only the peer the ticket names may use it; the target says why, and keeps nothing.
+    let vm2 = VmName::new("second").unwrap();
+    write_image(&c.disk(&vm2), 5);
+    let for_a = ticket(&vm2, &a, &b, 2);
+    call(
+        &b.conn,
+        PrepareReceive {
+            ticket: for_a.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let stolen = TransferTicket {
+        source: c.agent.host_id.clone(),
+        ..for_a
+    };
+    let refused = send(&c, &b, stolen).await.unwrap_err();
+    assert!(
+        refused.contains("the ticket is not for xfer-c"),
+        "{refused}"
+    );
+    assert!(!b.disk(&vm2).exists());
+    // Nor is a ticket taken for another host, or expired.
+    let elsewhere = call(
+        &c.conn,
+        PrepareReceive {
+            ticket: ticket(&vm2, &a, &b, 3),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        elsewhere.to_string().contains("not this host"),
+        "{elsewhere}"
+    );
+    let mut old = ticket(&vm2, &c, &b, 4);
+    old.expires_unix_secs = 1;
+    let expired = call(&b.conn, PrepareReceive { ticket: old })
+        .await
+        .unwrap_err();
+    assert!(expired.to_string().contains("expired"), "{expired}");
+
+    // A corrupt chunk on the wire is caught, asked again, and the copy still verifies.
+    let t = ticket(&vm2, &c, &b, 5);
+    call(&b.conn, PrepareReceive { ticket: t.clone() })
+        .await
+        .unwrap();
+    c.agent.corrupt_next_sent_chunk();
+    let report = send(&c, &b, t).await.unwrap();
+    assert!(report.resent_chunks >= 1, "{report:?}");
+    assert_eq!(
+        std::fs::read(b.disk(&vm2)).unwrap(),
+        std::fs::read(c.disk(&vm2)).unwrap()
+    );
+
+    // A transfer cut after half its chunks goes on from there, never from zero.
+    let vm3 = VmName::new("resumed").unwrap();
+    write_image(&a.disk(&vm3), 7);
+    {
+        let src = std::fs::File::open(a.disk(&vm3)).unwrap();
+        let chunks = chunks_of(&allocated_extents(&src).unwrap());
+        let disks = b.disk(&vm3).parent().unwrap().to_path_buf();
+        let mut rx = Receiving::open(&disks, &Storage::disk_file_name(&vm3), 64 << 20).unwrap();
+        for &(offset, len) in &chunks[..chunks.len() / 2] {
+            let (data, record) = read_chunk(&src, offset, len).unwrap();
+            rx.write_chunk(record, &data).unwrap();
+        }
+        rx.checkpoint().unwrap();
+    }
+    let t = ticket(&vm3, &a, &c, 6);
+    // The target is b: the half-done files are b's.
+    let t = TransferTicket {
+        target: b.agent.host_id.clone(),
+        ..t
+    };
+    call(&b.conn, PrepareReceive { ticket: t.clone() })
+        .await
+        .unwrap();
+    let report = send(&a, &b, t).await.unwrap();
+    assert!(report.resumed_from > 0, "{report:?}");
+    assert!(report.sent_bytes < report.allocated_bytes, "{report:?}");
+    assert_eq!(
+        std::fs::read(b.disk(&vm3)).unwrap(),
+        std::fs::read(a.disk(&vm3)).unwrap()
+    );
+}
