@@ -18,6 +18,8 @@ pub enum StorageError {
     BadTemplate { name: TemplateName, message: String },
     #[error("a disk for {0} already exists")]
     DiskExists(VmName),
+    #[error("disk {0} is not here (it has not arrived)")]
+    MissingDisk(String),
     #[error("{action} {path} failed")]
     Io {
         action: &'static str,

@@ -30,6 +30,8 @@ pub mod features {
     pub const READINESS: &str = "readiness";
     /// `PrepareReceive`, `SendDisk`: disks streamed agent to agent (`dunes-transfer/1`).
     pub const DISK_TRANSFER: &str = "disk-transfer";
+    /// `ExportVm`, `ImportVm`, `HashDisk`, `DiscardDisk`: what a migration needs of each end.
+    pub const MIGRATION: &str = "migration";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -38,6 +40,7 @@ pub mod features {
         CERT_RENEWAL,
         READINESS,
         DISK_TRANSFER,
+        MIGRATION,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[];
@@ -280,6 +283,31 @@ pub struct SendReport {
     pub digest: String,
 }
 
+/// A VM's portable definition (its record, naming disks by file name only), for another agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportVm {
+    pub name: VmName,
+}
+
+/// Defines a VM from another agent's portable definition, over disks that arrived already.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportVm {
+    pub record: String,
+}
+
+/// The image digest of a VM's disk as it is on this host, in hex (as `SendReport::digest`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HashDisk {
+    pub name: VmName,
+}
+
+/// Removes what a transfer of this VM's disk left here (partial files, or the disk of a VM
+/// that was never defined here): a rolled-back migration's target. Refused for a defined VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiscardDisk {
+    pub name: VmName,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -298,6 +326,10 @@ pub enum Request {
     CheckReady(CheckReady),
     PrepareReceive(PrepareReceive),
     SendDisk(SendDisk),
+    ExportVm(ExportVm),
+    ImportVm(ImportVm),
+    HashDisk(HashDisk),
+    DiscardDisk(DiscardDisk),
 }
 
 impl Request {
@@ -318,6 +350,10 @@ impl Request {
             Request::CheckReady(_) => CheckReady::KIND,
             Request::PrepareReceive(_) => PrepareReceive::KIND,
             Request::SendDisk(_) => SendDisk::KIND,
+            Request::ExportVm(_) => ExportVm::KIND,
+            Request::ImportVm(_) => ImportVm::KIND,
+            Request::HashDisk(_) => HashDisk::KIND,
+            Request::DiscardDisk(_) => DiscardDisk::KIND,
         }
     }
 }
@@ -363,6 +399,10 @@ rpc! {
     CheckReady => ReadyReply, Some(features::READINESS), "check-ready";
     PrepareReceive => (), Some(features::DISK_TRANSFER), "prepare-receive";
     SendDisk => SendReport, Some(features::DISK_TRANSFER), "send-disk";
+    ExportVm => String, Some(features::MIGRATION), "export-vm";
+    ImportVm => VmStatus, Some(features::MIGRATION), "import-vm";
+    HashDisk => String, Some(features::MIGRATION), "hash-disk";
+    DiscardDisk => (), Some(features::MIGRATION), "discard-disk";
 }
 
 /// What an agent pushes on its event stream.
@@ -574,6 +614,22 @@ mod tests {
                     "81ae507265706172655265636569766581a67469636b657485a26964a26162a2766da161a6736f75",
                     "726365a161a6746172676574a162b1657870697265735f756e69785f7365637309",
                 ),
+            ),
+            (
+                Request::ExportVm(ExportVm { name: name() }),
+                "81a84578706f7274566d81a46e616d65a161",
+            ),
+            (
+                Request::ImportVm(ImportVm { record: "r".into() }),
+                "81a8496d706f7274566d81a67265636f7264a172",
+            ),
+            (
+                Request::HashDisk(HashDisk { name: name() }),
+                "81a8486173684469736b81a46e616d65a161",
+            ),
+            (
+                Request::DiscardDisk(DiscardDisk { name: name() }),
+                "81ab446973636172644469736b81a46e616d65a161",
             ),
             (
                 Request::SendDisk(SendDisk {

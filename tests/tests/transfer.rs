@@ -22,9 +22,13 @@ use dunes_console::engine::{
     enroll::{EnrollPolicy, enroll},
 };
 use dunes_shared::{
-    model::{HostId, VmName},
+    model::{HostId, RuntimeKind, VmName},
+    model::{TemplateName, VmSpec},
     pki,
-    protocol::{Hello, PrepareReceive, SendDisk, SendReport},
+    protocol::{
+        CreateVm, DiscardDisk, ExportVm, HashDisk, Hello, ImportVm, ListVms, PrepareReceive,
+        SendDisk, SendReport,
+    },
     rpc::{CallError, call},
     transfer::TransferTicket,
 };
@@ -37,10 +41,18 @@ struct Host {
 
 async fn host(dir: &Path, id: &str, console: &ConsolePki, endpoint: &quinn::Endpoint) -> Host {
     let data_dir = dir.join(id);
+    // A test driver of its own: `test:///default` is one state shared by the whole process.
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let node = data_dir.join("node.xml");
+    std::fs::write(
+        &node,
+        "<node>\n  <cpu><mhz>2600</mhz><model>t</model><nodes>1</nodes><sockets>1</sockets><cores>8</cores><threads>1</threads></cpu>\n  <memory>16777216</memory>\n</node>\n",
+    )
+    .unwrap();
     let agent = RunningAgent::start(AgentOptions {
         data_dir: data_dir.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        libvirt_uri: "test:///default".into(),
+        libvirt_uri: format!("test://{}", node.display()),
         config: AgentConfig {
             host_id: Some(HostId::new(id).unwrap()),
             ..AgentConfig::default()
@@ -267,4 +279,64 @@ async fn disks_move_only_with_a_ticket_sparse_verified_resumed_and_checked() {
         std::fs::read(b.disk(&vm3)).unwrap(),
         std::fs::read(a.disk(&vm3)).unwrap()
     );
+
+    // What a migration does with them: a defined VM's disk sent, its digest the same on both
+    // ends, its portable definition exported and imported, the same VM (same UUID) there.
+    let vm4 = VmName::new("migrant").unwrap();
+    let created = call(
+        &a.conn,
+        CreateVm {
+            spec: VmSpec {
+                name: vm4.clone(),
+                template: TemplateName::new("tiny").unwrap(),
+                vcpus: Some(1),
+                memory_mib: Some(64),
+            },
+            start: false,
+            runtime: RuntimeKind::Libvirt,
+        },
+    )
+    .await
+    .unwrap();
+    let t = ticket(&vm4, &a, &b, 7);
+    call(&b.conn, PrepareReceive { ticket: t.clone() })
+        .await
+        .unwrap();
+    let report = send(&a, &b, t).await.unwrap();
+    for side in [&a, &b] {
+        let digest = call(&side.conn, HashDisk { name: vm4.clone() })
+            .await
+            .unwrap();
+        assert_eq!(digest, report.digest);
+    }
+    let record = call(&a.conn, ExportVm { name: vm4.clone() }).await.unwrap();
+    assert!(
+        !record.contains(a.data_dir.to_str().unwrap()),
+        "no path of the source"
+    );
+    let imported = call(
+        &b.conn,
+        ImportVm {
+            record: record.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(imported.uuid, created.uuid);
+    let listed = call(&b.conn, ListVms).await.unwrap();
+    assert!(listed.iter().any(|v| v.name == vm4));
+    // A defined VM's disk is not discarded; an undefined one's is.
+    let refused = call(&b.conn, DiscardDisk { name: vm4.clone() })
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("delete the VM instead"),
+        "{refused}"
+    );
+    let again = call(&b.conn, ImportVm { record }).await.unwrap_err();
+    assert!(again.to_string().contains("already exists"), "{again}");
+    call(&b.conn, DiscardDisk { name: vm.clone() })
+        .await
+        .unwrap();
+    assert!(!b.disk(&vm).exists());
 }

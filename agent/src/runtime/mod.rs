@@ -116,6 +116,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// Asks the workload to stop and forces it after `timeout_secs`, or at once with `force`.
     fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus>;
     fn delete(&self, name: VmName) -> RuntimeFuture<'_, ()>;
+    /// Defines a workload from a portable definition another agent exported, over a disk
+    /// that has arrived already (a migration). Not every runtime can.
+    fn import(&self, record: String) -> RuntimeFuture<'_, VmStatus> {
+        let _ = record;
+        Box::pin(async { Err(RuntimeError::NoRuntime("imported definitions")) })
+    }
     /// Whether the workload is ready for the applications that depend on it.
     fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply>;
     /// The stream of status changes.

@@ -9,9 +9,9 @@ use dunes_shared::{
     model::VmStatus,
     pki,
     protocol::{
-        CheckReady, CreateVm, DeleteVm, ErrorCode, Hello, HelloReply, ListTemplates, ListVms,
-        PrepareReceive, RenewBegin, RenewBeginReply, RenewFinish, Request, SendDisk, StartVm,
-        StopVm, WireError, codes, features,
+        CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm, HashDisk, Hello,
+        HelloReply, ImportVm, ListTemplates, ListVms, PrepareReceive, RenewBegin, RenewBeginReply,
+        RenewFinish, Request, SendDisk, StartVm, StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -217,6 +217,28 @@ async fn dispatch(
         }
         Request::SendDisk(request) => {
             encode_reply::<SendDisk>(super::transfer::send(shared, request).await)
+        }
+        Request::ExportVm(ExportVm { name }) => {
+            encode_reply::<ExportVm>(match shared.storage.definition(&name) {
+                Ok(Some(record)) => Ok(record),
+                Ok(None) => Err(WireError::new(
+                    ErrorCode::NotFound,
+                    format!("VM {name} has no portable definition on this host"),
+                )),
+                Err(e) => Err(WireError::new(ErrorCode::Storage, error_chain(&e))),
+            })
+        }
+        Request::ImportVm(ImportVm { record }) => {
+            encode_reply::<ImportVm>(match runtime(dunes_shared::model::RuntimeKind::Libvirt) {
+                Ok(rt) => rt.import(record).await.map_err(|e| e.to_wire()),
+                Err(e) => Err(e.to_wire()),
+            })
+        }
+        Request::HashDisk(HashDisk { name }) => {
+            encode_reply::<HashDisk>(super::transfer::hash_disk(shared, name).await)
+        }
+        Request::DiscardDisk(DiscardDisk { name }) => {
+            encode_reply::<DiscardDisk>(super::transfer::discard(shared, name).await)
         }
         Request::DeleteVm(DeleteVm {
             name,

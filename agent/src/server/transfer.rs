@@ -19,7 +19,7 @@ use super::{Shared, lock};
 use crate::{
     storage::Storage,
     transfer::{
-        extents::ChunkRecord,
+        extents::{ChunkRecord, allocated_extents, chunks_of, image_digest, read_chunk},
         receive::{ReceiveError, Receiving},
         send::{SendJob, send_disk},
     },
@@ -124,6 +124,51 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
     )
     .await
     .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))
+}
+
+/// `HashDisk`: the image digest of a VM's disk here, read from disk.
+pub(super) async fn hash_disk(
+    shared: &Arc<Shared>,
+    name: dunes_shared::model::VmName,
+) -> Result<String, WireError> {
+    let path = shared.storage.disk_file(&Storage::disk_file_name(&name));
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path).map_err(|e| {
+            WireError::new(
+                ErrorCode::NotFound,
+                format!("VM {name} has no disk here: {e}"),
+            )
+        })?;
+        let storage_err = |e: std::io::Error| WireError::new(ErrorCode::Storage, e.to_string());
+        let size = file.metadata().map_err(storage_err)?.len();
+        let mut records = Vec::new();
+        for (offset, len) in chunks_of(&allocated_extents(&file).map_err(storage_err)?) {
+            records.push(read_chunk(&file, offset, len).map_err(storage_err)?.1);
+        }
+        Ok(hex::encode(image_digest(size, &records)))
+    })
+    .await
+    .unwrap_or_else(|_| Err(WireError::new(ErrorCode::Internal, "the hash stopped")))
+}
+
+/// `DiscardDisk`: what a transfer left for a VM that is not defined here.
+pub(super) async fn discard(
+    shared: &Arc<Shared>,
+    name: dunes_shared::model::VmName,
+) -> Result<(), WireError> {
+    if shared.storage.definition(&name).ok().flatten().is_some() {
+        return Err(WireError::new(
+            ErrorCode::Conflict,
+            format!("VM {name} is defined here: delete the VM instead"),
+        ));
+    }
+    let file_name = Storage::disk_file_name(&name);
+    Receiving::abandon(&shared.storage.disks_dir(), &file_name);
+    match std::fs::remove_file(shared.storage.disk_file(&file_name)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(WireError::new(ErrorCode::Storage, e.to_string())),
+    }
 }
 
 fn peer_host(shared: &Shared, conn: &quinn::Connection) -> Option<dunes_shared::model::HostId> {

@@ -327,6 +327,15 @@ impl Runtime for LibvirtRuntime {
         })
     }
 
+    fn import(&self, record: String) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(async move {
+            let def = VmDefinition::from_toml(&record)?;
+            def.validate()?;
+            let _vm = self.lock_vm(&def.name).await;
+            self.call(move |i| i.import(&def)).await
+        })
+    }
+
     fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus> {
         Box::pin(self.stop_vm(name, force, timeout_secs))
     }
@@ -491,12 +500,39 @@ impl Inner {
         Ok(template)
     }
 
+    /// Defines a VM another agent exported, over disks that arrived already; a failure keeps
+    /// the disks (the migration decides what becomes of them).
+    fn import(&self, def: &VmDefinition) -> Result<VmStatus, RuntimeError> {
+        if self.conn.lookup_domain_by_name(def.name.as_str()).is_ok() {
+            return Err(RuntimeError::AlreadyExists(def.name.clone()));
+        }
+        for disk in &def.disks {
+            if !self.storage.disk_file(&disk.file).exists() {
+                return Err(RuntimeError::Storage(
+                    crate::storage::StorageError::MissingDisk(disk.file.clone()),
+                ));
+            }
+        }
+        self.define_with(def, false, false)
+    }
+
     /// Keeps the record, then defines (and maybe starts) a VM whose disk is in place; undoes
     /// both, and removes the disk, when the definition fails.
     fn define(&self, def: &VmDefinition, start: bool) -> Result<VmStatus, RuntimeError> {
+        self.define_with(def, start, true)
+    }
+
+    fn define_with(
+        &self,
+        def: &VmDefinition,
+        start: bool,
+        remove_disk_on_failure: bool,
+    ) -> Result<VmStatus, RuntimeError> {
         let undo = |storage: &Storage| {
             let _ = storage.delete_definition(&def.name);
-            let _ = storage.delete_disk(&def.name);
+            if remove_disk_on_failure {
+                let _ = storage.delete_disk(&def.name);
+            }
         };
         let xml = match def.domain_xml(self.domain_type, &self.storage) {
             Ok(xml) => xml,
