@@ -68,6 +68,11 @@ pub enum CtlCommand {
     Vm(VmCommand),
     /// List services: status, applications and cost per hour.
     Services,
+    /// List migrations, running and finished, with their step, bytes and error.
+    Migrations,
+    /// Cancel a migration (rolled back: the VM runs on its source again).
+    #[command(subcommand)]
+    Migration(MigrationCommand),
     /// Define, plan and remove services of several applications.
     #[command(subcommand)]
     Service(ServiceCommand),
@@ -124,6 +129,12 @@ pub enum ServiceCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum MigrationCommand {
+    /// Stop a migration that is not confirmed yet and roll it back.
+    Cancel { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HostCommand {
     /// Show the key fingerprint the agent at ADDR presents, without enrolling it.
     Probe {
@@ -174,6 +185,15 @@ pub enum VmCommand {
     },
     /// Delete a stopped VM and its disks.
     Delete { vm: String },
+    /// Move a VM to another host, cold: stopped, its disk streamed and verified, defined and
+    /// started there, and only then deleted here. Returns once the migration has started;
+    /// `migrations` follows it.
+    Migrate {
+        vm: String,
+        /// The host it goes to.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 fn init_tracing() {
@@ -477,6 +497,14 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             force: *force,
         },
         CtlCommand::Vm(VmCommand::Delete { vm }) => CtlRequest::VmDelete { vm: vm.clone() },
+        CtlCommand::Vm(VmCommand::Migrate { vm, to }) => CtlRequest::VmMigrate {
+            vm: vm.clone(),
+            to: to.clone(),
+        },
+        CtlCommand::Migrations => CtlRequest::Migrations,
+        CtlCommand::Migration(MigrationCommand::Cancel { id }) => {
+            CtlRequest::MigrationCancel { id: *id }
+        }
     })
 }
 
@@ -617,6 +645,32 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
                 text(&data["fingerprint"])
             )
         }
+        CtlCommand::Migrations => table(
+            &["ID", "VM", "FROM", "TO", "STATE", "BYTES", "ERROR"],
+            items
+                .iter()
+                .map(|m| {
+                    vec![
+                        text(&m["id"]),
+                        text(&m["vm"]),
+                        text(&m["from"]),
+                        text(&m["to"]),
+                        text(&m["state"]),
+                        format!("{}/{}", text(&m["bytes_done"]), text(&m["bytes_total"])),
+                        text(&m["error"]),
+                    ]
+                })
+                .collect(),
+        ),
+        CtlCommand::Vm(VmCommand::Migrate { .. })
+        | CtlCommand::Migration(MigrationCommand::Cancel { .. }) => format!(
+            "migration {} of {} from {} to {}: {}\n",
+            text(&data["id"]),
+            text(&data["vm"]),
+            text(&data["from"]),
+            text(&data["to"]),
+            text(&data["state"])
+        ),
         CtlCommand::Vm(VmCommand::Delete { .. }) => format!(
             "deleted {} on {}\n",
             text(&data["deleted"]),

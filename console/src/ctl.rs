@@ -67,6 +67,15 @@ pub enum CtlRequest {
     VmDelete {
         vm: String,
     },
+    VmMigrate {
+        /// NAME, or HOST/NAME.
+        vm: String,
+        to: String,
+    },
+    Migrations,
+    MigrationCancel {
+        id: u64,
+    },
     Services,
     ServiceCreate {
         /// The service file's text.
@@ -360,6 +369,23 @@ pub fn plan_json(sp: &ServicePlan) -> Value {
     })
 }
 
+/// A migration as ctl shows it. `rate_bps` is null until transfers report progress while
+/// they run.
+pub fn migration_json(m: &crate::engine::migration::MigrationJournal) -> Value {
+    json!({
+        "id": m.id,
+        "vm": m.vm,
+        "from": m.from,
+        "to": m.to,
+        "state": m.step.as_str(),
+        "bytes_done": m.bytes_done,
+        "bytes_total": m.bytes_total,
+        "rate_bps": Value::Null,
+        "digest": m.digest,
+        "error": m.error,
+    })
+}
+
 /// Every VM, with the service and application it is an instance of, when it is one.
 fn all_vms(snap: &Snapshot) -> Vec<Value> {
     snap.hosts
@@ -601,6 +627,35 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 "host": instance.host,
                 "vm": instance.vm,
             }))
+        }
+        CtlRequest::VmMigrate { vm, to } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let to = HostId::new(to).map_err(|e| e.to_string())?;
+            let journal = engine
+                .request(|reply| Command::MigrateVm {
+                    host,
+                    vm: found.name,
+                    to,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(migration_json(&journal))
+        }
+        CtlRequest::Migrations => Ok(Value::Array(
+            engine
+                .snapshot()
+                .migrations
+                .iter()
+                .map(migration_json)
+                .collect(),
+        )),
+        CtlRequest::MigrationCancel { id } => {
+            let journal = engine
+                .request(|reply| Command::CancelMigration { id, reply })
+                .await
+                .map_err(engine_err)?;
+            Ok(migration_json(&journal))
         }
         CtlRequest::VmDelete { vm } => {
             let (host, found) = engine.snapshot().find_vm(&vm)?;

@@ -936,3 +936,109 @@ fn a_service_is_deployed_started_degraded_stopped_and_deleted() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Waits for migration `id` to end and returns it.
+fn migration_end(data: &std::path::Path, id: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let all = json(&ctl(data, &["--json", "migrations"]));
+        let m = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .cloned()
+            .unwrap();
+        if m["state"] == "source-deleted" || m["state"] == "rolled-back" {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `vm migrate` on the demo: a VM made by Dunes ends on the other host, one the demo declared
+/// without a disk rolls back and says why, and `migrations` tells the story.
+#[test]
+fn a_vm_is_migrated_from_ctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo(dir.path());
+    json(&ctl(
+        &data,
+        &[
+            "--json",
+            "vm",
+            "create",
+            "--name",
+            "mover",
+            "--template",
+            "tiny",
+            "--host",
+            "lsn-1",
+            "--start",
+        ],
+    ));
+    let started = json(&ctl(
+        &data,
+        &["--json", "vm", "migrate", "lsn-1/mover", "--to", "lsn-2"],
+    ));
+    assert_eq!(started["from"], "lsn-1");
+    assert_eq!(started["to"], "lsn-2");
+    let id = started["id"].as_u64().unwrap();
+    let done = migration_end(&data, id);
+    assert_eq!(done["state"], "source-deleted", "{done}");
+    for field in ["bytes_done", "bytes_total", "rate_bps", "error", "vm"] {
+        assert!(done.get(field).is_some(), "{field}");
+    }
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let on = |name: &str| -> Vec<String> {
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["name"] == name)
+            .map(|v| {
+                format!(
+                    "{}:{}",
+                    v["host"].as_str().unwrap(),
+                    v["state"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    assert_eq!(on("mover"), ["lsn-2:running"]);
+    let out = ctl(&data, &["migration", "cancel", &id.to_string()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too late to cancel"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The demo's own VMs have no disk of Dunes's: the migration rolls back, saying so.
+    let started = json(&ctl(
+        &data,
+        &["--json", "vm", "migrate", "lsn-1/shop-db", "--to", "lsn-2"],
+    ));
+    let back = migration_end(&data, started["id"].as_u64().unwrap());
+    assert_eq!(back["state"], "rolled-back", "{back}");
+    assert!(
+        back["error"]
+            .as_str()
+            .unwrap()
+            .contains("has no disk on this host"),
+        "{back}"
+    );
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let shop_db: Vec<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == "shop-db")
+        .map(|v| v["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(shop_db, ["lsn-1"]);
+    let table = String::from_utf8(ctl(&data, &["migrations"]).stdout).unwrap();
+    assert!(
+        table.contains("source-deleted") && table.contains("rolled-back"),
+        "{table}"
+    );
+}

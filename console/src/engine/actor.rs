@@ -76,6 +76,16 @@ pub(super) struct Actor {
     pub(super) snapshot_tx: watch::Sender<Arc<Snapshot>>,
     pub(super) repaint: Repaint,
     pub(super) version: u64,
+    /// Every migration's journal, by id (finished ones are history).
+    pub(super) migrations: BTreeMap<u64, super::migration::MigrationJournal>,
+    /// Migrations with effects under way.
+    pub(super) migrating: std::collections::BTreeSet<u64>,
+    /// Cancels asked while an effect ran: applied when it ends.
+    pub(super) cancelled: std::collections::BTreeSet<u64>,
+    /// Migrations a restart picked up again.
+    pub(super) resumed: std::collections::BTreeSet<u64>,
+    pub(super) migrations_dirty: bool,
+    pub(super) published_migrations: Arc<Vec<super::migration::MigrationJournal>>,
     /// The last readiness answer of each running instance, by `service/app/index`.
     pub(super) readiness: BTreeMap<String, super::readiness::LastCheck>,
     /// Instances with a readiness check under way.
@@ -102,7 +112,10 @@ impl Actor {
         readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = readiness.tick() => self.check_readiness(),
+                _ = readiness.tick() => {
+                    self.check_readiness();
+                    self.retry_migrations();
+                }
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => break,

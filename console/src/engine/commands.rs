@@ -168,6 +168,13 @@ impl Actor {
                 reply,
             } => self.deploy_service(&name, fingerprint, &overrides, reply),
             Command::StartService { name, reply } => self.start_service(&name, reply),
+            Command::MigrateVm {
+                host,
+                vm,
+                to,
+                reply,
+            } => self.migrate_vm(&host, &vm, &to, reply),
+            Command::CancelMigration { id, reply } => self.cancel_migration(id, reply),
             Command::AdoptVm {
                 service,
                 app,

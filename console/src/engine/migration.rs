@@ -104,10 +104,16 @@ pub struct MigrationJournal {
     pub error: Option<String>,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// The transfer's ticket, made before the transfer starts and kept for its retries.
+    pub ticket: Option<String>,
+    /// The image digest the target verified, in hex.
+    pub digest: Option<String>,
+    pub started_ms: u64,
+    pub updated_ms: u64,
 }
 
 /// A side effect for the driver: each can be carried out again with the same result.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
     /// Stop the VM on the source: gracefully, then forced after the timeout.
     StopSource,
@@ -234,6 +240,10 @@ mod tests {
             error: None,
             bytes_done: 0,
             bytes_total: 0,
+            ticket: None,
+            digest: None,
+            started_ms: 0,
+            updated_ms: 0,
         }
     }
 

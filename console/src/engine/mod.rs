@@ -12,6 +12,7 @@ mod gate;
 mod hosts;
 pub mod link;
 pub mod migration;
+mod migrations;
 pub mod notify;
 pub mod placement;
 mod publish;
@@ -188,6 +189,18 @@ pub enum Command {
         host: HostId,
         vm: VmName,
         reply: Reply<InstanceRecord>,
+    },
+    /// A cold migration of a VM to another host: journaled, verified, rolled back on failure.
+    MigrateVm {
+        host: HostId,
+        vm: VmName,
+        to: HostId,
+        reply: Reply<migration::MigrationJournal>,
+    },
+    /// Stops a migration and rolls it back, if it is not confirmed yet.
+    CancelMigration {
+        id: u64,
+        reply: Reply<migration::MigrationJournal>,
     },
     /// A dry run: where every instance would go, and why hosts were left out.
     PlanService {
@@ -383,6 +396,16 @@ pub async fn start_with(
         notices: notify::start(&options.desktop_notifications),
         readiness: BTreeMap::new(),
         checking: Default::default(),
+        migrations: loaded
+            .migrations
+            .iter()
+            .map(|m| (m.id, m.clone()))
+            .collect(),
+        migrating: Default::default(),
+        cancelled: Default::default(),
+        resumed: Default::default(),
+        migrations_dirty: true,
+        published_migrations: Arc::new(Vec::new()),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
     for (host, vm) in loaded.vms {

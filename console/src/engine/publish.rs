@@ -80,6 +80,11 @@ impl Actor {
             self.services_dirty = false;
             changed = true;
         }
+        if self.migrations_dirty {
+            self.published_migrations = Arc::new(self.migrations.values().cloned().collect());
+            self.migrations_dirty = false;
+            changed = true;
+        }
         if self.events_dirty {
             self.published_events = Arc::new(self.events.iter().cloned().collect());
             self.events_dirty = false;
@@ -97,6 +102,7 @@ impl Actor {
             hosts,
             events: self.published_events.clone(),
             services: self.published_services.clone(),
+            migrations: self.published_migrations.clone(),
             version: self.version,
         }));
         if let Some(repaint) = self

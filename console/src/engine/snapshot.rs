@@ -83,6 +83,8 @@ pub struct Snapshot {
     pub events: Arc<Vec<EventRecord>>,
     /// Sorted by name.
     pub services: Arc<Vec<Arc<super::ServiceView>>>,
+    /// Every migration, by id.
+    pub migrations: Arc<Vec<super::migration::MigrationJournal>>,
     /// Bumped on every publish.
     pub version: u64,
 }

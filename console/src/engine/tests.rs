@@ -824,3 +824,199 @@ async fn readiness_is_checked_again_while_a_service_runs() {
         .await;
     assert!(back.is_ok(), "still {}", status(&engine));
 }
+
+async fn second_host(engine: &EngineHandle, agent: &RunningAgent) {
+    engine
+        .request(|reply| Command::AddHost {
+            address: agent.local_addr.to_string(),
+            token: agent.join_token.clone().unwrap(),
+            expected_fingerprint: Some(agent.fingerprint),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    let host = agent.host_id.clone();
+    engine
+        .wait_for(Duration::from_secs(20), |s| {
+            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+        })
+        .await
+        .expect("the host comes online");
+}
+
+fn disk_of(dir: &Path, host: &str, vm: &str) -> std::path::PathBuf {
+    dir.join(host)
+        .canonicalize()
+        .unwrap()
+        .join("storage/disks")
+        .join(format!("{vm}.img"))
+}
+
+async fn migration_ends(
+    engine: &EngineHandle,
+    id: u64,
+) -> crate::engine::migration::MigrationJournal {
+    let snap = engine
+        .wait_for(Duration::from_secs(60), |s| {
+            s.migrations
+                .iter()
+                .any(|m| m.id == id && m.step.is_finished())
+        })
+        .await
+        .unwrap_or_else(|s| panic!("migration {id} never ended: {:?}", s.migrations));
+    snap.migrations
+        .iter()
+        .find(|m| m.id == id)
+        .cloned()
+        .unwrap()
+}
+
+/// A running VM moves with its disk: stopped, streamed, verified, defined and started on the
+/// target, and only then deleted on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_migrates_cold_with_its_disk_and_the_source_goes_last() {
+    use crate::engine::migration::MigrationStep;
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let a = agent(dir.path(), "mig-a").await;
+    let b = agent(dir.path(), "mig-b").await;
+    let engine = engine_with(dir.path(), &a).await;
+    second_host(&engine, &b).await;
+    let created = engine
+        .request(|reply| Command::CreateVm {
+            host: a.host_id.clone(),
+            spec: spec("mover"),
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    // What the guest wrote: it must be read back on the target.
+    let written = b"written before the migration";
+    {
+        let mut disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(disk_of(dir.path(), "mig-a", "mover"))
+            .unwrap();
+        disk.seek(SeekFrom::Start(3 << 20)).unwrap();
+        disk.write_all(written).unwrap();
+        disk.sync_all().unwrap();
+    }
+    let journal = engine
+        .request(|reply| Command::MigrateVm {
+            host: a.host_id.clone(),
+            vm: VmName::new("mover").unwrap(),
+            to: b.host_id.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(journal.step, MigrationStep::Stopping);
+    let done = migration_ends(&engine, journal.id).await;
+    assert_eq!(done.step, MigrationStep::SourceDeleted, "{done:?}");
+    assert!(done.digest.is_some() && done.bytes_total > 0, "{done:?}");
+    let snap = engine
+        .wait_for(Duration::from_secs(10), |s| {
+            s.host(&a.host_id)
+                .is_some_and(|h| h.vm(&VmName::new("mover").unwrap()).is_none())
+                && s.host(&b.host_id).is_some_and(|h| {
+                    h.vm(&VmName::new("mover").unwrap())
+                        .is_some_and(|v| v.state == VmState::Running)
+                })
+        })
+        .await
+        .expect("the VM runs on the target only");
+    let moved = snap
+        .host(&b.host_id)
+        .unwrap()
+        .vm(&VmName::new("mover").unwrap())
+        .cloned()
+        .unwrap();
+    assert_eq!(moved.uuid, created.uuid, "the same VM");
+    let copy = std::fs::read(disk_of(dir.path(), "mig-b", "mover")).unwrap();
+    assert_eq!(&copy[3 << 20..(3 << 20) + written.len()], written);
+    assert!(!disk_of(dir.path(), "mig-a", "mover").exists());
+    // Every step is an event.
+    let said: Vec<String> = snap.events.iter().map(|e| e.message.clone()).collect();
+    for step in [
+        "transferring",
+        "verifying",
+        "defining",
+        "starting",
+        "confirmed",
+        "source-deleted",
+    ] {
+        assert!(
+            said.iter()
+                .any(|m| m.ends_with(&format!("of mover: {step}"))),
+            "{step}: {said:?}"
+        );
+    }
+}
+
+/// A migration the target refuses rolls back: the VM runs on the source again, and the
+/// target keeps nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_migration_rolls_back_to_the_source() {
+    use crate::engine::migration::MigrationStep;
+    let dir = tempfile::tempdir().unwrap();
+    let a = agent(dir.path(), "back-a").await;
+    let b = agent(dir.path(), "back-b").await;
+    let engine = engine_with(dir.path(), &a).await;
+    second_host(&engine, &b).await;
+    engine
+        .request(|reply| Command::CreateVm {
+            host: a.host_id.clone(),
+            spec: spec("stuck"),
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    // The target cannot write the transfer's file: a directory is in the way.
+    let in_the_way = disk_of(dir.path(), "back-b", "stuck").with_extension("img.transfer");
+    std::fs::create_dir_all(&in_the_way).unwrap();
+    let journal = engine
+        .request(|reply| Command::MigrateVm {
+            host: a.host_id.clone(),
+            vm: VmName::new("stuck").unwrap(),
+            to: b.host_id.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    let done = migration_ends(&engine, journal.id).await;
+    assert_eq!(done.step, MigrationStep::RolledBack, "{done:?}");
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap()
+            .starts_with("transferring failed"),
+        "{done:?}"
+    );
+    engine
+        .wait_for(Duration::from_secs(10), |s| {
+            s.host(&a.host_id).is_some_and(|h| {
+                h.vm(&VmName::new("stuck").unwrap())
+                    .is_some_and(|v| v.state == VmState::Running)
+            }) && s
+                .host(&b.host_id)
+                .is_some_and(|h| h.vm(&VmName::new("stuck").unwrap()).is_none())
+        })
+        .await
+        .expect("back on the source, running");
+    assert!(disk_of(dir.path(), "back-a", "stuck").exists());
+    assert!(!disk_of(dir.path(), "back-b", "stuck").exists());
+    // Refused before anything starts: a VM onto its own host, or one that does not exist.
+    let err = engine
+        .request(|reply| Command::MigrateVm {
+            host: a.host_id.clone(),
+            vm: VmName::new("stuck").unwrap(),
+            to: a.host_id.clone(),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "stuck is on back-a already");
+}

@@ -35,6 +35,8 @@ const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 /// Instances of services, by `service/application/index`: written before the VM is created
 /// or removed, so a deploy cut short is known for what it did.
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+/// Migration journals by id; a finished one stays as history.
+const MIGRATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("migrations");
 
 const SCHEMA_KEY: &str = "schema_version";
 /// 1: postcard records of the model types (the first release, no `meta` table).
@@ -132,6 +134,7 @@ pub struct Loaded {
     pub events: Vec<EventRecord>,
     pub services: Vec<ServiceRecord>,
     pub instances: Vec<InstanceRecord>,
+    pub migrations: Vec<crate::engine::migration::MigrationJournal>,
     /// The schema the file had before this open upgraded it, if it did.
     pub upgraded_from: Option<u64>,
 }
@@ -187,6 +190,7 @@ impl InstanceRecord {
 
 enum Op {
     PutInstance(rows::InstanceRow),
+    PutMigration(rows::MigrationRow),
     DeleteInstance(String),
     PutService(rows::ServiceRow),
     DeleteService(String),
@@ -274,6 +278,10 @@ impl Store {
         self.pending
             .push(Op::ReplaceVms(host, vms.iter().map(VmRow::from).collect()));
     }
+    pub fn put_migration(&mut self, journal: &crate::engine::migration::MigrationJournal) {
+        self.pending.push(Op::PutMigration(journal.into()));
+    }
+
     pub fn put_instance(&mut self, instance: &InstanceRecord) {
         self.pending.push(Op::PutInstance(instance.into()));
     }
@@ -354,6 +362,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(EVENTS)?;
     tx.open_table(SERVICES)?;
     tx.open_table(INSTANCES)?;
+    tx.open_table(MIGRATIONS)?;
     if found == 1 {
         upgrade_from_v1(&tx)?;
     }
@@ -454,6 +463,16 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping instance {}: {}", k.value(), error_chain(&e)),
         }
     }
+    for item in tx.open_table(MIGRATIONS)?.iter()? {
+        let (k, v) = item?;
+        match decode::<rows::MigrationRow>(v.value())
+            .map(crate::engine::migration::MigrationJournal::try_from)
+        {
+            Ok(Ok(journal)) => loaded.migrations.push(journal),
+            Ok(Err(e)) => tracing::warn!("skipping migration {}: {e}", k.value()),
+            Err(e) => tracing::warn!("skipping migration {}: {}", k.value(), error_chain(&e)),
+        }
+    }
     let events = tx.open_table(EVENTS)?;
     for item in events.iter()?.rev().take(1000) {
         let (_, v) = item?;
@@ -498,8 +517,12 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut events = tx.open_table(EVENTS)?;
         let mut services = tx.open_table(SERVICES)?;
         let mut instances = tx.open_table(INSTANCES)?;
+        let mut migrations = tx.open_table(MIGRATIONS)?;
         for op in ops {
             match op {
+                Op::PutMigration(row) => {
+                    migrations.insert(row.id, encode(row)?.as_slice())?;
+                }
                 Op::PutInstance(row) => {
                     let key = format!("{}/{}/{}", row.service, row.app, row.index);
                     instances.insert(key.as_str(), encode(row)?.as_slice())?;

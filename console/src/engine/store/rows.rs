@@ -433,3 +433,74 @@ fn runtime_kind(stored: Option<&str>) -> RuntimeKind {
         Some(_) => RuntimeKind::Unknown,
     }
 }
+
+/// A migration's journal as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRow {
+    pub id: u64,
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    /// As [`crate::engine::migration::MigrationStep::as_str`].
+    pub step: String,
+    pub was_running: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default)]
+    pub ticket: Option<String>,
+    #[serde(default)]
+    pub digest: Option<String>,
+    #[serde(default)]
+    pub started_ms: u64,
+    #[serde(default)]
+    pub updated_ms: u64,
+}
+
+impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
+    fn from(j: &crate::engine::migration::MigrationJournal) -> Self {
+        MigrationRow {
+            id: j.id,
+            vm: j.vm.to_string(),
+            from: j.from.to_string(),
+            to: j.to.to_string(),
+            step: j.step.as_str().to_string(),
+            was_running: j.was_running,
+            error: j.error.clone(),
+            bytes_done: j.bytes_done,
+            bytes_total: j.bytes_total,
+            ticket: j.ticket.clone(),
+            digest: j.digest.clone(),
+            started_ms: j.started_ms,
+            updated_ms: j.updated_ms,
+        }
+    }
+}
+
+impl TryFrom<MigrationRow> for crate::engine::migration::MigrationJournal {
+    type Error = RowError;
+    fn try_from(row: MigrationRow) -> Result<Self, RowError> {
+        use crate::engine::migration::MigrationStep;
+        Ok(crate::engine::migration::MigrationJournal {
+            id: row.id,
+            vm: VmName::new(row.vm).map_err(invalid("VM name"))?,
+            from: HostId::new(row.from).map_err(invalid("host id"))?,
+            to: HostId::new(row.to).map_err(invalid("host id"))?,
+            step: MigrationStep::parse(&row.step).ok_or_else(|| RowError {
+                what: "migration step",
+                why: row.step.clone(),
+            })?,
+            was_running: row.was_running,
+            error: row.error,
+            bytes_done: row.bytes_done,
+            bytes_total: row.bytes_total,
+            ticket: row.ticket,
+            digest: row.digest,
+            started_ms: row.started_ms,
+            updated_ms: row.updated_ms,
+        })
+    }
+}

@@ -1,0 +1,450 @@
+//! The migration driver: carries out the effects the state machine in [`super::migration`]
+//! asks for, on the two agents, and feeds their outcomes back. Each new step is written to
+//! the store before its effects run; a host that does not answer leaves the journal waiting
+//! (tried again every few seconds), an agent that refuses rolls the migration back.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dunes_shared::{
+    model::{HostId, RuntimeKind, VmName, VmState},
+    protocol::{
+        DeleteVm, DiscardDisk, ExportVm, HashDisk, ImportVm, PrepareReceive, SendDisk, StartVm,
+        StopVm,
+    },
+    transfer::TransferTicket,
+};
+
+use super::{
+    EngineError, LinkState, Reply,
+    actor::{Actor, Internal, now_ms},
+    client::AgentClient,
+    migration::{Effect, MigrationJournal, MigrationStep, Outcome, advance, resume},
+    store::Level,
+};
+
+/// How long a target holds a ticket.
+const TICKET_SECS: u64 = 3600;
+/// How long a graceful stop of the source may take before it is forced.
+const STOP_TIMEOUT_SECS: u32 = 120;
+
+/// What an effect learned besides its outcome.
+#[derive(Debug, Default)]
+struct Learned {
+    bytes_total: Option<u64>,
+    bytes_done: Option<u64>,
+    digest: Option<String>,
+    /// The VM as the target last reported it.
+    target_vm: Option<dunes_shared::model::VmStatus>,
+}
+
+fn outcome_of(e: EngineError) -> Outcome {
+    match e {
+        EngineError::Unreachable(_) | EngineError::NoAnswer { .. } => {
+            Outcome::Waiting(e.to_string())
+        }
+        other => Outcome::Failed(other.to_string()),
+    }
+}
+
+impl Actor {
+    /// Plans a cold migration of `vm` from `host` to `to`, after checking that it can go.
+    pub(super) fn migrate_vm(
+        &mut self,
+        host: &HostId,
+        vm: &VmName,
+        to: &HostId,
+        reply: Reply<MigrationJournal>,
+    ) {
+        let checked = (|| {
+            if host == to {
+                return Err(format!("{vm} is on {to} already"));
+            }
+            let source = self
+                .hosts
+                .get(host)
+                .ok_or_else(|| format!("host {host} is not enrolled"))?;
+            let status = source
+                .view
+                .vm(vm)
+                .ok_or_else(|| format!("host {host} has no VM {vm}"))?;
+            if status.runtime != RuntimeKind::Libvirt {
+                return Err(format!("{vm} is a process instance; only VMs migrate"));
+            }
+            let target = self
+                .hosts
+                .get(to)
+                .ok_or_else(|| format!("host {to} is not enrolled"))?;
+            if target.view.link != LinkState::Online || source.view.link != LinkState::Online {
+                return Err("both hosts must be online to start a migration".to_string());
+            }
+            if target.view.vm(vm).is_some() {
+                return Err(format!("{to} already has a VM named {vm}"));
+            }
+            if let Some(m) = self
+                .migrations
+                .values()
+                .find(|m| &m.vm == vm && !m.step.is_finished())
+            {
+                return Err(format!("{vm} is migrating already (migration {})", m.id));
+            }
+            // A service's rule that it never relocates holds here too.
+            for instance in self.instances.values() {
+                if &instance.host == host
+                    && &instance.vm == vm
+                    && self
+                        .services
+                        .get(&instance.service)
+                        .and_then(|s| s.spec.as_ref().ok())
+                        .is_some_and(|spec| spec.rules.never_relocate.contains(&instance.app))
+                {
+                    return Err(format!(
+                        "{vm} is {}-{} of service {}, which never relocates",
+                        instance.app, instance.index, instance.service
+                    ));
+                }
+            }
+            Ok(status.state.is_active())
+        })();
+        let was_running = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply.send(Err(EngineError::Invalid(e)));
+                return;
+            }
+        };
+        let id = self.migrations.keys().next_back().map_or(1, |k| k + 1);
+        let now = now_ms();
+        let planned = MigrationJournal {
+            id,
+            vm: vm.clone(),
+            from: host.clone(),
+            to: to.clone(),
+            step: MigrationStep::Planned,
+            was_running,
+            error: None,
+            bytes_done: 0,
+            bytes_total: 0,
+            ticket: None,
+            digest: None,
+            started_ms: now,
+            updated_ms: now,
+        };
+        let (journal, effects) = advance(&planned, Outcome::Done);
+        self.log(
+            Level::Info,
+            Some(host.clone()),
+            format!("migration {id}: {vm} from {host} to {to}"),
+        );
+        self.commit_migration(journal.clone(), effects);
+        self.reply_after_commit(reply, journal);
+    }
+
+    /// Asks a migration to stop and roll back (before it is confirmed).
+    pub(super) fn cancel_migration(&mut self, id: u64, reply: Reply<MigrationJournal>) {
+        let Some(journal) = self.migrations.get(&id).cloned() else {
+            let _ = reply.send(Err(EngineError::Invalid(format!("no migration {id}"))));
+            return;
+        };
+        if journal.step.is_committed() || journal.step.is_finished() {
+            let _ = reply.send(Err(EngineError::Invalid(format!(
+                "migration {id} is {}: too late to cancel",
+                journal.step.as_str()
+            ))));
+            return;
+        }
+        if self.migrating.contains(&id) {
+            // Applied when the running effect ends.
+            self.cancelled.insert(id);
+            let _ = reply.send(Ok(journal));
+            return;
+        }
+        let (next, effects) = advance(&journal, Outcome::Cancelled);
+        self.commit_migration(next.clone(), effects);
+        self.reply_after_commit(reply, next);
+    }
+
+    /// Writes the journal, then (once committed) runs its effects.
+    fn commit_migration(&mut self, mut journal: MigrationJournal, effects: Vec<Effect>) {
+        journal.updated_ms = now_ms();
+        if journal.step == MigrationStep::Transferring && journal.ticket.is_none() {
+            let mut id = [0u8; 16];
+            dunes_shared::pki::fill_random(&mut id);
+            journal.ticket = Some(id.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        let changed = self
+            .migrations
+            .get(&journal.id)
+            .map(|j| (j.step, j.error.clone()));
+        if changed != Some((journal.step, journal.error.clone())) {
+            let level = if journal.error.is_some() {
+                Level::Warning
+            } else {
+                Level::Info
+            };
+            let why = journal
+                .error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" ({e})"));
+            self.log(
+                level,
+                Some(journal.from.clone()),
+                format!(
+                    "migration {} of {}: {}{why}",
+                    journal.id,
+                    journal.vm,
+                    journal.step.as_str()
+                ),
+            );
+        }
+        self.store.put_migration(&journal);
+        self.migrations.insert(journal.id, journal.clone());
+        self.migrations_dirty = true;
+        if effects.is_empty() {
+            return;
+        }
+        self.migrating.insert(journal.id);
+        let clients = (self.client(&journal.from), self.client(&journal.to));
+        let target_address = self
+            .hosts
+            .get(&journal.to)
+            .map(|h| h.view.record.address.clone())
+            .unwrap_or_default();
+        let internal = self.internal_tx.clone();
+        let runtime = tokio::runtime::Handle::current();
+        self.store.after_commit(Box::new(move |committed| {
+            if committed.is_err() {
+                return;
+            }
+            runtime.spawn(async move {
+                let (outcome, learned) =
+                    run_effects(&journal, &effects, clients, &target_address).await;
+                let id = journal.id;
+                let done = move |actor: &mut Actor| actor.migration_outcome(id, outcome, learned);
+                let _ = internal.send(Internal::CallDone(Box::new(done))).await;
+            });
+        }));
+    }
+
+    fn migration_outcome(&mut self, id: u64, outcome: Outcome, learned: Learned) {
+        self.migrating.remove(&id);
+        let Some(mut journal) = self.migrations.get(&id).cloned() else {
+            return;
+        };
+        if let Some(total) = learned.bytes_total {
+            journal.bytes_total = total;
+        }
+        if let Some(done) = learned.bytes_done {
+            journal.bytes_done = done;
+        }
+        if learned.digest.is_some() {
+            journal.digest = learned.digest;
+        }
+        // What the target said is what the fleet shows, before its own event arrives.
+        if let Some(vm) = &learned.target_vm {
+            self.apply_vm(&journal.to, vm);
+        }
+        let outcome = if self.cancelled.remove(&id) && matches!(outcome, Outcome::Done) {
+            Outcome::Cancelled
+        } else {
+            outcome
+        };
+        let (next, effects) = advance(&journal, outcome);
+        if next.step == MigrationStep::SourceDeleted {
+            self.remove_vm(&next.from, &next.vm);
+        }
+        self.commit_migration(next, effects);
+    }
+
+    /// Migrations the last run left open, and those waiting on a host: their step again.
+    pub(super) fn retry_migrations(&mut self) {
+        let open: Vec<MigrationJournal> = self
+            .migrations
+            .values()
+            .filter(|m| !m.step.is_finished() && !self.migrating.contains(&m.id))
+            .filter(|m| {
+                [&m.from, &m.to].iter().all(|h| {
+                    self.hosts
+                        .get(*h)
+                        .is_some_and(|e| e.view.link == LinkState::Online)
+                })
+            })
+            .filter(|m| {
+                // Running effects are not repeated; a fresh step is run by its commit.
+                m.error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("waiting:"))
+                    || self.resumed.insert(m.id)
+            })
+            .cloned()
+            .collect();
+        for journal in open {
+            let effects = resume(&journal);
+            let mut journal = journal;
+            if journal.step == MigrationStep::Planned {
+                journal = advance(&journal, Outcome::Done).0;
+            }
+            self.commit_migration(journal, effects);
+        }
+    }
+}
+
+/// Carries out `effects` in order; the first that does not succeed gives the outcome.
+async fn run_effects(
+    journal: &MigrationJournal,
+    effects: &[Effect],
+    clients: (
+        Result<AgentClient, EngineError>,
+        Result<AgentClient, EngineError>,
+    ),
+    target_address: &str,
+) -> (Outcome, Learned) {
+    let mut learned = Learned::default();
+    let (source, target) = match clients {
+        (Ok(s), Ok(t)) => (s, t),
+        (Err(e), _) | (_, Err(e)) => return (outcome_of(e), learned),
+    };
+    for effect in effects {
+        let done = run_effect(
+            journal,
+            *effect,
+            &source,
+            &target,
+            target_address,
+            &mut learned,
+        )
+        .await;
+        if let Err(e) = done {
+            return (outcome_of(e), learned);
+        }
+    }
+    (Outcome::Done, learned)
+}
+
+fn ignore_missing(result: Result<(), EngineError>) -> Result<(), EngineError> {
+    match result {
+        Err(EngineError::Agent(m)) if m.ends_with("does not exist") => Ok(()),
+        other => other,
+    }
+}
+
+async fn run_effect(
+    journal: &MigrationJournal,
+    effect: Effect,
+    source: &AgentClient,
+    target: &AgentClient,
+    target_address: &str,
+    learned: &mut Learned,
+) -> Result<(), EngineError> {
+    let vm = journal.vm.clone();
+    let runtime = RuntimeKind::Libvirt;
+    match effect {
+        Effect::StopSource => {
+            let stopped = source
+                .call(StopVm {
+                    name: vm.clone(),
+                    force: false,
+                    timeout_secs: STOP_TIMEOUT_SECS,
+                    runtime,
+                })
+                .await?;
+            if stopped.state != VmState::Shutoff {
+                source
+                    .call(StopVm {
+                        name: vm,
+                        force: true,
+                        timeout_secs: 0,
+                        runtime,
+                    })
+                    .await?;
+            }
+            Ok(())
+        }
+        Effect::Transfer => {
+            let ticket = TransferTicket {
+                id: journal.ticket.clone().unwrap_or_default(),
+                vm,
+                source: journal.from.clone(),
+                target: journal.to.clone(),
+                expires_unix_secs: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    + TICKET_SECS,
+            };
+            target
+                .call(PrepareReceive {
+                    ticket: ticket.clone(),
+                })
+                .await?;
+            let report = source
+                .call(SendDisk {
+                    ticket,
+                    target_address: target_address.to_string(),
+                })
+                .await?;
+            learned.bytes_total = Some(report.allocated_bytes);
+            learned.bytes_done = Some(report.allocated_bytes);
+            learned.digest = Some(report.digest);
+            Ok(())
+        }
+        Effect::Verify => {
+            let here = target.call(HashDisk { name: vm.clone() }).await?;
+            let there = source.call(HashDisk { name: vm }).await?;
+            if here != there || journal.digest.as_ref().is_some_and(|d| *d != here) {
+                return Err(EngineError::Agent(
+                    "the target's copy does not match the source's disk".into(),
+                ));
+            }
+            Ok(())
+        }
+        Effect::DefineOnTarget => {
+            let record = source.call(ExportVm { name: vm }).await?;
+            match target.call(ImportVm { record }).await {
+                Ok(vm) => {
+                    learned.target_vm = Some(vm);
+                    Ok(())
+                }
+                // Defined by an earlier try of this step.
+                Err(EngineError::Exists(_)) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        Effect::StartOnTarget => {
+            if journal.was_running {
+                learned.target_vm = Some(target.call(StartVm { name: vm, runtime }).await?);
+            }
+            Ok(())
+        }
+        Effect::DeleteSource => ignore_missing(source.call(DeleteVm { name: vm, runtime }).await),
+        Effect::CleanTarget => {
+            // The target had no VM of this name when the migration was planned: what is
+            // there now is the migration's own.
+            match target
+                .call(StopVm {
+                    name: vm.clone(),
+                    force: true,
+                    timeout_secs: 0,
+                    runtime,
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(EngineError::Agent(m)) if m.ends_with("does not exist") => {}
+                Err(e) => return Err(e),
+            }
+            ignore_missing(
+                target
+                    .call(DeleteVm {
+                        name: vm.clone(),
+                        runtime,
+                    })
+                    .await,
+            )?;
+            target.call(DiscardDisk { name: vm }).await
+        }
+        Effect::StartSource => match source.call(StartVm { name: vm, runtime }).await {
+            Ok(_) => Ok(()),
+            Err(EngineError::Agent(m)) if m.contains("already running") => Ok(()),
+            Err(e) => Err(e),
+        },
+    }
+}
