@@ -666,3 +666,114 @@ fn services_are_written_planned_placed_by_hand_deployed_and_adopt_vms() {
             .any(|i| i.record.vm.as_str() == "loose" && i.record.adopted && i.record.index == 2)
     });
 }
+
+/// Drag-to-migrate: a VM chip dropped onto a host that cannot take it shows why and moves
+/// nothing; dropped onto one that can, it shows the estimate, and Migrate moves it there.
+#[test]
+fn a_vm_chip_dropped_on_another_host_migrates_after_the_pre_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, a, engine) = live_host(dir.path(), "dnd-a", "lausanne");
+    let b =
+        AgentProcess::spawn(&dir.path().join("b"), "dnd-b", "geneva", "test:///default").unwrap();
+    runtime.block_on(async {
+        enroll(&engine, &b).await.unwrap();
+        let host = b.host_id.clone();
+        engine
+            .wait_for(Duration::from_secs(5), |s| {
+                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+            })
+            .await
+            .expect("online");
+        engine
+            .request(|reply| Command::CreateVm {
+                host: a.host_id.clone(),
+                spec: VmSpec {
+                    name: VmName::new("travel").unwrap(),
+                    template: TemplateName::new("tiny").unwrap(),
+                    vcpus: Some(1),
+                    memory_mib: Some(64),
+                },
+                start: true,
+                reply,
+            })
+            .await
+            .unwrap();
+    });
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the chip and the other host", |h| {
+        h.query_by_role_and_label(Role::Button, "travel").is_some()
+            && h.query_by_role_and_label(Role::Button, "dnd-b").is_some()
+    });
+    let drag_chip = |harness: &mut Harness<'_, ConsoleApp>| {
+        let from = harness
+            .get_by_role_and_label(Role::Button, "travel")
+            .rect()
+            .center();
+        let to = harness
+            .get_by_role_and_label(Role::Button, "dnd-b")
+            .rect()
+            .center();
+        drag_to(harness, from, to);
+        harness.drop_at(to);
+    };
+
+    // dnd-b's own `test` VM takes all of its declared memory: the pre-check says so.
+    drag_chip(&mut harness);
+    step_until(&mut harness, "the refusal", |h| {
+        h.query_by_label("travel cannot go to dnd-b:").is_some()
+    });
+    assert!(
+        harness
+            .query_by_label_contains("dnd-b: memory 0.0 GiB free")
+            .is_some()
+    );
+    assert!(
+        harness
+            .get_by_label("Migrate")
+            .accesskit_node()
+            .is_disabled()
+    );
+    harness.get_by_label("Cancel").click();
+    step_until(&mut harness, "the dialog gone", |h| {
+        h.query_by_label("Migrate").is_none()
+    });
+    assert!(engine.snapshot().migrations.is_empty(), "nothing moved");
+
+    // Room made on dnd-b: the estimate, then the migration.
+    runtime.block_on(async {
+        engine
+            .request(|reply| Command::StopVm {
+                host: b.host_id.clone(),
+                name: VmName::new("test").unwrap(),
+                force: true,
+                reply,
+            })
+            .await
+            .unwrap();
+    });
+    step_until(&mut harness, "dnd-b's memory freed", |_| {
+        engine
+            .snapshot()
+            .host(&b.host_id)
+            .and_then(|h| h.vm(&VmName::new("test").unwrap()).map(|v| v.state))
+            == Some(VmState::Shutoff)
+    });
+    drag_chip(&mut harness);
+    step_until(&mut harness, "the estimate", |h| {
+        h.query_by_label("Migrate travel to dnd-b?").is_some()
+            && h.query_by_label_contains("which is also the downtime")
+                .is_some()
+    });
+    harness.get_by_label("Migrate").click();
+    step_until(&mut harness, "the VM running on dnd-b", |h| {
+        let snap = engine.snapshot();
+        snap.host(&b.host_id)
+            .and_then(|host| host.vm(&VmName::new("travel").unwrap()).map(|v| v.state))
+            == Some(VmState::Running)
+            && snap
+                .host(&a.host_id)
+                .is_some_and(|host| host.vm(&VmName::new("travel").unwrap()).is_none())
+            && h.query_by_label("source-deleted").is_some()
+    });
+}

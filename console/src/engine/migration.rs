@@ -225,6 +225,153 @@ pub fn resume(journal: &MigrationJournal) -> Vec<Effect> {
     }
 }
 
+/// What moving a VM would take, shown before the operator confirms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationEstimate {
+    /// Allocated bytes of the VM's disk: what crosses the link.
+    pub bytes: u64,
+    /// The link it crosses, in Mbit/s.
+    pub link_mbps: u32,
+    /// The transfer's time over that link, which is also the VM's downtime (it moves cold).
+    pub seconds: f64,
+    /// The transfer's cost at the source's price per GB transferred, between sites.
+    pub cost: f64,
+    pub crosses_sites: bool,
+}
+
+/// Checks whether `vm` can move from `from` to `to`, and what it would take: every reason it
+/// cannot, as a sentence an operator can act on, or the estimate.
+pub fn precheck(
+    vm: &dunes_shared::model::VmStatus,
+    from: &super::HostView,
+    to: &super::HostView,
+    services: &[std::sync::Arc<super::ServiceView>],
+) -> Result<MigrationEstimate, Vec<String>> {
+    use dunes_shared::model::RuntimeKind;
+    let mut reasons = Vec::new();
+    let target = to.id();
+    if from.id() == target {
+        return Err(vec![format!("{} is on {target} already", vm.name)]);
+    }
+    if vm.runtime != RuntimeKind::Libvirt {
+        reasons.push(format!(
+            "{} is a process instance; only VMs migrate",
+            vm.name
+        ));
+    }
+    if from.link != super::LinkState::Online {
+        reasons.push(format!("{}: unreachable", from.id()));
+    }
+    match super::services::host_offer(to) {
+        None => reasons.push(format!("{target}: its inventory is not known yet")),
+        Some(offer) => {
+            if !offer.online {
+                reasons.push(format!("{target}: unreachable"));
+            }
+            if !offer.runtimes.contains(&RuntimeKind::Libvirt) {
+                reasons.push(format!("{target}: has no libvirt runtime"));
+            }
+            if to.vm(&vm.name).is_some() {
+                reasons.push(format!("{target}: already has a VM named {}", vm.name));
+            }
+            if vm.state.is_active() {
+                if offer.free.vcpus < vm.vcpus {
+                    reasons.push(format!(
+                        "{target}: {} vCPUs free < {} needed",
+                        offer.free.vcpus, vm.vcpus
+                    ));
+                }
+                if offer.free.memory_mib < vm.memory_mib {
+                    reasons.push(format!(
+                        "{target}: memory {:.1} GiB free < {:.1} GiB needed",
+                        offer.free.memory_mib as f64 / 1024.0,
+                        vm.memory_mib as f64 / 1024.0
+                    ));
+                }
+            }
+            let disk_mib = vm.disk_bytes.div_ceil(1024 * 1024);
+            if offer.free.storage_mib < disk_mib {
+                reasons.push(format!(
+                    "{target}: storage {} MiB free < {disk_mib} MiB needed",
+                    offer.free.storage_mib
+                ));
+            }
+            // The rules of the service the VM is an instance of.
+            for service in services {
+                let Some(instance) = service.instance_of_vm(from.id(), &vm.name) else {
+                    continue;
+                };
+                let Ok(spec) = &service.spec else { continue };
+                let app = &instance.record.app;
+                let rules = &spec.rules;
+                if rules.never_relocate.contains(app) {
+                    reasons.push(format!(
+                        "{} is {app}-{} of service {}, which never relocates",
+                        vm.name,
+                        instance.record.index,
+                        service.name()
+                    ));
+                }
+                let needed = rules
+                    .min_security_level
+                    .iter()
+                    .filter(|r| r.application.as_ref().is_none_or(|a| a == app))
+                    .map(|r| r.level)
+                    .max();
+                if let Some(needed) = needed
+                    && offer.security_level < needed
+                {
+                    reasons.push(format!(
+                        "{target}: security level {} < required {needed}",
+                        offer.security_level
+                    ));
+                }
+                if !rules.allowed_sites.is_empty() && !rules.allowed_sites.contains(&offer.site) {
+                    reasons.push(format!(
+                        "{target}: site {} is not allowed for service {}",
+                        offer.site,
+                        service.name()
+                    ));
+                }
+            }
+        }
+    }
+    if !reasons.is_empty() {
+        return Err(reasons);
+    }
+    let crosses_sites = from.site_name() != to.site_name();
+    let site_link =
+        |h: &super::HostView| h.inventory().map_or(1000, |i| i.site.link_bandwidth_mbps);
+    let nic = |h: &super::HostView| {
+        h.inventory()
+            .and_then(|i| i.network.iter().filter_map(|n| n.speed_mbps).max())
+            .unwrap_or(1000)
+    };
+    let link_mbps = if crosses_sites {
+        site_link(from).min(site_link(to))
+    } else {
+        nic(from).min(nic(to))
+    }
+    .max(1);
+    let bytes = vm.disk_bytes;
+    let seconds = bytes as f64 * 8.0 / (f64::from(link_mbps) * 1e6);
+    let price = from
+        .inventory()
+        .map_or(0.0, |i| i.prices.per_gb_transferred);
+    let cost = if crosses_sites {
+        bytes as f64 / 1e9 * price
+    } else {
+        0.0
+    };
+    Ok(MigrationEstimate {
+        bytes,
+        link_mbps,
+        seconds,
+        cost,
+        crosses_sites,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

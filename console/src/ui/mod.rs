@@ -58,6 +58,12 @@ pub enum UiAction {
     OpenPlan(ServiceName),
     /// Ask before deleting a service and every instance in it.
     ConfirmDeleteService(ServiceName),
+    /// A VM chip dropped onto another host: show the pre-check and the estimate, then migrate.
+    ConfirmMigrate {
+        host: HostId,
+        vm: VmName,
+        to: HostId,
+    },
 }
 
 /// A VM chip being dragged.
@@ -179,6 +185,8 @@ pub struct ConsoleApp {
     plan: PlanDialog,
     adopt: AdoptDialog,
     confirm_delete: Option<ConfirmDelete>,
+    /// A migration waiting for the operator's word: VM, from, to.
+    confirm_migrate: Option<(VmName, HostId, HostId)>,
     pending: Vec<Pending>,
     status: Option<(String, bool)>,
     queue: Vec<UiAction>,
@@ -202,6 +210,7 @@ impl ConsoleApp {
             plan: PlanDialog::default(),
             adopt: AdoptDialog::default(),
             confirm_delete: None,
+            confirm_migrate: None,
             pending: Vec::new(),
             status: None,
             queue: Vec::new(),
@@ -224,6 +233,7 @@ impl ConsoleApp {
             || self.plan.is_open()
             || self.adopt.is_open()
             || self.confirm_delete.is_some()
+            || self.confirm_migrate.is_some()
     }
 
     /// Draws one frame.
@@ -342,6 +352,7 @@ impl ConsoleApp {
         self.plan.plan_ui(ui.ctx(), &snapshot, &mut actions);
         self.adopt.adopt_ui(ui.ctx(), &snapshot, &mut actions);
         self.confirm_delete_ui(ui.ctx());
+        self.confirm_migrate_ui(ui.ctx());
         self.handle_actions();
     }
 
@@ -355,6 +366,9 @@ impl ConsoleApp {
                 }
                 UiAction::ConfirmDeleteService(name) => {
                     self.confirm_delete = Some(ConfirmDelete::Service(name));
+                }
+                UiAction::ConfirmMigrate { host, vm, to } => {
+                    self.confirm_migrate = Some((vm, host, to));
                 }
                 UiAction::Adopt { service, host, vm } => {
                     self.adopt.open(&self.snapshot, service, host, vm);
@@ -427,6 +441,76 @@ impl ConsoleApp {
         });
         if response.should_close() {
             self.confirm_delete = None;
+        }
+    }
+
+    /// The pre-check and the estimate of a dropped VM, and the operator's go.
+    fn confirm_migrate_ui(&mut self, ctx: &egui::Context) {
+        let Some((vm, from, to)) = self.confirm_migrate.clone() else {
+            return;
+        };
+        let snapshot = self.snapshot.clone();
+        let checked = match (snapshot.host(&from), snapshot.host(&to)) {
+            (Some(f), Some(t)) => match f.vm(&vm) {
+                Some(status) => {
+                    crate::engine::migration::precheck(status, f, t, &snapshot.services)
+                }
+                None => Err(vec![format!("{vm} is no longer on {from}")]),
+            },
+            _ => Err(vec!["a host is no longer enrolled".to_string()]),
+        };
+        let mut actions = Actions {
+            engine: &self.engine,
+            pending: &mut self.pending,
+            status: &mut self.status,
+            queue: &mut self.queue,
+        };
+        let response = egui::Modal::new(egui::Id::unique("confirm-migrate")).show(ctx, |ui| {
+            ui.heading(format!("Migrate {vm} to {to}?"));
+            match &checked {
+                Ok(e) => {
+                    ui.label(format!(
+                        "{vm} stops on {from}, its disk ({:.1} MiB allocated) is streamed to {to} and verified, and it starts there; it is deleted on {from} only after that.",
+                        e.bytes as f64 / 1048576.0
+                    ));
+                    ui.label(format!(
+                        "About {:.0} s over {} Mbit/s{}, which is also the downtime.",
+                        e.seconds.ceil(),
+                        e.link_mbps,
+                        if e.crosses_sites { " between sites" } else { "" }
+                    ));
+                    ui.label(format!("Transfer cost: {:.4}", e.cost));
+                }
+                Err(reasons) => {
+                    ui.label(format!("{vm} cannot go to {to}:"));
+                    for r in reasons {
+                        ui.colored_label(Color32::from_rgb(248, 81, 73), r);
+                    }
+                }
+            }
+            ui.horizontal(|ui| {
+                if ui
+                    .add_enabled(checked.is_ok(), egui::Button::new("Migrate"))
+                    .clicked()
+                {
+                    let (v, f, t) = (vm.clone(), from.clone(), to.clone());
+                    actions.send(format!("Migrating {vm} to {to}"), |reply| {
+                        Command::MigrateVm {
+                            host: f,
+                            vm: v,
+                            to: t,
+                            reply,
+                        }
+                    });
+                    ui.close();
+                }
+                if ui.button("Cancel").clicked() {
+                    ui.close();
+                }
+            });
+        });
+        if response.should_close() {
+            self.confirm_migrate = None;
         }
     }
 

@@ -32,6 +32,7 @@ impl ServicesPanel {
         ui.separator();
         if snapshot.services.is_empty() {
             ui.label("No services yet. \"New service…\" defines one; drop VMs onto a service to adopt them.");
+            migrations_ui(ui, snapshot, actions);
             return;
         }
         egui::ScrollArea::vertical()
@@ -41,6 +42,7 @@ impl ServicesPanel {
                     service_card(ui, view, selection, actions);
                     ui.add_space(6.0);
                 }
+                migrations_ui(ui, snapshot, actions);
             });
     }
 }
@@ -316,6 +318,56 @@ impl AdoptDialog {
         });
         if close || response.should_close() {
             self.target = None;
+        }
+    }
+}
+
+/// Migrations: those under way with their step and bytes (and a cancel while it can roll
+/// back), then the last finished ones with how they ended.
+fn migrations_ui(ui: &mut egui::Ui, snapshot: &Snapshot, actions: &mut Actions<'_>) {
+    if snapshot.migrations.is_empty() {
+        return;
+    }
+    ui.separator();
+    ui.heading("Migrations");
+    let open = snapshot.migrations.iter().filter(|m| !m.step.is_finished());
+    let finished: Vec<_> = snapshot
+        .migrations
+        .iter()
+        .filter(|m| m.step.is_finished())
+        .rev()
+        .take(5)
+        .collect();
+    for m in open.chain(finished) {
+        let failed = m.step == crate::engine::migration::MigrationStep::RolledBack;
+        let color = if failed {
+            Color32::from_rgb(248, 81, 73)
+        } else if m.step.is_finished() {
+            Color32::from_rgb(63, 185, 80)
+        } else {
+            Color32::from_rgb(88, 166, 255)
+        };
+        ui.horizontal(|ui| {
+            ui.label(RichText::new(format!("#{} {}", m.id, m.vm)).strong());
+            ui.label(format!("{} -> {}", m.from, m.to));
+            ui.colored_label(color, m.step.as_str());
+        });
+        if !m.step.is_finished() {
+            let fraction = if m.bytes_total > 0 {
+                m.bytes_done as f32 / m.bytes_total as f32
+            } else {
+                0.0
+            };
+            ui.add(egui::ProgressBar::new(fraction).text(m.step.as_str()));
+            if !m.step.is_committed() && ui.button("Cancel migration").clicked() {
+                let id = m.id;
+                actions.send(format!("Cancelling migration {id}"), |reply| {
+                    Command::CancelMigration { id, reply }
+                });
+            }
+        }
+        if let Some(e) = &m.error {
+            ui.label(RichText::new(e).small().color(color));
         }
     }
 }

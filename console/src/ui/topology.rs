@@ -168,7 +168,15 @@ impl TopologyPanel {
                     for &(i, card) in &site.cards {
                         let card = card.translate(origin);
                         if card.intersects(visible) {
-                            host_card(ui, &snapshot.hosts[i], card, selection, actions, &tags);
+                            host_card(
+                                ui,
+                                &snapshot.hosts[i],
+                                card,
+                                selection,
+                                actions,
+                                &tags,
+                                snapshot,
+                            );
                         }
                     }
                 }
@@ -302,6 +310,7 @@ fn host_card(
     selection: &Selection,
     actions: &mut Actions<'_>,
     tags: &Tags,
+    snapshot: &Snapshot,
 ) {
     let id = ui.scope_id().with(("host-card", host.id().as_str()));
     let response = ui.interact(rect, id, Sense::click());
@@ -309,6 +318,30 @@ fn host_card(
     response.widget_info(|| WidgetInfo::labeled(Role::Button, true, &label));
     if response.clicked() {
         actions.push(UiAction::Select(Selection::Host(host.id().clone())));
+    }
+    // A VM chip dragged over another host: the pre-check's verdict on the card; dropped,
+    // the confirmation with the estimate.
+    let dragged = response
+        .dnd_hover_payload::<VmDrag>()
+        .filter(|d| &d.host != host.id());
+    let verdict = dragged.as_ref().and_then(|drag| {
+        let from = snapshot.host(&drag.host)?;
+        let vm = from.vm(&drag.vm)?;
+        Some(crate::engine::migration::precheck(
+            vm,
+            from,
+            host,
+            &snapshot.services,
+        ))
+    });
+    if let Some(drag) = response.dnd_release_payload::<VmDrag>()
+        && &drag.host != host.id()
+    {
+        actions.push(UiAction::ConfirmMigrate {
+            host: drag.host.clone(),
+            vm: drag.vm.clone(),
+            to: host.id().clone(),
+        });
     }
     let selected = matches!(selection, Selection::Host(h) if h == host.id());
     let online = host.link == LinkState::Online;
@@ -331,6 +364,11 @@ fn host_card(
     } else {
         Stroke::new(1.0, visuals.widgets.noninteractive.bg_stroke.color)
     };
+    let stroke = match &verdict {
+        Some(Ok(_)) => Stroke::new(3.0, Color32::from_rgb(63, 185, 80)),
+        Some(Err(_)) => Stroke::new(3.0, Color32::from_rgb(248, 81, 73)),
+        None => stroke,
+    };
     painter.rect(
         rect,
         CornerRadius::same(6),
@@ -338,6 +376,23 @@ fn host_card(
         stroke,
         StrokeKind::Inside,
     );
+    if let Some(verdict) = &verdict {
+        let text = match verdict {
+            Ok(estimate) => format!(
+                "migrate here: {:.0} MiB, about {:.0} s",
+                estimate.bytes as f64 / 1048576.0,
+                estimate.seconds.ceil()
+            ),
+            Err(reasons) => reasons.first().cloned().unwrap_or_default(),
+        };
+        painter.text(
+            rect.center_bottom() + vec2(0.0, -4.0),
+            Align2::CENTER_BOTTOM,
+            text,
+            FontId::proportional(11.0),
+            stroke.color,
+        );
+    }
     let inner = rect.shrink(8.0);
     painter.circle_filled(
         inner.left_top() + vec2(5.0, 8.0),
