@@ -369,8 +369,8 @@ pub fn plan_json(sp: &ServicePlan) -> Value {
     })
 }
 
-/// A migration as ctl shows it. `rate_bps` is null until transfers report progress while
-/// they run.
+/// A migration as ctl shows it; `rate_bps` and `eta_secs` while its transfer reports
+/// progress.
 pub fn migration_json(m: &crate::engine::migration::MigrationJournal) -> Value {
     json!({
         "id": m.id,
@@ -380,7 +380,8 @@ pub fn migration_json(m: &crate::engine::migration::MigrationJournal) -> Value {
         "state": m.step.as_str(),
         "bytes_done": m.bytes_done,
         "bytes_total": m.bytes_total,
-        "rate_bps": Value::Null,
+        "rate_bps": m.rate_bps,
+        "eta_secs": m.eta_secs(),
         "digest": m.digest,
         "error": m.error,
     })

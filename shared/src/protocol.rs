@@ -418,6 +418,13 @@ pub enum AgentEvent {
     Inventory(Box<HostInventory>),
     /// The whole VM list, replacing what the console holds (sent when events were dropped).
     VmList(Vec<VmStatus>),
+    /// How far a disk this agent sends has got: at its start, at least twice a second, and at
+    /// its end. A console that does not know it skips it.
+    TransferProgress {
+        ticket: String,
+        bytes_done: u64,
+        bytes_total: u64,
+    },
 }
 
 #[cfg(test)]
@@ -789,6 +796,14 @@ mod tests {
                     "312e30aa73697a65735f66726f6dab746573742d647269766572ac696e7465727072657465727391",
                     "82a46e616d65a7707974686f6e33a776657273696f6ea6332e31312e32",
                 ),
+            ),
+            (
+                AgentEvent::TransferProgress {
+                    ticket: "t".into(),
+                    bytes_done: 1,
+                    bytes_total: 2,
+                },
+                "81b05472616e7366657250726f677265737383a67469636b6574a174aa62797465735f646f6e6501ab62797465735f746f74616c02",
             ),
             (
                 AgentEvent::VmList(vec![vm()]),

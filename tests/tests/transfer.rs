@@ -167,6 +167,31 @@ async fn disks_move_only_with_a_ticket_sparse_verified_resumed_and_checked() {
     let b = host(dir.path(), "xfer-b", &console, &endpoint).await;
     let c = host(dir.path(), "xfer-c", &console, &endpoint).await;
 
+    // The source's event stream: its transfers' progress.
+    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    {
+        let conn = a.conn.clone();
+        tokio::spawn(async move {
+            let Ok(mut events) = conn.accept_uni().await else {
+                return;
+            };
+            while let Ok(Some(payload)) =
+                dunes_shared::codec::read_payload(&mut events, 4 << 20).await
+            {
+                if let Ok(dunes_shared::codec::Decoded::Known(
+                    dunes_shared::protocol::AgentEvent::TransferProgress {
+                        bytes_done,
+                        bytes_total,
+                        ..
+                    },
+                )) = dunes_shared::codec::decode_message(&payload)
+                {
+                    let _ = progress_tx.send((bytes_done, bytes_total));
+                }
+            }
+        });
+    }
+
     // A plain transfer: only the allocated 3 MiB travel, and the copy is the image.
     let vm = VmName::new("moved").unwrap();
     write_image(&a.disk(&vm), 3);
@@ -182,6 +207,15 @@ async fn disks_move_only_with_a_ticket_sparse_verified_resumed_and_checked() {
     );
     assert_eq!(report.sent_bytes, report.allocated_bytes);
     assert_eq!((report.resumed_from, report.resent_chunks), (0, 0));
+    // Its progress was told from the start to the end.
+    let first = progress.recv().await.unwrap();
+    assert_eq!(first, (0, report.allocated_bytes));
+    let mut last = first;
+    while let Ok(p) = progress.try_recv() {
+        assert!(p.0 >= last.0, "progress only goes forward");
+        last = p;
+    }
+    assert_eq!(last, (report.allocated_bytes, report.allocated_bytes));
     assert_eq!(
         std::fs::read(b.disk(&vm)).unwrap(),
         std::fs::read(a.disk(&vm)).unwrap()

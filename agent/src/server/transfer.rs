@@ -112,6 +112,15 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
         .and_then(pki::quic_client_config)
         .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))?;
     let corrupt_first_chunk = std::mem::take(&mut *lock(&shared.transfer_faults));
+    let (events, ticket_id) = (shared.events.clone(), ticket.id.clone());
+    // Told on the event stream of every control connection: the console shows it live.
+    let progress = move |bytes_done, bytes_total| {
+        let _ = events.send(dunes_shared::protocol::AgentEvent::TransferProgress {
+            ticket: ticket_id.clone(),
+            bytes_done,
+            bytes_total,
+        });
+    };
     send_disk(
         &shared.endpoint,
         config,
@@ -121,6 +130,7 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
             disk,
             corrupt_first_chunk,
         },
+        progress,
     )
     .await
     .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))

@@ -45,15 +45,21 @@ pub struct SendJob {
     pub corrupt_first_chunk: bool,
 }
 
+/// How often progress is told while a transfer runs.
+const PROGRESS_EVERY: Duration = Duration::from_millis(400);
+
 fn link<E: std::fmt::Display>(e: E) -> SendError {
     SendError::Link(e.to_string())
 }
 
 /// Streams the disk of `job` to its target and returns once the target has verified it.
+/// `progress(done, total)` hears how many allocated bytes are through: at the start, every
+/// [`PROGRESS_EVERY`], and at the end.
 pub async fn send_disk(
     endpoint: &quinn::Endpoint,
     config: quinn::ClientConfig,
     job: SendJob,
+    progress: impl Fn(u64, u64) + Send,
 ) -> Result<SendReport, SendError> {
     let disk_err = |path: &PathBuf| {
         let path = path.display().to_string();
@@ -154,6 +160,9 @@ pub async fn send_disk(
         }
     };
     let position = |offset: u64| chunks.iter().position(|c| c.0 == offset);
+    let mut done_bytes = 0u64;
+    let mut told = std::time::Instant::now();
+    progress(0, allocated_bytes);
     loop {
         while let Ok(offset) = resend_rx.try_recv() {
             if let Some(i) = position(offset) {
@@ -183,6 +192,11 @@ pub async fn send_disk(
                 .map_err(link)?;
             }
             next += 1;
+            done_bytes = chunks[..next].iter().map(|c| u64::from(c.1)).sum();
+            if told.elapsed() >= PROGRESS_EVERY {
+                told = std::time::Instant::now();
+                progress(done_bytes, allocated_bytes);
+            }
             continue;
         }
         let all: Vec<ChunkRecord> = records.iter().flatten().copied().collect();
@@ -204,6 +218,7 @@ pub async fn send_disk(
             }
             end = &mut finished_rx => {
                 end.map_err(|_| SendError::Link("the target's answers stopped".into()))??;
+                progress(done_bytes.max(allocated_bytes), allocated_bytes);
                 let _ = send.finish();
                 conn.close(0u32.into(), b"transfer done");
                 return Ok(SendReport {

@@ -85,6 +85,8 @@ pub(super) struct Actor {
     /// Migrations a restart picked up again.
     pub(super) resumed: std::collections::BTreeSet<u64>,
     pub(super) migrations_dirty: bool,
+    /// The last progress of each running transfer: bytes and when, for its rate.
+    pub(super) transfer_samples: BTreeMap<u64, (u64, u64)>,
     pub(super) published_migrations: Arc<Vec<super::migration::MigrationJournal>>,
     /// The last readiness answer of each running instance, by `service/app/index`.
     pub(super) readiness: BTreeMap<String, super::readiness::LastCheck>,

@@ -154,6 +154,15 @@ impl Actor {
     }
 
     fn agent_event(&mut self, host: HostId, event: AgentEvent) {
+        if let AgentEvent::TransferProgress {
+            ticket,
+            bytes_done,
+            bytes_total,
+        } = &event
+        {
+            self.transfer_progress(ticket, *bytes_done, *bytes_total);
+            return;
+        }
         let Some(entry) = self.hosts.get_mut(&host) else {
             return;
         };

@@ -110,6 +110,20 @@ pub struct MigrationJournal {
     pub digest: Option<String>,
     pub started_ms: u64,
     pub updated_ms: u64,
+    /// The transfer's rate as last measured, in bytes per second (not kept in the store).
+    pub rate_bps: Option<u64>,
+}
+
+impl MigrationJournal {
+    /// Seconds left in the transfer at the last measured rate.
+    pub fn eta_secs(&self) -> Option<u64> {
+        let rate = self.rate_bps.filter(|r| *r > 0)?;
+        (self.step == MigrationStep::Transferring).then(|| {
+            self.bytes_total
+                .saturating_sub(self.bytes_done)
+                .div_ceil(rate)
+        })
+    }
 }
 
 /// A side effect for the driver: each can be carried out again with the same result.
@@ -391,6 +405,7 @@ mod tests {
             digest: None,
             started_ms: 0,
             updated_ms: 0,
+            rate_bps: None,
         }
     }
 

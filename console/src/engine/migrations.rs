@@ -128,6 +128,7 @@ impl Actor {
             digest: None,
             started_ms: now,
             updated_ms: now,
+            rate_bps: None,
         };
         let (journal, effects) = advance(&planned, Outcome::Done);
         self.log(
@@ -137,6 +138,30 @@ impl Actor {
         );
         self.commit_migration(journal.clone(), effects);
         self.reply_after_commit(reply, journal);
+    }
+
+    /// A source agent's word on how far a transfer has got: shown live, not journaled (the
+    /// journal's step is what a restart needs).
+    pub(super) fn transfer_progress(&mut self, ticket: &str, bytes_done: u64, bytes_total: u64) {
+        let now = now_ms();
+        let Some(journal) = self
+            .migrations
+            .values_mut()
+            .find(|m| m.ticket.as_deref() == Some(ticket) && !m.step.is_finished())
+        else {
+            return;
+        };
+        let (last_bytes, last_ms) = self
+            .transfer_samples
+            .insert(journal.id, (bytes_done, now))
+            .unwrap_or((0, journal.updated_ms));
+        let elapsed_ms = now.saturating_sub(last_ms);
+        if elapsed_ms > 0 && bytes_done >= last_bytes {
+            journal.rate_bps = Some((bytes_done - last_bytes) * 1000 / elapsed_ms);
+        }
+        journal.bytes_done = bytes_done;
+        journal.bytes_total = bytes_total;
+        self.migrations_dirty = true;
     }
 
     /// Asks a migration to stop and roll back (before it is confirmed).
@@ -248,6 +273,7 @@ impl Actor {
         } else {
             outcome
         };
+        self.transfer_samples.remove(&id);
         let (next, effects) = advance(&journal, outcome);
         if next.step == MigrationStep::SourceDeleted {
             self.remove_vm(&next.from, &next.vm);

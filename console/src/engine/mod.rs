@@ -405,6 +405,7 @@ pub async fn start_with(
         cancelled: Default::default(),
         resumed: Default::default(),
         migrations_dirty: true,
+        transfer_samples: BTreeMap::new(),
         published_migrations: Arc::new(Vec::new()),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();

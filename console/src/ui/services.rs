@@ -358,7 +358,15 @@ fn migrations_ui(ui: &mut egui::Ui, snapshot: &Snapshot, actions: &mut Actions<'
             } else {
                 0.0
             };
-            ui.add(egui::ProgressBar::new(fraction).text(m.step.as_str()));
+            let rate = m.rate_bps.map_or(String::new(), |r| {
+                format!(" · {:.1} MiB/s", r as f64 / 1048576.0)
+            });
+            let eta = m
+                .eta_secs()
+                .map_or(String::new(), |s| format!(" · {s} s left"));
+            ui.add(
+                egui::ProgressBar::new(fraction).text(format!("{}{rate}{eta}", m.step.as_str())),
+            );
             if !m.step.is_committed() && ui.button("Cancel migration").clicked() {
                 let id = m.id;
                 actions.send(format!("Cancelling migration {id}"), |reply| {

@@ -501,6 +501,7 @@ impl TryFrom<MigrationRow> for crate::engine::migration::MigrationJournal {
             digest: row.digest,
             started_ms: row.started_ms,
             updated_ms: row.updated_ms,
+            rate_bps: None,
         })
     }
 }
