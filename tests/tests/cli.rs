@@ -1013,10 +1013,25 @@ fn a_vm_is_migrated_from_ctl() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // What the target cannot hold is refused before anything starts, with the reason.
+    let out = ctl(&data, &["vm", "migrate", "lsn-1/shop-db", "--to", "lsn-2"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("shop-db cannot go to lsn-2: lsn-2: 3 vCPUs free < 4 needed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The demo's own VMs have no disk of Dunes's: the migration rolls back, saying so.
     let started = json(&ctl(
         &data,
-        &["--json", "vm", "migrate", "lsn-1/shop-db", "--to", "lsn-2"],
+        &[
+            "--json",
+            "vm",
+            "migrate",
+            "lsn-1/build-runner",
+            "--to",
+            "lsn-2",
+        ],
     ));
     let back = migration_end(&data, started["id"].as_u64().unwrap());
     assert_eq!(back["state"], "rolled-back", "{back}");
@@ -1028,14 +1043,14 @@ fn a_vm_is_migrated_from_ctl() {
         "{back}"
     );
     let vms = json(&ctl(&data, &["--json", "vms"]));
-    let shop_db: Vec<&str> = vms
+    let runner: Vec<&str> = vms
         .as_array()
         .unwrap()
         .iter()
-        .filter(|v| v["name"] == "shop-db")
+        .filter(|v| v["name"] == "build-runner")
         .map(|v| v["host"].as_str().unwrap())
         .collect();
-    assert_eq!(shop_db, ["lsn-1"]);
+    assert_eq!(runner, ["lsn-1"]);
     let table = String::from_utf8(ctl(&data, &["migrations"]).stdout).unwrap();
     assert!(
         table.contains("source-deleted") && table.contains("rolled-back"),

@@ -67,19 +67,10 @@ impl Actor {
                 .view
                 .vm(vm)
                 .ok_or_else(|| format!("host {host} has no VM {vm}"))?;
-            if status.runtime != RuntimeKind::Libvirt {
-                return Err(format!("{vm} is a process instance; only VMs migrate"));
-            }
             let target = self
                 .hosts
                 .get(to)
                 .ok_or_else(|| format!("host {to} is not enrolled"))?;
-            if target.view.link != LinkState::Online || source.view.link != LinkState::Online {
-                return Err("both hosts must be online to start a migration".to_string());
-            }
-            if target.view.vm(vm).is_some() {
-                return Err(format!("{to} already has a VM named {vm}"));
-            }
             if let Some(m) = self
                 .migrations
                 .values()
@@ -87,22 +78,10 @@ impl Actor {
             {
                 return Err(format!("{vm} is migrating already (migration {})", m.id));
             }
-            // A service's rule that it never relocates holds here too.
-            for instance in self.instances.values() {
-                if &instance.host == host
-                    && &instance.vm == vm
-                    && self
-                        .services
-                        .get(&instance.service)
-                        .and_then(|s| s.spec.as_ref().ok())
-                        .is_some_and(|spec| spec.rules.never_relocate.contains(&instance.app))
-                {
-                    return Err(format!(
-                        "{vm} is {}-{} of service {}, which never relocates",
-                        instance.app, instance.index, instance.service
-                    ));
-                }
-            }
+            // The same pre-check as a drop in the window: capacity, runtime, name and the
+            // rules of the VM's service, every reason at once.
+            super::migration::precheck(status, &source.view, &target.view, &self.service_views())
+                .map_err(|reasons| format!("{vm} cannot go to {to}: {}", reasons.join("; ")))?;
             Ok(status.state.is_active())
         })();
         let was_running = match checked {

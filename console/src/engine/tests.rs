@@ -1019,4 +1019,29 @@ async fn a_failed_migration_rolls_back_to_the_source() {
         .await
         .unwrap_err();
     assert_eq!(err.to_string(), "stuck is on back-a already");
+    // The pre-check of a drop in the window holds for ctl too: every reason at once.
+    for host in [&a.host_id, &b.host_id] {
+        engine
+            .request(|reply| Command::CreateVm {
+                host: host.clone(),
+                spec: spec("twin"),
+                start: false,
+                reply,
+            })
+            .await
+            .unwrap();
+    }
+    let err = engine
+        .request(|reply| Command::MigrateVm {
+            host: a.host_id.clone(),
+            vm: VmName::new("twin").unwrap(),
+            to: b.host_id.clone(),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "twin cannot go to back-b: back-b: already has a VM named twin"
+    );
 }
