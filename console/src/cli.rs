@@ -193,6 +193,10 @@ pub enum VmCommand {
         /// The host it goes to.
         #[arg(long)]
         to: String,
+        /// Only check: every reason it cannot go, or the data size, time over the link
+        /// (also the downtime) and transfer cost. Exit code 0 when it can go, 2 when not.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -497,7 +501,8 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             force: *force,
         },
         CtlCommand::Vm(VmCommand::Delete { vm }) => CtlRequest::VmDelete { vm: vm.clone() },
-        CtlCommand::Vm(VmCommand::Migrate { vm, to }) => CtlRequest::VmMigrate {
+        CtlCommand::Vm(VmCommand::Migrate { vm, to, dry_run }) => CtlRequest::VmMigrate {
+            dry_run: *dry_run,
             vm: vm.clone(),
             to: to.clone(),
         },
@@ -536,6 +541,12 @@ fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Result<ExitCode>
         } else {
             ExitCode::SUCCESS
         });
+    }
+    // A dry run tells by its exit code whether the VM can go.
+    if let CtlCommand::Vm(VmCommand::Migrate { dry_run: true, .. }) = args.command
+        && data["can_go"] == Value::Bool(false)
+    {
+        return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -662,6 +673,31 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
                 })
                 .collect(),
         ),
+        CtlCommand::Vm(VmCommand::Migrate { dry_run: true, .. }) => {
+            match data["can_go"].as_bool() {
+                Some(true) => format!(
+                    "{} can go from {} to {}: {} bytes, about {} s over {} Mbit/s (also the downtime), transfer cost {:.4}\n",
+                    text(&data["vm"]),
+                    text(&data["from"]),
+                    text(&data["to"]),
+                    text(&data["bytes"]),
+                    text(&data["seconds"]),
+                    text(&data["link_mbps"]),
+                    data["cost"].as_f64().unwrap_or(0.0)
+                ),
+                _ => {
+                    let mut out = format!(
+                        "{} cannot go to {}:\n",
+                        text(&data["vm"]),
+                        text(&data["to"])
+                    );
+                    for r in data["reasons"].as_array().into_iter().flatten() {
+                        out.push_str(&format!("  {}\n", text(r)));
+                    }
+                    out
+                }
+            }
+        }
         CtlCommand::Vm(VmCommand::Migrate { .. })
         | CtlCommand::Migration(MigrationCommand::Cancel { .. }) => format!(
             "migration {} of {} from {} to {}: {}\n",

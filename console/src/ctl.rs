@@ -71,6 +71,9 @@ pub enum CtlRequest {
         /// NAME, or HOST/NAME.
         vm: String,
         to: String,
+        /// Only the pre-check and the estimate.
+        #[serde(default)]
+        dry_run: bool,
     },
     Migrations,
     MigrationCancel {
@@ -629,9 +632,29 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 "vm": instance.vm,
             }))
         }
-        CtlRequest::VmMigrate { vm, to } => {
-            let (host, found) = engine.snapshot().find_vm(&vm)?;
+        CtlRequest::VmMigrate { vm, to, dry_run } => {
+            let snap = engine.snapshot();
+            let (host, found) = snap.find_vm(&vm)?;
             let to = HostId::new(to).map_err(|e| e.to_string())?;
+            if dry_run {
+                let from_view = snap.host(&host).ok_or("the host is gone")?;
+                let to_view = snap
+                    .host(&to)
+                    .ok_or_else(|| format!("host {to} is not enrolled"))?;
+                let checked =
+                    crate::engine::migration::precheck(&found, from_view, to_view, &snap.services);
+                return Ok(match checked {
+                    Ok(e) => json!({
+                        "vm": found.name, "from": host, "to": to, "can_go": true,
+                        "bytes": e.bytes, "seconds": e.seconds.ceil(), "link_mbps": e.link_mbps,
+                        "cost": e.cost, "crosses_sites": e.crosses_sites, "reasons": [],
+                    }),
+                    Err(reasons) => json!({
+                        "vm": found.name, "from": host, "to": to, "can_go": false,
+                        "reasons": reasons,
+                    }),
+                });
+            }
             let journal = engine
                 .request(|reply| Command::MigrateVm {
                     host,

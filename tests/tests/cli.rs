@@ -978,6 +978,27 @@ fn a_vm_is_migrated_from_ctl() {
             "--start",
         ],
     ));
+    // A dry run first: the estimate, and nothing starts.
+    let dry = ctl(
+        &data,
+        &[
+            "--json",
+            "vm",
+            "migrate",
+            "lsn-1/mover",
+            "--to",
+            "lsn-2",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(dry.status.code(), Some(0));
+    let dry: Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(dry["can_go"], true, "{dry}");
+    assert!(dry["link_mbps"].as_u64().unwrap() > 0, "{dry}");
+    assert_eq!(
+        json(&ctl(&data, &["--json", "migrations"])),
+        serde_json::json!([])
+    );
     let started = json(&ctl(
         &data,
         &["--json", "vm", "migrate", "lsn-1/mover", "--to", "lsn-2"],
@@ -1013,7 +1034,25 @@ fn a_vm_is_migrated_from_ctl() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // What the target cannot hold is refused before anything starts, with the reason.
+    // What the target cannot hold is refused before anything starts, with the reason; a
+    // dry run says the same, with exit code 2.
+    let dry = ctl(
+        &data,
+        &[
+            "vm",
+            "migrate",
+            "lsn-1/shop-db",
+            "--to",
+            "lsn-2",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(dry.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("lsn-2: 3 vCPUs free < 4 needed"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
     let out = ctl(&data, &["vm", "migrate", "lsn-1/shop-db", "--to", "lsn-2"]);
     assert!(
         String::from_utf8_lossy(&out.stderr)
