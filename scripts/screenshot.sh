@@ -25,7 +25,10 @@ ctl service create -f assets/examples/shop.toml >/dev/null
 ctl service deploy shop >/dev/null
 ctl service start shop >/dev/null
 ctl vm stop build-runner --force >/dev/null 2>&1 || true
-sleep 4
+for _ in $(seq 100); do
+  if ctl --json services 2>/dev/null | grep -q '"status": "available"'; then break; fi
+  sleep 0.2
+done
 # Select the service so the details panel has something to show: the console draws its window
 # at the screen's origin without a window manager, and the demo's layout is fixed.
 xdotool mousemove 150 95 click 1

@@ -474,11 +474,20 @@ pub fn control_client_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,
 ) -> Result<rustls::ClientConfig, PkiError> {
+    host_client_config(ca, identity, ALPN_CONTROL)
+}
+
+/// A client that verifies a host against the CA and presents `identity`, speaking `alpn`.
+fn host_client_config(
+    ca: &CertificateDer<'static>,
+    identity: &Identity,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, PkiError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(root_store(ca)?)
         .with_client_auth_cert(vec![identity.cert_der.clone()], identity.private_key()?)?;
-    config.alpn_protocols = vec![ALPN_CONTROL.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
 
@@ -489,12 +498,7 @@ pub fn transfer_client_config(
     ca: &CertificateDer<'static>,
     identity: &Identity,
 ) -> Result<rustls::ClientConfig, PkiError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(root_store(ca)?)
-        .with_client_auth_cert(vec![identity.cert_der.clone()], identity.private_key()?)?;
-    config.alpn_protocols = vec![crate::transfer::ALPN_TRANSFER.to_vec()];
-    Ok(config)
+    host_client_config(ca, identity, crate::transfer::ALPN_TRANSFER)
 }
 
 /// Client side of enrollment and probes: the agent is not CA-signed yet, so any certificate is

@@ -42,8 +42,9 @@ impl ChunkRecord {
         }
     }
 
+    /// Saturating: an offset from the network must not overflow (the bounds check refuses it).
     pub fn end(&self) -> u64 {
-        self.offset + u64::from(self.len)
+        self.offset.saturating_add(u64::from(self.len))
     }
 }
 

@@ -48,23 +48,7 @@ async fn engine_with_options(
     options: EngineOptions,
 ) -> EngineHandle {
     let engine = start_with(&dir.join("console"), options).await.unwrap();
-    engine
-        .request(|reply| Command::AddHost {
-            address: agent.local_addr.to_string(),
-            token: agent.join_token.clone().unwrap(),
-            expected_fingerprint: Some(agent.fingerprint),
-            replace: false,
-            reply,
-        })
-        .await
-        .unwrap();
-    let host = agent.host_id.clone();
-    engine
-        .wait_for(Duration::from_secs(20), |s| {
-            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-        })
-        .await
-        .expect("the host comes online");
+    enroll_host(&engine, agent).await;
     engine
 }
 
@@ -825,7 +809,7 @@ async fn readiness_is_checked_again_while_a_service_runs() {
     assert!(back.is_ok(), "still {}", status(&engine));
 }
 
-async fn second_host(engine: &EngineHandle, agent: &RunningAgent) {
+async fn enroll_host(engine: &EngineHandle, agent: &RunningAgent) {
     engine
         .request(|reply| Command::AddHost {
             address: agent.local_addr.to_string(),
@@ -882,7 +866,7 @@ async fn a_vm_migrates_cold_with_its_disk_and_the_source_goes_last() {
     let a = agent(dir.path(), "mig-a").await;
     let b = agent(dir.path(), "mig-b").await;
     let engine = engine_with(dir.path(), &a).await;
-    second_host(&engine, &b).await;
+    enroll_host(&engine, &b).await;
     let created = engine
         .request(|reply| Command::CreateVm {
             host: a.host_id.clone(),
@@ -964,7 +948,7 @@ async fn a_failed_migration_rolls_back_to_the_source() {
     let a = agent(dir.path(), "back-a").await;
     let b = agent(dir.path(), "back-b").await;
     let engine = engine_with(dir.path(), &a).await;
-    second_host(&engine, &b).await;
+    enroll_host(&engine, &b).await;
     engine
         .request(|reply| Command::CreateVm {
             host: a.host_id.clone(),
