@@ -126,6 +126,15 @@ pub enum ServiceCommand {
     },
     /// Remove every instance of a service (forced off, disks deleted), then its definition.
     Delete { name: String },
+    /// Move a service to the hosts of another site: stopped top-down, its instances migrated
+    /// one at a time in start order (placed under its rules), then started again in start
+    /// order. Refused, with every reason, when an instance has no host there.
+    Move {
+        name: String,
+        /// The site it goes to.
+        #[arg(long = "to-site", value_name = "SITE")]
+        to_site: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +163,17 @@ pub enum HostCommand {
         #[arg(long)]
         replace: bool,
     },
+    /// Put a host in maintenance and move every VM off it, one at a time, each to the host
+    /// placement picks under its service's rules; says which VMs cannot move and why. Again
+    /// on a paused or stopped drain: resume it (VMs whose migration failed are tried again).
+    Drain {
+        host: String,
+        /// Start no further migration; the one under way finishes.
+        #[arg(long)]
+        pause: bool,
+    },
+    /// End a host's maintenance: it takes new VMs and instances again.
+    Undrain { host: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -463,6 +483,17 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             app: app.clone(),
             vm: vm.clone(),
         },
+        CtlCommand::Service(ServiceCommand::Move { name, to_site }) => CtlRequest::ServiceMove {
+            name: name.clone(),
+            site: to_site.clone(),
+        },
+        CtlCommand::Host(HostCommand::Drain { host, pause }) => CtlRequest::HostDrain {
+            host: host.clone(),
+            pause: *pause,
+        },
+        CtlCommand::Host(HostCommand::Undrain { host }) => {
+            CtlRequest::HostUndrain { host: host.clone() }
+        }
         CtlCommand::Hosts => CtlRequest::Hosts,
         CtlCommand::Vms => CtlRequest::Vms,
         CtlCommand::Events { limit } => CtlRequest::Events { limit: *limit },
@@ -551,6 +582,32 @@ fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// A drain as `host drain` shows it.
+fn render_drain(host: &str, data: &Value) -> String {
+    let mut out = format!(
+        "{host} is in maintenance{}: {} moved, {} left",
+        if data["paused"] == Value::Bool(true) {
+            ", drain paused"
+        } else {
+            ""
+        },
+        text(&data["moved"]),
+        text(&data["remaining"]),
+    );
+    if let Some(id) = data["migrating"].as_u64() {
+        out.push_str(&format!(", migration {id} under way"));
+    }
+    out.push('\n');
+    for b in data["blocked"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {} cannot move: {}\n",
+            text(&b["vm"]),
+            text(&b["reason"])
+        ));
+    }
+    out
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -604,8 +661,12 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
             items
                 .iter()
                 .map(|i| {
+                    let mut i = i.clone();
+                    if !i["maintenance"].is_null() {
+                        i["state"] = Value::String(format!("{}, maintenance", text(&i["state"])));
+                    }
                     pick(
-                        i,
+                        &i,
                         &[
                             "id",
                             "state",
@@ -656,6 +717,18 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
                 text(&data["fingerprint"])
             )
         }
+        CtlCommand::Host(HostCommand::Drain { host, .. }) => render_drain(host, data),
+        CtlCommand::Host(HostCommand::Undrain { host }) => {
+            format!("{host} is out of maintenance and takes new work again\n")
+        }
+        CtlCommand::Service(ServiceCommand::Move { name, to_site }) => format!(
+            "service {name} is moving to site {to_site}: {} first; follow it with `services` and `migrations`\n",
+            if data["moving"]["was_running"] == Value::Bool(true) {
+                "stopping it"
+            } else {
+                "it is stopped, so migrating"
+            }
+        ),
         CtlCommand::Migrations => table(
             &["ID", "VM", "FROM", "TO", "STATE", "BYTES", "ERROR"],
             items

@@ -76,6 +76,18 @@ pub enum CtlRequest {
         dry_run: bool,
     },
     Migrations,
+    HostDrain {
+        host: String,
+        #[serde(default)]
+        pause: bool,
+    },
+    HostUndrain {
+        host: String,
+    },
+    ServiceMove {
+        name: String,
+        site: String,
+    },
     MigrationCancel {
         id: u64,
     },
@@ -246,6 +258,43 @@ pub fn host_json(h: &HostView) -> Value {
     })
 }
 
+/// A host's maintenance mark and its drain: `null` when it is not in maintenance.
+pub fn maintenance_json(
+    host: &HostView,
+    drain: Option<&crate::engine::evacuation::DrainProgress>,
+) -> Value {
+    let Some(m) = host.record.maintenance else {
+        return Value::Null;
+    };
+    let mut shown = drain.map_or_else(|| json!({}), drain_json);
+    shown["since"] = json!(rfc3339(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.since_ms)
+    ));
+    shown["paused"] = json!(m.paused);
+    shown
+}
+
+pub fn drain_json(d: &crate::engine::evacuation::DrainProgress) -> Value {
+    json!({
+        "host": d.host,
+        "paused": d.paused,
+        "moved": d.moved,
+        "remaining": d.remaining,
+        "migrating": d.migrating,
+        "settled": d.is_settled(),
+        "blocked": d.blocked.iter().map(|b| json!({"vm": b.vm, "reason": b.reason})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn move_json(m: &crate::engine::ServiceMove) -> Value {
+    json!({
+        "site": m.site,
+        "phase": m.phase.as_str(),
+        "was_running": m.was_running,
+        "error": m.error,
+    })
+}
+
 pub fn vm_json(host: &HostId, vm: &VmStatus) -> Value {
     json!({
         "id": vm.uuid,
@@ -304,6 +353,7 @@ pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
                 "cost_per_hour": i.cost_per_hour,
             })).collect::<Vec<_>>(),
             "defined_at": rfc3339(defined_at),
+            "moving": view.record.moving.as_ref().map(move_json),
             "applications": spec.applications.iter().map(|a| json!({
                 "name": a.name,
                 "runtime": a.runtime.as_str(),
@@ -387,6 +437,7 @@ pub fn migration_json(m: &crate::engine::migration::MigrationJournal) -> Value {
         "eta_secs": m.eta_secs(),
         "digest": m.digest,
         "error": m.error,
+        "origin": m.origin.as_string(),
     })
 }
 
@@ -416,14 +467,65 @@ fn engine_err(e: EngineError) -> String {
 
 async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, String> {
     match request {
-        CtlRequest::Hosts => Ok(Value::Array(
+        CtlRequest::Hosts => {
+            let snap = engine.snapshot();
+            Ok(Value::Array(
+                snap.hosts
+                    .iter()
+                    .map(|h| {
+                        let mut shown = host_json(h);
+                        shown["maintenance"] = maintenance_json(h, snap.drain(h.id()));
+                        shown
+                    })
+                    .collect(),
+            ))
+        }
+        CtlRequest::HostDrain { host, pause } => {
+            let host = HostId::new(host).map_err(|e| e.to_string())?;
+            if pause {
+                engine
+                    .request(|reply| Command::PauseDrain {
+                        host: host.clone(),
+                        reply,
+                    })
+                    .await
+                    .map_err(engine_err)?;
+                let snap = engine.snapshot();
+                let view = snap.host(&host).ok_or("the host is gone")?;
+                return Ok(maintenance_json(view, snap.drain(&host)));
+            }
+            let progress = engine
+                .request(|reply| Command::DrainHost {
+                    host: host.clone(),
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(drain_json(&progress))
+        }
+        CtlRequest::HostUndrain { host } => {
+            let host = HostId::new(host).map_err(|e| e.to_string())?;
             engine
-                .snapshot()
-                .hosts
-                .iter()
-                .map(|h| host_json(h))
-                .collect(),
-        )),
+                .request(|reply| Command::UndrainHost {
+                    host: host.clone(),
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({"host": host, "maintenance": false}))
+        }
+        CtlRequest::ServiceMove { name, site } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let moving = engine
+                .request(|reply| Command::MoveService {
+                    name: name.clone(),
+                    site,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({"service": name, "moving": move_json(&moving)}))
+        }
         CtlRequest::Vms => Ok(Value::Array(all_vms(&engine.snapshot()))),
         CtlRequest::Events { limit } => {
             let snap = engine.snapshot();
@@ -641,8 +743,13 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 let to_view = snap
                     .host(&to)
                     .ok_or_else(|| format!("host {to} is not enrolled"))?;
-                let checked =
-                    crate::engine::migration::precheck(&found, from_view, to_view, &snap.services);
+                let checked = crate::engine::migration::precheck(
+                    &found,
+                    from_view,
+                    to_view,
+                    &snap.services,
+                    &snap.migrations,
+                );
                 return Ok(match checked {
                     Ok(e) => json!({
                         "vm": found.name, "from": host, "to": to, "can_go": true,

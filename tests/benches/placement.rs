@@ -22,6 +22,7 @@ fn hosts() -> Vec<HostOffer> {
         .map(|i| HostOffer {
             id: HostId::new(format!("host-{i:04}")).unwrap(),
             online: i % 97 != 0,
+            maintenance: false,
             site: SiteName::new(format!("site-{}", i % SITES)).unwrap(),
             security_level: (i % 4) as u8,
             prices: Prices {

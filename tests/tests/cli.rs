@@ -1096,3 +1096,140 @@ fn a_vm_is_migrated_from_ctl() {
         "{table}"
     );
 }
+
+/// `host drain` on the demo: the VM Dunes made moves off the host, the demo's own VMs (no
+/// disk of Dunes's) roll back and are named with the reason, the host takes nothing new
+/// until `host undrain`.
+#[test]
+fn a_host_is_drained_and_undrained_from_ctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo(dir.path());
+    json(&ctl(
+        &data,
+        &[
+            "--json",
+            "vm",
+            "create",
+            "--name",
+            "drainee",
+            "--template",
+            "tiny",
+            "--host",
+            "lsn-2",
+            "--start",
+        ],
+    ));
+    let out = ctl(&data, &["host", "drain", "lsn-2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("lsn-2 is in maintenance: 0 moved, 3 left"),
+        "{said}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let drain = loop {
+        let hosts = json(&ctl(&data, &["--json", "hosts"]));
+        let host = hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["id"] == "lsn-2")
+            .cloned()
+            .unwrap();
+        if host["maintenance"]["settled"] == true {
+            break host["maintenance"].clone();
+        }
+        assert!(Instant::now() < deadline, "{host}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(drain["moved"], 1, "{drain}");
+    assert_eq!(drain["remaining"], 2, "{drain}");
+    let blocked: Vec<&str> = drain["blocked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(blocked, ["shop-pay", "shop-web-2"], "{drain}");
+    assert!(
+        drain["blocked"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rolled back"),
+        "{drain}"
+    );
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let drainee: Vec<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == "drainee")
+        .map(|v| v["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(drainee.len(), 1);
+    assert_ne!(drainee[0], "lsn-2");
+    let migrations = json(&ctl(&data, &["--json", "migrations"]));
+    assert!(
+        migrations
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["origin"] == "drain:lsn-2"),
+        "{migrations}"
+    );
+    let table =
+        String::from_utf8(ctl(&data, &["host", "drain", "lsn-2", "--pause"]).stdout).unwrap();
+    assert!(
+        table.starts_with("lsn-2 is in maintenance, drain paused: 1 moved, 2 left")
+            && table.contains("shop-pay cannot move: "),
+        "{table}"
+    );
+    // Nothing new lands on it.
+    let out = ctl(
+        &data,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "late",
+            "--template",
+            "tiny",
+            "--host",
+            "lsn-2",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lsn-2 is in maintenance"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&data, &["host", "undrain", "lsn-2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hosts = json(&ctl(&data, &["--json", "hosts"]));
+    assert!(
+        hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["maintenance"].is_null()),
+        "{hosts}"
+    );
+    let out = ctl(&data, &["host", "undrain", "lsn-2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "dunes-console: host lsn-2 is not in maintenance"
+    );
+    let out = ctl(&data, &["service", "move", "nosuch", "--to-site", "geneva"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "dunes-console: no service named nosuch"
+    );
+}

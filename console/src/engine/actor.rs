@@ -88,6 +88,10 @@ pub(super) struct Actor {
     /// The last progress of each running transfer: bytes and when, for its rate.
     pub(super) transfer_samples: BTreeMap<u64, (u64, u64)>,
     pub(super) published_migrations: Arc<Vec<super::migration::MigrationJournal>>,
+    /// Where each host in maintenance stands with its drain.
+    pub(super) drains: BTreeMap<HostId, super::evacuation::DrainProgress>,
+    pub(super) drains_dirty: bool,
+    pub(super) published_drains: Arc<Vec<super::evacuation::DrainProgress>>,
     /// The last readiness answer of each running instance, by `service/app/index`.
     pub(super) readiness: BTreeMap<String, super::readiness::LastCheck>,
     /// Instances with a readiness check under way.
@@ -117,6 +121,7 @@ impl Actor {
                 _ = readiness.tick() => {
                     self.check_readiness();
                     self.retry_migrations();
+                    self.advance_evacuations();
                 }
                 cmd = commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd),

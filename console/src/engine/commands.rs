@@ -112,6 +112,16 @@ impl Actor {
                     let _ = reply.send(Err(EngineError::Invalid(e.to_string())));
                     return;
                 }
+                if self
+                    .hosts
+                    .get(&host)
+                    .is_some_and(|h| h.view.record.maintenance.is_some())
+                {
+                    let _ = reply.send(Err(EngineError::Invalid(format!(
+                        "host {host} is in maintenance and takes nothing new; undrain it first"
+                    ))));
+                    return;
+                }
                 let what = format!("creating VM {} on {host}", spec.name);
                 let create = CreateVm {
                     spec,
@@ -175,6 +185,10 @@ impl Actor {
                 reply,
             } => self.migrate_vm(&host, &vm, &to, reply),
             Command::CancelMigration { id, reply } => self.cancel_migration(id, reply),
+            Command::DrainHost { host, reply } => self.drain_host(&host, reply),
+            Command::PauseDrain { host, reply } => self.pause_drain(&host, reply),
+            Command::UndrainHost { host, reply } => self.undrain_host(&host, reply),
+            Command::MoveService { name, site, reply } => self.move_service(&name, &site, reply),
             Command::AdoptVm {
                 service,
                 app,

@@ -40,6 +40,7 @@ impl Actor {
             enrolled_at_ms: now_ms(),
             inventory: None,
             cert_expires_ms: None,
+            maintenance: None,
         };
         self.store.put_host(&record);
         self.add_host_entry(record, Vec::new());

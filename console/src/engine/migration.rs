@@ -112,6 +112,43 @@ pub struct MigrationJournal {
     pub updated_ms: u64,
     /// The transfer's rate as last measured, in bytes per second (not kept in the store).
     pub rate_bps: Option<u64>,
+    /// Who asked for it: the operator, a host drain or a service move.
+    pub origin: MigrationOrigin,
+}
+
+/// Why a migration was started, kept with it for the history.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum MigrationOrigin {
+    /// Asked for by the operator (a drop in the window, ctl).
+    #[default]
+    Operator,
+    /// Part of draining this host.
+    Drain(HostId),
+    /// Part of moving this service to another site.
+    ServiceMove(dunes_shared::model::ServiceName),
+}
+
+impl MigrationOrigin {
+    /// As stored and shown: `operator`, `drain:HOST`, `service-move:NAME`.
+    pub fn as_string(&self) -> String {
+        match self {
+            MigrationOrigin::Operator => "operator".into(),
+            MigrationOrigin::Drain(h) => format!("drain:{h}"),
+            MigrationOrigin::ServiceMove(s) => format!("service-move:{s}"),
+        }
+    }
+
+    /// The stored text back; what this console does not know reads as the operator's.
+    pub fn parse(text: &str) -> Self {
+        let parsed = match text.split_once(':') {
+            Some(("drain", h)) => HostId::new(h).ok().map(MigrationOrigin::Drain),
+            Some(("service-move", s)) => dunes_shared::model::ServiceName::new(s)
+                .ok()
+                .map(MigrationOrigin::ServiceMove),
+            _ => None,
+        };
+        parsed.unwrap_or_default()
+    }
 }
 
 impl MigrationJournal {
@@ -260,6 +297,7 @@ pub fn precheck(
     from: &super::HostView,
     to: &super::HostView,
     services: &[std::sync::Arc<super::ServiceView>],
+    migrations: &[MigrationJournal],
 ) -> Result<MigrationEstimate, Vec<String>> {
     use dunes_shared::model::RuntimeKind;
     let mut reasons = Vec::new();
@@ -284,6 +322,9 @@ pub fn precheck(
             }
             if !offer.runtimes.contains(&RuntimeKind::Libvirt) {
                 reasons.push(format!("{target}: has no libvirt runtime"));
+            }
+            if to.record.maintenance.is_some() {
+                reasons.push(format!("{target}: in maintenance, takes nothing new"));
             }
             if to.vm(&vm.name).is_some() {
                 reasons.push(format!("{target}: already has a VM named {}", vm.name));
@@ -347,6 +388,7 @@ pub fn precheck(
                         service.name()
                     ));
                 }
+                reasons.extend(rule_conflicts(service, instance, target, migrations));
             }
         }
     }
@@ -386,6 +428,66 @@ pub fn precheck(
     })
 }
 
+/// Whether `instance` of `service` may stand on `target` beside the service's other
+/// instances there: those whose host is `target` and those on their way to it, so that two
+/// anti-affine instances never share a host, not even while one of them moves.
+fn rule_conflicts(
+    service: &super::ServiceView,
+    instance: &super::InstanceView,
+    target: &HostId,
+    migrations: &[MigrationJournal],
+) -> Vec<String> {
+    let Ok(spec) = &service.spec else {
+        return Vec::new();
+    };
+    let rules = &spec.rules;
+    let app = &instance.record.app;
+    let heading_to = |i: &super::InstanceView| {
+        migrations.iter().any(|m| {
+            !m.step.is_finished()
+                && &m.to == target
+                && m.from == i.record.host
+                && m.vm == i.record.vm
+        })
+    };
+    let there: Vec<&super::InstanceView> = service
+        .instances
+        .iter()
+        .filter(|i| i.record.key() != instance.record.key())
+        .filter(|i| &i.record.host == target || heading_to(i))
+        .collect();
+    let mut reasons = Vec::new();
+    for other in &there {
+        let o = &other.record.app;
+        if rules
+            .anti_affinity
+            .iter()
+            .any(|[x, y]| (x == app && y == o) || (x == o && y == app))
+        {
+            reasons.push(format!(
+                "{target}: runs {o}-{} (anti-affinity {app}/{o} in service {})",
+                other.record.index,
+                service.name()
+            ));
+        }
+        if o == app && rules.distinct_hosts.contains(app) {
+            reasons.push(format!(
+                "{target}: runs {app}-{} already (service {} keeps {app} on distinct hosts)",
+                other.record.index,
+                service.name()
+            ));
+        }
+    }
+    for [first, second] in &rules.affinity {
+        if second == app && !there.iter().any(|i| &i.record.app == first) {
+            reasons.push(format!(
+                "{target}: has no {first} instance, and {app} runs only beside one"
+            ));
+        }
+    }
+    reasons
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,6 +508,7 @@ mod tests {
             started_ms: 0,
             updated_ms: 0,
             rate_bps: None,
+            origin: MigrationOrigin::Operator,
         }
     }
 

@@ -8,8 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use dunes_shared::{
     model::{HostId, RuntimeKind, VmName, VmState},
     protocol::{
-        DeleteVm, DiscardDisk, ExportVm, HashDisk, ImportVm, PrepareReceive, SendDisk, StartVm,
-        StopVm,
+        DeleteVm, DiscardDisk, ExportVm, HashDisk, ImportVm, PrepareReceive, ProbeKind,
+        ReadinessProbe, SendDisk, StartVm, StopVm,
     },
     transfer::TransferTicket,
 };
@@ -18,7 +18,11 @@ use super::{
     EngineError, LinkState, Reply,
     actor::{Actor, Internal, now_ms},
     client::AgentClient,
-    migration::{Effect, MigrationJournal, MigrationStep, Outcome, advance, resume},
+    migration::{
+        Effect, MigrationJournal, MigrationOrigin, MigrationStep, Outcome, advance, resume,
+    },
+    services::probe_of,
+    store::InstanceRecord,
     store::Level,
 };
 
@@ -55,42 +59,64 @@ impl Actor {
         to: &HostId,
         reply: Reply<MigrationJournal>,
     ) {
-        let checked = (|| {
-            if host == to {
-                return Err(format!("{vm} is on {to} already"));
-            }
-            let source = self
-                .hosts
-                .get(host)
-                .ok_or_else(|| format!("host {host} is not enrolled"))?;
-            let status = source
-                .view
-                .vm(vm)
-                .ok_or_else(|| format!("host {host} has no VM {vm}"))?;
-            let target = self
-                .hosts
-                .get(to)
-                .ok_or_else(|| format!("host {to} is not enrolled"))?;
-            if let Some(m) = self
-                .migrations
-                .values()
-                .find(|m| &m.vm == vm && !m.step.is_finished())
-            {
-                return Err(format!("{vm} is migrating already (migration {})", m.id));
-            }
-            // The same pre-check as a drop in the window: capacity, runtime, name and the
-            // rules of the VM's service, every reason at once.
-            super::migration::precheck(status, &source.view, &target.view, &self.service_views())
-                .map_err(|reasons| format!("{vm} cannot go to {to}: {}", reasons.join("; ")))?;
-            Ok(status.state.is_active())
-        })();
-        let was_running = match checked {
-            Ok(r) => r,
+        match self.start_migration(host, vm, to, MigrationOrigin::Operator) {
+            Ok(journal) => self.reply_after_commit(reply, journal),
             Err(e) => {
                 let _ = reply.send(Err(EngineError::Invalid(e)));
-                return;
             }
-        };
+        }
+    }
+
+    /// Open migrations, for the pre-check's view of what is on its way where.
+    pub(super) fn open_migrations(&self) -> Vec<MigrationJournal> {
+        self.migrations
+            .values()
+            .filter(|m| !m.step.is_finished())
+            .cloned()
+            .collect()
+    }
+
+    /// Checks, journals and starts a migration; the journal as planned, or why it cannot go.
+    pub(super) fn start_migration(
+        &mut self,
+        host: &HostId,
+        vm: &VmName,
+        to: &HostId,
+        origin: MigrationOrigin,
+    ) -> Result<MigrationJournal, String> {
+        if host == to {
+            return Err(format!("{vm} is on {to} already"));
+        }
+        let source = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| format!("host {host} is not enrolled"))?;
+        let status = source
+            .view
+            .vm(vm)
+            .ok_or_else(|| format!("host {host} has no VM {vm}"))?;
+        let target = self
+            .hosts
+            .get(to)
+            .ok_or_else(|| format!("host {to} is not enrolled"))?;
+        if let Some(m) = self
+            .migrations
+            .values()
+            .find(|m| &m.vm == vm && !m.step.is_finished())
+        {
+            return Err(format!("{vm} is migrating already (migration {})", m.id));
+        }
+        // The same pre-check as a drop in the window: capacity, runtime, name and the rules
+        // of the VM's service, every reason at once.
+        super::migration::precheck(
+            status,
+            &source.view,
+            &target.view,
+            &self.service_views(),
+            &self.open_migrations(),
+        )
+        .map_err(|reasons| format!("{vm} cannot go to {to}: {}", reasons.join("; ")))?;
+        let was_running = status.state.is_active();
         let id = self.migrations.keys().next_back().map_or(1, |k| k + 1);
         let now = now_ms();
         let planned = MigrationJournal {
@@ -108,15 +134,21 @@ impl Actor {
             started_ms: now,
             updated_ms: now,
             rate_bps: None,
+            origin,
         };
         let (journal, effects) = advance(&planned, Outcome::Done);
+        let why = match &journal.origin {
+            MigrationOrigin::Operator => String::new(),
+            MigrationOrigin::Drain(h) => format!(" (drain of {h})"),
+            MigrationOrigin::ServiceMove(s) => format!(" (move of service {s})"),
+        };
         self.log(
             Level::Info,
             Some(host.clone()),
-            format!("migration {id}: {vm} from {host} to {to}"),
+            format!("migration {id}: {vm} from {host} to {to}{why}"),
         );
         self.commit_migration(journal.clone(), effects);
-        self.reply_after_commit(reply, journal);
+        Ok(journal)
     }
 
     /// A source agent's word on how far a transfer has got: shown live, not journaled (the
@@ -213,6 +245,7 @@ impl Actor {
             .get(&journal.to)
             .map(|h| h.view.record.address.clone())
             .unwrap_or_default();
+        let readiness = self.readiness_on_target(&journal);
         let internal = self.internal_tx.clone();
         let runtime = tokio::runtime::Handle::current();
         self.store.after_commit(Box::new(move |committed| {
@@ -220,8 +253,14 @@ impl Actor {
                 return;
             }
             runtime.spawn(async move {
-                let (outcome, learned) =
-                    run_effects(&journal, &effects, clients, &target_address).await;
+                let (outcome, learned) = run_effects(
+                    &journal,
+                    &effects,
+                    clients,
+                    &target_address,
+                    readiness.as_ref(),
+                )
+                .await;
                 let id = journal.id;
                 let done = move |actor: &mut Actor| actor.migration_outcome(id, outcome, learned);
                 let _ = internal.send(Internal::CallDone(Box::new(done))).await;
@@ -254,10 +293,62 @@ impl Actor {
         };
         self.transfer_samples.remove(&id);
         let (next, effects) = advance(&journal, outcome);
+        if next.step == MigrationStep::Confirmed && journal.step != MigrationStep::Confirmed {
+            // The instance is where its VM now runs, written in the journal's batch.
+            let moved: Vec<InstanceRecord> = self
+                .instances
+                .values()
+                .filter(|i| i.host == next.from && i.vm == next.vm)
+                .map(|i| InstanceRecord {
+                    host: next.to.clone(),
+                    ..i.clone()
+                })
+                .collect();
+            for instance in moved {
+                self.store.put_instance(&instance);
+                self.readiness.remove(&instance.key());
+                self.instances.insert(instance.key(), instance);
+                self.services_dirty = true;
+            }
+        }
         if next.step == MigrationStep::SourceDeleted {
             self.remove_vm(&next.from, &next.vm);
         }
+        let finished = next.step.is_finished();
         self.commit_migration(next, effects);
+        if finished {
+            // A drain or a service move takes its next step at once.
+            self.advance_evacuations();
+        }
+    }
+
+    /// The check the VM's application must pass on the target before the migration is
+    /// confirmed, if it is a service instance with one beyond "running".
+    fn readiness_on_target(
+        &self,
+        journal: &MigrationJournal,
+    ) -> Option<(InstanceRecord, ReadinessProbe)> {
+        if journal.step != MigrationStep::Starting || !journal.was_running {
+            return None;
+        }
+        let instance = self
+            .instances
+            .values()
+            .find(|i| i.host == journal.from && i.vm == journal.vm)?;
+        let probe = self
+            .services
+            .get(&instance.service)
+            .and_then(|s| s.spec.as_ref().ok())
+            .and_then(|spec| spec.application(&instance.app))
+            .map(|app| probe_of(&app.readiness))
+            .filter(|p| p.kind != ProbeKind::Running)?;
+        Some((
+            InstanceRecord {
+                host: journal.to.clone(),
+                ..instance.clone()
+            },
+            probe,
+        ))
     }
 
     /// Migrations the last run left open, and those waiting on a host: their step again.
@@ -302,6 +393,7 @@ async fn run_effects(
         Result<AgentClient, EngineError>,
     ),
     target_address: &str,
+    readiness: Option<&(InstanceRecord, ReadinessProbe)>,
 ) -> (Outcome, Learned) {
     let mut learned = Learned::default();
     let (source, target) = match clients {
@@ -315,6 +407,7 @@ async fn run_effects(
             &source,
             &target,
             target_address,
+            readiness,
             &mut learned,
         )
         .await;
@@ -338,6 +431,7 @@ async fn run_effect(
     source: &AgentClient,
     target: &AgentClient,
     target_address: &str,
+    readiness: Option<&(InstanceRecord, ReadinessProbe)>,
     learned: &mut Learned,
 ) -> Result<(), EngineError> {
     let vm = journal.vm.clone();
@@ -415,7 +509,17 @@ async fn run_effect(
         }
         Effect::StartOnTarget => {
             if journal.was_running {
-                learned.target_vm = Some(target.call(StartVm { name: vm, runtime }).await?);
+                let started = match target.call(StartVm { name: vm, runtime }).await {
+                    Ok(vm) => Some(vm),
+                    // Started by an earlier try of this step.
+                    Err(EngineError::Agent(m)) if m.contains("already running") => None,
+                    Err(e) => return Err(e),
+                };
+                learned.target_vm = started;
+                // Confirmed only once its application's check passes there too.
+                if let Some((instance, probe)) = readiness {
+                    super::services::wait_until_ready(target, instance, probe).await?;
+                }
             }
             Ok(())
         }

@@ -7,6 +7,8 @@ pub mod client;
 mod commands;
 pub mod console_pki;
 pub mod enroll;
+pub mod evacuation;
+mod evacuations;
 mod event_log;
 mod gate;
 mod hosts;
@@ -40,7 +42,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
 pub use services::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};
-pub use store::{EventRecord, HostRecord, InstanceRecord, Level, ServiceRecord};
+pub use store::{
+    EventRecord, HostRecord, InstanceRecord, Level, Maintenance, MovePhase, ServiceMove,
+    ServiceRecord,
+};
 
 use self::{
     actor::{Actor, Internal},
@@ -196,6 +201,21 @@ pub enum Command {
         vm: VmName,
         to: HostId,
         reply: Reply<migration::MigrationJournal>,
+    },
+    /// Puts a host in maintenance and moves everything off it, or resumes its paused drain.
+    DrainHost {
+        host: HostId,
+        reply: Reply<evacuation::DrainProgress>,
+    },
+    /// Starts no further migration of a drain; the one under way finishes.
+    PauseDrain { host: HostId, reply: Reply<()> },
+    /// Ends a host's maintenance.
+    UndrainHost { host: HostId, reply: Reply<()> },
+    /// Moves every instance of a service to the hosts of a site.
+    MoveService {
+        name: dunes_shared::model::ServiceName,
+        site: String,
+        reply: Reply<ServiceMove>,
     },
     /// Stops a migration and rolls it back, if it is not confirmed yet.
     CancelMigration {
@@ -407,6 +427,9 @@ pub async fn start_with(
         migrations_dirty: true,
         transfer_samples: BTreeMap::new(),
         published_migrations: Arc::new(Vec::new()),
+        drains: Default::default(),
+        drains_dirty: true,
+        published_drains: Arc::new(Vec::new()),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
     for (host, vm) in loaded.vms {

@@ -38,6 +38,8 @@ pub struct Interpreter {
 pub struct HostOffer {
     pub id: HostId,
     pub online: bool,
+    /// In maintenance: keeps what it runs, takes nothing new.
+    pub maintenance: bool,
     pub site: SiteName,
     pub security_level: u8,
     pub prices: Prices,
@@ -150,6 +152,7 @@ pub fn instance_cost_per_hour(app: &ApplicationSpec, prices: &Prices) -> f64 {
 #[derive(Debug, Clone, PartialEq)]
 enum Reject {
     Offline,
+    Maintenance,
     NoRuntime(RuntimeKind),
     NoInterpreter(String),
     OldInterpreter {
@@ -400,6 +403,7 @@ impl<'a> Placer<'a> {
         let mut s = format!("{}: ", host.id);
         let _ = match reject {
             Reject::Offline => write!(s, "unreachable"),
+            Reject::Maintenance => write!(s, "in maintenance, takes nothing new"),
             Reject::NoRuntime(r) => write!(s, "has no {} runtime", r.as_str()),
             Reject::NoInterpreter(n) => write!(s, "has no {n} interpreter"),
             Reject::OldInterpreter {
@@ -672,6 +676,10 @@ pub fn place_instances_with(
         let app = &service.applications[a];
         let mut candidates = Vec::with_capacity(n_hosts);
         for (h, host) in hosts.iter().enumerate() {
+            if host.maintenance && host.online {
+                p.note(a, h, Reject::Maintenance);
+                continue;
+            }
             match p.static_reject(app, host) {
                 None => candidates.push(h),
                 Some(r) => p.note(a, h, r),
@@ -832,6 +840,7 @@ mod tests {
         HostOffer {
             id: HostId::new(id).unwrap(),
             online: true,
+            maintenance: false,
             site: SiteName::new(site).unwrap(),
             security_level: level,
             prices: Prices {

@@ -85,6 +85,11 @@ impl Actor {
             self.migrations_dirty = false;
             changed = true;
         }
+        if self.drains_dirty {
+            self.published_drains = Arc::new(self.drains.values().cloned().collect());
+            self.drains_dirty = false;
+            changed = true;
+        }
         if self.events_dirty {
             self.published_events = Arc::new(self.events.iter().cloned().collect());
             self.events_dirty = false;
@@ -103,6 +108,7 @@ impl Actor {
             events: self.published_events.clone(),
             services: self.published_services.clone(),
             migrations: self.published_migrations.clone(),
+            drains: self.published_drains.clone(),
             version: self.version,
         }));
         if let Some(repaint) = self

@@ -174,6 +174,7 @@ pub fn host_offer(host: &HostView) -> Option<HostOffer> {
     Some(HostOffer {
         id: host.id().clone(),
         online: host.link == LinkState::Online,
+        maintenance: host.record.maintenance.is_some(),
         site: inv.site.name.clone(),
         security_level: inv.security_level,
         prices: inv.prices,
@@ -365,6 +366,8 @@ impl Actor {
             name: name.clone(),
             source,
             defined_at_ms: now_ms(),
+            // A move under way goes on under the new definition.
+            moving: existing.and_then(|e| e.record.moving.clone()),
         };
         self.store.put_service(&record);
         self.services
@@ -1038,7 +1041,7 @@ pub fn probe_of(readiness: &Readiness) -> ReadinessProbe {
 }
 
 /// Asks the agent until the instance passes its check, within [`READY_TIMEOUT`].
-async fn wait_until_ready(
+pub(super) async fn wait_until_ready(
     client: &AgentClient,
     instance: &InstanceRecord,
     probe: &ReadinessProbe,

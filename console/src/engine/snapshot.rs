@@ -85,11 +85,17 @@ pub struct Snapshot {
     pub services: Arc<Vec<Arc<super::ServiceView>>>,
     /// Every migration, by id.
     pub migrations: Arc<Vec<super::migration::MigrationJournal>>,
+    /// Every host in maintenance and its drain, by host id.
+    pub drains: Arc<Vec<super::evacuation::DrainProgress>>,
     /// Bumped on every publish.
     pub version: u64,
 }
 
 impl Snapshot {
+    pub fn drain(&self, id: &HostId) -> Option<&super::evacuation::DrainProgress> {
+        self.drains.iter().find(|d| &d.host == id)
+    }
+
     pub fn host(&self, id: &HostId) -> Option<&Arc<HostView>> {
         self.hosts.iter().find(|h| h.id() == id)
     }

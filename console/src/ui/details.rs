@@ -4,7 +4,7 @@ use dunes_shared::model::ServiceName;
 use egui::RichText;
 
 use super::{Actions, Selection, UiAction, link_color, state_color};
-use crate::engine::{LinkState, Snapshot};
+use crate::engine::{Command, LinkState, Snapshot};
 
 #[derive(Debug, Default)]
 pub struct DetailsPanel;
@@ -104,6 +104,8 @@ impl DetailsPanel {
                     }
                 });
                 ui.separator();
+                maintenance_ui(ui, snapshot, host, actions);
+                ui.separator();
                 ui.label(RichText::new(format!("{} VMs", host.vms.len())).strong());
                 for vm in &host.vms {
                     ui.horizontal(|ui| {
@@ -161,6 +163,102 @@ impl DetailsPanel {
             Selection::Service(name) => service_details(ui, snapshot, &name, actions),
         });
     }
+}
+
+/// A host's maintenance: drain it (everything moved off, nothing new lands), pause or resume
+/// the drain, end the maintenance; what the drain has done and what cannot move, and why.
+fn maintenance_ui(
+    ui: &mut egui::Ui,
+    snapshot: &Snapshot,
+    host: &crate::engine::HostView,
+    actions: &mut Actions<'_>,
+) {
+    let id = host.id().clone();
+    let Some(maintenance) = host.record.maintenance else {
+        ui.horizontal_wrapped(|ui| {
+            ui.label("In service: takes new VMs and instances.");
+            if ui
+                .button("Drain")
+                .on_hover_text(
+                    "Maintenance: move every VM to the hosts placement picks, and take nothing new",
+                )
+                .clicked()
+            {
+                actions.send(format!("Draining {id}"), |reply| Command::DrainHost {
+                    host: id.clone(),
+                    reply,
+                });
+            }
+        });
+        return;
+    };
+    ui.label(
+        RichText::new("In maintenance: takes nothing new")
+            .strong()
+            .color(egui::Color32::from_rgb(230, 180, 60)),
+    );
+    if let Some(drain) = snapshot.drain(&id) {
+        let total = drain.moved + drain.remaining;
+        let done = if total == 0 {
+            1.0
+        } else {
+            drain.moved as f32 / total as f32
+        };
+        let state = if drain.paused {
+            "paused".to_string()
+        } else if let Some(m) = drain.migrating {
+            format!("migration {m} under way")
+        } else if drain.is_settled() {
+            "nothing more can move".to_string()
+        } else {
+            "choosing the next VM".to_string()
+        };
+        ui.add(egui::ProgressBar::new(done).text(format!(
+            "{} moved, {} left: {state}",
+            drain.moved, drain.remaining
+        )));
+        for b in &drain.blocked {
+            ui.label(
+                RichText::new(format!("{} cannot move: {}", b.vm, b.reason))
+                    .color(egui::Color32::LIGHT_RED),
+            );
+        }
+    }
+    ui.horizontal_wrapped(|ui| {
+        if maintenance.paused {
+            if ui.button("Resume drain").clicked() {
+                actions.send(format!("Resuming the drain of {id}"), |reply| {
+                    Command::DrainHost {
+                        host: id.clone(),
+                        reply,
+                    }
+                });
+            }
+        } else if ui
+            .button("Pause drain")
+            .on_hover_text("The migration under way finishes")
+            .clicked()
+        {
+            actions.send(format!("Pausing the drain of {id}"), |reply| {
+                Command::PauseDrain {
+                    host: id.clone(),
+                    reply,
+                }
+            });
+        }
+        if ui
+            .button("End maintenance")
+            .on_hover_text("The host takes new work again")
+            .clicked()
+        {
+            actions.send(format!("Ending the maintenance of {id}"), |reply| {
+                Command::UndrainHost {
+                    host: id.clone(),
+                    reply,
+                }
+            });
+        }
+    });
 }
 
 /// The selected service: status, applications with their cost, and every instance.

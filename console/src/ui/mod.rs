@@ -452,9 +452,13 @@ impl ConsoleApp {
         let snapshot = self.snapshot.clone();
         let checked = match (snapshot.host(&from), snapshot.host(&to)) {
             (Some(f), Some(t)) => match f.vm(&vm) {
-                Some(status) => {
-                    crate::engine::migration::precheck(status, f, t, &snapshot.services)
-                }
+                Some(status) => crate::engine::migration::precheck(
+                    status,
+                    f,
+                    t,
+                    &snapshot.services,
+                    &snapshot.migrations,
+                ),
                 None => Err(vec![format!("{vm} is no longer on {from}")]),
             },
             _ => Err(vec!["a host is no longer enrolled".to_string()]),

@@ -71,6 +71,16 @@ fn service_card(
                 .rect_filled(tag, CornerRadius::same(2), service_tag_color(name));
             ui.label(RichText::new(name.as_str()).strong());
             ui.label(RichText::new(view.status.as_str()).color(service_color(view.status)));
+            if let Some(moving) = &view.record.moving {
+                ui.label(
+                    RichText::new(format!(
+                        "moving to {}: {}",
+                        moving.site,
+                        moving.phase.as_str()
+                    ))
+                    .color(Color32::from_rgb(230, 180, 60)),
+                );
+            }
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                 ui.label(format!("{:.3}/h", view.cost_per_hour()));
             });
@@ -351,6 +361,15 @@ fn migrations_ui(ui: &mut egui::Ui, snapshot: &Snapshot, actions: &mut Actions<'
             ui.label(RichText::new(format!("#{} {}", m.id, m.vm)).strong());
             ui.label(format!("{} -> {}", m.from, m.to));
             ui.colored_label(color, m.step.as_str());
+            match &m.origin {
+                crate::engine::migration::MigrationOrigin::Operator => {}
+                crate::engine::migration::MigrationOrigin::Drain(h) => {
+                    ui.label(RichText::new(format!("drain of {h}")).weak());
+                }
+                crate::engine::migration::MigrationOrigin::ServiceMove(s) => {
+                    ui.label(RichText::new(format!("move of {s}")).weak());
+                }
+            }
         });
         if !m.step.is_finished() {
             let fraction = if m.bytes_total > 0 {

@@ -332,6 +332,7 @@ fn host_card(
             from,
             host,
             &snapshot.services,
+            &snapshot.migrations,
         ))
     });
     if let Some(drag) = response.dnd_release_payload::<VmDrag>()
@@ -406,12 +407,21 @@ fn host_card(
         FontId::proportional(15.0),
         text,
     );
+    // A host in maintenance says so where its link state is, with its drain's progress.
+    let (state, shown_color) = match (host.record.maintenance, snapshot.drain(host.id())) {
+        (Some(m), Some(d)) if !m.paused && !d.is_settled() => (
+            format!("draining {}/{}", d.moved, d.moved + d.remaining),
+            Color32::from_rgb(230, 180, 60),
+        ),
+        (Some(_), _) => ("maintenance".to_string(), Color32::from_rgb(230, 180, 60)),
+        (None, _) => (host.link.as_str().to_string(), link_color(host.link)),
+    };
     painter.text(
         inner.right_top(),
         Align2::RIGHT_TOP,
-        host.link.as_str(),
+        state,
         FontId::proportional(11.0),
-        link_color(host.link),
+        shown_color,
     );
     let mut x = inner.left();
     let badge_y = inner.top() + 21.0;

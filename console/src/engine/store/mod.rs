@@ -96,6 +96,21 @@ pub struct HostRecord {
     pub inventory: Option<dunes_shared::model::HostInventory>,
     /// When the agent's certificate expires, as last seen (ms since the Unix epoch).
     pub cert_expires_ms: Option<u64>,
+    /// Set while the host is in maintenance: it takes nothing new, and (unless paused)
+    /// everything on it is moved away.
+    pub maintenance: Option<Maintenance>,
+}
+
+/// A host's maintenance mark and its drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Maintenance {
+    /// When the drain began (ms since the Unix epoch).
+    pub since_ms: u64,
+    /// A paused drain starts no new migration.
+    pub paused: bool,
+    /// When the drain was last started or resumed: migrations that failed before are tried
+    /// again.
+    pub resumed_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +161,47 @@ pub struct ServiceRecord {
     pub name: dunes_shared::model::ServiceName,
     pub source: String,
     pub defined_at_ms: u64,
+    /// A move to another site under way.
+    pub moving: Option<ServiceMove>,
+}
+
+/// A service on its way to another site: stopped top-down, its instances migrated one at a
+/// time in start order, then started bottom-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceMove {
+    pub site: String,
+    pub phase: MovePhase,
+    /// Whether any instance ran: the service is started again at the end.
+    pub was_running: bool,
+    pub since_ms: u64,
+    /// Why the move stopped short; it still starts the service again where it stands.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MovePhase {
+    Stopping,
+    Moving,
+    Starting,
+}
+
+impl MovePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MovePhase::Stopping => "stopping",
+            MovePhase::Moving => "moving",
+            MovePhase::Starting => "starting",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "stopping" => MovePhase::Stopping,
+            "moving" => MovePhase::Moving,
+            "starting" => MovePhase::Starting,
+            _ => return None,
+        })
+    }
 }
 
 /// Where an instance of a service stands.
@@ -612,6 +668,7 @@ mod tests {
                 enrolled_at_ms: 5,
                 inventory: None,
                 cert_expires_ms: None,
+                maintenance: None,
             });
             store.put_vm(h1.clone(), &vm("a", VmState::Running));
             store.put_vm(h1.clone(), &vm("b", VmState::Running));
@@ -819,6 +876,7 @@ mod tests {
             name: dunes_shared::model::ServiceName::new(name).unwrap(),
             source: format!("name = \"{name}\"\n"),
             defined_at_ms: 7,
+            moving: None,
         };
         {
             let (mut store, _) = Store::open(&path).unwrap();

@@ -38,6 +38,16 @@ pub struct HostRow {
     pub inventory: Option<InventoryRow>,
     #[serde(default)]
     pub cert_expires_ms: Option<u64>,
+    #[serde(default)]
+    pub maintenance: Option<MaintenanceRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaintenanceRow {
+    pub since_ms: u64,
+    pub paused: bool,
+    #[serde(default)]
+    pub resumed_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +142,11 @@ impl From<&HostRecord> for HostRow {
             enrolled_at_ms: h.enrolled_at_ms,
             inventory: h.inventory.as_ref().map(InventoryRow::from),
             cert_expires_ms: h.cert_expires_ms,
+            maintenance: h.maintenance.map(|m| MaintenanceRow {
+                since_ms: m.since_ms,
+                paused: m.paused,
+                resumed_ms: m.resumed_ms,
+            }),
         }
     }
 }
@@ -151,6 +166,11 @@ impl TryFrom<HostRow> for HostRecord {
             enrolled_at_ms: row.enrolled_at_ms,
             inventory,
             cert_expires_ms: row.cert_expires_ms,
+            maintenance: row.maintenance.map(|m| super::Maintenance {
+                since_ms: m.since_ms,
+                paused: m.paused,
+                resumed_ms: m.resumed_ms,
+            }),
         })
     }
 }
@@ -350,6 +370,19 @@ pub struct ServiceRow {
     /// The service file as the operator wrote it.
     pub source: String,
     pub defined_at_ms: u64,
+    #[serde(default)]
+    pub moving: Option<ServiceMoveRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceMoveRow {
+    pub site: String,
+    /// As [`super::MovePhase::as_str`].
+    pub phase: String,
+    pub was_running: bool,
+    pub since_ms: u64,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 impl From<&super::ServiceRecord> for ServiceRow {
@@ -358,6 +391,13 @@ impl From<&super::ServiceRecord> for ServiceRow {
             name: s.name.to_string(),
             source: s.source.clone(),
             defined_at_ms: s.defined_at_ms,
+            moving: s.moving.as_ref().map(|m| ServiceMoveRow {
+                site: m.site.clone(),
+                phase: m.phase.as_str().to_string(),
+                was_running: m.was_running,
+                since_ms: m.since_ms,
+                error: m.error.clone(),
+            }),
         }
     }
 }
@@ -370,6 +410,19 @@ impl TryFrom<ServiceRow> for super::ServiceRecord {
                 .map_err(invalid("service name"))?,
             source: row.source,
             defined_at_ms: row.defined_at_ms,
+            moving: match row.moving {
+                Some(m) => Some(super::ServiceMove {
+                    phase: super::MovePhase::parse(&m.phase).ok_or_else(|| RowError {
+                        what: "service move phase",
+                        why: m.phase.clone(),
+                    })?,
+                    site: m.site,
+                    was_running: m.was_running,
+                    since_ms: m.since_ms,
+                    error: m.error,
+                }),
+                None => None,
+            },
         })
     }
 }
@@ -458,6 +511,9 @@ pub struct MigrationRow {
     pub started_ms: u64,
     #[serde(default)]
     pub updated_ms: u64,
+    /// As [`crate::engine::migration::MigrationOrigin::as_string`].
+    #[serde(default)]
+    pub origin: String,
 }
 
 impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
@@ -476,6 +532,7 @@ impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
             digest: j.digest.clone(),
             started_ms: j.started_ms,
             updated_ms: j.updated_ms,
+            origin: j.origin.as_string(),
         }
     }
 }
@@ -502,6 +559,7 @@ impl TryFrom<MigrationRow> for crate::engine::migration::MigrationJournal {
             started_ms: row.started_ms,
             updated_ms: row.updated_ms,
             rate_bps: None,
+            origin: crate::engine::migration::MigrationOrigin::parse(&row.origin),
         })
     }
 }

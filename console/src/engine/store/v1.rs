@@ -113,6 +113,7 @@ impl From<Host> for HostRow {
             fingerprint: h.fingerprint,
             enrolled_at_ms: h.enrolled_at_ms,
             cert_expires_ms: None,
+            maintenance: None,
             inventory: h.inventory.map(|i| InventoryRow {
                 hostname: i.hostname,
                 cpus: i.cpus,
