@@ -313,11 +313,10 @@ async fn certificates_renew_over_the_live_link_and_commands_work_throughout() {
         })
         .await
         .expect("a new connection with the renewed certificates");
-    let online = log_of(&engine, &host)
-        .iter()
-        .filter(|m| *m == "online")
-        .count();
-    assert_eq!(online, 2, "reconnected once");
+    let log = log_of(&engine, &host);
+    let online = log.iter().filter(|m| *m == "online").count();
+    // Once for the new address; under load a renewal due at that moment may take one more.
+    assert!((2..=3).contains(&online), "reconnected: {log:?}");
     engine
         .request(|reply| Command::CreateVm {
             host: host.clone(),
