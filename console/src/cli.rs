@@ -741,7 +741,10 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
                         text(&m["to"]),
                         text(&m["state"]),
                         format!("{}/{}", text(&m["bytes_done"]), text(&m["bytes_total"])),
-                        text(&m["error"]),
+                        match &m["waiting"] {
+                            Value::String(w) => format!("waiting: {w}"),
+                            _ => text(&m["error"]),
+                        },
                     ]
                 })
                 .collect(),

@@ -437,6 +437,7 @@ pub fn migration_json(m: &crate::engine::migration::MigrationJournal) -> Value {
         "eta_secs": m.eta_secs(),
         "digest": m.digest,
         "error": m.error,
+        "waiting": m.waiting,
         "origin": m.origin.as_string(),
     })
 }

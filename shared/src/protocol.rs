@@ -281,6 +281,10 @@ pub struct SendReport {
     pub resent_chunks: u32,
     /// The image digest both ends agreed on, in hex.
     pub digest: String,
+    /// Times the link to the target broke and the transfer went on over a new connection
+    /// from the last chunk the target acknowledged (the other fields are the last try's).
+    #[serde(default)]
+    pub reconnects: u32,
 }
 
 /// A VM's portable definition (its record, naming disks by file name only), for another agent.
@@ -726,11 +730,12 @@ mod tests {
                 resumed_from: 4,
                 resent_chunks: 5,
                 digest: "d".into(),
+                reconnects: 6,
             }),
             concat!(
-                "81a24f6b86aa73697a655f627974657301af616c6c6f63617465645f627974657302aa73656e745f",
+                "81a24f6b87aa73697a655f627974657301af616c6c6f63617465645f627974657302aa73656e745f",
                 "627974657303ac726573756d65645f66726f6d04ad726573656e745f6368756e6b7305a664696765",
-                "7374a164",
+                "7374a164aa7265636f6e6e6563747306",
             ),
         );
         golden::<Result<EnrollBeginReply, WireError>>(

@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 use dunes_console::engine::{self, Command as EngineCommand, EngineHandle, HostAdded};
 use dunes_shared::{model::HostId, pki::Fingerprint};
 
+pub mod netns;
+
 /// How long an agent gets to print its startup lines (QEMU's first probe takes ~8 s).
 pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -36,6 +38,8 @@ pub struct AgentProcess {
     site: String,
     libvirt_uri: String,
     extra_args: Vec<String>,
+    /// The network namespace it runs in, if not this one.
+    netns: Option<String>,
 }
 
 impl AgentProcess {
@@ -86,6 +90,49 @@ impl AgentProcess {
         listen: &str,
         extra_args: Vec<String>,
     ) -> anyhow::Result<Self> {
+        Self::spawn_full(
+            None,
+            cwd,
+            data_dir,
+            host_id,
+            site,
+            libvirt_uri,
+            listen,
+            extra_args,
+        )
+    }
+
+    /// An agent in network namespace `netns` (see [`netns::Lab`]), listening on `listen`.
+    pub fn spawn_in_netns(
+        netns: &str,
+        data_dir: &Path,
+        host_id: &str,
+        libvirt_uri: &str,
+        listen: &str,
+    ) -> anyhow::Result<Self> {
+        Self::spawn_full(
+            Some(netns),
+            None,
+            data_dir,
+            host_id,
+            "lab",
+            libvirt_uri,
+            listen,
+            Vec::new(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_full(
+        netns: Option<&str>,
+        cwd: Option<&Path>,
+        data_dir: &Path,
+        host_id: &str,
+        site: &str,
+        libvirt_uri: &str,
+        listen: &str,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
         let here = match cwd {
             Some(cwd) => cwd.join(data_dir),
             None => data_dir.to_path_buf(),
@@ -96,7 +143,15 @@ impl AgentProcess {
             &config,
             format!("host_id = \"{host_id}\"\nstop_timeout_secs = 20\n[site]\nname = \"{site}\"\n"),
         )?;
-        let mut command = Command::new(agent_binary());
+        // `ip netns exec` runs the agent itself in the namespace: its pid is the agent's.
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(agent_binary());
+                c
+            }
+            None => Command::new(agent_binary()),
+        };
         if let Some(cwd) = cwd {
             command.current_dir(cwd);
         }
@@ -149,6 +204,7 @@ impl AgentProcess {
             site: site.to_string(),
             libvirt_uri: libvirt_uri.to_string(),
             extra_args,
+            netns: netns.map(str::to_string),
         })
     }
 
@@ -161,7 +217,9 @@ impl AgentProcess {
     /// Starts the agent again on the same data dir and address.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        let mut again = Self::spawn_with(
+        let mut again = Self::spawn_full(
+            self.netns.as_deref(),
+            None,
             &self.data_dir,
             self.host_id.as_str(),
             &self.site,

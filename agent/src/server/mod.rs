@@ -102,6 +102,10 @@ struct Shared {
     tickets: Mutex<std::collections::BTreeMap<String, dunes_shared::transfer::TransferTicket>>,
     /// A test hook: the next disk this agent sends has its first chunk corrupted on the wire.
     transfer_faults: Mutex<bool>,
+    /// Disks being sent (and the outcome of those sent), by ticket id: a `SendDisk` repeated
+    /// by a console that lost its answer waits for the transfer under way instead of
+    /// starting a second one.
+    sends: Mutex<std::collections::BTreeMap<String, transfer::SendOutcome>>,
 }
 
 impl RunningAgent {
@@ -172,6 +176,7 @@ impl RunningAgent {
             enrollments: tokio::sync::watch::Sender::new(0),
             tickets: Mutex::new(Default::default()),
             transfer_faults: Mutex::new(false),
+            sends: Mutex::new(Default::default()),
         });
         let (host_id, fingerprint) = {
             let id = lock(&shared.identity);

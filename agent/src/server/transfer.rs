@@ -121,19 +121,124 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
             bytes_total,
         });
     };
-    send_disk(
-        &shared.endpoint,
-        config,
-        SendJob {
-            ticket,
-            address,
-            disk,
-            corrupt_first_chunk,
-        },
-        progress,
-    )
-    .await
-    .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))
+    let mut outcome = {
+        let mut sends = lock(&shared.sends);
+        sends.retain(|_, s| s.expires_unix_secs > now_secs());
+        match sends.get(&ticket.id) {
+            // Under way or done: the same transfer, not a second one.
+            Some(existing) => existing.result.clone(),
+            None => {
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                sends.insert(
+                    ticket.id.clone(),
+                    SendOutcome {
+                        expires_unix_secs: ticket.expires_unix_secs,
+                        result: rx.clone(),
+                    },
+                );
+                let job = SendJob {
+                    ticket,
+                    address,
+                    disk,
+                    corrupt_first_chunk,
+                };
+                // Its own task: a control stream that closes does not stop the transfer.
+                let endpoint = shared.endpoint.clone();
+                tokio::spawn(async move {
+                    let result = send_with_reconnects(&endpoint, config, job, progress).await;
+                    let _ = tx.send(Some(result));
+                });
+                rx
+            }
+        }
+    };
+    let done = outcome
+        .wait_for(|r| r.is_some())
+        .await
+        .map_err(|_| WireError::new(ErrorCode::Internal, "the transfer task stopped"))?;
+    done.clone().expect("waited for it")
+}
+
+/// A transfer of this agent's, under way or done.
+#[derive(Debug)]
+pub(super) struct SendOutcome {
+    expires_unix_secs: u64,
+    result: tokio::sync::watch::Receiver<Option<Result<SendReport, WireError>>>,
+}
+
+/// How long a broken link may keep a transfer from making progress before it fails.
+const RECONNECT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Sends the disk, and after a broken link connects again and goes on from the last chunk
+/// the target acknowledged, for as long as the link comes back within [`RECONNECT_WINDOW`].
+async fn send_with_reconnects(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    job: SendJob,
+    progress: impl Fn(u64, u64) + Send + Sync,
+) -> Result<SendReport, WireError> {
+    let mut reconnects = 0u32;
+    // The furthest the target has got: a try that goes beyond it made progress.
+    let mut furthest = 0u64;
+    let mut corrupt_first_chunk = job.corrupt_first_chunk;
+    let mut broken_since: Option<tokio::time::Instant> = None;
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let attempt = SendJob {
+            ticket: job.ticket.clone(),
+            address: job.address,
+            disk: job.disk.clone(),
+            corrupt_first_chunk: std::mem::take(&mut corrupt_first_chunk),
+        };
+        let sent_now = std::sync::atomic::AtomicU64::new(0);
+        let result = send_disk(endpoint, config.clone(), attempt, |done, total| {
+            sent_now.store(done, std::sync::atomic::Ordering::Relaxed);
+            progress(done, total);
+        })
+        .await;
+        match result {
+            Ok(report) => {
+                if reconnects > 0 {
+                    tracing::info!(
+                        vm = %job.ticket.vm,
+                        reconnects,
+                        resumed_from = report.resumed_from,
+                        "transfer done after the link broke"
+                    );
+                }
+                return Ok(SendReport {
+                    reconnects,
+                    ..report
+                });
+            }
+            Err(e) if e.is_link() => {
+                let now = tokio::time::Instant::now();
+                // Progress since the last break starts the window again.
+                let reached = sent_now.load(std::sync::atomic::Ordering::Relaxed);
+                if reached > furthest {
+                    furthest = reached;
+                    broken_since = None;
+                    pause = Duration::from_millis(500);
+                }
+                let since = *broken_since.get_or_insert(now);
+                if now.duration_since(since) >= RECONNECT_WINDOW {
+                    return Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "{}; no progress for {} s",
+                            error_chain(&e),
+                            RECONNECT_WINDOW.as_secs()
+                        ),
+                    ));
+                }
+                tracing::warn!(vm = %job.ticket.vm, "transfer interrupted, trying again: {e}");
+                reconnects += 1;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(4));
+            }
+            Err(e) => return Err(WireError::new(ErrorCode::Internal, error_chain(&e))),
+        }
+    }
 }
 
 /// `HashDisk`: the image digest of a VM's disk here, read from disk.

@@ -45,6 +45,14 @@ pub struct SendJob {
     pub corrupt_first_chunk: bool,
 }
 
+impl SendError {
+    /// Whether a new connection may go on with the transfer: the link broke or the target
+    /// could not be reached, as opposed to a refusal, a failed verification or a bad disk.
+    pub fn is_link(&self) -> bool {
+        matches!(self, SendError::Connect { .. } | SendError::Link(_))
+    }
+}
+
 /// How often progress is told while a transfer runs.
 const PROGRESS_EVERY: Duration = Duration::from_millis(400);
 
@@ -228,6 +236,7 @@ pub async fn send_disk(
                     resumed_from: resume_from,
                     resent_chunks,
                     digest: hex::encode(digest),
+                    reconnects: 0,
                 });
             }
         }

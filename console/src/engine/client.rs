@@ -23,10 +23,19 @@ pub const STOP_CALL_TIMEOUT: Duration = Duration::from_secs(960);
 /// A create copies the template's disk: generous, but an agent that hangs is still told.
 pub const CREATE_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// A disk stream takes as long as the disk and the link make it (its progress shows it is
+/// alive), and a whole-image hash reads the disk; an agent that hangs is still told.
+pub const TRANSFER_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// The deadline of a request kind.
 pub fn deadline<R: Rpc>() -> Duration {
     match R::KIND {
         k if k == CreateVm::KIND => CREATE_CALL_TIMEOUT,
+        k if k == dunes_shared::protocol::SendDisk::KIND
+            || k == dunes_shared::protocol::HashDisk::KIND =>
+        {
+            TRANSFER_CALL_TIMEOUT
+        }
         k if k == StopVm::KIND => STOP_CALL_TIMEOUT,
         _ => AGENT_CALL_TIMEOUT,
     }
@@ -139,6 +148,10 @@ mod tests {
     fn every_call_has_a_deadline() {
         assert_eq!(deadline::<CreateVm>(), CREATE_CALL_TIMEOUT);
         assert_eq!(deadline::<StopVm>(), STOP_CALL_TIMEOUT);
+        assert_eq!(
+            deadline::<dunes_shared::protocol::SendDisk>(),
+            TRANSFER_CALL_TIMEOUT
+        );
         for d in [
             deadline::<StartVm>(),
             deadline::<DeleteVm>(),

@@ -114,6 +114,12 @@ pub struct MigrationJournal {
     pub rate_bps: Option<u64>,
     /// Who asked for it: the operator, a host drain or a service move.
     pub origin: MigrationOrigin,
+    /// The step that failed or was cancelled, once rolling back: it says what the target may
+    /// hold, and so what the rollback undoes first.
+    pub failed_at: Option<MigrationStep>,
+    /// The host it waits for, while one does not answer (not kept in the store: a restart
+    /// tries again anyway).
+    pub waiting: Option<String>,
 }
 
 /// Why a migration was started, kept with it for the history.
@@ -210,6 +216,17 @@ pub fn effects_of(journal: &MigrationJournal) -> Vec<Effect> {
         MigrationStep::Defining => vec![Effect::DefineOnTarget],
         MigrationStep::Starting => vec![Effect::StartOnTarget],
         MigrationStep::Confirmed => vec![Effect::DeleteSource],
+        // Before the target defined the VM, the source runs it again first: it does not wait
+        // for a target that may be gone. After, the target's copy stops first, so that the
+        // VM never runs twice.
+        MigrationStep::RollingBack
+            if journal.was_running
+                && journal
+                    .failed_at
+                    .is_some_and(|s| s < MigrationStep::Defining) =>
+        {
+            vec![Effect::StartSource, Effect::CleanTarget]
+        }
         MigrationStep::RollingBack if journal.was_running => {
             vec![Effect::CleanTarget, Effect::StartSource]
         }
@@ -221,9 +238,10 @@ pub fn effects_of(journal: &MigrationJournal) -> Vec<Effect> {
 /// next, in order. The new journal is written before any of them runs.
 pub fn advance(journal: &MigrationJournal, outcome: Outcome) -> (MigrationJournal, Vec<Effect>) {
     let mut next = journal.clone();
+    next.waiting = None;
     match outcome {
         Outcome::Waiting(why) => {
-            next.error = Some(format!("waiting: {why}"));
+            next.waiting = Some(why);
             return (next, Vec::new());
         }
         Outcome::Done if journal.step == MigrationStep::RollingBack => {
@@ -250,6 +268,7 @@ pub fn advance(journal: &MigrationJournal, outcome: Outcome) -> (MigrationJourna
         }
         Outcome::Failed(why) => {
             next.step = MigrationStep::RollingBack;
+            next.failed_at = Some(journal.step);
             next.error = Some(format!("{} failed: {why}", journal.step.as_str()));
         }
         Outcome::Cancelled => {
@@ -260,6 +279,7 @@ pub fn advance(journal: &MigrationJournal, outcome: Outcome) -> (MigrationJourna
                 return (next, Vec::new());
             }
             next.step = MigrationStep::RollingBack;
+            next.failed_at = Some(journal.step);
             next.error = Some(format!("cancelled while {}", journal.step.as_str()));
         }
     }
@@ -509,6 +529,8 @@ mod tests {
             updated_ms: 0,
             rate_bps: None,
             origin: MigrationOrigin::Operator,
+            failed_at: None,
+            waiting: None,
         }
     }
 
@@ -594,7 +616,8 @@ mod tests {
         let (j, fx) = advance(&journal(MigrationStep::Transferring), Outcome::Cancelled);
         assert_eq!(j.step, MigrationStep::RollingBack);
         assert_eq!(j.error.as_deref(), Some("cancelled while transferring"));
-        assert_eq!(fx, [Effect::CleanTarget, Effect::StartSource]);
+        // Nothing is defined on the target yet: the source runs the VM again first.
+        assert_eq!(fx, [Effect::StartSource, Effect::CleanTarget]);
     }
 
     #[test]
@@ -603,10 +626,8 @@ mod tests {
         let (waiting, fx) = advance(&j, Outcome::Waiting("gva-1 is unreachable".into()));
         assert_eq!(waiting.step, MigrationStep::Transferring);
         assert!(fx.is_empty());
-        assert_eq!(
-            waiting.error.as_deref(),
-            Some("waiting: gva-1 is unreachable")
-        );
+        assert_eq!(waiting.waiting.as_deref(), Some("gva-1 is unreachable"));
+        assert_eq!(waiting.error, None);
         // Back: the same step again.
         assert_eq!(resume(&waiting), [Effect::Transfer]);
     }

@@ -39,6 +39,20 @@ struct Learned {
     digest: Option<String>,
     /// The VM as the target last reported it.
     target_vm: Option<dunes_shared::model::VmStatus>,
+    /// Worth telling the operator, in the event log.
+    note: Option<String>,
+}
+
+/// The step named by `DUNES_FAILPOINT=migration-exit-after:STEP`, a fault injection point for
+/// the test suites (never set in use).
+fn exit_after_effects_of() -> Option<&'static str> {
+    static STEP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    STEP.get_or_init(|| {
+        std::env::var("DUNES_FAILPOINT")
+            .ok()
+            .and_then(|v| v.strip_prefix("migration-exit-after:").map(str::to_string))
+    })
+    .as_deref()
 }
 
 fn outcome_of(e: EngineError) -> Outcome {
@@ -135,6 +149,8 @@ impl Actor {
             updated_ms: now,
             rate_bps: None,
             origin,
+            failed_at: None,
+            waiting: None,
         };
         let (journal, effects) = advance(&planned, Outcome::Done);
         let why = match &journal.origin {
@@ -210,17 +226,18 @@ impl Actor {
         let changed = self
             .migrations
             .get(&journal.id)
-            .map(|j| (j.step, j.error.clone()));
-        if changed != Some((journal.step, journal.error.clone())) {
-            let level = if journal.error.is_some() {
+            .map(|j| (j.step, j.error.clone(), j.waiting.clone()));
+        if changed != Some((journal.step, journal.error.clone(), journal.waiting.clone())) {
+            let level = if journal.error.is_some() || journal.waiting.is_some() {
                 Level::Warning
             } else {
                 Level::Info
             };
-            let why = journal
-                .error
-                .as_ref()
-                .map_or(String::new(), |e| format!(" ({e})"));
+            let why = match (&journal.error, &journal.waiting) {
+                (_, Some(w)) => format!(" (waiting: {w})"),
+                (Some(e), None) => format!(" ({e})"),
+                (None, None) => String::new(),
+            };
             self.log(
                 level,
                 Some(journal.from.clone()),
@@ -273,6 +290,15 @@ impl Actor {
         let Some(mut journal) = self.migrations.get(&id).cloned() else {
             return;
         };
+        if exit_after_effects_of() == Some(journal.step.as_str()) {
+            // Fault injection for the test suites: a console that dies after a step's side
+            // effects, before their outcome is journaled.
+            tracing::error!(
+                "DUNES_FAILPOINT: exiting after the effects of {}",
+                journal.step.as_str()
+            );
+            std::process::exit(86);
+        }
         if let Some(total) = learned.bytes_total {
             journal.bytes_total = total;
         }
@@ -281,6 +307,13 @@ impl Actor {
         }
         if learned.digest.is_some() {
             journal.digest = learned.digest;
+        }
+        if let Some(note) = learned.note {
+            self.log(
+                Level::Warning,
+                Some(journal.from.clone()),
+                format!("migration {} of {}: {note}", journal.id, journal.vm),
+            );
         }
         // What the target said is what the fleet shows, before its own event arrives.
         if let Some(vm) = &learned.target_vm {
@@ -366,10 +399,7 @@ impl Actor {
             })
             .filter(|m| {
                 // Running effects are not repeated; a fresh step is run by its commit.
-                m.error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("waiting:"))
-                    || self.resumed.insert(m.id)
+                m.waiting.is_some() || self.resumed.insert(m.id)
             })
             .cloned()
             .collect();
@@ -461,7 +491,7 @@ async fn run_effect(
         Effect::Transfer => {
             let ticket = TransferTicket {
                 id: journal.ticket.clone().unwrap_or_default(),
-                vm,
+                vm: vm.clone(),
                 source: journal.from.clone(),
                 target: journal.to.clone(),
                 expires_unix_secs: SystemTime::now()
@@ -469,11 +499,26 @@ async fn run_effect(
                     .map_or(0, |d| d.as_secs())
                     + TICKET_SECS,
             };
-            target
+            match target
                 .call(PrepareReceive {
                     ticket: ticket.clone(),
                 })
-                .await?;
+                .await
+            {
+                Ok(()) => {}
+                // A transfer that finished before the console could journal it: the target
+                // holds the whole image already. It counts only if it is the source's.
+                Err(EngineError::Exists(why)) => {
+                    let here = target.call(HashDisk { name: vm.clone() }).await?;
+                    let there = source.call(HashDisk { name: vm }).await?;
+                    if here != there {
+                        return Err(EngineError::Agent(why));
+                    }
+                    learned.digest = Some(here);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
             let report = source
                 .call(SendDisk {
                     ticket,
@@ -483,6 +528,18 @@ async fn run_effect(
             learned.bytes_total = Some(report.allocated_bytes);
             learned.bytes_done = Some(report.allocated_bytes);
             learned.digest = Some(report.digest);
+            if report.reconnects > 0 {
+                learned.note = Some(format!(
+                    "the link broke {}; the transfer went on each time from the last chunk the target acknowledged (last from {:.1} MiB, {:.1} MiB sent then of {:.1} MiB)",
+                    match report.reconnects {
+                        1 => "once".to_string(),
+                        n => format!("{n} times"),
+                    },
+                    report.resumed_from as f64 / 1048576.0,
+                    report.sent_bytes as f64 / 1048576.0,
+                    report.allocated_bytes as f64 / 1048576.0,
+                ));
+            }
             Ok(())
         }
         Effect::Verify => {

@@ -396,5 +396,12 @@ fn migrations_ui(ui: &mut egui::Ui, snapshot: &Snapshot, actions: &mut Actions<'
         if let Some(e) = &m.error {
             ui.label(RichText::new(e).small().color(color));
         }
+        if let Some(w) = &m.waiting {
+            ui.label(
+                RichText::new(format!("waiting: {w}"))
+                    .small()
+                    .color(Color32::from_rgb(230, 180, 60)),
+            );
+        }
     }
 }

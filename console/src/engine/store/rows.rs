@@ -514,6 +514,9 @@ pub struct MigrationRow {
     /// As [`crate::engine::migration::MigrationOrigin::as_string`].
     #[serde(default)]
     pub origin: String,
+    /// As [`crate::engine::migration::MigrationStep::as_str`].
+    #[serde(default)]
+    pub failed_at: Option<String>,
 }
 
 impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
@@ -533,6 +536,7 @@ impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
             started_ms: j.started_ms,
             updated_ms: j.updated_ms,
             origin: j.origin.as_string(),
+            failed_at: j.failed_at.map(|s| s.as_str().to_string()),
         }
     }
 }
@@ -560,6 +564,8 @@ impl TryFrom<MigrationRow> for crate::engine::migration::MigrationJournal {
             updated_ms: row.updated_ms,
             rate_bps: None,
             origin: crate::engine::migration::MigrationOrigin::parse(&row.origin),
+            failed_at: row.failed_at.as_deref().and_then(MigrationStep::parse),
+            waiting: None,
         })
     }
 }
