@@ -43,6 +43,9 @@ pub struct SiteConfig {
     pub link_bandwidth_mbps: u32,
     #[serde(default = "default_latency")]
     pub link_latency_ms: u32,
+    /// The most one disk transfer to or from this site may use of its link, in Mbit/s.
+    #[serde(default)]
+    pub transfer_limit_mbps: Option<u32>,
 }
 
 /// Longest graceful stop a config may ask for; the console waits a little longer than this
@@ -70,6 +73,7 @@ impl Default for SiteConfig {
             remote: site.remote,
             link_bandwidth_mbps: site.link_bandwidth_mbps,
             link_latency_ms: site.link_latency_ms,
+            transfer_limit_mbps: site.transfer_limit_mbps,
         }
     }
 }
@@ -81,6 +85,7 @@ impl From<&SiteConfig> for Site {
             remote: c.remote,
             link_bandwidth_mbps: c.link_bandwidth_mbps,
             link_latency_ms: c.link_latency_ms,
+            transfer_limit_mbps: c.transfer_limit_mbps,
         }
     }
 }

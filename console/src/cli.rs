@@ -217,7 +217,23 @@ pub enum VmCommand {
         /// (also the downtime) and transfer cost. Exit code 0 when it can go, 2 when not.
         #[arg(long)]
         dry_run: bool,
+        /// At most this many Mbit/s for the disk stream (a site's transfer limit applies
+        /// too between sites).
+        #[arg(long, value_name = "MBPS", value_parser = clap::value_parser!(u32).range(1..))]
+        limit_mbps: Option<u32>,
+        /// Compress the disk stream with zstd: auto (when it crosses to or from a remote
+        /// site), on or off. Chunks that do not shrink travel as they are.
+        #[arg(long, value_enum, default_value_t = Compress::Auto)]
+        compress: Compress,
     },
+}
+
+/// Whether a migration's disk stream is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compress {
+    Auto,
+    On,
+    Off,
 }
 
 fn init_tracing() {
@@ -532,10 +548,22 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             force: *force,
         },
         CtlCommand::Vm(VmCommand::Delete { vm }) => CtlRequest::VmDelete { vm: vm.clone() },
-        CtlCommand::Vm(VmCommand::Migrate { vm, to, dry_run }) => CtlRequest::VmMigrate {
+        CtlCommand::Vm(VmCommand::Migrate {
+            vm,
+            to,
+            dry_run,
+            limit_mbps,
+            compress,
+        }) => CtlRequest::VmMigrate {
             dry_run: *dry_run,
             vm: vm.clone(),
             to: to.clone(),
+            limit_mbps: *limit_mbps,
+            compress: match compress {
+                Compress::Auto => None,
+                Compress::On => Some(true),
+                Compress::Off => Some(false),
+            },
         },
         CtlCommand::Migrations => CtlRequest::Migrations,
         CtlCommand::Migration(MigrationCommand::Cancel { id }) => {
@@ -752,13 +780,21 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
         CtlCommand::Vm(VmCommand::Migrate { dry_run: true, .. }) => {
             match data["can_go"].as_bool() {
                 Some(true) => format!(
-                    "{} can go from {} to {}: {} bytes, about {} s over {} Mbit/s (also the downtime), transfer cost {:.4}\n",
+                    "{} can go from {} to {}: {} bytes, about {} s over {} Mbit/s{}{} (also the downtime), transfer cost {:.4}\n",
                     text(&data["vm"]),
                     text(&data["from"]),
                     text(&data["to"]),
                     text(&data["bytes"]),
                     text(&data["seconds"]),
                     text(&data["link_mbps"]),
+                    data["limit_mbps"]
+                        .as_u64()
+                        .map_or(String::new(), |l| format!(", limited to {l} Mbit/s")),
+                    if data["compress"] == Value::Bool(true) {
+                        ", compressed"
+                    } else {
+                        ""
+                    },
                     data["cost"].as_f64().unwrap_or(0.0)
                 ),
                 _ => {

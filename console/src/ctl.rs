@@ -74,6 +74,12 @@ pub enum CtlRequest {
         /// Only the pre-check and the estimate.
         #[serde(default)]
         dry_run: bool,
+        /// At most this many Mbit/s for the disk stream.
+        #[serde(default)]
+        limit_mbps: Option<u32>,
+        /// Compress the stream or not; unset: when it crosses to or from a remote site.
+        #[serde(default)]
+        compress: Option<bool>,
     },
     Migrations,
     HostDrain {
@@ -438,6 +444,8 @@ pub fn migration_json(m: &crate::engine::migration::MigrationJournal) -> Value {
         "digest": m.digest,
         "error": m.error,
         "waiting": m.waiting,
+        "limit_mbps": m.limit_mbps,
+        "compress": m.compress,
         "origin": m.origin.as_string(),
     })
 }
@@ -735,7 +743,17 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 "vm": instance.vm,
             }))
         }
-        CtlRequest::VmMigrate { vm, to, dry_run } => {
+        CtlRequest::VmMigrate {
+            vm,
+            to,
+            dry_run,
+            limit_mbps,
+            compress,
+        } => {
+            let options = crate::engine::migration::MigrationOptions {
+                limit_mbps,
+                compress,
+            };
             let snap = engine.snapshot();
             let (host, found) = snap.find_vm(&vm)?;
             let to = HostId::new(to).map_err(|e| e.to_string())?;
@@ -752,11 +770,17 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                     &snap.migrations,
                 );
                 return Ok(match checked {
-                    Ok(e) => json!({
-                        "vm": found.name, "from": host, "to": to, "can_go": true,
-                        "bytes": e.bytes, "seconds": e.seconds.ceil(), "link_mbps": e.link_mbps,
-                        "cost": e.cost, "crosses_sites": e.crosses_sites, "reasons": [],
-                    }),
+                    Ok(e) => {
+                        let (limit, compress) = e.transfer_settings(options);
+                        let mbps = limit.map_or(e.link_mbps, |l| l.min(e.link_mbps)).max(1);
+                        json!({
+                            "vm": found.name, "from": host, "to": to, "can_go": true,
+                            "bytes": e.bytes, "link_mbps": e.link_mbps,
+                            "seconds": (e.bytes as f64 * 8.0 / (f64::from(mbps) * 1e6)).ceil(),
+                            "limit_mbps": limit, "compress": compress,
+                            "cost": e.cost, "crosses_sites": e.crosses_sites, "reasons": [],
+                        })
+                    }
                     Err(reasons) => json!({
                         "vm": found.name, "from": host, "to": to, "can_go": false,
                         "reasons": reasons,
@@ -768,6 +792,7 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                     host,
                     vm: found.name,
                     to,
+                    options,
                     reply,
                 })
                 .await

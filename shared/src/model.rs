@@ -155,6 +155,9 @@ pub struct Site {
     pub remote: bool,
     pub link_bandwidth_mbps: u32,
     pub link_latency_ms: u32,
+    /// The most one disk transfer to or from this site may use of its link, in Mbit/s.
+    #[serde(default)]
+    pub transfer_limit_mbps: Option<u32>,
 }
 
 impl Default for Site {
@@ -164,6 +167,7 @@ impl Default for Site {
             remote: false,
             link_bandwidth_mbps: 1000,
             link_latency_ms: 1,
+            transfer_limit_mbps: None,
         }
     }
 }

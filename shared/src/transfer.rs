@@ -33,18 +33,35 @@ impl TransferTicket {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum TransferFrame {
-    /// Source → target: the ticket and the image's size in bytes.
+    /// Source → target: the ticket and the image's size in bytes, and whether it would send
+    /// zstd chunks.
     Open {
         ticket: String,
         vm: VmName,
         size: u64,
+        #[serde(default)]
+        zstd: bool,
     },
-    /// Target → source: go on from this offset (0 for a new transfer).
-    Accepted { resume_from: u64 },
+    /// Target → source: go on from this offset (0 for a new transfer), and whether zstd
+    /// chunks may come (an older target says nothing: no).
+    Accepted {
+        resume_from: u64,
+        #[serde(default)]
+        zstd: bool,
+    },
     /// Target → source: no transfer; the stream ends.
     Refused { reason: String },
     /// Source → target: allocated bytes at `offset`, with their BLAKE3 hash.
     Chunk {
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        hash: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Source → target: as `Chunk`, its data compressed with zstd; the hash is of the data
+    /// as it is on disk. Sent only to a target that accepted zstd.
+    ZstdChunk {
         offset: u64,
         #[serde(with = "serde_bytes")]
         hash: Vec<u8>,
@@ -78,12 +95,16 @@ mod tests {
                     ticket: "ab".into(),
                     vm: vm.clone(),
                     size: 5,
+                    zstd: true,
                 },
-                "81a44f70656e83a67469636b6574a26162a2766da3776562a473697a6505",
+                "81a44f70656e84a67469636b6574a26162a2766da3776562a473697a6505a47a737464c3",
             ),
             (
-                TransferFrame::Accepted { resume_from: 7 },
-                "81a8416363657074656481ab726573756d655f66726f6d07",
+                TransferFrame::Accepted {
+                    resume_from: 7,
+                    zstd: true,
+                },
+                "81a8416363657074656482ab726573756d655f66726f6d07a47a737464c3",
             ),
             (
                 TransferFrame::Refused {
@@ -98,6 +119,14 @@ mod tests {
                     data: vec![3, 4],
                 },
                 "81a54368756e6b83a66f666673657401a468617368c40102a464617461c4020304",
+            ),
+            (
+                TransferFrame::ZstdChunk {
+                    offset: 1,
+                    hash: vec![2],
+                    data: vec![3, 4],
+                },
+                "81a95a7374644368756e6b83a66f666673657401a468617368c40102a464617461c4020304",
             ),
             (
                 TransferFrame::Resend { offset: 9 },
@@ -133,6 +162,23 @@ mod tests {
             let back: TransferFrame = decode_payload(&bytes).unwrap();
             assert_eq!(&back, frame);
         }
+        // An older peer's opening and acceptance, without zstd: read as "no zstd".
+        let old_open: TransferFrame = decode_payload(
+            &hex::decode("81a44f70656e83a67469636b6574a26162a2766da3776562a473697a6505").unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(old_open, TransferFrame::Open { zstd: false, .. }));
+        let old_accepted: TransferFrame = decode_payload(
+            &hex::decode("81a8416363657074656481ab726573756d655f66726f6d07").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            old_accepted,
+            TransferFrame::Accepted {
+                resume_from: 7,
+                zstd: false
+            }
+        );
         assert!(TransferTicket::valid_id(&"0f".repeat(16)));
         assert!(!TransferTicket::valid_id("../../etc"));
     }

@@ -199,6 +199,7 @@ async fn migrate(f: &Fleet, vm: &str) -> u64 {
             host: f.source.host_id.clone(),
             vm: VmName::new(vm).unwrap(),
             to: f.target.host_id.clone(),
+            options: Default::default(),
             reply,
         })
         .await

@@ -19,7 +19,9 @@ use super::{Shared, lock};
 use crate::{
     storage::Storage,
     transfer::{
-        extents::{ChunkRecord, allocated_extents, chunks_of, image_digest, read_chunk},
+        extents::{
+            CHUNK_BYTES, ChunkRecord, allocated_extents, chunks_of, image_digest, read_chunk,
+        },
         receive::{ReceiveError, Receiving},
         send::{SendJob, send_disk},
     },
@@ -141,6 +143,8 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
                     address,
                     disk,
                     corrupt_first_chunk,
+                    limit_mbps: request.limit_mbps,
+                    compress: request.compress,
                 };
                 // Its own task: a control stream that closes does not stop the transfer.
                 let endpoint = shared.endpoint.clone();
@@ -189,6 +193,8 @@ async fn send_with_reconnects(
             address: job.address,
             disk: job.disk.clone(),
             corrupt_first_chunk: std::mem::take(&mut corrupt_first_chunk),
+            limit_mbps: job.limit_mbps,
+            compress: job.compress,
         };
         let sent_now = std::sync::atomic::AtomicU64::new(0);
         let result = send_disk(endpoint, config.clone(), attempt, |done, total| {
@@ -313,7 +319,13 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
         return;
     };
     let opened = read_frame_limited::<_, TransferFrame>(&mut recv, MAX_FRAME_BYTES).await;
-    let Ok(Some(TransferFrame::Open { ticket, vm, size })) = opened else {
+    let Ok(Some(TransferFrame::Open {
+        ticket,
+        vm,
+        size,
+        zstd,
+    })) = opened
+    else {
         conn.close(
             codes::CLOSE_BAD_HELLO,
             b"expected the opening of a transfer",
@@ -361,7 +373,8 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
     };
     let resume_from = lock(&receiving).as_ref().map_or(0, |r| r.resume_from());
     tracing::info!(%peer, %vm, size, resume_from, "receiving a disk");
-    if write_frame(&mut send, &TransferFrame::Accepted { resume_from })
+    // This agent reads zstd chunks: it says yes when the source asks.
+    if write_frame(&mut send, &TransferFrame::Accepted { resume_from, zstd })
         .await
         .is_err()
     {
@@ -391,6 +404,21 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
                 let _ = with(&receiving, |r| r.checkpoint()).await;
                 return;
             }
+        };
+        // A compressed chunk is unpacked first, never beyond a chunk's size; one that does not
+        // unpack is asked for again like a corrupt one.
+        let frame = match frame {
+            TransferFrame::ZstdChunk { offset, hash, data } => {
+                match zstd::bulk::decompress(&data, CHUNK_BYTES as usize) {
+                    Ok(data) => TransferFrame::Chunk { offset, hash, data },
+                    Err(_) => TransferFrame::Chunk {
+                        offset,
+                        hash: Vec::new(),
+                        data,
+                    },
+                }
+            }
+            other => other,
         };
         match frame {
             TransferFrame::Chunk { offset, hash, data } => {

@@ -43,6 +43,32 @@ pub struct SendJob {
     pub disk: PathBuf,
     /// A test hook: the first chunk sent has one byte flipped on the wire.
     pub corrupt_first_chunk: bool,
+    /// The most the stream may use, in Mbit/s of chunk data on the wire.
+    pub limit_mbps: Option<u32>,
+    /// Compress chunks with zstd, if the target can read them.
+    pub compress: bool,
+}
+
+/// zstd's level for chunks: fast enough to keep up with a site link on one core.
+const ZSTD_LEVEL: i32 = 3;
+
+/// A chunk as it goes on the wire: compressed when that saves at least a sixteenth.
+fn wire_frame(record: &ChunkRecord, data: Vec<u8>, zstd: bool) -> TransferFrame {
+    if zstd
+        && let Ok(packed) = zstd::bulk::compress(&data, ZSTD_LEVEL)
+        && packed.len() < data.len() - data.len() / 16
+    {
+        return TransferFrame::ZstdChunk {
+            offset: record.offset,
+            hash: record.hash.to_vec(),
+            data: packed,
+        };
+    }
+    TransferFrame::Chunk {
+        offset: record.offset,
+        hash: record.hash.to_vec(),
+        data,
+    }
 }
 
 impl SendError {
@@ -102,6 +128,7 @@ pub async fn send_disk(
             ticket: job.ticket.id.clone(),
             vm: job.ticket.vm.clone(),
             size,
+            zstd: job.compress,
         },
     )
     .await
@@ -113,8 +140,8 @@ pub async fn send_disk(
     .await
     .map_err(|_| SendError::Link("the target did not answer the transfer".into()))?
     .map_err(link)?;
-    let resume_from = match opened {
-        Some(TransferFrame::Accepted { resume_from }) => resume_from,
+    let (resume_from, zstd) = match opened {
+        Some(TransferFrame::Accepted { resume_from, zstd }) => (resume_from, zstd && job.compress),
         Some(TransferFrame::Refused { reason }) => {
             conn.close(0u32.into(), b"refused");
             return Err(SendError::Refused(reason));
@@ -168,6 +195,10 @@ pub async fn send_disk(
         }
     };
     let position = |offset: u64| chunks.iter().position(|c| c.0 == offset);
+    // Pacing under a limit: a frame leaves no sooner than its share of the budget allows.
+    let began = tokio::time::Instant::now();
+    let bytes_per_sec = job.limit_mbps.map(|m| f64::from(m.max(1)) * 1e6 / 8.0);
+    let mut wire_bytes = 0u64;
     let mut done_bytes = 0u64;
     let mut told = std::time::Instant::now();
     progress(0, allocated_bytes);
@@ -188,16 +219,19 @@ pub async fn send_disk(
                     corrupt = false;
                 }
                 sent_bytes += u64::from(record.len);
-                write_frame(
-                    &mut send,
-                    &TransferFrame::Chunk {
-                        offset: record.offset,
-                        hash: record.hash.to_vec(),
-                        data,
-                    },
-                )
-                .await
-                .map_err(link)?;
+                let frame = tokio::task::spawn_blocking(move || wire_frame(&record, data, zstd))
+                    .await
+                    .map_err(link)?;
+                if let TransferFrame::Chunk { data, .. } | TransferFrame::ZstdChunk { data, .. } =
+                    &frame
+                {
+                    wire_bytes += data.len() as u64;
+                }
+                if let Some(rate) = bytes_per_sec {
+                    let due = began + Duration::from_secs_f64(wire_bytes as f64 / rate);
+                    tokio::time::sleep_until(due).await;
+                }
+                write_frame(&mut send, &frame).await.map_err(link)?;
             }
             next += 1;
             done_bytes = chunks[..next].iter().map(|c| u64::from(c.1)).sum();
@@ -237,6 +271,7 @@ pub async fn send_disk(
                     resent_chunks,
                     digest: hex::encode(digest),
                     reconnects: 0,
+                    wire_bytes,
                 });
             }
         }

@@ -267,6 +267,7 @@ impl Actor {
                 &choice.vm,
                 &choice.to,
                 MigrationOrigin::Drain(host.clone()),
+                Default::default(),
             ) {
                 Ok(journal) => progress.migrating = Some(journal.id),
                 Err(reason) => progress.blocked.push(super::evacuation::Blocked {
@@ -386,9 +387,13 @@ impl Actor {
                 };
                 match service_move_step(view, &moving.site, &parts.fleet()) {
                     Ok(Some(choice)) => {
-                        if let Err(why) =
-                            self.start_migration(&choice.from, &choice.vm, &choice.to, origin)
-                        {
+                        if let Err(why) = self.start_migration(
+                            &choice.from,
+                            &choice.vm,
+                            &choice.to,
+                            origin,
+                            Default::default(),
+                        ) {
                             self.end_move_early(name, moving, why);
                         }
                     }

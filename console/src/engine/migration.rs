@@ -114,12 +114,26 @@ pub struct MigrationJournal {
     pub rate_bps: Option<u64>,
     /// Who asked for it: the operator, a host drain or a service move.
     pub origin: MigrationOrigin,
+    /// The most the transfer may use, in Mbit/s: the operator's limit and, between sites,
+    /// each site's transfer limit.
+    pub limit_mbps: Option<u32>,
+    /// Whether chunks travel compressed (where the target reads zstd and a chunk shrinks).
+    pub compress: bool,
     /// The step that failed or was cancelled, once rolling back: it says what the target may
     /// hold, and so what the rollback undoes first.
     pub failed_at: Option<MigrationStep>,
     /// The host it waits for, while one does not answer (not kept in the store: a restart
     /// tries again anyway).
     pub waiting: Option<String>,
+}
+
+/// What the operator may ask of one migration's transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MigrationOptions {
+    /// At most this many Mbit/s (site limits apply too, between sites).
+    pub limit_mbps: Option<u32>,
+    /// Compress or not; `None`: compress when it crosses to or from a remote site.
+    pub compress: Option<bool>,
 }
 
 /// Why a migration was started, kept with it for the history.
@@ -308,6 +322,21 @@ pub struct MigrationEstimate {
     /// The transfer's cost at the source's price per GB transferred, between sites.
     pub cost: f64,
     pub crosses_sites: bool,
+    /// The transfer's limit from the sites' settings, in Mbit/s (between sites only).
+    pub site_limit_mbps: Option<u32>,
+    /// Whether chunks would travel compressed by default: to or from a remote site.
+    pub compress: bool,
+}
+
+impl MigrationEstimate {
+    /// The limit the transfer gets with the operator's options, and whether it compresses.
+    pub fn transfer_settings(&self, options: MigrationOptions) -> (Option<u32>, bool) {
+        let limit = match (options.limit_mbps, self.site_limit_mbps) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (limit, options.compress.unwrap_or(self.compress))
+    }
 }
 
 /// Checks whether `vm` can move from `from` to `to`, and what it would take: every reason it
@@ -423,11 +452,21 @@ pub fn precheck(
             .and_then(|i| i.network.iter().filter_map(|n| n.speed_mbps).max())
             .unwrap_or(1000)
     };
+    let site_limit = |h: &super::HostView| h.inventory().and_then(|i| i.site.transfer_limit_mbps);
+    let site_limit_mbps = if crosses_sites {
+        match (site_limit(from), site_limit(to)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    } else {
+        None
+    };
     let link_mbps = if crosses_sites {
         site_link(from).min(site_link(to))
     } else {
         nic(from).min(nic(to))
     }
+    .min(site_limit_mbps.unwrap_or(u32::MAX))
     .max(1);
     let bytes = vm.disk_bytes;
     let seconds = bytes as f64 * 8.0 / (f64::from(link_mbps) * 1e6);
@@ -445,6 +484,8 @@ pub fn precheck(
         seconds,
         cost,
         crosses_sites,
+        site_limit_mbps,
+        compress: crosses_sites && (from.is_remote() || to.is_remote()),
     })
 }
 
@@ -529,6 +570,8 @@ mod tests {
             updated_ms: 0,
             rate_bps: None,
             origin: MigrationOrigin::Operator,
+            limit_mbps: None,
+            compress: false,
             failed_at: None,
             waiting: None,
         }
@@ -569,7 +612,13 @@ mod tests {
         ] {
             let (rolling, fx) = advance(&journal(step), Outcome::Failed("boom".into()));
             assert_eq!(rolling.step, MigrationStep::RollingBack, "{step:?}");
-            assert_eq!(fx, [Effect::CleanTarget, Effect::StartSource]);
+            // Until the target has a definition, the source runs the VM again first; after,
+            // the target's copy is stopped first, so that it never runs twice.
+            if step < MigrationStep::Defining {
+                assert_eq!(fx, [Effect::StartSource, Effect::CleanTarget], "{step:?}");
+            } else {
+                assert_eq!(fx, [Effect::CleanTarget, Effect::StartSource], "{step:?}");
+            }
             assert_eq!(
                 rolling.error.as_deref(),
                 Some(format!("{} failed: boom", step.as_str()).as_str())
@@ -595,7 +644,7 @@ mod tests {
         .0;
         let (again, fx) = advance(&rolling, Outcome::Failed("agent busy".into()));
         assert_eq!(again.step, MigrationStep::RollingBack);
-        assert_eq!(fx, [Effect::CleanTarget, Effect::StartSource]);
+        assert_eq!(fx, [Effect::StartSource, Effect::CleanTarget]);
         assert!(
             again
                 .error

@@ -19,7 +19,8 @@ use super::{
     actor::{Actor, Internal, now_ms},
     client::AgentClient,
     migration::{
-        Effect, MigrationJournal, MigrationOrigin, MigrationStep, Outcome, advance, resume,
+        Effect, MigrationJournal, MigrationOptions, MigrationOrigin, MigrationStep, Outcome,
+        advance, resume,
     },
     services::probe_of,
     store::InstanceRecord,
@@ -71,9 +72,10 @@ impl Actor {
         host: &HostId,
         vm: &VmName,
         to: &HostId,
+        options: MigrationOptions,
         reply: Reply<MigrationJournal>,
     ) {
-        match self.start_migration(host, vm, to, MigrationOrigin::Operator) {
+        match self.start_migration(host, vm, to, MigrationOrigin::Operator, options) {
             Ok(journal) => self.reply_after_commit(reply, journal),
             Err(e) => {
                 let _ = reply.send(Err(EngineError::Invalid(e)));
@@ -97,6 +99,7 @@ impl Actor {
         vm: &VmName,
         to: &HostId,
         origin: MigrationOrigin,
+        options: MigrationOptions,
     ) -> Result<MigrationJournal, String> {
         if host == to {
             return Err(format!("{vm} is on {to} already"));
@@ -122,7 +125,7 @@ impl Actor {
         }
         // The same pre-check as a drop in the window: capacity, runtime, name and the rules
         // of the VM's service, every reason at once.
-        super::migration::precheck(
+        let estimate = super::migration::precheck(
             status,
             &source.view,
             &target.view,
@@ -130,6 +133,7 @@ impl Actor {
             &self.open_migrations(),
         )
         .map_err(|reasons| format!("{vm} cannot go to {to}: {}", reasons.join("; ")))?;
+        let (limit_mbps, compress) = estimate.transfer_settings(options);
         let was_running = status.state.is_active();
         let id = self.migrations.keys().next_back().map_or(1, |k| k + 1);
         let now = now_ms();
@@ -149,6 +153,8 @@ impl Actor {
             updated_ms: now,
             rate_bps: None,
             origin,
+            limit_mbps,
+            compress,
             failed_at: None,
             waiting: None,
         };
@@ -523,6 +529,8 @@ async fn run_effect(
                 .call(SendDisk {
                     ticket,
                     target_address: target_address.to_string(),
+                    limit_mbps: journal.limit_mbps,
+                    compress: journal.compress,
                 })
                 .await?;
             learned.bytes_total = Some(report.allocated_bytes);

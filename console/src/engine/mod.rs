@@ -200,6 +200,7 @@ pub enum Command {
         host: HostId,
         vm: VmName,
         to: HostId,
+        options: migration::MigrationOptions,
         reply: Reply<migration::MigrationJournal>,
     },
     /// Puts a host in maintenance and moves everything off it, or resumes its paused drain.

@@ -891,6 +891,7 @@ async fn a_vm_migrates_cold_with_its_disk_and_the_source_goes_last() {
             host: a.host_id.clone(),
             vm: VmName::new("mover").unwrap(),
             to: b.host_id.clone(),
+            options: Default::default(),
             reply,
         })
         .await
@@ -965,6 +966,7 @@ async fn a_failed_migration_rolls_back_to_the_source() {
             host: a.host_id.clone(),
             vm: VmName::new("stuck").unwrap(),
             to: b.host_id.clone(),
+            options: Default::default(),
             reply,
         })
         .await
@@ -997,6 +999,7 @@ async fn a_failed_migration_rolls_back_to_the_source() {
             host: a.host_id.clone(),
             vm: VmName::new("stuck").unwrap(),
             to: a.host_id.clone(),
+            options: Default::default(),
             reply,
         })
         .await
@@ -1019,6 +1022,7 @@ async fn a_failed_migration_rolls_back_to_the_source() {
             host: a.host_id.clone(),
             vm: VmName::new("twin").unwrap(),
             to: b.host_id.clone(),
+            options: Default::default(),
             reply,
         })
         .await
@@ -1049,6 +1053,8 @@ async fn agent_at_site(dir: &Path, host: &str, site: &str) -> RunningAgent {
                 remote: false,
                 link_bandwidth_mbps: 1000,
                 link_latency_ms: 1,
+                // Geneva keeps transfers to 800 Mbit/s of its link.
+                transfer_limit_mbps: (site == "gva").then_some(800),
             },
             ..AgentConfig::default()
         },
@@ -1213,6 +1219,7 @@ async fn a_drain_empties_a_host_under_the_service_rules() {
             host: b.host_id.clone(),
             vm: VmName::new("pair-db-0").unwrap(),
             to: a.host_id.clone(),
+            options: Default::default(),
             reply,
         })
         .await
@@ -1321,6 +1328,14 @@ async fn a_service_moves_to_another_site_in_start_order() {
     // In start order: the database went first.
     let order: Vec<&str> = snap.migrations.iter().map(|m| m.vm.as_str()).collect();
     assert_eq!(order, ["duo-db-0", "duo-web-0"]);
+    // Between sites, the site's transfer limit holds; neither site is remote: no compression.
+    assert!(
+        snap.migrations
+            .iter()
+            .all(|m| m.limit_mbps == Some(800) && !m.compress),
+        "{:?}",
+        snap.migrations
+    );
     assert!(
         snap.events
             .iter()

@@ -483,6 +483,14 @@ impl ConsoleApp {
                         e.link_mbps,
                         if e.crosses_sites { " between sites" } else { "" }
                     ));
+                    if let Some(limit) = e.site_limit_mbps {
+                        ui.label(format!("The sites limit the stream to {limit} Mbit/s."));
+                    }
+                    if e.compress {
+                        ui.label(
+                            "The stream is compressed (a remote site); chunks that do not shrink travel as they are.",
+                        );
+                    }
                     ui.label(format!("Transfer cost: {:.4}", e.cost));
                 }
                 Err(reasons) => {
@@ -503,6 +511,7 @@ impl ConsoleApp {
                             host: f,
                             vm: v,
                             to: t,
+                            options: Default::default(),
                             reply,
                         }
                     });

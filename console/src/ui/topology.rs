@@ -568,6 +568,22 @@ fn host_card(
             );
             text_right = badge_rect.left() - 3.0;
         }
+        // A migration under way shows on the chip: its transfer's progress along the bottom.
+        let migrating = snapshot.migrations.iter().find(|m| {
+            !m.step.is_finished() && m.vm == vm.name && (&m.from == host.id() || &m.to == host.id())
+        });
+        if let Some(m) = migrating {
+            let fraction = if m.bytes_total > 0 {
+                (m.bytes_done as f32 / m.bytes_total as f32).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            let track = Rect::from_min_max(pos2(chip.left(), chip.bottom() - 4.0), chip.max);
+            painter.rect_filled(track, CornerRadius::ZERO, Color32::from_black_alpha(120));
+            let done =
+                Rect::from_min_size(track.min, vec2(track.width() * fraction, track.height()));
+            painter.rect_filled(done, CornerRadius::ZERO, Color32::from_rgb(88, 166, 255));
+        }
         if selected_vm || chip_response.hovered() {
             painter.rect_stroke(
                 chip,
@@ -583,7 +599,15 @@ fn host_card(
             FontId::proportional(11.5),
             Color32::WHITE,
         );
-        let service_note = service.map_or(String::new(), |s| format!(" · service {s}"));
+        let mut service_note = service.map_or(String::new(), |s| format!(" · service {s}"));
+        if let Some(m) = migrating {
+            service_note.push_str(&format!(
+                " · migration {} to {}: {}",
+                m.id,
+                m.to,
+                m.step.as_str()
+            ));
+        }
         chip_response
             .on_hover_text(format!(
                 "{} · {} · {} vCPU · {} MiB · {}{service_note}",

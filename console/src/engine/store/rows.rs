@@ -97,6 +97,8 @@ pub struct SiteRow {
     pub remote: bool,
     pub link_bandwidth_mbps: u32,
     pub link_latency_ms: u32,
+    #[serde(default)]
+    pub transfer_limit_mbps: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -209,6 +211,7 @@ impl From<&HostInventory> for InventoryRow {
                 remote: i.site.remote,
                 link_bandwidth_mbps: i.site.link_bandwidth_mbps,
                 link_latency_ms: i.site.link_latency_ms,
+                transfer_limit_mbps: i.site.transfer_limit_mbps,
             },
             prices: PricesRow {
                 per_gb_month_stored: i.prices.per_gb_month_stored,
@@ -267,6 +270,7 @@ impl InventoryRow {
                 remote: self.site.remote,
                 link_bandwidth_mbps: self.site.link_bandwidth_mbps,
                 link_latency_ms: self.site.link_latency_ms,
+                transfer_limit_mbps: self.site.transfer_limit_mbps,
             },
             prices: Prices {
                 per_gb_month_stored: self.prices.per_gb_month_stored,
@@ -517,6 +521,10 @@ pub struct MigrationRow {
     /// As [`crate::engine::migration::MigrationStep::as_str`].
     #[serde(default)]
     pub failed_at: Option<String>,
+    #[serde(default)]
+    pub limit_mbps: Option<u32>,
+    #[serde(default)]
+    pub compress: bool,
 }
 
 impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
@@ -537,6 +545,8 @@ impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
             updated_ms: j.updated_ms,
             origin: j.origin.as_string(),
             failed_at: j.failed_at.map(|s| s.as_str().to_string()),
+            limit_mbps: j.limit_mbps,
+            compress: j.compress,
         }
     }
 }
@@ -565,6 +575,8 @@ impl TryFrom<MigrationRow> for crate::engine::migration::MigrationJournal {
             rate_bps: None,
             origin: crate::engine::migration::MigrationOrigin::parse(&row.origin),
             failed_at: row.failed_at.as_deref().and_then(MigrationStep::parse),
+            limit_mbps: row.limit_mbps,
+            compress: row.compress,
             waiting: None,
         })
     }

@@ -150,6 +150,7 @@ impl From<Host> for HostRow {
                     remote: i.site.remote,
                     link_bandwidth_mbps: i.site.link_bandwidth_mbps,
                     link_latency_ms: i.site.link_latency_ms,
+                    transfer_limit_mbps: None,
                 },
                 prices: PricesRow {
                     per_gb_month_stored: i.prices.per_gb_month_stored,
