@@ -63,7 +63,10 @@ trap 'rm -rf "$WORK"' EXIT
 
 # ---------------------------------------------------------------- kernel + initrd
 # vmlinuz and initrd.img are built together: the modules must match the kernel.
-if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ]]; then
+# Bumped whenever the guest's init changes, so that a cached guest is built again.
+RECIPE=2
+if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ||
+      "$(cat "$OUT_DIR/recipe" 2>/dev/null)" != "$RECIPE" ]]; then
     # The installable kernel is whatever the linux-image-amd64 metapackage depends on.
     resolve_kernel() {
         apt-cache depends linux-image-amd64 2>/dev/null |
@@ -180,6 +183,16 @@ if [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ]; then
 else
     echo "dunes-guest: no guest agent channel"
 fi
+# A mark of the guest's own on its disk: written at the first boot, read back at every later
+# one (after a migration, on another host), so a test can tell the data came along.
+if mountpoint -q /data 2>/dev/null || grep -q ' /data ' /proc/mounts; then
+    if [ -s /data/marker ]; then
+        echo "dunes-guest: marker found $(cat /data/marker)"
+    else
+        cat /proc/sys/kernel/random/uuid > /data/marker && sync
+        echo "dunes-guest: marker written $(cat /data/marker)"
+    fi
+fi
 echo "dunes-guest: ready"
 while :; do sleep 3600 & wait $!; done   # "wait" returns on a signal so the traps run promptly
 EOF
@@ -189,6 +202,7 @@ EOF
     mv "$OUT_DIR/vmlinuz.tmp" "$OUT_DIR/vmlinuz"
     mv "$OUT_DIR/initrd.img.tmp" "$OUT_DIR/initrd.img"
     echo "$kpkg" > "$OUT_DIR/kernel-version"
+    echo "$RECIPE" > "$OUT_DIR/recipe"
 fi
 
 # ---------------------------------------------------------------- data disk

@@ -109,6 +109,7 @@ impl AgentProcess {
         host_id: &str,
         libvirt_uri: &str,
         listen: &str,
+        extra_args: Vec<String>,
     ) -> anyhow::Result<Self> {
         Self::spawn_full(
             Some(netns),
@@ -118,7 +119,7 @@ impl AgentProcess {
             "lab",
             libvirt_uri,
             listen,
-            Vec::new(),
+            extra_args,
         )
     }
 

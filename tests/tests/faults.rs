@@ -86,6 +86,7 @@ fn agents(lock: MutexGuard<'static, ()>) -> Option<Agents> {
             name,
             &format!("test://{}", node.display()),
             &format!("{}:0", lab.hosts[i].ip),
+            Vec::new(),
         )
         .unwrap()
     };

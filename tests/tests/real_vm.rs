@@ -50,8 +50,13 @@ impl Drop for KillQemu {
     }
 }
 
+/// One real VM test at a time: two TCG guests at once on a small machine would stretch the
+/// timings the first test checks.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_guest_boots_under_qemu_and_stops() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(guest) = prerequisites() else { return };
     let dir = tempfile::tempdir().unwrap();
     let agent_dir = dir.path().join("agent");
@@ -243,4 +248,146 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         .unwrap();
     assert!(deleted.failed.is_empty(), "{deleted:?}");
     assert!(!agent_dir.join("storage/disks/svc-app-0.img").exists());
+}
+
+/// Waits for `needle` on a guest's serial console (its log file), and returns the line.
+async fn console_line(path: &std::path::Path, needle: &str, after: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().skip(after).find(|l| l.contains(needle)) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no \"{needle}\" on {}:\n{text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A tiny guest under QEMU migrates between two agents in two network namespaces joined by
+/// veth: the mark the guest wrote on its disk at its first boot is read back by the guest
+/// when it boots on the other host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(guest) = prerequisites() else { return };
+    let lab = match dunes_tests::netns::unavailable() {
+        None => dunes_tests::netns::Lab::new(2).unwrap(),
+        Some(why) if std::env::var_os("CI").is_some() => panic!("no lab: {why}"),
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = KillQemu(dir.path().to_path_buf());
+    let agent = |i: usize, name: &str| {
+        AgentProcess::spawn_in_netns(
+            &lab.hosts[i].netns,
+            &dir.path().join(name),
+            name,
+            "qemu:///embed",
+            &format!("{}:0", lab.hosts[i].ip),
+            vec!["--guest-dir".into(), guest.display().to_string()],
+        )
+        .unwrap()
+    };
+    let source = agent(0, "qemu-a");
+    let target = agent(1, "qemu-b");
+    let engine = start_engine(&dir.path().join("console")).await.unwrap();
+    for a in [&source, &target] {
+        enroll(&engine, a).await.unwrap();
+        let host = a.host_id.clone();
+        engine
+            .wait_for(Duration::from_secs(30), |s| {
+                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+            })
+            .await
+            .expect("online over the lab's link");
+    }
+    let name = VmName::new("wanderer").unwrap();
+    engine
+        .request(|reply| Command::CreateVm {
+            host: source.host_id.clone(),
+            spec: VmSpec {
+                name: name.clone(),
+                template: TemplateName::new("tiny").unwrap(),
+                vcpus: Some(1),
+                memory_mib: Some(256),
+            },
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    let disks = |a: &AgentProcess| a.data_dir.canonicalize().unwrap().join("storage/disks");
+    let first = console_line(
+        &disks(&source).join("wanderer.console.log"),
+        "dunes-guest: marker written",
+        0,
+    )
+    .await;
+    let mark = first.rsplit(' ').next().unwrap().trim().to_string();
+    console_line(
+        &disks(&source).join("wanderer.console.log"),
+        "dunes-guest: ready",
+        0,
+    )
+    .await;
+    let started = Instant::now();
+    let journal = engine
+        .request(|reply| Command::MigrateVm {
+            host: source.host_id.clone(),
+            vm: name.clone(),
+            to: target.host_id.clone(),
+            options: Default::default(),
+            reply,
+        })
+        .await
+        .unwrap();
+    let done = engine
+        .wait_for(Duration::from_secs(300), |s| {
+            s.migrations
+                .iter()
+                .any(|m| m.id == journal.id && m.step.is_finished())
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the migration never ended: {:?}", s.migrations));
+    let m = done.migrations.iter().find(|m| m.id == journal.id).unwrap();
+    assert_eq!(
+        m.step,
+        dunes_console::engine::migration::MigrationStep::SourceDeleted,
+        "{m:?}"
+    );
+    eprintln!(
+        "migrated in {:?}: {} bytes over the veth link",
+        started.elapsed(),
+        m.bytes_total
+    );
+    let found = console_line(
+        &disks(&target).join("wanderer.console.log"),
+        "dunes-guest: marker found",
+        0,
+    )
+    .await;
+    assert!(
+        found.ends_with(&mark),
+        "the guest read {found:?}, it wrote {mark:?}"
+    );
+    assert!(!disks(&source).join("wanderer.img").exists());
+    engine
+        .request(|reply| Command::StopVm {
+            host: target.host_id.clone(),
+            name: name.clone(),
+            force: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    drop(source);
+    drop(target);
+    drop(lab);
 }
