@@ -32,6 +32,8 @@ pub mod features {
     pub const DISK_TRANSFER: &str = "disk-transfer";
     /// `ExportVm`, `ImportVm`, `HashDisk`, `DiscardDisk`: what a migration needs of each end.
     pub const MIGRATION: &str = "migration";
+    /// `CancelTransfer`: a disk stream under way stopped at once.
+    pub const TRANSFER_CANCEL: &str = "transfer-cancel";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -41,6 +43,7 @@ pub mod features {
         READINESS,
         DISK_TRANSFER,
         MIGRATION,
+        TRANSFER_CANCEL,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[];
@@ -322,6 +325,13 @@ pub struct DiscardDisk {
     pub name: VmName,
 }
 
+/// To the source of a transfer: stop sending the disk of this ticket now. The `SendDisk`
+/// under way answers that it was cancelled; what the target holds stays until discarded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelTransfer {
+    pub ticket: String,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -344,6 +354,7 @@ pub enum Request {
     ImportVm(ImportVm),
     HashDisk(HashDisk),
     DiscardDisk(DiscardDisk),
+    CancelTransfer(CancelTransfer),
 }
 
 impl Request {
@@ -368,6 +379,7 @@ impl Request {
             Request::ImportVm(_) => ImportVm::KIND,
             Request::HashDisk(_) => HashDisk::KIND,
             Request::DiscardDisk(_) => DiscardDisk::KIND,
+            Request::CancelTransfer(_) => CancelTransfer::KIND,
         }
     }
 }
@@ -417,6 +429,7 @@ rpc! {
     ImportVm => VmStatus, Some(features::MIGRATION), "import-vm";
     HashDisk => String, Some(features::MIGRATION), "hash-disk";
     DiscardDisk => (), Some(features::MIGRATION), "discard-disk";
+    CancelTransfer => (), Some(features::TRANSFER_CANCEL), "cancel-transfer";
 }
 
 /// What an agent pushes on its event stream.
@@ -651,6 +664,12 @@ mod tests {
             (
                 Request::DiscardDisk(DiscardDisk { name: name() }),
                 "81ab446973636172644469736b81a46e616d65a161",
+            ),
+            (
+                Request::CancelTransfer(CancelTransfer {
+                    ticket: "ab".into(),
+                }),
+                "81ae43616e63656c5472616e7366657281a67469636b6574a26162",
             ),
             (
                 Request::SendDisk(SendDisk {

@@ -290,6 +290,43 @@ async fn killing_the_target_mid_transfer_rolls_back_with_nothing_lost() {
     assert_eq!(partial_files(&f.target, "victim"), Vec::<PathBuf>::new());
 }
 
+/// A migration cancelled while its disk streams stops the stream at once and rolls back: the
+/// VM runs on the source again and the target keeps nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_transfer_stops_and_rolls_back() {
+    let Some(f) = fleet().await else { return };
+    let before = vm_with_data(&f, "changed-mind").await;
+    let id = migrate(&f, "changed-mind").await;
+    transferred(&f, id, 4).await;
+    f.engine
+        .request(|reply| Command::CancelMigration { id, reply })
+        .await
+        .unwrap();
+    let done = ends(&f, id).await;
+    assert_eq!(done.step, MigrationStep::RolledBack, "{done:?}");
+    assert_eq!(
+        done.error.as_deref(),
+        Some("cancelled while transferring"),
+        "{done:?}"
+    );
+    // Stopped, not finished: far from all of it crossed.
+    assert!(
+        done.bytes_done < done.bytes_total || done.bytes_total == 0,
+        "{done:?}"
+    );
+    f.engine
+        .wait_for(Duration::from_secs(30), |_| {
+            runs_on(&f, &f.source, "changed-mind")
+        })
+        .await
+        .expect("the VM runs on the source again");
+    assert!(same(&disk(&f.source, "changed-mind"), &before));
+    assert_eq!(
+        partial_files(&f.target, "changed-mind"),
+        Vec::<PathBuf>::new()
+    );
+}
+
 /// The target's link goes down mid-transfer for longer than QUIC waits, then comes back:
 /// the source connects again and goes on from the last chunk the target acknowledged, and
 /// the copy is the source's byte for byte.

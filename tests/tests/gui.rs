@@ -776,4 +776,27 @@ fn a_vm_chip_dropped_on_another_host_migrates_after_the_pre_check() {
                 .is_some_and(|host| host.vm(&VmName::new("travel").unwrap()).is_none())
             && h.query_by_label("source-deleted").is_some()
     });
+
+    // The emptied host goes into maintenance from its details, and back.
+    harness.get_by_role_and_label(Role::Button, "dnd-a").click();
+    step_until(&mut harness, "the host's details", |h| {
+        h.query_by_label("Drain").is_some()
+    });
+    harness.get_by_label("Drain").click();
+    step_until(&mut harness, "the maintenance mark", |h| {
+        h.query_by_label("In maintenance: takes nothing new")
+            .is_some()
+            && h.query_by_label("End maintenance").is_some()
+    });
+    assert!(
+        engine
+            .snapshot()
+            .host(&a.host_id)
+            .is_some_and(|h| h.record.maintenance.is_some())
+    );
+    harness.get_by_label("End maintenance").click();
+    step_until(&mut harness, "back in service", |h| {
+        h.query_by_label("In service: takes new VMs and instances.")
+            .is_some()
+    });
 }

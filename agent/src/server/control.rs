@@ -9,9 +9,10 @@ use dunes_shared::{
     model::VmStatus,
     pki,
     protocol::{
-        CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm, HashDisk, Hello,
-        HelloReply, ImportVm, ListTemplates, ListVms, PrepareReceive, RenewBegin, RenewBeginReply,
-        RenewFinish, Request, SendDisk, StartVm, StopVm, WireError, codes, features,
+        CancelTransfer, CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm, HashDisk,
+        Hello, HelloReply, ImportVm, ListTemplates, ListVms, PrepareReceive, RenewBegin,
+        RenewBeginReply, RenewFinish, Request, SendDisk, StartVm, StopVm, WireError, codes,
+        features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -239,6 +240,9 @@ async fn dispatch(
         }
         Request::DiscardDisk(DiscardDisk { name }) => {
             encode_reply::<DiscardDisk>(super::transfer::discard(shared, name).await)
+        }
+        Request::CancelTransfer(CancelTransfer { ticket }) => {
+            encode_reply::<CancelTransfer>(super::transfer::cancel_send(shared, &ticket))
         }
         Request::DeleteVm(DeleteVm {
             name,

@@ -131,13 +131,9 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
             Some(existing) => existing.result.clone(),
             None => {
                 let (tx, rx) = tokio::sync::watch::channel(None);
-                sends.insert(
-                    ticket.id.clone(),
-                    SendOutcome {
-                        expires_unix_secs: ticket.expires_unix_secs,
-                        result: rx.clone(),
-                    },
-                );
+                let tx = Arc::new(tx);
+                let ticket_id = ticket.id.clone();
+                let expires_unix_secs = ticket.expires_unix_secs;
                 let job = SendJob {
                     ticket,
                     address,
@@ -148,10 +144,20 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
                 };
                 // Its own task: a control stream that closes does not stop the transfer.
                 let endpoint = shared.endpoint.clone();
-                tokio::spawn(async move {
+                let done = tx.clone();
+                let task = tokio::spawn(async move {
                     let result = send_with_reconnects(&endpoint, config, job, progress).await;
-                    let _ = tx.send(Some(result));
+                    let _ = done.send(Some(result));
                 });
+                sends.insert(
+                    ticket_id,
+                    SendOutcome {
+                        expires_unix_secs,
+                        result: rx.clone(),
+                        outcome: tx,
+                        task: task.abort_handle(),
+                    },
+                );
                 rx
             }
         }
@@ -163,11 +169,36 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
     done.clone().expect("waited for it")
 }
 
+/// What a send ends with, as everyone waiting for it hears it.
+type SendResult = Option<Result<SendReport, WireError>>;
+
 /// A transfer of this agent's, under way or done.
 #[derive(Debug)]
 pub(super) struct SendOutcome {
     expires_unix_secs: u64,
-    result: tokio::sync::watch::Receiver<Option<Result<SendReport, WireError>>>,
+    result: tokio::sync::watch::Receiver<SendResult>,
+    outcome: Arc<tokio::sync::watch::Sender<SendResult>>,
+    task: tokio::task::AbortHandle,
+}
+
+/// `CancelTransfer`: the send of this ticket stops now, and its `SendDisk` answers so.
+pub(super) fn cancel_send(shared: &Shared, ticket: &str) -> Result<(), WireError> {
+    let sends = lock(&shared.sends);
+    let Some(send) = sends.get(ticket) else {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            "no transfer of this ticket here",
+        ));
+    };
+    if send.result.borrow().is_none() {
+        send.task.abort();
+        let _ = send.outcome.send(Some(Err(WireError::new(
+            ErrorCode::Conflict,
+            "the transfer was cancelled",
+        ))));
+        tracing::info!("transfer cancelled");
+    }
+    Ok(())
 }
 
 /// How long a broken link may keep a transfer from making progress before it fails.

@@ -8,8 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use dunes_shared::{
     model::{HostId, RuntimeKind, VmName, VmState},
     protocol::{
-        DeleteVm, DiscardDisk, ExportVm, HashDisk, ImportVm, PrepareReceive, ProbeKind,
-        ReadinessProbe, SendDisk, StartVm, StopVm,
+        CancelTransfer, DeleteVm, DiscardDisk, ExportVm, HashDisk, ImportVm, PrepareReceive,
+        ProbeKind, ReadinessProbe, SendDisk, StartVm, StopVm,
     },
     transfer::TransferTicket,
 };
@@ -211,8 +211,18 @@ impl Actor {
             return;
         }
         if self.migrating.contains(&id) {
-            // Applied when the running effect ends.
+            // Applied when the running effect ends; a disk stream is stopped at once.
             self.cancelled.insert(id);
+            if journal.step == MigrationStep::Transferring
+                && let (Ok(source), Some(ticket)) =
+                    (self.client(&journal.from), journal.ticket.clone())
+            {
+                tokio::spawn(async move {
+                    if let Err(e) = source.call(CancelTransfer { ticket }).await {
+                        tracing::warn!("stopping the transfer: {e}");
+                    }
+                });
+            }
             let _ = reply.send(Ok(journal));
             return;
         }
@@ -325,7 +335,9 @@ impl Actor {
         if let Some(vm) = &learned.target_vm {
             self.apply_vm(&journal.to, vm);
         }
-        let outcome = if self.cancelled.remove(&id) && matches!(outcome, Outcome::Done) {
+        // A cancel asked while the effect ran wins over how it ended (a stopped transfer
+        // ends in an error), but not over a committed step.
+        let outcome = if self.cancelled.remove(&id) && !journal.step.is_committed() {
             Outcome::Cancelled
         } else {
             outcome
