@@ -1064,8 +1064,19 @@ mod tests {
         job.vcpus = Some(2);
         rt.create(job, true).await.unwrap();
         let work = dir.path().join("processes/job/work");
-        until(|| work.join("child.pid").exists(), "the job never forked").await;
-        let pid = std::fs::read_to_string(dir.path().join("processes/job/pid")).unwrap();
+        until(
+            || std::fs::read_to_string(work.join("child.pid")).is_ok_and(|p| p.ends_with('\n')),
+            "the job never forked",
+        )
+        .await;
+        // The agent writes the pid file just after the spawn; the job may fork first.
+        let pid_file = dir.path().join("processes/job/pid");
+        until(
+            || std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n')),
+            "the agent never wrote the job's pid",
+        )
+        .await;
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
         let pid = pid.trim().to_string();
         let child = std::fs::read_to_string(work.join("child.pid")).unwrap();
         let child = child.trim().to_string();
