@@ -1,13 +1,15 @@
 //! The agent's storage directory: templates and VM disks, every path confined to it.
 
 use std::{
+    collections::HashMap,
     fs::File,
     io::{Read, Seek, SeekFrom, Write},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
-use dunes_shared::model::{TemplateInfo, TemplateName, VmName};
+use dunes_shared::model::{TemplateDisk, TemplateInfo, TemplateName, VmName};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,15 @@ pub enum StorageError {
     DiskExists(VmName),
     #[error("disk {0} is not here (it has not arrived)")]
     MissingDisk(String),
+    #[error(
+        "template {0} gives overlay disks, and qemu-img is not installed (apt-get install qemu-utils)"
+    )]
+    NoQemuImg(TemplateName),
+    #[error("qemu-img {action} failed: {message}")]
+    QemuImg {
+        action: &'static str,
+        message: String,
+    },
     #[error("{action} {path} failed")]
     Io {
         action: &'static str,
@@ -56,6 +67,11 @@ pub struct TemplateManifest {
     /// rebuilt guest replaces them.
     #[serde(default)]
     pub source: Option<String>,
+    /// VM disks are qcow2 overlays on the template's image instead of copies of it (needs
+    /// qemu-img). A migration moves such a disk as an overlay where the target holds the
+    /// same image, and flattened elsewhere.
+    #[serde(default)]
+    pub overlay: bool,
 }
 
 /// A template resolved to absolute paths inside the storage directory.
@@ -68,14 +84,53 @@ pub struct Template {
     pub cmdline: Option<String>,
     /// Nothing to boot: only libvirt's test driver can run it.
     pub placeholder: bool,
+    /// New disks are qcow2 overlays on `disk`.
+    pub overlay: bool,
+}
+
+/// How a VM's disk file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A whole image, sparse.
+    Raw,
+    /// A qcow2 overlay on a template's image.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// libvirt's name of the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "img",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A VM's disk as it is in the storage directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDisk {
+    pub path: PathBuf,
+    pub format: DiskFormat,
 }
 
 const TEMPLATE_DISK: &str = "disk.img";
 const TINY_DISK_BYTES: u64 = 64 * 1024 * 1024;
 
+/// A template image's digest with what it was computed from (size, modification time).
+type DigestCache = HashMap<TemplateName, ((u64, i64, i64), TemplateDisk)>;
+
 #[derive(Debug, Clone)]
 pub struct Storage {
     root: PathBuf,
+    digests: Arc<Mutex<DigestCache>>,
 }
 
 impl Storage {
@@ -89,7 +144,10 @@ impl Storage {
         ] {
             std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         }
-        Ok(Storage { root })
+        Ok(Storage {
+            root,
+            digests: Arc::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -110,13 +168,62 @@ impl Storage {
         self.disks_dir().join(file)
     }
 
-    /// The file name of a VM's first disk inside [`Storage::disks_dir`].
-    pub fn disk_file_name(vm: &VmName) -> String {
-        format!("{vm}.img")
+    /// The file name of a VM's first disk inside [`Storage::disks_dir`], in `format`.
+    pub fn disk_file_name(vm: &VmName, format: DiskFormat) -> String {
+        format!("{vm}.{}", format.extension())
     }
 
-    pub fn disk_path(&self, vm: &VmName) -> PathBuf {
-        self.disk_file(&Self::disk_file_name(vm))
+    /// The VM's disk here, an overlay or a whole image, if it has one.
+    pub fn vm_disk(&self, vm: &VmName) -> Option<VmDisk> {
+        [DiskFormat::Qcow2, DiskFormat::Raw]
+            .into_iter()
+            .map(|format| VmDisk {
+                path: self.disk_file(&Self::disk_file_name(vm, format)),
+                format,
+            })
+            .find(|d| d.path.exists())
+    }
+
+    /// The digest of a template's image, hashed once per version of the file.
+    pub fn template_disk(&self, name: &TemplateName) -> Result<TemplateDisk, StorageError> {
+        let path = self.template_dir(name).join(TEMPLATE_DISK);
+        let meta = std::fs::metadata(&path).map_err(io_err("reading", &path))?;
+        let stamp = (meta.len(), meta.mtime(), meta.mtime_nsec());
+        if let Some((at, disk)) = lock(&self.digests).get(name)
+            && *at == stamp
+        {
+            return Ok(disk.clone());
+        }
+        let mut hasher = blake3::Hasher::new();
+        let file = File::open(&path).map_err(io_err("opening", &path))?;
+        hasher
+            .update_reader(file)
+            .map_err(io_err("reading", &path))?;
+        let disk = TemplateDisk {
+            template: name.clone(),
+            blake3: hasher.finalize().to_hex().to_string(),
+            allocated_bytes: meta.blocks() * 512,
+        };
+        lock(&self.digests).insert(name.clone(), (stamp, disk.clone()));
+        Ok(disk)
+    }
+
+    /// The digests of every template that gives overlay disks.
+    pub fn overlay_template_disks(&self) -> Vec<TemplateDisk> {
+        let Ok(infos) = self.templates() else {
+            return Vec::new();
+        };
+        infos
+            .iter()
+            .filter(|t| self.template(&t.name).is_ok_and(|t| t.overlay))
+            .filter_map(|t| match self.template_disk(&t.name) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!("template {}: {e}", t.name);
+                    None
+                }
+            })
+            .collect()
     }
 
     /// Makes sure the built-in `tiny` template exists. Without a guest image it gets an empty
@@ -154,6 +261,7 @@ impl Storage {
             cmdline: None,
             placeholder: guest_dir.is_none(),
             source: wanted,
+            overlay: false,
         };
         match guest_dir {
             Some(src) => {
@@ -222,6 +330,7 @@ impl Storage {
                 || (manifest.kernel.is_none()
                     && manifest.source.is_none()
                     && name.as_str() == "tiny"),
+            overlay: manifest.overlay,
             disk,
         })
     }
@@ -246,22 +355,64 @@ impl Storage {
         Ok(out)
     }
 
-    /// Copies the template's disk for a new VM, keeping holes as holes.
-    pub fn create_disk(&self, vm: &VmName, template: &Template) -> Result<PathBuf, StorageError> {
-        let path = self.disk_path(vm);
-        if path.exists() {
+    /// A new VM's disk: a qcow2 overlay on the template's image if the template says so,
+    /// else a copy of the image that keeps holes as holes.
+    pub fn create_disk(&self, vm: &VmName, template: &Template) -> Result<VmDisk, StorageError> {
+        if self.vm_disk(vm).is_some() {
             return Err(StorageError::DiskExists(vm.clone()));
         }
-        sparse_copy(&template.disk, &path)?;
-        Ok(path)
+        let format = if template.overlay {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        };
+        let path = self.disk_file(&Self::disk_file_name(vm, format));
+        match format {
+            DiskFormat::Raw => sparse_copy(&template.disk, &path)?,
+            DiskFormat::Qcow2 => self.create_overlay(&template.info.name, &path)?,
+        }
+        Ok(VmDisk { path, format })
     }
 
-    pub fn delete_disk(&self, vm: &VmName) -> Result<(), StorageError> {
-        let path = self.disk_path(vm);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("deleting", &path)(e)),
-            _ => sync_parent(&path),
+    /// A qcow2 overlay whose backing file is named relative to the disks directory, so the
+    /// file is the same on every host that keeps the template under the same name.
+    fn create_overlay(&self, template: &TemplateName, path: &Path) -> Result<(), StorageError> {
+        let backing = format!("../images/{template}/{TEMPLATE_DISK}");
+        let tmp = path.with_extension("partial");
+        let output = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
+            .arg(&tmp)
+            .output()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => StorageError::NoQemuImg(template.clone()),
+                _ => io_err("running qemu-img for", &tmp)(e),
+            })?;
+        if !output.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StorageError::QemuImg {
+                action: "create",
+                message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
         }
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(io_err("writing", &tmp))?;
+        sync_parent(path)
+    }
+
+    /// Deletes the VM's disk, whichever its format.
+    pub fn delete_disk(&self, vm: &VmName) -> Result<(), StorageError> {
+        for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
+            let path = self.disk_file(&Self::disk_file_name(vm, format));
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err("deleting", &path)(e));
+                }
+                _ => sync_parent(&path)?,
+            }
+        }
+        Ok(())
     }
 
     fn definition_path(&self, vm: &VmName) -> PathBuf {
@@ -317,12 +468,16 @@ impl Storage {
         self.root.join("disks").join(format!("{vm}.console.log"))
     }
 
-    /// Bytes really allocated for a VM's disk.
+    /// Bytes really allocated for a VM's disk (an overlay's own, without its template's).
     pub fn disk_allocated_bytes(&self, vm: &VmName) -> u64 {
-        std::fs::metadata(self.disk_path(vm))
-            .map(|m| m.blocks() * 512)
-            .unwrap_or(0)
+        self.vm_disk(vm)
+            .and_then(|d| std::fs::metadata(d.path).ok())
+            .map_or(0, |m| m.blocks() * 512)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Files `NAME{suffix}` of a directory whose NAME is a valid VM name, with their contents.
@@ -420,7 +575,7 @@ mod tests {
         assert_eq!(tiny.info.disk_mib, 64);
         assert_eq!(storage.templates().unwrap().len(), 1);
         let vm = VmName::new("web").unwrap();
-        let disk = storage.create_disk(&vm, &tiny).unwrap();
+        let disk = storage.create_disk(&vm, &tiny).unwrap().path;
         assert!(disk.starts_with(dir.path()));
         assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 * 1024 * 1024);
         // Sparse: almost nothing allocated.

@@ -780,11 +780,12 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
         CtlCommand::Vm(VmCommand::Migrate { dry_run: true, .. }) => {
             match data["can_go"].as_bool() {
                 Some(true) => format!(
-                    "{} can go from {} to {}: {} bytes, about {} s over {} Mbit/s{}{} (also the downtime), transfer cost {:.4}\n",
+                    "{} can go from {} to {}: {} bytes ({}), about {} s over {} Mbit/s{}{} (also the downtime), transfer cost {:.4}\n",
                     text(&data["vm"]),
                     text(&data["from"]),
                     text(&data["to"]),
                     text(&data["bytes"]),
+                    text(&data["disk_detail"]),
                     text(&data["seconds"]),
                     text(&data["link_mbps"]),
                     data["limit_mbps"]

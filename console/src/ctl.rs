@@ -311,6 +311,9 @@ pub fn vm_json(host: &HostId, vm: &VmStatus) -> Value {
         "memory_mib": vm.memory_mib,
         "template": vm.template,
         "disk_bytes": vm.disk_bytes,
+        "overlay_on": vm.overlay_on.as_ref().map(|t| json!({
+            "template": t.template, "blake3": t.blake3,
+        })),
     })
 }
 
@@ -447,6 +450,8 @@ pub fn migration_json(m: &crate::engine::migration::MigrationJournal) -> Value {
         "limit_mbps": m.limit_mbps,
         "compress": m.compress,
         "origin": m.origin.as_string(),
+        "disk": m.disk_move.kind(),
+        "disk_template": m.disk_move.template(),
     })
 }
 
@@ -779,6 +784,7 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                             "seconds": (e.bytes as f64 * 8.0 / (f64::from(mbps) * 1e6)).ceil(),
                             "limit_mbps": limit, "compress": compress,
                             "cost": e.cost, "crosses_sites": e.crosses_sites, "reasons": [],
+                            "disk": e.disk_move.kind(), "disk_detail": e.disk_move.describe(),
                         })
                     }
                     Err(reasons) => json!({

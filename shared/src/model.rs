@@ -238,6 +238,10 @@ pub struct HostInventory {
     /// Interpreters found on the host, for applications that need one.
     #[serde(default)]
     pub interpreters: Vec<InterpreterInfo>,
+    /// The templates whose images VM disks can be overlays on, with their digests, so that
+    /// a migration knows whether an overlay can move as it is.
+    #[serde(default)]
+    pub template_disks: Vec<TemplateDisk>,
 }
 
 /// An interpreter a host has, with its version (`python3`, `3.11.2`).
@@ -358,6 +362,21 @@ pub struct VmStatus {
     /// What runs it: a libvirt VM, or a supervised process.
     #[serde(default)]
     pub runtime: RuntimeKind,
+    /// The template image its disk is a copy-on-write overlay on (`disk_bytes` counts the
+    /// overlay only); `None` for a disk that is a whole image.
+    #[serde(default)]
+    pub overlay_on: Option<TemplateDisk>,
+}
+
+/// A template's disk image as its agent holds it: two hosts hold the same image when the
+/// BLAKE3 of their files is the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateDisk {
+    pub template: TemplateName,
+    /// BLAKE3 of the whole image file, in hex.
+    pub blake3: String,
+    /// Bytes allocated for the image: what flattening an overlay on it adds at most.
+    pub allocated_bytes: u64,
 }
 
 /// A template in an agent's image library.

@@ -34,6 +34,9 @@ pub mod features {
     pub const MIGRATION: &str = "migration";
     /// `CancelTransfer`: a disk stream under way stopped at once.
     pub const TRANSFER_CANCEL: &str = "transfer-cancel";
+    /// Disks that are qcow2 overlays on a template: `TransferTicket::overlay_on`, and the
+    /// `flat` of `HashDisk` and `ExportVm`.
+    pub const DISK_OVERLAY: &str = "disk-overlay";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -44,6 +47,7 @@ pub mod features {
         DISK_TRANSFER,
         MIGRATION,
         TRANSFER_CANCEL,
+        DISK_OVERLAY,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[];
@@ -304,6 +308,9 @@ pub struct SendReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExportVm {
     pub name: VmName,
+    /// Name the disk as the raw image its flattened transfer made, not as an overlay.
+    #[serde(default)]
+    pub flat: bool,
 }
 
 /// Defines a VM from another agent's portable definition, over disks that arrived already.
@@ -316,6 +323,10 @@ pub struct ImportVm {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HashDisk {
     pub name: VmName,
+    /// Hash what the guest sees as one raw image (an overlay flattened onto its template),
+    /// not the overlay file.
+    #[serde(default)]
+    pub flat: bool,
 }
 
 /// Removes what a transfer of this VM's disk left here (partial files, or the disk of a VM
@@ -484,6 +495,11 @@ mod tests {
             source: HostId::new("a").unwrap(),
             target: HostId::new("b").unwrap(),
             expires_unix_secs: 9,
+            overlay_on: Some(crate::model::TemplateDisk {
+                template: TemplateName::new("base").unwrap(),
+                blake3: "cd".into(),
+                allocated_bytes: 5,
+            }),
         }
     }
 
@@ -497,6 +513,7 @@ mod tests {
             template: Some(TemplateName::new("tiny").unwrap()),
             disk_bytes: 0,
             runtime: RuntimeKind::Libvirt,
+            overlay_on: None,
         }
     }
 
@@ -540,6 +557,11 @@ mod tests {
             interpreters: vec![crate::model::InterpreterInfo {
                 name: "python3".into(),
                 version: "3.11.2".into(),
+            }],
+            template_disks: vec![crate::model::TemplateDisk {
+                template: TemplateName::new("base").unwrap(),
+                blake3: "cd".into(),
+                allocated_bytes: 5,
             }],
         }
     }
@@ -645,21 +667,29 @@ mod tests {
             (
                 Request::PrepareReceive(PrepareReceive { ticket: ticket() }),
                 concat!(
-                    "81ae507265706172655265636569766581a67469636b657485a26964a26162a2766da161a6736f75",
-                    "726365a161a6746172676574a162b1657870697265735f756e69785f7365637309",
+                    "81ae507265706172655265636569766581a67469636b657486a26964a26162a2766da161a6736f75",
+                    "726365a161a6746172676574a162b1657870697265735f756e69785f7365637309aa6f7665726c61",
+                    "795f6f6e83a874656d706c617465a462617365a6626c616b6533a26364af616c6c6f63617465645f",
+                    "627974657305",
                 ),
             ),
             (
-                Request::ExportVm(ExportVm { name: name() }),
-                "81a84578706f7274566d81a46e616d65a161",
+                Request::ExportVm(ExportVm {
+                    name: name(),
+                    flat: true,
+                }),
+                "81a84578706f7274566d82a46e616d65a161a4666c6174c3",
             ),
             (
                 Request::ImportVm(ImportVm { record: "r".into() }),
                 "81a8496d706f7274566d81a67265636f7264a172",
             ),
             (
-                Request::HashDisk(HashDisk { name: name() }),
-                "81a8486173684469736b81a46e616d65a161",
+                Request::HashDisk(HashDisk {
+                    name: name(),
+                    flat: true,
+                }),
+                "81a8486173684469736b82a46e616d65a161a4666c6174c3",
             ),
             (
                 Request::DiscardDisk(DiscardDisk { name: name() }),
@@ -679,9 +709,11 @@ mod tests {
                     compress: true,
                 }),
                 concat!(
-                    "81a853656e644469736b84a67469636b657485a26964a26162a2766da161a6736f75726365a161a6",
-                    "746172676574a162b1657870697265735f756e69785f7365637309ae7461726765745f6164647265",
-                    "7373a3683a31aa6c696d69745f6d62707364a8636f6d7072657373c3",
+                    "81a853656e644469736b84a67469636b657486a26964a26162a2766da161a6736f75726365a161a6",
+                    "746172676574a162b1657870697265735f756e69785f7365637309aa6f7665726c61795f6f6e83a8",
+                    "74656d706c617465a462617365a6626c616b6533a26364af616c6c6f63617465645f627974657305",
+                    "ae7461726765745f61646472657373a3683a31aa6c696d69745f6d62707364a8636f6d7072657373",
+                    "c3",
                 ),
             ),
         ];
@@ -703,32 +735,34 @@ mod tests {
                 features: vec!["f".into()],
             }),
             concat!(
-                "81a24f6b84a9696e76656e746f72798fa7686f73745f6964a168a8686f73746e616d65a16ea46370",
-                "757302a96370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f746f",
-                "74616c5f6d69620ab073746f726167655f667265655f6d696205a76e6574776f726b9183a46e616d",
-                "65a165a36d6163a130aa73706565645f6d627073cd03e8a872756e74696d65739183a46b696e64a7",
-                "6c696276697274a6647269766572a454657374a776657273696f6ea131a47369746585a46e616d65",
-                "a764656661756c74a672656d6f7465c2b36c696e6b5f62616e6477696474685f6d627073cd03e8af",
-                "6c696e6b5f6c6174656e63795f6d7301b37472616e736665725f6c696d69745f6d627073c0a67072",
-                "6963657384b37065725f67625f6d6f6e74685f73746f726564cb0000000000000000b27065725f67",
-                "625f7472616e73666572726564cb0000000000000000ac7065725f6370755f686f7572cb00000000",
-                "00000000b27065725f67625f6d656d6f72795f686f7572cb0000000000000000ae73656375726974",
-                "795f6c6576656c01ad6167656e745f76657273696f6ea5302e312e30aa73697a65735f66726f6dab",
-                "746573742d647269766572ac696e746572707265746572739182a46e616d65a7707974686f6e33a7",
-                "76657273696f6ea6332e31312e32a673746174757386b06370755f6c6f61645f70657263656e74ca",
-                "3f000000af6d656d6f72795f757365645f6d696201b06d656d6f72795f746f74616c5f6d696202b0",
-                "73746f726167655f667265655f6d696203ab766d735f72756e6e696e6704ab757074696d655f7365",
-                "637305a3766d739188a475756964a175a46e616d65a161a57374617465a7736875746f6666a57663",
-                "70757301aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f627974",
-                "657300a772756e74696d65a76c696276697274a8666561747572657391a166",
+                "81a24f6b84a9696e76656e746f7279de0010a7686f73745f6964a168a8686f73746e616d65a16ea4",
+                "6370757302a96370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f",
+                "746f74616c5f6d69620ab073746f726167655f667265655f6d696205a76e6574776f726b9183a46e",
+                "616d65a165a36d6163a130aa73706565645f6d627073cd03e8a872756e74696d65739183a46b696e",
+                "64a76c696276697274a6647269766572a454657374a776657273696f6ea131a47369746585a46e61",
+                "6d65a764656661756c74a672656d6f7465c2b36c696e6b5f62616e6477696474685f6d627073cd03",
+                "e8af6c696e6b5f6c6174656e63795f6d7301b37472616e736665725f6c696d69745f6d627073c0a6",
+                "70726963657384b37065725f67625f6d6f6e74685f73746f726564cb0000000000000000b2706572",
+                "5f67625f7472616e73666572726564cb0000000000000000ac7065725f6370755f686f7572cb0000",
+                "000000000000b27065725f67625f6d656d6f72795f686f7572cb0000000000000000ae7365637572",
+                "6974795f6c6576656c01ad6167656e745f76657273696f6ea5302e312e30aa73697a65735f66726f",
+                "6dab746573742d647269766572ac696e746572707265746572739182a46e616d65a7707974686f6e",
+                "33a776657273696f6ea6332e31312e32ae74656d706c6174655f6469736b739183a874656d706c61",
+                "7465a462617365a6626c616b6533a26364af616c6c6f63617465645f627974657305a67374617475",
+                "7386b06370755f6c6f61645f70657263656e74ca3f000000af6d656d6f72795f757365645f6d6962",
+                "01b06d656d6f72795f746f74616c5f6d696202b073746f726167655f667265655f6d696203ab766d",
+                "735f72756e6e696e6704ab757074696d655f7365637305a3766d739189a475756964a175a46e616d",
+                "65a161a57374617465a7736875746f6666a5766370757301aa6d656d6f72795f6d6962cc80a87465",
+                "6d706c617465a474696e79aa6469736b5f627974657300a772756e74696d65a76c696276697274aa",
+                "6f7665726c61795f6f6ec0a8666561747572657391a166",
             ),
         );
         golden::<Result<Vec<VmStatus>, WireError>>(
             &Ok(vec![vm()]),
             concat!(
-                "81a24f6b9188a475756964a175a46e616d65a161a57374617465a7736875746f6666a57663707573",
+                "81a24f6b9189a475756964a175a46e616d65a161a57374617465a7736875746f6666a57663707573",
                 "01aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f627974657300",
-                "a772756e74696d65a76c696276697274",
+                "a772756e74696d65a76c696276697274aa6f7665726c61795f6f6ec0",
             ),
         );
         golden::<Result<Vec<TemplateInfo>, WireError>>(
@@ -747,9 +781,9 @@ mod tests {
         golden::<Result<VmStatus, WireError>>(
             &Ok(vm()),
             concat!(
-                "81a24f6b88a475756964a175a46e616d65a161a57374617465a7736875746f6666a5766370757301",
+                "81a24f6b89a475756964a175a46e616d65a161a57374617465a7736875746f6666a5766370757301",
                 "aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f627974657300a7",
-                "72756e74696d65a76c696276697274",
+                "72756e74696d65a76c696276697274aa6f7665726c61795f6f6ec0",
             ),
         );
         golden::<Result<(), WireError>>(&Ok(()), "81a24f6bc0");
@@ -808,9 +842,9 @@ mod tests {
             (
                 AgentEvent::VmChanged(vm()),
                 concat!(
-                    "81a9566d4368616e67656488a475756964a175a46e616d65a161a57374617465a7736875746f6666",
+                    "81a9566d4368616e67656489a475756964a175a46e616d65a161a57374617465a7736875746f6666",
                     "a5766370757301aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f",
-                    "627974657300a772756e74696d65a76c696276697274",
+                    "627974657300a772756e74696d65a76c696276697274aa6f7665726c61795f6f6ec0",
                 ),
             ),
             (
@@ -820,19 +854,20 @@ mod tests {
             (
                 AgentEvent::Inventory(Box::new(inventory())),
                 concat!(
-                    "81a9496e76656e746f72798fa7686f73745f6964a168a8686f73746e616d65a16ea46370757302a9",
-                    "6370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f746f74616c5f",
-                    "6d69620ab073746f726167655f667265655f6d696205a76e6574776f726b9183a46e616d65a165a3",
-                    "6d6163a130aa73706565645f6d627073cd03e8a872756e74696d65739183a46b696e64a76c696276",
-                    "697274a6647269766572a454657374a776657273696f6ea131a47369746585a46e616d65a7646566",
-                    "61756c74a672656d6f7465c2b36c696e6b5f62616e6477696474685f6d627073cd03e8af6c696e6b",
-                    "5f6c6174656e63795f6d7301b37472616e736665725f6c696d69745f6d627073c0a6707269636573",
-                    "84b37065725f67625f6d6f6e74685f73746f726564cb0000000000000000b27065725f67625f7472",
-                    "616e73666572726564cb0000000000000000ac7065725f6370755f686f7572cb0000000000000000",
-                    "b27065725f67625f6d656d6f72795f686f7572cb0000000000000000ae73656375726974795f6c65",
-                    "76656c01ad6167656e745f76657273696f6ea5302e312e30aa73697a65735f66726f6dab74657374",
-                    "2d647269766572ac696e746572707265746572739182a46e616d65a7707974686f6e33a776657273",
-                    "696f6ea6332e31312e32",
+                    "81a9496e76656e746f7279de0010a7686f73745f6964a168a8686f73746e616d65a16ea463707573",
+                    "02a96370755f6d6f64656ca16daa6d656d6f72795f6d6962cd0400b173746f726167655f746f7461",
+                    "6c5f6d69620ab073746f726167655f667265655f6d696205a76e6574776f726b9183a46e616d65a1",
+                    "65a36d6163a130aa73706565645f6d627073cd03e8a872756e74696d65739183a46b696e64a76c69",
+                    "6276697274a6647269766572a454657374a776657273696f6ea131a47369746585a46e616d65a764",
+                    "656661756c74a672656d6f7465c2b36c696e6b5f62616e6477696474685f6d627073cd03e8af6c69",
+                    "6e6b5f6c6174656e63795f6d7301b37472616e736665725f6c696d69745f6d627073c0a670726963",
+                    "657384b37065725f67625f6d6f6e74685f73746f726564cb0000000000000000b27065725f67625f",
+                    "7472616e73666572726564cb0000000000000000ac7065725f6370755f686f7572cb000000000000",
+                    "0000b27065725f67625f6d656d6f72795f686f7572cb0000000000000000ae73656375726974795f",
+                    "6c6576656c01ad6167656e745f76657273696f6ea5302e312e30aa73697a65735f66726f6dab7465",
+                    "73742d647269766572ac696e746572707265746572739182a46e616d65a7707974686f6e33a77665",
+                    "7273696f6ea6332e31312e32ae74656d706c6174655f6469736b739183a874656d706c617465a462",
+                    "617365a6626c616b6533a26364af616c6c6f63617465645f627974657305",
                 ),
             ),
             (
@@ -846,9 +881,9 @@ mod tests {
             (
                 AgentEvent::VmList(vec![vm()]),
                 concat!(
-                    "81a6566d4c6973749188a475756964a175a46e616d65a161a57374617465a7736875746f6666a576",
+                    "81a6566d4c6973749189a475756964a175a46e616d65a161a57374617465a7736875746f6666a576",
                     "6370757301aa6d656d6f72795f6d6962cc80a874656d706c617465a474696e79aa6469736b5f6279",
-                    "74657300a772756e74696d65a76c696276697274",
+                    "74657300a772756e74696d65a76c696276697274aa6f7665726c61795f6f6ec0",
                 ),
             ),
         ];

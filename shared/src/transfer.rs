@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{HostId, VmName};
+use crate::model::{HostId, TemplateDisk, VmName};
 
 /// ALPN of agent-to-agent disk transfers.
 pub const ALPN_TRANSFER: &[u8] = b"dunes-transfer/1";
@@ -20,6 +20,10 @@ pub struct TransferTicket {
     pub source: HostId,
     pub target: HostId,
     pub expires_unix_secs: u64,
+    /// Set when the disk moves as a qcow2 overlay on this template image, which the target
+    /// holds too; otherwise the disk moves as a whole raw image (an overlay flattened).
+    #[serde(default)]
+    pub overlay_on: Option<TemplateDisk>,
 }
 
 impl TransferTicket {

@@ -31,6 +31,7 @@ fn vm(i: usize) -> VmStatus {
         template: Some(TemplateName::new("tiny").unwrap()),
         disk_bytes: 1_234_567_890 + i as u64,
         runtime: RuntimeKind::Libvirt,
+        overlay_on: None,
     }
 }
 
@@ -62,6 +63,7 @@ fn hello() -> Result<HelloReply, WireError> {
             agent_version: "0.1.0".into(),
             sizes_from: SizesFrom::Machine,
             interpreters: Vec::new(),
+            template_disks: Vec::new(),
         },
         status: status(),
         vms: (0..100).map(vm).collect(),

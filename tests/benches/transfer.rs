@@ -25,7 +25,7 @@ use dunes_console::engine::{
     migration::{MigrationOptions, MigrationStep},
 };
 use dunes_shared::model::{TemplateName, VmName, VmSpec};
-use dunes_tests::{AgentProcess, enroll, netns::Lab, start_engine};
+use dunes_tests::{AgentProcess, enroll, netns::Lab, spawn_lab_agent, start_engine};
 
 const GIB: u64 = 1 << 30;
 
@@ -409,23 +409,7 @@ async fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(base)?;
-    let agent = |i: usize, name: &str| -> anyhow::Result<AgentProcess> {
-        let data_dir = dir.path().join(name);
-        std::fs::create_dir_all(&data_dir)?;
-        let node = data_dir.join("node.xml");
-        std::fs::write(
-            &node,
-            "<node><cpu><mode>host</mode></cpu><memory>2097152</memory></node>",
-        )?;
-        AgentProcess::spawn_in_netns(
-            &lab.hosts[i].netns,
-            &data_dir,
-            name,
-            &format!("test://{}", node.display()),
-            &format!("{}:0", lab.hosts[i].ip),
-            Vec::new(),
-        )
-    };
+    let agent = |i: usize, name: &str| spawn_lab_agent(&lab, i, dir.path(), name);
     let source = agent(0, "bench-a")?;
     let target = agent(1, "bench-b")?;
     let engine = start_engine(&dir.path().join("console")).await?;

@@ -240,6 +240,32 @@ impl Drop for AgentProcess {
     }
 }
 
+/// An agent in lab host `i`'s namespace, on a node of its own of libvirt's test driver with
+/// room for a few VMs, its data dir `dir/name`.
+pub fn spawn_lab_agent(
+    lab: &netns::Lab,
+    i: usize,
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<AgentProcess> {
+    let data_dir = dir.join(name);
+    std::fs::create_dir_all(&data_dir)?;
+    let node = data_dir.join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><cpu><mode>host</mode></cpu><memory>2097152</memory></node>",
+    )?;
+    let host = lab.hosts.get(i).context("no such lab host")?;
+    AgentProcess::spawn_in_netns(
+        &host.netns,
+        &data_dir,
+        name,
+        &format!("test://{}", node.display()),
+        &format!("{}:0", host.ip),
+        Vec::new(),
+    )
+}
+
 /// Enrolls an agent through the engine, checking its printed fingerprint.
 pub async fn enroll(engine: &EngineHandle, agent: &AgentProcess) -> anyhow::Result<HostAdded> {
     let token = agent

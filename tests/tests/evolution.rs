@@ -61,6 +61,7 @@ fn inventory(host: &HostId) -> HostInventory {
         agent_version: "9.9.9".into(),
         sizes_from: Default::default(),
         interpreters: Vec::new(),
+        template_disks: Vec::new(),
     }
 }
 

@@ -23,7 +23,7 @@ use dunes_shared::model::{TemplateName, VmName, VmSpec, VmState};
 use dunes_tests::{
     AgentProcess, enroll,
     netns::{self, Lab},
-    start_engine,
+    spawn_lab_agent, start_engine,
 };
 
 /// One lab at a time in this process: they share its subnet and device names.
@@ -70,26 +70,7 @@ struct Agents {
 fn agents(lock: MutexGuard<'static, ()>) -> Option<Agents> {
     let lab = lab()?;
     let dir = tempfile::tempdir().unwrap();
-    let agent = |i: usize, name: &str| {
-        // A node of its own on libvirt's test driver, with room for the VM.
-        let data_dir = dir.path().join(name);
-        std::fs::create_dir_all(&data_dir).unwrap();
-        let node = data_dir.join("node.xml");
-        std::fs::write(
-            &node,
-            "<node><cpu><mode>host</mode></cpu><memory>2097152</memory></node>",
-        )
-        .unwrap();
-        AgentProcess::spawn_in_netns(
-            &lab.hosts[i].netns,
-            &data_dir,
-            name,
-            &format!("test://{}", node.display()),
-            &format!("{}:0", lab.hosts[i].ip),
-            Vec::new(),
-        )
-        .unwrap()
-    };
+    let agent = |i: usize, name: &str| spawn_lab_agent(&lab, i, dir.path(), name).unwrap();
     let source = agent(0, "fault-a");
     let target = agent(1, "fault-b");
     Some(Agents {

@@ -11,7 +11,7 @@ use std::{
 use dunes_agent::{
     config::AgentConfig,
     server::{AgentOptions, RunningAgent},
-    storage::Storage,
+    storage::{DiskFormat, Storage},
     transfer::{
         extents::{allocated_extents, chunks_of, read_chunk},
         receive::Receiving,
@@ -105,7 +105,7 @@ impl Host {
     fn disk(&self, vm: &VmName) -> PathBuf {
         Storage::open(&self.data_dir)
             .unwrap()
-            .disk_file(&Storage::disk_file_name(vm))
+            .disk_file(&Storage::disk_file_name(vm, DiskFormat::Raw))
     }
 }
 
@@ -132,6 +132,7 @@ fn ticket(vm: &VmName, source: &Host, target: &Host, n: u8) -> TransferTicket {
             .unwrap()
             .as_secs()
             + 600,
+        overlay_on: None,
     }
 }
 
@@ -303,7 +304,12 @@ async fn disks_move_only_with_a_ticket_sparse_verified_resumed_and_checked() {
         let src = std::fs::File::open(a.disk(&vm3)).unwrap();
         let chunks = chunks_of(&allocated_extents(&src).unwrap());
         let disks = b.disk(&vm3).parent().unwrap().to_path_buf();
-        let mut rx = Receiving::open(&disks, &Storage::disk_file_name(&vm3), 64 << 20).unwrap();
+        let mut rx = Receiving::open(
+            &disks,
+            &Storage::disk_file_name(&vm3, DiskFormat::Raw),
+            64 << 20,
+        )
+        .unwrap();
         for &(offset, len) in &chunks[..chunks.len() / 2] {
             let (data, record) = read_chunk(&src, offset, len).unwrap();
             rx.write_chunk(record, &data).unwrap();
@@ -351,12 +357,26 @@ async fn disks_move_only_with_a_ticket_sparse_verified_resumed_and_checked() {
         .unwrap();
     let report = send(&a, &b, t).await.unwrap();
     for side in [&a, &b] {
-        let digest = call(&side.conn, HashDisk { name: vm4.clone() })
-            .await
-            .unwrap();
+        let digest = call(
+            &side.conn,
+            HashDisk {
+                name: vm4.clone(),
+                flat: false,
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(digest, report.digest);
     }
-    let record = call(&a.conn, ExportVm { name: vm4.clone() }).await.unwrap();
+    let record = call(
+        &a.conn,
+        ExportVm {
+            name: vm4.clone(),
+            flat: false,
+        },
+    )
+    .await
+    .unwrap();
     assert!(
         !record.contains(a.data_dir.to_str().unwrap()),
         "no path of the source"

@@ -308,6 +308,7 @@ impl ProcessRuntime {
             template: Some(instance.def.template.clone()),
             disk_bytes: 0,
             runtime: RuntimeKind::Process,
+            overlay_on: None,
         }
     }
 

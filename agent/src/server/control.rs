@@ -219,8 +219,14 @@ async fn dispatch(
         Request::SendDisk(request) => {
             encode_reply::<SendDisk>(super::transfer::send(shared, request).await)
         }
-        Request::ExportVm(ExportVm { name }) => {
+        Request::ExportVm(ExportVm { name, flat }) => {
             encode_reply::<ExportVm>(match shared.storage.definition(&name) {
+                Ok(Some(record)) if flat => {
+                    use crate::runtime::libvirt::definition::VmDefinition;
+                    VmDefinition::from_toml(&record)
+                        .and_then(|d| d.flattened().to_toml())
+                        .map_err(|e| WireError::new(ErrorCode::Storage, error_chain(&e)))
+                }
                 Ok(Some(record)) => Ok(record),
                 Ok(None) => Err(WireError::new(
                     ErrorCode::NotFound,
@@ -235,8 +241,8 @@ async fn dispatch(
                 Err(e) => Err(e.to_wire()),
             })
         }
-        Request::HashDisk(HashDisk { name }) => {
-            encode_reply::<HashDisk>(super::transfer::hash_disk(shared, name).await)
+        Request::HashDisk(HashDisk { name, flat }) => {
+            encode_reply::<HashDisk>(super::transfer::hash_disk(shared, name, flat).await)
         }
         Request::DiscardDisk(DiscardDisk { name }) => {
             encode_reply::<DiscardDisk>(super::transfer::discard(shared, name).await)

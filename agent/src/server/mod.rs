@@ -122,6 +122,18 @@ impl RunningAgent {
         let identity = AgentIdentity::load_or_create(&opts.data_dir, opts.config.host_id.as_ref())?;
         let storage = Storage::open(&opts.data_dir)?;
         storage.ensure_tiny_template(opts.guest_dir.as_deref())?;
+        // Hashes the overlay templates' images now, not in the first hello.
+        let overlay_templates = storage.overlay_template_disks();
+        if !overlay_templates.is_empty() {
+            tracing::info!(
+                "overlay templates: {}",
+                overlay_templates
+                    .iter()
+                    .map(|t| t.template.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let (events, _) = broadcast::channel(EVENTS_QUEUE);
         let libvirt_uri = embed::resolve_uri(&opts.libvirt_uri, &opts.data_dir)?;
         let libvirt = {
@@ -270,6 +282,7 @@ impl Shared {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             sizes_from,
             interpreters: self.interpreters.clone(),
+            template_disks: self.storage.overlay_template_disks(),
         }
     }
 

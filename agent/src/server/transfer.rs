@@ -17,15 +17,24 @@ use rustls::pki_types::CertificateDer;
 
 use super::{Shared, lock};
 use crate::{
-    storage::Storage,
+    storage::{DiskFormat, Storage},
     transfer::{
-        extents::{
-            CHUNK_BYTES, ChunkRecord, allocated_extents, chunks_of, image_digest, read_chunk,
-        },
+        extents::{CHUNK_BYTES, ChunkRecord},
+        image::DiskImage,
         receive::{ReceiveError, Receiving},
         send::{SendJob, send_disk},
     },
 };
+
+/// The file a transfer under `ticket` writes on the target: the overlay as it is, or a
+/// whole raw image.
+fn received_format(ticket: &TransferTicket) -> DiskFormat {
+    if ticket.overlay_on.is_some() {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    }
+}
 
 /// How long the source may take to open its stream after connecting.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,10 +67,29 @@ pub(super) fn prepare_receive(shared: &Shared, request: PrepareReceive) -> Resul
     if ticket.expires_unix_secs <= now_secs() {
         return Err(refuse("the ticket has expired"));
     }
-    let disk = shared
-        .storage
-        .disk_file(&Storage::disk_file_name(&ticket.vm));
-    if disk.exists()
+    if let Some(wanted) = &ticket.overlay_on {
+        // The overlay's backing file is this host's copy of the template: it must be the
+        // same image, or the guest would read another disk.
+        match shared.storage.template_disk(&wanted.template) {
+            Ok(here) if here.blake3 == wanted.blake3 => {}
+            Ok(_) => {
+                return Err(WireError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "template {} here is another image than the source's",
+                        wanted.template
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(WireError::new(
+                    ErrorCode::NotFound,
+                    format!("template {}: {}", wanted.template, error_chain(&e)),
+                ));
+            }
+        }
+    }
+    if shared.storage.vm_disk(&ticket.vm).is_some()
         || shared
             .storage
             .definition(&ticket.vm)
@@ -101,15 +129,20 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| refuse(format!("cannot resolve {}", request.target_address)))?;
-    let disk = shared
-        .storage
-        .disk_file(&Storage::disk_file_name(&ticket.vm));
-    if !disk.exists() {
+    let Some(disk) = shared.storage.vm_disk(&ticket.vm) else {
         return Err(WireError::new(
             ErrorCode::NotFound,
             format!("VM {} has no disk on this host", ticket.vm),
         ));
+    };
+    if ticket.overlay_on.is_some() && disk.format != DiskFormat::Qcow2 {
+        return Err(refuse(format!(
+            "VM {}'s disk here is a whole image, not an overlay",
+            ticket.vm
+        )));
     }
+    let flatten = disk.format == DiskFormat::Qcow2 && ticket.overlay_on.is_none();
+    let image = open_image(shared, disk.path.clone(), flatten).await?;
     let config = pki::transfer_client_config(&ca, &identity)
         .and_then(pki::quic_client_config)
         .map_err(|e| WireError::new(ErrorCode::Internal, error_chain(&e)))?;
@@ -137,7 +170,8 @@ pub(super) async fn send(shared: &Arc<Shared>, request: SendDisk) -> Result<Send
                 let job = SendJob {
                     ticket,
                     address,
-                    disk,
+                    disk: disk.path,
+                    image,
                     corrupt_first_chunk,
                     limit_mbps: request.limit_mbps,
                     compress: request.compress,
@@ -223,6 +257,7 @@ async fn send_with_reconnects(
             ticket: job.ticket.clone(),
             address: job.address,
             disk: job.disk.clone(),
+            image: job.image.clone(),
             corrupt_first_chunk: std::mem::take(&mut corrupt_first_chunk),
             limit_mbps: job.limit_mbps,
             compress: job.compress,
@@ -278,29 +313,46 @@ async fn send_with_reconnects(
     }
 }
 
-/// `HashDisk`: the image digest of a VM's disk here, read from disk.
+/// The image a VM's disk here is to a transfer: the file as it is, or with `flatten` the
+/// raw image its overlay shows the guest (qemu-img runs: off the async workers).
+async fn open_image(
+    shared: &Shared,
+    path: std::path::PathBuf,
+    flatten: bool,
+) -> Result<Arc<DiskImage>, WireError> {
+    let root = shared.storage.root().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        if flatten {
+            DiskImage::flattened(&path, &root)
+        } else {
+            DiskImage::file(&path)
+        }
+    })
+    .await
+    .map_err(|_| WireError::new(ErrorCode::Internal, "reading the disk stopped"))?
+    .map(Arc::new)
+    .map_err(|e| WireError::new(ErrorCode::Storage, error_chain(&e)))
+}
+
+/// `HashDisk`: the image digest of a VM's disk here, read from disk; with `flat`, of the raw
+/// image an overlay shows its guest.
 pub(super) async fn hash_disk(
     shared: &Arc<Shared>,
     name: dunes_shared::model::VmName,
+    flat: bool,
 ) -> Result<String, WireError> {
-    let path = shared.storage.disk_file(&Storage::disk_file_name(&name));
-    tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&path).map_err(|e| {
-            WireError::new(
-                ErrorCode::NotFound,
-                format!("VM {name} has no disk here: {e}"),
-            )
-        })?;
-        let storage_err = |e: std::io::Error| WireError::new(ErrorCode::Storage, e.to_string());
-        let size = file.metadata().map_err(storage_err)?.len();
-        let mut records = Vec::new();
-        for (offset, len) in chunks_of(&allocated_extents(&file).map_err(storage_err)?) {
-            records.push(read_chunk(&file, offset, len).map_err(storage_err)?.1);
-        }
-        Ok(hex::encode(image_digest(size, &records)))
-    })
-    .await
-    .unwrap_or_else(|_| Err(WireError::new(ErrorCode::Internal, "the hash stopped")))
+    let Some(disk) = shared.storage.vm_disk(&name) else {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("VM {name} has no disk here"),
+        ));
+    };
+    let image = open_image(shared, disk.path, flat && disk.format == DiskFormat::Qcow2).await?;
+    tokio::task::spawn_blocking(move || image.digest())
+        .await
+        .map_err(|_| WireError::new(ErrorCode::Internal, "hashing the disk stopped"))?
+        .map(hex::encode)
+        .map_err(|e| WireError::new(ErrorCode::Storage, e.to_string()))
 }
 
 /// `DiscardDisk`: what a transfer left for a VM that is not defined here.
@@ -314,13 +366,16 @@ pub(super) async fn discard(
             format!("VM {name} is defined here: delete the VM instead"),
         ));
     }
-    let file_name = Storage::disk_file_name(&name);
-    Receiving::abandon(&shared.storage.disks_dir(), &file_name);
-    match std::fs::remove_file(shared.storage.disk_file(&file_name)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(WireError::new(ErrorCode::Storage, e.to_string())),
+    for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
+        Receiving::abandon(
+            &shared.storage.disks_dir(),
+            &Storage::disk_file_name(&name, format),
+        );
     }
+    shared
+        .storage
+        .delete_disk(&name)
+        .map_err(|e| WireError::new(ErrorCode::Storage, error_chain(&e)))
 }
 
 fn peer_host(shared: &Shared, conn: &quinn::Connection) -> Option<dunes_shared::model::HostId> {
@@ -381,7 +436,8 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
         return;
     }
     let dir = shared.storage.disks_dir();
-    let file_name = Storage::disk_file_name(&vm);
+    let file_name =
+        Storage::disk_file_name(&vm, found.as_ref().map_or(DiskFormat::Raw, received_format));
     let opened = {
         let (dir, file_name) = (dir.clone(), file_name.clone());
         tokio::task::spawn_blocking(move || Receiving::open(&dir, &file_name, size)).await

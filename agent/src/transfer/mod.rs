@@ -3,5 +3,6 @@
 //! sender. The target's side of the protocol is served in `server::transfer`.
 
 pub mod extents;
+pub mod image;
 pub mod receive;
 pub mod send;

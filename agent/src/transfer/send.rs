@@ -3,7 +3,7 @@
 //! allocated chunks from where the target says it stands. A chunk the target finds corrupt is
 //! sent again, with everything after it (go-back-N); the image digest closes the stream.
 
-use std::{fs::File, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use dunes_shared::{
     codec::{MAX_FRAME_BYTES, read_frame_limited, write_frame},
@@ -12,7 +12,10 @@ use dunes_shared::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::extents::{ChunkRecord, allocated_extents, chunks_of, image_digest, read_chunk};
+use super::{
+    extents::{ChunkRecord, chunks_of, image_digest},
+    image::DiskImage,
+};
 
 /// How long the target may take to answer the opening of a transfer.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,7 +43,10 @@ pub enum SendError {
 pub struct SendJob {
     pub ticket: TransferTicket,
     pub address: SocketAddr,
+    /// The disk file, for messages.
     pub disk: PathBuf,
+    /// What is sent: the file as it is, or an overlay flattened.
+    pub image: Arc<DiskImage>,
     /// A test hook: the first chunk sent has one byte flipped on the wire.
     pub corrupt_first_chunk: bool,
     /// The most the stream may use, in Mbit/s of chunk data on the wire.
@@ -99,15 +105,9 @@ pub async fn send_disk(
         let path = path.display().to_string();
         move |source| SendError::Disk { path, source }
     };
-    let file = Arc::new(File::open(&job.disk).map_err(disk_err(&job.disk))?);
-    let size = file.metadata().map_err(disk_err(&job.disk))?.len();
-    let plan = {
-        let file = file.clone();
-        tokio::task::spawn_blocking(move || allocated_extents(&file))
-            .await
-            .map_err(link)?
-            .map_err(disk_err(&job.disk))?
-    };
+    let image = job.image.clone();
+    let size = image.size();
+    let plan = image.extents();
     let chunks = chunks_of(&plan);
     let allocated_bytes: u64 = plan.iter().map(|e| e.1).sum();
 
@@ -183,15 +183,13 @@ pub async fn send_disk(
     let mut corrupt = job.corrupt_first_chunk;
     let read = |i: usize| {
         let (offset, len) = chunks[i];
-        let file = file.clone();
+        let image = image.clone();
+        let disk_err = disk_err(&job.disk);
         async move {
-            tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
+            tokio::task::spawn_blocking(move || image.read_chunk(offset, len))
                 .await
                 .map_err(link)?
-                .map_err(|source| SendError::Disk {
-                    path: String::new(),
-                    source,
-                })
+                .map_err(disk_err)
         }
     };
     let position = |offset: u64| chunks.iter().position(|c| c.0 == offset);

@@ -125,6 +125,75 @@ pub struct MigrationJournal {
     /// The host it waits for, while one does not answer (not kept in the store: a restart
     /// tries again anyway).
     pub waiting: Option<String>,
+    /// How the disk travels: a whole image, an overlay as it is, or an overlay flattened.
+    pub disk_move: DiskMove,
+}
+
+/// How a VM's disk travels in a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DiskMove {
+    /// A whole image (sparse).
+    #[default]
+    Image,
+    /// A qcow2 overlay, as it is: the target holds the same template image (same BLAKE3).
+    Overlay(dunes_shared::model::TemplateDisk),
+    /// A qcow2 overlay flattened into a whole image: the target does not hold the same
+    /// template image, so the guest's view of overlay and template travels.
+    Flattened(dunes_shared::model::TemplateName),
+}
+
+impl DiskMove {
+    /// `image`, `overlay` or `flattened`, as stored and in `migrations --json`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DiskMove::Image => "image",
+            DiskMove::Overlay(_) => "overlay",
+            DiskMove::Flattened(_) => "flattened",
+        }
+    }
+
+    /// The template the overlay is on, if the disk is one.
+    pub fn template(&self) -> Option<&dunes_shared::model::TemplateName> {
+        match self {
+            DiskMove::Image => None,
+            DiskMove::Overlay(t) => Some(&t.template),
+            DiskMove::Flattened(t) => Some(t),
+        }
+    }
+
+    /// For the operator: how the disk goes and why.
+    pub fn describe(&self) -> String {
+        match self {
+            DiskMove::Image => "whole image".into(),
+            DiskMove::Overlay(t) => format!(
+                "overlay only: the target holds the same template {} image",
+                t.template
+            ),
+            DiskMove::Flattened(t) => {
+                format!("flattened: the target does not hold the same template {t} image")
+            }
+        }
+    }
+
+    /// How a VM's disk would go to a host whose inventory is `to`.
+    pub fn choose(
+        vm: &dunes_shared::model::VmStatus,
+        to: Option<&dunes_shared::model::HostInventory>,
+    ) -> DiskMove {
+        let Some(base) = &vm.overlay_on else {
+            return DiskMove::Image;
+        };
+        let same = to.is_some_and(|i| {
+            i.template_disks
+                .iter()
+                .any(|t| t.template == base.template && t.blake3 == base.blake3)
+        });
+        if same {
+            DiskMove::Overlay(base.clone())
+        } else {
+            DiskMove::Flattened(base.template.clone())
+        }
+    }
 }
 
 /// What the operator may ask of one migration's transfer.
@@ -326,6 +395,8 @@ pub struct MigrationEstimate {
     pub site_limit_mbps: Option<u32>,
     /// Whether chunks would travel compressed by default: to or from a remote site.
     pub compress: bool,
+    /// How the disk travels.
+    pub disk_move: DiskMove,
 }
 
 impl MigrationEstimate {
@@ -468,7 +539,12 @@ pub fn precheck(
     }
     .min(site_limit_mbps.unwrap_or(u32::MAX))
     .max(1);
-    let bytes = vm.disk_bytes;
+    let disk_move = DiskMove::choose(vm, to.inventory());
+    // Flattened, the template's allocated bytes travel too (at most: the overlay hides some).
+    let bytes = match (&disk_move, &vm.overlay_on) {
+        (DiskMove::Flattened(_), Some(base)) => vm.disk_bytes + base.allocated_bytes,
+        _ => vm.disk_bytes,
+    };
     let seconds = bytes as f64 * 8.0 / (f64::from(link_mbps) * 1e6);
     let price = from
         .inventory()
@@ -486,6 +562,7 @@ pub fn precheck(
         crosses_sites,
         site_limit_mbps,
         compress: crosses_sites && (from.is_remote() || to.is_remote()),
+        disk_move,
     })
 }
 
@@ -574,6 +651,7 @@ mod tests {
             compress: false,
             failed_at: None,
             waiting: None,
+            disk_move: DiskMove::Image,
         }
     }
 

@@ -19,8 +19,8 @@ use super::{
     actor::{Actor, Internal, now_ms},
     client::AgentClient,
     migration::{
-        Effect, MigrationJournal, MigrationOptions, MigrationOrigin, MigrationStep, Outcome,
-        advance, resume,
+        DiskMove, Effect, MigrationJournal, MigrationOptions, MigrationOrigin, MigrationStep,
+        Outcome, advance, resume,
     },
     services::probe_of,
     store::InstanceRecord,
@@ -157,6 +157,7 @@ impl Actor {
             compress,
             failed_at: None,
             waiting: None,
+            disk_move: estimate.disk_move.clone(),
         };
         let (journal, effects) = advance(&planned, Outcome::Done);
         let why = match &journal.origin {
@@ -167,7 +168,10 @@ impl Actor {
         self.log(
             Level::Info,
             Some(host.clone()),
-            format!("migration {id}: {vm} from {host} to {to}{why}"),
+            format!(
+                "migration {id}: {vm} from {host} to {to}{why}, disk: {}",
+                estimate.disk_move.describe()
+            ),
         );
         self.commit_migration(journal.clone(), effects);
         Ok(journal)
@@ -484,6 +488,9 @@ async fn run_effect(
 ) -> Result<(), EngineError> {
     let vm = journal.vm.clone();
     let runtime = RuntimeKind::Libvirt;
+    // Unless the overlay moves as it is, both ends compare (and the target defines) the
+    // whole image the guest sees.
+    let flat = !matches!(journal.disk_move, DiskMove::Overlay(_));
     match effect {
         Effect::StopSource => {
             let stopped = source
@@ -512,6 +519,10 @@ async fn run_effect(
                 vm: vm.clone(),
                 source: journal.from.clone(),
                 target: journal.to.clone(),
+                overlay_on: match &journal.disk_move {
+                    DiskMove::Overlay(t) => Some(t.clone()),
+                    _ => None,
+                },
                 expires_unix_secs: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs())
@@ -527,8 +538,13 @@ async fn run_effect(
                 // A transfer that finished before the console could journal it: the target
                 // holds the whole image already. It counts only if it is the source's.
                 Err(EngineError::Exists(why)) => {
-                    let here = target.call(HashDisk { name: vm.clone() }).await?;
-                    let there = source.call(HashDisk { name: vm }).await?;
+                    let here = target
+                        .call(HashDisk {
+                            name: vm.clone(),
+                            flat,
+                        })
+                        .await?;
+                    let there = source.call(HashDisk { name: vm, flat }).await?;
                     if here != there {
                         return Err(EngineError::Agent(why));
                     }
@@ -563,8 +579,13 @@ async fn run_effect(
             Ok(())
         }
         Effect::Verify => {
-            let here = target.call(HashDisk { name: vm.clone() }).await?;
-            let there = source.call(HashDisk { name: vm }).await?;
+            let here = target
+                .call(HashDisk {
+                    name: vm.clone(),
+                    flat,
+                })
+                .await?;
+            let there = source.call(HashDisk { name: vm, flat }).await?;
             if here != there || journal.digest.as_ref().is_some_and(|d| *d != here) {
                 return Err(EngineError::Agent(
                     "the target's copy does not match the source's disk".into(),
@@ -573,7 +594,7 @@ async fn run_effect(
             Ok(())
         }
         Effect::DefineOnTarget => {
-            let record = source.call(ExportVm { name: vm }).await?;
+            let record = source.call(ExportVm { name: vm, flat }).await?;
             match target.call(ImportVm { record }).await {
                 Ok(vm) => {
                     learned.target_vm = Some(vm);

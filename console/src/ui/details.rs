@@ -135,6 +135,9 @@ impl DetailsPanel {
                     row(ui, "Memory", format!("{} MiB", vm.memory_mib));
                     row(ui, "Template", vm.template.as_ref().map_or("—".to_string(), |t| t.to_string()));
                     row(ui, "Disk allocated", format!("{:.1} MiB", vm.disk_bytes as f64 / 1048576.0));
+                    if let Some(base) = &vm.overlay_on {
+                        row(ui, "Disk", format!("qcow2 overlay on {} ({:.1} MiB image)", base.template, base.allocated_bytes as f64 / 1048576.0));
+                    }
                     row(ui, "UUID", vm.uuid.as_str());
                 });
                 let online = host.link == LinkState::Online;

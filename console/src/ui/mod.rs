@@ -483,6 +483,7 @@ impl ConsoleApp {
                         e.link_mbps,
                         if e.crosses_sites { " between sites" } else { "" }
                     ));
+                    ui.label(format!("Disk: {}.", e.disk_move.describe()));
                     if let Some(limit) = e.site_limit_mbps {
                         ui.label(format!("The sites limit the stream to {limit} Mbit/s."));
                     }

@@ -370,6 +370,10 @@ fn migrations_ui(ui: &mut egui::Ui, snapshot: &Snapshot, actions: &mut Actions<'
                     ui.label(RichText::new(format!("move of {s}")).weak());
                 }
             }
+            if let Some(template) = m.disk_move.template() {
+                ui.label(RichText::new(format!("{} on {template}", m.disk_move.kind())).weak())
+                    .on_hover_text(m.disk_move.describe());
+            }
         });
         if !m.step.is_finished() {
             let fraction = if m.bytes_total > 0 {

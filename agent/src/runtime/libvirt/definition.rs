@@ -51,7 +51,7 @@ impl DomainType {
 pub struct DiskDefinition {
     /// File name inside `storage/disks` (no directory).
     pub file: String,
-    /// `raw` for now.
+    /// `raw` (a whole image) or `qcow2` (an overlay on the template's image).
     pub format: String,
     /// The guest's device name (`vda`).
     pub target: String,
@@ -110,7 +110,7 @@ impl VmDefinition {
             if !is_plain_file_name(&disk.file) {
                 return bad("disk", &disk.file);
             }
-            if disk.format != "raw" {
+            if disk.format != "raw" && disk.format != "qcow2" {
                 return Err(DefinitionError::Invalid(format!(
                     "disk format {:?} is not supported",
                     disk.format
@@ -147,6 +147,17 @@ impl VmDefinition {
             )));
         }
         Ok(())
+    }
+
+    /// The definition over the raw image a flattened transfer makes of its overlay disk.
+    pub fn flattened(mut self) -> Self {
+        for disk in &mut self.disks {
+            if disk.format == "qcow2" {
+                disk.file = Storage::disk_file_name(&self.name, crate::storage::DiskFormat::Raw);
+                disk.format = "raw".into();
+            }
+        }
+        self
     }
 
     pub fn to_toml(&self) -> Result<String, DefinitionError> {

@@ -29,7 +29,7 @@ use virt::{
 
 use self::definition::{Devices, DirectBoot, DiskDefinition, DomainType, VmDefinition};
 use super::{Capabilities, Runtime, RuntimeError, RuntimeFuture, StatusChange};
-use crate::storage::{Storage, Template};
+use crate::storage::{DiskFormat, Storage, Template};
 
 /// How often domain states are compared with what was published last.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -271,6 +271,11 @@ impl LibvirtRuntime {
 
 /// The definition of a new VM from its spec and template.
 fn definition_for(spec: &VmSpec, template: &Template) -> VmDefinition {
+    let format = if template.overlay {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    };
     let file_name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
     VmDefinition {
         name: spec.name.clone(),
@@ -279,8 +284,8 @@ fn definition_for(spec: &VmSpec, template: &Template) -> VmDefinition {
         vcpus: spec.vcpus.unwrap_or(template.info.default_vcpus).max(1),
         memory_mib: spec.memory_mib.unwrap_or(template.info.default_memory_mib),
         disks: vec![DiskDefinition {
-            file: Storage::disk_file_name(&spec.name),
-            format: "raw".into(),
+            file: Storage::disk_file_name(&spec.name, format),
+            format: format.as_str().into(),
             target: "vda".into(),
         }],
         boot: template
@@ -441,7 +446,14 @@ impl Inner {
     }
 
     fn status_from(&self, name: VmName, life: Lifecycle) -> VmStatus {
+        let overlay_on = match (&life.template, self.storage.vm_disk(&name)) {
+            (Some(template), Some(disk)) if disk.format == DiskFormat::Qcow2 => {
+                self.storage.template_disk(template).ok()
+            }
+            _ => None,
+        };
         VmStatus {
+            overlay_on,
             disk_bytes: self.storage.disk_allocated_bytes(&name),
             uuid: life.uuid,
             name,
@@ -865,7 +877,7 @@ mod tests {
         // Let the poller publish the new VM, then listen.
         tokio::time::sleep(POLL_INTERVAL * 3).await;
         let mut changes = rt.changes();
-        let disk = rt.inner.storage.disk_path(&name);
+        let disk = rt.inner.storage.vm_disk(&name).unwrap().path;
         let before = rt.inner.storage.disk_allocated_bytes(&name);
         {
             use std::io::{Seek, SeekFrom, Write};

@@ -649,6 +649,12 @@ mod tests {
             template: None,
             disk_bytes: 0,
             runtime: Default::default(),
+            // Rows keep what an overlay's template image is.
+            overlay_on: Some(dunes_shared::model::TemplateDisk {
+                template: dunes_shared::model::TemplateName::new("base").unwrap(),
+                blake3: "ab".repeat(32),
+                allocated_bytes: 4096,
+            }),
         }
     }
 

@@ -70,6 +70,37 @@ pub struct InventoryRow {
     /// `(name, version)` of each interpreter found.
     #[serde(default)]
     pub interpreters: Vec<(String, String)>,
+    #[serde(default)]
+    pub template_disks: Vec<TemplateDiskRow>,
+}
+
+/// A template image's digest, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateDiskRow {
+    pub template: String,
+    pub blake3: String,
+    pub allocated_bytes: u64,
+}
+
+impl From<&dunes_shared::model::TemplateDisk> for TemplateDiskRow {
+    fn from(t: &dunes_shared::model::TemplateDisk) -> Self {
+        TemplateDiskRow {
+            template: t.template.to_string(),
+            blake3: t.blake3.clone(),
+            allocated_bytes: t.allocated_bytes,
+        }
+    }
+}
+
+impl TemplateDiskRow {
+    /// `None` for a name that no longer validates: the digest is only a hint for migrations.
+    fn into_model(self) -> Option<dunes_shared::model::TemplateDisk> {
+        Some(dunes_shared::model::TemplateDisk {
+            template: TemplateName::new(self.template).ok()?,
+            blake3: self.blake3,
+            allocated_bytes: self.allocated_bytes,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +154,8 @@ pub struct VmRow {
     /// `libvirt` or `process`; rows from before runtimes were named are libvirt VMs.
     #[serde(default)]
     pub runtime: Option<String>,
+    #[serde(default)]
+    pub overlay_on: Option<TemplateDiskRow>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +260,7 @@ impl From<&HostInventory> for InventoryRow {
                 .iter()
                 .map(|x| (x.name.clone(), x.version.clone()))
                 .collect(),
+            template_disks: i.template_disks.iter().map(TemplateDiskRow::from).collect(),
         }
     }
 }
@@ -290,6 +324,11 @@ impl InventoryRow {
                 .into_iter()
                 .map(|(name, version)| dunes_shared::model::InterpreterInfo { name, version })
                 .collect(),
+            template_disks: self
+                .template_disks
+                .into_iter()
+                .filter_map(TemplateDiskRow::into_model)
+                .collect(),
         })
     }
 }
@@ -316,6 +355,7 @@ impl From<&VmStatus> for VmRow {
             template: v.template.as_ref().map(|t| t.to_string()),
             disk_bytes: v.disk_bytes,
             runtime: Some(v.runtime.as_str().to_string()),
+            overlay_on: v.overlay_on.as_ref().map(TemplateDiskRow::from),
         }
     }
 }
@@ -336,6 +376,7 @@ impl TryFrom<VmRow> for VmStatus {
             // A template name that no longer validates is only a label: drop it.
             template: row.template.and_then(|t| TemplateName::new(t).ok()),
             disk_bytes: row.disk_bytes,
+            overlay_on: row.overlay_on.and_then(TemplateDiskRow::into_model),
         })
     }
 }
@@ -491,6 +532,25 @@ fn runtime_kind(stored: Option<&str>) -> RuntimeKind {
     }
 }
 
+/// How a stored migration's disk travels. An unknown kind (a newer console's) reads as a
+/// whole image: the source agent flattens an overlay for any transfer that is not an overlay's.
+fn disk_move_of(row: &MigrationRow) -> Result<crate::engine::migration::DiskMove, RowError> {
+    use crate::engine::migration::DiskMove;
+    let template = || {
+        TemplateName::new(row.disk_template.clone().unwrap_or_default())
+            .map_err(invalid("template name"))
+    };
+    Ok(match (row.disk_move.as_str(), &row.disk_blake3) {
+        ("overlay", Some(blake3)) => DiskMove::Overlay(dunes_shared::model::TemplateDisk {
+            template: template()?,
+            blake3: blake3.clone(),
+            allocated_bytes: row.disk_base_bytes,
+        }),
+        ("flattened", _) => DiskMove::Flattened(template()?),
+        _ => DiskMove::Image,
+    })
+}
+
 /// A migration's journal as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationRow {
@@ -525,6 +585,16 @@ pub struct MigrationRow {
     pub limit_mbps: Option<u32>,
     #[serde(default)]
     pub compress: bool,
+    /// As [`crate::engine::migration::DiskMove::kind`]; with the template, and for an
+    /// overlay its image's BLAKE3 and allocated bytes.
+    #[serde(default)]
+    pub disk_move: String,
+    #[serde(default)]
+    pub disk_template: Option<String>,
+    #[serde(default)]
+    pub disk_blake3: Option<String>,
+    #[serde(default)]
+    pub disk_base_bytes: u64,
 }
 
 impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
@@ -547,6 +617,16 @@ impl From<&crate::engine::migration::MigrationJournal> for MigrationRow {
             failed_at: j.failed_at.map(|s| s.as_str().to_string()),
             limit_mbps: j.limit_mbps,
             compress: j.compress,
+            disk_move: j.disk_move.kind().to_string(),
+            disk_template: j.disk_move.template().map(|t| t.to_string()),
+            disk_blake3: match &j.disk_move {
+                crate::engine::migration::DiskMove::Overlay(t) => Some(t.blake3.clone()),
+                _ => None,
+            },
+            disk_base_bytes: match &j.disk_move {
+                crate::engine::migration::DiskMove::Overlay(t) => t.allocated_bytes,
+                _ => 0,
+            },
         }
     }
 }
@@ -555,6 +635,7 @@ impl TryFrom<MigrationRow> for crate::engine::migration::MigrationJournal {
     type Error = RowError;
     fn try_from(row: MigrationRow) -> Result<Self, RowError> {
         use crate::engine::migration::MigrationStep;
+        let disk_move = disk_move_of(&row)?;
         Ok(crate::engine::migration::MigrationJournal {
             id: row.id,
             vm: VmName::new(row.vm).map_err(invalid("VM name"))?,
@@ -578,6 +659,61 @@ impl TryFrom<MigrationRow> for crate::engine::migration::MigrationJournal {
             limit_mbps: row.limit_mbps,
             compress: row.compress,
             waiting: None,
+            disk_move,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::migration::{DiskMove, MigrationJournal, MigrationOrigin, MigrationStep};
+
+    #[test]
+    fn a_migration_keeps_how_its_disk_travels() {
+        let base = dunes_shared::model::TemplateDisk {
+            template: TemplateName::new("base").unwrap(),
+            blake3: "cd".repeat(32),
+            allocated_bytes: 2 << 20,
+        };
+        for disk_move in [
+            DiskMove::Image,
+            DiskMove::Overlay(base.clone()),
+            DiskMove::Flattened(base.template.clone()),
+        ] {
+            let journal = MigrationJournal {
+                id: 3,
+                vm: VmName::new("web").unwrap(),
+                from: HostId::new("a").unwrap(),
+                to: HostId::new("b").unwrap(),
+                step: MigrationStep::Transferring,
+                was_running: true,
+                error: None,
+                bytes_done: 1,
+                bytes_total: 2,
+                ticket: Some("t".into()),
+                digest: None,
+                started_ms: 4,
+                updated_ms: 5,
+                rate_bps: None,
+                origin: MigrationOrigin::Operator,
+                limit_mbps: None,
+                compress: false,
+                failed_at: None,
+                waiting: None,
+                disk_move,
+            };
+            let row = MigrationRow::from(&journal);
+            assert_eq!(MigrationJournal::try_from(row.clone()).unwrap(), journal);
+            // A row from before overlays, or a kind a newer console stored, is a whole image.
+            let older = MigrationRow {
+                disk_move: String::new(),
+                ..row
+            };
+            assert_eq!(
+                MigrationJournal::try_from(older).unwrap().disk_move,
+                DiskMove::Image
+            );
+        }
     }
 }

@@ -162,6 +162,7 @@ impl From<Host> for HostRow {
                 agent_version: i.agent_version,
                 sizes_from: None,
                 interpreters: Vec::new(),
+                template_disks: Vec::new(),
             }),
         }
     }
@@ -188,6 +189,7 @@ impl From<Vm> for VmRow {
             template: v.template,
             disk_bytes: v.disk_bytes,
             runtime: None,
+            overlay_on: None,
         }
     }
 }
