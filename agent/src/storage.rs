@@ -26,6 +26,8 @@ pub enum StorageError {
         "template {0} gives overlay disks, and qemu-img is not installed (apt-get install qemu-utils)"
     )]
     NoQemuImg(TemplateName),
+    #[error("overlay {file} is not one of this agent's: {message}")]
+    ForeignOverlay { file: String, message: String },
     #[error("qemu-img {action} failed: {message}")]
     QemuImg {
         action: &'static str,
@@ -401,6 +403,45 @@ impl Storage {
         sync_parent(path)
     }
 
+    /// Checks that the overlay `file` (in the disks directory) that came from another host
+    /// is backed by this host's image of `template`, named as this agent names it, and by
+    /// nothing else: its header decides what QEMU opens.
+    pub fn check_overlay(&self, file: &str, template: &TemplateName) -> Result<(), StorageError> {
+        let path = self.disk_file(file);
+        let foreign = |message: String| StorageError::ForeignOverlay {
+            file: file.to_string(),
+            message,
+        };
+        let output = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2"])
+            .arg(&path)
+            .output()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => StorageError::NoQemuImg(template.clone()),
+                _ => io_err("running qemu-img for", &path)(e),
+            })?;
+        if !output.status.success() {
+            return Err(StorageError::QemuImg {
+                action: "info",
+                message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        let info: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .map_err(|e| foreign(format!("qemu-img info: {e}")))?;
+        let wanted = format!("../images/{template}/{TEMPLATE_DISK}");
+        let backing = info["backing-filename"].as_str().unwrap_or_default();
+        if backing != wanted {
+            return Err(foreign(format!("backed by {backing:?}, not {wanted:?}")));
+        }
+        if info["backing-filename-format"].as_str() != Some("raw") {
+            return Err(foreign("its backing file is not given as raw".into()));
+        }
+        if !info["format-specific"]["data"]["data-file"].is_null() {
+            return Err(foreign("it keeps its data in another file".into()));
+        }
+        Ok(())
+    }
+
     /// Deletes the VM's disk, whichever its format.
     pub fn delete_disk(&self, vm: &VmName) -> Result<(), StorageError> {
         for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
@@ -638,6 +679,54 @@ mod tests {
             .collect();
         std::fs::write(&manifest, legacy).unwrap();
         assert!(old_storage.template(&tiny_name).unwrap().placeholder);
+    }
+
+    #[test]
+    fn overlays_name_their_template_relatively_and_foreign_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let name = TemplateName::new("base").unwrap();
+        let tdir = storage.template_dir(&name);
+        std::fs::create_dir_all(&tdir).unwrap();
+        File::create(tdir.join("disk.img"))
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        std::fs::write(
+            tdir.join("template.toml"),
+            "description = \"b\"\ndefault_vcpus = 1\ndefault_memory_mib = 64\nplaceholder = true\noverlay = true\n",
+        )
+        .unwrap();
+        let template = storage.template(&name).unwrap();
+        assert!(template.overlay);
+        let vm = VmName::new("web").unwrap();
+        let disk = storage.create_disk(&vm, &template).unwrap();
+        assert_eq!(disk.format, DiskFormat::Qcow2);
+        assert_eq!(storage.vm_disk(&vm), Some(disk.clone()));
+        storage.check_overlay("web.qcow2", &name).unwrap();
+        // The digest is of the image, and cached until the file changes.
+        let digest = storage.template_disk(&name).unwrap();
+        assert_eq!(storage.overlay_template_disks(), vec![digest.clone()]);
+        std::fs::write(tdir.join("disk.img"), b"other").unwrap();
+        assert_ne!(storage.template_disk(&name).unwrap().blake3, digest.blake3);
+
+        // An overlay whose header names a file elsewhere is not opened.
+        let outside = dir.path().join("elsewhere.img");
+        File::create(&outside).unwrap().set_len(8 << 20).unwrap();
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&outside)
+            .arg(storage.disk_file("evil.qcow2"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let err = storage.check_overlay("evil.qcow2", &name).unwrap_err();
+        assert!(
+            err.to_string().contains("is not one of this agent's"),
+            "{err}"
+        );
+        storage.delete_disk(&vm).unwrap();
+        assert_eq!(storage.vm_disk(&vm), None);
     }
 
     #[test]

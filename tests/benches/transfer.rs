@@ -278,13 +278,16 @@ fn ssh_cat(
     if !status.success() {
         bail!("ssh failed");
     }
-    Ok(Figure {
+    let figure = Figure {
         what: what.into(),
         // Every byte of the image crosses, holes too: that is what cat sends.
         bytes: std::fs::metadata(image)?.len().max(allocated),
         secs: began.elapsed().as_secs_f64(),
         cpu_secs: cpu_secs() - cpu,
-    })
+    };
+    // The copy is not needed any more: room for the next case.
+    let _ = std::fs::remove_file(&out);
+    Ok(figure)
 }
 
 /// `openssl s_client < image` in namespace A to `openssl s_server > FILE` in namespace B.
@@ -298,7 +301,8 @@ fn tls_tcp(lab: &Lab, dir: &Path, image: &Path, what: &str) -> anyhow::Result<Fi
         .arg(dir.join("tls.crt"))
         .arg("-key")
         .arg(dir.join("tls.key"))
-        .stdin(Stdio::null())
+        // s_server ends at the end of its stdin: it gets one that stays open.
+        .stdin(Stdio::piped())
         .stdout(std::fs::File::create(&out)?)
         .stderr(Stdio::null())
         .spawn()?;
@@ -308,18 +312,27 @@ fn tls_tcp(lab: &Lab, dir: &Path, image: &Path, what: &str) -> anyhow::Result<Fi
     let began = Instant::now();
     let status = Process::new("ip")
         .args(["netns", "exec", &lab.hosts[0].netns, "openssl", "s_client"])
-        .args(["-quiet", "-no_ign_eof", "-connect"])
+        .args(["-quiet", "-no_ign_eof", "-nocommands", "-connect"])
         .arg(format!("{}:9443", lab.hosts[1].ip))
         .stdin(std::fs::File::open(image)?)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()?;
-    let _ = server.wait();
+    // The server exits once the client's connection has closed and it wrote what came.
+    let keep_open = server.stdin.take();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let secs = began.elapsed().as_secs_f64();
+    drop(keep_open);
+    let _ = server.kill();
+    let _ = server.wait();
     if !status.success() {
         bail!("s_client failed");
     }
     let bytes = std::fs::metadata(&out)?.len();
+    let _ = std::fs::remove_file(&out);
     Ok(Figure {
         what: what.into(),
         bytes,
@@ -450,75 +463,83 @@ async fn main() -> anyhow::Result<()> {
         }
         Err(e) => println!("| failed: {e:#} |"),
     };
-    case(
-        dunes(
-            &engine,
-            &source,
-            &target,
-            &full,
-            "(a) 4 GiB allocated: Dunes",
-            plain,
-            n,
-        )
-        .await,
-    );
-    n += 1;
-    case(ssh_cat(&lab, dir.path(), &full, 4 * GIB, "(a) ssh cat"));
-    case(tls_tcp(&lab, dir.path(), &full, "(a) TLS over TCP"));
-    case(
-        dunes(
-            &engine,
-            &source,
-            &target,
-            &sparse,
-            "(b) 16 GiB, 2 GiB allocated: Dunes",
-            plain,
-            n,
-        )
-        .await,
-    );
-    n += 1;
-    case(ssh_cat(&lab, dir.path(), &sparse, 16 * GIB, "(b) ssh cat"));
-    case(tls_tcp(&lab, dir.path(), &sparse, "(b) TLS over TCP"));
-    lab.shape(1, 200)?;
-    case(
-        dunes(
-            &engine,
-            &source,
-            &target,
-            &sparse,
-            "(c) 200 Mbit/s: Dunes",
-            plain,
-            n,
-        )
-        .await,
-    );
-    n += 1;
-    case(
-        dunes(
-            &engine,
-            &source,
-            &target,
-            &sparse,
-            "(c) 200 Mbit/s: Dunes, zstd",
-            packed,
-            n,
-        )
-        .await,
-    );
-    case(ssh_cat(
-        &lab,
-        dir.path(),
-        &dense,
-        2 * GIB,
-        "(c) ssh cat, the 2 GiB of data only",
-    ));
-    case(tls_tcp(
-        &lab,
-        dir.path(),
-        &dense,
-        "(c) TLS over TCP, the 2 GiB of data only",
-    ));
+    // DUNES_BENCH_CASES=ab runs only cases (a) and (b), for instance.
+    let wanted = |c: char| std::env::var("DUNES_BENCH_CASES").map_or(true, |v| v.contains(c));
+    if wanted('a') {
+        case(
+            dunes(
+                &engine,
+                &source,
+                &target,
+                &full,
+                "(a) 4 GiB allocated: Dunes",
+                plain,
+                n,
+            )
+            .await,
+        );
+        n += 1;
+        case(ssh_cat(&lab, dir.path(), &full, 4 * GIB, "(a) ssh cat"));
+        case(tls_tcp(&lab, dir.path(), &full, "(a) TLS over TCP"));
+    }
+    if wanted('b') {
+        case(
+            dunes(
+                &engine,
+                &source,
+                &target,
+                &sparse,
+                "(b) 16 GiB, 2 GiB allocated: Dunes",
+                plain,
+                n,
+            )
+            .await,
+        );
+        n += 1;
+        case(ssh_cat(&lab, dir.path(), &sparse, 16 * GIB, "(b) ssh cat"));
+        case(tls_tcp(&lab, dir.path(), &sparse, "(b) TLS over TCP"));
+    }
+    if wanted('c') {
+        lab.shape(1, 200)?;
+        case(
+            dunes(
+                &engine,
+                &source,
+                &target,
+                &sparse,
+                "(c) 200 Mbit/s: Dunes",
+                plain,
+                n,
+            )
+            .await,
+        );
+        n += 1;
+        case(
+            dunes(
+                &engine,
+                &source,
+                &target,
+                &sparse,
+                "(c) 200 Mbit/s: Dunes, zstd",
+                packed,
+                n,
+            )
+            .await,
+        );
+        case(ssh_cat(
+            &lab,
+            dir.path(),
+            &dense,
+            2 * GIB,
+            "(c) ssh cat, the 2 GiB of data only",
+        ));
+        case(tls_tcp(
+            &lab,
+            dir.path(),
+            &dense,
+            "(c) TLS over TCP, the 2 GiB of data only",
+        ));
+    }
     drop(sshd);
     let _ = Process::new("pkill")
         .args(["-f", "sshd -D -e -f /dev/null -p 2222"])

@@ -40,6 +40,17 @@ fn received_format(ticket: &TransferTicket) -> DiskFormat {
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Chunks written between two syncs (and acknowledgements): 16 MiB.
 const CHUNKS_PER_ACK: usize = 16;
+/// Frames read ahead of the writer, at most (1 MiB each).
+const RECEIVE_QUEUE_FRAMES: usize = 16;
+
+/// Stops a task when its owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -481,31 +492,49 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
         .await
         .unwrap_or(Err(ReceiveError::DigestMismatch))
     }
+    // Frames are read (and unpacked) while earlier chunks are hashed, written and synced,
+    // so the link keeps flowing; at most RECEIVE_QUEUE_FRAMES wait.
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<TransferFrame>(RECEIVE_QUEUE_FRAMES);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(frame)) =
+            read_frame_limited::<_, TransferFrame>(&mut recv, MAX_FRAME_BYTES).await
+        {
+            // A compressed chunk is unpacked first, never beyond a chunk's size; one that
+            // does not unpack is asked for again like a corrupt one.
+            let frame = match frame {
+                TransferFrame::ZstdChunk { offset, hash, data } => {
+                    let unpacked =
+                        tokio::task::spawn_blocking(move || {
+                            match zstd::bulk::decompress(&data, CHUNK_BYTES as usize) {
+                                Ok(data) => TransferFrame::Chunk { offset, hash, data },
+                                Err(_) => TransferFrame::Chunk {
+                                    offset,
+                                    hash: Vec::new(),
+                                    data,
+                                },
+                            }
+                        })
+                        .await;
+                    match unpacked {
+                        Ok(frame) => frame,
+                        Err(_) => break,
+                    }
+                }
+                other => other,
+            };
+            if frames_tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
     let mut awaiting: Option<u64> = None;
     let mut since_ack = 0usize;
     loop {
-        let frame = match read_frame_limited::<_, TransferFrame>(&mut recv, MAX_FRAME_BYTES).await {
-            Ok(Some(f)) => f,
-            // The link broke: what is acknowledged stays for the next try.
-            Ok(None) | Err(_) => {
-                let _ = with(&receiving, |r| r.checkpoint()).await;
-                return;
-            }
-        };
-        // A compressed chunk is unpacked first, never beyond a chunk's size; one that does not
-        // unpack is asked for again like a corrupt one.
-        let frame = match frame {
-            TransferFrame::ZstdChunk { offset, hash, data } => {
-                match zstd::bulk::decompress(&data, CHUNK_BYTES as usize) {
-                    Ok(data) => TransferFrame::Chunk { offset, hash, data },
-                    Err(_) => TransferFrame::Chunk {
-                        offset,
-                        hash: Vec::new(),
-                        data,
-                    },
-                }
-            }
-            other => other,
+        // The link broke (or the stream ended): what is acknowledged stays for the next try.
+        let Some(frame) = frames.recv().await else {
+            let _ = with(&receiving, |r| r.checkpoint()).await;
+            return;
         };
         match frame {
             TransferFrame::Chunk { offset, hash, data } => {

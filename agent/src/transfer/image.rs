@@ -134,6 +134,15 @@ impl DiskImage {
             });
         }
         segments.sort_by_key(|s| s.start);
+        if segments
+            .windows(2)
+            .any(|w| w[0].start + w[0].len > w[1].start)
+        {
+            return Err(ImageError::Unreadable(format!(
+                "qemu-img map of {} has overlapping runs",
+                path.display()
+            )));
+        }
         Ok(DiskImage {
             size,
             files,
@@ -145,14 +154,26 @@ impl DiskImage {
         self.size
     }
 
-    /// The allocated extents, adjacent runs joined: what `SEEK_DATA` finds in the raw file a
-    /// transfer of this image writes, so both ends cut the same chunks.
+    /// The allocated extents, adjacent runs joined and widened to whole 4 KiB blocks (within
+    /// the image): what `SEEK_DATA` finds in the raw file a transfer of this image writes, so
+    /// both ends cut the same chunks. The widening reads as zeros where no run is.
     pub fn extents(&self) -> Vec<Extent> {
+        const BLOCK: u64 = 4096;
         let mut out: Vec<Extent> = Vec::new();
         for s in &self.segments {
+            let start = s.start - s.start % BLOCK;
+            let end = (s.start + s.len)
+                .div_ceil(BLOCK)
+                .saturating_mul(BLOCK)
+                .min(self.size);
+            if end <= start {
+                continue;
+            }
             match out.last_mut() {
-                Some(last) if last.0 + last.1 == s.start => last.1 += s.len,
-                _ => out.push((s.start, s.len)),
+                Some(last) if last.0 + last.1 >= start => {
+                    last.1 = last.1.max(end - last.0);
+                }
+                _ => out.push((start, end - start)),
             }
         }
         out
@@ -169,6 +190,9 @@ impl DiskImage {
             }
             let from = s.start.max(offset);
             let to = (s.start + s.len).min(end);
+            if to <= from {
+                continue;
+            }
             let buf = &mut data[(from - offset) as usize..(to - offset) as usize];
             self.files[s.file].read_exact_at(buf, s.file_offset + (from - s.start))?;
         }

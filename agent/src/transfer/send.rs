@@ -181,17 +181,23 @@ pub async fn send_disk(
     let mut sent_bytes = 0u64;
     let mut resent_chunks = 0u32;
     let mut corrupt = job.corrupt_first_chunk;
-    let read = |i: usize| {
+    // Reading and hashing the next chunk overlaps sending this one.
+    let start_read = |i: usize| {
         let (offset, len) = chunks[i];
         let image = image.clone();
-        let disk_err = disk_err(&job.disk);
-        async move {
-            tokio::task::spawn_blocking(move || image.read_chunk(offset, len))
-                .await
-                .map_err(link)?
-                .map_err(disk_err)
-        }
+        tokio::task::spawn_blocking(move || image.read_chunk(offset, len))
     };
+    let mut ahead: Option<(usize, tokio::task::JoinHandle<std::io::Result<_>>)> = None;
+    // Allocated bytes before each chunk, for progress after a resend moved `next` back.
+    let before: Vec<u64> = chunks
+        .iter()
+        .scan(0u64, |sum, c| {
+            let at = *sum;
+            *sum += u64::from(c.1);
+            Some(at)
+        })
+        .chain(std::iter::once(allocated_bytes))
+        .collect();
     let position = |offset: u64| chunks.iter().position(|c| c.0 == offset);
     // Pacing under a limit: a frame leaves no sooner than its share of the budget allows.
     let began = tokio::time::Instant::now();
@@ -208,7 +214,19 @@ pub async fn send_disk(
             }
         }
         if next < chunks.len() {
-            let (data, record) = read(next).await?;
+            let reading = match ahead.take() {
+                Some((i, handle)) if i == next => handle,
+                other => {
+                    if let Some((_, stale)) = other {
+                        stale.abort();
+                    }
+                    start_read(next)
+                }
+            };
+            if next + 1 < chunks.len() {
+                ahead = Some((next + 1, start_read(next + 1)));
+            }
+            let (data, record) = reading.await.map_err(link)?.map_err(disk_err(&job.disk))?;
             records[next] = Some(record);
             if record.end() > resume_from {
                 let mut data = data;
@@ -217,9 +235,13 @@ pub async fn send_disk(
                     corrupt = false;
                 }
                 sent_bytes += u64::from(record.len);
-                let frame = tokio::task::spawn_blocking(move || wire_frame(&record, data, zstd))
-                    .await
-                    .map_err(link)?;
+                let frame = if zstd {
+                    tokio::task::spawn_blocking(move || wire_frame(&record, data, true))
+                        .await
+                        .map_err(link)?
+                } else {
+                    wire_frame(&record, data, false)
+                };
                 if let TransferFrame::Chunk { data, .. } | TransferFrame::ZstdChunk { data, .. } =
                     &frame
                 {
@@ -232,7 +254,7 @@ pub async fn send_disk(
                 write_frame(&mut send, &frame).await.map_err(link)?;
             }
             next += 1;
-            done_bytes = chunks[..next].iter().map(|c| u64::from(c.1)).sum();
+            done_bytes = before[next];
             if told.elapsed() >= PROGRESS_EVERY {
                 told = std::time::Instant::now();
                 progress(done_bytes, allocated_bytes);

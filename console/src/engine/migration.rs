@@ -464,7 +464,7 @@ pub fn precheck(
                     ));
                 }
             }
-            let disk_mib = vm.disk_bytes.div_ceil(1024 * 1024);
+            let disk_mib = disk_bytes_on(vm, to).div_ceil(1024 * 1024);
             if offer.free.storage_mib < disk_mib {
                 reasons.push(format!(
                     "{target}: storage {} MiB free < {disk_mib} MiB needed",
@@ -540,11 +540,7 @@ pub fn precheck(
     .min(site_limit_mbps.unwrap_or(u32::MAX))
     .max(1);
     let disk_move = DiskMove::choose(vm, to.inventory());
-    // Flattened, the template's allocated bytes travel too (at most: the overlay hides some).
-    let bytes = match (&disk_move, &vm.overlay_on) {
-        (DiskMove::Flattened(_), Some(base)) => vm.disk_bytes + base.allocated_bytes,
-        _ => vm.disk_bytes,
-    };
+    let bytes = disk_bytes_on(vm, to);
     let seconds = bytes as f64 * 8.0 / (f64::from(link_mbps) * 1e6);
     let price = from
         .inventory()
@@ -564,6 +560,15 @@ pub fn precheck(
         compress: crosses_sites && (from.is_remote() || to.is_remote()),
         disk_move,
     })
+}
+
+/// What the VM's disk takes on `to` (and what crosses the link): flattened, the template's
+/// allocated bytes come too (at most: the overlay hides some of them).
+fn disk_bytes_on(vm: &dunes_shared::model::VmStatus, to: &super::HostView) -> u64 {
+    match (DiskMove::choose(vm, to.inventory()), &vm.overlay_on) {
+        (DiskMove::Flattened(_), Some(base)) => vm.disk_bytes + base.allocated_bytes,
+        _ => vm.disk_bytes,
+    }
 }
 
 /// Whether `instance` of `service` may stand on `target` beside the service's other

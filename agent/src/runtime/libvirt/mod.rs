@@ -336,6 +336,24 @@ impl Runtime for LibvirtRuntime {
         Box::pin(async move {
             let def = VmDefinition::from_toml(&record)?;
             def.validate()?;
+            // An overlay from another host opens what its header names: it must be this
+            // host's copy of the template, nothing else.
+            let overlays: Vec<String> = def
+                .disks
+                .iter()
+                .filter(|d| d.format == DiskFormat::Qcow2.as_str())
+                .map(|d| d.file.clone())
+                .collect();
+            if !overlays.is_empty() {
+                let (storage, template) = (self.inner.storage.clone(), def.template.clone());
+                tokio::task::spawn_blocking(move || {
+                    overlays
+                        .iter()
+                        .try_for_each(|f| storage.check_overlay(f, &template))
+                })
+                .await
+                .map_err(|_| RuntimeError::WorkerGone)??;
+            }
             let _vm = self.lock_vm(&def.name).await;
             self.call(move |i| i.import(&def)).await
         })
