@@ -6,6 +6,7 @@ mod actor;
 pub mod client;
 mod commands;
 pub mod console_pki;
+pub mod cost;
 pub mod enroll;
 pub mod evacuation;
 mod evacuations;

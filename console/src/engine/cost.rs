@@ -1,0 +1,167 @@
+//! Measured cost: CPU-hours used, GB-months stored and GB transferred out of a site, from a
+//! workload's periodic readings, priced at its host's prices. Pure: the statistics store
+//! gives the readings, the caller says which traffic leaves the site.
+
+use std::collections::BTreeMap;
+
+use dunes_shared::model::Prices;
+
+/// Hours in a month for GB-months: a year's hours over twelve.
+pub const HOURS_PER_MONTH: f64 = 365.0 * 24.0 / 12.0;
+const GB: f64 = 1e9;
+
+/// One reading of a workload: cumulative counters and what it stores now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    pub at_secs: u64,
+    /// CPU time used since the workload started, in nanoseconds.
+    pub cpu_ns: u64,
+    /// Bytes its disks hold now.
+    pub stored_bytes: u64,
+    /// Bytes sent out of its site since it started.
+    pub sent_out_of_site_bytes: u64,
+}
+
+/// What a workload used over a range.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub cpu_hours: f64,
+    pub gb_months: f64,
+    pub gb_transferred: f64,
+}
+
+impl Usage {
+    pub fn add(&mut self, other: &Usage) {
+        self.cpu_hours += other.cpu_hours;
+        self.gb_months += other.gb_months;
+        self.gb_transferred += other.gb_transferred;
+    }
+
+    /// Its price at `prices`.
+    pub fn cost(&self, prices: &Prices) -> f64 {
+        self.cpu_hours * prices.per_cpu_hour
+            + self.gb_months * prices.per_gb_month_stored
+            + self.gb_transferred * prices.per_gb_transferred
+    }
+}
+
+/// A counter's growth from `before` to `now`; a counter that went back started again (the
+/// workload restarted), so all of `now` is new.
+fn growth(before: u64, now: u64) -> u64 {
+    if now >= before { now - before } else { now }
+}
+
+/// What `readings` (in time order) say was used between `from_secs` and `to_secs`. Counters
+/// count between two readings inside the range; storage counts for the time each reading
+/// holds until the next (or `to_secs`), cut to the range.
+pub fn usage(readings: &[Reading], from_secs: u64, to_secs: u64) -> Usage {
+    let mut out = Usage::default();
+    for (i, r) in readings.iter().enumerate() {
+        if let Some(prev) = i.checked_sub(1).map(|p| readings[p])
+            && r.at_secs > from_secs
+            && r.at_secs <= to_secs
+            && r.at_secs >= prev.at_secs
+        {
+            out.cpu_hours += growth(prev.cpu_ns, r.cpu_ns) as f64 / 1e9 / 3600.0;
+            out.gb_transferred +=
+                growth(prev.sent_out_of_site_bytes, r.sent_out_of_site_bytes) as f64 / GB;
+        }
+        let held_until = readings
+            .get(i + 1)
+            .map_or(to_secs, |next| next.at_secs)
+            .min(to_secs);
+        let held_from = r.at_secs.max(from_secs);
+        if held_until > held_from {
+            let hours = (held_until - held_from) as f64 / 3600.0;
+            out.gb_months += r.stored_bytes as f64 / GB * hours / HOURS_PER_MONTH;
+        }
+    }
+    out
+}
+
+/// Usages summed by a key (an application, a service, a site).
+pub fn sum_by<K: Ord>(items: impl IntoIterator<Item = (K, Usage)>) -> BTreeMap<K, Usage> {
+    let mut out: BTreeMap<K, Usage> = BTreeMap::new();
+    for (key, usage) in items {
+        out.entry(key).or_default().add(&usage);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(at_secs: u64, cpu_secs: u64, stored_gb: u64, sent_gb: u64) -> Reading {
+        Reading {
+            at_secs,
+            cpu_ns: cpu_secs * 1_000_000_000,
+            stored_bytes: stored_gb * 1_000_000_000,
+            sent_out_of_site_bytes: sent_gb * 1_000_000_000,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn counters_and_storage_add_up_over_a_range() {
+        // An hour at one full core, 2 GB stored, 5 GB sent out of the site.
+        let readings = [reading(0, 0, 2, 0), reading(3600, 3600, 2, 5)];
+        let u = usage(&readings, 0, 3600);
+        assert!(close(u.cpu_hours, 1.0), "{u:?}");
+        assert!(close(u.gb_transferred, 5.0), "{u:?}");
+        assert!(close(u.gb_months, 2.0 / HOURS_PER_MONTH), "{u:?}");
+        // A month of 2 GB is 2 GB-months.
+        let month = (HOURS_PER_MONTH * 3600.0) as u64;
+        let stored = usage(&[reading(0, 0, 2, 0)], 0, month);
+        assert!((stored.gb_months - 2.0).abs() < 1e-6, "{stored:?}");
+        // Half of the range, half of the storage; counters count where their reading is.
+        let first_half = usage(&readings, 0, 1800);
+        assert!(close(first_half.gb_months, 1.0 / HOURS_PER_MONTH));
+        assert_eq!(first_half.cpu_hours, 0.0);
+    }
+
+    #[test]
+    fn a_restarted_workload_counts_from_zero_and_prices_apply() {
+        // The counter fell from 1800 s to 600 s: it restarted, 600 s are new.
+        let readings = [
+            reading(0, 0, 1, 0),
+            reading(1800, 1800, 1, 3),
+            reading(3600, 600, 1, 1),
+        ];
+        let u = usage(&readings, 0, 3600);
+        assert!(close(u.cpu_hours, 2400.0 / 3600.0), "{u:?}");
+        // The byte counter restarted too (3 GB, then 1 GB): 3 + 1 GB went out.
+        assert!(close(u.gb_transferred, 4.0), "{u:?}");
+        let prices = Prices {
+            per_gb_month_stored: 0.1,
+            per_gb_transferred: 0.05,
+            per_cpu_hour: 0.02,
+            per_gb_memory_hour: 0.0,
+        };
+        let expected = u.cpu_hours * 0.02 + u.gb_months * 0.1 + 4.0 * 0.05;
+        assert!(close(u.cost(&prices), expected));
+    }
+
+    #[test]
+    fn usages_sum_by_service() {
+        let one = Usage {
+            cpu_hours: 1.0,
+            gb_months: 2.0,
+            gb_transferred: 3.0,
+        };
+        let sums = sum_by([("shop", one), ("blog", one), ("shop", one)]);
+        assert_eq!(sums.len(), 2);
+        assert_eq!(
+            sums["shop"],
+            Usage {
+                cpu_hours: 2.0,
+                gb_months: 4.0,
+                gb_transferred: 6.0
+            }
+        );
+        assert_eq!(usage(&[], 0, 100), Usage::default());
+    }
+}
