@@ -477,6 +477,24 @@ fn ignore_missing(result: Result<(), EngineError>) -> Result<(), EngineError> {
     }
 }
 
+/// The image digests of the VM's disk on the target and on the source (the guest's whole
+/// image with `flat`).
+async fn digests(
+    source: &AgentClient,
+    target: &AgentClient,
+    vm: VmName,
+    flat: bool,
+) -> Result<(String, String), EngineError> {
+    let here = target
+        .call(HashDisk {
+            name: vm.clone(),
+            flat,
+        })
+        .await?;
+    let there = source.call(HashDisk { name: vm, flat }).await?;
+    Ok((here, there))
+}
+
 async fn run_effect(
     journal: &MigrationJournal,
     effect: Effect,
@@ -538,13 +556,7 @@ async fn run_effect(
                 // A transfer that finished before the console could journal it: the target
                 // holds the whole image already. It counts only if it is the source's.
                 Err(EngineError::Exists(why)) => {
-                    let here = target
-                        .call(HashDisk {
-                            name: vm.clone(),
-                            flat,
-                        })
-                        .await?;
-                    let there = source.call(HashDisk { name: vm, flat }).await?;
+                    let (here, there) = digests(source, target, vm, flat).await?;
                     if here != there {
                         return Err(EngineError::Agent(why));
                     }
@@ -579,13 +591,7 @@ async fn run_effect(
             Ok(())
         }
         Effect::Verify => {
-            let here = target
-                .call(HashDisk {
-                    name: vm.clone(),
-                    flat,
-                })
-                .await?;
-            let there = source.call(HashDisk { name: vm, flat }).await?;
+            let (here, there) = digests(source, target, vm, flat).await?;
             if here != there || journal.digest.as_ref().is_some_and(|d| *d != here) {
                 return Err(EngineError::Agent(
                     "the target's copy does not match the source's disk".into(),
