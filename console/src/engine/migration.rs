@@ -175,6 +175,15 @@ impl DiskMove {
         }
     }
 
+    /// What the VM's disk takes on the target and on the link: flattened, the template's
+    /// allocated bytes come too (at most: the overlay hides some of them).
+    pub fn bytes(&self, vm: &dunes_shared::model::VmStatus) -> u64 {
+        match (self, &vm.overlay_on) {
+            (DiskMove::Flattened(_), Some(base)) => vm.disk_bytes + base.allocated_bytes,
+            _ => vm.disk_bytes,
+        }
+    }
+
     /// How a VM's disk would go to a host whose inventory is `to`.
     pub fn choose(
         vm: &dunes_shared::model::VmStatus,
@@ -434,6 +443,9 @@ pub fn precheck(
     if from.link != super::LinkState::Online {
         reasons.push(format!("{}: unreachable", from.id()));
     }
+    // How the disk would travel, and so what it takes on the target and on the link.
+    let disk_move = DiskMove::choose(vm, to.inventory());
+    let bytes = disk_move.bytes(vm);
     match super::services::host_offer(to) {
         None => reasons.push(format!("{target}: its inventory is not known yet")),
         Some(offer) => {
@@ -464,7 +476,7 @@ pub fn precheck(
                     ));
                 }
             }
-            let disk_mib = disk_bytes_on(vm, to).div_ceil(1024 * 1024);
+            let disk_mib = bytes.div_ceil(1024 * 1024);
             if offer.free.storage_mib < disk_mib {
                 reasons.push(format!(
                     "{target}: storage {} MiB free < {disk_mib} MiB needed",
@@ -539,8 +551,6 @@ pub fn precheck(
     }
     .min(site_limit_mbps.unwrap_or(u32::MAX))
     .max(1);
-    let disk_move = DiskMove::choose(vm, to.inventory());
-    let bytes = disk_bytes_on(vm, to);
     let seconds = bytes as f64 * 8.0 / (f64::from(link_mbps) * 1e6);
     let price = from
         .inventory()
@@ -560,15 +570,6 @@ pub fn precheck(
         compress: crosses_sites && (from.is_remote() || to.is_remote()),
         disk_move,
     })
-}
-
-/// What the VM's disk takes on `to` (and what crosses the link): flattened, the template's
-/// allocated bytes come too (at most: the overlay hides some of them).
-fn disk_bytes_on(vm: &dunes_shared::model::VmStatus, to: &super::HostView) -> u64 {
-    match (DiskMove::choose(vm, to.inventory()), &vm.overlay_on) {
-        (DiskMove::Flattened(_), Some(base)) => vm.disk_bytes + base.allocated_bytes,
-        _ => vm.disk_bytes,
-    }
 }
 
 /// Whether `instance` of `service` may stand on `target` beside the service's other
