@@ -6,6 +6,7 @@ pub mod config;
 pub mod identity;
 pub mod inventory;
 pub mod runtime;
+pub mod sampling;
 pub mod server;
 pub mod storage;
 pub mod transfer;

@@ -76,6 +76,41 @@ pub enum CtlCommand {
     /// Define, plan and remove services of several applications.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Statistics of a host or a workload (VM or process instance): CPU %, memory MiB, disk
+    /// and network bytes per second, each bucket's min, mean and max.
+    Stats {
+        /// A host id, or a workload's name.
+        subject: String,
+        /// How far back: 90s, 10m, 6h, 7d.
+        #[arg(long, default_value = "10m", value_parser = parse_span_secs)]
+        since: u64,
+        /// Bucket size: 1s, 1m or 1h (by default the finest that keeps the answer short).
+        #[arg(long, value_parser = parse_span_secs)]
+        resolution: Option<u64>,
+    },
+}
+
+/// A span such as `90s`, `10m`, `6h` or `7d`, in seconds.
+fn parse_span_secs(text: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a span like 90s, 10m, 6h or 7d"))?;
+    let unit_secs = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    if n == 0 {
+        return Err("a span of zero".into());
+    }
+    n.checked_mul(unit_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -566,6 +601,15 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             },
         },
         CtlCommand::Migrations => CtlRequest::Migrations,
+        CtlCommand::Stats {
+            subject,
+            since,
+            resolution,
+        } => CtlRequest::Stats {
+            subject: subject.clone(),
+            since_secs: *since,
+            resolution_secs: *resolution,
+        },
         CtlCommand::Migration(MigrationCommand::Cancel { id }) => {
             CtlRequest::MigrationCancel { id: *id }
         }
@@ -757,6 +801,53 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
                 "it is stopped, so migrating"
             }
         ),
+        CtlCommand::Stats { .. } => {
+            let mut rows = Vec::new();
+            for series in data["series"].as_array().into_iter().flatten() {
+                let points = series["points"].as_array();
+                let last = points.and_then(|p| p.last());
+                let mean = |p: &Value| p["mean"].as_f64().unwrap_or(0.0);
+                let (low, high) =
+                    points
+                        .into_iter()
+                        .flatten()
+                        .fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+                            (
+                                lo.min(p["min"].as_f64().unwrap_or(lo)),
+                                hi.max(p["max"].as_f64().unwrap_or(hi)),
+                            )
+                        });
+                rows.push(vec![
+                    text(&series["metric"]),
+                    text(&series["unit"]),
+                    points.map_or(0, |p| p.len()).to_string(),
+                    last.map_or("-".into(), |p| format!("{:.1}", mean(p))),
+                    if low <= high {
+                        format!("{low:.1}")
+                    } else {
+                        "-".into()
+                    },
+                    if low <= high {
+                        format!("{high:.1}")
+                    } else {
+                        "-".into()
+                    },
+                ]);
+            }
+            if rows.is_empty() {
+                format!(
+                    "no statistics for {} in that range yet\n",
+                    text(&data["subject"])
+                )
+            } else {
+                format!(
+                    "{} every {} s\n{}",
+                    text(&data["subject"]),
+                    text(&data["resolution_secs"]),
+                    table(&["METRIC", "UNIT", "POINTS", "LAST", "MIN", "MAX"], rows)
+                )
+            }
+        }
         CtlCommand::Migrations => table(
             &["ID", "VM", "FROM", "TO", "STATE", "BYTES", "ERROR"],
             items
@@ -953,6 +1044,31 @@ fn render_plan(plan: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_read_with_their_units_and_nonsense_is_refused() {
+        assert_eq!(parse_span_secs("90s"), Ok(90));
+        assert_eq!(parse_span_secs("10m"), Ok(600));
+        assert_eq!(parse_span_secs("6h"), Ok(21_600));
+        assert_eq!(parse_span_secs("7d"), Ok(604_800));
+        assert_eq!(parse_span_secs("45"), Ok(45));
+        for bad in ["", "m", "10x", "0m", "-5m", "99999999999999999999d"] {
+            assert!(parse_span_secs(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "dunes-console",
+            "ctl",
+            "stats",
+            "web-1",
+            "--since",
+            "1h",
+            "--json",
+        ]);
+        assert!(cli.is_ok(), "{cli:?}");
+        let bad =
+            Cli::try_parse_from(["dunes-console", "ctl", "stats", "web-1", "--since", "soon"]);
+        assert!(bad.is_err());
+    }
 
     #[test]
     fn the_window_icon_decodes() {

@@ -23,7 +23,29 @@ use crate::engine::{
     Snapshot,
     placement::{Action, Override},
     snapshot::rfc3339,
+    stats::{StatsAnswer, Subject},
 };
+
+/// A time-series answer as `ctl stats --json` prints it.
+fn stats_json(answer: &StatsAnswer) -> Value {
+    let subject = match &answer.subject {
+        Subject::Host(h) => format!("host {h}"),
+        Subject::Workload(v) => format!("workload {v}"),
+    };
+    json!({
+        "subject": subject,
+        "resolution_secs": answer.resolution_secs,
+        "from": answer.from_secs,
+        "to": answer.to_secs,
+        "series": answer.series.iter().map(|s| json!({
+            "metric": s.metric.as_str(),
+            "unit": s.metric.unit(),
+            "points": s.points.iter().map(|b| json!({
+                "t": b.start_secs, "min": b.min, "mean": b.mean(), "max": b.max,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
 
 pub const SOCKET_NAME: &str = "ctl.sock";
 /// How long a client gets to send its request line.
@@ -82,6 +104,12 @@ pub enum CtlRequest {
         compress: Option<bool>,
     },
     Migrations,
+    Stats {
+        subject: String,
+        since_secs: u64,
+        #[serde(default)]
+        resolution_secs: Option<u64>,
+    },
     HostDrain {
         host: String,
         #[serde(default)]
@@ -813,6 +841,30 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .map(migration_json)
                 .collect(),
         )),
+        CtlRequest::Stats {
+            subject,
+            since_secs,
+            resolution_secs,
+        } => {
+            let snapshot = engine.snapshot();
+            // A host id names the host; anything else is a workload's name.
+            let subject = match HostId::new(subject.clone()) {
+                Ok(h) if snapshot.host(&h).is_some() => Subject::Host(h),
+                _ => Subject::Workload(VmName::new(subject.clone()).map_err(|e| {
+                    format!("{subject:?} is neither an enrolled host nor a workload name: {e}")
+                })?),
+            };
+            let answer = engine
+                .request(|reply| Command::Stats {
+                    subject,
+                    since_secs,
+                    resolution_secs,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(stats_json(&answer))
+        }
         CtlRequest::MigrationCancel { id } => {
             let journal = engine
                 .request(|reply| Command::CancelMigration { id, reply })

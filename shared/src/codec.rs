@@ -5,6 +5,7 @@
 //! does not send takes its `#[serde(default)]`, and a variant an older peer does not know is
 //! told apart from garbage (see [`decode_message`]). The rules are in `docs/PROTOCOL.md`.
 
+use bytes::BufMut as _;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -12,9 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// Frames before the peer is authenticated (enrollment, probes, the hello) stay small.
 pub const PREAUTH_FRAME_BYTES: usize = 64 * 1024;
-/// The payload buffer grows as bytes arrive, never by more than this ahead of them, so a
-/// length prefix alone cannot make the reader allocate.
-const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// A length prefix alone makes the reader allocate at most this much (a disk chunk and its
+/// header fit); beyond it the payload buffer grows only as bytes arrive.
+const UPFRONT_BYTES: usize = 1152 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -63,6 +64,11 @@ pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes a payload (without its length prefix).
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    rmp_serde::from_slice(payload).map_err(FrameError::Undecodable)
+}
+
+/// Decodes a payload into a type that borrows from it (its byte strings are not copied).
+pub fn decode_borrowed<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, FrameError> {
     rmp_serde::from_slice(payload).map_err(FrameError::Undecodable)
 }
 
@@ -183,13 +189,15 @@ where
     if len > limit {
         return Err(FrameError::TooLarge { len, limit });
     }
-    let mut payload = Vec::with_capacity(len.min(READ_CHUNK_BYTES));
+    // Filled in place, never zeroed first: bulk frames are read at link speed.
+    let mut payload = Vec::with_capacity(len.min(UPFRONT_BYTES));
     while payload.len() < len {
-        let want = (len - payload.len()).min(READ_CHUNK_BYTES);
-        let start = payload.len();
-        payload.resize(start + want, 0);
-        let n = reader.read(&mut payload[start..]).await?;
-        payload.truncate(start + n);
+        if payload.len() == payload.capacity() {
+            let more = payload.len().min(len - payload.len());
+            payload.reserve_exact(more);
+        }
+        let room = (payload.capacity() - payload.len()).min(len - payload.len());
+        let n = reader.read_buf(&mut (&mut payload).limit(room)).await?;
         if n == 0 {
             return Err(FrameError::Truncated);
         }
@@ -296,9 +304,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_length_prefix_alone_allocates_nothing_large() {
+    async fn a_length_prefix_alone_allocates_at_most_a_chunk() {
         // A peer that announces 4 MiB and sends 100 KiB gets a truncation error, and the
-        // buffer never ran more than one chunk ahead of what arrived.
+        // buffer never grew past what a disk chunk needs.
         let mut data = (MAX_FRAME_BYTES as u32).to_le_bytes().to_vec();
         data.extend_from_slice(&[0x90; 100 * 1024]);
         let mut reader = Watching {
@@ -311,10 +319,25 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, FrameError::Truncated), "{err}");
         assert!(
-            reader.largest_buffer <= READ_CHUNK_BYTES,
+            reader.largest_buffer <= UPFRONT_BYTES,
             "a {} byte buffer for a frame not yet sent",
             reader.largest_buffer
         );
+    }
+
+    #[tokio::test]
+    async fn a_frame_larger_than_a_chunk_reads_whole_through_a_slow_reader() {
+        let big = Request::EnrollBegin(crate::protocol::EnrollBegin {
+            token: "t".into(),
+            ca_cert_der: (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect(),
+        });
+        let frame = encode_frame(&big).unwrap();
+        // Bytes arrive a few at a time, as from a network.
+        let (mut tx, mut rx) = tokio::io::duplex(1000);
+        let writer = tokio::spawn(async move { tx.write_all(&frame).await });
+        let back: Request = read_frame(&mut rx).await.unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(back, big);
     }
 
     #[tokio::test]

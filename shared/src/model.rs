@@ -251,6 +251,38 @@ pub struct InterpreterInfo {
     pub version: String,
 }
 
+/// One reading of a host or a workload: gauges as they are now, counters as totals since
+/// the host booted or the workload started (the console takes the differences; a counter
+/// that went down started again).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Counters {
+    /// CPU time used, in nanoseconds, over `cpus` CPUs.
+    pub cpu_ns: u64,
+    pub cpus: u32,
+    pub memory_used_mib: u64,
+    pub memory_total_mib: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+}
+
+/// A workload's reading within a [`Sample`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadSample {
+    pub name: VmName,
+    pub counters: Counters,
+}
+
+/// What an agent measured at one moment: its host and every running workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// When, in milliseconds since the Unix epoch (the agent's clock).
+    pub at_unix_ms: u64,
+    pub host: Counters,
+    pub workloads: Vec<WorkloadSample>,
+}
+
 /// What changes about a host from second to second.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct HostStatus {

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::model::{
-    HostId, HostInventory, HostStatus, RuntimeKind, TemplateInfo, VmName, VmSpec, VmStatus,
+    HostId, HostInventory, HostStatus, RuntimeKind, Sample, TemplateInfo, VmName, VmSpec, VmStatus,
 };
 
 /// ALPN of the control protocol between console and agent.
@@ -37,6 +37,9 @@ pub mod features {
     /// Disks that are qcow2 overlays on a template: `TransferTicket::overlay_on`, and the
     /// `flat` of `HashDisk` and `ExportVm`.
     pub const DISK_OVERLAY: &str = "disk-overlay";
+    /// `AgentEvent::Samples`: the host's and its workloads' readings, once a second, sent
+    /// in batches. An agent sends them only to a console that announced this feature too.
+    pub const SAMPLES: &str = "samples";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -48,9 +51,10 @@ pub mod features {
         MIGRATION,
         TRANSFER_CANCEL,
         DISK_OVERLAY,
+        SAMPLES,
     ];
     /// What this release of the console offers to agents.
-    pub const CONSOLE: &[&str] = &[];
+    pub const CONSOLE: &[&str] = &[SAMPLES];
 
     /// A feature set as sent in a hello.
     pub fn announce(set: &[&str]) -> Vec<String> {
@@ -463,6 +467,9 @@ pub enum AgentEvent {
         bytes_done: u64,
         bytes_total: u64,
     },
+    /// Readings taken once a second since the last batch, oldest first (feature
+    /// [`features::SAMPLES`], announced by both ends).
+    Samples(Vec<Sample>),
 }
 
 #[cfg(test)]
@@ -877,6 +884,35 @@ mod tests {
                     bytes_total: 2,
                 },
                 "81b05472616e7366657250726f677265737383a67469636b6574a174aa62797465735f646f6e6501ab62797465735f746f74616c02",
+            ),
+            (
+                AgentEvent::Samples(vec![crate::model::Sample {
+                    at_unix_ms: 1,
+                    host: crate::model::Counters {
+                        cpu_ns: 2,
+                        cpus: 1,
+                        memory_used_mib: 3,
+                        memory_total_mib: 4,
+                        disk_read_bytes: 5,
+                        disk_write_bytes: 6,
+                        net_rx_bytes: 7,
+                        net_tx_bytes: 8,
+                    },
+                    workloads: vec![crate::model::WorkloadSample {
+                        name: name(),
+                        counters: crate::model::Counters::default(),
+                    }],
+                }]),
+                concat!(
+                    "81a753616d706c65739183aa61745f756e69785f6d7301a4686f737488a66370755f6e7302a46370",
+                    "757301af6d656d6f72795f757365645f6d696203b06d656d6f72795f746f74616c5f6d696204af64",
+                    "69736b5f726561645f627974657305b06469736b5f77726974655f627974657306ac6e65745f7278",
+                    "5f627974657307ac6e65745f74785f627974657308a9776f726b6c6f6164739182a46e616d65a161",
+                    "a8636f756e7465727388a66370755f6e7300a46370757300af6d656d6f72795f757365645f6d6962",
+                    "00b06d656d6f72795f746f74616c5f6d696200af6469736b5f726561645f627974657300b0646973",
+                    "6b5f77726974655f627974657300ac6e65745f72785f627974657300ac6e65745f74785f62797465",
+                    "7300",
+                ),
             ),
             (
                 AgentEvent::VmList(vec![vm()]),

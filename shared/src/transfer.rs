@@ -85,6 +85,49 @@ pub enum TransferFrame {
     Finished { ok: bool, detail: String },
 }
 
+/// A chunk frame read in place: what [`TransferFrame::Chunk`] and
+/// [`TransferFrame::ZstdChunk`] carry, borrowed from the received payload so that a
+/// megabyte of data is not copied once more. Any other frame does not decode as this.
+#[derive(Debug, PartialEq, Deserialize)]
+pub enum ChunkFrameRef<'a> {
+    Chunk {
+        offset: u64,
+        #[serde(borrow, with = "serde_bytes")]
+        hash: &'a [u8],
+        #[serde(borrow, with = "serde_bytes")]
+        data: &'a [u8],
+    },
+    ZstdChunk {
+        offset: u64,
+        #[serde(borrow, with = "serde_bytes")]
+        hash: &'a [u8],
+        #[serde(borrow, with = "serde_bytes")]
+        data: &'a [u8],
+    },
+}
+
+/// The bytes of a chunk frame up to its data, length prefix included: followed by the
+/// `data_len` bytes of data, they are exactly the frame of [`TransferFrame::Chunk`] (or
+/// `ZstdChunk` when `zstd`), so the data goes to the stream as it is, never copied into a
+/// frame buffer.
+pub fn chunk_frame_head(zstd: bool, offset: u64, hash: &[u8], data_len: usize) -> Vec<u8> {
+    use rmp::encode::{write_bin, write_bin_len, write_map_len, write_str, write_uint};
+    let mut out = vec![0u8; 4];
+    // Writing into a Vec cannot fail.
+    let _ = write_map_len(&mut out, 1);
+    let _ = write_str(&mut out, if zstd { "ZstdChunk" } else { "Chunk" });
+    let _ = write_map_len(&mut out, 3);
+    let _ = write_str(&mut out, "offset");
+    let _ = write_uint(&mut out, offset);
+    let _ = write_str(&mut out, "hash");
+    let _ = write_bin(&mut out, hash);
+    let _ = write_str(&mut out, "data");
+    let _ = write_bin_len(&mut out, data_len as u32);
+    let frame_len = (out.len() - 4 + data_len) as u32;
+    out[..4].copy_from_slice(&frame_len.to_le_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +226,46 @@ mod tests {
                 zstd: false
             }
         );
+        // A chunk's head and its data are the frame; the frame reads back in place.
+        for zstd in [false, true] {
+            for (offset, len) in [(0u64, 0usize), (1, 2), (300, 255), (1 << 40, 70_000)] {
+                let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let hash = vec![7u8; 32];
+                let frame = if zstd {
+                    TransferFrame::ZstdChunk {
+                        offset,
+                        hash: hash.clone(),
+                        data: data.clone(),
+                    }
+                } else {
+                    TransferFrame::Chunk {
+                        offset,
+                        hash: hash.clone(),
+                        data: data.clone(),
+                    }
+                };
+                let mut bytes = chunk_frame_head(zstd, offset, &hash, data.len());
+                bytes.extend_from_slice(&data);
+                assert_eq!(bytes, crate::codec::encode_frame(&frame).unwrap());
+                let view: ChunkFrameRef = crate::codec::decode_borrowed(&bytes[4..]).unwrap();
+                let expected = if zstd {
+                    ChunkFrameRef::ZstdChunk {
+                        offset,
+                        hash: &hash,
+                        data: &data,
+                    }
+                } else {
+                    ChunkFrameRef::Chunk {
+                        offset,
+                        hash: &hash,
+                        data: &data,
+                    }
+                };
+                assert_eq!(view, expected);
+            }
+        }
+        let finish = encode_payload(&TransferFrame::Finish { digest: vec![5] }).unwrap();
+        assert!(crate::codec::decode_borrowed::<ChunkFrameRef>(&finish).is_err());
         assert!(TransferTicket::valid_id(&"0f".repeat(16)));
         assert!(!TransferTicket::valid_id("../../etc"));
     }

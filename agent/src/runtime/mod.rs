@@ -9,7 +9,10 @@ pub mod process;
 use std::{future::Future, pin::Pin, sync::Arc};
 
 use dunes_shared::{
-    model::{RuntimeInfo, RuntimeKind, SpecError, TemplateName, VmName, VmSpec, VmState, VmStatus},
+    model::{
+        RuntimeInfo, RuntimeKind, SpecError, TemplateName, VmName, VmSpec, VmState, VmStatus,
+        WorkloadSample,
+    },
     protocol::{ErrorCode, ReadinessProbe, ReadyReply, WireError},
 };
 use tokio::sync::broadcast;
@@ -128,6 +131,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn changes(&self) -> broadcast::Receiver<StatusChange>;
     /// Workloads holding CPU and memory, as last seen; no runtime call.
     fn active_count(&self) -> u32;
+    /// The counters of every running workload, for statistics.
+    fn sample(&self) -> RuntimeFuture<'_, Vec<WorkloadSample>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 /// The runtimes of this host, one per kind.

@@ -25,6 +25,7 @@ use std::{
 use dunes_shared::{
     model::{
         InterpreterInfo, RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus,
+        WorkloadSample,
     },
     protocol::{ProbeKind, ReadinessProbe, ReadyReply},
 };
@@ -950,6 +951,38 @@ impl Runtime for ProcessRuntime {
 
     fn delete(&self, name: VmName) -> RuntimeFuture<'_, ()> {
         Box::pin(async move { self.delete_process(&name) })
+    }
+
+    fn sample(&self) -> RuntimeFuture<'_, Vec<WorkloadSample>> {
+        Box::pin(async move {
+            let running: Vec<VmName> = lock(&self.inner.instances)
+                .iter()
+                .filter(|(_, i)| i.state == VmState::Running)
+                .map(|(name, _)| name.clone())
+                .collect();
+            let base = match &self.inner.limits {
+                CgroupLimits::V2 { base } => Some(base.clone()),
+                _ => None,
+            };
+            let dirs: Vec<PathBuf> = running.iter().map(|n| self.dir(n)).collect();
+            // /proc and cgroup files: read off the async workers.
+            tokio::task::spawn_blocking(move || {
+                running
+                    .into_iter()
+                    .zip(dirs)
+                    .filter_map(|(name, dir)| {
+                        let pid = std::fs::read_to_string(dir.join("pid"))
+                            .ok()
+                            .and_then(|p| p.trim().parse().ok());
+                        let group = base.as_ref().map(|b| b.join(name.as_str()));
+                        let counters = crate::sampling::process_counters(group.as_deref(), pid)?;
+                        Some(WorkloadSample { name, counters })
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(|_| RuntimeError::WorkerGone)
+        })
     }
 
     fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply> {

@@ -96,7 +96,8 @@ pub(super) async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) 
         _ => return,
     }
     tracing::info!(remote = %conn.remote_address(), console = %console_name, features = ?console_features, "console connected");
-    tokio::spawn(push_events(shared.clone(), conn.clone(), events));
+    let samples = console_features.iter().any(|f| f == features::SAMPLES);
+    tokio::spawn(push_events(shared.clone(), conn.clone(), events, samples));
     loop {
         let accepted = tokio::select! {
             accepted = conn.accept_bi() => accepted,

@@ -206,6 +206,7 @@ impl RunningAgent {
             .collect();
         tasks.push(tokio::spawn(endpoint::accept_loop(shared.clone())));
         tasks.push(tokio::spawn(status::status_loop(shared.clone())));
+        tasks.push(tokio::spawn(status::sample_loop(shared.clone())));
         Ok(RunningAgent {
             host_id,
             local_addr,

@@ -1,15 +1,18 @@
-//! What the agent pushes: host status every second, and every runtime's status changes, on
-//! one unidirectional stream per console connection.
+//! What the agent pushes: host status every second, every runtime's status changes, and
+//! (to a console that asked for them) readings for statistics in batches, on one
+//! unidirectional stream per console connection.
 
 use std::{sync::Arc, time::Duration};
 
-use dunes_shared::{protocol::AgentEvent, rpc::push_event};
+use dunes_shared::{model::Sample, protocol::AgentEvent, rpc::push_event};
 use tokio::sync::broadcast;
 
 use super::{Shared, control::list_vms, off_worker};
 use crate::runtime::{Runtime, StatusChange};
 
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// Readings are taken once a second and sent this many at a time.
+const SAMPLES_PER_BATCH: usize = 5;
 
 /// Publishes the host's status every second. Reads /proc and the runtimes' counts, never
 /// asks a runtime for its list.
@@ -19,6 +22,39 @@ pub(super) async fn status_loop(shared: Arc<Shared>) {
         tick.tick().await;
         if let Some(status) = off_worker(&shared, Shared::status).await {
             let _ = shared.events.send(AgentEvent::HostStatus(status));
+        }
+    }
+}
+
+/// Takes the host's and every running workload's counters once a second, and publishes them
+/// in batches of [`SAMPLES_PER_BATCH`].
+pub(super) async fn sample_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(STATUS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut batch = Vec::with_capacity(SAMPLES_PER_BATCH);
+    loop {
+        tick.tick().await;
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let Ok(host) = tokio::task::spawn_blocking(crate::sampling::host_counters).await else {
+            continue;
+        };
+        let mut workloads = Vec::new();
+        for runtime in shared.runtimes.all() {
+            // A runtime that cannot say this second is missing from this reading only.
+            if let Ok(mut samples) = runtime.sample().await {
+                workloads.append(&mut samples);
+            }
+        }
+        batch.push(Sample {
+            at_unix_ms,
+            host,
+            workloads,
+        });
+        if batch.len() >= SAMPLES_PER_BATCH {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(SAMPLES_PER_BATCH));
+            let _ = shared.events.send(AgentEvent::Samples(full));
         }
     }
 }
@@ -44,11 +80,13 @@ pub(super) async fn forward_changes(
     }
 }
 
-/// Sends the events to one console connection, until it closes.
+/// Sends the events to one console connection, until it closes; readings only to a console
+/// that announced it reads them.
 pub(super) async fn push_events(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     mut events: broadcast::Receiver<AgentEvent>,
+    samples: bool,
 ) {
     let Ok(mut stream) = conn.open_uni().await else {
         return;
@@ -68,6 +106,9 @@ pub(super) async fn push_events(
             },
             Err(broadcast::error::RecvError::Closed) => return,
         };
+        if matches!(event, AgentEvent::Samples(_)) && !samples {
+            continue;
+        }
         if push_event(&mut stream, &event).await.is_err() {
             return;
         }

@@ -8,10 +8,13 @@ use std::{
 };
 
 use dunes_shared::{
-    codec::{MAX_FRAME_BYTES, read_frame_limited, write_frame},
+    codec::{
+        MAX_FRAME_BYTES, decode_borrowed, decode_payload, read_frame_limited, read_payload,
+        write_frame,
+    },
     error_chain, pki,
     protocol::{ErrorCode, PrepareReceive, SendDisk, SendReport, WireError, codes},
-    transfer::{TransferFrame, TransferTicket},
+    transfer::{ChunkFrameRef, TransferFrame, TransferTicket},
 };
 use rustls::pki_types::CertificateDer;
 
@@ -42,6 +45,18 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 const CHUNKS_PER_ACK: usize = 16;
 /// Frames read ahead of the writer, at most (1 MiB each).
 const RECEIVE_QUEUE_FRAMES: usize = 16;
+
+/// What the reader hands the writer: a chunk whose data lies in the payload read off the
+/// stream (not copied out of it), or any other frame.
+enum Incoming {
+    Chunk {
+        offset: u64,
+        hash: Vec<u8>,
+        payload: Vec<u8>,
+        data: std::ops::Range<usize>,
+    },
+    Frame(TransferFrame),
+}
 
 /// Stops a task when its owner goes away.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -494,35 +509,57 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
     }
     // Frames are read (and unpacked) while earlier chunks are hashed, written and synced,
     // so the link keeps flowing; at most RECEIVE_QUEUE_FRAMES wait.
-    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<TransferFrame>(RECEIVE_QUEUE_FRAMES);
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Incoming>(RECEIVE_QUEUE_FRAMES);
     let reader = tokio::spawn(async move {
-        while let Ok(Some(frame)) =
-            read_frame_limited::<_, TransferFrame>(&mut recv, MAX_FRAME_BYTES).await
-        {
-            // A compressed chunk is unpacked first, never beyond a chunk's size; one that
-            // does not unpack is asked for again like a corrupt one.
-            let frame = match frame {
-                TransferFrame::ZstdChunk { offset, hash, data } => {
+        while let Ok(Some(payload)) = read_payload(&mut recv, MAX_FRAME_BYTES).await {
+            let incoming = match decode_borrowed::<ChunkFrameRef>(&payload) {
+                Ok(ChunkFrameRef::Chunk { offset, hash, data }) => {
+                    let at = data.as_ptr() as usize - payload.as_ptr() as usize;
+                    let (hash, data) = (hash.to_vec(), at..at + data.len());
+                    Incoming::Chunk {
+                        offset,
+                        hash,
+                        payload,
+                        data,
+                    }
+                }
+                // A compressed chunk is unpacked first, never beyond a chunk's size; one
+                // that does not unpack is asked for again like a corrupt one.
+                Ok(ChunkFrameRef::ZstdChunk { offset, hash, data }) => {
+                    let at = data.as_ptr() as usize - payload.as_ptr() as usize;
+                    let (hash, packed) = (hash.to_vec(), at..at + data.len());
                     let unpacked =
                         tokio::task::spawn_blocking(move || {
-                            match zstd::bulk::decompress(&data, CHUNK_BYTES as usize) {
-                                Ok(data) => TransferFrame::Chunk { offset, hash, data },
-                                Err(_) => TransferFrame::Chunk {
+                            match zstd::bulk::decompress(
+                                &payload[packed.clone()],
+                                CHUNK_BYTES as usize,
+                            ) {
+                                Ok(data) => Incoming::Chunk {
+                                    offset,
+                                    hash,
+                                    data: 0..data.len(),
+                                    payload: data,
+                                },
+                                Err(_) => Incoming::Chunk {
                                     offset,
                                     hash: Vec::new(),
-                                    data,
+                                    payload,
+                                    data: packed,
                                 },
                             }
                         })
                         .await;
                     match unpacked {
-                        Ok(frame) => frame,
+                        Ok(incoming) => incoming,
                         Err(_) => break,
                     }
                 }
-                other => other,
+                Err(_) => match decode_payload::<TransferFrame>(&payload) {
+                    Ok(frame) => Incoming::Frame(frame),
+                    Err(_) => break,
+                },
             };
-            if frames_tx.send(frame).await.is_err() {
+            if frames_tx.send(incoming).await.is_err() {
                 break;
             }
         }
@@ -537,7 +574,12 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
             return;
         };
         match frame {
-            TransferFrame::Chunk { offset, hash, data } => {
+            Incoming::Chunk {
+                offset,
+                hash,
+                payload,
+                data,
+            } => {
                 if let Some(wanted) = awaiting {
                     if offset != wanted {
                         continue;
@@ -554,7 +596,7 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
                     len: data.len() as u32,
                     hash,
                 };
-                match with(&receiving, move |r| r.write_chunk(record, &data)).await {
+                match with(&receiving, move |r| r.write_chunk(record, &payload[data])).await {
                     Ok(()) => {}
                     Err(ReceiveError::Corrupt { offset }) => {
                         tracing::warn!(%peer, %vm, offset, "a chunk did not match its hash; asked again");
@@ -594,8 +636,8 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
                 }
             }
             // The source comes back to the chunk asked for, then finishes again.
-            TransferFrame::Finish { .. } if awaiting.is_some() => {}
-            TransferFrame::Finish { digest } => {
+            Incoming::Frame(TransferFrame::Finish { .. }) if awaiting.is_some() => {}
+            Incoming::Frame(TransferFrame::Finish { digest }) => {
                 let digest = <[u8; 32]>::try_from(digest.as_slice()).unwrap_or([0; 32]);
                 let taken = lock(&receiving).take();
                 let finished = match taken {
@@ -629,7 +671,7 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
                 let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
                 return;
             }
-            other => {
+            Incoming::Frame(other) => {
                 tracing::warn!(%peer, "unexpected transfer frame: {other:?}");
                 return;
             }

@@ -1,8 +1,11 @@
 //! The target's side of a disk transfer: chunks are checked against their hash before they
 //! are written (a corrupt chunk is never written), land in `NAME.transfer` beside the disks,
 //! and are recorded in `NAME.transfer.chunks` once synced, so that a cut link resumes from the
-//! last acknowledged chunk. Only when every recorded chunk reads back with its hash and the
-//! image digest matches the source's is the file renamed to its real name.
+//! last acknowledged chunk. Only when the chunks an earlier try left read back with their
+//! hashes and the image digest matches the source's is the file renamed to its real name.
+//! (A chunk this try wrote was hashed from the very bytes written; reading the whole image
+//! back would cost a second pass over it during the VM's downtime, and the migration's
+//! verifying step hashes both ends' files anyway.)
 
 use std::{
     fs::{File, OpenOptions},
@@ -54,6 +57,8 @@ pub struct Receiving {
     journal: File,
     /// Every chunk written and synced so far (the journal's content).
     acknowledged: Vec<ChunkRecord>,
+    /// How many of `acknowledged` an earlier try wrote: read back before the rename.
+    inherited: usize,
     /// Written since the last checkpoint, not yet in the journal.
     pending: Vec<ChunkRecord>,
 }
@@ -115,6 +120,7 @@ impl Receiving {
             size,
             tmp,
             journal,
+            inherited: acknowledged.len(),
             acknowledged,
             pending: Vec::new(),
         })
@@ -181,12 +187,12 @@ impl Receiving {
         Ok(self.resume_from())
     }
 
-    /// Reads every chunk back, checks the image digest against the source's, and only then
-    /// gives the image its real name.
+    /// Reads back the chunks an earlier try wrote, checks the image digest against the
+    /// source's, and only then gives the image its real name.
     pub fn finish(mut self, source_digest: &[u8; 32]) -> Result<PathBuf, ReceiveError> {
         self.checkpoint()?;
         let mut buf = Vec::new();
-        for record in &self.acknowledged {
+        for record in &self.acknowledged[..self.inherited] {
             buf.resize(record.len as usize, 0);
             self.tmp
                 .read_exact_at(&mut buf, record.offset)
@@ -286,6 +292,36 @@ mod tests {
         let allocated =
             std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&done).unwrap()) * 512;
         assert!(allocated < 12 << 20, "{allocated}");
+    }
+
+    #[test]
+    fn a_chunk_an_earlier_try_left_is_read_back_before_the_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        let (f, all) = records(&src);
+        let size = 32 << 20;
+        let digest = image_digest(size, &all);
+        let mut rx = Receiving::open(dir.path(), "vm.raw", size).unwrap();
+        let (data, _) = read_chunk(&f, all[0].offset, all[0].len).unwrap();
+        rx.write_chunk(all[0], &data).unwrap();
+        rx.checkpoint().unwrap();
+        drop(rx);
+        // Between the tries the partial file changes under the acknowledged chunk.
+        let tmp = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("vm.raw.transfer"))
+            .unwrap();
+        tmp.write_all_at(&[!data[5]], all[0].offset + 5).unwrap();
+        let mut rx = Receiving::open(dir.path(), "vm.raw", size).unwrap();
+        for r in &all[1..] {
+            let (data, _) = read_chunk(&f, r.offset, r.len).unwrap();
+            rx.write_chunk(*r, &data).unwrap();
+        }
+        assert!(matches!(
+            rx.finish(&digest),
+            Err(ReceiveError::ReadBack { offset }) if offset == all[0].offset
+        ));
+        assert!(!dir.path().join("vm.raw").exists());
     }
 
     #[test]

@@ -5,10 +5,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use dunes_shared::{
     codec::{MAX_FRAME_BYTES, read_frame_limited, write_frame},
     protocol::SendReport,
-    transfer::{TransferFrame, TransferTicket},
+    transfer::{TransferFrame, TransferTicket, chunk_frame_head},
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -58,23 +59,16 @@ pub struct SendJob {
 /// zstd's level for chunks: fast enough to keep up with a site link on one core.
 const ZSTD_LEVEL: i32 = 3;
 
-/// A chunk as it goes on the wire: compressed when that saves at least a sixteenth.
-fn wire_frame(record: &ChunkRecord, data: Vec<u8>, zstd: bool) -> TransferFrame {
+/// A chunk's data as it goes on the wire, and whether it is compressed: compressed when
+/// that saves at least a sixteenth.
+fn wire_data(data: Vec<u8>, zstd: bool) -> (bool, Vec<u8>) {
     if zstd
         && let Ok(packed) = zstd::bulk::compress(&data, ZSTD_LEVEL)
         && packed.len() < data.len() - data.len() / 16
     {
-        return TransferFrame::ZstdChunk {
-            offset: record.offset,
-            hash: record.hash.to_vec(),
-            data: packed,
-        };
+        return (true, packed);
     }
-    TransferFrame::Chunk {
-        offset: record.offset,
-        hash: record.hash.to_vec(),
-        data,
-    }
+    (false, data)
 }
 
 impl SendError {
@@ -235,23 +229,23 @@ pub async fn send_disk(
                     corrupt = false;
                 }
                 sent_bytes += u64::from(record.len);
-                let frame = if zstd {
-                    tokio::task::spawn_blocking(move || wire_frame(&record, data, true))
+                let (packed, data) = if zstd {
+                    tokio::task::spawn_blocking(move || wire_data(data, true))
                         .await
                         .map_err(link)?
                 } else {
-                    wire_frame(&record, data, false)
+                    (false, data)
                 };
-                if let TransferFrame::Chunk { data, .. } | TransferFrame::ZstdChunk { data, .. } =
-                    &frame
-                {
-                    wire_bytes += data.len() as u64;
-                }
+                wire_bytes += data.len() as u64;
                 if let Some(rate) = bytes_per_sec {
                     let due = began + Duration::from_secs_f64(wire_bytes as f64 / rate);
                     tokio::time::sleep_until(due).await;
                 }
-                write_frame(&mut send, &frame).await.map_err(link)?;
+                // The data goes to the stream as it was read, behind its frame's head.
+                let head = chunk_frame_head(packed, record.offset, &record.hash, data.len());
+                send.write_all_chunks(&mut [Bytes::from(head), Bytes::from(data)])
+                    .await
+                    .map_err(link)?;
             }
             next += 1;
             done_bytes = before[next];

@@ -98,7 +98,12 @@ pub(super) struct Actor {
     pub(super) checking: std::collections::BTreeSet<String>,
     /// Service status changes for the desktop, when notifications are on.
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
+    /// The open part of every time series (what closed is in the store).
+    pub(super) stats: super::stats::TimeSeries,
 }
+
+/// How often the open part of the time series is written: what a crash can lose.
+const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
@@ -116,8 +121,14 @@ impl Actor {
     ) {
         let mut readiness = tokio::time::interval(super::readiness::READINESS_EVERY);
         readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stats_flush = tokio::time::interval(STATS_FLUSH_EVERY);
+        stats_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = stats_flush.tick() => {
+                    let writes = self.stats.flush();
+                    self.store.put_stats(writes);
+                }
                 _ = readiness.tick() => {
                     self.check_readiness();
                     self.retry_migrations();
@@ -145,6 +156,8 @@ impl Actor {
             dunes_shared::protocol::codes::CLOSE_NORMAL,
             b"console stopping",
         );
+        let writes = self.stats.flush();
+        self.store.put_stats(writes);
         let _ = self.store.flush().await;
     }
 

@@ -186,6 +186,12 @@ impl Actor {
                 reply,
             } => self.migrate_vm(&host, &vm, &to, options, reply),
             Command::CancelMigration { id, reply } => self.cancel_migration(id, reply),
+            Command::Stats {
+                subject,
+                since_secs,
+                resolution_secs,
+                reply,
+            } => self.stats_query(subject, since_secs, resolution_secs, reply),
             Command::DrainHost { host, reply } => self.drain_host(&host, reply),
             Command::PauseDrain { host, reply } => self.pause_drain(&host, reply),
             Command::UndrainHost { host, reply } => self.undrain_host(&host, reply),
@@ -253,5 +259,64 @@ impl Actor {
         self.store.after_commit(Box::new(move |committed| {
             let _ = reply.send(committed.map(|()| value).map_err(EngineError::Store));
         }));
+    }
+
+    /// Answers a time-series query: the open buckets now, the stored ones read off the
+    /// engine's thread, merged there.
+    fn stats_query(
+        &mut self,
+        subject: super::stats::Subject,
+        since_secs: u64,
+        resolution_secs: Option<u64>,
+        reply: Reply<super::stats::StatsAnswer>,
+    ) {
+        use super::{rollup, stats};
+        let now_secs = super::actor::now_ms() / 1000;
+        let from_secs = now_secs.saturating_sub(since_secs);
+        let level = match resolution_secs {
+            Some(step) => match rollup::RESOLUTIONS.iter().position(|r| r.step_secs == step) {
+                Some(level) => level,
+                None => {
+                    let _ = reply.send(Err(EngineError::Invalid(format!(
+                        "no {step} s resolution; there are 1 s, 60 s and 3600 s"
+                    ))));
+                    return;
+                }
+            },
+            None => rollup::level_for(from_secs, now_secs, stats::MAX_POINTS),
+        };
+        let open: Vec<(stats::Metric, String, Vec<rollup::Bucket>)> = stats::Metric::ALL
+            .iter()
+            .map(|&m| {
+                let key = stats::series_key(&subject, m);
+                let open = self.stats.open(&key, level);
+                (m, key, open)
+            })
+            .collect();
+        let reader = self.store.stats_reader();
+        let step_secs = rollup::RESOLUTIONS[level].step_secs;
+        tokio::task::spawn_blocking(move || {
+            let mut series = Vec::new();
+            for (metric, key, open) in open {
+                let mut points = match reader.buckets(&key, level, from_secs, now_secs + 1) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
+                        return;
+                    }
+                };
+                stats::merge_open(&mut points, open, from_secs);
+                if !points.is_empty() {
+                    series.push(stats::SeriesPoints { metric, points });
+                }
+            }
+            let _ = reply.send(Ok(stats::StatsAnswer {
+                subject,
+                resolution_secs: step_secs,
+                from_secs,
+                to_secs: now_secs,
+                series,
+            }));
+        });
     }
 }

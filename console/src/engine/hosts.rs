@@ -163,6 +163,14 @@ impl Actor {
             self.transfer_progress(ticket, *bytes_done, *bytes_total);
             return;
         }
+        if let AgentEvent::Samples(samples) = &event {
+            // Only from a host the engine knows: a removed host's last batch is dropped.
+            if self.hosts.contains_key(&host) {
+                let writes = self.stats.ingest(&host, samples);
+                self.store.put_stats(writes);
+            }
+            return;
+        }
         let Some(entry) = self.hosts.get_mut(&host) else {
             return;
         };

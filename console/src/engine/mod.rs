@@ -25,6 +25,7 @@ pub mod rollup;
 pub mod service_file;
 pub mod services;
 pub mod snapshot;
+pub mod stats;
 pub mod store;
 #[cfg(test)]
 mod tests;
@@ -225,6 +226,14 @@ pub enum Command {
     CancelMigration {
         id: u64,
         reply: Reply<migration::MigrationJournal>,
+    },
+    /// A subject's time series since `since_secs` ago, at `resolution_secs` (by default the
+    /// finest level that holds the range in at most [`stats::MAX_POINTS`] buckets).
+    Stats {
+        subject: stats::Subject,
+        since_secs: u64,
+        resolution_secs: Option<u64>,
+        reply: Reply<stats::StatsAnswer>,
     },
     /// A dry run: where every instance would go, and why hosts were left out.
     PlanService {
@@ -430,6 +439,7 @@ pub async fn start_with(
         resumed: Default::default(),
         migrations_dirty: true,
         transfer_samples: BTreeMap::new(),
+        stats: stats::TimeSeries::default(),
         published_migrations: Arc::new(Vec::new()),
         drains: Default::default(),
         drains_dirty: true,

@@ -1547,3 +1547,105 @@ async fn an_overlay_moves_as_it_is_or_flattened_as_the_target_holds_its_template
         "{said:?}"
     );
 }
+
+/// Readings from a real agent become series of a host and of its running VM, and what was
+/// stored is read again by a console started afresh on the same store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_come_in_batches_and_survive_a_console_restart() {
+    use super::stats::{Metric, StatsAnswer, Subject};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), "stats-a").await;
+    let engine = engine_with(dir.path(), &agent).await;
+    let host = agent.host_id.clone();
+    engine
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: spec("busy"),
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    let vm = Subject::Workload(VmName::new("busy").unwrap());
+    let query = |engine: EngineHandle, subject: Subject| async move {
+        engine
+            .request(|reply| Command::Stats {
+                subject,
+                since_secs: 600,
+                resolution_secs: Some(1),
+                reply,
+            })
+            .await
+            .unwrap()
+    };
+    let points = |a: &StatsAnswer, m: Metric| {
+        a.series
+            .iter()
+            .find(|s| s.metric == m)
+            .map_or(0, |s| s.points.len())
+    };
+    // Batches of five readings: two batches give rates for both subjects.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (host_answer, vm_answer) = loop {
+        let h = query(engine.clone(), Subject::Host(host.clone())).await;
+        let v = query(engine.clone(), vm.clone()).await;
+        if points(&h, Metric::Cpu) >= 5 && points(&v, Metric::Cpu) >= 5 {
+            break (h, v);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no series after 60 s: host {h:?}, vm {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(host_answer.resolution_secs, 1);
+    let memory = host_answer
+        .series
+        .iter()
+        .find(|s| s.metric == Metric::Memory)
+        .unwrap();
+    assert!(memory.points.iter().all(|b| b.mean() > 0.0), "{memory:?}");
+    // The test driver's VM has the 64 MiB it was given.
+    let vm_memory = vm_answer
+        .series
+        .iter()
+        .find(|s| s.metric == Metric::Memory)
+        .unwrap();
+    assert!(
+        vm_memory.points.iter().all(|b| b.mean() == 64.0),
+        "{vm_memory:?}"
+    );
+    // An unknown resolution is a clear error.
+    let err = engine
+        .request(|reply| Command::Stats {
+            subject: vm.clone(),
+            since_secs: 60,
+            resolution_secs: Some(7),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no 7 s resolution"), "{err}");
+
+    // A clean stop writes what is open; a new console reads it back.
+    let before = points(&vm_answer, Metric::Cpu);
+    agent.shutdown().await;
+    drop(engine);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let engine = loop {
+        match start_with(&dir.path().join("console"), EngineOptions::default()).await {
+            Ok(e) => break e,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let after = query(engine.clone(), vm).await;
+    assert!(
+        points(&after, Metric::Cpu) >= before,
+        "{before} points before the restart, {after:?} after"
+    );
+    let host_after = query(engine, Subject::Host(host)).await;
+    assert!(points(&host_after, Metric::Memory) >= 5, "{host_after:?}");
+}

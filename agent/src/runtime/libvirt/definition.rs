@@ -413,6 +413,8 @@ pub struct DomainXml {
     pub cmdline: Option<String>,
     /// (source file, target device) of each file disk.
     pub disks: Vec<(String, String)>,
+    /// Host-side device of each network interface (`vnet0`), where it has one.
+    pub interfaces: Vec<String>,
     pub serial_log: bool,
     pub guest_agent: bool,
 }
@@ -459,6 +461,11 @@ impl DomainXml {
                     (Some("disk"), "target") => {
                         if let Some(d) = disk.as_mut() {
                             d.1 = attr("dev")?;
+                        }
+                    }
+                    (Some("interface"), "target") => {
+                        if let Some(dev) = attr("dev")? {
+                            out.interfaces.push(dev);
                         }
                     }
                     (Some("serial"), "log") => out.serial_log = true,

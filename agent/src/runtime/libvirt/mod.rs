@@ -18,7 +18,10 @@ use std::{
 };
 
 use dunes_shared::{
-    model::{RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus},
+    model::{
+        Counters, RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus,
+        WorkloadSample,
+    },
     protocol::{ProbeKind, ReadinessProbe, ReadyReply},
 };
 use tokio::sync::{Semaphore, broadcast};
@@ -74,6 +77,16 @@ struct Inner {
     vm_locks: Mutex<HashMap<VmName, Arc<tokio::sync::Mutex<()>>>>,
     /// Template of each domain, by UUID: read from its XML once.
     templates: Mutex<HashMap<String, Option<TemplateName>>>,
+    /// Disk and interface devices of each running domain, by UUID, for its counters: read
+    /// from its XML once.
+    devices: Mutex<HashMap<String, Arc<CountedDevices>>>,
+}
+
+/// A domain's devices with counters: disk targets (`vda`) and host-side interfaces (`vnet0`).
+#[derive(Debug, Default)]
+struct CountedDevices {
+    disks: Vec<String>,
+    interfaces: Vec<String>,
 }
 
 impl std::fmt::Debug for LibvirtRuntime {
@@ -145,6 +158,7 @@ impl LibvirtRuntime {
             calls: Semaphore::new(CONCURRENT_CALLS),
             vm_locks: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
+            devices: Mutex::new(HashMap::new()),
         });
         inner.upgrade_legacy_definitions();
         inner.restore_definitions();
@@ -387,6 +401,10 @@ impl Runtime for LibvirtRuntime {
     fn active_count(&self) -> u32 {
         self.inner.active.load(Ordering::Relaxed)
     }
+
+    fn sample(&self) -> RuntimeFuture<'_, Vec<WorkloadSample>> {
+        Box::pin(self.call(|i| i.sample()))
+    }
 }
 
 fn poll_loop(inner: Weak<Inner>, mut published: HashMap<VmName, Lifecycle>) {
@@ -495,6 +513,69 @@ impl Inner {
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Counters of every running domain: CPU time and memory from its info, bytes from its
+    /// disks' and interfaces' statistics (a device that cannot say counts nothing).
+    fn sample(&self) -> Result<Vec<WorkloadSample>, RuntimeError> {
+        let domains = self
+            .conn
+            .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .map_err(lv("listing domains"))?;
+        let mut out = Vec::with_capacity(domains.len());
+        let mut seen = Vec::with_capacity(domains.len());
+        for dom in &domains {
+            let (Ok(raw_name), Ok(info), Ok(uuid)) = (dom.name(), dom.info(), dom.uuid_string())
+            else {
+                continue;
+            };
+            let Ok(name) = VmName::new(raw_name) else {
+                continue;
+            };
+            let cached = lock(&self.devices).get(&uuid).cloned();
+            let devices = match cached {
+                Some(d) => d,
+                None => {
+                    let parsed = dom
+                        .xml_desc(0)
+                        .ok()
+                        .and_then(|xml| definition::DomainXml::parse(&xml).ok())
+                        .map(|x| CountedDevices {
+                            disks: x.disks.into_iter().map(|d| d.1).collect(),
+                            interfaces: x.interfaces,
+                        })
+                        .unwrap_or_default();
+                    let parsed = Arc::new(parsed);
+                    lock(&self.devices).insert(uuid.clone(), parsed.clone());
+                    parsed
+                }
+            };
+            seen.push(uuid);
+            let mut counters = Counters {
+                cpu_ns: info.cpu_time,
+                cpus: info.nr_virt_cpu,
+                memory_used_mib: info.memory / 1024,
+                memory_total_mib: info.max_mem / 1024,
+                ..Counters::default()
+            };
+            let count = |v: i64| u64::try_from(v).unwrap_or(0);
+            for disk in &devices.disks {
+                if let Ok(b) = dom.block_stats(disk) {
+                    counters.disk_read_bytes += count(b.rd_bytes);
+                    counters.disk_write_bytes += count(b.wr_bytes);
+                }
+            }
+            for interface in &devices.interfaces {
+                if let Ok(n) = dom.interface_stats(interface) {
+                    counters.net_rx_bytes += count(n.rx_bytes);
+                    counters.net_tx_bytes += count(n.tx_bytes);
+                }
+            }
+            out.push(WorkloadSample { name, counters });
+        }
+        // Devices of a domain that stopped may change before it runs again.
+        lock(&self.devices).retain(|uuid, _| seen.contains(uuid));
         Ok(out)
     }
 

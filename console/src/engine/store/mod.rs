@@ -11,9 +11,12 @@
 //! version, and an older store is upgraded when it is opened.
 
 mod rows;
+mod stats;
 mod v1;
 
-use std::{path::Path, thread};
+pub use self::stats::StatsReader;
+
+use std::{path::Path, sync::Arc, thread};
 
 use dunes_shared::{
     error_chain,
@@ -255,6 +258,7 @@ enum Op {
     DeleteVm(HostId, VmName),
     ReplaceVms(HostId, Vec<VmRow>),
     PutEvent(EventRow),
+    Stats(crate::engine::stats::StatsWrite),
 }
 
 /// Runs once the batch it came with is committed (or failed), with the error as one line.
@@ -267,6 +271,7 @@ struct Batch {
 
 /// The engine's side of the store: collects writes, submits them as batches.
 pub struct Store {
+    db: Arc<Database>,
     batches: mpsc::Sender<Batch>,
     pending: Vec<Op>,
     acks: Vec<Ack>,
@@ -307,18 +312,33 @@ impl Store {
         let mut loaded = load(&db)?;
         loaded.upgraded_from = upgraded_from;
         let (batches, rx) = mpsc::channel(BATCH_QUEUE);
+        let db = Arc::new(db);
+        let for_writer = db.clone();
         thread::Builder::new()
             .name("store".into())
-            .spawn(move || writer(db, rx))
+            .spawn(move || writer(for_writer, rx))
             .map_err(|e| StoreError::Redb(redb::Error::Io(e)))?;
         Ok((
             Store {
+                db,
                 batches,
                 pending: Vec::new(),
                 acks: Vec::new(),
             },
             loaded,
         ))
+    }
+
+    /// Time-series rows that closed (or a flush of what is open).
+    pub fn put_stats(&mut self, writes: Vec<crate::engine::stats::StatsWrite>) {
+        self.pending.extend(writes.into_iter().map(Op::Stats));
+    }
+
+    /// A reader of the time series, for queries off the engine's thread.
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader {
+            db: self.db.clone(),
+        }
     }
 
     pub fn put_host(&mut self, host: &HostRecord) {
@@ -419,6 +439,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(SERVICES)?;
     tx.open_table(INSTANCES)?;
     tx.open_table(MIGRATIONS)?;
+    tx.open_table(stats::STATS)?;
     if found == 1 {
         upgrade_from_v1(&tx)?;
     }
@@ -540,7 +561,7 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
     Ok(loaded)
 }
 
-fn writer(db: Database, mut rx: mpsc::Receiver<Batch>) {
+fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Batch>) {
     while let Some(first) = rx.blocking_recv() {
         // Commit whatever else is waiting with it: one fsync for many batches.
         let mut batches = vec![first];
@@ -574,8 +595,10 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut services = tx.open_table(SERVICES)?;
         let mut instances = tx.open_table(INSTANCES)?;
         let mut migrations = tx.open_table(MIGRATIONS)?;
+        let mut stats_table = tx.open_table(stats::STATS)?;
         for op in ops {
             match op {
+                Op::Stats(w) => stats::write(&mut stats_table, w)?,
                 Op::PutMigration(row) => {
                     migrations.insert(row.id, encode(row)?.as_slice())?;
                 }

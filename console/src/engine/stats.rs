@@ -1,0 +1,383 @@
+//! Statistics from the agents' readings: which series there are (a host's or a workload's
+//! CPU, memory, disk and network), the values a reading gives against the one before it
+//! (counters become rates; a counter that went down started again), and the rollups they
+//! feed. Pure: the store keeps what closes, the engine holds what is open.
+
+use std::collections::HashMap;
+
+use dunes_shared::model::{Counters, HostId, Sample, VmName};
+
+use super::rollup::{Bucket, RESOLUTIONS, Rollup};
+
+/// What a series measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metric {
+    /// Percent of the subject's CPUs.
+    Cpu,
+    /// MiB in use.
+    Memory,
+    /// Bytes per second.
+    DiskRead,
+    DiskWrite,
+    NetRx,
+    NetTx,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 6] = [
+        Metric::Cpu,
+        Metric::Memory,
+        Metric::DiskRead,
+        Metric::DiskWrite,
+        Metric::NetRx,
+        Metric::NetTx,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Cpu => "cpu",
+            Metric::Memory => "memory",
+            Metric::DiskRead => "disk-read",
+            Metric::DiskWrite => "disk-write",
+            Metric::NetRx => "net-rx",
+            Metric::NetTx => "net-tx",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::Cpu => "%",
+            Metric::Memory => "MiB",
+            _ => "B/s",
+        }
+    }
+}
+
+/// Whose series: a host's, or a workload's (a VM or a process instance, by its name, which
+/// stays when it migrates).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    Host(HostId),
+    Workload(VmName),
+}
+
+impl Subject {
+    /// The subject's part of a series key: `host/NAME` or `vm/NAME`.
+    pub fn key(&self) -> String {
+        match self {
+            Subject::Host(h) => format!("host/{h}"),
+            Subject::Workload(v) => format!("vm/{v}"),
+        }
+    }
+}
+
+/// The key a series is stored under: `host/a/cpu`.
+pub fn series_key(subject: &Subject, metric: Metric) -> String {
+    format!("{}/{}", subject.key(), metric.as_str())
+}
+
+/// The values a reading at `now_ms` gives, against the subject's reading before it. Memory
+/// needs no earlier reading; rates need one that is older and whose counters did not go down
+/// (a restart: no rate this time).
+pub fn values(
+    previous: Option<(u64, &Counters)>,
+    now_ms: u64,
+    now: &Counters,
+) -> Vec<(Metric, f64)> {
+    let mut out = vec![(Metric::Memory, now.memory_used_mib as f64)];
+    let Some((before_ms, before)) = previous else {
+        return out;
+    };
+    if before_ms >= now_ms {
+        return out;
+    }
+    let secs = (now_ms - before_ms) as f64 / 1000.0;
+    let delta = |a: u64, b: u64| b.checked_sub(a).map(|d| d as f64);
+    if let Some(cpu_ns) = delta(before.cpu_ns, now.cpu_ns)
+        && now.cpus > 0
+    {
+        out.push((
+            Metric::Cpu,
+            cpu_ns / 1e9 / secs / f64::from(now.cpus) * 100.0,
+        ));
+    }
+    for (metric, a, b) in [
+        (
+            Metric::DiskRead,
+            before.disk_read_bytes,
+            now.disk_read_bytes,
+        ),
+        (
+            Metric::DiskWrite,
+            before.disk_write_bytes,
+            now.disk_write_bytes,
+        ),
+        (Metric::NetRx, before.net_rx_bytes, now.net_rx_bytes),
+        (Metric::NetTx, before.net_tx_bytes, now.net_tx_bytes),
+    ] {
+        if let Some(d) = delta(a, b) {
+            out.push((metric, d / secs));
+        }
+    }
+    out
+}
+
+/// A query answers at most this many buckets per series unless a resolution is asked for.
+pub const MAX_POINTS: u64 = 2000;
+
+/// One metric's buckets, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesPoints {
+    pub metric: Metric,
+    pub points: Vec<Bucket>,
+}
+
+/// A subject's series over a range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsAnswer {
+    pub subject: Subject,
+    pub resolution_secs: u64,
+    pub from_secs: u64,
+    pub to_secs: u64,
+    pub series: Vec<SeriesPoints>,
+}
+
+/// Adds the open buckets to the stored ones: an open bucket stands for a stored one of the
+/// same start (a flush wrote an earlier state of it). Buckets before `from_secs` stay out.
+pub fn merge_open(stored: &mut Vec<Bucket>, open: Vec<Bucket>, from_secs: u64) {
+    for bucket in open.into_iter().filter(|b| b.start_secs >= from_secs) {
+        match stored.binary_search_by_key(&bucket.start_secs, |b| b.start_secs) {
+            Ok(i) => stored[i] = bucket,
+            Err(i) => stored.insert(i, bucket),
+        }
+    }
+}
+
+/// What the store is to write: a bucket that closed, at a level. Level 0's one-second
+/// buckets travel a minute at a time ([`StatsWrite::Seconds`]) to keep rows few.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatsWrite {
+    Bucket {
+        series: String,
+        level: usize,
+        bucket: Bucket,
+    },
+    /// The seconds of one minute of a series (each second's sample value).
+    Seconds {
+        series: String,
+        minute_start_secs: u64,
+        values: Vec<(u8, f32)>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Series {
+    rollup: Rollup,
+    /// The current minute's seconds, not yet written.
+    minute_start_secs: u64,
+    seconds: Vec<(u8, f32)>,
+}
+
+/// The open part of every series, and each subject's last reading.
+#[derive(Debug, Default)]
+pub struct TimeSeries {
+    series: HashMap<String, Series>,
+    last: HashMap<Subject, (u64, Counters)>,
+}
+
+impl TimeSeries {
+    /// Takes a batch of `host`'s readings; returns what closed.
+    pub fn ingest(&mut self, host: &HostId, samples: &[Sample]) -> Vec<StatsWrite> {
+        let mut writes = Vec::new();
+        for sample in samples {
+            let at_secs = sample.at_unix_ms / 1000;
+            let readings = std::iter::once((Subject::Host(host.clone()), &sample.host)).chain(
+                sample
+                    .workloads
+                    .iter()
+                    .map(|w| (Subject::Workload(w.name.clone()), &w.counters)),
+            );
+            for (subject, counters) in readings {
+                let previous = self.last.get(&subject).map(|(ms, c)| (*ms, c));
+                let values = values(previous, sample.at_unix_ms, counters);
+                for (metric, value) in values {
+                    self.add(series_key(&subject, metric), at_secs, value, &mut writes);
+                }
+                self.last.insert(subject, (sample.at_unix_ms, *counters));
+            }
+        }
+        writes
+    }
+
+    fn add(&mut self, key: String, at_secs: u64, value: f64, writes: &mut Vec<StatsWrite>) {
+        let series = self.series.entry(key.clone()).or_default();
+        let ingested = series.rollup.ingest(at_secs, value);
+        for (level, bucket) in ingested.closed {
+            if level > 0 {
+                writes.push(StatsWrite::Bucket {
+                    series: key.clone(),
+                    level,
+                    bucket,
+                });
+            }
+        }
+        let minute = RESOLUTIONS[1].bucket_start(at_secs);
+        if minute != series.minute_start_secs && !series.seconds.is_empty() {
+            writes.push(StatsWrite::Seconds {
+                series: key.clone(),
+                minute_start_secs: series.minute_start_secs,
+                values: std::mem::take(&mut series.seconds),
+            });
+        }
+        if minute >= series.minute_start_secs || series.seconds.is_empty() {
+            series.minute_start_secs = minute;
+            let second = (at_secs - minute) as u8;
+            // Two readings in one second: the later stands for it.
+            match series.seconds.last_mut() {
+                Some(last) if last.0 == second => last.1 = value as f32,
+                _ => series.seconds.push((second, value as f32)),
+            }
+        }
+    }
+
+    /// What is still open of `series` at `level`: the bucket being filled (levels 1 and 2),
+    /// or the current minute's seconds as buckets (level 0).
+    pub fn open(&self, series: &str, level: usize) -> Vec<Bucket> {
+        let Some(s) = self.series.get(series) else {
+            return Vec::new();
+        };
+        if level == 0 {
+            s.seconds
+                .iter()
+                .map(|(sec, v)| Bucket::new(s.minute_start_secs + u64::from(*sec), f64::from(*v)))
+                .collect()
+        } else {
+            s.rollup.open_bucket(level).copied().into_iter().collect()
+        }
+    }
+
+    /// Every open part, as writes: what a clean shutdown keeps.
+    pub fn flush(&mut self) -> Vec<StatsWrite> {
+        let mut writes = Vec::new();
+        for (key, s) in &mut self.series {
+            if !s.seconds.is_empty() {
+                writes.push(StatsWrite::Seconds {
+                    series: key.clone(),
+                    minute_start_secs: s.minute_start_secs,
+                    values: s.seconds.clone(),
+                });
+            }
+            for level in 1..RESOLUTIONS.len() {
+                if let Some(bucket) = s.rollup.open_bucket(level) {
+                    writes.push(StatsWrite::Bucket {
+                        series: key.clone(),
+                        level,
+                        bucket: *bucket,
+                    });
+                }
+            }
+        }
+        writes
+    }
+
+    pub fn series_count(&self) -> usize {
+        self.series.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dunes_shared::model::WorkloadSample;
+
+    fn counters(cpu_secs: u64, read: u64) -> Counters {
+        Counters {
+            cpu_ns: cpu_secs * 1_000_000_000,
+            cpus: 2,
+            memory_used_mib: 100,
+            memory_total_mib: 400,
+            disk_read_bytes: read,
+            ..Counters::default()
+        }
+    }
+
+    #[test]
+    fn counters_become_rates_and_a_restart_gives_none() {
+        let first = counters(10, 1000);
+        assert_eq!(values(None, 1000, &first), vec![(Metric::Memory, 100.0)]);
+        // One CPU-second over 2 CPUs in 1 s: 50 %; 500 bytes in 1 s.
+        let next = counters(11, 1500);
+        let v = values(Some((1000, &first)), 2000, &next);
+        assert!(v.contains(&(Metric::Cpu, 50.0)), "{v:?}");
+        assert!(v.contains(&(Metric::DiskRead, 500.0)), "{v:?}");
+        // The workload restarted: its counters went down; no rate, memory still.
+        let restarted = counters(1, 10);
+        let v = values(Some((2000, &next)), 3000, &restarted);
+        assert_eq!(v.iter().filter(|(m, _)| *m == Metric::Cpu).count(), 0);
+        assert!(v.contains(&(Metric::Memory, 100.0)));
+        // A reading from the past (a clock step) gives no rate either.
+        assert_eq!(values(Some((5000, &first)), 3000, &next).len(), 1);
+    }
+
+    #[test]
+    fn seconds_go_out_a_minute_at_a_time_and_minutes_when_they_close() {
+        let host = HostId::new("a").unwrap();
+        let vm = VmName::new("web").unwrap();
+        let mut ts = TimeSeries::default();
+        let mut writes = Vec::new();
+        // 61 readings: 0 s..=60 s, the VM's CPU counter going up 1 s per second over 2 CPUs.
+        for s in 0..=60u64 {
+            let sample = Sample {
+                at_unix_ms: 120_000 + s * 1000,
+                host: counters(s, 0),
+                workloads: vec![WorkloadSample {
+                    name: vm.clone(),
+                    counters: counters(s, s * 10),
+                }],
+            };
+            writes.extend(ts.ingest(&host, &[sample]));
+        }
+        let key = series_key(&Subject::Workload(vm.clone()), Metric::Cpu);
+        // Minute 120 s closed: its 59 rated seconds (the first reading has no rate).
+        let seconds = writes
+            .iter()
+            .find_map(|w| match w {
+                StatsWrite::Seconds {
+                    series,
+                    minute_start_secs,
+                    values,
+                } if *series == key => Some((*minute_start_secs, values.clone())),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(seconds.0, 120);
+        assert_eq!(seconds.1.len(), 59);
+        assert!(seconds.1.iter().all(|(_, v)| *v == 50.0));
+        let minute = writes
+            .iter()
+            .find_map(|w| match w {
+                StatsWrite::Bucket {
+                    series,
+                    level: 1,
+                    bucket,
+                } if *series == key => Some(*bucket),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            (minute.start_secs, minute.count, minute.mean()),
+            (120, 59, 50.0)
+        );
+        // What is open: second 180 at level 0, the hour at level 2.
+        assert_eq!(ts.open(&key, 0).len(), 1);
+        assert_eq!(ts.open(&key, 2)[0].count, 60);
+        let flushed = ts.flush();
+        assert!(
+            flushed
+                .iter()
+                .any(|w| matches!(w, StatsWrite::Bucket { level: 2, .. }))
+        );
+        // Host and workload, six metrics each but the first reading's rates.
+        assert_eq!(ts.series_count(), 2 * Metric::ALL.len());
+    }
+}
