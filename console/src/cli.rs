@@ -30,6 +30,10 @@ pub struct Cli {
     /// of its life: a host's over its live connection, the console's own for new connections.
     #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=365))]
     pub cert_days: u32,
+    /// Serve the newest statistics of hosts, workloads and services for Prometheus at
+    /// http://ADDR/metrics (off unless given; for example 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Option<TopCommand>,
 }
@@ -76,6 +80,16 @@ pub enum CtlCommand {
     /// Define, plan and remove services of several applications.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Capacity per site (CPU, memory, storage: capacity, allocated, used, free) and when
+    /// CPU and memory are full, from the daily peaks of their use, with the method named.
+    Forecast {
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
+    },
+    /// Capacity before it happens: after draining a host, or after deploying a service's plan.
+    #[command(subcommand)]
+    Whatif(WhatifCommand),
     /// Statistics of a host or a workload (VM or process instance): CPU %, memory MiB, disk
     /// and network bytes per second, each bucket's min, mean and max.
     Stats {
@@ -88,6 +102,14 @@ pub enum CtlCommand {
         #[arg(long, value_parser = parse_span_secs)]
         resolution: Option<u64>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WhatifCommand {
+    /// The host's site without the host (its workloads would have to go elsewhere).
+    Drain { host: String },
+    /// The sites a service's plan places instances on, with those instances added.
+    Deploy { service: String },
 }
 
 /// A span such as `90s`, `10m`, `6h` or `7d`, in seconds.
@@ -333,7 +355,14 @@ pub fn main(cli: Cli) -> ExitCode {
                     engine::notify::DesktopNotifications::SessionBus
                 },
             };
-            run_console(cli.data_dir, cli.headless, cli.demo, options).map(|()| ExitCode::SUCCESS)
+            run_console(
+                cli.data_dir,
+                cli.headless,
+                cli.demo,
+                cli.metrics_listen,
+                options,
+            )
+            .map(|()| ExitCode::SUCCESS)
         }
     };
     match result {
@@ -350,6 +379,7 @@ fn run_console(
     data_dir: Option<PathBuf>,
     headless: bool,
     with_demo: bool,
+    metrics_listen: Option<std::net::SocketAddr>,
     options: engine::EngineOptions,
 ) -> anyhow::Result<()> {
     let temporary = with_demo && data_dir.is_none();
@@ -361,14 +391,25 @@ fn run_console(
     let started = runtime.block_on(async {
         let engine = engine::start_with(&data_dir, options).await?;
         ctl::serve(engine.clone()).await?;
+        let metrics = match metrics_listen {
+            Some(address) => {
+                let server = crate::metrics::serve(engine.clone(), address).await?;
+                eprintln!(
+                    "dunes-console: statistics for Prometheus at http://{}/metrics",
+                    server.address
+                );
+                Some(server)
+            }
+            None => None,
+        };
         let fleet = if with_demo {
             Some(demo::start(&engine).await?)
         } else {
             None
         };
-        anyhow::Ok((engine, fleet))
+        anyhow::Ok((engine, fleet, metrics))
     });
-    let (engine, fleet) = match started {
+    let (engine, fleet, _metrics) = match started {
         Ok(started) => started,
         Err(e) => {
             if temporary {
@@ -601,6 +642,13 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             },
         },
         CtlCommand::Migrations => CtlRequest::Migrations,
+        CtlCommand::Forecast { site } => CtlRequest::Forecast { site: site.clone() },
+        CtlCommand::Whatif(WhatifCommand::Drain { host }) => {
+            CtlRequest::WhatifDrain { host: host.clone() }
+        }
+        CtlCommand::Whatif(WhatifCommand::Deploy { service }) => CtlRequest::WhatifDeploy {
+            name: service.clone(),
+        },
         CtlCommand::Stats {
             subject,
             since,
@@ -687,6 +735,40 @@ fn text(v: &Value) -> String {
         Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
         other => other.to_string(),
     }
+}
+
+/// Sites' capacity as rows: one per resource, with its forecast.
+fn capacity_table(sites: &Value) -> String {
+    let number = |v: &Value| v.as_f64().map_or("-".to_string(), |n| format!("{n:.0}"));
+    let mut rows = Vec::new();
+    for site in sites.as_array().into_iter().flatten() {
+        for r in site["resources"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                text(&site["site"]),
+                format!("{} ({})", text(&r["resource"]), text(&r["unit"])),
+                number(&r["capacity"]),
+                number(&r["allocated"]),
+                number(&r["used"]),
+                number(&r["free"]),
+                match &r["forecast"] {
+                    Value::Null => "-".into(),
+                    f => format!("{} [{}]", text(&f["text"]), text(&f["method"])),
+                },
+            ]);
+        }
+    }
+    table(
+        &[
+            "SITE",
+            "RESOURCE",
+            "CAPACITY",
+            "ALLOCATED",
+            "USED",
+            "FREE",
+            "FORECAST",
+        ],
+        rows,
+    )
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
@@ -801,6 +883,23 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
                 "it is stopped, so migrating"
             }
         ),
+        CtlCommand::Forecast { .. } => capacity_table(data),
+        CtlCommand::Whatif(_) => {
+            let mut out = String::new();
+            if let Some(unplaced) = data["unplaced"].as_array().filter(|u| !u.is_empty()) {
+                out.push_str(&format!(
+                    "cannot place: {}\n",
+                    text(&Value::Array(unplaced.clone()))
+                ));
+            }
+            out.push_str(if data["fits"] == Value::Bool(true) {
+                "after it, every resource fits:\n"
+            } else {
+                "after it, some resource would be over its capacity:\n"
+            });
+            out.push_str(&capacity_table(&data["after"]));
+            out
+        }
         CtlCommand::Stats { .. } => {
             let mut rows = Vec::new();
             for series in data["series"].as_array().into_iter().flatten() {

@@ -21,10 +21,86 @@ use tokio::{
 use crate::engine::{
     Command, EngineError, EngineHandle, HostView, OperationReport, ServicePlan, ServiceView,
     Snapshot,
+    capacity::{Extra, SiteCapacity, WhatIf},
+    forecast::Outlook,
     placement::{Action, Override},
     snapshot::rfc3339,
     stats::{StatsAnswer, Subject},
 };
+
+/// Capacity per site as `ctl forecast --json` prints it.
+fn capacity_json<'a>(sites: impl IntoIterator<Item = &'a SiteCapacity>) -> Value {
+    Value::Array(
+        sites
+            .into_iter()
+            .map(|s| {
+                json!({
+                    "site": s.site,
+                    "hosts": s.hosts.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+                    "resources": s.resources.iter().map(|r| {
+                        let forecast = r.forecast.as_ref().map(|f| {
+                            let (days, earliest, latest) = match &f.outlook {
+                                Outlook::Full { days, earliest, latest } => {
+                                    (Some(*days), Some(*earliest), *latest)
+                                }
+                                Outlook::AlreadyFull => (Some(0.0), Some(0.0), Some(0.0)),
+                                _ => (None, None, None),
+                            };
+                            json!({
+                                "text": f.describe(&format!("{} {}", s.site, r.resource.as_str())),
+                                "method": f.method.describe(),
+                                "full_in_days": days,
+                                "earliest_days": earliest,
+                                "latest_days": latest,
+                                "slope_per_day": f.slope_per_day,
+                                "daily_peaks": f.points,
+                            })
+                        });
+                        json!({
+                            "resource": r.resource.as_str(),
+                            "unit": r.resource.unit(),
+                            "capacity": r.capacity,
+                            "allocated": r.allocated,
+                            "used": r.used,
+                            "free": r.free(),
+                            "fits": r.allocated <= r.capacity,
+                            "forecast": forecast,
+                        })
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Capacity of `sites` now and after a what-if, with `head`'s fields on top.
+async fn what_if_json(
+    engine: &EngineHandle,
+    what_if: WhatIf,
+    sites: &[String],
+    mut head: Value,
+) -> Result<Value, String> {
+    let before = engine
+        .request(|reply| Command::Capacity {
+            what_if: WhatIf::default(),
+            reply,
+        })
+        .await
+        .map_err(engine_err)?;
+    let after = engine
+        .request(|reply| Command::Capacity { what_if, reply })
+        .await
+        .map_err(engine_err)?;
+    let of = |all: &[SiteCapacity]| capacity_json(all.iter().filter(|s| sites.contains(&s.site)));
+    let fits = after
+        .iter()
+        .filter(|s| sites.contains(&s.site))
+        .all(|s| s.resources.iter().all(|r| r.allocated <= r.capacity));
+    head["before"] = of(&before);
+    head["after"] = of(&after);
+    head["fits"] = Value::Bool(fits);
+    Ok(head)
+}
 
 /// A time-series answer as `ctl stats --json` prints it.
 fn stats_json(answer: &StatsAnswer) -> Value {
@@ -104,6 +180,16 @@ pub enum CtlRequest {
         compress: Option<bool>,
     },
     Migrations,
+    Forecast {
+        #[serde(default)]
+        site: Option<String>,
+    },
+    WhatifDrain {
+        host: String,
+    },
+    WhatifDeploy {
+        name: String,
+    },
     Stats {
         subject: String,
         since_secs: u64,
@@ -841,6 +927,97 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .map(migration_json)
                 .collect(),
         )),
+        CtlRequest::Forecast { site } => {
+            let sites = engine
+                .request(|reply| Command::Capacity {
+                    what_if: WhatIf::default(),
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            if let Some(site) = &site
+                && !sites.iter().any(|s| &s.site == site)
+            {
+                return Err(format!("no site {site:?} among the enrolled hosts"));
+            }
+            Ok(capacity_json(
+                sites
+                    .iter()
+                    .filter(|s| site.as_ref().is_none_or(|w| &s.site == w)),
+            ))
+        }
+        CtlRequest::WhatifDrain { host } => {
+            let host = HostId::new(host.clone()).map_err(|e| e.to_string())?;
+            let snap = engine.snapshot();
+            let view = snap
+                .host(&host)
+                .ok_or_else(|| format!("host {host} is not enrolled"))?;
+            let site = view.site_name().to_string();
+            let what_if = WhatIf {
+                leave_out: vec![host.clone()],
+                add: Vec::new(),
+            };
+            what_if_json(engine, what_if, &[site], json!({ "drain": host.as_str() })).await
+        }
+        CtlRequest::WhatifDeploy { name } => {
+            let name = ServiceName::new(name).map_err(|e| e.to_string())?;
+            let snap = engine.snapshot();
+            let view = snap
+                .services
+                .iter()
+                .find(|s| s.name() == &name)
+                .ok_or_else(|| format!("service {name} does not exist"))?;
+            let spec = view
+                .spec
+                .clone()
+                .map_err(|e| format!("service {name} does not read: {e}"))?;
+            let plan = engine
+                .request(|reply| Command::PlanService {
+                    name: name.clone(),
+                    overrides: Vec::new(),
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            let mut add = Vec::new();
+            let mut sites = Vec::new();
+            for p in &plan.plan.placements {
+                if p.action != Action::Create {
+                    continue;
+                }
+                let Some(app) = spec.applications.iter().find(|a| a.name == p.app) else {
+                    continue;
+                };
+                if let Some(h) = snap.host(&p.host) {
+                    sites.push(h.site_name().to_string());
+                }
+                add.push(Extra {
+                    host: p.host.clone(),
+                    vcpus: app.vcpus,
+                    memory_mib: app.memory_mib,
+                    storage_mib: app.storage_mib,
+                });
+            }
+            sites.sort();
+            sites.dedup();
+            let unplaced: Vec<String> = plan
+                .plan
+                .unplaced
+                .iter()
+                .map(|u| format!("{}-{}: {}", u.app, u.index, u.would_fit))
+                .collect();
+            let what_if = WhatIf {
+                leave_out: Vec::new(),
+                add,
+            };
+            what_if_json(
+                engine,
+                what_if,
+                &sites,
+                json!({ "deploy": name.as_str(), "unplaced": unplaced }),
+            )
+            .await
+        }
         CtlRequest::Stats {
             subject,
             since_secs,

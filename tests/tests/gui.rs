@@ -800,3 +800,218 @@ fn a_vm_chip_dropped_on_another_host_migrates_after_the_pre_check() {
             .is_some()
     });
 }
+
+/// Steps the UI for up to `secs` seconds until `done` holds (readings come every 5 s).
+fn step_for_until(
+    harness: &mut Harness<'_, ConsoleApp>,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&Harness<'_, ConsoleApp>) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        harness.step();
+        if done(harness) {
+            for _ in 0..4 {
+                harness.step();
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = harness.render().map(|img| img.save("/tmp/gui-fail.png"));
+    panic!("the UI never showed {what}");
+}
+
+#[test]
+fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, a, engine) = live_host(dir.path(), "gui-stats", "lausanne");
+    let host = a.host_id.clone();
+    runtime.block_on(async {
+        engine
+            .request(|reply| Command::CreateVm {
+                host,
+                spec: VmSpec {
+                    name: VmName::new("charted").unwrap(),
+                    template: TemplateName::new("tiny").unwrap(),
+                    vcpus: Some(1),
+                    memory_mib: Some(64),
+                },
+                start: true,
+                reply,
+            })
+            .await
+            .unwrap();
+    });
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the host card", |h| {
+        h.query_by_role_and_label(Role::Button, "gui-stats")
+            .is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "gui-stats")
+        .click();
+    step_until(&mut harness, "the host's details", |h| {
+        h.query_by_label("Host gui-stats").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Statistics…")
+        .click();
+    // The charts of the last hour, second by second, once the first readings are in.
+    step_for_until(&mut harness, 60, "the host's charts", |h| {
+        h.query_by_label("Statistics of host gui-stats").is_some()
+            && h.query_by_label_contains("Every 1 s").is_some()
+            && h.query_all_by_label("no readings").next().is_none()
+    });
+    for group in ["CPU %", "Memory MiB", "Disk bytes/s", "Network bytes/s"] {
+        assert!(harness.query_by_label(group).is_some(), "{group} missing");
+    }
+    // Export what is shown: a CSV with every metric's buckets.
+    harness
+        .get_by_role_and_label(Role::Button, "Export CSV")
+        .click();
+    step_until(&mut harness, "the export's path", |h| {
+        h.query_by_label_contains("Exported to ").is_some()
+    });
+    let exports = engine.data_dir().join("exports");
+    let csv = std::fs::read_dir(&exports)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .next()
+        .expect("an exported file");
+    assert!(
+        csv.starts_with("time_unix_secs,metric,unit,min,mean,max\n"),
+        "{csv}"
+    );
+    assert!(csv.lines().any(|l| l.contains(",memory,MiB,")), "{csv}");
+    assert!(csv.lines().any(|l| l.contains(",cpu,%,")), "{csv}");
+
+    // A day's range asks for minutes.
+    harness.get_by_label("1 day").click();
+    step_for_until(&mut harness, 60, "the day in minutes", |h| {
+        h.query_by_label_contains("Every 60 s").is_some()
+    });
+    assert_eq!(
+        harness.state().charts_range(),
+        dunes_console::ui::TimeRange::Day
+    );
+
+    // The VM's charts, from its details; Escape closes them.
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the charts closed", |h| {
+        h.query_by_label("Statistics of host gui-stats").is_none()
+    });
+    // The chip in the topology, or the VM in the host's details: either selects it.
+    harness
+        .query_all_by_role_and_label(Role::Button, "charted")
+        .next()
+        .expect("the VM's chip")
+        .click();
+    step_until(&mut harness, "the VM's details", |h| {
+        h.query_by_label("VM charted").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Statistics…")
+        .click();
+    step_for_until(&mut harness, 60, "the VM's charts", |h| {
+        h.query_by_label("Statistics of charted").is_some()
+            && h.query_by_label_contains("Every 60 s").is_some()
+    });
+    if let Ok(path) = std::env::var("DUNES_CHARTS_SNAPSHOT") {
+        harness.render().expect("render").save(path).expect("save");
+    }
+}
+
+#[test]
+fn the_capacity_view_shows_each_site_and_its_forecast_line() {
+    use dunes_shared::model::{Counters, Sample};
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // A host of 16 CPUs and 64 GiB, as its libvirt test driver declares.
+    let node = dir.path().join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><cpu><mode>host</mode></cpu><memory>67108864</memory></node>",
+    )
+    .unwrap();
+    let agent = AgentProcess::spawn(
+        &dir.path().join("cap"),
+        "gui-cap",
+        "lausanne",
+        &format!("test://{}", node.display()),
+    )
+    .unwrap();
+    let engine = runtime.block_on(async {
+        let engine = start_engine(&dir.path().join("console")).await.unwrap();
+        enroll(&engine, &agent).await.unwrap();
+        // Ten days of hourly readings, memory in use growing 1 GiB a day from 8 GiB, with
+        // a daily swing: history another system kept, taken in through the ingest path.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        // Up to the hour before this one, so that today's peak is the history's too.
+        let start_ms = now_ms - now_ms % 86_400_000 - 10 * 86_400_000;
+        let hours = (now_ms - start_ms) / 3_600_000 - 1;
+        let samples: Vec<Sample> = (0..hours)
+            .map(|h| Sample {
+                at_unix_ms: start_ms + h * 3_600_000,
+                host: Counters {
+                    cpu_ns: h * 3_600_000_000_000,
+                    cpus: 16,
+                    memory_used_mib: 8192 + h * 1024 / 24 + (h % 24) * 40,
+                    memory_total_mib: 65_536,
+                    ..Counters::default()
+                },
+                workloads: Vec::new(),
+            })
+            .collect();
+        let count = samples.len();
+        let taken = engine
+            .request(|reply| Command::ImportSamples {
+                host: agent.host_id.clone(),
+                samples,
+                reply,
+            })
+            .await
+            .unwrap();
+        assert_eq!(taken, count);
+        engine
+    });
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the host card", |h| {
+        h.query_by_role_and_label(Role::Button, "gui-cap").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Capacity…")
+        .click();
+    step_for_until(&mut harness, 60, "the site's capacity and forecast", |h| {
+        h.query_by_label_contains("lausanne · 1 host").is_some()
+            && h.query_by_label_contains("lausanne memory full in")
+                .is_some()
+    });
+    // The method is named, and the sizes are the host's.
+    assert!(
+        harness
+            .query_all_by_label_contains("Method: trend on daily peaks")
+            .next()
+            .is_some()
+    );
+    assert!(harness.query_all_by_label("65536 MiB").next().is_some());
+    assert!(harness.query_all_by_label("16 CPUs").next().is_some());
+    if let Ok(path) = std::env::var("DUNES_CAPACITY_SNAPSHOT") {
+        harness.render().expect("render").save(path).expect("save");
+    }
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the view closed", |h| {
+        h.query_by_label_contains("lausanne · 1 host").is_none()
+    });
+}

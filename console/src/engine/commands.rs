@@ -186,6 +186,25 @@ impl Actor {
                 reply,
             } => self.migrate_vm(&host, &vm, &to, options, reply),
             Command::CancelMigration { id, reply } => self.cancel_migration(id, reply),
+            Command::Capacity { what_if, reply } => self.capacity_query(what_if, reply),
+            Command::LatestValues { reply } => {
+                let _ = reply.send(Ok(self.stats.latest()));
+            }
+            Command::ImportSamples {
+                host,
+                samples,
+                reply,
+            } => {
+                if !self.hosts.contains_key(&host) {
+                    let _ = reply.send(Err(EngineError::UnknownHost(host)));
+                    return;
+                }
+                let writes = self.stats.ingest(&host, &samples);
+                self.store.put_stats(writes);
+                let taken = samples.len();
+                // Answered once what closed is on disk.
+                self.reply_after_commit(reply, taken);
+            }
             Command::Stats {
                 subject,
                 since_secs,
@@ -259,6 +278,73 @@ impl Actor {
         self.store.after_commit(Box::new(move |committed| {
             let _ = reply.send(committed.map(|()| value).map_err(EngineError::Store));
         }));
+    }
+
+    /// Answers a capacity query: the sums from the hosts now, and each site's CPU and memory
+    /// history (hourly means over 30 days, summed over its hosts) read off the engine's
+    /// thread, with the forecast made from its daily peaks.
+    fn capacity_query(
+        &mut self,
+        what_if: super::capacity::WhatIf,
+        reply: Reply<Vec<super::capacity::SiteCapacity>>,
+    ) {
+        use super::{capacity, forecast, stats};
+        const HISTORY_SECS: u64 = 30 * 86_400;
+        let views: Vec<&super::HostView> = self.hosts.values().map(|e| &e.view).collect();
+        let mut sites = capacity::site_capacity(views.iter().copied(), &what_if);
+        let cpus: std::collections::HashMap<_, f64> = views
+            .iter()
+            .filter_map(|v| Some((v.id().clone(), f64::from(v.inventory()?.cpus))))
+            .collect();
+        let now_secs = super::actor::now_ms() / 1000;
+        let from_secs = now_secs.saturating_sub(HISTORY_SECS);
+        // Which series make each site's use, with what is still open of them.
+        let mut wanted = Vec::new();
+        for (site, cap) in sites.iter().enumerate() {
+            for (slot, resource) in cap.resources.iter().map(|r| r.resource).enumerate() {
+                let series: Vec<(String, f64, Vec<super::rollup::Bucket>)> =
+                    capacity::site_history(cap, resource, |h| cpus.get(h).copied().unwrap_or(0.0))
+                        .into_iter()
+                        .map(|(key, factor)| {
+                            let open = self.stats.open(&key, 2);
+                            (key, factor, open)
+                        })
+                        .collect();
+                if !series.is_empty() {
+                    wanted.push((site, slot, series));
+                }
+            }
+        }
+        let reader = self.store.stats_reader();
+        tokio::task::spawn_blocking(move || {
+            for (site, slot, series) in wanted {
+                let mut per_host = Vec::new();
+                for (key, factor, open) in series {
+                    let mut points = match reader.buckets(&key, 2, from_secs, now_secs + 1) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
+                            return;
+                        }
+                    };
+                    stats::merge_open(&mut points, open, from_secs);
+                    per_host.push((
+                        points.iter().map(|b| (b.start_secs, b.mean())).collect(),
+                        factor,
+                    ));
+                }
+                let peaks = forecast::daily_peaks(&capacity::sum_series(&per_host));
+                let use_ = &mut sites[site].resources[slot];
+                use_.forecast = Some(forecast::forecast(
+                    &peaks,
+                    use_.capacity,
+                    now_secs as f64 / 86_400.0,
+                    forecast::Method::PeakTrend,
+                ));
+                use_.peaks = peaks;
+            }
+            let _ = reply.send(Ok(sites));
+        });
     }
 
     /// Answers a time-series query: the open buckets now, the stored ones read off the

@@ -58,6 +58,8 @@ pub struct Forecast {
     pub slope_per_day: f64,
     /// Daily peaks it was made from.
     pub points: usize,
+    /// The trend's value now (where a chart starts its line), when there is a trend.
+    pub trend_now: Option<f64>,
 }
 
 impl Forecast {
@@ -107,17 +109,18 @@ pub fn daily_peaks(samples: &[(u64, f64)]) -> Vec<(f64, f64)> {
 /// When `peaks` (from [`daily_peaks`]) cross `capacity`, counted in days from `now_day`.
 pub fn forecast(peaks: &[(f64, f64)], capacity: f64, now_day: f64, method: Method) -> Forecast {
     let points = peaks.len();
-    let done = |outlook, slope_per_day| Forecast {
+    let done = |outlook, slope_per_day, trend_now| Forecast {
         method,
         outlook,
         slope_per_day,
         points,
+        trend_now,
     };
     if points < MIN_DAYS {
-        return done(Outlook::TooLittleHistory { days: points }, 0.0);
+        return done(Outlook::TooLittleHistory { days: points }, 0.0, None);
     }
     if peaks.last().is_some_and(|p| p.1 >= capacity) {
-        return done(Outlook::AlreadyFull, 0.0);
+        return done(Outlook::AlreadyFull, 0.0, None);
     }
     let (line, band): (Line, BandEdges) = match method {
         Method::PeakTrend => {
@@ -142,8 +145,9 @@ pub fn forecast(peaks: &[(f64, f64)], capacity: f64, now_day: f64, method: Metho
             )
         }
     };
+    let now = Some(line.at(now_day));
     if line.slope <= 0.0 {
-        return done(Outlook::NotWithin, line.slope);
+        return done(Outlook::NotWithin, line.slope, now);
     }
     let crossing = |f: &dyn Fn(f64) -> f64| {
         // Scans a quarter day at a time: a band's edges are not lines.
@@ -157,7 +161,7 @@ pub fn forecast(peaks: &[(f64, f64)], capacity: f64, now_day: f64, method: Metho
         None
     };
     let Some(days) = crossing(&|t| line.at(t)) else {
-        return done(Outlook::NotWithin, line.slope);
+        return done(Outlook::NotWithin, line.slope, now);
     };
     let earliest = crossing(&|t| band(t).1).unwrap_or(days).min(days);
     let latest = crossing(&|t| band(t).0).map(|l| l.max(days));
@@ -168,6 +172,7 @@ pub fn forecast(peaks: &[(f64, f64)], capacity: f64, now_day: f64, method: Metho
             latest,
         },
         line.slope,
+        now,
     )
 }
 

@@ -3,6 +3,7 @@
 //! through [`EngineHandle`].
 
 mod actor;
+pub mod capacity;
 pub mod client;
 mod commands;
 pub mod console_pki;
@@ -226,6 +227,21 @@ pub enum Command {
     CancelMigration {
         id: u64,
         reply: Reply<migration::MigrationJournal>,
+    },
+    /// Readings from elsewhere (history kept by another system, a load generator) taken in
+    /// as if `host`'s agent had sent them; answers how many were taken.
+    ImportSamples {
+        host: HostId,
+        samples: Vec<dunes_shared::model::Sample>,
+        reply: Reply<usize>,
+    },
+    /// The newest value of every time series, by series key (`host/a/cpu`).
+    LatestValues { reply: Reply<Vec<(String, f64)>> },
+    /// Capacity per site now, with when CPU and memory are full from the stored history;
+    /// with a what-if, as if hosts were drained away or a plan's instances added.
+    Capacity {
+        what_if: capacity::WhatIf,
+        reply: Reply<Vec<capacity::SiteCapacity>>,
     },
     /// A subject's time series since `since_secs` ago, at `resolution_secs` (by default the
     /// finest level that holds the range in at most [`stats::MAX_POINTS`] buckets).

@@ -280,6 +280,24 @@ impl TimeSeries {
         writes
     }
 
+    /// The newest value of every series (its last second, else its open minute's mean), by
+    /// series key, in key order.
+    pub fn latest(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .series
+            .iter()
+            .filter_map(|(key, s)| {
+                let value = match s.seconds.last() {
+                    Some((_, v)) => f64::from(*v),
+                    None => s.rollup.open_bucket(1)?.mean(),
+                };
+                Some((key.clone(), value))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     pub fn series_count(&self) -> usize {
         self.series.len()
     }
@@ -371,6 +389,8 @@ mod tests {
         // What is open: second 180 at level 0, the hour at level 2.
         assert_eq!(ts.open(&key, 0).len(), 1);
         assert_eq!(ts.open(&key, 2)[0].count, 60);
+        let latest = ts.latest();
+        assert!(latest.contains(&(key.clone(), 50.0)), "{latest:?}");
         let flushed = ts.flush();
         assert!(
             flushed

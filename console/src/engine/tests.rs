@@ -1627,6 +1627,35 @@ async fn statistics_come_in_batches_and_survive_a_console_restart() {
         .unwrap_err();
     assert!(err.to_string().contains("no 7 s resolution"), "{err}");
 
+    // The same numbers for Prometheus, on a local port.
+    let server = crate::metrics::serve(engine.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let bound = server.address;
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(bound).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        text
+    };
+    let text = get("/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    for wanted in [
+        "dunes_host_up{host=\"stats-a\",site=\"default\"} 1",
+        "dunes_workload_memory_used_mib{workload=\"busy\",host=\"stats-a\"} 64",
+        "# TYPE dunes_host_cpu_percent gauge",
+        "dunes_host_cpu_percent{host=\"stats-a\"} ",
+    ] {
+        assert!(text.contains(wanted), "{wanted:?} not in {text}");
+    }
+    assert!(get("/").await.starts_with("HTTP/1.1 404"));
+    drop(server);
+
     // A clean stop writes what is open; a new console reads it back.
     let before = points(&vm_answer, Metric::Cpu);
     agent.shutdown().await;

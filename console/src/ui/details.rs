@@ -4,7 +4,7 @@ use dunes_shared::model::ServiceName;
 use egui::RichText;
 
 use super::{Actions, Selection, UiAction, link_color, state_color};
-use crate::engine::{Command, LinkState, Snapshot};
+use crate::engine::{Command, LinkState, Snapshot, stats::Subject};
 
 #[derive(Debug, Default)]
 pub struct DetailsPanel;
@@ -33,7 +33,12 @@ impl DetailsPanel {
                     ui.label(format!("Host {id} is no longer enrolled."));
                     return;
                 };
-                ui.heading(format!("Host {id}"));
+                ui.horizontal(|ui| {
+                    ui.heading(format!("Host {id}"));
+                    if ui.button("Statistics…").on_hover_text("CPU, memory, disk and network over time").clicked() {
+                        actions.push(UiAction::OpenCharts(Subject::Host(id.clone())));
+                    }
+                });
                 egui::Grid::new("host-details").num_columns(2).striped(true).show(ui, |ui| {
                     row(ui, "State", RichText::new(host.link.as_str()).color(link_color(host.link)));
                     if let Some(err) = &host.link_error {
@@ -127,7 +132,12 @@ impl DetailsPanel {
                     ui.label(format!("VM {name} no longer exists on {host_id}."));
                     return;
                 };
-                ui.heading(format!("VM {name}"));
+                ui.horizontal(|ui| {
+                    ui.heading(format!("VM {name}"));
+                    if ui.button("Statistics…").on_hover_text("CPU, memory, disk and network over time").clicked() {
+                        actions.push(UiAction::OpenCharts(Subject::Workload(name.clone())));
+                    }
+                });
                 egui::Grid::new("vm-details").num_columns(2).striped(true).show(ui, |ui| {
                     row(ui, "State", RichText::new(vm.state.as_str()).color(state_color(vm.state)));
                     row(ui, "Host", host_id.as_str());

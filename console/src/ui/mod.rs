@@ -1,6 +1,8 @@
 //! The egui window. Each panel is a struct with a `..._ui` method; panels read the engine's
 //! latest snapshot and send commands with `try_send`, never blocking.
 
+mod capacity;
+mod charts;
 mod details;
 mod dialogs;
 mod event_log;
@@ -18,6 +20,8 @@ use tokio::sync::oneshot;
 use crate::engine::{Command, EngineError, EngineHandle, LinkState, Snapshot};
 use dunes_shared::model::VmState;
 
+pub use capacity::CapacityWindow;
+pub use charts::{ChartsWindow, TimeRange};
 pub use details::DetailsPanel;
 pub use dialogs::{AddHostDialog, NewVmDialog};
 pub use event_log::EventLogPanel;
@@ -64,6 +68,8 @@ pub enum UiAction {
         vm: VmName,
         to: HostId,
     },
+    /// Show the statistics charts of a host or a workload.
+    OpenCharts(crate::engine::stats::Subject),
 }
 
 /// A VM chip being dragged.
@@ -184,6 +190,8 @@ pub struct ConsoleApp {
     editor: ServiceEditor,
     plan: PlanDialog,
     adopt: AdoptDialog,
+    charts: ChartsWindow,
+    capacity: CapacityWindow,
     confirm_delete: Option<ConfirmDelete>,
     /// A migration waiting for the operator's word: VM, from, to.
     confirm_migrate: Option<(VmName, HostId, HostId)>,
@@ -196,6 +204,7 @@ impl ConsoleApp {
     pub fn new(ctx: &egui::Context, engine: EngineHandle) -> Self {
         let repaint_ctx = ctx.clone();
         engine.set_repaint(move || repaint_ctx.request_repaint());
+        let exports = engine.data_dir().join("exports");
         ConsoleApp {
             snapshot: engine.snapshot(),
             engine,
@@ -209,6 +218,8 @@ impl ConsoleApp {
             editor: ServiceEditor::default(),
             plan: PlanDialog::default(),
             adopt: AdoptDialog::default(),
+            charts: ChartsWindow::new(exports),
+            capacity: CapacityWindow::default(),
             confirm_delete: None,
             confirm_migrate: None,
             pending: Vec::new(),
@@ -219,6 +230,11 @@ impl ConsoleApp {
 
     pub fn selection(&self) -> &Selection {
         &self.selection
+    }
+
+    /// The time range the charts show.
+    pub fn charts_range(&self) -> TimeRange {
+        self.charts.range()
     }
 
     pub fn snapshot(&self) -> &Arc<Snapshot> {
@@ -240,9 +256,16 @@ impl ConsoleApp {
     pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
         self.snapshot = self.engine.snapshot();
         self.poll_pending();
-        // Escape closes the dialog in front; only with none open does it clear the selection.
+        // Escape closes the dialog in front, then the charts; only with none open does it
+        // clear the selection.
         if ui.input(|i| i.key_pressed(Key::Escape)) && !self.dialog_open() {
-            self.selection = Selection::None;
+            if self.charts.is_open() {
+                self.charts.close();
+            } else if self.capacity.is_open() {
+                self.capacity.close();
+            } else {
+                self.selection = Selection::None;
+            }
         }
         // The delete confirmation is modal: no other dialog opens beneath it.
         let modal = self.confirm_delete.is_some();
@@ -288,6 +311,13 @@ impl ConsoleApp {
                         &snapshot,
                         &self.selection,
                     );
+                }
+                if ui
+                    .button("Capacity…")
+                    .on_hover_text("Capacity per site, and when it is full")
+                    .clicked()
+                {
+                    self.capacity.open();
                 }
                 ui.separator();
                 let online = snapshot
@@ -351,6 +381,8 @@ impl ConsoleApp {
         self.editor.editor_ui(ui.ctx(), &snapshot, &mut actions);
         self.plan.plan_ui(ui.ctx(), &snapshot, &mut actions);
         self.adopt.adopt_ui(ui.ctx(), &snapshot, &mut actions);
+        self.charts.charts_ui(ui.ctx(), &self.engine);
+        self.capacity.capacity_ui(ui.ctx(), &self.engine);
         self.confirm_delete_ui(ui.ctx());
         self.confirm_migrate_ui(ui.ctx());
         self.handle_actions();
@@ -370,6 +402,7 @@ impl ConsoleApp {
                 UiAction::ConfirmMigrate { host, vm, to } => {
                     self.confirm_migrate = Some((vm, host, to));
                 }
+                UiAction::OpenCharts(subject) => self.charts.open(subject),
                 UiAction::Adopt { service, host, vm } => {
                     self.adopt.open(&self.snapshot, service, host, vm);
                 }

@@ -1,0 +1,203 @@
+//! The Capacity view: per site and per resource, what the hosts have, what is allocated,
+//! what is used and what is free, and when CPU and memory are full, with the forecast's
+//! method named and its line drawn through the daily peaks up to the capacity.
+
+use std::time::Instant;
+
+use egui_plot::{HLine, Legend, Line, Plot, Points};
+use tokio::sync::oneshot;
+
+use crate::engine::{
+    Command, EngineError, EngineHandle,
+    capacity::{ResourceUse, SiteCapacity, WhatIf},
+    forecast::Outlook,
+};
+
+/// How often the view asks again while open.
+const REFRESH_SECS: u64 = 10;
+
+#[derive(Default)]
+pub struct CapacityWindow {
+    open: bool,
+    answer: Option<Vec<SiteCapacity>>,
+    pending: Option<oneshot::Receiver<Result<Vec<SiteCapacity>, EngineError>>>,
+    asked_at: Option<Instant>,
+    error: Option<String>,
+}
+
+impl CapacityWindow {
+    pub fn open(&mut self) {
+        self.open = true;
+        self.asked_at = None;
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    pub fn close(&mut self) {
+        self.open = false;
+        self.pending = None;
+    }
+
+    fn refresh(&mut self, engine: &EngineHandle) {
+        if let Some(rx) = &mut self.pending {
+            match rx.try_recv() {
+                Ok(Ok(sites)) => {
+                    self.answer = Some(sites);
+                    self.error = None;
+                    self.pending = None;
+                }
+                Ok(Err(e)) => {
+                    self.error = Some(e.to_string());
+                    self.pending = None;
+                }
+                Err(oneshot::error::TryRecvError::Empty) => return,
+                Err(oneshot::error::TryRecvError::Closed) => self.pending = None,
+            }
+        }
+        if self
+            .asked_at
+            .is_some_and(|t| t.elapsed().as_secs() < REFRESH_SECS)
+        {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if engine
+            .try_send(Command::Capacity {
+                what_if: WhatIf::default(),
+                reply: tx,
+            })
+            .is_ok()
+        {
+            self.pending = Some(rx);
+        }
+        self.asked_at = Some(Instant::now());
+    }
+
+    pub fn capacity_ui(&mut self, ctx: &egui::Context, engine: &EngineHandle) {
+        if !self.open {
+            return;
+        }
+        self.refresh(engine);
+        let mut open = true;
+        egui::Window::new("Capacity")
+            .id(egui::Id::unique("capacity"))
+            .open(&mut open)
+            .default_size([620.0, 560.0])
+            .min_width(320.0)
+            .show(ctx, |ui| {
+                if let Some(e) = &self.error {
+                    ui.colored_label(egui::Color32::LIGHT_RED, e);
+                }
+                let Some(sites) = &self.answer else {
+                    ui.label("Loading…");
+                    return;
+                };
+                if sites.is_empty() {
+                    ui.label("No host has told its size yet.");
+                    return;
+                }
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    for site in sites {
+                        site_ui(ui, site);
+                        ui.separator();
+                    }
+                });
+            });
+        if !open {
+            self.close();
+        }
+    }
+}
+
+fn site_ui(ui: &mut egui::Ui, site: &SiteCapacity) {
+    ui.heading(format!(
+        "{} · {} host{}",
+        site.site,
+        site.hosts.len(),
+        if site.hosts.len() == 1 { "" } else { "s" }
+    ));
+    egui::Grid::new(("capacity", site.site.as_str()))
+        .num_columns(6)
+        .striped(true)
+        .show(ui, |ui| {
+            for h in ["Resource", "Capacity", "Allocated", "Used", "Free", ""] {
+                ui.label(egui::RichText::new(h).weak());
+            }
+            ui.end_row();
+            for r in &site.resources {
+                let unit = r.resource.unit();
+                ui.label(r.resource.as_str());
+                ui.label(format!("{:.0} {unit}", r.capacity));
+                let over = r.allocated > r.capacity;
+                let allocated = format!("{:.0} {unit}", r.allocated);
+                if over {
+                    ui.colored_label(egui::Color32::LIGHT_RED, format!("{allocated} (over)"));
+                } else {
+                    ui.label(allocated);
+                }
+                ui.label(r.used.map_or("—".into(), |u| format!("{u:.0} {unit}")));
+                ui.label(format!("{:.0} {unit}", r.free()));
+                let fraction = if r.capacity > 0.0 {
+                    (r.allocated.max(r.used.unwrap_or(0.0)) / r.capacity).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                ui.add(egui::ProgressBar::new(fraction as f32).desired_width(90.0));
+                ui.end_row();
+            }
+        });
+    for r in &site.resources {
+        let Some(f) = &r.forecast else {
+            continue;
+        };
+        let what = format!("{} {}", site.site, r.resource.as_str());
+        ui.label(egui::RichText::new(f.describe(&what)).strong());
+        ui.label(egui::RichText::new(format!("Method: {}", f.method.describe())).weak());
+        if r.peaks.len() >= 2 {
+            forecast_plot(ui, site, r);
+        }
+    }
+}
+
+/// The daily peaks, the trend from now to where it crosses the capacity, and the capacity.
+fn forecast_plot(ui: &mut egui::Ui, site: &SiteCapacity, r: &ResourceUse) {
+    let Some(f) = &r.forecast else {
+        return;
+    };
+    // The trend's value now is where its line starts: now, in days since the epoch.
+    let now_day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() / 86_400.0);
+    let peaks: Vec<[f64; 2]> = r.peaks.iter().map(|&(d, v)| [d, v]).collect();
+    let ahead = match f.outlook {
+        Outlook::Full { days, .. } => days.max(1.0),
+        _ => 30.0,
+    };
+    Plot::new(("forecast", site.site.as_str(), r.resource.as_str()))
+        .height(110.0)
+        .legend(Legend::default())
+        .x_axis_formatter(|mark, _| {
+            // Day numbers since the epoch, shown as dates.
+            let at = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs_f64(mark.value.max(0.0) * 86_400.0);
+            crate::engine::snapshot::rfc3339(at)
+                .chars()
+                .take(10)
+                .collect()
+        })
+        .include_y(0.0)
+        .include_y(r.capacity)
+        .show(ui, |plot| {
+            plot.points(Points::new("daily peaks", peaks).radius(2.5));
+            if let Some(start) = f.trend_now {
+                let end = start + f.slope_per_day * ahead;
+                plot.line(
+                    Line::new("forecast", vec![[now_day, start], [now_day + ahead, end]])
+                        .width(1.5),
+                );
+            }
+            plot.hline(HLine::new("capacity", r.capacity));
+        });
+}
