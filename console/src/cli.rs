@@ -90,6 +90,9 @@ pub enum CtlCommand {
     /// Capacity before it happens: after draining a host, or after deploying a service's plan.
     #[command(subcommand)]
     Whatif(WhatifCommand),
+    /// Scale an application of a service out and in on its instances' mean CPU.
+    #[command(subcommand)]
+    Autoscale(AutoscaleCommand),
     /// Statistics of a host or a workload (VM or process instance): CPU %, memory MiB, disk
     /// and network bytes per second, each bucket's min, mean and max.
     Stats {
@@ -102,6 +105,43 @@ pub enum CtlCommand {
         #[arg(long, value_parser = parse_span_secs)]
         resolution: Option<u64>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AutoscaleCommand {
+    /// Set the rule of SERVICE/APP: out when the mean is above --above for --periods periods
+    /// in a row, in when below --below; no change within --cooldown of the last.
+    Set {
+        /// SERVICE/APP.
+        target: String,
+        /// What is watched: the mean CPU % of the application's instances.
+        #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+        metric: String,
+        #[arg(long, value_name = "PERCENT")]
+        above: f64,
+        #[arg(long, value_name = "PERCENT")]
+        below: f64,
+        #[arg(long, default_value = "30s", value_parser = parse_span_secs)]
+        period: u64,
+        #[arg(long, default_value_t = 3)]
+        periods: u32,
+        #[arg(long, default_value = "300s", value_parser = parse_span_secs)]
+        cooldown: u64,
+        #[arg(long, default_value_t = 1)]
+        min: u32,
+        #[arg(long)]
+        max: u32,
+    },
+    /// Every rule, the instances it set and what it said at the end of its last period.
+    Show,
+    /// What SERVICE/APP's rule would have done over the recorded history.
+    Replay {
+        target: String,
+        #[arg(long, default_value = "1d", value_parser = parse_span_secs)]
+        since: u64,
+    },
+    /// Remove SERVICE/APP's rule (its instances stay as they are).
+    Remove { target: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -643,6 +683,36 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
         },
         CtlCommand::Migrations => CtlRequest::Migrations,
         CtlCommand::Forecast { site } => CtlRequest::Forecast { site: site.clone() },
+        CtlCommand::Autoscale(AutoscaleCommand::Set {
+            target,
+            metric: _,
+            above,
+            below,
+            period,
+            periods,
+            cooldown,
+            min,
+            max,
+        }) => CtlRequest::AutoscaleSet {
+            target: target.clone(),
+            above: *above,
+            below: *below,
+            period_secs: *period,
+            periods: *periods,
+            cooldown_secs: *cooldown,
+            min: *min,
+            max: *max,
+        },
+        CtlCommand::Autoscale(AutoscaleCommand::Show) => CtlRequest::AutoscaleShow,
+        CtlCommand::Autoscale(AutoscaleCommand::Replay { target, since }) => {
+            CtlRequest::AutoscaleReplay {
+                target: target.clone(),
+                since_secs: *since,
+            }
+        }
+        CtlCommand::Autoscale(AutoscaleCommand::Remove { target }) => CtlRequest::AutoscaleRemove {
+            target: target.clone(),
+        },
         CtlCommand::Whatif(WhatifCommand::Drain { host }) => {
             CtlRequest::WhatifDrain { host: host.clone() }
         }
@@ -884,6 +954,47 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
             }
         ),
         CtlCommand::Forecast { .. } => capacity_table(data),
+        CtlCommand::Autoscale(AutoscaleCommand::Show) => table(
+            &["APPLICATION", "RULE", "INSTANCES", "SET TO", "LAST"],
+            items
+                .iter()
+                .map(|a| {
+                    vec![
+                        format!("{}/{}", text(&a["service"]), text(&a["app"])),
+                        text(&a["rule"]),
+                        text(&a["instances"]),
+                        text(&a["desired"]),
+                        text(&a["last_reason"]),
+                    ]
+                })
+                .collect(),
+        ),
+        CtlCommand::Autoscale(AutoscaleCommand::Replay { .. }) => {
+            let changes = data["changes"].as_array().cloned().unwrap_or_default();
+            let outs = changes.iter().filter(|c| c["change"] == "out").count();
+            let ins = changes.len() - outs;
+            let mut out = format!(
+                "{}/{} over {} periods of {} s: would have scaled out {outs} times and in {ins} times\n",
+                text(&data["service"]),
+                text(&data["app"]),
+                text(&data["periods"]),
+                text(&data["period_secs"]),
+            );
+            for c in &changes {
+                out.push_str(&format!(
+                    "{}  {}\n",
+                    crate::ui::clock(c["at"].as_u64().unwrap_or(0) * 1000),
+                    text(&c["reason"])
+                ));
+            }
+            out
+        }
+        CtlCommand::Autoscale(AutoscaleCommand::Set { target, .. }) => {
+            format!("autoscaling of {target}: {}\n", text(&data["rule"]))
+        }
+        CtlCommand::Autoscale(AutoscaleCommand::Remove { target }) => {
+            format!("autoscaling of {target} removed; its instances stay as they are\n")
+        }
         CtlCommand::Whatif(_) => {
             let mut out = String::new();
             if let Some(unplaced) = data["unplaced"].as_array().filter(|u| !u.is_empty()) {

@@ -19,14 +19,46 @@ use tokio::{
 };
 
 use crate::engine::{
-    Command, EngineError, EngineHandle, HostView, OperationReport, ServicePlan, ServiceView,
-    Snapshot,
+    AutoscaleView, Command, EngineError, EngineHandle, HostView, OperationReport, ServicePlan,
+    ServiceView, Snapshot,
+    autoscale::{AutoscaleMetric, AutoscaleRule, Change},
     capacity::{Extra, SiteCapacity, WhatIf},
     forecast::Outlook,
     placement::{Action, Override},
     snapshot::rfc3339,
     stats::{StatsAnswer, Subject},
 };
+
+/// `SERVICE/APP` as names.
+fn service_app(target: &str) -> Result<(ServiceName, AppName), String> {
+    let (service, app) = target
+        .split_once('/')
+        .ok_or_else(|| format!("{target:?}: name the application as SERVICE/APP"))?;
+    Ok((
+        ServiceName::new(service).map_err(|e| e.to_string())?,
+        AppName::new(app).map_err(|e| e.to_string())?,
+    ))
+}
+
+fn autoscale_json(view: &AutoscaleView) -> Value {
+    json!({
+        "service": view.service.as_str(),
+        "app": view.app.as_str(),
+        "rule": view.rule.describe(),
+        "metric": view.rule.metric.as_str(),
+        "scale_out_above": view.rule.scale_out_above,
+        "scale_in_below": view.rule.scale_in_below,
+        "period_secs": view.rule.period_secs,
+        "periods": view.rule.periods,
+        "cooldown_secs": view.rule.cooldown_secs,
+        "min_instances": view.rule.min_instances,
+        "max_instances": view.rule.max_instances,
+        "desired": view.desired,
+        "instances": view.instances,
+        "last_change": view.last_change_secs,
+        "last_reason": view.last_reason,
+    })
+}
 
 /// Capacity per site as `ctl forecast --json` prints it.
 fn capacity_json<'a>(sites: impl IntoIterator<Item = &'a SiteCapacity>) -> Value {
@@ -183,6 +215,24 @@ pub enum CtlRequest {
     Forecast {
         #[serde(default)]
         site: Option<String>,
+    },
+    AutoscaleSet {
+        target: String,
+        above: f64,
+        below: f64,
+        period_secs: u64,
+        periods: u32,
+        cooldown_secs: u64,
+        min: u32,
+        max: u32,
+    },
+    AutoscaleShow,
+    AutoscaleReplay {
+        target: String,
+        since_secs: u64,
+    },
+    AutoscaleRemove {
+        target: String,
     },
     WhatifDrain {
         host: String,
@@ -945,6 +995,86 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                     .iter()
                     .filter(|s| site.as_ref().is_none_or(|w| &s.site == w)),
             ))
+        }
+        CtlRequest::AutoscaleSet {
+            target,
+            above,
+            below,
+            period_secs,
+            periods,
+            cooldown_secs,
+            min,
+            max,
+        } => {
+            let (service, app) = service_app(&target)?;
+            let rule = AutoscaleRule {
+                metric: AutoscaleMetric::Cpu,
+                scale_out_above: above,
+                scale_in_below: below,
+                period_secs,
+                periods,
+                cooldown_secs,
+                min_instances: min,
+                max_instances: max,
+            };
+            let view = engine
+                .request(|reply| Command::SetAutoscale {
+                    service,
+                    app,
+                    rule: Some(rule),
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(view.as_ref().map_or(Value::Null, autoscale_json))
+        }
+        CtlRequest::AutoscaleRemove { target } => {
+            let (service, app) = service_app(&target)?;
+            engine
+                .request(|reply| Command::SetAutoscale {
+                    service,
+                    app,
+                    rule: None,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({ "removed": target }))
+        }
+        CtlRequest::AutoscaleShow => {
+            let views = engine
+                .request(|reply| Command::AutoscaleShow { reply })
+                .await
+                .map_err(engine_err)?;
+            Ok(Value::Array(views.iter().map(autoscale_json).collect()))
+        }
+        CtlRequest::AutoscaleReplay { target, since_secs } => {
+            let (service, app) = service_app(&target)?;
+            let answer = engine
+                .request(|reply| Command::ReplayAutoscale {
+                    service,
+                    app,
+                    since_secs,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({
+                "service": answer.service.as_str(),
+                "app": answer.app.as_str(),
+                "rule": answer.rule.describe(),
+                "period_secs": answer.period_secs,
+                "periods": answer.periods,
+                "from": answer.from_secs,
+                "to": answer.to_secs,
+                "start_instances": answer.start_instances,
+                "changes": answer.changes.iter().map(|(at, d)| json!({
+                    "at": at,
+                    "change": match d.change { Some(Change::Out) => "out", Some(Change::In) => "in", None => "hold" },
+                    "instances": d.instances,
+                    "reason": d.reason,
+                })).collect::<Vec<_>>(),
+            }))
         }
         CtlRequest::WhatifDrain { host } => {
             let host = HostId::new(host.clone()).map_err(|e| e.to_string())?;

@@ -212,6 +212,86 @@ fn headless_demo_answers_ctl() {
             .len(),
         vms.len()
     );
+    // Statistics, capacity and what-ifs from the command line.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = json(&ctl(&data, &["--json", "stats", "lsn-1", "--since", "5m"]));
+        let metrics: Vec<&str> = stats["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["metric"].as_str())
+            .collect();
+        if metrics.contains(&"cpu") && metrics.contains(&"memory") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no statistics of lsn-1: {stats}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let forecast = json(&ctl(&data, &["--json", "forecast", "--site", "lausanne"]));
+    let lausanne = &forecast[0];
+    assert_eq!(lausanne["site"], "lausanne");
+    let memory = lausanne["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == "memory")
+        .unwrap()
+        .clone();
+    assert!(memory["capacity"].as_f64().unwrap() > 0.0, "{memory}");
+    assert!(
+        memory["forecast"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("days of history"),
+        "{memory}"
+    );
+    let drained = json(&ctl(&data, &["--json", "whatif", "drain", "lsn-1"]));
+    let capacity = |v: &serde_json::Value| {
+        v[0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resource"] == "memory")
+            .unwrap()["capacity"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        capacity(&drained["after"]) < capacity(&drained["before"]),
+        "{drained}"
+    );
+    let table = String::from_utf8_lossy(&ctl(&data, &["autoscale", "show"]).stdout).to_string();
+    assert!(table.starts_with("APPLICATION"), "{table}");
+    for (args, message) in [
+        (vec!["stats", "lsn-1", "--since", "soon"], "is not a span"),
+        (vec!["forecast", "--site", "mars"], "no site \"mars\""),
+        (
+            vec!["whatif", "drain", "nohost"],
+            "host nohost is not enrolled",
+        ),
+        (
+            vec![
+                "autoscale",
+                "set",
+                "shop",
+                "--above",
+                "80",
+                "--below",
+                "20",
+                "--max",
+                "3",
+            ],
+            "name the application as SERVICE/APP",
+        ),
+    ] {
+        let out = ctl(&data, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+
     let events = json(&ctl(&data, &["--json", "events", "--limit", "500"]));
     assert!(events.as_array().unwrap().iter().any(|e| {
         e["message"]

@@ -100,7 +100,12 @@ pub(super) struct Actor {
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
     /// The open part of every time series (what closed is in the store).
     pub(super) stats: super::stats::TimeSeries,
+    /// Autoscaling of applications, by `service/app`.
+    pub(super) autoscaling: BTreeMap<String, super::autoscaling::AutoscaleEntry>,
 }
+
+/// How often autoscaling rules look for a period that ended.
+const AUTOSCALE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How often the open part of the time series is written: what a crash can lose.
 const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -123,8 +128,11 @@ impl Actor {
         readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stats_flush = tokio::time::interval(STATS_FLUSH_EVERY);
         stats_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut autoscale = tokio::time::interval(AUTOSCALE_EVERY);
+        autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = autoscale.tick() => self.autoscale_tick(),
                 _ = stats_flush.tick() => {
                     let writes = self.stats.flush();
                     self.store.put_stats(writes);

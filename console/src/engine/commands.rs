@@ -187,6 +187,21 @@ impl Actor {
             } => self.migrate_vm(&host, &vm, &to, options, reply),
             Command::CancelMigration { id, reply } => self.cancel_migration(id, reply),
             Command::Capacity { what_if, reply } => self.capacity_query(what_if, reply),
+            Command::SetAutoscale {
+                service,
+                app,
+                rule,
+                reply,
+            } => self.set_autoscale(service, app, rule, reply),
+            Command::AutoscaleShow { reply } => {
+                let _ = reply.send(Ok(self.autoscale_views()));
+            }
+            Command::ReplayAutoscale {
+                service,
+                app,
+                since_secs,
+                reply,
+            } => self.replay_autoscale(service, app, since_secs, reply),
             Command::LatestValues { reply } => {
                 let _ = reply.send(Ok(self.stats.latest()));
             }

@@ -3,6 +3,8 @@
 //! through [`EngineHandle`].
 
 mod actor;
+pub mod autoscale;
+mod autoscaling;
 pub mod capacity;
 pub mod client;
 mod commands;
@@ -44,6 +46,7 @@ use dunes_shared::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use autoscaling::{AutoscaleView, ReplayAnswer};
 pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
 pub use services::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};
@@ -234,6 +237,22 @@ pub enum Command {
         host: HostId,
         samples: Vec<dunes_shared::model::Sample>,
         reply: Reply<usize>,
+    },
+    /// Sets an application's autoscaling rule, or removes it (`rule: None`).
+    SetAutoscale {
+        service: dunes_shared::model::ServiceName,
+        app: dunes_shared::model::AppName,
+        rule: Option<autoscale::AutoscaleRule>,
+        reply: Reply<Option<AutoscaleView>>,
+    },
+    /// Every application's autoscaling and what it last said.
+    AutoscaleShow { reply: Reply<Vec<AutoscaleView>> },
+    /// What an application's rule would have done over the recorded history.
+    ReplayAutoscale {
+        service: dunes_shared::model::ServiceName,
+        app: dunes_shared::model::AppName,
+        since_secs: u64,
+        reply: Reply<ReplayAnswer>,
     },
     /// The newest value of every time series, by series key (`host/a/cpu`).
     LatestValues { reply: Reply<Vec<(String, f64)>> },
@@ -456,6 +475,7 @@ pub async fn start_with(
         migrations_dirty: true,
         transfer_samples: BTreeMap::new(),
         stats: stats::TimeSeries::default(),
+        autoscaling: BTreeMap::new(),
         published_migrations: Arc::new(Vec::new()),
         drains: Default::default(),
         drains_dirty: true,
@@ -466,6 +486,7 @@ pub async fn start_with(
         vms_by_host.entry(host).or_default().push(vm);
     }
     actor.load_services(loaded.services, loaded.instances);
+    actor.load_autoscaling(loaded.autoscale);
     for record in loaded.hosts {
         let vms = vms_by_host.remove(&record.id).unwrap_or_default();
         actor.add_host_entry(record, vms);

@@ -309,11 +309,13 @@ impl Actor {
             .ok_or_else(|| EngineError::Invalid(format!("service {name} does not exist")))
     }
 
-    fn readable_spec(&self, name: &ServiceName) -> Result<ServiceSpec, EngineError> {
-        self.service_entry(name)?
-            .spec
-            .clone()
-            .map_err(|e| EngineError::Invalid(format!("service {name} no longer reads: {e}")))
+    /// The service's definition, with the instance counts autoscaling set.
+    pub(super) fn readable_spec(&self, name: &ServiceName) -> Result<ServiceSpec, EngineError> {
+        let spec =
+            self.service_entry(name)?.spec.clone().map_err(|e| {
+                EngineError::Invalid(format!("service {name} no longer reads: {e}"))
+            })?;
+        Ok(self.scaled(name, spec))
     }
 
     fn instances_of(&self, name: &ServiceName) -> Vec<InstanceRecord> {
@@ -530,6 +532,49 @@ impl Actor {
         reply: Reply<OperationReport>,
         step: impl Fn(&dunes_shared::service::ApplicationSpec, InstanceRecord) -> Step,
     ) {
+        self.in_order_of(name, operation, reply, |_| true, step);
+    }
+
+    /// Starts the instances of `name` named in `only` (`APP-INDEX`) that are not running, in
+    /// start order.
+    pub(super) fn start_stopped(
+        &mut self,
+        name: &ServiceName,
+        only: Vec<String>,
+        reply: Reply<OperationReport>,
+    ) {
+        let running: Vec<String> = self
+            .instances_of(name)
+            .into_iter()
+            .filter(|i| {
+                self.hosts
+                    .get(&i.host)
+                    .and_then(|h| h.view.vm(&i.vm))
+                    .is_some_and(|v| v.state == VmState::Running)
+            })
+            .map(|i| i.key())
+            .collect();
+        self.in_order_of(
+            name,
+            Operation::Starting,
+            reply,
+            |i| !running.contains(&i.key()) && only.contains(&format!("{}-{}", i.app, i.index)),
+            |app, instance| Step::Start {
+                instance,
+                probe: probe_of(&app.readiness),
+                depends_on: app.depends_on.clone(),
+            },
+        );
+    }
+
+    fn in_order_of(
+        &mut self,
+        name: &ServiceName,
+        operation: Operation,
+        reply: Reply<OperationReport>,
+        only: impl Fn(&InstanceRecord) -> bool,
+        step: impl Fn(&dunes_shared::service::ApplicationSpec, InstanceRecord) -> Step,
+    ) {
         let steps = self.readable_spec(name).and_then(|spec| {
             self.not_busy(name)?;
             let mut order = spec.start_order().unwrap_or_default();
@@ -542,7 +587,9 @@ impl Actor {
                 .flat_map(|app| {
                     instances
                         .iter()
-                        .filter(|i| i.app == app.name && i.state == InstanceState::Created)
+                        .filter(|i| {
+                            i.app == app.name && i.state == InstanceState::Created && only(i)
+                        })
                         .map(|i| step(app, i.clone()))
                         .collect::<Vec<_>>()
                 })
@@ -649,7 +696,7 @@ impl Actor {
         }
     }
 
-    fn not_busy(&self, name: &ServiceName) -> Result<(), EngineError> {
+    pub(super) fn not_busy(&self, name: &ServiceName) -> Result<(), EngineError> {
         match self.service_entry(name)?.busy {
             Some(op) => Err(EngineError::Invalid(format!(
                 "service {name} is busy ({}); try again when it is done",
@@ -921,7 +968,11 @@ impl Actor {
                     })
                     .collect();
                 let status = match &entry.spec {
-                    Ok(spec) => service_status(spec, &instances, entry.busy),
+                    Ok(spec) => service_status(
+                        &self.scaled(&entry.record.name, spec.clone()),
+                        &instances,
+                        entry.busy,
+                    ),
                     Err(_) => ServiceStatus::Unreadable,
                 };
                 Arc::new(ServiceView {

@@ -1678,3 +1678,164 @@ async fn statistics_come_in_batches_and_survive_a_console_restart() {
     let host_after = query(engine, Subject::Host(host)).await;
     assert!(points(&host_after, Metric::Memory) >= 5, "{host_after:?}");
 }
+
+/// A front-end of the process runtime whose load a flag file turns on: autoscaling adds an
+/// instance while it is busy and removes the newest once it is quiet, and says why in the
+/// event log; a replay over the recorded history finds the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_front_end_scales_out_and_back_in_with_its_reasons_logged() {
+    use super::autoscale::{AutoscaleMetric, AutoscaleRule, Change};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The load switch: readable by the instances' own users.
+    let switch = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(switch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let load = switch.path().join("load");
+    let agent = agent(dir.path(), "scaling").await;
+    let template = dir.path().join("scaling/storage/images/burner");
+    std::fs::create_dir_all(&template).unwrap();
+    let script = format!(
+        "while :; do if [ -e {} ]; then i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; else sleep 0.2; fi; done",
+        load.display()
+    );
+    std::fs::write(
+        template.join("process.toml"),
+        format!(
+            "description = \"busy while the load file exists\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\ndefault_vcpus = 1\ndefault_memory_mib = 32\n"
+        ),
+    )
+    .unwrap();
+    let engine = engine_with(dir.path(), &agent).await;
+    let source = "name = \"front\"\n[[application]]\nname = \"web\"\nruntime = \"process\"\ntemplate = \"burner\"\nvcpus = 1\nmemory_mib = 32\ninstances = 1\n";
+    let name = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    for deploy in [true, false] {
+        let name = name.clone();
+        let report = if deploy {
+            engine
+                .request(|reply| Command::DeployService {
+                    name,
+                    fingerprint: None,
+                    overrides: Vec::new(),
+                    reply,
+                })
+                .await
+        } else {
+            engine
+                .request(|reply| Command::StartService { name, reply })
+                .await
+        };
+        assert!(report.unwrap().failed.is_empty());
+    }
+    let web = AppName::new("web").unwrap();
+    let rule = AutoscaleRule {
+        metric: AutoscaleMetric::Cpu,
+        scale_out_above: 40.0,
+        scale_in_below: 10.0,
+        period_secs: 5,
+        periods: 2,
+        cooldown_secs: 10,
+        min_instances: 1,
+        max_instances: 2,
+    };
+    // A rule without hysteresis is refused, and changes nothing.
+    let bad = engine
+        .request(|reply| Command::SetAutoscale {
+            service: name.clone(),
+            app: web.clone(),
+            rule: Some(AutoscaleRule {
+                scale_in_below: 50.0,
+                ..rule.clone()
+            }),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("must be below"), "{bad}");
+    let view = engine
+        .request(|reply| Command::SetAutoscale {
+            service: name.clone(),
+            app: web.clone(),
+            rule: Some(rule.clone()),
+            reply,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((view.desired, view.instances), (1, 1));
+    let running = |s: &super::Snapshot, n: usize| {
+        let instances = &s.services[0].instances;
+        instances.len() == n
+            && instances
+                .iter()
+                .all(|i| i.vm_state == Some(dunes_shared::model::VmState::Running))
+    };
+    let log = |engine: &EngineHandle| -> Vec<String> {
+        engine
+            .snapshot()
+            .events
+            .iter()
+            .map(|e| e.message.clone())
+            .collect()
+    };
+
+    // Busy: a second instance, placed and started.
+    std::fs::write(&load, "").unwrap();
+    let out = engine
+        .wait_for(Duration::from_secs(120), |s| running(s, 2))
+        .await;
+    assert!(out.is_ok(), "no second instance: {:?}", log(&engine));
+    let reason = log(&engine)
+        .into_iter()
+        .find(|m| m.starts_with("autoscale front: web cpu mean"))
+        .unwrap();
+    assert!(
+        reason.contains("> 40 % for 2×5 s → +1 instance on scaling"),
+        "{reason}"
+    );
+
+    // Quiet: the newest goes, never below the minimum.
+    std::fs::remove_file(&load).unwrap();
+    let back = engine
+        .wait_for(Duration::from_secs(120), |s| running(s, 1))
+        .await;
+    assert!(back.is_ok(), "still two instances: {:?}", log(&engine));
+    assert_eq!(engine.snapshot().services[0].instances[0].record.index, 0);
+    let reason = log(&engine)
+        .into_iter()
+        .find(|m| m.contains("→ −1 instance (the newest)"))
+        .unwrap();
+    assert!(reason.contains("< 10 % for 2×5 s"), "{reason}");
+    let shown = engine
+        .request(|reply| Command::AutoscaleShow { reply })
+        .await
+        .unwrap();
+    assert_eq!((shown[0].desired, shown[0].instances), (1, 1));
+
+    // The replay over what was recorded scales out and back in too.
+    let replayed = engine
+        .request(|reply| Command::ReplayAutoscale {
+            service: name.clone(),
+            app: web.clone(),
+            since_secs: 600,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed.period_secs, 5);
+    let kinds: Vec<Change> = replayed
+        .changes
+        .iter()
+        .filter_map(|(_, d)| d.change)
+        .collect();
+    assert!(
+        kinds.contains(&Change::Out) && kinds.contains(&Change::In),
+        "{replayed:?}"
+    );
+}

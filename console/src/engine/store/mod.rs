@@ -40,6 +40,8 @@ const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 /// Migration journals by id; a finished one stays as history.
 const MIGRATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("migrations");
+/// Autoscaling of applications, by `service/app`: the rule and the instance count it set.
+const AUTOSCALE: TableDefinition<&str, &[u8]> = TableDefinition::new("autoscale");
 
 const SCHEMA_KEY: &str = "schema_version";
 /// 1: postcard records of the model types (the first release, no `meta` table).
@@ -153,8 +155,26 @@ pub struct Loaded {
     pub services: Vec<ServiceRecord>,
     pub instances: Vec<InstanceRecord>,
     pub migrations: Vec<crate::engine::migration::MigrationJournal>,
+    pub autoscale: Vec<AutoscaleRecord>,
     /// The schema the file had before this open upgraded it, if it did.
     pub upgraded_from: Option<u64>,
+}
+
+/// An application's autoscaling: its rule, the instance count it last set, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleRecord {
+    pub service: dunes_shared::model::ServiceName,
+    pub app: dunes_shared::model::AppName,
+    pub rule: crate::engine::autoscale::AutoscaleRule,
+    pub desired: u32,
+    #[serde(default)]
+    pub last_change_secs: Option<u64>,
+}
+
+impl AutoscaleRecord {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.service, self.app)
+    }
 }
 
 /// A service as the operator defined it: the file's text is what is kept, so the definition
@@ -259,6 +279,8 @@ enum Op {
     ReplaceVms(HostId, Vec<VmRow>),
     PutEvent(EventRow),
     Stats(crate::engine::stats::StatsWrite),
+    PutAutoscale(Box<AutoscaleRecord>),
+    DeleteAutoscale(String),
 }
 
 /// Runs once the batch it came with is committed (or failed), with the error as one line.
@@ -327,6 +349,14 @@ impl Store {
             },
             loaded,
         ))
+    }
+
+    pub fn put_autoscale(&mut self, record: &AutoscaleRecord) {
+        self.pending
+            .push(Op::PutAutoscale(Box::new(record.clone())));
+    }
+    pub fn delete_autoscale(&mut self, key: String) {
+        self.pending.push(Op::DeleteAutoscale(key));
     }
 
     /// Time-series rows that closed (or a flush of what is open).
@@ -440,6 +470,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(INSTANCES)?;
     tx.open_table(MIGRATIONS)?;
     tx.open_table(stats::STATS)?;
+    tx.open_table(AUTOSCALE)?;
     if found == 1 {
         upgrade_from_v1(&tx)?;
     }
@@ -540,6 +571,13 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping instance {}: {}", k.value(), error_chain(&e)),
         }
     }
+    for item in tx.open_table(AUTOSCALE)?.iter()? {
+        let (k, v) = item?;
+        match decode::<AutoscaleRecord>(v.value()) {
+            Ok(record) => loaded.autoscale.push(record),
+            Err(e) => tracing::warn!("skipping autoscaling {}: {}", k.value(), error_chain(&e)),
+        }
+    }
     for item in tx.open_table(MIGRATIONS)?.iter()? {
         let (k, v) = item?;
         match decode::<rows::MigrationRow>(v.value())
@@ -596,8 +634,15 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut instances = tx.open_table(INSTANCES)?;
         let mut migrations = tx.open_table(MIGRATIONS)?;
         let mut stats_table = tx.open_table(stats::STATS)?;
+        let mut autoscale = tx.open_table(AUTOSCALE)?;
         for op in ops {
             match op {
+                Op::PutAutoscale(record) => {
+                    autoscale.insert(record.key().as_str(), encode(record)?.as_slice())?;
+                }
+                Op::DeleteAutoscale(key) => {
+                    autoscale.remove(key.as_str())?;
+                }
                 Op::Stats(w) => stats::write(&mut stats_table, w)?,
                 Op::PutMigration(row) => {
                     migrations.insert(row.id, encode(row)?.as_slice())?;
