@@ -96,7 +96,8 @@ pub enum CtlCommand {
     /// Statistics of a host or a workload (VM or process instance): CPU %, memory MiB, disk
     /// and network bytes per second, each bucket's min, mean and max.
     Stats {
-        /// A host id, or a workload's name.
+        /// A host id, a workload's name, or service:NAME, app:SERVICE/APP, site:NAME (CPU is
+        /// the members' mean, the rest their sum).
         subject: String,
         /// How far back: 90s, 10m, 6h, 7d.
         #[arg(long, default_value = "10m", value_parser = parse_span_secs)]

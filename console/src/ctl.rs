@@ -136,10 +136,7 @@ async fn what_if_json(
 
 /// A time-series answer as `ctl stats --json` prints it.
 fn stats_json(answer: &StatsAnswer) -> Value {
-    let subject = match &answer.subject {
-        Subject::Host(h) => format!("host {h}"),
-        Subject::Workload(v) => format!("workload {v}"),
-    };
+    let subject = answer.subject.describe();
     json!({
         "subject": subject,
         "resolution_secs": answer.resolution_secs,
@@ -1154,12 +1151,22 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
             resolution_secs,
         } => {
             let snapshot = engine.snapshot();
-            // A host id names the host; anything else is a workload's name.
-            let subject = match HostId::new(subject.clone()) {
-                Ok(h) if snapshot.host(&h).is_some() => Subject::Host(h),
-                _ => Subject::Workload(VmName::new(subject.clone()).map_err(|e| {
-                    format!("{subject:?} is neither an enrolled host nor a workload name: {e}")
-                })?),
+            // `service:NAME`, `app:SERVICE/APP` and `site:NAME` name aggregates; otherwise a
+            // host id names the host, and anything else is a workload's name.
+            let subject = if let Some(name) = subject.strip_prefix("service:") {
+                Subject::Service(ServiceName::new(name).map_err(|e| e.to_string())?)
+            } else if let Some(target) = subject.strip_prefix("app:") {
+                let (service, app) = service_app(target)?;
+                Subject::Application(service, app)
+            } else if let Some(site) = subject.strip_prefix("site:") {
+                Subject::Site(site.to_string())
+            } else {
+                match HostId::new(subject.clone()) {
+                    Ok(h) if snapshot.host(&h).is_some() => Subject::Host(h),
+                    _ => Subject::Workload(VmName::new(subject.clone()).map_err(|e| {
+                        format!("{subject:?} is neither an enrolled host nor a workload name: {e}")
+                    })?),
+                }
             };
             let answer = engine
                 .request(|reply| Command::Stats {

@@ -823,10 +823,49 @@ fn step_for_until(
     panic!("the UI never showed {what}");
 }
 
+/// Like [`live_host`], on a test driver host of 16 CPUs and 64 GiB with no VM of its own.
+fn roomy_host(
+    dir: &std::path::Path,
+    host_id: &str,
+    site: &str,
+) -> (tokio::runtime::Runtime, AgentProcess, EngineHandle) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let node = dir.join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><cpu><mode>host</mode></cpu><memory>67108864</memory></node>",
+    )
+    .unwrap();
+    let agent = AgentProcess::spawn(
+        &dir.join(host_id),
+        host_id,
+        site,
+        &format!("test://{}", node.display()),
+    )
+    .unwrap();
+    let engine = runtime.block_on(async {
+        let engine = start_engine(&dir.join("console")).await.unwrap();
+        enroll(&engine, &agent).await.unwrap();
+        let host = agent.host_id.clone();
+        engine
+            .wait_for(Duration::from_secs(5), |s| {
+                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+            })
+            .await
+            .expect("online");
+        engine
+    });
+    (runtime, agent, engine)
+}
+
 #[test]
 fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
     let dir = tempfile::tempdir().unwrap();
-    let (runtime, a, engine) = live_host(dir.path(), "gui-stats", "lausanne");
+    let (runtime, a, engine) = roomy_host(dir.path(), "gui-stats", "lausanne");
     let host = a.host_id.clone();
     runtime.block_on(async {
         engine
@@ -920,6 +959,81 @@ fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
         h.query_by_label("Statistics of charted").is_some()
             && h.query_by_label_contains("Every 60 s").is_some()
     });
+
+    // A service's charts: its instances' sums (CPU their mean).
+    runtime.block_on(async {
+        let name = engine
+            .request(|reply| Command::DefineService {
+                source: "name = \"shopfront\"\n[[application]]\nname = \"web\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\ninstances = 1\n[[application]]\nname = \"api\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 64\ninstances = 1\n".into(),
+                replace: false,
+                reply,
+            })
+            .await
+            .unwrap();
+        let report = engine
+            .request(|reply| Command::DeployService {
+                name: name.clone(),
+                fingerprint: None,
+                overrides: Vec::new(),
+                reply,
+            })
+            .await
+            .unwrap();
+        assert!(report.failed.is_empty(), "{report:?}");
+        let report = engine
+            .request(|reply| Command::StartService { name, reply })
+            .await
+            .unwrap();
+        assert!(report.failed.is_empty(), "{report:?}");
+    });
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the service's card", |h| {
+        h.query_by_role_and_label(Role::Button, "service shopfront")
+            .is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "service shopfront")
+        .click();
+    step_until(&mut harness, "the service's details", |h| {
+        h.query_by_label("Service shopfront").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Statistics…")
+        .click();
+    // Both instances' memory, summed, once readings of them are in.
+    step_for_until(&mut harness, 60, "the service's charts", |h| {
+        h.query_by_label("Statistics of service shopfront")
+            .is_some()
+            && h.query_by_label_contains("Every 60 s").is_some()
+    });
+    // Both instances' memory summed, once a batch holds readings of both.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = runtime.block_on(engine.request(|reply| Command::Stats {
+            subject: dunes_console::engine::stats::Subject::Service(
+                dunes_shared::model::ServiceName::new("shopfront").unwrap(),
+            ),
+            since_secs: 600,
+            resolution_secs: Some(1),
+            reply,
+        }));
+        let memory = answer
+            .unwrap()
+            .series
+            .into_iter()
+            .find(|s| s.metric == dunes_console::engine::stats::Metric::Memory);
+        if memory
+            .as_ref()
+            .is_some_and(|m| m.points.iter().any(|b| b.mean() == 128.0))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two applications' instances of 64 MiB: {memory:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     if let Ok(path) = std::env::var("DUNES_CHARTS_SNAPSHOT") {
         harness.render().expect("render").save(path).expect("save");
     }

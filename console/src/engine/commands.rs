@@ -362,6 +362,58 @@ impl Actor {
         });
     }
 
+    /// The hosts and workloads whose series make `subject`: itself, or an aggregate's
+    /// members as they are now.
+    fn members_of(
+        &self,
+        subject: &super::stats::Subject,
+    ) -> Result<Vec<super::stats::Subject>, EngineError> {
+        use super::stats::Subject;
+        let instances = |service: &dunes_shared::model::ServiceName,
+                         app: Option<&dunes_shared::model::AppName>| {
+            self.instances
+                .values()
+                .filter(|i| &i.service == service && app.is_none_or(|a| &i.app == a))
+                .map(|i| Subject::Workload(i.vm.clone()))
+                .collect::<Vec<_>>()
+        };
+        Ok(match subject {
+            Subject::Host(_) | Subject::Workload(_) => vec![subject.clone()],
+            Subject::Service(name) => {
+                if !self.services.contains_key(name) {
+                    return Err(EngineError::Invalid(format!(
+                        "service {name} does not exist"
+                    )));
+                }
+                instances(name, None)
+            }
+            Subject::Application(name, app) => {
+                if !self.services.contains_key(name) {
+                    return Err(EngineError::Invalid(format!(
+                        "service {name} does not exist"
+                    )));
+                }
+                instances(name, Some(app))
+            }
+            Subject::Site(site) => {
+                let hosts: Vec<Subject> = self
+                    .hosts
+                    .values()
+                    .filter(|e| {
+                        e.view
+                            .inventory()
+                            .is_some_and(|i| i.site.name.as_str() == site)
+                    })
+                    .map(|e| Subject::Host(e.view.id().clone()))
+                    .collect();
+                if hosts.is_empty() {
+                    return Err(EngineError::Invalid(format!("no host is in site {site}")));
+                }
+                hosts
+            }
+        })
+    }
+
     /// Answers a time-series query: the open buckets now, the stored ones read off the
     /// engine's thread, merged there.
     fn stats_query(
@@ -386,27 +438,57 @@ impl Actor {
             },
             None => rollup::level_for(from_secs, now_secs, stats::MAX_POINTS),
         };
-        let open: Vec<(stats::Metric, String, Vec<rollup::Bucket>)> = stats::Metric::ALL
+        // An aggregate reads each of its members' series.
+        let members = match self.members_of(&subject) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let aggregate = !matches!(
+            subject,
+            stats::Subject::Host(_) | stats::Subject::Workload(_)
+        );
+        type Wanted = Vec<(stats::Metric, Vec<(String, Vec<rollup::Bucket>)>)>;
+        let wanted: Wanted = stats::Metric::ALL
             .iter()
             .map(|&m| {
-                let key = stats::series_key(&subject, m);
-                let open = self.stats.open(&key, level);
-                (m, key, open)
+                let keys = members
+                    .iter()
+                    .map(|member| {
+                        let key = stats::series_key(member, m);
+                        let open = self.stats.open(&key, level);
+                        (key, open)
+                    })
+                    .collect();
+                (m, keys)
             })
             .collect();
         let reader = self.store.stats_reader();
         let step_secs = rollup::RESOLUTIONS[level].step_secs;
         tokio::task::spawn_blocking(move || {
             let mut series = Vec::new();
-            for (metric, key, open) in open {
-                let mut points = match reader.buckets(&key, level, from_secs, now_secs + 1) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
-                        return;
+            for (metric, keys) in wanted {
+                let mut per_member = Vec::new();
+                for (key, open) in keys {
+                    let mut points = match reader.buckets(&key, level, from_secs, now_secs + 1) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
+                            return;
+                        }
+                    };
+                    stats::merge_open(&mut points, open, from_secs);
+                    if !points.is_empty() {
+                        per_member.push(points);
                     }
+                }
+                let points = if aggregate {
+                    stats::aggregate(metric, &per_member)
+                } else {
+                    per_member.pop().unwrap_or_default()
                 };
-                stats::merge_open(&mut points, open, from_secs);
                 if !points.is_empty() {
                     series.push(stats::SeriesPoints { metric, points });
                 }

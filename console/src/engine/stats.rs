@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use dunes_shared::model::{Counters, HostId, Sample, VmName};
+use dunes_shared::model::{AppName, Counters, HostId, Sample, ServiceName, VmName};
 
 use super::rollup::{Bucket, RESOLUTIONS, Rollup};
 
@@ -54,21 +54,80 @@ impl Metric {
 }
 
 /// Whose series: a host's, or a workload's (a VM or a process instance, by its name, which
-/// stays when it migrates).
+/// stays when it migrates); or the sum of several of them: an application's or a service's
+/// instances, a site's hosts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Subject {
     Host(HostId),
     Workload(VmName),
+    Application(ServiceName, AppName),
+    Service(ServiceName),
+    Site(String),
 }
 
 impl Subject {
-    /// The subject's part of a series key: `host/NAME` or `vm/NAME`.
+    /// The subject's part of a series key: `host/NAME` or `vm/NAME`; an aggregate's own name
+    /// (`service/NAME`, ...), which no series has.
     pub fn key(&self) -> String {
         match self {
             Subject::Host(h) => format!("host/{h}"),
             Subject::Workload(v) => format!("vm/{v}"),
+            Subject::Application(s, a) => format!("app/{s}-{a}"),
+            Subject::Service(s) => format!("service/{s}"),
+            Subject::Site(s) => format!("site/{s}"),
         }
     }
+
+    /// As the operator reads it: "host lsn-1", "service shop".
+    pub fn describe(&self) -> String {
+        match self {
+            Subject::Host(h) => format!("host {h}"),
+            Subject::Workload(v) => format!("workload {v}"),
+            Subject::Application(s, a) => format!("application {s}/{a}"),
+            Subject::Service(s) => format!("service {s}"),
+            Subject::Site(s) => format!("site {s}"),
+        }
+    }
+}
+
+/// An aggregate's buckets from its members': CPU is the members' mean (each member's percent
+/// of its own CPUs), the rest their sum. Min and max are the members' lowest and highest
+/// for CPU, and the sums of their mins and maxes otherwise (bounds: the members' lows need
+/// not have come at the same moment).
+pub fn aggregate(metric: Metric, members: &[Vec<Bucket>]) -> Vec<Bucket> {
+    let mut by_start: std::collections::BTreeMap<u64, Vec<&Bucket>> = Default::default();
+    for buckets in members {
+        for b in buckets {
+            by_start.entry(b.start_secs).or_default().push(b);
+        }
+    }
+    by_start
+        .into_iter()
+        .map(|(start_secs, bs)| {
+            let n = bs.len() as f64;
+            let means: f64 = bs.iter().map(|b| b.mean()).sum();
+            let (min, max, mean) = if metric == Metric::Cpu {
+                (
+                    bs.iter().map(|b| b.min).fold(f64::INFINITY, f64::min),
+                    bs.iter().map(|b| b.max).fold(f64::NEG_INFINITY, f64::max),
+                    means / n,
+                )
+            } else {
+                (
+                    bs.iter().map(|b| b.min).sum(),
+                    bs.iter().map(|b| b.max).sum(),
+                    means,
+                )
+            };
+            Bucket {
+                start_secs,
+                min,
+                max,
+                sum: mean,
+                count: 1,
+            }
+        })
+        .collect()
 }
 
 /// The key a series is stored under: `host/a/cpu`.
@@ -317,6 +376,21 @@ mod tests {
             disk_read_bytes: read,
             ..Counters::default()
         }
+    }
+
+    #[test]
+    fn aggregates_average_cpu_and_sum_the_rest() {
+        let a = vec![Bucket::new(0, 80.0), Bucket::new(1, 60.0)];
+        let b = vec![Bucket::new(0, 20.0)];
+        let cpu = aggregate(Metric::Cpu, &[a.clone(), b.clone()]);
+        assert_eq!(cpu.len(), 2);
+        assert_eq!((cpu[0].mean(), cpu[0].min, cpu[0].max), (50.0, 20.0, 80.0));
+        assert_eq!(cpu[1].mean(), 60.0);
+        let memory = aggregate(Metric::Memory, &[a, b]);
+        assert_eq!(
+            (memory[0].mean(), memory[0].min, memory[0].max),
+            (100.0, 100.0, 100.0)
+        );
     }
 
     #[test]

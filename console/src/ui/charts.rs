@@ -171,8 +171,8 @@ impl ChartsWindow {
         };
         self.refresh(engine);
         let title = match &subject {
-            Subject::Host(h) => format!("Statistics of host {h}"),
             Subject::Workload(v) => format!("Statistics of {v}"),
+            other => format!("Statistics of {}", other.describe()),
         };
         let mut open = true;
         egui::Window::new(title)

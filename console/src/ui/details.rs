@@ -285,7 +285,16 @@ fn service_details(
         ui.label(format!("Service {name} no longer exists."));
         return;
     };
-    ui.heading(format!("Service {name}"));
+    ui.horizontal(|ui| {
+        ui.heading(format!("Service {name}"));
+        if ui
+            .button("Statistics…")
+            .on_hover_text("Its instances' CPU (mean), memory, disk and network (sums) over time")
+            .clicked()
+        {
+            actions.push(UiAction::OpenCharts(Subject::Service(name.clone())));
+        }
+    });
     egui::Grid::new("service-details")
         .num_columns(2)
         .striped(true)
