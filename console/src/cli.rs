@@ -90,6 +90,14 @@ pub enum CtlCommand {
     /// Capacity before it happens: after draining a host, or after deploying a service's plan.
     #[command(subcommand)]
     Whatif(WhatifCommand),
+    /// What the workloads used (CPU-hours, GB-months stored, GB sent) and what it cost at
+    /// their hosts' prices, by instance, application, service or site.
+    Cost {
+        #[arg(long, default_value = "service", value_parser = ["instance", "application", "service", "site"])]
+        by: String,
+        #[arg(long, default_value = "30d", value_parser = parse_span_secs)]
+        since: u64,
+    },
     /// Scale an application of a service out and in on its instances' mean CPU.
     #[command(subcommand)]
     Autoscale(AutoscaleCommand),
@@ -684,6 +692,10 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
         },
         CtlCommand::Migrations => CtlRequest::Migrations,
         CtlCommand::Forecast { site } => CtlRequest::Forecast { site: site.clone() },
+        CtlCommand::Cost { by, since } => CtlRequest::Cost {
+            by: by.clone(),
+            since_secs: *since,
+        },
         CtlCommand::Autoscale(AutoscaleCommand::Set {
             target,
             metric: _,
@@ -955,6 +967,40 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
             }
         ),
         CtlCommand::Forecast { .. } => capacity_table(data),
+        CtlCommand::Cost { by, .. } => {
+            let number = |v: &Value, digits: usize| {
+                v.as_f64()
+                    .map_or("-".to_string(), |n| format!("{n:.digits$}"))
+            };
+            let rows = data["lines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|l| {
+                    vec![
+                        text(&l["key"]),
+                        number(&l["cpu_hours"], 3),
+                        number(&l["gb_months"], 4),
+                        number(&l["gb_sent"], 3),
+                        number(&l["cost"], 3),
+                    ]
+                })
+                .collect();
+            format!(
+                "{}total {}\n",
+                table(
+                    &[
+                        &by.to_uppercase(),
+                        "CPU-HOURS",
+                        "GB-MONTHS",
+                        "GB SENT",
+                        "COST"
+                    ],
+                    rows
+                ),
+                number(&data["total_cost"], 3)
+            )
+        }
         CtlCommand::Autoscale(AutoscaleCommand::Show) => table(
             &["APPLICATION", "RULE", "INSTANCES", "SET TO", "LAST"],
             items

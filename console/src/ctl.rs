@@ -23,6 +23,7 @@ use crate::engine::{
     ServiceView, Snapshot,
     autoscale::{AutoscaleMetric, AutoscaleRule, Change},
     capacity::{Extra, SiteCapacity, WhatIf},
+    cost::CostBy,
     forecast::Outlook,
     placement::{Action, Override},
     snapshot::rfc3339,
@@ -224,6 +225,10 @@ pub enum CtlRequest {
         max: u32,
     },
     AutoscaleShow,
+    Cost {
+        by: String,
+        since_secs: u64,
+    },
     AutoscaleReplay {
         target: String,
         since_secs: u64,
@@ -1037,6 +1042,31 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .await
                 .map_err(engine_err)?;
             Ok(json!({ "removed": target }))
+        }
+        CtlRequest::Cost { by, since_secs } => {
+            let by = CostBy::parse(&by).ok_or_else(|| {
+                format!("cannot group by {by:?}: instance, application, service or site")
+            })?;
+            let lines = engine
+                .request(|reply| Command::Cost {
+                    by,
+                    since_secs,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            let total: f64 = lines.iter().map(|l| l.cost).sum();
+            Ok(json!({
+                "since_secs": since_secs,
+                "total_cost": total,
+                "lines": lines.iter().map(|l| json!({
+                    "key": l.key,
+                    "cpu_hours": l.usage.cpu_hours,
+                    "gb_months": l.usage.gb_months,
+                    "gb_sent": l.usage.gb_transferred,
+                    "cost": l.cost,
+                })).collect::<Vec<_>>(),
+            }))
         }
         CtlRequest::AutoscaleShow => {
             let views = engine

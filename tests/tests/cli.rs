@@ -261,6 +261,23 @@ fn headless_demo_answers_ctl() {
         capacity(&drained["after"]) < capacity(&drained["before"]),
         "{drained}"
     );
+    // The demo's VMs belong to no service; by instance, a running one used CPU and cost.
+    let cost = json(&ctl(
+        &data,
+        &["--json", "cost", "--by", "instance", "--since", "1h"],
+    ));
+    let running = cost["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == "shop-db")
+        .unwrap_or_else(|| panic!("no line for the running VM shop-db: {cost}"))
+        .clone();
+    assert!(running["cpu_hours"].as_f64().unwrap() > 0.0, "{running}");
+    assert!(running["cost"].as_f64().unwrap() > 0.0, "{running}");
+    assert!(cost["total_cost"].as_f64().unwrap() >= running["cost"].as_f64().unwrap());
+    let by_service = json(&ctl(&data, &["--json", "cost", "--since", "1h"]));
+    assert_eq!(by_service["lines"][0]["key"], "(no service)", "{by_service}");
     let table = String::from_utf8_lossy(&ctl(&data, &["autoscale", "show"]).stdout).to_string();
     assert!(table.starts_with("APPLICATION"), "{table}");
     for (args, message) in [

@@ -202,6 +202,11 @@ impl Actor {
                 since_secs,
                 reply,
             } => self.replay_autoscale(service, app, since_secs, reply),
+            Command::Cost {
+                by,
+                since_secs,
+                reply,
+            } => self.cost_query(by, since_secs, reply),
             Command::LatestValues { reply } => {
                 let _ = reply.send(Ok(self.stats.latest()));
             }
@@ -359,6 +364,87 @@ impl Actor {
                 use_.peaks = peaks;
             }
             let _ = reply.send(Ok(sites));
+        });
+    }
+
+    /// Answers a cost report: every workload there is now, its CPU and sent bytes from the
+    /// stored series (minutes up to 7 days back, hours beyond), its disks as they are now,
+    /// priced at its host's prices and summed by `by`. Workloads removed since are not in it.
+    fn cost_query(
+        &mut self,
+        by: super::cost::CostBy,
+        since_secs: u64,
+        reply: Reply<Vec<super::cost::CostLine>>,
+    ) {
+        use super::{
+            cost::{self, CostBy},
+            rollup,
+            stats::{self, Metric, Subject, series_key},
+        };
+        let now = super::actor::now_ms() / 1000;
+        let from = now.saturating_sub(since_secs);
+        let level = if since_secs <= 7 * 86_400 { 1 } else { 2 };
+        let step = rollup::RESOLUTIONS[level].step_secs;
+        let service_of: std::collections::HashMap<_, _> = self
+            .instances
+            .values()
+            .map(|i| (i.vm.clone(), (i.service.clone(), i.app.clone())))
+            .collect();
+        let mut workloads = Vec::new();
+        for entry in self.hosts.values() {
+            let Some(inv) = entry.view.inventory() else {
+                continue;
+            };
+            for vm in &entry.view.vms {
+                let owner = service_of.get(&vm.name);
+                let key = match by {
+                    CostBy::Instance => vm.name.to_string(),
+                    CostBy::Application => {
+                        owner.map_or("(no service)".to_string(), |(s, a)| format!("{s}/{a}"))
+                    }
+                    CostBy::Service => {
+                        owner.map_or("(no service)".to_string(), |(s, _)| s.to_string())
+                    }
+                    CostBy::Site => inv.site.name.to_string(),
+                };
+                let subject = Subject::Workload(vm.name.clone());
+                let cpu = series_key(&subject, Metric::Cpu);
+                let sent = series_key(&subject, Metric::NetTx);
+                let open = (self.stats.open(&cpu, level), self.stats.open(&sent, level));
+                workloads.push((key, inv.prices, vm.vcpus, vm.disk_bytes, cpu, sent, open));
+            }
+        }
+        let reader = self.store.stats_reader();
+        tokio::task::spawn_blocking(move || {
+            let mut groups: std::collections::BTreeMap<String, cost::CostLine> =
+                std::collections::BTreeMap::new();
+            for (key, prices, vcpus, disk_bytes, cpu_key, sent_key, (open_cpu, open_sent)) in
+                workloads
+            {
+                let read = |k: &str, open: Vec<rollup::Bucket>| {
+                    reader.buckets(k, level, from, now + 1).map(|mut points| {
+                        stats::merge_open(&mut points, open, from);
+                        points
+                    })
+                };
+                let (cpu, sent) = match (read(&cpu_key, open_cpu), read(&sent_key, open_sent)) {
+                    (Ok(c), Ok(s)) => (c, s),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
+                        return;
+                    }
+                };
+                let usage =
+                    cost::usage_from_buckets(&cpu, &sent, vcpus, disk_bytes, step, from, now);
+                let line = groups.entry(key.clone()).or_insert(cost::CostLine {
+                    key,
+                    usage: cost::Usage::default(),
+                    cost: 0.0,
+                });
+                line.usage.add(&usage);
+                line.cost += usage.cost(&prices);
+            }
+            let _ = reply.send(Ok(groups.into_values().collect()));
         });
     }
 

@@ -79,6 +79,71 @@ pub fn usage(readings: &[Reading], from_secs: u64, to_secs: u64) -> Usage {
     out
 }
 
+/// How a cost report is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostBy {
+    Instance,
+    Application,
+    Service,
+    Site,
+}
+
+impl CostBy {
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "instance" => CostBy::Instance,
+            "application" | "app" => CostBy::Application,
+            "service" => CostBy::Service,
+            "site" => CostBy::Site,
+            _ => return None,
+        })
+    }
+}
+
+/// One group of a cost report: what it used and what that cost at its hosts' prices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostLine {
+    pub key: String,
+    pub usage: Usage,
+    pub cost: f64,
+}
+
+/// What a workload used, from its rolled-up series of `step_secs` buckets: CPU in percent of
+/// its `cpus` CPUs, and bytes sent per second (every destination: which of it left the site
+/// is not measured). Each bucket stands for its whole step. Its disks' `stored_bytes` count
+/// from its first bucket (or `from_secs`) to `to_secs`.
+pub fn usage_from_buckets(
+    cpu: &[crate::engine::rollup::Bucket],
+    sent: &[crate::engine::rollup::Bucket],
+    cpus: u32,
+    stored_bytes: u64,
+    step_secs: u64,
+    from_secs: u64,
+    to_secs: u64,
+) -> Usage {
+    let hours_per_bucket = step_secs as f64 / 3600.0;
+    let cpu_hours = cpu
+        .iter()
+        .map(|b| b.mean().max(0.0) / 100.0 * f64::from(cpus) * hours_per_bucket)
+        .sum();
+    let gb_transferred = sent
+        .iter()
+        .map(|b| b.mean().max(0.0) * step_secs as f64 / GB)
+        .sum();
+    let first = cpu
+        .iter()
+        .chain(sent)
+        .map(|b| b.start_secs)
+        .min()
+        .map_or(to_secs, |f| f.max(from_secs));
+    let held_hours = to_secs.saturating_sub(first) as f64 / 3600.0;
+    Usage {
+        cpu_hours,
+        gb_months: stored_bytes as f64 / GB * held_hours / HOURS_PER_MONTH,
+        gb_transferred,
+    }
+}
+
 /// Usages summed by a key (an application, a service, a site).
 pub fn sum_by<K: Ord>(items: impl IntoIterator<Item = (K, Usage)>) -> BTreeMap<K, Usage> {
     let mut out: BTreeMap<K, Usage> = BTreeMap::new();
@@ -103,6 +168,21 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn rolled_up_series_give_cpu_hours_storage_and_traffic() {
+        use crate::engine::rollup::Bucket;
+        // Two hours of minute buckets at 50 % of 2 CPUs, sending 1 MB/s, 10 GB stored.
+        let cpu: Vec<Bucket> = (0..120).map(|m| Bucket::new(m * 60, 50.0)).collect();
+        let sent: Vec<Bucket> = (0..120).map(|m| Bucket::new(m * 60, 1e6)).collect();
+        let u = usage_from_buckets(&cpu, &sent, 2, 10_000_000_000, 60, 0, 7200);
+        assert!(close(u.cpu_hours, 2.0), "{u:?}");
+        assert!(close(u.gb_transferred, 7.2), "{u:?}");
+        assert!(close(u.gb_months, 10.0 * 2.0 / HOURS_PER_MONTH), "{u:?}");
+        // Storage counts from the first reading on, not from the range's start.
+        let late = usage_from_buckets(&cpu[60..], &[], 2, 10_000_000_000, 60, 0, 7200);
+        assert!(close(late.gb_months, 10.0 / HOURS_PER_MONTH), "{late:?}");
     }
 
     #[test]

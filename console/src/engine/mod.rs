@@ -254,6 +254,13 @@ pub enum Command {
         since_secs: u64,
         reply: Reply<ReplayAnswer>,
     },
+    /// What the workloads used since `since_secs` ago (CPU-hours, GB-months stored, GB
+    /// sent) and its cost at their hosts' prices, grouped.
+    Cost {
+        by: cost::CostBy,
+        since_secs: u64,
+        reply: Reply<Vec<cost::CostLine>>,
+    },
     /// The newest value of every time series, by series key (`host/a/cpu`).
     LatestValues { reply: Reply<Vec<(String, f64)>> },
     /// Capacity per site now, with when CPU and memory are full from the stored history;
