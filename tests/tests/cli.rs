@@ -277,7 +277,10 @@ fn headless_demo_answers_ctl() {
     assert!(running["cost"].as_f64().unwrap() > 0.0, "{running}");
     assert!(cost["total_cost"].as_f64().unwrap() >= running["cost"].as_f64().unwrap());
     let by_service = json(&ctl(&data, &["--json", "cost", "--since", "1h"]));
-    assert_eq!(by_service["lines"][0]["key"], "(no service)", "{by_service}");
+    assert_eq!(
+        by_service["lines"][0]["key"], "(no service)",
+        "{by_service}"
+    );
     let table = String::from_utf8_lossy(&ctl(&data, &["autoscale", "show"]).stdout).to_string();
     assert!(table.starts_with("APPLICATION"), "{table}");
     for (args, message) in [

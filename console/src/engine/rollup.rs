@@ -146,6 +146,14 @@ impl Rollup {
     pub fn open_bucket(&self, level: usize) -> Option<&Bucket> {
         self.open.get(level).and_then(|b| b.as_ref())
     }
+
+    /// Picks up the buckets a level was filling before a restart: later samples of the same
+    /// bucket add to it; a later bucket closes it.
+    pub fn restore(&mut self, level: usize, bucket: Bucket) {
+        if let Some(slot) = self.open.get_mut(level) {
+            *slot = Some(bucket);
+        }
+    }
 }
 
 /// The finest level that still holds `from_secs` at `now_secs`, and at most `max_points`

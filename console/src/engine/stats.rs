@@ -227,6 +227,19 @@ pub enum StatsWrite {
         minute_start_secs: u64,
         values: Vec<(u8, f32)>,
     },
+    /// What a series has open (its minute's seconds, its minute and hour buckets), so that
+    /// a restart goes on filling them rather than starting them again.
+    Open(OpenState),
+}
+
+/// The open part of one series, as a flush keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenState {
+    pub series: String,
+    pub minute_start_secs: u64,
+    pub seconds: Vec<(u8, f32)>,
+    pub minute: Option<Bucket>,
+    pub hour: Option<Bucket>,
 }
 
 #[derive(Debug, Default)]
@@ -315,10 +328,36 @@ impl TimeSeries {
         }
     }
 
+    /// Takes back what a flush kept before a restart. States whose minute is over an hour
+    /// old are left out: what they held is in the stored rows already.
+    pub fn restore(&mut self, states: Vec<OpenState>, now_secs: u64) {
+        for state in states {
+            if state.minute_start_secs + 3600 < now_secs {
+                continue;
+            }
+            let series = self.series.entry(state.series).or_default();
+            series.minute_start_secs = state.minute_start_secs;
+            series.seconds = state.seconds;
+            if let Some(b) = state.minute {
+                series.rollup.restore(1, b);
+            }
+            if let Some(b) = state.hour {
+                series.rollup.restore(2, b);
+            }
+        }
+    }
+
     /// Every open part, as writes: what a clean shutdown keeps.
     pub fn flush(&mut self) -> Vec<StatsWrite> {
         let mut writes = Vec::new();
         for (key, s) in &mut self.series {
+            writes.push(StatsWrite::Open(OpenState {
+                series: key.clone(),
+                minute_start_secs: s.minute_start_secs,
+                seconds: s.seconds.clone(),
+                minute: s.rollup.open_bucket(1).copied(),
+                hour: s.rollup.open_bucket(2).copied(),
+            }));
             if !s.seconds.is_empty() {
                 writes.push(StatsWrite::Seconds {
                     series: key.clone(),
@@ -391,6 +430,49 @@ mod tests {
             (memory[0].mean(), memory[0].min, memory[0].max),
             (100.0, 100.0, 100.0)
         );
+    }
+
+    #[test]
+    fn a_restart_goes_on_filling_the_open_buckets() {
+        let host = HostId::new("a").unwrap();
+        let reading = |s: u64| Sample {
+            at_unix_ms: 3_600_000 + s * 1000,
+            host: counters(s, 0),
+            workloads: Vec::new(),
+        };
+        let mut before = TimeSeries::default();
+        for s in 0..30 {
+            before.ingest(&host, &[reading(s)]);
+        }
+        let kept: Vec<OpenState> = before
+            .flush()
+            .into_iter()
+            .filter_map(|w| match w {
+                StatsWrite::Open(state) => Some(state),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kept.len(), before.series_count());
+        // The new console takes them back, and the minute goes on from 30 s.
+        let mut after = TimeSeries::default();
+        after.restore(kept.clone(), 3_600 + 30);
+        for s in 30..61 {
+            let writes = after.ingest(&host, &[reading(s)]);
+            for w in writes {
+                if let StatsWrite::Bucket {
+                    series,
+                    level: 1,
+                    bucket,
+                } = w
+                    && series == "host/a/memory"
+                {
+                    // The whole minute: 30 readings before the restart, 30 after.
+                    assert_eq!((bucket.start_secs, bucket.count), (3_600, 60));
+                    return;
+                }
+            }
+        }
+        panic!("the minute never closed");
     }
 
     #[test]

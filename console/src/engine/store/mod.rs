@@ -156,6 +156,8 @@ pub struct Loaded {
     pub instances: Vec<InstanceRecord>,
     pub migrations: Vec<crate::engine::migration::MigrationJournal>,
     pub autoscale: Vec<AutoscaleRecord>,
+    /// What each time series had open at the last flush.
+    pub stats_open: Vec<crate::engine::stats::OpenState>,
     /// The schema the file had before this open upgraded it, if it did.
     pub upgraded_from: Option<u64>,
 }
@@ -471,6 +473,10 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(MIGRATIONS)?;
     tx.open_table(stats::STATS)?;
     tx.open_table(AUTOSCALE)?;
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    stats::prune_open(&tx, now_secs)?;
     if found == 1 {
         upgrade_from_v1(&tx)?;
     }
@@ -571,6 +577,7 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping instance {}: {}", k.value(), error_chain(&e)),
         }
     }
+    loaded.stats_open = stats::load_open(&tx)?;
     for item in tx.open_table(AUTOSCALE)?.iter()? {
         let (k, v) = item?;
         match decode::<AutoscaleRecord>(v.value()) {
@@ -634,6 +641,7 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut instances = tx.open_table(INSTANCES)?;
         let mut migrations = tx.open_table(MIGRATIONS)?;
         let mut stats_table = tx.open_table(stats::STATS)?;
+        let mut stats_open = tx.open_table(stats::STATS_OPEN)?;
         let mut autoscale = tx.open_table(AUTOSCALE)?;
         for op in ops {
             match op {
@@ -643,7 +651,7 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
                 Op::DeleteAutoscale(key) => {
                     autoscale.remove(key.as_str())?;
                 }
-                Op::Stats(w) => stats::write(&mut stats_table, w)?,
+                Op::Stats(w) => stats::write(&mut stats_table, &mut stats_open, w)?,
                 Op::PutMigration(row) => {
                     migrations.insert(row.id, encode(row)?.as_slice())?;
                 }

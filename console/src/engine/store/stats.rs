@@ -4,15 +4,17 @@
 
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::StoreError;
 use crate::engine::{
     rollup::{Bucket, RESOLUTIONS},
-    stats::StatsWrite,
+    stats::{OpenState, StatsWrite},
 };
 
 pub(super) const STATS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("stats");
+/// What each series had open at the last flush, by series: picked up after a restart.
+pub(super) const STATS_OPEN: TableDefinition<&str, &[u8]> = TableDefinition::new("stats_open");
 
 fn level_key(level: usize, series: &str) -> String {
     format!("{level}|{series}")
@@ -57,13 +59,89 @@ fn decode_seconds(minute_start_secs: u64, bytes: &[u8]) -> Vec<Bucket> {
         .collect()
 }
 
+fn encode_open(state: &OpenState) -> Vec<u8> {
+    let mut out = state.minute_start_secs.to_le_bytes().to_vec();
+    for bucket in [&state.minute, &state.hour] {
+        match bucket {
+            Some(b) => {
+                out.push(1);
+                out.extend_from_slice(&b.start_secs.to_le_bytes());
+                out.extend_from_slice(&encode_bucket(b));
+            }
+            None => out.push(0),
+        }
+    }
+    out.extend_from_slice(&encode_seconds(&state.seconds));
+    out
+}
+
+fn decode_open(series: &str, bytes: &[u8]) -> Option<OpenState> {
+    let minute_start_secs = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let mut at = 8;
+    let mut buckets = [None, None];
+    for slot in &mut buckets {
+        match bytes.get(at)? {
+            0 => at += 1,
+            1 => {
+                let start = u64::from_le_bytes(bytes.get(at + 1..at + 9)?.try_into().ok()?);
+                *slot = Some(decode_bucket(start, bytes.get(at + 9..at + 37)?)?);
+                at += 37;
+            }
+            _ => return None,
+        }
+    }
+    let rest = bytes.get(at..)?;
+    let seconds = rest
+        .chunks_exact(5)
+        .map(|c| (c[0], f32::from_le_bytes([c[1], c[2], c[3], c[4]])))
+        .collect();
+    let [minute, hour] = buckets;
+    Some(OpenState {
+        series: series.to_string(),
+        minute_start_secs,
+        seconds,
+        minute,
+        hour,
+    })
+}
+
+/// Every series' open state kept at the last flush (one that does not decode is skipped).
+pub(super) fn load_open(tx: &redb::ReadTransaction) -> Result<Vec<OpenState>, StoreError> {
+    let table = tx.open_table(STATS_OPEN)?;
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        if let Some(state) = decode_open(k.value(), v.value()) {
+            out.push(state);
+        }
+    }
+    Ok(out)
+}
+
+/// Drops open states older than an hour: their series have had no reading since, and what
+/// they held is in the rows already.
+pub(super) fn prune_open(tx: &redb::WriteTransaction, now_secs: u64) -> Result<(), StoreError> {
+    let mut table = tx.open_table(STATS_OPEN)?;
+    table.retain(|_, v| {
+        v.get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .is_some_and(|b| u64::from_le_bytes(b) + 3600 >= now_secs)
+    })?;
+    Ok(())
+}
+
 /// Writes one row (a later write of the same bucket replaces it) and drops the rows of its
 /// series that its level no longer keeps.
 pub(super) fn write(
     table: &mut redb::Table<(&str, u64), &[u8]>,
+    open: &mut redb::Table<&str, &[u8]>,
     w: &StatsWrite,
 ) -> Result<(), StoreError> {
     let (level, series, start) = match w {
+        StatsWrite::Open(state) => {
+            open.insert(state.series.as_str(), encode_open(state).as_slice())?;
+            return Ok(());
+        }
         StatsWrite::Bucket {
             series,
             level,
@@ -170,8 +248,9 @@ mod tests {
         let tx = db.begin_write().unwrap();
         {
             let mut t = tx.open_table(STATS).unwrap();
+            let mut o = tx.open_table(STATS_OPEN).unwrap();
             for w in writes {
-                write(&mut t, w).unwrap();
+                write(&mut t, &mut o, w).unwrap();
             }
         }
         tx.commit().unwrap();
@@ -235,5 +314,22 @@ mod tests {
         );
         assert!(reader.buckets("host/a/cpu", 0, 0, 700).unwrap().is_empty());
         assert_eq!(decode_bucket(0, &[1, 2, 3]), None);
+        // Open states read back as they were written; an hour later they are pruned.
+        let state = OpenState {
+            series: "vm/web/cpu".into(),
+            minute_start_secs: 7200,
+            seconds: vec![(3, 1.5), (4, 2.5)],
+            minute: Some(Bucket::new(7200, 2.0)),
+            hour: None,
+        };
+        put(&db, &[StatsWrite::Open(state.clone())]);
+        let tx = db.begin_read().unwrap();
+        assert_eq!(load_open(&tx).unwrap(), vec![state]);
+        drop(tx);
+        let tx = db.begin_write().unwrap();
+        prune_open(&tx, 7200 + 3601).unwrap();
+        tx.commit().unwrap();
+        assert!(load_open(&db.begin_read().unwrap()).unwrap().is_empty());
+        assert_eq!(decode_open("x", &[1, 2]), None);
     }
 }
