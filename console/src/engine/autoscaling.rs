@@ -225,6 +225,22 @@ impl Actor {
             };
             let (service, app) = (entry.record.service.clone(), entry.record.app.clone());
             let desired = entry.record.desired;
+            // The service or the application went away: so does its rule.
+            let gone = self.services.get(&service).is_none_or(|s| {
+                s.spec
+                    .as_ref()
+                    .is_ok_and(|spec| spec.application(&app).is_none())
+            });
+            if gone {
+                self.autoscaling.remove(&entry_key);
+                self.store.delete_autoscale(entry_key.clone());
+                self.log(
+                    Level::Info,
+                    None,
+                    format!("autoscaling of {entry_key} removed: the application no longer exists"),
+                );
+                continue;
+            }
             if self.instance_count(&service, &app) != desired && self.not_busy(&service).is_ok() {
                 self.apply_scale(&service);
             }
