@@ -46,12 +46,22 @@ fn live_host(
     host_id: &str,
     site: &str,
 ) -> (tokio::runtime::Runtime, AgentProcess, EngineHandle) {
+    live_host_on(dir, host_id, site, "test:///default")
+}
+
+/// Like [`live_host`], with the agent on libvirt at `uri`.
+fn live_host_on(
+    dir: &std::path::Path,
+    host_id: &str,
+    site: &str,
+    uri: &str,
+) -> (tokio::runtime::Runtime, AgentProcess, EngineHandle) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let agent = AgentProcess::spawn(&dir.join(host_id), host_id, site, "test:///default").unwrap();
+    let agent = AgentProcess::spawn(&dir.join(host_id), host_id, site, uri).unwrap();
     let engine = runtime.block_on(async {
         let engine = start_engine(&dir.join("console")).await.unwrap();
         enroll(&engine, &agent).await.unwrap();
@@ -65,6 +75,21 @@ fn live_host(
         engine
     });
     (runtime, agent, engine)
+}
+
+/// Like [`live_host`], on a test-driver host of 16 CPUs and 64 GiB with no VM of its own.
+fn roomy_host(
+    dir: &std::path::Path,
+    host_id: &str,
+    site: &str,
+) -> (tokio::runtime::Runtime, AgentProcess, EngineHandle) {
+    let node = dir.join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><cpu><mode>host</mode></cpu><memory>67108864</memory></node>",
+    )
+    .unwrap();
+    live_host_on(dir, host_id, site, &format!("test://{}", node.display()))
 }
 
 /// The real app at the window size of the screenshot.
@@ -823,45 +848,6 @@ fn step_for_until(
     panic!("the UI never showed {what}");
 }
 
-/// Like [`live_host`], on a test driver host of 16 CPUs and 64 GiB with no VM of its own.
-fn roomy_host(
-    dir: &std::path::Path,
-    host_id: &str,
-    site: &str,
-) -> (tokio::runtime::Runtime, AgentProcess, EngineHandle) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let node = dir.join("node.xml");
-    std::fs::write(
-        &node,
-        "<node><cpu><mode>host</mode></cpu><memory>67108864</memory></node>",
-    )
-    .unwrap();
-    let agent = AgentProcess::spawn(
-        &dir.join(host_id),
-        host_id,
-        site,
-        &format!("test://{}", node.display()),
-    )
-    .unwrap();
-    let engine = runtime.block_on(async {
-        let engine = start_engine(&dir.join("console")).await.unwrap();
-        enroll(&engine, &agent).await.unwrap();
-        let host = agent.host_id.clone();
-        engine
-            .wait_for(Duration::from_secs(5), |s| {
-                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-            })
-            .await
-            .expect("online");
-        engine
-    });
-    (runtime, agent, engine)
-}
-
 #[test]
 fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
     let dir = tempfile::tempdir().unwrap();
@@ -1043,28 +1029,9 @@ fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
 fn the_capacity_view_shows_each_site_and_its_forecast_line() {
     use dunes_shared::model::{Counters, Sample};
     let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     // A host of 16 CPUs and 64 GiB, as its libvirt test driver declares.
-    let node = dir.path().join("node.xml");
-    std::fs::write(
-        &node,
-        "<node><cpu><mode>host</mode></cpu><memory>67108864</memory></node>",
-    )
-    .unwrap();
-    let agent = AgentProcess::spawn(
-        &dir.path().join("cap"),
-        "gui-cap",
-        "lausanne",
-        &format!("test://{}", node.display()),
-    )
-    .unwrap();
-    let engine = runtime.block_on(async {
-        let engine = start_engine(&dir.path().join("console")).await.unwrap();
-        enroll(&engine, &agent).await.unwrap();
+    let (runtime, agent, engine) = roomy_host(dir.path(), "gui-cap", "lausanne");
+    runtime.block_on(async {
         // Ten days of hourly readings, memory in use growing 1 GiB a day from 8 GiB, with
         // a daily swing: history another system kept, taken in through the ingest path.
         let now_ms = std::time::SystemTime::now()
@@ -1097,7 +1064,6 @@ fn the_capacity_view_shows_each_site_and_its_forecast_line() {
             .await
             .unwrap();
         assert_eq!(taken, count);
-        engine
     });
     let _enter = runtime.enter();
     let mut harness = window(&engine);
@@ -1124,6 +1090,18 @@ fn the_capacity_view_shows_each_site_and_its_forecast_line() {
     if let Ok(path) = std::env::var("DUNES_CAPACITY_SNAPSHOT") {
         harness.render().expect("render").save(path).expect("save");
     }
+    // The site's charts, from its heading: its host's series.
+    harness
+        .get_by_role_and_label(Role::Button, "Statistics…")
+        .click();
+    step_for_until(&mut harness, 60, "the site's charts", |h| {
+        h.query_by_label("Statistics of site lausanne").is_some()
+            && h.query_by_label_contains("Every 1 s").is_some()
+    });
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the charts closed", |h| {
+        h.query_by_label("Statistics of site lausanne").is_none()
+    });
     harness.key_press(egui::Key::Escape);
     step_until(&mut harness, "the view closed", |h| {
         h.query_by_label_contains("lausanne · 1 host").is_none()

@@ -769,24 +769,7 @@ async fn readiness_is_checked_again_while_a_service_runs() {
         })
         .await
         .unwrap();
-    for deploy in [true, false] {
-        let name = name.clone();
-        let report = if deploy {
-            engine
-                .request(|reply| Command::DeployService {
-                    name,
-                    fingerprint: None,
-                    overrides: Vec::new(),
-                    reply,
-                })
-                .await
-        } else {
-            engine
-                .request(|reply| Command::StartService { name, reply })
-                .await
-        };
-        assert!(report.unwrap().failed.is_empty());
-    }
+    deploy_and_start(&engine, &name).await;
     let status = |engine: &EngineHandle| engine.snapshot().services[0].status.as_str();
     assert_eq!(status(&engine), "available");
     let flag = dir
@@ -811,6 +794,28 @@ async fn readiness_is_checked_again_while_a_service_runs() {
         })
         .await;
     assert!(back.is_ok(), "still {}", status(&engine));
+}
+
+/// Deploys a defined service as planned and starts it; nothing may fail.
+async fn deploy_and_start(engine: &EngineHandle, name: &dunes_shared::model::ServiceName) {
+    let report = engine
+        .request(|reply| Command::DeployService {
+            name: name.clone(),
+            fingerprint: None,
+            overrides: Vec::new(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    let report = engine
+        .request(|reply| Command::StartService {
+            name: name.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
 }
 
 async fn enroll_host(engine: &EngineHandle, agent: &RunningAgent) {
@@ -1715,24 +1720,7 @@ async fn a_busy_front_end_scales_out_and_back_in_with_its_reasons_logged() {
         })
         .await
         .unwrap();
-    for deploy in [true, false] {
-        let name = name.clone();
-        let report = if deploy {
-            engine
-                .request(|reply| Command::DeployService {
-                    name,
-                    fingerprint: None,
-                    overrides: Vec::new(),
-                    reply,
-                })
-                .await
-        } else {
-            engine
-                .request(|reply| Command::StartService { name, reply })
-                .await
-        };
-        assert!(report.unwrap().failed.is_empty());
-    }
+    deploy_and_start(&engine, &name).await;
     let web = AppName::new("web").unwrap();
     let rule = AutoscaleRule {
         metric: AutoscaleMetric::Cpu,

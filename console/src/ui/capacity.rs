@@ -7,10 +7,12 @@ use std::time::Instant;
 use egui_plot::{HLine, Legend, Line, Plot, Points};
 use tokio::sync::oneshot;
 
+use super::UiAction;
 use crate::engine::{
     Command, EngineError, EngineHandle,
     capacity::{ResourceUse, SiteCapacity, WhatIf},
     forecast::Outlook,
+    stats::Subject,
 };
 
 /// How often the view asks again while open.
@@ -75,7 +77,13 @@ impl CapacityWindow {
         self.asked_at = Some(Instant::now());
     }
 
-    pub fn capacity_ui(&mut self, ctx: &egui::Context, engine: &EngineHandle) {
+    /// Draws the view; a site's **Statistics…** asks for its charts in `queue`.
+    pub fn capacity_ui(
+        &mut self,
+        ctx: &egui::Context,
+        engine: &EngineHandle,
+        queue: &mut Vec<UiAction>,
+    ) {
         if !self.open {
             return;
         }
@@ -100,7 +108,7 @@ impl CapacityWindow {
                 }
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     for site in sites {
-                        site_ui(ui, site);
+                        site_ui(ui, site, queue);
                         ui.separator();
                     }
                 });
@@ -111,13 +119,22 @@ impl CapacityWindow {
     }
 }
 
-fn site_ui(ui: &mut egui::Ui, site: &SiteCapacity) {
-    ui.heading(format!(
-        "{} · {} host{}",
-        site.site,
-        site.hosts.len(),
-        if site.hosts.len() == 1 { "" } else { "s" }
-    ));
+fn site_ui(ui: &mut egui::Ui, site: &SiteCapacity, queue: &mut Vec<UiAction>) {
+    ui.horizontal(|ui| {
+        ui.heading(format!(
+            "{} · {} host{}",
+            site.site,
+            site.hosts.len(),
+            if site.hosts.len() == 1 { "" } else { "s" }
+        ));
+        if ui
+            .button("Statistics…")
+            .on_hover_text("The site's hosts over time, summed (CPU averaged)")
+            .clicked()
+        {
+            queue.push(UiAction::OpenCharts(Subject::Site(site.site.clone())));
+        }
+    });
     egui::Grid::new(("capacity", site.site.as_str()))
         .num_columns(6)
         .striped(true)

@@ -382,7 +382,8 @@ impl ConsoleApp {
         self.plan.plan_ui(ui.ctx(), &snapshot, &mut actions);
         self.adopt.adopt_ui(ui.ctx(), &snapshot, &mut actions);
         self.charts.charts_ui(ui.ctx(), &self.engine);
-        self.capacity.capacity_ui(ui.ctx(), &self.engine);
+        self.capacity
+            .capacity_ui(ui.ctx(), &self.engine, actions.queue);
         self.confirm_delete_ui(ui.ctx());
         self.confirm_migrate_ui(ui.ctx());
         self.handle_actions();
