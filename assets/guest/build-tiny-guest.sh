@@ -64,7 +64,7 @@ trap 'rm -rf "$WORK"' EXIT
 # ---------------------------------------------------------------- kernel + initrd
 # vmlinuz and initrd.img are built together: the modules must match the kernel.
 # Bumped whenever the guest's init changes, so that a cached guest is built again.
-RECIPE=2
+RECIPE=3
 if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ||
       "$(cat "$OUT_DIR/recipe" 2>/dev/null)" != "$RECIPE" ]]; then
     # The installable kernel is whatever the linux-image-amd64 metapackage depends on.
@@ -142,7 +142,17 @@ EOF
 #!/bin/sh
 kill -USR2 1
 EOF
-    chmod +x "$R/sbin/shutdown" "$R/etc/acpi/PWRF/00000080"
+    # Two small applications the guest runs (what Dunes sees through the guest agent):
+    # busybox httpd on 127.0.0.1:8080, and "worker", a job counting seconds.
+    mkdir -p "$R/www"
+    echo "dunes tiny guest" > "$R/www/index.html"
+    cat > "$R/usr/bin/worker" <<'WORKER'
+#!/bin/sh
+# A small background job of the tiny guest: counts seconds into /run/worker.count.
+n=0
+while :; do n=$((n+1)); echo $n > /run/worker.count; sleep 1; done
+WORKER
+    chmod +x "$R/sbin/shutdown" "$R/etc/acpi/PWRF/00000080" "$R/usr/bin/worker"
 
     cat > "$R/init" <<'EOF'
 #!/bin/busybox sh
@@ -193,6 +203,9 @@ if mountpoint -q /data 2>/dev/null || grep -q ' /data ' /proc/mounts; then
         echo "dunes-guest: marker written $(cat /data/marker)"
     fi
 fi
+ip link set lo up
+httpd -p 127.0.0.1:8080 -h /www && echo "dunes-guest: httpd started"
+/usr/bin/worker </dev/null >/dev/null 2>&1 &
 echo "dunes-guest: ready"
 while :; do sleep 3600 & wait $!; done   # "wait" returns on a signal so the traps run promptly
 EOF

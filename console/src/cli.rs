@@ -311,6 +311,17 @@ pub enum VmCommand {
     },
     /// Delete a stopped VM and its disks.
     Delete { vm: String },
+    /// Run a shell command inside a running VM through its guest agent (qemu-guest-agent),
+    /// print what it printed, and exit with its exit code.
+    Exec {
+        vm: String,
+        /// Give up waiting after this many seconds (the command is left running).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=600))]
+        timeout_secs: u32,
+        /// The command, run by /bin/sh -c in the guest.
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Move a VM to another host, cold: stopped, its disk streamed and verified, defined and
     /// started there, and only then deleted here. Returns once the migration has started;
     /// `migrations` follows it.
@@ -673,6 +684,15 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             force: *force,
         },
         CtlCommand::Vm(VmCommand::Delete { vm }) => CtlRequest::VmDelete { vm: vm.clone() },
+        CtlCommand::Vm(VmCommand::Exec {
+            vm,
+            timeout_secs,
+            command,
+        }) => CtlRequest::VmExec {
+            vm: vm.clone(),
+            command: command.join(" "),
+            timeout_secs: *timeout_secs,
+        },
         CtlCommand::Vm(VmCommand::Migrate {
             vm,
             to,
@@ -774,6 +794,17 @@ fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Result<ExitCode>
             ExitCode::from(1)
         } else {
             ExitCode::SUCCESS
+        });
+    }
+    // A guest command's own exit code, as ssh would give it; 124 when it timed out (as
+    // timeout(1) says it).
+    if let CtlCommand::Vm(VmCommand::Exec { .. }) = args.command {
+        return Ok(match data["exit_code"].as_i64() {
+            Some(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            None => {
+                eprintln!("the command was still running at the timeout");
+                ExitCode::from(124)
+            }
         });
     }
     // A dry run tells by its exit code whether the VM can go.
@@ -1173,6 +1204,11 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
             text(&data["deleted"]),
             text(&data["host"])
         ),
+        CtlCommand::Vm(VmCommand::Exec { .. }) => {
+            // What the command wrote to its stderr goes to ours.
+            eprint!("{}", data["stderr"].as_str().unwrap_or_default());
+            data["stdout"].as_str().unwrap_or_default().to_string()
+        }
         CtlCommand::Vm(_) => format!(
             "{} on {}: {}\n",
             text(&data["name"]),

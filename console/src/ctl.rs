@@ -192,6 +192,11 @@ pub enum CtlRequest {
         vm: String,
         force: bool,
     },
+    VmExec {
+        vm: String,
+        command: String,
+        timeout_secs: u32,
+    },
     VmDelete {
         vm: String,
     },
@@ -526,6 +531,14 @@ pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
                 "ready_detail": i.ready_detail,
                 "adopted": i.record.adopted,
                 "cost_per_hour": i.cost_per_hour,
+                "guest_apps": i.guest_apps.iter().map(|g| json!({
+                    "name": g.name,
+                    "state": g.state.as_str(),
+                    "detail": g.detail,
+                    "processes": g.processes,
+                    "cpu_percent": g.cpu_percent,
+                    "memory_mib": g.memory_mib,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "defined_at": rfc3339(defined_at),
             "moving": view.record.moving.as_ref().map(move_json),
@@ -542,6 +555,9 @@ pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
                 "memory_mib": a.memory_mib,
                 "storage_mib": a.storage_mib,
                 "depends_on": a.depends_on,
+                "guest_apps": a.guest_apps.iter().map(|g| json!({
+                    "name": g.name, "process": g.process, "check": g.check,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "start_order": spec.start_order().map(|o| o.iter().map(|a| a.name.to_string()).collect::<Vec<_>>()),
             "cost_per_hour": if view.instances.is_empty() {
@@ -778,6 +794,28 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .await
                 .map_err(engine_err)?;
             Ok(vm_json(&host, &vm))
+        }
+        CtlRequest::VmExec {
+            vm,
+            command,
+            timeout_secs,
+        } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let out = engine
+                .request(|reply| Command::GuestExec {
+                    host,
+                    name: found.name,
+                    command,
+                    timeout_secs,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!({
+                "exit_code": out.exit_code,
+                "stdout": out.stdout,
+                "stderr": out.stderr,
+            }))
         }
         CtlRequest::VmStop { vm, force } => {
             let (host, found) = engine.snapshot().find_vm(&vm)?;

@@ -229,6 +229,12 @@ pub fn render(snapshot: &Snapshot, latest: &[(String, f64)]) -> String {
             let counts = apps.entry(i.record.app.as_str()).or_default();
             counts.0 += 1;
             counts.1 += usize::from(i.ready);
+            // An application inside a VM has an instance in each VM holding it; up is ready.
+            for g in &i.guest_apps {
+                let counts = apps.entry(g.name.as_str()).or_default();
+                counts.0 += 1;
+                counts.1 += usize::from(g.state == crate::engine::guest_apps::GuestAppState::Up);
+            }
         }
         for (app, (all, up)) in apps {
             let labels = format!(

@@ -40,6 +40,9 @@ pub mod features {
     /// `AgentEvent::Samples`: the host's and its workloads' readings, once a second, sent
     /// in batches. An agent sends them only to a console that announced this feature too.
     pub const SAMPLES: &str = "samples";
+    /// `GuestApps`, `GuestExec`: applications inside a VM, seen and run through its guest
+    /// agent (qemu-guest-agent).
+    pub const GUEST_APPS: &str = "guest-apps";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -52,6 +55,7 @@ pub mod features {
         TRANSFER_CANCEL,
         DISK_OVERLAY,
         SAMPLES,
+        GUEST_APPS,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -347,6 +351,69 @@ pub struct CancelTransfer {
     pub ticket: String,
 }
 
+/// One application inside a VM, as the guest agent is to look at it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestAppProbe {
+    pub app: String,
+    /// The name its processes have in the guest's `/proc/PID/comm` (at most 15 bytes):
+    /// alive while one runs, and the source of its statistics.
+    #[serde(default)]
+    pub process: Option<String>,
+    /// A shell command run in the guest: healthy when it exits 0.
+    #[serde(default)]
+    pub check: Option<String>,
+}
+
+/// How the applications inside a running VM are, through its guest agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestApps {
+    pub name: VmName,
+    pub apps: Vec<GuestAppProbe>,
+}
+
+/// One application inside a VM, as the guest saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestAppReport {
+    pub app: String,
+    /// Processes named as the probe's `process` (0 when it names none).
+    pub processes: u32,
+    /// User + system CPU time of those processes, in nanoseconds.
+    pub cpu_ns: u64,
+    /// Their resident memory, in KiB.
+    pub rss_kib: u64,
+    /// The check's verdict; `None` without a check.
+    pub check_passed: Option<bool>,
+    /// What the check printed or why it could not run, for the operator (short).
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestAppsReply {
+    /// When the guest was read, in milliseconds since the Unix epoch (the agent's clock).
+    pub at_unix_ms: u64,
+    /// The VM's vCPUs, to turn CPU time into a share of the VM.
+    pub vcpus: u32,
+    pub apps: Vec<GuestAppReport>,
+}
+
+/// Runs a shell command inside a VM through its guest agent and answers its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestExec {
+    pub name: VmName,
+    pub command: String,
+    /// How long the command may run; 0 means the agent's default.
+    #[serde(default)]
+    pub timeout_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestExecReply {
+    /// `None` when the command was still running at its timeout (it is left running).
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -370,6 +437,8 @@ pub enum Request {
     HashDisk(HashDisk),
     DiscardDisk(DiscardDisk),
     CancelTransfer(CancelTransfer),
+    GuestApps(GuestApps),
+    GuestExec(GuestExec),
 }
 
 impl Request {
@@ -395,6 +464,8 @@ impl Request {
             Request::HashDisk(_) => HashDisk::KIND,
             Request::DiscardDisk(_) => DiscardDisk::KIND,
             Request::CancelTransfer(_) => CancelTransfer::KIND,
+            Request::GuestApps(_) => GuestApps::KIND,
+            Request::GuestExec(_) => GuestExec::KIND,
         }
     }
 }
@@ -445,6 +516,8 @@ rpc! {
     HashDisk => String, Some(features::MIGRATION), "hash-disk";
     DiscardDisk => (), Some(features::MIGRATION), "discard-disk";
     CancelTransfer => (), Some(features::TRANSFER_CANCEL), "cancel-transfer";
+    GuestApps => GuestAppsReply, Some(features::GUEST_APPS), "guest-apps";
+    GuestExec => GuestExecReply, Some(features::GUEST_APPS), "guest-exec";
 }
 
 /// What an agent pushes on its event stream.
@@ -709,6 +782,31 @@ mod tests {
                 "81ae43616e63656c5472616e7366657281a67469636b6574a26162",
             ),
             (
+                Request::GuestApps(GuestApps {
+                    name: name(),
+                    apps: vec![GuestAppProbe {
+                        app: "w".into(),
+                        process: Some("p".into()),
+                        check: Some("c".into()),
+                    }],
+                }),
+                concat!(
+                    "81a947756573744170707382a46e616d65a161a4617070739183a3617070a177a770726f63657373",
+                    "a170a5636865636ba163",
+                ),
+            ),
+            (
+                Request::GuestExec(GuestExec {
+                    name: name(),
+                    command: "c".into(),
+                    timeout_secs: 5,
+                }),
+                concat!(
+                    "81a947756573744578656383a46e616d65a161a7636f6d6d616e64a163ac74696d656f75745f7365",
+                    "637305",
+                ),
+            ),
+            (
                 Request::SendDisk(SendDisk {
                     ticket: ticket(),
                     target_address: "h:1".into(),
@@ -828,6 +926,33 @@ mod tests {
         golden::<Result<RenewBeginReply, WireError>>(
             &Ok(RenewBeginReply { csr_der: vec![4] }),
             "81a24f6b81a76373725f646572c40104",
+        );
+        golden::<Result<GuestAppsReply, WireError>>(
+            &Ok(GuestAppsReply {
+                at_unix_ms: 1,
+                vcpus: 2,
+                apps: vec![GuestAppReport {
+                    app: "w".into(),
+                    processes: 1,
+                    cpu_ns: 3,
+                    rss_kib: 4,
+                    check_passed: Some(true),
+                    detail: "d".into(),
+                }],
+            }),
+            concat!(
+                "81a24f6b83aa61745f756e69785f6d7301a5766370757302a4617070739186a3617070a177a97072",
+                "6f63657373657301a66370755f6e7303a77273735f6b696204ac636865636b5f706173736564c3a6",
+                "64657461696ca164",
+            ),
+        );
+        golden::<Result<GuestExecReply, WireError>>(
+            &Ok(GuestExecReply {
+                exit_code: Some(1),
+                stdout: "o".into(),
+                stderr: "e".into(),
+            }),
+            "81a24f6b83a9657869745f636f646501a67374646f7574a16fa6737464657272a165",
         );
         golden::<Result<(), WireError>>(
             &Err(WireError::new(ErrorCode::NotFound, "x")),

@@ -32,6 +32,23 @@ pub struct InterpreterNeed {
     pub min_version: Option<String>,
 }
 
+/// An application that runs inside the VMs of another (libvirt) application: one instance in
+/// each of its VMs, seen through the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestAppSpec {
+    pub name: AppName,
+    /// Its processes' name in the guest (`/proc/PID/comm`, at most 15 bytes): alive while
+    /// one runs; their CPU and memory are its statistics.
+    #[serde(default)]
+    pub process: Option<String>,
+    /// A shell command run in the guest every few seconds: healthy when it exits 0.
+    #[serde(default)]
+    pub check: Option<String>,
+}
+
+/// The longest process name Linux keeps (`TASK_COMM_LEN` less its NUL).
+pub const PROCESS_NAME_MAX: usize = 15;
+
 /// A unit of a service, with one or more instances.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApplicationSpec {
@@ -53,6 +70,9 @@ pub struct ApplicationSpec {
     /// Applications whose instances must all be ready before this one starts.
     #[serde(default)]
     pub depends_on: Vec<AppName>,
+    /// Applications running inside each of this application's VMs.
+    #[serde(default)]
+    pub guest_apps: Vec<GuestAppSpec>,
 }
 
 /// A minimum security level, for the whole service or for one application.
@@ -174,6 +194,32 @@ impl ApplicationSpec {
                 "a VM is ready when it runs or when its guest agent answers: use readiness \"running\" or \"guest-agent\"".into(),
             ));
         }
+        if !self.guest_apps.is_empty() && self.runtime != RuntimeKind::Libvirt {
+            return Err(bad(
+                "only a VM (runtime libvirt) holds guest applications".into()
+            ));
+        }
+        for g in &self.guest_apps {
+            let bad = |message: String| ServiceError::BadApp {
+                app: g.name.clone(),
+                message,
+            };
+            if g.process.is_none() && g.check.is_none() {
+                return Err(bad(
+                    "a guest application needs a process name, a check command, or both".into(),
+                ));
+            }
+            if let Some(p) = &g.process
+                && (p.is_empty() || p.len() > PROCESS_NAME_MAX || p.contains(['/', '\n', '\0']))
+            {
+                return Err(bad(format!(
+                    "process must be a name of 1 to {PROCESS_NAME_MAX} bytes without '/', as /proc/PID/comm shows it, not {p:?}"
+                )));
+            }
+            if g.check.as_ref().is_some_and(|c| c.trim().is_empty()) {
+                return Err(bad("the check command is empty".into()));
+            }
+        }
         Ok(())
     }
 }
@@ -193,6 +239,13 @@ impl ServiceSpec {
                 return Err(ServiceError::DuplicateApp(app.name.clone()));
             }
             app.check()?;
+        }
+        // Guest applications share the service's names but are no rule's subject.
+        let mut guest_names = BTreeSet::new();
+        for g in self.applications.iter().flat_map(|a| &a.guest_apps) {
+            if names.contains(&g.name) || !guest_names.insert(&g.name) {
+                return Err(ServiceError::DuplicateApp(g.name.clone()));
+            }
         }
         let known = |rule: &str, app: &AppName| {
             if names.contains(app) {
@@ -266,6 +319,16 @@ impl ServiceSpec {
 
     pub fn application(&self, name: &AppName) -> Option<&ApplicationSpec> {
         self.applications.iter().find(|a| &a.name == name)
+    }
+
+    /// A guest application, with the application whose VMs hold it.
+    pub fn guest_app(&self, name: &AppName) -> Option<(&ApplicationSpec, &GuestAppSpec)> {
+        self.applications.iter().find_map(|a| {
+            a.guest_apps
+                .iter()
+                .find(|g| &g.name == name)
+                .map(|g| (a, g))
+        })
     }
 
     /// A dependency cycle, as the applications along it (the first repeated at the end).
@@ -350,6 +413,7 @@ mod tests {
             instances: 1,
             readiness: Readiness::Running,
             depends_on: deps.iter().map(|d| AppName::new(*d).unwrap()).collect(),
+            guest_apps: Vec::new(),
         }
     }
 
@@ -378,6 +442,69 @@ mod tests {
             "the dependencies form a cycle: db → web → payment → db"
         );
         assert!(s.start_order().is_none());
+    }
+
+    #[test]
+    fn guest_applications_are_checked_and_found() {
+        let guest = |n: &str, process: Option<&str>, check: Option<&str>| GuestAppSpec {
+            name: name(n),
+            process: process.map(Into::into),
+            check: check.map(Into::into),
+        };
+        let mut vm = app("box", &[]);
+        vm.guest_apps = vec![
+            guest("web", Some("httpd"), Some("wget -q -O- localhost")),
+            guest("worker", Some("worker"), None),
+        ];
+        let s = service(vec![vm.clone(), app("db", &[])]);
+        s.validate().unwrap();
+        let (holder, web) = s.guest_app(&name("web")).unwrap();
+        assert_eq!(holder.name.as_str(), "box");
+        assert_eq!(web.process.as_deref(), Some("httpd"));
+        assert!(s.guest_app(&name("db")).is_none());
+
+        let refused = |vm: ApplicationSpec| {
+            service(vec![vm, app("db", &[])])
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        let mut v = vm.clone();
+        v.guest_apps.push(guest("db", Some("x"), None));
+        assert_eq!(refused(v), "application db is defined twice");
+        let mut v = vm.clone();
+        v.guest_apps.push(guest("web", Some("x"), None));
+        assert_eq!(refused(v), "application web is defined twice");
+        let mut v = vm.clone();
+        v.guest_apps.push(guest("idle", None, None));
+        assert_eq!(
+            refused(v),
+            "application idle: a guest application needs a process name, a check command, or both"
+        );
+        let mut v = vm.clone();
+        v.guest_apps
+            .push(guest("long", Some("a-name-that-is-too-long"), None));
+        assert!(
+            refused(v).starts_with("application long: process must be a name of 1 to 15 bytes")
+        );
+        let mut v = vm.clone();
+        v.guest_apps.push(guest("blank", None, Some("  ")));
+        assert_eq!(refused(v), "application blank: the check command is empty");
+        let mut v = vm;
+        v.runtime = RuntimeKind::Process;
+        assert_eq!(
+            refused(v),
+            "application box: only a VM (runtime libvirt) holds guest applications"
+        );
+        // A rule cannot name a guest application: it goes where its VM goes.
+        let mut vm = app("box", &[]);
+        vm.guest_apps = vec![guest("web", Some("httpd"), None)];
+        let mut s = service(vec![vm]);
+        s.rules.never_relocate = vec![name("web")];
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "never_relocate names application web, which the service does not have"
+        );
     }
 
     #[test]

@@ -68,6 +68,7 @@ fn app(name: &str, instances: u32, runtime: RuntimeKind) -> ApplicationSpec {
         instances,
         readiness: Readiness::Running,
         depends_on: Vec::new(),
+        guest_apps: Vec::new(),
     }
 }
 

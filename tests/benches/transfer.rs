@@ -439,6 +439,10 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(|_| anyhow::anyhow!("{host} did not come online"))?;
     }
+    // DUNES_BENCH_GRO=1: the veth pairs get GRO, as physical NICs have it.
+    if std::env::var_os("DUNES_BENCH_GRO").is_some() {
+        lab.enable_gro()?;
+    }
     let sshd = baselines_setup(&lab, dir.path())?;
     let mut os = OsBytes::new();
     let full = dir.path().join("full.img");

@@ -139,6 +139,14 @@ fn headless_demo_answers_ctl() {
         json(&ctl(&data, &["--json", "vm", "start", "cli-vm"]))["state"],
         "running"
     );
+    // A command inside a VM needs its guest agent: libvirt's test driver has none.
+    let out = ctl(&data, &["vm", "exec", "cli-vm", "--", "uname", "-a"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("libvirt's test driver has no guest agent") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
     assert_eq!(
         json(&ctl(&data, &["--json", "vm", "stop", "cli-vm"]))["state"],
         "shutoff"
@@ -157,6 +165,7 @@ fn headless_demo_answers_ctl() {
     // Bad input: non-zero exit, one readable line, nothing changed.
     for (args, message) in [
         (vec!["vm", "start", "nope"], "no VM named nope"),
+        (vec!["vm", "exec", "nope", "true"], "no VM named nope"),
         (
             vec![
                 "vm",

@@ -391,3 +391,211 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
     drop(target);
     drop(lab);
 }
+
+/// The applications inside a tiny guest (its httpd and its worker), seen through the guest
+/// agent: both up, with their processes' memory in the statistics; the worker killed inside
+/// the guest, the service becomes degraded while the VM and its web server go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_inside_a_tiny_guest_are_watched_and_a_killed_one_degrades_the_service() {
+    use dunes_console::engine::{
+        ServiceStatus,
+        guest_apps::GuestAppState,
+        stats::{Metric, Subject},
+    };
+    use dunes_shared::model::{AppName, ServiceName};
+
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(guest) = prerequisites() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let agent_dir = dir.path().join("agent");
+    let _cleanup = KillQemu(agent_dir.clone());
+    let agent = AgentProcess::spawn_in(
+        None,
+        &agent_dir,
+        "qemu-inside",
+        "lausanne",
+        "qemu:///embed",
+        "127.0.0.1:0",
+        vec!["--guest-dir".into(), guest.display().to_string()],
+    )
+    .unwrap();
+    let engine = start_engine(&dir.path().join("console")).await.unwrap();
+    enroll(&engine, &agent).await.unwrap();
+    let host = agent.host_id.clone();
+    engine
+        .wait_for(Duration::from_secs(10), |s| {
+            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+        })
+        .await
+        .expect("online");
+    let source = r#"name = "inside"
+
+[[application]]
+name = "box"
+runtime = "libvirt"
+template = "tiny"
+vcpus = 1
+memory_mib = 256
+readiness = "guest-agent"
+
+[[application.guest_app]]
+name = "web"
+process = "httpd"
+check = "wget -q -O /dev/null http://127.0.0.1:8080/"
+
+[[application.guest_app]]
+name = "worker"
+process = "worker"
+"#;
+    let service = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    let deployed = engine
+        .request(|reply| Command::DeployService {
+            name: service.clone(),
+            fingerprint: None,
+            overrides: Vec::new(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(deployed.failed.is_empty(), "{deployed:?}");
+    let started = engine
+        .request(|reply| Command::StartService {
+            name: service.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(started.done[0].2, "running, ready", "{started:?}");
+    let view = |s: &dunes_console::engine::Snapshot| {
+        s.services.iter().find(|v| v.name() == &service).cloned()
+    };
+    let states = |s: &dunes_console::engine::Snapshot| {
+        view(s)
+            .map(|v| {
+                v.instances
+                    .iter()
+                    .flat_map(|i| i.guest_apps.iter().map(|g| (g.name.to_string(), g.state)))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    // Both up, and the service available: seen through the guest agent.
+    let up = engine
+        .wait_for(Duration::from_secs(120), |s| {
+            states(s)
+                == [
+                    ("web".to_string(), GuestAppState::Up),
+                    ("worker".to_string(), GuestAppState::Up),
+                ]
+                && view(s).is_some_and(|v| v.status == ServiceStatus::Available)
+        })
+        .await
+        .unwrap_or_else(|s| panic!("never both up: {:?}", view(&s).map(|v| v.instances.clone())));
+    let box0 = &view(&up).unwrap().instances[0];
+    let web = &box0.guest_apps[0];
+    assert_eq!(web.detail, "process httpd runs; check passed", "{web:?}");
+    assert!(web.memory_mib.is_some_and(|m| m > 0.0), "{web:?}");
+    let vm = box0.record.vm.clone();
+
+    // A command in the guest, as `ctl vm exec` runs it: the worker has been counting.
+    let count = engine
+        .request(|reply| Command::GuestExec {
+            host: host.clone(),
+            name: vm.clone(),
+            command: "cat /run/worker.count".into(),
+            timeout_secs: 10,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(count.exit_code, Some(0), "{count:?}");
+    assert!(
+        count.stdout.trim().parse::<u64>().is_ok_and(|n| n > 0),
+        "{count:?}"
+    );
+    let failing = engine
+        .request(|reply| Command::GuestExec {
+            host: host.clone(),
+            name: vm.clone(),
+            command: "echo oops >&2; exit 3".into(),
+            timeout_secs: 10,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (failing.exit_code, failing.stderr.as_str()),
+        (Some(3), "oops\n")
+    );
+
+    // The worker killed inside the guest: down, and the service degraded; web goes on.
+    let killed = engine
+        .request(|reply| Command::GuestExec {
+            host: host.clone(),
+            name: vm.clone(),
+            command: "kill $(pidof worker)".into(),
+            timeout_secs: 10,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(killed.exit_code, Some(0), "{killed:?}");
+    let degraded = engine
+        .wait_for(Duration::from_secs(60), |s| {
+            states(s)
+                == [
+                    ("web".to_string(), GuestAppState::Up),
+                    ("worker".to_string(), GuestAppState::Down),
+                ]
+                && view(s).is_some_and(|v| v.status == ServiceStatus::Degraded)
+        })
+        .await
+        .unwrap_or_else(|s| {
+            panic!(
+                "never degraded: {:?}",
+                view(&s).map(|v| v.instances.clone())
+            )
+        });
+    let worker = &view(&degraded).unwrap().instances[0].guest_apps[1];
+    assert_eq!(worker.detail, "no process worker runs");
+
+    // The applications' own statistics, from the guest's /proc.
+    let answer = engine
+        .request(|reply| Command::Stats {
+            subject: Subject::Application(
+                ServiceName::new("inside").unwrap(),
+                AppName::new("web").unwrap(),
+            ),
+            since_secs: 600,
+            resolution_secs: Some(1),
+            reply,
+        })
+        .await
+        .unwrap();
+    let memory = answer
+        .series
+        .iter()
+        .find(|s| s.metric == Metric::Memory)
+        .map(|s| s.points.clone())
+        .unwrap_or_default();
+    assert!(
+        memory.len() >= 2 && memory.iter().all(|b| b.max > 0.0),
+        "{answer:?}"
+    );
+
+    let deleted = engine
+        .request(|reply| Command::DeleteService {
+            name: service,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(deleted.failed.is_empty(), "{deleted:?}");
+}

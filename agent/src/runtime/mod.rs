@@ -13,7 +13,10 @@ use dunes_shared::{
         RuntimeInfo, RuntimeKind, SpecError, TemplateName, VmName, VmSpec, VmState, VmStatus,
         WorkloadSample,
     },
-    protocol::{ErrorCode, ReadinessProbe, ReadyReply, WireError},
+    protocol::{
+        ErrorCode, GuestApps, GuestAppsReply, GuestExec, GuestExecReply, ReadinessProbe,
+        ReadyReply, WireError,
+    },
 };
 use tokio::sync::broadcast;
 
@@ -59,6 +62,10 @@ pub enum RuntimeError {
     },
     #[error("the runtime stopped")]
     WorkerGone,
+    #[error("{0}")]
+    NoGuestAgent(&'static str),
+    #[error(transparent)]
+    Guest(#[from] libvirt::guest::GuestError),
 }
 
 impl RuntimeError {
@@ -74,12 +81,14 @@ impl RuntimeError {
             RuntimeError::WrongState { .. } => ErrorCode::Conflict,
             RuntimeError::NoGuest(_)
             | RuntimeError::NoRuntime(_)
-            | RuntimeError::UnsupportedCheck { .. } => ErrorCode::Unsupported,
+            | RuntimeError::UnsupportedCheck { .. }
+            | RuntimeError::NoGuestAgent(_) => ErrorCode::Unsupported,
             RuntimeError::Spec(_) => ErrorCode::BadRequest,
             RuntimeError::Storage(_) => ErrorCode::Storage,
             RuntimeError::Libvirt { .. }
             | RuntimeError::Definition(_)
-            | RuntimeError::NotStarted { .. } => ErrorCode::Runtime,
+            | RuntimeError::NotStarted { .. }
+            | RuntimeError::Guest(_) => ErrorCode::Runtime,
             RuntimeError::Duplicate(_) | RuntimeError::WorkerGone => ErrorCode::Internal,
         };
         WireError::new(code, dunes_shared::error_chain(self))
@@ -134,6 +143,24 @@ pub trait Runtime: Send + Sync + 'static {
     /// The counters of every running workload, for statistics.
     fn sample(&self) -> RuntimeFuture<'_, Vec<WorkloadSample>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+    /// The applications inside a running workload, through its guest agent.
+    fn guest_apps(&self, request: GuestApps) -> RuntimeFuture<'_, GuestAppsReply> {
+        let _ = request;
+        Box::pin(async {
+            Err(RuntimeError::NoGuestAgent(
+                "only a VM has a guest agent to ask",
+            ))
+        })
+    }
+    /// Runs a shell command inside a running workload, through its guest agent.
+    fn guest_exec(&self, request: GuestExec) -> RuntimeFuture<'_, GuestExecReply> {
+        let _ = request;
+        Box::pin(async {
+            Err(RuntimeError::NoGuestAgent(
+                "only a VM has a guest agent to ask",
+            ))
+        })
     }
 }
 

@@ -9,10 +9,10 @@ use dunes_shared::{
     model::VmStatus,
     pki,
     protocol::{
-        CancelTransfer, CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm, HashDisk,
-        Hello, HelloReply, ImportVm, ListTemplates, ListVms, PrepareReceive, RenewBegin,
-        RenewBeginReply, RenewFinish, Request, SendDisk, StartVm, StopVm, WireError, codes,
-        features,
+        CancelTransfer, CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm,
+        GuestApps, GuestExec, HashDisk, Hello, HelloReply, ImportVm, ListTemplates, ListVms,
+        PrepareReceive, RenewBegin, RenewBeginReply, RenewFinish, Request, SendDisk, StartVm,
+        StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -214,6 +214,18 @@ async fn dispatch(
             Ok(rt) => rt.check_ready(name, probe).await.map_err(|e| e.to_wire()),
             Err(e) => Err(e.to_wire()),
         }),
+        Request::GuestApps(request) => {
+            encode_reply::<GuestApps>(match runtime(dunes_shared::model::RuntimeKind::Libvirt) {
+                Ok(rt) => rt.guest_apps(request).await.map_err(|e| e.to_wire()),
+                Err(e) => Err(e.to_wire()),
+            })
+        }
+        Request::GuestExec(request) => {
+            encode_reply::<GuestExec>(match runtime(dunes_shared::model::RuntimeKind::Libvirt) {
+                Ok(rt) => rt.guest_exec(request).await.map_err(|e| e.to_wire()),
+                Err(e) => Err(e.to_wire()),
+            })
+        }
         Request::PrepareReceive(request) => {
             encode_reply::<PrepareReceive>(super::transfer::prepare_receive(shared, request))
         }

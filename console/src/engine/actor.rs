@@ -96,6 +96,10 @@ pub(super) struct Actor {
     pub(super) readiness: BTreeMap<String, super::readiness::LastCheck>,
     /// Instances with a readiness check under way.
     pub(super) checking: std::collections::BTreeSet<String>,
+    /// The last look at each running instance's guest applications, by `service/app/index`.
+    pub(super) guest_looks: BTreeMap<String, super::guest_apps::GuestLook>,
+    /// Instances with a look at their guest applications under way.
+    pub(super) guest_looking: std::collections::BTreeSet<String>,
     /// Service status changes for the desktop, when notifications are on.
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
     /// The open part of every time series (what closed is in the store).
@@ -130,9 +134,12 @@ impl Actor {
         stats_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut autoscale = tokio::time::interval(AUTOSCALE_EVERY);
         autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut guest_apps = tokio::time::interval(super::guest_apps::GUEST_APPS_EVERY);
+        guest_apps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = autoscale.tick() => self.autoscale_tick(),
+                _ = guest_apps.tick() => self.look_at_guest_apps(),
                 _ = stats_flush.tick() => {
                     let writes = self.stats.flush();
                     self.store.put_stats(writes);

@@ -130,6 +130,31 @@ impl Actor {
                 };
                 self.agent_call(host, what, reply, create, Actor::apply_vm);
             }
+            Command::GuestExec {
+                host,
+                name,
+                command,
+                timeout_secs,
+                reply,
+            } => {
+                if command.trim().is_empty() {
+                    let _ = reply.send(Err(EngineError::Invalid(
+                        "the command to run in the guest is empty".into(),
+                    )));
+                    return;
+                }
+                self.agent_call(
+                    host,
+                    format!("running {command:?} in VM {name}"),
+                    reply,
+                    dunes_shared::protocol::GuestExec {
+                        name,
+                        command,
+                        timeout_secs,
+                    },
+                    |_, _, _| {},
+                );
+            }
             Command::StartVm { host, name, reply } => {
                 let runtime = self.runtime_of(&host, &name);
                 self.agent_call(
@@ -464,7 +489,9 @@ impl Actor {
                 .collect::<Vec<_>>()
         };
         Ok(match subject {
-            Subject::Host(_) | Subject::Workload(_) => vec![subject.clone()],
+            Subject::Host(_) | Subject::Workload(_) | Subject::GuestApp(..) => {
+                vec![subject.clone()]
+            }
             Subject::Service(name) => {
                 if !self.services.contains_key(name) {
                     return Err(EngineError::Invalid(format!(
@@ -474,12 +501,28 @@ impl Actor {
                 instances(name, None)
             }
             Subject::Application(name, app) => {
-                if !self.services.contains_key(name) {
+                let Some(entry) = self.services.get(name) else {
                     return Err(EngineError::Invalid(format!(
                         "service {name} does not exist"
                     )));
+                };
+                // An application inside VMs: its series in each VM of the one holding it.
+                let holder = entry
+                    .spec
+                    .as_ref()
+                    .ok()
+                    .and_then(|spec| spec.guest_app(app))
+                    .map(|(holder, _)| holder.name.clone());
+                match holder {
+                    Some(holder) => instances(name, Some(&holder))
+                        .into_iter()
+                        .filter_map(|s| match s {
+                            Subject::Workload(vm) => Some(Subject::GuestApp(vm, app.clone())),
+                            _ => None,
+                        })
+                        .collect(),
+                    None => instances(name, Some(app)),
                 }
-                instances(name, Some(app))
             }
             Subject::Site(site) => {
                 let hosts: Vec<Subject> = self
@@ -534,7 +577,7 @@ impl Actor {
         };
         let aggregate = !matches!(
             subject,
-            stats::Subject::Host(_) | stats::Subject::Workload(_)
+            stats::Subject::Host(_) | stats::Subject::Workload(_) | stats::Subject::GuestApp(..)
         );
         type Wanted = Vec<(stats::Metric, Vec<(String, Vec<rollup::Bucket>)>)>;
         let wanted: Wanted = stats::Metric::ALL

@@ -16,6 +16,7 @@ mod evacuations;
 mod event_log;
 pub mod forecast;
 mod gate;
+pub mod guest_apps;
 mod hosts;
 pub mod link;
 pub mod migration;
@@ -164,6 +165,14 @@ pub enum Command {
         host: HostId,
         name: VmName,
         reply: Reply<()>,
+    },
+    /// Runs a shell command inside a running VM, through its guest agent.
+    GuestExec {
+        host: HostId,
+        name: VmName,
+        command: String,
+        timeout_secs: u32,
+        reply: Reply<dunes_shared::protocol::GuestExecReply>,
     },
     /// Defines a service from the text of its file (or replaces it, with `replace`).
     DefineService {
@@ -471,6 +480,8 @@ pub async fn start_with(
         notices: notify::start(&options.desktop_notifications),
         readiness: BTreeMap::new(),
         checking: Default::default(),
+        guest_looks: BTreeMap::new(),
+        guest_looking: Default::default(),
         migrations: loaded
             .migrations
             .iter()

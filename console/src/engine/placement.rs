@@ -876,6 +876,7 @@ mod tests {
             instances,
             readiness: Readiness::Running,
             depends_on: Vec::new(),
+            guest_apps: Vec::new(),
         }
     }
 

@@ -15,6 +15,11 @@
 //! instances = 1
 //! readiness = "guest-agent"          # running | guest-agent | { tcp = 5432 } | { command = "..." }
 //!
+//! [[application.guest_app]]              # runs inside each of db's VMs (guest agent)
+//! name = "backup"
+//! process = "backupd"                 # alive while a process of this name runs
+//! check = "test -s /var/run/backupd.ok"   # healthy while this exits 0
+//!
 //! [[application]]
 //! name = "web"
 //! depends_on = ["db"]
@@ -34,8 +39,8 @@
 use dunes_shared::{
     model::{AppName, HostId, RuntimeKind, ServiceName, SiteName, TemplateName},
     service::{
-        ApplicationSpec, InterpreterNeed, PinRule, Readiness, SecurityRule, ServiceError,
-        ServiceRules, ServiceSpec,
+        ApplicationSpec, GuestAppSpec, InterpreterNeed, PinRule, Readiness, SecurityRule,
+        ServiceError, ServiceRules, ServiceSpec,
     },
 };
 use serde::Deserialize;
@@ -79,6 +84,18 @@ struct AppFile {
     readiness: Option<ReadinessFile>,
     #[serde(default)]
     depends_on: Vec<AppName>,
+    #[serde(default)]
+    guest_app: Vec<GuestAppFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestAppFile {
+    name: Spanned<AppName>,
+    #[serde(default)]
+    process: Option<String>,
+    #[serde(default)]
+    check: Option<String>,
 }
 
 fn one() -> u32 {
@@ -186,7 +203,8 @@ pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
     let app_lines: Vec<(AppName, usize)> = file
         .applications
         .iter()
-        .map(|a| (a.name.get_ref().clone(), line_of(text, a.name.span().start)))
+        .flat_map(|a| std::iter::once(&a.name).chain(a.guest_app.iter().map(|g| &g.name)))
+        .map(|n| (n.get_ref().clone(), line_of(text, n.span().start)))
         .collect();
     let rules_line = file
         .rules
@@ -250,6 +268,15 @@ fn app_spec(a: AppFile) -> ApplicationSpec {
             Some(ReadinessFile::Command { command }) => Readiness::Command { command },
         },
         depends_on: a.depends_on,
+        guest_apps: a
+            .guest_app
+            .into_iter()
+            .map(|g| GuestAppSpec {
+                name: g.name.into_inner(),
+                process: g.process,
+                check: g.check,
+            })
+            .collect(),
     }
 }
 
@@ -286,6 +313,50 @@ mod tests {
     use super::*;
 
     const SHOP: &str = include_str!("../../../assets/examples/shop.toml");
+
+    #[test]
+    fn guest_applications_are_read_and_a_bad_one_is_named_by_its_line() {
+        let text = r#"name = "box"
+
+[[application]]
+name = "vm"
+runtime = "libvirt"
+template = "tiny"
+vcpus = 1
+memory_mib = 128
+
+[[application.guest_app]]
+name = "web"
+process = "httpd"
+check = "wget -q -O /dev/null http://127.0.0.1:8080/"
+
+[[application.guest_app]]
+name = "worker"
+process = "worker"
+"#;
+        let spec = parse_service_file(text).unwrap();
+        let vm = spec.application(&AppName::new("vm").unwrap()).unwrap();
+        assert_eq!(vm.guest_apps.len(), 2);
+        assert_eq!(vm.guest_apps[1].process.as_deref(), Some("worker"));
+        assert!(
+            vm.guest_apps[0]
+                .check
+                .as_deref()
+                .unwrap()
+                .starts_with("wget")
+        );
+        let bad = text.replace("process = \"worker\"", "process = \"\"");
+        let err = parse_service_file(&bad).unwrap_err();
+        assert_eq!(err.line, 16, "{err}");
+        assert!(
+            err.message
+                .starts_with("application worker: process must be"),
+            "{err}"
+        );
+        let unknown = text.replace("process = \"worker\"", "command = \"x\"");
+        let err = parse_service_file(&unknown).unwrap_err();
+        assert_eq!(err.line, 17, "{err}");
+    }
 
     #[test]
     fn the_example_shop_parses() {

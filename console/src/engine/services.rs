@@ -79,6 +79,8 @@ pub struct InstanceView {
     /// What the last readiness check said, for applications checked beyond "running".
     pub ready_detail: Option<String>,
     pub cost_per_hour: f64,
+    /// The applications inside its VM, as the guest agent last showed them.
+    pub guest_apps: Vec<super::guest_apps::GuestAppView>,
 }
 
 /// A service as the snapshot shows it.
@@ -268,7 +270,13 @@ pub fn service_status(
     }
     let wanted: u32 = spec.applications.iter().map(|a| a.instances).sum();
     let ready = instances.iter().filter(|i| i.ready).count() as u32;
-    if ready >= wanted && instances.iter().all(|i| i.ready) {
+    // An application inside a VM that is not up degrades the service; its VM and the other
+    // applications in it still serve, so it never makes the service down by itself.
+    let guests_up = instances
+        .iter()
+        .flat_map(|i| &i.guest_apps)
+        .all(|g| g.state == super::guest_apps::GuestAppState::Up);
+    if ready >= wanted && instances.iter().all(|i| i.ready) && guests_up {
         return ServiceStatus::Available;
     }
     let every_app_has_one = spec
@@ -958,12 +966,26 @@ impl Actor {
                                 None => (false, Some("not checked yet".to_string())),
                             },
                         };
+                        let guest_apps = entry
+                            .spec
+                            .as_ref()
+                            .ok()
+                            .and_then(|s| s.application(&i.app))
+                            .map(|a| {
+                                super::guest_apps::guest_app_views(
+                                    &a.guest_apps,
+                                    running,
+                                    self.guest_looks.get(&i.key()),
+                                )
+                            })
+                            .unwrap_or_default();
                         InstanceView {
                             record: i.clone(),
                             vm_state,
                             ready,
                             ready_detail,
                             cost_per_hour,
+                            guest_apps,
                         }
                     })
                     .collect();

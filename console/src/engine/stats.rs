@@ -60,6 +60,8 @@ impl Metric {
 pub enum Subject {
     Host(HostId),
     Workload(VmName),
+    /// An application inside a VM (a guest application of its service), by the VM.
+    GuestApp(VmName, AppName),
     Application(ServiceName, AppName),
     Service(ServiceName),
     Site(String),
@@ -72,6 +74,7 @@ impl Subject {
         match self {
             Subject::Host(h) => format!("host/{h}"),
             Subject::Workload(v) => format!("vm/{v}"),
+            Subject::GuestApp(v, a) => format!("guest/{v}/{a}"),
             Subject::Application(s, a) => format!("app/{s}-{a}"),
             Subject::Service(s) => format!("service/{s}"),
             Subject::Site(s) => format!("site/{s}"),
@@ -83,6 +86,7 @@ impl Subject {
         match self {
             Subject::Host(h) => format!("host {h}"),
             Subject::Workload(v) => format!("workload {v}"),
+            Subject::GuestApp(v, a) => format!("application {a} in {v}"),
             Subject::Application(s, a) => format!("application {s}/{a}"),
             Subject::Service(s) => format!("service {s}"),
             Subject::Site(s) => format!("site {s}"),
@@ -277,6 +281,45 @@ impl TimeSeries {
                 }
                 self.last.insert(subject, (sample.at_unix_ms, *counters));
             }
+        }
+        writes
+    }
+
+    /// Takes one look at the applications inside `vm`; only those in `with_process` have
+    /// readings (the others are checks alone). CPU is a share of the VM's vCPUs.
+    pub fn ingest_guest(
+        &mut self,
+        vm: &VmName,
+        reply: &dunes_shared::protocol::GuestAppsReply,
+        with_process: &[AppName],
+    ) -> Vec<StatsWrite> {
+        let mut writes = Vec::new();
+        let at_secs = reply.at_unix_ms / 1000;
+        for report in &reply.apps {
+            let Some(app) = with_process.iter().find(|a| a.as_str() == report.app) else {
+                continue;
+            };
+            let subject = Subject::GuestApp(vm.clone(), app.clone());
+            let counters = Counters {
+                cpu_ns: report.cpu_ns,
+                cpus: reply.vcpus,
+                ..Counters::default()
+            };
+            let previous = self.last.get(&subject).map(|(ms, c)| (*ms, c));
+            // A guest's /proc gives CPU and memory; no disk or network of its own.
+            let readings = values(previous, reply.at_unix_ms, &counters)
+                .into_iter()
+                .filter(|(m, _)| matches!(m, Metric::Cpu | Metric::Memory));
+            for (metric, value) in readings {
+                // Memory to the KiB: a guest's processes are often under a MiB.
+                let value = if metric == Metric::Memory {
+                    report.rss_kib as f64 / 1024.0
+                } else {
+                    value
+                };
+                self.add(series_key(&subject, metric), at_secs, value, &mut writes);
+            }
+            self.last.insert(subject, (reply.at_unix_ms, counters));
         }
         writes
     }

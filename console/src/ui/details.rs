@@ -150,6 +150,7 @@ impl DetailsPanel {
                     }
                     row(ui, "UUID", vm.uuid.as_str());
                 });
+                guest_apps_ui(ui, snapshot, &host_id, &name, actions);
                 let online = host.link == LinkState::Online;
                 if !online {
                     ui.colored_label(link_color(host.link), format!("Host {host_id} is {}: actions wait for it.", host.link.as_str()));
@@ -175,6 +176,62 @@ impl DetailsPanel {
             }
             Selection::Service(name) => service_details(ui, snapshot, &name, actions),
         });
+    }
+}
+
+/// The applications inside a service instance's VM, as its guest agent shows them.
+fn guest_apps_ui(
+    ui: &mut egui::Ui,
+    snapshot: &Snapshot,
+    host: &dunes_shared::model::HostId,
+    vm: &dunes_shared::model::VmName,
+    actions: &mut Actions<'_>,
+) {
+    use crate::engine::guest_apps::GuestAppState;
+    let Some((service, instance)) = snapshot
+        .services
+        .iter()
+        .find_map(|s| s.instance_of_vm(host, vm).map(|i| (s.name(), i)))
+    else {
+        return;
+    };
+    if instance.guest_apps.is_empty() {
+        return;
+    }
+    ui.separator();
+    ui.label(RichText::new(format!("Applications inside (service {service})")).strong());
+    for guest in &instance.guest_apps {
+        ui.horizontal_wrapped(|ui| {
+            let color = match guest.state {
+                GuestAppState::Up => egui::Color32::from_rgb(63, 185, 80),
+                GuestAppState::Down => egui::Color32::from_rgb(248, 81, 73),
+                GuestAppState::Unknown => egui::Color32::GRAY,
+            };
+            let (dot, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
+            ui.painter().circle_filled(dot.center(), 4.0, color);
+            ui.label(format!("{}: {}", guest.name, guest.state.as_str()));
+            let mut usage = Vec::new();
+            if let Some(cpu) = guest.cpu_percent {
+                usage.push(format!("{cpu:.1} % CPU"));
+            }
+            if let Some(mib) = guest.memory_mib {
+                usage.push(format!("{mib:.1} MiB"));
+            }
+            if !usage.is_empty() {
+                ui.label(RichText::new(usage.join(" · ")).weak());
+            }
+            if ui
+                .small_button("Statistics…")
+                .on_hover_text(format!("CPU and memory of {} over time", guest.name))
+                .clicked()
+            {
+                actions.push(UiAction::OpenCharts(Subject::GuestApp(
+                    vm.clone(),
+                    guest.name.clone(),
+                )));
+            }
+        });
+        ui.label(RichText::new(&guest.detail).weak().small());
     }
 }
 

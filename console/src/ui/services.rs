@@ -109,6 +109,30 @@ fn service_card(
                             ui.label(RichText::new(format!("{cost:.3}/h")).weak());
                         });
                     });
+                    // The applications inside this application's VMs: how many are up.
+                    if !app.guest_apps.is_empty() {
+                        let counts: Vec<String> = app
+                            .guest_apps
+                            .iter()
+                            .map(|g| {
+                                let up = instances
+                                    .iter()
+                                    .flat_map(|i| &i.guest_apps)
+                                    .filter(|v| {
+                                        v.name == g.name
+                                            && v.state
+                                                == crate::engine::guest_apps::GuestAppState::Up
+                                    })
+                                    .count();
+                                format!("{} {up}/{} up", g.name, instances.len())
+                            })
+                            .collect();
+                        ui.label(
+                            RichText::new(format!("inside: {}", counts.join(", ")))
+                                .small()
+                                .weak(),
+                        );
+                    }
                     ui.horizontal_wrapped(|ui| {
                         for inst in instances {
                             let color = inst.vm_state.map_or(Color32::GRAY, state_color);

@@ -13,8 +13,12 @@ use egui::{
 use super::{Actions, Selection, UiAction, VmDrag, link_color, service_tag_color, state_color};
 
 /// The service each instance belongs to, by host and VM name.
-type Tags = BTreeMap<(HostId, VmName), ServiceName>;
-use crate::engine::{HostView, LinkState, Snapshot};
+/// Each service instance's VM: its service, and the applications inside it.
+type Tags<'a> = BTreeMap<(HostId, VmName), (&'a ServiceName, &'a [GuestAppView])>;
+use crate::engine::{
+    HostView, LinkState, Snapshot,
+    guest_apps::{GuestAppState, GuestAppView},
+};
 
 const CARD_W: f32 = 236.0;
 const CARD_BASE_H: f32 = 112.0;
@@ -147,7 +151,7 @@ impl TopologyPanel {
                 s.instances.iter().map(|i| {
                     (
                         (i.record.host.clone(), i.record.vm.clone()),
-                        s.name().clone(),
+                        (s.name(), i.guest_apps.as_slice()),
                     )
                 })
             })
@@ -309,7 +313,7 @@ fn host_card(
     rect: Rect,
     selection: &Selection,
     actions: &mut Actions<'_>,
-    tags: &Tags,
+    tags: &Tags<'_>,
     snapshot: &Snapshot,
 ) {
     let id = ui.scope_id().with(("host-card", host.id().as_str()));
@@ -539,7 +543,9 @@ fn host_card(
             color = color.gamma_multiply(0.45);
         }
         painter.rect_filled(chip, CornerRadius::same(4), color);
-        let service = tags.get(&(host.id().clone(), vm.name.clone()));
+        let tag = tags.get(&(host.id().clone(), vm.name.clone()));
+        let service = tag.map(|(s, _)| *s);
+        let guests = tag.map_or(&[][..], |(_, g)| *g);
         let mut text_left = chip.left() + 6.0;
         if let Some(service) = service {
             // A stripe in the service's colour on the chip's left edge.
@@ -567,6 +573,22 @@ fn host_card(
                 Color32::from_rgb(230, 237, 243),
             );
             text_right = badge_rect.left() - 3.0;
+        }
+        // The applications inside the VM: a dot each, green when up, red when down.
+        for guest in guests.iter().rev() {
+            let centre = pos2(text_right - 4.0, chip.center().y);
+            let fill = match guest.state {
+                GuestAppState::Up => Color32::from_rgb(63, 185, 80),
+                GuestAppState::Down => Color32::from_rgb(248, 81, 73),
+                GuestAppState::Unknown => Color32::from_gray(150),
+            };
+            painter.circle(
+                centre,
+                3.5,
+                fill,
+                Stroke::new(1.0, Color32::from_black_alpha(160)),
+            );
+            text_right -= 10.0;
         }
         // A migration under way shows on the chip: its transfer's progress along the bottom.
         let migrating = snapshot.migrations.iter().find(|m| {
@@ -600,6 +622,14 @@ fn host_card(
             Color32::WHITE,
         );
         let mut service_note = service.map_or(String::new(), |s| format!(" · service {s}"));
+        for guest in guests {
+            service_note.push_str(&format!(
+                "\n{} {}: {}",
+                guest.name,
+                guest.state.as_str(),
+                guest.detail
+            ));
+        }
         if let Some(m) = migrating {
             service_note.push_str(&format!(
                 " · migration {} to {}: {}",

@@ -7,6 +7,7 @@
 
 pub mod definition;
 pub mod embed;
+pub mod guest;
 
 use std::{
     collections::HashMap,
@@ -22,7 +23,9 @@ use dunes_shared::{
         Counters, RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus,
         WorkloadSample,
     },
-    protocol::{ProbeKind, ReadinessProbe, ReadyReply},
+    protocol::{
+        GuestApps, GuestAppsReply, GuestExec, GuestExecReply, ProbeKind, ReadinessProbe, ReadyReply,
+    },
 };
 use tokio::sync::{Semaphore, broadcast};
 use virt::{
@@ -38,6 +41,10 @@ use crate::storage::{DiskFormat, Storage, Template};
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// libvirt calls running at once on the blocking pool.
 pub const CONCURRENT_CALLS: usize = 8;
+/// Guest-agent passes (status, commands) running at once on the blocking pool.
+const GUEST_CALLS: usize = 4;
+/// How long a guest command runs when the request names no timeout.
+const GUEST_EXEC_DEFAULT_SECS: u32 = 30;
 /// How long a guest-agent ping may take.
 const GUEST_PING_TIMEOUT_SECS: i32 = 2;
 /// Status changes a slow subscriber may fall behind by before it must list again.
@@ -73,6 +80,8 @@ struct Inner {
     changes: broadcast::Sender<StatusChange>,
     active: AtomicU32,
     calls: Semaphore,
+    /// Guest-agent work running at once: apart from `calls`, since a check may take seconds.
+    guest_calls: Semaphore,
     /// One lock per VM name: calls for one VM are ordered.
     vm_locks: Mutex<HashMap<VmName, Arc<tokio::sync::Mutex<()>>>>,
     /// Template of each domain, by UUID: read from its XML once.
@@ -156,6 +165,7 @@ impl LibvirtRuntime {
             changes: broadcast::channel(CHANGES_QUEUE).0,
             active: AtomicU32::new(0),
             calls: Semaphore::new(CONCURRENT_CALLS),
+            guest_calls: Semaphore::new(GUEST_CALLS),
             vm_locks: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
             devices: Mutex::new(HashMap::new()),
@@ -404,6 +414,70 @@ impl Runtime for LibvirtRuntime {
 
     fn sample(&self) -> RuntimeFuture<'_, Vec<WorkloadSample>> {
         Box::pin(self.call(|i| i.sample()))
+    }
+
+    fn guest_apps(&self, request: GuestApps) -> RuntimeFuture<'_, GuestAppsReply> {
+        Box::pin(self.guest_call(request.name.clone(), move |dom| {
+            let vcpus = dom.info().map_err(lv("reading the VM"))?.nr_virt_cpu;
+            let apps = guest::apps_status(dom, &request.apps)?;
+            Ok(GuestAppsReply {
+                at_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                vcpus,
+                apps,
+            })
+        }))
+    }
+
+    fn guest_exec(&self, request: GuestExec) -> RuntimeFuture<'_, GuestExecReply> {
+        let secs = match request.timeout_secs {
+            0 => GUEST_EXEC_DEFAULT_SECS,
+            n => n,
+        };
+        Box::pin(self.guest_call(request.name.clone(), move |dom| {
+            Ok(guest::exec(
+                dom,
+                &request.command,
+                Duration::from_secs(u64::from(secs)),
+            )?)
+        }))
+    }
+}
+
+impl LibvirtRuntime {
+    /// Runs `f` on a running VM's domain, on the blocking pool, within the guest-agent limit.
+    async fn guest_call<T: Send + 'static>(
+        &self,
+        name: VmName,
+        f: impl FnOnce(&Domain) -> Result<T, RuntimeError> + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        if self.inner.domain_type == DomainType::Test {
+            return Err(RuntimeError::NoGuestAgent(
+                "libvirt's test driver has no guest agent",
+            ));
+        }
+        let _permit = self
+            .inner
+            .guest_calls
+            .acquire()
+            .await
+            .map_err(|_| RuntimeError::WorkerGone)?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let state = inner.state_of(&name)?;
+            if state != VmState::Running {
+                return Err(RuntimeError::WrongState {
+                    name,
+                    state,
+                    hint: "its guest agent answers only while it runs",
+                });
+            }
+            let dom = inner.lookup(&name)?;
+            f(&dom)
+        })
+        .await
+        .map_err(|_| RuntimeError::WorkerGone)?
     }
 }
 
