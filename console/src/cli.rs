@@ -123,12 +123,15 @@ pub enum AutoscaleCommand {
     Set {
         /// SERVICE/APP.
         target: String,
-        /// What is watched: the mean CPU % of the application's instances.
-        #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+        /// What is watched, as the mean over the application's instances: `cpu` (%; for an
+        /// application inside VMs, its processes' share of each VM, read in the guest), or
+        /// `app-metric` (the number its service file's `metric` reads: a command's output,
+        /// or the connections to a port).
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "app-metric"])]
         metric: String,
-        #[arg(long, value_name = "PERCENT")]
+        #[arg(long, value_name = "VALUE")]
         above: f64,
-        #[arg(long, value_name = "PERCENT")]
+        #[arg(long, value_name = "VALUE")]
         below: f64,
         #[arg(long, default_value = "30s", value_parser = parse_span_secs)]
         period: u64,
@@ -718,7 +721,7 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
         },
         CtlCommand::Autoscale(AutoscaleCommand::Set {
             target,
-            metric: _,
+            metric,
             above,
             below,
             period,
@@ -728,6 +731,7 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             max,
         }) => CtlRequest::AutoscaleSet {
             target: target.clone(),
+            metric: metric.clone(),
             above: *above,
             below: *below,
             period_secs: *period,

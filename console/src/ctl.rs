@@ -221,6 +221,9 @@ pub enum CtlRequest {
     },
     AutoscaleSet {
         target: String,
+        /// `cpu` (also when empty: a ctl from before metrics were named) or `app-metric`.
+        #[serde(default)]
+        metric: String,
         above: f64,
         below: f64,
         period_secs: u64,
@@ -531,6 +534,10 @@ pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
                 "ready_detail": i.ready_detail,
                 "adopted": i.record.adopted,
                 "cost_per_hour": i.cost_per_hour,
+                "metric": i.metric.as_ref().map(|m| match m {
+                    Ok(v) => json!({"value": v}),
+                    Err(e) => json!({"error": e}),
+                }),
                 "guest_apps": i.guest_apps.iter().map(|g| json!({
                     "name": g.name,
                     "state": g.state.as_str(),
@@ -558,6 +565,7 @@ pub fn service_json(view: &ServiceView, plan: Option<&ServicePlan>) -> Value {
                 "guest_apps": a.guest_apps.iter().map(|g| json!({
                     "name": g.name, "process": g.process, "check": g.check,
                 })).collect::<Vec<_>>(),
+                "metric": a.metric.as_ref().map(|m| m.describe()),
             })).collect::<Vec<_>>(),
             "start_order": spec.start_order().map(|o| o.iter().map(|a| a.name.to_string()).collect::<Vec<_>>()),
             "cost_per_hour": if view.instances.is_empty() {
@@ -1038,6 +1046,7 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
         }
         CtlRequest::AutoscaleSet {
             target,
+            metric,
             above,
             below,
             period_secs,
@@ -1047,8 +1056,10 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
             max,
         } => {
             let (service, app) = service_app(&target)?;
+            let metric = AutoscaleMetric::parse(if metric.is_empty() { "cpu" } else { &metric })
+                .ok_or_else(|| format!("no metric {metric:?}: cpu or app-metric"))?;
             let rule = AutoscaleRule {
-                metric: AutoscaleMetric::Cpu,
+                metric,
                 scale_out_above: above,
                 scale_in_below: below,
                 period_secs,

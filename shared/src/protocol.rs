@@ -43,6 +43,9 @@ pub mod features {
     /// `GuestApps`, `GuestExec`: applications inside a VM, seen and run through its guest
     /// agent (qemu-guest-agent).
     pub const GUEST_APPS: &str = "guest-apps";
+    /// `ReadMetric`: the number an application's instance reports (a command's output, or
+    /// the connections to a port), for statistics and autoscaling.
+    pub const APP_METRIC: &str = "app-metric";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -56,6 +59,7 @@ pub mod features {
         DISK_OVERLAY,
         SAMPLES,
         GUEST_APPS,
+        APP_METRIC,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -414,6 +418,45 @@ pub struct GuestExecReply {
     pub stderr: String,
 }
 
+/// What a metric probe reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetricKind {
+    /// The number a shell command prints first.
+    Command,
+    /// TCP connections established to a local port.
+    Tcp,
+    /// A kind a newer console added.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A metric probe: its kind and what that kind needs (a struct, like [`ReadinessProbe`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricProbe {
+    pub kind: MetricKind,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+/// Reads an application metric of a running workload (inside a VM, through its guest agent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadMetric {
+    pub name: VmName,
+    pub probe: MetricProbe,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricReply {
+    pub value: f64,
+    /// When it was read, in milliseconds since the Unix epoch (the agent's clock).
+    pub at_unix_ms: u64,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -439,6 +482,7 @@ pub enum Request {
     CancelTransfer(CancelTransfer),
     GuestApps(GuestApps),
     GuestExec(GuestExec),
+    ReadMetric(ReadMetric),
 }
 
 impl Request {
@@ -466,6 +510,7 @@ impl Request {
             Request::CancelTransfer(_) => CancelTransfer::KIND,
             Request::GuestApps(_) => GuestApps::KIND,
             Request::GuestExec(_) => GuestExec::KIND,
+            Request::ReadMetric(_) => ReadMetric::KIND,
         }
     }
 }
@@ -518,6 +563,7 @@ rpc! {
     CancelTransfer => (), Some(features::TRANSFER_CANCEL), "cancel-transfer";
     GuestApps => GuestAppsReply, Some(features::GUEST_APPS), "guest-apps";
     GuestExec => GuestExecReply, Some(features::GUEST_APPS), "guest-exec";
+    ReadMetric => MetricReply, Some(features::APP_METRIC), "read-metric";
 }
 
 /// What an agent pushes on its event stream.
@@ -807,6 +853,21 @@ mod tests {
                 ),
             ),
             (
+                Request::ReadMetric(ReadMetric {
+                    name: name(),
+                    probe: MetricProbe {
+                        kind: MetricKind::Tcp,
+                        port: Some(80),
+                        command: None,
+                    },
+                    runtime: RuntimeKind::Process,
+                }),
+                concat!(
+                    "81aa526561644d657472696383a46e616d65a161a570726f626583a46b696e64a3746370a4706f72",
+                    "7450a7636f6d6d616e64c0a772756e74696d65a770726f63657373",
+                ),
+            ),
+            (
                 Request::SendDisk(SendDisk {
                     ticket: ticket(),
                     target_address: "h:1".into(),
@@ -945,6 +1006,13 @@ mod tests {
                 "6f63657373657301a66370755f6e7303a77273735f6b696204ac636865636b5f706173736564c3a6",
                 "64657461696ca164",
             ),
+        );
+        golden::<Result<MetricReply, WireError>>(
+            &Ok(MetricReply {
+                value: 1.5,
+                at_unix_ms: 2,
+            }),
+            "81a24f6b82a576616c7565cb3ff8000000000000aa61745f756e69785f6d7302",
         );
         golden::<Result<GuestExecReply, WireError>>(
             &Ok(GuestExecReply {

@@ -21,6 +21,28 @@ pub enum Readiness {
     Command { command: String },
 }
 
+/// A number an application's instances report, for statistics and autoscaling: what a
+/// command prints (requests per second, a queue's length), or the TCP connections
+/// established to a port. For a VM both are read inside the guest, through its guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppMetric {
+    /// A shell command whose output starts with a number.
+    Command { command: String },
+    /// Established TCP connections whose local port is this one.
+    Tcp { port: u16 },
+}
+
+impl AppMetric {
+    /// As the operator reads it: "`cat /run/queue`", "connections to port 80".
+    pub fn describe(&self) -> String {
+        match self {
+            AppMetric::Command { command } => format!("`{command}`"),
+            AppMetric::Tcp { port } => format!("connections to port {port}"),
+        }
+    }
+}
+
 /// An interpreter an application needs on its host (the seed's catalogue of machines having
 /// an interpreter of a particular type).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +95,9 @@ pub struct ApplicationSpec {
     /// Applications running inside each of this application's VMs.
     #[serde(default)]
     pub guest_apps: Vec<GuestAppSpec>,
+    /// The number its instances report (its statistics' `app-metric` series).
+    #[serde(default)]
+    pub metric: Option<AppMetric>,
 }
 
 /// A minimum security level, for the whole service or for one application.
@@ -193,6 +218,15 @@ impl ApplicationSpec {
             return Err(bad(
                 "a VM is ready when it runs or when its guest agent answers: use readiness \"running\" or \"guest-agent\"".into(),
             ));
+        }
+        match &self.metric {
+            Some(AppMetric::Command { command }) if command.trim().is_empty() => {
+                return Err(bad("the metric command is empty".into()));
+            }
+            Some(AppMetric::Tcp { port: 0 }) => {
+                return Err(bad("the metric port must not be 0".into()));
+            }
+            _ => {}
         }
         if !self.guest_apps.is_empty() && self.runtime != RuntimeKind::Libvirt {
             return Err(bad(
@@ -414,6 +448,7 @@ mod tests {
             readiness: Readiness::Running,
             depends_on: deps.iter().map(|d| AppName::new(*d).unwrap()).collect(),
             guest_apps: Vec::new(),
+            metric: None,
         }
     }
 

@@ -69,6 +69,7 @@ fn app(name: &str, instances: u32, runtime: RuntimeKind) -> ApplicationSpec {
         readiness: Readiness::Running,
         depends_on: Vec::new(),
         guest_apps: Vec::new(),
+        metric: None,
     }
 }
 

@@ -535,6 +535,48 @@ process = "worker"
         (Some(3), "oops\n")
     );
 
+    // An autoscaling rule on an application inside the VMs watches its CPU in the guest
+    // (and would scale the VMs holding it).
+    use dunes_console::engine::autoscale::{AutoscaleMetric, AutoscaleRule};
+    engine
+        .request(|reply| Command::SetAutoscale {
+            service: service.clone(),
+            app: AppName::new("web").unwrap(),
+            rule: Some(AutoscaleRule {
+                metric: AutoscaleMetric::Cpu,
+                scale_out_above: 90.0,
+                scale_in_below: 1.0,
+                period_secs: 5,
+                periods: 1,
+                cooldown_secs: 0,
+                min_instances: 1,
+                max_instances: 1,
+            }),
+            reply,
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reason = loop {
+        let shown = engine
+            .request(|reply| Command::AutoscaleShow { reply })
+            .await
+            .unwrap();
+        if let Some(reason) = shown[0]
+            .last_reason
+            .clone()
+            .filter(|r| r.contains("web cpu mean"))
+        {
+            break reason;
+        }
+        assert!(Instant::now() < deadline, "never measured: {shown:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        reason.contains("but it has its minimum 1 instances") || reason.contains("within"),
+        "{reason}"
+    );
+
     // The worker killed inside the guest: down, and the service degraded; web goes on.
     let killed = engine
         .request(|reply| Command::GuestExec {

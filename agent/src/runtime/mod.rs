@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod libvirt;
+pub mod metric;
 pub mod process;
 
 use std::{future::Future, pin::Pin, sync::Arc};
@@ -14,8 +15,8 @@ use dunes_shared::{
         WorkloadSample,
     },
     protocol::{
-        ErrorCode, GuestApps, GuestAppsReply, GuestExec, GuestExecReply, ReadinessProbe,
-        ReadyReply, WireError,
+        ErrorCode, GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricProbe,
+        ReadinessProbe, ReadyReply, WireError,
     },
 };
 use tokio::sync::broadcast;
@@ -64,6 +65,8 @@ pub enum RuntimeError {
     WorkerGone,
     #[error("{0}")]
     NoGuestAgent(&'static str),
+    #[error("{0}")]
+    Metric(String),
     #[error(transparent)]
     Guest(#[from] libvirt::guest::GuestError),
 }
@@ -88,7 +91,8 @@ impl RuntimeError {
             RuntimeError::Libvirt { .. }
             | RuntimeError::Definition(_)
             | RuntimeError::NotStarted { .. }
-            | RuntimeError::Guest(_) => ErrorCode::Runtime,
+            | RuntimeError::Guest(_)
+            | RuntimeError::Metric(_) => ErrorCode::Runtime,
             RuntimeError::Duplicate(_) | RuntimeError::WorkerGone => ErrorCode::Internal,
         };
         WireError::new(code, dunes_shared::error_chain(self))
@@ -152,6 +156,11 @@ pub trait Runtime: Send + Sync + 'static {
                 "only a VM has a guest agent to ask",
             ))
         })
+    }
+    /// The application metric of a running workload.
+    fn read_metric(&self, name: VmName, probe: MetricProbe) -> RuntimeFuture<'_, f64> {
+        let _ = (name, probe);
+        Box::pin(async { Err(RuntimeError::NoRuntime("application metrics")) })
     }
     /// Runs a shell command inside a running workload, through its guest agent.
     fn guest_exec(&self, request: GuestExec) -> RuntimeFuture<'_, GuestExecReply> {

@@ -27,7 +27,7 @@ use dunes_shared::{
         InterpreterInfo, RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus,
         WorkloadSample,
     },
-    protocol::{ProbeKind, ReadinessProbe, ReadyReply},
+    protocol::{MetricKind, MetricProbe, ProbeKind, ReadinessProbe, ReadyReply},
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -602,6 +602,61 @@ impl ProcessRuntime {
     }
 }
 
+impl ProcessRuntime {
+    /// A command run as the instance runs (its user, its work dir), or the connections to a
+    /// port on this host (process instances share its network).
+    async fn metric(&self, name: VmName, probe: MetricProbe) -> Result<f64, RuntimeError> {
+        let status = self.status(&name)?;
+        if status.state != VmState::Running {
+            return Err(RuntimeError::WrongState {
+                name,
+                state: status.state,
+                hint: "its metric is read only while it runs",
+            });
+        }
+        match (probe.kind, probe.command, probe.port) {
+            (MetricKind::Tcp, _, Some(port)) => {
+                let mut text = String::new();
+                for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+                    text.push_str(&tokio::fs::read_to_string(table).await.unwrap_or_default());
+                }
+                Ok(f64::from(super::metric::established_on(&text, port)))
+            }
+            (MetricKind::Command, Some(command), _) => {
+                let uid = lock(&self.inner.instances)
+                    .get(&name)
+                    .and_then(|i| i.def.uid);
+                let run = instance_command("/bin/sh", uid, &self.dir(&name).join("work"))
+                    .arg("-c")
+                    .arg(&command)
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .output();
+                match tokio::time::timeout(READY_COMMAND_TIMEOUT, run).await {
+                    Ok(Ok(out)) if out.status.success() => {
+                        super::metric::parse_number(&String::from_utf8_lossy(&out.stdout))
+                            .map_err(RuntimeError::Metric)
+                    }
+                    Ok(Ok(out)) => Err(RuntimeError::Metric(format!(
+                        "the metric command exits {}",
+                        out.status
+                    ))),
+                    Ok(Err(e)) => Err(RuntimeError::Metric(format!(
+                        "the metric command cannot run: {e}"
+                    ))),
+                    Err(_) => Err(RuntimeError::Metric(
+                        "the metric command did not end in 10 s".into(),
+                    )),
+                }
+            }
+            _ => Err(RuntimeError::Metric(
+                "this metric probe is not one this agent knows".into(),
+            )),
+        }
+    }
+}
+
 fn install_reports_template(templates: &Path) -> Result<(), RuntimeError> {
     let dir = templates.join("reports");
     let manifest = dir.join("process.toml");
@@ -987,6 +1042,10 @@ impl Runtime for ProcessRuntime {
 
     fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply> {
         Box::pin(self.ready(name, probe))
+    }
+
+    fn read_metric(&self, name: VmName, probe: MetricProbe) -> RuntimeFuture<'_, f64> {
+        Box::pin(self.metric(name, probe))
     }
 
     fn changes(&self) -> broadcast::Receiver<StatusChange> {

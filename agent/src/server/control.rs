@@ -11,8 +11,8 @@ use dunes_shared::{
     protocol::{
         CancelTransfer, CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm,
         GuestApps, GuestExec, HashDisk, Hello, HelloReply, ImportVm, ListTemplates, ListVms,
-        PrepareReceive, RenewBegin, RenewBeginReply, RenewFinish, Request, SendDisk, StartVm,
-        StopVm, WireError, codes, features,
+        MetricReply, PrepareReceive, ReadMetric, RenewBegin, RenewBeginReply, RenewFinish, Request,
+        SendDisk, StartVm, StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -220,6 +220,23 @@ async fn dispatch(
                 Err(e) => Err(e.to_wire()),
             })
         }
+        Request::ReadMetric(ReadMetric {
+            name,
+            probe,
+            runtime: kind,
+        }) => encode_reply::<ReadMetric>(match runtime(kind) {
+            Ok(rt) => rt
+                .read_metric(name, probe)
+                .await
+                .map(|value| MetricReply {
+                    value,
+                    at_unix_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                })
+                .map_err(|e| e.to_wire()),
+            Err(e) => Err(e.to_wire()),
+        }),
         Request::GuestExec(request) => {
             encode_reply::<GuestExec>(match runtime(dunes_shared::model::RuntimeKind::Libvirt) {
                 Ok(rt) => rt.guest_exec(request).await.map_err(|e| e.to_wire()),

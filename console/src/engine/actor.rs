@@ -100,6 +100,10 @@ pub(super) struct Actor {
     pub(super) guest_looks: BTreeMap<String, super::guest_apps::GuestLook>,
     /// Instances with a look at their guest applications under way.
     pub(super) guest_looking: std::collections::BTreeSet<String>,
+    /// The last read of each running instance's application metric, by `service/app/index`.
+    pub(super) metric_reads: BTreeMap<String, Result<f64, String>>,
+    /// Instances with a metric read under way.
+    pub(super) metric_reading: std::collections::BTreeSet<String>,
     /// Service status changes for the desktop, when notifications are on.
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
     /// The open part of every time series (what closed is in the store).
@@ -139,7 +143,10 @@ impl Actor {
         loop {
             tokio::select! {
                 _ = autoscale.tick() => self.autoscale_tick(),
-                _ = guest_apps.tick() => self.look_at_guest_apps(),
+                _ = guest_apps.tick() => {
+                    self.look_at_guest_apps();
+                    self.read_app_metrics();
+                }
                 _ = stats_flush.tick() => {
                     let writes = self.stats.flush();
                     self.store.put_stats(writes);

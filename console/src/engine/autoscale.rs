@@ -10,20 +10,35 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AutoscaleMetric {
-    /// CPU, in percent of each instance's CPUs.
+    /// CPU, in percent of each instance's CPUs (of an application inside VMs: its
+    /// processes' share of each VM, from the guest).
     Cpu,
+    /// The number the application's instances report (its service file's `metric`:
+    /// requests from a command, connections to a port), as a mean over instances.
+    AppMetric,
 }
 
 impl AutoscaleMetric {
     pub fn as_str(self) -> &'static str {
         match self {
             AutoscaleMetric::Cpu => "cpu",
+            AutoscaleMetric::AppMetric => "app-metric",
         }
     }
 
+    /// What follows a value: " %" for CPU; an application's own number has no unit.
     pub fn unit(self) -> &'static str {
         match self {
-            AutoscaleMetric::Cpu => "%",
+            AutoscaleMetric::Cpu => " %",
+            AutoscaleMetric::AppMetric => "",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "cpu" => Some(AutoscaleMetric::Cpu),
+            "app-metric" => Some(AutoscaleMetric::AppMetric),
+            _ => None,
         }
     }
 }
@@ -88,7 +103,7 @@ impl AutoscaleRule {
     /// "cpu > 75 % or < 20 % for 3×30 s, cooldown 300 s, 1 to 4 instances".
     pub fn describe(&self) -> String {
         format!(
-            "{m} > {a} {u} or < {b} {u} for {n}×{p} s, cooldown {c} s, {lo} to {hi} instances",
+            "{m} > {a}{u} or < {b}{u} for {n}×{p} s, cooldown {c} s, {lo} to {hi} instances",
             m = self.metric.as_str(),
             u = self.metric.unit(),
             a = self.scale_out_above,
@@ -171,13 +186,13 @@ pub fn decide(
     if last.iter().all(|v| *v > rule.scale_out_above) {
         if current >= rule.max_instances {
             return hold(format!(
-                "{app} {metric} mean {mean:.1} {unit} > {} {unit} for {window}, but it has its maximum {} instances",
+                "{app} {metric} mean {mean:.1}{unit} > {}{unit} for {window}, but it has its maximum {} instances",
                 rule.scale_out_above, rule.max_instances
             ));
         }
         if let Some(since) = cooling {
             return hold(format!(
-                "{app} {metric} mean {mean:.1} {unit} > {} {unit} for {window}, cooling down ({since} of {} s)",
+                "{app} {metric} mean {mean:.1}{unit} > {}{unit} for {window}, cooling down ({since} of {} s)",
                 rule.scale_out_above, rule.cooldown_secs
             ));
         }
@@ -185,7 +200,7 @@ pub fn decide(
             change: Some(Change::Out),
             instances: current + 1,
             reason: format!(
-                "{app} {metric} mean {mean:.1} {unit} > {} {unit} for {window} → +1 instance",
+                "{app} {metric} mean {mean:.1}{unit} > {}{unit} for {window} → +1 instance",
                 rule.scale_out_above
             ),
         };
@@ -193,13 +208,13 @@ pub fn decide(
     if last.iter().all(|v| *v < rule.scale_in_below) {
         if current <= rule.min_instances {
             return hold(format!(
-                "{app} {metric} mean {mean:.1} {unit} < {} {unit} for {window}, but it has its minimum {} instances",
+                "{app} {metric} mean {mean:.1}{unit} < {}{unit} for {window}, but it has its minimum {} instances",
                 rule.scale_in_below, rule.min_instances
             ));
         }
         if let Some(since) = cooling {
             return hold(format!(
-                "{app} {metric} mean {mean:.1} {unit} < {} {unit} for {window}, cooling down ({since} of {} s)",
+                "{app} {metric} mean {mean:.1}{unit} < {}{unit} for {window}, cooling down ({since} of {} s)",
                 rule.scale_in_below, rule.cooldown_secs
             ));
         }
@@ -207,13 +222,13 @@ pub fn decide(
             change: Some(Change::In),
             instances: current - 1,
             reason: format!(
-                "{app} {metric} mean {mean:.1} {unit} < {} {unit} for {window} → −1 instance (the newest)",
+                "{app} {metric} mean {mean:.1}{unit} < {}{unit} for {window} → −1 instance (the newest)",
                 rule.scale_in_below
             ),
         };
     }
     hold(format!(
-        "{app} {metric} mean {mean:.1} {unit} within {}–{} {unit}",
+        "{app} {metric} mean {mean:.1}{unit} within {}–{}{unit}",
         rule.scale_in_below, rule.scale_out_above
     ))
 }

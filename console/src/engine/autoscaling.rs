@@ -12,7 +12,7 @@ use dunes_shared::service::ServiceSpec;
 use super::{
     EngineError, Reply,
     actor::{Actor, Internal, now_ms},
-    autoscale::{AutoscaleRule, Change, Decision, decide, period_means, replay},
+    autoscale::{AutoscaleMetric, AutoscaleRule, Change, Decision, decide, period_means, replay},
     placement::Action,
     rollup,
     stats::{self, Metric, Subject},
@@ -99,11 +99,65 @@ impl Actor {
     /// A service's definition with the instance counts its rules set.
     pub(super) fn scaled(&self, name: &ServiceName, mut spec: ServiceSpec) -> ServiceSpec {
         for app in &mut spec.applications {
-            if let Some(entry) = self.autoscaling.get(&key(name, &app.name)) {
+            // A rule on the application, or on one inside its VMs (which scales the VMs).
+            let entry = std::iter::once(&app.name)
+                .chain(app.guest_apps.iter().map(|g| &g.name))
+                .find_map(|a| self.autoscaling.get(&key(name, a)));
+            if let Some(entry) = entry {
                 app.instances = entry.record.desired;
             }
         }
         spec
+    }
+
+    /// The application whose instances a rule on `app` adds and removes: itself, or for an
+    /// application inside VMs, the one whose VMs hold it. `None` when the service has no
+    /// such application (or no longer reads).
+    fn scaled_app(&self, service: &ServiceName, app: &AppName) -> Option<AppName> {
+        let spec = self.services.get(service)?.spec.as_ref().ok()?;
+        if spec.application(app).is_some() {
+            return Some(app.clone());
+        }
+        spec.guest_app(app).map(|(holder, _)| holder.name.clone())
+    }
+
+    /// The series a rule on `app` reads for `metric`, one per instance, with their open
+    /// buckets at `level`: each instance's own (CPU, application metric), or the CPU of the
+    /// application inside each VM.
+    fn watched_series(
+        &self,
+        service: &ServiceName,
+        app: &AppName,
+        metric: AutoscaleMetric,
+        level: usize,
+        created_only: bool,
+    ) -> Vec<(String, Vec<rollup::Bucket>)> {
+        let Some(scaled) = self.scaled_app(service, app) else {
+            return Vec::new();
+        };
+        let inside = &scaled != app;
+        self.instances
+            .values()
+            .filter(|i| {
+                &i.service == service
+                    && i.app == scaled
+                    && (!created_only || i.state == InstanceState::Created)
+            })
+            .map(|i| {
+                let (subject, m) = match (metric, inside) {
+                    (AutoscaleMetric::Cpu, true) => {
+                        (Subject::GuestApp(i.vm.clone(), app.clone()), Metric::Cpu)
+                    }
+                    (AutoscaleMetric::Cpu, false) => (Subject::Workload(i.vm.clone()), Metric::Cpu),
+                    (AutoscaleMetric::AppMetric, _) => {
+                        (Subject::Workload(i.vm.clone()), Metric::AppMetric)
+                    }
+                };
+                let k = stats::series_key(&subject, m);
+                let open = self.stats.open(&k, level);
+                (k, open)
+            })
+            .collect()
     }
 
     pub(super) fn load_autoscaling(&mut self, records: Vec<AutoscaleRecord>) {
@@ -114,6 +168,7 @@ impl Actor {
     }
 
     fn instance_count(&self, service: &ServiceName, app: &AppName) -> u32 {
+        let app = &self.scaled_app(service, app).unwrap_or_else(|| app.clone());
         self.instances
             .values()
             .filter(|i| {
@@ -175,10 +230,44 @@ impl Actor {
                 .map_err(|e| {
                     EngineError::Invalid(format!("service {service} no longer reads: {e}"))
                 })?;
-            if spec.application(&app).is_none() {
-                return Err(EngineError::Invalid(format!(
-                    "service {service} has no application {app}"
-                )));
+            match (spec.application(&app), spec.guest_app(&app)) {
+                (None, None) => {
+                    return Err(EngineError::Invalid(format!(
+                        "service {service} has no application {app}"
+                    )));
+                }
+                (Some(a), _) if rule.metric == AutoscaleMetric::AppMetric && a.metric.is_none() => {
+                    return Err(EngineError::Invalid(format!(
+                        "application {app} has no metric: add metric = {{ command = \"...\" }} or {{ tcp = PORT }} to it in the service file"
+                    )));
+                }
+                (None, Some((holder, _))) => {
+                    if rule.metric != AutoscaleMetric::Cpu {
+                        return Err(EngineError::Invalid(format!(
+                            "application {app} runs inside {}'s VMs: its rule watches its cpu",
+                            holder.name
+                        )));
+                    }
+                    if self.autoscaling.contains_key(&key(&service, &holder.name)) {
+                        return Err(EngineError::Invalid(format!(
+                            "{} already has a rule, which scales the VMs {app} runs in",
+                            key(&service, &holder.name)
+                        )));
+                    }
+                }
+                (Some(a), None) => {
+                    if let Some(g) = a
+                        .guest_apps
+                        .iter()
+                        .find(|g| self.autoscaling.contains_key(&key(&service, &g.name)))
+                    {
+                        return Err(EngineError::Invalid(format!(
+                            "{} already has a rule, which scales {app}'s VMs",
+                            key(&service, &g.name)
+                        )));
+                    }
+                }
+                _ => {}
             }
             Ok(())
         })();
@@ -227,9 +316,9 @@ impl Actor {
             let desired = entry.record.desired;
             // The service or the application went away: so does its rule.
             let gone = self.services.get(&service).is_none_or(|s| {
-                s.spec
-                    .as_ref()
-                    .is_ok_and(|spec| spec.application(&app).is_none())
+                s.spec.as_ref().is_ok_and(|spec| {
+                    spec.application(&app).is_none() && spec.guest_app(&app).is_none()
+                })
             });
             if gone {
                 self.autoscaling.remove(&entry_key);
@@ -255,18 +344,8 @@ impl Actor {
                 continue;
             }
             entry.measuring = true;
-            let series: Vec<(String, Vec<rollup::Bucket>)> = self
-                .instances
-                .values()
-                .filter(|i| {
-                    i.service == service && i.app == app && i.state == InstanceState::Created
-                })
-                .map(|i| {
-                    let k = stats::series_key(&Subject::Workload(i.vm.clone()), Metric::Cpu);
-                    let open = self.stats.open(&k, 0);
-                    (k, open)
-                })
-                .collect();
+            let metric = entry.record.rule.metric;
+            let series = self.watched_series(&service, &app, metric, 0, true);
             let reader = self.store.stats_reader();
             let internal = self.internal_tx.clone();
             let from = end - period;
@@ -343,19 +422,22 @@ impl Actor {
         // Where the change lands, for the log: placement's host of a new instance, or the
         // host of the instance that goes.
         let service = record.service.clone();
+        let scaled = self
+            .scaled_app(&service, &record.app)
+            .unwrap_or_else(|| record.app.clone());
         let place = match (decision.change, self.plan_service(&service, &[])) {
             (Some(Change::Out), Ok(plan)) => plan
                 .plan
                 .placements
                 .iter()
-                .find(|p| p.app == record.app && p.action == Action::Create)
+                .find(|p| p.app == scaled && p.action == Action::Create)
                 .map(|p| format!(" on {}", p.host))
                 .unwrap_or_else(|| " (placement finds no host: see `service plan`)".into()),
             (Some(Change::In), Ok(plan)) => plan
                 .plan
                 .removals
                 .iter()
-                .find(|r| r.app == record.app)
+                .find(|r| r.app == scaled)
                 .map(|r| format!(" ({}-{}-{} on {})", service, r.app, r.index, r.host))
                 .unwrap_or_default(),
             _ => String::new(),
@@ -434,16 +516,7 @@ impl Actor {
         let level = rollup::level_for(from, now, u64::MAX);
         let step = rollup::RESOLUTIONS[level].step_secs;
         // Every VM the application had in that range is not known; those it has now are.
-        let series: Vec<(String, Vec<rollup::Bucket>)> = self
-            .instances
-            .values()
-            .filter(|i| i.service == service && i.app == app)
-            .map(|i| {
-                let k = stats::series_key(&Subject::Workload(i.vm.clone()), Metric::Cpu);
-                let open = self.stats.open(&k, level);
-                (k, open)
-            })
-            .collect();
+        let series = self.watched_series(&service, &app, rule.metric, level, false);
         let start_instances = rule.min_instances;
         let reader = self.store.stats_reader();
         tokio::task::spawn_blocking(move || {

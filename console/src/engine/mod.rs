@@ -3,6 +3,7 @@
 //! through [`EngineHandle`].
 
 mod actor;
+pub mod app_metrics;
 pub mod autoscale;
 mod autoscaling;
 pub mod capacity;
@@ -482,6 +483,8 @@ pub async fn start_with(
         checking: Default::default(),
         guest_looks: BTreeMap::new(),
         guest_looking: Default::default(),
+        metric_reads: BTreeMap::new(),
+        metric_reading: Default::default(),
         migrations: loaded
             .migrations
             .iter()

@@ -877,6 +877,7 @@ mod tests {
             readiness: Readiness::Running,
             depends_on: Vec::new(),
             guest_apps: Vec::new(),
+            metric: None,
         }
     }
 

@@ -14,6 +14,7 @@
 //! storage_mib = 20480
 //! instances = 1
 //! readiness = "guest-agent"          # running | guest-agent | { tcp = 5432 } | { command = "..." }
+//! metric = { tcp = 5432 }             # or { command = "..." } printing a number (autoscaling)
 //!
 //! [[application.guest_app]]              # runs inside each of db's VMs (guest agent)
 //! name = "backup"
@@ -39,8 +40,8 @@
 use dunes_shared::{
     model::{AppName, HostId, RuntimeKind, ServiceName, SiteName, TemplateName},
     service::{
-        ApplicationSpec, GuestAppSpec, InterpreterNeed, PinRule, Readiness, SecurityRule,
-        ServiceError, ServiceRules, ServiceSpec,
+        AppMetric, ApplicationSpec, GuestAppSpec, InterpreterNeed, PinRule, Readiness,
+        SecurityRule, ServiceError, ServiceRules, ServiceSpec,
     },
 };
 use serde::Deserialize;
@@ -86,6 +87,27 @@ struct AppFile {
     depends_on: Vec<AppName>,
     #[serde(default)]
     guest_app: Vec<GuestAppFile>,
+    #[serde(default)]
+    metric: Option<MetricFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MetricFile {
+    Command(MetricCommandFile),
+    Tcp(MetricTcpFile),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricCommandFile {
+    command: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricTcpFile {
+    tcp: u16,
 }
 
 #[derive(Deserialize)]
@@ -193,6 +215,11 @@ pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
     let file: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map_or(1, |s| line_of(text, s.start));
         let message = e.message().trim().to_string();
+        let message = if message.contains("untagged enum MetricFile") {
+            "metric must be { command = \"...\" } or { tcp = PORT }".to_string()
+        } else {
+            message
+        };
         let message = match key_on_line(text, line) {
             Some(key) if !message.contains(&format!("`{key}`")) => format!("{key}: {message}"),
             _ => message,
@@ -277,6 +304,10 @@ fn app_spec(a: AppFile) -> ApplicationSpec {
                 check: g.check,
             })
             .collect(),
+        metric: a.metric.map(|m| match m {
+            MetricFile::Command(c) => AppMetric::Command { command: c.command },
+            MetricFile::Tcp(t) => AppMetric::Tcp { port: t.tcp },
+        }),
     }
 }
 
@@ -356,6 +387,31 @@ process = "worker"
         let unknown = text.replace("process = \"worker\"", "command = \"x\"");
         let err = parse_service_file(&unknown).unwrap_err();
         assert_eq!(err.line, 17, "{err}");
+    }
+
+    #[test]
+    fn an_application_metric_is_a_command_or_a_port() {
+        let base = "name = \"s\"\n[[application]]\nname = \"web\"\nruntime = \"process\"\ntemplate = \"t\"\nvcpus = 1\nmemory_mib = 64\n";
+        let with = |metric: &str| parse_service_file(&format!("{base}metric = {metric}\n"));
+        let metric = |m: &str| with(m).unwrap().applications[0].metric.clone();
+        assert_eq!(
+            metric("{ command = \"cat /run/queue\" }"),
+            Some(AppMetric::Command {
+                command: "cat /run/queue".into()
+            })
+        );
+        assert_eq!(
+            metric("{ tcp = 8080 }"),
+            Some(AppMetric::Tcp { port: 8080 })
+        );
+        let err = with("{ udp = 53 }").unwrap_err();
+        assert_eq!(err.line, 8, "{err}");
+        assert!(err.message.contains("metric must be { command"), "{err}");
+        let err = with("{ tcp = 0 }").unwrap_err();
+        assert_eq!(
+            err.message,
+            "application web: the metric port must not be 0"
+        );
     }
 
     #[test]

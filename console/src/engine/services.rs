@@ -81,6 +81,9 @@ pub struct InstanceView {
     pub cost_per_hour: f64,
     /// The applications inside its VM, as the guest agent last showed them.
     pub guest_apps: Vec<super::guest_apps::GuestAppView>,
+    /// Its application metric's last value, or why it could not be read; `None` without
+    /// a metric or before the first read.
+    pub metric: Option<Result<f64, String>>,
 }
 
 /// A service as the snapshot shows it.
@@ -986,6 +989,7 @@ impl Actor {
                             ready_detail,
                             cost_per_hour,
                             guest_apps,
+                            metric: self.metric_reads.get(&i.key()).cloned(),
                         }
                     })
                     .collect();

@@ -21,16 +21,19 @@ pub enum Metric {
     DiskWrite,
     NetRx,
     NetTx,
+    /// The number an application's instances report (its service file's `metric`).
+    AppMetric,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] = [
+    pub const ALL: [Metric; 7] = [
         Metric::Cpu,
         Metric::Memory,
         Metric::DiskRead,
         Metric::DiskWrite,
         Metric::NetRx,
         Metric::NetTx,
+        Metric::AppMetric,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Metric {
             Metric::DiskWrite => "disk-write",
             Metric::NetRx => "net-rx",
             Metric::NetTx => "net-tx",
+            Metric::AppMetric => "app-metric",
         }
     }
 
@@ -48,6 +52,7 @@ impl Metric {
         match self {
             Metric::Cpu => "%",
             Metric::Memory => "MiB",
+            Metric::AppMetric => "",
             _ => "B/s",
         }
     }
@@ -324,6 +329,25 @@ impl TimeSeries {
         writes
     }
 
+    /// Takes one value of a series that is read as it is (no counter): an application's
+    /// metric.
+    pub fn ingest_value(
+        &mut self,
+        subject: &Subject,
+        metric: Metric,
+        at_unix_ms: u64,
+        value: f64,
+    ) -> Vec<StatsWrite> {
+        let mut writes = Vec::new();
+        self.add(
+            series_key(subject, metric),
+            at_unix_ms / 1000,
+            value,
+            &mut writes,
+        );
+        writes
+    }
+
     fn add(&mut self, key: String, at_secs: u64, value: f64, writes: &mut Vec<StatsWrite>) {
         let series = self.series.entry(key.clone()).or_default();
         let ingested = series.rollup.ingest(at_secs, value);
@@ -596,7 +620,7 @@ mod tests {
                 .iter()
                 .any(|w| matches!(w, StatsWrite::Bucket { level: 2, .. }))
         );
-        // Host and workload, six metrics each but the first reading's rates.
-        assert_eq!(ts.series_count(), 2 * Metric::ALL.len());
+        // Host and workload, the six metrics a sample gives each (not the application's).
+        assert_eq!(ts.series_count(), 2 * (Metric::ALL.len() - 1));
     }
 }

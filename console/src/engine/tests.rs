@@ -1827,3 +1827,153 @@ async fn a_busy_front_end_scales_out_and_back_in_with_its_reasons_logged() {
         "{replayed:?}"
     );
 }
+
+/// An application metric (a queue's length, printed by a command) drives autoscaling: a long
+/// queue adds a worker, an empty one removes it; the values are the instances' `app-metric`
+/// series. A rule on a metric the application does not have is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_length_metric_scales_workers_out_and_in() {
+    use super::autoscale::{AutoscaleMetric, AutoscaleRule};
+    use super::stats::{Metric, Subject};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The queue: a file the instances' own users can read.
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let queue = shared.path().join("queue");
+    std::fs::write(&queue, "0\n").unwrap();
+    std::fs::set_permissions(&queue, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let agent = agent(dir.path(), "queues").await;
+    let template = dir.path().join("queues/storage/images/idler");
+    std::fs::create_dir_all(&template).unwrap();
+    std::fs::write(
+        template.join("process.toml"),
+        "description = \"idle\"\ncommand = [\"/bin/sh\", \"-c\", \"while :; do sleep 1; done\"]\ndefault_vcpus = 1\ndefault_memory_mib = 16\n",
+    )
+    .unwrap();
+    let engine = engine_with(dir.path(), &agent).await;
+    let source = format!(
+        "name = \"jobs\"\n[[application]]\nname = \"worker\"\nruntime = \"process\"\ntemplate = \"idler\"\nvcpus = 1\nmemory_mib = 16\nmetric = {{ command = \"cat {}\" }}\n[[application]]\nname = \"plain\"\nruntime = \"process\"\ntemplate = \"idler\"\nvcpus = 1\nmemory_mib = 16\n",
+        queue.display()
+    );
+    let name = engine
+        .request(|reply| Command::DefineService {
+            source,
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    deploy_and_start(&engine, &name).await;
+    let rule = AutoscaleRule {
+        metric: AutoscaleMetric::AppMetric,
+        scale_out_above: 20.0,
+        scale_in_below: 5.0,
+        period_secs: 5,
+        periods: 1,
+        cooldown_secs: 0,
+        min_instances: 1,
+        max_instances: 2,
+    };
+    let refused = engine
+        .request(|reply| Command::SetAutoscale {
+            service: name.clone(),
+            app: AppName::new("plain").unwrap(),
+            rule: Some(rule.clone()),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("plain has no metric"),
+        "{refused}"
+    );
+    let worker = AppName::new("worker").unwrap();
+    engine
+        .request(|reply| Command::SetAutoscale {
+            service: name.clone(),
+            app: worker.clone(),
+            rule: Some(rule),
+            reply,
+        })
+        .await
+        .unwrap();
+    let workers = |s: &super::Snapshot| -> Vec<super::InstanceView> {
+        s.services[0]
+            .instances
+            .iter()
+            .filter(|i| i.record.app == worker)
+            .cloned()
+            .collect()
+    };
+    let log = |engine: &EngineHandle| -> Vec<String> {
+        engine
+            .snapshot()
+            .events
+            .iter()
+            .map(|e| e.message.clone())
+            .collect()
+    };
+    // The value read shows on the instance.
+    engine
+        .wait_for(Duration::from_secs(30), |s| {
+            workers(s)
+                .first()
+                .is_some_and(|i| i.metric == Some(Ok(0.0)))
+        })
+        .await
+        .unwrap_or_else(|s| panic!("no metric read: {:?}", workers(&s)));
+
+    std::fs::write(&queue, "30\n").unwrap();
+    let out = engine
+        .wait_for(Duration::from_secs(120), |s| {
+            let w = workers(s);
+            w.len() == 2
+                && w.iter()
+                    .all(|i| i.vm_state == Some(dunes_shared::model::VmState::Running))
+        })
+        .await;
+    assert!(out.is_ok(), "no second worker: {:?}", log(&engine));
+    let reason = log(&engine)
+        .into_iter()
+        .find(|m| m.starts_with("autoscale jobs: worker app-metric mean"))
+        .unwrap();
+    assert!(
+        reason.contains("mean 30.0 > 20 for 1×5 s → +1 instance on queues"),
+        "{reason}"
+    );
+
+    std::fs::write(&queue, "1\n").unwrap();
+    let back = engine
+        .wait_for(Duration::from_secs(120), |s| workers(s).len() == 1)
+        .await;
+    assert!(back.is_ok(), "still two workers: {:?}", log(&engine));
+    assert!(
+        log(&engine)
+            .iter()
+            .any(|m| m.contains("worker app-metric mean 1.0 < 5 for 1×5 s → −1 instance")),
+        "{:?}",
+        log(&engine)
+    );
+    // The values are a series of the instance, as charts and `ctl stats` show them.
+    let vm = workers(&engine.snapshot())[0].record.vm.clone();
+    let answer = engine
+        .request(|reply| Command::Stats {
+            subject: Subject::Workload(vm),
+            since_secs: 600,
+            resolution_secs: Some(1),
+            reply,
+        })
+        .await
+        .unwrap();
+    let values: Vec<f64> = answer
+        .series
+        .iter()
+        .find(|s| s.metric == Metric::AppMetric)
+        .map(|s| s.points.iter().map(|b| b.max).collect())
+        .unwrap_or_default();
+    assert!(
+        values.contains(&30.0) && values.contains(&1.0),
+        "{values:?}"
+    );
+}

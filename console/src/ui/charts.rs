@@ -73,11 +73,12 @@ impl TimeRange {
 }
 
 /// The charts of one metric group: what is drawn together on one plot.
-const GROUPS: [(&str, &[Metric]); 4] = [
+const GROUPS: [(&str, &[Metric]); 5] = [
     ("CPU %", &[Metric::Cpu]),
     ("Memory MiB", &[Metric::Memory]),
     ("Disk bytes/s", &[Metric::DiskRead, Metric::DiskWrite]),
     ("Network bytes/s", &[Metric::NetRx, Metric::NetTx]),
+    ("Application metric", &[Metric::AppMetric]),
 ];
 
 pub struct ChartsWindow {
@@ -233,12 +234,16 @@ impl ChartsWindow {
                 );
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     for (title, metrics) in GROUPS {
-                        ui.label(egui::RichText::new(title).strong());
                         let shown: Vec<_> = answer
                             .series
                             .iter()
                             .filter(|s| metrics.contains(&s.metric))
                             .collect();
+                        // Only applications with a `metric` have one: no empty plot for it.
+                        if shown.is_empty() && metrics == [Metric::AppMetric] {
+                            continue;
+                        }
+                        ui.label(egui::RichText::new(title).strong());
                         if shown.is_empty() {
                             ui.label(egui::RichText::new("no readings").weak());
                             continue;

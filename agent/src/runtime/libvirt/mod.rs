@@ -24,7 +24,8 @@ use dunes_shared::{
         WorkloadSample,
     },
     protocol::{
-        GuestApps, GuestAppsReply, GuestExec, GuestExecReply, ProbeKind, ReadinessProbe, ReadyReply,
+        GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricKind, MetricProbe, ProbeKind,
+        ReadinessProbe, ReadyReply,
     },
 };
 use tokio::sync::{Semaphore, broadcast};
@@ -427,6 +428,39 @@ impl Runtime for LibvirtRuntime {
                 vcpus,
                 apps,
             })
+        }))
+    }
+
+    fn read_metric(&self, name: VmName, probe: MetricProbe) -> RuntimeFuture<'_, f64> {
+        Box::pin(self.guest_call(name, move |dom| {
+            let command = match (probe.kind, probe.command, probe.port) {
+                (MetricKind::Command, Some(command), _) => command,
+                (MetricKind::Tcp, _, Some(_)) => {
+                    "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null".into()
+                }
+                _ => {
+                    return Err(RuntimeError::Metric(
+                        "this metric probe is not one this agent knows".into(),
+                    ));
+                }
+            };
+            let out = guest::exec(dom, &command, guest::CHECK_TIMEOUT)?;
+            match (probe.kind, out.exit_code) {
+                (MetricKind::Tcp, _) => Ok(f64::from(super::metric::established_on(
+                    &out.stdout,
+                    probe.port.unwrap_or(0),
+                ))),
+                (_, Some(0)) => {
+                    super::metric::parse_number(&out.stdout).map_err(RuntimeError::Metric)
+                }
+                (_, Some(code)) => Err(RuntimeError::Metric(format!(
+                    "the metric command exited {code}"
+                ))),
+                (_, None) => Err(RuntimeError::Metric(format!(
+                    "the metric command did not end in {} s",
+                    guest::CHECK_TIMEOUT.as_secs()
+                ))),
+            }
         }))
     }
 
