@@ -890,7 +890,13 @@ fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
             && h.query_by_label_contains("Every 1 s").is_some()
             && h.query_all_by_label("no readings").next().is_none()
     });
-    for group in ["CPU %", "Memory MiB", "Disk bytes/s", "Network bytes/s"] {
+    for group in [
+        "CPU %",
+        "Memory MiB",
+        "Disk bytes/s",
+        "Network bytes/s",
+        "Cost per hour",
+    ] {
         assert!(harness.query_by_label(group).is_some(), "{group} missing");
     }
     // Export what is shown: a CSV with every metric's buckets.

@@ -473,6 +473,59 @@ impl Actor {
         });
     }
 
+    /// The workloads whose cost makes `subject`'s, as they are now: a workload itself, a
+    /// host's or a site's workloads, an application's or a service's instances (an
+    /// application inside VMs has no cost of its own).
+    fn costed_workloads(&self, subject: &super::stats::Subject, level: usize) -> Vec<Costed> {
+        use super::stats::{Metric, Subject, series_key};
+        // A service's or an application's instances, once.
+        let instances: std::collections::BTreeSet<(&HostId, &dunes_shared::model::VmName)> =
+            match subject {
+                Subject::Service(s) | Subject::Application(s, _) => self
+                    .instances
+                    .values()
+                    .filter(|i| {
+                        &i.service == s
+                            && match subject {
+                                Subject::Application(_, a) => &i.app == a,
+                                _ => true,
+                            }
+                    })
+                    .map(|i| (&i.host, &i.vm))
+                    .collect(),
+                _ => Default::default(),
+            };
+        let wanted = |host: &HostEntryRef, vm: &dunes_shared::model::VmName| match subject {
+            Subject::Workload(v) => v == vm,
+            Subject::Host(h) => host.0 == h,
+            Subject::Site(site) => host.1 == site.as_str(),
+            Subject::Service(_) | Subject::Application(..) => instances.contains(&(host.0, vm)),
+            Subject::GuestApp(..) => false,
+        };
+        let mut out = Vec::new();
+        for entry in self.hosts.values() {
+            let Some(inv) = entry.view.inventory() else {
+                continue;
+            };
+            let host_ref: HostEntryRef = (entry.view.id(), inv.site.name.as_str());
+            for vm in entry.view.vms.iter().filter(|v| wanted(&host_ref, &v.name)) {
+                let workload = Subject::Workload(vm.name.clone());
+                let cpu_key = series_key(&workload, Metric::Cpu);
+                let sent_key = series_key(&workload, Metric::NetTx);
+                out.push(Costed {
+                    open_cpu: self.stats.open(&cpu_key, level),
+                    open_sent: self.stats.open(&sent_key, level),
+                    cpu_key,
+                    sent_key,
+                    vcpus: vm.vcpus,
+                    disk_bytes: vm.disk_bytes,
+                    prices: inv.prices,
+                });
+            }
+        }
+        out
+    }
+
     /// The hosts and workloads whose series make `subject`: itself, or an aggregate's
     /// members as they are now.
     fn members_of(
@@ -594,10 +647,43 @@ impl Actor {
                 (m, keys)
             })
             .collect();
+        let costed = self.costed_workloads(&subject, level);
         let reader = self.store.stats_reader();
         let step_secs = rollup::RESOLUTIONS[level].step_secs;
         tokio::task::spawn_blocking(move || {
             let mut series = Vec::new();
+            // What its workloads cost per hour, bucket by bucket.
+            let mut costs = Vec::new();
+            for w in costed {
+                let read = |k: &str, open: Vec<rollup::Bucket>| {
+                    reader
+                        .buckets(k, level, from_secs, now_secs + 1)
+                        .map(|mut points| {
+                            stats::merge_open(&mut points, open, from_secs);
+                            points
+                        })
+                };
+                match (read(&w.cpu_key, w.open_cpu), read(&w.sent_key, w.open_sent)) {
+                    (Ok(cpu), Ok(sent)) => costs.push(super::cost::cost_per_hour_series(
+                        &cpu,
+                        &sent,
+                        w.vcpus,
+                        w.disk_bytes,
+                        &w.prices,
+                    )),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
+                        return;
+                    }
+                }
+            }
+            let cost = super::cost::sum_series(costs);
+            if !cost.is_empty() {
+                series.push(stats::SeriesPoints {
+                    metric: stats::Metric::Cost,
+                    points: cost,
+                });
+            }
             for (metric, keys) in wanted {
                 let mut per_member = Vec::new();
                 for (key, open) in keys {
@@ -631,4 +717,18 @@ impl Actor {
             }));
         });
     }
+}
+
+/// A host's id and its site's name.
+type HostEntryRef<'a> = (&'a HostId, &'a str);
+
+/// A workload whose cost a statistics query adds up: its series and how it is priced.
+struct Costed {
+    cpu_key: String,
+    sent_key: String,
+    open_cpu: Vec<super::rollup::Bucket>,
+    open_sent: Vec<super::rollup::Bucket>,
+    vcpus: u32,
+    disk_bytes: u64,
+    prices: dunes_shared::model::Prices,
 }

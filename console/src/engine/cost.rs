@@ -144,6 +144,45 @@ pub fn usage_from_buckets(
     }
 }
 
+/// A workload's cost per hour at each bucket of its series: its CPU (percent of `cpus`) and
+/// what it sent (bytes per second) in that bucket, and its disks held meanwhile, at `prices`.
+/// A bucket where the workload has no CPU reading did not run: no cost.
+pub fn cost_per_hour_series(
+    cpu: &[crate::engine::rollup::Bucket],
+    sent: &[crate::engine::rollup::Bucket],
+    cpus: u32,
+    stored_bytes: u64,
+    prices: &Prices,
+) -> Vec<(u64, f64)> {
+    let storage = stored_bytes as f64 / GB / HOURS_PER_MONTH * prices.per_gb_month_stored;
+    cpu.iter()
+        .map(|b| {
+            let sent_bps = sent
+                .binary_search_by_key(&b.start_secs, |s| s.start_secs)
+                .map_or(0.0, |i| sent[i].mean().max(0.0));
+            let compute = b.mean().max(0.0) / 100.0 * f64::from(cpus) * prices.per_cpu_hour;
+            let traffic = sent_bps * 3600.0 / GB * prices.per_gb_transferred;
+            (b.start_secs, compute + traffic + storage)
+        })
+        .collect()
+}
+
+/// Several workloads' costs per hour added up by bucket start, as buckets of one value.
+pub fn sum_series(
+    members: impl IntoIterator<Item = Vec<(u64, f64)>>,
+) -> Vec<crate::engine::rollup::Bucket> {
+    let mut by_start: BTreeMap<u64, f64> = BTreeMap::new();
+    for series in members {
+        for (start, cost) in series {
+            *by_start.entry(start).or_default() += cost;
+        }
+    }
+    by_start
+        .into_iter()
+        .map(|(start, cost)| crate::engine::rollup::Bucket::new(start, cost))
+        .collect()
+}
+
 /// Usages summed by a key (an application, a service, a site).
 pub fn sum_by<K: Ord>(items: impl IntoIterator<Item = (K, Usage)>) -> BTreeMap<K, Usage> {
     let mut out: BTreeMap<K, Usage> = BTreeMap::new();
@@ -183,6 +222,32 @@ mod tests {
         // Storage counts from the first reading on, not from the range's start.
         let late = usage_from_buckets(&cpu[60..], &[], 2, 10_000_000_000, 60, 0, 7200);
         assert!(close(late.gb_months, 10.0 / HOURS_PER_MONTH), "{late:?}");
+    }
+
+    #[test]
+    fn cost_per_hour_follows_each_bucket_and_adds_up_over_workloads() {
+        use crate::engine::rollup::Bucket;
+        let prices = Prices {
+            per_gb_month_stored: HOURS_PER_MONTH, // 1 per GB-hour
+            per_gb_transferred: 1.0,
+            per_cpu_hour: 2.0,
+            ..Prices::default()
+        };
+        // Minute 0: 50 % of 2 CPUs, nothing sent; minute 1: idle, 1 MB/s sent.
+        let cpu = [Bucket::new(0, 50.0), Bucket::new(60, 0.0)];
+        let sent = [Bucket::new(60, 1e6)];
+        let series = cost_per_hour_series(&cpu, &sent, 2, 3_000_000_000, &prices);
+        // 1 CPU-hour per hour at 2, plus 3 GB held at 1 per GB-hour.
+        assert!(close(series[0].1, 2.0 + 3.0), "{series:?}");
+        // 3.6 GB sent per hour at 1, plus the storage.
+        assert!(close(series[1].1, 3.6 + 3.0), "{series:?}");
+        let total = sum_series([series, vec![(60, 1.0), (120, 4.0)]]);
+        let values: Vec<(u64, f64)> = total.iter().map(|b| (b.start_secs, b.mean())).collect();
+        assert_eq!(values.len(), 3);
+        assert!(
+            close(values[1].1, 7.6) && close(values[2].1, 4.0),
+            "{values:?}"
+        );
     }
 
     #[test]

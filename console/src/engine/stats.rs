@@ -23,6 +23,9 @@ pub enum Metric {
     NetTx,
     /// The number an application's instances report (its service file's `metric`).
     AppMetric,
+    /// What its workloads cost per hour at their hosts' prices: computed by a query from
+    /// CPU and sent bytes, never stored.
+    Cost,
 }
 
 impl Metric {
@@ -45,6 +48,7 @@ impl Metric {
             Metric::NetRx => "net-rx",
             Metric::NetTx => "net-tx",
             Metric::AppMetric => "app-metric",
+            Metric::Cost => "cost",
         }
     }
 
@@ -53,6 +57,7 @@ impl Metric {
             Metric::Cpu => "%",
             Metric::Memory => "MiB",
             Metric::AppMetric => "",
+            Metric::Cost => "/h",
             _ => "B/s",
         }
     }

@@ -1620,6 +1620,16 @@ async fn statistics_come_in_batches_and_survive_a_console_restart() {
         vm_memory.points.iter().all(|b| b.mean() == 64.0),
         "{vm_memory:?}"
     );
+    // What it costs per hour, bucket by bucket, from its CPU and what it sent.
+    let cost = vm_answer
+        .series
+        .iter()
+        .find(|s| s.metric == Metric::Cost)
+        .expect("a cost series");
+    assert!(
+        cost.points.len() >= 5 && cost.points.iter().all(|b| b.mean() >= 0.0),
+        "{cost:?}"
+    );
     // An unknown resolution is a clear error.
     let err = engine
         .request(|reply| Command::Stats {

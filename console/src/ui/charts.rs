@@ -73,12 +73,13 @@ impl TimeRange {
 }
 
 /// The charts of one metric group: what is drawn together on one plot.
-const GROUPS: [(&str, &[Metric]); 5] = [
+const GROUPS: [(&str, &[Metric]); 6] = [
     ("CPU %", &[Metric::Cpu]),
     ("Memory MiB", &[Metric::Memory]),
     ("Disk bytes/s", &[Metric::DiskRead, Metric::DiskWrite]),
     ("Network bytes/s", &[Metric::NetRx, Metric::NetTx]),
     ("Application metric", &[Metric::AppMetric]),
+    ("Cost per hour", &[Metric::Cost]),
 ];
 
 pub struct ChartsWindow {
@@ -239,8 +240,11 @@ impl ChartsWindow {
                             .iter()
                             .filter(|s| metrics.contains(&s.metric))
                             .collect();
-                        // Only applications with a `metric` have one: no empty plot for it.
-                        if shown.is_empty() && metrics == [Metric::AppMetric] {
+                        // Only applications with a `metric` have one, and only workloads a
+                        // cost: no empty plot for them.
+                        if shown.is_empty()
+                            && (metrics == [Metric::AppMetric] || metrics == [Metric::Cost])
+                        {
                             continue;
                         }
                         ui.label(egui::RichText::new(title).strong());

@@ -379,6 +379,30 @@ fn service_details(
         );
         return;
     }
+    // Each application's charts: its instances together (inside VMs: from the guests).
+    if let Ok(spec) = &view.spec {
+        ui.horizontal_wrapped(|ui| {
+            ui.label("Statistics of");
+            let names = spec
+                .applications
+                .iter()
+                .flat_map(|a| std::iter::once(&a.name).chain(a.guest_apps.iter().map(|g| &g.name)));
+            for app in names {
+                if ui
+                    .small_button(app.as_str())
+                    .on_hover_text(format!(
+                        "Charts of application {app}: its instances together"
+                    ))
+                    .clicked()
+                {
+                    actions.push(UiAction::OpenCharts(Subject::Application(
+                        name.clone(),
+                        app.clone(),
+                    )));
+                }
+            }
+        });
+    }
     ui.separator();
     for inst in &view.instances {
         ui.horizontal(|ui| {
