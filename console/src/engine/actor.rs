@@ -148,7 +148,7 @@ impl Actor {
                     self.read_app_metrics();
                 }
                 _ = stats_flush.tick() => {
-                    let writes = self.stats.flush();
+                    let writes = self.stats.flush(now_ms() / 1000);
                     self.store.put_stats(writes);
                 }
                 _ = readiness.tick() => {
@@ -178,7 +178,7 @@ impl Actor {
             dunes_shared::protocol::codes::CLOSE_NORMAL,
             b"console stopping",
         );
-        let writes = self.stats.flush();
+        let writes = self.stats.flush(now_ms() / 1000);
         self.store.put_stats(writes);
         let _ = self.store.flush().await;
     }

@@ -439,12 +439,63 @@ impl Actor {
                 workloads.push((key, inv.prices, vm.vcpus, vm.disk_bytes, cpu, sent, open));
             }
         }
+        let present: std::collections::BTreeSet<dunes_shared::model::VmName> = self
+            .hosts
+            .values()
+            .flat_map(|e| e.view.vms.iter().map(|v| v.name.clone()))
+            .collect();
         let reader = self.store.stats_reader();
         tokio::task::spawn_blocking(move || {
             let mut groups: std::collections::BTreeMap<String, cost::CostLine> =
                 std::collections::BTreeMap::new();
-            for (key, prices, vcpus, disk_bytes, cpu_key, sent_key, (open_cpu, open_sent)) in
-                workloads
+            // Workloads deleted within the range count up to when they went; one that came
+            // back (a migration's source, a name used again) is counted as it is now.
+            let departed = match reader.departed_since(from) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
+                    return;
+                }
+            };
+            let mut latest: std::collections::BTreeMap<_, super::store::DepartedRecord> =
+                Default::default();
+            for d in departed.into_iter().filter(|d| !present.contains(&d.vm)) {
+                latest.insert(d.vm.clone(), d);
+            }
+            let mut workloads: Vec<_> = workloads.into_iter().map(|w| (w, now)).collect();
+            for d in latest.into_values() {
+                let key = match by {
+                    CostBy::Instance => d.vm.to_string(),
+                    CostBy::Application => d
+                        .owner
+                        .as_ref()
+                        .map_or("(no service)".to_string(), |(s, a)| format!("{s}/{a}")),
+                    CostBy::Service => d
+                        .owner
+                        .as_ref()
+                        .map_or("(no service)".to_string(), |(s, _)| s.to_string()),
+                    CostBy::Site => d.site.clone(),
+                };
+                let subject = Subject::Workload(d.vm.clone());
+                let cpu = series_key(&subject, Metric::Cpu);
+                let sent = series_key(&subject, Metric::NetTx);
+                workloads.push((
+                    (
+                        key,
+                        d.prices,
+                        d.vcpus,
+                        d.disk_bytes,
+                        cpu,
+                        sent,
+                        (Vec::new(), Vec::new()),
+                    ),
+                    d.removed_at_secs.min(now),
+                ));
+            }
+            for (
+                (key, prices, vcpus, disk_bytes, cpu_key, sent_key, (open_cpu, open_sent)),
+                until,
+            ) in workloads
             {
                 let read = |k: &str, open: Vec<rollup::Bucket>| {
                     reader.buckets(k, level, from, now + 1).map(|mut points| {
@@ -460,7 +511,7 @@ impl Actor {
                     }
                 };
                 let usage =
-                    cost::usage_from_buckets(&cpu, &sent, vcpus, disk_bytes, step, from, now);
+                    cost::usage_from_buckets(&cpu, &sent, vcpus, disk_bytes, step, from, until);
                 let line = groups.entry(key.clone()).or_insert(cost::CostLine {
                     key,
                     usage: cost::Usage::default(),

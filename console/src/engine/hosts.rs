@@ -171,6 +171,9 @@ impl Actor {
             }
             return;
         }
+        if let AgentEvent::VmRemoved { name } = &event {
+            self.note_departed(&host, name);
+        }
         let Some(entry) = self.hosts.get_mut(&host) else {
             return;
         };
@@ -230,7 +233,40 @@ impl Actor {
         self.store.put_vm(host.clone(), vm);
     }
 
+    /// Keeps what a cost report needs of a workload about to go from `host`'s view.
+    fn note_departed(&mut self, host: &HostId, name: &VmName) {
+        let Some(entry) = self.hosts.get(host) else {
+            return;
+        };
+        let (Some(vm), Some(inv)) = (entry.view.vm(name), entry.view.inventory()) else {
+            return;
+        };
+        let owner = self
+            .instances
+            .values()
+            .find(|i| &i.host == host && &i.vm == name)
+            .map(|i| (i.service.clone(), i.app.clone()));
+        let record = super::store::DepartedRecord {
+            vm: name.clone(),
+            host: host.clone(),
+            site: inv.site.name.to_string(),
+            vcpus: vm.vcpus,
+            disk_bytes: vm.disk_bytes,
+            prices: inv.prices,
+            owner,
+            removed_at_secs: super::actor::now_ms() / 1000,
+        };
+        self.store.put_departed(record);
+        // Everything it measured is stored now: a report right after it went counts all.
+        let writes = self.stats.flush_subject(
+            &super::stats::Subject::Workload(name.clone()),
+            super::actor::now_ms() / 1000,
+        );
+        self.store.put_stats(writes);
+    }
+
     pub(super) fn remove_vm(&mut self, host: &HostId, name: &VmName) {
+        self.note_departed(host, name);
         let Some(entry) = self.hosts.get_mut(host) else {
             return;
         };

@@ -262,7 +262,16 @@ struct Series {
     /// The current minute's seconds, not yet written.
     minute_start_secs: u64,
     seconds: Vec<(u8, f32)>,
+    /// When its last reading was taken.
+    last_at_secs: u64,
+    /// Readings since the last flush wrote it.
+    dirty: bool,
 }
+
+/// A series without a reading for this long is written one last time and forgotten: its
+/// workload is gone or stopped. A reading after that belongs to a later hour (and minute)
+/// than anything it had open, so nothing stored is overwritten.
+pub const IDLE_FORGET_SECS: u64 = 3600 + 60;
 
 /// The open part of every series, and each subject's last reading.
 #[derive(Debug, Default)]
@@ -355,6 +364,8 @@ impl TimeSeries {
 
     fn add(&mut self, key: String, at_secs: u64, value: f64, writes: &mut Vec<StatsWrite>) {
         let series = self.series.entry(key.clone()).or_default();
+        series.last_at_secs = series.last_at_secs.max(at_secs);
+        series.dirty = true;
         let ingested = series.rollup.ingest(at_secs, value);
         for (level, bucket) in ingested.closed {
             if level > 0 {
@@ -408,6 +419,13 @@ impl TimeSeries {
                 continue;
             }
             let series = self.series.entry(state.series).or_default();
+            series.last_at_secs = state.minute_start_secs
+                + state
+                    .seconds
+                    .iter()
+                    .map(|(s, _)| u64::from(*s))
+                    .max()
+                    .unwrap_or(0);
             series.minute_start_secs = state.minute_start_secs;
             series.seconds = state.seconds;
             if let Some(b) = state.minute {
@@ -420,9 +438,31 @@ impl TimeSeries {
     }
 
     /// Every open part, as writes: what a clean shutdown keeps.
-    pub fn flush(&mut self) -> Vec<StatsWrite> {
+    pub fn flush(&mut self, now_secs: u64) -> Vec<StatsWrite> {
+        self.flush_where(now_secs, |_| true)
+    }
+
+    /// Writes what `subject`'s series have open now (a workload that goes: a report right
+    /// after still finds all of it).
+    pub fn flush_subject(&mut self, subject: &Subject, now_secs: u64) -> Vec<StatsWrite> {
+        let prefix = format!("{}/", subject.key());
+        self.flush_where(now_secs, |key| key.starts_with(&prefix))
+    }
+
+    /// Writes the open part of the series `pick` names that had readings since their last
+    /// flush; forgets those idle for [`IDLE_FORGET_SECS`], and the last readings of subjects
+    /// as idle.
+    fn flush_where(&mut self, now_secs: u64, pick: impl Fn(&str) -> bool) -> Vec<StatsWrite> {
+        let idle = |at: u64| at + IDLE_FORGET_SECS < now_secs;
+        self.series
+            .retain(|key, s| !(idle(s.last_at_secs) && !s.dirty && pick(key)));
+        self.last.retain(|_, (at_ms, _)| !idle(*at_ms / 1000));
         let mut writes = Vec::new();
         for (key, s) in &mut self.series {
+            if !s.dirty || !pick(key) {
+                continue;
+            }
+            s.dirty = false;
             writes.push(StatsWrite::Open(OpenState {
                 series: key.clone(),
                 minute_start_secs: s.minute_start_secs,
@@ -517,7 +557,7 @@ mod tests {
             before.ingest(&host, &[reading(s)]);
         }
         let kept: Vec<OpenState> = before
-            .flush()
+            .flush(3_600 + 30)
             .into_iter()
             .filter_map(|w| match w {
                 StatsWrite::Open(state) => Some(state),
@@ -619,7 +659,7 @@ mod tests {
         assert_eq!(ts.open(&key, 2)[0].count, 60);
         let latest = ts.latest();
         assert!(latest.contains(&(key.clone(), 50.0)), "{latest:?}");
-        let flushed = ts.flush();
+        let flushed = ts.flush(181);
         assert!(
             flushed
                 .iter()
@@ -627,5 +667,12 @@ mod tests {
         );
         // Host and workload, the six metrics a sample gives each (not the application's).
         assert_eq!(ts.series_count(), 2 * (Metric::ALL.len() - 1));
+        // Nothing new: nothing written again. Idle past the limit: forgotten, after a last
+        // write of what it had.
+        assert!(ts.flush(190).is_empty());
+        assert_eq!(ts.series_count(), 2 * (Metric::ALL.len() - 1));
+        assert!(ts.flush(180 + IDLE_FORGET_SECS + 1).is_empty());
+        assert_eq!(ts.series_count(), 0);
+        assert!(ts.latest().is_empty());
     }
 }

@@ -1987,3 +1987,91 @@ async fn a_queue_length_metric_scales_workers_out_and_in() {
         "{values:?}"
     );
 }
+
+/// A workload deleted within a report's range still counts, up to when it went, under its
+/// instance, its service (deleted too) and its site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_workload_still_counts_in_cost_reports() {
+    use super::cost::{CostBy, CostLine};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent_with(
+        dir.path(),
+        "costs",
+        "127.0.0.1:0",
+        AgentConfig {
+            prices: dunes_shared::model::Prices {
+                per_cpu_hour: 1.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let template = dir.path().join("costs/storage/images/spinner");
+    std::fs::create_dir_all(&template).unwrap();
+    std::fs::write(
+        template.join("process.toml"),
+        "description = \"uses some CPU\"\ncommand = [\"/bin/sh\", \"-c\", \"while :; do i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 0.5; done\"]\ndefault_vcpus = 1\ndefault_memory_mib = 16\n",
+    )
+    .unwrap();
+    let engine = engine_with(dir.path(), &agent).await;
+    let source = "name = \"costly\"\n[[application]]\nname = \"job\"\nruntime = \"process\"\ntemplate = \"spinner\"\nvcpus = 1\nmemory_mib = 16\n";
+    let service = engine
+        .request(|reply| Command::DefineService {
+            source: source.into(),
+            replace: false,
+            reply,
+        })
+        .await
+        .unwrap();
+    deploy_and_start(&engine, &service).await;
+    let vm = engine.snapshot().services[0].instances[0]
+        .record
+        .vm
+        .to_string();
+    let report = |engine: EngineHandle, by: CostBy| async move {
+        engine
+            .request(|reply| Command::Cost {
+                by,
+                since_secs: 3600,
+                reply,
+            })
+            .await
+            .unwrap()
+    };
+    let line = |lines: &[CostLine], key: &str| lines.iter().find(|l| l.key == key).cloned();
+    // Its CPU-hours while it runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let lines = report(engine.clone(), CostBy::Instance).await;
+        if let Some(l) = line(&lines, &vm).filter(|l| l.usage.cpu_hours > 0.0) {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no cost: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let deleted = engine
+        .request(|reply| Command::DeleteService {
+            name: service,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(deleted.failed.is_empty(), "{deleted:?}");
+    let after = report(engine.clone(), CostBy::Instance).await;
+    let gone = line(&after, &vm).expect("the deleted instance is in the report");
+    assert!(
+        gone.usage.cpu_hours >= before.usage.cpu_hours && gone.cost > 0.0,
+        "before {before:?}, after {gone:?}"
+    );
+    let by_service = report(engine.clone(), CostBy::Service).await;
+    assert!(
+        line(&by_service, "costly").is_some_and(|l| l.cost == gone.cost),
+        "{by_service:?}"
+    );
+    let by_site = report(engine, CostBy::Site).await;
+    assert!(
+        line(&by_site, "default").is_some_and(|l| l.cost >= gone.cost),
+        "{by_site:?}"
+    );
+}

@@ -42,6 +42,10 @@ const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances"
 const MIGRATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("migrations");
 /// Autoscaling of applications, by `service/app`: the rule and the instance count it set.
 const AUTOSCALE: TableDefinition<&str, &[u8]> = TableDefinition::new("autoscale");
+/// Workloads that were deleted, by `(when, name)`: what their cost needs after they went.
+const DEPARTED: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("departed");
+/// How long a departed workload is remembered: as long as its hourly series.
+const DEPARTED_KEPT_SECS: u64 = 366 * 86_400;
 
 const SCHEMA_KEY: &str = "schema_version";
 /// 1: postcard records of the model types (the first release, no `meta` table).
@@ -173,6 +177,24 @@ pub struct AutoscaleRecord {
     pub last_change_secs: Option<u64>,
 }
 
+/// A workload that was deleted, as it was then: where it ran, what it held and whose it was,
+/// so that cost reports over a range it was part of still count it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DepartedRecord {
+    pub vm: VmName,
+    pub host: HostId,
+    pub site: String,
+    pub vcpus: u32,
+    pub disk_bytes: u64,
+    pub prices: dunes_shared::model::Prices,
+    #[serde(default)]
+    pub owner: Option<(
+        dunes_shared::model::ServiceName,
+        dunes_shared::model::AppName,
+    )>,
+    pub removed_at_secs: u64,
+}
+
 impl AutoscaleRecord {
     pub fn key(&self) -> String {
         format!("{}/{}", self.service, self.app)
@@ -283,6 +305,7 @@ enum Op {
     Stats(crate::engine::stats::StatsWrite),
     PutAutoscale(Box<AutoscaleRecord>),
     DeleteAutoscale(String),
+    PutDeparted(Box<DepartedRecord>),
 }
 
 /// Runs once the batch it came with is committed (or failed), with the error as one line.
@@ -359,6 +382,10 @@ impl Store {
     }
     pub fn delete_autoscale(&mut self, key: String) {
         self.pending.push(Op::DeleteAutoscale(key));
+    }
+
+    pub fn put_departed(&mut self, record: DepartedRecord) {
+        self.pending.push(Op::PutDeparted(Box::new(record)));
     }
 
     /// Time-series rows that closed (or a flush of what is open).
@@ -477,6 +504,10 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     stats::prune_open(&tx, now_secs)?;
+    tx.open_table(DEPARTED)?.retain_in(
+        (0u64, "")..(now_secs.saturating_sub(DEPARTED_KEPT_SECS), ""),
+        |_, _| false,
+    )?;
     if found == 1 {
         upgrade_from_v1(&tx)?;
     }
@@ -643,8 +674,15 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut stats_table = tx.open_table(stats::STATS)?;
         let mut stats_open = tx.open_table(stats::STATS_OPEN)?;
         let mut autoscale = tx.open_table(AUTOSCALE)?;
+        let mut departed = tx.open_table(DEPARTED)?;
         for op in ops {
             match op {
+                Op::PutDeparted(record) => {
+                    departed.insert(
+                        (record.removed_at_secs, record.vm.as_str()),
+                        encode(record)?.as_slice(),
+                    )?;
+                }
                 Op::PutAutoscale(record) => {
                     autoscale.insert(record.key().as_str(), encode(record)?.as_slice())?;
                 }

@@ -195,6 +195,25 @@ impl std::fmt::Debug for StatsReader {
 }
 
 impl StatsReader {
+    /// The workloads deleted since `from_secs`, oldest first (one that does not decode is
+    /// skipped).
+    pub fn departed_since(&self, from_secs: u64) -> Result<Vec<super::DepartedRecord>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = match tx.open_table(super::DEPARTED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in table.range((from_secs, "")..)? {
+            let (_, v) = row?;
+            if let Ok(record) = super::decode::<super::DepartedRecord>(v.value()) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     /// The stored buckets of `series` at `level` that start in `from_secs..to_secs`.
     pub fn buckets(
         &self,
