@@ -310,11 +310,19 @@ async fn certificates_renew_over_the_live_link_and_commands_work_throughout() {
         })
         .await
         .unwrap();
+    // Online again after the address changed: the old link may still read online for a
+    // moment, so the event log says when the new one came up.
     engine
         .wait_for(Duration::from_secs(20), |s| {
-            s.host(&host).is_some_and(|h| {
-                h.link == LinkState::Online && h.record.address.starts_with("localhost")
-            })
+            let since_address: Vec<&str> = s
+                .events
+                .iter()
+                .filter(|e| e.host.as_ref() == Some(&host))
+                .map(|e| e.message.as_str())
+                .skip_while(|m| !m.starts_with("address set to localhost"))
+                .collect();
+            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
+                && since_address.contains(&"online")
         })
         .await
         .expect("a new connection with the renewed certificates");
