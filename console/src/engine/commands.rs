@@ -439,6 +439,35 @@ impl Actor {
                 workloads.push((key, inv.prices, vm.vcpus, vm.disk_bytes, cpu, sent, open));
             }
         }
+        // Disk streams of migrations between sites: traffic that left the source's site,
+        // at its host's price (as many bytes as the stream carried, compressed or not).
+        let site_of = |h: &HostId| {
+            self.hosts
+                .get(h)
+                .and_then(|e| e.view.inventory())
+                .map(|i| (i.site.name.to_string(), i.prices))
+        };
+        let mut streams: Vec<(String, f64, f64)> = Vec::new();
+        for m in self.migrations.values() {
+            let (Some((from_site, prices)), Some((to_site, _))) =
+                (site_of(&m.from), site_of(&m.to))
+            else {
+                continue;
+            };
+            if from_site == to_site || m.bytes_done == 0 || m.updated_ms / 1000 < from {
+                continue;
+            }
+            let owner = service_of.get(&m.vm);
+            let key = match by {
+                CostBy::Instance => m.vm.to_string(),
+                CostBy::Application => {
+                    owner.map_or("(no service)".to_string(), |(s, a)| format!("{s}/{a}"))
+                }
+                CostBy::Service => owner.map_or("(no service)".to_string(), |(s, _)| s.to_string()),
+                CostBy::Site => from_site,
+            };
+            streams.push((key, m.bytes_done as f64 / 1e9, prices.per_gb_transferred));
+        }
         let present: std::collections::BTreeSet<dunes_shared::model::VmName> = self
             .hosts
             .values()
@@ -519,6 +548,15 @@ impl Actor {
                 });
                 line.usage.add(&usage);
                 line.cost += usage.cost(&prices);
+            }
+            for (key, gb, price) in streams {
+                let line = groups.entry(key.clone()).or_insert(cost::CostLine {
+                    key,
+                    usage: cost::Usage::default(),
+                    cost: 0.0,
+                });
+                line.usage.gb_transferred += gb;
+                line.cost += gb * price;
             }
             let _ = reply.send(Ok(groups.into_values().collect()));
         });

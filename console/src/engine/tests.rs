@@ -1283,6 +1283,16 @@ async fn a_service_moves_to_another_site_in_start_order() {
         .await
         .unwrap();
     assert!(report.failed.is_empty(), "{report:?}");
+    // The database holds data: its disk stream carries it between the sites.
+    {
+        use std::io::Write;
+        let mut disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(disk_of(dir.path(), "move-a", "duo-db-0"))
+            .unwrap();
+        disk.write_all(&vec![7u8; 1 << 20]).unwrap();
+        disk.sync_all().unwrap();
+    }
     let err = engine
         .request(|reply| Command::MoveService {
             name: name.clone(),
@@ -1354,6 +1364,31 @@ async fn a_service_moves_to_another_site_in_start_order() {
         .await
         .unwrap_err();
     assert_eq!(err.to_string(), "service duo is at site gva already");
+    // The disk streams left the first site: its transfer, and the service's.
+    let streamed: f64 = snap
+        .migrations
+        .iter()
+        .map(|m| m.bytes_done as f64 / 1e9)
+        .sum();
+    assert!(streamed > 0.0);
+    for (by, key) in [
+        (super::cost::CostBy::Service, "duo"),
+        (super::cost::CostBy::Site, "lsn"),
+    ] {
+        let lines = engine
+            .request(|reply| Command::Cost {
+                by,
+                since_secs: 3600,
+                reply,
+            })
+            .await
+            .unwrap();
+        let line = lines.iter().find(|l| l.key == key);
+        assert!(
+            line.is_some_and(|l| l.usage.gb_transferred >= streamed),
+            "{key}: {lines:?}"
+        );
+    }
 }
 
 /// Writes template `base` into an agent's data dir before it starts: 16 MiB, 2 MiB of data

@@ -115,6 +115,16 @@ impl ChartsWindow {
         self.asked_at = None;
     }
 
+    /// Shows `answer` as it is, at `range`, and asks the engine nothing for an hour: fixed
+    /// data, for a benchmark of the drawing.
+    pub fn show_answer(&mut self, answer: StatsAnswer, range: TimeRange) {
+        self.subject = Some(answer.subject.clone());
+        self.range = range;
+        self.answer = Some(answer);
+        self.pending = None;
+        self.asked_at = Instant::now().checked_add(std::time::Duration::from_secs(3600));
+    }
+
     pub fn is_open(&self) -> bool {
         self.subject.is_some()
     }
