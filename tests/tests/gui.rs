@@ -1029,6 +1029,19 @@ fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
     if let Ok(path) = std::env::var("DUNES_CHARTS_SNAPSHOT") {
         harness.render().expect("render").save(path).expect("save");
     }
+    // One application's charts, from the service's details.
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the service's charts closed", |h| {
+        h.query_by_label("Statistics of service shopfront")
+            .is_none()
+    });
+    harness.get_by_role_and_label(Role::Button, "api").click();
+    step_for_until(&mut harness, 60, "the application's charts", |h| {
+        h.query_by_label("Statistics of application shopfront/api")
+            .is_some()
+            && h.query_by_label_contains("Every 60 s").is_some()
+            && h.query_by_label("Cost per hour").is_some()
+    });
 }
 
 #[test]
