@@ -4,16 +4,13 @@
 //! instance's `app-metric` series, which charts show and autoscaling rules can watch.
 
 use dunes_shared::{
-    model::VmState,
     protocol::{MetricKind, MetricProbe, ReadMetric},
     service::AppMetric,
 };
 
 use super::{
-    LinkState,
     actor::{Actor, Internal},
     stats::{Metric, Subject},
-    store::InstanceState,
 };
 
 /// The probe the agent gets for an application's metric.
@@ -49,13 +46,7 @@ impl Actor {
             else {
                 continue;
             };
-            let running = instance.state == InstanceState::Created
-                && self.hosts.get(&instance.host).is_some_and(|h| {
-                    h.view.link == LinkState::Online
-                        && h.view
-                            .vm(&instance.vm)
-                            .is_some_and(|v| v.state == VmState::Running)
-                });
+            let running = self.instance_runs(instance);
             if !running {
                 if self.metric_reads.contains_key(key) {
                     stale.push(key.clone());

@@ -7,16 +7,11 @@
 use std::time::Duration;
 
 use dunes_shared::{
-    model::VmState,
     protocol::{GuestAppProbe, GuestApps, GuestAppsReply},
     service::GuestAppSpec,
 };
 
-use super::{
-    LinkState,
-    actor::{Actor, Internal},
-    store::InstanceState,
-};
+use super::actor::{Actor, Internal};
 
 /// How often the applications inside VMs are looked at.
 pub(super) const GUEST_APPS_EVERY: Duration = Duration::from_secs(5);
@@ -161,13 +156,7 @@ impl Actor {
             else {
                 continue;
             };
-            let running = instance.state == InstanceState::Created
-                && self.hosts.get(&instance.host).is_some_and(|h| {
-                    h.view.link == LinkState::Online
-                        && h.view
-                            .vm(&instance.vm)
-                            .is_some_and(|v| v.state == VmState::Running)
-                });
+            let running = self.instance_runs(instance);
             if !running {
                 if self.guest_looks.contains_key(key) {
                     stale.push(key.clone());

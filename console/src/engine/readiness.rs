@@ -26,6 +26,18 @@ pub(super) struct LastCheck {
 }
 
 impl Actor {
+    /// Whether an instance's workload runs on a host that is online now: what the checks
+    /// of its applications need.
+    pub(super) fn instance_runs(&self, instance: &super::store::InstanceRecord) -> bool {
+        instance.state == InstanceState::Created
+            && self.hosts.get(&instance.host).is_some_and(|h| {
+                h.view.link == LinkState::Online
+                    && h.view
+                        .vm(&instance.vm)
+                        .is_some_and(|v| v.state == VmState::Running)
+            })
+    }
+
     /// Starts a check for every running instance that needs one and has none under way, and
     /// forgets the answers of instances that no longer run.
     pub(super) fn check_readiness(&mut self) {
@@ -42,14 +54,7 @@ impl Actor {
             else {
                 continue;
             };
-            let host = self.hosts.get(&instance.host);
-            let running = instance.state == InstanceState::Created
-                && host.is_some_and(|h| {
-                    h.view.link == LinkState::Online
-                        && h.view
-                            .vm(&instance.vm)
-                            .is_some_and(|v| v.state == VmState::Running)
-                });
+            let running = self.instance_runs(instance);
             if !running {
                 if self.readiness.contains_key(key) {
                     stale.push(key.clone());
