@@ -64,7 +64,7 @@ trap 'rm -rf "$WORK"' EXIT
 # ---------------------------------------------------------------- kernel + initrd
 # vmlinuz and initrd.img are built together: the modules must match the kernel.
 # Bumped whenever the guest's init changes, so that a cached guest is built again.
-RECIPE=3
+RECIPE=4
 if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ||
       "$(cat "$OUT_DIR/recipe" 2>/dev/null)" != "$RECIPE" ]]; then
     # The installable kernel is whatever the linux-image-amd64 metapackage depends on.
@@ -188,11 +188,6 @@ if [ -b /dev/vda ]; then
 fi
 
 acpid -c /etc/acpi 2>/dev/null || echo "dunes-guest: no acpid"
-if [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ]; then
-    qemu-ga --daemonize --method=virtio-serial --path=/dev/virtio-ports/org.qemu.guest_agent.0
-else
-    echo "dunes-guest: no guest agent channel"
-fi
 # A mark of the guest's own on its disk: written at the first boot, read back at every later
 # one (after a migration, on another host), so a test can tell the data came along.
 if mountpoint -q /data 2>/dev/null || grep -q ' /data ' /proc/mounts; then
@@ -206,6 +201,12 @@ fi
 ip link set lo up
 httpd -p 127.0.0.1:8080 -h /www && echo "dunes-guest: httpd started"
 /usr/bin/worker </dev/null >/dev/null 2>&1 &
+# The guest agent last: once it answers, everything above has run (guest-agent readiness).
+if [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ]; then
+    qemu-ga --daemonize --method=virtio-serial --path=/dev/virtio-ports/org.qemu.guest_agent.0
+else
+    echo "dunes-guest: no guest agent channel"
+fi
 echo "dunes-guest: ready"
 while :; do sleep 3600 & wait $!; done   # "wait" returns on a signal so the traps run promptly
 EOF

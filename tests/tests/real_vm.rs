@@ -235,8 +235,9 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
     assert_eq!(started.done[0].2, "running, ready", "{started:?}");
     let booted = std::fs::read_to_string(agent_dir.join("storage/disks/svc-app-0.console.log"))
         .unwrap_or_default();
+    // The guest's init starts its guest agent last, after this line.
     assert!(
-        booted.contains("dunes-guest: ready"),
+        booted.contains("dunes-guest: httpd started"),
         "the start returned before the guest had booted:\n{booted}"
     );
     let deleted = engine
