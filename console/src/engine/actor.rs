@@ -115,8 +115,9 @@ pub(super) struct Actor {
 /// How often autoscaling rules look for a period that ended.
 const AUTOSCALE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// How often the open part of the time series is written: what a crash can lose.
-const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a share of the time series' open part is written: every series once in
+/// [`super::stats::FLUSH_SHARES`] of these (10 s), which is what a crash can lose.
+const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
@@ -135,6 +136,7 @@ impl Actor {
         let mut readiness = tokio::time::interval(super::readiness::READINESS_EVERY);
         readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stats_flush = tokio::time::interval(STATS_FLUSH_EVERY);
+        let mut flush_share = 0u32;
         stats_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut autoscale = tokio::time::interval(AUTOSCALE_EVERY);
         autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -148,7 +150,8 @@ impl Actor {
                     self.read_app_metrics();
                 }
                 _ = stats_flush.tick() => {
-                    let writes = self.stats.flush(now_ms() / 1000);
+                    flush_share = flush_share.wrapping_add(1);
+                    let writes = self.stats.flush_share(now_ms() / 1000, flush_share);
                     self.store.put_stats(writes);
                 }
                 _ = readiness.tick() => {

@@ -508,9 +508,7 @@ pub async fn start_with(
     }
     actor.load_services(loaded.services, loaded.instances);
     actor.load_autoscaling(loaded.autoscale);
-    actor
-        .stats
-        .restore(loaded.stats_open, actor::now_ms() / 1000);
+    actor.stats.restore(loaded.stats_open);
     for record in loaded.hosts {
         let vms = vms_by_host.remove(&record.id).unwrap_or_default();
         actor.add_host_entry(record, vms);

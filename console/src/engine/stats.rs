@@ -266,7 +266,13 @@ struct Series {
     last_at_secs: u64,
     /// Readings since the last flush wrote it.
     dirty: bool,
+    /// Which of the [`FLUSH_SHARES`] flushes write it.
+    share: u32,
 }
+
+/// The open part is written a share at a time: each flush takes one of this many shares of
+/// the series, so that no single flush holds the engine long.
+pub const FLUSH_SHARES: u32 = 10;
 
 /// A series without a reading for this long is written one last time and forgotten: its
 /// workload is gone or stopped. A reading after that belongs to a later hour (and minute)
@@ -274,10 +280,35 @@ struct Series {
 pub const IDLE_FORGET_SECS: u64 = 3600 + 60;
 
 /// The open part of every series, and each subject's last reading.
+/// A series' open part as the rows it will have once closed: its minute's seconds, and its
+/// open minute and hour buckets (a later write of the same bucket replaces them).
+fn open_rows(key: &str, s: &Series) -> Vec<StatsWrite> {
+    let mut out = Vec::new();
+    if !s.seconds.is_empty() {
+        out.push(StatsWrite::Seconds {
+            series: key.to_string(),
+            minute_start_secs: s.minute_start_secs,
+            values: s.seconds.clone(),
+        });
+    }
+    for level in 1..RESOLUTIONS.len() {
+        if let Some(bucket) = s.rollup.open_bucket(level) {
+            out.push(StatsWrite::Bucket {
+                series: key.to_string(),
+                level,
+                bucket: *bucket,
+            });
+        }
+    }
+    out
+}
+
 #[derive(Debug, Default)]
 pub struct TimeSeries {
     series: HashMap<String, Series>,
     last: HashMap<Subject, (u64, Counters)>,
+    /// Series made so far, to deal them out to the flush shares.
+    made: u32,
 }
 
 impl TimeSeries {
@@ -363,7 +394,14 @@ impl TimeSeries {
     }
 
     fn add(&mut self, key: String, at_secs: u64, value: f64, writes: &mut Vec<StatsWrite>) {
-        let series = self.series.entry(key.clone()).or_default();
+        let made = &mut self.made;
+        let series = self.series.entry(key.clone()).or_insert_with(|| {
+            *made = made.wrapping_add(1);
+            Series {
+                share: *made % FLUSH_SHARES,
+                ..Series::default()
+            }
+        });
         series.last_at_secs = series.last_at_secs.max(at_secs);
         series.dirty = true;
         let ingested = series.rollup.ingest(at_secs, value);
@@ -411,13 +449,10 @@ impl TimeSeries {
         }
     }
 
-    /// Takes back what a flush kept before a restart. States whose minute is over an hour
-    /// old are left out: what they held is in the stored rows already.
-    pub fn restore(&mut self, states: Vec<OpenState>, now_secs: u64) {
+    /// Takes back what a flush kept before a restart (the store has turned states over an
+    /// hour old into rows already).
+    pub fn restore(&mut self, states: Vec<OpenState>) {
         for state in states {
-            if state.minute_start_secs + 3600 < now_secs {
-                continue;
-            }
             let series = self.series.entry(state.series).or_default();
             series.last_at_secs = state.minute_start_secs
                 + state
@@ -437,29 +472,48 @@ impl TimeSeries {
         }
     }
 
-    /// Every open part, as writes: what a clean shutdown keeps.
+    /// What every series that had readings since the last flush has open, one row each
+    /// (`StatsWrite::Open`): what a crash or a stop loses otherwise. Queries of a running
+    /// console take the open part from memory, so the open buckets need no rows of their own
+    /// until they close. Series idle for [`IDLE_FORGET_SECS`] are written as rows one last
+    /// time and forgotten, with the last readings of subjects as idle.
     pub fn flush(&mut self, now_secs: u64) -> Vec<StatsWrite> {
-        self.flush_where(now_secs, |_| true)
+        self.flush_where(now_secs, |_, _| true, false)
     }
 
-    /// Writes what `subject`'s series have open now (a workload that goes: a report right
-    /// after still finds all of it).
+    /// [`Self::flush`] for one share of the series (`share` of [`FLUSH_SHARES`]): called
+    /// once per share in turn, it writes each series as often as a whole flush would.
+    pub fn flush_share(&mut self, now_secs: u64, share: u32) -> Vec<StatsWrite> {
+        let share = share % FLUSH_SHARES;
+        self.flush_where(now_secs, |_, s| s == share, false)
+    }
+
+    /// Writes what `subject`'s series have open as rows now (a workload that goes: a report
+    /// right after, which reads rows, still finds all of it).
     pub fn flush_subject(&mut self, subject: &Subject, now_secs: u64) -> Vec<StatsWrite> {
         let prefix = format!("{}/", subject.key());
-        self.flush_where(now_secs, |key| key.starts_with(&prefix))
+        self.flush_where(now_secs, |key, _| key.starts_with(&prefix), true)
     }
 
-    /// Writes the open part of the series `pick` names that had readings since their last
-    /// flush; forgets those idle for [`IDLE_FORGET_SECS`], and the last readings of subjects
-    /// as idle.
-    fn flush_where(&mut self, now_secs: u64, pick: impl Fn(&str) -> bool) -> Vec<StatsWrite> {
+    fn flush_where(
+        &mut self,
+        now_secs: u64,
+        pick: impl Fn(&str, u32) -> bool,
+        rows: bool,
+    ) -> Vec<StatsWrite> {
         let idle = |at: u64| at + IDLE_FORGET_SECS < now_secs;
-        self.series
-            .retain(|key, s| !(idle(s.last_at_secs) && !s.dirty && pick(key)));
-        self.last.retain(|_, (at_ms, _)| !idle(*at_ms / 1000));
         let mut writes = Vec::new();
+        self.series.retain(|key, s| {
+            if pick(key, s.share) && idle(s.last_at_secs) {
+                writes.extend(open_rows(key, s));
+                false
+            } else {
+                true
+            }
+        });
+        self.last.retain(|_, (at_ms, _)| !idle(*at_ms / 1000));
         for (key, s) in &mut self.series {
-            if !s.dirty || !pick(key) {
+            if !(pick(key, s.share) && (s.dirty || rows)) {
                 continue;
             }
             s.dirty = false;
@@ -470,21 +524,8 @@ impl TimeSeries {
                 minute: s.rollup.open_bucket(1).copied(),
                 hour: s.rollup.open_bucket(2).copied(),
             }));
-            if !s.seconds.is_empty() {
-                writes.push(StatsWrite::Seconds {
-                    series: key.clone(),
-                    minute_start_secs: s.minute_start_secs,
-                    values: s.seconds.clone(),
-                });
-            }
-            for level in 1..RESOLUTIONS.len() {
-                if let Some(bucket) = s.rollup.open_bucket(level) {
-                    writes.push(StatsWrite::Bucket {
-                        series: key.clone(),
-                        level,
-                        bucket: *bucket,
-                    });
-                }
+            if rows {
+                writes.extend(open_rows(key, s));
             }
         }
         writes
@@ -567,7 +608,7 @@ mod tests {
         assert_eq!(kept.len(), before.series_count());
         // The new console takes them back, and the minute goes on from 30 s.
         let mut after = TimeSeries::default();
-        after.restore(kept.clone(), 3_600 + 30);
+        after.restore(kept.clone());
         for s in 30..61 {
             let writes = after.ingest(&host, &[reading(s)]);
             for w in writes {
@@ -659,19 +700,43 @@ mod tests {
         assert_eq!(ts.open(&key, 2)[0].count, 60);
         let latest = ts.latest();
         assert!(latest.contains(&(key.clone(), 50.0)), "{latest:?}");
+        // A flush keeps what is open as one row per series, not as bucket rows.
         let flushed = ts.flush(181);
-        assert!(
-            flushed
-                .iter()
-                .any(|w| matches!(w, StatsWrite::Bucket { level: 2, .. }))
-        );
+        assert!(flushed.iter().all(|w| matches!(w, StatsWrite::Open(_))));
+        assert!(flushed.iter().any(
+            |w| matches!(w, StatsWrite::Open(o) if o.series == key && o.hour.is_some_and(|h| h.count == 60))
+        ));
         // Host and workload, the six metrics a sample gives each (not the application's).
         assert_eq!(ts.series_count(), 2 * (Metric::ALL.len() - 1));
+        // Shares in turn write what one whole flush writes.
+        let mut shared = Vec::new();
+        let mut again = TimeSeries::default();
+        for s in 0..=60u64 {
+            again.ingest(
+                &host,
+                &[Sample {
+                    at_unix_ms: 120_000 + s * 1000,
+                    host: counters(s, 0),
+                    workloads: Vec::new(),
+                }],
+            );
+        }
+        for share in 0..FLUSH_SHARES {
+            shared.extend(again.flush_share(181, share));
+        }
+        assert_eq!(shared.len(), again.series_count());
+        assert!(again.flush_share(181, 0).is_empty());
         // Nothing new: nothing written again. Idle past the limit: forgotten, after a last
         // write of what it had.
         assert!(ts.flush(190).is_empty());
         assert_eq!(ts.series_count(), 2 * (Metric::ALL.len() - 1));
-        assert!(ts.flush(180 + IDLE_FORGET_SECS + 1).is_empty());
+        let last = ts.flush(180 + IDLE_FORGET_SECS + 1);
+        assert!(
+            last.iter().any(
+                |w| matches!(w, StatsWrite::Bucket { level: 2, series, .. } if *series == key)
+            )
+        );
+        assert!(!last.iter().any(|w| matches!(w, StatsWrite::Open(_))));
         assert_eq!(ts.series_count(), 0);
         assert!(ts.latest().is_empty());
     }

@@ -118,15 +118,53 @@ pub(super) fn load_open(tx: &redb::ReadTransaction) -> Result<Vec<OpenState>, St
     Ok(out)
 }
 
-/// Drops open states older than an hour: their series have had no reading since, and what
-/// they held is in the rows already.
+/// Turns open states older than an hour into rows and drops them: their series have had no
+/// reading since (a console stopped that long), and flushes keep only the open state.
 pub(super) fn prune_open(tx: &redb::WriteTransaction, now_secs: u64) -> Result<(), StoreError> {
-    let mut table = tx.open_table(STATS_OPEN)?;
-    table.retain(|_, v| {
-        v.get(..8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .is_some_and(|b| u64::from_le_bytes(b) + 3600 >= now_secs)
-    })?;
+    let mut open = tx.open_table(STATS_OPEN)?;
+    let mut stale = Vec::new();
+    for row in open.iter()? {
+        let (k, v) = row?;
+        match decode_open(k.value(), v.value()) {
+            Some(state) if state.minute_start_secs + 3600 < now_secs => stale.push(state),
+            Some(_) => {}
+            None => stale.push(OpenState {
+                series: k.value().to_string(),
+                minute_start_secs: 0,
+                seconds: Vec::new(),
+                minute: None,
+                hour: None,
+            }),
+        }
+    }
+    let mut table = tx.open_table(STATS)?;
+    for state in stale {
+        open.remove(state.series.as_str())?;
+        if !state.seconds.is_empty() {
+            write(
+                &mut table,
+                &mut open,
+                &StatsWrite::Seconds {
+                    series: state.series.clone(),
+                    minute_start_secs: state.minute_start_secs,
+                    values: state.seconds.clone(),
+                },
+            )?;
+        }
+        for (level, bucket) in [(1, state.minute), (2, state.hour)] {
+            if let Some(bucket) = bucket {
+                write(
+                    &mut table,
+                    &mut open,
+                    &StatsWrite::Bucket {
+                        series: state.series.clone(),
+                        level,
+                        bucket,
+                    },
+                )?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -350,5 +388,49 @@ mod tests {
         tx.commit().unwrap();
         assert!(load_open(&db.begin_read().unwrap()).unwrap().is_empty());
         assert_eq!(decode_open("x", &[1, 2]), None);
+    }
+
+    #[test]
+    fn an_open_state_over_an_hour_old_becomes_rows() {
+        let (_dir, db) = db();
+        let reader = StatsReader { db: db.clone() };
+        let state = |series: &str, minute_start_secs: u64| {
+            StatsWrite::Open(OpenState {
+                series: series.into(),
+                minute_start_secs,
+                seconds: vec![(0, 10.0), (1, 20.0)],
+                minute: Some(Bucket::new(minute_start_secs, 15.0)),
+                hour: Some(Bucket::new(
+                    minute_start_secs - minute_start_secs % 3600,
+                    15.0,
+                )),
+            })
+        };
+        put(
+            &db,
+            &[state("vm/old/cpu", 7200), state("vm/new/cpu", 20_000)],
+        );
+        let tx = db.begin_write().unwrap();
+        prune_open(&tx, 20_030).unwrap();
+        tx.commit().unwrap();
+        // The old one's seconds and buckets are rows now; the recent one stays open.
+        assert_eq!(reader.buckets("vm/old/cpu", 0, 0, 30_000).unwrap().len(), 2);
+        assert_eq!(
+            reader.buckets("vm/old/cpu", 1, 0, 30_000).unwrap()[0].mean(),
+            15.0
+        );
+        assert_eq!(
+            reader.buckets("vm/old/cpu", 2, 0, 30_000).unwrap()[0].start_secs,
+            7200
+        );
+        assert!(
+            reader
+                .buckets("vm/new/cpu", 1, 0, 30_000)
+                .unwrap()
+                .is_empty()
+        );
+        let open = load_open(&db.begin_read().unwrap()).unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].series, "vm/new/cpu");
     }
 }
