@@ -243,15 +243,41 @@ pub fn plan_inputs<'a>(
     (offers, existing)
 }
 
-/// A digest of what a plan depends on.
+/// A digest of a plan: what it was made for (the definition, the instances there, the
+/// operator's choices) and what it decides (each instance's host and action, what goes,
+/// what finds no host, the prices). A fleet change that decides nothing differently (a few
+/// MiB of disk used elsewhere on a host) leaves it as it was; one that moves an instance does
+/// not.
 pub fn fingerprint(
     spec: &ServiceSpec,
-    hosts: &[HostOffer],
     existing: &[Existing],
     overrides: &[Override],
+    plan: &super::placement::Plan,
 ) -> String {
+    let placements: Vec<_> = plan
+        .placements
+        .iter()
+        .map(|p| {
+            format!(
+                "{}-{}@{}:{:?}:{:.6}",
+                p.app, p.index, p.host, p.action, p.cost_per_hour
+            )
+        })
+        .collect();
+    let unplaced: Vec<_> = plan
+        .unplaced
+        .iter()
+        .map(|u| format!("{}-{}", u.app, u.index))
+        .collect();
+    let verdicts: Vec<bool> = plan.overrides.iter().map(|v| v.verdict.is_ok()).collect();
     let mut hasher = DefaultHasher::new();
-    hasher.write(format!("{spec:?}|{hosts:?}|{existing:?}|{overrides:?}").as_bytes());
+    hasher.write(
+        format!(
+            "{spec:?}|{existing:?}|{overrides:?}|{placements:?}|{:?}|{unplaced:?}|{verdicts:?}",
+            plan.removals
+        )
+        .as_bytes(),
+    );
     format!("{:016x}", hasher.finish())
 }
 
@@ -405,7 +431,7 @@ impl Actor {
         let plan = place_instances_with(&spec, &hosts, &existing, overrides);
         Ok(ServicePlan {
             service: name.clone(),
-            fingerprint: fingerprint(&spec, &hosts, &existing, overrides),
+            fingerprint: fingerprint(&spec, &existing, overrides, &plan),
             plan,
         })
     }
