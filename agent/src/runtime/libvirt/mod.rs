@@ -46,6 +46,8 @@ pub const CONCURRENT_CALLS: usize = 8;
 const GUEST_CALLS: usize = 4;
 /// How long a guest command runs when the request names no timeout.
 const GUEST_EXEC_DEFAULT_SECS: u32 = 30;
+/// The longest a guest command may be waited for (as `ctl vm exec --timeout-secs` allows).
+const GUEST_EXEC_MAX_SECS: u32 = 600;
 /// How long a guest-agent ping may take.
 const GUEST_PING_TIMEOUT_SECS: i32 = 2;
 /// Status changes a slow subscriber may fall behind by before it must list again.
@@ -465,9 +467,10 @@ impl Runtime for LibvirtRuntime {
     }
 
     fn guest_exec(&self, request: GuestExec) -> RuntimeFuture<'_, GuestExecReply> {
+        // A command holds one of the few guest-agent slots while it runs: never past 10 min.
         let secs = match request.timeout_secs {
             0 => GUEST_EXEC_DEFAULT_SECS,
-            n => n,
+            n => n.min(GUEST_EXEC_MAX_SECS),
         };
         Box::pin(self.guest_call(request.name.clone(), move |dom| {
             Ok(guest::exec(
