@@ -46,6 +46,10 @@ pub struct SiteConfig {
     /// The most one disk transfer to or from this site may use of its link, in Mbit/s.
     #[serde(default)]
     pub transfer_limit_mbps: Option<u32>,
+    /// The site's own networks (`10.1.0.0/16`): traffic to them stays in the site, as does
+    /// traffic to the site's other hosts (the console names them). The rest leaves it.
+    #[serde(default)]
+    pub networks: Vec<crate::traffic::Network>,
 }
 
 /// Longest graceful stop a config may ask for; the console waits a little longer than this
@@ -74,6 +78,7 @@ impl Default for SiteConfig {
             link_bandwidth_mbps: site.link_bandwidth_mbps,
             link_latency_ms: site.link_latency_ms,
             transfer_limit_mbps: site.transfer_limit_mbps,
+            networks: Vec::new(),
         }
     }
 }
@@ -153,6 +158,7 @@ mod tests {
             remote = true
             link_bandwidth_mbps = 100
             link_latency_ms = 12
+            networks = ["10.1.0.0/16", "fd00::/8"]
             [prices]
             per_gb_month_stored = 0.05
             per_gb_transferred = 0.01
@@ -162,6 +168,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.host_id.unwrap().as_str(), "gva-1");
         assert!(c.site.remote);
+        assert_eq!(
+            c.site.networks,
+            vec!["10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()]
+        );
         assert_eq!(c.security_level, 3);
         assert_eq!(c.stop_timeout_secs, 60);
     }
@@ -186,5 +196,10 @@ mod tests {
                 .contains("between 1 and 900")
         );
         assert!(AgentConfig::parse("stop_timeout_secs = 901").is_err());
+        assert!(
+            AgentConfig::parse("[site]\nname = \"a\"\nnetworks = [\"10.1.0.0/40\"]")
+                .unwrap_err()
+                .contains("\"10.1.0.0/40\" is not a network")
+        );
     }
 }

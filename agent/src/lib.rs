@@ -9,4 +9,5 @@ pub mod runtime;
 pub mod sampling;
 pub mod server;
 pub mod storage;
+pub mod traffic;
 pub mod transfer;

@@ -23,6 +23,7 @@ pub fn host_counters() -> Counters {
         disk_write_bytes,
         net_rx_bytes,
         net_tx_bytes,
+        net_tx_out_of_site_bytes: None,
     }
 }
 

@@ -265,6 +265,12 @@ pub struct Counters {
     pub disk_write_bytes: u64,
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
+    /// Of `net_tx_bytes`, what went to addresses outside the host's site, where the agent
+    /// sees each connection's peer (a process instance's TCP sockets); `None` where it
+    /// cannot tell (a VM: its guest's connections are its own) or does not know its site's
+    /// addresses yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_tx_out_of_site_bytes: Option<u64>,
 }
 
 /// A workload's reading within a [`Sample`].

@@ -46,6 +46,10 @@ pub mod features {
     /// `ReadMetric`: the number an application's instance reports (a command's output, or
     /// the connections to a port), for statistics and autoscaling.
     pub const APP_METRIC: &str = "app-metric";
+    /// `SiteAddresses`: the console tells an agent the addresses of its site's other hosts,
+    /// and the agent counts what its process instances send elsewhere as leaving the site
+    /// (`Counters::net_tx_out_of_site_bytes`).
+    pub const SITE_TRAFFIC: &str = "site-traffic";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -60,6 +64,7 @@ pub mod features {
         SAMPLES,
         GUEST_APPS,
         APP_METRIC,
+        SITE_TRAFFIC,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -457,6 +462,15 @@ pub struct MetricReply {
     pub at_unix_ms: u64,
 }
 
+/// The addresses of the other hosts of the agent's site, as the console reaches them: traffic
+/// to them (and to the networks the agent's own config declares for its site, and to itself)
+/// stays in the site; traffic elsewhere leaves it. Each message replaces the one before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteAddresses {
+    /// IPv4 or IPv6 addresses, as text (`10.1.0.12`, `fd00::3`).
+    pub addresses: Vec<String>,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -483,6 +497,7 @@ pub enum Request {
     GuestApps(GuestApps),
     GuestExec(GuestExec),
     ReadMetric(ReadMetric),
+    SiteAddresses(SiteAddresses),
 }
 
 impl Request {
@@ -511,6 +526,7 @@ impl Request {
             Request::GuestApps(_) => GuestApps::KIND,
             Request::GuestExec(_) => GuestExec::KIND,
             Request::ReadMetric(_) => ReadMetric::KIND,
+            Request::SiteAddresses(_) => SiteAddresses::KIND,
         }
     }
 }
@@ -564,6 +580,7 @@ rpc! {
     GuestApps => GuestAppsReply, Some(features::GUEST_APPS), "guest-apps";
     GuestExec => GuestExecReply, Some(features::GUEST_APPS), "guest-exec";
     ReadMetric => MetricReply, Some(features::APP_METRIC), "read-metric";
+    SiteAddresses => (), Some(features::SITE_TRAFFIC), "site-addresses";
 }
 
 /// What an agent pushes on its event stream.
@@ -868,6 +885,15 @@ mod tests {
                 ),
             ),
             (
+                Request::SiteAddresses(SiteAddresses {
+                    addresses: vec!["10.1.0.12".into(), "fd00::3".into()],
+                }),
+                concat!(
+                    "81ad5369746541646472657373657381a961646472657373657392a931302e312e302e3132a76664",
+                    "30303a3a33",
+                ),
+            ),
+            (
                 Request::SendDisk(SendDisk {
                     ticket: ticket(),
                     target_address: "h:1".into(),
@@ -1090,10 +1116,14 @@ mod tests {
                         disk_write_bytes: 6,
                         net_rx_bytes: 7,
                         net_tx_bytes: 8,
+                        net_tx_out_of_site_bytes: None,
                     },
                     workloads: vec![crate::model::WorkloadSample {
                         name: name(),
-                        counters: crate::model::Counters::default(),
+                        counters: crate::model::Counters {
+                            net_tx_out_of_site_bytes: Some(9),
+                            ..Default::default()
+                        },
                     }],
                 }]),
                 concat!(
@@ -1101,10 +1131,10 @@ mod tests {
                     "757301af6d656d6f72795f757365645f6d696203b06d656d6f72795f746f74616c5f6d696204af64",
                     "69736b5f726561645f627974657305b06469736b5f77726974655f627974657306ac6e65745f7278",
                     "5f627974657307ac6e65745f74785f627974657308a9776f726b6c6f6164739182a46e616d65a161",
-                    "a8636f756e7465727388a66370755f6e7300a46370757300af6d656d6f72795f757365645f6d6962",
+                    "a8636f756e7465727389a66370755f6e7300a46370757300af6d656d6f72795f757365645f6d6962",
                     "00b06d656d6f72795f746f74616c5f6d696200af6469736b5f726561645f627974657300b0646973",
                     "6b5f77726974655f627974657300ac6e65745f72785f627974657300ac6e65745f74785f62797465",
-                    "7300",
+                    "7300b86e65745f74785f6f75745f6f665f736974655f627974657309",
                 ),
             ),
             (

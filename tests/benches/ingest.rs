@@ -30,6 +30,8 @@ fn counters(seed: u64, at_secs: u64) -> Counters {
         disk_write_bytes: at_secs * rate * 8192,
         net_rx_bytes: at_secs * rate * 10_000,
         net_tx_bytes: at_secs * rate * 20_000,
+        // VMs: their guests' peers are out of the agent's sight.
+        net_tx_out_of_site_bytes: None,
     }
 }
 

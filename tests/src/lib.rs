@@ -248,6 +248,17 @@ pub fn spawn_lab_agent(
     dir: &Path,
     name: &str,
 ) -> anyhow::Result<AgentProcess> {
+    spawn_lab_agent_at_site(lab, i, dir, name, "lab")
+}
+
+/// As [`spawn_lab_agent`], in site `site`.
+pub fn spawn_lab_agent_at_site(
+    lab: &netns::Lab,
+    i: usize,
+    dir: &Path,
+    name: &str,
+    site: &str,
+) -> anyhow::Result<AgentProcess> {
     let data_dir = dir.join(name);
     std::fs::create_dir_all(&data_dir)?;
     let node = data_dir.join("node.xml");
@@ -256,10 +267,12 @@ pub fn spawn_lab_agent(
         "<node><cpu><mode>host</mode></cpu><memory>2097152</memory></node>",
     )?;
     let host = lab.hosts.get(i).context("no such lab host")?;
-    AgentProcess::spawn_in_netns(
-        &host.netns,
+    AgentProcess::spawn_full(
+        Some(&host.netns),
+        None,
         &data_dir,
         name,
+        site,
         &format!("test://{}", node.display()),
         &format!("{}:0", host.ip),
         Vec::new(),
@@ -286,4 +299,50 @@ pub async fn enroll(engine: &EngineHandle, agent: &AgentProcess) -> anyhow::Resu
 /// Starts an engine on a data dir.
 pub async fn start_engine(data_dir: &Path) -> anyhow::Result<EngineHandle> {
     Ok(engine::start(data_dir).await?)
+}
+
+/// Enrolls an agent and waits until its host is online over its link.
+pub async fn enroll_online(engine: &EngineHandle, agent: &AgentProcess) -> anyhow::Result<()> {
+    enroll(engine, agent).await?;
+    let host = agent.host_id.clone();
+    engine
+        .wait_for(Duration::from_secs(30), |s| {
+            s.host(&host)
+                .is_some_and(|h| h.link == engine::LinkState::Online)
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("{host} did not come online"))?;
+    Ok(())
+}
+
+/// Defines a service from its file's text, deploys it as planned and starts it; every step
+/// must succeed for every instance.
+pub async fn deploy_service(
+    engine: &EngineHandle,
+    source: &str,
+) -> anyhow::Result<dunes_shared::model::ServiceName> {
+    let name = engine
+        .request(|reply| EngineCommand::DefineService {
+            source: source.to_string(),
+            replace: false,
+            reply,
+        })
+        .await?;
+    let report = engine
+        .request(|reply| EngineCommand::DeployService {
+            name: name.clone(),
+            fingerprint: None,
+            overrides: Vec::new(),
+            reply,
+        })
+        .await?;
+    anyhow::ensure!(report.failed.is_empty(), "deploy failed: {report:?}");
+    let report = engine
+        .request(|reply| EngineCommand::StartService {
+            name: name.clone(),
+            reply,
+        })
+        .await?;
+    anyhow::ensure!(report.failed.is_empty(), "start failed: {report:?}");
+    Ok(name)
 }

@@ -148,6 +148,12 @@ pub trait Runtime: Send + Sync + 'static {
     fn sample(&self) -> RuntimeFuture<'_, Vec<WorkloadSample>> {
         Box::pin(async { Ok(Vec::new()) })
     }
+    /// The processes of every running workload whose connections are the host's own (a
+    /// process instance's; a VM's are its guest's): for the traffic they send. Reads /proc
+    /// and cgroup files: call it off the async workers.
+    fn process_ids(&self) -> Vec<(VmName, Vec<u32>)> {
+        Vec::new()
+    }
     /// The applications inside a running workload, through its guest agent.
     fn guest_apps(&self, request: GuestApps) -> RuntimeFuture<'_, GuestAppsReply> {
         let _ = request;

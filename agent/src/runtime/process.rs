@@ -1040,6 +1040,34 @@ impl Runtime for ProcessRuntime {
         })
     }
 
+    fn process_ids(&self) -> Vec<(VmName, Vec<u32>)> {
+        let running: Vec<VmName> = lock(&self.inner.instances)
+            .iter()
+            .filter(|(_, i)| i.state == VmState::Running)
+            .map(|(name, _)| name.clone())
+            .collect();
+        running
+            .into_iter()
+            .filter_map(|name| {
+                // Its cgroup holds every process it started; without one, its main process
+                // and that one's descendants.
+                if let CgroupLimits::V2 { base } = &self.inner.limits
+                    && let Ok(procs) =
+                        std::fs::read_to_string(base.join(name.as_str()).join("cgroup.procs"))
+                {
+                    let pids: Vec<u32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+                    return Some((name, pids));
+                }
+                let pid: u32 = std::fs::read_to_string(self.dir(&name).join("pid"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((name, crate::traffic::process_tree(pid)))
+            })
+            .collect()
+    }
+
     fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply> {
         Box::pin(self.ready(name, probe))
     }

@@ -12,7 +12,7 @@ use dunes_shared::{
         CancelTransfer, CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm,
         GuestApps, GuestExec, HashDisk, Hello, HelloReply, ImportVm, ListTemplates, ListVms,
         MetricReply, PrepareReceive, ReadMetric, RenewBegin, RenewBeginReply, RenewFinish, Request,
-        SendDisk, StartVm, StopVm, WireError, codes, features,
+        SendDisk, SiteAddresses, StartVm, StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -237,6 +237,9 @@ async fn dispatch(
                 .map_err(|e| e.to_wire()),
             Err(e) => Err(e.to_wire()),
         }),
+        Request::SiteAddresses(SiteAddresses { addresses }) => {
+            encode_reply::<SiteAddresses>(site_addresses(shared, &addresses))
+        }
         Request::GuestExec(request) => {
             encode_reply::<GuestExec>(match runtime(dunes_shared::model::RuntimeKind::Libvirt) {
                 Ok(rt) => rt.guest_exec(request).await.map_err(|e| e.to_wire()),
@@ -306,6 +309,28 @@ async fn dispatch(
             format!("{} is not part of the control protocol", other.kind()),
         ))),
     }
+}
+
+/// The site's other hosts, for telling the traffic that leaves the site; a list with an
+/// address that does not parse changes nothing.
+fn site_addresses(shared: &Shared, addresses: &[String]) -> Result<(), WireError> {
+    const MAX_ADDRESSES: usize = 10_000;
+    if addresses.len() > MAX_ADDRESSES {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("at most {MAX_ADDRESSES} site addresses are taken"),
+        ));
+    }
+    let parsed = addresses
+        .iter()
+        .map(|a| {
+            a.parse::<std::net::IpAddr>().map_err(|_| {
+                WireError::new(ErrorCode::BadRequest, format!("{a:?} is not an IP address"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    lock(&shared.traffic).set_site_hosts(parsed);
+    Ok(())
 }
 
 pub(super) fn shutting_down() -> WireError {

@@ -106,6 +106,8 @@ struct Shared {
     /// by a console that lost its answer waits for the transfer under way instead of
     /// starting a second one.
     sends: Mutex<std::collections::BTreeMap<String, transfer::SendOutcome>>,
+    /// The TCP traffic of process instances, and where the site ends.
+    traffic: Arc<Mutex<crate::traffic::TrafficMeter>>,
 }
 
 impl RunningAgent {
@@ -189,6 +191,9 @@ impl RunningAgent {
             tickets: Mutex::new(Default::default()),
             transfer_faults: Mutex::new(false),
             sends: Mutex::new(Default::default()),
+            traffic: Arc::new(Mutex::new(crate::traffic::TrafficMeter::new(
+                opts.config.site.networks.clone(),
+            ))),
         });
         let (host_id, fingerprint) = {
             let id = lock(&shared.identity);

@@ -47,6 +47,7 @@ pub(super) async fn sample_loop(shared: Arc<Shared>) {
                 workloads.append(&mut samples);
             }
         }
+        add_traffic(&shared, &mut workloads).await;
         batch.push(Sample {
             at_unix_ms,
             host,
@@ -111,6 +112,53 @@ pub(super) async fn push_events(
         }
         if push_event(&mut stream, &event).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Fills in what each process instance sent and received over TCP, and what of it left the
+/// site. A second whose socket list cannot be read keeps the totals as they were.
+async fn add_traffic(shared: &Arc<Shared>, workloads: &mut [dunes_shared::model::WorkloadSample]) {
+    let runtimes = shared.runtimes.clone();
+    let traffic = shared.traffic.clone();
+    let measured = tokio::task::spawn_blocking(move || {
+        let owned: Vec<_> = runtimes
+            .all()
+            .flat_map(|r| r.process_ids())
+            .filter_map(|(name, pids)| Some((name, crate::traffic::socket_inodes(&pids)?)))
+            .collect();
+        let sockets = if owned.is_empty() {
+            Ok(Vec::new())
+        } else {
+            crate::traffic::sock_diag::tcp_sockets()
+        };
+        let mut meter = super::lock(&traffic);
+        match sockets {
+            Ok(sockets) => meter.account(owned, &sockets),
+            Err(e) => {
+                // Once a run: a kernel without sock_diag says so every second otherwise.
+                static WARNED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!("process instances' traffic is not measured: {e}");
+                }
+            }
+        }
+        let knows_site = meter.knows_site();
+        meter
+            .totals()
+            .map(|(name, t)| (name.clone(), (t, knows_site)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    })
+    .await;
+    let Ok(measured) = measured else {
+        return;
+    };
+    for w in workloads {
+        if let Some((t, knows_site)) = measured.get(&w.name) {
+            w.counters.net_tx_bytes = t.sent_bytes;
+            w.counters.net_rx_bytes = t.received_bytes;
+            w.counters.net_tx_out_of_site_bytes = knows_site.then_some(t.sent_out_of_site_bytes);
         }
     }
 }

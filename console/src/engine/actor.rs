@@ -30,6 +30,8 @@ pub(super) struct HostEntry {
     pub(super) skipped_kinds: std::collections::BTreeSet<String>,
     pub(super) address: watch::Sender<String>,
     pub(super) link_task: JoinHandle<()>,
+    /// The site addresses this host's agent was last told on its current link.
+    pub(super) site_addresses_told: Option<Vec<String>>,
 }
 
 impl Drop for HostEntry {
@@ -156,6 +158,7 @@ impl Actor {
                 }
                 _ = readiness.tick() => {
                     self.check_readiness();
+                    self.tell_site_addresses();
                     self.retry_migrations();
                     self.advance_evacuations();
                 }

@@ -434,9 +434,17 @@ impl Actor {
                 };
                 let subject = Subject::Workload(vm.name.clone());
                 let cpu = series_key(&subject, Metric::Cpu);
-                let sent = series_key(&subject, Metric::NetTx);
-                let open = (self.stats.open(&cpu, level), self.stats.open(&sent, level));
-                workloads.push((key, inv.prices, vm.vcpus, vm.disk_bytes, cpu, sent, open));
+                let sent = SentSeries::of(&self.stats, &subject, level);
+                let open_cpu = self.stats.open(&cpu, level);
+                workloads.push((
+                    key,
+                    inv.prices,
+                    vm.vcpus,
+                    vm.disk_bytes,
+                    cpu,
+                    sent,
+                    open_cpu,
+                ));
             }
         }
         // Disk streams of migrations between sites: traffic that left the source's site,
@@ -507,32 +515,20 @@ impl Actor {
                 };
                 let subject = Subject::Workload(d.vm.clone());
                 let cpu = series_key(&subject, Metric::Cpu);
-                let sent = series_key(&subject, Metric::NetTx);
+                let sent = SentSeries::stored(&subject);
                 workloads.push((
-                    (
-                        key,
-                        d.prices,
-                        d.vcpus,
-                        d.disk_bytes,
-                        cpu,
-                        sent,
-                        (Vec::new(), Vec::new()),
-                    ),
+                    (key, d.prices, d.vcpus, d.disk_bytes, cpu, sent, Vec::new()),
                     d.removed_at_secs.min(now),
                 ));
             }
-            for (
-                (key, prices, vcpus, disk_bytes, cpu_key, sent_key, (open_cpu, open_sent)),
-                until,
-            ) in workloads
-            {
-                let read = |k: &str, open: Vec<rollup::Bucket>| {
-                    reader.buckets(k, level, from, now + 1).map(|mut points| {
-                        stats::merge_open(&mut points, open, from);
+            for ((key, prices, vcpus, disk_bytes, cpu_key, sent, open_cpu), until) in workloads {
+                let cpu = reader
+                    .buckets(&cpu_key, level, from, now + 1)
+                    .map(|mut points| {
+                        stats::merge_open(&mut points, open_cpu, from);
                         points
-                    })
-                };
-                let (cpu, sent) = match (read(&cpu_key, open_cpu), read(&sent_key, open_sent)) {
+                    });
+                let (cpu, sent) = match (cpu, sent.read(&reader, level, from, now + 1)) {
                     (Ok(c), Ok(s)) => (c, s),
                     (Err(e), _) | (_, Err(e)) => {
                         let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
@@ -600,12 +596,10 @@ impl Actor {
             for vm in entry.view.vms.iter().filter(|v| wanted(&host_ref, &v.name)) {
                 let workload = Subject::Workload(vm.name.clone());
                 let cpu_key = series_key(&workload, Metric::Cpu);
-                let sent_key = series_key(&workload, Metric::NetTx);
                 out.push(Costed {
                     open_cpu: self.stats.open(&cpu_key, level),
-                    open_sent: self.stats.open(&sent_key, level),
+                    sent: SentSeries::of(&self.stats, &workload, level),
                     cpu_key,
-                    sent_key,
                     vcpus: vm.vcpus,
                     disk_bytes: vm.disk_bytes,
                     prices: inv.prices,
@@ -752,7 +746,8 @@ impl Actor {
                             points
                         })
                 };
-                match (read(&w.cpu_key, w.open_cpu), read(&w.sent_key, w.open_sent)) {
+                let sent = w.sent.read(&reader, level, from_secs, now_secs + 1);
+                match (read(&w.cpu_key, w.open_cpu), sent) {
                     (Ok(cpu), Ok(sent)) => costs.push(super::cost::cost_per_hour_series(
                         &cpu,
                         &sent,
@@ -814,10 +809,64 @@ type HostEntryRef<'a> = (&'a HostId, &'a str);
 /// A workload whose cost a statistics query adds up: its series and how it is priced.
 struct Costed {
     cpu_key: String,
-    sent_key: String,
     open_cpu: Vec<super::rollup::Bucket>,
-    open_sent: Vec<super::rollup::Bucket>,
+    sent: SentSeries,
     vcpus: u32,
     disk_bytes: u64,
     prices: dunes_shared::model::Prices,
+}
+
+/// The series of what a workload sent that a cost counts (see [`super::cost::billed_sent`]):
+/// what left its site where its agent measured it, all it sent elsewhere.
+struct SentSeries {
+    all_key: String,
+    out_key: String,
+    open_all: Vec<super::rollup::Bucket>,
+    open_out: Vec<super::rollup::Bucket>,
+}
+
+impl SentSeries {
+    /// A workload's, with what its series hold open at `level`.
+    fn of(
+        stats: &super::stats::TimeSeries,
+        workload: &super::stats::Subject,
+        level: usize,
+    ) -> Self {
+        let mut series = Self::stored(workload);
+        series.open_all = stats.open(&series.all_key, level);
+        series.open_out = stats.open(&series.out_key, level);
+        series
+    }
+
+    /// A workload's, as the store has them (one that is gone holds nothing open).
+    fn stored(workload: &super::stats::Subject) -> Self {
+        use super::stats::{Metric, series_key};
+        SentSeries {
+            all_key: series_key(workload, Metric::NetTx),
+            out_key: series_key(workload, Metric::NetTxOutOfSite),
+            open_all: Vec::new(),
+            open_out: Vec::new(),
+        }
+    }
+
+    fn read(
+        self,
+        reader: &super::store::StatsReader,
+        level: usize,
+        from_secs: u64,
+        to_secs: u64,
+    ) -> Result<Vec<super::rollup::Bucket>, super::store::StoreError> {
+        let read = |key: &str, open: Vec<super::rollup::Bucket>| {
+            reader
+                .buckets(key, level, from_secs, to_secs)
+                .map(|mut points| {
+                    super::stats::merge_open(&mut points, open, from_secs);
+                    points
+                })
+        };
+        Ok(super::cost::billed_sent(
+            read(&self.all_key, self.open_all)?,
+            read(&self.out_key, self.open_out)?,
+        ))
+    }
 }

@@ -108,9 +108,23 @@ pub struct CostLine {
     pub cost: f64,
 }
 
+/// What of a workload's sending a cost counts, bucket by bucket: what left its site, where
+/// its agent measured that (`out_of_site`: a process instance's TCP peers); everything it
+/// sent (`all`) where no one could tell (a VM, whose connections are its guest's).
+pub fn billed_sent(
+    all: Vec<crate::engine::rollup::Bucket>,
+    out_of_site: Vec<crate::engine::rollup::Bucket>,
+) -> Vec<crate::engine::rollup::Bucket> {
+    let mut billed: BTreeMap<u64, crate::engine::rollup::Bucket> =
+        all.into_iter().map(|b| (b.start_secs, b)).collect();
+    for b in out_of_site {
+        billed.insert(b.start_secs, b);
+    }
+    billed.into_values().collect()
+}
+
 /// What a workload used, from its rolled-up series of `step_secs` buckets: CPU in percent of
-/// its `cpus` CPUs, and bytes sent per second (every destination: which of it left the site
-/// is not measured). Each bucket stands for its whole step. Its disks' `stored_bytes` count
+/// its `cpus` CPUs, and bytes sent out of its site per second (see [`billed_sent`]). Each bucket stands for its whole step. Its disks' `stored_bytes` count
 /// from its first bucket (or `from_secs`) to `to_secs`.
 pub fn usage_from_buckets(
     cpu: &[crate::engine::rollup::Bucket],
@@ -222,6 +236,23 @@ mod tests {
         // Storage counts from the first reading on, not from the range's start.
         let late = usage_from_buckets(&cpu[60..], &[], 2, 10_000_000_000, 60, 0, 7200);
         assert!(close(late.gb_months, 10.0 / HOURS_PER_MONTH), "{late:?}");
+    }
+
+    #[test]
+    fn what_left_the_site_is_billed_where_it_was_measured() {
+        use crate::engine::rollup::Bucket;
+        // Minutes 0 and 1 only know everything sent; minutes 1 and 2 know what left.
+        let all = vec![
+            Bucket::new(0, 100.0),
+            Bucket::new(60, 100.0),
+            Bucket::new(120, 80.0),
+        ];
+        let out = vec![Bucket::new(60, 30.0), Bucket::new(120, 0.0)];
+        let billed: Vec<(u64, f64)> = billed_sent(all, out)
+            .iter()
+            .map(|b| (b.start_secs, b.mean()))
+            .collect();
+        assert_eq!(billed, vec![(0, 100.0), (60, 30.0), (120, 0.0)]);
     }
 
     #[test]

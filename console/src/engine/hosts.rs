@@ -44,6 +44,7 @@ impl Actor {
                 skipped_kinds: Default::default(),
                 address: address_tx,
                 link_task,
+                site_addresses_told: None,
             },
         );
     }
@@ -61,6 +62,7 @@ impl Actor {
                 };
                 let was = entry.view.link;
                 entry.peer = Some(peer);
+                entry.site_addresses_told = None;
                 entry.view.link = LinkState::Online;
                 entry.view.link_error = None;
                 entry.view.skipped_events.clear();

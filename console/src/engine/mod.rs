@@ -29,6 +29,7 @@ mod readiness;
 pub mod rollup;
 pub mod service_file;
 pub mod services;
+pub mod site_traffic;
 pub mod snapshot;
 pub mod stats;
 pub mod store;

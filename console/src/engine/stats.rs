@@ -21,6 +21,8 @@ pub enum Metric {
     DiskWrite,
     NetRx,
     NetTx,
+    /// Of what a workload sent, what went out of its site (where its agent can tell).
+    NetTxOutOfSite,
     /// The number an application's instances report (its service file's `metric`).
     AppMetric,
     /// What its workloads cost per hour at their hosts' prices: computed by a query from
@@ -29,13 +31,14 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 8] = [
         Metric::Cpu,
         Metric::Memory,
         Metric::DiskRead,
         Metric::DiskWrite,
         Metric::NetRx,
         Metric::NetTx,
+        Metric::NetTxOutOfSite,
         Metric::AppMetric,
     ];
 
@@ -47,6 +50,7 @@ impl Metric {
             Metric::DiskWrite => "disk-write",
             Metric::NetRx => "net-rx",
             Metric::NetTx => "net-tx",
+            Metric::NetTxOutOfSite => "net-tx-out",
             Metric::AppMetric => "app-metric",
             Metric::Cost => "cost",
         }
@@ -191,6 +195,13 @@ pub fn values(
         if let Some(d) = delta(a, b) {
             out.push((metric, d / secs));
         }
+    }
+    if let (Some(a), Some(b)) = (
+        before.net_tx_out_of_site_bytes,
+        now.net_tx_out_of_site_bytes,
+    ) && let Some(d) = delta(a, b)
+    {
+        out.push((Metric::NetTxOutOfSite, d / secs));
     }
     out
 }
@@ -559,6 +570,27 @@ mod tests {
     use super::*;
     use dunes_shared::model::WorkloadSample;
 
+    #[test]
+    fn what_left_the_site_is_a_rate_only_where_both_readings_tell() {
+        let at = |sent: u64, out: Option<u64>| Counters {
+            net_tx_bytes: sent,
+            net_tx_out_of_site_bytes: out,
+            ..Counters::default()
+        };
+        let rate = |before: Counters, now: Counters| {
+            values(Some((1000, &before)), 3000, &now)
+                .into_iter()
+                .find(|(m, _)| *m == Metric::NetTxOutOfSite)
+                .map(|(_, v)| v)
+        };
+        assert_eq!(rate(at(0, Some(100)), at(1000, Some(700))), Some(300.0));
+        // The first reading that tells has nothing to compare with; a VM never tells.
+        assert_eq!(rate(at(0, None), at(1000, Some(700))), None);
+        assert_eq!(rate(at(0, None), at(1000, None)), None);
+        // A restarted instance: no rate this time.
+        assert_eq!(rate(at(0, Some(900)), at(1000, Some(100))), None);
+    }
+
     fn counters(cpu_secs: u64, read: u64) -> Counters {
         Counters {
             cpu_ns: cpu_secs * 1_000_000_000,
@@ -706,8 +738,9 @@ mod tests {
         assert!(flushed.iter().any(
             |w| matches!(w, StatsWrite::Open(o) if o.series == key && o.hour.is_some_and(|h| h.count == 60))
         ));
-        // Host and workload, the six metrics a sample gives each (not the application's).
-        assert_eq!(ts.series_count(), 2 * (Metric::ALL.len() - 1));
+        // Host and workload, the six metrics a sample gives each (not the application's, nor
+        // what left the site: neither says).
+        assert_eq!(ts.series_count(), 2 * 6);
         // Shares in turn write what one whole flush writes.
         let mut shared = Vec::new();
         let mut again = TimeSeries::default();
@@ -729,7 +762,7 @@ mod tests {
         // Nothing new: nothing written again. Idle past the limit: forgotten, after a last
         // write of what it had.
         assert!(ts.flush(190).is_empty());
-        assert_eq!(ts.series_count(), 2 * (Metric::ALL.len() - 1));
+        assert_eq!(ts.series_count(), 2 * 6);
         let last = ts.flush(180 + IDLE_FORGET_SECS + 1);
         assert!(
             last.iter().any(

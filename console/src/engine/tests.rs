@@ -1061,6 +1061,7 @@ async fn agent_at_site(dir: &Path, host: &str, site: &str) -> RunningAgent {
             link_latency_ms: 1,
             // Geneva keeps transfers to 800 Mbit/s of its link.
             transfer_limit_mbps: (site == "gva").then_some(800),
+            networks: Vec::new(),
         },
         ..AgentConfig::default()
     };

@@ -77,7 +77,10 @@ const GROUPS: [(&str, &[Metric]); 6] = [
     ("CPU %", &[Metric::Cpu]),
     ("Memory MiB", &[Metric::Memory]),
     ("Disk bytes/s", &[Metric::DiskRead, Metric::DiskWrite]),
-    ("Network bytes/s", &[Metric::NetRx, Metric::NetTx]),
+    (
+        "Network bytes/s",
+        &[Metric::NetRx, Metric::NetTx, Metric::NetTxOutOfSite],
+    ),
     ("Application metric", &[Metric::AppMetric]),
     ("Cost per hour", &[Metric::Cost]),
 ];
