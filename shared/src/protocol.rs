@@ -46,7 +46,7 @@ pub mod features {
     /// `ReadMetric`: the number an application's instance reports (a command's output, or
     /// the connections to a port), for statistics and autoscaling.
     pub const APP_METRIC: &str = "app-metric";
-    /// `SiteAddresses`: the console tells an agent the addresses of its site's other hosts,
+    /// `SiteAddresses`: the console tells an agent the addresses of its site's hosts,
     /// and the agent counts what its process instances send elsewhere as leaving the site
     /// (`Counters::net_tx_out_of_site_bytes`).
     pub const SITE_TRAFFIC: &str = "site-traffic";
@@ -462,9 +462,10 @@ pub struct MetricReply {
     pub at_unix_ms: u64,
 }
 
-/// The addresses of the other hosts of the agent's site, as the console reaches them: traffic
-/// to them (and to the networks the agent's own config declares for its site, and to itself)
-/// stays in the site; traffic elsewhere leaves it. Each message replaces the one before.
+/// The addresses of the hosts of the agent's site, as the console reaches them (the agent's
+/// own among them): traffic to them (and to the networks the agent's own config declares for
+/// its site, and to itself) stays in the site; traffic elsewhere leaves it. Each message
+/// replaces the one before.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteAddresses {
     /// IPv4 or IPv6 addresses, as text (`10.1.0.12`, `fd00::3`).

@@ -7,7 +7,7 @@ use dunes_console::{
     ui::{ConsoleApp, Selection},
 };
 use dunes_shared::model::{TemplateName, VmName, VmSpec, VmState};
-use dunes_tests::{AgentProcess, enroll, start_engine};
+use dunes_tests::{AgentProcess, enroll_online, start_engine};
 use egui::Role;
 use egui_kittest::{
     Harness,
@@ -64,14 +64,7 @@ fn live_host_on(
     let agent = AgentProcess::spawn(&dir.join(host_id), host_id, site, uri).unwrap();
     let engine = runtime.block_on(async {
         let engine = start_engine(&dir.join("console")).await.unwrap();
-        enroll(&engine, &agent).await.unwrap();
-        let host = agent.host_id.clone();
-        engine
-            .wait_for(Duration::from_secs(5), |s| {
-                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-            })
-            .await
-            .expect("online");
+        enroll_online(&engine, &agent).await.unwrap();
         engine
     });
     (runtime, agent, engine)
@@ -503,14 +496,7 @@ fn services_are_written_planned_placed_by_hand_deployed_and_adopt_vms() {
     let b =
         AgentProcess::spawn(&dir.path().join("b"), "svc-b", "geneva", "test:///default").unwrap();
     runtime.block_on(async {
-        enroll(&engine, &b).await.unwrap();
-        let host = b.host_id.clone();
-        engine
-            .wait_for(Duration::from_secs(5), |s| {
-                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-            })
-            .await
-            .expect("online");
+        enroll_online(&engine, &b).await.unwrap();
         // libvirt's test driver starts each host with a running `test` VM of 8 GiB, more than
         // the host's declared memory: off, so that the service has room.
         for host in [a.host_id.clone(), b.host_id.clone()] {
@@ -701,14 +687,7 @@ fn a_vm_chip_dropped_on_another_host_migrates_after_the_pre_check() {
     let b =
         AgentProcess::spawn(&dir.path().join("b"), "dnd-b", "geneva", "test:///default").unwrap();
     runtime.block_on(async {
-        enroll(&engine, &b).await.unwrap();
-        let host = b.host_id.clone();
-        engine
-            .wait_for(Duration::from_secs(5), |s| {
-                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-            })
-            .await
-            .expect("online");
+        enroll_online(&engine, &b).await.unwrap();
         engine
             .request(|reply| Command::CreateVm {
                 host: a.host_id.clone(),

@@ -10,9 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dunes_console::engine::{Command, LinkState};
+use dunes_console::engine::Command;
 use dunes_shared::model::{TemplateName, VmName, VmSpec, VmState};
-use dunes_tests::{AgentProcess, enroll, start_engine};
+use dunes_tests::{AgentProcess, enroll_online, start_engine};
 
 fn prerequisites() -> Option<PathBuf> {
     let guest = std::env::var_os("DUNES_GUEST_DIR").map(PathBuf::from);
@@ -73,14 +73,8 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
     )
     .unwrap();
     let engine = start_engine(&dir.path().join("console")).await.unwrap();
-    enroll(&engine, &agent).await.unwrap();
+    enroll_online(&engine, &agent).await.unwrap();
     let host = agent.host_id.clone();
-    engine
-        .wait_for(Duration::from_secs(10), |s| {
-            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-        })
-        .await
-        .expect("online");
     let inventory = engine
         .snapshot()
         .host(&host)
@@ -300,14 +294,7 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
     let target = agent(1, "qemu-b");
     let engine = start_engine(&dir.path().join("console")).await.unwrap();
     for a in [&source, &target] {
-        enroll(&engine, a).await.unwrap();
-        let host = a.host_id.clone();
-        engine
-            .wait_for(Duration::from_secs(30), |s| {
-                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-            })
-            .await
-            .expect("online over the lab's link");
+        enroll_online(&engine, a).await.unwrap();
     }
     let name = VmName::new("wanderer").unwrap();
     engine
@@ -421,14 +408,8 @@ async fn applications_inside_a_tiny_guest_are_watched_and_a_killed_one_degrades_
     )
     .unwrap();
     let engine = start_engine(&dir.path().join("console")).await.unwrap();
-    enroll(&engine, &agent).await.unwrap();
+    enroll_online(&engine, &agent).await.unwrap();
     let host = agent.host_id.clone();
-    engine
-        .wait_for(Duration::from_secs(10), |s| {
-            s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-        })
-        .await
-        .expect("online");
     let source = r#"name = "inside"
 
 [[application]]

@@ -311,7 +311,7 @@ async fn dispatch(
     }
 }
 
-/// The site's other hosts, for telling the traffic that leaves the site; a list with an
+/// The site's hosts, for telling the traffic that leaves the site; a list with an
 /// address that does not parse changes nothing.
 fn site_addresses(shared: &Shared, addresses: &[String]) -> Result<(), WireError> {
     const MAX_ADDRESSES: usize = 10_000;

@@ -96,8 +96,8 @@ struct InstanceTraffic {
 pub struct TrafficMeter {
     /// The site's networks, from the agent's config.
     declared: Vec<Network>,
-    /// The site's other hosts, as the console last said; `None` before it has.
-    site_hosts: Option<Vec<IpAddr>>,
+    /// The site's hosts, as the console last said; `None` before it has.
+    site_hosts: Option<std::collections::BTreeSet<IpAddr>>,
     instances: BTreeMap<VmName, InstanceTraffic>,
 }
 
@@ -109,7 +109,7 @@ impl TrafficMeter {
         }
     }
 
-    /// The console's word on the site's other hosts; it replaces the last one.
+    /// The console's word on the site's hosts; it replaces the last one.
     pub fn set_site_hosts(&mut self, addresses: Vec<IpAddr>) {
         self.site_hosts = Some(addresses.into_iter().map(|a| a.to_canonical()).collect());
     }

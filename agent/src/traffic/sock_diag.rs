@@ -75,6 +75,10 @@ pub fn tcp_sockets() -> Result<Vec<TcpSocket>, SockDiagError> {
         loop {
             let (read, _) = recv(&fd, &mut buf[..], RecvFlags::empty())
                 .map_err(|e| SockDiagError::Io(e.into()))?;
+            // An empty datagram would repeat forever: the kernel never sends one.
+            if read == 0 {
+                return Err(SockDiagError::Malformed);
+            }
             if parse_messages(&buf[..read], &mut out)? {
                 break;
             }
@@ -133,7 +137,7 @@ pub fn parse_messages(buf: &[u8], out: &mut Vec<TcpSocket>) -> Result<bool, Sock
                 return if code == 0 {
                     Ok(true)
                 } else {
-                    Err(SockDiagError::Refused(-code))
+                    Err(SockDiagError::Refused(code.wrapping_neg()))
                 };
             }
             SOCK_DIAG_BY_FAMILY => out.extend(parse_socket(body)),

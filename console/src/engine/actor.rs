@@ -30,8 +30,8 @@ pub(super) struct HostEntry {
     pub(super) skipped_kinds: std::collections::BTreeSet<String>,
     pub(super) address: watch::Sender<String>,
     pub(super) link_task: JoinHandle<()>,
-    /// The site addresses this host's agent was last told on its current link.
-    pub(super) site_addresses_told: Option<Vec<String>>,
+    /// The digest of the site addresses this host's agent was last told on its current link.
+    pub(super) site_addresses_told: Option<u64>,
 }
 
 impl Drop for HostEntry {

@@ -1,33 +1,54 @@
 //! Which traffic leaves a site: each online agent that can tell is told the addresses of its
-//! site's other hosts, as this console reaches them, whenever they change; the agent counts
-//! what its process instances send anywhere else as leaving the site.
+//! site's hosts, as this console reaches them, whenever they change; the agent counts what
+//! its process instances send anywhere else as leaving the site.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    hash::{Hash, Hasher},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use dunes_shared::{
     error_chain,
-    model::HostId,
     protocol::{SiteAddresses, features},
 };
 
 use super::actor::{Actor, Internal};
 
-/// The addresses of `host`'s site's other hosts, sorted, from every host's site and address.
-pub fn site_addresses_of(
-    hosts: &BTreeMap<HostId, (String, Option<IpAddr>)>,
-    host: &HostId,
-) -> Vec<String> {
-    let Some((site, _)) = hosts.get(host) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = hosts
-        .iter()
-        .filter(|(id, (s, _))| *id != host && s == site)
-        .filter_map(|(_, (_, ip))| ip.map(|ip| ip.to_string()))
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+/// One site's host addresses, sorted and without repeats, and a digest of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteAddressList {
+    pub addresses: Arc<Vec<String>>,
+    pub digest: u64,
+}
+
+/// Each site's host addresses, from every host's site and address: built once per round, so
+/// that a round costs in proportion to the hosts, however large one site is.
+pub fn site_address_lists<'a>(
+    hosts: impl IntoIterator<Item = (&'a str, Option<IpAddr>)>,
+) -> BTreeMap<&'a str, SiteAddressList> {
+    let mut by_site: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (site, ip) in hosts {
+        let list = by_site.entry(site).or_default();
+        if let Some(ip) = ip {
+            list.push(ip.to_string());
+        }
+    }
+    by_site
+        .into_iter()
+        .map(|(site, mut addresses)| {
+            addresses.sort();
+            addresses.dedup();
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            addresses.hash(&mut hasher);
+            let list = SiteAddressList {
+                addresses: Arc::new(addresses),
+                digest: hasher.finish(),
+            };
+            (site, list)
+        })
+        .collect()
 }
 
 impl Actor {
@@ -35,10 +56,10 @@ impl Actor {
     pub(super) fn tell_site_addresses(&mut self) {
         // A host's address: where its live connection comes from, else its recorded
         // address when that is a literal one.
-        let hosts: BTreeMap<HostId, (String, Option<IpAddr>)> = self
+        let hosts: Vec<(String, Option<IpAddr>)> = self
             .hosts
-            .iter()
-            .filter_map(|(id, entry)| {
+            .values()
+            .filter_map(|entry| {
                 let site = entry.view.inventory()?.site.name.to_string();
                 let ip = entry
                     .peer
@@ -53,9 +74,10 @@ impl Actor {
                             .ok()
                             .map(|a| a.ip().to_canonical())
                     });
-                Some((id.clone(), (site, ip)))
+                Some((site, ip))
             })
             .collect();
+        let lists = site_address_lists(hosts.iter().map(|(site, ip)| (site.as_str(), *ip)));
         for (id, entry) in &mut self.hosts {
             let Some(peer) = entry.peer.clone() else {
                 continue;
@@ -63,20 +85,28 @@ impl Actor {
             if !peer.offers(features::SITE_TRAFFIC) {
                 continue;
             }
-            let addresses = site_addresses_of(&hosts, id);
-            if entry.site_addresses_told.as_ref() == Some(&addresses) {
+            let Some(list) = entry
+                .view
+                .inventory()
+                .and_then(|i| lists.get(i.site.name.as_str()))
+            else {
+                continue;
+            };
+            if entry.site_addresses_told == Some(list.digest) {
                 continue;
             }
             // Marked told now, so that the next tick does not send it again meanwhile; a
             // failure clears the mark and the tick after tries again.
-            entry.site_addresses_told = Some(addresses.clone());
+            entry.site_addresses_told = Some(list.digest);
+            let digest = list.digest;
+            let addresses = list.addresses.clone();
             let internal = self.internal_tx.clone();
             let host = id.clone();
             let stable_id = peer.conn.stable_id();
             tokio::spawn(async move {
                 let result = peer
                     .call(SiteAddresses {
-                        addresses: addresses.clone(),
+                        addresses: addresses.as_ref().clone(),
                     })
                     .await;
                 let Err(e) = result else {
@@ -91,7 +121,7 @@ impl Actor {
                         .peer
                         .as_ref()
                         .is_some_and(|p| p.conn.stable_id() == stable_id);
-                    if same_link && entry.site_addresses_told.as_ref() == Some(&addresses) {
+                    if same_link && entry.site_addresses_told == Some(digest) {
                         entry.site_addresses_told = None;
                         tracing::debug!("{host}: site addresses not taken: {reason}");
                     }
@@ -107,27 +137,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_host_is_told_its_sites_other_hosts() {
-        let id = |s: &str| HostId::new(s).unwrap();
+    fn each_site_gets_one_sorted_list_of_its_hosts() {
         let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        let hosts: BTreeMap<HostId, (String, Option<IpAddr>)> = [
-            (id("lsn-1"), ("lausanne".to_string(), ip("10.1.0.11"))),
-            (id("lsn-2"), ("lausanne".to_string(), ip("10.1.0.12"))),
-            (id("lsn-3"), ("lausanne".to_string(), None)),
-            (id("lsn-4"), ("lausanne".to_string(), ip("10.1.0.12"))),
-            (id("gva-1"), ("geneva".to_string(), ip("10.2.0.11"))),
-        ]
-        .into_iter()
-        .collect();
+        let hosts = [
+            ("lausanne", ip("10.1.0.12")),
+            ("lausanne", ip("10.1.0.11")),
+            ("lausanne", None),
+            ("lausanne", ip("10.1.0.12")),
+            ("geneva", ip("10.2.0.11")),
+            ("zurich", None),
+        ];
+        let lists = site_address_lists(hosts);
         assert_eq!(
-            site_addresses_of(&hosts, &id("lsn-1")),
-            vec!["10.1.0.12".to_string()]
-        );
-        assert_eq!(
-            site_addresses_of(&hosts, &id("lsn-2")),
+            *lists["lausanne"].addresses,
             vec!["10.1.0.11".to_string(), "10.1.0.12".to_string()]
         );
-        assert!(site_addresses_of(&hosts, &id("gva-1")).is_empty());
-        assert!(site_addresses_of(&hosts, &id("nowhere")).is_empty());
+        assert_eq!(*lists["geneva"].addresses, vec!["10.2.0.11".to_string()]);
+        assert!(lists["zurich"].addresses.is_empty());
+        assert_ne!(lists["lausanne"].digest, lists["geneva"].digest);
+        // The same hosts in another order digest the same; one more host changes the digest.
+        let again =
+            site_address_lists([("lausanne", ip("10.1.0.11")), ("lausanne", ip("10.1.0.12"))]);
+        assert_eq!(again["lausanne"], lists["lausanne"]);
+        let more = site_address_lists([
+            ("lausanne", ip("10.1.0.11")),
+            ("lausanne", ip("10.1.0.12")),
+            ("lausanne", ip("10.1.0.13")),
+        ]);
+        assert_ne!(more["lausanne"].digest, lists["lausanne"].digest);
     }
 }
