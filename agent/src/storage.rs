@@ -74,6 +74,22 @@ pub struct TemplateManifest {
     /// same image, and flattened elsewhere.
     #[serde(default)]
     pub overlay: bool,
+    /// The NIC its VMs get on QEMU: `user` (QEMU's user-mode network) or `none`.
+    #[serde(default)]
+    pub network: TemplateNetwork,
+}
+
+/// The NIC a template's VMs get on QEMU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateNetwork {
+    /// A virtio NIC on QEMU's user-mode network: the guest (10.0.2.15) reaches out through
+    /// the QEMU process's sockets, and reaches the host's loopback at 10.0.2.2; nothing
+    /// reaches in.
+    #[default]
+    User,
+    /// No NIC at all.
+    None,
 }
 
 /// A template resolved to absolute paths inside the storage directory.
@@ -88,6 +104,7 @@ pub struct Template {
     pub placeholder: bool,
     /// New disks are qcow2 overlays on `disk`.
     pub overlay: bool,
+    pub network: TemplateNetwork,
 }
 
 /// How a VM's disk file is laid out.
@@ -264,6 +281,7 @@ impl Storage {
             placeholder: guest_dir.is_none(),
             source: wanted,
             overlay: false,
+            network: TemplateNetwork::User,
         };
         match guest_dir {
             Some(src) => {
@@ -333,6 +351,7 @@ impl Storage {
                     && manifest.source.is_none()
                     && name.as_str() == "tiny"),
             overlay: manifest.overlay,
+            network: manifest.network,
             disk,
         })
     }
@@ -744,6 +763,42 @@ mod tests {
         .unwrap();
         let err = storage.template(&name).unwrap_err().to_string();
         assert!(err.contains("not a file name inside the template"), "{err}");
+    }
+
+    #[test]
+    fn a_template_says_which_nic_its_vms_get() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        storage.ensure_tiny_template(None).unwrap();
+        let tiny = TemplateName::new("tiny").unwrap();
+        assert_eq!(
+            storage.template(&tiny).unwrap().network,
+            TemplateNetwork::User
+        );
+        let name = TemplateName::new("sealed").unwrap();
+        let tdir = storage.root().join("images/sealed");
+        std::fs::create_dir_all(&tdir).unwrap();
+        std::fs::write(tdir.join("disk.img"), b"").unwrap();
+        let manifest = |network: &str| {
+            format!("description = \"x\"\ndefault_vcpus = 1\ndefault_memory_mib = 64\n{network}")
+        };
+        std::fs::write(tdir.join("template.toml"), manifest("")).unwrap();
+        assert_eq!(
+            storage.template(&name).unwrap().network,
+            TemplateNetwork::User
+        );
+        std::fs::write(tdir.join("template.toml"), manifest("network = \"none\"\n")).unwrap();
+        assert_eq!(
+            storage.template(&name).unwrap().network,
+            TemplateNetwork::None
+        );
+        std::fs::write(
+            tdir.join("template.toml"),
+            manifest("network = \"bridge\"\n"),
+        )
+        .unwrap();
+        let err = storage.template(&name).unwrap_err().to_string();
+        assert!(err.contains("unknown variant"), "{err}");
     }
 
     #[test]

@@ -12,8 +12,9 @@ DISK_MIB=${DISK_MIB:-64}
 
 # Modules in load order; missing dependencies are added automatically (see add_module).
 # button + evdev let busybox acpid see the ACPI power button (virsh shutdown --mode acpi).
+# virtio_net: the NIC on QEMU's user-mode network (10.0.2.15, gateway 10.0.2.2).
 MODULES=(virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci
-         virtio_blk virtio_console crc32c_generic jbd2 mbcache crc16 ext4 button evdev)
+         virtio_blk virtio_console virtio_net crc32c_generic jbd2 mbcache crc16 ext4 button evdev)
 
 log() { echo "build-tiny-guest: $*" >&2; }
 # mkfs.ext4 and friends live in /usr/sbin, which a normal user's PATH lacks.
@@ -64,7 +65,7 @@ trap 'rm -rf "$WORK"' EXIT
 # ---------------------------------------------------------------- kernel + initrd
 # vmlinuz and initrd.img are built together: the modules must match the kernel.
 # Bumped whenever the guest's init changes, so that a cached guest is built again.
-RECIPE=4
+RECIPE=5
 if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ||
       "$(cat "$OUT_DIR/recipe" 2>/dev/null)" != "$RECIPE" ]]; then
     # The installable kernel is whatever the linux-image-amd64 metapackage depends on.
@@ -199,6 +200,12 @@ if mountpoint -q /data 2>/dev/null || grep -q ' /data ' /proc/mounts; then
     fi
 fi
 ip link set lo up
+# QEMU's user-mode network: its fixed addresses, no DHCP client needed.
+i=0; while [ $i -lt 20 ] && [ ! -e /sys/class/net/eth0 ]; do sleep 0.1; i=$((i+1)); done
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 &&
+        echo "dunes-guest: network up"
+fi
 httpd -p 127.0.0.1:8080 -h /www && echo "dunes-guest: httpd started"
 /usr/bin/worker </dev/null >/dev/null 2>&1 &
 # The guest agent last: once it answers, everything above has run (guest-agent readiness).

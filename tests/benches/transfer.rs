@@ -6,7 +6,8 @@
 //! openssl). Method and results: docs/BENCHMARKS.md.
 //!
 //! Cases: (a) a 4 GiB fully allocated raw image; (b) a 16 GiB image with 2 GiB allocated;
-//! (c) that image again over a link shaped to 200 Mbit/s, with and without compression.
+//! (c) that image again over a link shaped to 200 Mbit/s, with and without compression;
+//! (z) image (a) with compression on the unshaped link.
 //! The images are filled with bytes of this machine's own files under /usr (a typical OS
 //! image's content). Each Dunes figure is one cold migration's transfer step (from
 //! `transferring` until `verifying`); CPU is this machine's whole user + system time in that
@@ -21,11 +22,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use dunes_console::engine::{
-    Command, EngineHandle, LinkState,
+    Command, EngineHandle,
     migration::{MigrationOptions, MigrationStep},
 };
 use dunes_shared::model::{TemplateName, VmName, VmSpec};
-use dunes_tests::{AgentProcess, enroll, netns::Lab, spawn_lab_agent, start_engine};
+use dunes_tests::{AgentProcess, enroll_online, netns::Lab, spawn_lab_agent, start_engine};
 
 const GIB: u64 = 1 << 30;
 
@@ -430,29 +431,32 @@ async fn main() -> anyhow::Result<()> {
     let target = agent(1, "bench-b")?;
     let engine = start_engine(&dir.path().join("console")).await?;
     for a in [&source, &target] {
-        enroll(&engine, a).await?;
-        let host = a.host_id.clone();
-        engine
-            .wait_for(Duration::from_secs(30), |s| {
-                s.host(&host).is_some_and(|h| h.link == LinkState::Online)
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("{host} did not come online"))?;
+        enroll_online(&engine, a).await?;
     }
     // DUNES_BENCH_GRO=1: the veth pairs get GRO, as physical NICs have it.
     if std::env::var_os("DUNES_BENCH_GRO").is_some() {
         lab.enable_gro()?;
     }
     let sshd = baselines_setup(&lab, dir.path())?;
+    // DUNES_BENCH_CASES=ab runs only cases (a) and (b), for instance; `z` is case (a) with
+    // zstd on the unshaped link.
+    let wanted = |c: char| std::env::var("DUNES_BENCH_CASES").map_or(true, |v| v.contains(c));
+    // Only the images the chosen cases move are written.
     let mut os = OsBytes::new();
     let full = dir.path().join("full.img");
-    write_image(&full, 4 * GIB, 4 * GIB, &mut os)?;
+    if wanted('a') || wanted('z') {
+        write_image(&full, 4 * GIB, 4 * GIB, &mut os)?;
+    }
     let sparse = dir.path().join("sparse.img");
-    write_image(&sparse, 16 * GIB, 2 * GIB, &mut os)?;
+    if wanted('b') || wanted('c') {
+        write_image(&sparse, 16 * GIB, 2 * GIB, &mut os)?;
+    }
     // For the shaped link, the baselines get only the data (as if they knew the holes):
     // 16 GiB through cat at 200 Mbit/s would take 11 minutes.
     let dense = dir.path().join("dense.img");
-    write_image(&dense, 2 * GIB, 2 * GIB, &mut os)?;
+    if wanted('c') {
+        write_image(&dense, 2 * GIB, 2 * GIB, &mut os)?;
+    }
     let plain = MigrationOptions {
         limit_mbps: None,
         compress: Some(false),
@@ -470,8 +474,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Err(e) => println!("| failed: {e:#} |"),
     };
-    // DUNES_BENCH_CASES=ab runs only cases (a) and (b), for instance.
-    let wanted = |c: char| std::env::var("DUNES_BENCH_CASES").map_or(true, |v| v.contains(c));
     if wanted('a') {
         case(
             dunes(
@@ -488,6 +490,21 @@ async fn main() -> anyhow::Result<()> {
         n += 1;
         case(ssh_cat(&lab, dir.path(), &full, 4 * GIB, "(a) ssh cat"));
         case(tls_tcp(&lab, dir.path(), &full, "(a) TLS over TCP"));
+    }
+    if wanted('z') {
+        case(
+            dunes(
+                &engine,
+                &source,
+                &target,
+                &full,
+                "(a) 4 GiB allocated, unshaped link: Dunes, zstd",
+                packed,
+                n,
+            )
+            .await,
+        );
+        n += 1;
     }
     if wanted('b') {
         case(

@@ -22,6 +22,8 @@ pub struct LabHost {
 #[derive(Debug)]
 pub struct Lab {
     bridge: String,
+    /// The lab network's first three octets.
+    subnet: String,
     pub hosts: Vec<LabHost>,
 }
 
@@ -69,6 +71,7 @@ impl Lab {
         let bridge = format!("dbr{tag}");
         let mut lab = Lab {
             bridge: bridge.clone(),
+            subnet: subnet.clone(),
             hosts: Vec::new(),
         };
         let _ = ip(&["link", "del", &bridge]);
@@ -103,6 +106,11 @@ impl Lab {
             inns(&["link", "set", &inside, "up"])?;
         }
         Ok(lab)
+    }
+
+    /// The bridge's address: the root namespace (where the engine runs), as the hosts reach it.
+    pub fn bridge_ip(&self) -> String {
+        format!("{}.1", self.subnet)
     }
 
     /// Takes host `i`'s link down: nothing reaches it, nothing leaves it.
@@ -168,4 +176,40 @@ impl Drop for Lab {
         }
         let _ = ip(&["link", "del", &self.bridge]);
     }
+}
+
+/// A TCP listener that reads and drops whatever it is sent; killed when dropped.
+pub struct Sink(std::process::Child);
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A sink on every address of namespace `netns` (the root namespace when `None`) at `port`.
+pub fn sink(netns: Option<&str>, port: u16) -> anyhow::Result<Sink> {
+    let script = format!(
+        "import socket, threading\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port}))\n\
+         s.listen()\n\
+         def drain(c):\n    while c.recv(65536):\n        pass\n\
+         while True:\n    c, _ = s.accept()\n    threading.Thread(target=drain, args=(c,), daemon=True).start()\n"
+    );
+    let mut command = match netns {
+        Some(netns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", netns, "python3"]);
+            c
+        }
+        None => Command::new("python3"),
+    };
+    let child = command
+        .args(["-c", &script])
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("python3 does not run: {e}"))?;
+    Ok(Sink(child))
 }

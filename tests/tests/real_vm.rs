@@ -366,6 +366,12 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
         "the guest read {found:?}, it wrote {mark:?}"
     );
     assert!(!disks(&source).join("wanderer.img").exists());
+
+    // Its NIC came along (QEMU's user-mode network): what it sends goes out through the QEMU
+    // process's sockets, which the agent measures. To the other host of its site it stays
+    // in the site; to the bridge (not a host of the site) it leaves it.
+    vm_traffic_is_split_at_the_site_edge(&engine, &lab, &target, &name).await;
+
     engine
         .request(|reply| Command::StopVm {
             host: target.host_id.clone(),
@@ -378,6 +384,123 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
     drop(source);
     drop(target);
     drop(lab);
+}
+
+/// The guest (on host 1 of `lab`) sends 150 kB a second to host 0, in its site, and 50 kB a
+/// second to the lab's bridge, outside it; a quarter of what it sends must count as leaving.
+async fn vm_traffic_is_split_at_the_site_edge(
+    engine: &dunes_console::engine::EngineHandle,
+    lab: &dunes_tests::netns::Lab,
+    agent: &AgentProcess,
+    vm: &VmName,
+) {
+    use dunes_console::engine::stats::{Metric, Subject};
+    const PORT: u16 = 9097;
+    const IN_SITE_KB: u64 = 150;
+    const OUT_OF_SITE_KB: u64 = 50;
+    // Each sender keeps its connection open (a closing one's last second is not counted);
+    // nc is retried until its sink listens: a refused nc exits, the next dd into its pipe
+    // fails, and that ends the pipeline.
+    let sender = |ip: &str, kb: u64| {
+        format!(
+            "(while :; do (while dd if=/dev/zero bs=1k count={kb} 2>/dev/null; do sleep 1; done) \
+             | nc {ip} {PORT}; sleep 1; done) </dev/null >/dev/null 2>&1 &"
+        )
+    };
+    let command = format!(
+        "{} {}",
+        sender(&lab.hosts[0].ip, IN_SITE_KB),
+        sender(&lab.bridge_ip(), OUT_OF_SITE_KB)
+    );
+    // The guest agent answers a little after the guest has booted.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = loop {
+        let answer = engine
+            .request(|reply| Command::GuestExec {
+                host: agent.host_id.clone(),
+                name: vm.clone(),
+                command: command.clone(),
+                timeout_secs: 30,
+                reply,
+            })
+            .await;
+        match answer {
+            Ok(started) => break started,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("the guest agent never ran the senders: {e}"),
+        }
+    };
+    assert_eq!(started.exit_code, Some(0), "{started:?}");
+    // The sinks listen only now, so that the senders' retries are tried every run.
+    let _sinks = [
+        dunes_tests::netns::sink(Some(&lab.hosts[0].netns), PORT).unwrap(),
+        dunes_tests::netns::sink(None, PORT).unwrap(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (all, out) = loop {
+        let answer = engine
+            .request(|reply| Command::Stats {
+                subject: Subject::Workload(vm.clone()),
+                since_secs: 600,
+                resolution_secs: Some(1),
+                reply,
+            })
+            .await
+            .unwrap();
+        let series = |m: Metric| {
+            answer
+                .series
+                .iter()
+                .find(|s| s.metric == m)
+                .map(|s| s.points.clone())
+                .unwrap_or_default()
+        };
+        let out_points = series(Metric::NetTxOutOfSite);
+        let all: f64 = series(Metric::NetTx)
+            .iter()
+            .filter(|b| out_points.iter().any(|o| o.start_secs == b.start_secs))
+            .map(|b| b.mean())
+            .sum();
+        let out: f64 = out_points.iter().map(|b| b.mean()).sum();
+        if out >= 12.0 * (OUT_OF_SITE_KB * 1024) as f64 {
+            break (all, out);
+        }
+        if Instant::now() > deadline {
+            // What the guest itself says about its network and its senders.
+            let inside = engine
+                .request(|reply| Command::GuestExec {
+                    host: agent.host_id.clone(),
+                    name: vm.clone(),
+                    command: "ip -o addr; ip route; ps".into(),
+                    timeout_secs: 10,
+                    reply,
+                })
+                .await;
+            let log = agent
+                .data_dir
+                .canonicalize()
+                .map(|d| d.join(format!("storage/disks/{vm}.console.log")))
+                .and_then(std::fs::read_to_string)
+                .unwrap_or_default();
+            panic!(
+                "not enough of the VM's traffic measured: {all} B sent, {out} B out of the \
+                 site ({} net-tx points, {} net-tx-out points); in the guest: {inside:?}; \
+                 its console: {log}",
+                series(Metric::NetTx).len(),
+                out_points.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let share = out / all;
+    eprintln!("the VM sent {all} B, {out} B of it out of its site");
+    assert!(
+        (0.15..0.35).contains(&share),
+        "{out} of {all} B counted as leaving the site"
+    );
 }
 
 /// The applications inside a tiny guest (its httpd and its worker), seen through the guest

@@ -6,7 +6,7 @@
 //! Needs root, iproute2 and python3 (`scripts/test.sh` installs them and runs as root in
 //! CI); under CI a missing prerequisite fails the test instead of skipping it.
 
-use std::{process::Child, time::Duration};
+use std::time::Duration;
 
 use dunes_console::engine::{
     Command,
@@ -18,35 +18,6 @@ use dunes_tests::{deploy_service, enroll_online, netns, spawn_lab_agent_at_site,
 const IN_SITE_BYTES: usize = 100_000;
 const OUT_OF_SITE_BYTES: usize = 150_000;
 const PORT: u16 = 9099;
-
-/// A process killed when the test ends.
-struct Sink(Child);
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A TCP listener in namespace `netns` that reads and drops whatever it is sent.
-fn sink(netns: &str) -> Sink {
-    let script = format!(
-        "import socket, threading\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('0.0.0.0', {PORT}))\n\
-         s.listen()\n\
-         def drain(c):\n    while c.recv(65536):\n        pass\n\
-         while True:\n    c, _ = s.accept()\n    threading.Thread(target=drain, args=(c,), daemon=True).start()\n"
-    );
-    Sink(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", netns, "python3", "-c", &script])
-            .spawn()
-            .expect("python3 runs in the namespace"),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_what_leaves_the_site_counts_as_leaving_it() {
@@ -81,7 +52,10 @@ async fn only_what_leaves_the_site_counts_as_leaving_it() {
         spawn_lab_agent_at_site(&lab, 1, dir.path(), "north-b", "north").unwrap(),
         spawn_lab_agent_at_site(&lab, 2, dir.path(), "south-a", "south").unwrap(),
     ];
-    let _sinks = [sink(&lab.hosts[1].netns), sink(&lab.hosts[2].netns)];
+    let _sinks = [
+        netns::sink(Some(&lab.hosts[1].netns), PORT).unwrap(),
+        netns::sink(Some(&lab.hosts[2].netns), PORT).unwrap(),
+    ];
     let engine = start_engine(&dir.path().join("console")).await.unwrap();
     for a in &agents {
         enroll_online(&engine, a).await.unwrap();

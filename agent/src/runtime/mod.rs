@@ -149,8 +149,9 @@ pub trait Runtime: Send + Sync + 'static {
         Box::pin(async { Ok(Vec::new()) })
     }
     /// The processes of every running workload whose connections are the host's own (a
-    /// process instance's; a VM's are its guest's): for the traffic they send. Reads /proc
-    /// and cgroup files: call it off the async workers.
+    /// process instance's, a VM's on QEMU's user-mode network; a VM's on a bridge are its
+    /// guest's): for the traffic they send. Reads /proc and cgroup or pid files: call it off
+    /// the async workers.
     fn process_ids(&self) -> Vec<(VmName, Vec<u32>)> {
         Vec::new()
     }

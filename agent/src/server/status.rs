@@ -116,8 +116,9 @@ pub(super) async fn push_events(
     }
 }
 
-/// Fills in what each process instance sent and received over TCP, and what of it left the
-/// site. A second whose socket list cannot be read keeps the totals as they were.
+/// Fills in what each process instance (and each VM on QEMU's user-mode network) sent and
+/// received over TCP, and what of it left the site. A second whose socket list cannot be read
+/// keeps the totals as they were.
 async fn add_traffic(shared: &Arc<Shared>, workloads: &mut [dunes_shared::model::WorkloadSample]) {
     let runtimes = shared.runtimes.clone();
     let traffic = shared.traffic.clone();
@@ -140,7 +141,7 @@ async fn add_traffic(shared: &Arc<Shared>, workloads: &mut [dunes_shared::model:
                 static WARNED: std::sync::atomic::AtomicBool =
                     std::sync::atomic::AtomicBool::new(false);
                 if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    tracing::warn!("process instances' traffic is not measured: {e}");
+                    tracing::warn!("workloads' TCP traffic is not measured: {e}");
                 }
             }
         }

@@ -1,4 +1,6 @@
-//! What process instances send and receive over TCP, and how much of it leaves the site:
+//! What process instances (and VMs on QEMU's user-mode network, whose guests' connections
+//! are their QEMU process's sockets) send and receive over TCP, and how much of it leaves
+//! the site:
 //! each second the kernel's list of TCP sockets (see [`sock_diag`]) is matched to the
 //! sockets an instance's processes hold, and each socket's growth since the last look is
 //! added to the instance's totals, as staying in the site when its peer is this host, one of
@@ -6,7 +8,7 @@
 //! which), and as leaving it otherwise.
 //!
 //! What is not seen: UDP, and the bytes a socket moved in the second before it closed. A
-//! VM's connections are its guest's, out of the host's sight.
+//! bridged VM's connections are its guest's, out of the host's sight.
 
 pub mod sock_diag;
 

@@ -109,8 +109,9 @@ pub struct CostLine {
 }
 
 /// What of a workload's sending a cost counts, bucket by bucket: what left its site, where
-/// its agent measured that (`out_of_site`: a process instance's TCP peers); everything it
-/// sent (`all`) where no one could tell (a VM, whose connections are its guest's).
+/// its agent measured that (`out_of_site`: the TCP peers of a process instance or of a VM on
+/// QEMU's user-mode network); everything it sent (`all`) where no one could tell (a bridged
+/// VM, whose connections are its guest's).
 pub fn billed_sent(
     all: Vec<crate::engine::rollup::Bucket>,
     out_of_site: Vec<crate::engine::rollup::Bucket>,

@@ -72,6 +72,11 @@ pub struct Devices {
     pub serial_log: bool,
     /// The qemu-guest-agent channel (QEMU only).
     pub guest_agent: bool,
+    /// A virtio NIC on QEMU's user-mode network (QEMU only): the guest reaches out through
+    /// the QEMU process's own sockets, which the agent measures like a process instance's.
+    /// Absent from records written before VMs had one.
+    #[serde(default)]
+    pub user_network: bool,
 }
 
 /// A VM's definition, portable between agents.
@@ -290,6 +295,16 @@ impl VmDefinition {
                                 Ok(())
                             })?;
                     }
+                    if qemu && self.devices.user_network {
+                        w.create_element("interface")
+                            .with_attribute(("type", "user"))
+                            .write_inner_content(|w| {
+                                w.create_element("model")
+                                    .with_attribute(("type", "virtio"))
+                                    .write_empty()?;
+                                Ok(())
+                            })?;
+                    }
                     if qemu {
                         w.create_element("controller")
                             .with_attributes([("type", "usb"), ("model", "none")])
@@ -382,6 +397,7 @@ impl VmDefinition {
             devices: Devices {
                 serial_log: doc.serial_log,
                 guest_agent: doc.guest_agent,
+                user_network: doc.user_network,
             },
         };
         def.validate()?;
@@ -417,6 +433,8 @@ pub struct DomainXml {
     pub interfaces: Vec<String>,
     pub serial_log: bool,
     pub guest_agent: bool,
+    /// Whether it has a NIC on QEMU's user-mode network.
+    pub user_network: bool,
 }
 
 impl DomainXml {
@@ -462,6 +480,9 @@ impl DomainXml {
                         if let Some(d) = disk.as_mut() {
                             d.1 = attr("dev")?;
                         }
+                    }
+                    (Some("devices"), "interface") => {
+                        out.user_network |= attr("type")?.as_deref() == Some("user");
                     }
                     (Some("interface"), "target") => {
                         if let Some(dev) = attr("dev")? {
@@ -570,6 +591,7 @@ mod tests {
             devices: Devices {
                 serial_log: true,
                 guest_agent: true,
+                user_network: true,
             },
         }
     }
@@ -588,6 +610,10 @@ mod tests {
             "{xml}"
         );
         assert!(xml.contains("org.qemu.guest_agent.0"));
+        assert!(
+            xml.contains(r#"<interface type="user"><model type="virtio"/></interface>"#),
+            "{xml}"
+        );
         let back = VmDefinition::from_domain_xml(&xml, &storage).unwrap();
         assert_eq!(back, def);
         assert_eq!(template_of(&xml).unwrap().as_str(), "tiny");
@@ -595,13 +621,24 @@ mod tests {
         // The test driver gets no QEMU devices, and the same definition back.
         let xml = def.domain_xml(DomainType::Test, &storage).unwrap();
         assert!(
-            !xml.contains("serial") && !xml.contains("machine="),
+            !xml.contains("serial") && !xml.contains("machine=") && !xml.contains("interface"),
             "{xml}"
         );
 
         // The record has no absolute path: another agent's storage reads it as its own.
         let record = def.to_toml().unwrap();
         assert!(!record.contains(&*data.to_string_lossy()), "{record}");
+        // A record from before VMs had a NIC reads as one without.
+        let older = record.replace("user_network = true\n", "");
+        assert_ne!(older, record);
+        let older = VmDefinition::from_toml(&older).unwrap();
+        assert!(!older.devices.user_network);
+        assert!(
+            !older
+                .domain_xml(DomainType::Qemu, &storage)
+                .unwrap()
+                .contains("interface")
+        );
         let other = Storage::open(&dir.path().join("other")).unwrap();
         let there = VmDefinition::from_toml(&record)
             .unwrap()

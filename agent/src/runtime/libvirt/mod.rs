@@ -92,6 +92,11 @@ struct Inner {
     /// Disk and interface devices of each running domain, by UUID, for its counters: read
     /// from its XML once.
     devices: Mutex<HashMap<String, Arc<CountedDevices>>>,
+    /// Where the QEMU driver keeps each running domain's pid file (`NAME.pid`), when known.
+    pid_dir: Option<std::path::PathBuf>,
+    /// Running domains whose only NICs are on QEMU's user-mode network, as the last sample
+    /// saw them: their traffic is their QEMU process's sockets.
+    user_network_vms: Mutex<Vec<VmName>>,
 }
 
 /// A domain's devices with counters: disk targets (`vda`) and host-side interfaces (`vnet0`).
@@ -99,6 +104,17 @@ struct Inner {
 struct CountedDevices {
     disks: Vec<String>,
     interfaces: Vec<String>,
+    /// A NIC on QEMU's user-mode network, which has no host-side device to count.
+    user_network: bool,
+}
+
+/// Where the QEMU driver behind `uri` keeps its running domains' pid files: in the embed
+/// root, or the system daemon's run directory.
+fn qemu_pid_dir(uri: &str) -> Option<std::path::PathBuf> {
+    if let Some(root) = uri.strip_prefix("qemu:///embed?root=") {
+        return Some(std::path::Path::new(root).join("run/qemu"));
+    }
+    (uri == "qemu:///system").then(|| "/run/libvirt/qemu".into())
 }
 
 impl std::fmt::Debug for LibvirtRuntime {
@@ -172,6 +188,8 @@ impl LibvirtRuntime {
             vm_locks: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
             devices: Mutex::new(HashMap::new()),
+            pid_dir: qemu_pid_dir(uri),
+            user_network_vms: Mutex::new(Vec::new()),
         });
         inner.upgrade_legacy_definitions();
         inner.restore_definitions();
@@ -327,6 +345,7 @@ fn definition_for(spec: &VmSpec, template: &Template) -> VmDefinition {
         devices: Devices {
             serial_log: true,
             guest_agent: true,
+            user_network: template.network == crate::storage::TemplateNetwork::User,
         },
     }
 }
@@ -417,6 +436,21 @@ impl Runtime for LibvirtRuntime {
 
     fn sample(&self) -> RuntimeFuture<'_, Vec<WorkloadSample>> {
         Box::pin(self.call(|i| i.sample()))
+    }
+
+    /// The QEMU process of each running VM on the user-mode network: the sockets its
+    /// guest's connections go out through are that process's.
+    fn process_ids(&self) -> Vec<(VmName, Vec<u32>)> {
+        let Some(dir) = &self.inner.pid_dir else {
+            return Vec::new();
+        };
+        let vms = lock(&self.inner.user_network_vms).clone();
+        vms.into_iter()
+            .filter_map(|name| {
+                let pid = std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?;
+                Some((name, vec![pid.trim().parse().ok()?]))
+            })
+            .collect()
     }
 
     fn guest_apps(&self, request: GuestApps) -> RuntimeFuture<'_, GuestAppsReply> {
@@ -636,6 +670,7 @@ impl Inner {
             .map_err(lv("listing domains"))?;
         let mut out = Vec::with_capacity(domains.len());
         let mut seen = Vec::with_capacity(domains.len());
+        let mut user_network_vms = Vec::new();
         for dom in &domains {
             let (Ok(raw_name), Ok(info), Ok(uuid)) = (dom.name(), dom.info(), dom.uuid_string())
             else {
@@ -655,6 +690,7 @@ impl Inner {
                         .map(|x| CountedDevices {
                             disks: x.disks.into_iter().map(|d| d.1).collect(),
                             interfaces: x.interfaces,
+                            user_network: x.user_network,
                         })
                         .unwrap_or_default();
                     let parsed = Arc::new(parsed);
@@ -663,6 +699,9 @@ impl Inner {
                 }
             };
             seen.push(uuid);
+            if devices.user_network && devices.interfaces.is_empty() {
+                user_network_vms.push(name.clone());
+            }
             let mut counters = Counters {
                 cpu_ns: info.cpu_time,
                 cpus: info.nr_virt_cpu,
@@ -687,6 +726,7 @@ impl Inner {
         }
         // Devices of a domain that stopped may change before it runs again.
         lock(&self.devices).retain(|uuid, _| seen.contains(uuid));
+        *lock(&self.user_network_vms) = user_network_vms;
         Ok(out)
     }
 
@@ -1006,6 +1046,20 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
+
+    #[test]
+    fn qemu_pid_files_are_found_where_the_driver_keeps_them() {
+        assert_eq!(
+            qemu_pid_dir("qemu:///embed?root=/var/lib/dunes/qemu"),
+            Some("/var/lib/dunes/qemu/run/qemu".into())
+        );
+        assert_eq!(
+            qemu_pid_dir("qemu:///system"),
+            Some("/run/libvirt/qemu".into())
+        );
+        assert_eq!(qemu_pid_dir("test:///default"), None);
+        assert_eq!(qemu_pid_dir("qemu:///session"), None);
+    }
 
     fn spec(name: &str) -> VmSpec {
         VmSpec {
