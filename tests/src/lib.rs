@@ -315,6 +315,39 @@ pub async fn enroll_online(engine: &EngineHandle, agent: &AgentProcess) -> anyho
     Ok(())
 }
 
+/// What workload `vm` sent, and what of it left its site, in bytes, summed over the seconds
+/// of the last ten minutes whose readings tell both.
+pub async fn sent_and_out_of_site(
+    engine: &EngineHandle,
+    vm: &dunes_shared::model::VmName,
+) -> anyhow::Result<(f64, f64)> {
+    use engine::stats::{Metric, Subject};
+    let answer = engine
+        .request(|reply| EngineCommand::Stats {
+            subject: Subject::Workload(vm.clone()),
+            since_secs: 600,
+            resolution_secs: Some(1),
+            reply,
+        })
+        .await?;
+    let series = |m: Metric| {
+        answer
+            .series
+            .iter()
+            .find(|s| s.metric == m)
+            .map(|s| s.points.clone())
+            .unwrap_or_default()
+    };
+    let out_points = series(Metric::NetTxOutOfSite);
+    let all: f64 = series(Metric::NetTx)
+        .iter()
+        .filter(|b| out_points.iter().any(|o| o.start_secs == b.start_secs))
+        .map(|b| b.mean())
+        .sum();
+    let out: f64 = out_points.iter().map(|b| b.mean()).sum();
+    Ok((all, out))
+}
+
 /// Defines a service from its file's text, deploys it as planned and starts it; every step
 /// must succeed for every instance.
 pub async fn deploy_service(

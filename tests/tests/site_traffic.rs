@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
-use dunes_console::engine::{
-    Command,
-    stats::{Metric, Subject},
+use dunes_console::engine::Command;
+use dunes_tests::{
+    deploy_service, enroll_online, netns, sent_and_out_of_site, spawn_lab_agent_at_site,
+    start_engine,
 };
-use dunes_tests::{deploy_service, enroll_online, netns, spawn_lab_agent_at_site, start_engine};
 
 /// What the talker sends each second to its neighbour in the site, and to the other site.
 const IN_SITE_BYTES: usize = 100_000;
@@ -71,30 +71,7 @@ async fn only_what_leaves_the_site_counts_as_leaving_it() {
     // both; wait for a dozen rounds of sending.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let (all, out) = loop {
-        let answer = engine
-            .request(|reply| Command::Stats {
-                subject: Subject::Workload(vm.clone()),
-                since_secs: 600,
-                resolution_secs: Some(1),
-                reply,
-            })
-            .await
-            .unwrap();
-        let series = |m: Metric| {
-            answer
-                .series
-                .iter()
-                .find(|s| s.metric == m)
-                .map(|s| s.points.clone())
-                .unwrap_or_default()
-        };
-        let out_points = series(Metric::NetTxOutOfSite);
-        let all: f64 = series(Metric::NetTx)
-            .iter()
-            .filter(|b| out_points.iter().any(|o| o.start_secs == b.start_secs))
-            .map(|b| b.mean())
-            .sum();
-        let out: f64 = out_points.iter().map(|b| b.mean()).sum();
+        let (all, out) = sent_and_out_of_site(&engine, &vm).await.unwrap();
         if out >= 12.0 * OUT_OF_SITE_BYTES as f64 {
             break (all, out);
         }
