@@ -123,19 +123,18 @@ async fn add_traffic(shared: &Arc<Shared>, workloads: &mut [dunes_shared::model:
     let runtimes = shared.runtimes.clone();
     let traffic = shared.traffic.clone();
     let measured = tokio::task::spawn_blocking(move || {
-        let owned: Vec<_> = runtimes
-            .all()
-            .flat_map(|r| r.process_ids())
-            .filter_map(|(name, pids)| Some((name, crate::traffic::socket_inodes(&pids)?)))
-            .collect();
-        let sockets = if owned.is_empty() {
+        let pids: Vec<_> = runtimes.all().flat_map(|r| r.process_ids()).collect();
+        let sockets = if pids.is_empty() {
             Ok(Vec::new())
         } else {
             crate::traffic::sock_diag::tcp_sockets()
         };
         let mut meter = super::lock(&traffic);
         match sockets {
-            Ok(sockets) => meter.account(owned, &sockets),
+            Ok(sockets) => {
+                let owned = meter.owners.owned(pids, &sockets);
+                meter.account(owned, &sockets);
+            }
             Err(e) => {
                 // Once a run: a kernel without sock_diag says so every second otherwise.
                 static WARNED: std::sync::atomic::AtomicBool =

@@ -101,6 +101,8 @@ pub struct TrafficMeter {
     /// The site's hosts, as the console last said; `None` before it has.
     site_hosts: Option<std::collections::BTreeSet<IpAddr>>,
     instances: BTreeMap<VmName, InstanceTraffic>,
+    /// Which sockets each instance holds, as last listed.
+    pub owners: SocketOwners,
 }
 
 impl TrafficMeter {
@@ -172,23 +174,79 @@ impl TrafficMeter {
     }
 }
 
+/// Which sockets each instance holds, listed from /proc again only when it may have
+/// changed: the instances' processes changed, or the kernel lists a socket it did not list
+/// the round before (any process's). Listing costs microseconds per descriptor, and a VM's
+/// QEMU process holds dozens; a host whose connections last pays only for the kernel's list.
+#[derive(Debug, Default)]
+pub struct SocketOwners {
+    pids: Vec<(VmName, Vec<u32>)>,
+    /// The inodes of the kernel's last list, sorted.
+    listed: Vec<u32>,
+    owned: Vec<(VmName, Vec<u32>)>,
+    /// How many rounds listed descriptors (for tests and benchmarks).
+    pub rescans: u64,
+}
+
+impl SocketOwners {
+    /// Each instance's socket inodes, for the processes `pids` of each and the kernel's
+    /// current `sockets`. An instance whose processes cannot be read is left out.
+    pub fn owned(
+        &mut self,
+        pids: Vec<(VmName, Vec<u32>)>,
+        sockets: &[TcpSocket],
+    ) -> Vec<(VmName, Vec<u32>)> {
+        let mut listed: Vec<u32> = sockets.iter().map(|s| s.inode).collect();
+        listed.sort_unstable();
+        listed.dedup();
+        let new_socket = listed
+            .iter()
+            .any(|inode| self.listed.binary_search(inode).is_err());
+        if new_socket || pids != self.pids || self.rescans == 0 {
+            self.owned = pids
+                .iter()
+                .filter_map(|(name, pids)| Some((name.clone(), socket_inodes(pids)?)))
+                .collect();
+            self.pids = pids;
+            self.rescans += 1;
+        }
+        self.listed = listed;
+        self.owned.clone()
+    }
+}
+
 /// The socket inodes the processes `pids` hold, from `/proc/PID/fd`; `None` when no
 /// process's descriptors can be read (gone, or hidden from this agent).
 pub fn socket_inodes(pids: &[u32]) -> Option<Vec<u32>> {
+    use rustix::fs::{Mode, OFlags};
     let mut out = Vec::new();
     let mut readable = false;
     for pid in pids {
-        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        // Each link read relative to the open directory: no path walk through /proc per
+        // descriptor, which is most of the cost for a process with many.
+        let Ok(dir) = rustix::fs::open(
+            format!("/proc/{pid}/fd"),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        let Ok(entries) = rustix::fs::Dir::read_from(&dir) else {
             continue;
         };
         readable = true;
         for entry in entries.flatten() {
-            if let Ok(target) = std::fs::read_link(entry.path())
-                && let Some(inode) = target
-                    .to_str()
-                    .and_then(|t| t.strip_prefix("socket:["))
-                    .and_then(|t| t.strip_suffix(']'))
-                    .and_then(|t| t.parse().ok())
+            let name = entry.file_name();
+            if name.to_bytes().first() == Some(&b'.') {
+                continue;
+            }
+            // Followed, the descriptor's link is the open file itself: a socket's inode is
+            // its number in the kernel's socket list.
+            let Ok(stat) = rustix::fs::statat(&dir, name, rustix::fs::AtFlags::empty()) else {
+                continue;
+            };
+            if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Socket
+                && let Ok(inode) = u32::try_from(stat.st_ino)
             {
                 out.push(inode);
             }
@@ -338,6 +396,54 @@ mod tests {
         // An instance that stops is forgotten: it counts from zero when it runs again.
         meter.account(Vec::new(), &[]);
         assert_eq!(meter.totals().count(), 0);
+    }
+
+    #[test]
+    fn descriptors_are_listed_again_only_when_a_socket_is_new() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let connect = || {
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        };
+        let me = vec![(VmName::new("me").unwrap(), vec![std::process::id()])];
+        let listed = |inodes: &[u32]| -> Vec<TcpSocket> {
+            inodes
+                .iter()
+                .map(|&inode| TcpSocket {
+                    inode,
+                    peer: ip("127.0.0.1"),
+                    bytes_acked: 0,
+                    bytes_received: 0,
+                })
+                .collect()
+        };
+        let first = connect();
+        let before = socket_inodes(&[std::process::id()]).unwrap();
+        let mut owners = SocketOwners::default();
+        let owned = owners.owned(me.clone(), &listed(&before));
+        assert_eq!(owned, vec![(me[0].0.clone(), before.clone())]);
+        assert_eq!(owners.rescans, 1);
+        // Nothing new in the kernel's list: the descriptors are not read again, so a socket
+        // made meanwhile is not seen yet.
+        let second = connect();
+        assert_eq!(owners.owned(me.clone(), &listed(&before)), owned);
+        assert_eq!(owners.rescans, 1);
+        // Once the kernel lists it, it is.
+        let after = socket_inodes(&[std::process::id()]).unwrap();
+        let new: Vec<u32> = after
+            .iter()
+            .copied()
+            .filter(|i| !before.contains(i))
+            .collect();
+        assert!(new.len() >= 2, "{before:?} {after:?}");
+        let owned = owners.owned(me.clone(), &listed(&after));
+        assert_eq!(owners.rescans, 2);
+        assert!(new.iter().all(|i| owned[0].1.contains(i)));
+        // Other processes: listed again, whatever the kernel says.
+        assert!(owners.owned(Vec::new(), &listed(&after)).is_empty());
+        assert_eq!(owners.rescans, 3);
+        drop((first, second));
     }
 
     #[test]
