@@ -3,7 +3,8 @@
 //! one round is what the agent does per sample: list the sockets its instances hold
 //! (/proc/PID/fd), dump the kernel's TCP sockets (sock_diag, IPv4 and IPv6) and add up each
 //! socket's growth. Descriptors are listed only in rounds where the kernel lists a socket it
-//! did not list before: cases with lasting connections and with a new one each round. The
+//! did not list before (and every 30th): cases with lasting connections and with a new one
+//! each round. The
 //! cases with 100 instances stand for 100 VMs on QEMU's user-mode network (100 fd tables).
 //! Run with `cargo bench -p dunes-agent --bench traffic`; method and
 //! results in docs/BENCHMARKS.md.
@@ -14,7 +15,7 @@ use std::{
     time::Instant,
 };
 
-use dunes_agent::traffic::{TrafficMeter, sock_diag};
+use dunes_agent::traffic::{SocketOwners, TrafficMeter, sock_diag};
 use dunes_shared::model::VmName;
 
 const ROUNDS: usize = 200;
@@ -48,6 +49,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let mut meter = TrafficMeter::new(Vec::new());
         meter.set_site_hosts(Vec::new());
+        let mut owners = SocketOwners::default();
         let mut times = Vec::with_capacity(ROUNDS);
         for _ in 0..ROUNDS {
             if churn {
@@ -59,7 +61,7 @@ fn main() -> anyhow::Result<()> {
             }
             let started = Instant::now();
             let sockets = sock_diag::tcp_sockets()?;
-            let listed = meter.owners.owned(pids.clone(), &sockets);
+            let listed = owners.owned(pids.clone(), &sockets);
             // Shared out: every instance holds a slice of this process's sockets.
             let all = listed.first().map(|(_, i)| i.clone()).unwrap_or_default();
             let share = all.len().div_ceil(instances).max(1);
@@ -84,7 +86,7 @@ fn main() -> anyhow::Result<()> {
             times[times.len() / 2],
             times[times.len() * 99 / 100],
             mean / 10.0,
-            meter.owners.rescans,
+            owners.listings(),
         );
     }
     Ok(())

@@ -266,8 +266,9 @@ pub struct Counters {
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
     /// Of `net_tx_bytes`, what went to addresses outside the host's site, where the agent
-    /// sees each connection's peer (a process instance's TCP sockets); `None` where it
-    /// cannot tell (a VM: its guest's connections are its own) or does not know its site's
+    /// sees each connection's peer (the TCP sockets of a process instance, or of a VM's QEMU
+    /// process on the user-mode network); `None` where it cannot tell (a bridged VM, whose
+    /// guest's connections are its own; a VM without a NIC) or does not know its site's
     /// addresses yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_tx_out_of_site_bytes: Option<u64>,

@@ -47,7 +47,8 @@ pub mod features {
     /// the connections to a port), for statistics and autoscaling.
     pub const APP_METRIC: &str = "app-metric";
     /// `SiteAddresses`: the console tells an agent the addresses of its site's hosts,
-    /// and the agent counts what its process instances send elsewhere as leaving the site
+    /// and the agent counts what its process instances and user-network VMs send elsewhere
+    /// as leaving the site
     /// (`Counters::net_tx_out_of_site_bytes`).
     pub const SITE_TRAFFIC: &str = "site-traffic";
 

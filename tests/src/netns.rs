@@ -188,7 +188,8 @@ impl Drop for Sink {
     }
 }
 
-/// A sink on every address of namespace `netns` (the root namespace when `None`) at `port`.
+/// A sink on every address of namespace `netns` (the root namespace when `None`) at `port`,
+/// returned once it listens; a port it cannot take is an error.
 pub fn sink(netns: Option<&str>, port: u16) -> anyhow::Result<Sink> {
     let script = format!(
         "import socket, threading\n\
@@ -196,6 +197,7 @@ pub fn sink(netns: Option<&str>, port: u16) -> anyhow::Result<Sink> {
          s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
          s.bind(('0.0.0.0', {port}))\n\
          s.listen()\n\
+         print('listening', flush=True)\n\
          def drain(c):\n    while c.recv(65536):\n        pass\n\
          while True:\n    c, _ = s.accept()\n    threading.Thread(target=drain, args=(c,), daemon=True).start()\n"
     );
@@ -207,9 +209,18 @@ pub fn sink(netns: Option<&str>, port: u16) -> anyhow::Result<Sink> {
         }
         None => Command::new("python3"),
     };
-    let child = command
+    let mut child = command
         .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| anyhow::anyhow!("python3 does not run: {e}"))?;
-    Ok(Sink(child))
+    let stdout = child.stdout.take().context("the sink's output")?;
+    let sink = Sink(child);
+    // A bind that fails ends the script before it prints: the line never comes.
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    if line.trim() != "listening" {
+        bail!("the sink on port {port} did not start listening");
+    }
+    Ok(sink)
 }

@@ -386,8 +386,8 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
     drop(lab);
 }
 
-/// The guest (on host 1 of `lab`) sends 150 kB a second to host 0, in its site, and 50 kB a
-/// second to the lab's bridge, outside it; a quarter of what it sends must count as leaving.
+/// The guest (on host 1 of `lab`) sends 150 KiB a second to host 0, in its site, and 50 KiB
+/// a second to the lab's bridge, outside it; a quarter of what it sends must count as leaving.
 async fn vm_traffic_is_split_at_the_site_edge(
     engine: &dunes_console::engine::EngineHandle,
     lab: &dunes_tests::netns::Lab,
@@ -395,8 +395,8 @@ async fn vm_traffic_is_split_at_the_site_edge(
     vm: &VmName,
 ) {
     const PORT: u16 = 9097;
-    const IN_SITE_KB: u64 = 150;
-    const OUT_OF_SITE_KB: u64 = 50;
+    const IN_SITE_KIB: u64 = 150;
+    const OUT_OF_SITE_KIB: u64 = 50;
     // Each sender keeps its connection open (a closing one's last second is not counted);
     // nc is retried until its sink listens: a refused nc exits, the next dd into its pipe
     // fails, and that ends the pipeline.
@@ -408,8 +408,8 @@ async fn vm_traffic_is_split_at_the_site_edge(
     };
     let command = format!(
         "{} {}",
-        sender(&lab.hosts[0].ip, IN_SITE_KB),
-        sender(&lab.bridge_ip(), OUT_OF_SITE_KB)
+        sender(&lab.hosts[0].ip, IN_SITE_KIB),
+        sender(&lab.bridge_ip(), OUT_OF_SITE_KIB)
     );
     // The guest agent answers a little after the guest has booted.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -441,7 +441,7 @@ async fn vm_traffic_is_split_at_the_site_edge(
     let deadline = Instant::now() + Duration::from_secs(180);
     let (all, out) = loop {
         let (all, out) = dunes_tests::sent_and_out_of_site(engine, vm).await.unwrap();
-        if out >= 12.0 * (OUT_OF_SITE_KB * 1024) as f64 {
+        if out >= 12.0 * (OUT_OF_SITE_KIB * 1024) as f64 {
             break (all, out);
         }
         if Instant::now() > deadline {

@@ -2,7 +2,10 @@
 //! (to a console that asked for them) readings for statistics in batches, on one
 //! unidirectional stream per console connection.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use dunes_shared::{model::Sample, protocol::AgentEvent, rpc::push_event};
 use tokio::sync::broadcast;
@@ -32,6 +35,9 @@ pub(super) async fn sample_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut batch = Vec::with_capacity(SAMPLES_PER_BATCH);
+    // Only this loop lists sockets' owners; apart from the meter, so that listing /proc never
+    // holds the lock the control handler takes.
+    let owners = Arc::new(Mutex::new(crate::traffic::SocketOwners::default()));
     loop {
         tick.tick().await;
         let at_unix_ms = std::time::SystemTime::now()
@@ -47,7 +53,7 @@ pub(super) async fn sample_loop(shared: Arc<Shared>) {
                 workloads.append(&mut samples);
             }
         }
-        add_traffic(&shared, &mut workloads).await;
+        add_traffic(&shared, &owners, &mut workloads).await;
         batch.push(Sample {
             at_unix_ms,
             host,
@@ -119,9 +125,14 @@ pub(super) async fn push_events(
 /// Fills in what each process instance (and each VM on QEMU's user-mode network) sent and
 /// received over TCP, and what of it left the site. A second whose socket list cannot be read
 /// keeps the totals as they were.
-async fn add_traffic(shared: &Arc<Shared>, workloads: &mut [dunes_shared::model::WorkloadSample]) {
+async fn add_traffic(
+    shared: &Arc<Shared>,
+    owners: &Arc<Mutex<crate::traffic::SocketOwners>>,
+    workloads: &mut [dunes_shared::model::WorkloadSample],
+) {
     let runtimes = shared.runtimes.clone();
     let traffic = shared.traffic.clone();
+    let owners = owners.clone();
     let measured = tokio::task::spawn_blocking(move || {
         let pids: Vec<_> = runtimes.all().flat_map(|r| r.process_ids()).collect();
         let sockets = if pids.is_empty() {
@@ -129,12 +140,13 @@ async fn add_traffic(shared: &Arc<Shared>, workloads: &mut [dunes_shared::model:
         } else {
             crate::traffic::sock_diag::tcp_sockets()
         };
+        let owned = match &sockets {
+            Ok(sockets) => Some(super::lock(&owners).owned(pids, sockets)),
+            Err(_) => None,
+        };
         let mut meter = super::lock(&traffic);
         match sockets {
-            Ok(sockets) => {
-                let owned = meter.owners.owned(pids, &sockets);
-                meter.account(owned, &sockets);
-            }
+            Ok(sockets) => meter.account(owned.unwrap_or_default(), &sockets),
             Err(e) => {
                 // Once a run: a kernel without sock_diag says so every second otherwise.
                 static WARNED: std::sync::atomic::AtomicBool =

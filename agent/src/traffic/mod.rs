@@ -101,8 +101,6 @@ pub struct TrafficMeter {
     /// The site's hosts, as the console last said; `None` before it has.
     site_hosts: Option<std::collections::BTreeSet<IpAddr>>,
     instances: BTreeMap<VmName, InstanceTraffic>,
-    /// Which sockets each instance holds, as last listed.
-    pub owners: SocketOwners,
 }
 
 impl TrafficMeter {
@@ -175,43 +173,69 @@ impl TrafficMeter {
 }
 
 /// Which sockets each instance holds, listed from /proc again only when it may have
-/// changed: the instances' processes changed, or the kernel lists a socket it did not list
-/// the round before (any process's). Listing costs microseconds per descriptor, and a VM's
-/// QEMU process holds dozens; a host whose connections last pays only for the kernel's list.
+/// changed: the instances' processes changed, the kernel lists a socket it did not list the
+/// round before (any process's), the last listing could not read an instance, or
+/// [`RELIST_EVERY_ROUNDS`] rounds went by (a socket the kernel listed a moment before its
+/// process held it, or one passed in from another process). Listing costs microseconds per
+/// descriptor, and a VM's QEMU process holds dozens; a host whose connections last pays
+/// mostly for the kernel's list.
 #[derive(Debug, Default)]
 pub struct SocketOwners {
     pids: Vec<(VmName, Vec<u32>)>,
     /// The inodes of the kernel's last list, sorted.
     listed: Vec<u32>,
     owned: Vec<(VmName, Vec<u32>)>,
-    /// How many rounds listed descriptors (for tests and benchmarks).
-    pub rescans: u64,
+    /// Some instance's processes could not be read at the last listing.
+    incomplete: bool,
+    rounds_since_listing: u32,
+    listings: u64,
 }
+
+/// The most rounds between two listings of descriptors.
+pub const RELIST_EVERY_ROUNDS: u32 = 30;
 
 impl SocketOwners {
     /// Each instance's socket inodes, for the processes `pids` of each and the kernel's
     /// current `sockets`. An instance whose processes cannot be read is left out.
     pub fn owned(
         &mut self,
-        pids: Vec<(VmName, Vec<u32>)>,
+        mut pids: Vec<(VmName, Vec<u32>)>,
         sockets: &[TcpSocket],
     ) -> Vec<(VmName, Vec<u32>)> {
+        // Runtimes list processes in no set order: compared sorted.
+        for (_, p) in &mut pids {
+            p.sort_unstable();
+        }
+        pids.sort();
         let mut listed: Vec<u32> = sockets.iter().map(|s| s.inode).collect();
         listed.sort_unstable();
         listed.dedup();
         let new_socket = listed
             .iter()
             .any(|inode| self.listed.binary_search(inode).is_err());
-        if new_socket || pids != self.pids || self.rescans == 0 {
+        self.rounds_since_listing += 1;
+        if new_socket
+            || pids != self.pids
+            || self.incomplete
+            || self.listings == 0
+            || self.rounds_since_listing >= RELIST_EVERY_ROUNDS
+        {
             self.owned = pids
                 .iter()
                 .filter_map(|(name, pids)| Some((name.clone(), socket_inodes(pids)?)))
                 .collect();
+            self.incomplete = self.owned.len() < pids.len();
             self.pids = pids;
-            self.rescans += 1;
+            self.listings += 1;
+            self.rounds_since_listing = 0;
         }
         self.listed = listed;
         self.owned.clone()
+    }
+
+    /// How many rounds listed descriptors.
+    pub fn listings(&self) -> u64 {
+        self.listings
     }
 }
 
@@ -223,7 +247,7 @@ pub fn socket_inodes(pids: &[u32]) -> Option<Vec<u32>> {
     let mut readable = false;
     for pid in pids {
         // Each link read relative to the open directory: no path walk through /proc per
-        // descriptor, which is most of the cost for a process with many.
+        // descriptor.
         let Ok(dir) = rustix::fs::open(
             format!("/proc/{pid}/fd"),
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -235,21 +259,28 @@ pub fn socket_inodes(pids: &[u32]) -> Option<Vec<u32>> {
             continue;
         };
         readable = true;
+        let mut target = Vec::with_capacity(32);
         for entry in entries.flatten() {
             let name = entry.file_name();
             if name.to_bytes().first() == Some(&b'.') {
                 continue;
             }
-            // Followed, the descriptor's link is the open file itself: a socket's inode is
-            // its number in the kernel's socket list.
-            let Ok(stat) = rustix::fs::statat(&dir, name, rustix::fs::AtFlags::empty()) else {
+            // The link's text, not the open file: a stat would reach a disk image's file
+            // system (NFS, FUSE) for every descriptor.
+            let Ok(link) = rustix::fs::readlinkat(&dir, name, std::mem::take(&mut target)) else {
                 continue;
             };
-            if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Socket
-                && let Ok(inode) = u32::try_from(stat.st_ino)
+            if let Some(inode) = link
+                .to_bytes()
+                .strip_prefix(b"socket:[")
+                .and_then(|t| t.strip_suffix(b"]"))
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .and_then(|t| t.parse().ok())
             {
                 out.push(inode);
             }
+            target = link.into_bytes();
+            target.clear();
         }
     }
     out.sort_unstable();
@@ -418,31 +449,42 @@ mod tests {
                 })
                 .collect()
         };
+        // This test's own sockets, whatever other tests of this process open meanwhile.
+        let inodes_of = |(client, server): &(std::net::TcpStream, std::net::TcpStream)| {
+            [client, server].map(|s| rustix::fs::fstat(s).unwrap().st_ino as u32)
+        };
         let first = connect();
-        let before = socket_inodes(&[std::process::id()]).unwrap();
+        let first_inodes = inodes_of(&first);
         let mut owners = SocketOwners::default();
-        let owned = owners.owned(me.clone(), &listed(&before));
-        assert_eq!(owned, vec![(me[0].0.clone(), before.clone())]);
-        assert_eq!(owners.rescans, 1);
+        let owned = owners.owned(me.clone(), &listed(&first_inodes));
+        assert!(first_inodes.iter().all(|i| owned[0].1.contains(i)));
+        assert_eq!(owners.listings(), 1);
         // Nothing new in the kernel's list: the descriptors are not read again, so a socket
         // made meanwhile is not seen yet.
         let second = connect();
-        assert_eq!(owners.owned(me.clone(), &listed(&before)), owned);
-        assert_eq!(owners.rescans, 1);
+        let second_inodes = inodes_of(&second);
+        let again = owners.owned(me.clone(), &listed(&first_inodes));
+        assert_eq!(again, owned);
+        assert_eq!(owners.listings(), 1);
+        assert!(!second_inodes.iter().any(|i| again[0].1.contains(i)));
         // Once the kernel lists it, it is.
-        let after = socket_inodes(&[std::process::id()]).unwrap();
-        let new: Vec<u32> = after
-            .iter()
-            .copied()
-            .filter(|i| !before.contains(i))
-            .collect();
-        assert!(new.len() >= 2, "{before:?} {after:?}");
-        let owned = owners.owned(me.clone(), &listed(&after));
-        assert_eq!(owners.rescans, 2);
-        assert!(new.iter().all(|i| owned[0].1.contains(i)));
-        // Other processes: listed again, whatever the kernel says.
-        assert!(owners.owned(Vec::new(), &listed(&after)).is_empty());
-        assert_eq!(owners.rescans, 3);
+        let both = [first_inodes, second_inodes].concat();
+        let owned = owners.owned(me.clone(), &listed(&both));
+        assert_eq!(owners.listings(), 2);
+        assert!(second_inodes.iter().all(|i| owned[0].1.contains(i)));
+        // A while later they are listed again, even with nothing new.
+        for _ in 1..RELIST_EVERY_ROUNDS {
+            owners.owned(me.clone(), &listed(&both));
+        }
+        assert_eq!(owners.listings(), 2);
+        owners.owned(me.clone(), &listed(&both));
+        assert_eq!(owners.listings(), 3);
+        // An instance whose processes cannot be read: tried again the next round.
+        let gone = vec![(VmName::new("gone").unwrap(), vec![u32::MAX])];
+        assert!(owners.owned(gone.clone(), &listed(&both)).is_empty());
+        assert_eq!(owners.listings(), 4);
+        assert!(owners.owned(gone, &listed(&both)).is_empty());
+        assert_eq!(owners.listings(), 5);
         drop((first, second));
     }
 

@@ -1,6 +1,6 @@
 //! Which traffic leaves a site: each online agent that can tell is told the addresses of its
 //! site's hosts, as this console reaches them, whenever they change; the agent counts what
-//! its process instances send anywhere else as leaving the site.
+//! its process instances and user-network VMs send anywhere else as leaving the site.
 
 use std::{
     collections::BTreeMap,

@@ -114,7 +114,12 @@ fn qemu_pid_dir(uri: &str) -> Option<std::path::PathBuf> {
     if let Some(root) = uri.strip_prefix("qemu:///embed?root=") {
         return Some(std::path::Path::new(root).join("run/qemu"));
     }
-    (uri == "qemu:///system").then(|| "/run/libvirt/qemu".into())
+    match uri {
+        "qemu:///system" => Some("/run/libvirt/qemu".into()),
+        "qemu:///session" => std::env::var_os("XDG_RUNTIME_DIR")
+            .map(|run| std::path::Path::new(&run).join("libvirt/qemu/run")),
+        _ => None,
+    }
 }
 
 impl std::fmt::Debug for LibvirtRuntime {
@@ -441,10 +446,18 @@ impl Runtime for LibvirtRuntime {
     /// The QEMU process of each running VM on the user-mode network: the sockets its
     /// guest's connections go out through are that process's.
     fn process_ids(&self) -> Vec<(VmName, Vec<u32>)> {
+        let vms = lock(&self.inner.user_network_vms).clone();
         let Some(dir) = &self.inner.pid_dir else {
+            // Once a run: every second otherwise.
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if !vms.is_empty() && !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "VMs' traffic is not measured: this libvirt URI's QEMU pid files are not known"
+                );
+            }
             return Vec::new();
         };
-        let vms = lock(&self.inner.user_network_vms).clone();
         vms.into_iter()
             .filter_map(|name| {
                 let pid = std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?;
@@ -1058,7 +1071,7 @@ mod tests {
             Some("/run/libvirt/qemu".into())
         );
         assert_eq!(qemu_pid_dir("test:///default"), None);
-        assert_eq!(qemu_pid_dir("qemu:///session"), None);
+        assert_eq!(qemu_pid_dir("qemu+ssh://elsewhere/system"), None);
     }
 
     fn spec(name: &str) -> VmSpec {
