@@ -603,3 +603,49 @@ async fn a_request_kind_the_agent_does_not_know_is_answered_and_the_link_stays()
     assert!(err.message.contains("MigrateVm"), "{}", err.message);
     peer.call(ListVms).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_addresses_that_do_not_parse_are_refused_whole() {
+    use dunes_shared::protocol::{ErrorCode, SiteAddresses};
+    let f = fixture("proto-site").await;
+    f.enroll().await;
+    let (peer, _) = connect(
+        &f.endpoint,
+        &f.control_config(&f.console),
+        &f.agent.host_id,
+        &f.address(),
+        f.agent.fingerprint,
+    )
+    .await
+    .unwrap();
+    let refused = |err: CallError| match err {
+        CallError::Remote(e) => (e.code, e.message),
+        other => panic!("not the agent's refusal: {other}"),
+    };
+    let bad = peer
+        .call(SiteAddresses {
+            addresses: vec!["10.1.0.12".into(), "lausanne-2".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused(bad),
+        (
+            ErrorCode::BadRequest,
+            "\"lausanne-2\" is not an IP address".to_string()
+        )
+    );
+    let too_many = peer
+        .call(SiteAddresses {
+            addresses: vec!["10.1.0.12".into(); 10_001],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused(too_many).0, ErrorCode::BadRequest);
+    // The link stays, and a good list is taken.
+    peer.call(SiteAddresses {
+        addresses: vec!["10.1.0.12".into(), "fd00::3".into()],
+    })
+    .await
+    .unwrap();
+}
