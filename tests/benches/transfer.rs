@@ -30,8 +30,9 @@ use dunes_tests::{AgentProcess, enroll_online, netns::Lab, spawn_lab_agent, star
 
 const GIB: u64 = 1 << 30;
 
-/// Machine-wide CPU seconds (user + system, every core) so far.
-fn cpu_secs() -> f64 {
+/// Machine-wide CPU seconds (user + system, every core) so far, and the seconds the
+/// hypervisor took from this VM (steal): counted apart, since they are not this work's.
+fn cpu_and_steal_secs() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let fields: Vec<f64> = stat
         .lines()
@@ -41,15 +42,25 @@ fn cpu_secs() -> f64 {
         .skip(1)
         .filter_map(|f| f.parse().ok())
         .collect();
-    // user, nice, system, idle, iowait, irq, softirq: all but idle and iowait.
-    let busy: f64 = fields
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .take(6)
-        .map(|(_, v)| v)
-        .sum();
-    busy / 100.0
+    // user, nice, system, idle, iowait, irq, softirq, steal: all but idle, iowait and steal.
+    let busy: f64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum();
+    let steal = fields.get(7).copied().unwrap_or(0.0);
+    (busy / 100.0, steal / 100.0)
+}
+
+/// CPU and steal seconds since a mark.
+struct CpuMark(f64, f64);
+
+impl CpuMark {
+    fn now() -> Self {
+        let (cpu, steal) = cpu_and_steal_secs();
+        CpuMark(cpu, steal)
+    }
+
+    fn since(&self) -> (f64, f64) {
+        let (cpu, steal) = cpu_and_steal_secs();
+        (cpu - self.0, steal - self.1)
+    }
 }
 
 /// Bytes of this machine's files under /usr, round and round: what an OS image holds.
@@ -124,18 +135,35 @@ struct Figure {
     bytes: u64,
     secs: f64,
     cpu_secs: f64,
+    steal_secs: f64,
 }
 
 impl Figure {
+    fn new(what: &str, bytes: u64, began: Instant, cpu: &CpuMark) -> Self {
+        let (cpu_secs, steal_secs) = cpu.since();
+        Figure {
+            what: what.into(),
+            bytes,
+            secs: began.elapsed().as_secs_f64(),
+            cpu_secs,
+            steal_secs,
+        }
+    }
+
+    fn rate_mb_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.secs
+    }
+
     fn line(&self) -> String {
         let gb = self.bytes as f64 / 1e9;
         format!(
-            "| {} | {:.2} GB | {:.1} s | {:.1} MB/s | {:.2} CPU s/GB |",
+            "| {} | {:.2} GB | {:.1} s | {:.1} MB/s | {:.2} CPU s/GB | {:.1} s stolen |",
             self.what,
             gb,
             self.secs,
-            self.bytes as f64 / 1e6 / self.secs,
-            self.cpu_secs / gb
+            self.rate_mb_s(),
+            self.cpu_secs / gb,
+            self.steal_secs
         )
     }
 }
@@ -205,7 +233,7 @@ async fn dunes(
         })
         .await?;
     let mut updates = engine.subscribe();
-    let (mut began, mut cpu_began) = (None, 0.0);
+    let mut began = None;
     loop {
         let step = updates
             .borrow_and_update()
@@ -215,19 +243,13 @@ async fn dunes(
             .map(|m| (m.step, m.bytes_total));
         match step {
             Some((MigrationStep::Transferring, _)) if began.is_none() => {
-                began = Some(Instant::now());
-                cpu_began = cpu_secs();
+                began = Some((Instant::now(), CpuMark::now()));
             }
             Some((MigrationStep::Verifying | MigrationStep::Defining, bytes))
             | Some((MigrationStep::Starting | MigrationStep::Confirmed, bytes))
             | Some((MigrationStep::SourceDeleted, bytes)) => {
-                let began = began.context("the transfer step was not seen")?;
-                let figure = Figure {
-                    what: what.to_string(),
-                    bytes,
-                    secs: began.elapsed().as_secs_f64(),
-                    cpu_secs: cpu_secs() - cpu_began,
-                };
+                let (began, cpu) = began.as_ref().context("the transfer step was not seen")?;
+                let figure = Figure::new(what, bytes, *began, cpu);
                 // Let it finish before the next case.
                 engine
                     .wait_for(Duration::from_secs(600), |s| {
@@ -237,6 +259,14 @@ async fn dunes(
                     })
                     .await
                     .map_err(|_| anyhow::anyhow!("the migration did not end"))?;
+                // The copy goes, so that every run starts with the same memory in use.
+                engine
+                    .request(|reply| Command::DeleteVm {
+                        host: target.host_id.clone(),
+                        name: name.clone(),
+                        reply,
+                    })
+                    .await?;
                 return Ok(figure);
             }
             Some((MigrationStep::RolledBack | MigrationStep::RollingBack, _)) => {
@@ -259,7 +289,7 @@ fn ssh_cat(
     let out = dir.join("ssh-copy");
     let _ = std::fs::remove_file(&out);
     drop_caches();
-    let cpu = cpu_secs();
+    let cpu = CpuMark::now();
     let began = Instant::now();
     let status = Process::new("ip")
         .args(["netns", "exec", &lab.hosts[0].netns, "ssh"])
@@ -282,13 +312,9 @@ fn ssh_cat(
     if !status.success() {
         bail!("ssh failed");
     }
-    let figure = Figure {
-        what: what.into(),
-        // Every byte of the image crosses, holes too: that is what cat sends.
-        bytes: std::fs::metadata(image)?.len().max(allocated),
-        secs: began.elapsed().as_secs_f64(),
-        cpu_secs: cpu_secs() - cpu,
-    };
+    // Every byte of the image crosses, holes too: that is what cat sends.
+    let bytes = std::fs::metadata(image)?.len().max(allocated);
+    let figure = Figure::new(what, bytes, began, &cpu);
     // The copy is not needed any more: room for the next case.
     let _ = std::fs::remove_file(&out);
     Ok(figure)
@@ -312,7 +338,7 @@ fn tls_tcp(lab: &Lab, dir: &Path, image: &Path, what: &str) -> anyhow::Result<Fi
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     drop_caches();
-    let cpu = cpu_secs();
+    let cpu = CpuMark::now();
     let began = Instant::now();
     let status = Process::new("ip")
         .args(["netns", "exec", &lab.hosts[0].netns, "openssl", "s_client"])
@@ -328,7 +354,8 @@ fn tls_tcp(lab: &Lab, dir: &Path, image: &Path, what: &str) -> anyhow::Result<Fi
     while server.try_wait()?.is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let secs = began.elapsed().as_secs_f64();
+    // Timed when the server has written the last byte, not after the cleanup.
+    let figure_at_end = Figure::new(what, 0, began, &cpu);
     drop(keep_open);
     let _ = server.kill();
     let _ = server.wait();
@@ -338,10 +365,8 @@ fn tls_tcp(lab: &Lab, dir: &Path, image: &Path, what: &str) -> anyhow::Result<Fi
     let bytes = std::fs::metadata(&out)?.len();
     let _ = std::fs::remove_file(&out);
     Ok(Figure {
-        what: what.into(),
         bytes,
-        secs,
-        cpu_secs: cpu_secs() - cpu,
+        ..figure_at_end
     })
 }
 
@@ -467,30 +492,82 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut lines = Vec::new();
     let mut n = 0;
+    // The rate of each figure, or None when the case failed.
     let mut case = |f: anyhow::Result<Figure>| match f {
         Ok(f) => {
             println!("{}", f.line());
             lines.push(f.line());
+            Some(f.rate_mb_s())
         }
-        Err(e) => println!("| failed: {e:#} |"),
+        Err(e) => {
+            println!("| failed: {e:#} |");
+            None
+        }
     };
-    if wanted('a') {
-        case(
-            dunes(
-                &engine,
-                &source,
-                &target,
-                &full,
-                "(a) 4 GiB allocated: Dunes",
-                plain,
-                n,
-            )
-            .await,
-        );
-        n += 1;
-        case(ssh_cat(&lab, dir.path(), &full, 4 * GIB, "(a) ssh cat"));
-        case(tls_tcp(&lab, dir.path(), &full, "(a) TLS over TCP"));
+    // DUNES_BENCH_ROUNDS=N runs case (a) N times, the three methods in a new order each
+    // round (this VM's speed drifts over minutes, which would favour whichever runs first).
+    let rounds: usize = std::env::var("DUNES_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    // DUNES_BENCH_METHODS=d (or any of d, s, t) runs only Dunes (ssh cat, TLS over TCP).
+    let methods = std::env::var("DUNES_BENCH_METHODS").unwrap_or_else(|_| "dst".into());
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut ratios = Vec::new();
+    for round in 0..if wanted('a') { rounds } else { 0 } {
+        let mut this = [None; 3];
+        for turn in 0..3 {
+            let method = (round + turn) % 3;
+            if !methods.contains(['d', 's', 't'][method]) {
+                continue;
+            }
+            this[method] = match method {
+                0 => {
+                    let vm = n;
+                    n += 1;
+                    case(
+                        dunes(
+                            &engine,
+                            &source,
+                            &target,
+                            &full,
+                            "(a) 4 GiB allocated: Dunes",
+                            plain,
+                            vm,
+                        )
+                        .await,
+                    )
+                }
+                1 => case(ssh_cat(&lab, dir.path(), &full, 4 * GIB, "(a) ssh cat")),
+                _ => case(tls_tcp(&lab, dir.path(), &full, "(a) TLS over TCP")),
+            };
+        }
+        for (all, rate) in rates.iter_mut().zip(this) {
+            all.extend(rate);
+        }
+        if let [Some(d), Some(s), _] = this {
+            ratios.push(d / s);
+        }
     }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let case_a_summary = (rounds > 1 && wanted('a')).then(|| {
+        format!(
+            "case (a), {rounds} rounds, medians: Dunes {:.1} MB/s, ssh cat {:.1}, TLS over TCP {:.1}; Dunes ÷ ssh by round: {}",
+            median(&rates[0]),
+            median(&rates[1]),
+            median(&rates[2]),
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}×"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    });
     if wanted('z') {
         case(
             dunes(
@@ -569,5 +646,8 @@ async fn main() -> anyhow::Result<()> {
         .args(["-f", "sshd -D -e -f /dev/null -p 2222"])
         .status();
     println!("\n{}", lines.join("\n"));
+    if let Some(summary) = case_a_summary {
+        println!("\n{summary}");
+    }
     Ok(())
 }
