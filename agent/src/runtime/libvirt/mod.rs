@@ -110,6 +110,23 @@ struct CountedDevices {
 
 /// Where the QEMU driver behind `uri` keeps its running domains' pid files: in the embed
 /// root, or the system daemon's run directory.
+/// Whether `cmdline` (`/proc/PID/cmdline`: arguments each ending in a NUL) is the QEMU
+/// libvirt started for the domain `name`: it has `-name guest=NAME[,…]` (or `-name NAME`).
+fn is_qemu_of(cmdline: &[u8], name: &str) -> bool {
+    let mut args = cmdline.split(|&b| b == 0);
+    while let Some(arg) = args.next() {
+        if arg == b"-name" {
+            let Some(value) = args.next() else {
+                return false;
+            };
+            let value = value.strip_prefix(b"guest=").unwrap_or(value);
+            let named = value.split(|&b| b == b',').next().unwrap_or_default();
+            return named == name.as_bytes();
+        }
+    }
+    false
+}
+
 fn qemu_pid_dir(uri: &str) -> Option<std::path::PathBuf> {
     if let Some(root) = uri.strip_prefix("qemu:///embed?root=") {
         return Some(std::path::Path::new(root).join("run/qemu"));
@@ -460,8 +477,15 @@ impl Runtime for LibvirtRuntime {
         };
         vms.into_iter()
             .filter_map(|name| {
-                let pid = std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?;
-                Some((name, vec![pid.trim().parse().ok()?]))
+                let pid: u32 = std::fs::read_to_string(dir.join(format!("{name}.pid")))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                // A pid file left from before a crash may name a pid reused by another
+                // process: its sockets are not the VM's.
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                is_qemu_of(&cmdline, name.as_str()).then(|| (name, vec![pid]))
             })
             .collect()
     }
@@ -1072,6 +1096,20 @@ mod tests {
         );
         assert_eq!(qemu_pid_dir("test:///default"), None);
         assert_eq!(qemu_pid_dir("qemu+ssh://elsewhere/system"), None);
+    }
+
+    #[test]
+    fn a_pid_counts_only_when_its_process_is_the_vms_qemu() {
+        let qemu = b"/usr/bin/qemu-system-x86_64\0-name\0guest=web-1,debug-threads=on\0-S\0";
+        assert!(is_qemu_of(qemu, "web-1"));
+        assert!(!is_qemu_of(qemu, "web"));
+        assert!(!is_qemu_of(qemu, "web-10"));
+        assert!(is_qemu_of(b"qemu\0-name\0web-1\0", "web-1"));
+        // A reused pid: some other program, or one whose arguments merely mention the name.
+        assert!(!is_qemu_of(b"/usr/sbin/sshd\0-D\0", "web-1"));
+        assert!(!is_qemu_of(b"grep\0guest=web-1\0", "web-1"));
+        assert!(!is_qemu_of(b"qemu\0-name\0", "web-1"));
+        assert!(!is_qemu_of(b"", "web-1"));
     }
 
     fn spec(name: &str) -> VmSpec {
