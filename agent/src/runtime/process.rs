@@ -1046,6 +1046,8 @@ impl Runtime for ProcessRuntime {
             .filter(|(_, i)| i.state == VmState::Running)
             .map(|(name, _)| name.clone())
             .collect();
+        // Read at most once a round, and only if an instance has no cgroup.
+        let mut children: Option<crate::traffic::ProcessChildren> = None;
         running
             .into_iter()
             .filter_map(|name| {
@@ -1063,7 +1065,8 @@ impl Runtime for ProcessRuntime {
                     .trim()
                     .parse()
                     .ok()?;
-                Some((name, crate::traffic::process_tree(pid)))
+                let children = children.get_or_insert_with(crate::traffic::ProcessChildren::read);
+                Some((name, children.tree(pid)))
             })
             .collect()
     }

@@ -288,41 +288,51 @@ pub fn socket_inodes(pids: &[u32]) -> Option<Vec<u32>> {
     readable.then_some(out)
 }
 
-/// `root` and every process descended from it, from `/proc/*/stat` (for an instance
-/// without a cgroup of its own, whose processes only their parentage ties together).
-pub fn process_tree(root: u32) -> Vec<u32> {
-    let mut parent_of: Vec<(u32, u32)> = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if let Some(ppid) = std::fs::read_to_string(entry.path().join("stat"))
-                .ok()
-                .and_then(|stat| parent_in_stat(&stat))
-            {
-                parent_of.push((pid, ppid));
+/// Every process's children, from one walk of `/proc/*/stat`: for instances without a
+/// cgroup of their own, whose processes only their parentage ties together. One walk serves
+/// every instance of a round.
+#[derive(Debug, Default)]
+pub struct ProcessChildren(HashMap<u32, Vec<u32>>);
+
+impl ProcessChildren {
+    pub fn read() -> Self {
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if let Some(ppid) = std::fs::read_to_string(entry.path().join("stat"))
+                    .ok()
+                    .and_then(|stat| parent_in_stat(&stat))
+                {
+                    children.entry(ppid).or_default().push(pid);
+                }
             }
         }
+        ProcessChildren(children)
     }
-    let mut tree = vec![root];
-    let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        tree.extend(
-            parent_of
-                .iter()
-                .filter(|(pid, ppid)| *ppid == parent && !tree.contains(pid))
-                .map(|(pid, _)| *pid)
-                .collect::<Vec<_>>(),
-        );
-        i += 1;
+
+    /// `root` and every process descended from it.
+    pub fn tree(&self, root: u32) -> Vec<u32> {
+        let mut tree = vec![root];
+        let mut seen = std::collections::HashSet::from([root]);
+        let mut i = 0;
+        while i < tree.len() {
+            for &child in self.0.get(&tree[i]).into_iter().flatten() {
+                // A pid listed under two parents (reused mid-walk) is taken once.
+                if seen.insert(child) {
+                    tree.push(child);
+                }
+            }
+            i += 1;
+        }
+        tree
     }
-    tree
 }
 
 /// The parent pid in `/proc/PID/stat` (the field after the state, past the command name,
@@ -494,10 +504,18 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        let tree = process_tree(std::process::id());
+        let tree = ProcessChildren::read().tree(std::process::id());
         assert!(tree.contains(&std::process::id()) && tree.contains(&child.id()));
         let _ = child.kill();
         let _ = child.wait();
+        // Grandchildren too, and each process once even if the map has a cycle.
+        let map = ProcessChildren(HashMap::from([
+            (1, vec![2, 3]),
+            (3, vec![4, 1]),
+            (4, vec![3]),
+        ]));
+        assert_eq!(map.tree(1), vec![1, 2, 3, 4]);
+        assert_eq!(map.tree(9), vec![9]);
         assert_eq!(parent_in_stat("7 (a) b) S 42 7 7"), Some(42));
         assert_eq!(parent_in_stat("garbage"), None);
         assert_eq!(socket_inodes(&[u32::MAX]), None);
