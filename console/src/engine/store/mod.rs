@@ -16,7 +16,12 @@ mod v1;
 
 pub use self::stats::StatsReader;
 
-use std::{path::Path, sync::Arc, thread};
+use std::{
+    path::Path,
+    sync::{Arc, Condvar, Mutex, PoisonError},
+    thread,
+    time::Duration,
+};
 
 use dunes_shared::{
     error_chain,
@@ -312,8 +317,44 @@ enum Op {
 pub type Ack = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 struct Batch {
+    /// Batches are numbered as they are submitted, from 1.
+    seq: u64,
     ops: Vec<Op>,
     acks: Vec<Ack>,
+}
+
+/// How far the writer has got: the last batch it committed (or failed), and whether it has
+/// stopped. A reader waits on it for the writes the engine handed out before the reader was
+/// made, so that a query never misses what the engine no longer holds in memory.
+#[derive(Debug, Default)]
+pub struct Committed {
+    through: Mutex<(u64, bool)>,
+    changed: Condvar,
+}
+
+impl Committed {
+    fn update(&self, f: impl FnOnce(&mut (u64, bool))) {
+        f(&mut self.through.lock().unwrap_or_else(PoisonError::into_inner));
+        self.changed.notify_all();
+    }
+
+    /// Blocks (off the engine's thread) until batch `seq` is through the writer, the writer
+    /// has stopped, or `limit` has passed; then a read goes on with what is committed.
+    pub fn wait_through(&self, seq: u64, limit: Duration) {
+        let through = self.through.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = self
+            .changed
+            .wait_timeout_while(through, limit, |(done, stopped)| *done < seq && !*stopped);
+    }
+}
+
+/// Marks the writer stopped when its thread ends, however it ends.
+struct StoppedOnDrop(Arc<Committed>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.0.update(|t| t.1 = true);
+    }
 }
 
 /// The engine's side of the store: collects writes, submits them as batches.
@@ -322,6 +363,9 @@ pub struct Store {
     batches: mpsc::Sender<Batch>,
     pending: Vec<Op>,
     acks: Vec<Ack>,
+    /// The number of the last batch submitted.
+    submitted: u64,
+    committed: Arc<Committed>,
 }
 
 impl std::fmt::Debug for Store {
@@ -361,9 +405,11 @@ impl Store {
         let (batches, rx) = mpsc::channel(BATCH_QUEUE);
         let db = Arc::new(db);
         let for_writer = db.clone();
+        let committed = Arc::new(Committed::default());
+        let progress = committed.clone();
         thread::Builder::new()
             .name("store".into())
-            .spawn(move || writer(for_writer, rx))
+            .spawn(move || writer(for_writer, rx, progress))
             .map_err(|e| StoreError::Redb(redb::Error::Io(e)))?;
         Ok((
             Store {
@@ -371,6 +417,8 @@ impl Store {
                 batches,
                 pending: Vec::new(),
                 acks: Vec::new(),
+                submitted: 0,
+                committed,
             },
             loaded,
         ))
@@ -394,9 +442,15 @@ impl Store {
     }
 
     /// A reader of the time series, for queries off the engine's thread.
+    /// It reads once the writes collected so far are committed, those of the engine's
+    /// current turn included (submitted at the end of the turn): a minute of seconds handed
+    /// to the store is no longer in memory, and must not be missed while it is on its way.
+    /// Use it off the engine's thread only.
     pub fn stats_reader(&self) -> StatsReader {
+        let unsent = !self.pending.is_empty() || !self.acks.is_empty();
         StatsReader {
             db: self.db.clone(),
+            written: Some((self.committed.clone(), self.submitted + u64::from(unsent))),
         }
     }
 
@@ -444,7 +498,9 @@ impl Store {
         if self.pending.is_empty() && self.acks.is_empty() {
             return;
         }
+        self.submitted += 1;
         let batch = Batch {
+            seq: self.submitted,
             ops: std::mem::take(&mut self.pending),
             acks: std::mem::take(&mut self.acks),
         };
@@ -637,7 +693,8 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
     Ok(loaded)
 }
 
-fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Batch>) {
+fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Batch>, committed: Arc<Committed>) {
+    let _stopped = StoppedOnDrop(committed.clone());
     while let Some(first) = rx.blocking_recv() {
         // Commit whatever else is waiting with it: one fsync for many batches.
         let mut batches = vec![first];
@@ -645,6 +702,7 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Batch>) {
             batches.push(more);
         }
         let together = apply(&db, batches.iter().flat_map(|b| &b.ops));
+        let last = batches.last().map_or(0, |b| b.seq);
         for batch in batches {
             // A failed commit is retried batch by batch, so one bad write fails only the
             // command that made it.
@@ -659,6 +717,7 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Batch>) {
                 ack(result.clone());
             }
         }
+        committed.update(|t| t.0 = t.0.max(last));
     }
 }
 
@@ -986,6 +1045,40 @@ mod tests {
         drop(store);
         let (_, loaded) = reopen(&path).await;
         assert_eq!(loaded.vms.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stats_read_waits_for_the_writes_handed_out_before_it() {
+        use crate::engine::stats::StatsWrite;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = Store::open(&dir.path().join("store.redb")).unwrap();
+        // A minute of seconds leaves the engine's memory for the store in this turn; a query
+        // made in the same turn reads before the turn's writes are even submitted.
+        store.put_stats(vec![StatsWrite::Seconds {
+            series: "host/h/cpu".into(),
+            minute_start_secs: 600,
+            values: vec![(1, 0.5), (2, 0.25)],
+        }]);
+        let reader = store.stats_reader();
+        let read = std::thread::spawn(move || reader.buckets("host/h/cpu", 0, 600, 660).unwrap());
+        // The engine's turn ends a while later.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        store.submit().await;
+        let seconds: Vec<u64> = tokio::task::spawn_blocking(move || read.join().unwrap())
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.start_secs)
+            .collect();
+        assert_eq!(seconds, vec![601, 602]);
+        // Nothing is waiting: a reader reads at once; a stopped writer does not hold it.
+        let reader = store.stats_reader();
+        drop(store);
+        let again = tokio::task::spawn_blocking(move || reader.buckets("host/h/cpu", 0, 600, 660))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.len(), 2);
     }
 
     #[tokio::test]

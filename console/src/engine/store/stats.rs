@@ -224,7 +224,12 @@ pub(super) fn write(
 #[derive(Clone)]
 pub struct StatsReader {
     pub(super) db: Arc<Database>,
+    /// The writer's progress and the batch to wait for before the first read.
+    pub(super) written: Option<(Arc<super::Committed>, u64)>,
 }
+
+/// The longest a read waits for the writer: past it, it reads what is committed.
+const WRITES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for StatsReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,9 +238,17 @@ impl std::fmt::Debug for StatsReader {
 }
 
 impl StatsReader {
+    /// Waits until the writes handed out before this reader was made are committed.
+    fn wait_for_writes(&self) {
+        if let Some((committed, seq)) = &self.written {
+            committed.wait_through(*seq, WRITES_WAIT);
+        }
+    }
+
     /// The workloads deleted since `from_secs`, oldest first (one that does not decode is
     /// skipped).
     pub fn departed_since(&self, from_secs: u64) -> Result<Vec<super::DepartedRecord>, StoreError> {
+        self.wait_for_writes();
         let tx = self.db.begin_read()?;
         let table = match tx.open_table(super::DEPARTED) {
             Ok(t) => t,
@@ -260,6 +273,7 @@ impl StatsReader {
         from_secs: u64,
         to_secs: u64,
     ) -> Result<Vec<Bucket>, StoreError> {
+        self.wait_for_writes();
         let tx = self.db.begin_read()?;
         let table = match tx.open_table(STATS) {
             Ok(t) => t,
@@ -316,7 +330,10 @@ mod tests {
     #[test]
     fn rows_read_back_by_range_and_old_ones_go() {
         let (_dir, db) = db();
-        let reader = StatsReader { db: db.clone() };
+        let reader = StatsReader {
+            db: db.clone(),
+            written: None,
+        };
         let minute = |start: u64, mean: f64| StatsWrite::Bucket {
             series: "host/a/cpu".into(),
             level: 1,
@@ -393,7 +410,10 @@ mod tests {
     #[test]
     fn an_open_state_over_an_hour_old_becomes_rows() {
         let (_dir, db) = db();
-        let reader = StatsReader { db: db.clone() };
+        let reader = StatsReader {
+            db: db.clone(),
+            written: None,
+        };
         let state = |series: &str, minute_start_secs: u64| {
             StatsWrite::Open(OpenState {
                 series: series.into(),
