@@ -108,8 +108,6 @@ struct CountedDevices {
     user_network: bool,
 }
 
-/// Where the QEMU driver behind `uri` keeps its running domains' pid files: in the embed
-/// root, or the system daemon's run directory.
 /// Whether `cmdline` (`/proc/PID/cmdline`: arguments each ending in a NUL) is the QEMU
 /// libvirt started for the domain `name`: it has `-name guest=NAME[,…]` (or `-name NAME`).
 fn is_qemu_of(cmdline: &[u8], name: &str) -> bool {
@@ -127,6 +125,8 @@ fn is_qemu_of(cmdline: &[u8], name: &str) -> bool {
     false
 }
 
+/// Where the QEMU driver behind `uri` keeps its running domains' pid files: in the embed
+/// root, or the system daemon's run directory.
 fn qemu_pid_dir(uri: &str) -> Option<std::path::PathBuf> {
     if let Some(root) = uri.strip_prefix("qemu:///embed?root=") {
         return Some(std::path::Path::new(root).join("run/qemu"));

@@ -451,6 +451,7 @@ impl Store {
         StatsReader {
             db: self.db.clone(),
             written: Some((self.committed.clone(), self.submitted + u64::from(unsent))),
+            waited: Default::default(),
         }
     }
 
@@ -1071,14 +1072,25 @@ mod tests {
             .map(|b| b.start_secs)
             .collect();
         assert_eq!(seconds, vec![601, 602]);
-        // Nothing is waiting: a reader reads at once; a stopped writer does not hold it.
+        // A batch that will never come (the store goes before its turn ends): the stopped
+        // writer lets the reader go on with what is committed, well before its 10 s limit.
+        store.put_stats(vec![StatsWrite::Seconds {
+            series: "host/h/cpu".into(),
+            minute_start_secs: 660,
+            values: vec![(1, 0.5)],
+        }]);
         let reader = store.stats_reader();
         drop(store);
-        let again = tokio::task::spawn_blocking(move || reader.buckets("host/h/cpu", 0, 600, 660))
+        let began = std::time::Instant::now();
+        let again = tokio::task::spawn_blocking(move || reader.buckets("host/h/cpu", 0, 600, 720))
             .await
             .unwrap()
             .unwrap();
         assert_eq!(again.len(), 2);
+        assert!(
+            began.elapsed() < Duration::from_secs(8),
+            "held by a stopped writer"
+        );
     }
 
     #[tokio::test]

@@ -226,6 +226,8 @@ pub struct StatsReader {
     pub(super) db: Arc<Database>,
     /// The writer's progress and the batch to wait for before the first read.
     pub(super) written: Option<(Arc<super::Committed>, u64)>,
+    /// Set once that wait is over: a query reads many series, and waits only once.
+    pub(super) waited: std::sync::OnceLock<()>,
 }
 
 /// The longest a read waits for the writer: past it, it reads what is committed.
@@ -241,7 +243,8 @@ impl StatsReader {
     /// Waits until the writes handed out before this reader was made are committed.
     fn wait_for_writes(&self) {
         if let Some((committed, seq)) = &self.written {
-            committed.wait_through(*seq, WRITES_WAIT);
+            self.waited
+                .get_or_init(|| committed.wait_through(*seq, WRITES_WAIT));
         }
     }
 
@@ -333,6 +336,7 @@ mod tests {
         let reader = StatsReader {
             db: db.clone(),
             written: None,
+            waited: Default::default(),
         };
         let minute = |start: u64, mean: f64| StatsWrite::Bucket {
             series: "host/a/cpu".into(),
@@ -413,6 +417,7 @@ mod tests {
         let reader = StatsReader {
             db: db.clone(),
             written: None,
+            waited: Default::default(),
         };
         let state = |series: &str, minute_start_secs: u64| {
             StatsWrite::Open(OpenState {
