@@ -70,6 +70,20 @@ impl Fixture {
         assert_eq!(done.host_id, self.agent.host_id);
     }
 
+    /// Connects as the enrolled console, with the agent's own name and pinned key.
+    async fn connect_console(
+        &self,
+    ) -> Result<(dunes_shared::rpc::Peer, dunes_shared::protocol::HelloReply), LinkError> {
+        connect(
+            &self.endpoint,
+            &self.control_config(&self.console),
+            &self.agent.host_id,
+            &self.address(),
+            self.agent.fingerprint,
+        )
+        .await
+    }
+
     fn control_config(&self, console: &ConsolePki) -> quinn::ClientConfig {
         pki::quic_client_config(
             pki::control_client_config(self.console.ca.cert_der(), &console.identity).unwrap(),
@@ -119,15 +133,7 @@ impl Fixture {
 async fn mutual_tls_is_accepted_after_enrollment() {
     let f = fixture("proto-ok").await;
     f.enroll().await;
-    let (peer, hello) = connect(
-        &f.endpoint,
-        &f.control_config(&f.console),
-        &f.agent.host_id,
-        &f.address(),
-        f.agent.fingerprint,
-    )
-    .await
-    .unwrap();
+    let (peer, hello) = f.connect_console().await.unwrap();
     let conn = peer.conn;
     assert_eq!(hello.inventory.host_id, f.agent.host_id);
     assert!(hello.features.iter().any(|f| f == features::VM_LIFECYCLE));
@@ -241,15 +247,7 @@ async fn refused_with_a_host_certificate_from_the_same_ca() {
 async fn enrolling_again_cuts_off_the_previous_console() {
     let f = fixture("proto-move").await;
     f.enroll().await;
-    let (peer, _) = connect(
-        &f.endpoint,
-        &f.control_config(&f.console),
-        &f.agent.host_id,
-        &f.address(),
-        f.agent.fingerprint,
-    )
-    .await
-    .unwrap();
+    let (peer, _) = f.connect_console().await.unwrap();
     let old_conn = peer.conn;
     let fresh_token = || {
         dunes_agent::identity::AgentIdentity::load_or_create(&f.dir.path().join("agent"), None)
@@ -300,17 +298,7 @@ async fn enrolling_again_cuts_off_the_previous_console() {
         pki::control_client_config(new_console.ca.cert_der(), &new_console.identity).unwrap(),
     )
     .unwrap();
-    assert!(
-        connect(
-            &f.endpoint,
-            &f.control_config(&f.console),
-            &f.agent.host_id,
-            &f.address(),
-            f.agent.fingerprint,
-        )
-        .await
-        .is_err()
-    );
+    assert!(f.connect_console().await.is_err());
     connect(
         &f.endpoint,
         &new_config,
@@ -422,15 +410,7 @@ async fn wrong_and_reused_tokens_are_refused() {
 async fn bad_frames_close_the_stream_not_the_agent() {
     let f = fixture("proto-frames").await;
     f.enroll().await;
-    let (peer, _) = connect(
-        &f.endpoint,
-        &f.control_config(&f.console),
-        &f.agent.host_id,
-        &f.address(),
-        f.agent.fingerprint,
-    )
-    .await
-    .unwrap();
+    let (peer, _) = f.connect_console().await.unwrap();
     let conn = peer.conn;
     for (bytes, code) in [
         (
@@ -574,15 +554,7 @@ async fn an_enrollment_connection_is_closed_after_its_deadline() {
 async fn a_request_kind_the_agent_does_not_know_is_answered_and_the_link_stays() {
     let f = fixture("proto-future").await;
     f.enroll().await;
-    let (peer, _) = connect(
-        &f.endpoint,
-        &f.control_config(&f.console),
-        &f.agent.host_id,
-        &f.address(),
-        f.agent.fingerprint,
-    )
-    .await
-    .unwrap();
+    let (peer, _) = f.connect_console().await.unwrap();
     // {"MigrateVm": {"name": "a"}}, a request of a later release.
     let mut payload = Vec::new();
     rmp::encode::write_map_len(&mut payload, 1).unwrap();
@@ -609,15 +581,7 @@ async fn site_addresses_that_do_not_parse_are_refused_whole() {
     use dunes_shared::protocol::{ErrorCode, SiteAddresses};
     let f = fixture("proto-site").await;
     f.enroll().await;
-    let (peer, _) = connect(
-        &f.endpoint,
-        &f.control_config(&f.console),
-        &f.agent.host_id,
-        &f.address(),
-        f.agent.fingerprint,
-    )
-    .await
-    .unwrap();
+    let (peer, _) = f.connect_console().await.unwrap();
     let refused = |err: CallError| match err {
         CallError::Remote(e) => (e.code, e.message),
         other => panic!("not the agent's refusal: {other}"),

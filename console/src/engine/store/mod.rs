@@ -1062,8 +1062,13 @@ mod tests {
         }]);
         let reader = store.stats_reader();
         let read = std::thread::spawn(move || reader.buckets("host/h/cpu", 0, 600, 660).unwrap());
-        // The engine's turn ends a while later.
+        // The engine's turn ends a while later; until then the read waits for it (up to its
+        // 10 s limit), where a read that did not wait would be over long before.
         tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !read.is_finished(),
+            "the read did not wait for the turn's writes"
+        );
         store.submit().await;
         let seconds: Vec<u64> = tokio::task::spawn_blocking(move || read.join().unwrap())
             .await
