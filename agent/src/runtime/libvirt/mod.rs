@@ -889,6 +889,11 @@ impl Inner {
         }
         if let Err(e) = dom.shutdown() {
             use virt::error::ErrorNumber;
+            // It went off between the look and the request (the guest powered off, or an
+            // earlier request took effect): what was asked for is done.
+            if !self.state_of(name)?.is_active() {
+                return Ok(ShutdownAsked::AlreadyOff);
+            }
             // Only "there is no way to ask" (no ACPI, a driver without shutdown); any other
             // failure is reported, and the VM left as it is.
             return match e.code() {
