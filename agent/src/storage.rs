@@ -3,7 +3,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::{Read, Seek, SeekFrom, Write},
+    io::Read,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -528,12 +528,60 @@ impl Storage {
         self.root.join("disks").join(format!("{vm}.console.log"))
     }
 
+    /// The VM's disks as the window and ctl show them: none for a VM whose disk is not in
+    /// this storage directory (defined outside Dunes).
+    pub fn vm_disk_infos(
+        &self,
+        vm: &VmName,
+        backing: Option<&TemplateName>,
+    ) -> Vec<dunes_shared::model::VmDiskInfo> {
+        use dunes_shared::model::{DiskImageFormat, VmDiskInfo};
+        let Some(disk) = self.vm_disk(vm) else {
+            return Vec::new();
+        };
+        let Ok(meta) = std::fs::metadata(&disk.path) else {
+            return Vec::new();
+        };
+        let (format, virtual_bytes) = match disk.format {
+            DiskFormat::Raw => (DiskImageFormat::Raw, meta.len()),
+            DiskFormat::Qcow2 => (
+                DiskImageFormat::Qcow2,
+                qcow2_virtual_size(&disk.path).unwrap_or(0),
+            ),
+        };
+        vec![VmDiskInfo {
+            file: disk
+                .path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            format,
+            virtual_bytes,
+            allocated_bytes: meta.blocks() * 512,
+            backing: match disk.format {
+                DiskFormat::Qcow2 => backing.cloned(),
+                DiskFormat::Raw => None,
+            },
+        }]
+    }
+
     /// Bytes really allocated for a VM's disk (an overlay's own, without its template's).
     pub fn disk_allocated_bytes(&self, vm: &VmName) -> u64 {
         self.vm_disk(vm)
             .and_then(|d| std::fs::metadata(d.path).ok())
             .map_or(0, |m| m.blocks() * 512)
     }
+}
+
+/// The size a qcow2 image gives its guest: the big-endian u64 at byte 24 of its header,
+/// after the magic `QFI\xfb`.
+fn qcow2_virtual_size(path: &Path) -> Option<u64> {
+    let mut header = [0u8; 32];
+    File::open(path).ok()?.read_exact(&mut header).ok()?;
+    if &header[..4] != b"QFI\xfb" {
+        return None;
+    }
+    Some(u64::from_be_bytes(header[24..32].try_into().ok()?))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -597,24 +645,29 @@ fn sync_parent(path: &Path) -> Result<(), StorageError> {
 }
 
 fn copy_holes_kept(from: &Path, tmp: &Path) -> Result<(), StorageError> {
-    const BLOCK: usize = 64 * 1024;
-    let mut src = File::open(from).map_err(io_err("opening", from))?;
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 1024 * 1024;
+    let src = File::open(from).map_err(io_err("opening", from))?;
     let len = src.metadata().map_err(io_err("reading", from))?.len();
-    let mut dst = File::create(tmp).map_err(io_err("creating", tmp))?;
+    let dst = File::create(tmp).map_err(io_err("creating", tmp))?;
+    // Only what the source holds is read: its holes stay holes without being read.
+    let extents =
+        crate::transfer::extents::allocated_extents(&src).map_err(io_err("reading", from))?;
     let mut buf = vec![0u8; BLOCK];
-    let mut offset = 0u64;
-    while offset < len {
-        let want = BLOCK.min((len - offset) as usize);
-        src.read_exact(&mut buf[..want])
-            .map_err(io_err("reading", from))?;
-        if buf[..want].iter().all(|b| *b == 0) {
-            dst.seek(SeekFrom::Current(want as i64))
-                .map_err(io_err("writing", tmp))?;
-        } else {
-            dst.write_all(&buf[..want])
-                .map_err(io_err("writing", tmp))?;
+    for (start, extent_len) in extents {
+        let end = start.saturating_add(extent_len).min(len);
+        let mut offset = start;
+        while offset < end {
+            let want = BLOCK.min((end - offset) as usize);
+            src.read_exact_at(&mut buf[..want], offset)
+                .map_err(io_err("reading", from))?;
+            // Zeros written out are holes in the copy too.
+            if buf[..want].iter().any(|b| *b != 0) {
+                dst.write_all_at(&buf[..want], offset)
+                    .map_err(io_err("writing", tmp))?;
+            }
+            offset += want as u64;
         }
-        offset += want as u64;
     }
     dst.set_len(len).map_err(io_err("sizing", tmp))?;
     dst.sync_all().map_err(io_err("syncing", tmp))
@@ -623,6 +676,7 @@ fn copy_holes_kept(from: &Path, tmp: &Path) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn tiny_template_and_disks() {

@@ -521,7 +521,7 @@ fn run_window(
             .with_title("Dunes console")
             .with_app_id("dunes-console")
             .with_inner_size([1400.0, 860.0])
-            .with_min_inner_size([720.0, 480.0]),
+            .with_min_inner_size([640.0, 420.0]),
         ..Default::default()
     };
     // Ctrl+C or SIGTERM closes the window, so the demo agents and the store are shut down

@@ -488,6 +488,8 @@ pub fn vm_json(host: &HostId, vm: &VmStatus) -> Value {
         "overlay_on": vm.overlay_on.as_ref().map(|t| json!({
             "template": t.template, "blake3": t.blake3,
         })),
+        // Its disks as its agent holds them (null from an agent that does not say).
+        "disks": vm.disks,
     })
 }
 

@@ -405,6 +405,47 @@ pub struct VmStatus {
     /// overlay only); `None` for a disk that is a whole image.
     #[serde(default)]
     pub overlay_on: Option<TemplateDisk>,
+    /// Its disks in the agent's storage directory. An empty list is a VM the agent cannot
+    /// move (defined outside Dunes, its disks elsewhere); `None` is an agent that does not
+    /// say (an older release, or a process instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<VmDiskInfo>>,
+}
+
+/// How a disk image file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskImageFormat {
+    Raw,
+    Qcow2,
+    /// A format a newer agent knows.
+    #[serde(other)]
+    Other,
+}
+
+impl DiskImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskImageFormat::Raw => "raw",
+            DiskImageFormat::Qcow2 => "qcow2",
+            DiskImageFormat::Other => "other",
+        }
+    }
+}
+
+/// One disk of a VM, as its agent holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDiskInfo {
+    /// The file's name inside the agent's disks directory.
+    pub file: String,
+    pub format: DiskImageFormat,
+    /// The size the guest sees.
+    pub virtual_bytes: u64,
+    /// What the file takes on the host's storage (an overlay: its own clusters only).
+    pub allocated_bytes: u64,
+    /// The template image an overlay is backed by.
+    #[serde(default)]
+    pub backing: Option<TemplateName>,
 }
 
 /// A template's disk image as its agent holds it: two hosts hold the same image when the

@@ -659,6 +659,7 @@ mod tests {
             disk_bytes: 0,
             runtime: RuntimeKind::Libvirt,
             overlay_on: None,
+            disks: None,
         }
     }
 

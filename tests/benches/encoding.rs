@@ -32,6 +32,7 @@ fn vm(i: usize) -> VmStatus {
         disk_bytes: 1_234_567_890 + i as u64,
         runtime: RuntimeKind::Libvirt,
         overlay_on: None,
+        disks: None,
     }
 }
 

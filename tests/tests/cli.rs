@@ -69,6 +69,7 @@ fn headless_demo_answers_ctl() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    demo_ready(&data);
     let hosts = hosts.as_array().unwrap();
     for field in [
         "id",
@@ -107,6 +108,16 @@ fn headless_demo_answers_ctl() {
     let vms = json(&ctl(&data, &["--json", "vms"]));
     let vms = vms.as_array().unwrap();
     assert!(vms.len() >= 6, "a few VMs per host");
+    // Every demo VM has a real disk in its agent's storage, sparse, with data in it.
+    for vm in vms {
+        let disk = &vm["disks"][0];
+        assert_eq!(disk["format"], "raw", "{vm}");
+        assert_eq!(disk["virtual_bytes"], 4u64 << 30, "{vm}");
+        assert!(
+            disk["allocated_bytes"].as_u64().unwrap() >= 192 << 20,
+            "{vm}"
+        );
+    }
     for field in ["id", "name", "host", "state"] {
         assert!(vms.iter().all(|v| !v[field].is_null()), "VMs lack {field}");
     }
@@ -194,7 +205,7 @@ fn headless_demo_answers_ctl() {
             ],
             "memory must be between",
         ),
-        (vec!["vm", "delete", "shop-db"], "is running; stop it first"),
+        (vec!["vm", "delete", "crm-db"], "is running; stop it first"),
         (
             vec!["host", "add", "nohost", "--token", "t"],
             "invalid address",
@@ -248,11 +259,13 @@ fn headless_demo_answers_ctl() {
         .unwrap()
         .clone();
     assert!(memory["capacity"].as_f64().unwrap() > 0.0, "{memory}");
+    // The demo's generated month gives the forecast its daily peaks, growing.
     assert!(
-        memory["forecast"]["text"]
-            .as_str()
-            .unwrap()
-            .contains("days of history"),
+        memory["forecast"]["daily_peaks"].as_u64().unwrap() >= 30,
+        "{memory}"
+    );
+    assert!(
+        memory["forecast"]["slope_per_day"].as_f64().unwrap() > 0.0,
         "{memory}"
     );
     let drained = json(&ctl(&data, &["--json", "whatif", "drain", "lsn-1"]));
@@ -279,8 +292,8 @@ fn headless_demo_answers_ctl() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|l| l["key"] == "shop-db")
-        .unwrap_or_else(|| panic!("no line for the running VM shop-db: {cost}"))
+        .find(|l| l["key"] == "crm-db")
+        .unwrap_or_else(|| panic!("no line for the running VM crm-db: {cost}"))
         .clone();
     assert!(running["cpu_hours"].as_f64().unwrap() > 0.0, "{running}");
     assert!(running["cost"].as_f64().unwrap() > 0.0, "{running}");
@@ -891,15 +904,24 @@ fn demo(dir: &std::path::Path) -> (Console, std::path::PathBuf) {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
+    demo_ready(&data);
+    (console, data)
+}
+
+/// Waits until the demo's three hosts are online and its seven VMs made.
+fn demo_ready(data: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = ctl(&data, &["--json", "hosts"]);
-        if out.status.success()
-            && json(&out)
+        let hosts = ctl(data, &["--json", "hosts"]);
+        let vms = ctl(data, &["--json", "vms"]);
+        if hosts.status.success()
+            && vms.status.success()
+            && json(&hosts)
                 .as_array()
                 .is_some_and(|h| h.len() == 3 && h.iter().all(|h| h["state"] == "online"))
+            && json(&vms).as_array().is_some_and(|v| v.len() == 7)
         {
-            return (console, data);
+            return;
         }
         assert!(Instant::now() < deadline, "demo did not come up");
         std::thread::sleep(Duration::from_millis(200));
@@ -1026,10 +1048,12 @@ fn a_service_is_deployed_started_degraded_stopped_and_deleted() {
     ));
     until_status(&data, "site", "degraded");
     json(&ctl(&data, &["--json", "service", "stop", "site"]));
-    until_status(&data, "site", "down");
+    // Stopped on purpose is not a failure.
+    until_status(&data, "site", "stopped");
     let events = json(&ctl(&data, &["--json", "events", "--limit", "200"]));
     let said = |m: &str| events.as_array().unwrap().iter().any(|e| e["message"] == m);
     assert!(said("service site is available") && said("service site is degraded"));
+    assert!(said("service site is stopped") && !said("service site is down"));
 
     json(&ctl(&data, &["--json", "service", "delete", "site"]));
     assert_eq!(
@@ -1150,7 +1174,7 @@ fn a_vm_is_migrated_from_ctl() {
         &[
             "vm",
             "migrate",
-            "lsn-1/shop-db",
+            "lsn-1/crm-db",
             "--to",
             "lsn-2",
             "--dry-run",
@@ -1162,14 +1186,15 @@ fn a_vm_is_migrated_from_ctl() {
         "{}",
         String::from_utf8_lossy(&dry.stdout)
     );
-    let out = ctl(&data, &["vm", "migrate", "lsn-1/shop-db", "--to", "lsn-2"]);
+    let out = ctl(&data, &["vm", "migrate", "lsn-1/crm-db", "--to", "lsn-2"]);
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("shop-db cannot go to lsn-2: lsn-2: 3 vCPUs free < 4 needed"),
+            .contains("crm-db cannot go to lsn-2: lsn-2: 3 vCPUs free < 4 needed"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The demo's own VMs have no disk of Dunes's: the migration rolls back, saying so.
+    // The demo's VMs have disks with data: one streamed to the remote site (capped at
+    // 200 Mbit/s) is cancelled while it streams, and rolls back, saying so.
     let started = json(&ctl(
         &data,
         &[
@@ -1178,16 +1203,36 @@ fn a_vm_is_migrated_from_ctl() {
             "migrate",
             "lsn-1/build-runner",
             "--to",
-            "lsn-2",
+            "gva-1",
         ],
     ));
-    let back = migration_end(&data, started["id"].as_u64().unwrap());
+    let id = started["id"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = json(&ctl(&data, &["--json", "migrations"]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .cloned()
+            .unwrap();
+        if m["state"] == "transferring" && m["bytes_done"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never streamed: {m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    json(&ctl(
+        &data,
+        &["--json", "migration", "cancel", &id.to_string()],
+    ));
+    let back = migration_end(&data, id);
     assert_eq!(back["state"], "rolled-back", "{back}");
     assert!(
         back["error"]
             .as_str()
             .unwrap()
-            .contains("has no disk on this host"),
+            .contains("cancelled while transferring"),
         "{back}"
     );
     let vms = json(&ctl(&data, &["--json", "vms"]));
@@ -1206,13 +1251,30 @@ fn a_vm_is_migrated_from_ctl() {
     );
 }
 
-/// `host drain` on the demo: the VM Dunes made moves off the host, the demo's own VMs (no
-/// disk of Dunes's) roll back and are named with the reason, the host takes nothing new
-/// until `host undrain`.
+/// `host drain` on the demo: its VMs move off the host with their disks, an instance of a
+/// service that never relocates stays and is named with the reason, the host takes nothing
+/// new until `host undrain`.
 #[test]
 fn a_host_is_drained_and_undrained_from_ctl() {
     let dir = tempfile::tempdir().unwrap();
     let (_console, data) = demo(dir.path());
+    let pinned = dir.path().join("pinned.toml");
+    std::fs::write(
+        &pinned,
+        "name = \"pinned\"\n[[application]]\nname = \"keep\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 256\ninstances = 1\n[rules]\npin = [{ application = \"keep\", hosts = [\"lsn-2\"] }]\nnever_relocate = [\"keep\"]\n",
+    )
+    .unwrap();
+    json(&ctl(
+        &data,
+        &[
+            "--json",
+            "service",
+            "create",
+            "-f",
+            pinned.to_str().unwrap(),
+        ],
+    ));
+    json(&ctl(&data, &["--json", "service", "deploy", "pinned"]));
     json(&ctl(
         &data,
         &[
@@ -1236,7 +1298,7 @@ fn a_host_is_drained_and_undrained_from_ctl() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.starts_with("lsn-2 is in maintenance: 0 moved, 3 left"),
+        said.starts_with("lsn-2 is in maintenance: 0 moved, 4 left"),
         "{said}"
     );
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -1255,20 +1317,20 @@ fn a_host_is_drained_and_undrained_from_ctl() {
         assert!(Instant::now() < deadline, "{host}");
         std::thread::sleep(Duration::from_millis(300));
     };
-    assert_eq!(drain["moved"], 1, "{drain}");
-    assert_eq!(drain["remaining"], 2, "{drain}");
+    assert_eq!(drain["moved"], 3, "{drain}");
+    assert_eq!(drain["remaining"], 1, "{drain}");
     let blocked: Vec<&str> = drain["blocked"]
         .as_array()
         .unwrap()
         .iter()
         .map(|b| b["vm"].as_str().unwrap())
         .collect();
-    assert_eq!(blocked, ["shop-pay", "shop-web-2"], "{drain}");
+    assert_eq!(blocked, ["pinned-keep-0"], "{drain}");
     assert!(
         drain["blocked"][0]["reason"]
             .as_str()
             .unwrap()
-            .contains("rolled back"),
+            .contains("never relocates"),
         "{drain}"
     );
     let vms = json(&ctl(&data, &["--json", "vms"]));
@@ -1293,8 +1355,8 @@ fn a_host_is_drained_and_undrained_from_ctl() {
     let table =
         String::from_utf8(ctl(&data, &["host", "drain", "lsn-2", "--pause"]).stdout).unwrap();
     assert!(
-        table.starts_with("lsn-2 is in maintenance, drain paused: 1 moved, 2 left")
-            && table.contains("shop-pay cannot move: "),
+        table.starts_with("lsn-2 is in maintenance, drain paused: 3 moved, 1 left")
+            && table.contains("pinned-keep-0 cannot move: "),
         "{table}"
     );
     // Nothing new lands on it.

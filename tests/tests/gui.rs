@@ -1,5 +1,7 @@
 //! The real egui app, driven by egui_kittest against a real engine and live agents.
 
+mod gui_support;
+
 use std::time::Duration;
 
 use dunes_console::{
@@ -13,27 +15,7 @@ use egui_kittest::{
     Harness,
     kittest::{NodeT as _, Queryable as _},
 };
-
-/// Steps the UI until `done` holds, like an operator waiting for the screen to update.
-fn step_until(
-    harness: &mut Harness<'_, ConsoleApp>,
-    what: &str,
-    done: impl Fn(&Harness<'_, ConsoleApp>) -> bool,
-) {
-    for _ in 0..400 {
-        harness.step();
-        if done(harness) {
-            // Let the layout settle (panels size to their content) before the next click.
-            for _ in 0..4 {
-                harness.step();
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let _ = harness.render().map(|img| img.save("/tmp/gui-fail.png"));
-    panic!("the UI never showed {what}");
-}
+use gui_support::{drag_to, step_for_until, step_until, window};
 
 fn vm_state(engine: &EngineHandle, vm: &str) -> Option<VmState> {
     let snap = engine.snapshot();
@@ -83,14 +65,6 @@ fn roomy_host(
     )
     .unwrap();
     live_host_on(dir, host_id, site, &format!("test://{}", node.display()))
-}
-
-/// The real app at the window size of the screenshot.
-fn window(engine: &EngineHandle) -> Harness<'static, ConsoleApp> {
-    let engine = engine.clone();
-    Harness::builder()
-        .with_size([1400.0, 900.0])
-        .build_eframe(move |cc| ConsoleApp::new(&cc.egui_ctx, engine))
 }
 
 #[test]
@@ -328,11 +302,18 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
         h.query_by_role_and_label(Role::TextInput, "Filter")
             .is_some_and(|n| !n.is_focused())
     });
+    // web-9 runs: Delete says it must be stopped first, and offers nothing to confirm.
     harness.key_press(egui::Key::Delete);
-    step_until(&mut harness, "the confirmation", |h| {
-        h.query_by_label("Delete VM web-9?").is_some()
+    step_until(&mut harness, "the word that it runs", |h| {
+        h.query_by_label("web-9 is running").is_some()
     });
-    // The confirmation is modal: Ctrl+N opens nothing beneath it.
+    assert!(
+        harness
+            .query_by_label_contains("only a stopped VM can be deleted")
+            .is_some()
+    );
+    assert!(harness.query_by_label("Delete VM web-9?").is_none());
+    // The notice is modal: Ctrl+N opens nothing beneath it.
     harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::N);
     harness.step();
     assert!(
@@ -341,8 +322,8 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
             .is_none()
     );
     harness.key_press(egui::Key::Escape);
-    step_until(&mut harness, "the confirmation to close", |h| {
-        h.query_by_label("Delete VM web-9?").is_none()
+    step_until(&mut harness, "the notice to close", |h| {
+        h.query_by_label("web-9 is running").is_none()
     });
     assert!(
         engine.snapshot().find_vm("web-9").is_ok(),
@@ -358,13 +339,29 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
         *h.state().selection() == Selection::None
     });
 
-    // Right-click on the chip: force it off, then delete it after confirming.
+    // Right-click on the chip: force it off once confirmed, then delete it after confirming.
     harness
         .get_by_role_and_label(Role::Button, "web-9")
         .click_secondary();
     step_until(&mut harness, "the context menu", |h| {
         h.query_by_label("VM web-9 on menu-a").is_some()
     });
+    harness
+        .get_by_role_and_label(Role::Button, "Force off…")
+        .click();
+    step_until(&mut harness, "the confirmation of force off", |h| {
+        h.query_by_label("Force web-9 off?").is_some()
+    });
+    assert!(
+        harness
+            .query_by_label_contains("like pulling its power cord")
+            .is_some()
+    );
+    assert_eq!(
+        vm_state(&engine, "web-9"),
+        Some(VmState::Running),
+        "nothing happens before the operator confirms"
+    );
     harness
         .get_by_role_and_label(Role::Button, "Force off")
         .click();
@@ -470,21 +467,6 @@ fn new_vm_dialog_and_context_menu_manage_a_vm() {
 }
 
 /// Presses on `from`, moves to `to` in small steps (as a hand does), and stays there.
-fn drag_to(harness: &mut Harness<'_, ConsoleApp>, from: egui::Pos2, to: egui::Pos2) {
-    harness.hover_at(from);
-    harness.step();
-    harness.drag_at(from);
-    harness.step();
-    for i in 1..=12 {
-        harness.hover_at(from.lerp(to, i as f32 / 12.0));
-        harness.step();
-    }
-    for _ in 0..3 {
-        harness.hover_at(to);
-        harness.step();
-    }
-}
-
 /// Services in the window: a service written in the editor (checked as it is typed), its
 /// plan with the hosts left out and why, an instance dragged by hand onto a host that breaks
 /// a rule (the verdict shows while it hovers and stays after the drop, and deploy waits),
@@ -778,7 +760,7 @@ fn a_vm_chip_dropped_on_another_host_migrates_after_the_pre_check() {
             && snap
                 .host(&a.host_id)
                 .is_some_and(|host| host.vm(&VmName::new("travel").unwrap()).is_none())
-            && h.query_by_label("source-deleted").is_some()
+            && h.query_by_label("done").is_some()
     });
 
     // The emptied host goes into maintenance from its details, and back.
@@ -803,28 +785,6 @@ fn a_vm_chip_dropped_on_another_host_migrates_after_the_pre_check() {
         h.query_by_label("In service: takes new VMs and instances.")
             .is_some()
     });
-}
-
-/// Steps the UI for up to `secs` seconds until `done` holds (readings come every 5 s).
-fn step_for_until(
-    harness: &mut Harness<'_, ConsoleApp>,
-    secs: u64,
-    what: &str,
-    done: impl Fn(&Harness<'_, ConsoleApp>) -> bool,
-) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        harness.step();
-        if done(harness) {
-            for _ in 0..4 {
-                harness.step();
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = harness.render().map(|img| img.save("/tmp/gui-fail.png"));
-    panic!("the UI never showed {what}");
 }
 
 #[test]
@@ -870,10 +830,10 @@ fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
             && h.query_all_by_label("no readings").next().is_none()
     });
     for group in [
-        "CPU %",
-        "Memory MiB",
-        "Disk bytes/s",
-        "Network bytes/s",
+        "CPU use",
+        "Memory in use",
+        "Disk I/O",
+        "Network traffic",
         "Cost per hour",
     ] {
         assert!(harness.query_by_label(group).is_some(), "{group} missing");

@@ -310,6 +310,7 @@ impl ProcessRuntime {
             disk_bytes: 0,
             runtime: RuntimeKind::Process,
             overlay_on: None,
+            disks: None,
         }
     }
 

@@ -25,6 +25,9 @@ pub(super) struct HostEntry {
     pub(super) view: HostView,
     pub(super) published: Arc<HostView>,
     pub(super) dirty: bool,
+    /// Only its live readings changed (CPU load, memory in use): published, but a window
+    /// repaints for them only where it shows them.
+    pub(super) readings_dirty: bool,
     pub(super) peer: Option<Peer>,
     /// Event kinds from a newer agent already reported in the event log.
     pub(super) skipped_kinds: std::collections::BTreeSet<String>,
@@ -112,6 +115,8 @@ pub(super) struct Actor {
     pub(super) stats: super::stats::TimeSeries,
     /// Autoscaling of applications, by `service/app`.
     pub(super) autoscaling: BTreeMap<String, super::autoscaling::AutoscaleEntry>,
+    /// Readings before this time (unix seconds) were made up (the demo's history).
+    pub(super) generated_until_secs: Option<u64>,
 }
 
 /// How often autoscaling rules look for a period that ended.

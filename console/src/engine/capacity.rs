@@ -257,6 +257,7 @@ mod tests {
                     disk_bytes: 100 << 20,
                     runtime: RuntimeKind::Libvirt,
                     overlay_on: None,
+                    disks: None,
                 })
                 .collect(),
             skipped_events: Default::default(),

@@ -256,6 +256,24 @@ impl Actor {
                 resolution_secs,
                 reply,
             } => self.stats_query(subject, since_secs, resolution_secs, reply),
+            Command::ImportHistory {
+                host,
+                samples,
+                generated_until_secs,
+                reply,
+            } => {
+                let now_secs = super::actor::now_ms() / 1000;
+                let writes = self.stats.ingest_history(&host, &samples, now_secs);
+                let count = writes.len();
+                self.store.put_stats(writes);
+                self.generated_until_secs = Some(
+                    self.generated_until_secs
+                        .map_or(generated_until_secs, |t| t.max(generated_until_secs)),
+                );
+                // Published with the next snapshot.
+                self.events_dirty = true;
+                let _ = reply.send(Ok(count));
+            }
             Command::DrainHost { host, reply } => self.drain_host(&host, reply),
             Command::PauseDrain { host, reply } => self.pause_drain(&host, reply),
             Command::UndrainHost { host, reply } => self.undrain_host(&host, reply),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use dunes_shared::{
-    model::{HostId, VmName, VmStatus},
+    model::{HostId, HostStatus, VmName, VmStatus},
     protocol::AgentEvent,
 };
 use tokio::sync::watch;
@@ -40,6 +40,7 @@ impl Actor {
                 published: Arc::new(view.clone()),
                 view,
                 dirty: true,
+                readings_dirty: false,
                 peer: None,
                 skipped_kinds: Default::default(),
                 address: address_tx,
@@ -173,25 +174,47 @@ impl Actor {
             }
             return;
         }
-        if let AgentEvent::VmRemoved { name } = &event {
-            self.note_departed(&host, name);
-        }
+        // A VM that leaves its source at the end of a migration moved; it was not deleted.
+        let migrated_to = match &event {
+            AgentEvent::VmRemoved { name } => {
+                self.note_departed(&host, name);
+                self.migrations
+                    .values()
+                    .filter(|m| &m.vm == name)
+                    .max_by_key(|m| m.id)
+                    .filter(|m| m.from == host && m.step.is_committed())
+                    .map(|m| m.to.clone())
+            }
+            _ => None,
+        };
         let Some(entry) = self.hosts.get_mut(&host) else {
             return;
         };
         let mut note = None;
+        let mut readings_only = false;
         match event {
-            AgentEvent::HostStatus(status) => entry.view.status = Some(status),
+            AgentEvent::HostStatus(status) => {
+                readings_only = entry
+                    .view
+                    .status
+                    .is_some_and(|old| same_but_readings(&old, &status));
+                entry.view.status = Some(status);
+            }
             AgentEvent::VmChanged(vm) => {
                 match entry.view.vms.iter_mut().find(|v| v.name == vm.name) {
                     Some(old) => {
                         if old.state != vm.state {
-                            note = Some(format!("VM {} is {}", vm.name, vm.state));
+                            note = Some(format!("{} {} is {}", workload(&vm), vm.name, vm.state));
                         }
                         *old = vm.clone();
                     }
                     None => {
-                        note = Some(format!("VM {} appeared ({})", vm.name, vm.state));
+                        note = Some(format!(
+                            "{} {} appeared ({})",
+                            workload(&vm),
+                            vm.name,
+                            vm.state
+                        ));
                         entry.view.vms.push(vm.clone());
                         entry.view.vms.sort_by(|a, b| a.name.cmp(&b.name));
                     }
@@ -199,8 +222,12 @@ impl Actor {
                 self.store.put_vm(host.clone(), &vm);
             }
             AgentEvent::VmRemoved { name } => {
+                let what = entry.view.vm(&name).map_or("VM", workload);
                 entry.view.vms.retain(|v| v.name != name);
-                note = Some(format!("VM {name} was deleted"));
+                note = Some(match migrated_to {
+                    Some(to) => format!("{what} {name} left this host: it runs on {to} now"),
+                    None => format!("{what} {name} was deleted"),
+                });
                 self.store.delete_vm(host.clone(), name);
             }
             AgentEvent::Inventory(inventory) => {
@@ -213,7 +240,11 @@ impl Actor {
             }
             _ => {}
         }
-        entry.dirty = true;
+        if readings_only {
+            entry.readings_dirty = true;
+        } else {
+            entry.dirty = true;
+        }
         if let Some(message) = note {
             self.log(Level::Info, Some(host), message);
         }
@@ -275,5 +306,22 @@ impl Actor {
         entry.view.vms.retain(|v| &v.name != name);
         entry.dirty = true;
         self.store.delete_vm(host.clone(), name.clone());
+    }
+}
+
+/// Whether two statuses of a host differ only in what changes every second (CPU load,
+/// memory in use, uptime) and not in what its card shows: its running VMs, and its storage
+/// in use to the GiB.
+fn same_but_readings(old: &HostStatus, new: &HostStatus) -> bool {
+    old.vms_running == new.vms_running
+        && old.storage_free_mib / 1024 == new.storage_free_mib / 1024
+        && old.memory_total_mib == new.memory_total_mib
+}
+
+/// What the operator calls a workload: a VM, or a process of the process runtime.
+fn workload(vm: &VmStatus) -> &'static str {
+    match vm.runtime {
+        dunes_shared::model::RuntimeKind::Process => "process",
+        _ => "VM",
     }
 }

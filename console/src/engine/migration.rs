@@ -43,6 +43,16 @@ impl MigrationStep {
         }
     }
 
+    /// How the window and the event log say it: a finished migration is `done`.
+    pub fn label(self) -> &'static str {
+        match self {
+            MigrationStep::SourceDeleted => "done",
+            MigrationStep::RollingBack => "rolling back",
+            MigrationStep::RolledBack => "rolled back",
+            other => other.as_str(),
+        }
+    }
+
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
             "planned" => MigrationStep::Planned,
@@ -438,6 +448,13 @@ pub fn precheck(
         reasons.push(format!(
             "{} is a process instance; only VMs migrate",
             vm.name
+        ));
+    }
+    if vm.runtime == RuntimeKind::Libvirt && vm.disks.as_ref().is_some_and(Vec::is_empty) {
+        reasons.push(format!(
+            "{} has no disk in {}'s storage (it was defined outside Dunes), so its agent cannot stream it",
+            vm.name,
+            from.id()
         ));
     }
     if from.link != super::LinkState::Online {

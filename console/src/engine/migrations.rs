@@ -265,7 +265,7 @@ impl Actor {
                     "migration {} of {}: {}{why}",
                     journal.id,
                     journal.vm,
-                    journal.step.as_str()
+                    journal.step.label()
                 ),
             );
         }

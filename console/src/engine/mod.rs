@@ -288,6 +288,15 @@ pub enum Command {
         resolution_secs: Option<u64>,
         reply: Reply<stats::StatsAnswer>,
     },
+    /// Readings made up for a demo, fed through the ingest path like an agent's; the charts
+    /// say that what comes before `generated_until_secs` was generated. Empty `samples` only
+    /// set that mark (a demo restarted on its data dir).
+    ImportHistory {
+        host: HostId,
+        samples: Vec<dunes_shared::model::Sample>,
+        generated_until_secs: u64,
+        reply: Reply<usize>,
+    },
     /// A dry run: where every instance would go, and why hosts were left out.
     PlanService {
         name: dunes_shared::model::ServiceName,
@@ -297,7 +306,15 @@ pub enum Command {
     },
 }
 
-type Repaint = Arc<Mutex<Option<Box<dyn Fn() + Send + Sync>>>>;
+type Repaint = Arc<Mutex<Option<Box<dyn Fn(Published) + Send + Sync>>>>;
+
+/// What a publish changed, for a window to decide whether to draw again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Only hosts' live readings changed (CPU load, memory in use), which the window shows
+    /// only in a host's details.
+    pub readings_only: bool,
+}
 
 /// The way in: send commands, read snapshots.
 #[derive(Clone)]
@@ -330,7 +347,7 @@ impl EngineHandle {
     }
 
     /// Called after every publish, e.g. to repaint a window.
-    pub fn set_repaint(&self, repaint: impl Fn() + Send + Sync + 'static) {
+    pub fn set_repaint(&self, repaint: impl Fn(Published) + Send + Sync + 'static) {
         *self.repaint.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(repaint));
     }
 
@@ -501,6 +518,7 @@ pub async fn start_with(
         published_migrations: Arc::new(Vec::new()),
         drains: Default::default(),
         drains_dirty: true,
+        generated_until_secs: None,
         published_drains: Arc::new(Vec::new()),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use dunes_shared::model::ServiceName;
 
 use super::{
-    HostView, ServiceStatus, ServiceView, Snapshot,
+    HostView, Published, ServiceStatus, ServiceView, Snapshot,
     actor::Actor,
     notify::{Notice, Urgency},
     store::Level,
@@ -42,11 +42,14 @@ impl Actor {
         let mut changed = false;
         // A service's status follows its instances' VMs: any host change may change it.
         let hosts_changed = self.hosts.values().any(|e| e.dirty);
+        let mut readings_changed = false;
         for entry in self.hosts.values_mut() {
-            if entry.dirty {
+            if entry.dirty || entry.readings_dirty {
                 entry.published = Arc::new(entry.view.clone());
+                changed |= entry.dirty;
+                readings_changed |= entry.readings_dirty;
                 entry.dirty = false;
-                changed = true;
+                entry.readings_dirty = false;
             }
         }
         if self.services_dirty || (hosts_changed && !self.services.is_empty()) {
@@ -96,9 +99,10 @@ impl Actor {
             changed = true;
         }
         let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.hosts.len();
-        if !changed && !host_count_changed && self.version > 0 {
+        if !changed && !readings_changed && !host_count_changed && self.version > 0 {
             return;
         }
+        let readings_only = !changed && !host_count_changed && self.version > 0;
         self.version += 1;
         let mut hosts: Vec<Arc<HostView>> =
             self.hosts.values().map(|e| e.published.clone()).collect();
@@ -109,6 +113,7 @@ impl Actor {
             services: self.published_services.clone(),
             migrations: self.published_migrations.clone(),
             drains: self.published_drains.clone(),
+            generated_until_secs: self.generated_until_secs,
             version: self.version,
         }));
         if let Some(repaint) = self
@@ -117,7 +122,7 @@ impl Actor {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            repaint();
+            repaint(Published { readings_only });
         }
     }
 }

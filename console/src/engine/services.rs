@@ -45,6 +45,8 @@ pub enum ServiceStatus {
     /// Every application has a ready instance, but not every instance is.
     Degraded,
     Down,
+    /// Deployed, and every instance cleanly off: stopped on purpose, not failing.
+    Stopped,
     Deploying,
     Starting,
     Stopping,
@@ -60,6 +62,7 @@ impl ServiceStatus {
             ServiceStatus::Available => "available",
             ServiceStatus::Degraded => "degraded",
             ServiceStatus::Down => "down",
+            ServiceStatus::Stopped => "stopped",
             ServiceStatus::Deploying => "deploying",
             ServiceStatus::Starting => "starting",
             ServiceStatus::Stopping => "stopping",
@@ -120,6 +123,10 @@ pub(super) struct ServiceEntry {
     pub record: ServiceRecord,
     pub spec: Result<ServiceSpec, String>,
     pub busy: Option<Operation>,
+    /// Whether the operator last started it (`Some(true)`) or stopped it; `None` before
+    /// either since the console started. Only a started service whose instances are off is
+    /// down; otherwise it is stopped.
+    pub started: Option<bool>,
 }
 
 impl ServiceEntry {
@@ -129,6 +136,7 @@ impl ServiceEntry {
             record,
             spec,
             busy: None,
+            started: None,
         }
     }
 }
@@ -286,6 +294,7 @@ pub fn service_status(
     spec: &ServiceSpec,
     instances: &[InstanceView],
     busy: Option<Operation>,
+    started: Option<bool>,
 ) -> ServiceStatus {
     match busy {
         Some(Operation::Deploying) => return ServiceStatus::Deploying,
@@ -296,6 +305,15 @@ pub fn service_status(
     }
     if instances.is_empty() {
         return ServiceStatus::Defined;
+    }
+    // Off because nobody started it, or because the operator stopped it: not an alarm.
+    // A started service whose instances went off is down.
+    if started != Some(true)
+        && instances
+            .iter()
+            .all(|i| i.vm_state == Some(VmState::Shutoff))
+    {
+        return ServiceStatus::Stopped;
     }
     let wanted: u32 = spec.applications.iter().map(|a| a.instances).sum();
     let ready = instances.iter().filter(|i| i.ready).count() as u32;
@@ -759,6 +777,11 @@ impl Actor {
     ) {
         if let Some(entry) = self.services.get_mut(name) {
             entry.busy = Some(operation);
+            match operation {
+                Operation::Starting => entry.started = Some(true),
+                Operation::Stopping => entry.started = Some(false),
+                _ => {}
+            }
         }
         self.services_dirty = true;
         for step in &steps {
@@ -1024,6 +1047,7 @@ impl Actor {
                         &self.scaled(&entry.record.name, spec.clone()),
                         &instances,
                         entry.busy,
+                        entry.started,
                     ),
                     Err(_) => ServiceStatus::Unreadable,
                 };

@@ -346,6 +346,36 @@ impl TimeSeries {
         writes
     }
 
+    /// Takes readings from the past (generated ones: the demo's history) like an agent's,
+    /// and drops the writes the store would prune at once (seconds and minutes older than
+    /// their level keeps). The last counters are forgotten afterwards, so that the first
+    /// live reading of a subject is not compared with made-up ones.
+    pub fn ingest_history(
+        &mut self,
+        host: &HostId,
+        samples: &[Sample],
+        now_secs: u64,
+    ) -> Vec<StatsWrite> {
+        let kept = |level: usize, start: u64| start + RESOLUTIONS[level].keep_secs >= now_secs;
+        let mut writes = self.ingest(host, samples);
+        writes.retain(|w| match w {
+            StatsWrite::Bucket { level, bucket, .. } => kept(*level, bucket.start_secs),
+            StatsWrite::Seconds {
+                minute_start_secs, ..
+            } => kept(0, *minute_start_secs),
+            StatsWrite::Open(_) => true,
+        });
+        self.last.remove(&Subject::Host(host.clone()));
+        let workloads: std::collections::BTreeSet<&VmName> = samples
+            .iter()
+            .flat_map(|s| s.workloads.iter().map(|w| &w.name))
+            .collect();
+        for name in workloads {
+            self.last.remove(&Subject::Workload(name.clone()));
+        }
+        writes
+    }
+
     /// Takes one look at the applications inside `vm`; only those in `with_process` have
     /// readings (the others are checks alone). CPU is a share of the VM's vCPUs.
     pub fn ingest_guest(

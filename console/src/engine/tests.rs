@@ -894,6 +894,13 @@ async fn a_vm_migrates_cold_with_its_disk_and_the_source_goes_last() {
         })
         .await
         .unwrap();
+    // The agent lists the VM's disk: a sparse copy of the template's image.
+    let disks = created.disks.clone().expect("the agent lists its disks");
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    assert_eq!(disks[0].file, "mover.img");
+    assert_eq!(disks[0].format, dunes_shared::model::DiskImageFormat::Raw);
+    assert_eq!(disks[0].virtual_bytes, 64 << 20);
+    assert!(disks[0].allocated_bytes < 64 << 20 && disks[0].backing.is_none());
     // What the guest wrote: it must be read back on the target.
     let written = b"written before the migration";
     {
@@ -948,7 +955,7 @@ async fn a_vm_migrates_cold_with_its_disk_and_the_source_goes_last() {
         "defining",
         "starting",
         "confirmed",
-        "source-deleted",
+        "done",
     ] {
         assert!(
             said.iter()
@@ -956,6 +963,76 @@ async fn a_vm_migrates_cold_with_its_disk_and_the_source_goes_last() {
             "{step}: {said:?}"
         );
     }
+}
+
+/// A VM defined outside Dunes has no disk its agent can stream: the pre-check says so, and
+/// the migration is refused before the VM is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_without_a_disk_of_its_agents_is_refused_before_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("out-a");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let node = data_dir.join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><cpu><mode>host</mode></cpu><memory>2097152</memory><domain type='test'><name>outsider</name><memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain></node>",
+    )
+    .unwrap();
+    let a = RunningAgent::start(AgentOptions {
+        data_dir,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        libvirt_uri: format!("test://{}", node.display()),
+        config: AgentConfig {
+            host_id: Some(HostId::new("out-a").unwrap()),
+            ..AgentConfig::default()
+        },
+        guest_dir: None,
+    })
+    .await
+    .unwrap();
+    let b = agent(dir.path(), "out-b").await;
+    let engine = engine_with(dir.path(), &a).await;
+    enroll_host(&engine, &b).await;
+    let outsider = VmName::new("outsider").unwrap();
+    let snap = engine
+        .wait_for(Duration::from_secs(20), |s| {
+            s.host(&a.host_id)
+                .is_some_and(|h| h.vm(&outsider).is_some())
+        })
+        .await
+        .unwrap();
+    let from = snap.host(&a.host_id).unwrap();
+    let status = from.vm(&outsider).unwrap();
+    assert_eq!(status.disks.as_deref(), Some(&[][..]));
+    let reasons = crate::engine::migration::precheck(
+        status,
+        from,
+        snap.host(&b.host_id).unwrap(),
+        &snap.services,
+        &snap.migrations,
+    )
+    .unwrap_err();
+    assert!(
+        reasons[0].contains("outsider has no disk in out-a's storage"),
+        "{reasons:?}"
+    );
+    let refused = engine
+        .request(|reply| Command::MigrateVm {
+            host: a.host_id.clone(),
+            vm: outsider.clone(),
+            to: b.host_id.clone(),
+            options: Default::default(),
+            reply,
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("has no disk"), "{refused}");
+    let snap = engine.snapshot();
+    assert!(snap.migrations.is_empty());
+    assert_eq!(
+        snap.host(&a.host_id).unwrap().vm(&outsider).unwrap().state,
+        VmState::Running
+    );
 }
 
 /// A migration the target refuses rolls back: the VM runs on the source again, and the

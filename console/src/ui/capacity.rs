@@ -78,23 +78,49 @@ impl CapacityWindow {
     }
 
     /// Draws the view; a site's **Statistics…** asks for its charts in `queue`.
+    /// `shared_machine`: hosts on libvirt's test driver (the demo's) run on this one
+    /// machine, so what they use is this machine's.
     pub fn capacity_ui(
         &mut self,
         ctx: &egui::Context,
         engine: &EngineHandle,
         queue: &mut Vec<UiAction>,
+        shared_machine: bool,
     ) {
         if !self.open {
             return;
         }
         self.refresh(engine);
+        // Drawn again for the answer, and when it is due for a new one; not every frame.
+        ctx.request_repaint_after(if self.pending.is_some() {
+            std::time::Duration::from_millis(50)
+        } else {
+            std::time::Duration::from_secs(REFRESH_SECS)
+        });
         let mut open = true;
+        let screen = ctx.content_rect();
+        let max_h = (screen.height() - 40.0).max(200.0);
         egui::Window::new("Capacity")
             .id(egui::Id::unique("capacity"))
             .open(&mut open)
-            .default_size([620.0, 560.0])
-            .min_width(320.0)
+            .default_size([620.0, 560.0f32.min(max_h)])
+            .max_height(max_h)
+            .max_width((screen.width() - 20.0).max(300.0))
+            .min_width(300.0)
+            .constrain(true)
             .show(ctx, |ui| {
+                ui.label(
+                    egui::RichText::new(
+                        "Allocated: what the VMs and processes placed there were given (their vCPUs, memory and disks). Used: what the hosts measure in use.",
+                    )
+                    .weak(),
+                );
+                if shared_machine {
+                    ui.colored_label(
+                        egui::Color32::from_rgb(210, 153, 34),
+                        "These hosts run on libvirt's test driver on this one machine (the demo): their capacity is what they declare, and what each of them reports as used is this machine's.",
+                    );
+                }
                 if let Some(e) = &self.error {
                     ui.colored_label(egui::Color32::LIGHT_RED, e);
                 }

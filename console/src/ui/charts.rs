@@ -1,15 +1,17 @@
 //! Statistics charts of a host or a workload: CPU, memory, disk and network over a time
-//! range the operator picks, each bucket's mean as a line over its min–max band, with zoom,
-//! pan and hover values (egui_plot's), and an export of what is shown to CSV. The data comes
-//! from the engine's time-series query, asked again while the window is open; the window
-//! never waits for it.
+//! range the operator picks, each bucket's mean as a line over its shaded min–max band, in
+//! one colour per series, with zoom, pan and hover values (egui_plot's) on one time axis
+//! that every chart of the window shares, and an export of what is shown to CSV. The data
+//! comes from the engine's time-series query, asked again while the window is open; the
+//! window never waits for it.
 
 use std::{path::PathBuf, time::Instant};
 
-use egui_plot::{HoverPosition, Legend, Line, Plot};
+use egui::Color32;
+use egui_plot::{FilledArea, GridInput, GridMark, HoverPosition, Legend, Line, Plot, Span};
 use tokio::sync::oneshot;
 
-use super::clock;
+use super::details::human_bytes;
 use crate::engine::{
     Command, EngineError, EngineHandle,
     stats::{Metric, StatsAnswer, Subject},
@@ -74,16 +76,115 @@ impl TimeRange {
 
 /// The charts of one metric group: what is drawn together on one plot.
 const GROUPS: [(&str, &[Metric]); 6] = [
-    ("CPU %", &[Metric::Cpu]),
-    ("Memory MiB", &[Metric::Memory]),
-    ("Disk bytes/s", &[Metric::DiskRead, Metric::DiskWrite]),
+    ("CPU use", &[Metric::Cpu]),
+    ("Memory in use", &[Metric::Memory]),
+    ("Disk I/O", &[Metric::DiskRead, Metric::DiskWrite]),
     (
-        "Network bytes/s",
+        "Network traffic",
         &[Metric::NetRx, Metric::NetTx, Metric::NetTxOutOfSite],
     ),
     ("Application metric", &[Metric::AppMetric]),
     ("Cost per hour", &[Metric::Cost]),
 ];
+
+/// The plot of one chart group (by its title), the same in every frame: the charts share
+/// their time axis through it, and tests read its bounds.
+pub fn plot_id(title: &str) -> egui::Id {
+    egui::Id::unique(("chart", title))
+}
+
+/// Each series keeps its colour in every chart and every range.
+pub fn metric_color(metric: Metric) -> Color32 {
+    match metric {
+        Metric::Cpu => Color32::from_rgb(88, 166, 255),
+        Metric::Memory => Color32::from_rgb(188, 140, 255),
+        Metric::DiskRead => Color32::from_rgb(63, 185, 80),
+        Metric::DiskWrite => Color32::from_rgb(240, 136, 62),
+        Metric::NetRx => Color32::from_rgb(57, 197, 207),
+        Metric::NetTx => Color32::from_rgb(88, 166, 255),
+        Metric::NetTxOutOfSite => Color32::from_rgb(248, 81, 73),
+        Metric::AppMetric => Color32::from_rgb(210, 153, 34),
+        Metric::Cost => Color32::from_rgb(227, 179, 65),
+    }
+}
+
+/// A value of a metric at a human scale, with its unit.
+pub fn format_value(metric: Metric, value: f64) -> String {
+    match metric {
+        Metric::Cpu => format!("{value:.0} %"),
+        Metric::Memory => human_bytes((value.max(0.0) * 1048576.0) as u64),
+        Metric::Cost => format!("{value:.3}/h"),
+        Metric::AppMetric => {
+            if value.abs() >= 100.0 {
+                format!("{value:.0}")
+            } else {
+                format!("{value:.1}")
+            }
+        }
+        _ => format!("{}/s", human_bytes(value.max(0.0) as u64)),
+    }
+}
+
+/// Steps of the time axis, in seconds: round minutes, hours and days.
+const TIME_STEPS: [u64; 16] = [
+    1,
+    5,
+    15,
+    30,
+    60,
+    300,
+    900,
+    1800,
+    3600,
+    3 * 3600,
+    6 * 3600,
+    12 * 3600,
+    86_400,
+    2 * 86_400,
+    7 * 86_400,
+    30 * 86_400,
+];
+
+/// Grid marks of the time axis at round times, about one per 100 points of width.
+fn time_marks(input: GridInput) -> Vec<GridMark> {
+    let (min, max) = input.bounds;
+    let span = (max - min).max(1.0);
+    let wanted = (span / input.base_step_size.max(1e-9) / 10.0).max(1.0);
+    let per_mark = span / wanted.min(8.0);
+    let step = TIME_STEPS
+        .iter()
+        .copied()
+        .find(|&s| s as f64 >= per_mark)
+        .unwrap_or(30 * 86_400) as f64;
+    let mut marks = Vec::new();
+    let mut at = (min / step).ceil() * step;
+    while at <= max && marks.len() < 64 {
+        marks.push(GridMark {
+            value: at,
+            step_size: step,
+        });
+        at += step;
+    }
+    marks
+}
+
+/// A time (unix seconds, UTC) as the chart's range needs it: seconds for minutes, hours and
+/// minutes within a day, the date beyond.
+pub fn format_time(unix_secs: f64, span_secs: f64) -> String {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp(unix_secs.max(0.0) as i64) else {
+        return String::new();
+    };
+    let month = &t.month().to_string()[..3];
+    if span_secs <= 1800.0 {
+        format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second())
+    } else if span_secs <= 2.0 * 86_400.0 {
+        format!("{:02}:{:02}", t.hour(), t.minute())
+    } else if t.hour() == 0 && t.minute() == 0 {
+        format!("{} {month}", t.day())
+    } else {
+        format!("{} {month} {:02}:{:02}", t.day(), t.hour(), t.minute())
+    }
+}
 
 pub struct ChartsWindow {
     subject: Option<Subject>,
@@ -93,6 +194,10 @@ pub struct ChartsWindow {
     asked_at: Option<Instant>,
     message: Option<(String, bool)>,
     export_dir: PathBuf,
+    /// The next frame puts every chart back to the whole range (a new range or subject).
+    reset_view: bool,
+    /// Readings before this time (unix seconds) were generated (the demo's history).
+    generated_until_secs: Option<u64>,
 }
 
 impl ChartsWindow {
@@ -106,7 +211,14 @@ impl ChartsWindow {
             asked_at: None,
             message: None,
             export_dir,
+            reset_view: true,
+            generated_until_secs: None,
         }
+    }
+
+    /// Says on the window that the readings before `until_secs` were generated.
+    pub fn set_generated_until(&mut self, until_secs: Option<u64>) {
+        self.generated_until_secs = until_secs;
     }
 
     pub fn open(&mut self, subject: Subject) {
@@ -116,6 +228,7 @@ impl ChartsWindow {
         }
         self.subject = Some(subject);
         self.asked_at = None;
+        self.reset_view = true;
     }
 
     /// Shows `answer` as it is, at `range`, and asks the engine nothing for an hour: fixed
@@ -185,16 +298,29 @@ impl ChartsWindow {
             return;
         };
         self.refresh(engine);
+        // Drawn again for the answer, and when a new one is due: about once a second at
+        // most for the short ranges, never for readings nobody looks at.
+        ctx.request_repaint_after(if self.pending.is_some() {
+            std::time::Duration::from_millis(50)
+        } else {
+            std::time::Duration::from_secs(self.range.refresh_secs())
+        });
         let title = match &subject {
             Subject::Workload(v) => format!("Statistics of {v}"),
             other => format!("Statistics of {}", other.describe()),
         };
         let mut open = true;
+        // Never taller than the screen: the charts scroll inside.
+        let screen = ctx.content_rect();
+        let max_h = (screen.height() - 40.0).max(200.0);
         egui::Window::new(title)
             .id(egui::Id::unique("charts"))
             .open(&mut open)
-            .default_size([560.0, 640.0])
-            .min_width(320.0)
+            .default_size([600.0, 640.0f32.min(max_h)])
+            .max_height(max_h)
+            .max_width((screen.width() - 20.0).max(300.0))
+            .min_width(300.0)
+            .constrain(true)
             .show(ctx, |ui| {
                 ui.horizontal_wrapped(|ui| {
                     for range in TimeRange::ALL {
@@ -207,6 +333,7 @@ impl ChartsWindow {
                             self.answer = None;
                             self.pending = None;
                             self.asked_at = None;
+                            self.reset_view = true;
                         }
                     }
                     ui.separator();
@@ -233,6 +360,17 @@ impl ChartsWindow {
                     ui.label("Loading…");
                     return;
                 };
+                if let Some(until) = self.generated_until_secs
+                    && answer.from_secs < until
+                {
+                    ui.colored_label(
+                        Color32::from_rgb(210, 153, 34),
+                        format!(
+                            "demo history (generated) until {} UTC; measured after",
+                            format_time(until as f64, 3.0 * 86_400.0)
+                        ),
+                    );
+                }
                 if answer.series.is_empty() {
                     ui.label(
                         "No readings in this range yet: agents send them every 5 s once connected.",
@@ -241,11 +379,34 @@ impl ChartsWindow {
                 }
                 ui.label(
                     egui::RichText::new(format!(
-                        "Every {} s · mean with min–max band · drag to pan, scroll or pinch to zoom, double-click to reset",
+                        "Every {} s · times in UTC · mean over its min–max band · drag to pan, scroll to zoom (every chart follows), double-click to reset",
                         answer.resolution_secs
                     ))
                     .weak(),
                 );
+                // Every chart spans the chosen range, whatever data it has.
+                let (from, to) = (answer.from_secs as f64, answer.to_secs as f64);
+                let span = to - from;
+                let first = answer
+                    .series
+                    .iter()
+                    .filter_map(|s| s.points.first())
+                    .map(|b| b.start_secs)
+                    .min();
+                let gap_before = first
+                    .map(|f| f as f64)
+                    .filter(|&f| f > from + 2.0 * answer.resolution_secs as f64);
+                if let Some(first) = gap_before {
+                    ui.label(
+                        egui::RichText::new(format!(
+                            "no data before {}",
+                            format_time(first, span.min(86_400.0))
+                        ))
+                        .weak(),
+                    );
+                }
+                let reset = std::mem::take(&mut self.reset_view);
+                let axis_group = egui::Id::unique("charts-time-axis");
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     for (title, metrics) in GROUPS {
                         let shown: Vec<_> = answer
@@ -265,47 +426,66 @@ impl ChartsWindow {
                             ui.label(egui::RichText::new("no readings").weak());
                             continue;
                         }
-                        Plot::new(("chart", title))
-                            .height(120.0)
+                        let unit_of = metrics[0];
+                        let mut plot = Plot::new(("chart", title))
+                            .id(plot_id(title))
+                            .height(130.0)
                             .legend(Legend::default())
-                            .x_axis_formatter(|mark, _| clock((mark.value.max(0.0) * 1000.0) as u64))
-                            .label_formatter(|hover| {
-                                let at = |x: f64| clock((x.max(0.0) * 1000.0) as u64);
+                            .link_axis(axis_group, [true, false])
+                            .link_cursor(axis_group, [true, false])
+                            .default_x_bounds(from, to)
+                            .x_grid_spacer(time_marks)
+                            .x_axis_formatter(move |mark, _| format_time(mark.value, span))
+                            .y_axis_formatter(move |mark, _| format_value(unit_of, mark.value))
+                            .y_axis_min_width(56.0)
+                            .label_formatter(move |hover| {
                                 Some(match hover {
                                     HoverPosition::NearDataPoint {
                                         plot_name,
                                         position,
                                         ..
-                                    } => format!("{plot_name}\n{} · {:.1}", at(position.x), position.y),
-                                    HoverPosition::Elsewhere { position } => at(position.x),
+                                    } => format!(
+                                        "{plot_name}\n{} · {}",
+                                        format_time(position.x, span.min(86_400.0)),
+                                        format_value(unit_of, position.y)
+                                    ),
+                                    HoverPosition::Elsewhere { position } => {
+                                        format_time(position.x, span.min(86_400.0))
+                                    }
                                 })
                             })
-                            .include_y(0.0)
-                            .show(ui, |plot| {
-                                for series in shown {
-                                    let name = series.metric.as_str();
-                                    let mean: Vec<[f64; 2]> = series
-                                        .points
-                                        .iter()
-                                        .map(|b| [b.start_secs as f64, b.mean()])
-                                        .collect();
-                                    let band_low: Vec<[f64; 2]> = series
-                                        .points
-                                        .iter()
-                                        .map(|b| [b.start_secs as f64, b.min])
-                                        .collect();
-                                    let band_high: Vec<[f64; 2]> = series
-                                        .points
-                                        .iter()
-                                        .map(|b| [b.start_secs as f64, b.max])
-                                        .collect();
-                                    if answer.resolution_secs > 1 {
-                                        plot.line(Line::new(format!("{name} min"), band_low).width(0.5));
-                                        plot.line(Line::new(format!("{name} max"), band_high).width(0.5));
-                                    }
-                                    plot.line(Line::new(name, mean).width(1.5));
+                            .include_y(0.0);
+                        if reset {
+                            plot = plot.reset();
+                        }
+                        plot.show(ui, |plot| {
+                            if let Some(first) = gap_before {
+                                plot.add(
+                                    Span::new("no data", from..=first)
+                                        .fill(Color32::from_gray(128).gamma_multiply(0.12)),
+                                );
+                            }
+                            for series in shown {
+                                let name = series.metric.as_str();
+                                let color = metric_color(series.metric);
+                                let xs: Vec<f64> =
+                                    series.points.iter().map(|b| b.start_secs as f64).collect();
+                                if answer.resolution_secs > 1 && !xs.is_empty() {
+                                    let lows: Vec<f64> = series.points.iter().map(|b| b.min).collect();
+                                    let highs: Vec<f64> = series.points.iter().map(|b| b.max).collect();
+                                    plot.add(
+                                        FilledArea::new(name, &xs, &lows, &highs)
+                                            .fill_color(color.gamma_multiply(0.22)),
+                                    );
                                 }
-                            });
+                                let mean: Vec<[f64; 2]> = series
+                                    .points
+                                    .iter()
+                                    .map(|b| [b.start_secs as f64, b.mean()])
+                                    .collect();
+                                plot.line(Line::new(name, mean).color(color).width(1.5));
+                            }
+                        });
                     }
                 });
             });

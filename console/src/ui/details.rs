@@ -129,11 +129,12 @@ impl DetailsPanel {
                     return;
                 };
                 let Some(vm) = host.vm(&name) else {
-                    ui.label(format!("VM {name} no longer exists on {host_id}."));
+                    ui.label(format!("{name} no longer exists on {host_id}."));
                     return;
                 };
+                let is_process = vm.runtime == dunes_shared::model::RuntimeKind::Process;
                 ui.horizontal(|ui| {
-                    ui.heading(format!("VM {name}"));
+                    ui.heading(format!("{} {name}", if is_process { "Process" } else { "VM" }));
                     if ui.button("Statistics…").on_hover_text("CPU, memory, disk and network over time").clicked() {
                         actions.push(UiAction::OpenCharts(Subject::Workload(name.clone())));
                     }
@@ -144,9 +145,32 @@ impl DetailsPanel {
                     row(ui, "vCPUs", vm.vcpus.to_string());
                     row(ui, "Memory", format!("{} MiB", vm.memory_mib));
                     row(ui, "Template", vm.template.as_ref().map_or("—".to_string(), |t| t.to_string()));
-                    row(ui, "Disk allocated", format!("{:.1} MiB", vm.disk_bytes as f64 / 1048576.0));
-                    if let Some(base) = &vm.overlay_on {
-                        row(ui, "Disk", format!("qcow2 overlay on {} ({:.1} MiB image)", base.template, base.allocated_bytes as f64 / 1048576.0));
+                    match &vm.disks {
+                        Some(disks) if disks.is_empty() && !is_process => {
+                            row(ui, "Disks", "none in the agent's storage (defined outside Dunes): it cannot migrate");
+                        }
+                        Some(disks) => {
+                            for disk in disks {
+                                let backing = disk.backing.as_ref().map_or(String::new(), |t| format!(", overlay on {t}"));
+                                row(
+                                    ui,
+                                    "Disk",
+                                    format!(
+                                        "{} · {} · {} virtual, {} allocated{backing}",
+                                        disk.file,
+                                        disk.format.as_str(),
+                                        human_bytes(disk.virtual_bytes),
+                                        human_bytes(disk.allocated_bytes)
+                                    ),
+                                );
+                            }
+                        }
+                        None => {
+                            row(ui, "Disk allocated", human_bytes(vm.disk_bytes));
+                            if let Some(base) = &vm.overlay_on {
+                                row(ui, "Disk", format!("qcow2 overlay on {} ({} image)", base.template, human_bytes(base.allocated_bytes)));
+                            }
+                        }
                     }
                     row(ui, "UUID", vm.uuid.as_str());
                 });
@@ -156,22 +180,7 @@ impl DetailsPanel {
                     ui.colored_label(link_color(host.link), format!("Host {host_id} is {}: actions wait for it.", host.link.as_str()));
                 }
                 ui.horizontal_wrapped(|ui| {
-                    if ui.add_enabled(online && !vm.state.is_active(), egui::Button::new("Start")).clicked() {
-                        actions.start_vm(&host_id, &name);
-                    }
-                    if ui.add_enabled(online && vm.state.is_active(), egui::Button::new("Stop")).clicked() {
-                        actions.stop_vm(&host_id, &name, false);
-                    }
-                    if ui.add_enabled(online && vm.state.is_active(), egui::Button::new("Force off")).clicked() {
-                        actions.stop_vm(&host_id, &name, true);
-                    }
-                    if ui
-                        .add_enabled(online && !vm.state.is_active(), egui::Button::new("Delete…"))
-                        .on_hover_text("Delete the VM and its disks (Del)")
-                        .clicked()
-                    {
-                        actions.push(UiAction::ConfirmDeleteVm(host_id.clone(), name.clone()));
-                    }
+                    super::vm_actions::vm_actions_ui(ui, snapshot, host, vm, actions, |_| {});
                 });
             }
             Selection::Service(name) => service_details(ui, snapshot, &name, actions),
@@ -423,5 +432,25 @@ fn service_details(
             let ready = if inst.ready { ", ready" } else { "" };
             ui.label(RichText::new(format!("{state}{ready}")).weak());
         });
+    }
+}
+
+/// Bytes at a human scale: B, KiB, MiB, GiB or TiB, three significant digits or so.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else if value < 10.0 {
+        format!("{value:.2} {}", UNITS[unit])
+    } else if value < 100.0 {
+        format!("{value:.1} {}", UNITS[unit])
+    } else {
+        format!("{value:.0} {}", UNITS[unit])
     }
 }

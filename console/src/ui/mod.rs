@@ -6,26 +6,32 @@ mod charts;
 mod details;
 mod dialogs;
 mod event_log;
+mod migrate;
 mod plan;
 mod service_editor;
 mod services;
 mod topology;
+mod vm_actions;
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use dunes_shared::model::{AppName, HostId, ServiceName, VmName};
 use egui::{Color32, Key, KeyboardShortcut, Modifiers};
 use tokio::sync::oneshot;
 
-use crate::engine::{Command, EngineError, EngineHandle, LinkState, Snapshot};
+use crate::engine::{Command, EngineError, EngineHandle, LinkState, Published, Snapshot};
 use dunes_shared::model::VmState;
 
 pub use capacity::CapacityWindow;
-pub use charts::{ChartsWindow, TimeRange};
+pub use charts::{ChartsWindow, TimeRange, plot_id};
 pub use details::DetailsPanel;
 pub use dialogs::{AddHostDialog, NewVmDialog};
 pub use event_log::EventLogPanel;
 pub use event_log::clock;
+pub use migrate::MigrateDialog;
 pub use plan::PlanDialog;
 pub use service_editor::ServiceEditor;
 pub use services::{AdoptDialog, ServicesPanel};
@@ -49,8 +55,12 @@ pub enum Selection {
 #[derive(Debug, Clone, PartialEq)]
 pub enum UiAction {
     Select(Selection),
-    /// Ask before deleting a VM.
+    /// Ask before deleting a VM (or say that a running one must be stopped first).
     ConfirmDeleteVm(HostId, VmName),
+    /// Ask before something that cannot be taken back, saying what will happen.
+    Confirm(Confirm),
+    /// Choose the host a VM migrates to, each with the pre-check's verdict.
+    MigrateTo(HostId, VmName),
     /// A VM chip dropped onto a service: ask which application it becomes.
     Adopt {
         service: ServiceName,
@@ -107,11 +117,124 @@ struct Pending {
     rx: Box<dyn PendingReply>,
 }
 
+/// A migration this window asked for, followed until it ends so the status bar can say how.
+enum WatchedMigration {
+    /// Sent; the engine has not answered yet.
+    Asked {
+        vm: VmName,
+        to: HostId,
+        rx: oneshot::Receiver<Result<crate::engine::migration::MigrationJournal, EngineError>>,
+    },
+    Running {
+        id: u64,
+        vm: VmName,
+    },
+}
+
+/// An error the operator must see and dismiss: a status line can scroll by unread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub title: String,
+    pub body: String,
+}
+
+/// What the window sent and waits for, and what it has to say about it.
+#[derive(Default)]
+pub struct Outbox {
+    pending: Vec<Pending>,
+    status: Option<(String, bool)>,
+    migrations: Vec<WatchedMigration>,
+    notices: Vec<Notice>,
+}
+
+/// The most notices kept at once; the oldest goes first.
+const NOTICES_MAX: usize = 4;
+
+impl Outbox {
+    fn say(&mut self, text: String, is_error: bool) {
+        self.status = Some((text, is_error));
+    }
+
+    fn notice(&mut self, title: String, body: String) {
+        if self.notices.len() == NOTICES_MAX {
+            self.notices.remove(0);
+        }
+        self.notices.push(Notice { title, body });
+    }
+
+    /// Whether an answer is still to come (the window then looks again soon).
+    fn waiting(&self) -> bool {
+        !self.pending.is_empty()
+            || self
+                .migrations
+                .iter()
+                .any(|m| matches!(m, WatchedMigration::Asked { .. }))
+    }
+
+    /// Takes the answers that came, and the ends of the migrations it follows.
+    fn poll(&mut self, snapshot: &Snapshot) {
+        let mut still = Vec::new();
+        for mut p in self.pending.drain(..) {
+            match p.rx.poll() {
+                Some(Ok(())) => self.status = Some((format!("{}: done", p.what), false)),
+                Some(Err(e)) => self.status = Some((format!("{}: {e}", p.what), true)),
+                None => still.push(p),
+            }
+        }
+        self.pending = still;
+        for watched in std::mem::take(&mut self.migrations) {
+            match watched {
+                WatchedMigration::Asked { vm, to, mut rx } => match rx.try_recv() {
+                    Ok(Ok(journal)) => {
+                        self.say(
+                            format!("migration {} of {vm} to {to} started", journal.id),
+                            false,
+                        );
+                        self.migrations
+                            .push(WatchedMigration::Running { id: journal.id, vm });
+                    }
+                    Ok(Err(e)) => {
+                        let text = format!("migration of {vm} to {to} refused: {e}");
+                        self.say(text.clone(), true);
+                        self.notice(format!("{vm} cannot migrate to {to}"), e.to_string());
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        self.migrations.push(WatchedMigration::Asked { vm, to, rx });
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        self.say(format!("migration of {vm}: {}", EngineError::Stopped), true);
+                    }
+                },
+                WatchedMigration::Running { id, vm } => {
+                    let Some(m) = snapshot.migrations.iter().find(|m| m.id == id) else {
+                        self.migrations.push(WatchedMigration::Running { id, vm });
+                        continue;
+                    };
+                    match m.step {
+                        crate::engine::migration::MigrationStep::SourceDeleted => self.say(
+                            format!("migration {id} of {vm}: done, it runs on {}", m.to),
+                            false,
+                        ),
+                        crate::engine::migration::MigrationStep::RolledBack => {
+                            let why = m.error.clone().unwrap_or_else(|| "no reason given".into());
+                            self.say(format!("migration {id} of {vm} rolled back: {why}"), true);
+                            self.notice(
+                                format!("Migration {id} of {vm} to {} rolled back", m.to),
+                                format!("{why}. {vm} stays on {}.", m.from),
+                            );
+                        }
+                        _ => self.migrations.push(WatchedMigration::Running { id, vm }),
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Shared by the panels during one frame: the snapshot and a way to act.
 pub struct Actions<'a> {
     engine: &'a EngineHandle,
-    pending: &'a mut Vec<Pending>,
-    status: &'a mut Option<(String, bool)>,
+    outbox: &'a mut Outbox,
     queue: &'a mut Vec<UiAction>,
 }
 
@@ -123,7 +246,7 @@ impl Actions<'_> {
 
     /// Shows a line in the status bar.
     pub fn say(&mut self, text: String, is_error: bool) {
-        *self.status = Some((text, is_error));
+        self.outbox.say(text, is_error);
     }
 
     /// Sends a command built around a reply channel; the answer shows in the status line.
@@ -135,13 +258,40 @@ impl Actions<'_> {
         let (tx, rx) = oneshot::channel::<Result<T, EngineError>>();
         match self.engine.try_send(make(tx)) {
             Ok(()) => {
-                *self.status = Some((format!("{what}…"), false));
-                self.pending.push(Pending {
+                self.outbox.say(format!("{what}…"), false);
+                self.outbox.pending.push(Pending {
                     what,
                     rx: Box::new(rx),
                 });
             }
-            Err(e) => *self.status = Some((format!("{what}: {e}"), true)),
+            Err(e) => self.outbox.say(format!("{what}: {e}"), true),
+        }
+    }
+
+    /// Starts a migration and follows it: the status bar says when it started and how it
+    /// ended, and a rollback is also a notice.
+    pub fn migrate(&mut self, host: &HostId, vm: &VmName, to: &HostId) {
+        let (tx, rx) = oneshot::channel();
+        let command = Command::MigrateVm {
+            host: host.clone(),
+            vm: vm.clone(),
+            to: to.clone(),
+            options: Default::default(),
+            reply: tx,
+        };
+        match self.engine.try_send(command) {
+            Ok(()) => {
+                self.outbox
+                    .say(format!("asking to migrate {vm} to {to}…"), false);
+                self.outbox.migrations.push(WatchedMigration::Asked {
+                    vm: vm.clone(),
+                    to: to.clone(),
+                    rx,
+                });
+            }
+            Err(e) => self
+                .outbox
+                .say(format!("migration of {vm} to {to}: {e}"), true),
         }
     }
 
@@ -170,11 +320,21 @@ impl Actions<'_> {
     }
 }
 
-/// What the operator asked to delete, waiting for confirmation.
-#[derive(Debug, Clone)]
-enum ConfirmDelete {
-    Vm(HostId, VmName),
-    Service(ServiceName),
+/// What waits for the operator's word, with what will happen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Confirm {
+    DeleteVm(HostId, VmName),
+    DeleteService(ServiceName),
+    /// Pulling the plug: the guest gets no chance to shut down.
+    ForceOff(HostId, VmName),
+    /// A graceful stop that takes an instance of a service down.
+    StopInstance {
+        host: HostId,
+        vm: VmName,
+        service: ServiceName,
+    },
+    /// Nothing to confirm: a running VM cannot be deleted, and the operator is told why.
+    StopFirst(HostId, VmName),
 }
 
 pub struct ConsoleApp {
@@ -192,18 +352,58 @@ pub struct ConsoleApp {
     adopt: AdoptDialog,
     charts: ChartsWindow,
     capacity: CapacityWindow,
-    confirm_delete: Option<ConfirmDelete>,
+    migrate: MigrateDialog,
+    confirm: Option<Confirm>,
     /// A migration waiting for the operator's word: VM, from, to.
     confirm_migrate: Option<(VmName, HostId, HostId)>,
-    pending: Vec<Pending>,
-    status: Option<(String, bool)>,
+    outbox: Outbox,
     queue: Vec<UiAction>,
+    layout: Layout,
+    /// Whether a host's details (with its live readings) are on screen: only then do the
+    /// readings' changes repaint the window.
+    watching_readings: Arc<AtomicBool>,
+    frame_stats: Option<FrameStats>,
 }
+
+/// Which panels are open. A side panel is docked in a wide window and a strip in a narrow
+/// one, where opening it lays it over the topology as a drawer.
+#[derive(Debug)]
+struct Layout {
+    /// `None` until the operator chooses: open in a wide window, closed in a narrow one.
+    services_open: Option<bool>,
+    details_open: Option<bool>,
+    events_open: bool,
+    /// Whether the last frame was wide.
+    wide: bool,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            services_open: None,
+            details_open: None,
+            events_open: true,
+            wide: true,
+        }
+    }
+}
+
+/// Below this width the side panels fold to strips, so the topology keeps its room.
+const WIDE_MIN_W: f32 = 1100.0;
+const STRIP_W: f32 = 26.0;
+const DRAWER_W: f32 = 320.0;
 
 impl ConsoleApp {
     pub fn new(ctx: &egui::Context, engine: EngineHandle) -> Self {
         let repaint_ctx = ctx.clone();
-        engine.set_repaint(move || repaint_ctx.request_repaint());
+        let watching_readings = Arc::new(AtomicBool::new(false));
+        let watching = watching_readings.clone();
+        // Hosts' live readings change every second; they are drawn only in a host's details.
+        engine.set_repaint(move |published: Published| {
+            if !published.readings_only || watching.load(Ordering::Relaxed) {
+                repaint_ctx.request_repaint();
+            }
+        });
         let exports = engine.data_dir().join("exports");
         ConsoleApp {
             snapshot: engine.snapshot(),
@@ -220,11 +420,17 @@ impl ConsoleApp {
             adopt: AdoptDialog::default(),
             charts: ChartsWindow::new(exports),
             capacity: CapacityWindow::default(),
-            confirm_delete: None,
+            migrate: MigrateDialog::default(),
+            confirm: None,
             confirm_migrate: None,
-            pending: Vec::new(),
-            status: None,
+            outbox: Outbox::default(),
             queue: Vec::new(),
+            layout: Layout::default(),
+            watching_readings,
+            frame_stats: std::env::var_os("DUNES_FRAME_STATS").map(|_| FrameStats {
+                since: std::time::Instant::now(),
+                frames: 0,
+            }),
         }
     }
 
@@ -248,18 +454,25 @@ impl ConsoleApp {
             || self.editor.is_open()
             || self.plan.is_open()
             || self.adopt.is_open()
-            || self.confirm_delete.is_some()
+            || self.migrate.is_open()
+            || self.confirm.is_some()
             || self.confirm_migrate.is_some()
     }
 
     /// Draws one frame.
     pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
         self.snapshot = self.engine.snapshot();
-        self.poll_pending();
+        self.outbox.poll(&self.snapshot);
         // Escape closes the dialog in front, then the charts; only with none open does it
         // clear the selection.
         if ui.input(|i| i.key_pressed(Key::Escape)) && !self.dialog_open() {
-            if self.charts.is_open() {
+            let drawer = !self.layout.wide
+                && (self.layout.services_open == Some(true)
+                    || self.layout.details_open == Some(true));
+            if drawer {
+                self.layout.services_open = Some(false);
+                self.layout.details_open = Some(false);
+            } else if self.charts.is_open() {
                 self.charts.close();
             } else if self.capacity.is_open() {
                 self.capacity.close();
@@ -267,8 +480,8 @@ impl ConsoleApp {
                 self.selection = Selection::None;
             }
         }
-        // The delete confirmation is modal: no other dialog opens beneath it.
-        let modal = self.confirm_delete.is_some();
+        // A confirmation is modal: no other dialog opens beneath it.
+        let modal = self.confirm.is_some();
         if !modal && ui.input_mut(|i| i.consume_shortcut(&NEW_VM)) {
             open_new_vm(
                 &mut self.new_vm,
@@ -284,13 +497,14 @@ impl ConsoleApp {
         let dialog_open = self.dialog_open();
         let mut actions = Actions {
             engine: &self.engine,
-            pending: &mut self.pending,
-            status: &mut self.status,
+            outbox: &mut self.outbox,
             queue: &mut self.queue,
         };
 
+        let screen = ui.ctx().content_rect();
+        let wide = screen.width() >= WIDE_MIN_W;
         egui::Panel::top("toolbar").show(ui, |ui| {
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 ui.heading("Dunes");
                 ui.separator();
                 if ui
@@ -335,39 +549,152 @@ impl ConsoleApp {
                     "{online}/{} hosts online · {running}/{vms} VMs running",
                     snapshot.hosts.len()
                 ));
-                if let Some((text, is_error)) = &*actions.status {
-                    ui.separator();
-                    let color = if *is_error {
-                        Color32::LIGHT_RED
-                    } else {
-                        ui.visuals().text_color()
-                    };
-                    ui.colored_label(color, text);
+            });
+        });
+        // The status bar: what the last thing asked did.
+        egui::Panel::bottom("status-bar").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                let events = if self.layout.events_open {
+                    "Hide events"
+                } else {
+                    "Show events"
+                };
+                if ui
+                    .selectable_label(self.layout.events_open, events)
+                    .on_hover_text("Show or hide the event log")
+                    .clicked()
+                {
+                    self.layout.events_open = !self.layout.events_open;
+                }
+                ui.separator();
+                match &actions.outbox.status {
+                    Some((text, is_error)) => {
+                        let color = if *is_error {
+                            Color32::from_rgb(248, 81, 73)
+                        } else {
+                            ui.visuals().text_color()
+                        };
+                        ui.add(egui::Label::new(egui::RichText::new(text).color(color)).truncate())
+                            .on_hover_text(text);
+                    }
+                    None => {
+                        ui.weak("Ready");
+                    }
                 }
             });
         });
         egui::Panel::bottom("event-log")
             .resizable(true)
-            .default_size(170.0)
-            .show(ui, |ui| self.event_log.event_log_ui(ui, &snapshot));
-        egui::Panel::left("services")
-            .resizable(true)
-            .default_size(290.0)
-            .show(ui, |ui| {
-                self.services
-                    .services_ui(ui, &snapshot, &self.selection, &mut actions)
+            .default_size((screen.height() * 0.22).clamp(80.0, 170.0))
+            .min_size(60.0)
+            .max_size((screen.height() * 0.3).max(80.0))
+            .show_collapsible(ui, &mut self.layout.events_open, |ui| {
+                self.event_log.event_log_ui(ui, &snapshot)
             });
-        egui::Panel::right("details")
-            .resizable(true)
-            .default_size(300.0)
-            .show(ui, |ui| {
-                self.details
-                    .details_ui(ui, &snapshot, &self.selection, &mut actions)
-            });
-        egui::CentralPanel::default().show(ui, |ui| {
+        let services_docked = wide && self.layout.services_open.unwrap_or(true);
+        let details_docked = wide && self.layout.details_open.unwrap_or(true);
+        let services_strip = if services_docked {
+            egui::Panel::left("services")
+                .resizable(true)
+                .default_size(290.0)
+                .min_size(200.0)
+                .max_size((screen.width() * 0.3).max(200.0))
+                .show(ui, |ui| {
+                    if collapse_button(ui, "«", "Fold the services panel") {
+                        self.layout.services_open = Some(false);
+                    }
+                    self.services
+                        .services_ui(ui, &snapshot, &self.selection, &mut actions)
+                });
+            None
+        } else {
+            let strip = egui::Panel::left("services-strip")
+                .resizable(false)
+                .exact_size(STRIP_W)
+                .show(ui, |ui| strip_ui(ui, "Services", "»"));
+            if strip.inner {
+                let open = wide || self.layout.services_open != Some(true);
+                self.layout.services_open = Some(open);
+                // One drawer at a time: two would cover the topology.
+                if open && !wide {
+                    self.layout.details_open = Some(false);
+                }
+            }
+            Some(strip.response.rect)
+        };
+        let details_strip = if details_docked {
+            egui::Panel::right("details")
+                .resizable(true)
+                .default_size(300.0)
+                .min_size(200.0)
+                .max_size((screen.width() * 0.3).max(200.0))
+                .show(ui, |ui| {
+                    if collapse_button(ui, "»", "Fold the details panel") {
+                        self.layout.details_open = Some(false);
+                    }
+                    self.details
+                        .details_ui(ui, &snapshot, &self.selection, &mut actions)
+                });
+            None
+        } else {
+            let strip = egui::Panel::right("details-strip")
+                .resizable(false)
+                .exact_size(STRIP_W)
+                .show(ui, |ui| strip_ui(ui, "Details", "«"));
+            if strip.inner {
+                let open = wide || self.layout.details_open != Some(true);
+                self.layout.details_open = Some(open);
+                if open && !wide {
+                    self.layout.services_open = Some(false);
+                }
+            }
+            Some(strip.response.rect)
+        };
+        let central = egui::CentralPanel::default().show(ui, |ui| {
             self.topology
                 .topology_ui(ui, &snapshot, &self.selection, &mut actions)
         });
+        // In a narrow window an opened panel lies over the topology, as a drawer.
+        let area = central.response.rect;
+        if let Some(strip) = services_strip
+            && self.layout.services_open == Some(true)
+        {
+            let rect = egui::Rect::from_min_size(
+                egui::pos2(strip.right(), area.top()),
+                egui::vec2(DRAWER_W.min(area.width()), area.height()),
+            );
+            if drawer_ui(ui.ctx(), "services-drawer", rect, |ui| {
+                self.services
+                    .services_ui(ui, &snapshot, &self.selection, &mut actions)
+            }) {
+                self.layout.services_open = Some(false);
+            }
+        }
+        if let Some(strip) = details_strip
+            && self.layout.details_open == Some(true)
+        {
+            let w = DRAWER_W.min(area.width());
+            let rect = egui::Rect::from_min_size(
+                egui::pos2(strip.left() - w, area.top()),
+                egui::vec2(w, area.height()),
+            );
+            if drawer_ui(ui.ctx(), "details-drawer", rect, |ui| {
+                self.details
+                    .details_ui(ui, &snapshot, &self.selection, &mut actions)
+            }) {
+                self.layout.details_open = Some(false);
+            }
+        }
+        self.layout.wide = wide;
+        let details_shown = if wide {
+            self.layout.details_open.unwrap_or(true)
+        } else {
+            self.layout.details_open == Some(true)
+        };
+        self.watching_readings.store(
+            details_shown && matches!(self.selection, Selection::Host(_)),
+            Ordering::Relaxed,
+        );
         // Delete in a text field edits the text; it only means "delete the VM" elsewhere.
         if ui.input(|i| i.key_pressed(Key::Delete))
             && !ui.ctx().egui_wants_keyboard_input()
@@ -381,10 +708,18 @@ impl ConsoleApp {
         self.editor.editor_ui(ui.ctx(), &snapshot, &mut actions);
         self.plan.plan_ui(ui.ctx(), &snapshot, &mut actions);
         self.adopt.adopt_ui(ui.ctx(), &snapshot, &mut actions);
+        self.charts
+            .set_generated_until(snapshot.generated_until_secs);
         self.charts.charts_ui(ui.ctx(), &self.engine);
+        let shared_machine = snapshot.hosts.iter().any(|h| {
+            h.inventory()
+                .is_some_and(|i| i.sizes_from == dunes_shared::model::SizesFrom::TestDriver)
+        });
         self.capacity
-            .capacity_ui(ui.ctx(), &self.engine, actions.queue);
-        self.confirm_delete_ui(ui.ctx());
+            .capacity_ui(ui.ctx(), &self.engine, actions.queue, shared_machine);
+        self.migrate.migrate_ui(ui.ctx(), &snapshot, actions.queue);
+        notices_ui(ui.ctx(), &mut actions.outbox.notices);
+        self.confirm_ui(ui.ctx());
         self.confirm_migrate_ui(ui.ctx());
         self.handle_actions();
     }
@@ -393,13 +728,31 @@ impl ConsoleApp {
     fn handle_actions(&mut self) {
         for action in std::mem::take(&mut self.queue) {
             match action {
-                UiAction::Select(selection) => self.selection = selection,
+                UiAction::Select(selection) => {
+                    // In a narrow window the details open over the topology to show it.
+                    if !self.layout.wide && selection != Selection::None {
+                        self.layout.details_open = Some(true);
+                        self.layout.services_open = Some(false);
+                    }
+                    self.selection = selection;
+                }
                 UiAction::ConfirmDeleteVm(host, name) => {
-                    self.confirm_delete = Some(ConfirmDelete::Vm(host, name));
+                    let running = self
+                        .snapshot
+                        .host(&host)
+                        .and_then(|h| h.vm(&name))
+                        .is_some_and(|v| v.state.is_active());
+                    self.confirm = Some(if running {
+                        Confirm::StopFirst(host, name)
+                    } else {
+                        Confirm::DeleteVm(host, name)
+                    });
                 }
                 UiAction::ConfirmDeleteService(name) => {
-                    self.confirm_delete = Some(ConfirmDelete::Service(name));
+                    self.confirm = Some(Confirm::DeleteService(name));
                 }
+                UiAction::Confirm(confirm) => self.confirm = Some(confirm),
+                UiAction::MigrateTo(host, vm) => self.migrate.open(host, vm),
                 UiAction::ConfirmMigrate { host, vm, to } => {
                     self.confirm_migrate = Some((vm, host, to));
                 }
@@ -415,8 +768,7 @@ impl ConsoleApp {
                     self.editor.close();
                     let mut actions = Actions {
                         engine: &self.engine,
-                        pending: &mut self.pending,
-                        status: &mut self.status,
+                        outbox: &mut self.outbox,
                         queue: &mut Vec::new(),
                     };
                     self.plan.open(name, &mut actions);
@@ -425,56 +777,79 @@ impl ConsoleApp {
         }
     }
 
-    fn confirm_delete_ui(&mut self, ctx: &egui::Context) {
-        let Some(confirm) = self.confirm_delete.clone() else {
+    fn confirm_ui(&mut self, ctx: &egui::Context) {
+        let Some(confirm) = self.confirm.clone() else {
             return;
         };
         let mut actions = Actions {
             engine: &self.engine,
-            pending: &mut self.pending,
-            status: &mut self.status,
+            outbox: &mut self.outbox,
             queue: &mut self.queue,
         };
-        let response = egui::Modal::new(egui::Id::unique("confirm-delete")).show(ctx, |ui| {
-            match &confirm {
-                ConfirmDelete::Vm(host, name) => {
-                    ui.heading(format!("Delete VM {name}?"));
-                    ui.label(format!(
-                        "The VM and its disks on host {host} are removed. This cannot be undone."
-                    ));
-                }
-                ConfirmDelete::Service(name) => {
-                    ui.heading(format!("Delete service {name}?"));
-                    ui.label(
-                        "Every instance is forced off and removed with its disks, then the definition. This cannot be undone.",
-                    );
-                }
-            }
+        let (title, what, button) = match &confirm {
+            Confirm::DeleteVm(host, name) => (
+                format!("Delete VM {name}?"),
+                format!("The VM and its disks on host {host} are removed. This cannot be undone."),
+                Some("Delete"),
+            ),
+            Confirm::DeleteService(name) => (
+                format!("Delete service {name}?"),
+                "Every instance is forced off and removed with its disks, then the definition. This cannot be undone.".to_string(),
+                Some("Delete"),
+            ),
+            Confirm::ForceOff(host, name) => (
+                format!("Force {name} off?"),
+                format!("{name} on {host} is cut off at once, like pulling its power cord: the guest cannot shut down cleanly, and what it had not written to disk is lost."),
+                Some("Force off"),
+            ),
+            Confirm::StopInstance { host, vm, service } => (
+                format!("Stop {vm}?"),
+                format!("{vm} on {host} is an instance of service {service}: the guest is asked to shut down (forced off after the agent's stop timeout), and the service loses this instance until it is started again."),
+                Some("Stop"),
+            ),
+            Confirm::StopFirst(host, name) => (
+                format!("{name} is running"),
+                format!("Stop {name} on {host} first: only a stopped VM can be deleted."),
+                None,
+            ),
+        };
+        let response = egui::Modal::new(egui::Id::unique("confirm")).show(ctx, |ui| {
+            ui.set_max_width(420.0);
+            ui.heading(title);
+            ui.label(what);
+            ui.add_space(6.0);
             ui.horizontal(|ui| {
-                if ui.button("Delete").clicked() {
-                    match confirm.clone() {
-                        ConfirmDelete::Vm(host, name) => {
-                            actions.send(format!("Deleting {name}"), |reply| Command::DeleteVm {
-                                host,
-                                name,
-                                reply,
-                            });
+                if let Some(button) = button {
+                    if ui.button(button).clicked() {
+                        match confirm.clone() {
+                            Confirm::DeleteVm(host, name) => {
+                                actions.send(format!("Deleting {name}"), |reply| {
+                                    Command::DeleteVm { host, name, reply }
+                                });
+                            }
+                            Confirm::DeleteService(name) => {
+                                actions.send(format!("Deleting service {name}"), |reply| {
+                                    Command::DeleteService { name, reply }
+                                });
+                            }
+                            Confirm::ForceOff(host, name) => actions.stop_vm(&host, &name, true),
+                            Confirm::StopInstance { host, vm, .. } => {
+                                actions.stop_vm(&host, &vm, false)
+                            }
+                            Confirm::StopFirst(..) => {}
                         }
-                        ConfirmDelete::Service(name) => {
-                            actions.send(format!("Deleting service {name}"), |reply| {
-                                Command::DeleteService { name, reply }
-                            });
-                        }
+                        ui.close();
                     }
-                    ui.close();
-                }
-                if ui.button("Cancel").clicked() {
+                    if ui.button("Cancel").clicked() {
+                        ui.close();
+                    }
+                } else if ui.button("OK").clicked() {
                     ui.close();
                 }
             });
         });
         if response.should_close() {
-            self.confirm_delete = None;
+            self.confirm = None;
         }
     }
 
@@ -499,8 +874,7 @@ impl ConsoleApp {
         };
         let mut actions = Actions {
             engine: &self.engine,
-            pending: &mut self.pending,
-            status: &mut self.status,
+            outbox: &mut self.outbox,
             queue: &mut self.queue,
         };
         let response = egui::Modal::new(egui::Id::unique("confirm-migrate")).show(ctx, |ui| {
@@ -536,20 +910,13 @@ impl ConsoleApp {
                 }
             }
             ui.horizontal(|ui| {
-                if ui
-                    .add_enabled(checked.is_ok(), egui::Button::new("Migrate"))
-                    .clicked()
-                {
-                    let (v, f, t) = (vm.clone(), from.clone(), to.clone());
-                    actions.send(format!("Migrating {vm} to {to}"), |reply| {
-                        Command::MigrateVm {
-                            host: f,
-                            vm: v,
-                            to: t,
-                            options: Default::default(),
-                            reply,
-                        }
-                    });
+                let go = ui.add_enabled(checked.is_ok(), egui::Button::new("Migrate"));
+                // Enter confirms, for those who chose the host by keyboard.
+                if go.enabled() && ui.ctx().memory(|m| m.focused().is_none()) {
+                    go.request_focus();
+                }
+                if go.clicked() {
+                    actions.migrate(&from, &vm, &to);
                     ui.close();
                 }
                 if ui.button("Cancel").clicked() {
@@ -561,17 +928,107 @@ impl ConsoleApp {
             self.confirm_migrate = None;
         }
     }
+}
 
-    fn poll_pending(&mut self) {
-        let mut still = Vec::new();
-        for mut p in self.pending.drain(..) {
-            match p.rx.poll() {
-                Some(Ok(())) => self.status = Some((format!("{}: done", p.what), false)),
-                Some(Err(e)) => self.status = Some((format!("{}: {e}", p.what), true)),
-                None => still.push(p),
-            }
-        }
-        self.pending = still;
+/// A small button at the top of a docked panel that folds it to a strip.
+fn collapse_button(ui: &mut egui::Ui, arrow: &str, hint: &str) -> bool {
+    ui.horizontal(|ui| {
+        ui.with_layout(egui::Layout::right_to_left(egui::Align::Min), |ui| {
+            ui.small_button(arrow).on_hover_text(hint).clicked()
+        })
+        .inner
+    })
+    .inner
+}
+
+/// A folded side panel: its name written upwards, the whole strip a button.
+fn strip_ui(ui: &mut egui::Ui, name: &str, arrow: &str) -> bool {
+    let rect = ui.available_rect_before_wrap();
+    let response = ui.interact(rect, ui.scope_id().with("strip"), egui::Sense::click());
+    response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, true, name));
+    let response = response.on_hover_text(format!("Open {name}"));
+    let visuals = ui.visuals();
+    let color = if response.hovered() {
+        visuals.strong_text_color()
+    } else {
+        visuals.text_color()
+    };
+    let painter = ui.painter();
+    if response.hovered() {
+        painter.rect_filled(rect, 0.0, visuals.widgets.hovered.weak_bg_fill);
+    }
+    painter.text(
+        egui::pos2(rect.center().x, rect.top() + 10.0),
+        egui::Align2::CENTER_CENTER,
+        arrow,
+        egui::FontId::proportional(12.0),
+        color,
+    );
+    let galley = painter.layout_no_wrap(name.to_string(), egui::FontId::proportional(13.0), color);
+    let at = egui::pos2(
+        rect.center().x - galley.size().y / 2.0,
+        rect.top() + 28.0 + galley.size().x,
+    );
+    painter.add(
+        egui::epaint::TextShape::new(at, galley, color).with_angle(-std::f32::consts::FRAC_PI_2),
+    );
+    response.clicked()
+}
+
+/// A side panel laid over the topology; true when its close button was used.
+fn drawer_ui(
+    ctx: &egui::Context,
+    id: &str,
+    rect: egui::Rect,
+    add_contents: impl FnOnce(&mut egui::Ui),
+) -> bool {
+    let mut close = false;
+    egui::Area::new(egui::Id::unique(id))
+        .order(egui::Order::Middle)
+        .fixed_pos(rect.min)
+        .show(ctx, |ui| {
+            egui::Frame::window(ui.style()).show(ui, |ui| {
+                let inner = rect.size() - egui::vec2(16.0, 16.0);
+                ui.set_min_size(inner);
+                ui.set_max_size(inner);
+                if collapse_button(ui, "Close", "Close (Esc)") {
+                    close = true;
+                }
+                add_contents(ui);
+            });
+        });
+    close
+}
+
+/// The notices the operator has not dismissed, stacked in the top right corner.
+fn notices_ui(ctx: &egui::Context, notices: &mut Vec<Notice>) {
+    let mut dismissed = None;
+    for (n, notice) in notices.iter().enumerate() {
+        egui::Area::new(egui::Id::unique(("notice", n)))
+            .order(egui::Order::Foreground)
+            .anchor(
+                egui::Align2::RIGHT_TOP,
+                egui::vec2(-12.0, 48.0 + n as f32 * 96.0),
+            )
+            .show(ctx, |ui| {
+                egui::Frame::popup(ui.style())
+                    .stroke(egui::Stroke::new(2.0, Color32::from_rgb(248, 81, 73)))
+                    .show(ui, |ui| {
+                        ui.set_max_width(360.0);
+                        ui.label(
+                            egui::RichText::new(&notice.title)
+                                .strong()
+                                .color(Color32::from_rgb(248, 81, 73)),
+                        );
+                        ui.label(&notice.body);
+                        if ui.button("Dismiss").clicked() {
+                            dismissed = Some(n);
+                        }
+                    });
+            });
+    }
+    if let Some(n) = dismissed {
+        notices.remove(n);
     }
 }
 
@@ -591,10 +1048,38 @@ fn open_new_vm(
     new_vm.open(snapshot, selection);
 }
 
+/// Frames drawn, counted for `DUNES_FRAME_STATS=1` (docs/BENCHMARKS.md: the idle window).
+struct FrameStats {
+    since: std::time::Instant,
+    frames: u64,
+}
+
+impl FrameStats {
+    /// Counts a frame; every 10 s prints the rate to stderr.
+    fn frame(&mut self) {
+        self.frames += 1;
+        let elapsed = self.since.elapsed().as_secs_f64();
+        if elapsed >= 10.0 {
+            eprintln!(
+                "dunes-console: {} frames in {elapsed:.1} s ({:.2}/s)",
+                self.frames,
+                self.frames as f64 / elapsed
+            );
+            *self = FrameStats {
+                since: std::time::Instant::now(),
+                frames: 0,
+            };
+        }
+    }
+}
+
 impl eframe::App for ConsoleApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        if let Some(stats) = &mut self.frame_stats {
+            stats.frame();
+        }
         self.frame_ui(ui);
-        if !self.pending.is_empty() {
+        if self.outbox.waiting() {
             ui.ctx()
                 .request_repaint_after(std::time::Duration::from_millis(100));
         }
@@ -608,7 +1093,7 @@ pub fn service_color(status: crate::engine::ServiceStatus) -> Color32 {
         S::Available => Color32::from_rgb(46, 160, 67),
         S::Degraded => Color32::from_rgb(210, 153, 34),
         S::Down | S::Unreadable => Color32::from_rgb(218, 54, 51),
-        S::Defined => Color32::from_rgb(110, 118, 129),
+        S::Defined | S::Stopped => Color32::from_rgb(110, 118, 129),
         S::Deploying | S::Starting | S::Stopping | S::Deleting => Color32::from_rgb(88, 166, 255),
     }
 }

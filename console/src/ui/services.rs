@@ -384,7 +384,7 @@ fn migrations_ui(ui: &mut egui::Ui, snapshot: &Snapshot, actions: &mut Actions<'
         ui.horizontal(|ui| {
             ui.label(RichText::new(format!("#{} {}", m.id, m.vm)).strong());
             ui.label(format!("{} -> {}", m.from, m.to));
-            ui.colored_label(color, m.step.as_str());
+            ui.colored_label(color, m.step.label());
             match &m.origin {
                 crate::engine::migration::MigrationOrigin::Operator => {}
                 crate::engine::migration::MigrationOrigin::Drain(h) => {
@@ -411,9 +411,7 @@ fn migrations_ui(ui: &mut egui::Ui, snapshot: &Snapshot, actions: &mut Actions<'
             let eta = m
                 .eta_secs()
                 .map_or(String::new(), |s| format!(" · {s} s left"));
-            ui.add(
-                egui::ProgressBar::new(fraction).text(format!("{}{rate}{eta}", m.step.as_str())),
-            );
+            ui.add(egui::ProgressBar::new(fraction).text(format!("{}{rate}{eta}", m.step.label())));
             if !m.step.is_committed() && ui.button("Cancel migration").clicked() {
                 let id = m.id;
                 actions.send(format!("Cancelling migration {id}"), |reply| {

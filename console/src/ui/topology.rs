@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use dunes_shared::model::{HostId, RuntimeKind, ServiceName, VmName};
 use egui::{
     Align2, Color32, CornerRadius, FontId, Pos2, Rect, Role, Sense, Shape, Stroke, StrokeKind,
-    Vec2, WidgetInfo, pos2, vec2,
+    WidgetInfo, pos2, vec2,
 };
 
 use super::{Actions, Selection, UiAction, VmDrag, link_color, service_tag_color, state_color};
@@ -24,7 +24,12 @@ const CARD_W: f32 = 236.0;
 const CARD_BASE_H: f32 = 112.0;
 const CHIP_H: f32 = 20.0;
 const CHIP_GAP: f32 = 4.0;
-const CHIPS_PER_ROW: usize = 2;
+/// A chip's name at 11.5 points: a generous width per character, so that a name is not cut
+/// (the layout runs for every host each frame, without shaping text).
+const CHIP_CHAR_W: f32 = 6.6;
+const CHIP_MIN_W: f32 = 64.0;
+/// One line per migration under way to or from the host.
+const MIGRATION_LINE_H: f32 = 28.0;
 const GAP: f32 = 12.0;
 const SITE_PAD: f32 = 12.0;
 const SITE_HEADER: f32 = 28.0;
@@ -37,6 +42,94 @@ pub struct TopologyPanel {
     filter: String,
 }
 
+/// The filter as typed, matched without regard to case.
+struct Filter(String);
+
+impl Filter {
+    fn new(text: &str) -> Self {
+        Filter(text.trim().to_lowercase())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        self.0.is_empty() || text.to_lowercase().contains(&self.0)
+    }
+
+    /// Whether the host shows at all: by its name, its site or one of its VMs.
+    fn shows(&self, host: &HostView) -> bool {
+        self.matches_host(host) || host.vms.iter().any(|v| self.matches(v.name.as_str()))
+    }
+
+    /// Whether the host itself matches (then every chip on it counts as matching).
+    fn matches_host(&self, host: &HostView) -> bool {
+        self.matches(host.id().as_str()) || self.matches(host.site_name())
+    }
+}
+
+/// What sits on a chip besides its name, in points: the service stripe, the process badge
+/// and a dot per application inside.
+fn chip_extras_w(vm: &dunes_shared::model::VmStatus, guests: usize, tagged: bool) -> f32 {
+    let mut w = 12.0 + guests as f32 * 10.0;
+    if tagged {
+        w += 4.0;
+    }
+    if vm.runtime == RuntimeKind::Process {
+        w += 37.0;
+    }
+    w
+}
+
+/// Chips flow left to right and wrap, each as wide as its name and badges (never wider than
+/// the card): the rectangles relative to the first chip's top left corner.
+fn chip_rects(widths: impl Iterator<Item = f32>, inner_w: f32) -> Vec<Rect> {
+    let (mut x, mut y) = (0.0, 0.0);
+    let mut out = Vec::new();
+    for w in widths {
+        let w = w.clamp(CHIP_MIN_W, inner_w);
+        if x > 0.0 && x + w > inner_w {
+            x = 0.0;
+            y += CHIP_H + CHIP_GAP;
+        }
+        out.push(Rect::from_min_size(pos2(x, y), vec2(w, CHIP_H)));
+        x += w + CHIP_GAP;
+    }
+    out
+}
+
+/// The chips of a host, laid out for its card.
+fn host_chips(host: &HostView, tags: &Tags<'_>, inner_w: f32) -> Vec<Rect> {
+    chip_rects(
+        host.vms.iter().map(|vm| {
+            let tag = tags.get(&(host.id().clone(), vm.name.clone()));
+            let guests = tag.map_or(0, |(_, g)| g.len());
+            vm.name.as_str().chars().count() as f32 * CHIP_CHAR_W
+                + chip_extras_w(vm, guests, tag.is_some())
+        }),
+        inner_w,
+    )
+}
+
+/// Migrations under way to or from a host.
+fn open_migrations<'a>(
+    snapshot: &'a Snapshot,
+    host: &'a HostId,
+) -> impl Iterator<Item = &'a crate::engine::migration::MigrationJournal> + 'a {
+    snapshot
+        .migrations
+        .iter()
+        .filter(move |m| !m.step.is_finished() && (&m.from == host || &m.to == host))
+}
+
+fn card_height(chips: &[Rect], migrations: usize) -> f32 {
+    let rows_h = chips
+        .last()
+        .map_or(CHIP_H + CHIP_GAP, |r| r.bottom() + CHIP_GAP);
+    CARD_BASE_H + rows_h + migrations as f32 * MIGRATION_LINE_H
+}
+
 struct SiteBox {
     rect: Rect,
     name: String,
@@ -45,25 +138,13 @@ struct SiteBox {
     cards: Vec<(usize, Rect)>,
 }
 
-fn card_height(vms: usize) -> f32 {
-    let rows = vms.div_ceil(CHIPS_PER_ROW).max(1);
-    CARD_BASE_H + rows as f32 * (CHIP_H + CHIP_GAP)
-}
-
 impl TopologyPanel {
-    fn matches(&self, host: &HostView) -> bool {
-        let f = self.filter.trim();
-        f.is_empty()
-            || host.id().as_str().contains(f)
-            || host.site_name().contains(f)
-            || host.vms.iter().any(|v| v.name.as_str().contains(f))
-    }
-
     /// Lays out sites and cards from the top-left corner, for a given width.
-    fn layout(&self, snapshot: &Snapshot, width: f32) -> (Vec<SiteBox>, f32) {
+    fn layout(&self, snapshot: &Snapshot, tags: &Tags<'_>, width: f32) -> (Vec<SiteBox>, f32) {
+        let filter = Filter::new(&self.filter);
         let mut groups: Vec<(bool, &str, Vec<usize>)> = Vec::new();
         for (i, host) in snapshot.hosts.iter().enumerate() {
-            if !self.matches(host) {
+            if !filter.shows(host) {
                 continue;
             }
             match groups.iter_mut().find(|g| g.1 == host.site_name()) {
@@ -73,7 +154,16 @@ impl TopologyPanel {
         }
         // Local sites first, remote ones after, as in the seed's figure.
         groups.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let per_row = (((width - 2.0 * SITE_PAD + GAP) / (CARD_W + GAP)).floor() as usize).max(1);
+        // Cards share the width: as many columns as fit, each card stretched to fill the row,
+        // and one card at full width where even one does not fit.
+        let room = (width - 2.0 * SITE_PAD).max(120.0);
+        let per_row = (((room + GAP) / (CARD_W + GAP)).floor() as usize).max(1);
+        let card_w = ((room + GAP) / per_row as f32 - GAP).min(CARD_W * 1.6);
+        let height_of = |i: usize| {
+            let host = &snapshot.hosts[i];
+            let chips = host_chips(host, tags, card_w - 16.0);
+            card_height(&chips, open_migrations(snapshot, host.id()).count())
+        };
         let mut y = 0.0;
         let mut sites = Vec::new();
         for (remote, name, members) in groups {
@@ -81,22 +171,19 @@ impl TopologyPanel {
             let mut cards = Vec::new();
             let mut row_y = top + SITE_HEADER;
             for row in members.chunks(per_row) {
-                let row_h = row
-                    .iter()
-                    .map(|&i| card_height(snapshot.hosts[i].vms.len()))
-                    .fold(0.0, f32::max);
-                for (col, &i) in row.iter().enumerate() {
-                    let min = pos2(SITE_PAD + col as f32 * (CARD_W + GAP), row_y);
-                    let h = card_height(snapshot.hosts[i].vms.len());
-                    cards.push((i, Rect::from_min_size(min, vec2(CARD_W, h))));
+                let heights: Vec<f32> = row.iter().map(|&i| height_of(i)).collect();
+                let row_h = heights.iter().copied().fold(0.0, f32::max);
+                for (col, (&i, h)) in row.iter().zip(heights).enumerate() {
+                    let min = pos2(SITE_PAD + col as f32 * (card_w + GAP), row_y);
+                    cards.push((i, Rect::from_min_size(min, vec2(card_w, h))));
                 }
                 row_y += row_h + GAP;
             }
             let used_w =
-                (members.len().min(per_row) as f32) * (CARD_W + GAP) - GAP + 2.0 * SITE_PAD;
+                (members.len().min(per_row) as f32) * (card_w + GAP) - GAP + 2.0 * SITE_PAD;
             let rect = Rect::from_min_max(
                 pos2(0.0, top),
-                pos2(used_w.max(CARD_W + 2.0 * SITE_PAD), row_y),
+                pos2(used_w.max(card_w + 2.0 * SITE_PAD), row_y),
             );
             let link = snapshot.hosts[members[0]]
                 .inventory()
@@ -157,7 +244,8 @@ impl TopologyPanel {
             })
             .collect();
         let width = ui.available_width();
-        let (sites, height) = self.layout(snapshot, width);
+        let (sites, height) = self.layout(snapshot, &tags, width);
+        let filter = Filter::new(&self.filter);
         egui::ScrollArea::vertical()
             .auto_shrink([false; 2])
             .show_viewport(ui, |ui, viewport| {
@@ -180,6 +268,7 @@ impl TopologyPanel {
                                 actions,
                                 &tags,
                                 snapshot,
+                                &filter,
                             );
                         }
                     }
@@ -307,6 +396,7 @@ fn badge(painter: &egui::Painter, at: Pos2, text: &str, color: Color32) -> f32 {
 }
 
 /// One host card with its VM chips, each tagged with its service's colour.
+#[allow(clippy::too_many_arguments)]
 fn host_card(
     ui: &mut egui::Ui,
     host: &HostView,
@@ -315,6 +405,7 @@ fn host_card(
     actions: &mut Actions<'_>,
     tags: &Tags<'_>,
     snapshot: &Snapshot,
+    filter: &Filter,
 ) {
     let id = ui.scope_id().with(("host-card", host.id().as_str()));
     let response = ui.interact(rect, id, Sense::click());
@@ -384,19 +475,35 @@ fn host_card(
     if let Some(verdict) = &verdict {
         let text = match verdict {
             Ok(estimate) => format!(
-                "migrate here: {:.0} MiB, about {:.0} s",
-                estimate.bytes as f64 / 1048576.0,
+                "migrate here: {}, about {:.0} s",
+                super::details::human_bytes(estimate.bytes),
                 estimate.seconds.ceil()
             ),
             Err(reasons) => reasons.first().cloned().unwrap_or_default(),
         };
-        painter.text(
-            rect.center_bottom() + vec2(0.0, -4.0),
-            Align2::CENTER_BOTTOM,
+        // Above the chips and the other cards, on a layer of its own, wrapped to the card.
+        let top = ui.ctx().layer_painter(egui::LayerId::new(
+            egui::Order::Tooltip,
+            egui::Id::unique("migration-verdict"),
+        ));
+        let galley = top.layout(
             text,
-            FontId::proportional(11.0),
-            stroke.color,
+            FontId::proportional(12.0),
+            Color32::WHITE,
+            rect.width() - 20.0,
         );
+        let size = galley.size() + vec2(12.0, 8.0);
+        let boxed = Rect::from_min_size(
+            pos2(rect.center().x - size.x / 2.0, rect.bottom() - size.y - 6.0),
+            size,
+        );
+        let fill = if verdict.is_ok() {
+            Color32::from_rgb(26, 127, 55)
+        } else {
+            Color32::from_rgb(176, 36, 36)
+        };
+        top.rect_filled(boxed, CornerRadius::same(4), fill);
+        top.galley(boxed.min + vec2(6.0, 4.0), galley, Color32::WHITE);
     }
     let inner = rect.shrink(8.0);
     painter.circle_filled(
@@ -509,17 +616,25 @@ fn host_card(
             text,
         );
     }
-    let chip_w = (inner.width() - CHIP_GAP * (CHIPS_PER_ROW as f32 - 1.0)) / CHIPS_PER_ROW as f32;
     let chips_top = rect.top() + CARD_BASE_H - 6.0;
-    for (n, vm) in host.vms.iter().enumerate() {
-        let (row, col) = (n / CHIPS_PER_ROW, n % CHIPS_PER_ROW);
-        let chip = Rect::from_min_size(
-            pos2(
-                inner.left() + col as f32 * (chip_w + CHIP_GAP),
-                chips_top + row as f32 * (CHIP_H + CHIP_GAP),
-            ),
-            Vec2::new(chip_w, CHIP_H),
-        );
+    let chip_rects = host_chips(host, tags, inner.width());
+    let chips_bottom = chip_rects
+        .last()
+        .map_or(chips_top, |r| chips_top + r.bottom());
+    migration_lines(
+        &painter,
+        snapshot,
+        host,
+        pos2(inner.left(), chips_bottom + 6.0),
+        inner.width(),
+        text,
+    );
+    let host_matches = filter.is_empty() || filter.matches_host(host);
+    for (vm, chip) in host.vms.iter().zip(chip_rects) {
+        let chip = chip.translate(vec2(inner.left(), chips_top));
+        // With a filter, the chips it matches stand out and the others fade.
+        let dimmed = !host_matches && !filter.matches(vm.name.as_str());
+        let highlighted = !filter.is_empty() && !dimmed;
         let chip_id = ui
             .scope_id()
             .with(("vm-chip", host.id().as_str(), vm.name.as_str()));
@@ -541,6 +656,9 @@ fn host_card(
         let mut color = state_color(vm.state);
         if !online {
             color = color.gamma_multiply(0.45);
+        }
+        if dimmed {
+            color = color.gamma_multiply(0.3);
         }
         painter.rect_filled(chip, CornerRadius::same(4), color);
         let tag = tags.get(&(host.id().clone(), vm.name.clone()));
@@ -613,13 +731,24 @@ fn host_card(
                 Stroke::new(2.0, Color32::WHITE),
                 StrokeKind::Inside,
             );
+        } else if highlighted {
+            painter.rect_stroke(
+                chip,
+                CornerRadius::same(4),
+                Stroke::new(2.0, Color32::from_rgb(255, 214, 102)),
+                StrokeKind::Outside,
+            );
         }
         painter.text(
             pos2(text_left, chip.center().y),
             Align2::LEFT_CENTER,
             elide(&name, text_right - text_left),
             FontId::proportional(11.5),
-            Color32::WHITE,
+            if dimmed {
+                Color32::from_gray(150)
+            } else {
+                Color32::WHITE
+            },
         );
         let mut service_note = service.map_or(String::new(), |s| format!(" · service {s}"));
         for guest in guests {
@@ -648,47 +777,71 @@ fn host_card(
                 vm.runtime.as_str()
             ))
             .context_menu(|ui| {
-                ui.label(format!("VM {} on {}", vm.name, host.id()));
+                let what = if vm.runtime == RuntimeKind::Process {
+                    "Process"
+                } else {
+                    "VM"
+                };
+                ui.label(format!("{what} {} on {}", vm.name, host.id()));
                 ui.separator();
-                let enabled = online;
-                if ui
-                    .add_enabled(enabled && !vm.state.is_active(), egui::Button::new("Start"))
-                    .clicked()
-                {
-                    actions.start_vm(host.id(), &vm.name);
-                    ui.close();
-                }
-                if ui
-                    .add_enabled(enabled && vm.state.is_active(), egui::Button::new("Stop"))
-                    .clicked()
-                {
-                    actions.stop_vm(host.id(), &vm.name, false);
-                    ui.close();
-                }
-                if ui
-                    .add_enabled(
-                        enabled && vm.state.is_active(),
-                        egui::Button::new("Force off"),
-                    )
-                    .clicked()
-                {
-                    actions.stop_vm(host.id(), &vm.name, true);
-                    ui.close();
-                }
-                if ui
-                    .add_enabled(
-                        enabled && !vm.state.is_active(),
-                        egui::Button::new("Delete…"),
-                    )
-                    .clicked()
-                {
-                    actions.push(UiAction::ConfirmDeleteVm(
-                        host.id().clone(),
-                        vm.name.clone(),
-                    ));
-                    ui.close();
-                }
+                super::vm_actions::vm_actions_ui(ui, snapshot, host, vm, actions, |ui| ui.close());
             });
+    }
+}
+
+/// A line per migration under way to or from the host: where to, how far, how fast, how
+/// long still.
+fn migration_lines(
+    painter: &egui::Painter,
+    snapshot: &Snapshot,
+    host: &HostView,
+    at: Pos2,
+    width: f32,
+    text: Color32,
+) {
+    for (n, m) in open_migrations(snapshot, host.id()).enumerate() {
+        let top = at.y + n as f32 * MIGRATION_LINE_H;
+        let arrow = if &m.from == host.id() {
+            format!("{} to {}", m.vm, m.to)
+        } else {
+            format!("{} from {}", m.vm, m.from)
+        };
+        let fraction = if m.bytes_total > 0 {
+            (m.bytes_done as f32 / m.bytes_total as f32).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let mut detail = m.step.label().to_string();
+        if m.step == crate::engine::migration::MigrationStep::Transferring {
+            detail = format!("{:.0} %", fraction * 100.0);
+            if let Some(rate) = m.rate_bps {
+                detail.push_str(&format!(" · {}/s", super::details::human_bytes(rate)));
+            }
+            if let Some(eta) = m.eta_secs() {
+                detail.push_str(&format!(" · {eta} s left"));
+            }
+        }
+        painter.text(
+            pos2(at.x, top),
+            Align2::LEFT_TOP,
+            elide(&arrow, width * 0.45),
+            FontId::proportional(11.0),
+            text,
+        );
+        painter.text(
+            pos2(at.x + width, top),
+            Align2::RIGHT_TOP,
+            detail,
+            FontId::proportional(11.0),
+            Color32::from_rgb(88, 166, 255),
+        );
+        let track = Rect::from_min_size(pos2(at.x, top + 15.0), vec2(width, 5.0));
+        painter.rect_filled(track, CornerRadius::same(2), Color32::from_gray(60));
+        painter.rect_filled(
+            Rect::from_min_size(track.min, vec2(width * fraction, 5.0)),
+            CornerRadius::same(2),
+            Color32::from_rgb(88, 166, 255),
+        );
     }
 }
 

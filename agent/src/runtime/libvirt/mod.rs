@@ -670,9 +670,11 @@ impl Inner {
             }
             _ => None,
         };
+        let disks = self.storage.vm_disk_infos(&name, life.template.as_ref());
         VmStatus {
             overlay_on,
-            disk_bytes: self.storage.disk_allocated_bytes(&name),
+            disk_bytes: disks.iter().map(|d| d.allocated_bytes).sum(),
+            disks: Some(disks),
             uuid: life.uuid,
             name,
             state: life.state,

@@ -829,6 +829,7 @@ mod tests {
                 blake3: "ab".repeat(32),
                 allocated_bytes: 4096,
             }),
+            disks: None,
         }
     }
 

@@ -377,6 +377,8 @@ impl TryFrom<VmRow> for VmStatus {
             template: row.template.and_then(|t| TemplateName::new(t).ok()),
             disk_bytes: row.disk_bytes,
             overlay_on: row.overlay_on.and_then(TemplateDiskRow::into_model),
+            // Only a live agent says: a stored VM is one nobody can move until it does.
+            disks: None,
         })
     }
 }

@@ -1,0 +1,80 @@
+//! The actions on one VM, the same in its context menu and in its details: what cannot be
+//! taken back is confirmed first, saying what will happen.
+
+use dunes_shared::model::VmStatus;
+
+use super::{Actions, Confirm, UiAction};
+use crate::engine::{HostView, LinkState, Snapshot};
+
+/// Draws the VM's action buttons; `close` is called after one was used (a menu closes).
+pub fn vm_actions_ui(
+    ui: &mut egui::Ui,
+    snapshot: &Snapshot,
+    host: &HostView,
+    vm: &VmStatus,
+    actions: &mut Actions<'_>,
+    mut close: impl FnMut(&mut egui::Ui),
+) {
+    let online = host.link == LinkState::Online;
+    let active = vm.state.is_active();
+    let (host_id, name) = (host.id(), &vm.name);
+    if ui
+        .add_enabled(online && !active, egui::Button::new("Start"))
+        .clicked()
+    {
+        actions.start_vm(host_id, name);
+        close(ui);
+    }
+    if ui
+        .add_enabled(online && active, egui::Button::new("Stop"))
+        .on_hover_text("Ask the guest to shut down; forced off after the agent's stop timeout")
+        .clicked()
+    {
+        // Taking a service's instance down is asked first; any other VM just stops.
+        let service = snapshot
+            .services
+            .iter()
+            .find(|s| s.instance_of_vm(host_id, name).is_some())
+            .map(|s| s.name().clone());
+        match service {
+            Some(service) => actions.push(UiAction::Confirm(Confirm::StopInstance {
+                host: host_id.clone(),
+                vm: name.clone(),
+                service,
+            })),
+            None => actions.stop_vm(host_id, name, false),
+        }
+        close(ui);
+    }
+    if ui
+        .add_enabled(online && active, egui::Button::new("Force off…"))
+        .on_hover_text("Cut the VM off at once, without a shutdown")
+        .clicked()
+    {
+        actions.push(UiAction::Confirm(Confirm::ForceOff(
+            host_id.clone(),
+            name.clone(),
+        )));
+        close(ui);
+    }
+    if ui
+        .add_enabled(
+            online && vm.runtime == dunes_shared::model::RuntimeKind::Libvirt,
+            egui::Button::new("Migrate to…"),
+        )
+        .on_hover_text("Choose a host, each with what the pre-check says (or drag the chip)")
+        .clicked()
+    {
+        actions.push(UiAction::MigrateTo(host_id.clone(), name.clone()));
+        close(ui);
+    }
+    if ui
+        .add_enabled(online && !active, egui::Button::new("Delete…"))
+        .on_hover_text("Delete the VM and its disks (Del)")
+        .on_disabled_hover_text("Stop it first: only a stopped VM can be deleted")
+        .clicked()
+    {
+        actions.push(UiAction::ConfirmDeleteVm(host_id.clone(), name.clone()));
+        close(ui);
+    }
+}

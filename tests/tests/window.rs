@@ -1,0 +1,317 @@
+//! The window on the demo fleet, as a new operator meets it: a VM dragged to the remote site
+//! with its transfer on screen, Migrate to… by keyboard, a VM its agent cannot move refused
+//! before anything stops, the charts of 30 days on one time axis, and a small window.
+
+mod gui_support;
+
+use dunes_console::{
+    demo::{self, DemoFleet},
+    engine::EngineHandle,
+    ui::{ConsoleApp, TimeRange, plot_id},
+};
+use dunes_shared::model::VmState;
+use dunes_tests::{AgentProcess, enroll_online, start_engine};
+use egui::Role;
+use egui_kittest::{
+    Harness,
+    kittest::{NodeT as _, Queryable as _},
+};
+use gui_support::{drag_to, step_for_until, step_until, window, window_sized};
+
+/// The demo's fleet under a real engine, with its VMs made and its history in the store.
+fn demo_engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, EngineHandle, DemoFleet) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (engine, fleet) = runtime.block_on(async {
+        let engine = start_engine(&dir.join("console")).await.unwrap();
+        let fleet = demo::start(&engine).await.unwrap();
+        (engine, fleet)
+    });
+    (runtime, engine, fleet)
+}
+
+fn host_of(engine: &EngineHandle, vm: &str) -> Option<(String, VmState)> {
+    engine
+        .snapshot()
+        .find_vm(vm)
+        .ok()
+        .map(|(h, v)| (h.to_string(), v.state))
+}
+
+/// A demo VM dragged onto the remote site's host: the card's verdict, the confirmation, the
+/// transfer's progress, rate and time left in the Migrations list, then the VM running on
+/// the target and the status bar saying how it ended.
+#[test]
+fn a_demo_vm_dragged_to_the_remote_site_shows_its_transfer_then_runs_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, fleet) = demo_engine(dir.path());
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the demo's chips and the remote host", |h| {
+        h.query_by_role_and_label(Role::Button, "intranet")
+            .is_some()
+            && h.query_by_role_and_label(Role::Button, "gva-1").is_some()
+    });
+    let from = harness
+        .get_by_role_and_label(Role::Button, "intranet")
+        .rect()
+        .center();
+    let to = harness
+        .get_by_role_and_label(Role::Button, "gva-1")
+        .rect()
+        .center();
+    drag_to(&mut harness, from, to);
+    harness.drop_at(to);
+    step_until(&mut harness, "the estimate", |h| {
+        h.query_by_label("Migrate intranet to gva-1?").is_some()
+    });
+    // The demo VM has a real disk to stream: 192 MiB of data, said in the estimate.
+    let allocated = engine.snapshot().find_vm("intranet").unwrap().1.disk_bytes;
+    assert!(allocated >= 192 << 20, "allocated {allocated}");
+    assert!(
+        harness
+            .query_by_label_contains(&format!(
+                "its disk ({:.1} MiB allocated)",
+                allocated as f64 / 1048576.0
+            ))
+            .is_some()
+    );
+    harness.get_by_label("Migrate").click();
+    step_until(&mut harness, "the status bar's start", |h| {
+        h.query_by_label_contains("of intranet to gva-1 started")
+            .is_some()
+    });
+    // Capped at 200 Mbit/s, 192 MiB take seconds: the progress shows with its rate and
+    // what is left.
+    step_for_until(&mut harness, 60, "the transfer's progress", |h| {
+        h.query_by_label_contains("MiB/s · ").is_some()
+            && h.query_by_label_contains(" s left").is_some()
+    });
+    step_for_until(&mut harness, 120, "the VM running on gva-1", |h| {
+        host_of(&engine, "intranet") == Some(("gva-1".into(), VmState::Running))
+            && h.query_by_label_contains("of intranet: done, it runs on gva-1")
+                .is_some()
+    });
+    assert!(
+        harness.query_by_label("done").is_some(),
+        "the Migrations list"
+    );
+    drop(harness);
+    runtime.block_on(fleet.stop());
+}
+
+/// Migrate to… without a mouse: the button from the VM's details, the first host that fits
+/// already focused, Tab to the next, Enter to choose and Enter to confirm. A VM defined
+/// outside Dunes (no disk in its agent's storage) is refused there with the reason, before
+/// anything stops.
+#[test]
+fn migrate_to_by_keyboard_and_a_vm_without_a_disk_refused_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, fleet) = demo_engine(dir.path());
+    // A host whose `test` VM was defined outside Dunes (libvirt's default test domain).
+    let outside = AgentProcess::spawn(
+        &dir.path().join("outside"),
+        "outside",
+        "lausanne",
+        "test:///default",
+    )
+    .unwrap();
+    runtime.block_on(async { enroll_online(&engine, &outside).await.unwrap() });
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "wiki's chip", |h| {
+        h.query_by_role_and_label(Role::Button, "wiki").is_some()
+    });
+    harness.get_by_role_and_label(Role::Button, "wiki").click();
+    step_until(&mut harness, "wiki's details", |h| {
+        h.query_by_label("VM wiki").is_some()
+    });
+    assert!(
+        harness
+            .query_by_label_contains("wiki.img · raw · 4.00 GiB virtual, 192 MiB allocated")
+            .is_some(),
+        "the details show the disk"
+    );
+    harness
+        .get_by_role_and_label(Role::Button, "Migrate to…")
+        .focus();
+    harness.step();
+    harness.key_press(egui::Key::Enter);
+    step_until(&mut harness, "the hosts with their verdicts", |h| {
+        h.query_by_label("Migrate wiki to…").is_some()
+    });
+    // The remote site comes first and fits; Tab goes on to lsn-1. (Each host's card is a
+    // button of its name too, behind the dialog.)
+    let focused = |h: &Harness<'_, ConsoleApp>, host: &str| {
+        h.query_all_by_role_and_label(Role::Button, host)
+            .any(|n| n.is_focused())
+    };
+    assert!(focused(&harness, "gva-1"));
+    harness.key_press(egui::Key::Tab);
+    harness.step();
+    assert!(focused(&harness, "lsn-1"));
+    harness.key_press(egui::Key::Enter);
+    step_until(&mut harness, "the confirmation", |h| {
+        h.query_by_label("Migrate wiki to lsn-1?").is_some()
+    });
+    harness.key_press(egui::Key::Enter);
+    step_for_until(&mut harness, 60, "wiki running on lsn-1", |h| {
+        host_of(&engine, "wiki") == Some(("lsn-1".into(), VmState::Running))
+            && h.query_by_label_contains("of wiki: done, it runs on lsn-1")
+                .is_some()
+    });
+
+    // `test` has no disk its agent could stream: every host says why, and nothing moves.
+    harness
+        .get_by_role_and_label(Role::Button, "test")
+        .click_secondary();
+    step_until(&mut harness, "the context menu", |h| {
+        h.query_by_label("VM test on outside").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Migrate to…")
+        .click();
+    step_until(&mut harness, "the refusals", |h| {
+        h.query_by_label("Migrate test to…").is_some()
+    });
+    let reason = "test has no disk in outside's storage (it was defined outside Dunes)";
+    assert_eq!(
+        harness.query_all_by_label_contains(reason).count(),
+        3,
+        "each of the three other hosts names the reason"
+    );
+    for host in ["gva-1", "lsn-1", "lsn-2"] {
+        assert!(
+            harness
+                .query_all_by_role_and_label(Role::Button, host)
+                .any(|n| n.accesskit_node().is_disabled()),
+            "{host} cannot be chosen"
+        );
+    }
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the dialog closed", |h| {
+        h.query_by_label("Migrate test to…").is_none()
+    });
+    assert_eq!(
+        host_of(&engine, "test"),
+        Some(("outside".into(), VmState::Running)),
+        "nothing stopped"
+    );
+    assert!(
+        engine
+            .snapshot()
+            .migrations
+            .iter()
+            .all(|m| m.vm.as_str() != "test")
+    );
+    drop(harness);
+    runtime.block_on(fleet.stop());
+}
+
+/// Every chart of a window spans the range chosen, on one time axis: 30 days of the demo's
+/// generated history, said to be generated.
+#[test]
+fn the_charts_of_a_window_share_the_range_and_say_what_was_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, fleet) = demo_engine(dir.path());
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "lsn-1", |h| {
+        h.query_by_role_and_label(Role::Button, "lsn-1").is_some()
+    });
+    harness.get_by_role_and_label(Role::Button, "lsn-1").click();
+    step_until(&mut harness, "the host's details", |h| {
+        h.query_by_label("Host lsn-1").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Statistics…")
+        .click();
+    step_until(&mut harness, "the charts", |h| {
+        h.query_by_label("Statistics of host lsn-1").is_some()
+    });
+    harness.get_by_label("30 days").click();
+    step_for_until(&mut harness, 60, "a month of hours", |h| {
+        h.query_by_label_contains("Every 3600 s").is_some()
+            && h.query_by_label_contains("demo history (generated) until")
+                .is_some()
+    });
+    assert_eq!(harness.state().charts_range(), TimeRange::Month);
+    let ctx = harness.ctx.clone();
+    let bounds = |title: &str| {
+        let memory = egui_plot::PlotMemory::load(&ctx, plot_id(title))
+            .unwrap_or_else(|| panic!("no plot {title}"));
+        let b = memory.bounds();
+        (b.min()[0], b.max()[0])
+    };
+    let cpu = bounds("CPU use");
+    // The range is 30 days, whatever the series hold.
+    assert!(
+        (cpu.1 - cpu.0 - 30.0 * 86_400.0).abs() < 2.0 * 86_400.0,
+        "CPU spans {cpu:?}"
+    );
+    for title in [
+        "Memory in use",
+        "Disk I/O",
+        "Network traffic",
+        "Cost per hour",
+    ] {
+        let other = bounds(title);
+        assert!(
+            (other.0 - cpu.0).abs() < 1.0 && (other.1 - cpu.1).abs() < 1.0,
+            "{title} spans {other:?}, CPU {cpu:?}"
+        );
+    }
+    drop(harness);
+    runtime.block_on(fleet.stop());
+}
+
+/// At 800×500 the side panels fold to strips, a whole host card stays on screen, and a panel
+/// opens over the topology as a drawer.
+#[test]
+fn at_800_by_500_the_topology_keeps_a_whole_host_card() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, fleet) = demo_engine(dir.path());
+    let _enter = runtime.enter();
+    let mut harness: Harness<'_, ConsoleApp> = window_sized(&engine, [800.0, 500.0]);
+    step_until(&mut harness, "the hosts", |h| {
+        h.query_by_role_and_label(Role::Button, "lsn-1").is_some()
+    });
+    let screen = egui::Rect::from_min_size(egui::Pos2::ZERO, egui::vec2(800.0, 500.0));
+    let strip = harness
+        .get_by_role_and_label(Role::Button, "Services")
+        .rect();
+    let details = harness
+        .get_by_role_and_label(Role::Button, "Details")
+        .rect();
+    assert!(strip.width() < 40.0 && details.width() < 40.0, "strips");
+    let card = harness.get_by_role_and_label(Role::Button, "lsn-1").rect();
+    assert!(
+        card.left() >= strip.right() && card.right() <= details.left(),
+        "the card {card:?} lies between the strips"
+    );
+    assert!(
+        screen.contains_rect(card) && card.height() > 100.0,
+        "the whole card {card:?} is on screen"
+    );
+    // Its chips are whole too.
+    for vm in ["build-runner", "crm-db", "intranet"] {
+        let chip = harness.get_by_role_and_label(Role::Button, vm).rect();
+        assert!(card.contains_rect(chip), "{vm} {chip:?} in {card:?}");
+    }
+    // Selecting a VM opens its details over the topology.
+    harness
+        .get_by_role_and_label(Role::Button, "crm-db")
+        .click();
+    step_until(&mut harness, "the details drawer", |h| {
+        h.query_by_label("VM crm-db").is_some()
+    });
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the drawer closed", |h| {
+        h.query_by_label("VM crm-db").is_none()
+    });
+    drop(harness);
+    runtime.block_on(fleet.stop());
+}
