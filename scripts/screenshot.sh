@@ -45,7 +45,7 @@ done
 
 shot() { sleep 1.5; xwd -id "$window" -silent | convert xwd:- "$out/$1.png"; echo "wrote $out/$1.png"; }
 click() { xdotool mousemove "$1" "$2" click 1; sleep 0.7; }
-key() { xdotool key "$@"; sleep 0.5; }
+key() { xdotool windowfocus "$window"; xdotool key "$@"; sleep 0.5; }
 size() { xdotool windowsize "$window" "$1" "$2"; sleep 1.5; }
 # Waits until the migration under way has streamed at least a third of its disk.
 third_streamed() {
@@ -68,38 +68,36 @@ cp "$out/topology-1600x1000.png" docs/screenshot.png
 ctl vm migrate bi-warehouse --to lsn-1 >/dev/null
 third_streamed
 shot migration-1600x1000
-sleep 12
-click 520 201            # the crm-db chip on lsn-1
+sleep 10
+click 443 202            # the crm-db chip on lsn-1
 shot vm-details-1600x1000
-click 150 95             # the shop service
-click 66 122             # its Plan… button
+click 43 96              # the shop service
+click 40 303             # its Plan… button
 shot plan-1600x1000
-key Escape
-click 380 101            # lsn-1's card
-click 1370 57            # Statistics… in its details
-click 560 185            # 30 days
+click 193 297            # Close
+click 346 101            # lsn-1's card
+click 1438 56            # Statistics… in its details
+click 291 67             # 30 days
 shot charts-1600x1000
-key Escape
-click 300 13             # Capacity… in the toolbar
+click 598 33             # the charts' close button
+click 293 13             # Capacity… in the toolbar
 shot capacity-1600x1000
 key Escape
-key Escape
 
-# 800×500: the side panels are strips; details open over the topology.
+# 800×500: the side panels are strips; the details open over the topology.
 size 800 500
 shot topology-800x500
 ctl vm migrate bi-warehouse --to gva-1 >/dev/null
 third_streamed
 shot migration-800x500
-sleep 12
-click 250 201            # the crm-db chip
+sleep 10
+click 180 201            # the crm-db chip
 shot vm-details-800x500
 key Escape
 click 12 80              # the Services strip
-click 140 95             # the shop service
-click 66 122             # its Plan… button
+click 67 308             # the shop service's Plan… button
 shot plan-800x500
+click 178 281            # Close
 key Escape
-key Escape
-click 300 13             # Capacity…
+click 293 13             # Capacity…
 shot capacity-800x500

@@ -131,7 +131,7 @@ fn migrate_to_by_keyboard_and_a_vm_without_a_disk_refused_with_its_reason() {
     });
     assert!(
         harness
-            .query_by_label_contains("wiki.img · raw · 4.00 GiB virtual, 192 MiB allocated")
+            .query_by_label_contains("wiki.img (raw)\n4.00 GiB virtual, 192 MiB allocated")
             .is_some(),
         "the details show the disk"
     );

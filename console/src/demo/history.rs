@@ -90,6 +90,7 @@ pub fn host_history(host: &HistoryHost<'_>, seed: u64, to_secs: u64) -> Vec<Samp
         let busy = activity(t, from, to_secs);
         let mut host_cpu_ns = 0.0;
         let mut host_memory = 2048.0;
+        let mut host_io = 0.0;
         let mut workloads = Vec::new();
         for (vm, counters) in host.vms.iter().zip(&mut vm_counters) {
             if !vm.running {
@@ -103,6 +104,7 @@ pub fn host_history(host: &HistoryHost<'_>, seed: u64, to_secs: u64) -> Vec<Samp
             counters.cpu_ns += cpu_ns as u64;
             counters.memory_used_mib = (memory as u64).min(vm.memory_mib);
             let io = busy * base * noise.factor(0.4) * dt;
+            host_io += io;
             counters.disk_read_bytes += (io * 600_000.0) as u64;
             counters.disk_write_bytes += (io * 250_000.0) as u64;
             counters.net_rx_bytes += (io * 900_000.0) as u64;
@@ -118,10 +120,11 @@ pub fn host_history(host: &HistoryHost<'_>, seed: u64, to_secs: u64) -> Vec<Samp
         host_cpu_ns += 0.03 * f64::from(host.cpus) * dt * 1e9 * noise.factor(0.3);
         host_counters.cpu_ns += host_cpu_ns as u64;
         host_counters.memory_used_mib = (host_memory as u64).min(host.memory_mib);
-        for w in &workloads {
-            host_counters.disk_read_bytes += w.counters.disk_read_bytes / 1000;
-            host_counters.net_rx_bytes += w.counters.net_rx_bytes / 1000;
-        }
+        // The host's disks and NICs carry its VMs' traffic.
+        host_counters.disk_read_bytes += (host_io * 600_000.0) as u64;
+        host_counters.disk_write_bytes += (host_io * 250_000.0) as u64;
+        host_counters.net_rx_bytes += (host_io * 900_000.0) as u64;
+        host_counters.net_tx_bytes += (host_io * 1_400_000.0) as u64;
         samples.push(Sample {
             at_unix_ms: t * 1000,
             host: host_counters,
@@ -203,5 +206,19 @@ mod tests {
         let day = to - 2 * 86_400;
         assert!(used(day + 14 * 3600, day + 16 * 3600) > used(day + 2 * 3600, day + 4 * 3600));
         assert!(samples.iter().all(|s| s.host.memory_used_mib <= 32_768));
+        // The host's traffic is its VMs', growing like their load, not compounding.
+        let rx = |from: u64, to: u64| {
+            let at = |t: u64| {
+                samples
+                    .iter()
+                    .find(|s| s.at_unix_ms >= t * 1000)
+                    .unwrap()
+                    .host
+                    .net_rx_bytes
+            };
+            at(to) - at(from)
+        };
+        let (first, last) = (rx(start, start + 86_400), rx(to - 86_400, to));
+        assert!(last > first && last < 3 * first, "{first} then {last}");
     }
 }

@@ -103,7 +103,10 @@ impl CapacityWindow {
         egui::Window::new("Capacity")
             .id(egui::Id::unique("capacity"))
             .open(&mut open)
-            .default_size([620.0, 560.0f32.min(max_h)])
+            .default_size([
+                (screen.width() * 0.5).clamp(300.0, 720.0),
+                (screen.height() - 120.0).clamp(200.0, 860.0),
+            ])
             .max_height(max_h)
             .max_width((screen.width() - 20.0).max(300.0))
             .min_width(300.0)

@@ -110,6 +110,8 @@ pub fn metric_color(metric: Metric) -> Color32 {
 
 /// A value of a metric at a human scale, with its unit.
 pub fn format_value(metric: Metric, value: f64) -> String {
+    // A grid mark a rounding error below zero reads 0, not -0.
+    let value = if value.abs() < 1e-9 { 0.0 } else { value };
     match metric {
         Metric::Cpu => format!("{value:.0} %"),
         Metric::Memory => human_bytes((value.max(0.0) * 1048576.0) as u64),
@@ -166,6 +168,39 @@ fn time_marks(input: GridInput) -> Vec<GridMark> {
         at += step;
     }
     marks
+}
+
+/// Grid marks of a value axis: three to six of them at round values, powers of two for
+/// bytes (so memory reads 2 GiB, 4 GiB) and 1, 2, 5 times a power of ten otherwise.
+fn value_marks(binary: bool) -> impl Fn(GridInput) -> Vec<GridMark> {
+    move |input: GridInput| {
+        let (min, max) = input.bounds;
+        let span = max - min;
+        if !(span.is_finite() && span > 0.0) {
+            return Vec::new();
+        }
+        let target = span / 4.0;
+        let step = if binary {
+            2f64.powf(target.log2().round())
+        } else {
+            let decade = 10f64.powf(target.log10().floor());
+            [1.0, 2.0, 5.0, 10.0]
+                .into_iter()
+                .map(|m| m * decade)
+                .find(|s| span / s <= 6.0)
+                .unwrap_or(10.0 * decade)
+        };
+        let mut marks = Vec::new();
+        let mut at = (min / step).ceil() * step;
+        while at <= max && marks.len() < 16 {
+            marks.push(GridMark {
+                value: at,
+                step_size: step,
+            });
+            at += step;
+        }
+        marks
+    }
 }
 
 /// A time (unix seconds, UTC) as the chart's range needs it: seconds for minutes, hours and
@@ -316,7 +351,10 @@ impl ChartsWindow {
         egui::Window::new(title)
             .id(egui::Id::unique("charts"))
             .open(&mut open)
-            .default_size([600.0, 640.0f32.min(max_h)])
+            .default_size([
+                (screen.width() * 0.5).clamp(300.0, 760.0),
+                (screen.height() - 120.0).clamp(200.0, 900.0),
+            ])
             .max_height(max_h)
             .max_width((screen.width() - 20.0).max(300.0))
             .min_width(300.0)
@@ -436,6 +474,10 @@ impl ChartsWindow {
                             .default_x_bounds(from, to)
                             .x_grid_spacer(time_marks)
                             .x_axis_formatter(move |mark, _| format_time(mark.value, span))
+                            .y_grid_spacer(value_marks(!matches!(
+                                unit_of,
+                                Metric::Cpu | Metric::Cost | Metric::AppMetric
+                            )))
                             .y_axis_formatter(move |mark, _| format_value(unit_of, mark.value))
                             .y_axis_min_width(56.0)
                             .label_formatter(move |hover| {
@@ -461,7 +503,7 @@ impl ChartsWindow {
                         plot.show(ui, |plot| {
                             if let Some(first) = gap_before {
                                 plot.add(
-                                    Span::new("no data", from..=first)
+                                    Span::new("", from..=first)
                                         .fill(Color32::from_gray(128).gamma_multiply(0.12)),
                                 );
                             }

@@ -11,8 +11,14 @@ pub struct DetailsPanel;
 
 fn row(ui: &mut egui::Ui, key: &str, value: impl Into<egui::WidgetText>) {
     ui.label(RichText::new(key).weak());
-    ui.label(value);
+    // Long values (keys, paths) wrap within the panel instead of widening it.
+    ui.add(egui::Label::new(value).wrap());
     ui.end_row();
+}
+
+/// The width a details grid's value column may take: the panel's, less the key column.
+fn value_width(ui: &egui::Ui) -> f32 {
+    (ui.available_width() - 110.0).max(120.0)
 }
 
 impl DetailsPanel {
@@ -39,7 +45,7 @@ impl DetailsPanel {
                         actions.push(UiAction::OpenCharts(Subject::Host(id.clone())));
                     }
                 });
-                egui::Grid::new("host-details").num_columns(2).striped(true).show(ui, |ui| {
+                egui::Grid::new("host-details").num_columns(2).striped(true).max_col_width(value_width(ui)).show(ui, |ui| {
                     row(ui, "State", RichText::new(host.link.as_str()).color(link_color(host.link)));
                     if let Some(err) = &host.link_error {
                         row(ui, "Last error", err.as_str());
@@ -139,7 +145,7 @@ impl DetailsPanel {
                         actions.push(UiAction::OpenCharts(Subject::Workload(name.clone())));
                     }
                 });
-                egui::Grid::new("vm-details").num_columns(2).striped(true).show(ui, |ui| {
+                egui::Grid::new("vm-details").num_columns(2).striped(true).max_col_width(value_width(ui)).show(ui, |ui| {
                     row(ui, "State", RichText::new(vm.state.as_str()).color(state_color(vm.state)));
                     row(ui, "Host", host_id.as_str());
                     row(ui, "vCPUs", vm.vcpus.to_string());
@@ -151,12 +157,12 @@ impl DetailsPanel {
                         }
                         Some(disks) => {
                             for disk in disks {
-                                let backing = disk.backing.as_ref().map_or(String::new(), |t| format!(", overlay on {t}"));
+                                let backing = disk.backing.as_ref().map_or(String::new(), |t| format!(" overlay on {t}"));
                                 row(
                                     ui,
                                     "Disk",
                                     format!(
-                                        "{} · {} · {} virtual, {} allocated{backing}",
+                                        "{} ({}{backing})\n{} virtual, {} allocated",
                                         disk.file,
                                         disk.format.as_str(),
                                         human_bytes(disk.virtual_bytes),

@@ -308,7 +308,8 @@ impl PlanDialog {
         if replan {
             self.request(actions);
         }
-        if !open || close {
+        // Escape closes it like the other dialogs; nothing is deployed without Deploy.
+        if !open || close || ctx.input(|i| i.key_pressed(egui::Key::Escape)) {
             self.close();
         }
     }

@@ -821,19 +821,24 @@ fn migration_lines(
                 detail.push_str(&format!(" · {eta} s left"));
             }
         }
-        painter.text(
-            pos2(at.x, top),
-            Align2::LEFT_TOP,
-            elide(&arrow, width * 0.45),
-            FontId::proportional(11.0),
-            text,
-        );
-        painter.text(
-            pos2(at.x + width, top),
-            Align2::RIGHT_TOP,
+        // The progress on the right, whole; the VM and its peer in what room is left.
+        let detail = painter.layout_no_wrap(
             detail,
             FontId::proportional(11.0),
             Color32::from_rgb(88, 166, 255),
+        );
+        let left_w = (width - detail.size().x - 8.0).max(30.0);
+        painter.galley(
+            pos2(at.x + width - detail.size().x, top),
+            detail,
+            Color32::from_rgb(88, 166, 255),
+        );
+        painter.text(
+            pos2(at.x, top),
+            Align2::LEFT_TOP,
+            elide(&arrow, left_w),
+            FontId::proportional(11.0),
+            text,
         );
         let track = Rect::from_min_size(pos2(at.x, top + 15.0), vec2(width, 5.0));
         painter.rect_filled(track, CornerRadius::same(2), Color32::from_gray(60));
