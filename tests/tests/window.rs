@@ -315,3 +315,92 @@ fn at_800_by_500_the_topology_keeps_a_whole_host_card() {
     drop(harness);
     runtime.block_on(fleet.stop());
 }
+
+/// A stop that takes a service's instance down is asked first, saying so; Cancel leaves it
+/// running, Stop stops it. A VM of no service stops at once.
+#[test]
+fn stopping_a_service_instance_is_confirmed_with_what_it_does() {
+    use dunes_console::engine::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, fleet) = demo_engine(dir.path());
+    let source = "name = \"desk\"\n[[application]]\nname = \"web\"\nruntime = \"libvirt\"\ntemplate = \"tiny\"\nvcpus = 1\nmemory_mib = 256\ninstances = 1\n[rules]\npin = [{ application = \"web\", hosts = [\"lsn-2\"] }]\n";
+    runtime.block_on(async {
+        let name = engine
+            .request(|reply| Command::DefineService {
+                source: source.to_string(),
+                replace: false,
+                reply,
+            })
+            .await
+            .unwrap();
+        engine
+            .request(|reply| Command::DeployService {
+                name: name.clone(),
+                fingerprint: None,
+                overrides: Vec::new(),
+                reply,
+            })
+            .await
+            .unwrap();
+        engine
+            .request(|reply| Command::StartService { name, reply })
+            .await
+            .unwrap();
+    });
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the instance's chip", |h| {
+        h.query_by_role_and_label(Role::Button, "desk-web-0")
+            .is_some()
+    });
+    let stop_from_menu = |harness: &mut Harness<'_, ConsoleApp>, vm: &str| {
+        harness
+            .get_by_role_and_label(Role::Button, vm)
+            .click_secondary();
+        step_until(harness, "the context menu", |h| {
+            h.query_by_label(&format!("VM {vm} on lsn-2")).is_some()
+        });
+        // The menu's Stop, not the Stop of the services panel on the left.
+        harness
+            .query_all_by_role_and_label(Role::Button, "Stop")
+            .max_by(|a, b| a.rect().left().total_cmp(&b.rect().left()))
+            .unwrap()
+            .click();
+    };
+    stop_from_menu(&mut harness, "desk-web-0");
+    step_until(&mut harness, "the confirmation", |h| {
+        h.query_by_label("Stop desk-web-0?").is_some()
+    });
+    assert!(
+        harness
+            .query_by_label_contains("is an instance of service desk")
+            .is_some()
+    );
+    harness.get_by_label("Cancel").click();
+    step_until(&mut harness, "the confirmation gone", |h| {
+        h.query_by_label("Stop desk-web-0?").is_none()
+    });
+    assert_eq!(
+        host_of(&engine, "desk-web-0"),
+        Some(("lsn-2".into(), VmState::Running)),
+        "Cancel leaves it running"
+    );
+    stop_from_menu(&mut harness, "desk-web-0");
+    step_until(&mut harness, "the confirmation", |h| {
+        h.query_by_label("Stop desk-web-0?").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Stop the instance")
+        .click();
+    step_for_until(&mut harness, 60, "the instance stopped", |_| {
+        host_of(&engine, "desk-web-0") == Some(("lsn-2".into(), VmState::Shutoff))
+    });
+    // wiki belongs to no service: Stop acts at once.
+    stop_from_menu(&mut harness, "wiki");
+    step_for_until(&mut harness, 60, "wiki stopped", |_| {
+        host_of(&engine, "wiki") == Some(("lsn-2".into(), VmState::Shutoff))
+    });
+    assert!(harness.query_by_label("Stop wiki?").is_none());
+    drop(harness);
+    runtime.block_on(fleet.stop());
+}

@@ -45,6 +45,21 @@ impl DetailsPanel {
                         actions.push(UiAction::OpenCharts(Subject::Host(id.clone())));
                     }
                 });
+                // What an operator acts on comes before the facts, which may run long.
+                maintenance_ui(ui, snapshot, host, actions);
+                ui.separator();
+                ui.label(RichText::new(format!("{} VMs", host.vms.len())).strong());
+                for vm in &host.vms {
+                    ui.horizontal(|ui| {
+                        let (dot, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
+                        ui.painter().circle_filled(dot.center(), 4.0, state_color(vm.state));
+                        if ui.selectable_label(false, vm.name.as_str()).clicked() {
+                            actions.push(UiAction::Select(Selection::Vm(id.clone(), vm.name.clone())));
+                        }
+                        ui.label(RichText::new(vm.state.as_str()).weak());
+                    });
+                }
+                ui.separator();
                 egui::Grid::new("host-details").num_columns(2).striped(true).max_col_width(value_width(ui)).show(ui, |ui| {
                     row(ui, "State", RichText::new(host.link.as_str()).color(link_color(host.link)));
                     if let Some(err) = &host.link_error {
@@ -114,20 +129,6 @@ impl DetailsPanel {
                         row(ui, "Running VMs", status.vms_running.to_string());
                     }
                 });
-                ui.separator();
-                maintenance_ui(ui, snapshot, host, actions);
-                ui.separator();
-                ui.label(RichText::new(format!("{} VMs", host.vms.len())).strong());
-                for vm in &host.vms {
-                    ui.horizontal(|ui| {
-                        let (dot, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
-                        ui.painter().circle_filled(dot.center(), 4.0, state_color(vm.state));
-                        if ui.selectable_label(false, vm.name.as_str()).clicked() {
-                            actions.push(UiAction::Select(Selection::Vm(id.clone(), vm.name.clone())));
-                        }
-                        ui.label(RichText::new(vm.state.as_str()).weak());
-                    });
-                }
             }
             Selection::Vm(host_id, name) => {
                 let Some(host) = snapshot.host(&host_id) else {

@@ -805,7 +805,7 @@ impl ConsoleApp {
             Confirm::StopInstance { host, vm, service } => (
                 format!("Stop {vm}?"),
                 format!("{vm} on {host} is an instance of service {service}: the guest is asked to shut down (forced off after the agent's stop timeout), and the service loses this instance until it is started again."),
-                Some("Stop"),
+                Some("Stop the instance"),
             ),
             Confirm::StopFirst(host, name) => (
                 format!("{name} is running"),
