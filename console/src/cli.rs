@@ -305,6 +305,12 @@ pub enum VmCommand {
     },
     /// Start a VM.
     Start { vm: String },
+    /// Reboot a running VM (the guest is asked to restart).
+    Reboot { vm: String },
+    /// Pause a running VM: its vCPUs stop, its memory stays.
+    Pause { vm: String },
+    /// Resume a paused VM.
+    Resume { vm: String },
     /// Stop a VM: the guest is asked to shut down, and forced off after the agent's timeout.
     Stop {
         vm: String,
@@ -682,6 +688,18 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             start: *start,
         },
         CtlCommand::Vm(VmCommand::Start { vm }) => CtlRequest::VmStart { vm: vm.clone() },
+        CtlCommand::Vm(VmCommand::Reboot { vm }) => CtlRequest::VmPower {
+            vm: vm.clone(),
+            action: dunes_shared::protocol::PowerAction::Reboot,
+        },
+        CtlCommand::Vm(VmCommand::Pause { vm }) => CtlRequest::VmPower {
+            vm: vm.clone(),
+            action: dunes_shared::protocol::PowerAction::Pause,
+        },
+        CtlCommand::Vm(VmCommand::Resume { vm }) => CtlRequest::VmPower {
+            vm: vm.clone(),
+            action: dunes_shared::protocol::PowerAction::Resume,
+        },
         CtlCommand::Vm(VmCommand::Stop { vm, force }) => CtlRequest::VmStop {
             vm: vm.clone(),
             force: *force,

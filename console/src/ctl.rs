@@ -188,6 +188,11 @@ pub enum CtlRequest {
     VmStart {
         vm: String,
     },
+    /// Reboot, pause or resume.
+    VmPower {
+        vm: String,
+        action: dunes_shared::protocol::PowerAction,
+    },
     VmStop {
         vm: String,
         force: bool,
@@ -799,6 +804,19 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 .request(|reply| Command::StartVm {
                     host: host.clone(),
                     name: found.name,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(vm_json(&host, &vm))
+        }
+        CtlRequest::VmPower { vm, action } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let vm = engine
+                .request(|reply| Command::PowerVm {
+                    host: host.clone(),
+                    name: found.name,
+                    action,
                     reply,
                 })
                 .await

@@ -51,6 +51,8 @@ pub mod features {
     /// as leaving the site
     /// (`Counters::net_tx_out_of_site_bytes`).
     pub const SITE_TRAFFIC: &str = "site-traffic";
+    /// `PowerVm`: reboot, pause and resume a running VM.
+    pub const VM_POWER: &str = "vm-power";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -66,6 +68,7 @@ pub mod features {
         GUEST_APPS,
         APP_METRIC,
         SITE_TRAFFIC,
+        VM_POWER,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -168,6 +171,37 @@ pub struct CreateVm {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartVm {
     pub name: VmName,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+}
+
+/// What a running VM can be asked besides stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PowerAction {
+    /// The guest restarts (asked through ACPI or its guest agent, as libvirt chooses).
+    Reboot,
+    /// Its vCPUs stop; its memory stays.
+    Pause,
+    /// A paused VM goes on.
+    Resume,
+}
+
+impl PowerAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerAction::Reboot => "reboot",
+            PowerAction::Pause => "pause",
+            PowerAction::Resume => "resume",
+        }
+    }
+}
+
+/// Reboots, pauses or resumes a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PowerVm {
+    pub name: VmName,
+    pub action: PowerAction,
     #[serde(default)]
     pub runtime: RuntimeKind,
 }
@@ -500,6 +534,7 @@ pub enum Request {
     GuestExec(GuestExec),
     ReadMetric(ReadMetric),
     SiteAddresses(SiteAddresses),
+    PowerVm(PowerVm),
 }
 
 impl Request {
@@ -529,6 +564,7 @@ impl Request {
             Request::GuestExec(_) => GuestExec::KIND,
             Request::ReadMetric(_) => ReadMetric::KIND,
             Request::SiteAddresses(_) => SiteAddresses::KIND,
+            Request::PowerVm(_) => PowerVm::KIND,
         }
     }
 }
@@ -583,6 +619,7 @@ rpc! {
     GuestExec => GuestExecReply, Some(features::GUEST_APPS), "guest-exec";
     ReadMetric => MetricReply, Some(features::APP_METRIC), "read-metric";
     SiteAddresses => (), Some(features::SITE_TRAFFIC), "site-addresses";
+    PowerVm => VmStatus, Some(features::VM_POWER), "power-vm";
 }
 
 /// What an agent pushes on its event stream.
@@ -753,6 +790,17 @@ mod tests {
                     runtime: RuntimeKind::Libvirt,
                 }),
                 "81a75374617274566d82a46e616d65a161a772756e74696d65a76c696276697274",
+            ),
+            (
+                Request::PowerVm(PowerVm {
+                    name: name(),
+                    action: PowerAction::Pause,
+                    runtime: RuntimeKind::Libvirt,
+                }),
+                concat!(
+                    "81a7506f776572566d83a46e616d65a161a6616374696f6ea570617573",
+                    "65a772756e74696d65a76c696276697274",
+                ),
             ),
             (
                 Request::StopVm(StopVm {

@@ -158,9 +158,37 @@ fn headless_demo_answers_ctl() {
         stderr.contains("libvirt's test driver has no guest agent") && stderr.lines().count() == 1,
         "{stderr}"
     );
+    // Pause, resume and reboot, each through the agent's runtime; what the state does not
+    // allow is one line, and the VM stays as it was.
+    assert_eq!(
+        json(&ctl(&data, &["--json", "vm", "pause", "cli-vm"]))["state"],
+        "paused"
+    );
+    let out = ctl(&data, &["vm", "pause", "cli-vm"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("cli-vm is paused; only a running VM pauses")
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ctl(&data, &["vm", "resume", "cli-vm"]).stdout),
+        "cli-vm on lsn-2: running\n"
+    );
+    assert_eq!(
+        json(&ctl(&data, &["--json", "vm", "reboot", "cli-vm"]))["state"],
+        "running"
+    );
     assert_eq!(
         json(&ctl(&data, &["--json", "vm", "stop", "cli-vm"]))["state"],
         "shutoff"
+    );
+    let out = ctl(&data, &["vm", "reboot", "cli-vm"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only a running VM reboots"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let table = ctl(&data, &["vms"]);
     let table = String::from_utf8_lossy(&table.stdout).to_string();

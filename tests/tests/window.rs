@@ -317,7 +317,8 @@ fn at_800_by_500_the_topology_keeps_a_whole_host_card() {
 }
 
 /// A stop that takes a service's instance down is asked first, saying so; Cancel leaves it
-/// running, Stop stops it. A VM of no service stops at once.
+/// running, Stop stops it. A reboot is asked first too; pause, resume and the stop of a VM of
+/// no service act at once.
 #[test]
 fn stopping_a_service_instance_is_confirmed_with_what_it_does() {
     use dunes_console::engine::Command;
@@ -394,6 +395,39 @@ fn stopping_a_service_instance_is_confirmed_with_what_it_does() {
         .click();
     step_for_until(&mut harness, 60, "the instance stopped", |_| {
         host_of(&engine, "desk-web-0") == Some(("lsn-2".into(), VmState::Shutoff))
+    });
+    // Reboot is asked first; Pause and Resume act at once.
+    let menu = |harness: &mut Harness<'_, ConsoleApp>, vm: &str, item: &str| {
+        harness
+            .get_by_role_and_label(Role::Button, vm)
+            .click_secondary();
+        step_until(harness, "the context menu", |h| {
+            h.query_by_label(&format!("VM {vm} on lsn-2")).is_some()
+        });
+        harness.get_by_role_and_label(Role::Button, item).click();
+    };
+    menu(&mut harness, "wiki", "Reboot…");
+    step_until(&mut harness, "the reboot's confirmation", |h| {
+        h.query_by_label("Reboot wiki?").is_some()
+    });
+    assert!(
+        harness
+            .query_by_label_contains("work it has not saved is lost")
+            .is_some()
+    );
+    harness
+        .get_by_role_and_label(Role::Button, "Reboot")
+        .click();
+    step_until(&mut harness, "the reboot done", |h| {
+        h.query_by_label("Rebooting wiki: done").is_some()
+    });
+    menu(&mut harness, "wiki", "Pause");
+    step_for_until(&mut harness, 30, "wiki paused", |_| {
+        host_of(&engine, "wiki") == Some(("lsn-2".into(), VmState::Paused))
+    });
+    menu(&mut harness, "wiki", "Resume");
+    step_for_until(&mut harness, 30, "wiki running again", |_| {
+        host_of(&engine, "wiki") == Some(("lsn-2".into(), VmState::Running))
     });
     // wiki belongs to no service: Stop acts at once.
     stop_from_menu(&mut harness, "wiki");

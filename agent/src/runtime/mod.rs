@@ -15,7 +15,7 @@ use dunes_shared::{
         WorkloadSample,
     },
     protocol::{
-        ErrorCode, GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricProbe,
+        ErrorCode, GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricProbe, PowerAction,
         ReadinessProbe, ReadyReply, WireError,
     },
 };
@@ -66,6 +66,8 @@ pub enum RuntimeError {
     #[error("{0}")]
     NoGuestAgent(&'static str),
     #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("{0}")]
     Metric(String),
     #[error(transparent)]
     Guest(#[from] libvirt::guest::GuestError),
@@ -85,7 +87,8 @@ impl RuntimeError {
             RuntimeError::NoGuest(_)
             | RuntimeError::NoRuntime(_)
             | RuntimeError::UnsupportedCheck { .. }
-            | RuntimeError::NoGuestAgent(_) => ErrorCode::Unsupported,
+            | RuntimeError::NoGuestAgent(_)
+            | RuntimeError::Unsupported(_) => ErrorCode::Unsupported,
             RuntimeError::Spec(_) => ErrorCode::BadRequest,
             RuntimeError::Storage(_) => ErrorCode::Storage,
             RuntimeError::Libvirt { .. }
@@ -168,6 +171,15 @@ pub trait Runtime: Send + Sync + 'static {
     fn read_metric(&self, name: VmName, probe: MetricProbe) -> RuntimeFuture<'_, f64> {
         let _ = (name, probe);
         Box::pin(async { Err(RuntimeError::NoRuntime("application metrics")) })
+    }
+    /// Reboots, pauses or resumes a running workload. Not every runtime can.
+    fn power(&self, name: VmName, action: PowerAction) -> RuntimeFuture<'_, VmStatus> {
+        let _ = (name, action);
+        Box::pin(async {
+            Err(RuntimeError::Unsupported(
+                "only a VM reboots, pauses and resumes; stop and start a process instead",
+            ))
+        })
     }
     /// Runs a shell command inside a running workload, through its guest agent.
     fn guest_exec(&self, request: GuestExec) -> RuntimeFuture<'_, GuestExecReply> {

@@ -11,8 +11,8 @@ use dunes_shared::{
     protocol::{
         CancelTransfer, CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm,
         GuestApps, GuestExec, HashDisk, Hello, HelloReply, ImportVm, ListTemplates, ListVms,
-        MetricReply, PrepareReceive, ReadMetric, RenewBegin, RenewBeginReply, RenewFinish, Request,
-        SendDisk, SiteAddresses, StartVm, StopVm, WireError, codes, features,
+        MetricReply, PowerVm, PrepareReceive, ReadMetric, RenewBegin, RenewBeginReply, RenewFinish,
+        Request, SendDisk, SiteAddresses, StartVm, StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -181,6 +181,14 @@ async fn dispatch(
             runtime: kind,
         }) => encode_reply::<CreateVm>(match runtime(kind) {
             Ok(rt) => rt.create(spec, start).await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e.to_wire()),
+        }),
+        Request::PowerVm(PowerVm {
+            name,
+            action,
+            runtime: kind,
+        }) => encode_reply::<PowerVm>(match runtime(kind) {
+            Ok(rt) => rt.power(name, action).await.map_err(|e| e.to_wire()),
             Err(e) => Err(e.to_wire()),
         }),
         Request::StartVm(StartVm {

@@ -155,6 +155,30 @@ impl Actor {
                     |_, _, _| {},
                 );
             }
+            Command::PowerVm {
+                host,
+                name,
+                action,
+                reply,
+            } => {
+                let runtime = self.runtime_of(&host, &name);
+                let doing = match action {
+                    dunes_shared::protocol::PowerAction::Reboot => "rebooting",
+                    dunes_shared::protocol::PowerAction::Pause => "pausing",
+                    dunes_shared::protocol::PowerAction::Resume => "resuming",
+                };
+                self.agent_call(
+                    host,
+                    format!("{doing} VM {name}"),
+                    reply,
+                    dunes_shared::protocol::PowerVm {
+                        name,
+                        action,
+                        runtime,
+                    },
+                    Actor::apply_vm,
+                );
+            }
             Command::StartVm { host, name, reply } => {
                 let runtime = self.runtime_of(&host, &name);
                 self.agent_call(

@@ -152,6 +152,13 @@ pub enum Command {
         start: bool,
         reply: Reply<VmStatus>,
     },
+    /// Reboots, pauses or resumes a VM.
+    PowerVm {
+        host: HostId,
+        name: VmName,
+        action: dunes_shared::protocol::PowerAction,
+        reply: Reply<VmStatus>,
+    },
     StartVm {
         host: HostId,
         name: VmName,
@@ -309,11 +316,13 @@ pub enum Command {
 type Repaint = Arc<Mutex<Option<Box<dyn Fn(Published) + Send + Sync>>>>;
 
 /// What a publish changed, for a window to decide whether to draw again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     /// Only hosts' live readings changed (CPU load, memory in use), which the window shows
     /// only in a host's details.
     pub readings_only: bool,
+    /// The hosts whose live readings changed.
+    pub readings_of: Vec<HostId>,
 }
 
 /// The way in: send commands, read snapshots.

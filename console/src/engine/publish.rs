@@ -42,12 +42,14 @@ impl Actor {
         let mut changed = false;
         // A service's status follows its instances' VMs: any host change may change it.
         let hosts_changed = self.hosts.values().any(|e| e.dirty);
-        let mut readings_changed = false;
-        for entry in self.hosts.values_mut() {
+        let mut readings_of = Vec::new();
+        for (id, entry) in self.hosts.iter_mut() {
             if entry.dirty || entry.readings_dirty {
                 entry.published = Arc::new(entry.view.clone());
                 changed |= entry.dirty;
-                readings_changed |= entry.readings_dirty;
+                if entry.readings_dirty {
+                    readings_of.push(id.clone());
+                }
                 entry.dirty = false;
                 entry.readings_dirty = false;
             }
@@ -99,7 +101,7 @@ impl Actor {
             changed = true;
         }
         let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.hosts.len();
-        if !changed && !readings_changed && !host_count_changed && self.version > 0 {
+        if !changed && readings_of.is_empty() && !host_count_changed && self.version > 0 {
             return;
         }
         let readings_only = !changed && !host_count_changed && self.version > 0;
@@ -122,7 +124,10 @@ impl Actor {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            repaint(Published { readings_only });
+            repaint(Published {
+                readings_only,
+                readings_of,
+            });
         }
     }
 }

@@ -13,10 +13,7 @@ mod services;
 mod topology;
 mod vm_actions;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::Arc;
 
 use dunes_shared::model::{AppName, HostId, ServiceName, VmName};
 use egui::{Color32, Key, KeyboardShortcut, Modifiers};
@@ -268,6 +265,28 @@ impl Actions<'_> {
         }
     }
 
+    /// Reboots, pauses or resumes a VM.
+    pub fn power_vm(
+        &mut self,
+        host: &HostId,
+        name: &VmName,
+        action: dunes_shared::protocol::PowerAction,
+    ) {
+        use dunes_shared::protocol::PowerAction as P;
+        let what = match action {
+            P::Reboot => format!("Rebooting {name}"),
+            P::Pause => format!("Pausing {name}"),
+            P::Resume => format!("Resuming {name}"),
+        };
+        let (host, name) = (host.clone(), name.clone());
+        self.send(what, |reply| Command::PowerVm {
+            host,
+            name,
+            action,
+            reply,
+        });
+    }
+
     /// Starts a migration and follows it: the status bar says when it started and how it
     /// ended, and a rollback is also a notice.
     pub fn migrate(&mut self, host: &HostId, vm: &VmName, to: &HostId) {
@@ -327,6 +346,8 @@ pub enum Confirm {
     DeleteService(ServiceName),
     /// Pulling the plug: the guest gets no chance to shut down.
     ForceOff(HostId, VmName),
+    /// The guest restarts: what runs in it stops.
+    Reboot(HostId, VmName),
     /// A graceful stop that takes an instance of a service down.
     StopInstance {
         host: HostId,
@@ -361,7 +382,7 @@ pub struct ConsoleApp {
     layout: Layout,
     /// Whether a host's details (with its live readings) are on screen: only then do the
     /// readings' changes repaint the window.
-    watching_readings: Arc<AtomicBool>,
+    watching_readings: Arc<std::sync::Mutex<Option<HostId>>>,
     frame_stats: Option<FrameStats>,
 }
 
@@ -396,11 +417,18 @@ const DRAWER_W: f32 = 320.0;
 impl ConsoleApp {
     pub fn new(ctx: &egui::Context, engine: EngineHandle) -> Self {
         let repaint_ctx = ctx.clone();
-        let watching_readings = Arc::new(AtomicBool::new(false));
+        let watching_readings: Arc<std::sync::Mutex<Option<HostId>>> = Arc::default();
         let watching = watching_readings.clone();
-        // Hosts' live readings change every second; they are drawn only in a host's details.
+        // Hosts' live readings change every second; they are drawn only in the details of
+        // the host selected.
         engine.set_repaint(move |published: Published| {
-            if !published.readings_only || watching.load(Ordering::Relaxed) {
+            let shown = || {
+                let watched = watching.lock().unwrap_or_else(|p| p.into_inner());
+                watched
+                    .as_ref()
+                    .is_some_and(|h| published.readings_of.contains(h))
+            };
+            if !published.readings_only || shown() {
                 repaint_ctx.request_repaint();
             }
         });
@@ -691,10 +719,18 @@ impl ConsoleApp {
         } else {
             self.layout.details_open == Some(true)
         };
-        self.watching_readings.store(
-            details_shown && matches!(self.selection, Selection::Host(_)),
-            Ordering::Relaxed,
-        );
+        let watched = match &self.selection {
+            Selection::Host(id) if details_shown => Some(id.clone()),
+            _ => None,
+        };
+        let mut watching = self
+            .watching_readings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *watching != watched {
+            *watching = watched;
+        }
+        drop(watching);
         // Delete in a text field edits the text; it only means "delete the VM" elsewhere.
         if ui.input(|i| i.key_pressed(Key::Delete))
             && !ui.ctx().egui_wants_keyboard_input()
@@ -802,6 +838,11 @@ impl ConsoleApp {
                 format!("{name} on {host} is cut off at once, like pulling its power cord: the guest cannot shut down cleanly, and what it had not written to disk is lost."),
                 Some("Force off"),
             ),
+            Confirm::Reboot(host, name) => (
+                format!("Reboot {name}?"),
+                format!("The guest of {name} on {host} is asked to restart: what runs in it stops and starts again, and work it has not saved is lost."),
+                Some("Reboot"),
+            ),
             Confirm::StopInstance { host, vm, service } => (
                 format!("Stop {vm}?"),
                 format!("{vm} on {host} is an instance of service {service}: the guest is asked to shut down (forced off after the agent's stop timeout), and the service loses this instance until it is started again."),
@@ -833,6 +874,11 @@ impl ConsoleApp {
                                 });
                             }
                             Confirm::ForceOff(host, name) => actions.stop_vm(&host, &name, true),
+                            Confirm::Reboot(host, name) => actions.power_vm(
+                                &host,
+                                &name,
+                                dunes_shared::protocol::PowerAction::Reboot,
+                            ),
                             Confirm::StopInstance { host, vm, .. } => {
                                 actions.stop_vm(&host, &vm, false)
                             }

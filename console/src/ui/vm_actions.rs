@@ -46,6 +46,38 @@ pub fn vm_actions_ui(
         }
         close(ui);
     }
+    // Only VMs reboot, pause and resume.
+    let is_vm = vm.runtime == dunes_shared::model::RuntimeKind::Libvirt;
+    let running = is_vm && vm.state == dunes_shared::model::VmState::Running;
+    let paused = is_vm && vm.state == dunes_shared::model::VmState::Paused;
+    if ui
+        .add_enabled(online && running, egui::Button::new("Reboot…"))
+        .on_hover_text("Ask the guest to restart")
+        .clicked()
+    {
+        actions.push(UiAction::Confirm(Confirm::Reboot(
+            host_id.clone(),
+            name.clone(),
+        )));
+        close(ui);
+    }
+    if paused {
+        if ui
+            .add_enabled(online, egui::Button::new("Resume"))
+            .on_hover_text("Let the paused VM go on")
+            .clicked()
+        {
+            actions.power_vm(host_id, name, dunes_shared::protocol::PowerAction::Resume);
+            close(ui);
+        }
+    } else if ui
+        .add_enabled(online && running, egui::Button::new("Pause"))
+        .on_hover_text("Stop its vCPUs; its memory stays")
+        .clicked()
+    {
+        actions.power_vm(host_id, name, dunes_shared::protocol::PowerAction::Pause);
+        close(ui);
+    }
     if ui
         .add_enabled(online && active, egui::Button::new("Force off…"))
         .on_hover_text("Cut the VM off at once, without a shutdown")

@@ -24,8 +24,8 @@ use dunes_shared::{
         WorkloadSample,
     },
     protocol::{
-        GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricKind, MetricProbe, ProbeKind,
-        ReadinessProbe, ReadyReply,
+        GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricKind, MetricProbe, PowerAction,
+        ProbeKind, ReadinessProbe, ReadyReply,
     },
 };
 use tokio::sync::{Semaphore, broadcast};
@@ -537,6 +537,13 @@ impl Runtime for LibvirtRuntime {
         }))
     }
 
+    fn power(&self, name: VmName, action: PowerAction) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(async move {
+            let _vm = self.lock_vm(&name).await;
+            self.call(move |i| i.power(&name, action)).await
+        })
+    }
+
     fn guest_exec(&self, request: GuestExec) -> RuntimeFuture<'_, GuestExecReply> {
         // A command holds one of the few guest-agent slots while it runs: never past 10 min.
         let secs = match request.timeout_secs {
@@ -880,6 +887,33 @@ impl Inner {
             VmState::Paused => dom.resume().map(drop).map_err(lv("resuming the VM"))?,
             _ => dom.create().map(drop).map_err(lv("starting the VM"))?,
         };
+        self.status_of(name)
+    }
+
+    /// Reboots a running VM, pauses a running one, resumes a paused one; any other state
+    /// says why not and changes nothing.
+    fn power(&self, name: &VmName, action: PowerAction) -> Result<VmStatus, RuntimeError> {
+        let dom = self.lookup(name)?;
+        let state = self.state_of(name)?;
+        let wrong = |hint| RuntimeError::WrongState {
+            name: name.clone(),
+            state,
+            hint,
+        };
+        match (action, state) {
+            (PowerAction::Reboot, VmState::Running) => {
+                dom.reboot(0).map(drop).map_err(lv("rebooting the VM"))?
+            }
+            (PowerAction::Reboot, _) => return Err(wrong("only a running VM reboots; start it")),
+            (PowerAction::Pause, VmState::Running) => {
+                dom.suspend().map(drop).map_err(lv("pausing the VM"))?
+            }
+            (PowerAction::Pause, _) => return Err(wrong("only a running VM pauses")),
+            (PowerAction::Resume, VmState::Paused) => {
+                dom.resume().map(drop).map_err(lv("resuming the VM"))?
+            }
+            (PowerAction::Resume, _) => return Err(wrong("only a paused VM resumes")),
+        }
         self.status_of(name)
     }
 
