@@ -45,7 +45,7 @@ done
 
 shot() { sleep 1.5; xwd -id "$window" -silent | convert xwd:- "$out/$1.png"; echo "wrote $out/$1.png"; }
 click() { xdotool mousemove "$1" "$2" click 1; sleep 0.7; }
-key() { xdotool windowfocus "$window"; xdotool key "$@"; sleep 0.5; }
+key() { xdotool windowfocus --sync "$window"; xdotool key "$@"; sleep 0.7; }
 size() { xdotool windowsize "$window" "$1" "$2"; sleep 1.5; }
 # Waits until the migration under way has streamed at least a third of its disk.
 third_streamed() {
@@ -79,10 +79,10 @@ click 346 101            # lsn-1's card
 click 1438 56            # Statistics… in its details
 click 291 67             # 30 days
 shot charts-1600x1000
-click 598 33             # the charts' close button
+key Escape               # closes the charts
 click 293 13             # Capacity… in the toolbar
 shot capacity-1600x1000
-key Escape
+key Escape               # closes the capacity view
 
 # 800×500: the side panels are strips; the details open over the topology.
 size 800 500
@@ -93,11 +93,11 @@ shot migration-800x500
 sleep 10
 click 180 201            # the crm-db chip
 shot vm-details-800x500
-key Escape
+key Escape               # folds the details drawer
 click 12 80              # the Services strip
 click 67 308             # the shop service's Plan… button
 shot plan-800x500
-click 178 281            # Close
-key Escape
+key Escape               # closes the plan
+key Escape               # folds the services drawer
 click 293 13             # Capacity…
 shot capacity-800x500
