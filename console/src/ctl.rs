@@ -495,6 +495,7 @@ pub fn vm_json(host: &HostId, vm: &VmStatus) -> Value {
         })),
         // Its disks as its agent holds them (null from an agent that does not say).
         "disks": vm.disks,
+        "nics": vm.nics,
     })
 }
 

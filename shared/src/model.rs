@@ -410,6 +410,21 @@ pub struct VmStatus {
     /// say (an older release, or a process instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<VmDiskInfo>>,
+    /// Its network interfaces; `None` from an agent that does not say (an older release, or
+    /// a process instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nics: Option<Vec<VmNicInfo>>,
+}
+
+/// One network interface of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNicInfo {
+    /// The device the guest sees (`virtio`, `e1000`, …), or "default".
+    pub model: String,
+    /// Where it is plugged: `user-mode` (QEMU's user networking), `network NAME` or
+    /// `bridge NAME`.
+    pub network: String,
+    pub mac: Option<String>,
 }
 
 /// How a disk image file is laid out.

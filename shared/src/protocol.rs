@@ -697,6 +697,7 @@ mod tests {
             runtime: RuntimeKind::Libvirt,
             overlay_on: None,
             disks: None,
+            nics: None,
         }
     }
 

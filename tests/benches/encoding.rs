@@ -33,6 +33,7 @@ fn vm(i: usize) -> VmStatus {
         runtime: RuntimeKind::Libvirt,
         overlay_on: None,
         disks: None,
+        nics: None,
     }
 }
 

@@ -101,6 +101,21 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         .unwrap();
     assert_eq!(vm.state, VmState::Running);
     let created = Instant::now();
+    // Its disk and its NIC as the details show them: a raw copy of the template, and a
+    // virtio NIC on QEMU's user-mode network with the MAC libvirt gave it.
+    let disks = vm.disks.clone().expect("the agent lists its disks");
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    assert_eq!(disks[0].file, "tiny-1.img");
+    let nics = vm.nics.clone().expect("the agent lists its NICs");
+    assert_eq!(nics.len(), 1, "{nics:?}");
+    assert_eq!(
+        (nics[0].model.as_str(), nics[0].network.as_str()),
+        ("virtio", "user-mode")
+    );
+    assert!(
+        nics[0].mac.as_deref().is_some_and(|m| m.len() == 17),
+        "{nics:?}"
+    );
 
     // A guest that does not answer the power button is forced off after the agent's stop
     // timeout (20 s in the test agents' config). Pressed the moment QEMU starts, before the

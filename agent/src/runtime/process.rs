@@ -311,6 +311,7 @@ impl ProcessRuntime {
             runtime: RuntimeKind::Process,
             overlay_on: None,
             disks: None,
+            nics: None,
         }
     }
 

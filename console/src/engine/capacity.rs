@@ -258,6 +258,7 @@ mod tests {
                     runtime: RuntimeKind::Libvirt,
                     overlay_on: None,
                     disks: None,
+                    nics: None,
                 })
                 .collect(),
             skipped_events: Default::default(),

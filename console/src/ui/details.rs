@@ -179,6 +179,16 @@ impl DetailsPanel {
                             }
                         }
                     }
+                    match &vm.nics {
+                        Some(nics) if nics.is_empty() && !is_process => row(ui, "NICs", "none"),
+                        Some(nics) => {
+                            for nic in nics {
+                                let mac = nic.mac.as_deref().map_or(String::new(), |m| format!("\n{m}"));
+                                row(ui, "NIC", format!("{} on {}{mac}", nic.model, nic.network));
+                            }
+                        }
+                        None => {}
+                    }
                     row(ui, "UUID", vm.uuid.as_str());
                 });
                 guest_apps_ui(ui, snapshot, &host_id, &name, actions);

@@ -435,6 +435,8 @@ pub struct DomainXml {
     pub guest_agent: bool,
     /// Whether it has a NIC on QEMU's user-mode network.
     pub user_network: bool,
+    /// Each network interface as the window shows it.
+    pub nics: Vec<dunes_shared::model::VmNicInfo>,
 }
 
 impl DomainXml {
@@ -482,7 +484,37 @@ impl DomainXml {
                         }
                     }
                     (Some("devices"), "interface") => {
-                        out.user_network |= attr("type")?.as_deref() == Some("user");
+                        let kind = attr("type")?;
+                        out.user_network |= kind.as_deref() == Some("user");
+                        out.nics.push(dunes_shared::model::VmNicInfo {
+                            model: "default".into(),
+                            network: match kind.as_deref() {
+                                Some("user") => "user-mode".into(),
+                                Some(other) => other.to_string(),
+                                None => "unknown".into(),
+                            },
+                            mac: None,
+                        });
+                    }
+                    (Some("interface"), "mac") => {
+                        if let Some(nic) = out.nics.last_mut() {
+                            nic.mac = attr("address")?;
+                        }
+                    }
+                    (Some("interface"), "model") => {
+                        if let (Some(nic), Some(model)) = (out.nics.last_mut(), attr("type")?) {
+                            nic.model = model;
+                        }
+                    }
+                    (Some("interface"), "source") => {
+                        let named = match (attr("network")?, attr("bridge")?) {
+                            (Some(n), _) => Some(format!("network {n}")),
+                            (None, Some(b)) => Some(format!("bridge {b}")),
+                            (None, None) => None,
+                        };
+                        if let (Some(nic), Some(named)) = (out.nics.last_mut(), named) {
+                            nic.network = named;
+                        }
                     }
                     (Some("interface"), "target") => {
                         if let Some(dev) = attr("dev")? {
@@ -567,6 +599,17 @@ pub fn template_of(xml: &str) -> Option<TemplateName> {
         .and_then(|t| TemplateName::new(t).ok())
 }
 
+/// What a domain's XML says once about its VM: the template it was made from, and its NICs.
+pub fn learned_from(xml: &str) -> (Option<TemplateName>, Vec<dunes_shared::model::VmNicInfo>) {
+    match DomainXml::parse(xml) {
+        Ok(doc) => (
+            doc.template.and_then(|t| TemplateName::new(t).ok()),
+            doc.nics,
+        ),
+        Err(_) => (None, Vec::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,6 +691,34 @@ mod tests {
             there.contains(&*other.disks_dir().to_string_lossy()),
             "{there}"
         );
+    }
+
+    #[test]
+    fn each_nic_is_read_with_its_model_network_and_mac() {
+        let xml = "<domain type='qemu'><name>n</name><devices>\
+            <interface type='user'><mac address='52:54:00:aa:bb:cc'/><model type='virtio'/></interface>\
+            <interface type='bridge'><source bridge='br0'/><target dev='vnet3'/><model type='e1000'/></interface>\
+            <interface type='network'><source network='default'/></interface>\
+            </devices></domain>";
+        let (template, nics) = learned_from(xml);
+        assert_eq!(template, None);
+        let shown: Vec<(&str, &str, Option<&str>)> = nics
+            .iter()
+            .map(|n| (n.model.as_str(), n.network.as_str(), n.mac.as_deref()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("virtio", "user-mode", Some("52:54:00:aa:bb:cc")),
+                ("e1000", "bridge br0", None),
+                ("default", "network default", None),
+            ]
+        );
+        let doc = DomainXml::parse(xml).unwrap();
+        assert!(doc.user_network);
+        assert_eq!(doc.interfaces, ["vnet3"]);
+        // XML that does not parse tells nothing, and breaks nothing.
+        assert_eq!(learned_from("<domain><devices>"), (None, Vec::new()));
     }
 
     #[test]

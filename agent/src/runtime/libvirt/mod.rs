@@ -88,7 +88,7 @@ struct Inner {
     /// One lock per VM name: calls for one VM are ordered.
     vm_locks: Mutex<HashMap<VmName, Arc<tokio::sync::Mutex<()>>>>,
     /// Template of each domain, by UUID: read from its XML once.
-    templates: Mutex<HashMap<String, Option<TemplateName>>>,
+    templates: Mutex<HashMap<String, Learned>>,
     /// Disk and interface devices of each running domain, by UUID, for its counters: read
     /// from its XML once.
     devices: Mutex<HashMap<String, Arc<CountedDevices>>>,
@@ -147,6 +147,9 @@ impl std::fmt::Debug for LibvirtRuntime {
     }
 }
 
+/// What a domain's XML said once, by UUID: its template and its NICs.
+type Learned = (Option<TemplateName>, Vec<dunes_shared::model::VmNicInfo>);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -160,6 +163,7 @@ struct Lifecycle {
     vcpus: u32,
     memory_mib: u64,
     template: Option<TemplateName>,
+    nics: Vec<dunes_shared::model::VmNicInfo>,
 }
 
 /// What came of asking a guest to shut down.
@@ -647,15 +651,15 @@ impl Inner {
         let info = dom.info().map_err(lv("reading domain info"))?;
         let uuid = dom.uuid_string().map_err(lv("reading a domain uuid"))?;
         let cached = lock(&self.templates).get(&uuid).cloned();
-        let template = match cached {
+        let (template, nics) = match cached {
             Some(t) => t,
             None => {
-                let t = dom
+                let learned = dom
                     .xml_desc(0)
-                    .ok()
-                    .and_then(|xml| definition::template_of(&xml));
-                lock(&self.templates).insert(uuid.clone(), t.clone());
-                t
+                    .map(|xml| definition::learned_from(&xml))
+                    .unwrap_or_default();
+                lock(&self.templates).insert(uuid.clone(), learned.clone());
+                learned
             }
         };
         Ok(Some((
@@ -666,6 +670,7 @@ impl Inner {
                 vcpus: info.nr_virt_cpu,
                 memory_mib: info.max_mem / 1024,
                 template,
+                nics,
             },
         )))
     }
@@ -682,6 +687,7 @@ impl Inner {
             overlay_on,
             disk_bytes: disks.iter().map(|d| d.allocated_bytes).sum(),
             disks: Some(disks),
+            nics: Some(life.nics),
             uuid: life.uuid,
             name,
             state: life.state,

@@ -830,6 +830,7 @@ mod tests {
                 allocated_bytes: 4096,
             }),
             disks: None,
+            nics: None,
         }
     }
 

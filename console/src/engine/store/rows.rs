@@ -379,6 +379,7 @@ impl TryFrom<VmRow> for VmStatus {
             overlay_on: row.overlay_on.and_then(TemplateDiskRow::into_model),
             // Only a live agent says: a stored VM is one nobody can move until it does.
             disks: None,
+            nics: None,
         })
     }
 }
