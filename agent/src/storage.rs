@@ -203,6 +203,20 @@ impl Storage {
             .find(|d| d.path.exists())
     }
 
+    /// Copies disk files (`from`, `to`: names in the disks directory), holes kept; a copy
+    /// that fails removes what it wrote.
+    pub fn copy_disk_files(&self, pairs: &[(String, String)]) -> Result<(), StorageError> {
+        for (i, (from, to)) in pairs.iter().enumerate() {
+            if let Err(e) = sparse_copy(&self.disk_file(from), &self.disk_file(to)) {
+                for (_, done) in &pairs[..i] {
+                    let _ = std::fs::remove_file(self.disk_file(done));
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// The digest of a template's image, hashed once per version of the file.
     pub fn template_disk(&self, name: &TemplateName) -> Result<TemplateDisk, StorageError> {
         let path = self.template_dir(name).join(TEMPLATE_DISK);

@@ -318,8 +318,34 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Delete a stopped VM and its disks.
+    /// Delete a stopped VM, its disks and its snapshots.
     Delete { vm: String },
+    /// Change a VM's vCPUs or memory. A running VM keeps what it has until its next start
+    /// (the reply says so: `at_next_start`). Refused beyond the host's CPUs or free memory.
+    Set {
+        vm: String,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+    },
+    /// Start a VM whenever its host's agent starts, or not.
+    Autostart { vm: String, state: OnOff },
+    /// Copy a stopped VM: its disks, vCPUs and memory, with a new name, UUID and MAC. The
+    /// copy is made on the VM's host and stays off; with --to another host, it then migrates
+    /// there (`migrations` follows it).
+    Clone {
+        vm: String,
+        /// The copy's name.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Snapshots of a VM on qcow2 disks (a VM from an overlay template): its disks, and its
+    /// memory when it runs, at one moment, kept inside its disk.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Run a shell command inside a running VM through its guest agent (qemu-guest-agent),
     /// print what it printed, and exit with its exit code.
     Exec {
@@ -352,6 +378,24 @@ pub enum VmCommand {
         #[arg(long, value_enum, default_value_t = Compress::Auto)]
         compress: Compress,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List a VM's snapshots, oldest first.
+    List { vm: String },
+    /// Take a snapshot (1 to 64 letters, digits, '-', '_', '.').
+    Create { vm: String, snapshot: String },
+    /// Put the VM back as it was at the snapshot: what it wrote since is lost.
+    Revert { vm: String, snapshot: String },
+    /// Delete a snapshot; the VM stays as it is.
+    Delete { vm: String, snapshot: String },
 }
 
 /// Whether a migration's disk stream is compressed.
@@ -705,6 +749,47 @@ fn ctl_request(command: &CtlCommand) -> anyhow::Result<CtlRequest> {
             force: *force,
         },
         CtlCommand::Vm(VmCommand::Delete { vm }) => CtlRequest::VmDelete { vm: vm.clone() },
+        CtlCommand::Vm(VmCommand::Set {
+            vm,
+            vcpus,
+            memory_mib,
+        }) => CtlRequest::VmSet {
+            vm: vm.clone(),
+            vcpus: *vcpus,
+            memory_mib: *memory_mib,
+            autostart: None,
+        },
+        CtlCommand::Vm(VmCommand::Autostart { vm, state }) => CtlRequest::VmSet {
+            vm: vm.clone(),
+            vcpus: None,
+            memory_mib: None,
+            autostart: Some(*state == OnOff::On),
+        },
+        CtlCommand::Vm(VmCommand::Clone { vm, name, to }) => CtlRequest::VmClone {
+            vm: vm.clone(),
+            name: name.clone(),
+            to: to.clone(),
+        },
+        CtlCommand::Vm(VmCommand::Snapshot(command)) => {
+            use dunes_shared::protocol::SnapshotAction;
+            let (vm, action, snapshot) = match command {
+                SnapshotCommand::List { vm } => (vm, SnapshotAction::List, None),
+                SnapshotCommand::Create { vm, snapshot } => {
+                    (vm, SnapshotAction::Create, Some(snapshot))
+                }
+                SnapshotCommand::Revert { vm, snapshot } => {
+                    (vm, SnapshotAction::Revert, Some(snapshot))
+                }
+                SnapshotCommand::Delete { vm, snapshot } => {
+                    (vm, SnapshotAction::Delete, Some(snapshot))
+                }
+            };
+            CtlRequest::VmSnapshot {
+                vm: vm.clone(),
+                action,
+                snapshot: snapshot.cloned(),
+            }
+        }
         CtlCommand::Vm(VmCommand::Exec {
             vm,
             timeout_secs,
@@ -1230,6 +1315,69 @@ fn render_table(command: &CtlCommand, data: &Value) -> String {
             // What the command wrote to its stderr goes to ours.
             eprint!("{}", data["stderr"].as_str().unwrap_or_default());
             data["stdout"].as_str().unwrap_or_default().to_string()
+        }
+        CtlCommand::Vm(VmCommand::Snapshot(_)) => table(
+            &["NAME", "CREATED", "STATE", "MEMORY_MIB", "CURRENT"],
+            items
+                .iter()
+                .map(|i| {
+                    vec![
+                        text(&i["name"]),
+                        crate::ui::date_time(i["created_unix_secs"].as_u64().unwrap_or(0)),
+                        text(&i["state"]),
+                        i["memory_state_bytes"]
+                            .as_u64()
+                            .map_or("-".into(), |b| b.div_ceil(1 << 20).to_string()),
+                        if i["current"] == Value::Bool(true) {
+                            "*".into()
+                        } else {
+                            String::new()
+                        },
+                    ]
+                })
+                .collect(),
+        ),
+        CtlCommand::Vm(VmCommand::Set { .. } | VmCommand::Autostart { .. }) => {
+            let next = &data["next_start"];
+            let mut out = format!(
+                "{} on {}: {}, {} vCPUs, {} MiB, autostart {}",
+                text(&data["name"]),
+                text(&data["host"]),
+                text(&data["state"]),
+                text(&data["vcpus"]),
+                text(&data["memory_mib"]),
+                if data["autostart"] == Value::Bool(true) {
+                    "on"
+                } else {
+                    "off"
+                }
+            );
+            if !next.is_null() {
+                out.push_str(&format!(
+                    "; at its next start: {} vCPUs, {} MiB",
+                    text(&next["vcpus"]),
+                    text(&next["memory_mib"])
+                ));
+            }
+            out + "\n"
+        }
+        CtlCommand::Vm(VmCommand::Clone { .. }) => {
+            let mut out = format!(
+                "{} on {}: a copy of {}, {}\n",
+                text(&data["name"]),
+                text(&data["host"]),
+                text(&data["clone_of"]),
+                text(&data["state"])
+            );
+            let m = &data["migration"];
+            if !m.is_null() {
+                out.push_str(&format!(
+                    "migration {} takes it to {}\n",
+                    text(&m["id"]),
+                    text(&m["to"])
+                ));
+            }
+            out
         }
         CtlCommand::Vm(_) => format!(
             "{} on {}: {}\n",

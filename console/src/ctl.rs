@@ -197,6 +197,29 @@ pub enum CtlRequest {
         vm: String,
         force: bool,
     },
+    /// vCPUs, memory or autostart; what is absent stays.
+    VmSet {
+        vm: String,
+        #[serde(default)]
+        vcpus: Option<u32>,
+        #[serde(default)]
+        memory_mib: Option<u64>,
+        #[serde(default)]
+        autostart: Option<bool>,
+    },
+    VmClone {
+        vm: String,
+        name: String,
+        /// Another host the copy then migrates to.
+        #[serde(default)]
+        to: Option<String>,
+    },
+    VmSnapshot {
+        vm: String,
+        action: dunes_shared::protocol::SnapshotAction,
+        #[serde(default)]
+        snapshot: Option<String>,
+    },
     VmExec {
         vm: String,
         command: String,
@@ -496,6 +519,12 @@ pub fn vm_json(host: &HostId, vm: &VmStatus) -> Value {
         // Its disks as its agent holds them (null from an agent that does not say).
         "disks": vm.disks,
         "nics": vm.nics,
+        // From its guest agent while it runs; null when nobody answered.
+        "addresses": vm.addresses,
+        "autostart": vm.autostart,
+        // The vCPUs and memory its next start brings, when they differ from now's.
+        "next_start": vm.next_start,
+        "snapshots": vm.snapshots,
     })
 }
 
@@ -845,6 +874,70 @@ async fn handle(engine: &EngineHandle, request: CtlRequest) -> Result<Value, Str
                 "stdout": out.stdout,
                 "stderr": out.stderr,
             }))
+        }
+        CtlRequest::VmSet {
+            vm,
+            vcpus,
+            memory_mib,
+            autostart,
+        } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let configured = engine
+                .request(|reply| Command::ConfigureVm {
+                    host: host.clone(),
+                    name: found.name,
+                    vcpus,
+                    memory_mib,
+                    autostart,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            let mut out = vm_json(&host, &configured.status);
+            out["at_next_start"] = Value::Bool(configured.at_next_start);
+            Ok(out)
+        }
+        CtlRequest::VmClone { vm, name, to } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let new_name = VmName::new(name).map_err(|e| e.to_string())?;
+            let to = to
+                .map(|t| HostId::new(t).map_err(|e| e.to_string()))
+                .transpose()?;
+            let cloned = engine
+                .request(|reply| Command::CloneVm {
+                    host,
+                    name: found.name,
+                    new_name,
+                    to,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            let mut out = vm_json(&cloned.host, &cloned.status);
+            out["clone_of"] = json!(vm);
+            out["migration"] = cloned
+                .migration
+                .as_ref()
+                .map_or(Value::Null, migration_json);
+            Ok(out)
+        }
+        CtlRequest::VmSnapshot {
+            vm,
+            action,
+            snapshot,
+        } => {
+            let (host, found) = engine.snapshot().find_vm(&vm)?;
+            let listed = engine
+                .request(|reply| Command::SnapshotVm {
+                    host,
+                    name: found.name,
+                    action,
+                    snapshot,
+                    reply,
+                })
+                .await
+                .map_err(engine_err)?;
+            Ok(json!(listed))
         }
         CtlRequest::VmStop { vm, force } => {
             let (host, found) = engine.snapshot().find_vm(&vm)?;

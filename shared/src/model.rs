@@ -358,6 +358,10 @@ pub enum SpecError {
     Vcpus(u32),
     #[error("memory must be between {MEMORY_MIB_MIN} and {MEMORY_MIB_MAX} MiB, not {0}")]
     Memory(u64),
+    #[error(
+        "snapshot name {0:?} must be 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+    )]
+    SnapshotName(String),
 }
 
 /// What the operator asks for when creating a VM.
@@ -414,6 +418,62 @@ pub struct VmStatus {
     /// a process instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<VmNicInfo>>,
+    /// Whether its agent starts it when the agent starts; `None` from an agent that does not
+    /// say, or for a VM it did not create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    /// The vCPUs and memory it gets at its next start, when they differ from what it runs
+    /// with now (changed while it ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start: Option<VmResources>,
+    /// Its IP addresses (`10.0.2.15/24`), as its guest agent reports them while it runs;
+    /// `None` when nobody answered (no guest agent, or not running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<Vec<String>>,
+    /// How many snapshots it has; `None` from an agent that does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<u32>,
+}
+
+/// The vCPUs and memory of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmResources {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// A snapshot of a VM: its disks (and memory, when it ran) at one moment, kept inside its
+/// qcow2 disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub created_unix_secs: u64,
+    /// The VM's state when it was taken: a running VM's snapshot reverts to running.
+    pub state: VmState,
+    /// Bytes of memory state it holds (0 for a VM that was off); `None` when unknown.
+    #[serde(default)]
+    pub memory_state_bytes: Option<u64>,
+    /// The snapshot the VM last was at (taken or reverted to).
+    #[serde(default)]
+    pub current: bool,
+}
+
+/// Longest snapshot name.
+pub const SNAPSHOT_NAME_MAX: usize = 64;
+
+/// Checks a snapshot name: 1 to 64 letters, digits, `-`, `_` or `.`, not starting with `.`.
+pub fn validate_snapshot_name(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= SNAPSHOT_NAME_MAX
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::SnapshotName(name.chars().take(80).collect()))
+    }
 }
 
 /// One network interface of a VM.

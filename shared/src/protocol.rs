@@ -9,7 +9,8 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::model::{
-    HostId, HostInventory, HostStatus, RuntimeKind, Sample, TemplateInfo, VmName, VmSpec, VmStatus,
+    HostId, HostInventory, HostStatus, RuntimeKind, Sample, SnapshotInfo, TemplateInfo, VmName,
+    VmSpec, VmStatus,
 };
 
 /// ALPN of the control protocol between console and agent.
@@ -53,6 +54,12 @@ pub mod features {
     pub const SITE_TRAFFIC: &str = "site-traffic";
     /// `PowerVm`: reboot, pause and resume a running VM.
     pub const VM_POWER: &str = "vm-power";
+    /// `ConfigureVm`: a VM's vCPUs, memory and autostart changed.
+    pub const VM_CONFIGURE: &str = "vm-configure";
+    /// `SnapshotVm`: snapshots of a VM on qcow2 disks taken, listed, reverted to, deleted.
+    pub const VM_SNAPSHOTS: &str = "vm-snapshots";
+    /// `CloneVm`: a stopped VM copied on its host under a new name.
+    pub const VM_CLONE: &str = "vm-clone";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -69,6 +76,9 @@ pub mod features {
         APP_METRIC,
         SITE_TRAFFIC,
         VM_POWER,
+        VM_CONFIGURE,
+        VM_SNAPSHOTS,
+        VM_CLONE,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -204,6 +214,67 @@ pub struct PowerVm {
     pub action: PowerAction,
     #[serde(default)]
     pub runtime: RuntimeKind,
+}
+
+/// Changes a VM's vCPUs, memory or autostart; what is `None` stays. A running VM gets new
+/// vCPUs and memory at its next start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigureVm {
+    pub name: VmName,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Start the VM whenever its agent starts.
+    #[serde(default)]
+    pub autostart: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmConfigured {
+    pub status: VmStatus,
+    /// The new vCPUs or memory wait for the VM's next start (it runs now).
+    pub at_next_start: bool,
+}
+
+/// What to do with a VM's snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotAction {
+    List,
+    Create,
+    /// The VM goes back to the snapshot: what it wrote since is lost.
+    Revert,
+    Delete,
+}
+
+impl SnapshotAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotAction::List => "list",
+            SnapshotAction::Create => "create",
+            SnapshotAction::Revert => "revert",
+            SnapshotAction::Delete => "delete",
+        }
+    }
+}
+
+/// Takes, reverts to or deletes one snapshot of a VM (`snapshot` names it), or lists them;
+/// answered with the VM's snapshots afterwards, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotVm {
+    pub name: VmName,
+    pub action: SnapshotAction,
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+/// Copies a stopped VM on its host: a new VM `new_name` with a copy of its disks, its vCPUs
+/// and memory, a new UUID and MAC address; it stays off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloneVm {
+    pub name: VmName,
+    pub new_name: VmName,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -535,6 +606,9 @@ pub enum Request {
     ReadMetric(ReadMetric),
     SiteAddresses(SiteAddresses),
     PowerVm(PowerVm),
+    ConfigureVm(ConfigureVm),
+    SnapshotVm(SnapshotVm),
+    CloneVm(CloneVm),
 }
 
 impl Request {
@@ -565,6 +639,9 @@ impl Request {
             Request::ReadMetric(_) => ReadMetric::KIND,
             Request::SiteAddresses(_) => SiteAddresses::KIND,
             Request::PowerVm(_) => PowerVm::KIND,
+            Request::ConfigureVm(_) => ConfigureVm::KIND,
+            Request::SnapshotVm(_) => SnapshotVm::KIND,
+            Request::CloneVm(_) => CloneVm::KIND,
         }
     }
 }
@@ -620,6 +697,9 @@ rpc! {
     ReadMetric => MetricReply, Some(features::APP_METRIC), "read-metric";
     SiteAddresses => (), Some(features::SITE_TRAFFIC), "site-addresses";
     PowerVm => VmStatus, Some(features::VM_POWER), "power-vm";
+    ConfigureVm => VmConfigured, Some(features::VM_CONFIGURE), "configure-vm";
+    SnapshotVm => Vec<SnapshotInfo>, Some(features::VM_SNAPSHOTS), "snapshot-vm";
+    CloneVm => VmStatus, Some(features::VM_CLONE), "clone-vm";
 }
 
 /// What an agent pushes on its event stream.
@@ -698,6 +778,10 @@ mod tests {
             overlay_on: None,
             disks: None,
             nics: None,
+            autostart: None,
+            next_start: None,
+            addresses: None,
+            snapshots: None,
         }
     }
 
@@ -802,6 +886,30 @@ mod tests {
                     "81a7506f776572566d83a46e616d65a161a6616374696f6ea570617573",
                     "65a772756e74696d65a76c696276697274",
                 ),
+            ),
+            (
+                Request::ConfigureVm(ConfigureVm {
+                    name: name(),
+                    vcpus: None,
+                    memory_mib: Some(512),
+                    autostart: Some(true),
+                }),
+                "81ab436f6e666967757265566d84a46e616d65a161a57663707573c0aa6d656d6f72795f6d6962cd0200a96175746f7374617274c3",
+            ),
+            (
+                Request::SnapshotVm(SnapshotVm {
+                    name: name(),
+                    action: SnapshotAction::Revert,
+                    snapshot: Some("s".into()),
+                }),
+                "81aa536e617073686f74566d83a46e616d65a161a6616374696f6ea6726576657274a8736e617073686f74a173",
+            ),
+            (
+                Request::CloneVm(CloneVm {
+                    name: name(),
+                    new_name: VmName::new("b").unwrap(),
+                }),
+                "81a7436c6f6e65566d82a46e616d65a161a86e65775f6e616d65a162",
             ),
             (
                 Request::StopVm(StopVm {

@@ -34,6 +34,10 @@ fn vm(i: usize) -> VmStatus {
         overlay_on: None,
         disks: None,
         nics: None,
+        autostart: None,
+        next_start: None,
+        addresses: None,
+        snapshots: None,
     }
 }
 

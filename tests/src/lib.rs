@@ -379,3 +379,15 @@ pub async fn deploy_service(
     anyhow::ensure!(report.failed.is_empty(), "start failed: {report:?}");
     Ok(name)
 }
+
+/// Waits, from a blocking test, until `done` holds; panics naming `what` after `timeout`.
+pub fn poll_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

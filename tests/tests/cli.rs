@@ -5,8 +5,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dunes_tests::{agent_binary, console_binary};
-use serde_json::Value;
+use dunes_tests::{agent_binary, console_binary, poll_until};
+use serde_json::{Value, json};
 
 struct Console(Child);
 
@@ -1116,6 +1116,154 @@ fn migration_end(data: &std::path::Path, id: u64) -> Value {
         assert!(Instant::now() < deadline, "{m}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A failed ctl call: one line on stderr, which is returned.
+fn refused(data: &std::path::Path, args: &[&str]) -> String {
+    let out = ctl(data, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{args:?} was not refused");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    stderr
+}
+
+fn vm_named(data: &std::path::Path, name: &str) -> Value {
+    json(&ctl(data, &["--json", "vms"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// vCPUs and memory now or at the next start, autostart, clones here and elsewhere, and
+/// what the demo's raw disks say of snapshots; each refusal one line that changes nothing.
+#[test]
+fn vm_resources_autostart_and_clones_from_ctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo(dir.path());
+
+    // Stopped: the change is the VM's at once.
+    let set = json(&ctl(
+        &data,
+        &[
+            "--json",
+            "vm",
+            "set",
+            "build-runner",
+            "--vcpus",
+            "8",
+            "--memory-mib",
+            "6144",
+        ],
+    ));
+    assert_eq!(
+        (&set["vcpus"], &set["memory_mib"], &set["at_next_start"]),
+        (&json!(8), &json!(6144), &json!(false)),
+        "{set}"
+    );
+    // Running: it waits for the next start, and says so.
+    let out = ctl(&data, &["vm", "set", "intranet", "--memory-mib", "3072"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.starts_with("intranet on lsn-1: running, 2 vCPUs, 2048 MiB")
+            && said.contains("at its next start: 2 vCPUs, 3072 MiB"),
+        "{said}"
+    );
+    assert_eq!(
+        vm_named(&data, "intranet")["next_start"]["memory_mib"],
+        3072
+    );
+    let stopped = json(&ctl(&data, &["--json", "vm", "stop", "intranet"]));
+    assert_eq!(stopped["state"], "shutoff");
+    poll_until(Duration::from_secs(30), "intranet off at 3072 MiB", || {
+        let vm = vm_named(&data, "intranet");
+        vm["memory_mib"] == 3072 && vm["next_start"].is_null()
+    });
+
+    // More memory than lsn-2 has free, more vCPUs than it has CPUs: refused, unchanged.
+    let err = refused(&data, &["vm", "set", "wiki", "--memory-mib", "40000"]);
+    assert!(err.contains("less than the 40000 MiB asked"), "{err}");
+    let err = refused(&data, &["vm", "set", "wiki", "--vcpus", "9"]);
+    assert!(err.contains("lsn-2 has 8 CPUs"), "{err}");
+    let wiki = vm_named(&data, "wiki");
+    assert_eq!(
+        (&wiki["vcpus"], &wiki["memory_mib"]),
+        (&json!(2), &json!(2048))
+    );
+
+    assert_eq!(
+        json(&ctl(&data, &["--json", "vm", "autostart", "archive", "on"]))["autostart"],
+        true
+    );
+
+    // The demo's disks are raw: no snapshots, and why.
+    let err = refused(&data, &["vm", "snapshot", "list", "archive"]);
+    assert!(
+        err.contains("archive cannot have snapshots: its disk is raw"),
+        "{err}"
+    );
+    let err = refused(&data, &["vm", "snapshot", "create", "archive", ".hidden"]);
+    assert!(err.contains("snapshot name \".hidden\""), "{err}");
+
+    // A clone on its host, then the same name again, then a running VM.
+    let copy = json(&ctl(
+        &data,
+        &["--json", "vm", "clone", "archive", "--name", "archive-2"],
+    ));
+    assert_eq!(
+        (&copy["host"], &copy["state"], &copy["clone_of"]),
+        (&json!("gva-1"), &json!("shutoff"), &json!("archive"))
+    );
+    assert_eq!(
+        copy["autostart"], false,
+        "a copy does not inherit autostart"
+    );
+    assert_ne!(copy["id"], vm_named(&data, "archive")["id"]);
+    let err = refused(&data, &["vm", "clone", "archive", "--name", "archive-2"]);
+    assert!(
+        err.contains("gva-1 already has a VM named archive-2"),
+        "{err}"
+    );
+    let err = refused(&data, &["vm", "clone", "crm-db", "--name", "crm-2"]);
+    assert!(err.contains("crm-db is running; stop it first"), "{err}");
+
+    // A clone to another host: made here, then migrated there through the disk transfer.
+    let copy = json(&ctl(
+        &data,
+        &[
+            "--json",
+            "vm",
+            "clone",
+            "build-runner",
+            "--name",
+            "runner-2",
+            "--to",
+            "lsn-2",
+        ],
+    ));
+    let id = copy["migration"]["id"].as_u64().expect("a migration");
+    assert_eq!(migration_end(&data, id)["state"], "source-deleted");
+    let runner = vm_named(&data, "runner-2");
+    assert_eq!(
+        (&runner["host"], &runner["vcpus"], &runner["memory_mib"]),
+        (&json!("lsn-2"), &json!(8), &json!(6144))
+    );
+    assert_eq!(vm_named(&data, "build-runner")["host"], "lsn-1");
+    let disk = |host: &str, file: &str| {
+        std::fs::read(
+            data.join("demo-agents")
+                .join(host)
+                .join("storage/disks")
+                .join(file),
+        )
+        .unwrap()
+    };
+    assert!(
+        disk("lsn-1", "build-runner.img") == disk("lsn-2", "runner-2.img"),
+        "the copy's disk on lsn-2 differs from the original's"
+    );
 }
 
 /// `vm migrate` on the demo: a VM made by Dunes ends on the other host, one the demo declared

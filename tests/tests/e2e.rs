@@ -269,6 +269,57 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         "one disk, no partial copy"
     );
 
+    // A clone of the stopped twin: its own disk with the same bytes, a new UUID; the same
+    // name again is refused before anything is copied.
+    let clone = |new_name: &str| {
+        let new_name = VmName::new(new_name).unwrap();
+        engine.request(|reply| Command::CloneVm {
+            host: host.clone(),
+            name: VmName::new("twin").unwrap(),
+            new_name,
+            to: None,
+            reply,
+        })
+    };
+    let copy = clone("twin-copy").await.unwrap();
+    assert_eq!(copy.status.state, VmState::Shutoff);
+    let twin_uuid = engine
+        .snapshot()
+        .host(&host)
+        .unwrap()
+        .vm(&VmName::new("twin").unwrap())
+        .unwrap()
+        .uuid
+        .clone();
+    assert_ne!(copy.status.uuid, twin_uuid);
+    let disk = |name: &str| std::fs::read(a.data_dir.join("storage/disks").join(name)).unwrap();
+    assert!(
+        disk("twin.img") == disk("twin-copy.img"),
+        "the copy's bytes differ"
+    );
+    let again = clone("twin-copy").await.unwrap_err();
+    assert!(
+        again
+            .to_string()
+            .contains("already has a VM named twin-copy"),
+        "{again}"
+    );
+
+    // Autostart: the twin starts whenever its agent does (checked after the restart below).
+    let configured = engine
+        .request(|reply| Command::ConfigureVm {
+            host: host.clone(),
+            name: VmName::new("twin").unwrap(),
+            vcpus: None,
+            memory_mib: None,
+            autostart: Some(true),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(configured.status.autostart, Some(true));
+    assert!(!configured.at_next_start);
+
     // Kill an agent: unreachable within 5 s, its VMs still in view.
     engine
         .request(|reply| Command::CreateVm {
@@ -335,6 +386,15 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
     .await;
     eprintln!("online again after {t:?}");
     assert_eq!(names(&engine.snapshot()), before, "no VM lost");
+    // The agent started the twin, which asked for it, and left the others off.
+    within(&engine, STATE_VISIBLE, "the twin autostarted", |s| {
+        vm_state(s, &host, "twin") == Some(VmState::Running)
+    })
+    .await;
+    assert_eq!(
+        vm_state(&engine.snapshot(), &host, "twin-copy"),
+        Some(VmState::Shutoff)
+    );
 
     let events: Vec<String> = engine
         .snapshot()

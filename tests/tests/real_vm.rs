@@ -734,3 +734,242 @@ process = "worker"
         .unwrap();
     assert!(deleted.failed.is_empty(), "{deleted:?}");
 }
+
+/// A tiny guest on a qcow2 overlay under QEMU: its guest agent reports its address; it
+/// pauses and resumes; more memory asked while it runs waits for its next start; a snapshot
+/// of it running is taken, reverted to (the guest's memory goes back: a file written since
+/// in its RAM-backed /tmp is gone) and deleted; a stopped copy of it has the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_guest_on_an_overlay_is_resized_snapshotted_cloned_and_shows_its_address() {
+    use dunes_shared::protocol::{PowerAction, SnapshotAction};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(guest) = prerequisites() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let agent_dir = dir.path().join("agent");
+    let _cleanup = KillQemu(agent_dir.clone());
+    let agent = AgentProcess::spawn_in(
+        None,
+        &agent_dir,
+        "qemu-host",
+        "lausanne",
+        "qemu:///embed",
+        "127.0.0.1:0",
+        vec!["--guest-dir".into(), guest.display().to_string()],
+    )
+    .unwrap();
+    // An overlay template over the tiny guest's files: its VMs get qcow2 disks.
+    let images = agent_dir.join("storage/images");
+    std::fs::create_dir_all(images.join("tiny-cow")).unwrap();
+    for file in ["vmlinuz", "initrd.img", "disk.img"] {
+        std::fs::copy(
+            images.join("tiny").join(file),
+            images.join("tiny-cow").join(file),
+        )
+        .unwrap();
+    }
+    let manifest = std::fs::read_to_string(images.join("tiny/template.toml")).unwrap();
+    assert!(manifest.contains("overlay = false"), "{manifest}");
+    std::fs::write(
+        images.join("tiny-cow/template.toml"),
+        manifest.replace("overlay = false", "overlay = true"),
+    )
+    .unwrap();
+    let engine = start_engine(&dir.path().join("console")).await.unwrap();
+    enroll_online(&engine, &agent).await.unwrap();
+    let host = agent.host_id.clone();
+    let name = VmName::new("cow-1").unwrap();
+    let vm = engine
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: VmSpec {
+                name: name.clone(),
+                template: TemplateName::new("tiny-cow").unwrap(),
+                vcpus: Some(1),
+                memory_mib: Some(256),
+            },
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        vm.disks.as_deref().map(|d| d[0].format),
+        Some(dunes_shared::model::DiskImageFormat::Qcow2)
+    );
+    console_line(
+        &agent_dir.join("storage/disks/cow-1.console.log"),
+        "dunes-guest: ready",
+        0,
+    )
+    .await;
+    let exec = |command: &str| {
+        let command = command.to_string();
+        engine.request(|reply| Command::GuestExec {
+            host: host.clone(),
+            name: name.clone(),
+            command,
+            timeout_secs: 10,
+            reply,
+        })
+    };
+
+    // Its address, from its guest agent, in its status.
+    engine
+        .wait_for(Duration::from_secs(60), |s| {
+            s.find_vm("cow-1").is_ok_and(|(_, v)| {
+                v.addresses
+                    .as_ref()
+                    .is_some_and(|a| a.iter().any(|a| a == "10.0.2.15/24"))
+            })
+        })
+        .await
+        .expect("the guest's address in its status");
+
+    let power = |action| {
+        let (host, name) = (host.clone(), name.clone());
+        engine.request(move |reply| Command::PowerVm {
+            host,
+            name,
+            action,
+            reply,
+        })
+    };
+    assert_eq!(
+        power(PowerAction::Pause).await.unwrap().state,
+        VmState::Paused
+    );
+    assert_eq!(
+        power(PowerAction::Resume).await.unwrap().state,
+        VmState::Running
+    );
+
+    // More memory while it runs: at its next start.
+    let configured = engine
+        .request(|reply| Command::ConfigureVm {
+            host: host.clone(),
+            name: name.clone(),
+            vcpus: None,
+            memory_mib: Some(320),
+            autostart: None,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(configured.at_next_start);
+    assert_eq!(configured.status.memory_mib, 256);
+    assert_eq!(
+        configured.status.next_start.map(|r| r.memory_mib),
+        Some(320)
+    );
+
+    let snapshot = |action, snapshot: Option<&str>| {
+        let snapshot = snapshot.map(str::to_string);
+        let (host, name) = (host.clone(), name.clone());
+        engine.request(move |reply| Command::SnapshotVm {
+            host,
+            name,
+            action,
+            snapshot,
+            reply,
+        })
+    };
+    let taken = Instant::now();
+    let listed = snapshot(SnapshotAction::Create, Some("before"))
+        .await
+        .unwrap();
+    eprintln!("snapshot of the running guest took {:?}", taken.elapsed());
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0].name.as_str(), listed[0].state, listed[0].current),
+        ("before", VmState::Running, true)
+    );
+    assert!(
+        listed[0].memory_state_bytes.is_some_and(|b| b > 0),
+        "{listed:?}"
+    );
+    assert!(listed[0].created_unix_secs > 1_700_000_000);
+    let taken_again = snapshot(SnapshotAction::Create, Some("before"))
+        .await
+        .unwrap_err();
+    assert!(
+        taken_again
+            .to_string()
+            .contains("has a snapshot named before already"),
+        "{taken_again}"
+    );
+    let long = "x".repeat(65);
+    assert!(snapshot(SnapshotAction::Create, Some(&long)).await.is_err());
+    assert_eq!(snapshot(SnapshotAction::List, None).await.unwrap().len(), 1);
+
+    let written = exec("echo after > /tmp/marker && cat /tmp/marker")
+        .await
+        .unwrap();
+    assert_eq!(written.exit_code, Some(0), "{written:?}");
+    snapshot(SnapshotAction::Revert, Some("before"))
+        .await
+        .unwrap();
+    // The guest's memory is the snapshot's again: its agent answers, without the file.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match exec("test -e /tmp/marker").await {
+            Ok(r) if r.exit_code == Some(1) => break,
+            Ok(r) => panic!("the file written after the snapshot is still there: {r:?}"),
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no guest agent after the revert: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    // A VM with snapshots is not cloned (its disk carries them).
+    let stop = |force| {
+        let (host, name) = (host.clone(), name.clone());
+        engine.request(move |reply| Command::StopVm {
+            host,
+            name,
+            force,
+            reply,
+        })
+    };
+    stop(true).await.unwrap();
+    assert!(
+        snapshot(SnapshotAction::Delete, Some("before"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let vm = engine
+        .wait_for(Duration::from_secs(10), |s| {
+            s.find_vm("cow-1")
+                .is_ok_and(|(_, v)| v.state == VmState::Shutoff && v.snapshots == Some(0))
+        })
+        .await
+        .expect("cow-1 off without snapshots");
+    let (_, vm) = vm.find_vm("cow-1").unwrap();
+    assert_eq!((vm.memory_mib, vm.next_start), (320, None));
+
+    let copy = engine
+        .request(|reply| Command::CloneVm {
+            host: host.clone(),
+            name: name.clone(),
+            new_name: VmName::new("cow-2").unwrap(),
+            to: None,
+            reply,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (copy.status.memory_mib, copy.status.state),
+        (320, VmState::Shutoff)
+    );
+    let disks = agent_dir.join("storage/disks");
+    assert!(
+        std::fs::read(disks.join("cow-1.qcow2")).unwrap()
+            == std::fs::read(disks.join("cow-2.qcow2")).unwrap(),
+        "the copy's overlay differs"
+    );
+    let nic = |v: &dunes_shared::model::VmStatus| v.nics.clone().unwrap()[0].mac.clone();
+    assert_ne!(nic(&copy.status), nic(&vm), "the copy has a MAC of its own");
+}

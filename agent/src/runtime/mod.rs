@@ -11,12 +11,12 @@ use std::{future::Future, pin::Pin, sync::Arc};
 
 use dunes_shared::{
     model::{
-        RuntimeInfo, RuntimeKind, SpecError, TemplateName, VmName, VmSpec, VmState, VmStatus,
-        WorkloadSample,
+        RuntimeInfo, RuntimeKind, SnapshotInfo, SpecError, TemplateName, VmName, VmSpec, VmState,
+        VmStatus, WorkloadSample,
     },
     protocol::{
-        ErrorCode, GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricProbe, PowerAction,
-        ReadinessProbe, ReadyReply, WireError,
+        CloneVm, ConfigureVm, ErrorCode, GuestApps, GuestAppsReply, GuestExec, GuestExecReply,
+        MetricProbe, PowerAction, ReadinessProbe, ReadyReply, SnapshotVm, VmConfigured, WireError,
     },
 };
 use tokio::sync::broadcast;
@@ -71,25 +71,37 @@ pub enum RuntimeError {
     Metric(String),
     #[error(transparent)]
     Guest(#[from] libvirt::guest::GuestError),
+    #[error("VM {0} was not created by Dunes; change it where it was defined")]
+    NotOurs(VmName),
+    #[error("VM {name} cannot have snapshots: {reason}")]
+    NoSnapshots { name: VmName, reason: &'static str },
+    #[error("VM {vm} has a snapshot named {snapshot} already")]
+    SnapshotExists { vm: VmName, snapshot: String },
+    #[error("VM {vm} has no snapshot named {snapshot}")]
+    NoSnapshot { vm: VmName, snapshot: String },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl RuntimeError {
     /// The error as sent to the console: a code and a sentence.
     pub fn to_wire(&self) -> WireError {
         let code = match self {
-            RuntimeError::NotFound(_) | RuntimeError::Storage(StorageError::NoTemplate(_)) => {
-                ErrorCode::NotFound
-            }
-            RuntimeError::AlreadyExists(_) | RuntimeError::Storage(StorageError::DiskExists(_)) => {
-                ErrorCode::AlreadyExists
-            }
+            RuntimeError::NotFound(_)
+            | RuntimeError::NoSnapshot { .. }
+            | RuntimeError::Storage(StorageError::NoTemplate(_)) => ErrorCode::NotFound,
+            RuntimeError::AlreadyExists(_)
+            | RuntimeError::SnapshotExists { .. }
+            | RuntimeError::Storage(StorageError::DiskExists(_)) => ErrorCode::AlreadyExists,
             RuntimeError::WrongState { .. } => ErrorCode::Conflict,
             RuntimeError::NoGuest(_)
             | RuntimeError::NoRuntime(_)
             | RuntimeError::UnsupportedCheck { .. }
             | RuntimeError::NoGuestAgent(_)
-            | RuntimeError::Unsupported(_) => ErrorCode::Unsupported,
-            RuntimeError::Spec(_) => ErrorCode::BadRequest,
+            | RuntimeError::Unsupported(_)
+            | RuntimeError::NotOurs(_)
+            | RuntimeError::NoSnapshots { .. } => ErrorCode::Unsupported,
+            RuntimeError::Spec(_) | RuntimeError::Invalid(_) => ErrorCode::BadRequest,
             RuntimeError::Storage(_) => ErrorCode::Storage,
             RuntimeError::Libvirt { .. }
             | RuntimeError::Definition(_)
@@ -180,6 +192,25 @@ pub trait Runtime: Send + Sync + 'static {
                 "only a VM reboots, pauses and resumes; stop and start a process instead",
             ))
         })
+    }
+    /// Changes a workload's vCPUs, memory or autostart. Not every runtime can.
+    fn configure(&self, request: ConfigureVm) -> RuntimeFuture<'_, VmConfigured> {
+        let _ = request;
+        Box::pin(async {
+            Err(RuntimeError::Unsupported(
+                "only a VM's vCPUs, memory and autostart are changed; a process instance takes its service's",
+            ))
+        })
+    }
+    /// Takes, lists, reverts to or deletes snapshots of a workload. Not every runtime can.
+    fn snapshots(&self, request: SnapshotVm) -> RuntimeFuture<'_, Vec<SnapshotInfo>> {
+        let _ = request;
+        Box::pin(async { Err(RuntimeError::Unsupported("only a VM has snapshots")) })
+    }
+    /// Copies a stopped workload under a new name on this host. Not every runtime can.
+    fn clone_vm(&self, request: CloneVm) -> RuntimeFuture<'_, VmStatus> {
+        let _ = request;
+        Box::pin(async { Err(RuntimeError::Unsupported("only a VM is cloned")) })
     }
     /// Runs a shell command inside a running workload, through its guest agent.
     fn guest_exec(&self, request: GuestExec) -> RuntimeFuture<'_, GuestExecReply> {

@@ -312,6 +312,10 @@ impl ProcessRuntime {
             overlay_on: None,
             disks: None,
             nics: None,
+            autostart: None,
+            next_start: None,
+            addresses: None,
+            snapshots: None,
         }
     }
 

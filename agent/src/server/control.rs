@@ -9,10 +9,11 @@ use dunes_shared::{
     model::VmStatus,
     pki,
     protocol::{
-        CancelTransfer, CheckReady, CreateVm, DeleteVm, DiscardDisk, ErrorCode, ExportVm,
-        GuestApps, GuestExec, HashDisk, Hello, HelloReply, ImportVm, ListTemplates, ListVms,
-        MetricReply, PowerVm, PrepareReceive, ReadMetric, RenewBegin, RenewBeginReply, RenewFinish,
-        Request, SendDisk, SiteAddresses, StartVm, StopVm, WireError, codes, features,
+        CancelTransfer, CheckReady, CloneVm, ConfigureVm, CreateVm, DeleteVm, DiscardDisk,
+        ErrorCode, ExportVm, GuestApps, GuestExec, HashDisk, Hello, HelloReply, ImportVm,
+        ListTemplates, ListVms, MetricReply, PowerVm, PrepareReceive, ReadMetric, RenewBegin,
+        RenewBeginReply, RenewFinish, Request, SendDisk, SiteAddresses, SnapshotVm, StartVm,
+        StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -189,6 +190,18 @@ async fn dispatch(
             runtime: kind,
         }) => encode_reply::<PowerVm>(match runtime(kind) {
             Ok(rt) => rt.power(name, action).await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e.to_wire()),
+        }),
+        Request::ConfigureVm(request) => encode_reply::<ConfigureVm>(match shared.runtimes.vms() {
+            Ok(rt) => rt.configure(request).await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e.to_wire()),
+        }),
+        Request::SnapshotVm(request) => encode_reply::<SnapshotVm>(match shared.runtimes.vms() {
+            Ok(rt) => rt.snapshots(request).await.map_err(|e| e.to_wire()),
+            Err(e) => Err(e.to_wire()),
+        }),
+        Request::CloneVm(request) => encode_reply::<CloneVm>(match shared.runtimes.vms() {
+            Ok(rt) => rt.clone_vm(request).await.map_err(|e| e.to_wire()),
             Err(e) => Err(e.to_wire()),
         }),
         Request::StartVm(StartVm {

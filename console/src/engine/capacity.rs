@@ -195,14 +195,22 @@ pub fn sum_series(series: &[(Vec<(u64, f64)>, f64)]) -> Vec<(u64, f64)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::store::HostRecord;
     use dunes_shared::model::{
         HostInventory, HostStatus, Prices, RuntimeKind, Site, SizesFrom, VmName, VmState, VmStatus,
     };
 
-    fn host(id: &str, site: &str, cpus: u32, memory_mib: u64, vms: &[(u32, u64)]) -> HostView {
+    /// A host online with `vms` running (`vm0`, `vm1`…, 100 MiB of disk each), 600 MiB of
+    /// storage free.
+    pub(crate) fn host(
+        id: &str,
+        site: &str,
+        cpus: u32,
+        memory_mib: u64,
+        vms: &[(u32, u64)],
+    ) -> HostView {
         let id = HostId::new(id).unwrap();
         HostView {
             record: HostRecord {
@@ -259,6 +267,10 @@ mod tests {
                     overlay_on: None,
                     disks: None,
                     nics: None,
+                    autostart: None,
+                    next_start: None,
+                    addresses: None,
+                    snapshots: None,
                 })
                 .collect(),
             skipped_events: Default::default(),

@@ -30,7 +30,13 @@ pub const TRANSFER_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// The deadline of a request kind.
 pub fn deadline<R: Rpc>() -> Duration {
     match R::KIND {
-        k if k == CreateVm::KIND => CREATE_CALL_TIMEOUT,
+        // A clone copies disks, a snapshot of a running VM saves its memory.
+        k if k == CreateVm::KIND
+            || k == dunes_shared::protocol::CloneVm::KIND
+            || k == dunes_shared::protocol::SnapshotVm::KIND =>
+        {
+            CREATE_CALL_TIMEOUT
+        }
         k if k == dunes_shared::protocol::SendDisk::KIND
             || k == dunes_shared::protocol::HashDisk::KIND =>
         {

@@ -3,7 +3,7 @@
 
 use dunes_shared::{
     error_chain,
-    model::{HostId, RuntimeKind},
+    model::{HostId, RuntimeKind, VmStatus},
     protocol::{CreateVm, DeleteVm, StartVm, StopVm},
 };
 
@@ -179,6 +179,127 @@ impl Actor {
                     Actor::apply_vm,
                 );
             }
+            Command::ConfigureVm {
+                host,
+                name,
+                vcpus,
+                memory_mib,
+                autostart,
+                reply,
+            } => {
+                let vm = match self.vm_of(&host, &name) {
+                    Ok(vm) => vm,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let view = &self.hosts[&host].view;
+                if let Some(why) = super::vm_changes::resize_refusal(&vm, view, vcpus, memory_mib) {
+                    let _ = reply.send(Err(EngineError::Invalid(why)));
+                    return;
+                }
+                let mut what = Vec::new();
+                if let Some(v) = vcpus {
+                    what.push(format!("{v} vCPUs"));
+                }
+                if let Some(m) = memory_mib {
+                    what.push(format!("{m} MiB of memory"));
+                }
+                if let Some(a) = autostart {
+                    what.push(format!("autostart {}", if a { "on" } else { "off" }));
+                }
+                if what.is_empty() {
+                    let _ = reply.send(Err(EngineError::Invalid(
+                        "say what to change: vCPUs, memory or autostart".into(),
+                    )));
+                    return;
+                }
+                self.agent_call(
+                    host,
+                    format!("setting VM {name} to {}", what.join(", ")),
+                    reply,
+                    dunes_shared::protocol::ConfigureVm {
+                        name,
+                        vcpus,
+                        memory_mib,
+                        autostart,
+                    },
+                    |actor, host, configured| {
+                        actor.apply_vm(host, &configured.status);
+                        if configured.at_next_start {
+                            actor.log(
+                                Level::Info,
+                                Some(host.clone()),
+                                format!(
+                                    "VM {} runs on; its new vCPUs and memory apply at its next start",
+                                    configured.status.name
+                                ),
+                            );
+                        }
+                    },
+                );
+            }
+            Command::SnapshotVm {
+                host,
+                name,
+                action,
+                snapshot,
+                reply,
+            } => {
+                use dunes_shared::protocol::SnapshotAction;
+                if let Some(s) = &snapshot
+                    && let Err(e) = dunes_shared::model::validate_snapshot_name(s)
+                {
+                    let _ = reply.send(Err(EngineError::Invalid(e.to_string())));
+                    return;
+                }
+                let what = match (action, &snapshot) {
+                    (SnapshotAction::List, _) => None,
+                    (_, None) => {
+                        let _ = reply.send(Err(EngineError::Invalid(format!(
+                            "name the snapshot to {}",
+                            action.as_str()
+                        ))));
+                        return;
+                    }
+                    (SnapshotAction::Create, Some(s)) => {
+                        Some(format!("taking snapshot {s} of VM {name}"))
+                    }
+                    (SnapshotAction::Revert, Some(s)) => {
+                        Some(format!("reverting VM {name} to snapshot {s}"))
+                    }
+                    (SnapshotAction::Delete, Some(s)) => {
+                        Some(format!("deleting snapshot {s} of VM {name}"))
+                    }
+                };
+                let request = dunes_shared::protocol::SnapshotVm {
+                    name,
+                    action,
+                    snapshot,
+                };
+                match what {
+                    Some(what) => self.agent_call(host, what, reply, request, |_, _, _| {}),
+                    // A list changes nothing: no event for it.
+                    None => match self.client(&host) {
+                        Ok(client) => {
+                            tokio::spawn(async move {
+                                let _ = reply.send(client.call(request).await);
+                            });
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    },
+                }
+            }
+            Command::CloneVm {
+                host,
+                name,
+                new_name,
+                to,
+                reply,
+            } => self.clone_vm(host, name, new_name, to, reply),
             Command::StartVm { host, name, reply } => {
                 let runtime = self.runtime_of(&host, &name);
                 self.agent_call(
@@ -332,6 +453,21 @@ impl Actor {
     }
 
     /// The runtime a host reports for a workload; libvirt for one it does not know.
+    /// The VM as the engine knows it.
+    pub(super) fn vm_of(
+        &self,
+        host: &HostId,
+        name: &dunes_shared::model::VmName,
+    ) -> Result<VmStatus, EngineError> {
+        self.hosts
+            .get(host)
+            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?
+            .view
+            .vm(name)
+            .cloned()
+            .ok_or_else(|| EngineError::Invalid(format!("host {host} has no VM {name}")))
+    }
+
     fn runtime_of(&self, host: &HostId, name: &dunes_shared::model::VmName) -> RuntimeKind {
         self.hosts
             .get(host)

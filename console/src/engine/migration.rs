@@ -457,6 +457,12 @@ pub fn precheck(
             from.id()
         ));
     }
+    if let Some(n) = vm.snapshots.filter(|&n| n > 0) {
+        reasons.push(format!(
+            "{} has {n} snapshot(s), which its agent cannot move; delete them first",
+            vm.name
+        ));
+    }
     if from.link != super::LinkState::Online {
         reasons.push(format!("{}: unreachable", from.id()));
     }

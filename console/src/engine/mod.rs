@@ -35,6 +35,7 @@ pub mod stats;
 pub mod store;
 #[cfg(test)]
 mod tests;
+pub mod vm_changes;
 
 use std::{
     collections::BTreeMap,
@@ -124,6 +125,15 @@ pub struct HostAdded {
     pub fingerprint: Fingerprint,
 }
 
+/// A VM copied on its host, and the migration that takes the copy to another host when one
+/// was asked.
+#[derive(Debug, Clone)]
+pub struct VmCloned {
+    pub host: HostId,
+    pub status: VmStatus,
+    pub migration: Option<migration::MigrationJournal>,
+}
+
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Command {
@@ -158,6 +168,33 @@ pub enum Command {
         name: VmName,
         action: dunes_shared::protocol::PowerAction,
         reply: Reply<VmStatus>,
+    },
+    /// Changes a VM's vCPUs, memory or autostart; a running VM gets new vCPUs and memory at
+    /// its next start.
+    ConfigureVm {
+        host: HostId,
+        name: VmName,
+        vcpus: Option<u32>,
+        memory_mib: Option<u64>,
+        autostart: Option<bool>,
+        reply: Reply<dunes_shared::protocol::VmConfigured>,
+    },
+    /// Lists a VM's snapshots, or takes, reverts to or deletes one; answered with the list.
+    SnapshotVm {
+        host: HostId,
+        name: VmName,
+        action: dunes_shared::protocol::SnapshotAction,
+        snapshot: Option<String>,
+        reply: Reply<Vec<dunes_shared::model::SnapshotInfo>>,
+    },
+    /// Copies a stopped VM as `new_name` on its host; with `to` another host, the copy then
+    /// migrates there.
+    CloneVm {
+        host: HostId,
+        name: VmName,
+        new_name: VmName,
+        to: Option<HostId>,
+        reply: Reply<VmCloned>,
     },
     StartVm {
         host: HostId,

@@ -20,6 +20,22 @@ pub fn clock(time_ms: u64) -> String {
     )
 }
 
+/// `YYYY-MM-DD HH:MM` (UTC) of a Unix time in seconds.
+pub fn date_time(unix_secs: u64) -> String {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp(unix_secs.min(i64::MAX as u64) as i64)
+    else {
+        return String::new();
+    };
+    format!(
+        "{}-{:02}-{:02} {:02}:{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute()
+    )
+}
+
 impl EventLogPanel {
     pub fn event_log_ui(&mut self, ui: &mut egui::Ui, snapshot: &Snapshot) {
         ui.horizontal(|ui| {

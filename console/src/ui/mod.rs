@@ -27,7 +27,7 @@ pub use charts::{ChartsWindow, TimeRange, plot_id};
 pub use details::DetailsPanel;
 pub use dialogs::{AddHostDialog, NewVmDialog};
 pub use event_log::EventLogPanel;
-pub use event_log::clock;
+pub use event_log::{clock, date_time};
 pub use migrate::MigrateDialog;
 pub use plan::PlanDialog;
 pub use service_editor::ServiceEditor;

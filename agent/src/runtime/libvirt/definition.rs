@@ -77,6 +77,10 @@ pub struct Devices {
     /// Absent from records written before VMs had one.
     #[serde(default)]
     pub user_network: bool,
+    /// The NIC's MAC address, kept so a VM redefined (resized, moved) keeps it; absent from
+    /// records written before, where libvirt chose one.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// A VM's definition, portable between agents.
@@ -92,6 +96,23 @@ pub struct VmDefinition {
     #[serde(default)]
     pub boot: Option<DirectBoot>,
     pub devices: Devices,
+    /// Started by the agent whenever the agent starts.
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+/// A random MAC address in QEMU's locally administered range (`52:54:00`).
+pub fn random_mac() -> String {
+    let b = uuid::Uuid::new_v4().into_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+fn is_mac(text: &str) -> bool {
+    let parts: Vec<&str> = text.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn is_plain_file_name(name: &str) -> bool {
@@ -132,6 +153,11 @@ impl VmDefinition {
             if let Some(initrd) = boot.initrd.as_deref().filter(|i| !is_plain_file_name(i)) {
                 return bad("initrd", initrd);
             }
+        }
+        if let Some(mac) = self.devices.mac.as_deref().filter(|m| !is_mac(m)) {
+            return Err(DefinitionError::Invalid(format!(
+                "{mac:?} is not a MAC address"
+            )));
         }
         if !(1..=VCPUS_MAX).contains(&self.vcpus) {
             return Err(DefinitionError::Invalid(format!(
@@ -299,6 +325,11 @@ impl VmDefinition {
                         w.create_element("interface")
                             .with_attribute(("type", "user"))
                             .write_inner_content(|w| {
+                                if let Some(mac) = &self.devices.mac {
+                                    w.create_element("mac")
+                                        .with_attribute(("address", mac.as_str()))
+                                        .write_empty()?;
+                                }
                                 w.create_element("model")
                                     .with_attribute(("type", "virtio"))
                                     .write_empty()?;
@@ -398,7 +429,13 @@ impl VmDefinition {
                 serial_log: doc.serial_log,
                 guest_agent: doc.guest_agent,
                 user_network: doc.user_network,
+                mac: doc
+                    .nics
+                    .iter()
+                    .find(|n| n.network == "user-mode")
+                    .and_then(|n| n.mac.clone()),
             },
+            autostart: false,
         };
         def.validate()?;
         Ok(def)
@@ -635,7 +672,9 @@ mod tests {
                 serial_log: true,
                 guest_agent: true,
                 user_network: true,
+                mac: Some("52:54:00:0a:1b:2c".into()),
             },
+            autostart: false,
         }
     }
 
@@ -654,7 +693,9 @@ mod tests {
         );
         assert!(xml.contains("org.qemu.guest_agent.0"));
         assert!(
-            xml.contains(r#"<interface type="user"><model type="virtio"/></interface>"#),
+            xml.contains(
+                r#"<interface type="user"><mac address="52:54:00:0a:1b:2c"/><model type="virtio"/></interface>"#
+            ),
             "{xml}"
         );
         let back = VmDefinition::from_domain_xml(&xml, &storage).unwrap();
@@ -672,6 +713,12 @@ mod tests {
         let record = def.to_toml().unwrap();
         assert!(!record.contains(&*data.to_string_lossy()), "{record}");
         // A record from before VMs had a NIC reads as one without.
+        // A record from before MACs were kept, or autostart was asked, reads as one without.
+        let older = record
+            .replace("mac = \"52:54:00:0a:1b:2c\"\n", "")
+            .replace("autostart = false\n", "");
+        let older = VmDefinition::from_toml(&older).unwrap();
+        assert!(older.devices.mac.is_none() && !older.autostart);
         let older = record.replace("user_network = true\n", "");
         assert_ne!(older, record);
         let older = VmDefinition::from_toml(&older).unwrap();

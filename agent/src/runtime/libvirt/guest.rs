@@ -310,9 +310,74 @@ fn last_line(stdout: &[u8], stderr: &[u8]) -> String {
     }
 }
 
+#[derive(Deserialize)]
+struct GuestInterface {
+    name: String,
+    #[serde(rename = "ip-addresses", default)]
+    ip_addresses: Vec<GuestAddress>,
+}
+
+#[derive(Deserialize)]
+struct GuestAddress {
+    #[serde(rename = "ip-address")]
+    address: String,
+    prefix: u8,
+}
+
+/// The guest's addresses as `ADDRESS/PREFIX`, from `guest-network-get-interfaces`, without
+/// loopback and IPv6 link-local ones (they say nothing about where the VM is reached).
+pub fn addresses(dom: &Domain, timeout_secs: i32) -> Result<Vec<String>, GuestError> {
+    let answer = dom
+        .qemu_agent_command(
+            r#"{"execute":"guest-network-get-interfaces"}"#,
+            timeout_secs,
+            0,
+        )
+        .map_err(|e| GuestError::Agent(e.message().to_string()))?;
+    parse_addresses(&answer)
+}
+
+pub fn parse_addresses(answer: &str) -> Result<Vec<String>, GuestError> {
+    let interfaces = serde_json::from_str::<Reply<Vec<GuestInterface>>>(answer)
+        .map_err(|e| GuestError::Reply(e.to_string()))?
+        .value;
+    let mut out = Vec::new();
+    for interface in interfaces.iter().filter(|i| i.name != "lo") {
+        for a in &interface.ip_addresses {
+            let Ok(ip) = a.address.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            let link_local = match ip {
+                std::net::IpAddr::V4(v4) => v4.is_link_local(),
+                std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+            };
+            if !ip.is_loopback() && !link_local {
+                out.push(format!("{ip}/{}", a.prefix));
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_addresses_leave_out_loopback_and_link_local() {
+        let answer = r#"{"return":[
+            {"name":"lo","ip-addresses":[{"ip-address-type":"ipv4","ip-address":"127.0.0.1","prefix":8}]},
+            {"name":"eth0","hardware-address":"52:54:00:12:34:56","ip-addresses":[
+                {"ip-address-type":"ipv4","ip-address":"10.0.2.15","prefix":24},
+                {"ip-address-type":"ipv6","ip-address":"fe80::5054:ff:fe12:3456","prefix":64},
+                {"ip-address-type":"ipv6","ip-address":"fec0::5054:ff:fe12:3456","prefix":64}]},
+            {"name":"eth1"}]}"#;
+        assert_eq!(
+            parse_addresses(answer).unwrap(),
+            vec!["10.0.2.15/24", "fec0::5054:ff:fe12:3456/64"]
+        );
+        assert!(parse_addresses(r#"{"error":{"class":"x"}}"#).is_err());
+    }
 
     #[test]
     fn the_process_listing_reads_names_with_spaces_and_skips_torn_lines() {

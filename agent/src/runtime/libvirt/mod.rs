@@ -8,6 +8,7 @@
 pub mod definition;
 pub mod embed;
 pub mod guest;
+pub mod snapshots;
 
 use std::{
     collections::HashMap,
@@ -20,12 +21,13 @@ use std::{
 
 use dunes_shared::{
     model::{
-        Counters, RuntimeInfo, RuntimeKind, TemplateName, VmName, VmSpec, VmState, VmStatus,
-        WorkloadSample,
+        Counters, RuntimeInfo, RuntimeKind, SnapshotInfo, TemplateName, VmName, VmResources,
+        VmSpec, VmState, VmStatus, WorkloadSample,
     },
     protocol::{
-        GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricKind, MetricProbe, PowerAction,
-        ProbeKind, ReadinessProbe, ReadyReply,
+        CloneVm, ConfigureVm, GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricKind,
+        MetricProbe, PowerAction, ProbeKind, ReadinessProbe, ReadyReply, SnapshotAction,
+        SnapshotVm, VmConfigured,
     },
 };
 use tokio::sync::{Semaphore, broadcast};
@@ -50,6 +52,10 @@ const GUEST_EXEC_DEFAULT_SECS: u32 = 30;
 const GUEST_EXEC_MAX_SECS: u32 = 600;
 /// How long a guest-agent ping may take.
 const GUEST_PING_TIMEOUT_SECS: i32 = 2;
+/// How often running VMs' guest agents are asked for their addresses.
+const ADDRESSES_EVERY: Duration = Duration::from_secs(5);
+/// How long one such question may take.
+const ADDRESSES_TIMEOUT_SECS: i32 = 2;
 /// Status changes a slow subscriber may fall behind by before it must list again.
 const CHANGES_QUEUE: usize = 1024;
 
@@ -97,6 +103,30 @@ struct Inner {
     /// Running domains whose only NICs are on QEMU's user-mode network, as the last sample
     /// saw them: their traffic is their QEMU process's sockets.
     user_network_vms: Mutex<Vec<VmName>>,
+    /// What each VM's definition record says of its resources and autostart: its next
+    /// start's resources, which a running VM may not have yet.
+    records: Mutex<HashMap<VmName, RecordFacts>>,
+    /// Each running VM's addresses, as its guest agent last told them.
+    addresses: Mutex<HashMap<VmName, Vec<String>>>,
+}
+
+/// What a definition record says that the status shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecordFacts {
+    resources: VmResources,
+    autostart: bool,
+}
+
+impl RecordFacts {
+    fn of(def: &VmDefinition) -> Self {
+        RecordFacts {
+            resources: VmResources {
+                vcpus: def.vcpus,
+                memory_mib: def.memory_mib,
+            },
+            autostart: def.autostart,
+        }
+    }
 }
 
 /// A domain's devices with counters: disk targets (`vda`) and host-side interfaces (`vnet0`).
@@ -164,6 +194,10 @@ struct Lifecycle {
     memory_mib: u64,
     template: Option<TemplateName>,
     nics: Vec<dunes_shared::model::VmNicInfo>,
+    autostart: Option<bool>,
+    next_start: Option<VmResources>,
+    addresses: Option<Vec<String>>,
+    snapshots: Option<u32>,
 }
 
 /// What came of asking a guest to shut down.
@@ -216,9 +250,13 @@ impl LibvirtRuntime {
             devices: Mutex::new(HashMap::new()),
             pid_dir: qemu_pid_dir(uri),
             user_network_vms: Mutex::new(Vec::new()),
+            records: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(HashMap::new()),
         });
         inner.upgrade_legacy_definitions();
         inner.restore_definitions();
+        inner.load_records();
+        inner.autostart();
         let mut published = HashMap::new();
         inner.poll(&mut published);
         let weak = Arc::downgrade(&inner);
@@ -229,6 +267,16 @@ impl LibvirtRuntime {
                 action: "starting the poller",
                 message: e.to_string(),
             })?;
+        if domain_type == DomainType::Qemu {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("libvirt-addresses".into())
+                .spawn(move || addresses_loop(weak))
+                .map_err(|e| RuntimeError::Libvirt {
+                    action: "starting the address reader",
+                    message: e.to_string(),
+                })?;
+        }
         Ok(LibvirtRuntime { inner })
     }
 
@@ -372,7 +420,10 @@ fn definition_for(spec: &VmSpec, template: &Template) -> VmDefinition {
             serial_log: true,
             guest_agent: true,
             user_network: template.network == crate::storage::TemplateNetwork::User,
+            mac: (template.network == crate::storage::TemplateNetwork::User)
+                .then(definition::random_mac),
         },
+        autostart: false,
     }
 }
 
@@ -548,6 +599,59 @@ impl Runtime for LibvirtRuntime {
         })
     }
 
+    fn configure(&self, request: ConfigureVm) -> RuntimeFuture<'_, VmConfigured> {
+        Box::pin(async move {
+            VmSpec {
+                name: request.name.clone(),
+                template: TemplateName::new("any").expect("valid literal"),
+                vcpus: request.vcpus,
+                memory_mib: request.memory_mib,
+            }
+            .validate()?;
+            let _vm = self.lock_vm(&request.name).await;
+            self.call(move |i| i.configure(&request)).await
+        })
+    }
+
+    fn snapshots(&self, request: SnapshotVm) -> RuntimeFuture<'_, Vec<SnapshotInfo>> {
+        Box::pin(async move {
+            if request.action != SnapshotAction::List {
+                match request.snapshot.as_deref() {
+                    Some(name) => dunes_shared::model::validate_snapshot_name(name)?,
+                    None => {
+                        return Err(RuntimeError::Invalid(format!(
+                            "name the snapshot to {}",
+                            request.action.as_str()
+                        )));
+                    }
+                }
+            }
+            let _vm = self.lock_vm(&request.name).await;
+            self.call(move |i| i.snapshot(&request)).await
+        })
+    }
+
+    fn clone_vm(&self, request: CloneVm) -> RuntimeFuture<'_, VmStatus> {
+        let runtime = self.clone();
+        Box::pin(async move {
+            // Runs to the end even if the caller goes away: no copied disk without its VM.
+            tokio::spawn(async move {
+                let _source = runtime.lock_vm(&request.name).await;
+                let _clone = runtime.lock_vm(&request.new_name).await;
+                let checked = request.clone();
+                let (def, copies) = runtime.call(move |i| i.clone_definition(&checked)).await?;
+                let storage = runtime.inner.storage.clone();
+                // File I/O, not a libvirt call: it takes no call permit.
+                tokio::task::spawn_blocking(move || storage.copy_disk_files(&copies))
+                    .await
+                    .map_err(|_| RuntimeError::WorkerGone)??;
+                runtime.call(move |i| i.define(&def, false)).await
+            })
+            .await
+            .map_err(|_| RuntimeError::WorkerGone)?
+        })
+    }
+
     fn guest_exec(&self, request: GuestExec) -> RuntimeFuture<'_, GuestExecReply> {
         // A command holds one of the few guest-agent slots while it runs: never past 10 min.
         let secs = match request.timeout_secs {
@@ -597,6 +701,33 @@ impl LibvirtRuntime {
         })
         .await
         .map_err(|_| RuntimeError::WorkerGone)?
+    }
+}
+
+/// Asks each running VM's guest agent for its addresses, on its own clock: a guest agent
+/// that does not answer holds back no poll.
+fn addresses_loop(inner: Weak<Inner>) {
+    loop {
+        std::thread::sleep(ADDRESSES_EVERY);
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let Ok(running) = inner
+            .conn
+            .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        else {
+            continue;
+        };
+        let mut found = HashMap::new();
+        for dom in &running {
+            let Some(name) = dom.name().ok().and_then(|n| VmName::new(n).ok()) else {
+                continue;
+            };
+            if let Ok(addresses) = guest::addresses(dom, ADDRESSES_TIMEOUT_SECS) {
+                found.insert(name, addresses);
+            }
+        }
+        *lock(&inner.addresses) = found;
     }
 }
 
@@ -662,15 +793,30 @@ impl Inner {
                 learned
             }
         };
+        let state = map_state(info.state.known());
+        let (vcpus, memory_mib) = (info.nr_virt_cpu, info.max_mem / 1024);
+        let record = lock(&self.records).get(&name).copied();
+        let next_start = record
+            .map(|r| r.resources)
+            .filter(|r| state.is_active() && (r.vcpus != vcpus || r.memory_mib != memory_mib));
+        let addresses = if state.is_active() {
+            lock(&self.addresses).get(&name).cloned()
+        } else {
+            None
+        };
         Ok(Some((
             name,
             Lifecycle {
                 uuid,
-                state: map_state(info.state.known()),
-                vcpus: info.nr_virt_cpu,
-                memory_mib: info.max_mem / 1024,
+                state,
+                vcpus,
+                memory_mib,
                 template,
                 nics,
+                autostart: record.map(|r| r.autostart),
+                next_start,
+                addresses,
+                snapshots: dom.num_snapshots(0).ok(),
             },
         )))
     }
@@ -688,6 +834,10 @@ impl Inner {
             disk_bytes: disks.iter().map(|d| d.allocated_bytes).sum(),
             disks: Some(disks),
             nics: Some(life.nics),
+            autostart: life.autostart,
+            next_start: life.next_start,
+            addresses: life.addresses,
+            snapshots: life.snapshots,
             uuid: life.uuid,
             name,
             state: life.state,
@@ -843,6 +993,7 @@ impl Inner {
         remove_disk_on_failure: bool,
     ) -> Result<VmStatus, RuntimeError> {
         let undo = |storage: &Storage| {
+            lock(&self.records).remove(&def.name);
             let _ = storage.delete_definition(&def.name);
             if remove_disk_on_failure {
                 let _ = storage.delete_disk(&def.name);
@@ -863,6 +1014,7 @@ impl Inner {
             undo(&self.storage);
             return Err(e);
         }
+        lock(&self.records).insert(def.name.clone(), RecordFacts::of(def));
         let dom = match self.conn.define_domain_xml(&xml) {
             Ok(d) => d,
             Err(e) => {
@@ -1013,6 +1165,234 @@ impl Inner {
         }
     }
 
+    /// Reads the resources and autostart of every definition record.
+    fn load_records(&self) {
+        let mut records = lock(&self.records);
+        for (name, record) in self.storage.definitions() {
+            if let Ok(def) = VmDefinition::from_toml(&record) {
+                records.insert(name, RecordFacts::of(&def));
+            }
+        }
+    }
+
+    /// Starts the VMs whose records ask for it and that are off.
+    fn autostart(&self) {
+        let wanted: Vec<VmName> = lock(&self.records)
+            .iter()
+            .filter(|(_, r)| r.autostart)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in wanted {
+            match self.state_of(&name) {
+                Ok(state) if state.is_active() => {}
+                Ok(_) => match self.start(&name) {
+                    Ok(_) => tracing::info!(vm = %name, "started the VM (autostart)"),
+                    Err(e) => tracing::warn!(vm = %name, "cannot autostart the VM: {e}"),
+                },
+                Err(e) => tracing::warn!(vm = %name, "cannot autostart the VM: {e}"),
+            }
+        }
+    }
+
+    /// The VM's definition record; a VM without one was defined outside Dunes.
+    fn record_of(&self, name: &VmName) -> Result<VmDefinition, RuntimeError> {
+        self.lookup(name)?;
+        let record = self
+            .storage
+            .definition(name)?
+            .ok_or_else(|| RuntimeError::NotOurs(name.clone()))?;
+        Ok(VmDefinition::from_toml(&record)?)
+    }
+
+    /// Writes the new record, and defines the VM again when its resources change: libvirt
+    /// keeps a running VM's new definition for its next start.
+    fn configure(&self, request: &ConfigureVm) -> Result<VmConfigured, RuntimeError> {
+        let name = &request.name;
+        let old = self.record_of(name)?;
+        let mut def = old.clone();
+        def.vcpus = request.vcpus.unwrap_or(def.vcpus);
+        def.memory_mib = request.memory_mib.unwrap_or(def.memory_mib);
+        def.autostart = request.autostart.unwrap_or(def.autostart);
+        let resized = def.vcpus != old.vcpus || def.memory_mib != old.memory_mib;
+        if resized && def.devices.user_network && def.devices.mac.is_none() {
+            // Defined before MACs were kept: keep the one libvirt chose.
+            let uuid = self.lookup(name)?.uuid_string().unwrap_or_default();
+            def.devices.mac = lock(&self.templates)
+                .get(&uuid)
+                .and_then(|(_, nics)| nics.iter().find_map(|n| n.mac.clone()));
+        }
+        let running = self.state_of(name)?.is_active();
+        if resized {
+            let xml = def.domain_xml(self.domain_type, &self.storage)?;
+            self.storage.save_definition(name, &def.to_toml()?)?;
+            if let Err(e) = self.conn.define_domain_xml(&xml) {
+                // The VM is as it was: so is its record.
+                let _ = old
+                    .to_toml()
+                    .map(|r| self.storage.save_definition(name, &r));
+                return Err(lv("defining the VM again")(e));
+            }
+        } else if def != old {
+            self.storage.save_definition(name, &def.to_toml()?)?;
+        }
+        lock(&self.records).insert(name.clone(), RecordFacts::of(&def));
+        Ok(VmConfigured {
+            status: self.status_of(name)?,
+            at_next_start: resized && running,
+        })
+    }
+
+    /// Why the VM cannot have snapshots, if it cannot: they live inside qcow2 disks.
+    fn snapshot_refusal(&self, name: &VmName) -> Result<Option<&'static str>, RuntimeError> {
+        let def = match self.record_of(name) {
+            Ok(def) => def,
+            Err(RuntimeError::NotOurs(_)) => {
+                return Ok(Some(
+                    "it was not created by Dunes, and its disks are elsewhere",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(if def.disks.is_empty() {
+            Some("it has no disk")
+        } else if def
+            .disks
+            .iter()
+            .any(|d| d.format != DiskFormat::Qcow2.as_str())
+        {
+            Some(
+                "its disk is raw, and snapshots are kept inside qcow2 disks (a VM made from an overlay template has one)",
+            )
+        } else {
+            None
+        })
+    }
+
+    fn snapshot(&self, request: &SnapshotVm) -> Result<Vec<SnapshotInfo>, RuntimeError> {
+        let name = &request.name;
+        let dom = self.lookup(name)?;
+        if let Some(reason) = self.snapshot_refusal(name)? {
+            return Err(RuntimeError::NoSnapshots {
+                name: name.clone(),
+                reason,
+            });
+        }
+        let snapshot = request.snapshot.clone().unwrap_or_default();
+        let existing = || {
+            Domain::lookup_snapshot_by_name(&dom, &snapshot, 0).map_err(|_| {
+                RuntimeError::NoSnapshot {
+                    vm: name.clone(),
+                    snapshot: snapshot.clone(),
+                }
+            })
+        };
+        match request.action {
+            SnapshotAction::List => {}
+            SnapshotAction::Create => {
+                if existing().is_ok() {
+                    return Err(RuntimeError::SnapshotExists {
+                        vm: name.clone(),
+                        snapshot,
+                    });
+                }
+                let xml = format!("<domainsnapshot><name>{snapshot}</name></domainsnapshot>");
+                dom.create_snapshot_xml(&xml, 0)
+                    .map_err(lv("taking the snapshot"))?;
+            }
+            SnapshotAction::Revert => {
+                existing()?
+                    .revert(0)
+                    .map_err(lv("reverting to the snapshot"))?;
+            }
+            SnapshotAction::Delete => {
+                existing()?.delete(0).map_err(lv("deleting the snapshot"))?;
+            }
+        }
+        self.snapshot_list(name, &dom)
+    }
+
+    fn snapshot_list(
+        &self,
+        name: &VmName,
+        dom: &Domain,
+    ) -> Result<Vec<SnapshotInfo>, RuntimeError> {
+        let listed = dom.list_all_snapshots(0).map_err(lv("listing snapshots"))?;
+        // The memory each holds is in the disk's snapshot table; the test driver's
+        // snapshots are in memory only.
+        let sizes = match (self.domain_type, self.storage.vm_disk(name)) {
+            (DomainType::Qemu, Some(disk)) => snapshots::image_info_json(&disk.path)
+                .map(|json| snapshots::memory_state_sizes(&json))
+                .unwrap_or_default(),
+            _ => HashMap::new(),
+        };
+        let mut out: Vec<SnapshotInfo> = listed
+            .iter()
+            .filter_map(|snap| {
+                let snapshot = snap.name().ok()?;
+                let facts = snap
+                    .xml_desc(0)
+                    .map(|xml| snapshots::snapshot_facts(&xml))
+                    .ok()?;
+                Some(SnapshotInfo {
+                    memory_state_bytes: sizes.get(&snapshot).copied(),
+                    current: snap.is_current(0).unwrap_or(false),
+                    name: snapshot,
+                    created_unix_secs: facts.created_unix_secs,
+                    state: facts.state,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.created_unix_secs, &a.name).cmp(&(b.created_unix_secs, &b.name)));
+        Ok(out)
+    }
+
+    /// The definition of a copy of a stopped VM, checked before any byte is copied: a new
+    /// name, UUID and MAC, the same resources, disks named after the copy.
+    fn clone_definition(
+        &self,
+        request: &CloneVm,
+    ) -> Result<(VmDefinition, Vec<(String, String)>), RuntimeError> {
+        let source = self.record_of(&request.name)?;
+        let state = self.state_of(&request.name)?;
+        if state != VmState::Shutoff {
+            return Err(RuntimeError::WrongState {
+                name: request.name.clone(),
+                state,
+                hint: "stop it first: a clone copies its disks as they are at rest",
+            });
+        }
+        if self
+            .conn
+            .lookup_domain_by_name(request.new_name.as_str())
+            .is_ok()
+        {
+            return Err(RuntimeError::AlreadyExists(request.new_name.clone()));
+        }
+        let mut def = source;
+        let mut copies = Vec::new();
+        def.name = request.new_name.clone();
+        def.uuid = uuid::Uuid::new_v4().to_string();
+        def.autostart = false;
+        if def.devices.user_network {
+            def.devices.mac = Some(definition::random_mac());
+        }
+        for disk in &mut def.disks {
+            let format = if disk.format == DiskFormat::Qcow2.as_str() {
+                DiskFormat::Qcow2
+            } else {
+                DiskFormat::Raw
+            };
+            let copy = Storage::disk_file_name(&request.new_name, format);
+            if self.storage.disk_file(&copy).exists() {
+                return Err(RuntimeError::Storage(
+                    crate::storage::StorageError::DiskExists(request.new_name.clone()),
+                ));
+            }
+            copies.push((std::mem::replace(&mut disk.file, copy.clone()), copy));
+        }
+        Ok((def, copies))
+    }
+
     fn force_off(&self, name: &VmName) -> Result<VmStatus, RuntimeError> {
         let dom = self.lookup(name)?;
         if self.state_of(name)?.is_active() {
@@ -1036,7 +1416,9 @@ impl Inner {
         // define the deleted VM again on the test driver.
         let record = self.storage.definition(name)?;
         self.storage.delete_definition(name)?;
-        if let Err(e) = dom.undefine() {
+        // Internal snapshots live in the disk, which goes too; libvirt keeps only their
+        // metadata, and refuses to undefine a VM that has any unless told.
+        if let Err(e) = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA) {
             // Keep the VM whole: put its record back.
             if let Some(record) = record
                 && let Err(lost) = self.storage.save_definition(name, &record)
@@ -1046,6 +1428,7 @@ impl Inner {
             return Err(lv("undefining the VM")(e));
         }
         lock(&self.templates).remove(&uuid);
+        lock(&self.records).remove(name);
         // The VM is gone now; a disk that would not go is reported, not a failed delete.
         if let Err(e) = self.storage.delete_disk(name) {
             tracing::warn!(vm = %name, "the deleted VM's disk stays: {e}");

@@ -831,6 +831,10 @@ mod tests {
             }),
             disks: None,
             nics: None,
+            autostart: None,
+            next_start: None,
+            addresses: None,
+            snapshots: None,
         }
     }
 

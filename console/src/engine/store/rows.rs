@@ -380,6 +380,10 @@ impl TryFrom<VmRow> for VmStatus {
             // Only a live agent says: a stored VM is one nobody can move until it does.
             disks: None,
             nics: None,
+            autostart: None,
+            next_start: None,
+            addresses: None,
+            snapshots: None,
         })
     }
 }
