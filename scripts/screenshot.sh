@@ -69,7 +69,7 @@ ctl vm migrate bi-warehouse --to lsn-1 >/dev/null
 third_streamed
 shot migration-1600x1000
 sleep 10
-click 443 202            # the crm-db chip on lsn-1
+click 443 202            # build-runner on lsn-1 (stopped: its settings are all live)
 shot vm-details-1600x1000
 click 43 96              # the shop service
 click 40 303             # its Plan… button

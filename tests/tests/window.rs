@@ -438,3 +438,129 @@ fn stopping_a_service_instance_is_confirmed_with_what_it_does() {
     drop(harness);
     runtime.block_on(fleet.stop());
 }
+
+/// A VM on a qcow2 disk, from its details: a snapshot taken by name and listed with its
+/// time, a revert and a delete each confirmed with what they do; a name taken is refused
+/// before anything is asked. A raw-disk VM says why it has none.
+#[test]
+fn snapshots_are_taken_reverted_and_deleted_from_a_vms_details() {
+    use dunes_console::engine::Command;
+    use dunes_shared::model::{TemplateName, VmName, VmSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, _fleet) = demo_engine(dir.path());
+    // An overlay template on lsn-2: its VMs get qcow2 disks.
+    let template = dir
+        .path()
+        .join("console/demo-agents/lsn-2/storage/images/cow");
+    std::fs::create_dir_all(&template).unwrap();
+    std::fs::write(
+        template.join("template.toml"),
+        "description = \"copy on write\"\ndefault_vcpus = 1\ndefault_memory_mib = 256\nplaceholder = true\noverlay = true\n",
+    )
+    .unwrap();
+    std::fs::File::create(template.join("disk.img"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    runtime.block_on(async {
+        engine
+            .request(|reply| Command::CreateVm {
+                host: dunes_shared::model::HostId::new("lsn-2").unwrap(),
+                spec: VmSpec {
+                    name: VmName::new("notes").unwrap(),
+                    template: TemplateName::new("cow").unwrap(),
+                    vcpus: None,
+                    memory_mib: None,
+                },
+                start: true,
+                reply,
+            })
+            .await
+            .unwrap();
+    });
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the wiki chip", |h| {
+        h.query_by_role_and_label(Role::Button, "wiki").is_some()
+    });
+    harness.get_by_role_and_label(Role::Button, "wiki").click();
+    step_until(&mut harness, "why wiki has no snapshots", |h| {
+        h.query_by_label_contains("wiki cannot have snapshots: its disk is raw")
+            .is_some()
+    });
+    harness.get_by_role_and_label(Role::Button, "notes").click();
+    step_until(&mut harness, "notes without snapshots", |h| {
+        h.query_by_label("None yet.").is_some()
+    });
+    let take = |harness: &mut Harness<'_, ConsoleApp>, name: &str| {
+        harness
+            .get_by_role_and_label(Role::TextInput, "New snapshot")
+            .focus();
+        harness.step();
+        harness
+            .get_by_role_and_label(Role::TextInput, "New snapshot")
+            .type_text(name);
+        harness.step();
+        harness.step();
+    };
+    take(&mut harness, "before-upgrade");
+    harness
+        .get_by_role_and_label(Role::Button, "Take snapshot")
+        .click();
+    step_until(&mut harness, "the snapshot listed", |h| {
+        h.query_by_label("before-upgrade (current)").is_some()
+    });
+    assert!(
+        harness.query_by_label_contains("UTC, running").is_some(),
+        "the snapshot's time and state"
+    );
+    // The same name again: the button is off, nothing is asked.
+    take(&mut harness, "before-upgrade");
+    assert!(
+        harness
+            .get_by_role_and_label(Role::Button, "Take snapshot")
+            .accesskit_node()
+            .is_disabled()
+    );
+    harness
+        .get_by_role_and_label(Role::Button, "Revert…")
+        .click();
+    step_until(&mut harness, "the revert's confirmation", |h| {
+        h.query_by_label("Revert notes to before-upgrade?")
+            .is_some()
+    });
+    assert!(
+        harness
+            .query_by_label_contains("everything it wrote and did since is lost")
+            .is_some()
+    );
+    harness
+        .get_by_role_and_label(Role::Button, "Revert")
+        .click();
+    step_until(&mut harness, "the revert done", |h| {
+        h.query_by_label_contains("Reverting notes to snapshot before-upgrade: done")
+            .is_some()
+    });
+    // The Delete… of the snapshot row (the VM's own Delete… is disabled: it runs).
+    harness
+        .query_all_by_role_and_label(Role::Button, "Delete…")
+        .find(|b| !b.accesskit_node().is_disabled())
+        .unwrap()
+        .click();
+    step_until(&mut harness, "the delete's confirmation", |h| {
+        h.query_by_label("Delete snapshot before-upgrade?")
+            .is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Delete")
+        .click();
+    step_until(&mut harness, "no snapshot left", |h| {
+        h.query_by_label("None yet.").is_some()
+    });
+    step_for_until(
+        &mut harness,
+        30,
+        "the VM's status without snapshots",
+        |_| engine.snapshot().find_vm("notes").unwrap().1.snapshots == Some(0),
+    );
+}

@@ -7,7 +7,9 @@ use super::{Actions, Selection, UiAction, link_color, state_color};
 use crate::engine::{Command, LinkState, Snapshot, stats::Subject};
 
 #[derive(Debug, Default)]
-pub struct DetailsPanel;
+pub struct DetailsPanel {
+    settings: super::vm_settings::VmSettings,
+}
 
 fn row(ui: &mut egui::Ui, key: &str, value: impl Into<egui::WidgetText>) {
     ui.label(RichText::new(key).weak());
@@ -22,6 +24,18 @@ fn value_width(ui: &egui::Ui) -> f32 {
 }
 
 impl DetailsPanel {
+    /// Reverts to or deletes a snapshot of the VM, and shows its snapshots afterwards.
+    pub fn snapshot_action(
+        &mut self,
+        actions: &mut Actions<'_>,
+        host: &dunes_shared::model::HostId,
+        vm: &dunes_shared::model::VmName,
+        action: dunes_shared::protocol::SnapshotAction,
+        snapshot: String,
+    ) {
+        self.settings.act(actions, host, vm, action, snapshot);
+    }
+
     pub fn details_ui(
         &mut self,
         ui: &mut egui::Ui,
@@ -146,11 +160,36 @@ impl DetailsPanel {
                         actions.push(UiAction::OpenCharts(Subject::Workload(name.clone())));
                     }
                 });
+                // The actions first: in a small window the facts below may run past the fold.
+                let online = host.link == LinkState::Online;
+                if !online {
+                    ui.colored_label(link_color(host.link), format!("Host {host_id} is {}: actions wait for it.", host.link.as_str()));
+                }
+                ui.horizontal_wrapped(|ui| {
+                    super::vm_actions::vm_actions_ui(ui, snapshot, host, vm, actions, |_| {});
+                });
                 egui::Grid::new("vm-details").num_columns(2).striped(true).max_col_width(value_width(ui)).show(ui, |ui| {
                     row(ui, "State", RichText::new(vm.state.as_str()).color(state_color(vm.state)));
                     row(ui, "Host", host_id.as_str());
+                    match &vm.addresses {
+                        Some(addresses) if !addresses.is_empty() => row(ui, "Addresses", addresses.join("\n")),
+                        Some(_) => row(ui, "Addresses", "none: its guest has no address yet"),
+                        None if vm.state == dunes_shared::model::VmState::Running && !is_process => {
+                            row(ui, "Addresses", RichText::new("not known: its guest agent does not answer").weak())
+                        }
+                        None => {}
+                    }
                     row(ui, "vCPUs", vm.vcpus.to_string());
                     row(ui, "Memory", format!("{} MiB", vm.memory_mib));
+                    if let Some(next) = vm.next_start {
+                        row(ui, "Next start", format!("{} vCPUs, {} MiB", next.vcpus, next.memory_mib));
+                    }
+                    if let Some(autostart) = vm.autostart {
+                        row(ui, "Autostart", if autostart { "with its host's agent" } else { "off" });
+                    }
+                    if let Some(n) = vm.snapshots.filter(|&n| n > 0) {
+                        row(ui, "Snapshots", n.to_string());
+                    }
                     row(ui, "Template", vm.template.as_ref().map_or("—".to_string(), |t| t.to_string()));
                     match &vm.disks {
                         Some(disks) if disks.is_empty() && !is_process => {
@@ -192,13 +231,10 @@ impl DetailsPanel {
                     row(ui, "UUID", vm.uuid.as_str());
                 });
                 guest_apps_ui(ui, snapshot, &host_id, &name, actions);
-                let online = host.link == LinkState::Online;
-                if !online {
-                    ui.colored_label(link_color(host.link), format!("Host {host_id} is {}: actions wait for it.", host.link.as_str()));
+                if !is_process {
+                    ui.separator();
+                    self.settings.vm_settings_ui(ui, snapshot, host, vm, actions);
                 }
-                ui.horizontal_wrapped(|ui| {
-                    super::vm_actions::vm_actions_ui(ui, snapshot, host, vm, actions, |_| {});
-                });
             }
             Selection::Service(name) => service_details(ui, snapshot, &name, actions),
         });

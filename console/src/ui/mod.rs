@@ -12,6 +12,7 @@ mod service_editor;
 mod services;
 mod topology;
 mod vm_actions;
+mod vm_settings;
 
 use std::sync::Arc;
 
@@ -246,6 +247,11 @@ impl Actions<'_> {
         self.outbox.say(text, is_error);
     }
 
+    /// Sends a command whose answer the caller follows itself.
+    pub fn try_send(&mut self, command: Command) -> Result<(), EngineError> {
+        self.engine.try_send(command)
+    }
+
     /// Sends a command built around a reply channel; the answer shows in the status line.
     pub fn send<T: Send + 'static>(
         &mut self,
@@ -356,6 +362,19 @@ pub enum Confirm {
     },
     /// Nothing to confirm: a running VM cannot be deleted, and the operator is told why.
     StopFirst(HostId, VmName),
+    /// The VM goes back to the snapshot: what it wrote since is lost.
+    RevertSnapshot {
+        host: HostId,
+        vm: VmName,
+        snapshot: String,
+        /// Taken while the VM ran: it runs from there after the revert.
+        running: bool,
+    },
+    DeleteSnapshot {
+        host: HostId,
+        vm: VmName,
+        snapshot: String,
+    },
 }
 
 pub struct ConsoleApp {
@@ -439,7 +458,7 @@ impl ConsoleApp {
             selection: Selection::None,
             topology: TopologyPanel::default(),
             services: ServicesPanel,
-            details: DetailsPanel,
+            details: DetailsPanel::default(),
             event_log: EventLogPanel::default(),
             add_host: AddHostDialog::default(),
             new_vm: NewVmDialog::default(),
@@ -853,6 +872,30 @@ impl ConsoleApp {
                 format!("Stop {name} on {host} first: only a stopped VM can be deleted."),
                 None,
             ),
+            Confirm::RevertSnapshot {
+                host,
+                vm,
+                snapshot,
+                running,
+            } => (
+                format!("Revert {vm} to {snapshot}?"),
+                format!(
+                    "{vm} on {host} goes back to how it was at snapshot {snapshot}: everything it wrote and did since is lost. {}",
+                    if *running {
+                        "It was running then, so it runs from that moment on."
+                    } else {
+                        "It was off then, so it is off afterwards."
+                    }
+                ),
+                Some("Revert"),
+            ),
+            Confirm::DeleteSnapshot { host, vm, snapshot } => (
+                format!("Delete snapshot {snapshot}?"),
+                format!(
+                    "Snapshot {snapshot} of {vm} on {host} is removed, and {vm} can no longer go back to it. The VM itself stays as it is."
+                ),
+                Some("Delete"),
+            ),
         };
         let response = egui::Modal::new(egui::Id::unique("confirm")).show(ctx, |ui| {
             ui.set_max_width(420.0);
@@ -883,6 +926,26 @@ impl ConsoleApp {
                                 actions.stop_vm(&host, &vm, false)
                             }
                             Confirm::StopFirst(..) => {}
+                            Confirm::RevertSnapshot {
+                                host, vm, snapshot, ..
+                            } => {
+                                self.details.snapshot_action(
+                                    &mut actions,
+                                    &host,
+                                    &vm,
+                                    dunes_shared::protocol::SnapshotAction::Revert,
+                                    snapshot,
+                                );
+                            }
+                            Confirm::DeleteSnapshot { host, vm, snapshot } => {
+                                self.details.snapshot_action(
+                                    &mut actions,
+                                    &host,
+                                    &vm,
+                                    dunes_shared::protocol::SnapshotAction::Delete,
+                                    snapshot,
+                                );
+                            }
                         }
                         ui.close();
                     }

@@ -767,9 +767,14 @@ fn host_card(
                 m.step.as_str()
             ));
         }
+        let addresses = vm
+            .addresses
+            .as_ref()
+            .filter(|a| !a.is_empty())
+            .map_or(String::new(), |a| format!(" · {}", a.join(", ")));
         chip_response
             .on_hover_text(format!(
-                "{} · {} · {} vCPU · {} MiB · {}{service_note}",
+                "{} · {} · {} vCPU · {} MiB · {}{addresses}{service_note}",
                 vm.name,
                 vm.state,
                 vm.vcpus,
