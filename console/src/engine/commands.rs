@@ -557,9 +557,21 @@ impl Actor {
                     ));
                 }
                 let peaks = forecast::daily_peaks(&capacity::sum_series(&per_host));
+                // Today's peak is not a day's peak until the day is over: just after
+                // midnight it is a few minutes' worth, and would bend the trend down. It
+                // still counts when it says the site is full already.
+                let today = (now_secs / 86_400) as f64;
+                let whole: Vec<(f64, f64)> =
+                    peaks.iter().copied().filter(|p| p.0 < today).collect();
                 let use_ = &mut sites[site].resources[slot];
+                let full_now = peaks.last().is_some_and(|p| p.1 >= use_.capacity);
+                let fitted = if whole.is_empty() || full_now {
+                    &peaks
+                } else {
+                    &whole
+                };
                 use_.forecast = Some(forecast::forecast(
-                    &peaks,
+                    fitted,
                     use_.capacity,
                     now_secs as f64 / 86_400.0,
                     forecast::Method::PeakTrend,

@@ -380,6 +380,8 @@ pub enum Confirm {
 pub struct ConsoleApp {
     engine: EngineHandle,
     snapshot: Arc<Snapshot>,
+    /// What the window shows in place of the engine's snapshot, when set.
+    pinned: Option<Arc<Snapshot>>,
     selection: Selection,
     topology: TopologyPanel,
     services: ServicesPanel,
@@ -454,6 +456,7 @@ impl ConsoleApp {
         let exports = engine.data_dir().join("exports");
         ConsoleApp {
             snapshot: engine.snapshot(),
+            pinned: None,
             engine,
             selection: Selection::None,
             topology: TopologyPanel::default(),
@@ -494,6 +497,13 @@ impl ConsoleApp {
         &self.snapshot
     }
 
+    /// Shows `snapshot` from now on instead of the engine's latest: a screen that does not
+    /// move, for layout snapshots. Commands still go to the engine.
+    pub fn pin_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        self.snapshot = snapshot.clone();
+        self.pinned = Some(snapshot);
+    }
+
     /// Whether a dialog is in front (Escape and Delete then belong to it).
     fn dialog_open(&self) -> bool {
         self.add_host.is_open()
@@ -508,7 +518,10 @@ impl ConsoleApp {
 
     /// Draws one frame.
     pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
-        self.snapshot = self.engine.snapshot();
+        self.snapshot = match &self.pinned {
+            Some(pinned) => pinned.clone(),
+            None => self.engine.snapshot(),
+        };
         self.outbox.poll(&self.snapshot);
         // Escape closes the dialog in front, then the charts; only with none open does it
         // clear the selection.

@@ -161,15 +161,17 @@ impl VmSettings {
             .default_open(true)
             .show(ui, |ui| {
                 ui.horizontal_wrapped(|ui| {
-                    ui.label("vCPUs");
-                    ui.add(egui::DragValue::new(&mut self.vcpus).range(1..=256));
-                    ui.label("Memory");
+                    let label = ui.label("vCPUs");
+                    ui.add(egui::DragValue::new(&mut self.vcpus).range(1..=256))
+                        .labelled_by(label.id);
+                    let label = ui.label("Memory");
                     ui.add(
                         egui::DragValue::new(&mut self.memory_mib)
                             .range(16..=4 * 1024 * 1024)
                             .speed(16)
                             .suffix(" MiB"),
-                    );
+                    )
+                    .labelled_by(label.id);
                     let current = vm.next_start.map_or((vm.vcpus, vm.memory_mib), |n| {
                         (n.vcpus, n.memory_mib)
                     });

@@ -1,0 +1,187 @@
+//! Layout snapshots of the window (egui_kittest), at 1600×1000 and at 800×500: the topology
+//! with a migration under way, and a VM's details. The demo's fleet is real; what changes from
+//! run to run (keys, UUIDs, readings, free storage, times) is set to fixed values, and the
+//! window is pinned to that snapshot, so a change in the picture is a change in the layout.
+//! The images are in tests/snapshots; kittest.toml holds the tolerance. After an intended
+//! change, look at the new images and keep them: `UPDATE_SNAPSHOTS=1 cargo test --test layout`.
+
+mod gui_support;
+
+use std::sync::Arc;
+
+use dunes_console::{
+    demo,
+    engine::{
+        EngineHandle, Snapshot,
+        migration::{DiskMove, MigrationJournal, MigrationOrigin, MigrationStep},
+        store::{EventRecord, Level},
+    },
+    ui::ConsoleApp,
+};
+use dunes_shared::model::{HostId, HostStatus, VmName};
+use dunes_tests::start_engine;
+use egui::Role;
+use egui_kittest::{Harness, kittest::Queryable as _};
+use gui_support::{step_until, window_sized};
+
+/// 2026-12-01 12:00 UTC.
+const NOON_MS: u64 = 1_764_590_400_000;
+
+/// The demo's fleet under a real engine, once its seven VMs are made.
+fn demo_engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, EngineHandle, demo::DemoFleet) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (engine, fleet) = runtime.block_on(async {
+        let engine = start_engine(&dir.join("console")).await.unwrap();
+        // The demo's agents live as long as the fleet.
+        let fleet = demo::start(&engine).await.unwrap();
+        engine
+            .wait_for(std::time::Duration::from_secs(60), |s| {
+                s.hosts.iter().map(|h| h.vms.len()).sum::<usize>() == 7
+            })
+            .await
+            .expect("the demo's seven VMs");
+        (engine, fleet)
+    });
+    (runtime, engine, fleet)
+}
+
+/// The engine's snapshot with every value that differs between runs fixed, and migration
+/// 1 of bi-warehouse to lsn-1 a third of the way.
+fn fixed(live: &Snapshot) -> Arc<Snapshot> {
+    let mut snapshot = live.clone();
+    snapshot.hosts = live
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let mut host = (**host).clone();
+            let i = i as u64;
+            host.record.fingerprint =
+                dunes_shared::pki::Fingerprint::of_public_key(host.id().as_str().as_bytes());
+            host.record.enrolled_at_ms = NOON_MS;
+            host.record.cert_expires_ms = Some(NOON_MS + 30 * 86_400_000);
+            if let Some(inventory) = &mut host.record.inventory {
+                inventory.storage_total_mib = 258_048;
+                inventory.storage_free_mib = 57_344;
+                inventory.agent_version = "0.0.0".into();
+            }
+            host.status = host.status.map(|s| HostStatus {
+                cpu_load_percent: 20.0 + 15.0 * i as f32,
+                memory_used_mib: s.memory_total_mib / 4,
+                storage_free_mib: 57_344,
+                uptime_secs: 3600,
+                ..s
+            });
+            for (j, vm) in host.vms.iter_mut().enumerate() {
+                vm.uuid = format!("00000000-0000-4000-8000-{:012}", i * 100 + j as u64);
+                vm.disk_bytes = 192 << 20;
+                for disk in vm.disks.iter_mut().flatten() {
+                    disk.allocated_bytes = 192 << 20;
+                }
+            }
+            Arc::new(host)
+        })
+        .collect();
+    let lines = [
+        (Level::Info, "lsn-1", "host enrolled"),
+        (
+            Level::Info,
+            "gva-1",
+            "migration 1: bi-warehouse from gva-1 to lsn-1, disk: whole image",
+        ),
+        (
+            Level::Info,
+            "gva-1",
+            "migration 1 of bi-warehouse: transferring",
+        ),
+    ];
+    snapshot.events = Arc::new(
+        lines
+            .iter()
+            .enumerate()
+            .map(|(n, (level, host, message))| EventRecord {
+                seq: n as u64 + 1,
+                time_ms: NOON_MS + n as u64 * 1000,
+                level: *level,
+                host: Some(HostId::new(*host).unwrap()),
+                message: message.to_string(),
+            })
+            .collect(),
+    );
+    let total = 192u64 << 20;
+    snapshot.migrations = Arc::new(vec![MigrationJournal {
+        id: 1,
+        vm: VmName::new("bi-warehouse").unwrap(),
+        from: HostId::new("gva-1").unwrap(),
+        to: HostId::new("lsn-1").unwrap(),
+        step: MigrationStep::Transferring,
+        was_running: true,
+        error: None,
+        bytes_done: total / 3,
+        bytes_total: total,
+        ticket: None,
+        digest: None,
+        started_ms: NOON_MS,
+        updated_ms: NOON_MS + 3000,
+        rate_bps: Some(25 << 20),
+        origin: MigrationOrigin::Operator,
+        limit_mbps: Some(200),
+        compress: false,
+        failed_at: None,
+        waiting: None,
+        disk_move: DiskMove::Image,
+    }]);
+    snapshot.generated_until_secs = Some(NOON_MS / 1000);
+    Arc::new(snapshot)
+}
+
+fn pinned_window(
+    engine: &EngineHandle,
+    snapshot: &Arc<Snapshot>,
+    size: [f32; 2],
+) -> Harness<'static, ConsoleApp> {
+    let mut harness = window_sized(engine, size);
+    harness.state_mut().pin_snapshot(snapshot.clone());
+    step_until(&mut harness, "the demo's chips", |h| {
+        h.query_by_role_and_label(Role::Button, "crm-db").is_some()
+    });
+    harness
+}
+
+#[test]
+fn the_topology_and_a_vms_details_keep_their_layout_at_both_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, _fleet) = demo_engine(dir.path());
+    let _enter = runtime.enter();
+    let snapshot = fixed(&engine.snapshot());
+    let mut results = Vec::new();
+    for (w, h) in [(1600.0, 1000.0), (800.0, 500.0)] {
+        let size = format!("{w}x{h}");
+        let mut harness = pinned_window(&engine, &snapshot, [w, h]);
+        harness.run_ok();
+        results.push(harness.try_snapshot(format!("topology-{size}")));
+        harness
+            .get_by_role_and_label(Role::Button, "crm-db")
+            .click();
+        // Its snapshots are asked of its agent: the answer is part of the picture.
+        step_until(&mut harness, "why crm-db has no snapshots", |h| {
+            h.query_by_label_contains("crm-db cannot have snapshots")
+                .is_some()
+        });
+        harness.run_ok();
+        results.push(harness.try_snapshot(format!("vm-details-{size}")));
+    }
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "layout snapshots differ:\n{}",
+        failed.join("\n")
+    );
+}
