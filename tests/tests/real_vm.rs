@@ -736,11 +736,12 @@ process = "worker"
 }
 
 /// A tiny guest on a qcow2 overlay under QEMU: its guest agent reports its address; it
-/// pauses and resumes; more memory asked while it runs waits for its next start; a snapshot
-/// of it running is taken, reverted to (the guest's memory goes back: a file written since
-/// in its RAM-backed /tmp is gone) and deleted; a stopped copy of it has the same bytes.
+/// pauses, resumes and reboots; more memory asked while it runs waits for its next start; a
+/// snapshot of it running is taken, reverted to (the guest's memory goes back: a file written
+/// since in its RAM-backed /tmp is gone) and deleted; a stopped copy of it has the same
+/// bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tiny_guest_on_an_overlay_is_resized_snapshotted_cloned_and_shows_its_address() {
+async fn a_tiny_guest_on_an_overlay_reboots_is_resized_snapshotted_cloned_and_shows_its_address() {
     use dunes_shared::protocol::{PowerAction, SnapshotAction};
     let _one = ONE_AT_A_TIME.lock().await;
     let Some(guest) = prerequisites() else { return };
@@ -842,6 +843,23 @@ async fn a_tiny_guest_on_an_overlay_is_resized_snapshotted_cloned_and_shows_its_
         power(PowerAction::Resume).await.unwrap().state,
         VmState::Running
     );
+    // A reboot: the guest stops in order and boots again in the same QEMU.
+    let log = agent_dir.join("storage/disks/cow-1.console.log");
+    let before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert_eq!(
+        power(PowerAction::Reboot).await.unwrap().state,
+        VmState::Running
+    );
+    console_line(&log, "dunes-guest: stopping (reboot)", before).await;
+    console_line(&log, "dunes-guest: ready", before).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while exec("true").await.is_err() {
+        assert!(Instant::now() < deadline, "no guest agent after the reboot");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // More memory while it runs: at its next start.
     let configured = engine
