@@ -1,7 +1,9 @@
 //! Layout snapshots of the window (egui_kittest), at 1600×1000 and at 800×500: the topology
-//! with a migration under way, and a VM's details. The demo's fleet is real; what changes from
-//! run to run (keys, UUIDs, readings, free storage, times) is set to fixed values, and the
-//! window is pinned to that snapshot, so a change in the picture is a change in the layout.
+//! with a migration under way, a VM's details, 30 days of a host's charts and the capacity
+//! view. The demo's fleet is real; what changes from run to run (keys, UUIDs, readings, free
+//! storage, times) is set to fixed values, and the window is pinned to that snapshot; the
+//! charts and the capacity view are given fixed answers. A change in the picture is then a
+//! change in the layout.
 //! The images are in tests/snapshots; kittest.toml holds the tolerance. After an intended
 //! change, look at the new images and keep them: `UPDATE_SNAPSHOTS=1 cargo test --test layout`.
 
@@ -13,10 +15,14 @@ use dunes_console::{
     demo,
     engine::{
         EngineHandle, Snapshot,
+        capacity::{Resource, ResourceUse, SiteCapacity},
+        forecast::{self, Method},
         migration::{DiskMove, MigrationJournal, MigrationOrigin, MigrationStep},
+        rollup::Bucket,
+        stats::{Metric, SeriesPoints, StatsAnswer, Subject},
         store::{EventRecord, Level},
     },
-    ui::ConsoleApp,
+    ui::{ConsoleApp, TimeRange},
 };
 use dunes_shared::model::{HostId, HostStatus, VmName};
 use dunes_tests::start_engine;
@@ -24,7 +30,7 @@ use egui::Role;
 use egui_kittest::{Harness, kittest::Queryable as _};
 use gui_support::{step_until, window_sized};
 
-/// 2026-12-01 12:00 UTC.
+/// 2025-12-01 12:00 UTC.
 const NOON_MS: u64 = 1_764_590_400_000;
 
 /// The demo's fleet under a real engine, once its seven VMs are made.
@@ -139,6 +145,107 @@ fn fixed(live: &Snapshot) -> Arc<Snapshot> {
     Arc::new(snapshot)
 }
 
+/// 30 days of lsn-1's readings, hourly: a daily swing on a slow rise, with a band.
+fn month_of_lsn1() -> StatsAnswer {
+    let to = NOON_MS / 1000;
+    let hours = 30 * 24;
+    let from = to - hours * 3600;
+    let scale = |metric: Metric| match metric {
+        Metric::Cpu => 30.0,
+        Metric::Memory => 12_000.0,
+        Metric::DiskRead | Metric::NetRx => 4.0e6,
+        Metric::DiskWrite | Metric::NetTx => 1.5e6,
+        _ => 2.0e5,
+    };
+    StatsAnswer {
+        subject: Subject::Host(HostId::new("lsn-1").unwrap()),
+        resolution_secs: 3600,
+        from_secs: from,
+        to_secs: to,
+        series: Metric::ALL[..7]
+            .iter()
+            .map(|&metric| SeriesPoints {
+                metric,
+                points: (0..hours)
+                    .map(|h| {
+                        let t = from + h * 3600;
+                        let day = (t % 86_400) as f64 / 86_400.0 * std::f64::consts::TAU;
+                        let mean = scale(metric)
+                            * (1.0 + 0.4 * day.sin())
+                            * (0.7 + 0.3 * h as f64 / hours as f64);
+                        Bucket {
+                            start_secs: t,
+                            min: mean * 0.8,
+                            max: mean * 1.25,
+                            sum: mean * 60.0,
+                            count: 60,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Both sites' capacity as of noon, with forecasts from 30 rising daily peaks.
+fn capacity_at_noon(snapshot: &Snapshot) -> Vec<SiteCapacity> {
+    let today = (NOON_MS / 86_400_000) as f64;
+    let sites = [
+        ("geneva", 1.0, 32.0, 131_072.0),
+        ("lausanne", 2.0, 24.0, 98_304.0),
+    ];
+    sites
+        .iter()
+        .map(|&(site, n, cpus, memory_mib)| {
+            let resource = |resource, capacity: f64, allocated: f64, used: f64, rise: f64| {
+                let peaks: Vec<(f64, f64)> = (0..30)
+                    .map(|d| {
+                        let day = today - 30.0 + d as f64;
+                        (
+                            day,
+                            used * (0.6 + rise * d as f64) * (1.0 + 0.05 * (d % 7) as f64),
+                        )
+                    })
+                    .collect();
+                let forecast = (resource != Resource::Storage)
+                    .then(|| forecast::forecast(&peaks, capacity, today, Method::PeakTrend));
+                ResourceUse {
+                    resource,
+                    capacity,
+                    allocated,
+                    used: Some(used),
+                    forecast,
+                    peaks: if resource == Resource::Storage {
+                        Vec::new()
+                    } else {
+                        peaks
+                    },
+                }
+            };
+            SiteCapacity {
+                site: site.to_string(),
+                hosts: snapshot
+                    .hosts
+                    .iter()
+                    .filter(|h| h.inventory().is_some_and(|i| i.site.name.as_str() == site))
+                    .map(|h| h.id().clone())
+                    .collect(),
+                resources: vec![
+                    resource(Resource::Cpu, cpus, 7.0 * n, 4.0 * n, 0.02),
+                    resource(
+                        Resource::Memory,
+                        memory_mib,
+                        17_408.0 * n,
+                        9_000.0 * n,
+                        0.03,
+                    ),
+                    resource(Resource::Storage, 516_096.0, 150_000.0, 200_000.0, 0.0),
+                ],
+            }
+        })
+        .collect()
+}
+
 fn pinned_window(
     engine: &EngineHandle,
     snapshot: &Arc<Snapshot>,
@@ -174,6 +281,29 @@ fn the_topology_and_a_vms_details_keep_their_layout_at_both_sizes() {
         });
         harness.run_ok();
         results.push(harness.try_snapshot(format!("vm-details-{size}")));
+
+        let mut harness = pinned_window(&engine, &snapshot, [w, h]);
+        harness
+            .state_mut()
+            .show_stats(month_of_lsn1(), TimeRange::Month);
+        step_until(&mut harness, "the charts", |h| {
+            h.query_by_label("Statistics of host lsn-1").is_some()
+        });
+        harness.run_ok();
+        results.push(harness.try_snapshot(format!("charts-{size}")));
+
+        let mut harness = pinned_window(&engine, &snapshot, [w, h]);
+        harness
+            .state_mut()
+            .show_capacity(capacity_at_noon(&snapshot));
+        step_until(&mut harness, "the capacity view", |h| {
+            h.query_all_by_label_contains("full within")
+                .next()
+                .is_some()
+                || h.query_all_by_label_contains("full in").next().is_some()
+        });
+        harness.run_ok();
+        results.push(harness.try_snapshot(format!("capacity-{size}")));
     }
     let failed: Vec<String> = results
         .into_iter()

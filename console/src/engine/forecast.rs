@@ -60,6 +60,8 @@ pub struct Forecast {
     pub points: usize,
     /// The trend's value now (where a chart starts its line), when there is a trend.
     pub trend_now: Option<f64>,
+    /// When it was made, in days since the Unix epoch (UTC): where that line starts.
+    pub as_of_day: f64,
 }
 
 impl Forecast {
@@ -115,6 +117,7 @@ pub fn forecast(peaks: &[(f64, f64)], capacity: f64, now_day: f64, method: Metho
         slope_per_day,
         points,
         trend_now,
+        as_of_day: now_day,
     };
     if points < MIN_DAYS {
         return done(Outlook::TooLittleHistory { days: points }, 0.0, None);

@@ -42,6 +42,16 @@ impl CapacityWindow {
         self.pending = None;
     }
 
+    /// Shows `sites` as they are and asks the engine nothing for an hour: fixed data, for
+    /// layout snapshots.
+    pub fn show_answer(&mut self, sites: Vec<SiteCapacity>) {
+        self.open = true;
+        self.answer = Some(sites);
+        self.pending = None;
+        self.error = None;
+        self.asked_at = Instant::now().checked_add(std::time::Duration::from_secs(3600));
+    }
+
     fn refresh(&mut self, engine: &EngineHandle) {
         if let Some(rx) = &mut self.pending {
             match rx.try_recv() {
@@ -212,10 +222,8 @@ fn forecast_plot(ui: &mut egui::Ui, site: &SiteCapacity, r: &ResourceUse) {
     let Some(f) = &r.forecast else {
         return;
     };
-    // The trend's value now is where its line starts: now, in days since the epoch.
-    let now_day = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() / 86_400.0);
+    // The trend's line starts where the forecast was made.
+    let now_day = f.as_of_day;
     let peaks: Vec<[f64; 2]> = r.peaks.iter().map(|&(d, v)| [d, v]).collect();
     let ahead = match f.outlook {
         Outlook::Full { days, .. } => days.max(1.0),

@@ -179,15 +179,19 @@ fn value_marks(binary: bool) -> impl Fn(GridInput) -> Vec<GridMark> {
         if !(span.is_finite() && span > 0.0) {
             return Vec::new();
         }
-        let target = span / 4.0;
+        // egui_plot hides a y label closer than 20 points to the next and shows it fully from
+        // 30; `base_step_size` is its grid's 8-point minimum in data units. A short chart
+        // gets fewer marks, each labelled, rather than more that fade away.
+        let readable = input.base_step_size * (32.0 / 8.0);
+        let target = (span / 4.0).max(readable);
         let step = if binary {
-            2f64.powf(target.log2().round())
+            2f64.powf(target.log2().ceil())
         } else {
             let decade = 10f64.powf(target.log10().floor());
             [1.0, 2.0, 5.0, 10.0]
                 .into_iter()
                 .map(|m| m * decade)
-                .find(|s| span / s <= 6.0)
+                .find(|s| *s >= target)
                 .unwrap_or(10.0 * decade)
         };
         let mut marks = Vec::new();
@@ -564,5 +568,34 @@ impl ChartsWindow {
         }
         std::fs::write(&path, text)?;
         Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_marks_stay_far_enough_apart_to_be_labelled() {
+        let marks = |binary, bounds, base_step_size| {
+            value_marks(binary)(GridInput {
+                bounds,
+                base_step_size,
+            })
+            .into_iter()
+            .map(|m| m.value)
+            .collect::<Vec<_>>()
+        };
+        // Plenty of room: about four marks at a round step.
+        assert_eq!(marks(false, (0.0, 55.0), 0.1), vec![0.0, 20.0, 40.0]);
+        // A short chart: 8 points are 4.6 %, so a labelled step is at least 18.4 %.
+        assert_eq!(marks(false, (0.0, 55.0), 4.6), vec![0.0, 20.0, 40.0]);
+        assert_eq!(marks(false, (0.0, 100.0), 8.0), vec![0.0, 50.0, 100.0]);
+        // Bytes step in powers of two.
+        let gib = 1024.0 * 1024.0 * 1024.0;
+        assert_eq!(
+            marks(true, (0.0, 20.0 * gib), gib),
+            vec![0.0, 8.0 * gib, 16.0 * gib]
+        );
     }
 }

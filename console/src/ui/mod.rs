@@ -497,6 +497,16 @@ impl ConsoleApp {
         &self.snapshot
     }
 
+    /// Opens the charts on `answer` at `range`, without asking the engine: fixed data.
+    pub fn show_stats(&mut self, answer: crate::engine::stats::StatsAnswer, range: TimeRange) {
+        self.charts.show_answer(answer, range);
+    }
+
+    /// Opens the capacity view on `sites`, without asking the engine: fixed data.
+    pub fn show_capacity(&mut self, sites: Vec<crate::engine::capacity::SiteCapacity>) {
+        self.capacity.show_answer(sites);
+    }
+
     /// Shows `snapshot` from now on instead of the engine's latest: a screen that does not
     /// move, for layout snapshots. Commands still go to the engine.
     pub fn pin_snapshot(&mut self, snapshot: Arc<Snapshot>) {
