@@ -1,6 +1,6 @@
 //! Layout snapshots of the window (egui_kittest), at 1600×1000 and at 800×500: the topology
-//! with a migration under way, a VM's details, 30 days of a host's charts and the capacity
-//! view. The demo's fleet is real; what changes from run to run (keys, UUIDs, readings, free
+//! with a migration under way, a VM's details, the plan of the example shop service, 30 days
+//! of a host's charts and the capacity view. The demo's fleet is real; what changes from run to run (keys, UUIDs, readings, free
 //! storage, times) is set to fixed values, and the window is pinned to that snapshot; the
 //! charts and the capacity view are given fixed answers. A change in the picture is then a
 //! change in the layout.
@@ -50,6 +50,25 @@ fn demo_engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, EngineHandle,
             })
             .await
             .expect("the demo's seven VMs");
+        // The example service, defined, not deployed: its plan is the engine's answer.
+        let source = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/examples/shop.toml"),
+        )
+        .unwrap();
+        engine
+            .request(|reply| dunes_console::engine::Command::DefineService {
+                source,
+                replace: false,
+                reply,
+            })
+            .await
+            .unwrap();
+        engine
+            .wait_for(std::time::Duration::from_secs(10), |s| {
+                s.services.len() == 1
+            })
+            .await
+            .expect("the shop service in view");
         (engine, fleet)
     });
     (runtime, engine, fleet)
@@ -281,6 +300,25 @@ fn the_topology_and_a_vms_details_keep_their_layout_at_both_sizes() {
         });
         harness.run_ok();
         results.push(harness.try_snapshot(format!("vm-details-{size}")));
+
+        let mut harness = pinned_window(&engine, &snapshot, [w, h]);
+        if w < 1100.0 {
+            // The services panel is a strip there: its drawer first.
+            harness
+                .get_by_role_and_label(Role::Button, "Services")
+                .click();
+            step_until(&mut harness, "the services drawer", |h| {
+                h.query_by_role_and_label(Role::Button, "Plan…").is_some()
+            });
+        }
+        harness.get_by_role_and_label(Role::Button, "Plan…").click();
+        step_until(&mut harness, "the plan", |h| {
+            h.query_all_by_label_contains("fingerprint")
+                .next()
+                .is_some()
+        });
+        harness.run_ok();
+        results.push(harness.try_snapshot(format!("plan-{size}")));
 
         let mut harness = pinned_window(&engine, &snapshot, [w, h]);
         harness
