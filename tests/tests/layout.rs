@@ -25,7 +25,6 @@ use dunes_console::{
     ui::{ConsoleApp, TimeRange},
 };
 use dunes_shared::model::{HostId, HostStatus, VmName};
-use dunes_tests::start_engine;
 use egui::Role;
 use egui_kittest::{Harness, kittest::Queryable as _};
 use gui_support::{step_until, window_sized};
@@ -33,24 +32,17 @@ use gui_support::{step_until, window_sized};
 /// 2025-12-01 12:00 UTC.
 const NOON_MS: u64 = 1_764_590_400_000;
 
-/// The demo's fleet under a real engine, once its seven VMs are made.
+/// The demo's fleet under a real engine once its seven VMs are made, with the example shop
+/// service defined (not deployed): its plan is the engine's answer.
 fn demo_engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, EngineHandle, demo::DemoFleet) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (engine, fleet) = runtime.block_on(async {
-        let engine = start_engine(&dir.join("console")).await.unwrap();
-        // The demo's agents live as long as the fleet.
-        let fleet = demo::start(&engine).await.unwrap();
+    let (runtime, engine, fleet) = gui_support::demo_engine(dir);
+    runtime.block_on(async {
         engine
             .wait_for(std::time::Duration::from_secs(60), |s| {
                 s.hosts.iter().map(|h| h.vms.len()).sum::<usize>() == 7
             })
             .await
             .expect("the demo's seven VMs");
-        // The example service, defined, not deployed: its plan is the engine's answer.
         let source = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/examples/shop.toml"),
         )
@@ -69,7 +61,6 @@ fn demo_engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, EngineHandle,
             })
             .await
             .expect("the shop service in view");
-        (engine, fleet)
     });
     (runtime, engine, fleet)
 }

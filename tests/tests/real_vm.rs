@@ -50,6 +50,29 @@ impl Drop for KillQemu {
     }
 }
 
+/// Creates and starts a VM of 1 vCPU and 256 MiB from `template`.
+async fn create_started(
+    engine: &dunes_console::engine::EngineHandle,
+    host: &dunes_shared::model::HostId,
+    name: &VmName,
+    template: &str,
+) -> dunes_shared::model::VmStatus {
+    engine
+        .request(|reply| Command::CreateVm {
+            host: host.clone(),
+            spec: VmSpec {
+                name: name.clone(),
+                template: TemplateName::new(template).unwrap(),
+                vcpus: Some(1),
+                memory_mib: Some(256),
+            },
+            start: true,
+            reply,
+        })
+        .await
+        .unwrap()
+}
+
 /// One real VM test at a time: two TCG guests at once on a small machine would stretch the
 /// timings the first test checks.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -85,20 +108,7 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
     assert_eq!(inventory.runtimes[0].driver, "QEMU");
 
     let name = VmName::new("tiny-1").unwrap();
-    let vm = engine
-        .request(|reply| Command::CreateVm {
-            host: host.clone(),
-            spec: VmSpec {
-                name: name.clone(),
-                template: TemplateName::new("tiny").unwrap(),
-                vcpus: Some(1),
-                memory_mib: Some(256),
-            },
-            start: true,
-            reply,
-        })
-        .await
-        .unwrap();
+    let vm = create_started(&engine, &host, &name, "tiny").await;
     assert_eq!(vm.state, VmState::Running);
     let created = Instant::now();
     // Its disk and its NIC as the details show them: a raw copy of the template, and a
@@ -779,20 +789,7 @@ async fn a_tiny_guest_on_an_overlay_reboots_is_resized_snapshotted_cloned_and_sh
     enroll_online(&engine, &agent).await.unwrap();
     let host = agent.host_id.clone();
     let name = VmName::new("cow-1").unwrap();
-    let vm = engine
-        .request(|reply| Command::CreateVm {
-            host: host.clone(),
-            spec: VmSpec {
-                name: name.clone(),
-                template: TemplateName::new("tiny-cow").unwrap(),
-                vcpus: Some(1),
-                memory_mib: Some(256),
-            },
-            start: true,
-            reply,
-        })
-        .await
-        .unwrap();
+    let vm = create_started(&engine, &host, &name, "tiny-cow").await;
     assert_eq!(
         vm.disks.as_deref().map(|d| d[0].format),
         Some(dunes_shared::model::DiskImageFormat::Qcow2)

@@ -5,33 +5,17 @@
 mod gui_support;
 
 use dunes_console::{
-    demo::{self, DemoFleet},
     engine::EngineHandle,
     ui::{ConsoleApp, TimeRange, plot_id},
 };
 use dunes_shared::model::VmState;
-use dunes_tests::{AgentProcess, enroll_online, start_engine};
+use dunes_tests::{AgentProcess, enroll_online};
 use egui::Role;
 use egui_kittest::{
     Harness,
     kittest::{NodeT as _, Queryable as _},
 };
-use gui_support::{drag_to, step_for_until, step_until, window, window_sized};
-
-/// The demo's fleet under a real engine, with its VMs made and its history in the store.
-fn demo_engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, EngineHandle, DemoFleet) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (engine, fleet) = runtime.block_on(async {
-        let engine = start_engine(&dir.join("console")).await.unwrap();
-        let fleet = demo::start(&engine).await.unwrap();
-        (engine, fleet)
-    });
-    (runtime, engine, fleet)
-}
+use gui_support::{demo_engine, drag_to, step_for_until, step_until, window, window_sized};
 
 fn host_of(engine: &EngineHandle, vm: &str) -> Option<(String, VmState)> {
     engine

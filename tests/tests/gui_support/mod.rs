@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
-use dunes_console::{engine::EngineHandle, ui::ConsoleApp};
+use dunes_console::{
+    demo::{self, DemoFleet},
+    engine::EngineHandle,
+    ui::ConsoleApp,
+};
 use egui_kittest::Harness;
 
 /// Steps the UI until `done` holds, like an operator waiting for the screen to update.
@@ -78,4 +82,22 @@ pub fn drag_to(harness: &mut Harness<'_, ConsoleApp>, from: egui::Pos2, to: egui
         harness.hover_at(to);
         harness.step();
     }
+}
+
+/// The demo's fleet under a real engine, with its VMs made and its history in the store; the
+/// agents live as long as the fleet.
+pub fn demo_engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, EngineHandle, DemoFleet) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (engine, fleet) = runtime.block_on(async {
+        let engine = dunes_tests::start_engine(&dir.join("console"))
+            .await
+            .unwrap();
+        let fleet = demo::start(&engine).await.unwrap();
+        (engine, fleet)
+    });
+    (runtime, engine, fleet)
 }
