@@ -50,6 +50,20 @@ impl Drop for KillQemu {
     }
 }
 
+/// An agent on QEMU (`qemu:///embed`) in `agent_dir`, with the tiny guest from `guest`.
+fn qemu_agent(agent_dir: &std::path::Path, host_id: &str, guest: &std::path::Path) -> AgentProcess {
+    AgentProcess::spawn_in(
+        None,
+        agent_dir,
+        host_id,
+        "lausanne",
+        "qemu:///embed",
+        "127.0.0.1:0",
+        vec!["--guest-dir".into(), guest.display().to_string()],
+    )
+    .unwrap()
+}
+
 /// Creates and starts a VM of 1 vCPU and 256 MiB from `template`.
 async fn create_started(
     engine: &dunes_console::engine::EngineHandle,
@@ -518,16 +532,7 @@ async fn applications_inside_a_tiny_guest_are_watched_and_a_killed_one_degrades_
     let dir = tempfile::tempdir().unwrap();
     let agent_dir = dir.path().join("agent");
     let _cleanup = KillQemu(agent_dir.clone());
-    let agent = AgentProcess::spawn_in(
-        None,
-        &agent_dir,
-        "qemu-inside",
-        "lausanne",
-        "qemu:///embed",
-        "127.0.0.1:0",
-        vec!["--guest-dir".into(), guest.display().to_string()],
-    )
-    .unwrap();
+    let agent = qemu_agent(&agent_dir, "qemu-inside", &guest);
     let engine = start_engine(&dir.path().join("console")).await.unwrap();
     enroll_online(&engine, &agent).await.unwrap();
     let host = agent.host_id.clone();
@@ -758,16 +763,7 @@ async fn a_tiny_guest_on_an_overlay_reboots_is_resized_snapshotted_cloned_and_sh
     let dir = tempfile::tempdir().unwrap();
     let agent_dir = dir.path().join("agent");
     let _cleanup = KillQemu(agent_dir.clone());
-    let agent = AgentProcess::spawn_in(
-        None,
-        &agent_dir,
-        "qemu-host",
-        "lausanne",
-        "qemu:///embed",
-        "127.0.0.1:0",
-        vec!["--guest-dir".into(), guest.display().to_string()],
-    )
-    .unwrap();
+    let agent = qemu_agent(&agent_dir, "qemu-host", &guest);
     // An overlay template over the tiny guest's files: its VMs get qcow2 disks.
     let images = agent_dir.join("storage/images");
     std::fs::create_dir_all(images.join("tiny-cow")).unwrap();
