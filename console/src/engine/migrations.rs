@@ -44,17 +44,29 @@ struct Learned {
     note: Option<String>,
 }
 
-/// The step named by `DUNES_FAILPOINT=migration-exit-after:STEP`, a fault injection point for
-/// the test suites (never set in use).
-fn exit_after_effects_of() -> Option<&'static str> {
+/// Fault injection for the test suites: with `DUNES_FAILPOINT=migration-exit-after:STEP`, the
+/// console dies after that step's side effects, before their outcome is journaled. Only in a
+/// build with the `failpoints` feature.
+#[cfg(feature = "failpoints")]
+fn exit_after_effects_of(step: MigrationStep) {
     static STEP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    STEP.get_or_init(|| {
+    let wanted = STEP.get_or_init(|| {
         std::env::var("DUNES_FAILPOINT")
             .ok()
             .and_then(|v| v.strip_prefix("migration-exit-after:").map(str::to_string))
-    })
-    .as_deref()
+    });
+    if wanted.as_deref() == Some(step.as_str()) {
+        tracing::error!(
+            "DUNES_FAILPOINT: exiting after the effects of {}",
+            step.as_str()
+        );
+        std::process::exit(86);
+    }
 }
+
+/// Without the `failpoints` feature (a release build) nothing is injected.
+#[cfg(not(feature = "failpoints"))]
+fn exit_after_effects_of(_step: MigrationStep) {}
 
 fn outcome_of(e: EngineError) -> Outcome {
     match e {
@@ -310,15 +322,7 @@ impl Actor {
         let Some(mut journal) = self.migrations.get(&id).cloned() else {
             return;
         };
-        if exit_after_effects_of() == Some(journal.step.as_str()) {
-            // Fault injection for the test suites: a console that dies after a step's side
-            // effects, before their outcome is journaled.
-            tracing::error!(
-                "DUNES_FAILPOINT: exiting after the effects of {}",
-                journal.step.as_str()
-            );
-            std::process::exit(86);
-        }
+        exit_after_effects_of(journal.step);
         if let Some(total) = learned.bytes_total {
             journal.bytes_total = total;
         }
