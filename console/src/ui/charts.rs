@@ -11,7 +11,7 @@ use egui::Color32;
 use egui_plot::{FilledArea, GridInput, GridMark, HoverPosition, Legend, Line, Plot, Span};
 use tokio::sync::oneshot;
 
-use super::details::human_bytes;
+use super::human_bytes;
 use crate::engine::{
     Command, EngineError, EngineHandle,
     stats::{Metric, StatsAnswer, Subject},

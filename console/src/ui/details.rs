@@ -3,7 +3,7 @@
 use dunes_shared::model::ServiceName;
 use egui::RichText;
 
-use super::{Actions, Selection, UiAction, link_color, state_color};
+use super::{Actions, Selection, UiAction, human_bytes, link_color, state_color};
 use crate::engine::{Command, LinkState, Snapshot, stats::Subject};
 
 #[derive(Debug, Default)]
@@ -485,25 +485,5 @@ fn service_details(
             let ready = if inst.ready { ", ready" } else { "" };
             ui.label(RichText::new(format!("{state}{ready}")).weak());
         });
-    }
-}
-
-/// Bytes at a human scale: B, KiB, MiB, GiB or TiB, three significant digits or so.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else if value < 10.0 {
-        format!("{value:.2} {}", UNITS[unit])
-    } else if value < 100.0 {
-        format!("{value:.1} {}", UNITS[unit])
-    } else {
-        format!("{value:.0} {}", UNITS[unit])
     }
 }

@@ -2,38 +2,12 @@
 
 use egui::{Color32, RichText};
 
+use super::clock;
 use crate::engine::{Level, Snapshot};
 
 #[derive(Debug, Default)]
 pub struct EventLogPanel {
     errors_only: bool,
-}
-
-/// `HH:MM:SS` (UTC) of a Unix time in milliseconds.
-pub fn clock(time_ms: u64) -> String {
-    let secs = time_ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}",
-        secs / 3600 % 24,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
-/// `YYYY-MM-DD HH:MM` (UTC) of a Unix time in seconds.
-pub fn date_time(unix_secs: u64) -> String {
-    let Ok(t) = time::OffsetDateTime::from_unix_timestamp(unix_secs.min(i64::MAX as u64) as i64)
-    else {
-        return String::new();
-    };
-    format!(
-        "{}-{:02}-{:02} {:02}:{:02}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute()
-    )
 }
 
 impl EventLogPanel {

@@ -476,7 +476,7 @@ fn host_card(
         let text = match verdict {
             Ok(estimate) => format!(
                 "migrate here: {}, about {:.0} s",
-                super::details::human_bytes(estimate.bytes),
+                super::human_bytes(estimate.bytes),
                 estimate.seconds.ceil()
             ),
             Err(reasons) => reasons.first().cloned().unwrap_or_default(),
@@ -820,7 +820,7 @@ fn migration_lines(
         if m.step == crate::engine::migration::MigrationStep::Transferring {
             detail = format!("{:.0} %", fraction * 100.0);
             if let Some(rate) = m.rate_bps {
-                detail.push_str(&format!(" · {}/s", super::details::human_bytes(rate)));
+                detail.push_str(&format!(" · {}/s", super::human_bytes(rate)));
             }
             if let Some(eta) = m.eta_secs() {
                 detail.push_str(&format!(" · {eta} s left"));

@@ -312,7 +312,7 @@ impl VmSettings {
                             ui.label(RichText::new(format!("{}{mark}", s.name)).strong());
                             let memory = match s.memory_state_bytes {
                                 Some(b) if b > 0 => {
-                                    format!(", {} of memory", super::details::human_bytes(b))
+                                    format!(", {} of memory", super::human_bytes(b))
                                 }
                                 _ => String::new(),
                             };
