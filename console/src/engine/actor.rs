@@ -114,7 +114,7 @@ pub(super) struct Actor {
     /// The open part of every time series (what closed is in the store).
     pub(super) stats: super::stats::TimeSeries,
     /// Autoscaling of applications, by `service/app`.
-    pub(super) autoscaling: BTreeMap<String, super::autoscaling::AutoscaleEntry>,
+    pub(super) autoscaling: BTreeMap<String, super::autoscale::AutoscaleEntry>,
     /// Readings before this time (unix seconds) were made up (the demo's history).
     pub(super) generated_until_secs: Option<u64>,
 }

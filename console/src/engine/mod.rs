@@ -5,7 +5,6 @@
 mod actor;
 pub mod app_metrics;
 pub mod autoscale;
-mod autoscaling;
 pub mod capacity;
 pub mod client;
 mod commands;
@@ -13,7 +12,6 @@ pub mod console_pki;
 pub mod cost;
 pub mod enroll;
 pub mod evacuation;
-mod evacuations;
 mod event_log;
 pub mod forecast;
 mod gate;
@@ -21,7 +19,6 @@ pub mod guest_apps;
 mod hosts;
 pub mod link;
 pub mod migration;
-mod migrations;
 pub mod notify;
 pub mod placement;
 mod publish;
@@ -50,7 +47,7 @@ use dunes_shared::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use autoscaling::{AutoscaleView, ReplayAnswer};
+pub use autoscale::{AutoscaleView, ReplayAnswer};
 pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
 pub use services::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};

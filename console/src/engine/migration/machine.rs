@@ -433,9 +433,9 @@ impl MigrationEstimate {
 /// cannot, as a sentence an operator can act on, or the estimate.
 pub fn precheck(
     vm: &dunes_shared::model::VmStatus,
-    from: &super::HostView,
-    to: &super::HostView,
-    services: &[std::sync::Arc<super::ServiceView>],
+    from: &crate::engine::HostView,
+    to: &crate::engine::HostView,
+    services: &[std::sync::Arc<crate::engine::ServiceView>],
     migrations: &[MigrationJournal],
 ) -> Result<MigrationEstimate, Vec<String>> {
     use dunes_shared::model::RuntimeKind;
@@ -463,13 +463,13 @@ pub fn precheck(
             vm.name
         ));
     }
-    if from.link != super::LinkState::Online {
+    if from.link != crate::engine::LinkState::Online {
         reasons.push(format!("{}: unreachable", from.id()));
     }
     // How the disk would travel, and so what it takes on the target and on the link.
     let disk_move = DiskMove::choose(vm, to.inventory());
     let bytes = disk_move.bytes(vm);
-    match super::services::host_offer(to) {
+    match crate::engine::services::host_offer(to) {
         None => reasons.push(format!("{target}: its inventory is not known yet")),
         Some(offer) => {
             if !offer.online {
@@ -552,13 +552,14 @@ pub fn precheck(
     }
     let crosses_sites = from.site_name() != to.site_name();
     let site_link =
-        |h: &super::HostView| h.inventory().map_or(1000, |i| i.site.link_bandwidth_mbps);
-    let nic = |h: &super::HostView| {
+        |h: &crate::engine::HostView| h.inventory().map_or(1000, |i| i.site.link_bandwidth_mbps);
+    let nic = |h: &crate::engine::HostView| {
         h.inventory()
             .and_then(|i| i.network.iter().filter_map(|n| n.speed_mbps).max())
             .unwrap_or(1000)
     };
-    let site_limit = |h: &super::HostView| h.inventory().and_then(|i| i.site.transfer_limit_mbps);
+    let site_limit =
+        |h: &crate::engine::HostView| h.inventory().and_then(|i| i.site.transfer_limit_mbps);
     let site_limit_mbps = if crosses_sites {
         match (site_limit(from), site_limit(to)) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -599,8 +600,8 @@ pub fn precheck(
 /// instances there: those whose host is `target` and those on their way to it, so that two
 /// anti-affine instances never share a host, not even while one of them moves.
 fn rule_conflicts(
-    service: &super::ServiceView,
-    instance: &super::InstanceView,
+    service: &crate::engine::ServiceView,
+    instance: &crate::engine::InstanceView,
     target: &HostId,
     migrations: &[MigrationJournal],
 ) -> Vec<String> {
@@ -609,7 +610,7 @@ fn rule_conflicts(
     };
     let rules = &spec.rules;
     let app = &instance.record.app;
-    let heading_to = |i: &super::InstanceView| {
+    let heading_to = |i: &crate::engine::InstanceView| {
         migrations.iter().any(|m| {
             !m.step.is_finished()
                 && &m.to == target
@@ -617,7 +618,7 @@ fn rule_conflicts(
                 && m.vm == i.record.vm
         })
     };
-    let there: Vec<&super::InstanceView> = service
+    let there: Vec<&crate::engine::InstanceView> = service
         .instances
         .iter()
         .filter(|i| i.record.key() != instance.record.key())

@@ -1,4 +1,4 @@
-//! The migration driver: carries out the effects the state machine in [`super::migration`]
+//! The migration driver: carries out the effects the state machine in [`super::machine`]
 //! asks for, on the two agents, and feeds their outcomes back. Each new step is written to
 //! the store before its effects run; a host that does not answer leaves the journal waiting
 //! (tried again every few seconds), an agent that refuses rolls the migration back.
@@ -14,7 +14,7 @@ use dunes_shared::{
     transfer::TransferTicket,
 };
 
-use super::{
+use crate::engine::{
     EngineError, LinkState, Reply,
     actor::{Actor, Internal, now_ms},
     client::AgentClient,
@@ -79,7 +79,7 @@ fn outcome_of(e: EngineError) -> Outcome {
 
 impl Actor {
     /// Plans a cold migration of `vm` from `host` to `to`, after checking that it can go.
-    pub(super) fn migrate_vm(
+    pub(in crate::engine) fn migrate_vm(
         &mut self,
         host: &HostId,
         vm: &VmName,
@@ -96,7 +96,7 @@ impl Actor {
     }
 
     /// Open migrations, for the pre-check's view of what is on its way where.
-    pub(super) fn open_migrations(&self) -> Vec<MigrationJournal> {
+    pub(in crate::engine) fn open_migrations(&self) -> Vec<MigrationJournal> {
         self.migrations
             .values()
             .filter(|m| !m.step.is_finished())
@@ -105,7 +105,7 @@ impl Actor {
     }
 
     /// Checks, journals and starts a migration; the journal as planned, or why it cannot go.
-    pub(super) fn start_migration(
+    pub(in crate::engine) fn start_migration(
         &mut self,
         host: &HostId,
         vm: &VmName,
@@ -137,7 +137,7 @@ impl Actor {
         }
         // The same pre-check as a drop in the window: capacity, runtime, name and the rules
         // of the VM's service, every reason at once.
-        let estimate = super::migration::precheck(
+        let estimate = crate::engine::migration::precheck(
             status,
             &source.view,
             &target.view,
@@ -191,7 +191,12 @@ impl Actor {
 
     /// A source agent's word on how far a transfer has got: shown live, not journaled (the
     /// journal's step is what a restart needs).
-    pub(super) fn transfer_progress(&mut self, ticket: &str, bytes_done: u64, bytes_total: u64) {
+    pub(in crate::engine) fn transfer_progress(
+        &mut self,
+        ticket: &str,
+        bytes_done: u64,
+        bytes_total: u64,
+    ) {
         let now = now_ms();
         let Some(journal) = self
             .migrations
@@ -214,7 +219,7 @@ impl Actor {
     }
 
     /// Asks a migration to stop and roll back (before it is confirmed).
-    pub(super) fn cancel_migration(&mut self, id: u64, reply: Reply<MigrationJournal>) {
+    pub(in crate::engine) fn cancel_migration(&mut self, id: u64, reply: Reply<MigrationJournal>) {
         let Some(journal) = self.migrations.get(&id).cloned() else {
             let _ = reply.send(Err(EngineError::Invalid(format!("no migration {id}"))));
             return;
@@ -411,7 +416,7 @@ impl Actor {
     }
 
     /// Migrations the last run left open, and those waiting on a host: their step again.
-    pub(super) fn retry_migrations(&mut self) {
+    pub(in crate::engine) fn retry_migrations(&mut self) {
         let open: Vec<MigrationJournal> = self
             .migrations
             .values()
@@ -626,7 +631,7 @@ async fn run_effect(
                 learned.target_vm = started;
                 // Confirmed only once its application's check passes there too.
                 if let Some((instance, probe)) = readiness {
-                    super::services::wait_until_ready(target, instance, probe).await?;
+                    crate::engine::services::wait_until_ready(target, instance, probe).await?;
                 }
             }
             Ok(())

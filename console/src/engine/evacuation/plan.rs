@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use dunes_shared::model::{HostId, VmName, VmStatus};
 
-use super::{
+use crate::engine::{
     HostView, ServiceView,
     migration::{MigrationEstimate, MigrationJournal, MigrationOrigin, MigrationStep, precheck},
     placement::{Action, place_instances},

@@ -1,5 +1,5 @@
 //! Drains and service moves, driven: each tick (and after each migration) every host in
-//! maintenance and every moving service takes its next step from [`super::evacuation`].
+//! maintenance and every moving service takes its next step from [`super::plan`].
 //! Their state is in the store (the host's maintenance mark, the service's move), so a
 //! console that restarts goes on where it stopped.
 
@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use dunes_shared::model::{HostId, ServiceName};
 
-use super::{
+use crate::engine::{
     EngineError, Reply,
     actor::{Actor, Internal, now_ms},
     evacuation::{DrainProgress, FleetParts, drain_step, service_move_step},
@@ -21,7 +21,7 @@ type AfterOperation = Box<dyn FnOnce(&mut Actor, &ServiceName, ServiceMove, Opti
 
 impl Actor {
     /// Marks `host` as in maintenance and moves everything off it; resumes a paused drain.
-    pub(super) fn drain_host(&mut self, host: &HostId, reply: Reply<DrainProgress>) {
+    pub(in crate::engine) fn drain_host(&mut self, host: &HostId, reply: Reply<DrainProgress>) {
         let Some(entry) = self.hosts.get_mut(host) else {
             let _ = reply.send(Err(EngineError::UnknownHost(host.clone())));
             return;
@@ -66,7 +66,7 @@ impl Actor {
     }
 
     /// Stops a drain from starting further migrations; the one under way finishes.
-    pub(super) fn pause_drain(&mut self, host: &HostId, reply: Reply<()>) {
+    pub(in crate::engine) fn pause_drain(&mut self, host: &HostId, reply: Reply<()>) {
         let Some(entry) = self.hosts.get_mut(host) else {
             let _ = reply.send(Err(EngineError::UnknownHost(host.clone())));
             return;
@@ -91,7 +91,7 @@ impl Actor {
     }
 
     /// Ends maintenance: the host takes new work again and its drain stops.
-    pub(super) fn undrain_host(&mut self, host: &HostId, reply: Reply<()>) {
+    pub(in crate::engine) fn undrain_host(&mut self, host: &HostId, reply: Reply<()>) {
         let Some(entry) = self.hosts.get_mut(host) else {
             let _ = reply.send(Err(EngineError::UnknownHost(host.clone())));
             return;
@@ -117,7 +117,7 @@ impl Actor {
 
     /// Moves every instance of `name` to the hosts of `site`: it stops the service, migrates
     /// the instances one at a time in start order, then starts it again if it ran.
-    pub(super) fn move_service(
+    pub(in crate::engine) fn move_service(
         &mut self,
         name: &ServiceName,
         site: &str,
@@ -193,7 +193,9 @@ impl Actor {
                 reasons.push(format!("{}: {} does not report it", i.vm, i.host));
                 continue;
             };
-            if let Err(why) = super::evacuation::choose_target(vm, &from.view, &fleet, Some(site)) {
+            if let Err(why) =
+                crate::engine::evacuation::choose_target(vm, &from.view, &fleet, Some(site))
+            {
                 reasons.push(format!("{}: {why}", i.vm));
             }
         }
@@ -219,7 +221,7 @@ impl Actor {
     }
 
     /// One step of every drain and service move that can take one.
-    pub(super) fn advance_evacuations(&mut self) {
+    pub(in crate::engine) fn advance_evacuations(&mut self) {
         let draining: Vec<(HostId, Maintenance)> = self
             .hosts
             .iter()
@@ -270,7 +272,7 @@ impl Actor {
                 Default::default(),
             ) {
                 Ok(journal) => progress.migrating = Some(journal.id),
-                Err(reason) => progress.blocked.push(super::evacuation::Blocked {
+                Err(reason) => progress.blocked.push(crate::engine::evacuation::Blocked {
                     vm: choice.vm.clone(),
                     reason,
                 }),
@@ -356,7 +358,7 @@ impl Actor {
             }
             MovePhase::Moving => {
                 let origin = MigrationOrigin::ServiceMove(name.clone());
-                let mine = |m: &&super::migration::MigrationJournal| {
+                let mine = |m: &&crate::engine::migration::MigrationJournal| {
                     m.origin == origin && m.started_ms >= moving.since_ms
                 };
                 if self
@@ -437,7 +439,7 @@ impl Actor {
     fn after_operation(
         &mut self,
         name: ServiceName,
-        answer: tokio::sync::oneshot::Receiver<Result<super::OperationReport, EngineError>>,
+        answer: tokio::sync::oneshot::Receiver<Result<crate::engine::OperationReport, EngineError>>,
         then: AfterOperation,
     ) {
         let internal = self.internal_tx.clone();

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use dunes_shared::model::{AppName, ServiceName};
 use dunes_shared::service::ServiceSpec;
 
-use super::{
+use crate::engine::{
     EngineError, Reply,
     actor::{Actor, Internal, now_ms},
     autoscale::{AutoscaleMetric, AutoscaleRule, Change, Decision, decide, period_means, replay},
@@ -24,7 +24,7 @@ const SAMPLE_DELAY_SECS: u64 = 7;
 
 /// An application's autoscaling as the engine holds it.
 #[derive(Debug, Clone)]
-pub(super) struct AutoscaleEntry {
+pub(in crate::engine) struct AutoscaleEntry {
     pub record: AutoscaleRecord,
     /// Means of the last periods in a row, oldest first.
     recent: Vec<f64>,
@@ -97,7 +97,11 @@ fn mean_over_instances(per_instance: &[Vec<rollup::Bucket>]) -> Vec<(u64, f64)> 
 
 impl Actor {
     /// A service's definition with the instance counts its rules set.
-    pub(super) fn scaled(&self, name: &ServiceName, mut spec: ServiceSpec) -> ServiceSpec {
+    pub(in crate::engine) fn scaled(
+        &self,
+        name: &ServiceName,
+        mut spec: ServiceSpec,
+    ) -> ServiceSpec {
         for app in &mut spec.applications {
             // A rule on the application, or on one inside its VMs (which scales the VMs).
             let entry = std::iter::once(&app.name)
@@ -160,7 +164,7 @@ impl Actor {
             .collect()
     }
 
-    pub(super) fn load_autoscaling(&mut self, records: Vec<AutoscaleRecord>) {
+    pub(in crate::engine) fn load_autoscaling(&mut self, records: Vec<AutoscaleRecord>) {
         self.autoscaling = records
             .into_iter()
             .map(|r| (r.key(), AutoscaleEntry::new(r)))
@@ -177,7 +181,7 @@ impl Actor {
             .count() as u32
     }
 
-    pub(super) fn autoscale_views(&self) -> Vec<AutoscaleView> {
+    pub(in crate::engine) fn autoscale_views(&self) -> Vec<AutoscaleView> {
         self.autoscaling
             .values()
             .map(|e| AutoscaleView {
@@ -193,7 +197,7 @@ impl Actor {
     }
 
     /// Sets (or with `None` removes) the rule of an application.
-    pub(super) fn set_autoscale(
+    pub(in crate::engine) fn set_autoscale(
         &mut self,
         service: ServiceName,
         app: AppName,
@@ -305,7 +309,7 @@ impl Actor {
 
     /// Every few seconds: measures the periods that ended, and deploys an instance count a
     /// rule set that is not there yet (a deploy refused while the service was busy).
-    pub(super) fn autoscale_tick(&mut self) {
+    pub(in crate::engine) fn autoscale_tick(&mut self) {
         let now = now_ms() / 1000;
         let keys: Vec<String> = self.autoscaling.keys().cloned().collect();
         for entry_key in keys {
@@ -496,7 +500,7 @@ impl Actor {
 
     /// Runs a rule over the recorded CPU of its application's instances since `since_secs`
     /// ago, at the finest stored resolution that holds the range.
-    pub(super) fn replay_autoscale(
+    pub(in crate::engine) fn replay_autoscale(
         &mut self,
         service: ServiceName,
         app: AppName,

@@ -1,0 +1,10 @@
+//! Autoscaling: a rule and the decision it makes from measured periods (`rule`: pure,
+//! unit-tested, also used for replays), and the engine's side that measures the periods and
+//! carries decisions out (`driver`).
+
+mod driver;
+mod rule;
+
+pub(in crate::engine) use driver::AutoscaleEntry;
+pub use driver::{AutoscaleView, ReplayAnswer};
+pub use rule::*;

@@ -1,0 +1,8 @@
+//! Cold migration of one VM between hosts: the journaled state machine (`machine`: pure, no
+//! I/O, unit-tested) and its driver (`driver`: the effects on the two agents, and the
+//! outcomes fed back).
+
+mod driver;
+mod machine;
+
+pub use machine::*;
