@@ -376,18 +376,23 @@ pub struct VmSpec {
 
 impl VmSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
-        if let Some(vcpus) = self.vcpus
-            && (vcpus == 0 || vcpus > VCPUS_MAX)
-        {
-            return Err(SpecError::Vcpus(vcpus));
-        }
-        if let Some(memory) = self.memory_mib
-            && !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&memory)
-        {
-            return Err(SpecError::Memory(memory));
-        }
-        Ok(())
+        validate_resources(self.vcpus, self.memory_mib)
     }
+}
+
+/// Checks vCPUs and memory asked for a VM (at its creation or later); `None` is not asked.
+pub fn validate_resources(vcpus: Option<u32>, memory_mib: Option<u64>) -> Result<(), SpecError> {
+    if let Some(vcpus) = vcpus
+        && (vcpus == 0 || vcpus > VCPUS_MAX)
+    {
+        return Err(SpecError::Vcpus(vcpus));
+    }
+    if let Some(memory) = memory_mib
+        && !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&memory)
+    {
+        return Err(SpecError::Memory(memory));
+    }
+    Ok(())
 }
 
 /// A VM as its agent reports it.

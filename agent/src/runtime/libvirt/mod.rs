@@ -601,13 +601,7 @@ impl Runtime for LibvirtRuntime {
 
     fn configure(&self, request: ConfigureVm) -> RuntimeFuture<'_, VmConfigured> {
         Box::pin(async move {
-            VmSpec {
-                name: request.name.clone(),
-                template: TemplateName::new("any").expect("valid literal"),
-                vcpus: request.vcpus,
-                memory_mib: request.memory_mib,
-            }
-            .validate()?;
+            dunes_shared::model::validate_resources(request.vcpus, request.memory_mib)?;
             let _vm = self.lock_vm(&request.name).await;
             self.call(move |i| i.configure(&request)).await
         })
