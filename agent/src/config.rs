@@ -31,6 +31,10 @@ pub struct AgentConfig {
     /// How long a guest gets to shut down before it is forced off.
     #[serde(default = "default_stop_timeout_secs")]
     pub stop_timeout_secs: u32,
+    /// The storage Dunes plans with on this host, in GiB; the free part is this less what the
+    /// storage directory holds. Unset: the file system's size and free space.
+    #[serde(default)]
+    pub storage_capacity_gib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +107,7 @@ impl Default for AgentConfig {
             prices: Prices::default(),
             security_level: default_security_level(),
             stop_timeout_secs: default_stop_timeout_secs(),
+            storage_capacity_gib: None,
         }
     }
 }
@@ -126,6 +131,9 @@ impl AgentConfig {
                 "stop_timeout_secs must be between 1 and {STOP_TIMEOUT_SECS_MAX}, not {}",
                 config.stop_timeout_secs
             ));
+        }
+        if config.storage_capacity_gib == Some(0) {
+            return Err("storage_capacity_gib must be at least 1".into());
         }
         let p = config.prices;
         if [
@@ -174,6 +182,9 @@ mod tests {
         );
         assert_eq!(c.security_level, 3);
         assert_eq!(c.stop_timeout_secs, 60);
+        assert_eq!(c.storage_capacity_gib, None);
+        let c = AgentConfig::parse("storage_capacity_gib = 200").unwrap();
+        assert_eq!(c.storage_capacity_gib, Some(200));
     }
 
     #[test]
@@ -196,6 +207,11 @@ mod tests {
                 .contains("between 1 and 900")
         );
         assert!(AgentConfig::parse("stop_timeout_secs = 901").is_err());
+        assert!(
+            AgentConfig::parse("storage_capacity_gib = 0")
+                .unwrap_err()
+                .contains("at least 1")
+        );
         assert!(
             AgentConfig::parse("[site]\nname = \"a\"\nnetworks = [\"10.1.0.0/40\"]")
                 .unwrap_err()

@@ -65,6 +65,48 @@ pub fn storage_mib(path: &Path) -> (u64, u64) {
     )
 }
 
+/// Total and free MiB Dunes plans with: with a declared capacity, that capacity less what
+/// `root` holds, capped by the file system's free space unless `sparse_stand_ins` (libvirt's
+/// test driver, whose disks stand in for a host that is not this machine); without one, the
+/// file system's.
+pub fn planned_storage_mib(
+    root: &Path,
+    capacity_gib: Option<u64>,
+    sparse_stand_ins: bool,
+) -> (u64, u64) {
+    let (fs_total, fs_free) = storage_mib(root);
+    let Some(capacity_gib) = capacity_gib else {
+        return (fs_total, fs_free);
+    };
+    let total = capacity_gib.saturating_mul(1024);
+    let free = total.saturating_sub(allocated_bytes(root) / (1024 * 1024));
+    if sparse_stand_ins {
+        (total, free)
+    } else {
+        (total, free.min(fs_free))
+    }
+}
+
+/// Bytes the files under `path` occupy on disk (a sparse file counts what it holds), without
+/// following symbolic links; unreadable entries count nothing.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.blocks().saturating_mul(512);
+    }
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| allocated_bytes(&e.path()))
+                .fold(0u64, u64::saturating_add)
+        })
+        .unwrap_or(0)
+}
+
 /// Logical CPUs of the machine, from /proc/cpuinfo (not this process's affinity).
 pub fn cpu_count() -> u32 {
     let counted = std::fs::read_to_string("/proc/cpuinfo")
@@ -159,6 +201,29 @@ mod tests {
         load.sample_percent();
         assert!((0.0..=100.0).contains(&load.sample_percent()));
         assert!(storage_mib(Path::new("/nonexistent/dir")) == (0, 0));
+    }
+
+    #[test]
+    fn a_declared_capacity_counts_what_the_storage_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("images")).unwrap();
+        std::fs::write(dir.path().join("images/disk"), vec![1u8; 3 << 20]).unwrap();
+        // A sparse file counts only its data.
+        let sparse = std::fs::File::create(dir.path().join("sparse")).unwrap();
+        sparse.set_len(1 << 30).unwrap();
+        let held = allocated_bytes(dir.path());
+        assert!((3 << 20..1 << 30).contains(&held), "{held}");
+        let (total, free) = planned_storage_mib(dir.path(), Some(10), true);
+        assert_eq!(total, 10 * 1024);
+        assert_eq!(free, 10 * 1024 - held / (1024 * 1024));
+        // Without one, the file system's figures.
+        assert_eq!(
+            planned_storage_mib(dir.path(), None, false),
+            storage_mib(dir.path())
+        );
+        // On a real hypervisor the file system's free space caps it.
+        let (_, capped) = planned_storage_mib(dir.path(), Some(u64::MAX / 2048), false);
+        assert!(capped <= storage_mib(dir.path()).1);
         let cpus = cpu_count();
         assert!(cpus >= 1);
         assert!(cpus as usize >= std::thread::available_parallelism().unwrap().get());

@@ -681,6 +681,18 @@ fn services_are_defined_and_planned_from_a_file() {
     assert!(host_of("db-0").is_some());
     let reports_host = host_of("reports-0").expect("reports placed");
     let hosts = json(&ctl(&data, &["--json", "hosts"]));
+    // The demo's hosts plan with the storage they declare, not this machine's free space,
+    // so the plan is the same on any machine.
+    for host in hosts.as_array().unwrap() {
+        let declared_mib = match host["id"].as_str().unwrap() {
+            "lsn-1" => 500 * 1024,
+            "lsn-2" => 250 * 1024,
+            _ => 2000 * 1024,
+        };
+        assert_eq!(host["storage_total_mib"], declared_mib, "{host}");
+        let free = host["storage_free_mib"].as_u64().unwrap();
+        assert!(free > declared_mib - 1024 && free < declared_mib, "{host}");
+    }
     let reporting = hosts
         .as_array()
         .unwrap()

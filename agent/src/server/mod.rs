@@ -257,7 +257,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shared {
     /// What the host is; file I/O, so call it through [`off_worker`].
     fn inventory(&self) -> HostInventory {
-        let (storage_total_mib, storage_free_mib) = inventory::storage_mib(self.storage.root());
+        let (storage_total_mib, storage_free_mib) = self.storage_mib();
         let (cpus, cpu_model, memory_mib, sizes_from) = match &self.declared {
             Some(node) => (
                 node.cpus,
@@ -292,6 +292,15 @@ impl Shared {
         }
     }
 
+    /// Total and free storage in MiB; file I/O, so call it through [`off_worker`].
+    fn storage_mib(&self) -> (u64, u64) {
+        inventory::planned_storage_mib(
+            self.storage.root(),
+            self.config.storage_capacity_gib,
+            self.declared.is_some(),
+        )
+    }
+
     /// What changes from second to second; file I/O, so call it through [`off_worker`].
     fn status(&self) -> HostStatus {
         let (memory_used_mib, memory_total_mib) = inventory::memory_mib();
@@ -299,7 +308,7 @@ impl Shared {
             cpu_load_percent: lock(&self.cpu).sample_percent(),
             memory_used_mib,
             memory_total_mib,
-            storage_free_mib: inventory::storage_mib(self.storage.root()).1,
+            storage_free_mib: self.storage_mib().1,
             vms_running: self.runtimes.active_count(),
             uptime_secs: inventory::uptime_secs(),
         }

@@ -46,6 +46,9 @@ struct DemoAgent {
     cpus: u32,
     memory_mib: u64,
     security_level: u8,
+    /// The storage the host plans with; the test driver's disks are sparse stand-ins, so the
+    /// machine's own free space does not limit it.
+    storage_capacity_gib: u64,
     #[serde(default)]
     transfer_limit_mbps: Option<u32>,
     prices: Prices,
@@ -180,9 +183,10 @@ fn write_demo_template(agent_dir: &Path, data_mib: u64) -> Result<(), DemoError>
 
 fn agent_toml(agent: &DemoAgent) -> String {
     format!(
-        "host_id = \"{}\"\nsecurity_level = {}\nstop_timeout_secs = 10\n[site]\nname = \"{}\"\nremote = {}\nlink_bandwidth_mbps = {}\nlink_latency_ms = {}\n{}[prices]\nper_gb_month_stored = {:?}\nper_gb_transferred = {:?}\nper_cpu_hour = {:?}\nper_gb_memory_hour = {:?}\n",
+        "host_id = \"{}\"\nsecurity_level = {}\nstorage_capacity_gib = {}\nstop_timeout_secs = 10\n[site]\nname = \"{}\"\nremote = {}\nlink_bandwidth_mbps = {}\nlink_latency_ms = {}\n{}[prices]\nper_gb_month_stored = {:?}\nper_gb_transferred = {:?}\nper_cpu_hour = {:?}\nper_gb_memory_hour = {:?}\n",
         agent.host_id,
         agent.security_level,
+        agent.storage_capacity_gib,
         agent.site,
         agent.remote,
         agent.link_bandwidth_mbps,
