@@ -1,0 +1,330 @@
+//! The engine's API: one request type per operation, its response type tied to it by
+//! [`Operation`], and one [`EngineClient`] that carries them to an engine in this process or
+//! through the control socket of a console that runs elsewhere on this machine. `ctl`, its
+//! `--json` output and the tests go through it.
+
+pub mod ops;
+pub mod views;
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::engine::{EngineError, EngineHandle};
+
+/// One operation of the engine: its request (this type) and its response.
+pub trait Operation: Serialize + DeserializeOwned + Send + 'static {
+    /// Its name on the wire, as `ctl` spells the command (`vm-start`).
+    const NAME: &'static str;
+    type Response: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Whether it changes anything (reads answer from what the engine holds).
+    fn changes(&self) -> bool;
+
+    /// Runs it on the engine of this process.
+    fn execute(
+        self,
+        engine: &EngineHandle,
+    ) -> impl Future<Output = Result<Self::Response, ApiError>> + Send;
+}
+
+/// Why a request failed: a code a program can act on, and a sentence for a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ApiErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiErrorCode {
+    /// The request is malformed or names something that does not exist.
+    Invalid,
+    /// What it would create exists.
+    Exists,
+    /// A host it needs is unreachable or not enrolled.
+    Unreachable,
+    /// An agent took the request but did not answer in time: what it did is not known.
+    NoAnswer,
+    /// An agent refused or failed it.
+    Agent,
+    /// Enrolling a host failed.
+    Enroll,
+    /// The engine could not save the change.
+    Store,
+    /// The engine's queue is full.
+    Busy,
+    /// The engine has stopped, or the link to it failed.
+    Unavailable,
+    /// A code from a newer engine.
+    #[serde(other)]
+    Other,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: ApiErrorCode::Invalid,
+            message: message.into(),
+        }
+    }
+
+    fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: ApiErrorCode::Unavailable,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<String> for ApiError {
+    fn from(message: String) -> ApiError {
+        ApiError::invalid(message)
+    }
+}
+
+impl From<&str> for ApiError {
+    fn from(message: &str) -> ApiError {
+        ApiError::invalid(message)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        let code = match &e {
+            EngineError::UnknownHost(_) | EngineError::Invalid(_) => ApiErrorCode::Invalid,
+            EngineError::Unreachable(_) => ApiErrorCode::Unreachable,
+            EngineError::Agent(_) => ApiErrorCode::Agent,
+            EngineError::Exists(_) => ApiErrorCode::Exists,
+            EngineError::NoAnswer { .. } => ApiErrorCode::NoAnswer,
+            EngineError::Enroll(_) => ApiErrorCode::Enroll,
+            EngineError::Store(_) => ApiErrorCode::Store,
+            EngineError::Busy => ApiErrorCode::Busy,
+            EngineError::Stopped => ApiErrorCode::Unavailable,
+        };
+        ApiError {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// One request on the control socket: the operation's name beside its fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub cmd: String,
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, Value>,
+}
+
+impl Envelope {
+    pub fn new<O: Operation>(request: &O) -> Result<Envelope, ApiError> {
+        let fields = match serde_json::to_value(request) {
+            Ok(Value::Object(fields)) => fields,
+            Ok(_) => serde_json::Map::new(),
+            Err(e) => return Err(ApiError::invalid(format!("cannot encode the request: {e}"))),
+        };
+        Ok(Envelope {
+            cmd: O::NAME.to_string(),
+            fields,
+        })
+    }
+}
+
+/// The answer to one request on the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Answer {
+    pub fn from_result(result: Result<Value, ApiError>) -> Answer {
+        match result {
+            Ok(data) => Answer {
+                ok: true,
+                data: Some(data),
+                error: None,
+            },
+            Err(error) => Answer {
+                ok: false,
+                data: None,
+                error: Some(error),
+            },
+        }
+    }
+}
+
+async fn run<O: Operation>(
+    engine: &EngineHandle,
+    fields: serde_json::Map<String, Value>,
+) -> Result<Value, ApiError> {
+    let request: O = serde_json::from_value(Value::Object(fields))
+        .map_err(|e| ApiError::invalid(format!("bad {} request: {e}", O::NAME)))?;
+    let response = request.execute(engine).await?;
+    serde_json::to_value(response)
+        .map_err(|e| ApiError::invalid(format!("cannot encode the answer: {e}")))
+}
+
+/// Declares every operation once: the dispatch of a request by name, and the client's
+/// method for it.
+macro_rules! operations {
+    ($($method:ident => $op:ident,)*) => {
+        /// Runs the request named in `envelope` on `engine`, answering its serde form.
+        pub async fn dispatch(engine: &EngineHandle, envelope: Envelope) -> Result<Value, ApiError> {
+            match envelope.cmd.as_str() {
+                $(<ops::$op as Operation>::NAME => run::<ops::$op>(engine, envelope.fields).await,)*
+                other => Err(ApiError::invalid(format!("no operation {other:?}"))),
+            }
+        }
+
+        /// Every operation's name.
+        pub const OPERATION_NAMES: &[&str] = &[$(<ops::$op as Operation>::NAME,)*];
+
+        impl EngineClient {
+            $(
+                pub async fn $method(
+                    &self,
+                    request: ops::$op,
+                ) -> Result<<ops::$op as Operation>::Response, ApiError> {
+                    self.call(request).await
+                }
+            )*
+        }
+    };
+}
+
+operations! {
+    hosts => ListHosts,
+    vms => ListVms,
+    events => ListEvents,
+    probe_host => ProbeHost,
+    add_host => AddHost,
+    drain_host => DrainHost,
+    pause_drain => PauseDrain,
+    undrain_host => UndrainHost,
+    create_vm => CreateVm,
+    start_vm => StartVm,
+    power_vm => PowerVm,
+    stop_vm => StopVm,
+    configure_vm => ConfigureVm,
+    clone_vm => CloneVm,
+    snapshot_vm => SnapshotVm,
+    exec_in_vm => GuestExec,
+    delete_vm => DeleteVm,
+    migrate_vm => MigrateVm,
+    check_migration => CheckMigration,
+    migrations => ListMigrations,
+    cancel_migration => CancelMigration,
+    forecast => Forecast,
+    stats => Stats,
+    cost => Cost,
+    set_autoscale => SetAutoscale,
+    remove_autoscale => RemoveAutoscale,
+    autoscaling => ListAutoscale,
+    replay_autoscale => ReplayAutoscale,
+    what_if_drain => WhatIfDrain,
+    what_if_deploy => WhatIfDeploy,
+    services => ListServices,
+    show_service => ShowService,
+    define_service => DefineService,
+    plan_service => PlanService,
+    deploy_service => DeployService,
+    start_service => StartService,
+    stop_service => StopService,
+    delete_service => DeleteService,
+    adopt_vm => AdoptVm,
+    move_service => MoveService,
+}
+
+/// The way to an engine: the one in this process, or the one behind a console's control
+/// socket on this machine.
+#[derive(Debug, Clone)]
+pub enum EngineClient {
+    InProcess(EngineHandle),
+    Socket {
+        path: PathBuf,
+        /// How long one request may take, answer included.
+        timeout: Duration,
+    },
+}
+
+impl EngineClient {
+    /// The control socket of the console running on `data_dir`.
+    pub fn local_socket(data_dir: &Path, timeout: Duration) -> EngineClient {
+        EngineClient::Socket {
+            path: crate::ctl::socket_path(data_dir),
+            timeout,
+        }
+    }
+
+    /// Sends `request` and waits for its response.
+    pub async fn call<O: Operation>(&self, request: O) -> Result<O::Response, ApiError> {
+        match self {
+            EngineClient::InProcess(engine) => request.execute(engine).await,
+            EngineClient::Socket { path, timeout } => {
+                let envelope = Envelope::new(&request)?;
+                let answer = crate::ctl::exchange(path, &envelope, *timeout).await?;
+                match answer {
+                    Answer { ok: true, data, .. } => {
+                        serde_json::from_value(data.unwrap_or(Value::Null)).map_err(|e| {
+                            ApiError::unavailable(format!(
+                                "the console's answer does not parse: {e}"
+                            ))
+                        })
+                    }
+                    Answer { error, .. } => Err(error
+                        .unwrap_or_else(|| ApiError::unavailable("the console gave no reason"))),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_names_are_unique() {
+        let mut names = OPERATION_NAMES.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), OPERATION_NAMES.len());
+    }
+
+    #[test]
+    fn a_request_travels_as_its_name_beside_its_fields() {
+        let envelope = Envelope::new(&ops::StopVm {
+            vm: "web".into(),
+            force: true,
+        })
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&envelope).unwrap(),
+            r#"{"cmd":"vm-stop","force":true,"vm":"web"}"#
+        );
+        let empty = Envelope::new(&ops::ListHosts {}).unwrap();
+        assert_eq!(serde_json::to_string(&empty).unwrap(), r#"{"cmd":"hosts"}"#);
+        let back: Envelope =
+            serde_json::from_str(r#"{"cmd":"vm-stop","vm":"web","force":true}"#).unwrap();
+        assert_eq!(back, envelope);
+    }
+
+    #[test]
+    fn an_unknown_error_code_still_reads() {
+        let e: ApiError =
+            serde_json::from_str(r#"{"code":"quota-exceeded","message":"no room"}"#).unwrap();
+        assert_eq!(e.code, ApiErrorCode::Other);
+        assert_eq!(e.to_string(), "no room");
+    }
+}

@@ -1,0 +1,1259 @@
+//! Every operation of the engine's API: its request, its response and how the engine runs
+//! it. Names of things arrive as text (a VM as `NAME` or `HOST/NAME`) and are checked here,
+//! so a bad one gets the same sentence from every client.
+
+use dunes_shared::{
+    model::{AppName, HostId, ServiceName, TemplateName, VmName, VmSpec, VmStatus},
+    pki::Fingerprint,
+    protocol::{PowerAction, SnapshotAction},
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, Operation, views::*};
+use crate::engine::{
+    Command, EngineHandle,
+    autoscale::{AutoscaleMetric, AutoscaleRule},
+    capacity::{Extra, WhatIf},
+    cost::CostBy,
+    migration::MigrationOptions,
+    placement::{Action, Override},
+    stats::Subject,
+};
+
+/// `SERVICE/APP` as names.
+fn service_app(target: &str) -> Result<(ServiceName, AppName), ApiError> {
+    let (service, app) = target
+        .split_once('/')
+        .ok_or_else(|| format!("{target:?}: name the application as SERVICE/APP"))?;
+    Ok((
+        ServiceName::new(service).map_err(|e| e.to_string())?,
+        AppName::new(app).map_err(|e| e.to_string())?,
+    ))
+}
+
+fn host_id(text: &str) -> Result<HostId, ApiError> {
+    Ok(HostId::new(text).map_err(|e| e.to_string())?)
+}
+
+fn service_name(text: &str) -> Result<ServiceName, ApiError> {
+    Ok(ServiceName::new(text).map_err(|e| e.to_string())?)
+}
+
+/// A VM by `NAME` or `HOST/NAME`, as the engine sees it now.
+fn find_vm(engine: &EngineHandle, reference: &str) -> Result<(HostId, VmStatus), ApiError> {
+    Ok(engine.snapshot().find_vm(reference)?)
+}
+
+/// `APP-INDEX=HOST` choices, as `--place` takes them.
+fn parse_overrides(place: &[String]) -> Result<Vec<Override>, ApiError> {
+    place
+        .iter()
+        .map(|p| {
+            let bad = || format!("--place {p}: write APP-INDEX=HOST, as in web-1=lsn-2");
+            let (instance, host) = p.split_once('=').ok_or_else(bad)?;
+            let (app, index) = instance.rsplit_once('-').ok_or_else(bad)?;
+            Ok(Override {
+                app: AppName::new(app).map_err(|e| format!("--place {p}: {e}"))?,
+                index: index.parse().map_err(|_| bad())?,
+                host: HostId::new(host).map_err(|e| format!("--place {p}: {e}"))?,
+            })
+        })
+        .collect()
+}
+
+macro_rules! read_only {
+    () => {
+        fn changes(&self) -> bool {
+            false
+        }
+    };
+}
+
+macro_rules! changes {
+    () => {
+        fn changes(&self) -> bool {
+            true
+        }
+    };
+}
+
+/// Every enrolled host, with its maintenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListHosts {}
+
+impl Operation for ListHosts {
+    const NAME: &'static str = "hosts";
+    type Response = Vec<HostSummary>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let snap = engine.snapshot();
+        Ok(snap
+            .hosts
+            .iter()
+            .map(|h| HostSummary::new(h, snap.drain(h.id())))
+            .collect())
+    }
+}
+
+/// Every VM and process of every host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListVms {}
+
+impl Operation for ListVms {
+    const NAME: &'static str = "vms";
+    type Response = Vec<FleetVm>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        Ok(FleetVm::all(&engine.snapshot()))
+    }
+}
+
+/// The newest `limit` events, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListEvents {
+    pub limit: usize,
+}
+
+impl Operation for ListEvents {
+    const NAME: &'static str = "events";
+    type Response = Vec<EventView>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let snap = engine.snapshot();
+        let skip = snap.events.len().saturating_sub(self.limit);
+        Ok(snap.events[skip..].iter().map(EventView::from).collect())
+    }
+}
+
+/// The key an agent presents, read without enrolling it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeHost {
+    pub address: String,
+}
+
+impl Operation for ProbeHost {
+    const NAME: &'static str = "host-probe";
+    type Response = ProbedKey;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let address = self.address;
+        let fingerprint = engine
+            .request(|reply| Command::ProbeHost { address, reply })
+            .await?;
+        Ok(ProbedKey {
+            fingerprint: fingerprint.to_string(),
+        })
+    }
+}
+
+/// Enrolls the agent at `address` with its one-time token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddHost {
+    pub address: String,
+    pub token: String,
+    /// The key the agent printed; enrollment fails if it presents another.
+    pub fingerprint: Option<String>,
+    /// Take over an enrolled host's id even though the agent has another key.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+impl Operation for AddHost {
+    const NAME: &'static str = "host-add";
+    type Response = HostEnrolled;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let expected_fingerprint = self
+            .fingerprint
+            .map(|f| f.parse::<Fingerprint>())
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let (address, token, replace) = (self.address, self.token, self.replace);
+        let added = engine
+            .request(|reply| Command::AddHost {
+                address,
+                token,
+                expected_fingerprint,
+                replace,
+                reply,
+            })
+            .await?;
+        Ok(HostEnrolled {
+            id: added.host_id,
+            fingerprint: added.fingerprint.to_string(),
+        })
+    }
+}
+
+/// Puts a host in maintenance and moves everything off it, or resumes its paused drain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainHost {
+    pub host: String,
+}
+
+impl Operation for DrainHost {
+    const NAME: &'static str = "host-drain";
+    type Response = DrainView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let host = host_id(&self.host)?;
+        let progress = engine
+            .request(|reply| Command::DrainHost { host, reply })
+            .await?;
+        Ok(DrainView::from(&progress))
+    }
+}
+
+/// Starts no further migration of a host's drain; the one under way finishes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PauseDrain {
+    pub host: String,
+}
+
+impl Operation for PauseDrain {
+    const NAME: &'static str = "host-drain-pause";
+    /// The host's maintenance as it now stands.
+    type Response = Option<MaintenanceView>;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let host = host_id(&self.host)?;
+        engine
+            .request(|reply| Command::PauseDrain {
+                host: host.clone(),
+                reply,
+            })
+            .await?;
+        let snap = engine.snapshot();
+        let view = snap.host(&host).ok_or("the host is gone")?;
+        Ok(MaintenanceView::new(view, snap.drain(&host)))
+    }
+}
+
+/// Ends a host's maintenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UndrainHost {
+    pub host: String,
+}
+
+impl Operation for UndrainHost {
+    const NAME: &'static str = "host-undrain";
+    type Response = Undrained;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let host = host_id(&self.host)?;
+        engine
+            .request(|reply| Command::UndrainHost {
+                host: host.clone(),
+                reply,
+            })
+            .await?;
+        Ok(Undrained {
+            host,
+            maintenance: false,
+        })
+    }
+}
+
+/// A new VM from a template on a host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateVm {
+    pub name: String,
+    pub template: String,
+    pub host: String,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub start: bool,
+}
+
+impl Operation for CreateVm {
+    const NAME: &'static str = "vm-create";
+    type Response = VmSummary;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let spec = VmSpec {
+            name: VmName::new(self.name).map_err(|e| e.to_string())?,
+            template: TemplateName::new(self.template).map_err(|e| e.to_string())?,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+        };
+        let host = host_id(&self.host)?;
+        let start = self.start;
+        let vm = engine
+            .request(|reply| Command::CreateVm {
+                host: host.clone(),
+                spec,
+                start,
+                reply,
+            })
+            .await?;
+        Ok(VmSummary::new(&host, &vm))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartVm {
+    /// `NAME` or `HOST/NAME`.
+    pub vm: String,
+}
+
+impl Operation for StartVm {
+    const NAME: &'static str = "vm-start";
+    type Response = VmSummary;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let vm = engine
+            .request(|reply| Command::StartVm {
+                host: host.clone(),
+                name: found.name,
+                reply,
+            })
+            .await?;
+        Ok(VmSummary::new(&host, &vm))
+    }
+}
+
+/// Reboots, pauses or resumes a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PowerVm {
+    pub vm: String,
+    pub action: PowerAction,
+}
+
+impl Operation for PowerVm {
+    const NAME: &'static str = "vm-power";
+    type Response = VmSummary;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let action = self.action;
+        let vm = engine
+            .request(|reply| Command::PowerVm {
+                host: host.clone(),
+                name: found.name,
+                action,
+                reply,
+            })
+            .await?;
+        Ok(VmSummary::new(&host, &vm))
+    }
+}
+
+/// Shuts a VM down (forced off after its agent's timeout), or pulls its plug with `force`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopVm {
+    pub vm: String,
+    pub force: bool,
+}
+
+impl Operation for StopVm {
+    const NAME: &'static str = "vm-stop";
+    type Response = VmSummary;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let force = self.force;
+        let vm = engine
+            .request(|reply| Command::StopVm {
+                host: host.clone(),
+                name: found.name,
+                force,
+                reply,
+            })
+            .await?;
+        Ok(VmSummary::new(&host, &vm))
+    }
+}
+
+/// Changes a VM's vCPUs, memory or autostart; what is absent stays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigureVm {
+    pub vm: String,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub autostart: Option<bool>,
+}
+
+impl Operation for ConfigureVm {
+    const NAME: &'static str = "vm-set";
+    type Response = VmConfiguredView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let (vcpus, memory_mib, autostart) = (self.vcpus, self.memory_mib, self.autostart);
+        let configured = engine
+            .request(|reply| Command::ConfigureVm {
+                host: host.clone(),
+                name: found.name,
+                vcpus,
+                memory_mib,
+                autostart,
+                reply,
+            })
+            .await?;
+        Ok(VmConfiguredView {
+            vm: VmSummary::new(&host, &configured.status),
+            at_next_start: configured.at_next_start,
+        })
+    }
+}
+
+/// Copies a stopped VM as `name`; with `to`, the copy then migrates to that host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloneVm {
+    pub vm: String,
+    pub name: String,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+impl Operation for CloneVm {
+    const NAME: &'static str = "vm-clone";
+    type Response = VmClonedView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let new_name = VmName::new(self.name).map_err(|e| e.to_string())?;
+        let to = self.to.as_deref().map(host_id).transpose()?;
+        let cloned = engine
+            .request(|reply| Command::CloneVm {
+                host,
+                name: found.name,
+                new_name,
+                to,
+                reply,
+            })
+            .await?;
+        Ok(VmClonedView {
+            vm: VmSummary::new(&cloned.host, &cloned.status),
+            clone_of: self.vm,
+            migration: cloned.migration.as_ref().map(MigrationView::from),
+        })
+    }
+}
+
+/// Lists a VM's snapshots, or takes, reverts to or deletes one; answered with the list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotVm {
+    pub vm: String,
+    pub action: SnapshotAction,
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+impl Operation for SnapshotVm {
+    const NAME: &'static str = "vm-snapshot";
+    type Response = SnapshotList;
+    fn changes(&self) -> bool {
+        self.action != SnapshotAction::List
+    }
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let (action, snapshot) = (self.action, self.snapshot);
+        Ok(engine
+            .request(|reply| Command::SnapshotVm {
+                host,
+                name: found.name,
+                action,
+                snapshot,
+                reply,
+            })
+            .await?)
+    }
+}
+
+/// Runs a shell command inside a running VM, through its guest agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestExec {
+    pub vm: String,
+    pub command: String,
+    pub timeout_secs: u32,
+}
+
+impl Operation for GuestExec {
+    const NAME: &'static str = "vm-exec";
+    type Response = ExecOutput;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let (command, timeout_secs) = (self.command, self.timeout_secs);
+        let out = engine
+            .request(|reply| Command::GuestExec {
+                host,
+                name: found.name,
+                command,
+                timeout_secs,
+                reply,
+            })
+            .await?;
+        Ok(ExecOutput {
+            exit_code: out.exit_code,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeleteVm {
+    pub vm: String,
+}
+
+impl Operation for DeleteVm {
+    const NAME: &'static str = "vm-delete";
+    type Response = VmDeleted;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let name = found.name.clone();
+        engine
+            .request(|reply| Command::DeleteVm {
+                host: host.clone(),
+                name,
+                reply,
+            })
+            .await?;
+        Ok(VmDeleted {
+            deleted: found.name,
+            host,
+        })
+    }
+}
+
+/// A cold migration of a VM to another host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateVm {
+    /// `NAME` or `HOST/NAME`.
+    pub vm: String,
+    pub to: String,
+    /// At most this many Mbit/s for the disk stream.
+    #[serde(default)]
+    pub limit_mbps: Option<u32>,
+    /// Compress the stream or not; unset: when it crosses to or from a remote site.
+    #[serde(default)]
+    pub compress: Option<bool>,
+}
+
+impl Operation for MigrateVm {
+    const NAME: &'static str = "vm-migrate";
+    type Response = MigrationView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let options = MigrationOptions {
+            limit_mbps: self.limit_mbps,
+            compress: self.compress,
+        };
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let to = host_id(&self.to)?;
+        let journal = engine
+            .request(|reply| Command::MigrateVm {
+                host,
+                vm: found.name,
+                to,
+                options,
+                reply,
+            })
+            .await?;
+        Ok(MigrationView::from(&journal))
+    }
+}
+
+/// Whether a VM can migrate to a host, and what it would take: the pre-check only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckMigration {
+    pub vm: String,
+    pub to: String,
+    #[serde(default)]
+    pub limit_mbps: Option<u32>,
+    #[serde(default)]
+    pub compress: Option<bool>,
+}
+
+impl Operation for CheckMigration {
+    const NAME: &'static str = "vm-migrate-check";
+    type Response = MigrationCheck;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let options = MigrationOptions {
+            limit_mbps: self.limit_mbps,
+            compress: self.compress,
+        };
+        let snap = engine.snapshot();
+        let (host, found) = snap.find_vm(&self.vm)?;
+        let to = host_id(&self.to)?;
+        let from_view = snap.host(&host).ok_or("the host is gone")?;
+        let to_view = snap
+            .host(&to)
+            .ok_or_else(|| format!("host {to} is not enrolled"))?;
+        let checked = crate::engine::migration::precheck(
+            &found,
+            from_view,
+            to_view,
+            &snap.services,
+            &snap.migrations,
+        );
+        let (reasons, estimate) = match checked {
+            Ok(e) => (Vec::new(), Some(MigrationEstimateView::new(&e, options))),
+            Err(reasons) => (reasons, None),
+        };
+        Ok(MigrationCheck {
+            vm: found.name,
+            from: host,
+            to,
+            can_go: estimate.is_some(),
+            reasons,
+            estimate,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListMigrations {}
+
+impl Operation for ListMigrations {
+    const NAME: &'static str = "migrations";
+    type Response = Vec<MigrationView>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        Ok(engine
+            .snapshot()
+            .migrations
+            .iter()
+            .map(MigrationView::from)
+            .collect())
+    }
+}
+
+/// Stops a migration and rolls it back, if it is not confirmed yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelMigration {
+    pub id: u64,
+}
+
+impl Operation for CancelMigration {
+    const NAME: &'static str = "migration-cancel";
+    type Response = MigrationView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let id = self.id;
+        let journal = engine
+            .request(|reply| Command::CancelMigration { id, reply })
+            .await?;
+        Ok(MigrationView::from(&journal))
+    }
+}
+
+/// Capacity per site, and when each resource is full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forecast {
+    /// One site only.
+    #[serde(default)]
+    pub site: Option<String>,
+}
+
+impl Operation for Forecast {
+    const NAME: &'static str = "forecast";
+    type Response = Vec<SiteCapacityView>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let sites = capacity(engine, WhatIf::default()).await?;
+        if let Some(site) = &self.site
+            && !sites.iter().any(|s| &s.site == site)
+        {
+            return Err(format!("no site {site:?} among the enrolled hosts").into());
+        }
+        Ok(sites
+            .into_iter()
+            .filter(|s| self.site.as_ref().is_none_or(|w| &s.site == w))
+            .collect())
+    }
+}
+
+async fn capacity(
+    engine: &EngineHandle,
+    what_if: WhatIf,
+) -> Result<Vec<SiteCapacityView>, ApiError> {
+    let sites = engine
+        .request(|reply| Command::Capacity { what_if, reply })
+        .await?;
+    Ok(sites.iter().map(SiteCapacityView::from).collect())
+}
+
+/// A subject's time series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// A host id, a workload's name, `service:NAME`, `app:SERVICE/APP` or `site:NAME`.
+    pub subject: String,
+    pub since_secs: u64,
+    /// The finest level that holds the range in at most 500 buckets when absent.
+    #[serde(default)]
+    pub resolution_secs: Option<u64>,
+}
+
+impl Operation for Stats {
+    const NAME: &'static str = "stats";
+    type Response = StatsView;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let text = self.subject;
+        let subject = if let Some(name) = text.strip_prefix("service:") {
+            Subject::Service(service_name(name)?)
+        } else if let Some(target) = text.strip_prefix("app:") {
+            let (service, app) = service_app(target)?;
+            Subject::Application(service, app)
+        } else if let Some(site) = text.strip_prefix("site:") {
+            Subject::Site(site.to_string())
+        } else {
+            match HostId::new(text.clone()) {
+                Ok(h) if engine.snapshot().host(&h).is_some() => Subject::Host(h),
+                _ => Subject::Workload(VmName::new(text.clone()).map_err(|e| {
+                    format!("{text:?} is neither an enrolled host nor a workload name: {e}")
+                })?),
+            }
+        };
+        let (since_secs, resolution_secs) = (self.since_secs, self.resolution_secs);
+        let answer = engine
+            .request(|reply| Command::Stats {
+                subject,
+                since_secs,
+                resolution_secs,
+                reply,
+            })
+            .await?;
+        Ok(StatsView::from(&answer))
+    }
+}
+
+/// Usage and its cost since `since_secs` ago, grouped `by` instance, application, service
+/// or site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    pub by: String,
+    pub since_secs: u64,
+}
+
+impl Operation for Cost {
+    const NAME: &'static str = "cost";
+    type Response = CostView;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let by = CostBy::parse(&self.by).ok_or_else(|| {
+            format!(
+                "cannot group by {:?}: instance, application, service or site",
+                self.by
+            )
+        })?;
+        let since_secs = self.since_secs;
+        let lines = engine
+            .request(|reply| Command::Cost {
+                by,
+                since_secs,
+                reply,
+            })
+            .await?;
+        Ok(CostView::new(since_secs, &lines))
+    }
+}
+
+/// Sets an application's autoscaling rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetAutoscale {
+    /// `SERVICE/APP`.
+    pub target: String,
+    /// `cpu` (also when empty) or `app-metric`.
+    #[serde(default)]
+    pub metric: String,
+    pub above: f64,
+    pub below: f64,
+    pub period_secs: u64,
+    pub periods: u32,
+    pub cooldown_secs: u64,
+    pub min: u32,
+    pub max: u32,
+}
+
+impl Operation for SetAutoscale {
+    const NAME: &'static str = "autoscale-set";
+    type Response = Option<AutoscaleSummary>;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (service, app) = service_app(&self.target)?;
+        let metric_name = if self.metric.is_empty() {
+            "cpu"
+        } else {
+            &self.metric
+        };
+        let metric = AutoscaleMetric::parse(metric_name)
+            .ok_or_else(|| format!("no metric {:?}: cpu or app-metric", self.metric))?;
+        let rule = AutoscaleRule {
+            metric,
+            scale_out_above: self.above,
+            scale_in_below: self.below,
+            period_secs: self.period_secs,
+            periods: self.periods,
+            cooldown_secs: self.cooldown_secs,
+            min_instances: self.min,
+            max_instances: self.max,
+        };
+        let view = engine
+            .request(|reply| Command::SetAutoscale {
+                service,
+                app,
+                rule: Some(rule),
+                reply,
+            })
+            .await?;
+        Ok(view.as_ref().map(AutoscaleSummary::from))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoveAutoscale {
+    /// `SERVICE/APP`.
+    pub target: String,
+}
+
+impl Operation for RemoveAutoscale {
+    const NAME: &'static str = "autoscale-remove";
+    type Response = AutoscaleRemoved;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (service, app) = service_app(&self.target)?;
+        engine
+            .request(|reply| Command::SetAutoscale {
+                service,
+                app,
+                rule: None,
+                reply,
+            })
+            .await?;
+        Ok(AutoscaleRemoved {
+            removed: self.target,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListAutoscale {}
+
+impl Operation for ListAutoscale {
+    const NAME: &'static str = "autoscale-show";
+    type Response = Vec<AutoscaleSummary>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let views = engine
+            .request(|reply| Command::AutoscaleShow { reply })
+            .await?;
+        Ok(views.iter().map(AutoscaleSummary::from).collect())
+    }
+}
+
+/// What an application's rule would have done over the recorded history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplayAutoscale {
+    pub target: String,
+    pub since_secs: u64,
+}
+
+impl Operation for ReplayAutoscale {
+    const NAME: &'static str = "autoscale-replay";
+    type Response = ReplayView;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (service, app) = service_app(&self.target)?;
+        let since_secs = self.since_secs;
+        let answer = engine
+            .request(|reply| Command::ReplayAutoscale {
+                service,
+                app,
+                since_secs,
+                reply,
+            })
+            .await?;
+        Ok(ReplayView::from(&answer))
+    }
+}
+
+/// The capacity of a host's site with and without it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WhatIfDrain {
+    pub host: String,
+}
+
+impl Operation for WhatIfDrain {
+    const NAME: &'static str = "whatif-drain";
+    type Response = WhatIfView;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let host = host_id(&self.host)?;
+        let site = {
+            let snap = engine.snapshot();
+            let view = snap
+                .host(&host)
+                .ok_or_else(|| format!("host {host} is not enrolled"))?;
+            view.site_name().to_string()
+        };
+        let what_if = WhatIf {
+            leave_out: vec![host.clone()],
+            add: Vec::new(),
+        };
+        let mut view = what_if_view(engine, what_if, &[site]).await?;
+        view.drain = Some(host);
+        Ok(view)
+    }
+}
+
+/// The capacity of the sites a service's plan uses, with and without its new instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WhatIfDeploy {
+    pub name: String,
+}
+
+impl Operation for WhatIfDeploy {
+    const NAME: &'static str = "whatif-deploy";
+    type Response = WhatIfView;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = service_name(&self.name)?;
+        let snap = engine.snapshot();
+        let view = snap
+            .services
+            .iter()
+            .find(|s| s.name() == &name)
+            .ok_or_else(|| format!("service {name} does not exist"))?;
+        let spec = view
+            .spec
+            .clone()
+            .map_err(|e| format!("service {name} does not read: {e}"))?;
+        let plan_of = name.clone();
+        let plan = engine
+            .request(|reply| Command::PlanService {
+                name: plan_of,
+                overrides: Vec::new(),
+                reply,
+            })
+            .await?;
+        let mut add = Vec::new();
+        let mut sites = Vec::new();
+        for p in &plan.plan.placements {
+            if p.action != Action::Create {
+                continue;
+            }
+            let Some(app) = spec.applications.iter().find(|a| a.name == p.app) else {
+                continue;
+            };
+            if let Some(h) = snap.host(&p.host) {
+                sites.push(h.site_name().to_string());
+            }
+            add.push(Extra {
+                host: p.host.clone(),
+                vcpus: app.vcpus,
+                memory_mib: app.memory_mib,
+                storage_mib: app.storage_mib,
+            });
+        }
+        sites.sort();
+        sites.dedup();
+        let unplaced = plan
+            .plan
+            .unplaced
+            .iter()
+            .map(|u| format!("{}-{}: {}", u.app, u.index, u.would_fit))
+            .collect();
+        let what_if = WhatIf {
+            leave_out: Vec::new(),
+            add,
+        };
+        let mut view = what_if_view(engine, what_if, &sites).await?;
+        view.deploy = Some(name);
+        view.unplaced = Some(unplaced);
+        Ok(view)
+    }
+}
+
+/// Capacity of `sites` now and after a what-if.
+async fn what_if_view(
+    engine: &EngineHandle,
+    what_if: WhatIf,
+    sites: &[String],
+) -> Result<WhatIfView, ApiError> {
+    let of = |all: Vec<SiteCapacityView>| -> Vec<SiteCapacityView> {
+        all.into_iter()
+            .filter(|s| sites.contains(&s.site))
+            .collect()
+    };
+    let before = of(capacity(engine, WhatIf::default()).await?);
+    let after = of(capacity(engine, what_if).await?);
+    let fits = after.iter().all(|s| s.resources.iter().all(|r| r.fits));
+    Ok(WhatIfView {
+        drain: None,
+        deploy: None,
+        unplaced: None,
+        before,
+        after,
+        fits,
+    })
+}
+
+/// Every service, with its cost per hour (of its plan before it is deployed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListServices {}
+
+impl Operation for ListServices {
+    const NAME: &'static str = "services";
+    type Response = Vec<ServiceSummary>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let services = engine.snapshot().services.clone();
+        let mut out = Vec::with_capacity(services.len());
+        for view in services.iter() {
+            // A plan is only needed for the cost of a service not deployed yet.
+            let plan = match &view.spec {
+                Ok(_) if view.instances.is_empty() => {
+                    let name = view.name().clone();
+                    engine
+                        .request(|reply| Command::PlanService {
+                            name,
+                            overrides: Vec::new(),
+                            reply,
+                        })
+                        .await
+                        .ok()
+                }
+                _ => None,
+            };
+            out.push(ServiceSummary::new(view, plan.as_ref()));
+        }
+        Ok(out)
+    }
+}
+
+/// A service with its file's text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShowService {
+    pub name: String,
+}
+
+impl Operation for ShowService {
+    const NAME: &'static str = "service-show";
+    type Response = ServiceSummary;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = service_name(&self.name)?;
+        let snap = engine.snapshot();
+        let view = snap
+            .services
+            .iter()
+            .find(|s| s.name() == &name)
+            .ok_or_else(|| format!("service {name} does not exist"))?;
+        let mut shown = ServiceSummary::new(view, None);
+        shown.source = Some(view.record.source.clone());
+        Ok(shown)
+    }
+}
+
+/// Defines a service from its file's text (or replaces it, with `replace`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefineService {
+    pub source: String,
+    #[serde(default)]
+    pub replace: bool,
+}
+
+impl Operation for DefineService {
+    const NAME: &'static str = "service-create";
+    type Response = ServiceDefined;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (source, replace) = (self.source, self.replace);
+        let name = engine
+            .request(|reply| Command::DefineService {
+                source,
+                replace,
+                reply,
+            })
+            .await?;
+        Ok(ServiceDefined { name })
+    }
+}
+
+/// A dry run: where every instance would go, and why hosts were left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanService {
+    pub name: String,
+    /// `APP-INDEX=HOST`: instances placed by hand.
+    #[serde(default)]
+    pub place: Vec<String>,
+}
+
+impl Operation for PlanService {
+    const NAME: &'static str = "service-plan";
+    type Response = PlanView;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = service_name(&self.name)?;
+        let overrides = parse_overrides(&self.place)?;
+        let plan = engine
+            .request(|reply| Command::PlanService {
+                name,
+                overrides,
+                reply,
+            })
+            .await?;
+        Ok(PlanView::from(&plan))
+    }
+}
+
+/// Applies the plan made now; with a fingerprint, only if it is still the plan shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployService {
+    pub name: String,
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    #[serde(default)]
+    pub place: Vec<String>,
+}
+
+impl Operation for DeployService {
+    const NAME: &'static str = "service-deploy";
+    type Response = ReportView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = service_name(&self.name)?;
+        let overrides = parse_overrides(&self.place)?;
+        let fingerprint = self.fingerprint;
+        let report = engine
+            .request(|reply| Command::DeployService {
+                name,
+                fingerprint,
+                overrides,
+                reply,
+            })
+            .await?;
+        Ok(ReportView::new(&report)?)
+    }
+}
+
+/// Starts a service's instances in dependency order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartService {
+    pub name: String,
+}
+
+impl Operation for StartService {
+    const NAME: &'static str = "service-start";
+    type Response = ReportView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = service_name(&self.name)?;
+        let report = engine
+            .request(|reply| Command::StartService { name, reply })
+            .await?;
+        Ok(ReportView::new(&report)?)
+    }
+}
+
+/// Stops a service's instances in reverse dependency order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopService {
+    pub name: String,
+}
+
+impl Operation for StopService {
+    const NAME: &'static str = "service-stop";
+    type Response = ReportView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = service_name(&self.name)?;
+        let report = engine
+            .request(|reply| Command::StopService { name, reply })
+            .await?;
+        Ok(ReportView::new(&report)?)
+    }
+}
+
+/// Removes every instance of a service, then its definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeleteService {
+    pub name: String,
+}
+
+impl Operation for DeleteService {
+    const NAME: &'static str = "service-delete";
+    type Response = ReportView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = service_name(&self.name)?;
+        let report = engine
+            .request(|reply| Command::DeleteService { name, reply })
+            .await?;
+        Ok(ReportView::new(&report)?)
+    }
+}
+
+/// Makes an existing VM an instance of one of a service's applications.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdoptVm {
+    pub name: String,
+    pub app: String,
+    /// `NAME` or `HOST/NAME`.
+    pub vm: String,
+}
+
+impl Operation for AdoptVm {
+    const NAME: &'static str = "service-adopt";
+    type Response = Adopted;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let service = service_name(&self.name)?;
+        let app = AppName::new(self.app).map_err(|e| e.to_string())?;
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let instance = engine
+            .request(|reply| Command::AdoptVm {
+                service,
+                app,
+                host,
+                vm: found.name,
+                reply,
+            })
+            .await?;
+        Ok(Adopted {
+            service: instance.service,
+            application: instance.app,
+            index: instance.index,
+            host: instance.host,
+            vm: instance.vm,
+        })
+    }
+}
+
+/// Moves every instance of a service to the hosts of a site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoveService {
+    pub name: String,
+    pub site: String,
+}
+
+impl Operation for MoveService {
+    const NAME: &'static str = "service-move";
+    type Response = ServiceMoving;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = service_name(&self.name)?;
+        let site = self.site;
+        let moving = engine
+            .request(|reply| Command::MoveService {
+                name: name.clone(),
+                site,
+                reply,
+            })
+            .await?;
+        Ok(ServiceMoving {
+            service: name,
+            moving: MoveView::from(&moving),
+        })
+    }
+}
