@@ -9,7 +9,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::engine::{Command, EngineHandle, LinkState, Snapshot};
+use crate::api::{
+    ApiError, EngineClient, ops,
+    views::{FleetVm, HostSummary, SeriesValue, ServiceSummary},
+};
 
 /// A request head larger than this is refused.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -40,7 +43,7 @@ impl Drop for MetricsServer {
 
 /// Starts serving on `address` (a port of 0 picks one).
 pub async fn serve(
-    engine: EngineHandle,
+    engine: EngineClient,
     address: SocketAddr,
 ) -> Result<MetricsServer, MetricsError> {
     let listener = TcpListener::bind(address)
@@ -66,7 +69,7 @@ pub async fn serve(
     })
 }
 
-async fn answer(engine: EngineHandle, mut stream: TcpStream) -> std::io::Result<()> {
+async fn answer(engine: EngineClient, mut stream: TcpStream) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     // The request line and headers, up to the blank line.
@@ -92,11 +95,8 @@ async fn answer(engine: EngineHandle, mut stream: TcpStream) -> std::io::Result<
     } else if path.map(|p| p.split('?').next()) != Some(Some("/metrics")) {
         ("404 Not Found", "see /metrics\n".to_string())
     } else {
-        match engine
-            .request(|reply| Command::LatestValues { reply })
-            .await
-        {
-            Ok(latest) => ("200 OK", render(&engine.snapshot(), &latest)),
+        match scrape(&engine).await {
+            Ok(body) => ("200 OK", body),
             Err(e) => ("503 Service Unavailable", format!("{e}\n")),
         }
     };
@@ -108,6 +108,15 @@ async fn answer(engine: EngineHandle, mut stream: TcpStream) -> std::io::Result<
     stream.shutdown().await
 }
 
+/// What the engine says now, as exposition text.
+async fn scrape(engine: &EngineClient) -> Result<String, ApiError> {
+    let hosts = engine.hosts(ops::ListHosts {}).await?;
+    let vms = engine.vms(ops::ListVms {}).await?;
+    let services = engine.services(ops::ListServices {}).await?;
+    let latest = engine.latest_values(ops::LatestValues {}).await?;
+    Ok(render(&hosts, &vms, &services, &latest))
+}
+
 /// A label value with `\`, `"` and newlines escaped.
 fn label(value: &str) -> String {
     value
@@ -117,7 +126,12 @@ fn label(value: &str) -> String {
 }
 
 /// The exposition text: one family per metric, then one line per subject.
-pub fn render(snapshot: &Snapshot, latest: &[(String, f64)]) -> String {
+pub fn render(
+    hosts: &[HostSummary],
+    vms: &[FleetVm],
+    services: &[ServiceSummary],
+    latest: &[SeriesValue],
+) -> String {
     let mut out = String::new();
     let mut family = |name: &str, help: &str, lines: Vec<String>| {
         if lines.is_empty() {
@@ -132,26 +146,23 @@ pub fn render(snapshot: &Snapshot, latest: &[(String, f64)]) -> String {
     family(
         "dunes_host_up",
         "1 when the console's link to the host's agent is up.",
-        snapshot
-            .hosts
+        hosts
             .iter()
             .map(|h| {
                 format!(
                     "{{host=\"{}\",site=\"{}\"}} {}",
-                    label(h.id().as_str()),
-                    label(h.site_name()),
-                    u8::from(h.link == LinkState::Online)
+                    label(h.id.as_str()),
+                    label(&h.site),
+                    u8::from(h.state == "online")
                 )
             })
             .collect(),
     );
     // Where each workload runs now, for its labels.
     let host_of = |vm: &str| {
-        snapshot
-            .hosts
-            .iter()
-            .find(|h| h.vms.iter().any(|v| v.name.as_str() == vm))
-            .map(|h| h.id().to_string())
+        vms.iter()
+            .find(|v| v.vm.name.as_str() == vm)
+            .map(|v| v.vm.host.to_string())
     };
     let metrics = [
         (
@@ -185,7 +196,7 @@ pub fn render(snapshot: &Snapshot, latest: &[(String, f64)]) -> String {
         for (metric, name, help) in metrics {
             let lines = latest
                 .iter()
-                .filter_map(|(key, value)| {
+                .filter_map(|SeriesValue { series: key, value }| {
                     let mut parts = key.splitn(3, '/');
                     let (k, subject, m) = (parts.next()?, parts.next()?, parts.next()?);
                     if k != kind || m != metric || !value.is_finite() {
@@ -209,37 +220,36 @@ pub fn render(snapshot: &Snapshot, latest: &[(String, f64)]) -> String {
     family(
         "dunes_service_status",
         "1 for the service's status now.",
-        snapshot
-            .services
+        services
             .iter()
             .map(|s| {
                 format!(
                     "{{service=\"{}\",status=\"{}\"}} 1",
-                    label(s.name().as_str()),
-                    s.status.as_str()
+                    label(s.name.as_str()),
+                    s.status
                 )
             })
             .collect(),
     );
     let mut instances = Vec::new();
     let mut ready = Vec::new();
-    for s in snapshot.services.iter() {
+    for s in services {
         let mut apps: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
         for i in &s.instances {
-            let counts = apps.entry(i.record.app.as_str()).or_default();
+            let counts = apps.entry(i.application.as_str()).or_default();
             counts.0 += 1;
             counts.1 += usize::from(i.ready);
             // An application inside a VM has an instance in each VM holding it; up is ready.
             for g in &i.guest_apps {
                 let counts = apps.entry(g.name.as_str()).or_default();
                 counts.0 += 1;
-                counts.1 += usize::from(g.state == crate::engine::guest_apps::GuestAppState::Up);
+                counts.1 += usize::from(g.state == "up");
             }
         }
         for (app, (all, up)) in apps {
             let labels = format!(
                 "{{service=\"{}\",application=\"{}\"}}",
-                label(s.name().as_str()),
+                label(s.name.as_str()),
                 label(app)
             );
             instances.push(format!("{labels} {all}"));

@@ -227,6 +227,7 @@ operations! {
     cancel_migration => CancelMigration,
     forecast => Forecast,
     stats => Stats,
+    latest_values => LatestValues,
     cost => Cost,
     set_autoscale => SetAutoscale,
     remove_autoscale => RemoveAutoscale,

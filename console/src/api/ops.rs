@@ -727,6 +727,26 @@ impl Operation for Stats {
     }
 }
 
+/// The newest value of every time series that has a finite one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatestValues {}
+
+impl Operation for LatestValues {
+    const NAME: &'static str = "latest-values";
+    type Response = Vec<SeriesValue>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let latest = engine
+            .request(|reply| Command::LatestValues { reply })
+            .await?;
+        Ok(latest
+            .into_iter()
+            .filter(|(_, value)| value.is_finite())
+            .map(|(series, value)| SeriesValue { series, value })
+            .collect())
+    }
+}
+
 /// Usage and its cost since `since_secs` ago, grouped `by` instance, application, service
 /// or site.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1073,6 +1073,14 @@ pub struct WhatIfView {
     pub fits: bool,
 }
 
+/// The newest value of one time series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesValue {
+    /// `host/NAME/METRIC` or `vm/NAME/METRIC` (`host/lsn-1/cpu`).
+    pub series: String,
+    pub value: f64,
+}
+
 /// A time series answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsView {

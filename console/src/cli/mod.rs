@@ -112,7 +112,11 @@ fn run_console(
         crate::ctl::serve(engine.clone()).await?;
         let metrics = match metrics_listen {
             Some(address) => {
-                let server = crate::metrics::serve(engine.clone(), address).await?;
+                let server = crate::metrics::serve(
+                    crate::api::EngineClient::InProcess(engine.clone()),
+                    address,
+                )
+                .await?;
                 eprintln!(
                     "dunes-console: statistics for Prometheus at http://{}/metrics",
                     server.address

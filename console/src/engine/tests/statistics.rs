@@ -92,9 +92,12 @@ async fn statistics_come_in_batches_and_survive_a_console_restart() {
     assert!(err.to_string().contains("no 7 s resolution"), "{err}");
 
     // The same numbers for Prometheus, on a local port.
-    let server = crate::metrics::serve(engine.clone(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let server = crate::metrics::serve(
+        crate::api::EngineClient::InProcess(engine.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
     let bound = server.address;
     let get = |path: &'static str| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
