@@ -108,6 +108,12 @@ validated_name!(
     AppName,
     "application name"
 );
+validated_name!(
+    /// Name of a person or program that drives the engine from elsewhere; their
+    /// certificate names them.
+    OperatorName,
+    "operator name"
+);
 
 /// What runs workloads on a host. Messages from before runtimes were named meant libvirt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

@@ -19,13 +19,18 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::{
-    model::HostId,
+    model::{HostId, OperatorName},
     protocol::{ALPN_CONTROL, ALPN_ENROLL},
 };
+
+/// ALPN of the engine's API for operators (windows and ctl elsewhere); the number is its
+/// major version.
+pub const ALPN_OPERATOR: &[u8] = b"dunes-operator/1";
 
 /// DNS name in the console's certificate; it marks the console role.
 pub const CONSOLE_CERT_NAME: &str = "console.dunes";
 const HOST_NAME_SUFFIX: &str = ".host.dunes";
+const OPERATOR_NAME_SUFFIX: &str = ".operator.dunes";
 const CA_VALIDITY_DAYS: i64 = 3650;
 /// An agent's self-signed certificate, shown only until enrollment.
 const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -76,6 +81,11 @@ pub fn fill_random(buf: &mut [u8]) {
 /// The DNS name a host's certificate carries.
 pub fn host_cert_name(host_id: &HostId) -> String {
     format!("{host_id}{HOST_NAME_SUFFIX}")
+}
+
+/// The DNS name an operator's certificate carries.
+pub fn operator_cert_name(name: &OperatorName) -> String {
+    format!("{name}{OPERATOR_NAME_SUFFIX}")
 }
 
 /// SHA-256 of a certificate's public key (SubjectPublicKeyInfo). It stays the same when the
@@ -144,6 +154,14 @@ pub fn cert_host_id(cert_der: &[u8]) -> Option<HostId> {
     cert_dns_names(cert_der).ok()?.iter().find_map(|n| {
         n.strip_suffix(HOST_NAME_SUFFIX)
             .and_then(|id| HostId::new(id).ok())
+    })
+}
+
+/// The operator a certificate was issued to, if it is an operator certificate.
+pub fn cert_operator_name(cert_der: &[u8]) -> Option<OperatorName> {
+    cert_dns_names(cert_der).ok()?.iter().find_map(|n| {
+        n.strip_suffix(OPERATOR_NAME_SUFFIX)
+            .and_then(|name| OperatorName::new(name).ok())
     })
 }
 
@@ -261,6 +279,15 @@ pub fn host_csr(key_pem: &str, host_id: &HostId) -> Result<Vec<u8>, PkiError> {
     Ok(params.serialize_request(&key)?.der().to_vec())
 }
 
+/// A certificate signing request for an operator's key.
+pub fn operator_csr(key_pem: &str, name: &OperatorName) -> Result<Vec<u8>, PkiError> {
+    let key = KeyPair::from_pem(key_pem)?;
+    let mut params = leaf_params(&operator_cert_name(name), SELF_SIGNED_VALIDITY)?;
+    params.use_authority_key_identifier_extension = false;
+    params.serial_number = None;
+    Ok(params.serialize_request(&key)?.der().to_vec())
+}
+
 /// The cluster certificate authority, held by the console.
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
@@ -348,9 +375,25 @@ impl CertificateAuthority {
         csr_der: &[u8],
         host_id: &HostId,
     ) -> Result<CertificateDer<'static>, PkiError> {
+        self.sign_csr_for(csr_der, host_cert_name(host_id))
+    }
+
+    /// Signs an operator's CSR, which must ask for exactly the operator's name.
+    pub fn sign_operator_csr(
+        &self,
+        csr_der: &[u8],
+        name: &OperatorName,
+    ) -> Result<CertificateDer<'static>, PkiError> {
+        self.sign_csr_for(csr_der, operator_cert_name(name))
+    }
+
+    fn sign_csr_for(
+        &self,
+        csr_der: &[u8],
+        expected: String,
+    ) -> Result<CertificateDer<'static>, PkiError> {
         let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
         let mut csr = CertificateSigningRequestParams::from_der(&der)?;
-        let expected = host_cert_name(host_id);
         let found: Vec<String> = csr
             .params
             .subject_alt_names
@@ -425,6 +468,47 @@ pub fn verify_console_cert(
         });
     }
     Ok(())
+}
+
+/// The operator a certificate names, once it is checked to be an operator certificate
+/// issued by `ca` and valid now. A host's or the console's certificate is refused here.
+pub fn verify_operator_cert(
+    cert_der: &CertificateDer<'static>,
+    ca: &CertificateDer<'static>,
+) -> Result<OperatorName, PkiError> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider())
+        .build()?
+        .verify_client_cert(cert_der, &[], UnixTime::now())?;
+    cert_operator_name(cert_der).ok_or_else(|| PkiError::WrongName {
+        expected: format!("NAME{OPERATOR_NAME_SUFFIX}"),
+        found: cert_dns_names(cert_der).unwrap_or_default(),
+    })
+}
+
+/// Server side of the operator endpoint: the console's certificate, and a client
+/// certificate from the CA required (which role it carries is checked at the hello).
+pub fn operator_server_config(
+    identity: &Identity,
+    ca: &CertificateDer<'static>,
+) -> Result<rustls::ServerConfig, PkiError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider())
+            .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![identity.cert_der.clone()], identity.private_key()?)?;
+    config.alpn_protocols = vec![ALPN_OPERATOR.to_vec()];
+    Ok(config)
+}
+
+/// Client side of the operator endpoint: verifies the console against the CA and
+/// presents the operator's certificate.
+pub fn operator_client_config(
+    ca: &CertificateDer<'static>,
+    identity: &Identity,
+) -> Result<rustls::ClientConfig, PkiError> {
+    host_client_config(ca, identity, ALPN_OPERATOR)
 }
 
 fn root_store(ca_der: &CertificateDer<'static>) -> Result<RootCertStore, PkiError> {
@@ -651,6 +735,42 @@ mod tests {
         let err = ca.sign_host_csr(&csr, &other).unwrap_err();
         assert!(matches!(err, PkiError::WrongName { .. }), "{err}");
         assert!(ca.sign_host_csr(b"garbage", &host).is_err());
+    }
+
+    #[test]
+    fn operator_certificates_are_told_apart_from_hosts_and_consoles() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let other_ca = CertificateAuthority::generate().unwrap();
+        let alice = OperatorName::new("alice").unwrap();
+        let key = generate_key_pem().unwrap();
+        let csr = operator_csr(&key, &alice).unwrap();
+        let cert = ca.sign_operator_csr(&csr, &alice).unwrap();
+        assert_eq!(verify_operator_cert(&cert, ca.cert_der()).unwrap(), alice);
+        assert_eq!(cert_operator_name(&cert), Some(alice.clone()));
+        assert_eq!(cert_host_id(&cert), None);
+        assert!(!cert_is_console(&cert));
+        assert!(verify_console_cert(&cert, ca.cert_der()).is_err());
+        // Another CA's operator, a host and the console are no operators here.
+        let foreign = other_ca.sign_operator_csr(&csr, &alice).unwrap();
+        assert!(verify_operator_cert(&foreign, ca.cert_der()).is_err());
+        let host = HostId::new("alice").unwrap();
+        let host_cert = ca
+            .sign_host_csr(&host_csr(&key, &host).unwrap(), &host)
+            .unwrap();
+        assert!(matches!(
+            verify_operator_cert(&host_cert, ca.cert_der()),
+            Err(PkiError::WrongName { .. })
+        ));
+        let console = ca.issue_console_cert(&key).unwrap();
+        assert!(verify_operator_cert(&console, ca.cert_der()).is_err());
+        // The CA signs an operator's request for that operator only, and no host's as one.
+        let bob = OperatorName::new("bob").unwrap();
+        assert!(ca.sign_operator_csr(&csr, &bob).is_err());
+        assert!(
+            ca.sign_operator_csr(&host_csr(&key, &host).unwrap(), &alice)
+                .is_err()
+        );
+        assert!(ca.sign_host_csr(&csr, &host).is_err());
     }
 
     #[test]

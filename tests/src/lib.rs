@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use dunes_console::engine::{self, Command as EngineCommand, EngineHandle, HostAdded};
 use dunes_shared::{model::HostId, pki::Fingerprint};
 
+pub mod demo;
 pub mod netns;
 
 /// How long an agent gets to print its startup lines (QEMU's first probe takes ~8 s).

@@ -1,41 +1,16 @@
 //! The binaries as an operator uses them: `dunes-console --demo --headless`, then `ctl`.
 
 use std::{
-    process::{Child, Command, Output},
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
-use dunes_tests::{agent_binary, console_binary, poll_until};
+use dunes_tests::{
+    agent_binary, console_binary,
+    demo::{Console, ctl, demo, demo_ready, json},
+    poll_until,
+};
 use serde_json::{Value, json};
-
-struct Console(Child);
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        // SIGTERM, so it stops its demo agents the way an operator's Ctrl+C would.
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn ctl(dir: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(console_binary())
-        .arg("ctl")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn headless_demo_answers_ctl() {
@@ -934,40 +909,6 @@ fn process_memory_limit(pid: u32) -> Option<u64> {
 }
 
 /// Starts the demo and waits for its three hosts.
-fn demo(dir: &std::path::Path) -> (Console, std::path::PathBuf) {
-    let data = dir.join("console");
-    let console = Console(
-        Command::new(console_binary())
-            .args(["--demo", "--headless", "--data-dir"])
-            .arg(&data)
-            .stderr(std::fs::File::create(dir.join("console.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    demo_ready(&data);
-    (console, data)
-}
-
-/// Waits until the demo's three hosts are online and its seven VMs made.
-fn demo_ready(data: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let hosts = ctl(data, &["--json", "hosts"]);
-        let vms = ctl(data, &["--json", "vms"]);
-        if hosts.status.success()
-            && vms.status.success()
-            && json(&hosts)
-                .as_array()
-                .is_some_and(|h| h.len() == 3 && h.iter().all(|h| h["state"] == "online"))
-            && json(&vms).as_array().is_some_and(|v| v.len() == 7)
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "demo did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn service_status(data: &std::path::Path, name: &str) -> Value {
     json(&ctl(data, &["--json", "services"]))
         .as_array()

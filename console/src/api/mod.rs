@@ -3,7 +3,9 @@
 //! through the control socket of a console that runs elsewhere on this machine. `ctl`, its
 //! `--json` output and the tests go through it.
 
+pub mod credential;
 pub mod ops;
+pub mod remote;
 pub mod views;
 
 use std::{
@@ -21,6 +23,8 @@ use crate::engine::{EngineError, EngineHandle};
 pub trait Operation: Serialize + DeserializeOwned + Send + 'static {
     /// Its name on the wire, as `ctl` spells the command (`vm-start`).
     const NAME: &'static str;
+    /// What it does, as a refusal names it: "may not {ACTION}" ("stop VMs").
+    const ACTION: &'static str;
     type Response: Serialize + DeserializeOwned + Send + 'static;
 
     /// Whether it changes anything (reads answer from what the engine holds).
@@ -60,6 +64,8 @@ pub enum ApiErrorCode {
     Store,
     /// The engine's queue is full.
     Busy,
+    /// The operator's role does not allow it.
+    Forbidden,
     /// The engine has stopped, or the link to it failed.
     Unavailable,
     /// A code from a newer engine.
@@ -167,9 +173,13 @@ impl Answer {
 async fn run<O: Operation>(
     engine: &EngineHandle,
     fields: serde_json::Map<String, Value>,
+    caller: Option<&remote::Caller>,
 ) -> Result<Value, ApiError> {
     let request: O = serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::invalid(format!("bad {} request: {e}", O::NAME)))?;
+    if let Some(caller) = caller {
+        caller.check(O::NAME, O::ACTION, request.changes())?;
+    }
     let response = request.execute(engine).await?;
     serde_json::to_value(response)
         .map_err(|e| ApiError::invalid(format!("cannot encode the answer: {e}")))
@@ -179,10 +189,15 @@ async fn run<O: Operation>(
 /// method for it.
 macro_rules! operations {
     ($($method:ident => $op:ident,)*) => {
-        /// Runs the request named in `envelope` on `engine`, answering its serde form.
-        pub async fn dispatch(engine: &EngineHandle, envelope: Envelope) -> Result<Value, ApiError> {
+        /// Runs the request named in `envelope` on `engine` for `caller` (`None`: the local
+        /// administrator), answering its serde form.
+        pub async fn dispatch_as(
+            engine: &EngineHandle,
+            envelope: Envelope,
+            caller: Option<&remote::Caller>,
+        ) -> Result<Value, ApiError> {
             match envelope.cmd.as_str() {
-                $(<ops::$op as Operation>::NAME => run::<ops::$op>(engine, envelope.fields).await,)*
+                $(<ops::$op as Operation>::NAME => run::<ops::$op>(engine, envelope.fields, caller).await,)*
                 other => Err(ApiError::invalid(format!("no operation {other:?}"))),
             }
         }
@@ -245,16 +260,29 @@ operations! {
     delete_service => DeleteService,
     adopt_vm => AdoptVm,
     move_service => MoveService,
+    add_operator => AddOperator,
+    operators => ListOperators,
+    revoke_operator => RevokeOperator,
+    engine_info => EngineInfo,
 }
 
-/// The way to an engine: the one in this process, or the one behind a console's control
-/// socket on this machine.
+/// Runs the request named in `envelope` as the local administrator.
+pub async fn dispatch(engine: &EngineHandle, envelope: Envelope) -> Result<Value, ApiError> {
+    dispatch_as(engine, envelope, None).await
+}
+
+/// The way to an engine: the one in this process, the one behind a console's control
+/// socket on this machine, or one elsewhere through its operator endpoint.
 #[derive(Debug, Clone)]
 pub enum EngineClient {
     InProcess(EngineHandle),
     Socket {
         path: PathBuf,
         /// How long one request may take, answer included.
+        timeout: Duration,
+    },
+    Remote {
+        session: std::sync::Arc<remote::RemoteEngine>,
         timeout: Duration,
     },
 }
@@ -272,9 +300,17 @@ impl EngineClient {
     pub async fn call<O: Operation>(&self, request: O) -> Result<O::Response, ApiError> {
         match self {
             EngineClient::InProcess(engine) => request.execute(engine).await,
-            EngineClient::Socket { path, timeout } => {
+            EngineClient::Socket { .. } | EngineClient::Remote { .. } => {
                 let envelope = Envelope::new(&request)?;
-                let answer = crate::ctl::exchange(path, &envelope, *timeout).await?;
+                let answer = match self {
+                    EngineClient::Socket { path, timeout } => {
+                        crate::ctl::exchange(path, &envelope, *timeout).await?
+                    }
+                    EngineClient::Remote { session, timeout } => {
+                        session.exchange(&envelope, *timeout).await?
+                    }
+                    EngineClient::InProcess(_) => unreachable!("matched above"),
+                };
                 match answer {
                     Answer { ok: true, data, .. } => {
                         serde_json::from_value(data.unwrap_or(Value::Null)).map_err(|e| {

@@ -83,6 +83,7 @@ pub struct ListHosts {}
 
 impl Operation for ListHosts {
     const NAME: &'static str = "hosts";
+    const ACTION: &'static str = "list hosts";
     type Response = Vec<HostSummary>;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -101,6 +102,7 @@ pub struct ListVms {}
 
 impl Operation for ListVms {
     const NAME: &'static str = "vms";
+    const ACTION: &'static str = "list VMs";
     type Response = Vec<FleetVm>;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -116,6 +118,7 @@ pub struct ListEvents {
 
 impl Operation for ListEvents {
     const NAME: &'static str = "events";
+    const ACTION: &'static str = "read the event log";
     type Response = Vec<EventView>;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -133,6 +136,7 @@ pub struct ProbeHost {
 
 impl Operation for ProbeHost {
     const NAME: &'static str = "host-probe";
+    const ACTION: &'static str = "probe hosts";
     type Response = ProbedKey;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -160,6 +164,7 @@ pub struct AddHost {
 
 impl Operation for AddHost {
     const NAME: &'static str = "host-add";
+    const ACTION: &'static str = "enroll hosts";
     type Response = HostEnrolled;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -193,6 +198,7 @@ pub struct DrainHost {
 
 impl Operation for DrainHost {
     const NAME: &'static str = "host-drain";
+    const ACTION: &'static str = "drain hosts";
     type Response = DrainView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -212,6 +218,7 @@ pub struct PauseDrain {
 
 impl Operation for PauseDrain {
     const NAME: &'static str = "host-drain-pause";
+    const ACTION: &'static str = "pause drains";
     /// The host's maintenance as it now stands.
     type Response = Option<MaintenanceView>;
     changes!();
@@ -237,6 +244,7 @@ pub struct UndrainHost {
 
 impl Operation for UndrainHost {
     const NAME: &'static str = "host-undrain";
+    const ACTION: &'static str = "end host maintenance";
     type Response = Undrained;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -267,6 +275,7 @@ pub struct CreateVm {
 
 impl Operation for CreateVm {
     const NAME: &'static str = "vm-create";
+    const ACTION: &'static str = "create VMs";
     type Response = VmSummary;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -298,6 +307,7 @@ pub struct StartVm {
 
 impl Operation for StartVm {
     const NAME: &'static str = "vm-start";
+    const ACTION: &'static str = "start VMs";
     type Response = VmSummary;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -322,6 +332,7 @@ pub struct PowerVm {
 
 impl Operation for PowerVm {
     const NAME: &'static str = "vm-power";
+    const ACTION: &'static str = "reboot, pause or resume VMs";
     type Response = VmSummary;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -348,6 +359,7 @@ pub struct StopVm {
 
 impl Operation for StopVm {
     const NAME: &'static str = "vm-stop";
+    const ACTION: &'static str = "stop VMs";
     type Response = VmSummary;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -379,6 +391,7 @@ pub struct ConfigureVm {
 
 impl Operation for ConfigureVm {
     const NAME: &'static str = "vm-set";
+    const ACTION: &'static str = "change VMs' resources";
     type Response = VmConfiguredView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -412,6 +425,7 @@ pub struct CloneVm {
 
 impl Operation for CloneVm {
     const NAME: &'static str = "vm-clone";
+    const ACTION: &'static str = "clone VMs";
     type Response = VmClonedView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -446,6 +460,7 @@ pub struct SnapshotVm {
 
 impl Operation for SnapshotVm {
     const NAME: &'static str = "vm-snapshot";
+    const ACTION: &'static str = "manage VM snapshots";
     type Response = SnapshotList;
     fn changes(&self) -> bool {
         self.action != SnapshotAction::List
@@ -475,6 +490,7 @@ pub struct GuestExec {
 
 impl Operation for GuestExec {
     const NAME: &'static str = "vm-exec";
+    const ACTION: &'static str = "run commands in VMs";
     type Response = ExecOutput;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -504,6 +520,7 @@ pub struct DeleteVm {
 
 impl Operation for DeleteVm {
     const NAME: &'static str = "vm-delete";
+    const ACTION: &'static str = "delete VMs";
     type Response = VmDeleted;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -539,6 +556,7 @@ pub struct MigrateVm {
 
 impl Operation for MigrateVm {
     const NAME: &'static str = "vm-migrate";
+    const ACTION: &'static str = "migrate VMs";
     type Response = MigrationView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -574,6 +592,7 @@ pub struct CheckMigration {
 
 impl Operation for CheckMigration {
     const NAME: &'static str = "vm-migrate-check";
+    const ACTION: &'static str = "check migrations";
     type Response = MigrationCheck;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -615,6 +634,7 @@ pub struct ListMigrations {}
 
 impl Operation for ListMigrations {
     const NAME: &'static str = "migrations";
+    const ACTION: &'static str = "list migrations";
     type Response = Vec<MigrationView>;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -635,6 +655,7 @@ pub struct CancelMigration {
 
 impl Operation for CancelMigration {
     const NAME: &'static str = "migration-cancel";
+    const ACTION: &'static str = "cancel migrations";
     type Response = MigrationView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -656,6 +677,7 @@ pub struct Forecast {
 
 impl Operation for Forecast {
     const NAME: &'static str = "forecast";
+    const ACTION: &'static str = "read capacity";
     type Response = Vec<SiteCapacityView>;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -695,6 +717,7 @@ pub struct Stats {
 
 impl Operation for Stats {
     const NAME: &'static str = "stats";
+    const ACTION: &'static str = "read statistics";
     type Response = StatsView;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -733,6 +756,7 @@ pub struct LatestValues {}
 
 impl Operation for LatestValues {
     const NAME: &'static str = "latest-values";
+    const ACTION: &'static str = "read statistics";
     type Response = Vec<SeriesValue>;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -757,6 +781,7 @@ pub struct Cost {
 
 impl Operation for Cost {
     const NAME: &'static str = "cost";
+    const ACTION: &'static str = "read costs";
     type Response = CostView;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -797,6 +822,7 @@ pub struct SetAutoscale {
 
 impl Operation for SetAutoscale {
     const NAME: &'static str = "autoscale-set";
+    const ACTION: &'static str = "set autoscaling";
     type Response = Option<AutoscaleSummary>;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -838,6 +864,7 @@ pub struct RemoveAutoscale {
 
 impl Operation for RemoveAutoscale {
     const NAME: &'static str = "autoscale-remove";
+    const ACTION: &'static str = "remove autoscaling";
     type Response = AutoscaleRemoved;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -861,6 +888,7 @@ pub struct ListAutoscale {}
 
 impl Operation for ListAutoscale {
     const NAME: &'static str = "autoscale-show";
+    const ACTION: &'static str = "read autoscaling";
     type Response = Vec<AutoscaleSummary>;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -880,6 +908,7 @@ pub struct ReplayAutoscale {
 
 impl Operation for ReplayAutoscale {
     const NAME: &'static str = "autoscale-replay";
+    const ACTION: &'static str = "replay autoscaling";
     type Response = ReplayView;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -905,6 +934,7 @@ pub struct WhatIfDrain {
 
 impl Operation for WhatIfDrain {
     const NAME: &'static str = "whatif-drain";
+    const ACTION: &'static str = "read capacity";
     type Response = WhatIfView;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -934,6 +964,7 @@ pub struct WhatIfDeploy {
 
 impl Operation for WhatIfDeploy {
     const NAME: &'static str = "whatif-deploy";
+    const ACTION: &'static str = "read capacity";
     type Response = WhatIfView;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1024,6 +1055,7 @@ pub struct ListServices {}
 
 impl Operation for ListServices {
     const NAME: &'static str = "services";
+    const ACTION: &'static str = "list services";
     type Response = Vec<ServiceSummary>;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1059,6 +1091,7 @@ pub struct ShowService {
 
 impl Operation for ShowService {
     const NAME: &'static str = "service-show";
+    const ACTION: &'static str = "read services";
     type Response = ServiceSummary;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1085,6 +1118,7 @@ pub struct DefineService {
 
 impl Operation for DefineService {
     const NAME: &'static str = "service-create";
+    const ACTION: &'static str = "define services";
     type Response = ServiceDefined;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1111,6 +1145,7 @@ pub struct PlanService {
 
 impl Operation for PlanService {
     const NAME: &'static str = "service-plan";
+    const ACTION: &'static str = "plan services";
     type Response = PlanView;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1139,6 +1174,7 @@ pub struct DeployService {
 
 impl Operation for DeployService {
     const NAME: &'static str = "service-deploy";
+    const ACTION: &'static str = "deploy services";
     type Response = ReportView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1165,6 +1201,7 @@ pub struct StartService {
 
 impl Operation for StartService {
     const NAME: &'static str = "service-start";
+    const ACTION: &'static str = "start services";
     type Response = ReportView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1184,6 +1221,7 @@ pub struct StopService {
 
 impl Operation for StopService {
     const NAME: &'static str = "service-stop";
+    const ACTION: &'static str = "stop services";
     type Response = ReportView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1203,6 +1241,7 @@ pub struct DeleteService {
 
 impl Operation for DeleteService {
     const NAME: &'static str = "service-delete";
+    const ACTION: &'static str = "delete services";
     type Response = ReportView;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1225,6 +1264,7 @@ pub struct AdoptVm {
 
 impl Operation for AdoptVm {
     const NAME: &'static str = "service-adopt";
+    const ACTION: &'static str = "adopt VMs into services";
     type Response = Adopted;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1259,6 +1299,7 @@ pub struct MoveService {
 
 impl Operation for MoveService {
     const NAME: &'static str = "service-move";
+    const ACTION: &'static str = "move services";
     type Response = ServiceMoving;
     changes!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
@@ -1274,6 +1315,111 @@ impl Operation for MoveService {
         Ok(ServiceMoving {
             service: name,
             moving: MoveView::from(&moving),
+        })
+    }
+}
+
+fn operator_name(text: &str) -> Result<dunes_shared::model::OperatorName, ApiError> {
+    Ok(dunes_shared::model::OperatorName::new(text).map_err(|e| e.to_string())?)
+}
+
+/// Adds an operator with a role: the engine signs their key's certificate request (the
+/// key never leaves the one who made it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddOperator {
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// The certificate request for their key, PEM.
+    pub csr_pem: String,
+}
+
+impl Operation for AddOperator {
+    const NAME: &'static str = "operator-add";
+    const ACTION: &'static str = "add operators";
+    type Response = OperatorIssuedView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = operator_name(&self.name)?;
+        let role = crate::engine::operators::Role::parse(&self.role)
+            .ok_or_else(|| format!("no role {:?}: viewer, operator or admin", self.role))?;
+        let csr_der = pem::parse(&self.csr_pem)
+            .ok()
+            .filter(|p| p.tag() == "CERTIFICATE REQUEST")
+            .ok_or("the certificate request is not a PEM CERTIFICATE REQUEST")?
+            .into_contents();
+        let issued = engine
+            .request(|reply| Command::AddOperator {
+                name,
+                role,
+                csr_der,
+                reply,
+            })
+            .await?;
+        Ok(OperatorIssuedView {
+            operator: OperatorView::from(&issued.record),
+            certificate_pem: pem::encode(&pem::Pem::new("CERTIFICATE", issued.cert_der)),
+            ca_pem: pem::encode(&pem::Pem::new("CERTIFICATE", issued.ca_der)),
+        })
+    }
+}
+
+/// Every operator, revoked ones included.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListOperators {}
+
+impl Operation for ListOperators {
+    const NAME: &'static str = "operators";
+    const ACTION: &'static str = "list operators";
+    type Response = Vec<OperatorView>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        Ok(engine
+            .operators()
+            .borrow()
+            .iter()
+            .map(OperatorView::from)
+            .collect())
+    }
+}
+
+/// Ends an operator's sessions and refuses their certificate from now on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokeOperator {
+    pub name: String,
+}
+
+impl Operation for RevokeOperator {
+    const NAME: &'static str = "operator-revoke";
+    const ACTION: &'static str = "revoke operators";
+    type Response = OperatorView;
+    changes!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = operator_name(&self.name)?;
+        let record = engine
+            .request(|reply| Command::RevokeOperator { name, reply })
+            .await?;
+        Ok(OperatorView::from(&record))
+    }
+}
+
+/// Which engine this is, and where operators reach it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineInfo {}
+
+impl Operation for EngineInfo {
+    const NAME: &'static str = "engine-info";
+    const ACTION: &'static str = "read the engine's name";
+    type Response = EngineInfoView;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        Ok(EngineInfoView {
+            name: engine
+                .data_dir()
+                .file_name()
+                .map_or_else(|| "dunes".into(), |n| n.to_string_lossy().into_owned()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            operator_address: engine.operator_address().map(|a| a.to_string()),
         })
     }
 }

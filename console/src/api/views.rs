@@ -1073,6 +1073,47 @@ pub struct WhatIfView {
     pub fits: bool,
 }
 
+/// Which engine answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineInfoView {
+    pub name: String,
+    pub version: String,
+    /// Where its operator endpoint listens, when it serves one.
+    pub operator_address: Option<String>,
+}
+
+/// An operator: who, with which role and key, and since when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorView {
+    pub name: dunes_shared::model::OperatorName,
+    pub role: String,
+    /// Of their key (`sha256:…`).
+    pub fingerprint: String,
+    pub added: String,
+    /// When they were revoked; `None` while they are active.
+    pub revoked: Option<String>,
+}
+
+impl From<&crate::engine::operators::OperatorRecord> for OperatorView {
+    fn from(r: &crate::engine::operators::OperatorRecord) -> OperatorView {
+        OperatorView {
+            name: r.name.clone(),
+            role: r.role.as_str().to_string(),
+            fingerprint: r.fingerprint.to_string(),
+            added: rfc3339_ms(r.added_ms),
+            revoked: r.revoked_ms.map(rfc3339_ms),
+        }
+    }
+}
+
+/// A new operator's certificate, with the CA that signed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorIssuedView {
+    pub operator: OperatorView,
+    pub certificate_pem: String,
+    pub ca_pem: String,
+}
+
 /// The newest value of one time series.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeriesValue {

@@ -28,6 +28,10 @@ pub struct Cli {
     /// http://ADDR/metrics (off unless given; for example 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the engine's API to operators (windows and ctl elsewhere, each with a
+    /// credential from `ctl operator add`) on ADDR:PORT, over QUIC with mutual TLS.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub operator_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Option<TopCommand>,
 }
@@ -43,6 +47,10 @@ pub struct CtlArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Talk to an engine elsewhere as an operator, with the credential file `ctl operator
+    /// add` wrote, instead of the console running on the data dir.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub connect: Option<PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -95,6 +103,9 @@ pub enum CtlCommand {
     /// Scale an application of a service out and in on its instances' mean CPU.
     #[command(subcommand)]
     Autoscale(AutoscaleCommand),
+    /// Operators: who may drive this engine from elsewhere, and with which role.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Statistics of a host or a workload (VM or process instance): CPU %, memory MiB, disk
     /// and network bytes per second, each bucket's min, mean and max.
     Stats {
@@ -148,6 +159,27 @@ pub enum AutoscaleCommand {
     },
     /// Remove SERVICE/APP's rule (its instances stay as they are).
     Remove { target: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Add an operator and write their credential file (their key, their certificate, the
+    /// cluster CA and the engine's address; mode 0600) for `--connect`.
+    Add {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// Where to write the credential; it must not exist.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// HOST:PORT operators reach the engine at [default: the address it listens on]
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+    },
+    /// List operators, revoked ones included.
+    List,
+    /// End an operator's sessions and refuse their credential from now on.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{args::*, render};
 use crate::{
-    api::{EngineClient, ops},
+    api::{EngineClient, credential::Credential, ops, remote::RemoteEngine},
     engine,
 };
 
@@ -19,9 +19,21 @@ pub(super) fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Resul
     // Stopping a guest may take the agent's whole shutdown timeout; the engine gives up on
     // the agent first and says why.
     let timeout = engine::STOP_CALL_TIMEOUT + Duration::from_secs(30);
-    let client = EngineClient::local_socket(&data_dir, timeout);
     let out = Output { json: args.json };
-    runtime.block_on(run(&client, &args.command, out))
+    runtime.block_on(async {
+        let client = match &args.connect {
+            Some(file) => {
+                let credential = Credential::load(file)?;
+                let session = RemoteEngine::connect(&credential).await?;
+                EngineClient::Remote {
+                    session: std::sync::Arc::new(session),
+                    timeout,
+                }
+            }
+            None => EngineClient::local_socket(&data_dir, timeout),
+        };
+        run(&client, &args.command, out).await
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -118,6 +130,7 @@ async fn run(client: &EngineClient, command: &CtlCommand, out: Output) -> anyhow
             |c| render::cost(by, c),
         )?,
         CtlCommand::Autoscale(command) => run_autoscale(client, command, out).await?,
+        CtlCommand::Operator(command) => run_operator(client, command, out).await?,
         CtlCommand::Stats {
             subject,
             since,
@@ -553,5 +566,91 @@ async fn run_autoscale(
                 .await?,
             |_| format!("autoscaling of {target} removed; its instances stay as they are\n"),
         ),
+    }
+}
+
+async fn run_operator(
+    client: &EngineClient,
+    command: &OperatorCommand,
+    out: Output,
+) -> anyhow::Result<()> {
+    use dunes_shared::{model::OperatorName, pki};
+    match command {
+        OperatorCommand::Add {
+            name,
+            role,
+            out: file,
+            address,
+        } => {
+            if file.exists() {
+                anyhow::bail!(
+                    "{} exists; remove it or write the credential elsewhere",
+                    file.display()
+                );
+            }
+            let operator = OperatorName::new(name.clone())?;
+            let engine = match address {
+                Some(address) => address.clone(),
+                None => engine_address(client).await?,
+            };
+            // The key is made here and never travels: the engine signs its request.
+            let key_pem = pki::generate_key_pem()?;
+            let csr = pki::operator_csr(&key_pem, &operator)?;
+            let issued = client
+                .add_operator(ops::AddOperator {
+                    name: name.clone(),
+                    role: role.clone(),
+                    csr_pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
+                })
+                .await?;
+            let credential = Credential {
+                operator,
+                engine,
+                key_pem,
+                certificate_pem: issued.certificate_pem.clone(),
+                ca_pem: issued.ca_pem.clone(),
+            };
+            credential.write(file).map_err(|e| {
+                anyhow::anyhow!(
+                    "operator {name} was added, but {}; revoke them and add them again",
+                    dunes_shared::error_chain(&e)
+                )
+            })?;
+            out.show(&issued.operator, |o| {
+                format!(
+                    "operator {} added as {}; their credential is {} (keep it private): dunes-console ctl --connect {} hosts\n",
+                    o.name,
+                    o.role,
+                    file.display(),
+                    file.display()
+                )
+            })
+        }
+        OperatorCommand::List => out.show(&client.operators(ops::ListOperators {}).await?, |o| {
+            render::operators(o)
+        }),
+        OperatorCommand::Revoke { name } => out.show(
+            &client
+                .revoke_operator(ops::RevokeOperator { name: name.clone() })
+                .await?,
+            |o| format!("operator {} revoked; their sessions are closed\n", o.name),
+        ),
+    }
+}
+
+/// Where operators reach the engine, as it listens; an address that names no one host
+/// (0.0.0.0) must be given.
+async fn engine_address(client: &EngineClient) -> anyhow::Result<String> {
+    let info = client.engine_info(ops::EngineInfo {}).await?;
+    let Some(listening) = info.operator_address else {
+        anyhow::bail!(
+            "the engine serves no operator endpoint; start it with --operator-listen ADDR:PORT"
+        );
+    };
+    match listening.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => anyhow::bail!(
+            "the engine listens on {a}; pass --address HOST:PORT, as operators reach it"
+        ),
+        _ => Ok(listening),
     }
 }

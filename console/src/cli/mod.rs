@@ -78,7 +78,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 cli.data_dir,
                 cli.headless,
                 cli.demo,
-                cli.metrics_listen,
+                Listen {
+                    metrics: cli.metrics_listen,
+                    operators: cli.operator_listen,
+                },
                 options,
             )
             .map(|()| ExitCode::SUCCESS)
@@ -94,11 +97,17 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
+/// What the console serves beyond its control socket.
+struct Listen {
+    metrics: Option<std::net::SocketAddr>,
+    operators: Option<std::net::SocketAddr>,
+}
+
 fn run_console(
     data_dir: Option<PathBuf>,
     headless: bool,
     with_demo: bool,
-    metrics_listen: Option<std::net::SocketAddr>,
+    listen: Listen,
     options: engine::EngineOptions,
 ) -> anyhow::Result<()> {
     let temporary = with_demo && data_dir.is_none();
@@ -110,7 +119,18 @@ fn run_console(
     let started = runtime.block_on(async {
         let engine = engine::start_with(&data_dir, options).await?;
         crate::ctl::serve(engine.clone()).await?;
-        let metrics = match metrics_listen {
+        let operators = match listen.operators {
+            Some(address) => {
+                let endpoint = crate::api::remote::serve(engine.clone(), address).await?;
+                eprintln!(
+                    "dunes-console: operators (dunes-console ctl operator add) at {}",
+                    endpoint.address
+                );
+                Some(endpoint)
+            }
+            None => None,
+        };
+        let metrics = match listen.metrics {
             Some(address) => {
                 let server = crate::metrics::serve(
                     crate::api::EngineClient::InProcess(engine.clone()),
@@ -130,9 +150,9 @@ fn run_console(
         } else {
             None
         };
-        anyhow::Ok((engine, fleet, metrics))
+        anyhow::Ok((engine, fleet, (metrics, operators)))
     });
-    let (engine, fleet, _metrics) = match started {
+    let (engine, fleet, _served) = match started {
         Ok(started) => started,
         Err(e) => {
             if temporary {

@@ -414,6 +414,23 @@ pub fn services(list: &[ServiceSummary]) -> String {
     )
 }
 
+pub fn operators(list: &[OperatorView]) -> String {
+    table(
+        &["NAME", "ROLE", "ADDED", "REVOKED", "KEY"],
+        list.iter()
+            .map(|o| {
+                vec![
+                    o.name.to_string(),
+                    o.role.clone(),
+                    o.added.clone(),
+                    or_dash(o.revoked.as_ref()),
+                    o.fingerprint.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
 pub fn report(r: &ReportView) -> String {
     r.done
         .iter()

@@ -363,6 +363,13 @@ impl Actor {
                 rule,
                 reply,
             } => self.set_autoscale(service, app, rule, reply),
+            Command::AddOperator {
+                name,
+                role,
+                csr_der,
+                reply,
+            } => self.add_operator(name, role, csr_der, reply),
+            Command::RevokeOperator { name, reply } => self.revoke_operator(name, reply),
             Command::AutoscaleShow { reply } => {
                 let _ = reply.send(Ok(self.autoscale_views()));
             }

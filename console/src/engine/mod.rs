@@ -20,6 +20,7 @@ mod hosts;
 pub mod link;
 pub mod migration;
 pub mod notify;
+pub mod operators;
 pub mod placement;
 mod publish;
 mod readiness;
@@ -338,6 +339,18 @@ pub enum Command {
         generated_until_secs: u64,
         reply: Reply<usize>,
     },
+    /// Signs an operator's key request and records them with a role.
+    AddOperator {
+        name: dunes_shared::model::OperatorName,
+        role: operators::Role,
+        csr_der: Vec<u8>,
+        reply: Reply<operators::OperatorIssued>,
+    },
+    /// Ends an operator's sessions and refuses their certificate from now on.
+    RevokeOperator {
+        name: dunes_shared::model::OperatorName,
+        reply: Reply<operators::OperatorRecord>,
+    },
     /// A dry run: where every instance would go, and why hosts were left out.
     PlanService {
         name: dunes_shared::model::ServiceName,
@@ -366,6 +379,12 @@ pub struct EngineHandle {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     repaint: Repaint,
     data_dir: PathBuf,
+    operators: watch::Receiver<Arc<Vec<operators::OperatorRecord>>>,
+    /// The console's certificate and key, as renewed.
+    identity: watch::Receiver<Arc<pki::Identity>>,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+    /// Where the operator endpoint listens, once it does.
+    operator_address: Arc<Mutex<Option<std::net::SocketAddr>>>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -387,6 +406,36 @@ impl EngineHandle {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Every operator, revoked ones included; it changes once a change is committed.
+    pub fn operators(&self) -> watch::Receiver<Arc<Vec<operators::OperatorRecord>>> {
+        self.operators.clone()
+    }
+
+    /// The console's own certificate and key, which it renews.
+    pub fn identity(&self) -> watch::Receiver<Arc<pki::Identity>> {
+        self.identity.clone()
+    }
+
+    /// Where the operator endpoint listens, once it does.
+    pub fn operator_address(&self) -> Option<std::net::SocketAddr> {
+        *self
+            .operator_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_operator_address(&self, address: std::net::SocketAddr) {
+        *self
+            .operator_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(address);
+    }
+
+    /// The cluster CA's certificate.
+    pub fn ca_der(&self) -> &rustls::pki_types::CertificateDer<'static> {
+        &self.ca_der
     }
 
     /// Called after every publish, e.g. to repaint a window.
@@ -504,10 +553,14 @@ pub async fn start_with(
     let (link_tx, link_rx) = mpsc::channel(LINK_QUEUE);
     let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
     let (config_tx, config_rx) = watch::channel(client_config);
+    let (identity_tx, identity_rx) = watch::channel(Arc::new(pki::Identity {
+        key_pem: pki.identity.key_pem.clone(),
+        cert_der: pki.identity.cert_der.clone(),
+    }));
     tokio::spawn(renew_console_cert(
         pki.clone(),
         pki.identity.cert_der.clone(),
-        config_tx,
+        (config_tx, identity_tx),
         internal_tx.clone(),
     ));
     let links = LinkContext {
@@ -519,6 +572,8 @@ pub async fn start_with(
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
     let repaint: Repaint = Arc::new(Mutex::new(None));
     let next_seq = loaded.events.last().map_or(0, |e| e.seq + 1);
+    let (operators, operators_rx) = operators::OperatorsState::new(loaded.operators);
+    let ca_der = pki.ca.cert_der().clone();
     let loaded_upgrade = loaded.upgraded_from;
     let mut actor = Actor {
         store,
@@ -563,6 +618,7 @@ pub async fn start_with(
         drains_dirty: true,
         generated_until_secs: None,
         published_drains: Arc::new(Vec::new()),
+        operators,
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
     for (host, vm) in loaded.vms {
@@ -593,6 +649,10 @@ pub async fn start_with(
         snapshot: snapshot_rx,
         repaint,
         data_dir: data_dir.to_path_buf(),
+        operators: operators_rx,
+        identity: identity_rx,
+        ca_der,
+        operator_address: Arc::default(),
     })
 }
 
@@ -601,7 +661,10 @@ pub async fn start_with(
 async fn renew_console_cert(
     pki: Arc<ConsolePki>,
     mut cert: rustls::pki_types::CertificateDer<'static>,
-    config: watch::Sender<quinn::ClientConfig>,
+    (config, identity_tx): (
+        watch::Sender<quinn::ClientConfig>,
+        watch::Sender<Arc<pki::Identity>>,
+    ),
     internal: mpsc::Sender<Internal>,
 ) {
     loop {
@@ -630,13 +693,14 @@ async fn renew_console_cert(
                 let tls = pki::control_client_config(pki.ca.cert_der(), &identity)
                     .and_then(pki::quic_client_config)
                     .map_err(|e| dunes_shared::error_chain(&e))?;
-                Ok::<_, String>((identity.cert_der, tls))
+                Ok::<_, String>((identity, tls))
             })
             .await
         };
         match renewed {
-            Ok(Ok((new_cert, tls))) => {
-                cert = new_cert;
+            Ok(Ok((identity, tls))) => {
+                cert = identity.cert_der.clone();
+                identity_tx.send_replace(Arc::new(identity));
                 if config.send(tls).is_err() {
                     return;
                 }

@@ -49,6 +49,9 @@ const MIGRATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("migrations
 const AUTOSCALE: TableDefinition<&str, &[u8]> = TableDefinition::new("autoscale");
 /// Workloads that were deleted, by `(when, name)`: what their cost needs after they went.
 const DEPARTED: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("departed");
+/// Operators, by name: their role and key; a revoked one stays, marked (a table an older
+/// console ignores).
+const OPERATORS: TableDefinition<&str, &[u8]> = TableDefinition::new("operators");
 /// How long a departed workload is remembered: as long as its hourly series.
 const DEPARTED_KEPT_SECS: u64 = 366 * 86_400;
 
@@ -165,6 +168,7 @@ pub struct Loaded {
     pub instances: Vec<InstanceRecord>,
     pub migrations: Vec<crate::engine::migration::MigrationJournal>,
     pub autoscale: Vec<AutoscaleRecord>,
+    pub operators: Vec<crate::engine::operators::OperatorRecord>,
     /// What each time series had open at the last flush.
     pub stats_open: Vec<crate::engine::stats::OpenState>,
     /// The schema the file had before this open upgraded it, if it did.
@@ -309,6 +313,7 @@ enum Op {
     PutEvent(EventRow),
     Stats(crate::engine::stats::StatsWrite),
     PutAutoscale(Box<AutoscaleRecord>),
+    PutOperator(Box<crate::engine::operators::OperatorRecord>),
     DeleteAutoscale(String),
     PutDeparted(Box<DepartedRecord>),
 }
@@ -428,6 +433,10 @@ impl Store {
         self.pending
             .push(Op::PutAutoscale(Box::new(record.clone())));
     }
+    pub fn put_operator(&mut self, record: &crate::engine::operators::OperatorRecord) {
+        self.pending.push(Op::PutOperator(Box::new(record.clone())));
+    }
+
     pub fn delete_autoscale(&mut self, key: String) {
         self.pending.push(Op::DeleteAutoscale(key));
     }
@@ -557,6 +566,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(MIGRATIONS)?;
     tx.open_table(stats::STATS)?;
     tx.open_table(AUTOSCALE)?;
+    tx.open_table(OPERATORS)?;
     let now_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -673,6 +683,13 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping autoscaling {}: {}", k.value(), error_chain(&e)),
         }
     }
+    for item in tx.open_table(OPERATORS)?.iter()? {
+        let (k, v) = item?;
+        match decode::<crate::engine::operators::OperatorRecord>(v.value()) {
+            Ok(record) => loaded.operators.push(record),
+            Err(e) => tracing::warn!("skipping operator {}: {}", k.value(), error_chain(&e)),
+        }
+    }
     for item in tx.open_table(MIGRATIONS)?.iter()? {
         let (k, v) = item?;
         match decode::<rows::MigrationRow>(v.value())
@@ -735,8 +752,12 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut stats_open = tx.open_table(stats::STATS_OPEN)?;
         let mut autoscale = tx.open_table(AUTOSCALE)?;
         let mut departed = tx.open_table(DEPARTED)?;
+        let mut operators = tx.open_table(OPERATORS)?;
         for op in ops {
             match op {
+                Op::PutOperator(record) => {
+                    operators.insert(record.name.as_str(), encode(record)?.as_slice())?;
+                }
                 Op::PutDeparted(record) => {
                     departed.insert(
                         (record.removed_at_secs, record.vm.as_str()),

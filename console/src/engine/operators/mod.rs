@@ -1,0 +1,143 @@
+//! Operators: people and programs that drive the engine from elsewhere, each with a
+//! certificate the console's CA signed for their key and a role. `access` decides what a
+//! role may do (pure); the driver here adds and revokes them and publishes who they are to
+//! the operator endpoint.
+
+pub mod access;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use dunes_shared::{model::OperatorName, pki::Fingerprint};
+use tokio::sync::watch;
+
+pub use access::{OperatorRecord, Role};
+
+use super::{EngineError, Reply, actor::Actor, snapshot::unix_ms, store::Level};
+
+/// The operators, owned by the engine; every change is published to the endpoint, which
+/// ends the sessions of a revoked operator.
+#[derive(Debug)]
+pub(in crate::engine) struct OperatorsState {
+    records: BTreeMap<OperatorName, OperatorRecord>,
+    published: watch::Sender<Arc<Vec<OperatorRecord>>>,
+}
+
+impl OperatorsState {
+    pub(in crate::engine) fn new(
+        loaded: Vec<OperatorRecord>,
+    ) -> (OperatorsState, watch::Receiver<Arc<Vec<OperatorRecord>>>) {
+        let records: BTreeMap<_, _> = loaded.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let (published, rx) = watch::channel(Arc::new(records.values().cloned().collect()));
+        (OperatorsState { records, published }, rx)
+    }
+
+    fn list(&self) -> Arc<Vec<OperatorRecord>> {
+        Arc::new(self.records.values().cloned().collect())
+    }
+}
+
+/// An operator's new certificate.
+#[derive(Debug, Clone)]
+pub struct OperatorIssued {
+    pub record: OperatorRecord,
+    pub cert_der: Vec<u8>,
+    pub ca_der: Vec<u8>,
+}
+
+impl Actor {
+    /// Signs the operator's key request and records them with `role`.
+    pub(in crate::engine) fn add_operator(
+        &mut self,
+        name: OperatorName,
+        role: Role,
+        csr_der: Vec<u8>,
+        reply: Reply<OperatorIssued>,
+    ) {
+        if self
+            .operators
+            .records
+            .get(&name)
+            .is_some_and(OperatorRecord::is_active)
+        {
+            let _ = reply.send(Err(EngineError::Invalid(format!(
+                "operator {name} exists; revoke them first to give the name a new key"
+            ))));
+            return;
+        }
+        let signed = self
+            .pki
+            .ca
+            .sign_operator_csr(&csr_der, &name)
+            .map_err(|e| dunes_shared::error_chain(&e))
+            .and_then(|cert| {
+                Fingerprint::of_certificate(&cert)
+                    .map(|f| (cert, f))
+                    .map_err(|e| dunes_shared::error_chain(&e))
+            });
+        let (cert, fingerprint) = match signed {
+            Ok(signed) => signed,
+            Err(e) => {
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "the certificate request of {name} is refused: {e}"
+                ))));
+                return;
+            }
+        };
+        let record = OperatorRecord {
+            name: name.clone(),
+            role,
+            fingerprint,
+            added_ms: unix_ms(std::time::SystemTime::now()),
+            revoked_ms: None,
+        };
+        self.operators.records.insert(name.clone(), record.clone());
+        self.store.put_operator(&record);
+        self.log(
+            Level::Info,
+            None,
+            format!("operator {name} added as {}", role.as_str()),
+        );
+        let issued = OperatorIssued {
+            record,
+            cert_der: cert.to_vec(),
+            ca_der: self.pki.ca.cert_der().to_vec(),
+        };
+        self.publish_operators_after_commit(reply, issued);
+    }
+
+    /// Ends an operator's sessions and refuses their certificate from now on.
+    pub(in crate::engine) fn revoke_operator(
+        &mut self,
+        name: OperatorName,
+        reply: Reply<OperatorRecord>,
+    ) {
+        let Some(record) = self
+            .operators
+            .records
+            .get_mut(&name)
+            .filter(|r| r.is_active())
+        else {
+            let _ = reply.send(Err(EngineError::Invalid(format!(
+                "no operator {name} to revoke"
+            ))));
+            return;
+        };
+        record.revoked_ms = Some(unix_ms(std::time::SystemTime::now()));
+        let record = record.clone();
+        self.store.put_operator(&record);
+        self.log(Level::Info, None, format!("operator {name} revoked"));
+        self.publish_operators_after_commit(reply, record);
+    }
+
+    /// Once the change is committed: the endpoint learns of it, then the caller.
+    fn publish_operators_after_commit<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
+        let list = self.operators.list();
+        let published = self.operators.published.clone();
+        self.store.after_commit(Box::new(move |committed| {
+            if committed.is_ok() {
+                published.send_replace(list);
+            }
+            let _ = reply.send(committed.map(|()| value).map_err(EngineError::Store));
+        }));
+    }
+}

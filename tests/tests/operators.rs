@@ -1,0 +1,274 @@
+//! Operators: a headless engine serves its API on `--operator-listen`; `ctl operator add`
+//! writes credentials; `ctl --connect` and the library's `RemoteEngine` use them, each with
+//! its role checked by the engine.
+
+use std::{
+    path::Path,
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use dunes_console::api::{credential::Credential, remote::RemoteEngine};
+use dunes_shared::{model::OperatorName, pki};
+use dunes_tests::demo::{ctl, demo_with, json};
+use serde_json::Value;
+
+fn remote(credential: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--connect", credential.to_str().unwrap()];
+    all.extend_from_slice(args);
+    ctl(Path::new("/nonexistent"), &all)
+}
+
+fn refusal(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+fn add(data: &Path, dir: &Path, name: &str, role: &str) -> std::path::PathBuf {
+    let file = dir.join(format!("{name}.toml"));
+    let added = json(&ctl(
+        data,
+        &[
+            "--json",
+            "operator",
+            "add",
+            name,
+            "--role",
+            role,
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(added["name"], name);
+    assert_eq!(added["role"], role);
+    file
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn operators_reach_the_engine_with_their_role_checked_on_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo_with(dir.path(), &["--operator-listen", "127.0.0.1:0"]);
+    let viewer = add(&data, dir.path(), "alice", "viewer");
+    let operator = add(&data, dir.path(), "olga", "operator");
+    let admin = add(&data, dir.path(), "root", "admin");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&viewer).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // A file that exists is not overwritten, and a second alice needs the first revoked.
+    let again = ctl(
+        &data,
+        &[
+            "operator",
+            "add",
+            "alice",
+            "--role",
+            "admin",
+            "--out",
+            viewer.to_str().unwrap(),
+        ],
+    );
+    assert!(refusal(&again).contains("exists"));
+    let twice = ctl(
+        &data,
+        &[
+            "operator",
+            "add",
+            "alice",
+            "--role",
+            "admin",
+            "--out",
+            dir.path().join("alice2.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(refusal(&twice).contains("revoke them first"));
+
+    // Every read prints the same JSON remotely as locally (taken again while the fleet
+    // moves on: a reading may change between the two).
+    let shop = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/examples/shop.toml");
+    json(&ctl(&data, &["--json", "service", "create", "-f", shop]));
+    for read in [
+        &["hosts"][..],
+        &["vms"],
+        &["services"],
+        &["service", "show", "shop"],
+        &["migrations"],
+        &["autoscale", "show"],
+        &["operator", "list"],
+        &["forecast"],
+        &["whatif", "drain", "lsn-2"],
+        &["cost", "--by", "site"],
+    ] {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(read);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let there = remote(&viewer, &args);
+            let here = ctl(&data, &args);
+            assert!(
+                there.status.success(),
+                "{read:?}: {}",
+                String::from_utf8_lossy(&there.stderr)
+            );
+            if json(&there) == json(&here) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{read:?} differs remotely");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    // A plan's exit code travels too (1: changes to make).
+    assert_eq!(
+        remote(&viewer, &["service", "plan", "shop"]).status.code(),
+        Some(1)
+    );
+
+    // What each role may not do, refused by the engine with the permission it lacks.
+    let vm_stop = ["vm", "stop", "--force", "wiki"];
+    let drain = ["host", "drain", "gva-1"];
+    let define = ["service", "create", "-f", shop, "--replace"];
+    let add_op = [
+        "operator",
+        "add",
+        "mallory",
+        "--role",
+        "admin",
+        "--out",
+        "/tmp/never-written.toml",
+    ];
+    assert_eq!(
+        refusal(&remote(&viewer, &vm_stop)),
+        "dunes-console: viewer alice may not stop VMs: operators and admins only"
+    );
+    assert_eq!(
+        refusal(&remote(&viewer, &["service", "deploy", "shop"])),
+        "dunes-console: viewer alice may not deploy services: operators and admins only"
+    );
+    for (who, file) in [("viewer alice", &viewer), ("operator olga", &operator)] {
+        assert_eq!(
+            refusal(&remote(file, &drain)),
+            format!("dunes-console: {who} may not drain hosts: admin only")
+        );
+        assert_eq!(
+            refusal(&remote(file, &define)),
+            format!("dunes-console: {who} may not define services: admin only")
+        );
+        assert!(
+            refusal(&remote(file, &add_op)).ends_with("may not add operators: admin only"),
+            "{who}"
+        );
+    }
+    assert!(!Path::new("/tmp/never-written.toml").exists());
+    // What each may do.
+    let stopped = json(&remote(
+        &operator,
+        &["--json", "vm", "stop", "--force", "wiki"],
+    ));
+    assert_eq!(stopped["state"], "shutoff");
+    let started = json(&remote(&operator, &["--json", "vm", "start", "wiki"]));
+    assert_eq!(started["state"], "running");
+    let drained = json(&remote(&admin, &["--json", "host", "drain", "gva-1"]));
+    assert_eq!(drained["host"], "gva-1");
+    let undrained = json(&remote(&admin, &["--json", "host", "undrain", "gva-1"]));
+    assert_eq!(undrained["maintenance"], false);
+    let listed = json(&remote(&admin, &["--json", "operator", "list"]));
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+}
+
+#[test]
+fn revocation_ends_a_live_session_and_foreign_certificates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo_with(dir.path(), &["--operator-listen", "127.0.0.1:0"]);
+    let file = add(&data, dir.path(), "bob", "viewer");
+    let credential = Credential::load(&file).unwrap();
+    let rt = runtime();
+    let session = rt.block_on(RemoteEngine::connect(&credential)).unwrap();
+    assert_eq!(session.welcome.operator.as_str(), "bob");
+    assert_eq!(session.welcome.role, "viewer");
+    let client = dunes_console::api::EngineClient::Remote {
+        session: std::sync::Arc::new(session),
+        timeout: Duration::from_secs(30),
+    };
+    let hosts = rt
+        .block_on(client.hosts(dunes_console::api::ops::ListHosts {}))
+        .unwrap();
+    assert_eq!(hosts.len(), 3);
+
+    let revoked = json(&ctl(&data, &["--json", "operator", "revoke", "bob"]));
+    assert!(revoked["revoked"].is_string(), "{revoked}");
+    let dunes_console::api::EngineClient::Remote { session, .. } = &client else {
+        unreachable!()
+    };
+    let why = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), session.closed()).await })
+        .expect("the session ends once the operator is revoked");
+    assert!(why.contains("revoked"), "{why}");
+    assert!(
+        rt.block_on(client.hosts(dunes_console::api::ops::ListHosts {}))
+            .is_err()
+    );
+    let again = rt.block_on(RemoteEngine::connect(&credential)).unwrap_err();
+    assert!(again.to_string().contains("bob is revoked"), "{again}");
+    let listed = json(&ctl(&data, &["--json", "operator", "list"]));
+    assert!(listed[0]["revoked"].is_string(), "{listed}");
+
+    // An agent's certificate from this cluster is no operator's.
+    let identity = data.join("demo-agents/lsn-1/identity");
+    let cert_pem = |der: Vec<u8>| pem::encode(&pem::Pem::new("CERTIFICATE", der));
+    let agent = Credential {
+        operator: OperatorName::new("lsn-1").unwrap(),
+        key_pem: std::fs::read_to_string(identity.join("key.pem")).unwrap(),
+        certificate_pem: cert_pem(std::fs::read(identity.join("cert.der")).unwrap()),
+        ..credential.clone()
+    };
+    let err = rt.block_on(RemoteEngine::connect(&agent)).unwrap_err();
+    assert!(
+        err.to_string().contains("not an operator certificate"),
+        "{err}"
+    );
+    // An operator certificate from another CA does not get through the handshake.
+    let foreign_ca = pki::CertificateAuthority::generate().unwrap();
+    let key_pem = pki::generate_key_pem().unwrap();
+    let bob = OperatorName::new("bob").unwrap();
+    let foreign = Credential {
+        key_pem: key_pem.clone(),
+        certificate_pem: cert_pem(
+            foreign_ca
+                .sign_operator_csr(&pki::operator_csr(&key_pem, &bob).unwrap(), &bob)
+                .unwrap()
+                .to_vec(),
+        ),
+        ..credential.clone()
+    };
+    let err = rt.block_on(RemoteEngine::connect(&foreign)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            dunes_console::api::remote::ConnectError::Unreachable { .. }
+        ),
+        "{err}"
+    );
+    // Bad credential files say what is wrong in one line.
+    let loose = dir.path().join("loose.toml");
+    std::fs::copy(&file, &loose).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let out = remote(&loose, &["hosts"]);
+    let line = refusal(&out);
+    assert!(line.contains("chmod 600") && !line.contains('\n'), "{line}");
+    let _: Value = json(&ctl(&data, &["--json", "hosts"]));
+}
