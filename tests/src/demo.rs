@@ -52,12 +52,18 @@ pub fn demo(dir: &Path) -> (Console, PathBuf) {
 
 /// [`demo`] with more arguments for the console.
 pub fn demo_with(dir: &Path, args: &[&str]) -> (Console, PathBuf) {
+    demo_with_env(dir, args, &[])
+}
+
+/// [`demo`] with more arguments and environment variables for the console.
+pub fn demo_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Console, PathBuf) {
     let data = dir.join("console");
     let console = Console(
         Command::new(console_binary())
             .args(["--demo", "--headless", "--data-dir"])
             .arg(&data)
             .args(args)
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(dir.join("console.log")).unwrap())
             .spawn()
             .unwrap(),
@@ -84,4 +90,22 @@ pub fn demo_ready(data: &Path) {
         assert!(Instant::now() < deadline, "demo did not come up");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A headless console without demo agents on an existing data dir, once ctl answers.
+pub fn headless(data: &Path, log: &Path) -> Console {
+    let console = Console(
+        Command::new(console_binary())
+            .args(["--headless", "--data-dir"])
+            .arg(data)
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ctl(data, &["hosts"]).status.success() {
+        assert!(Instant::now() < deadline, "the console did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    console
 }

@@ -185,6 +185,91 @@ fn operators_reach_the_engine_with_their_role_checked_on_every_request() {
     assert_eq!(undrained["maintenance"], false);
     let listed = json(&remote(&admin, &["--json", "operator", "list"]));
     assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+
+    // Scopes limit what an operator changes: a service's instances and the service, or
+    // what runs on a site's hosts, both ends of a move included.
+    let scoped = |name: &str, scope: &str| {
+        let file = dir.path().join(format!("{name}.toml"));
+        json(&ctl(
+            &data,
+            &[
+                "--json",
+                "operator",
+                "add",
+                name,
+                "--role",
+                "operator",
+                "--scope",
+                scope,
+                "--out",
+                file.to_str().unwrap(),
+            ],
+        ));
+        file
+    };
+    let sam = scoped("sam", "service:shop");
+    let gina = scoped("gina", "site:geneva");
+    assert_eq!(
+        refusal(&remote(&sam, &vm_stop)),
+        "dunes-console: operator sam may not stop VMs on wiki: outside service:shop"
+    );
+    let rule = [
+        "autoscale",
+        "set",
+        "shop/web",
+        "--above",
+        "80",
+        "--below",
+        "10",
+        "--max",
+        "3",
+    ];
+    json(&remote(&sam, &[&["--json"][..], &rule].concat()));
+    json(&remote(
+        &sam,
+        &["--json", "autoscale", "remove", "shop/web"],
+    ));
+    assert_eq!(
+        refusal(&remote(&gina, &vm_stop)),
+        "dunes-console: operator gina may not stop VMs on wiki: outside site:geneva"
+    );
+    assert_eq!(
+        refusal(&remote(
+            &gina,
+            &["vm", "migrate", "bi-warehouse", "--to", "lsn-1"]
+        )),
+        "dunes-console: operator gina may not migrate VMs on host lsn-1: outside site:geneva"
+    );
+    assert!(refusal(&remote(&gina, &rule)).contains("on service shop: outside site:geneva"));
+    let stopped = json(&remote(
+        &gina,
+        &["--json", "vm", "stop", "--force", "bi-warehouse"],
+    ));
+    assert_eq!(stopped["state"], "shutoff");
+    // Reads are not limited.
+    assert_eq!(
+        json(&remote(&gina, &["--json", "vms"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        7
+    );
+    let bad = ctl(
+        &data,
+        &[
+            "operator",
+            "add",
+            "x",
+            "--role",
+            "viewer",
+            "--scope",
+            "pool:a",
+            "--out",
+            dir.path().join("x.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(refusal(&bad).contains("write service:NAME or site:NAME"));
+    assert!(!dir.path().join("x.toml").exists());
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use crate::engine::{EngineError, EngineHandle};
+use crate::engine::{EngineError, EngineHandle, audit, operators::access};
 
 /// One operation of the engine: its request (this type) and its response.
 pub trait Operation: Serialize + DeserializeOwned + Send + 'static {
@@ -29,6 +29,14 @@ pub trait Operation: Serialize + DeserializeOwned + Send + 'static {
 
     /// Whether it changes anything (reads answer from what the engine holds).
     fn changes(&self) -> bool;
+
+    /// What a change touches, as `snap` has it, for operators limited to a scope: by
+    /// default the fleet as a whole, which no scope covers. A target that does not exist
+    /// is left out, so the operation itself says so.
+    fn targets(&self, snap: &crate::engine::Snapshot) -> Vec<access::Target> {
+        let _ = snap;
+        vec![access::Target::Fleet]
+    }
 
     /// Runs it on the engine of this process.
     fn execute(
@@ -177,12 +185,120 @@ async fn run<O: Operation>(
 ) -> Result<Value, ApiError> {
     let request: O = serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::invalid(format!("bad {} request: {e}", O::NAME)))?;
-    if let Some(caller) = caller {
-        caller.check(O::NAME, O::ACTION, request.changes())?;
-    }
-    let response = request.execute(engine).await?;
+    let response = run_checked(engine, request, caller).await?;
     serde_json::to_value(response)
         .map_err(|e| ApiError::invalid(format!("cannot encode the answer: {e}")))
+}
+
+/// Fields whose values the audit log leaves out: secrets, and texts it keeps a hash of.
+const SECRET_FIELDS: &[&str] = &["token"];
+const HASHED_FIELDS: &[&str] = &["source", "csr_pem"];
+
+/// A request's fields as the audit log keeps them.
+fn audited_parameters(request: &impl Serialize) -> String {
+    use sha2::Digest;
+    let mut value = serde_json::to_value(request).unwrap_or(Value::Null);
+    if let Value::Object(fields) = &mut value {
+        for (name, field) in fields.iter_mut() {
+            if SECRET_FIELDS.contains(&name.as_str()) {
+                *field = Value::String("(left out)".into());
+            } else if HASHED_FIELDS.contains(&name.as_str())
+                && let Value::String(text) = field
+            {
+                *field = Value::String(format!(
+                    "sha256:{}",
+                    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+                ));
+            }
+        }
+    }
+    value.to_string()
+}
+
+async fn append_audit(engine: &EngineHandle, entry: audit::AuditEntry) -> Result<u64, ApiError> {
+    Ok(engine
+        .request(|reply| crate::engine::Command::Audit { entry, reply })
+        .await?)
+}
+
+/// Runs a request for `caller` (`None`: the local administrator): its role and scope are
+/// checked, and a change or a refusal is written to the audit log before the answer; a
+/// change whose record cannot be written is not done.
+pub(crate) async fn run_checked<O: Operation>(
+    engine: &EngineHandle,
+    request: O,
+    caller: Option<&remote::Caller>,
+) -> Result<O::Response, ApiError> {
+    let changes = request.changes();
+    let permitted = match caller {
+        Some(caller) => caller.check(O::NAME, O::ACTION, changes).and_then(|()| {
+            match changes && !caller.scopes.is_empty() {
+                true => caller.check_scope(O::ACTION, &request.targets(&engine.snapshot())),
+                false => Ok(()),
+            }
+        }),
+        None => Ok(()),
+    };
+    if !changes && permitted.is_ok() {
+        return request.execute(engine).await;
+    }
+    let target = access::describe_targets(&request.targets(&engine.snapshot()));
+    let parameters = audited_parameters(&request);
+    let (operator, fingerprint) = match caller {
+        Some(c) => (c.name.to_string(), Some(c.fingerprint.to_string())),
+        None => ("local".to_string(), None),
+    };
+    let entry =
+        |outcome: String, duration_ms: Option<u64>, request: Option<u64>| audit::AuditEntry {
+            time_ms: crate::engine::snapshot::unix_ms(std::time::SystemTime::now()),
+            operator: operator.clone(),
+            fingerprint: fingerprint.clone(),
+            operation: O::NAME.to_string(),
+            target: target.clone(),
+            parameters: parameters.clone(),
+            outcome,
+            duration_ms,
+            request,
+        };
+    if let Err(refusal) = permitted {
+        // The refusal stands whether or not its record can be written.
+        if let Err(e) = append_audit(
+            engine,
+            entry(format!("refused: {}", refusal.message), None, None),
+        )
+        .await
+        {
+            tracing::error!("a refusal of {} was not audited: {e}", O::NAME);
+        }
+        return Err(refusal);
+    }
+    let seq = append_audit(engine, entry("started".into(), None, None))
+        .await
+        .map_err(|e| ApiError {
+            code: ApiErrorCode::Store,
+            message: format!(
+                "nothing was done: the audit log cannot record it ({})",
+                e.message
+            ),
+        })?;
+    let started = std::time::Instant::now();
+    let result = request.execute(engine).await;
+    let outcome = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("failed: {}", e.message),
+    };
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    append_audit(engine, entry(outcome.clone(), Some(duration_ms), Some(seq)))
+        .await
+        .map_err(|e| ApiError {
+            code: ApiErrorCode::Store,
+            message: format!(
+                "{} ran ({outcome}), but the audit log cannot record its outcome ({})",
+                O::NAME,
+                e.message
+            ),
+        })?;
+    result
 }
 
 /// Declares every operation once: the dispatch of a request by name, and the client's
@@ -264,6 +380,8 @@ operations! {
     operators => ListOperators,
     revoke_operator => RevokeOperator,
     engine_info => EngineInfo,
+    audit => ListAudit,
+    verify_audit => VerifyAudit,
 }
 
 /// Runs the request named in `envelope` as the local administrator.
@@ -299,7 +417,7 @@ impl EngineClient {
     /// Sends `request` and waits for its response.
     pub async fn call<O: Operation>(&self, request: O) -> Result<O::Response, ApiError> {
         match self {
-            EngineClient::InProcess(engine) => request.execute(engine).await,
+            EngineClient::InProcess(engine) => run_checked(engine, request, None).await,
             EngineClient::Socket { .. } | EngineClient::Remote { .. } => {
                 let envelope = Envelope::new(&request)?;
                 let answer = match self {

@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, Operation, views::*};
 use crate::engine::{
-    Command, EngineHandle,
+    Command, EngineHandle, Snapshot,
     autoscale::{AutoscaleMetric, AutoscaleRule},
     capacity::{Extra, WhatIf},
     cost::CostBy,
     migration::MigrationOptions,
+    operators::access::Target,
     placement::{Action, Override},
     stats::Subject,
 };
@@ -58,6 +59,61 @@ fn parse_overrides(place: &[String]) -> Result<Vec<Override>, ApiError> {
                 host: HostId::new(host).map_err(|e| format!("--place {p}: {e}"))?,
             })
         })
+        .collect()
+}
+
+/// A VM or process named `NAME` or `HOST/NAME`, as a scope sees it; none when it does not
+/// exist.
+fn workload(snap: &Snapshot, reference: &str) -> Vec<Target> {
+    let Ok((host, vm)) = snap.find_vm(reference) else {
+        return Vec::new();
+    };
+    vec![Target::Workload {
+        name: vm.name.to_string(),
+        site: snap
+            .host(&host)
+            .map_or("unknown", |h| h.site_name())
+            .to_string(),
+        service: snap
+            .services
+            .iter()
+            .find(|s| s.instance_of_vm(&host, &vm.name).is_some())
+            .map(|s| s.name().clone()),
+    }]
+}
+
+/// A host, as a scope sees it; none when it is not enrolled.
+fn host_target(snap: &Snapshot, host: &str) -> Vec<Target> {
+    HostId::new(host)
+        .ok()
+        .and_then(|id| snap.host(&id).map(|h| h.site_name().to_string()))
+        .map(|site| Target::Host {
+            name: host.to_string(),
+            site,
+        })
+        .into_iter()
+        .collect()
+}
+
+/// A new workload on `host`, which belongs to no service yet.
+fn new_workload(snap: &Snapshot, name: &str, host: &str) -> Vec<Target> {
+    host_target(snap, host)
+        .into_iter()
+        .map(|h| match h {
+            Target::Host { site, .. } => Target::Workload {
+                name: name.to_string(),
+                site,
+                service: None,
+            },
+            other => other,
+        })
+        .collect()
+}
+
+fn service_target(name: &str) -> Vec<Target> {
+    ServiceName::new(name)
+        .map(Target::Service)
+        .into_iter()
         .collect()
 }
 
@@ -201,6 +257,9 @@ impl Operation for DrainHost {
     const ACTION: &'static str = "drain hosts";
     type Response = DrainView;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        host_target(snap, &self.host)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let host = host_id(&self.host)?;
         let progress = engine
@@ -222,6 +281,9 @@ impl Operation for PauseDrain {
     /// The host's maintenance as it now stands.
     type Response = Option<MaintenanceView>;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        host_target(snap, &self.host)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let host = host_id(&self.host)?;
         engine
@@ -247,6 +309,9 @@ impl Operation for UndrainHost {
     const ACTION: &'static str = "end host maintenance";
     type Response = Undrained;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        host_target(snap, &self.host)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let host = host_id(&self.host)?;
         engine
@@ -278,6 +343,9 @@ impl Operation for CreateVm {
     const ACTION: &'static str = "create VMs";
     type Response = VmSummary;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        new_workload(snap, &self.name, &self.host)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let spec = VmSpec {
             name: VmName::new(self.name).map_err(|e| e.to_string())?,
@@ -310,6 +378,9 @@ impl Operation for StartVm {
     const ACTION: &'static str = "start VMs";
     type Response = VmSummary;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let vm = engine
@@ -335,6 +406,9 @@ impl Operation for PowerVm {
     const ACTION: &'static str = "reboot, pause or resume VMs";
     type Response = VmSummary;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let action = self.action;
@@ -362,6 +436,9 @@ impl Operation for StopVm {
     const ACTION: &'static str = "stop VMs";
     type Response = VmSummary;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let force = self.force;
@@ -394,6 +471,9 @@ impl Operation for ConfigureVm {
     const ACTION: &'static str = "change VMs' resources";
     type Response = VmConfiguredView;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let (vcpus, memory_mib, autostart) = (self.vcpus, self.memory_mib, self.autostart);
@@ -428,6 +508,16 @@ impl Operation for CloneVm {
     const ACTION: &'static str = "clone VMs";
     type Response = VmClonedView;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        let mut targets = workload(snap, &self.vm);
+        let host = match (&self.to, snap.find_vm(&self.vm)) {
+            (Some(to), _) => to.clone(),
+            (None, Ok((host, _))) => host.to_string(),
+            (None, Err(_)) => return targets,
+        };
+        targets.extend(new_workload(snap, &self.name, &host));
+        targets
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let new_name = VmName::new(self.name).map_err(|e| e.to_string())?;
@@ -465,6 +555,9 @@ impl Operation for SnapshotVm {
     fn changes(&self) -> bool {
         self.action != SnapshotAction::List
     }
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let (action, snapshot) = (self.action, self.snapshot);
@@ -493,6 +586,9 @@ impl Operation for GuestExec {
     const ACTION: &'static str = "run commands in VMs";
     type Response = ExecOutput;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let (command, timeout_secs) = (self.command, self.timeout_secs);
@@ -523,6 +619,9 @@ impl Operation for DeleteVm {
     const ACTION: &'static str = "delete VMs";
     type Response = VmDeleted;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let name = found.name.clone();
@@ -559,6 +658,11 @@ impl Operation for MigrateVm {
     const ACTION: &'static str = "migrate VMs";
     type Response = MigrationView;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        let mut targets = workload(snap, &self.vm);
+        targets.extend(host_target(snap, &self.to));
+        targets
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let options = MigrationOptions {
             limit_mbps: self.limit_mbps,
@@ -658,6 +762,13 @@ impl Operation for CancelMigration {
     const ACTION: &'static str = "cancel migrations";
     type Response = MigrationView;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        snap.migrations
+            .iter()
+            .find(|m| m.id == self.id)
+            .map(|m| workload(snap, &format!("{}/{}", m.from, m.vm)))
+            .unwrap_or_default()
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let id = self.id;
         let journal = engine
@@ -825,6 +936,11 @@ impl Operation for SetAutoscale {
     const ACTION: &'static str = "set autoscaling";
     type Response = Option<AutoscaleSummary>;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        service_app(&self.target)
+            .map(|(service, _)| vec![Target::Service(service)])
+            .unwrap_or_default()
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (service, app) = service_app(&self.target)?;
         let metric_name = if self.metric.is_empty() {
@@ -867,6 +983,11 @@ impl Operation for RemoveAutoscale {
     const ACTION: &'static str = "remove autoscaling";
     type Response = AutoscaleRemoved;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        service_app(&self.target)
+            .map(|(service, _)| vec![Target::Service(service)])
+            .unwrap_or_default()
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (service, app) = service_app(&self.target)?;
         engine
@@ -1177,6 +1298,9 @@ impl Operation for DeployService {
     const ACTION: &'static str = "deploy services";
     type Response = ReportView;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        service_target(&self.name)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let name = service_name(&self.name)?;
         let overrides = parse_overrides(&self.place)?;
@@ -1204,6 +1328,9 @@ impl Operation for StartService {
     const ACTION: &'static str = "start services";
     type Response = ReportView;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        service_target(&self.name)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let name = service_name(&self.name)?;
         let report = engine
@@ -1224,6 +1351,9 @@ impl Operation for StopService {
     const ACTION: &'static str = "stop services";
     type Response = ReportView;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        service_target(&self.name)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let name = service_name(&self.name)?;
         let report = engine
@@ -1244,6 +1374,9 @@ impl Operation for DeleteService {
     const ACTION: &'static str = "delete services";
     type Response = ReportView;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        service_target(&self.name)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let name = service_name(&self.name)?;
         let report = engine
@@ -1267,6 +1400,11 @@ impl Operation for AdoptVm {
     const ACTION: &'static str = "adopt VMs into services";
     type Response = Adopted;
     changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        let mut targets = service_target(&self.name);
+        targets.extend(workload(snap, &self.vm));
+        targets
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let service = service_name(&self.name)?;
         let app = AppName::new(self.app).map_err(|e| e.to_string())?;
@@ -1302,6 +1440,9 @@ impl Operation for MoveService {
     const ACTION: &'static str = "move services";
     type Response = ServiceMoving;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        service_target(&self.name)
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let name = service_name(&self.name)?;
         let site = self.site;
@@ -1330,6 +1471,10 @@ pub struct AddOperator {
     pub name: String,
     /// `viewer`, `operator` or `admin`.
     pub role: String,
+    /// `service:NAME` or `site:NAME`: what their changes are limited to; none: everything
+    /// their role allows.
+    #[serde(default)]
+    pub scopes: Vec<String>,
     /// The certificate request for their key, PEM.
     pub csr_pem: String,
 }
@@ -1343,6 +1488,11 @@ impl Operation for AddOperator {
         let name = operator_name(&self.name)?;
         let role = crate::engine::operators::Role::parse(&self.role)
             .ok_or_else(|| format!("no role {:?}: viewer, operator or admin", self.role))?;
+        let scopes = self
+            .scopes
+            .iter()
+            .map(|s| crate::engine::operators::access::Scope::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
         let csr_der = pem::parse(&self.csr_pem)
             .ok()
             .filter(|p| p.tag() == "CERTIFICATE REQUEST")
@@ -1352,6 +1502,7 @@ impl Operation for AddOperator {
             .request(|reply| Command::AddOperator {
                 name,
                 role,
+                scopes,
                 csr_der,
                 reply,
             })
@@ -1420,6 +1571,88 @@ impl Operation for EngineInfo {
                 .map_or_else(|| "dunes".into(), |n| n.to_string_lossy().into_owned()),
             version: env!("CARGO_PKG_VERSION").to_string(),
             operator_address: engine.operator_address().map(|a| a.to_string()),
+        })
+    }
+}
+
+async fn audit_records(
+    engine: &EngineHandle,
+) -> Result<Vec<(u64, Result<crate::engine::audit::AuditRecord, String>)>, ApiError> {
+    let reader = engine
+        .request(|reply| Command::AuditReader { reply })
+        .await?;
+    tokio::task::spawn_blocking(move || reader.read_all())
+        .await
+        .map_err(|e| ApiError::invalid(format!("the audit read failed: {e}")))?
+        .map_err(|e| ApiError {
+            code: super::ApiErrorCode::Store,
+            message: format!(
+                "the audit log cannot be read: {}",
+                dunes_shared::error_chain(&e)
+            ),
+        })
+}
+
+/// The audit log: one line per request, with its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListAudit {
+    /// Only what was asked in the last this many seconds.
+    #[serde(default)]
+    pub since_secs: Option<u64>,
+    /// Only what this operator (or `local`) asked.
+    #[serde(default)]
+    pub operator: Option<String>,
+}
+
+impl Operation for ListAudit {
+    const NAME: &'static str = "audit";
+    const ACTION: &'static str = "read the audit log";
+    type Response = Vec<AuditView>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let records: Vec<_> = audit_records(engine)
+            .await?
+            .into_iter()
+            .filter_map(|(_, r)| r.ok())
+            .collect();
+        let now_ms = crate::engine::snapshot::unix_ms(std::time::SystemTime::now());
+        let since_ms = self
+            .since_secs
+            .map_or(0, |s| now_ms.saturating_sub(s.saturating_mul(1000)));
+        Ok(AuditView::join(&records)
+            .into_iter()
+            .filter(|v| v.time_ms >= since_ms)
+            .filter(|v| self.operator.as_ref().is_none_or(|o| &v.operator == o))
+            .collect())
+    }
+}
+
+/// Checks the audit log's chain from its first record to its last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyAudit {}
+
+impl Operation for VerifyAudit {
+    const NAME: &'static str = "audit-verify";
+    const ACTION: &'static str = "check the audit log";
+    type Response = AuditCheck;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        use crate::engine::audit::Verdict;
+        let records = audit_records(engine).await?;
+        let total = records.len() as u64;
+        Ok(match crate::engine::audit::chain::verify(records) {
+            Verdict::Intact { records } => AuditCheck {
+                records,
+                intact: true,
+                first_bad: None,
+                problem: None,
+            },
+            Verdict::Broken { seq, problem } => AuditCheck {
+                records: total,
+                intact: false,
+                first_bad: Some(seq),
+                problem: Some(problem),
+            },
         })
     }
 }

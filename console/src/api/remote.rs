@@ -55,6 +55,9 @@ pub struct Welcome {
     pub version: String,
     pub operator: OperatorName,
     pub role: String,
+    /// What their changes are limited to (`service:shop`); empty: everything.
+    #[serde(default)]
+    pub scopes: Vec<String>,
     #[serde(default)]
     pub features: Vec<String>,
 }
@@ -85,9 +88,23 @@ pub struct Caller {
     pub name: OperatorName,
     pub fingerprint: Fingerprint,
     pub role: Role,
+    pub scopes: Vec<access::Scope>,
 }
 
 impl Caller {
+    pub(super) fn check_scope(
+        &self,
+        action: &str,
+        targets: &[access::Target],
+    ) -> Result<(), ApiError> {
+        access::check_scope(&self.name, self.role, &self.scopes, action, targets).map_err(
+            |message| ApiError {
+                code: ApiErrorCode::Forbidden,
+                message,
+            },
+        )
+    }
+
     pub(super) fn check(
         &self,
         operation: &str,
@@ -218,11 +235,13 @@ async fn session(
             Err(e) => Err(ApiError::invalid(format!("the hello does not parse: {e}"))),
             Ok(_hello) => peer_operator(&conn, engine.ca_der())
                 .and_then(|(name, fingerprint)| {
-                    let role = access::admit(&engine.operators().borrow(), &name, &fingerprint)?;
+                    let (role, scopes) =
+                        access::admit(&engine.operators().borrow(), &name, &fingerprint)?;
                     Ok(Caller {
                         name,
                         fingerprint,
                         role,
+                        scopes,
                     })
                 })
                 .map_err(|message| ApiError {
@@ -237,6 +256,7 @@ async fn session(
                     version: env!("CARGO_PKG_VERSION").to_string(),
                     operator: caller.name.clone(),
                     role: caller.role.as_str().to_string(),
+                    scopes: caller.scopes.iter().map(|s| s.to_string()).collect(),
                     features: Vec::new(),
                 }),
                 error: None,

@@ -1073,6 +1073,72 @@ pub struct WhatIfView {
     pub fits: bool,
 }
 
+/// One request in the audit log, with its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditView {
+    /// The number of its first record.
+    pub seq: u64,
+    pub time: String,
+    pub time_ms: u64,
+    /// Who asked: an operator's name, or `local`.
+    pub operator: String,
+    pub fingerprint: Option<String>,
+    pub operation: String,
+    pub target: String,
+    /// The request's fields as JSON, secrets left out.
+    pub parameters: String,
+    /// `ok`, `failed: …`, `refused: …`, or `unknown` when no outcome was recorded.
+    pub outcome: String,
+    pub duration_ms: Option<u64>,
+}
+
+impl AuditView {
+    /// One line per request: a request's record joined with the record of its outcome.
+    pub fn join(records: &[crate::engine::audit::AuditRecord]) -> Vec<AuditView> {
+        let outcomes: std::collections::BTreeMap<u64, &crate::engine::audit::AuditEntry> = records
+            .iter()
+            .filter_map(|r| r.entry.request.map(|of| (of, &r.entry)))
+            .collect();
+        records
+            .iter()
+            .filter(|r| r.entry.request.is_none())
+            .map(|r| {
+                let e = &r.entry;
+                let outcome = match (e.outcome.as_str(), outcomes.get(&r.seq)) {
+                    ("started", Some(done)) => Some(*done),
+                    _ => None,
+                };
+                AuditView {
+                    seq: r.seq,
+                    time: rfc3339_ms(e.time_ms),
+                    time_ms: e.time_ms,
+                    operator: e.operator.clone(),
+                    fingerprint: e.fingerprint.clone(),
+                    operation: e.operation.clone(),
+                    target: e.target.clone(),
+                    parameters: e.parameters.clone(),
+                    outcome: match (e.outcome.as_str(), outcome) {
+                        (_, Some(done)) => done.outcome.clone(),
+                        ("started", None) => "unknown: no outcome was recorded".into(),
+                        (other, None) => other.to_string(),
+                    },
+                    duration_ms: outcome.and_then(|done| done.duration_ms),
+                }
+            })
+            .collect()
+    }
+}
+
+/// What a check of the audit log's chain found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditCheck {
+    pub records: u64,
+    pub intact: bool,
+    /// The first record that is not what the chain says.
+    pub first_bad: Option<u64>,
+    pub problem: Option<String>,
+}
+
 /// Which engine answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineInfoView {
@@ -1087,6 +1153,9 @@ pub struct EngineInfoView {
 pub struct OperatorView {
     pub name: dunes_shared::model::OperatorName,
     pub role: String,
+    /// What their changes are limited to (`service:shop`, `site:geneva`); empty: everything
+    /// their role allows.
+    pub scopes: Vec<String>,
     /// Of their key (`sha256:…`).
     pub fingerprint: String,
     pub added: String,
@@ -1099,6 +1168,7 @@ impl From<&crate::engine::operators::OperatorRecord> for OperatorView {
         OperatorView {
             name: r.name.clone(),
             role: r.role.as_str().to_string(),
+            scopes: r.scopes.iter().map(|s| s.to_string()).collect(),
             fingerprint: r.fingerprint.to_string(),
             added: rfc3339_ms(r.added_ms),
             revoked: r.revoked_ms.map(rfc3339_ms),

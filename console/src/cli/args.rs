@@ -103,6 +103,9 @@ pub enum CtlCommand {
     /// Scale an application of a service out and in on its instances' mean CPU.
     #[command(subcommand)]
     Autoscale(AutoscaleCommand),
+    /// The audit log: every change asked of the engine and every refusal, who asked and
+    /// what came of it; `audit verify` checks that no record was changed or removed.
+    Audit(AuditArgs),
     /// Operators: who may drive this engine from elsewhere, and with which role.
     #[command(subcommand)]
     Operator(OperatorCommand),
@@ -161,6 +164,27 @@ pub enum AutoscaleCommand {
     Remove { target: String },
 }
 
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: Option<AuditCommand>,
+    /// Only the last 90s, 10m, 6h, 7d.
+    #[arg(long, value_parser = parse_span_secs)]
+    pub since: Option<u64>,
+    /// Only what this operator (or `local`, the control socket) asked.
+    #[arg(long)]
+    pub operator: Option<String>,
+    /// One JSON object per line, for export.
+    #[arg(long)]
+    pub jsonl: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the chain of records; names the first that was changed or removed (exit 1).
+    Verify,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum OperatorCommand {
     /// Add an operator and write their credential file (their key, their certificate, the
@@ -169,6 +193,10 @@ pub enum OperatorCommand {
         name: String,
         #[arg(long, value_parser = ["viewer", "operator", "admin"])]
         role: String,
+        /// Limit their changes to a service's instances (service:NAME) or to what runs on
+        /// a site's hosts (site:NAME); repeat for more. Reads are not limited.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
         /// Where to write the credential; it must not exist.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,

@@ -131,6 +131,7 @@ async fn run(client: &EngineClient, command: &CtlCommand, out: Output) -> anyhow
         )?,
         CtlCommand::Autoscale(command) => run_autoscale(client, command, out).await?,
         CtlCommand::Operator(command) => run_operator(client, command, out).await?,
+        CtlCommand::Audit(args) => return run_audit(client, args, out).await,
         CtlCommand::Stats {
             subject,
             since,
@@ -579,6 +580,7 @@ async fn run_operator(
         OperatorCommand::Add {
             name,
             role,
+            scopes,
             out: file,
             address,
         } => {
@@ -600,6 +602,7 @@ async fn run_operator(
                 .add_operator(ops::AddOperator {
                     name: name.clone(),
                     role: role.clone(),
+                    scopes: scopes.clone(),
                     csr_pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
                 })
                 .await?;
@@ -653,4 +656,37 @@ async fn engine_address(client: &EngineClient) -> anyhow::Result<String> {
         ),
         _ => Ok(listening),
     }
+}
+
+async fn run_audit(
+    client: &EngineClient,
+    args: &AuditArgs,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    if let Some(AuditCommand::Verify) = args.command {
+        let check = client.verify_audit(ops::VerifyAudit {}).await?;
+        out.show(&check, |c| match &c.problem {
+            None => format!("the audit log's {} records are intact\n", c.records),
+            Some(problem) => format!("the audit log is broken: {problem}\n"),
+        })?;
+        return Ok(if check.intact {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    let lines = client
+        .audit(ops::ListAudit {
+            since_secs: args.since,
+            operator: args.operator.clone(),
+        })
+        .await?;
+    if args.jsonl {
+        for line in &lines {
+            println!("{}", serde_json::to_string(line)?);
+        }
+    } else {
+        out.show(&lines, |l| render::audit(l))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -416,15 +416,39 @@ pub fn services(list: &[ServiceSummary]) -> String {
 
 pub fn operators(list: &[OperatorView]) -> String {
     table(
-        &["NAME", "ROLE", "ADDED", "REVOKED", "KEY"],
+        &["NAME", "ROLE", "SCOPE", "ADDED", "REVOKED", "KEY"],
         list.iter()
             .map(|o| {
                 vec![
                     o.name.to_string(),
                     o.role.clone(),
+                    if o.scopes.is_empty() {
+                        "-".into()
+                    } else {
+                        o.scopes.join(",")
+                    },
                     o.added.clone(),
                     or_dash(o.revoked.as_ref()),
                     o.fingerprint.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn audit(lines: &[AuditView]) -> String {
+    table(
+        &["TIME", "OPERATOR", "OPERATION", "TARGET", "OUTCOME", "MS"],
+        lines
+            .iter()
+            .map(|l| {
+                vec![
+                    l.time.clone(),
+                    l.operator.clone(),
+                    l.operation.clone(),
+                    l.target.clone(),
+                    l.outcome.clone(),
+                    or_dash(l.duration_ms),
                 ]
             })
             .collect(),

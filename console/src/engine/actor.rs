@@ -62,6 +62,7 @@ pub(super) enum Internal {
 pub(super) struct Actor {
     pub(super) store: Store,
     pub(super) operators: super::operators::OperatorsState,
+    pub(super) audit: super::audit::AuditState,
     pub(super) pki: Arc<ConsolePki>,
     pub(super) endpoint: quinn::Endpoint,
     /// What every link task gets; its client setup follows console certificate renewals.

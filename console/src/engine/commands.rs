@@ -366,10 +366,15 @@ impl Actor {
             Command::AddOperator {
                 name,
                 role,
+                scopes,
                 csr_der,
                 reply,
-            } => self.add_operator(name, role, csr_der, reply),
+            } => self.add_operator(name, (role, scopes), csr_der, reply),
             Command::RevokeOperator { name, reply } => self.revoke_operator(name, reply),
+            Command::Audit { entry, reply } => self.append_audit(entry, reply),
+            Command::AuditReader { reply } => {
+                let _ = reply.send(Ok(self.audit_reader()));
+            }
             Command::AutoscaleShow { reply } => {
                 let _ = reply.send(Ok(self.autoscale_views()));
             }

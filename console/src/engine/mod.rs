@@ -4,6 +4,7 @@
 
 mod actor;
 pub mod app_metrics;
+pub mod audit;
 pub mod autoscale;
 pub mod capacity;
 pub mod client;
@@ -343,8 +344,18 @@ pub enum Command {
     AddOperator {
         name: dunes_shared::model::OperatorName,
         role: operators::Role,
+        scopes: Vec<operators::access::Scope>,
         csr_der: Vec<u8>,
         reply: Reply<operators::OperatorIssued>,
+    },
+    /// Appends a record to the audit log; answered with its number once committed.
+    Audit {
+        entry: audit::AuditEntry,
+        reply: Reply<u64>,
+    },
+    /// A reader of the audit log as committed.
+    AuditReader {
+        reply: Reply<Arc<store::AuditReader>>,
     },
     /// Ends an operator's sessions and refuses their certificate from now on.
     RevokeOperator {
@@ -573,6 +584,7 @@ pub async fn start_with(
     let repaint: Repaint = Arc::new(Mutex::new(None));
     let next_seq = loaded.events.last().map_or(0, |e| e.seq + 1);
     let (operators, operators_rx) = operators::OperatorsState::new(loaded.operators);
+    let audit = audit::AuditState::new(loaded.audit_last);
     let ca_der = pki.ca.cert_der().clone();
     let loaded_upgrade = loaded.upgraded_from;
     let mut actor = Actor {
@@ -619,6 +631,7 @@ pub async fn start_with(
         generated_until_secs: None,
         published_drains: Arc::new(Vec::new()),
         operators,
+        audit,
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
     for (host, vm) in loaded.vms {

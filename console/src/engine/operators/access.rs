@@ -1,7 +1,10 @@
 //! Who may do what: roles, and the check every request of an operator passes before it
 //! runs. Pure: no I/O.
 
-use dunes_shared::{model::OperatorName, pki::Fingerprint};
+use dunes_shared::{
+    model::{OperatorName, ServiceName},
+    pki::Fingerprint,
+};
 use serde::{Deserialize, Serialize};
 
 /// What an operator may do.
@@ -32,6 +35,121 @@ impl Role {
             "admin" => Some(Role::Admin),
             _ => None,
         }
+    }
+}
+
+/// What a scoped operator's changes are limited to: a service's instances and the service
+/// itself, or what runs on a site's hosts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Service(ServiceName),
+    Site(String),
+}
+
+impl Scope {
+    /// `service:NAME` or `site:NAME`.
+    pub fn parse(text: &str) -> Result<Scope, String> {
+        let bad = || format!("scope {text:?}: write service:NAME or site:NAME");
+        let (kind, name) = text.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "service" => Ok(Scope::Service(
+                ServiceName::new(name).map_err(|e| format!("scope {text:?}: {e}"))?,
+            )),
+            "site" if !name.is_empty() => Ok(Scope::Site(name.to_string())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Service(name) => write!(f, "service:{name}"),
+            Scope::Site(name) => write!(f, "site:{name}"),
+        }
+    }
+}
+
+/// What a change touches, for the scope check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The fleet as a whole (operators, definitions): no scope covers it.
+    Fleet,
+    /// A service, as a whole.
+    Service(ServiceName),
+    /// A VM or process: on a site, an instance of a service or not.
+    Workload {
+        name: String,
+        site: String,
+        service: Option<ServiceName>,
+    },
+    /// A host, on a site.
+    Host { name: String, site: String },
+}
+
+impl Target {
+    fn covered_by(&self, scope: &Scope) -> bool {
+        match (self, scope) {
+            (Target::Service(s), Scope::Service(allowed)) => s == allowed,
+            (Target::Workload { site, .. }, Scope::Site(allowed))
+            | (Target::Host { site, .. }, Scope::Site(allowed)) => site == allowed,
+            (Target::Workload { service, .. }, Scope::Service(allowed)) => {
+                service.as_ref() == Some(allowed)
+            }
+            _ => false,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Fleet => "the fleet as a whole".into(),
+            Target::Service(name) => format!("service {name}"),
+            Target::Workload { name, .. } => name.clone(),
+            Target::Host { name, .. } => format!("host {name}"),
+        }
+    }
+}
+
+/// What a request touches, in words for the audit log.
+pub fn describe_targets(targets: &[Target]) -> String {
+    if targets.is_empty() {
+        return "-".into();
+    }
+    targets
+        .iter()
+        .map(Target::describe)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether an operator limited to `scopes` may change every one of `targets`; an operator
+/// without scopes may change anything their role allows.
+pub fn check_scope(
+    operator: &OperatorName,
+    role: Role,
+    scopes: &[Scope],
+    action: &str,
+    targets: &[Target],
+) -> Result<(), String> {
+    if scopes.is_empty() {
+        return Ok(());
+    }
+    match targets
+        .iter()
+        .find(|t| !scopes.iter().any(|s| t.covered_by(s)))
+    {
+        None => Ok(()),
+        Some(outside) => Err(format!(
+            "{} {operator} may not {action} on {}: outside {}",
+            role.as_str(),
+            outside.describe(),
+            scopes
+                .iter()
+                .map(Scope::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
 }
 
@@ -82,6 +200,9 @@ pub fn check(
 pub struct OperatorRecord {
     pub name: OperatorName,
     pub role: Role,
+    /// What their changes are limited to; none: everything their role allows.
+    #[serde(default)]
+    pub scopes: Vec<Scope>,
     /// The key of their certificate: a certificate for another key does not let them in.
     pub fingerprint: Fingerprint,
     pub added_ms: u64,
@@ -96,12 +217,12 @@ impl OperatorRecord {
     }
 }
 
-/// Why an operator's session is refused at its hello, if it is.
+/// Why an operator's session is refused at its hello, if it is; else their role and scopes.
 pub fn admit(
     records: &[OperatorRecord],
     name: &OperatorName,
     fingerprint: &Fingerprint,
-) -> Result<Role, String> {
+) -> Result<(Role, Vec<Scope>), String> {
     let record = records
         .iter()
         .find(|r| &r.name == name)
@@ -114,7 +235,7 @@ pub fn admit(
             "operator {name} presents another key than the one they were given"
         ));
     }
-    Ok(record.role)
+    Ok((record.role, record.scopes.clone()))
 }
 
 #[cfg(test)]
@@ -146,16 +267,114 @@ mod tests {
     }
 
     #[test]
+    fn a_scope_limits_changes_to_its_service_or_site() {
+        let olga = name("olga");
+        let shop = ServiceName::new("shop").unwrap();
+        let scopes = [Scope::parse("service:shop").unwrap()];
+        let instance = Target::Workload {
+            name: "shop-web-0".into(),
+            site: "geneva".into(),
+            service: Some(shop.clone()),
+        };
+        let other = Target::Workload {
+            name: "wiki".into(),
+            site: "geneva".into(),
+            service: None,
+        };
+        assert!(
+            check_scope(
+                &olga,
+                Role::Operator,
+                &scopes,
+                "stop VMs",
+                std::slice::from_ref(&instance)
+            )
+            .is_ok()
+        );
+        assert!(
+            check_scope(
+                &olga,
+                Role::Operator,
+                &scopes,
+                "deploy services",
+                &[Target::Service(shop)]
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            check_scope(
+                &olga,
+                Role::Operator,
+                &scopes,
+                "stop VMs",
+                std::slice::from_ref(&other)
+            )
+            .unwrap_err(),
+            "operator olga may not stop VMs on wiki: outside service:shop"
+        );
+        // A site scope covers what runs there and its hosts; both ends of a move count.
+        let geneva = [Scope::parse("site:geneva").unwrap()];
+        assert!(
+            check_scope(
+                &olga,
+                Role::Operator,
+                &geneva,
+                "stop VMs",
+                std::slice::from_ref(&other)
+            )
+            .is_ok()
+        );
+        let lausanne_host = Target::Host {
+            name: "lsn-1".into(),
+            site: "lausanne".into(),
+        };
+        assert!(
+            check_scope(
+                &olga,
+                Role::Operator,
+                &geneva,
+                "migrate VMs",
+                &[other, lausanne_host]
+            )
+            .unwrap_err()
+            .contains("on host lsn-1: outside site:geneva")
+        );
+        assert!(
+            check_scope(
+                &olga,
+                Role::Admin,
+                &geneva,
+                "add operators",
+                &[Target::Fleet]
+            )
+            .is_err()
+        );
+        // No scope: anything the role allows.
+        assert!(check_scope(&olga, Role::Admin, &[], "add operators", &[Target::Fleet]).is_ok());
+        for bad in ["shop", "service:", "pool:x", "site:", "service:Bad Name"] {
+            assert!(Scope::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Scope::parse("site:geneva").unwrap().to_string(),
+            "site:geneva"
+        );
+    }
+
+    #[test]
     fn a_session_is_admitted_for_an_active_operator_with_their_key() {
         let key = Fingerprint([1; 32]);
         let mut records = vec![OperatorRecord {
             name: name("bob"),
             role: Role::Viewer,
+            scopes: Vec::new(),
             fingerprint: key,
             added_ms: 1,
             revoked_ms: None,
         }];
-        assert_eq!(admit(&records, &name("bob"), &key), Ok(Role::Viewer));
+        assert_eq!(
+            admit(&records, &name("bob"), &key),
+            Ok((Role::Viewer, Vec::new()))
+        );
         assert!(
             admit(&records, &name("bob"), &Fingerprint([2; 32]))
                 .unwrap_err()

@@ -49,7 +49,7 @@ impl Actor {
     pub(in crate::engine) fn add_operator(
         &mut self,
         name: OperatorName,
-        role: Role,
+        (role, scopes): (Role, Vec<access::Scope>),
         csr_der: Vec<u8>,
         reply: Reply<OperatorIssued>,
     ) {
@@ -86,16 +86,30 @@ impl Actor {
         let record = OperatorRecord {
             name: name.clone(),
             role,
+            scopes,
             fingerprint,
             added_ms: unix_ms(std::time::SystemTime::now()),
             revoked_ms: None,
         };
         self.operators.records.insert(name.clone(), record.clone());
         self.store.put_operator(&record);
+        let limited = if record.scopes.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " limited to {}",
+                record
+                    .scopes
+                    .iter()
+                    .map(access::Scope::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
         self.log(
             Level::Info,
             None,
-            format!("operator {name} added as {}", role.as_str()),
+            format!("operator {name} added as {}{limited}", role.as_str()),
         );
         let issued = OperatorIssued {
             record,

@@ -52,6 +52,9 @@ const DEPARTED: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("depa
 /// Operators, by name: their role and key; a revoked one stays, marked (a table an older
 /// console ignores).
 const OPERATORS: TableDefinition<&str, &[u8]> = TableDefinition::new("operators");
+/// The audit log, by sequence number from 1: appended to, never rewritten (a table an
+/// older console ignores).
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// How long a departed workload is remembered: as long as its hourly series.
 const DEPARTED_KEPT_SECS: u64 = 366 * 86_400;
 
@@ -169,6 +172,8 @@ pub struct Loaded {
     pub migrations: Vec<crate::engine::migration::MigrationJournal>,
     pub autoscale: Vec<AutoscaleRecord>,
     pub operators: Vec<crate::engine::operators::OperatorRecord>,
+    /// The audit log's last record, which the next one follows.
+    pub audit_last: Option<crate::engine::audit::AuditRecord>,
     /// What each time series had open at the last flush.
     pub stats_open: Vec<crate::engine::stats::OpenState>,
     /// The schema the file had before this open upgraded it, if it did.
@@ -314,6 +319,7 @@ enum Op {
     Stats(crate::engine::stats::StatsWrite),
     PutAutoscale(Box<AutoscaleRecord>),
     PutOperator(Box<crate::engine::operators::OperatorRecord>),
+    PutAudit(Box<crate::engine::audit::AuditRecord>),
     DeleteAutoscale(String),
     PutDeparted(Box<DepartedRecord>),
 }
@@ -379,6 +385,36 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Reads the audit log off the engine's thread.
+#[derive(Debug)]
+pub struct AuditReader {
+    db: Arc<Database>,
+    written: (Arc<Committed>, u64),
+}
+
+impl AuditReader {
+    /// Every record by its key, each decoded or with why it does not; blocking.
+    #[allow(clippy::type_complexity)]
+    pub fn read_all(
+        &self,
+    ) -> Result<Vec<(u64, Result<crate::engine::audit::AuditRecord, String>)>, StoreError> {
+        self.written
+            .0
+            .wait_through(self.written.1, std::time::Duration::from_secs(10));
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            out.push((
+                k.value(),
+                decode::<crate::engine::audit::AuditRecord>(v.value()).map_err(|e| e.to_string()),
+            ));
+        }
+        Ok(out)
+    }
+}
+
 fn vm_key(host: &HostId, vm: &VmName) -> String {
     format!("{host}/{vm}")
 }
@@ -433,6 +469,19 @@ impl Store {
         self.pending
             .push(Op::PutAutoscale(Box::new(record.clone())));
     }
+    pub fn put_audit(&mut self, record: &crate::engine::audit::AuditRecord) {
+        self.pending.push(Op::PutAudit(Box::new(record.clone())));
+    }
+
+    /// Reads the audit log as committed, once what was handed out before is written.
+    pub fn audit_reader(&self) -> AuditReader {
+        let unsent = !self.pending.is_empty() || !self.acks.is_empty();
+        AuditReader {
+            db: self.db.clone(),
+            written: (self.committed.clone(), self.submitted + u64::from(unsent)),
+        }
+    }
+
     pub fn put_operator(&mut self, record: &crate::engine::operators::OperatorRecord) {
         self.pending.push(Op::PutOperator(Box::new(record.clone())));
     }
@@ -567,6 +616,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(stats::STATS)?;
     tx.open_table(AUTOSCALE)?;
     tx.open_table(OPERATORS)?;
+    tx.open_table(AUDIT)?;
     let now_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -683,6 +733,18 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping autoscaling {}: {}", k.value(), error_chain(&e)),
         }
     }
+    if let Some(last) = tx.open_table(AUDIT)?.last()? {
+        // A last record that does not decode is the checker's to report; the chain goes on
+        // from what reads.
+        match decode::<crate::engine::audit::AuditRecord>(last.1.value()) {
+            Ok(record) => loaded.audit_last = Some(record),
+            Err(e) => tracing::error!(
+                "the audit log's last record {} does not decode: {}",
+                last.0.value(),
+                error_chain(&e)
+            ),
+        }
+    }
     for item in tx.open_table(OPERATORS)?.iter()? {
         let (k, v) = item?;
         match decode::<crate::engine::operators::OperatorRecord>(v.value()) {
@@ -753,8 +815,12 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut autoscale = tx.open_table(AUTOSCALE)?;
         let mut departed = tx.open_table(DEPARTED)?;
         let mut operators = tx.open_table(OPERATORS)?;
+        let mut audit = tx.open_table(AUDIT)?;
         for op in ops {
             match op {
+                Op::PutAudit(record) => {
+                    audit.insert(record.seq, encode(record)?.as_slice())?;
+                }
                 Op::PutOperator(record) => {
                     operators.insert(record.name.as_str(), encode(record)?.as_slice())?;
                 }
