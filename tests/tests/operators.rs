@@ -357,3 +357,89 @@ fn revocation_ends_a_live_session_and_foreign_certificates_are_refused() {
     assert!(line.contains("chmod 600") && !line.contains('\n'), "{line}");
     let _: Value = json(&ctl(&data, &["--json", "hosts"]));
 }
+
+/// Operator certificates are short-lived and renewed over the operator's own session, as
+/// the hosts' are over theirs.
+#[test]
+fn an_operator_certificate_is_renewed_before_it_expires() {
+    use dunes_console::{
+        api::{EngineClient, ops},
+        engine::{EngineOptions, start_with},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let engine = start_with(
+            &dir.path().join("console"),
+            EngineOptions {
+                cert_lifetime: Duration::from_secs(12),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let endpoint =
+            dunes_console::api::remote::serve(engine.clone(), "127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+        let local = EngineClient::InProcess(engine.clone());
+        let name = OperatorName::new("rita").unwrap();
+        let key_pem = pki::generate_key_pem().unwrap();
+        let csr = pki::operator_csr(&key_pem, &name).unwrap();
+        let issued = local
+            .add_operator(ops::AddOperator {
+                name: "rita".into(),
+                role: "viewer".into(),
+                scopes: Vec::new(),
+                csr_pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
+            })
+            .await
+            .unwrap();
+        let file = dir.path().join("rita.toml");
+        let mut credential = Credential {
+            operator: name,
+            engine: endpoint.address.to_string(),
+            key_pem,
+            certificate_pem: issued.certificate_pem.clone(),
+            ca_pem: issued.ca_pem,
+        };
+        credential.write(&file).unwrap();
+        let first = credential.clone();
+        let session = RemoteEngine::connect(&credential).await.unwrap();
+        // Not due yet; then due at two thirds of its 12 s.
+        assert!(!session.renew_if_due(&mut credential, &file).await.unwrap());
+        let due = credential.renew_at().unwrap();
+        while std::time::SystemTime::now() < due {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(session.renew_if_due(&mut credential, &file).await.unwrap());
+        assert_ne!(credential.certificate_pem, issued.certificate_pem);
+        assert!(credential.renew_at().unwrap() > due);
+        let written = Credential::load(&file).unwrap();
+        assert_eq!(written, credential);
+        // The renewed certificate opens a session, as the same operator with the same key.
+        let again = RemoteEngine::connect(&written).await.unwrap();
+        assert_eq!(again.welcome.operator.as_str(), "rita");
+        // A credential left unrenewed says so once it has expired.
+        let expires = pki::cert_validity(&first.identity().unwrap().cert_der)
+            .unwrap()
+            .expires;
+        while std::time::SystemTime::now() <= expires {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let err = RemoteEngine::connect(&first).await.unwrap_err();
+        assert!(err.to_string().contains("certificate expired on"), "{err}");
+        // The local administrator has no certificate of their own to renew.
+        let err = local
+            .renew_operator(ops::RenewOperator {
+                csr_pem: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("over their own session"), "{err}");
+    });
+}

@@ -93,6 +93,11 @@ impl Credential {
         })
     }
 
+    /// When its certificate is due for renewal: two thirds into its life.
+    pub fn renew_at(&self) -> Result<std::time::SystemTime, pki::PkiError> {
+        Ok(pki::cert_validity(&self.identity()?.cert_der)?.renew_at())
+    }
+
     pub fn ca_der(&self) -> Result<CertificateDer<'static>, pki::PkiError> {
         Ok(CertificateDer::from(der_of(&self.ca_pem, "the CA")?))
     }

@@ -43,6 +43,17 @@ pub trait Operation: Serialize + DeserializeOwned + Send + 'static {
         self,
         engine: &EngineHandle,
     ) -> impl Future<Output = Result<Self::Response, ApiError>> + Send;
+
+    /// Runs it for `caller` (`None`: the local administrator); only an operation about the
+    /// caller themself needs to know who that is.
+    fn execute_as(
+        self,
+        engine: &EngineHandle,
+        caller: Option<&remote::Caller>,
+    ) -> impl Future<Output = Result<Self::Response, ApiError>> + Send {
+        let _ = caller;
+        self.execute(engine)
+    }
 }
 
 /// Why a request failed: a code a program can act on, and a sentence for a person.
@@ -240,7 +251,7 @@ pub(crate) async fn run_checked<O: Operation>(
         None => Ok(()),
     };
     if !changes && permitted.is_ok() {
-        return request.execute(engine).await;
+        return request.execute_as(engine, caller).await;
     }
     let target = access::describe_targets(&request.targets(&engine.snapshot()));
     let parameters = audited_parameters(&request);
@@ -282,7 +293,7 @@ pub(crate) async fn run_checked<O: Operation>(
             ),
         })?;
     let started = std::time::Instant::now();
-    let result = request.execute(engine).await;
+    let result = request.execute_as(engine, caller).await;
     let outcome = match &result {
         Ok(_) => "ok".to_string(),
         Err(e) => format!("failed: {}", e.message),
@@ -379,6 +390,7 @@ operations! {
     add_operator => AddOperator,
     operators => ListOperators,
     revoke_operator => RevokeOperator,
+    renew_operator => RenewOperator,
     engine_info => EngineInfo,
     audit => ListAudit,
     verify_audit => VerifyAudit,

@@ -1656,3 +1656,53 @@ impl Operation for VerifyAudit {
         })
     }
 }
+
+/// A fresh certificate for the calling operator's own key, before theirs expires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewOperator {
+    /// A certificate request for the key they hold, PEM.
+    pub csr_pem: String,
+}
+
+impl Operation for RenewOperator {
+    const NAME: &'static str = "operator-renew";
+    const ACTION: &'static str = "renew their certificate";
+    type Response = OperatorIssuedView;
+    changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        // Their own certificate: no scope is needed for it.
+        Vec::new()
+    }
+    async fn execute(self, _engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        Err(ApiError::invalid(
+            "a certificate is renewed by its operator, over their own session",
+        ))
+    }
+    async fn execute_as(
+        self,
+        engine: &EngineHandle,
+        caller: Option<&super::remote::Caller>,
+    ) -> Result<Self::Response, ApiError> {
+        let Some(caller) = caller else {
+            return self.execute(engine).await;
+        };
+        let name = caller.name.clone();
+        let csr_der = pem::parse(&self.csr_pem)
+            .ok()
+            .filter(|p| p.tag() == "CERTIFICATE REQUEST")
+            .ok_or("the certificate request is not a PEM CERTIFICATE REQUEST")?
+            .into_contents();
+        let issued = engine
+            .request(|reply| Command::RenewOperator {
+                name,
+                csr_der,
+                reply,
+            })
+            .await?;
+        Ok(OperatorIssuedView {
+            operator: OperatorView::from(&issued.record),
+            certificate_pem: pem::encode(&pem::Pem::new("CERTIFICATE", issued.cert_der)),
+            ca_pem: pem::encode(&pem::Pem::new("CERTIFICATE", issued.ca_der)),
+        })
+    }
+}

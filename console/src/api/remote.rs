@@ -361,6 +361,10 @@ pub enum ConnectError {
     Unreachable { address: String, message: String },
     #[error("the engine at {address} refused: {message}")]
     Refused { address: String, message: String },
+    #[error(
+        "the credential's certificate expired on {0}; an admin revokes the operator and adds them again for a new one"
+    )]
+    Expired(String),
 }
 
 impl RemoteEngine {
@@ -373,6 +377,12 @@ impl RemoteEngine {
             .and_then(|mut a| a.next())
             .ok_or_else(|| ConnectError::Resolve(address.clone()))?;
         let identity = credential.identity()?;
+        let expires = pki::cert_validity(&identity.cert_der)?.expires;
+        if expires <= std::time::SystemTime::now() {
+            return Err(ConnectError::Expired(crate::engine::snapshot::rfc3339(
+                expires,
+            )));
+        }
         let tls = pki::operator_client_config(&credential.ca_der()?, &identity)?;
         let config = pki::quic_client_config(tls)?;
         let bind: SocketAddr = if resolved.is_ipv6() {
@@ -463,6 +473,44 @@ impl RemoteEngine {
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| lost("no answer in time".into()))?
+    }
+
+    /// Renews the credential's certificate over this session when it is two thirds into its
+    /// life, and writes the credential back to `path`; answers whether it did.
+    pub async fn renew_if_due(
+        &self,
+        credential: &mut Credential,
+        path: &std::path::Path,
+    ) -> Result<bool, ApiError> {
+        let due = credential
+            .renew_at()
+            .map_err(|e| ApiError::invalid(format!("the credential's certificate: {e}")))?;
+        if std::time::SystemTime::now() < due {
+            return Ok(false);
+        }
+        let csr = pki::operator_csr(&credential.key_pem, &credential.operator)
+            .map_err(|e| ApiError::invalid(format!("cannot make a certificate request: {e}")))?;
+        let request = super::ops::RenewOperator {
+            csr_pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
+        };
+        let answer = self
+            .exchange(&Envelope::new(&request)?, Duration::from_secs(60))
+            .await?;
+        let issued: super::views::OperatorIssuedView = match answer {
+            Answer { ok: true, data, .. } => serde_json::from_value(data.unwrap_or_default())
+                .map_err(|e| {
+                    ApiError::invalid(format!("the renewal's answer does not parse: {e}"))
+                })?,
+            Answer { error, .. } => {
+                return Err(error.unwrap_or_else(|| ApiError::invalid("renewal refused")));
+            }
+        };
+        credential.certificate_pem = issued.certificate_pem;
+        credential.ca_pem = issued.ca_pem;
+        credential
+            .write(path)
+            .map_err(|e| ApiError::invalid(dunes_shared::error_chain(&e)))?;
+        Ok(true)
     }
 
     /// Resolves once the session ends, with why.

@@ -23,8 +23,20 @@ pub(super) fn run_ctl(data_dir: Option<PathBuf>, args: CtlArgs) -> anyhow::Resul
     runtime.block_on(async {
         let client = match &args.connect {
             Some(file) => {
-                let credential = Credential::load(file)?;
+                let mut credential = Credential::load(file)?;
                 let session = RemoteEngine::connect(&credential).await?;
+                // Renewed in passing, as an agent renews its own.
+                match session.renew_if_due(&mut credential, file).await {
+                    Ok(true) => eprintln!(
+                        "dunes-console: renewed the certificate in {}",
+                        file.display()
+                    ),
+                    Ok(false) => {}
+                    Err(e) => eprintln!(
+                        "dunes-console: the certificate in {} is due for renewal, which failed: {e}",
+                        file.display()
+                    ),
+                }
                 EngineClient::Remote {
                     session: std::sync::Arc::new(session),
                     timeout,

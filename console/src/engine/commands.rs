@@ -372,6 +372,11 @@ impl Actor {
             } => self.add_operator(name, (role, scopes), csr_der, reply),
             Command::RevokeOperator { name, reply } => self.revoke_operator(name, reply),
             Command::Audit { entry, reply } => self.append_audit(entry, reply),
+            Command::RenewOperator {
+                name,
+                csr_der,
+                reply,
+            } => self.renew_operator(name, csr_der, reply),
             Command::AuditReader { reply } => {
                 let _ = reply.send(Ok(self.audit_reader()));
             }

@@ -348,6 +348,12 @@ pub enum Command {
         csr_der: Vec<u8>,
         reply: Reply<operators::OperatorIssued>,
     },
+    /// A fresh certificate for an operator's own key.
+    RenewOperator {
+        name: dunes_shared::model::OperatorName,
+        csr_der: Vec<u8>,
+        reply: Reply<operators::OperatorIssued>,
+    },
     /// Appends a record to the audit log; answered with its number once committed.
     Audit {
         entry: audit::AuditEntry,

@@ -167,6 +167,9 @@ const ADMIN_ONLY: &[&str] = &[
     "operator-revoke",
 ];
 
+/// Changes every operator may make about themself.
+const OWN: &[&str] = &["operator-renew"];
+
 /// Whether `role` may run `operation`; the refusal names who, what, and the role it needs.
 pub fn check(
     operator: &OperatorName,
@@ -177,6 +180,8 @@ pub fn check(
 ) -> Result<(), String> {
     let needed = if ADMIN_ONLY.contains(&operation) {
         Role::Admin
+    } else if OWN.contains(&operation) {
+        Role::Viewer
     } else if changes {
         Role::Operator
     } else {

@@ -119,6 +119,64 @@ impl Actor {
         self.publish_operators_after_commit(reply, issued);
     }
 
+    /// Signs a fresh certificate for an active operator's own key: the key stays, so their
+    /// record does not change.
+    pub(in crate::engine) fn renew_operator(
+        &mut self,
+        name: OperatorName,
+        csr_der: Vec<u8>,
+        reply: Reply<OperatorIssued>,
+    ) {
+        let Some(record) = self
+            .operators
+            .records
+            .get(&name)
+            .filter(|r| r.is_active())
+            .cloned()
+        else {
+            let _ = reply.send(Err(EngineError::Invalid(format!(
+                "no operator {name} to renew"
+            ))));
+            return;
+        };
+        let signed = self
+            .pki
+            .ca
+            .sign_operator_csr(&csr_der, &name)
+            .map_err(|e| dunes_shared::error_chain(&e))
+            .and_then(|cert| {
+                Fingerprint::of_certificate(&cert)
+                    .map(|f| (cert, f))
+                    .map_err(|e| dunes_shared::error_chain(&e))
+            });
+        let cert = match signed {
+            Ok((cert, key)) if key == record.fingerprint => cert,
+            Ok(_) => {
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "a renewal keeps the key: {name}'s request is for another one"
+                ))));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "the certificate request of {name} is refused: {e}"
+                ))));
+                return;
+            }
+        };
+        self.log(
+            Level::Info,
+            None,
+            format!("operator {name}'s certificate renewed"),
+        );
+        let issued = OperatorIssued {
+            record,
+            cert_der: cert.to_vec(),
+            ca_der: self.pki.ca.cert_der().to_vec(),
+        };
+        self.reply_after_commit(reply, issued);
+    }
+
     /// Ends an operator's sessions and refuses their certificate from now on.
     pub(in crate::engine) fn revoke_operator(
         &mut self,
