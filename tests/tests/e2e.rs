@@ -199,7 +199,10 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         .unwrap_err();
     assert_eq!(
         err,
-        EngineError::Agent("template nope does not exist".into())
+        EngineError::Agent {
+            code: dunes_shared::protocol::ErrorCode::NotFound,
+            message: "template nope does not exist".into()
+        }
     );
     let err = engine
         .request(|reply| Command::StartVm {
@@ -209,7 +212,13 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err, EngineError::Agent("VM ghost does not exist".into()));
+    assert_eq!(
+        err,
+        EngineError::Agent {
+            code: dunes_shared::protocol::ErrorCode::NotFound,
+            message: "VM ghost does not exist".into()
+        }
+    );
     let err = engine
         .request(|reply| Command::CreateVm {
             host: host.clone(),

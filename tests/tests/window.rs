@@ -419,6 +419,26 @@ fn stopping_a_service_instance_is_confirmed_with_what_it_does() {
         host_of(&engine, "wiki") == Some(("lsn-2".into(), VmState::Shutoff))
     });
     assert!(harness.query_by_label("Stop wiki?").is_none());
+    // What the window did went through the engine's API: it is in the audit log, as the
+    // local operator's, in a chain that checks.
+    harness
+        .get_by_role_and_label(Role::Button, "Audit…")
+        .click();
+    step_for_until(
+        &mut harness,
+        30,
+        "the window's changes in the audit log",
+        |h| {
+            h.query_all_by_label("vm-stop").count() >= 2
+                && h.query_all_by_label("vm-power").count() >= 3
+        },
+    );
+    harness
+        .get_by_role_and_label(Role::Button, "Verify chain")
+        .click();
+    step_until(&mut harness, "the chain checked", |h| {
+        h.query_by_label_contains("records is intact").is_some()
+    });
     drop(harness);
     runtime.block_on(fleet.stop());
 }

@@ -69,8 +69,12 @@ pub struct ApiError {
 pub enum ApiErrorCode {
     /// The request is malformed or names something that does not exist.
     Invalid,
+    /// What it names does not exist on its host.
+    NotFound,
     /// What it would create exists.
     Exists,
+    /// What it names is in a state that does not allow it (a running VM to clone).
+    Conflict,
     /// A host it needs is unreachable or not enrolled.
     Unreachable,
     /// An agent took the request but did not answer in time: what it did is not known.
@@ -125,8 +129,13 @@ impl From<EngineError> for ApiError {
         let code = match &e {
             EngineError::UnknownHost(_) | EngineError::Invalid(_) => ApiErrorCode::Invalid,
             EngineError::Unreachable(_) => ApiErrorCode::Unreachable,
-            EngineError::Agent(_) => ApiErrorCode::Agent,
-            EngineError::Exists(_) => ApiErrorCode::Exists,
+            EngineError::Agent { code, .. } => match code {
+                dunes_shared::protocol::ErrorCode::NotFound => ApiErrorCode::NotFound,
+                dunes_shared::protocol::ErrorCode::AlreadyExists => ApiErrorCode::Exists,
+                dunes_shared::protocol::ErrorCode::Conflict => ApiErrorCode::Conflict,
+                dunes_shared::protocol::ErrorCode::BadRequest => ApiErrorCode::Invalid,
+                _ => ApiErrorCode::Agent,
+            },
             EngineError::NoAnswer { .. } => ApiErrorCode::NoAnswer,
             EngineError::Enroll(_) => ApiErrorCode::Enroll,
             EngineError::Store(_) => ApiErrorCode::Store,

@@ -1242,6 +1242,15 @@ impl Operation for DefineService {
     const ACTION: &'static str = "define services";
     type Response = ServiceDefined;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        // The service the file defines; a file that does not read names none.
+        crate::engine::service_file::parse_service_file(&self.source)
+            .ok()
+            .and_then(|spec| ServiceName::new(spec.name).ok())
+            .map(Target::Service)
+            .into_iter()
+            .collect()
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let (source, replace) = (self.source, self.replace);
         let name = engine
@@ -1484,6 +1493,9 @@ impl Operation for AddOperator {
     const ACTION: &'static str = "add operators";
     type Response = OperatorIssuedView;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        vec![Target::Operator(self.name.clone())]
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let name = operator_name(&self.name)?;
         let role = crate::engine::operators::Role::parse(&self.role)
@@ -1545,6 +1557,9 @@ impl Operation for RevokeOperator {
     const ACTION: &'static str = "revoke operators";
     type Response = OperatorView;
     changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        vec![Target::Operator(self.name.clone())]
+    }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let name = operator_name(&self.name)?;
         let record = engine

@@ -57,6 +57,8 @@ pub(super) enum Internal {
     GateHostId(enroll::GateRequest),
     /// An agent call finished: its result is applied to the engine's state here.
     CallDone(Box<dyn FnOnce(&mut Actor) + Send>),
+    /// A running instance answered one of the questions asked of it every few seconds.
+    Probe(super::probes::ProbeAnswer),
 }
 
 pub(super) struct Actor {
@@ -75,7 +77,7 @@ pub(super) struct Actor {
     pub(super) published_events: Arc<Vec<EventRecord>>,
     pub(super) services: BTreeMap<dunes_shared::model::ServiceName, super::services::ServiceEntry>,
     /// Every service's instances, by `service/app/index`.
-    pub(super) instances: BTreeMap<String, super::store::InstanceRecord>,
+    pub(super) instances: BTreeMap<super::store::InstanceKey, super::store::InstanceRecord>,
     pub(super) services_dirty: bool,
     pub(super) published_services: Arc<Vec<Arc<super::ServiceView>>>,
     pub(super) next_seq: u64,
@@ -100,17 +102,11 @@ pub(super) struct Actor {
     pub(super) drains_dirty: bool,
     pub(super) published_drains: Arc<Vec<super::evacuation::DrainProgress>>,
     /// The last readiness answer of each running instance, by `service/app/index`.
-    pub(super) readiness: BTreeMap<String, super::readiness::LastCheck>,
-    /// Instances with a readiness check under way.
-    pub(super) checking: std::collections::BTreeSet<String>,
+    pub(super) readiness: super::probes::Probed<super::readiness::LastCheck>,
     /// The last look at each running instance's guest applications, by `service/app/index`.
-    pub(super) guest_looks: BTreeMap<String, super::guest_apps::GuestLook>,
-    /// Instances with a look at their guest applications under way.
-    pub(super) guest_looking: std::collections::BTreeSet<String>,
+    pub(super) guest_looks: super::probes::Probed<super::guest_apps::GuestLook>,
     /// The last read of each running instance's application metric, by `service/app/index`.
-    pub(super) metric_reads: BTreeMap<String, Result<f64, String>>,
-    /// Instances with a metric read under way.
-    pub(super) metric_reading: std::collections::BTreeSet<String>,
+    pub(super) metric_reads: super::probes::Probed<Result<f64, String>>,
     /// Service status changes for the desktop, when notifications are on.
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
     /// The open part of every time series (what closed is in the store).
@@ -155,8 +151,8 @@ impl Actor {
             tokio::select! {
                 _ = autoscale.tick() => self.autoscale_tick(),
                 _ = guest_apps.tick() => {
-                    self.look_at_guest_apps();
-                    self.read_app_metrics();
+                    self.poll_instances::<super::guest_apps::GuestAppsProbe>();
+                    self.poll_instances::<super::app_metrics::AppMetricProbe>();
                 }
                 _ = stats_flush.tick() => {
                     flush_share = flush_share.wrapping_add(1);
@@ -164,7 +160,7 @@ impl Actor {
                     self.store.put_stats(writes);
                 }
                 _ = readiness.tick() => {
-                    self.check_readiness();
+                    self.poll_instances::<super::readiness::Readiness>();
                     self.tell_site_addresses();
                     self.retry_migrations();
                     self.advance_evacuations();
@@ -210,6 +206,7 @@ impl Actor {
             } => self.enrolled(enrolled, address, reply),
             Internal::GateHostId(request) => self.gate(request),
             Internal::CallDone(apply) => apply(self),
+            Internal::Probe(answer) => self.probe_answered(answer),
         }
     }
 }

@@ -4,13 +4,16 @@
 //! instance's `app-metric` series, which charts show and autoscaling rules can watch.
 
 use dunes_shared::{
-    protocol::{MetricKind, MetricProbe, ReadMetric},
-    service::AppMetric,
+    protocol::{MetricKind, MetricProbe, MetricReply, ReadMetric},
+    service::{AppMetric, ApplicationSpec},
 };
 
 use super::{
-    actor::{Actor, Internal},
+    actor::Actor,
+    client::AgentClient,
+    probes::{InstanceProbe, ProbeAnswer, Probed},
     stats::{Metric, Subject},
+    store::{InstanceKey, InstanceRecord},
 };
 
 /// The probe the agent gets for an application's metric.
@@ -29,85 +32,60 @@ pub fn probe_of_metric(metric: &AppMetric) -> MetricProbe {
     }
 }
 
-impl Actor {
-    /// Starts a read for every running instance whose application has a metric and has no
-    /// read under way; forgets the last reads of instances that no longer run.
-    pub(super) fn read_app_metrics(&mut self) {
-        let mut to_read = Vec::new();
-        let mut stale = Vec::new();
-        for (key, instance) in &self.instances {
-            let Some(probe) = self
-                .services
-                .get(&instance.service)
-                .and_then(|s| s.spec.as_ref().ok())
-                .and_then(|spec| spec.application(&instance.app))
-                .and_then(|app| app.metric.as_ref())
-                .map(probe_of_metric)
-            else {
-                continue;
-            };
-            let running = self.instance_runs(instance);
-            if !running {
-                if self.metric_reads.contains_key(key) {
-                    stale.push(key.clone());
-                }
-                continue;
-            }
-            if !self.metric_reading.contains(key) {
-                to_read.push((key.clone(), instance.clone(), probe));
-            }
-        }
-        for key in stale {
-            self.metric_reads.remove(&key);
-            self.services_dirty = true;
-        }
-        for (key, instance, probe) in to_read {
-            let Ok(client) = self.client(&instance.host) else {
-                continue;
-            };
-            self.metric_reading.insert(key.clone());
-            let internal = self.internal_tx.clone();
-            tokio::spawn(async move {
-                let answer = client
-                    .call(ReadMetric {
-                        name: instance.vm.clone(),
-                        probe,
-                        runtime: instance.runtime,
-                    })
-                    .await
-                    .map_err(|e| e.to_string());
-                let done = move |actor: &mut Actor| actor.app_metric_read(key, answer);
-                let _ = internal.send(Internal::CallDone(Box::new(done))).await;
-            });
-        }
+/// An application's metric, read every few seconds on each running instance.
+pub(super) struct AppMetricProbe;
+
+impl InstanceProbe for AppMetricProbe {
+    type Question = MetricProbe;
+    type Answer = Result<MetricReply, String>;
+    type Kept = Result<f64, String>;
+
+    fn question(app: &ApplicationSpec) -> Option<MetricProbe> {
+        app.metric.as_ref().map(probe_of_metric)
     }
 
-    fn app_metric_read(
-        &mut self,
-        key: String,
-        answer: Result<dunes_shared::protocol::MetricReply, String>,
-    ) {
-        self.metric_reading.remove(&key);
-        let Some(instance) = self.instances.get(&key) else {
-            return;
+    async fn ask(
+        client: AgentClient,
+        instance: InstanceRecord,
+        probe: MetricProbe,
+    ) -> Result<MetricReply, String> {
+        client
+            .call(ReadMetric {
+                name: instance.vm.clone(),
+                probe,
+                runtime: instance.runtime,
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn message(key: InstanceKey, answer: Self::Answer) -> ProbeAnswer {
+        ProbeAnswer::AppMetric(key, answer)
+    }
+
+    fn probed(actor: &mut Actor) -> &mut Probed<Result<f64, String>> {
+        &mut actor.metric_reads
+    }
+
+    /// Keeps the value and feeds the instance's `app-metric` series.
+    fn answered(actor: &mut Actor, key: InstanceKey, answer: Self::Answer) -> bool {
+        let Some(instance) = actor.instances.get(&key) else {
+            return false;
         };
         let shown = match answer {
             Ok(reply) => {
-                let writes = self.stats.ingest_value(
+                let writes = actor.stats.ingest_value(
                     &Subject::Workload(instance.vm.clone()),
                     Metric::AppMetric,
                     reply.at_unix_ms,
                     reply.value,
                 );
-                self.store.put_stats(writes);
+                actor.store.put_stats(writes);
                 Ok(reply.value)
             }
             Err(e) => Err(e),
         };
-        if self.metric_reads.get(&key) != Some(&shown) {
-            self.metric_reads.insert(key, shown);
-            self.services_dirty = true;
-        }
+        actor.metric_reads.keep(key, shown)
     }
 }
 

@@ -71,13 +71,14 @@ impl AgentClient {
                 secs: limit.as_secs(),
             }),
             Ok(Err(e)) => Err(match e {
-                CallError::Remote(remote)
-                    if remote.code == dunes_shared::protocol::ErrorCode::AlreadyExists =>
-                {
-                    EngineError::Exists(remote.message)
-                }
-                CallError::Remote(remote) => EngineError::Agent(remote.message),
-                e @ CallError::NotOffered { .. } => EngineError::Agent(e.to_string()),
+                CallError::Remote(remote) => EngineError::Agent {
+                    code: remote.code,
+                    message: remote.message,
+                },
+                e @ CallError::NotOffered { .. } => EngineError::Agent {
+                    code: dunes_shared::protocol::ErrorCode::Unsupported,
+                    message: e.to_string(),
+                },
                 _ => EngineError::Unreachable(self.host.clone()),
             }),
             Ok(Ok(response)) => Ok(response),

@@ -8,10 +8,15 @@ use std::time::Duration;
 
 use dunes_shared::{
     protocol::{GuestAppProbe, GuestApps, GuestAppsReply},
-    service::GuestAppSpec,
+    service::{ApplicationSpec, GuestAppSpec},
 };
 
-use super::actor::{Actor, Internal};
+use super::{
+    actor::Actor,
+    client::AgentClient,
+    probes::{InstanceProbe, ProbeAnswer, Probed},
+    store::{InstanceKey, InstanceRecord},
+};
 
 /// How often the applications inside VMs are looked at.
 pub(super) const GUEST_APPS_EVERY: Duration = Duration::from_secs(5);
@@ -139,78 +144,60 @@ pub fn cpu_between(before: &GuestAppsReply, now: &GuestAppsReply) -> Vec<(String
         .collect()
 }
 
-impl Actor {
-    /// Starts a look at every running instance that holds guest applications and has none
-    /// under way; forgets the looks of instances that no longer run.
-    pub(super) fn look_at_guest_apps(&mut self) {
-        let mut to_look = Vec::new();
-        let mut stale = Vec::new();
-        for (key, instance) in &self.instances {
-            let Some(apps) = self
-                .services
-                .get(&instance.service)
-                .and_then(|s| s.spec.as_ref().ok())
-                .and_then(|spec| spec.application(&instance.app))
-                .map(|app| &app.guest_apps)
-                .filter(|apps| !apps.is_empty())
-            else {
-                continue;
-            };
-            let running = self.instance_runs(instance);
-            if !running {
-                if self.guest_looks.contains_key(key) {
-                    stale.push(key.clone());
-                }
-                continue;
-            }
-            if !self.guest_looking.contains(key) {
-                to_look.push((
-                    key.clone(),
-                    instance.clone(),
-                    apps.iter().map(probe_of_guest_app).collect::<Vec<_>>(),
-                ));
-            }
-        }
-        for key in stale {
-            self.guest_looks.remove(&key);
-            self.services_dirty = true;
-        }
-        for (key, instance, apps) in to_look {
-            let Ok(client) = self.client(&instance.host) else {
-                continue;
-            };
-            self.guest_looking.insert(key.clone());
-            let internal = self.internal_tx.clone();
-            tokio::spawn(async move {
-                let answer = client
-                    .call(GuestApps {
-                        name: instance.vm.clone(),
-                        apps,
-                    })
-                    .await
-                    .map_err(|e| e.to_string());
-                let done = move |actor: &mut Actor| actor.guest_apps_seen(key, answer);
-                let _ = internal.send(Internal::CallDone(Box::new(done))).await;
-            });
-        }
+/// The applications inside an instance's VM, looked at every few seconds.
+pub(super) struct GuestAppsProbe;
+
+impl InstanceProbe for GuestAppsProbe {
+    type Question = Vec<GuestAppProbe>;
+    type Answer = Result<GuestAppsReply, String>;
+    type Kept = GuestLook;
+
+    fn question(app: &ApplicationSpec) -> Option<Vec<GuestAppProbe>> {
+        Some(
+            app.guest_apps
+                .iter()
+                .map(probe_of_guest_app)
+                .collect::<Vec<_>>(),
+        )
+        .filter(|apps| !apps.is_empty())
     }
 
-    /// Takes in one look: keeps it, and feeds the statistics of the applications with a
-    /// process.
-    fn guest_apps_seen(&mut self, key: String, answer: Result<GuestAppsReply, String>) {
-        self.guest_looking.remove(&key);
-        let Some(instance) = self.instances.get(&key) else {
-            return;
+    async fn ask(
+        client: AgentClient,
+        instance: InstanceRecord,
+        apps: Vec<GuestAppProbe>,
+    ) -> Result<GuestAppsReply, String> {
+        client
+            .call(GuestApps {
+                name: instance.vm.clone(),
+                apps,
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn message(key: InstanceKey, answer: Self::Answer) -> ProbeAnswer {
+        ProbeAnswer::GuestApps(key, answer)
+    }
+
+    fn probed(actor: &mut Actor) -> &mut Probed<GuestLook> {
+        &mut actor.guest_looks
+    }
+
+    /// Keeps the look, and feeds the statistics of the applications with a process.
+    fn answered(actor: &mut Actor, key: InstanceKey, answer: Self::Answer) -> bool {
+        let Some(instance) = actor.instances.get(&key) else {
+            return false;
         };
         let mut cpu_percent = Vec::new();
         if let Ok(reply) = &answer {
             if let Some(GuestLook {
                 answer: Ok(before), ..
-            }) = self.guest_looks.get(&key)
+            }) = actor.guest_looks.get(&key)
             {
                 cpu_percent = cpu_between(before, reply);
             }
-            let with_process: Vec<_> = self
+            let with_process: Vec<_> = actor
                 .services
                 .get(&instance.service)
                 .and_then(|s| s.spec.as_ref().ok())
@@ -223,14 +210,14 @@ impl Actor {
                         .collect()
                 })
                 .unwrap_or_default();
-            let writes = self.stats.ingest_guest(&instance.vm, reply, &with_process);
-            self.store.put_stats(writes);
+            let writes = actor.stats.ingest_guest(&instance.vm, reply, &with_process);
+            actor.store.put_stats(writes);
         }
         let look = GuestLook {
             answer,
             cpu_percent,
         };
-        let before = self.guest_looks.insert(key, look.clone());
+        let before = actor.guest_looks.replace(key, look.clone());
         // Republished only when what the views show changed, not at every reading.
         let shown = |l: &GuestLook| {
             l.answer.as_ref().map_err(Clone::clone).map(|r| {
@@ -240,9 +227,7 @@ impl Actor {
                     .collect::<Vec<_>>()
             })
         };
-        if before.as_ref().map(shown) != Some(shown(&look)) || !look.cpu_percent.is_empty() {
-            self.services_dirty = true;
-        }
+        before.as_ref().map(shown) != Some(shown(&look)) || !look.cpu_percent.is_empty()
     }
 }
 

@@ -23,6 +23,7 @@ pub mod migration;
 pub mod notify;
 pub mod operators;
 pub mod placement;
+mod probes;
 mod publish;
 mod readiness;
 pub mod rollup;
@@ -54,8 +55,8 @@ pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
 pub use services::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};
 pub use store::{
-    EventRecord, HostRecord, InstanceRecord, Level, Maintenance, MovePhase, ServiceMove,
-    ServiceRecord,
+    EventRecord, HostRecord, InstanceKey, InstanceRecord, Level, Maintenance, MovePhase,
+    ServiceMove, ServiceRecord,
 };
 
 use self::{
@@ -80,11 +81,12 @@ pub enum EngineError {
     Unreachable(HostId),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0}")]
-    Agent(String),
-    /// The agent has what it was asked to create.
-    #[error("{0}")]
-    Exists(String),
+    /// The agent refused or failed the request, and said why with a code.
+    #[error("{message}")]
+    Agent {
+        code: dunes_shared::protocol::ErrorCode,
+        message: String,
+    },
     /// The agent took the request but gave no answer in time: what it did is not known.
     #[error("the agent on {host} did not answer within {secs} s")]
     NoAnswer { host: HostId, secs: u64 },
@@ -96,6 +98,34 @@ pub enum EngineError {
     Busy,
     #[error("the engine has stopped")]
     Stopped,
+}
+
+impl EngineError {
+    /// A failure of the engine's own, as an agent's would be reported (`Runtime`).
+    pub fn agent_failed(message: impl Into<String>) -> EngineError {
+        EngineError::Agent {
+            code: dunes_shared::protocol::ErrorCode::Runtime,
+            message: message.into(),
+        }
+    }
+
+    /// The agent's code, when the agent answered with an error.
+    pub fn agent_code(&self) -> Option<dunes_shared::protocol::ErrorCode> {
+        match self {
+            EngineError::Agent { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The agent says what the request names does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.agent_code() == Some(dunes_shared::protocol::ErrorCode::NotFound)
+    }
+
+    /// The agent has what it was asked to create.
+    pub fn is_exists(&self) -> bool {
+        self.agent_code() == Some(dunes_shared::protocol::ErrorCode::AlreadyExists)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -402,6 +432,8 @@ pub struct EngineHandle {
     ca_der: rustls::pki_types::CertificateDer<'static>,
     /// Where the operator endpoint listens, once it does.
     operator_address: Arc<Mutex<Option<std::net::SocketAddr>>>,
+    /// The runtime the engine runs on, for work a window hands it.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -433,6 +465,11 @@ impl EngineHandle {
     /// The console's own certificate and key, which it renews.
     pub fn identity(&self) -> watch::Receiver<Arc<pki::Identity>> {
         self.identity.clone()
+    }
+
+    /// The runtime the engine runs on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
     }
 
     /// Where the operator endpoint listens, once it does.
@@ -613,12 +650,9 @@ pub async fn start_with(
         repaint: repaint.clone(),
         version: 0,
         notices: notify::start(&options.desktop_notifications),
-        readiness: BTreeMap::new(),
-        checking: Default::default(),
-        guest_looks: BTreeMap::new(),
-        guest_looking: Default::default(),
-        metric_reads: BTreeMap::new(),
-        metric_reading: Default::default(),
+        readiness: Default::default(),
+        guest_looks: Default::default(),
+        metric_reads: Default::default(),
         migrations: loaded
             .migrations
             .iter()
@@ -672,6 +706,7 @@ pub async fn start_with(
         identity: identity_rx,
         ca_der,
         operator_address: Arc::default(),
+        runtime: tokio::runtime::Handle::current(),
     })
 }
 

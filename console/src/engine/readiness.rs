@@ -5,13 +5,18 @@
 
 use std::time::Duration;
 
-use dunes_shared::protocol::{CheckReady, ProbeKind};
+use dunes_shared::{
+    protocol::{CheckReady, ProbeKind, ReadinessProbe},
+    service::ApplicationSpec,
+};
 
 use super::{
     LinkState,
-    actor::{Actor, Internal},
+    actor::Actor,
+    client::AgentClient,
+    probes::{InstanceProbe, ProbeAnswer, Probed},
     services::probe_of,
-    store::InstanceState,
+    store::{InstanceKey, InstanceRecord, InstanceState},
 };
 use dunes_shared::model::VmState;
 
@@ -37,77 +42,54 @@ impl Actor {
                         .is_some_and(|v| v.state == VmState::Running)
             })
     }
+}
 
-    /// Starts a check for every running instance that needs one and has none under way, and
-    /// forgets the answers of instances that no longer run.
-    pub(super) fn check_readiness(&mut self) {
-        let mut to_check = Vec::new();
-        let mut stale = Vec::new();
-        for (key, instance) in &self.instances {
-            let Some(probe) = self
-                .services
-                .get(&instance.service)
-                .and_then(|s| s.spec.as_ref().ok())
-                .and_then(|spec| spec.application(&instance.app))
-                .map(|app| probe_of(&app.readiness))
-                .filter(|p| p.kind != ProbeKind::Running)
-            else {
-                continue;
-            };
-            let running = self.instance_runs(instance);
-            if !running {
-                if self.readiness.contains_key(key) {
-                    stale.push(key.clone());
-                }
-                continue;
-            }
-            if !self.checking.contains(key) {
-                to_check.push((key.clone(), instance.clone(), probe));
-            }
-        }
-        for key in stale {
-            self.readiness.remove(&key);
-            self.services_dirty = true;
-        }
-        for (key, instance, probe) in to_check {
-            let Ok(client) = self.client(&instance.host) else {
-                continue;
-            };
-            self.checking.insert(key.clone());
-            let internal = self.internal_tx.clone();
-            tokio::spawn(async move {
-                let answer = client
-                    .call(CheckReady {
-                        name: instance.vm.clone(),
-                        probe,
-                        runtime: instance.runtime,
-                    })
-                    .await;
-                let check = match answer {
-                    Ok(a) => LastCheck {
-                        ready: a.ready,
-                        detail: a.detail,
-                    },
-                    Err(e) => LastCheck {
-                        ready: false,
-                        detail: e.to_string(),
-                    },
-                };
-                let done = move |actor: &mut Actor| actor.readiness_checked(key, check);
-                let _ = internal.send(Internal::CallDone(Box::new(done))).await;
-            });
+/// The readiness check of an application beyond "running" (guest agent, TCP port,
+/// command), asked again every few seconds.
+pub(super) struct Readiness;
+
+impl InstanceProbe for Readiness {
+    type Question = ReadinessProbe;
+    type Answer = LastCheck;
+    type Kept = LastCheck;
+
+    fn question(app: &ApplicationSpec) -> Option<ReadinessProbe> {
+        Some(probe_of(&app.readiness)).filter(|p| p.kind != ProbeKind::Running)
+    }
+
+    async fn ask(
+        client: AgentClient,
+        instance: InstanceRecord,
+        probe: ReadinessProbe,
+    ) -> LastCheck {
+        match client
+            .call(CheckReady {
+                name: instance.vm.clone(),
+                probe,
+                runtime: instance.runtime,
+            })
+            .await
+        {
+            Ok(a) => LastCheck {
+                ready: a.ready,
+                detail: a.detail,
+            },
+            Err(e) => LastCheck {
+                ready: false,
+                detail: e.to_string(),
+            },
         }
     }
 
-    /// Takes in one answer; the services are published again only when it changed.
-    pub(super) fn readiness_checked(&mut self, key: String, check: LastCheck) {
-        self.checking.remove(&key);
-        if !self.instances.contains_key(&key) {
-            return;
-        }
-        if self.readiness.get(&key) != Some(&check) {
-            self.readiness.insert(key, check);
-            self.services_dirty = true;
-        }
+    fn message(key: InstanceKey, answer: LastCheck) -> ProbeAnswer {
+        ProbeAnswer::Readiness(key, answer)
+    }
+
+    fn probed(actor: &mut Actor) -> &mut Probed<LastCheck> {
+        &mut actor.readiness
+    }
+
+    fn answered(actor: &mut Actor, key: InstanceKey, answer: LastCheck) -> bool {
+        actor.readiness.keep(key, answer)
     }
 }

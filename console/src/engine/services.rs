@@ -598,7 +598,7 @@ impl Actor {
         only: Vec<String>,
         reply: Reply<OperationReport>,
     ) {
-        let running: Vec<String> = self
+        let running: Vec<super::store::InstanceKey> = self
             .instances_of(name)
             .into_iter()
             .filter(|i| {
@@ -849,7 +849,7 @@ impl Actor {
             (Step::Create { instance, .. }, Err(e)) => {
                 // The VM may exist from a deploy cut short (a host that went away may still
                 // have carried out the create): then it is the instance.
-                let exists = matches!(e, EngineError::Exists(_))
+                let exists = e.is_exists()
                     || self
                         .hosts
                         .get(&instance.host)
@@ -894,7 +894,7 @@ impl Actor {
                 }
                 if probe.kind != ProbeKind::Running {
                     // It passed its check just now: ready until the next check says otherwise.
-                    self.readiness.insert(
+                    self.readiness.replace(
                         instance.key(),
                         super::readiness::LastCheck {
                             ready: true,
@@ -1186,7 +1186,7 @@ pub(super) async fn wait_until_ready(
             return Ok(());
         }
         if began.elapsed() >= READY_TIMEOUT {
-            return Err(EngineError::Agent(format!(
+            return Err(EngineError::agent_failed(format!(
                 "not ready after {} s: {}",
                 READY_TIMEOUT.as_secs(),
                 answer.detail
@@ -1232,7 +1232,7 @@ async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>
                 .await;
             match stopped {
                 // Already gone: nothing left to remove.
-                Err(EngineError::Agent(m)) if m.ends_with("does not exist") => return Ok(None),
+                Err(e) if e.is_not_found() => return Ok(None),
                 Err(e) => return Err(e),
                 Ok(_) => {}
             }

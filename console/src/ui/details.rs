@@ -4,7 +4,7 @@ use dunes_shared::model::ServiceName;
 use egui::RichText;
 
 use super::{Actions, Selection, UiAction, human_bytes, link_color, state_color};
-use crate::engine::{Command, LinkState, Snapshot, stats::Subject};
+use crate::engine::{LinkState, Snapshot, stats::Subject};
 
 #[derive(Debug, Default)]
 pub struct DetailsPanel {
@@ -316,10 +316,12 @@ fn maintenance_ui(
                 )
                 .clicked()
             {
-                actions.send(format!("Draining {id}"), |reply| Command::DrainHost {
-                    host: id.clone(),
-                    reply,
-                });
+                actions.call(
+                    format!("Draining {id}"),
+                    crate::api::ops::DrainHost {
+                        host: id.to_string(),
+                    },
+                );
             }
         });
         return;
@@ -359,36 +361,36 @@ fn maintenance_ui(
     ui.horizontal_wrapped(|ui| {
         if maintenance.paused {
             if ui.button("Resume drain").clicked() {
-                actions.send(format!("Resuming the drain of {id}"), |reply| {
-                    Command::DrainHost {
-                        host: id.clone(),
-                        reply,
-                    }
-                });
+                actions.call(
+                    format!("Resuming the drain of {id}"),
+                    crate::api::ops::DrainHost {
+                        host: id.to_string(),
+                    },
+                );
             }
         } else if ui
             .button("Pause drain")
             .on_hover_text("The migration under way finishes")
             .clicked()
         {
-            actions.send(format!("Pausing the drain of {id}"), |reply| {
-                Command::PauseDrain {
-                    host: id.clone(),
-                    reply,
-                }
-            });
+            actions.call(
+                format!("Pausing the drain of {id}"),
+                crate::api::ops::PauseDrain {
+                    host: id.to_string(),
+                },
+            );
         }
         if ui
             .button("End maintenance")
             .on_hover_text("The host takes new work again")
             .clicked()
         {
-            actions.send(format!("Ending the maintenance of {id}"), |reply| {
-                Command::UndrainHost {
-                    host: id.clone(),
-                    reply,
-                }
-            });
+            actions.call(
+                format!("Ending the maintenance of {id}"),
+                crate::api::ops::UndrainHost {
+                    host: id.to_string(),
+                },
+            );
         }
     });
 }

@@ -431,15 +431,17 @@ impl NewVmDialog {
                 }
             });
         if let Some((host, spec)) = submit {
-            let start = self.start;
-            actions.send(format!("Creating {} on {host}", spec.name), |reply| {
-                Command::CreateVm {
-                    host,
-                    spec,
-                    start,
-                    reply,
-                }
-            });
+            actions.call(
+                format!("Creating {} on {host}", spec.name),
+                crate::api::ops::CreateVm {
+                    name: spec.name.to_string(),
+                    template: spec.template.to_string(),
+                    host: host.to_string(),
+                    vcpus: spec.vcpus,
+                    memory_mib: spec.memory_mib,
+                    start: self.start,
+                },
+            );
             let keep_host = self.host.clone();
             *self = NewVmDialog {
                 host: keep_host,

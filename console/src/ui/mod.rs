@@ -1,6 +1,7 @@
 //! The egui window. Each panel is a struct with a `..._ui` method; panels read the engine's
 //! latest snapshot and send commands with `try_send`, never blocking.
 
+mod audit;
 mod capacity;
 mod charts;
 mod details;
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 use crate::engine::{Command, EngineError, EngineHandle, LinkState, Published, Snapshot};
 use dunes_shared::model::VmState;
 
+pub use audit::AuditWindow;
 pub use capacity::CapacityWindow;
 pub use charts::{ChartsWindow, TimeRange, plot_id};
 pub use details::DetailsPanel;
@@ -97,15 +99,29 @@ pub struct PlannedDrag {
 
 /// A reply channel polled once a frame; the UI only needs success or the error text.
 trait PendingReply: Send {
-    fn poll(&mut self) -> Option<Result<(), EngineError>>;
+    fn poll(&mut self) -> Option<Result<(), String>>;
 }
 
 impl<T: Send> PendingReply for oneshot::Receiver<Result<T, EngineError>> {
-    fn poll(&mut self) -> Option<Result<(), EngineError>> {
+    fn poll(&mut self) -> Option<Result<(), String>> {
         match self.try_recv() {
-            Ok(result) => Some(result.map(|_| ())),
+            Ok(result) => Some(result.map(|_| ()).map_err(|e| e.to_string())),
             Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => Some(Err(EngineError::Stopped)),
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Some(Err(EngineError::Stopped.to_string()))
+            }
+        }
+    }
+}
+
+impl<T: Send> PendingReply for oneshot::Receiver<Result<T, crate::api::ApiError>> {
+    fn poll(&mut self) -> Option<Result<(), String>> {
+        match self.try_recv() {
+            Ok(result) => Some(result.map(|_| ()).map_err(|e| e.message)),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Some(Err(EngineError::Stopped.to_string()))
+            }
         }
     }
 }
@@ -122,7 +138,7 @@ enum WatchedMigration {
     Asked {
         vm: VmName,
         to: HostId,
-        rx: oneshot::Receiver<Result<crate::engine::migration::MigrationJournal, EngineError>>,
+        rx: oneshot::Receiver<Result<crate::api::views::MigrationView, crate::api::ApiError>>,
     },
     Running {
         id: u64,
@@ -193,9 +209,9 @@ impl Outbox {
                             .push(WatchedMigration::Running { id: journal.id, vm });
                     }
                     Ok(Err(e)) => {
-                        let text = format!("migration of {vm} to {to} refused: {e}");
+                        let text = format!("migration of {vm} to {to} refused: {}", e.message);
                         self.say(text.clone(), true);
-                        self.notice(format!("{vm} cannot migrate to {to}"), e.to_string());
+                        self.notice(format!("{vm} cannot migrate to {to}"), e.message);
                     }
                     Err(oneshot::error::TryRecvError::Empty) => {
                         self.migrations.push(WatchedMigration::Asked { vm, to, rx });
@@ -233,6 +249,7 @@ impl Outbox {
 /// Shared by the panels during one frame: the snapshot and a way to act.
 pub struct Actions<'a> {
     engine: &'a EngineHandle,
+    client: &'a crate::api::EngineClient,
     outbox: &'a mut Outbox,
     queue: &'a mut Vec<UiAction>,
 }
@@ -253,23 +270,28 @@ impl Actions<'_> {
         self.engine.try_send(command)
     }
 
-    /// Sends a command built around a reply channel; the answer shows in the status line.
-    pub fn send<T: Send + 'static>(
+    /// Runs an operation of the engine's API, checked and audited as any operator's request;
+    /// its answer comes back on the channel.
+    fn request<O: crate::api::Operation>(
         &mut self,
-        what: String,
-        make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
-    ) {
-        let (tx, rx) = oneshot::channel::<Result<T, EngineError>>();
-        match self.engine.try_send(make(tx)) {
-            Ok(()) => {
-                self.outbox.say(format!("{what}…"), false);
-                self.outbox.pending.push(Pending {
-                    what,
-                    rx: Box::new(rx),
-                });
-            }
-            Err(e) => self.outbox.say(format!("{what}: {e}"), true),
-        }
+        request: O,
+    ) -> oneshot::Receiver<Result<O::Response, crate::api::ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        let client = self.client.clone();
+        self.engine.runtime().spawn(async move {
+            let _ = tx.send(client.call(request).await);
+        });
+        rx
+    }
+
+    /// Asks for a change through the engine's API; the answer shows in the status line.
+    pub fn call<O: crate::api::Operation>(&mut self, what: String, request: O) {
+        let rx = self.request(request);
+        self.outbox.say(format!("{what}…"), false);
+        self.outbox.pending.push(Pending {
+            what,
+            rx: Box::new(rx),
+        });
     }
 
     /// Reboots, pauses or resumes a VM.
@@ -285,49 +307,40 @@ impl Actions<'_> {
             P::Pause => format!("Pausing {name}"),
             P::Resume => format!("Resuming {name}"),
         };
-        let (host, name) = (host.clone(), name.clone());
-        self.send(what, |reply| Command::PowerVm {
-            host,
-            name,
-            action,
-            reply,
-        });
+        self.call(
+            what,
+            crate::api::ops::PowerVm {
+                vm: format!("{host}/{name}"),
+                action,
+            },
+        );
     }
 
     /// Starts a migration and follows it: the status bar says when it started and how it
     /// ended, and a rollback is also a notice.
     pub fn migrate(&mut self, host: &HostId, vm: &VmName, to: &HostId) {
-        let (tx, rx) = oneshot::channel();
-        let command = Command::MigrateVm {
-            host: host.clone(),
+        let rx = self.request(crate::api::ops::MigrateVm {
+            vm: format!("{host}/{vm}"),
+            to: to.to_string(),
+            limit_mbps: None,
+            compress: None,
+        });
+        self.outbox
+            .say(format!("asking to migrate {vm} to {to}…"), false);
+        self.outbox.migrations.push(WatchedMigration::Asked {
             vm: vm.clone(),
             to: to.clone(),
-            options: Default::default(),
-            reply: tx,
-        };
-        match self.engine.try_send(command) {
-            Ok(()) => {
-                self.outbox
-                    .say(format!("asking to migrate {vm} to {to}…"), false);
-                self.outbox.migrations.push(WatchedMigration::Asked {
-                    vm: vm.clone(),
-                    to: to.clone(),
-                    rx,
-                });
-            }
-            Err(e) => self
-                .outbox
-                .say(format!("migration of {vm} to {to}: {e}"), true),
-        }
+            rx,
+        });
     }
 
     pub fn start_vm(&mut self, host: &HostId, name: &VmName) {
-        let (host, name) = (host.clone(), name.clone());
-        self.send(format!("Starting {name}"), |reply| Command::StartVm {
-            host,
-            name,
-            reply,
-        });
+        self.call(
+            format!("Starting {name}"),
+            crate::api::ops::StartVm {
+                vm: format!("{host}/{name}"),
+            },
+        );
     }
 
     pub fn stop_vm(&mut self, host: &HostId, name: &VmName, force: bool) {
@@ -337,12 +350,13 @@ impl Actions<'_> {
         } else {
             format!("Stopping {name}")
         };
-        self.send(what, |reply| Command::StopVm {
-            host,
-            name,
-            force,
-            reply,
-        });
+        self.call(
+            what,
+            crate::api::ops::StopVm {
+                vm: format!("{host}/{name}"),
+                force,
+            },
+        );
     }
 }
 
@@ -380,6 +394,8 @@ pub enum Confirm {
 
 pub struct ConsoleApp {
     engine: EngineHandle,
+    /// The engine's API, through which the window's changes go (checked and audited).
+    client: crate::api::EngineClient,
     snapshot: Arc<Snapshot>,
     /// What the window shows in place of the engine's snapshot, when set.
     pinned: Option<Arc<Snapshot>>,
@@ -395,6 +411,7 @@ pub struct ConsoleApp {
     adopt: AdoptDialog,
     charts: ChartsWindow,
     capacity: CapacityWindow,
+    audit: AuditWindow,
     migrate: MigrateDialog,
     confirm: Option<Confirm>,
     /// A migration waiting for the operator's word: VM, from, to.
@@ -458,6 +475,7 @@ impl ConsoleApp {
         ConsoleApp {
             snapshot: engine.snapshot(),
             pinned: None,
+            client: crate::api::EngineClient::InProcess(engine.clone()),
             engine,
             selection: Selection::None,
             topology: TopologyPanel::default(),
@@ -471,6 +489,7 @@ impl ConsoleApp {
             adopt: AdoptDialog::default(),
             charts: ChartsWindow::new(exports),
             capacity: CapacityWindow::default(),
+            audit: AuditWindow::default(),
             migrate: MigrateDialog::default(),
             confirm: None,
             confirm_migrate: None,
@@ -547,6 +566,8 @@ impl ConsoleApp {
                 self.charts.close();
             } else if self.capacity.is_open() {
                 self.capacity.close();
+            } else if self.audit.is_open() {
+                self.audit.close();
             } else {
                 self.selection = Selection::None;
             }
@@ -568,6 +589,7 @@ impl ConsoleApp {
         let dialog_open = self.dialog_open();
         let mut actions = Actions {
             engine: &self.engine,
+            client: &self.client,
             outbox: &mut self.outbox,
             queue: &mut self.queue,
         };
@@ -603,6 +625,13 @@ impl ConsoleApp {
                     .clicked()
                 {
                     self.capacity.open();
+                }
+                if ui
+                    .button("Audit…")
+                    .on_hover_text("Every change asked of the engine and every refusal: who, what, and how it ended")
+                    .clicked()
+                {
+                    self.audit.open();
                 }
                 ui.separator();
                 let online = snapshot
@@ -796,6 +825,8 @@ impl ConsoleApp {
         });
         self.capacity
             .capacity_ui(ui.ctx(), &self.engine, actions.queue, shared_machine);
+        self.audit
+            .audit_ui(ui.ctx(), &self.client, self.engine.runtime());
         self.migrate.migrate_ui(ui.ctx(), &snapshot, actions.queue);
         notices_ui(ui.ctx(), &mut actions.outbox.notices);
         self.confirm_ui(ui.ctx());
@@ -847,6 +878,7 @@ impl ConsoleApp {
                     self.editor.close();
                     let mut actions = Actions {
                         engine: &self.engine,
+                        client: &self.client,
                         outbox: &mut self.outbox,
                         queue: &mut Vec::new(),
                     };
@@ -862,6 +894,7 @@ impl ConsoleApp {
         };
         let mut actions = Actions {
             engine: &self.engine,
+            client: &self.client,
             outbox: &mut self.outbox,
             queue: &mut self.queue,
         };
@@ -931,14 +964,20 @@ impl ConsoleApp {
                     if ui.button(button).clicked() {
                         match confirm.clone() {
                             Confirm::DeleteVm(host, name) => {
-                                actions.send(format!("Deleting {name}"), |reply| {
-                                    Command::DeleteVm { host, name, reply }
-                                });
+                                actions.call(
+                                    format!("Deleting {name}"),
+                                    crate::api::ops::DeleteVm {
+                                        vm: format!("{host}/{name}"),
+                                    },
+                                );
                             }
                             Confirm::DeleteService(name) => {
-                                actions.send(format!("Deleting service {name}"), |reply| {
-                                    Command::DeleteService { name, reply }
-                                });
+                                actions.call(
+                                    format!("Deleting service {name}"),
+                                    crate::api::ops::DeleteService {
+                                        name: name.to_string(),
+                                    },
+                                );
                             }
                             Confirm::ForceOff(host, name) => actions.stop_vm(&host, &name, true),
                             Confirm::Reboot(host, name) => actions.power_vm(
@@ -1007,6 +1046,7 @@ impl ConsoleApp {
         };
         let mut actions = Actions {
             engine: &self.engine,
+            client: &self.client,
             outbox: &mut self.outbox,
             queue: &mut self.queue,
         };

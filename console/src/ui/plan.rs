@@ -275,16 +275,18 @@ impl PlanDialog {
                         .add_enabled(can_deploy, egui::Button::new("Deploy"))
                         .on_disabled_hover_text(why_not);
                     if deploy.clicked() {
-                        let (service, fingerprint, overrides) =
-                            (name.clone(), plan.fingerprint.clone(), self.overrides.clone());
-                        actions.send(format!("Deploying service {name}"), |reply| {
-                            Command::DeployService {
-                                name: service,
-                                fingerprint: Some(fingerprint),
-                                overrides,
-                                reply,
-                            }
-                        });
+                        actions.call(
+                            format!("Deploying service {name}"),
+                            crate::api::ops::DeployService {
+                                name: name.to_string(),
+                                fingerprint: Some(plan.fingerprint.clone()),
+                                place: self
+                                    .overrides
+                                    .iter()
+                                    .map(|o| format!("{}-{}={}", o.app, o.index, o.host))
+                                    .collect(),
+                            },
+                        );
                         close = true;
                     }
                     if ui.button("Plan again").clicked() {

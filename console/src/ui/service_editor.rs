@@ -5,7 +5,7 @@ use dunes_shared::{model::ServiceName, service::ServiceSpec};
 use egui::{Color32, RichText};
 
 use super::Actions;
-use crate::engine::{Command, Snapshot, service_file::parse_service_file};
+use crate::engine::{Snapshot, service_file::parse_service_file};
 
 /// The e-commerce example, offered to start from.
 const EXAMPLE: &str = include_str!("../../../assets/examples/shop.toml");
@@ -149,11 +149,10 @@ impl ServiceEditor {
                     if ui.add_enabled(can, egui::Button::new(verb)).clicked() {
                         let source = self.source.clone();
                         let replace = self.editing.is_some();
-                        actions.send(format!("{verb} service"), |reply| Command::DefineService {
-                            source,
-                            replace,
-                            reply,
-                        });
+                        actions.call(
+                            format!("{verb} service"),
+                            crate::api::ops::DefineService { source, replace },
+                        );
                         close = true;
                     }
                     if exists {

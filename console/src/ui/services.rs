@@ -6,7 +6,7 @@ use dunes_shared::model::{AppName, HostId, ServiceName, VmName};
 use egui::{Color32, CornerRadius, RichText, Role, Sense, Stroke, StrokeKind, WidgetInfo};
 
 use super::{Actions, Selection, UiAction, VmDrag, service_color, service_tag_color, state_color};
-use crate::engine::{Command, ServiceStatus, ServiceView, Snapshot, store::InstanceState};
+use crate::engine::{ServiceStatus, ServiceView, Snapshot, store::InstanceState};
 
 #[derive(Debug, Default)]
 pub struct ServicesPanel;
@@ -189,26 +189,24 @@ fn service_card(
                 .on_hover_text("In dependency order, each application once what it needs is ready")
                 .clicked()
             {
-                let service = name.clone();
-                actions.send(format!("Starting service {name}"), |reply| {
-                    Command::StartService {
-                        name: service,
-                        reply,
-                    }
-                });
+                actions.call(
+                    format!("Starting service {name}"),
+                    crate::api::ops::StartService {
+                        name: name.to_string(),
+                    },
+                );
             }
             if ui
                 .add_enabled(idle && deployed, egui::Button::new("Stop"))
                 .on_hover_text("In reverse dependency order")
                 .clicked()
             {
-                let service = name.clone();
-                actions.send(format!("Stopping service {name}"), |reply| {
-                    Command::StopService {
-                        name: service,
-                        reply,
-                    }
-                });
+                actions.call(
+                    format!("Stopping service {name}"),
+                    crate::api::ops::StopService {
+                        name: name.to_string(),
+                    },
+                );
             }
             if ui.add_enabled(idle, egui::Button::new("Edit…")).clicked() {
                 actions.push(UiAction::EditService(Some(name.clone())));
@@ -333,16 +331,14 @@ impl AdoptDialog {
                 if ui.add_enabled(ready, egui::Button::new("Adopt")).clicked()
                     && let Some(app) = self.app.clone()
                 {
-                    let (s, h, v) = (service.clone(), host.clone(), vm.clone());
-                    actions.send(format!("Adopting {vm} into {service}"), |reply| {
-                        Command::AdoptVm {
-                            service: s,
-                            app,
-                            host: h,
-                            vm: v,
-                            reply,
-                        }
-                    });
+                    actions.call(
+                        format!("Adopting {vm} into {service}"),
+                        crate::api::ops::AdoptVm {
+                            name: service.to_string(),
+                            app: app.to_string(),
+                            vm: format!("{host}/{vm}"),
+                        },
+                    );
                     close = true;
                 }
                 if ui.button("Cancel").clicked() {
@@ -414,9 +410,10 @@ fn migrations_ui(ui: &mut egui::Ui, snapshot: &Snapshot, actions: &mut Actions<'
             ui.add(egui::ProgressBar::new(fraction).text(format!("{}{rate}{eta}", m.step.label())));
             if !m.step.is_committed() && ui.button("Cancel migration").clicked() {
                 let id = m.id;
-                actions.send(format!("Cancelling migration {id}"), |reply| {
-                    Command::CancelMigration { id, reply }
-                });
+                actions.call(
+                    format!("Cancelling migration {id}"),
+                    crate::api::ops::CancelMigration { id },
+                );
             }
         }
         if let Some(e) = &m.error {

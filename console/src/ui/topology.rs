@@ -260,16 +260,22 @@ impl TopologyPanel {
                     for &(i, card) in &site.cards {
                         let card = card.translate(origin);
                         if card.intersects(visible) {
-                            host_card(
-                                ui,
-                                &snapshot.hosts[i],
-                                card,
-                                selection,
-                                actions,
-                                &tags,
+                            let host = &snapshot.hosts[i];
+                            let online = host.link == LinkState::Online;
+                            let shown = Card {
+                                host,
                                 snapshot,
-                                &filter,
-                            );
+                                selection,
+                                tags: &tags,
+                                filter: &filter,
+                                online,
+                                text: if online {
+                                    ui.visuals().text_color()
+                                } else {
+                                    ui.visuals().weak_text_color()
+                                },
+                            };
+                            host_card(ui, &shown, card, actions);
                         }
                     }
                 }
@@ -396,17 +402,62 @@ fn badge(painter: &egui::Painter, at: Pos2, text: &str, color: Color32) -> f32 {
 }
 
 /// One host card with its VM chips, each tagged with its service's colour.
-#[allow(clippy::too_many_arguments)]
-fn host_card(
+/// What every part of a host card reads.
+struct Card<'a, 'b> {
+    host: &'a HostView,
+    snapshot: &'a Snapshot,
+    selection: &'a Selection,
+    tags: &'a Tags<'b>,
+    filter: &'a Filter,
+    online: bool,
+    /// The colour of the card's text: dimmer while the host is not online.
+    text: Color32,
+}
+
+/// A host's card: its frame, its header, its resources, its VMs' chips and the migrations
+/// under way.
+fn host_card(ui: &mut egui::Ui, card: &Card<'_, '_>, rect: Rect, actions: &mut Actions<'_>) {
+    let (host, snapshot, tags) = (card.host, card.snapshot, card.tags);
+    let painter = ui.painter().clone();
+    card_frame(ui, &painter, card, rect, actions);
+    let inner = rect.shrink(8.0);
+    card_header(&painter, card, inner);
+    card_resources(&painter, card, inner);
+    let chips_top = rect.top() + CARD_BASE_H - 6.0;
+    let chip_rects = host_chips(host, tags, inner.width());
+    let chips_bottom = chip_rects
+        .last()
+        .map_or(chips_top, |r| chips_top + r.bottom());
+    migration_lines(
+        &painter,
+        snapshot,
+        host,
+        pos2(inner.left(), chips_bottom + 6.0),
+        inner.width(),
+        card.text,
+    );
+    for (vm, chip) in host.vms.iter().zip(chip_rects) {
+        vm_chip(
+            ui,
+            &painter,
+            card,
+            vm,
+            chip.translate(vec2(inner.left(), chips_top)),
+            actions,
+        );
+    }
+}
+
+/// The card itself: a click selects the host, a VM chip dragged over it shows the
+/// pre-check's verdict, and one dropped asks to confirm the migration.
+fn card_frame(
     ui: &mut egui::Ui,
-    host: &HostView,
+    painter: &egui::Painter,
+    card: &Card<'_, '_>,
     rect: Rect,
-    selection: &Selection,
     actions: &mut Actions<'_>,
-    tags: &Tags<'_>,
-    snapshot: &Snapshot,
-    filter: &Filter,
 ) {
+    let host = card.host;
     let id = ui.scope_id().with(("host-card", host.id().as_str()));
     let response = ui.interact(rect, id, Sense::click());
     let label = host.id().to_string();
@@ -414,20 +465,18 @@ fn host_card(
     if response.clicked() {
         actions.push(UiAction::Select(Selection::Host(host.id().clone())));
     }
-    // A VM chip dragged over another host: the pre-check's verdict on the card; dropped,
-    // the confirmation with the estimate.
     let dragged = response
         .dnd_hover_payload::<VmDrag>()
         .filter(|d| &d.host != host.id());
     let verdict = dragged.as_ref().and_then(|drag| {
-        let from = snapshot.host(&drag.host)?;
+        let from = card.snapshot.host(&drag.host)?;
         let vm = from.vm(&drag.vm)?;
         Some(crate::engine::migration::precheck(
             vm,
             from,
             host,
-            &snapshot.services,
-            &snapshot.migrations,
+            &card.snapshot.services,
+            &card.snapshot.migrations,
         ))
     });
     if let Some(drag) = response.dnd_release_payload::<VmDrag>()
@@ -439,31 +488,19 @@ fn host_card(
             to: host.id().clone(),
         });
     }
-    let selected = matches!(selection, Selection::Host(h) if h == host.id());
-    let online = host.link == LinkState::Online;
-    let painter = ui.painter().clone();
+    let selected = matches!(card.selection, Selection::Host(h) if h == host.id());
     let visuals = ui.visuals();
-    let text = if online {
-        visuals.text_color()
-    } else {
-        visuals.weak_text_color()
-    };
-    let fill = if online {
+    let fill = if card.online {
         visuals.extreme_bg_color
     } else {
         visuals.extreme_bg_color.gamma_multiply(0.6)
     };
-    let stroke = if selected {
-        Stroke::new(2.0, visuals.selection.stroke.color)
-    } else if response.hovered() {
-        Stroke::new(1.0, visuals.widgets.hovered.bg_stroke.color)
-    } else {
-        Stroke::new(1.0, visuals.widgets.noninteractive.bg_stroke.color)
-    };
     let stroke = match &verdict {
         Some(Ok(_)) => Stroke::new(3.0, Color32::from_rgb(63, 185, 80)),
         Some(Err(_)) => Stroke::new(3.0, Color32::from_rgb(248, 81, 73)),
-        None => stroke,
+        None if selected => Stroke::new(2.0, visuals.selection.stroke.color),
+        None if response.hovered() => Stroke::new(1.0, visuals.widgets.hovered.bg_stroke.color),
+        None => Stroke::new(1.0, visuals.widgets.noninteractive.bg_stroke.color),
     };
     painter.rect(
         rect,
@@ -473,39 +510,53 @@ fn host_card(
         StrokeKind::Inside,
     );
     if let Some(verdict) = &verdict {
-        let text = match verdict {
-            Ok(estimate) => format!(
-                "migrate here: {}, about {:.0} s",
-                super::human_bytes(estimate.bytes),
-                estimate.seconds.ceil()
-            ),
-            Err(reasons) => reasons.first().cloned().unwrap_or_default(),
-        };
-        // Above the chips and the other cards, on a layer of its own, wrapped to the card.
-        let top = ui.ctx().layer_painter(egui::LayerId::new(
-            egui::Order::Tooltip,
-            egui::Id::unique("migration-verdict"),
-        ));
-        let galley = top.layout(
-            text,
-            FontId::proportional(12.0),
-            Color32::WHITE,
-            rect.width() - 20.0,
-        );
-        let size = galley.size() + vec2(12.0, 8.0);
-        let boxed = Rect::from_min_size(
-            pos2(rect.center().x - size.x / 2.0, rect.bottom() - size.y - 6.0),
-            size,
-        );
-        let fill = if verdict.is_ok() {
-            Color32::from_rgb(26, 127, 55)
-        } else {
-            Color32::from_rgb(176, 36, 36)
-        };
-        top.rect_filled(boxed, CornerRadius::same(4), fill);
-        top.galley(boxed.min + vec2(6.0, 4.0), galley, Color32::WHITE);
+        drag_verdict(ui, rect, verdict);
     }
-    let inner = rect.shrink(8.0);
+}
+
+/// The pre-check's verdict on a card a VM chip is dragged over: above the chips and the
+/// other cards, on a layer of its own, wrapped to the card.
+fn drag_verdict(
+    ui: &egui::Ui,
+    rect: Rect,
+    verdict: &Result<crate::engine::migration::MigrationEstimate, Vec<String>>,
+) {
+    let text = match verdict {
+        Ok(estimate) => format!(
+            "migrate here: {}, about {:.0} s",
+            super::human_bytes(estimate.bytes),
+            estimate.seconds.ceil()
+        ),
+        Err(reasons) => reasons.first().cloned().unwrap_or_default(),
+    };
+    let top = ui.ctx().layer_painter(egui::LayerId::new(
+        egui::Order::Tooltip,
+        egui::Id::unique("migration-verdict"),
+    ));
+    let galley = top.layout(
+        text,
+        FontId::proportional(12.0),
+        Color32::WHITE,
+        rect.width() - 20.0,
+    );
+    let size = galley.size() + vec2(12.0, 8.0);
+    let boxed = Rect::from_min_size(
+        pos2(rect.center().x - size.x / 2.0, rect.bottom() - size.y - 6.0),
+        size,
+    );
+    let fill = if verdict.is_ok() {
+        Color32::from_rgb(26, 127, 55)
+    } else {
+        Color32::from_rgb(176, 36, 36)
+    };
+    top.rect_filled(boxed, CornerRadius::same(4), fill);
+    top.galley(boxed.min + vec2(6.0, 4.0), galley, Color32::WHITE);
+}
+
+/// The host's link dot and name, and its state on the right: the link's, or its
+/// maintenance with its drain's progress.
+fn card_header(painter: &egui::Painter, card: &Card<'_, '_>, inner: Rect) {
+    let host = card.host;
     painter.circle_filled(
         inner.left_top() + vec2(5.0, 8.0),
         5.0,
@@ -516,10 +567,9 @@ fn host_card(
         Align2::LEFT_TOP,
         host.id().as_str(),
         FontId::proportional(15.0),
-        text,
+        card.text,
     );
-    // A host in maintenance says so where its link state is, with its drain's progress.
-    let (state, shown_color) = match (host.record.maintenance, snapshot.drain(host.id())) {
+    let (state, shown_color) = match (host.record.maintenance, card.snapshot.drain(host.id())) {
         (Some(m), Some(d)) if !m.paused && !d.is_settled() => (
             format!("draining {}/{}", d.moved, d.moved + d.remaining),
             Color32::from_rgb(230, 180, 60),
@@ -534,78 +584,14 @@ fn host_card(
         FontId::proportional(11.0),
         shown_color,
     );
-    let mut x = inner.left();
+}
+
+/// The host's runtimes, security level and price as badges, then its CPU, memory and disk
+/// in use as bars; or why they are not known yet.
+fn card_resources(painter: &egui::Painter, card: &Card<'_, '_>, inner: Rect) {
+    let host = card.host;
     let badge_y = inner.top() + 21.0;
-    if let Some(inv) = host.inventory() {
-        for runtime in &inv.runtimes {
-            x += badge(
-                &painter,
-                pos2(x, badge_y),
-                runtime.kind.as_str(),
-                Color32::from_rgb(31, 111, 235),
-            );
-        }
-        x += badge(
-            &painter,
-            pos2(x, badge_y),
-            &format!("security {}", inv.security_level),
-            Color32::from_rgb(110, 64, 201),
-        );
-        badge(
-            &painter,
-            pos2(x, badge_y),
-            &format!("{:.3}/CPU-h", inv.prices.per_cpu_hour),
-            Color32::from_rgb(87, 96, 106),
-        );
-        let active: Vec<_> = host.vms.iter().filter(|v| v.state.is_active()).collect();
-        // Agents report these; a wild value must not overflow the UI thread.
-        let vcpus = active.iter().fold(0u32, |n, v| n.saturating_add(v.vcpus));
-        let mem = active
-            .iter()
-            .fold(0u64, |n, v| n.saturating_add(v.memory_mib));
-        let used_storage = inv.storage_total_mib.saturating_sub(
-            host.status
-                .map_or(inv.storage_free_mib, |s| s.storage_free_mib),
-        );
-        let row = |n: f32| {
-            Rect::from_min_size(
-                pos2(inner.left(), inner.top() + 42.0 + n * 15.0),
-                vec2(inner.width(), 14.0),
-            )
-        };
-        bar(
-            &painter,
-            row(0.0),
-            "CPU",
-            vcpus as f32 / inv.cpus.max(1) as f32,
-            format!("{vcpus}/{} vCPU", inv.cpus),
-            text,
-        );
-        bar(
-            &painter,
-            row(1.0),
-            "MEM",
-            mem as f32 / inv.memory_mib.max(1) as f32,
-            format!(
-                "{:.1}/{:.0} GiB",
-                mem as f32 / 1024.0,
-                inv.memory_mib as f32 / 1024.0
-            ),
-            text,
-        );
-        bar(
-            &painter,
-            row(2.0),
-            "DISK",
-            used_storage as f32 / inv.storage_total_mib.max(1) as f32,
-            format!(
-                "{:.0}/{:.0} GiB",
-                used_storage as f32 / 1024.0,
-                inv.storage_total_mib as f32 / 1024.0
-            ),
-            text,
-        );
-    } else {
+    let Some(inv) = host.inventory() else {
         painter.text(
             pos2(inner.left(), badge_y),
             Align2::LEFT_TOP,
@@ -613,185 +599,275 @@ fn host_card(
                 .as_deref()
                 .unwrap_or("waiting for the agent's inventory"),
             FontId::proportional(11.0),
-            text,
+            card.text,
+        );
+        return;
+    };
+    let mut x = inner.left();
+    for runtime in &inv.runtimes {
+        x += badge(
+            painter,
+            pos2(x, badge_y),
+            runtime.kind.as_str(),
+            Color32::from_rgb(31, 111, 235),
         );
     }
-    let chips_top = rect.top() + CARD_BASE_H - 6.0;
-    let chip_rects = host_chips(host, tags, inner.width());
-    let chips_bottom = chip_rects
-        .last()
-        .map_or(chips_top, |r| chips_top + r.bottom());
-    migration_lines(
-        &painter,
-        snapshot,
-        host,
-        pos2(inner.left(), chips_bottom + 6.0),
-        inner.width(),
-        text,
+    x += badge(
+        painter,
+        pos2(x, badge_y),
+        &format!("security {}", inv.security_level),
+        Color32::from_rgb(110, 64, 201),
     );
-    let host_matches = filter.is_empty() || filter.matches_host(host);
-    for (vm, chip) in host.vms.iter().zip(chip_rects) {
-        let chip = chip.translate(vec2(inner.left(), chips_top));
-        // With a filter, the chips it matches stand out and the others fade.
-        let dimmed = !host_matches && !filter.matches(vm.name.as_str());
-        let highlighted = !filter.is_empty() && !dimmed;
-        let chip_id = ui
-            .scope_id()
-            .with(("vm-chip", host.id().as_str(), vm.name.as_str()));
-        let chip_response = ui.interact(chip, chip_id, Sense::click_and_drag());
-        chip_response.dnd_set_drag_payload(VmDrag {
-            host: host.id().clone(),
-            vm: vm.name.clone(),
-        });
-        let name = vm.name.to_string();
-        let selected_vm =
-            matches!(selection, Selection::Vm(h, v) if h == host.id() && v == &vm.name);
-        chip_response.widget_info(|| WidgetInfo::selected(Role::Button, true, selected_vm, &name));
-        if chip_response.clicked() {
-            actions.push(UiAction::Select(Selection::Vm(
-                host.id().clone(),
-                vm.name.clone(),
-            )));
-        }
-        let mut color = state_color(vm.state);
-        if !online {
-            color = color.gamma_multiply(0.45);
-        }
-        if dimmed {
-            color = color.gamma_multiply(0.3);
-        }
-        painter.rect_filled(chip, CornerRadius::same(4), color);
-        let tag = tags.get(&(host.id().clone(), vm.name.clone()));
-        let service = tag.map(|(s, _)| *s);
-        let guests = tag.map_or(&[][..], |(_, g)| *g);
-        let mut text_left = chip.left() + 6.0;
-        if let Some(service) = service {
-            // A stripe in the service's colour on the chip's left edge.
-            let stripe = Rect::from_min_size(chip.min, vec2(5.0, chip.height()));
-            painter.rect_filled(stripe, CornerRadius::same(2), service_tag_color(service));
-            text_left += 4.0;
-        }
-        let mut text_right = chip.right() - 6.0;
-        if vm.runtime == RuntimeKind::Process {
-            // Process instances carry a badge of their own.
-            let badge_rect = Rect::from_min_size(
-                pos2(chip.right() - 34.0, chip.top() + 3.0),
-                vec2(30.0, chip.height() - 6.0),
-            );
-            painter.rect_filled(
-                badge_rect,
-                CornerRadius::same(3),
-                Color32::from_rgb(40, 44, 52),
-            );
-            painter.text(
-                badge_rect.center(),
-                Align2::CENTER_CENTER,
-                "proc",
-                FontId::monospace(9.5),
-                Color32::from_rgb(230, 237, 243),
-            );
-            text_right = badge_rect.left() - 3.0;
-        }
-        // The applications inside the VM: a dot each, green when up, red when down.
-        for guest in guests.iter().rev() {
-            let centre = pos2(text_right - 4.0, chip.center().y);
-            let fill = match guest.state {
-                GuestAppState::Up => Color32::from_rgb(63, 185, 80),
-                GuestAppState::Down => Color32::from_rgb(248, 81, 73),
-                GuestAppState::Unknown => Color32::from_gray(150),
-            };
-            painter.circle(
-                centre,
-                3.5,
-                fill,
-                Stroke::new(1.0, Color32::from_black_alpha(160)),
-            );
-            text_right -= 10.0;
-        }
-        // A migration under way shows on the chip: its transfer's progress along the bottom.
-        let migrating = snapshot.migrations.iter().find(|m| {
-            !m.step.is_finished() && m.vm == vm.name && (&m.from == host.id() || &m.to == host.id())
-        });
-        if let Some(m) = migrating {
-            let fraction = if m.bytes_total > 0 {
-                (m.bytes_done as f32 / m.bytes_total as f32).clamp(0.0, 1.0)
-            } else {
-                0.0
-            };
-            let track = Rect::from_min_max(pos2(chip.left(), chip.bottom() - 4.0), chip.max);
-            painter.rect_filled(track, CornerRadius::ZERO, Color32::from_black_alpha(120));
-            let done =
-                Rect::from_min_size(track.min, vec2(track.width() * fraction, track.height()));
-            painter.rect_filled(done, CornerRadius::ZERO, Color32::from_rgb(88, 166, 255));
-        }
-        if selected_vm || chip_response.hovered() {
-            painter.rect_stroke(
-                chip,
-                CornerRadius::same(4),
-                Stroke::new(2.0, Color32::WHITE),
-                StrokeKind::Inside,
-            );
-        } else if highlighted {
-            painter.rect_stroke(
-                chip,
-                CornerRadius::same(4),
-                Stroke::new(2.0, Color32::from_rgb(255, 214, 102)),
-                StrokeKind::Outside,
-            );
-        }
-        painter.text(
-            pos2(text_left, chip.center().y),
-            Align2::LEFT_CENTER,
-            elide(&name, text_right - text_left),
-            FontId::proportional(11.5),
-            if dimmed {
-                Color32::from_gray(150)
-            } else {
-                Color32::WHITE
-            },
-        );
-        let mut service_note = service.map_or(String::new(), |s| format!(" · service {s}"));
-        for guest in guests {
-            service_note.push_str(&format!(
-                "\n{} {}: {}",
-                guest.name,
-                guest.state.as_str(),
-                guest.detail
-            ));
-        }
-        if let Some(m) = migrating {
-            service_note.push_str(&format!(
-                " · migration {} to {}: {}",
-                m.id,
-                m.to,
-                m.step.as_str()
-            ));
-        }
-        let addresses = vm
-            .addresses
-            .as_ref()
-            .filter(|a| !a.is_empty())
-            .map_or(String::new(), |a| format!(" · {}", a.join(", ")));
-        chip_response
-            .on_hover_text(format!(
-                "{} · {} · {} vCPU · {} MiB · {}{addresses}{service_note}",
-                vm.name,
-                vm.state,
-                vm.vcpus,
-                vm.memory_mib,
-                vm.runtime.as_str()
-            ))
-            .context_menu(|ui| {
-                let what = if vm.runtime == RuntimeKind::Process {
-                    "Process"
-                } else {
-                    "VM"
-                };
-                ui.label(format!("{what} {} on {}", vm.name, host.id()));
-                ui.separator();
-                super::vm_actions::vm_actions_ui(ui, snapshot, host, vm, actions, |ui| ui.close());
-            });
+    badge(
+        painter,
+        pos2(x, badge_y),
+        &format!("{:.3}/CPU-h", inv.prices.per_cpu_hour),
+        Color32::from_rgb(87, 96, 106),
+    );
+    let active: Vec<_> = host.vms.iter().filter(|v| v.state.is_active()).collect();
+    // Agents report these; a wild value must not overflow the UI thread.
+    let vcpus = active.iter().fold(0u32, |n, v| n.saturating_add(v.vcpus));
+    let mem = active
+        .iter()
+        .fold(0u64, |n, v| n.saturating_add(v.memory_mib));
+    let used_storage = inv.storage_total_mib.saturating_sub(
+        host.status
+            .map_or(inv.storage_free_mib, |s| s.storage_free_mib),
+    );
+    let row = |n: f32| {
+        Rect::from_min_size(
+            pos2(inner.left(), inner.top() + 42.0 + n * 15.0),
+            vec2(inner.width(), 14.0),
+        )
+    };
+    bar(
+        painter,
+        row(0.0),
+        "CPU",
+        vcpus as f32 / inv.cpus.max(1) as f32,
+        format!("{vcpus}/{} vCPU", inv.cpus),
+        card.text,
+    );
+    bar(
+        painter,
+        row(1.0),
+        "MEM",
+        mem as f32 / inv.memory_mib.max(1) as f32,
+        format!(
+            "{:.1}/{:.0} GiB",
+            mem as f32 / 1024.0,
+            inv.memory_mib as f32 / 1024.0
+        ),
+        card.text,
+    );
+    bar(
+        painter,
+        row(2.0),
+        "DISK",
+        used_storage as f32 / inv.storage_total_mib.max(1) as f32,
+        format!(
+            "{:.0}/{:.0} GiB",
+            used_storage as f32 / 1024.0,
+            inv.storage_total_mib as f32 / 1024.0
+        ),
+        card.text,
+    );
+}
+
+/// One VM's chip: coloured by state, dragged to migrate, clicked to select, its context
+/// menu the VM's actions.
+fn vm_chip(
+    ui: &mut egui::Ui,
+    painter: &egui::Painter,
+    card: &Card<'_, '_>,
+    vm: &dunes_shared::model::VmStatus,
+    chip: Rect,
+    actions: &mut Actions<'_>,
+) {
+    let host = card.host;
+    // With a filter, the chips it matches stand out and the others fade.
+    let host_matches = card.filter.is_empty() || card.filter.matches_host(host);
+    let dimmed = !host_matches && !card.filter.matches(vm.name.as_str());
+    let highlighted = !card.filter.is_empty() && !dimmed;
+    let chip_id = ui
+        .scope_id()
+        .with(("vm-chip", host.id().as_str(), vm.name.as_str()));
+    let chip_response = ui.interact(chip, chip_id, Sense::click_and_drag());
+    chip_response.dnd_set_drag_payload(VmDrag {
+        host: host.id().clone(),
+        vm: vm.name.clone(),
+    });
+    let name = vm.name.to_string();
+    let selected_vm =
+        matches!(card.selection, Selection::Vm(h, v) if h == host.id() && v == &vm.name);
+    chip_response.widget_info(|| WidgetInfo::selected(Role::Button, true, selected_vm, &name));
+    if chip_response.clicked() {
+        actions.push(UiAction::Select(Selection::Vm(
+            host.id().clone(),
+            vm.name.clone(),
+        )));
     }
+    let mut color = state_color(vm.state);
+    if !card.online {
+        color = color.gamma_multiply(0.45);
+    }
+    if dimmed {
+        color = color.gamma_multiply(0.3);
+    }
+    painter.rect_filled(chip, CornerRadius::same(4), color);
+    let tag = card.tags.get(&(host.id().clone(), vm.name.clone()));
+    let service = tag.map(|(s, _)| *s);
+    let guests = tag.map_or(&[][..], |(_, g)| *g);
+    // A migration under way shows on the chip: its transfer's progress along the bottom.
+    let migrating = card.snapshot.migrations.iter().find(|m| {
+        !m.step.is_finished() && m.vm == vm.name && (&m.from == host.id() || &m.to == host.id())
+    });
+    let (text_left, text_right) = chip_marks(painter, chip, vm, service, guests, migrating);
+    if selected_vm || chip_response.hovered() {
+        painter.rect_stroke(
+            chip,
+            CornerRadius::same(4),
+            Stroke::new(2.0, Color32::WHITE),
+            StrokeKind::Inside,
+        );
+    } else if highlighted {
+        painter.rect_stroke(
+            chip,
+            CornerRadius::same(4),
+            Stroke::new(2.0, Color32::from_rgb(255, 214, 102)),
+            StrokeKind::Outside,
+        );
+    }
+    painter.text(
+        pos2(text_left, chip.center().y),
+        Align2::LEFT_CENTER,
+        elide(&name, text_right - text_left),
+        FontId::proportional(11.5),
+        if dimmed {
+            Color32::from_gray(150)
+        } else {
+            Color32::WHITE
+        },
+    );
+    chip_response
+        .on_hover_text(chip_hover_text(vm, service, guests, migrating))
+        .context_menu(|ui| {
+            let what = if vm.runtime == RuntimeKind::Process {
+                "Process"
+            } else {
+                "VM"
+            };
+            ui.label(format!("{what} {} on {}", vm.name, host.id()));
+            ui.separator();
+            super::vm_actions::vm_actions_ui(ui, card.snapshot, host, vm, actions, |ui| ui.close());
+        });
+}
+
+/// What a chip carries beside its name: its service's stripe on the left, a `proc` badge
+/// and a dot per application inside on the right, a migration's progress along the
+/// bottom. Answers where the name may go, from left to right.
+fn chip_marks(
+    painter: &egui::Painter,
+    chip: Rect,
+    vm: &dunes_shared::model::VmStatus,
+    service: Option<&ServiceName>,
+    guests: &[GuestAppView],
+    migrating: Option<&crate::engine::migration::MigrationJournal>,
+) -> (f32, f32) {
+    let mut text_left = chip.left() + 6.0;
+    if let Some(service) = service {
+        let stripe = Rect::from_min_size(chip.min, vec2(5.0, chip.height()));
+        painter.rect_filled(stripe, CornerRadius::same(2), service_tag_color(service));
+        text_left += 4.0;
+    }
+    let mut text_right = chip.right() - 6.0;
+    if vm.runtime == RuntimeKind::Process {
+        let badge_rect = Rect::from_min_size(
+            pos2(chip.right() - 34.0, chip.top() + 3.0),
+            vec2(30.0, chip.height() - 6.0),
+        );
+        painter.rect_filled(
+            badge_rect,
+            CornerRadius::same(3),
+            Color32::from_rgb(40, 44, 52),
+        );
+        painter.text(
+            badge_rect.center(),
+            Align2::CENTER_CENTER,
+            "proc",
+            FontId::monospace(9.5),
+            Color32::from_rgb(230, 237, 243),
+        );
+        text_right = badge_rect.left() - 3.0;
+    }
+    // Green when up, red when down.
+    for guest in guests.iter().rev() {
+        let centre = pos2(text_right - 4.0, chip.center().y);
+        let fill = match guest.state {
+            GuestAppState::Up => Color32::from_rgb(63, 185, 80),
+            GuestAppState::Down => Color32::from_rgb(248, 81, 73),
+            GuestAppState::Unknown => Color32::from_gray(150),
+        };
+        painter.circle(
+            centre,
+            3.5,
+            fill,
+            Stroke::new(1.0, Color32::from_black_alpha(160)),
+        );
+        text_right -= 10.0;
+    }
+    if let Some(m) = migrating {
+        let fraction = if m.bytes_total > 0 {
+            (m.bytes_done as f32 / m.bytes_total as f32).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let track = Rect::from_min_max(pos2(chip.left(), chip.bottom() - 4.0), chip.max);
+        painter.rect_filled(track, CornerRadius::ZERO, Color32::from_black_alpha(120));
+        let done = Rect::from_min_size(track.min, vec2(track.width() * fraction, track.height()));
+        painter.rect_filled(done, CornerRadius::ZERO, Color32::from_rgb(88, 166, 255));
+    }
+    (text_left, text_right)
+}
+
+/// A chip's tooltip: the VM's sizes and addresses, its service, the applications inside it
+/// and a migration under way.
+fn chip_hover_text(
+    vm: &dunes_shared::model::VmStatus,
+    service: Option<&ServiceName>,
+    guests: &[GuestAppView],
+    migrating: Option<&crate::engine::migration::MigrationJournal>,
+) -> String {
+    let mut service_note = service.map_or(String::new(), |s| format!(" · service {s}"));
+    for guest in guests {
+        service_note.push_str(&format!(
+            "\n{} {}: {}",
+            guest.name,
+            guest.state.as_str(),
+            guest.detail
+        ));
+    }
+    if let Some(m) = migrating {
+        service_note.push_str(&format!(
+            " · migration {} to {}: {}",
+            m.id,
+            m.to,
+            m.step.as_str()
+        ));
+    }
+    let addresses = vm
+        .addresses
+        .as_ref()
+        .filter(|a| !a.is_empty())
+        .map_or(String::new(), |a| format!(" · {}", a.join(", ")));
+    format!(
+        "{} · {} · {} vCPU · {} MiB · {}{addresses}{service_note}",
+        vm.name,
+        vm.state,
+        vm.vcpus,
+        vm.memory_mib,
+        vm.runtime.as_str()
+    )
 }
 
 /// A line per migration under way to or from the host: where to, how far, how fast, how

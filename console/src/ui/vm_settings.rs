@@ -186,19 +186,16 @@ impl VmSettings {
                         .on_hover_text(hint)
                         .clicked()
                     {
-                        let (host, name) = (host_id.clone(), name.clone());
-                        let (vcpus, memory_mib) = (
-                            (self.vcpus != current.0).then_some(self.vcpus),
-                            (self.memory_mib != current.1).then_some(self.memory_mib),
+                        actions.call(
+                            format!("Resizing {name}"),
+                            crate::api::ops::ConfigureVm {
+                                vm: format!("{host_id}/{name}"),
+                                vcpus: (self.vcpus != current.0).then_some(self.vcpus),
+                                memory_mib: (self.memory_mib != current.1)
+                                    .then_some(self.memory_mib),
+                                autostart: None,
+                            },
                         );
-                        actions.send(format!("Resizing {name}"), |reply| Command::ConfigureVm {
-                            host,
-                            name,
-                            vcpus,
-                            memory_mib,
-                            autostart: None,
-                            reply,
-                        });
                     }
                 });
                 if let Some(next) = vm.next_start {
@@ -224,19 +221,19 @@ impl VmSettings {
                             )
                             .changed()
                         {
-                            let (host, name) = (host_id.clone(), name.clone());
                             let what = format!(
                                 "Turning autostart of {name} {}",
                                 if wanted { "on" } else { "off" }
                             );
-                            actions.send(what, |reply| Command::ConfigureVm {
-                                host,
-                                name,
-                                vcpus: None,
-                                memory_mib: None,
-                                autostart: Some(wanted),
-                                reply,
-                            });
+                            actions.call(
+                                what,
+                                crate::api::ops::ConfigureVm {
+                                    vm: format!("{host_id}/{name}"),
+                                    vcpus: None,
+                                    memory_mib: None,
+                                    autostart: Some(wanted),
+                                },
+                            );
                         }
                     }
                     None => {
@@ -282,10 +279,14 @@ impl VmSettings {
                     if button.clicked()
                         && let Ok(new_name) = parsed
                     {
-                        let (host, name, to) = (host_id.clone(), name.clone(), self.clone_to.clone());
-                        actions.send(format!("Cloning {name} as {new_name}"), |reply| {
-                            Command::CloneVm { host, name, new_name, to, reply }
-                        });
+                        actions.call(
+                            format!("Cloning {name} as {new_name}"),
+                            crate::api::ops::CloneVm {
+                                vm: format!("{host_id}/{name}"),
+                                name: new_name.to_string(),
+                                to: self.clone_to.as_ref().map(|h| h.to_string()),
+                            },
+                        );
                     }
                 });
             });

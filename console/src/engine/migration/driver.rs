@@ -370,7 +370,7 @@ impl Actor {
                 .collect();
             for instance in moved {
                 self.store.put_instance(&instance);
-                self.readiness.remove(&instance.key());
+                self.readiness.forget(&instance.key());
                 self.instances.insert(instance.key(), instance);
                 self.services_dirty = true;
             }
@@ -481,7 +481,7 @@ async fn run_effects(
 
 fn ignore_missing(result: Result<(), EngineError>) -> Result<(), EngineError> {
     match result {
-        Err(EngineError::Agent(m)) if m.ends_with("does not exist") => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
         other => other,
     }
 }
@@ -564,10 +564,10 @@ async fn run_effect(
                 Ok(()) => {}
                 // A transfer that finished before the console could journal it: the target
                 // holds the whole image already. It counts only if it is the source's.
-                Err(EngineError::Exists(why)) => {
+                Err(e) if e.is_exists() => {
                     let (here, there) = digests(source, target, vm, flat).await?;
                     if here != there {
-                        return Err(EngineError::Agent(why));
+                        return Err(e);
                     }
                     learned.digest = Some(here);
                     return Ok(());
@@ -602,8 +602,8 @@ async fn run_effect(
         Effect::Verify => {
             let (here, there) = digests(source, target, vm, flat).await?;
             if here != there || journal.digest.as_ref().is_some_and(|d| *d != here) {
-                return Err(EngineError::Agent(
-                    "the target's copy does not match the source's disk".into(),
+                return Err(EngineError::agent_failed(
+                    "the target's copy does not match the source's disk",
                 ));
             }
             Ok(())
@@ -616,7 +616,7 @@ async fn run_effect(
                     Ok(())
                 }
                 // Defined by an earlier try of this step.
-                Err(EngineError::Exists(_)) => Ok(()),
+                Err(e) if e.is_exists() => Ok(()),
                 Err(e) => Err(e),
             }
         }
@@ -625,7 +625,12 @@ async fn run_effect(
                 let started = match target.call(StartVm { name: vm, runtime }).await {
                     Ok(vm) => Some(vm),
                     // Started by an earlier try of this step.
-                    Err(EngineError::Agent(m)) if m.contains("already running") => None,
+                    // libvirt says so in words only.
+                    Err(EngineError::Agent { message, .. })
+                        if message.contains("already running") =>
+                    {
+                        None
+                    }
                     Err(e) => return Err(e),
                 };
                 learned.target_vm = started;
@@ -650,7 +655,7 @@ async fn run_effect(
                 .await
             {
                 Ok(_) => {}
-                Err(EngineError::Agent(m)) if m.ends_with("does not exist") => {}
+                Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
             ignore_missing(
@@ -665,7 +670,9 @@ async fn run_effect(
         }
         Effect::StartSource => match source.call(StartVm { name: vm, runtime }).await {
             Ok(_) => Ok(()),
-            Err(EngineError::Agent(m)) if m.contains("already running") => Ok(()),
+            Err(EngineError::Agent { message, .. }) if message.contains("already running") => {
+                Ok(())
+            }
             Err(e) => Err(e),
         },
     }

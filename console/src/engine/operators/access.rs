@@ -86,6 +86,8 @@ pub enum Target {
     },
     /// A host, on a site.
     Host { name: String, site: String },
+    /// An operator: no scope covers who may do what.
+    Operator(String),
 }
 
 impl Target {
@@ -107,6 +109,7 @@ impl Target {
             Target::Service(name) => format!("service {name}"),
             Target::Workload { name, .. } => name.clone(),
             Target::Host { name, .. } => format!("host {name}"),
+            Target::Operator(name) => format!("operator {name}"),
         }
     }
 }

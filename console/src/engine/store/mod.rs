@@ -300,8 +300,26 @@ pub struct InstanceRecord {
 }
 
 impl InstanceRecord {
-    pub fn key(&self) -> String {
-        format!("{}/{}/{}", self.service, self.app, self.index)
+    pub fn key(&self) -> InstanceKey {
+        InstanceKey {
+            service: self.service.clone(),
+            app: self.app.clone(),
+            index: self.index,
+        }
+    }
+}
+
+/// Which instance: a service's application and its index (`shop/web/1` in the store).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceKey {
+    pub service: dunes_shared::model::ServiceName,
+    pub app: dunes_shared::model::AppName,
+    pub index: u32,
+}
+
+impl std::fmt::Display for InstanceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.service, self.app, self.index)
     }
 }
 
@@ -534,7 +552,8 @@ impl Store {
         self.pending.push(Op::PutInstance(instance.into()));
     }
     pub fn delete_instance(&mut self, instance: &InstanceRecord) {
-        self.pending.push(Op::DeleteInstance(instance.key()));
+        self.pending
+            .push(Op::DeleteInstance(instance.key().to_string()));
     }
     pub fn put_service(&mut self, service: &ServiceRecord) {
         self.pending.push(Op::PutService(service.into()));

@@ -83,7 +83,13 @@ async fn an_agent_error_is_the_callers_and_the_logs() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err, EngineError::Agent("VM nowhere does not exist".into()));
+    assert_eq!(
+        err,
+        EngineError::Agent {
+            code: dunes_shared::protocol::ErrorCode::NotFound,
+            message: "VM nowhere does not exist".into()
+        }
+    );
     let snap = engine.snapshot();
     let last = snap.events.last().unwrap();
     assert_eq!(
