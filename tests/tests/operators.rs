@@ -248,13 +248,14 @@ fn operators_reach_the_engine_with_their_role_checked_on_every_request() {
         &["--json", "vm", "stop", "--force", "bi-warehouse"],
     ));
     assert_eq!(stopped["state"], "shutoff");
-    // Reads are not limited.
-    assert_eq!(
-        json(&remote(&gina, &["--json", "vms"]))
-            .as_array()
+    // Reads are not limited: gina sees the VMs of lausanne too.
+    let seen = json(&remote(&gina, &["--json", "vms"]));
+    assert!(
+        seen.as_array()
             .unwrap()
-            .len(),
-        7
+            .iter()
+            .any(|v| v["name"] == "wiki" && v["host"] == "lsn-2"),
+        "{seen}"
     );
     let bad = ctl(
         &data,
@@ -443,5 +444,52 @@ fn an_operator_certificate_is_renewed_before_it_expires() {
             .await
             .unwrap_err();
         assert!(err.message.contains("over their own session"), "{err}");
+    });
+}
+
+/// A window elsewhere follows the engine through its snapshot feed: the whole snapshot, then
+/// what changes.
+#[test]
+fn a_remote_snapshot_follows_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo_with(dir.path(), &["--operator-listen", "127.0.0.1:0"]);
+    let file = add(&data, dir.path(), "wanda", "viewer");
+    let credential = Credential::load(&file).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let session = RemoteEngine::connect(&credential).await.unwrap();
+        let mut snapshots = session.watch().await.unwrap();
+        let first = snapshots.borrow_and_update().clone();
+        assert_eq!(first.hosts.len(), 3);
+        assert_eq!(first.hosts.iter().map(|h| h.vms.len()).sum::<usize>(), 7);
+        let wiki_state = |s: &dunes_console::engine::Snapshot| {
+            s.find_vm("wiki")
+                .map(|(_, vm)| vm.state.as_str().to_string())
+        };
+        assert_eq!(wiki_state(&first).as_deref(), Ok("running"));
+        // A change made locally reaches the remote snapshot, with its event.
+        let stopped = tokio::task::spawn_blocking({
+            let data = data.clone();
+            move || ctl(&data, &["--json", "vm", "stop", "--force", "wiki"])
+        })
+        .await
+        .unwrap();
+        assert!(stopped.status.success());
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let now = snapshots.borrow_and_update().clone();
+                if wiki_state(&now).as_deref() == Ok("shutoff")
+                    && now
+                        .events
+                        .iter()
+                        .any(|e| e.message.contains("forcing VM wiki off"))
+                {
+                    break;
+                }
+                snapshots.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the stop reaches the remote snapshot");
     });
 }

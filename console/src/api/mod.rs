@@ -4,6 +4,7 @@
 //! `--json` output and the tests go through it.
 
 pub mod credential;
+pub mod feed;
 pub mod ops;
 pub mod remote;
 pub mod views;
@@ -432,6 +433,21 @@ impl EngineClient {
         EngineClient::Socket {
             path: crate::ctl::socket_path(data_dir),
             timeout,
+        }
+    }
+
+    /// The engine's snapshot as it changes: the engine's own in this process, or a full
+    /// snapshot then deltas from an engine elsewhere (not over the control socket).
+    pub async fn snapshots(
+        &self,
+    ) -> Result<tokio::sync::watch::Receiver<std::sync::Arc<crate::engine::Snapshot>>, ApiError>
+    {
+        match self {
+            EngineClient::InProcess(engine) => Ok(engine.subscribe()),
+            EngineClient::Socket { .. } => Err(ApiError::invalid(
+                "the control socket answers requests; a window follows an engine in its process or through --connect",
+            )),
+            EngineClient::Remote { session, .. } => session.watch().await,
         }
     }
 

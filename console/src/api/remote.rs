@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Answer, ApiError, ApiErrorCode, Envelope, credential::Credential};
 use crate::engine::{
-    EngineHandle,
+    EngineHandle, Snapshot,
     operators::{Role, access},
 };
 
@@ -314,6 +314,9 @@ async fn session(
     }
 }
 
+/// The request that turns its stream into the snapshot's feed.
+pub const WATCH: &str = "watch";
+
 async fn request(
     engine: EngineHandle,
     caller: Arc<Caller>,
@@ -324,12 +327,59 @@ async fn request(
         Err(e) => Err(ApiError::invalid(format!("the request is unreadable: {e}"))),
         Ok(bytes) => match serde_json::from_slice::<Envelope>(&bytes) {
             Err(e) => Err(ApiError::invalid(format!("bad request: {e}"))),
+            Ok(envelope) if envelope.cmd == WATCH => return feed_snapshots(engine, send).await,
             Ok(envelope) => super::dispatch_as(&engine, envelope, Some(&caller)).await,
         },
     };
     let bytes = serde_json::to_vec(&Answer::from_result(answer)).unwrap_or_default();
     let _ = send.write_all(&bytes).await;
     let _ = send.finish();
+}
+
+/// Sends the whole snapshot, then a delta per change, until the watcher or the engine
+/// goes; every role may watch.
+async fn feed_snapshots(engine: EngineHandle, mut send: quinn::SendStream) {
+    use super::feed::{SnapshotFrame, delta, encode, frame_gap};
+    let mut snapshots = engine.subscribe();
+    let mut last = snapshots.borrow_and_update().clone();
+    let Ok(first) = encode(&SnapshotFrame::Full(Snapshot::clone(&last))) else {
+        return;
+    };
+    if send.write_all(&first).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { break },
+            // The watcher went away.
+            _ = send.stopped() => return,
+        }
+        // Changes in the gap go in the same frame.
+        tokio::time::sleep(frame_gap()).await;
+        let now = snapshots.borrow_and_update().clone();
+        let Ok(frame) = encode(&SnapshotFrame::Delta(delta(&last, &now))) else {
+            break;
+        };
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
+        last = now;
+    }
+    let _ = send.finish();
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<super::feed::SnapshotFrame, String> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > super::feed::MAX_FRAME_BYTES {
+        return Err(format!("a snapshot frame of {len} bytes is over the limit"));
+    }
+    let mut body = vec![0; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| format!("a snapshot frame does not parse: {e}"))
 }
 
 fn engine_name(engine: &EngineHandle) -> String {
@@ -511,6 +561,52 @@ impl RemoteEngine {
             .write(path)
             .map_err(|e| ApiError::invalid(dunes_shared::error_chain(&e)))?;
         Ok(true)
+    }
+
+    /// The engine's snapshot as it changes: the whole of it first, then a delta per change.
+    /// The receiver sees no more changes once the session ends.
+    pub async fn watch(&self) -> Result<tokio::sync::watch::Receiver<Arc<Snapshot>>, ApiError> {
+        use super::feed::{SnapshotFrame, apply};
+        let lost = |message: String| ApiError {
+            code: ApiErrorCode::Unavailable,
+            message: format!("the snapshot of the engine at {}: {message}", self.address),
+        };
+        let (mut send, mut recv) = self
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let request = serde_json::to_vec(&Envelope {
+            cmd: WATCH.to_string(),
+            fields: Default::default(),
+        })
+        .map_err(|e| lost(e.to_string()))?;
+        send.write_all(&request)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        send.finish().map_err(|e| lost(e.to_string()))?;
+        let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv))
+            .await
+            .map_err(|_| lost("no snapshot in time".into()))?
+            .map_err(lost)?;
+        let SnapshotFrame::Full(base) = first else {
+            return Err(lost("the feed did not start with a whole snapshot".into()));
+        };
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(base));
+        tokio::spawn(async move {
+            // The send side stays open while the feed runs: the engine sees a watcher.
+            let _send = send;
+            while let Ok(frame) = read_frame(&mut recv).await {
+                let next = match frame {
+                    SnapshotFrame::Full(whole) => whole,
+                    SnapshotFrame::Delta(delta) => apply(&tx.borrow(), delta),
+                };
+                if tx.send(Arc::new(next)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
     }
 
     /// Resolves once the session ends, with why.

@@ -2,7 +2,7 @@
 //! link message, the result of background work), then one publish and one store batch.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::BTreeMap,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -18,7 +18,7 @@ use super::{
     console_pki::ConsolePki,
     enroll::{self, Enrolled},
     link::{LinkContext, LinkMessage},
-    store::{EventRecord, Level, Store},
+    store::{Level, Store},
 };
 
 pub(super) struct HostEntry {
@@ -72,35 +72,18 @@ pub(super) struct Actor {
     pub(super) hosts: BTreeMap<HostId, HostEntry>,
     /// Host ids held by enrollments under way.
     pub(super) enrolling: enroll::HeldHostIds,
-    pub(super) events: VecDeque<EventRecord>,
-    pub(super) events_dirty: bool,
-    pub(super) published_events: Arc<Vec<EventRecord>>,
+    pub(super) events: super::event_log::EventsState,
     pub(super) services: BTreeMap<dunes_shared::model::ServiceName, super::services::ServiceEntry>,
     /// Every service's instances, by `service/app/index`.
     pub(super) instances: BTreeMap<super::store::InstanceKey, super::store::InstanceRecord>,
     pub(super) services_dirty: bool,
     pub(super) published_services: Arc<Vec<Arc<super::ServiceView>>>,
-    pub(super) next_seq: u64,
     pub(super) internal_tx: mpsc::Sender<Internal>,
     pub(super) snapshot_tx: watch::Sender<Arc<Snapshot>>,
     pub(super) repaint: Repaint,
     pub(super) version: u64,
-    /// Every migration's journal, by id (finished ones are history).
-    pub(super) migrations: BTreeMap<u64, super::migration::MigrationJournal>,
-    /// Migrations with effects under way.
-    pub(super) migrating: std::collections::BTreeSet<u64>,
-    /// Cancels asked while an effect ran: applied when it ends.
-    pub(super) cancelled: std::collections::BTreeSet<u64>,
-    /// Migrations a restart picked up again.
-    pub(super) resumed: std::collections::BTreeSet<u64>,
-    pub(super) migrations_dirty: bool,
-    /// The last progress of each running transfer: bytes and when, for its rate.
-    pub(super) transfer_samples: BTreeMap<u64, (u64, u64)>,
-    pub(super) published_migrations: Arc<Vec<super::migration::MigrationJournal>>,
-    /// Where each host in maintenance stands with its drain.
-    pub(super) drains: BTreeMap<HostId, super::evacuation::DrainProgress>,
-    pub(super) drains_dirty: bool,
-    pub(super) published_drains: Arc<Vec<super::evacuation::DrainProgress>>,
+    pub(super) migrations: super::migration::MigrationsState,
+    pub(super) drains: super::evacuation::DrainsState,
     /// The last readiness answer of each running instance, by `service/app/index`.
     pub(super) readiness: super::probes::Probed<super::readiness::LastCheck>,
     /// The last look at each running instance's guest applications, by `service/app/index`.

@@ -433,7 +433,7 @@ impl Actor {
                         .map_or(generated_until_secs, |t| t.max(generated_until_secs)),
                 );
                 // Published with the next snapshot.
-                self.events_dirty = true;
+                self.events.dirty = true;
                 let _ = reply.send(Ok(count));
             }
             Command::DrainHost { host, reply } => self.drain_host(&host, reply),
@@ -663,7 +663,7 @@ impl Actor {
                 .map(|i| (i.site.name.to_string(), i.prices))
         };
         let mut streams: Vec<(String, f64, f64)> = Vec::new();
-        for m in self.migrations.values() {
+        for m in self.migrations.journals.values() {
             let (Some((from_site, prices)), Some((to_site, _))) =
                 (site_of(&m.from), site_of(&m.to))
             else {

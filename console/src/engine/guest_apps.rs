@@ -22,7 +22,7 @@ use super::{
 pub(super) const GUEST_APPS_EVERY: Duration = Duration::from_secs(5);
 
 /// How a guest application stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GuestAppState {
     /// Its process runs and its check passes (each as far as it has them).
     Up,
@@ -43,7 +43,7 @@ impl GuestAppState {
 }
 
 /// A guest application in one instance's VM, as the snapshot shows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GuestAppView {
     pub name: dunes_shared::model::AppName,
     pub state: GuestAppState,

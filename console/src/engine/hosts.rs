@@ -179,6 +179,7 @@ impl Actor {
             AgentEvent::VmRemoved { name } => {
                 self.note_departed(&host, name);
                 self.migrations
+                    .journals
                     .values()
                     .filter(|m| &m.vm == name)
                     .max_by_key(|m| m.id)

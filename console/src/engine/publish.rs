@@ -85,19 +85,20 @@ impl Actor {
             self.services_dirty = false;
             changed = true;
         }
-        if self.migrations_dirty {
-            self.published_migrations = Arc::new(self.migrations.values().cloned().collect());
-            self.migrations_dirty = false;
+        if self.migrations.dirty {
+            self.migrations.published =
+                Arc::new(self.migrations.journals.values().cloned().collect());
+            self.migrations.dirty = false;
             changed = true;
         }
-        if self.drains_dirty {
-            self.published_drains = Arc::new(self.drains.values().cloned().collect());
-            self.drains_dirty = false;
+        if self.drains.dirty {
+            self.drains.published = Arc::new(self.drains.progress.values().cloned().collect());
+            self.drains.dirty = false;
             changed = true;
         }
-        if self.events_dirty {
-            self.published_events = Arc::new(self.events.iter().cloned().collect());
-            self.events_dirty = false;
+        if self.events.dirty {
+            self.events.published = Arc::new(self.events.recent.iter().cloned().collect());
+            self.events.dirty = false;
             changed = true;
         }
         let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.hosts.len();
@@ -111,10 +112,10 @@ impl Actor {
         hosts.sort_by(|a, b| (a.site_name(), a.id()).cmp(&(b.site_name(), b.id())));
         let _ = self.snapshot_tx.send(Arc::new(Snapshot {
             hosts,
-            events: self.published_events.clone(),
+            events: self.events.published.clone(),
             services: self.published_services.clone(),
-            migrations: self.published_migrations.clone(),
-            drains: self.published_drains.clone(),
+            migrations: self.migrations.published.clone(),
+            drains: self.drains.published.clone(),
             generated_until_secs: self.generated_until_secs,
             version: self.version,
         }));

@@ -36,7 +36,7 @@ pub enum Operation {
 }
 
 /// How a service stands, from every instance in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ServiceStatus {
     /// Defined, with no instance deployed.
     Defined,
@@ -73,7 +73,7 @@ impl ServiceStatus {
 }
 
 /// An instance as the snapshot shows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InstanceView {
     pub record: InstanceRecord,
     /// Its VM's state, when its host reports the VM.
@@ -90,7 +90,7 @@ pub struct InstanceView {
 }
 
 /// A service as the snapshot shows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ServiceView {
     pub record: ServiceRecord,
     /// `Err` when the stored file no longer reads (a release that changed the format).

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::store::{EventRecord, HostRecord};
 
 /// How the console's link to an agent stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkState {
     Connecting,
@@ -29,7 +29,7 @@ impl LinkState {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HostView {
     pub record: HostRecord,
     pub link: LinkState,
@@ -75,7 +75,7 @@ impl HostView {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     /// Sorted by site, then host id.
     pub hosts: Vec<Arc<HostView>>,

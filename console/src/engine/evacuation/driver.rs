@@ -19,6 +19,25 @@ use crate::engine::{
 /// stands and why the operation failed, if it did.
 type AfterOperation = Box<dyn FnOnce(&mut Actor, &ServiceName, ServiceMove, Option<String>) + Send>;
 
+/// Where each host in maintenance stands with its drain, owned by the engine, and what was
+/// last published.
+#[derive(Debug)]
+pub(in crate::engine) struct DrainsState {
+    pub(in crate::engine) progress: std::collections::BTreeMap<HostId, DrainProgress>,
+    pub(in crate::engine) dirty: bool,
+    pub(in crate::engine) published: std::sync::Arc<Vec<DrainProgress>>,
+}
+
+impl Default for DrainsState {
+    fn default() -> Self {
+        DrainsState {
+            progress: Default::default(),
+            dirty: true,
+            published: std::sync::Arc::new(Vec::new()),
+        }
+    }
+}
+
 impl Actor {
     /// Marks `host` as in maintenance and moves everything off it; resumes a paused drain.
     pub(in crate::engine) fn drain_host(&mut self, host: &HostId, reply: Reply<DrainProgress>) {
@@ -57,7 +76,7 @@ impl Actor {
         self.store.put_host(&entry.view.record);
         self.log(Level::Info, Some(host.clone()), verb.to_string());
         self.advance_evacuations();
-        match self.drains.get(host).cloned() {
+        match self.drains.progress.get(host).cloned() {
             Some(progress) => self.reply_after_commit(reply, progress),
             None => {
                 let _ = reply.send(Err(EngineError::UnknownHost(host.clone())));
@@ -85,7 +104,7 @@ impl Actor {
             Some(host.clone()),
             "drain paused; the migration under way finishes".into(),
         );
-        self.drains_dirty = true;
+        self.drains.dirty = true;
         self.advance_evacuations();
         self.reply_after_commit(reply, ());
     }
@@ -105,8 +124,8 @@ impl Actor {
         entry.view.record.maintenance = None;
         entry.dirty = true;
         self.store.put_host(&entry.view.record);
-        self.drains.remove(host);
-        self.drains_dirty = true;
+        self.drains.progress.remove(host);
+        self.drains.dirty = true;
         self.log(
             Level::Info,
             Some(host.clone()),
@@ -252,7 +271,7 @@ impl Actor {
                 .collect(),
             services: self.service_views(),
             instances: self.instances.values().cloned().collect(),
-            migrations: self.migrations.values().cloned().collect(),
+            migrations: self.migrations.journals.values().cloned().collect(),
         }
     }
 
@@ -278,7 +297,7 @@ impl Actor {
                 }),
             }
         }
-        let before = self.drains.get(host);
+        let before = self.drains.progress.get(host);
         if before != Some(&progress) {
             let settled_now = progress.is_settled() && !before.is_some_and(|b| b.is_settled());
             if settled_now {
@@ -307,8 +326,8 @@ impl Actor {
                 };
                 self.log(level, Some(host.clone()), message);
             }
-            self.drains.insert(host.clone(), progress);
-            self.drains_dirty = true;
+            self.drains.progress.insert(host.clone(), progress);
+            self.drains.dirty = true;
         }
     }
 
@@ -363,6 +382,7 @@ impl Actor {
                 };
                 if self
                     .migrations
+                    .journals
                     .values()
                     .filter(mine)
                     .any(|m| !m.step.is_finished())
@@ -371,6 +391,7 @@ impl Actor {
                 }
                 if let Some(failed) = self
                     .migrations
+                    .journals
                     .values()
                     .filter(mine)
                     .find(|m| m.step == MigrationStep::RolledBack)

@@ -4,4 +4,5 @@
 mod driver;
 mod plan;
 
+pub(in crate::engine) use driver::DrainsState;
 pub use plan::*;

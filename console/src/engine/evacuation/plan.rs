@@ -26,14 +26,14 @@ pub struct MoveChoice {
 }
 
 /// A VM that cannot move, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Blocked {
     pub vm: VmName,
     pub reason: String,
 }
 
 /// Where a drain stands, as the snapshot shows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DrainProgress {
     pub host: HostId,
     pub paused: bool,

@@ -77,6 +77,37 @@ fn outcome_of(e: EngineError) -> Outcome {
     }
 }
 
+/// The migrations, owned by the engine: every journal by id (finished ones are history),
+/// which have effects under way, and what was last published.
+#[derive(Debug)]
+pub(in crate::engine) struct MigrationsState {
+    pub(in crate::engine) journals: std::collections::BTreeMap<u64, MigrationJournal>,
+    /// Migrations with effects under way.
+    pub(in crate::engine) running: std::collections::BTreeSet<u64>,
+    /// Cancels asked while an effect ran: applied when it ends.
+    pub(in crate::engine) cancelled: std::collections::BTreeSet<u64>,
+    /// Migrations a restart picked up again.
+    pub(in crate::engine) resumed: std::collections::BTreeSet<u64>,
+    pub(in crate::engine) dirty: bool,
+    /// The last progress of each running transfer: bytes and when, for its rate.
+    pub(in crate::engine) transfer_samples: std::collections::BTreeMap<u64, (u64, u64)>,
+    pub(in crate::engine) published: std::sync::Arc<Vec<MigrationJournal>>,
+}
+
+impl MigrationsState {
+    pub(in crate::engine) fn new(loaded: &[MigrationJournal]) -> MigrationsState {
+        MigrationsState {
+            journals: loaded.iter().map(|m| (m.id, m.clone())).collect(),
+            running: Default::default(),
+            cancelled: Default::default(),
+            resumed: Default::default(),
+            dirty: true,
+            transfer_samples: Default::default(),
+            published: std::sync::Arc::new(Vec::new()),
+        }
+    }
+}
+
 impl Actor {
     /// Plans a cold migration of `vm` from `host` to `to`, after checking that it can go.
     pub(in crate::engine) fn migrate_vm(
@@ -98,6 +129,7 @@ impl Actor {
     /// Open migrations, for the pre-check's view of what is on its way where.
     pub(in crate::engine) fn open_migrations(&self) -> Vec<MigrationJournal> {
         self.migrations
+            .journals
             .values()
             .filter(|m| !m.step.is_finished())
             .cloned()
@@ -130,6 +162,7 @@ impl Actor {
             .ok_or_else(|| format!("host {to} is not enrolled"))?;
         if let Some(m) = self
             .migrations
+            .journals
             .values()
             .find(|m| &m.vm == vm && !m.step.is_finished())
         {
@@ -147,7 +180,12 @@ impl Actor {
         .map_err(|reasons| format!("{vm} cannot go to {to}: {}", reasons.join("; ")))?;
         let (limit_mbps, compress) = estimate.transfer_settings(options);
         let was_running = status.state.is_active();
-        let id = self.migrations.keys().next_back().map_or(1, |k| k + 1);
+        let id = self
+            .migrations
+            .journals
+            .keys()
+            .next_back()
+            .map_or(1, |k| k + 1);
         let now = now_ms();
         let planned = MigrationJournal {
             id,
@@ -200,12 +238,14 @@ impl Actor {
         let now = now_ms();
         let Some(journal) = self
             .migrations
+            .journals
             .values_mut()
             .find(|m| m.ticket.as_deref() == Some(ticket) && !m.step.is_finished())
         else {
             return;
         };
         let (last_bytes, last_ms) = self
+            .migrations
             .transfer_samples
             .insert(journal.id, (bytes_done, now))
             .unwrap_or((0, journal.updated_ms));
@@ -215,12 +255,12 @@ impl Actor {
         }
         journal.bytes_done = bytes_done;
         journal.bytes_total = bytes_total;
-        self.migrations_dirty = true;
+        self.migrations.dirty = true;
     }
 
     /// Asks a migration to stop and roll back (before it is confirmed).
     pub(in crate::engine) fn cancel_migration(&mut self, id: u64, reply: Reply<MigrationJournal>) {
-        let Some(journal) = self.migrations.get(&id).cloned() else {
+        let Some(journal) = self.migrations.journals.get(&id).cloned() else {
             let _ = reply.send(Err(EngineError::Invalid(format!("no migration {id}"))));
             return;
         };
@@ -231,9 +271,9 @@ impl Actor {
             ))));
             return;
         }
-        if self.migrating.contains(&id) {
+        if self.migrations.running.contains(&id) {
             // Applied when the running effect ends; a disk stream is stopped at once.
-            self.cancelled.insert(id);
+            self.migrations.cancelled.insert(id);
             if journal.step == MigrationStep::Transferring
                 && let (Ok(source), Some(ticket)) =
                     (self.client(&journal.from), journal.ticket.clone())
@@ -262,6 +302,7 @@ impl Actor {
         }
         let changed = self
             .migrations
+            .journals
             .get(&journal.id)
             .map(|j| (j.step, j.error.clone(), j.waiting.clone()));
         if changed != Some((journal.step, journal.error.clone(), journal.waiting.clone())) {
@@ -287,12 +328,12 @@ impl Actor {
             );
         }
         self.store.put_migration(&journal);
-        self.migrations.insert(journal.id, journal.clone());
-        self.migrations_dirty = true;
+        self.migrations.journals.insert(journal.id, journal.clone());
+        self.migrations.dirty = true;
         if effects.is_empty() {
             return;
         }
-        self.migrating.insert(journal.id);
+        self.migrations.running.insert(journal.id);
         let clients = (self.client(&journal.from), self.client(&journal.to));
         let target_address = self
             .hosts
@@ -323,8 +364,8 @@ impl Actor {
     }
 
     fn migration_outcome(&mut self, id: u64, outcome: Outcome, learned: Learned) {
-        self.migrating.remove(&id);
-        let Some(mut journal) = self.migrations.get(&id).cloned() else {
+        self.migrations.running.remove(&id);
+        let Some(mut journal) = self.migrations.journals.get(&id).cloned() else {
             return;
         };
         exit_after_effects_of(journal.step);
@@ -350,12 +391,12 @@ impl Actor {
         }
         // A cancel asked while the effect ran wins over how it ended (a stopped transfer
         // ends in an error), but not over a committed step.
-        let outcome = if self.cancelled.remove(&id) && !journal.step.is_committed() {
+        let outcome = if self.migrations.cancelled.remove(&id) && !journal.step.is_committed() {
             Outcome::Cancelled
         } else {
             outcome
         };
-        self.transfer_samples.remove(&id);
+        self.migrations.transfer_samples.remove(&id);
         let (next, effects) = advance(&journal, outcome);
         if next.step == MigrationStep::Confirmed && journal.step != MigrationStep::Confirmed {
             // The instance is where its VM now runs, written in the journal's batch.
@@ -419,8 +460,9 @@ impl Actor {
     pub(in crate::engine) fn retry_migrations(&mut self) {
         let open: Vec<MigrationJournal> = self
             .migrations
+            .journals
             .values()
-            .filter(|m| !m.step.is_finished() && !self.migrating.contains(&m.id))
+            .filter(|m| !m.step.is_finished() && !self.migrations.running.contains(&m.id))
             .filter(|m| {
                 [&m.from, &m.to].iter().all(|h| {
                     self.hosts
@@ -430,7 +472,7 @@ impl Actor {
             })
             .filter(|m| {
                 // Running effects are not repeated; a fresh step is run by its commit.
-                m.waiting.is_some() || self.resumed.insert(m.id)
+                m.waiting.is_some() || self.migrations.resumed.insert(m.id)
             })
             .cloned()
             .collect();

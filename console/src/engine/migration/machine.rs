@@ -12,7 +12,9 @@
 use dunes_shared::model::{HostId, VmName};
 
 /// Where a migration stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum MigrationStep {
     Planned,
     Stopping,
@@ -101,7 +103,7 @@ impl MigrationStep {
 }
 
 /// One migration as the journal keeps it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MigrationJournal {
     pub id: u64,
     pub vm: VmName,
@@ -114,7 +116,9 @@ pub struct MigrationJournal {
     pub error: Option<String>,
     pub bytes_done: u64,
     pub bytes_total: u64,
-    /// The transfer's ticket, made before the transfer starts and kept for its retries.
+    /// The transfer's ticket, made before the transfer starts and kept for its retries
+    /// (the engine's own: not sent to windows).
+    #[serde(skip)]
     pub ticket: Option<String>,
     /// The image digest the target verified, in hex.
     pub digest: Option<String>,
@@ -140,7 +144,7 @@ pub struct MigrationJournal {
 }
 
 /// How a VM's disk travels in a migration.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum DiskMove {
     /// A whole image (sparse).
     #[default]
@@ -225,7 +229,7 @@ pub struct MigrationOptions {
 }
 
 /// Why a migration was started, kept with it for the history.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum MigrationOrigin {
     /// Asked for by the operator (a drop in the window, ctl).
     #[default]

@@ -5,4 +5,5 @@
 mod driver;
 mod machine;
 
+pub(in crate::engine) use driver::MigrationsState;
 pub use machine::*;

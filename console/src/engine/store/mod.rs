@@ -104,7 +104,7 @@ redb_from!(
 );
 
 /// An enrolled host, as the operator added it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HostRecord {
     pub id: HostId,
     /// `host:port` as the operator typed it.
@@ -122,7 +122,7 @@ pub struct HostRecord {
 }
 
 /// A host's maintenance mark and its drain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Maintenance {
     /// When the drain began (ms since the Unix epoch).
     pub since_ms: u64,
@@ -152,7 +152,7 @@ impl Level {
 }
 
 /// An entry of the event log (serialized only for `ctl --json` output; stored as a row).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct EventRecord {
     pub seq: u64,
     pub time_ms: u64,
@@ -217,7 +217,7 @@ impl AutoscaleRecord {
 
 /// A service as the operator defined it: the file's text is what is kept, so the definition
 /// is read by the parser of whichever release opens the store.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceRecord {
     pub name: dunes_shared::model::ServiceName,
     pub source: String,
@@ -228,7 +228,7 @@ pub struct ServiceRecord {
 
 /// A service on its way to another site: stopped top-down, its instances migrated one at a
 /// time in start order, then started bottom-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceMove {
     pub site: String,
     pub phase: MovePhase,
@@ -239,7 +239,7 @@ pub struct ServiceMove {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MovePhase {
     Stopping,
     Moving,
@@ -266,7 +266,7 @@ impl MovePhase {
 }
 
 /// Where an instance of a service stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum InstanceState {
     /// Written before its VM is created; the VM may or may not exist yet.
     Creating,
@@ -286,7 +286,7 @@ impl InstanceState {
 }
 
 /// One instance of an application of a service, and the VM that is it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InstanceRecord {
     pub service: dunes_shared::model::ServiceName,
     pub app: dunes_shared::model::AppName,
