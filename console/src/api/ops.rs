@@ -1696,7 +1696,7 @@ impl Operation for RenewOperator {
     async fn execute_as(
         self,
         engine: &EngineHandle,
-        caller: Option<&super::remote::Caller>,
+        caller: Option<&super::Caller>,
     ) -> Result<Self::Response, ApiError> {
         let Some(caller) = caller else {
             return self.execute(engine).await;
