@@ -420,6 +420,40 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
         })
         .await
         .unwrap();
+
+    // A clone to the other host: copied beside the original, then carried to the source
+    // host by the disk transfer; the two disks hold the same bytes.
+    let copy_name = VmName::new("wanderer-2").unwrap();
+    let copy = engine
+        .request(|reply| Command::CloneVm {
+            host: target.host_id.clone(),
+            name: name.clone(),
+            new_name: copy_name.clone(),
+            to: Some(source.host_id.clone()),
+            reply,
+        })
+        .await
+        .unwrap();
+    let id = copy.migration.expect("the copy migrates").id;
+    let moved = engine
+        .wait_for(Duration::from_secs(300), |s| {
+            s.migrations.iter().any(|m| m.id == id && m.step.is_finished())
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the copy's migration never ended: {:?}", s.migrations));
+    let m = moved.migrations.iter().find(|m| m.id == id).unwrap();
+    assert_eq!(
+        m.step,
+        dunes_console::engine::migration::MigrationStep::SourceDeleted,
+        "{m:?}"
+    );
+    assert!(moved.host(&source.host_id).unwrap().vm(&copy_name).is_some());
+    assert!(
+        std::fs::read(disks(&target).join("wanderer.img")).unwrap()
+            == std::fs::read(disks(&source).join("wanderer-2.img")).unwrap(),
+        "the copy's disk on the source host differs from the original's"
+    );
+    assert!(!disks(&target).join("wanderer-2.img").exists());
     drop(source);
     drop(target);
     drop(lab);
