@@ -13,11 +13,12 @@
 use std::time::Instant;
 
 use dunes_console::{
+    api::views::StatsView,
     engine::{
         rollup::Bucket,
         stats::{Metric, SeriesPoints, StatsAnswer, Subject},
     },
-    ui::{ChartsWindow, TimeRange},
+    ui::{ChartsWindow, EngineLink, TimeRange},
 };
 use dunes_shared::model::HostId;
 use dunes_tests::start_engine;
@@ -55,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // The window asks the engine nothing while it holds fixed data; it needs one anyway.
     let engine = start_engine(&dir.path().join("console")).await?;
+    let link = EngineLink::in_process(engine);
     let now_secs = 1_800_000_000;
     let cases = [
         (
@@ -81,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
                 .collect(),
         };
         let mut window = ChartsWindow::new(dir.path().join("exports"));
-        window.show_answer(answer, range);
+        window.show_answer(answer.subject.clone(), StatsView::from(&answer), range);
         let ctx = egui::Context::default();
         let input = || egui::RawInput {
             screen_rect: Some(egui::Rect::from_min_size(
@@ -94,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         // The first frames lay the window out: measured after them.
         for frame in 0..FRAMES + 5 {
             let at = Instant::now();
-            let output = ctx.run_pass(input(), |ctx| window.charts_ui(ctx, &engine));
+            let output = ctx.run_pass(input(), |ctx| window.charts_ui(ctx, &link));
             let meshes = ctx.tessellate(output.shapes, output.pixels_per_point);
             std::hint::black_box(meshes);
             if frame >= 5 {

@@ -12,6 +12,7 @@ mod gui_support;
 use std::sync::Arc;
 
 use dunes_console::{
+    api::views::{SiteCapacityView, StatsView},
     demo,
     engine::{
         EngineHandle, Snapshot,
@@ -312,9 +313,11 @@ fn the_topology_and_a_vms_details_keep_their_layout_at_both_sizes() {
         results.push(harness.try_snapshot(format!("plan-{size}")));
 
         let mut harness = pinned_window(&engine, &snapshot, [w, h]);
-        harness
-            .state_mut()
-            .show_stats(month_of_lsn1(), TimeRange::Month);
+        harness.state_mut().show_stats(
+            month_of_lsn1().subject.clone(),
+            StatsView::from(&month_of_lsn1()),
+            TimeRange::Month,
+        );
         step_until(&mut harness, "the charts", |h| {
             h.query_by_label("Statistics of host lsn-1").is_some()
         });
@@ -322,9 +325,12 @@ fn the_topology_and_a_vms_details_keep_their_layout_at_both_sizes() {
         results.push(harness.try_snapshot(format!("charts-{size}")));
 
         let mut harness = pinned_window(&engine, &snapshot, [w, h]);
-        harness
-            .state_mut()
-            .show_capacity(capacity_at_noon(&snapshot));
+        harness.state_mut().show_capacity(
+            capacity_at_noon(&snapshot)
+                .iter()
+                .map(SiteCapacityView::from)
+                .collect(),
+        );
         step_until(&mut harness, "the capacity view", |h| {
             h.query_all_by_label_contains("full within")
                 .next()

@@ -437,7 +437,9 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
     let id = copy.migration.expect("the copy migrates").id;
     let moved = engine
         .wait_for(Duration::from_secs(300), |s| {
-            s.migrations.iter().any(|m| m.id == id && m.step.is_finished())
+            s.migrations
+                .iter()
+                .any(|m| m.id == id && m.step.is_finished())
         })
         .await
         .unwrap_or_else(|s| panic!("the copy's migration never ended: {:?}", s.migrations));
@@ -447,7 +449,13 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
         dunes_console::engine::migration::MigrationStep::SourceDeleted,
         "{m:?}"
     );
-    assert!(moved.host(&source.host_id).unwrap().vm(&copy_name).is_some());
+    assert!(
+        moved
+            .host(&source.host_id)
+            .unwrap()
+            .vm(&copy_name)
+            .is_some()
+    );
     assert!(
         std::fs::read(disks(&target).join("wanderer.img")).unwrap()
             == std::fs::read(disks(&source).join("wanderer-2.img")).unwrap(),

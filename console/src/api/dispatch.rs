@@ -63,12 +63,7 @@ pub(super) async fn run_checked<O: Operation>(
 ) -> Result<O::Response, ApiError> {
     let changes = request.changes();
     let permitted = match caller {
-        Some(caller) => caller.check(O::NAME, O::ACTION, changes).and_then(|()| {
-            match changes && !caller.scopes.is_empty() {
-                true => caller.check_scope(O::ACTION, &request.targets(&engine.snapshot())),
-                false => Ok(()),
-            }
-        }),
+        Some(caller) => caller.permits(&request, &engine.snapshot()),
         None => Ok(()),
     };
     if !changes && permitted.is_ok() {

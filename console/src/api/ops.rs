@@ -815,10 +815,56 @@ async fn capacity(
     Ok(sites.iter().map(SiteCapacityView::from).collect())
 }
 
+/// `subject` as [`Stats`] takes it: one that [`parse_subject`] reads back as itself.
+pub fn subject_text(subject: &Subject) -> String {
+    match subject {
+        Subject::Host(h) => format!("host:{h}"),
+        Subject::Workload(v) => format!("vm:{v}"),
+        Subject::GuestApp(v, a) => format!("guest:{v}/{a}"),
+        Subject::Application(s, a) => format!("app:{s}/{a}"),
+        Subject::Service(s) => format!("service:{s}"),
+        Subject::Site(s) => format!("site:{s}"),
+    }
+}
+
+/// A subject named as [`Stats`] takes it; a bare name is a host when one is enrolled by
+/// it, else a workload.
+pub fn parse_subject(text: &str, snapshot: &Snapshot) -> Result<Subject, ApiError> {
+    let workload = |name: &str| {
+        VmName::new(name)
+            .map_err(|e| ApiError::from(format!("{name:?} is not a workload's name: {e}")))
+    };
+    Ok(if let Some(name) = text.strip_prefix("service:") {
+        Subject::Service(service_name(name)?)
+    } else if let Some(target) = text.strip_prefix("app:") {
+        let (service, app) = service_app(target)?;
+        Subject::Application(service, app)
+    } else if let Some(site) = text.strip_prefix("site:") {
+        Subject::Site(site.to_string())
+    } else if let Some(host) = text.strip_prefix("host:") {
+        Subject::Host(host_id(host)?)
+    } else if let Some(name) = text.strip_prefix("vm:") {
+        Subject::Workload(workload(name)?)
+    } else if let Some(target) = text.strip_prefix("guest:") {
+        let (vm, app) = target
+            .split_once('/')
+            .ok_or_else(|| format!("{target:?}: name the application as VM/APP"))?;
+        Subject::GuestApp(workload(vm)?, AppName::new(app).map_err(|e| e.to_string())?)
+    } else {
+        match HostId::new(text) {
+            Ok(h) if snapshot.host(&h).is_some() => Subject::Host(h),
+            _ => Subject::Workload(VmName::new(text).map_err(|e| {
+                format!("{text:?} is neither an enrolled host nor a workload name: {e}")
+            })?),
+        }
+    })
+}
+
 /// A subject's time series.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
-    /// A host id, a workload's name, `service:NAME`, `app:SERVICE/APP` or `site:NAME`.
+    /// A host id, a workload's name, `host:ID`, `vm:NAME`, `guest:VM/APP` (an application
+    /// inside a VM), `service:NAME`, `app:SERVICE/APP` or `site:NAME`.
     pub subject: String,
     pub since_secs: u64,
     /// The finest level that holds the range in at most 500 buckets when absent.
@@ -832,22 +878,7 @@ impl Operation for Stats {
     type Response = StatsView;
     read_only!();
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
-        let text = self.subject;
-        let subject = if let Some(name) = text.strip_prefix("service:") {
-            Subject::Service(service_name(name)?)
-        } else if let Some(target) = text.strip_prefix("app:") {
-            let (service, app) = service_app(target)?;
-            Subject::Application(service, app)
-        } else if let Some(site) = text.strip_prefix("site:") {
-            Subject::Site(site.to_string())
-        } else {
-            match HostId::new(text.clone()) {
-                Ok(h) if engine.snapshot().host(&h).is_some() => Subject::Host(h),
-                _ => Subject::Workload(VmName::new(text.clone()).map_err(|e| {
-                    format!("{text:?} is neither an enrolled host nor a workload name: {e}")
-                })?),
-            }
-        };
+        let subject = parse_subject(&self.subject, &engine.snapshot())?;
         let (since_secs, resolution_secs) = (self.since_secs, self.resolution_secs);
         let answer = engine
             .request(|reply| Command::Stats {

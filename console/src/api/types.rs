@@ -201,6 +201,22 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether this caller may run `request` on the fleet `snapshot` shows: their role, then
+    /// (for a change) their scopes. The engine checks this on every request; a window
+    /// checks it first to grey out what would be refused.
+    pub fn permits<O: Operation>(
+        &self,
+        request: &O,
+        snapshot: &crate::engine::Snapshot,
+    ) -> Result<(), ApiError> {
+        let changes = request.changes();
+        self.check(O::NAME, O::ACTION, changes)?;
+        match changes && !self.scopes.is_empty() {
+            true => self.check_scope(O::ACTION, &request.targets(snapshot)),
+            false => Ok(()),
+        }
+    }
+
     pub(super) fn check_scope(
         &self,
         action: &str,
@@ -214,12 +230,8 @@ impl Caller {
         )
     }
 
-    pub(super) fn check(
-        &self,
-        operation: &str,
-        action: &str,
-        changes: bool,
-    ) -> Result<(), ApiError> {
+    /// Whether the caller's role allows `operation` (scopes aside).
+    pub fn check(&self, operation: &str, action: &str, changes: bool) -> Result<(), ApiError> {
         access::check(&self.name, self.role, operation, action, changes).map_err(|message| {
             ApiError {
                 code: ApiErrorCode::Forbidden,

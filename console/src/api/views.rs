@@ -752,6 +752,7 @@ pub struct PlanView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlannedInstance {
     pub application: AppName,
+    pub index: u32,
     pub instance: String,
     pub host: HostId,
     /// `create` or `keep`.
@@ -767,6 +768,8 @@ pub struct PlannedRemoval {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnplacedInstance {
+    pub application: AppName,
+    pub index: u32,
     pub instance: String,
     pub would_fit: String,
 }
@@ -794,6 +797,7 @@ impl From<&ServicePlan> for PlanView {
                 .iter()
                 .map(|p| PlannedInstance {
                     application: p.app.clone(),
+                    index: p.index,
                     instance: format!("{}-{}", p.app, p.index),
                     host: p.host.clone(),
                     action: match p.action {
@@ -816,6 +820,8 @@ impl From<&ServicePlan> for PlanView {
                 .unplaced
                 .iter()
                 .map(|u| UnplacedInstance {
+                    application: u.app.clone(),
+                    index: u.index,
                     instance: format!("{}-{}", u.app, u.index),
                     would_fit: u.would_fit.clone(),
                 })
@@ -1000,6 +1006,9 @@ pub struct ResourceView {
     pub free: f64,
     pub fits: bool,
     pub forecast: Option<ForecastView>,
+    /// The daily peaks of its use the forecast was made from: `[UTC day number, peak]`.
+    #[serde(default)]
+    pub peaks: Vec<[f64; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1011,6 +1020,12 @@ pub struct ForecastView {
     pub latest_days: Option<f64>,
     pub slope_per_day: f64,
     pub daily_peaks: usize,
+    /// The trend's value when it was made, where a chart starts its line.
+    #[serde(default)]
+    pub trend_now: Option<f64>,
+    /// When it was made, in days since the Unix epoch (UTC).
+    #[serde(default)]
+    pub as_of_day: f64,
 }
 
 impl From<&SiteCapacity> for SiteCapacityView {
@@ -1047,8 +1062,11 @@ impl From<&SiteCapacity> for SiteCapacityView {
                             latest_days: latest,
                             slope_per_day: f.slope_per_day,
                             daily_peaks: f.points,
+                            trend_now: f.trend_now,
+                            as_of_day: f.as_of_day,
                         }
                     }),
+                    peaks: r.peaks.iter().map(|&(d, v)| [d, v]).collect(),
                 })
                 .collect(),
         }

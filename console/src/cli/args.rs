@@ -32,6 +32,16 @@ pub struct Cli {
     /// credential from `ctl operator add`) on ADDR:PORT, over QUIC with mutual TLS.
     #[arg(long, value_name = "ADDR:PORT")]
     pub operator_listen: Option<std::net::SocketAddr>,
+    /// Open the window on an engine elsewhere (a console started with --operator-listen),
+    /// as the operator whose credential FILE is (from `ctl operator add`); no engine runs
+    /// here. A lost link is tried again until the window closes. CSV exports go to the
+    /// data dir's `exports`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["headless", "demo", "operator_listen", "metrics_listen"]
+    )]
+    pub connect: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<TopCommand>,
 }

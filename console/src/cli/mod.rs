@@ -64,6 +64,10 @@ pub fn main(cli: Cli) -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Some(TopCommand::Ctl(args)) => ctl::run_ctl(cli.data_dir, args),
+        None if cli.connect.is_some() => {
+            let credential = cli.connect.expect("matched as given");
+            run_remote_window(&credential, cli.data_dir).map(|()| ExitCode::SUCCESS)
+        }
         None => {
             let options = engine::EngineOptions {
                 cert_lifetime: Duration::from_secs(u64::from(cli.cert_days) * 24 * 3600),
@@ -171,7 +175,9 @@ fn run_console(
         Ok(())
     } else {
         let _guard = runtime.enter();
-        run_window(engine, runtime.handle())
+        run_window(runtime.handle(), move |ctx| {
+            crate::ui::ConsoleApp::new(ctx, engine)
+        })
     };
     if let Some(fleet) = fleet {
         runtime.block_on(fleet.stop());
@@ -186,9 +192,41 @@ fn run_console(
 /// The window icon, drawn for this project (assets/icons/dunes.png).
 const ICON_PNG: &[u8] = include_bytes!("../../../assets/icons/dunes.png");
 
+/// The window on an engine elsewhere, reached with the operator's credential.
+fn run_remote_window(
+    credential: &std::path::Path,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let data_dir = data_dir.map_or_else(|| default_data_dir(false), Ok)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("dunes-window")
+        .enable_all()
+        .build()?;
+    let link = runtime
+        .block_on(crate::ui::EngineLink::connect(
+            credential,
+            data_dir.join("exports"),
+        ))
+        .map_err(|e| anyhow::anyhow!(dunes_shared::error_chain(&e)))?;
+    if let crate::ui::LinkStatus::Connected { address, welcome } = link.status() {
+        eprintln!(
+            "dunes-console: connected to engine {} at {address} as {} {}",
+            welcome.engine, welcome.role, welcome.operator
+        );
+    }
+    let result = {
+        let _guard = runtime.enter();
+        run_window(runtime.handle(), move |ctx| {
+            crate::ui::ConsoleApp::with_link(ctx, link)
+        })
+    };
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
 fn run_window(
-    engine: engine::EngineHandle,
     runtime: &tokio::runtime::Handle,
+    app: impl FnOnce(&egui::Context) -> crate::ui::ConsoleApp + 'static,
 ) -> anyhow::Result<()> {
     let mut viewport = egui::ViewportBuilder::default();
     // A broken icon is cosmetic: the window opens without it.
@@ -221,7 +259,7 @@ fn run_window(
         options,
         Box::new(move |cc| {
             lock(&window).attach(cc.egui_ctx.clone());
-            Ok(Box::new(crate::ui::ConsoleApp::new(&cc.egui_ctx, engine)))
+            Ok(Box::new(app(&cc.egui_ctx)))
         }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))

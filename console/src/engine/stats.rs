@@ -56,6 +56,14 @@ impl Metric {
         }
     }
 
+    /// The metric [`Metric::as_str`] names; `None` for a name this version does not know.
+    pub fn from_name(name: &str) -> Option<Metric> {
+        Metric::ALL
+            .into_iter()
+            .chain([Metric::Cost])
+            .find(|m| m.as_str() == name)
+    }
+
     pub fn unit(self) -> &'static str {
         match self {
             Metric::Cpu => "%",

@@ -7,12 +7,13 @@ use std::time::Instant;
 use egui_plot::{HLine, Legend, Line, Plot, Points};
 use tokio::sync::oneshot;
 
-use super::UiAction;
-use crate::engine::{
-    Command, EngineError, EngineHandle,
-    capacity::{ResourceUse, SiteCapacity, WhatIf},
-    forecast::Outlook,
-    stats::Subject,
+use super::{EngineLink, STOPPED, UiAction};
+use crate::{
+    api::{
+        ApiError, ops,
+        views::{ResourceView, SiteCapacityView},
+    },
+    engine::stats::Subject,
 };
 
 /// How often the view asks again while open.
@@ -21,8 +22,8 @@ const REFRESH_SECS: u64 = 10;
 #[derive(Default)]
 pub struct CapacityWindow {
     open: bool,
-    answer: Option<Vec<SiteCapacity>>,
-    pending: Option<oneshot::Receiver<Result<Vec<SiteCapacity>, EngineError>>>,
+    answer: Option<Vec<SiteCapacityView>>,
+    pending: Option<oneshot::Receiver<Result<Vec<SiteCapacityView>, ApiError>>>,
     asked_at: Option<Instant>,
     error: Option<String>,
 }
@@ -44,7 +45,7 @@ impl CapacityWindow {
 
     /// Shows `sites` as they are and asks the engine nothing for an hour: fixed data, for
     /// layout snapshots.
-    pub fn show_answer(&mut self, sites: Vec<SiteCapacity>) {
+    pub fn show_answer(&mut self, sites: Vec<SiteCapacityView>) {
         self.open = true;
         self.answer = Some(sites);
         self.pending = None;
@@ -52,7 +53,7 @@ impl CapacityWindow {
         self.asked_at = Instant::now().checked_add(std::time::Duration::from_secs(3600));
     }
 
-    fn refresh(&mut self, engine: &EngineHandle) {
+    fn refresh(&mut self, link: &EngineLink) {
         if let Some(rx) = &mut self.pending {
             match rx.try_recv() {
                 Ok(Ok(sites)) => {
@@ -61,11 +62,14 @@ impl CapacityWindow {
                     self.pending = None;
                 }
                 Ok(Err(e)) => {
-                    self.error = Some(e.to_string());
+                    self.error = Some(e.message);
                     self.pending = None;
                 }
                 Err(oneshot::error::TryRecvError::Empty) => return,
-                Err(oneshot::error::TryRecvError::Closed) => self.pending = None,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    self.error = Some(STOPPED.to_string());
+                    self.pending = None;
+                }
             }
         }
         if self
@@ -74,16 +78,7 @@ impl CapacityWindow {
         {
             return;
         }
-        let (tx, rx) = oneshot::channel();
-        if engine
-            .try_send(Command::Capacity {
-                what_if: WhatIf::default(),
-                reply: tx,
-            })
-            .is_ok()
-        {
-            self.pending = Some(rx);
-        }
+        self.pending = Some(link.ask(ops::Forecast { site: None }));
         self.asked_at = Some(Instant::now());
     }
 
@@ -93,14 +88,14 @@ impl CapacityWindow {
     pub fn capacity_ui(
         &mut self,
         ctx: &egui::Context,
-        engine: &EngineHandle,
+        link: &EngineLink,
         queue: &mut Vec<UiAction>,
         shared_machine: bool,
     ) {
         if !self.open {
             return;
         }
-        self.refresh(engine);
+        self.refresh(link);
         // Drawn again for the answer, and when it is due for a new one; not every frame.
         ctx.request_repaint_after(if self.pending.is_some() {
             std::time::Duration::from_millis(50)
@@ -158,7 +153,7 @@ impl CapacityWindow {
     }
 }
 
-fn site_ui(ui: &mut egui::Ui, site: &SiteCapacity, queue: &mut Vec<UiAction>) {
+fn site_ui(ui: &mut egui::Ui, site: &SiteCapacityView, queue: &mut Vec<UiAction>) {
     ui.horizontal(|ui| {
         ui.heading(format!(
             "{} · {} host{}",
@@ -183,8 +178,8 @@ fn site_ui(ui: &mut egui::Ui, site: &SiteCapacity, queue: &mut Vec<UiAction>) {
             }
             ui.end_row();
             for r in &site.resources {
-                let unit = r.resource.unit();
-                ui.label(r.resource.as_str());
+                let unit = &r.unit;
+                ui.label(&r.resource);
                 ui.label(format!("{:.0} {unit}", r.capacity));
                 let over = r.allocated > r.capacity;
                 let allocated = format!("{:.0} {unit}", r.allocated);
@@ -194,7 +189,7 @@ fn site_ui(ui: &mut egui::Ui, site: &SiteCapacity, queue: &mut Vec<UiAction>) {
                     ui.label(allocated);
                 }
                 ui.label(r.used.map_or("—".into(), |u| format!("{u:.0} {unit}")));
-                ui.label(format!("{:.0} {unit}", r.free()));
+                ui.label(format!("{:.0} {unit}", r.free));
                 let fraction = if r.capacity > 0.0 {
                     (r.allocated.max(r.used.unwrap_or(0.0)) / r.capacity).clamp(0.0, 1.0)
                 } else {
@@ -208,9 +203,8 @@ fn site_ui(ui: &mut egui::Ui, site: &SiteCapacity, queue: &mut Vec<UiAction>) {
         let Some(f) = &r.forecast else {
             continue;
         };
-        let what = format!("{} {}", site.site, r.resource.as_str());
-        ui.label(egui::RichText::new(f.describe(&what)).strong());
-        ui.label(egui::RichText::new(format!("Method: {}", f.method.describe())).weak());
+        ui.label(egui::RichText::new(&f.text).strong());
+        ui.label(egui::RichText::new(format!("Method: {}", f.method)).weak());
         if r.peaks.len() >= 2 {
             forecast_plot(ui, site, r);
         }
@@ -218,15 +212,15 @@ fn site_ui(ui: &mut egui::Ui, site: &SiteCapacity, queue: &mut Vec<UiAction>) {
 }
 
 /// The daily peaks, the trend from now to where it crosses the capacity, and the capacity.
-fn forecast_plot(ui: &mut egui::Ui, site: &SiteCapacity, r: &ResourceUse) {
+fn forecast_plot(ui: &mut egui::Ui, site: &SiteCapacityView, r: &ResourceView) {
     let Some(f) = &r.forecast else {
         return;
     };
     // The trend's line starts where the forecast was made.
     let now_day = f.as_of_day;
-    let peaks: Vec<[f64; 2]> = r.peaks.iter().map(|&(d, v)| [d, v]).collect();
-    let ahead = match f.outlook {
-        Outlook::Full { days, .. } => days.max(1.0),
+    let peaks = r.peaks.clone();
+    let ahead = match f.full_in_days {
+        Some(days) if days > 0.0 => days.max(1.0),
         _ => 30.0,
     };
     Plot::new(("forecast", site.site.as_str(), r.resource.as_str()))

@@ -12,9 +12,14 @@ use egui_plot::{FilledArea, GridInput, GridMark, HoverPosition, Legend, Line, Pl
 use tokio::sync::oneshot;
 
 use super::human_bytes;
-use crate::engine::{
-    Command, EngineError, EngineHandle,
-    stats::{Metric, StatsAnswer, Subject},
+use super::{EngineLink, STOPPED};
+use crate::{
+    api::{
+        ApiError,
+        ops::{self, subject_text},
+        views::{SeriesView, StatsView},
+    },
+    engine::stats::{Metric, Subject},
 };
 
 /// The ranges offered, with the bucket size asked for each.
@@ -228,8 +233,8 @@ pub fn format_time(unix_secs: f64, span_secs: f64) -> String {
 pub struct ChartsWindow {
     subject: Option<Subject>,
     range: TimeRange,
-    answer: Option<StatsAnswer>,
-    pending: Option<oneshot::Receiver<Result<StatsAnswer, EngineError>>>,
+    answer: Option<StatsView>,
+    pending: Option<oneshot::Receiver<Result<StatsView, ApiError>>>,
     asked_at: Option<Instant>,
     message: Option<(String, bool)>,
     export_dir: PathBuf,
@@ -272,8 +277,8 @@ impl ChartsWindow {
 
     /// Shows `answer` as it is, at `range`, and asks the engine nothing for an hour: fixed
     /// data, for a benchmark of the drawing.
-    pub fn show_answer(&mut self, answer: StatsAnswer, range: TimeRange) {
-        self.subject = Some(answer.subject.clone());
+    pub fn show_answer(&mut self, subject: Subject, answer: StatsView, range: TimeRange) {
+        self.subject = Some(subject);
         self.range = range;
         self.answer = Some(answer);
         self.pending = None;
@@ -294,7 +299,7 @@ impl ChartsWindow {
     }
 
     /// Asks the engine again when the range changed or the last answer is old.
-    fn refresh(&mut self, engine: &EngineHandle) {
+    fn refresh(&mut self, link: &EngineLink) {
         if let Some(rx) = &mut self.pending {
             match rx.try_recv() {
                 Ok(Ok(answer)) => {
@@ -302,11 +307,14 @@ impl ChartsWindow {
                     self.pending = None;
                 }
                 Ok(Err(e)) => {
-                    self.message = Some((format!("statistics: {e}"), true));
+                    self.message = Some((format!("statistics: {}", e.message), true));
                     self.pending = None;
                 }
                 Err(oneshot::error::TryRecvError::Empty) => return,
-                Err(oneshot::error::TryRecvError::Closed) => self.pending = None,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    self.message = Some((format!("statistics: {STOPPED}"), true));
+                    self.pending = None;
+                }
             }
         }
         let Some(subject) = self.subject.clone() else {
@@ -318,25 +326,19 @@ impl ChartsWindow {
         if !due || self.pending.is_some() {
             return;
         }
-        let (tx, rx) = oneshot::channel();
-        let command = Command::Stats {
-            subject,
+        self.pending = Some(link.ask(ops::Stats {
+            subject: subject_text(&subject),
             since_secs: self.range.secs(),
             resolution_secs: Some(self.range.resolution_secs()),
-            reply: tx,
-        };
-        // A busy engine is asked again at the next refresh.
-        if engine.try_send(command).is_ok() {
-            self.pending = Some(rx);
-        }
+        }));
         self.asked_at = Some(Instant::now());
     }
 
-    pub fn charts_ui(&mut self, ctx: &egui::Context, engine: &EngineHandle) {
+    pub fn charts_ui(&mut self, ctx: &egui::Context, link: &EngineLink) {
         let Some(subject) = self.subject.clone() else {
             return;
         };
-        self.refresh(engine);
+        self.refresh(link);
         // Drawn again for the answer, and when a new one is due: about once a second at
         // most for the short ranges, never for readings nobody looks at.
         ctx.request_repaint_after(if self.pending.is_some() {
@@ -403,7 +405,7 @@ impl ChartsWindow {
                     return;
                 };
                 if let Some(until) = self.generated_until_secs
-                    && answer.from_secs < until
+                    && answer.from < until
                 {
                     ui.colored_label(
                         Color32::from_rgb(210, 153, 34),
@@ -427,13 +429,13 @@ impl ChartsWindow {
                     .weak(),
                 );
                 // Every chart spans the chosen range, whatever data it has.
-                let (from, to) = (answer.from_secs as f64, answer.to_secs as f64);
+                let (from, to) = (answer.from as f64, answer.to as f64);
                 let span = to - from;
                 let first = answer
                     .series
                     .iter()
                     .filter_map(|s| s.points.first())
-                    .map(|b| b.start_secs)
+                    .map(|b| b.t)
                     .min();
                 let gap_before = first
                     .map(|f| f as f64)
@@ -451,10 +453,11 @@ impl ChartsWindow {
                 let axis_group = egui::Id::unique("charts-time-axis");
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     for (title, metrics) in GROUPS {
-                        let shown: Vec<_> = answer
+                        let shown: Vec<(Metric, &SeriesView)> = answer
                             .series
                             .iter()
-                            .filter(|s| metrics.contains(&s.metric))
+                            .filter_map(|s| Some((Metric::from_name(&s.metric)?, s)))
+                            .filter(|(metric, _)| metrics.contains(metric))
                             .collect();
                         // Only applications with a `metric` have one, and only workloads a
                         // cost: no empty plot for them.
@@ -511,11 +514,11 @@ impl ChartsWindow {
                                         .fill(Color32::from_gray(128).gamma_multiply(0.12)),
                                 );
                             }
-                            for series in shown {
-                                let name = series.metric.as_str();
-                                let color = metric_color(series.metric);
+                            for (metric, series) in shown {
+                                let name = metric.as_str();
+                                let color = metric_color(metric);
                                 let xs: Vec<f64> =
-                                    series.points.iter().map(|b| b.start_secs as f64).collect();
+                                    series.points.iter().map(|b| b.t as f64).collect();
                                 if answer.resolution_secs > 1 && !xs.is_empty() {
                                     let lows: Vec<f64> = series.points.iter().map(|b| b.min).collect();
                                     let highs: Vec<f64> = series.points.iter().map(|b| b.max).collect();
@@ -527,7 +530,7 @@ impl ChartsWindow {
                                 let mean: Vec<[f64; 2]> = series
                                     .points
                                     .iter()
-                                    .map(|b| [b.start_secs as f64, b.mean()])
+                                    .map(|b| [b.t as f64, b.mean])
                                     .collect();
                                 plot.line(Line::new(name, mean).color(color).width(1.5));
                             }
@@ -550,19 +553,14 @@ impl ChartsWindow {
         let path = self.export_dir.join(format!(
             "stats-{name}-{}-{}.csv",
             self.range.secs(),
-            answer.to_secs
+            answer.to
         ));
         let mut text = String::from("time_unix_secs,metric,unit,min,mean,max\n");
         for series in &answer.series {
             for b in &series.points {
                 text.push_str(&format!(
                     "{},{},{},{},{},{}\n",
-                    b.start_secs,
-                    series.metric.as_str(),
-                    series.metric.unit(),
-                    b.min,
-                    b.mean(),
-                    b.max
+                    b.t, series.metric, series.unit, b.min, b.mean, b.max
                 ));
             }
         }

@@ -306,11 +306,12 @@ fn maintenance_ui(
     actions: &mut Actions<'_>,
 ) {
     let id = host.id().clone();
+    // Maintenance is an admin's.
+    let may = actions.may::<crate::api::ops::DrainHost>(true);
     let Some(maintenance) = host.record.maintenance else {
         ui.horizontal_wrapped(|ui| {
             ui.label("In service: takes new VMs and instances.");
-            if ui
-                .button("Drain")
+            if super::gated(ui, &may, true, egui::Button::new("Drain"))
                 .on_hover_text(
                     "Maintenance: move every VM to the hosts placement picks, and take nothing new",
                 )
@@ -360,7 +361,7 @@ fn maintenance_ui(
     }
     ui.horizontal_wrapped(|ui| {
         if maintenance.paused {
-            if ui.button("Resume drain").clicked() {
+            if super::gated(ui, &may, true, egui::Button::new("Resume drain")).clicked() {
                 actions.call(
                     format!("Resuming the drain of {id}"),
                     crate::api::ops::DrainHost {
@@ -368,8 +369,7 @@ fn maintenance_ui(
                     },
                 );
             }
-        } else if ui
-            .button("Pause drain")
+        } else if super::gated(ui, &may, true, egui::Button::new("Pause drain"))
             .on_hover_text("The migration under way finishes")
             .clicked()
         {
@@ -380,8 +380,7 @@ fn maintenance_ui(
                 },
             );
         }
-        if ui
-            .button("End maintenance")
+        if super::gated(ui, &may, true, egui::Button::new("End maintenance"))
             .on_hover_text("The host takes new work again")
             .clicked()
         {

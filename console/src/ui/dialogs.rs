@@ -9,9 +9,13 @@ use egui::{Color32, Key, RichText};
 
 use tokio::sync::oneshot;
 
-use super::{Actions, Selection};
-use crate::engine::{
-    Command, EngineError, HostAdded, LinkState, Snapshot, enroll::validate_address,
+use super::{Actions, STOPPED, Selection};
+use crate::{
+    api::{
+        ApiError, ops,
+        views::{self, HostEnrolled},
+    },
+    engine::{LinkState, Snapshot, enroll::validate_address},
 };
 
 #[derive(Debug, Default)]
@@ -28,13 +32,16 @@ pub struct AddHostDialog {
     /// The key the agent at this address presented, waiting for the operator's trust.
     probed: Option<(String, Fingerprint)>,
     /// How the last attempt ended, shown until the dialog is used again.
-    outcome: Option<Result<HostAdded, String>>,
+    outcome: Option<Result<HostEnrolled, String>>,
 }
 
 #[derive(Debug)]
 enum AddHostStep {
-    Probe(String, oneshot::Receiver<Result<Fingerprint, EngineError>>),
-    Enroll(oneshot::Receiver<Result<HostAdded, EngineError>>),
+    Probe(
+        String,
+        oneshot::Receiver<Result<views::ProbedKey, ApiError>>,
+    ),
+    Enroll(oneshot::Receiver<Result<HostEnrolled, ApiError>>),
 }
 
 /// A grid row: a label and the widget it names (for screen readers and tests alike).
@@ -92,17 +99,20 @@ impl AddHostDialog {
         };
         let done = match step {
             AddHostStep::Probe(address, rx) => match rx.try_recv() {
-                Ok(Ok(fingerprint)) => {
-                    self.probed = Some((address.clone(), fingerprint));
+                Ok(Ok(probed)) => {
+                    match probed.fingerprint.parse::<Fingerprint>() {
+                        Ok(fingerprint) => self.probed = Some((address.clone(), fingerprint)),
+                        Err(e) => self.outcome = Some(Err(format!("the agent's key: {e}"))),
+                    }
                     true
                 }
                 Ok(Err(e)) => {
-                    self.outcome = Some(Err(e.to_string()));
+                    self.outcome = Some(Err(e.message));
                     true
                 }
                 Err(oneshot::error::TryRecvError::Empty) => false,
                 Err(oneshot::error::TryRecvError::Closed) => {
-                    self.outcome = Some(Err(EngineError::Stopped.to_string()));
+                    self.outcome = Some(Err(STOPPED.to_string()));
                     true
                 }
             },
@@ -114,13 +124,13 @@ impl AddHostDialog {
                         self.fingerprint.clear();
                         self.replace = false;
                     }
-                    self.outcome = Some(result.map_err(|e| e.to_string()));
+                    self.outcome = Some(result.map_err(|e| e.message));
                     self.probed = None;
                     true
                 }
                 Err(oneshot::error::TryRecvError::Empty) => false,
                 Err(oneshot::error::TryRecvError::Closed) => {
-                    self.outcome = Some(Err(EngineError::Stopped.to_string()));
+                    self.outcome = Some(Err(STOPPED.to_string()));
                     true
                 }
             },
@@ -134,36 +144,23 @@ impl AddHostDialog {
 
     /// Enrolls with the key the operator vouched for: typed in, or probed and trusted.
     fn enroll(&mut self, actions: &mut Actions<'_>, expected_fingerprint: Fingerprint) {
-        let (tx, rx) = oneshot::channel();
-        let command = Command::AddHost {
+        let rx = actions.request(ops::AddHost {
             address: self.address.trim().to_string(),
             token: self.token.trim().to_string(),
-            expected_fingerprint: Some(expected_fingerprint),
+            fingerprint: Some(expected_fingerprint.to_string()),
             replace: self.replace,
-            reply: tx,
-        };
-        match actions.engine.try_send(command) {
-            Ok(()) => {
-                self.pending = Some(AddHostStep::Enroll(rx));
-                self.outcome = None;
-            }
-            Err(e) => self.outcome = Some(Err(e.to_string())),
-        }
+        });
+        self.pending = Some(AddHostStep::Enroll(rx));
+        self.outcome = None;
     }
 
     fn probe(&mut self, actions: &mut Actions<'_>) {
         let address = self.address.trim().to_string();
-        let (tx, rx) = oneshot::channel();
-        match actions.engine.try_send(Command::ProbeHost {
+        let rx = actions.request(ops::ProbeHost {
             address: address.clone(),
-            reply: tx,
-        }) {
-            Ok(()) => {
-                self.pending = Some(AddHostStep::Probe(address, rx));
-                self.outcome = None;
-            }
-            Err(e) => self.outcome = Some(Err(e.to_string())),
-        }
+        });
+        self.pending = Some(AddHostStep::Probe(address, rx));
+        self.outcome = None;
     }
 
     pub fn add_host_ui(&mut self, ctx: &egui::Context, actions: &mut Actions<'_>) {
@@ -234,8 +231,8 @@ impl AddHostDialog {
                 }
                 match &self.outcome {
                     Some(Ok(added)) => {
-                        ui.label(RichText::new(format!("Enrolled host {}.", added.host_id)).strong());
-                        field(ui, "Pinned key:", egui::Label::new(RichText::new(added.fingerprint.to_string()).monospace()).wrap());
+                        ui.label(RichText::new(format!("Enrolled host {}.", added.id)).strong());
+                        field(ui, "Pinned key:", egui::Label::new(RichText::new(added.fingerprint.as_str()).monospace()).wrap());
                     }
                     Some(Err(e)) => error_line(ui, &Some(e.clone())),
                     None => {}

@@ -8,6 +8,7 @@ mod details;
 mod dialogs;
 mod event_log;
 mod format;
+mod link;
 mod migrate;
 mod plan;
 mod service_editor;
@@ -22,7 +23,9 @@ use dunes_shared::model::{AppName, HostId, ServiceName, VmName};
 use egui::{Color32, Key, KeyboardShortcut, Modifiers};
 use tokio::sync::oneshot;
 
-use crate::engine::{Command, EngineError, EngineHandle, LinkState, Published, Snapshot};
+pub use link::{EngineLink, LinkError, LinkStatus};
+
+use crate::engine::{EngineHandle, LinkState, Published, Snapshot};
 use dunes_shared::model::VmState;
 
 pub use audit::AuditWindow;
@@ -97,21 +100,67 @@ pub struct PlannedDrag {
     pub index: u32,
 }
 
+/// Draws `button`, enabled when `enabled` and the engine would take what it does from this
+/// window; else greyed out, with the engine's refusal on hover.
+pub fn gated(
+    ui: &mut egui::Ui,
+    permitted: &Result<(), String>,
+    enabled: bool,
+    button: egui::Button<'_>,
+) -> egui::Response {
+    let response = ui.add_enabled(enabled && permitted.is_ok(), button);
+    match permitted {
+        Err(why) => response.on_disabled_hover_text(why),
+        Ok(()) => response,
+    }
+}
+
+/// The band under the toolbar while the engine elsewhere cannot be reached: what the window
+/// shows is as old as the link's end, and when it tries again.
+fn lost_banner(
+    ui: &mut egui::Ui,
+    address: &str,
+    why: &str,
+    since: std::time::SystemTime,
+    retry_at: std::time::Instant,
+    attempts: u32,
+) {
+    let wait = retry_at.saturating_duration_since(std::time::Instant::now());
+    egui::Panel::top("link-lost")
+        .frame(
+            egui::Frame::side_top_panel(ui.style())
+                .fill(Color32::from_rgb(110, 30, 30))
+                .inner_margin(6.0),
+        )
+        .show(ui, |ui| {
+            ui.horizontal_wrapped(|ui| {
+                ui.label(
+                    egui::RichText::new(format!("Lost the engine at {address}:"))
+                        .strong()
+                        .color(Color32::WHITE),
+                );
+                ui.label(egui::RichText::new(why).color(Color32::from_gray(230)));
+                ui.label(
+                    egui::RichText::new(format!(
+                        "What you see is as of {} UTC. Trying again in {} s (try {attempts}); changes wait until then.",
+                        format::clock(crate::engine::snapshot::unix_ms(since)),
+                        wait.as_secs() + 1
+                    ))
+                    .color(Color32::from_gray(230)),
+                );
+            });
+        });
+    // The countdown moves once a second.
+    ui.ctx()
+        .request_repaint_after(wait.min(std::time::Duration::from_secs(1)));
+}
+
+/// What a request whose answer never came says.
+const STOPPED: &str = "the engine has stopped";
+
 /// A reply channel polled once a frame; the UI only needs success or the error text.
 trait PendingReply: Send {
     fn poll(&mut self) -> Option<Result<(), String>>;
-}
-
-impl<T: Send> PendingReply for oneshot::Receiver<Result<T, EngineError>> {
-    fn poll(&mut self) -> Option<Result<(), String>> {
-        match self.try_recv() {
-            Ok(result) => Some(result.map(|_| ()).map_err(|e| e.to_string())),
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => {
-                Some(Err(EngineError::Stopped.to_string()))
-            }
-        }
-    }
 }
 
 impl<T: Send> PendingReply for oneshot::Receiver<Result<T, crate::api::ApiError>> {
@@ -119,9 +168,7 @@ impl<T: Send> PendingReply for oneshot::Receiver<Result<T, crate::api::ApiError>
         match self.try_recv() {
             Ok(result) => Some(result.map(|_| ()).map_err(|e| e.message)),
             Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => {
-                Some(Err(EngineError::Stopped.to_string()))
-            }
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(STOPPED.to_string())),
         }
     }
 }
@@ -217,7 +264,7 @@ impl Outbox {
                         self.migrations.push(WatchedMigration::Asked { vm, to, rx });
                     }
                     Err(oneshot::error::TryRecvError::Closed) => {
-                        self.say(format!("migration of {vm}: {}", EngineError::Stopped), true);
+                        self.say(format!("migration of {vm}: {STOPPED}"), true);
                     }
                 },
                 WatchedMigration::Running { id, vm } => {
@@ -248,8 +295,7 @@ impl Outbox {
 
 /// Shared by the panels during one frame: the snapshot and a way to act.
 pub struct Actions<'a> {
-    engine: &'a EngineHandle,
-    client: &'a crate::api::EngineClient,
+    link: &'a EngineLink,
     outbox: &'a mut Outbox,
     queue: &'a mut Vec<UiAction>,
 }
@@ -265,23 +311,27 @@ impl Actions<'_> {
         self.outbox.say(text, is_error);
     }
 
-    /// Sends a command whose answer the caller follows itself.
-    pub fn try_send(&mut self, command: Command) -> Result<(), EngineError> {
-        self.engine.try_send(command)
-    }
-
     /// Runs an operation of the engine's API, checked and audited as any operator's request;
-    /// its answer comes back on the channel.
-    fn request<O: crate::api::Operation>(
+    /// its answer comes back on the channel, which the caller follows itself.
+    pub fn request<O: crate::api::Operation>(
         &mut self,
         request: O,
     ) -> oneshot::Receiver<Result<O::Response, crate::api::ApiError>> {
-        let (tx, rx) = oneshot::channel();
-        let client = self.client.clone();
-        self.engine.runtime().spawn(async move {
-            let _ = tx.send(client.call(request).await);
-        });
-        rx
+        self.link.ask(request)
+    }
+
+    /// Whether this window's role allows operations of kind `O` at all; if not, why.
+    pub fn may<O: crate::api::Operation>(&self, changes: bool) -> Result<(), String> {
+        self.link.may::<O>(changes)
+    }
+
+    /// Whether the engine would run `request` for this window; if not, why.
+    pub fn permits<O: crate::api::Operation>(
+        &self,
+        request: &O,
+        snapshot: &Snapshot,
+    ) -> Result<(), String> {
+        self.link.permits(request, snapshot)
     }
 
     /// Asks for a change through the engine's API; the answer shows in the status line.
@@ -393,9 +443,9 @@ pub enum Confirm {
 }
 
 pub struct ConsoleApp {
-    engine: EngineHandle,
-    /// The engine's API, through which the window's changes go (checked and audited).
-    client: crate::api::EngineClient,
+    /// The engine, in this process or elsewhere: its API, through which the window's
+    /// changes go (checked and audited), and its snapshot.
+    link: EngineLink,
     snapshot: Arc<Snapshot>,
     /// What the window shows in place of the engine's snapshot, when set.
     pinned: Option<Arc<Snapshot>>,
@@ -454,29 +504,49 @@ const STRIP_W: f32 = 26.0;
 const DRAWER_W: f32 = 320.0;
 
 impl ConsoleApp {
+    /// A window on the engine in this process.
     pub fn new(ctx: &egui::Context, engine: EngineHandle) -> Self {
+        Self::with_link(ctx, EngineLink::in_process(engine))
+    }
+
+    /// A window on the engine `link` reaches.
+    pub fn with_link(ctx: &egui::Context, link: EngineLink) -> Self {
         let repaint_ctx = ctx.clone();
         let watching_readings: Arc<std::sync::Mutex<Option<HostId>>> = Arc::default();
         let watching = watching_readings.clone();
-        // Hosts' live readings change every second; they are drawn only in the details of
-        // the host selected.
-        engine.set_repaint(move |published: Published| {
-            let shown = || {
-                let watched = watching.lock().unwrap_or_else(|p| p.into_inner());
-                watched
-                    .as_ref()
-                    .is_some_and(|h| published.readings_of.contains(h))
-            };
-            if !published.readings_only || shown() {
-                repaint_ctx.request_repaint();
+        match link.local() {
+            // Hosts' live readings change every second; they are drawn only in the details
+            // of the host selected.
+            Some(engine) => engine.set_repaint(move |published: Published| {
+                let shown = || {
+                    let watched = watching.lock().unwrap_or_else(|p| p.into_inner());
+                    watched
+                        .as_ref()
+                        .is_some_and(|h| published.readings_of.contains(h))
+                };
+                if !published.readings_only || shown() {
+                    repaint_ctx.request_repaint();
+                }
+            }),
+            // An engine elsewhere sends at most 20 snapshots a second.
+            None => {
+                let (mut snapshots, mut status) = link.watchers();
+                link.runtime().spawn(async move {
+                    loop {
+                        tokio::select! {
+                            changed = snapshots.changed() => if changed.is_err() { break },
+                            changed = status.changed() => if changed.is_err() { break },
+                        }
+                        repaint_ctx.request_repaint();
+                    }
+                });
             }
-        });
-        let exports = engine.data_dir().join("exports");
+        }
+        let exports = link.exports_dir().to_path_buf();
         ConsoleApp {
-            snapshot: engine.snapshot(),
+            snapshot: link.snapshot(),
             pinned: None,
-            client: crate::api::EngineClient::InProcess(engine.clone()),
-            engine,
+            link,
             selection: Selection::None,
             topology: TopologyPanel::default(),
             services: ServicesPanel,
@@ -517,13 +587,19 @@ impl ConsoleApp {
         &self.snapshot
     }
 
-    /// Opens the charts on `answer` at `range`, without asking the engine: fixed data.
-    pub fn show_stats(&mut self, answer: crate::engine::stats::StatsAnswer, range: TimeRange) {
-        self.charts.show_answer(answer, range);
+    /// Opens the charts of `subject` on `answer` at `range`, without asking the engine:
+    /// fixed data.
+    pub fn show_stats(
+        &mut self,
+        subject: crate::engine::stats::Subject,
+        answer: crate::api::views::StatsView,
+        range: TimeRange,
+    ) {
+        self.charts.show_answer(subject, answer, range);
     }
 
     /// Opens the capacity view on `sites`, without asking the engine: fixed data.
-    pub fn show_capacity(&mut self, sites: Vec<crate::engine::capacity::SiteCapacity>) {
+    pub fn show_capacity(&mut self, sites: Vec<crate::api::views::SiteCapacityView>) {
         self.capacity.show_answer(sites);
     }
 
@@ -550,7 +626,7 @@ impl ConsoleApp {
     pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
         self.snapshot = match &self.pinned {
             Some(pinned) => pinned.clone(),
-            None => self.engine.snapshot(),
+            None => self.link.snapshot(),
         };
         self.outbox.poll(&self.snapshot);
         // Escape closes the dialog in front, then the charts; only with none open does it
@@ -574,7 +650,9 @@ impl ConsoleApp {
         }
         // A confirmation is modal: no other dialog opens beneath it.
         let modal = self.confirm.is_some();
-        if !modal && ui.input_mut(|i| i.consume_shortcut(&NEW_VM)) {
+        let may_add_host = self.link.may::<crate::api::ops::AddHost>(true);
+        let may_create_vm = self.link.may::<crate::api::ops::CreateVm>(true);
+        if !modal && may_create_vm.is_ok() && ui.input_mut(|i| i.consume_shortcut(&NEW_VM)) {
             open_new_vm(
                 &mut self.new_vm,
                 &mut self.add_host,
@@ -582,14 +660,14 @@ impl ConsoleApp {
                 &self.selection,
             );
         }
-        if !modal && ui.input_mut(|i| i.consume_shortcut(&ADD_HOST)) {
+        if !modal && may_add_host.is_ok() && ui.input_mut(|i| i.consume_shortcut(&ADD_HOST)) {
             open_add_host(&mut self.add_host, &mut self.new_vm);
         }
         let snapshot = self.snapshot.clone();
+        let link_status = self.link.status();
         let dialog_open = self.dialog_open();
         let mut actions = Actions {
-            engine: &self.engine,
-            client: &self.client,
+            link: &self.link,
             outbox: &mut self.outbox,
             queue: &mut self.queue,
         };
@@ -600,15 +678,13 @@ impl ConsoleApp {
             ui.horizontal_wrapped(|ui| {
                 ui.heading("Dunes");
                 ui.separator();
-                if ui
-                    .button("Add host…")
+                if gated(ui, &may_add_host, true, egui::Button::new("Add host…"))
                     .on_hover_text("Enroll an agent (Ctrl+H)")
                     .clicked()
                 {
                     open_add_host(&mut self.add_host, &mut self.new_vm);
                 }
-                if ui
-                    .button("New VM…")
+                if gated(ui, &may_create_vm, true, egui::Button::new("New VM…"))
                     .on_hover_text("Create a VM (Ctrl+N)")
                     .clicked()
                 {
@@ -649,8 +725,34 @@ impl ConsoleApp {
                     "{online}/{} hosts online · {running}/{vms} VMs running",
                     snapshot.hosts.len()
                 ));
+                if let LinkStatus::Connected { address, welcome } = &link_status {
+                    ui.separator();
+                    // Cut short in a narrow window rather than wrapped over two lines.
+                    ui.add(
+                        egui::Label::new(format!(
+                            "engine {} at {address} · {} {}",
+                            welcome.engine, welcome.role, welcome.operator
+                        ))
+                        .truncate(),
+                    )
+                    .on_hover_text(if welcome.scopes.is_empty() {
+                        "What this window may change is what the engine lets this operator do; the rest is greyed out".to_string()
+                    } else {
+                        format!("Changes limited to {}", welcome.scopes.join(", "))
+                    });
+                }
             });
         });
+        if let LinkStatus::Lost {
+            address,
+            why,
+            since,
+            retry_at,
+            attempts,
+        } = &link_status
+        {
+            lost_banner(ui, address, why, *since, *retry_at, *attempts);
+        }
         // The status bar: what the last thing asked did.
         egui::Panel::bottom("status-bar").show(ui, |ui| {
             ui.horizontal(|ui| {
@@ -818,15 +920,15 @@ impl ConsoleApp {
         self.adopt.adopt_ui(ui.ctx(), &snapshot, &mut actions);
         self.charts
             .set_generated_until(snapshot.generated_until_secs);
-        self.charts.charts_ui(ui.ctx(), &self.engine);
+        self.charts.charts_ui(ui.ctx(), &self.link);
         let shared_machine = snapshot.hosts.iter().any(|h| {
             h.inventory()
                 .is_some_and(|i| i.sizes_from == dunes_shared::model::SizesFrom::TestDriver)
         });
         self.capacity
-            .capacity_ui(ui.ctx(), &self.engine, actions.queue, shared_machine);
+            .capacity_ui(ui.ctx(), &self.link, actions.queue, shared_machine);
         self.audit
-            .audit_ui(ui.ctx(), &self.client, self.engine.runtime());
+            .audit_ui(ui.ctx(), &self.link.client(), self.link.runtime());
         self.migrate.migrate_ui(ui.ctx(), &snapshot, actions.queue);
         notices_ui(ui.ctx(), &mut actions.outbox.notices);
         self.confirm_ui(ui.ctx());
@@ -877,8 +979,7 @@ impl ConsoleApp {
                 UiAction::OpenPlan(name) => {
                     self.editor.close();
                     let mut actions = Actions {
-                        engine: &self.engine,
-                        client: &self.client,
+                        link: &self.link,
                         outbox: &mut self.outbox,
                         queue: &mut Vec::new(),
                     };
@@ -893,8 +994,7 @@ impl ConsoleApp {
             return;
         };
         let mut actions = Actions {
-            engine: &self.engine,
-            client: &self.client,
+            link: &self.link,
             outbox: &mut self.outbox,
             queue: &mut self.queue,
         };
@@ -1045,8 +1145,7 @@ impl ConsoleApp {
             _ => Err(vec!["a host is no longer enrolled".to_string()]),
         };
         let mut actions = Actions {
-            engine: &self.engine,
-            client: &self.client,
+            link: &self.link,
             outbox: &mut self.outbox,
             queue: &mut self.queue,
         };

@@ -7,11 +7,14 @@ use dunes_shared::model::{HostId, ServiceName};
 use egui::{Color32, RichText, Role, WidgetInfo};
 use tokio::sync::oneshot;
 
-use super::{Actions, PlannedDrag};
-use crate::engine::{
-    Command, EngineError, ServicePlan, Snapshot,
-    placement::{Action, Override, place_instances_with},
-    services::plan_inputs,
+use super::{Actions, PlannedDrag, STOPPED};
+use crate::{
+    api::{ApiError, ops, views::PlanView},
+    engine::{
+        Snapshot,
+        placement::{Override, place_instances_with},
+        services::plan_inputs,
+    },
 };
 
 const GREEN: Color32 = Color32::from_rgb(63, 185, 80);
@@ -22,8 +25,8 @@ pub struct PlanDialog {
     service: Option<ServiceName>,
     /// Instances placed by hand, sent with every plan and the deploy.
     overrides: Vec<Override>,
-    pending: Option<oneshot::Receiver<Result<ServicePlan, EngineError>>>,
-    plan: Option<Result<ServicePlan, String>>,
+    pending: Option<oneshot::Receiver<Result<PlanView, ApiError>>>,
+    plan: Option<Result<PlanView, String>>,
 }
 
 impl PlanDialog {
@@ -48,15 +51,10 @@ impl PlanDialog {
         let Some(name) = self.service.clone() else {
             return;
         };
-        let (tx, rx) = oneshot::channel();
-        match actions.engine.try_send(Command::PlanService {
-            name,
-            overrides: self.overrides.clone(),
-            reply: tx,
-        }) {
-            Ok(()) => self.pending = Some(rx),
-            Err(e) => self.plan = Some(Err(e.to_string())),
-        }
+        self.pending = Some(actions.request(ops::PlanService {
+            name: name.to_string(),
+            place: self.overrides.iter().map(override_text).collect(),
+        }));
     }
 
     fn poll(&mut self) {
@@ -65,12 +63,12 @@ impl PlanDialog {
         };
         match rx.try_recv() {
             Ok(result) => {
-                self.plan = Some(result.map_err(|e| e.to_string()));
+                self.plan = Some(result.map_err(|e| e.message));
                 self.pending = None;
             }
             Err(oneshot::error::TryRecvError::Empty) => {}
             Err(oneshot::error::TryRecvError::Closed) => {
-                self.plan = Some(Err(EngineError::Stopped.to_string()));
+                self.plan = Some(Err(STOPPED.to_string()));
                 self.pending = None;
             }
         }
@@ -141,8 +139,8 @@ impl PlanDialog {
                     }
                     Some(Ok(plan)) => plan.clone(),
                 };
-                let p = &plan.plan;
-                let creates = p.placements.iter().filter(|x| x.action == Action::Create).count();
+                let p = &plan;
+                let creates = p.placements.iter().filter(|x| x.action == "create").count();
                 let keeps = p.placements.len() - creates;
                 ui.label(format!(
                     "{creates} to create, {keeps} kept, {} to remove, {} cannot be placed · {:.3}/h · fingerprint {}",
@@ -161,33 +159,29 @@ impl PlanDialog {
                     ui.label(RichText::new("Instances").strong());
                     for x in &p.placements {
                         let label = format!(
-                            "{}-{} -> {} · {} · {:.3}/h",
-                            x.app,
-                            x.index,
+                            "{} -> {} · {} · {:.3}/h",
+                            x.instance,
                             x.host,
-                            if x.action == Action::Create { "create" } else { "keep" },
+                            x.action,
                             x.cost_per_hour
                         );
-                        drag_row(ui, &x.app, x.index, label, None);
+                        drag_row(ui, &x.application, x.index, label, None);
                     }
                     for r in &p.removals {
-                        ui.label(format!("{}-{} on {} · remove", r.app, r.index, r.host));
+                        ui.label(format!("{} on {} · remove", r.instance, r.host));
                     }
                     for u in &p.unplaced {
-                        let label = format!("{}-{} cannot be placed: {}", u.app, u.index, u.would_fit);
-                        drag_row(ui, &u.app, u.index, label, Some(RED));
+                        let label = format!("{} cannot be placed: {}", u.instance, u.would_fit);
+                        drag_row(ui, &u.application, u.index, label, Some(RED));
                     }
                     if !p.overrides.is_empty() {
                         ui.separator();
                         ui.label(RichText::new("Placed by hand").strong());
                         for o in &p.overrides {
-                            let (text, color) = match &o.verdict {
-                                Ok(()) => (
-                                    format!("{}-{} on {}: holds", o.placement.app, o.placement.index, o.placement.host),
-                                    GREEN,
-                                ),
-                                Err(why) => (
-                                    format!("{}-{} on {}: breaks {why}", o.placement.app, o.placement.index, o.placement.host),
+                            let (text, color) = match &o.breaks {
+                                None => (format!("{} on {}: holds", o.instance, o.host), GREEN),
+                                Some(why) => (
+                                    format!("{} on {}: breaks {why}", o.instance, o.host),
                                     RED,
                                 ),
                             };
@@ -204,8 +198,8 @@ impl PlanDialog {
                             .default_open(true)
                             .show(ui, |ui| {
                                 for (app, list) in &p.rejections {
-                                    for r in list {
-                                        ui.label(format!("{app}: {}", r.reason));
+                                    for reason in list {
+                                        ui.label(format!("{app}: {reason}"));
                                     }
                                 }
                             });
@@ -263,10 +257,10 @@ impl PlanDialog {
                 }
                 ui.separator();
                 ui.horizontal(|ui| {
-                    let can_deploy = p.is_feasible() && p.changes() && self.pending.is_none();
-                    let why_not = if !p.is_feasible() {
+                    let can_deploy = p.feasible && p.changes && self.pending.is_none();
+                    let why_not = if !p.feasible {
                         "something cannot be placed"
-                    } else if !p.changes() {
+                    } else if !p.changes {
                         "nothing to change"
                     } else {
                         ""
@@ -277,14 +271,10 @@ impl PlanDialog {
                     if deploy.clicked() {
                         actions.call(
                             format!("Deploying service {name}"),
-                            crate::api::ops::DeployService {
+                            ops::DeployService {
                                 name: name.to_string(),
                                 fingerprint: Some(plan.fingerprint.clone()),
-                                place: self
-                                    .overrides
-                                    .iter()
-                                    .map(|o| format!("{}-{}={}", o.app, o.index, o.host))
-                                    .collect(),
+                                place: self.overrides.iter().map(override_text).collect(),
                             },
                         );
                         close = true;
@@ -315,6 +305,11 @@ impl PlanDialog {
             self.close();
         }
     }
+}
+
+/// An instance placed by hand as the API takes it: `APP-INDEX=HOST`.
+fn override_text(o: &Override) -> String {
+    format!("{}-{}={}", o.app, o.index, o.host)
 }
 
 /// A planned instance that can be dragged onto a host.

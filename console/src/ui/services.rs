@@ -21,8 +21,8 @@ impl ServicesPanel {
     ) {
         ui.horizontal(|ui| {
             ui.heading("Services");
-            if ui
-                .button("New service…")
+            let may_define = actions.may::<crate::api::ops::DefineService>(true);
+            if super::gated(ui, &may_define, true, egui::Button::new("New service…"))
                 .on_hover_text("Write a service: applications, dependencies and rules")
                 .clicked()
             {
@@ -39,7 +39,7 @@ impl ServicesPanel {
             .auto_shrink([false; 2])
             .show(ui, |ui| {
                 for view in snapshot.services.iter() {
-                    service_card(ui, view, selection, actions);
+                    service_card(ui, snapshot, view, selection, actions);
                     ui.add_space(6.0);
                 }
                 migrations_ui(ui, snapshot, actions);
@@ -51,6 +51,7 @@ impl ServicesPanel {
 /// applications, then its actions.
 fn service_card(
     ui: &mut egui::Ui,
+    snapshot: &Snapshot,
     view: &ServiceView,
     selection: &Selection,
     actions: &mut Actions<'_>,
@@ -184,8 +185,21 @@ fn service_card(
                 actions.push(UiAction::OpenPlan(name.clone()));
             }
             let deployed = !view.instances.is_empty();
-            if ui
-                .add_enabled(idle && deployed, egui::Button::new("Start"))
+            let service = name.to_string();
+            let may_run = actions.permits(
+                &crate::api::ops::StartService {
+                    name: service.clone(),
+                },
+                snapshot,
+            );
+            let may_delete = actions.permits(
+                &crate::api::ops::DeleteService {
+                    name: service.clone(),
+                },
+                snapshot,
+            );
+            let may_define = actions.may::<crate::api::ops::DefineService>(true);
+            if super::gated(ui, &may_run, idle && deployed, egui::Button::new("Start"))
                 .on_hover_text("In dependency order, each application once what it needs is ready")
                 .clicked()
             {
@@ -196,8 +210,7 @@ fn service_card(
                     },
                 );
             }
-            if ui
-                .add_enabled(idle && deployed, egui::Button::new("Stop"))
+            if super::gated(ui, &may_run, idle && deployed, egui::Button::new("Stop"))
                 .on_hover_text("In reverse dependency order")
                 .clicked()
             {
@@ -208,10 +221,10 @@ fn service_card(
                     },
                 );
             }
-            if ui.add_enabled(idle, egui::Button::new("Edit…")).clicked() {
+            if super::gated(ui, &may_define, idle, egui::Button::new("Edit…")).clicked() {
                 actions.push(UiAction::EditService(Some(name.clone())));
             }
-            if ui.add_enabled(idle, egui::Button::new("Delete…")).clicked() {
+            if super::gated(ui, &may_delete, idle, egui::Button::new("Delete…")).clicked() {
                 actions.push(UiAction::ConfirmDeleteService(name.clone()));
             }
         });

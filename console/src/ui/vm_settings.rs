@@ -8,9 +8,12 @@ use egui::RichText;
 use tokio::sync::oneshot;
 
 use super::{Actions, Confirm, UiAction};
-use crate::engine::{Command, EngineError, HostView, LinkState, Snapshot};
+use crate::{
+    api::{ApiError, ops},
+    engine::{HostView, LinkState, Snapshot},
+};
 
-type Listing = oneshot::Receiver<Result<Vec<SnapshotInfo>, EngineError>>;
+type Listing = oneshot::Receiver<Result<Vec<SnapshotInfo>, ApiError>>;
 
 /// The VM the fields below belong to, and what its snapshot list was asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,18 +77,11 @@ impl VmSettings {
         action: SnapshotAction,
         snapshot: Option<String>,
     ) {
-        let (tx, rx) = oneshot::channel();
-        let command = Command::SnapshotVm {
-            host: host.clone(),
-            name: vm.clone(),
+        self.listing = Some(actions.request(ops::SnapshotVm {
+            vm: format!("{host}/{vm}"),
             action,
             snapshot,
-            reply: tx,
-        };
-        match actions.try_send(command) {
-            Ok(()) => self.listing = Some(rx),
-            Err(e) => actions.say(format!("snapshots of {vm}: {e}"), true),
-        }
+        }));
     }
 
     /// Takes, reverts to or deletes a snapshot; the status bar says so, and the list shown
@@ -123,8 +119,8 @@ impl VmSettings {
             }
             Ok(Err(e)) => {
                 let text = match self.doing.take() {
-                    Some(doing) => format!("{doing}: {e}"),
-                    None => e.to_string(),
+                    Some(doing) => format!("{doing}: {}", e.message),
+                    None => e.message,
                 };
                 // A failed create keeps the list; the operator reads why in the status bar.
                 if self.listed.as_ref().is_none_or(Result::is_err) {
