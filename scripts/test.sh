@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, unit tests, protocol tests over real QUIC, end-to-end
-# suites with real agents, the GUI driven by egui_kittest, and a real VM under QEMU.
+# Runs every test: formatting, lints, the dependencies' licences, unit tests, protocol tests
+# over real QUIC, end-to-end suites with real agents, the GUI driven by egui_kittest, and a
+# real VM under QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh test
@@ -15,6 +16,14 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The dependencies' licences and bans (deny.toml), checked offline. cargo-deny is built once
+# into the target dir (a debug build: it takes a few minutes, and checks in a second).
+tools="${CARGO_TARGET_DIR:-$PWD/target}/tools"
+if [ ! -x "$tools/bin/cargo-deny" ]; then
+  cargo install cargo-deny --version 0.20.2 --locked --debug --quiet \
+    --root "$tools" --target-dir "$tools/build"
+fi
+PATH="$tools/bin:$PATH" cargo deny --offline check licenses bans
 # The suites start the real agent binary, so build it first.
 cargo build --workspace --bins
 log=$(mktemp)

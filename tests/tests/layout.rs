@@ -19,9 +19,9 @@ use dunes_console::{
         capacity::{Resource, ResourceUse, SiteCapacity},
         forecast::{self, Method},
         migration::{DiskMove, MigrationJournal, MigrationOrigin, MigrationStep},
+        records::{EventRecord, Level},
         rollup::Bucket,
         stats::{Metric, SeriesPoints, StatsAnswer, Subject},
-        store::{EventRecord, Level},
     },
     ui::{ConsoleApp, TimeRange},
 };

@@ -1,7 +1,8 @@
 //! The window on an engine that runs in another process, reached with an operator's
 //! credential over QUIC (`dunes-console --connect FILE`): it shows that engine's fleet, its
-//! changes are the operator's (checked and audited there), what the role may not do is
-//! greyed out, and a lost engine is a banner until the window has caught up with it again.
+//! changes are the operator's (checked and audited there: a stop, a new VM, a drag to
+//! migrate), its charts read from there and export here, what the role may not do is greyed out, and a lost engine is a banner until the
+//! window has caught up with it again.
 
 mod gui_support;
 
@@ -21,7 +22,7 @@ use egui_kittest::{
     Harness,
     kittest::{NodeT as _, Queryable as _},
 };
-use gui_support::{step_for_until, step_until};
+use gui_support::{drag_to, step_for_until, step_until};
 
 fn add_operator(data: &Path, dir: &Path, name: &str, role: &str) -> PathBuf {
     let file = dir.join(format!("{name}.toml"));
@@ -75,6 +76,16 @@ fn counts(data: &Path) -> String {
         vms.iter().filter(|v| v["state"] == "running").count(),
         vms.len()
     )
+}
+
+fn vm_host(data: &Path, name: &str) -> String {
+    let vms = json(&ctl(data, &["--json", "vms"]));
+    vms.as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .map(|v| v["host"].as_str().unwrap().to_string())
+        .unwrap_or_default()
 }
 
 fn vm_state(data: &Path, name: &str) -> String {
@@ -185,6 +196,90 @@ fn a_window_elsewhere_acts_as_its_operator_and_catches_up_after_the_engine_resta
         "{audit:#}"
     );
 
+    // A VM made with the New VM dialog, on the host selected: it appears on that agent.
+    harness.get_by_role_and_label(Role::Button, "lsn-2").click();
+    harness.step();
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::N);
+    step_until(&mut harness, "the New VM dialog", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Name")
+            .is_some_and(|n| n.is_focused())
+    });
+    harness
+        .get_by_role_and_label(Role::TextInput, "Name")
+        .type_text("remote-1");
+    harness.step();
+    harness.get_by_label("Create").click();
+    step_for_until(&mut harness, 60, "the new VM's chip", |h| {
+        h.query_all_by_role_and_label(Role::Button, "remote-1")
+            .next()
+            .is_some()
+    });
+    assert_eq!(vm_host(&data, "remote-1"), "lsn-2");
+    // Nothing selected: the host's details (which list its VMs too) close.
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the selection cleared", |h| {
+        h.query_by_label("Host lsn-2").is_none()
+    });
+
+    // A drag to the other host of the site, confirmed: the VM runs there.
+    let from = harness
+        .get_by_role_and_label(Role::Button, "wiki")
+        .rect()
+        .center();
+    let to = harness
+        .get_by_role_and_label(Role::Button, "lsn-1")
+        .rect()
+        .center();
+    drag_to(&mut harness, from, to);
+    harness.drop_at(to);
+    step_until(&mut harness, "the estimate", |h| {
+        h.query_by_label("Migrate wiki to lsn-1?").is_some()
+    });
+    harness.get_by_label("Migrate").click();
+    step_for_until(&mut harness, 120, "the migration done", |h| {
+        h.query_by_label_contains("of wiki: done, it runs on lsn-1")
+            .is_some()
+    });
+    assert_eq!(vm_host(&data, "wiki"), "lsn-1");
+    let last = counts(&data);
+    step_for_until(&mut harness, 60, "the counts after the migration", |h| {
+        h.query_by_label(&last).is_some()
+    });
+
+    // A host's charts, read from the engine elsewhere, and exported here.
+    harness.get_by_role_and_label(Role::Button, "lsn-1").click();
+    step_until(&mut harness, "the host's details", |h| {
+        h.query_by_label("Host lsn-1").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Statistics…")
+        .click();
+    step_for_until(&mut harness, 60, "the host's charts", |h| {
+        h.query_by_label("Statistics of host lsn-1").is_some()
+            && h.query_by_label("CPU use").is_some()
+            && !h
+                .get_by_role_and_label(Role::Button, "Export CSV")
+                .accesskit_node()
+                .is_disabled()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Export CSV")
+        .click();
+    step_until(&mut harness, "the export's path", |h| {
+        h.query_by_label_contains("Exported to ").is_some()
+    });
+    let csv = std::fs::read_dir(dir.path().join("exports"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .next()
+        .expect("an exported file in the window's own exports");
+    assert!(csv.lines().any(|l| l.contains(",cpu,%,")), "{csv}");
+    harness.key_press(egui::Key::Escape);
+    step_until(&mut harness, "the charts closed", |h| {
+        h.query_by_label("Statistics of host lsn-1").is_none()
+    });
+
     // The engine goes away (its demo agents with it): the window says so and keeps what
     // it showed.
     drop(console);
@@ -192,7 +287,10 @@ fn a_window_elsewhere_acts_as_its_operator_and_catches_up_after_the_engine_resta
         h.query_by_label(&format!("Lost the engine at {listen}:"))
             .is_some()
     });
-    assert!(harness.query_by_label(&stopped).is_some());
+    assert!(
+        harness.query_by_label(&last).is_some(),
+        "the lost window keeps what it showed"
+    );
 
     // The engine comes back on the same data dir and address, without the demo's agents:
     // the window reconnects by itself and catches up (the hosts are offline now).

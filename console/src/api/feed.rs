@@ -3,9 +3,15 @@
 //! new, the lists that changed), at most [`FRAMES_PER_SEC`] a second: a slow window gets the
 //! latest state, never a backlog.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use dunes_shared::model::HostId;
+use tokio::sync::watch;
+
+use dunes_shared::model::{HostId, HostStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
@@ -13,8 +19,9 @@ use crate::engine::{
     migration::MigrationJournal,
 };
 
-/// The most frames a watcher gets in a second; changes in between are sent together.
-pub const FRAMES_PER_SEC: u32 = 20;
+/// The most frames a watcher gets in a second; changes in between are sent together. A
+/// change after a quiet spell goes out at once.
+pub const FRAMES_PER_SEC: u32 = 30;
 /// Events a snapshot keeps, as the engine's own.
 const EVENTS_KEPT: usize = 1000;
 /// The largest frame a watcher reads.
@@ -37,8 +44,12 @@ pub struct SnapshotDelta {
     pub version: u64,
     /// Every host's id in order, when one came, went or moved.
     pub host_order: Option<Vec<HostId>>,
-    /// The hosts whose view changed.
+    /// The hosts whose view changed beyond their live status.
     pub hosts: Vec<HostView>,
+    /// The hosts whose live status alone changed (every host, every second), by id: a
+    /// few dozen bytes each instead of the whole host.
+    #[serde(default)]
+    pub statuses: Vec<(HostId, Option<HostStatus>)>,
     /// The events newer than the last one sent.
     pub events: Vec<EventRecord>,
     pub services: Option<Vec<Arc<ServiceView>>>,
@@ -51,12 +62,16 @@ pub struct SnapshotDelta {
 /// snapshots, so a pointer comparison tells.
 pub fn delta(before: &Snapshot, now: &Snapshot) -> SnapshotDelta {
     let old: BTreeMap<&HostId, &Arc<HostView>> = before.hosts.iter().map(|h| (h.id(), h)).collect();
-    let hosts = now
-        .hosts
-        .iter()
-        .filter(|h| old.get(h.id()).is_none_or(|o| !Arc::ptr_eq(o, h)))
-        .map(|h| HostView::clone(h))
-        .collect();
+    let (mut hosts, mut statuses) = (Vec::new(), Vec::new());
+    for host in &now.hosts {
+        match old.get(host.id()) {
+            Some(was) if Arc::ptr_eq(was, host) => {}
+            Some(was) if only_status_differs(was, host) => {
+                statuses.push((host.id().clone(), host.status))
+            }
+            _ => hosts.push(HostView::clone(host)),
+        }
+    }
     let order_changed = before.hosts.len() != now.hosts.len()
         || before
             .hosts
@@ -68,6 +83,7 @@ pub fn delta(before: &Snapshot, now: &Snapshot) -> SnapshotDelta {
         version: now.version,
         host_order: order_changed.then(|| now.hosts.iter().map(|h| h.id().clone()).collect()),
         hosts,
+        statuses,
         events: now
             .events
             .iter()
@@ -83,6 +99,15 @@ pub fn delta(before: &Snapshot, now: &Snapshot) -> SnapshotDelta {
     }
 }
 
+/// Whether two views of a host differ in their live status only.
+fn only_status_differs(was: &HostView, now: &HostView) -> bool {
+    was.record == now.record
+        && was.link == now.link
+        && was.link_error == now.link_error
+        && was.vms == now.vms
+        && was.skipped_events == now.skipped_events
+}
+
 /// `base` with `delta` applied.
 pub fn apply(base: &Snapshot, delta: SnapshotDelta) -> Snapshot {
     let mut changed: BTreeMap<HostId, Arc<HostView>> = delta
@@ -91,6 +116,13 @@ pub fn apply(base: &Snapshot, delta: SnapshotDelta) -> Snapshot {
         .map(|h| (h.id().clone(), Arc::new(h)))
         .collect();
     let kept: BTreeMap<&HostId, &Arc<HostView>> = base.hosts.iter().map(|h| (h.id(), h)).collect();
+    for (id, status) in delta.statuses {
+        if let Some(was) = kept.get(&id) {
+            let mut host = HostView::clone(was);
+            host.status = status;
+            changed.insert(id, Arc::new(host));
+        }
+    }
     let order: Vec<HostId> = delta
         .host_order
         .unwrap_or_else(|| base.hosts.iter().map(|h| h.id().clone()).collect());
@@ -132,6 +164,78 @@ pub fn encode(frame: &SnapshotFrame) -> Result<Vec<u8>, serde_json::Error> {
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
     Ok(out)
+}
+
+/// Sends the whole snapshot, then a delta per change (changes closer than a frame's gap go
+/// together), until the watcher stops reading or `snapshots` ends.
+pub async fn send_feed(mut snapshots: watch::Receiver<Arc<Snapshot>>, mut send: quinn::SendStream) {
+    let mut last = snapshots.borrow_and_update().clone();
+    let Ok(first) = encode(&SnapshotFrame::Full(Snapshot::clone(&last))) else {
+        return;
+    };
+    if send.write_all(&first).await.is_err() {
+        return;
+    }
+    let mut sent_at = Instant::now();
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { break },
+            // The watcher went away.
+            _ = send.stopped() => return,
+        }
+        // At most one frame per gap: what changes meanwhile goes in the next one.
+        tokio::time::sleep_until((sent_at + frame_gap()).into()).await;
+        let now = snapshots.borrow_and_update().clone();
+        let Ok(frame) = encode(&SnapshotFrame::Delta(delta(&last, &now))) else {
+            break;
+        };
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
+        sent_at = Instant::now();
+        last = now;
+    }
+    let _ = send.finish();
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<SnapshotFrame, String> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(format!("a snapshot frame of {len} bytes is over the limit"));
+    }
+    let mut body = vec![0; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| format!("a snapshot frame does not parse: {e}"))
+}
+
+/// Reads a feed that [`send_feed`] writes: waits for the whole snapshot, then keeps the
+/// receiver it answers up to date from a task, until the stream ends. `send` is the
+/// request's side of the stream, held open while the feed runs (the engine sees a watcher).
+pub async fn receive_feed(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<watch::Receiver<Arc<Snapshot>>, String> {
+    let SnapshotFrame::Full(base) = read_frame(&mut recv).await? else {
+        return Err("the feed did not start with a whole snapshot".into());
+    };
+    let (tx, rx) = watch::channel(Arc::new(base));
+    tokio::spawn(async move {
+        let _send = send;
+        while let Ok(frame) = read_frame(&mut recv).await {
+            let next = match frame {
+                SnapshotFrame::Full(whole) => whole,
+                SnapshotFrame::Delta(delta) => apply(&tx.borrow(), delta),
+            };
+            if tx.send(Arc::new(next)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 #[cfg(test)]
@@ -216,5 +320,44 @@ mod tests {
         let same = delta(&now, &now);
         assert!(same.hosts.is_empty() && same.events.is_empty() && same.host_order.is_none());
         assert_eq!(json(&apply(&now, same)), json(&now));
+    }
+
+    #[test]
+    fn a_host_whose_status_alone_changed_travels_as_its_status() {
+        let a = host("a", LinkState::Online);
+        let before = Snapshot {
+            hosts: vec![a.clone()],
+            version: 1,
+            ..Default::default()
+        };
+        let mut reported = HostView::clone(&a);
+        reported.status = Some(HostStatus {
+            cpu_load_percent: 12.5,
+            memory_used_mib: 1024,
+            memory_total_mib: 4096,
+            storage_free_mib: 10_000,
+            vms_running: 0,
+            uptime_secs: 60,
+        });
+        let now = Snapshot {
+            hosts: vec![Arc::new(reported)],
+            version: 2,
+            ..before.clone()
+        };
+        let d = delta(&before, &now);
+        assert!(d.hosts.is_empty());
+        assert_eq!(d.statuses.len(), 1);
+        assert_eq!(json(&apply(&before, d)), json(&now));
+        // Anything more than the status, and the whole host goes.
+        let mut moved = HostView::clone(&now.hosts[0]);
+        moved.link_error = Some("gone".into());
+        let later = Snapshot {
+            hosts: vec![Arc::new(moved)],
+            version: 3,
+            ..now.clone()
+        };
+        let d = delta(&now, &later);
+        assert_eq!((d.hosts.len(), d.statuses.len()), (1, 0));
+        assert_eq!(json(&apply(&now, d)), json(&later));
     }
 }

@@ -18,7 +18,8 @@ use super::{
     console_pki::ConsolePki,
     enroll::{self, Enrolled},
     link::{LinkContext, LinkMessage},
-    store::{Level, Store},
+    records::Level,
+    store::Store,
 };
 
 pub(super) struct HostEntry {
@@ -75,7 +76,7 @@ pub(super) struct Actor {
     pub(super) events: super::event_log::EventsState,
     pub(super) services: BTreeMap<dunes_shared::model::ServiceName, super::services::ServiceEntry>,
     /// Every service's instances, by `service/app/index`.
-    pub(super) instances: BTreeMap<super::store::InstanceKey, super::store::InstanceRecord>,
+    pub(super) instances: BTreeMap<super::records::InstanceKey, super::records::InstanceRecord>,
     pub(super) services_dirty: bool,
     pub(super) published_services: Arc<Vec<Arc<super::ServiceView>>>,
     pub(super) internal_tx: mpsc::Sender<Internal>,

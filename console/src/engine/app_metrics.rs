@@ -12,8 +12,8 @@ use super::{
     actor::Actor,
     client::AgentClient,
     probes::{InstanceProbe, ProbeAnswer, Probed},
+    records::{InstanceKey, InstanceRecord},
     stats::{Metric, Subject},
-    store::{InstanceKey, InstanceRecord},
 };
 
 /// The probe the agent gets for an application's metric.

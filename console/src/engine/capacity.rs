@@ -197,7 +197,7 @@ pub fn sum_series(series: &[(Vec<(u64, f64)>, f64)]) -> Vec<(u64, f64)> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::engine::store::HostRecord;
+    use crate::engine::records::HostRecord;
     use dunes_shared::model::{
         HostInventory, HostStatus, Prices, RuntimeKind, Site, SizesFrom, VmName, VmState, VmStatus,
     };

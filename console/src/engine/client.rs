@@ -12,7 +12,7 @@ use dunes_shared::{
 use super::{
     EngineError, Reply,
     actor::{Actor, Internal},
-    store::Level,
+    records::Level,
 };
 
 /// How long an agent gets to answer most calls: long enough for a slow hypervisor, short

@@ -11,7 +11,7 @@ use super::{
     Command, EngineError, Reply,
     actor::{Actor, Internal},
     enroll::{self, enroll},
-    store::Level,
+    records::Level,
 };
 
 impl Actor {

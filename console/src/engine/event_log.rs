@@ -5,7 +5,7 @@ use dunes_shared::model::HostId;
 
 use super::{
     actor::{Actor, now_ms},
-    store::{EventRecord, Level},
+    records::{EventRecord, Level},
 };
 
 /// Events kept in memory and in every snapshot.

@@ -7,7 +7,7 @@ use super::{
     HostAdded, Reply,
     actor::{Actor, now_ms},
     enroll::{self, Enrolled},
-    store::{HostRecord, Level},
+    records::{HostRecord, Level},
 };
 
 impl Actor {

@@ -15,7 +15,7 @@ use super::{
     actor::Actor,
     client::AgentClient,
     probes::{InstanceProbe, ProbeAnswer, Probed},
-    store::{InstanceKey, InstanceRecord},
+    records::{InstanceKey, InstanceRecord},
 };
 
 /// How often the applications inside VMs are looked at.

@@ -13,8 +13,8 @@ use super::{
     HostView, LinkState,
     actor::{Actor, HostEntry},
     link::{LinkMessage, run_link},
+    records::{HostRecord, Level},
     snapshot::{rfc3339, unix_ms},
-    store::{HostRecord, Level},
 };
 
 impl Actor {

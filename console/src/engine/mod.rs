@@ -26,6 +26,7 @@ pub mod placement;
 mod probes;
 mod publish;
 mod readiness;
+pub mod records;
 pub mod rollup;
 pub mod service_file;
 pub mod services;
@@ -52,12 +53,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use autoscale::{AutoscaleView, ReplayAnswer};
 pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
+pub use records::{
+    EventRecord, HostRecord, InstanceKey, InstanceRecord, InstanceState, Level, Maintenance,
+    MovePhase, ServiceMove, ServiceRecord,
+};
 pub use services::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};
-pub use store::{
-    EventRecord, HostRecord, InstanceKey, InstanceRecord, Level, Maintenance, MovePhase,
-    ServiceMove, ServiceRecord,
-};
 
 use self::{
     actor::{Actor, Internal},

@@ -18,7 +18,7 @@ use super::{
     actor::{Actor, Internal},
     client::AgentClient,
     readiness::LastCheck,
-    store::{InstanceKey, InstanceRecord},
+    records::{InstanceKey, InstanceRecord},
 };
 
 /// What one kind of probe last heard from each running instance, and whom it is asking.

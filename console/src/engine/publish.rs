@@ -9,7 +9,7 @@ use super::{
     HostView, Published, ServiceStatus, ServiceView, Snapshot,
     actor::Actor,
     notify::{Notice, Urgency},
-    store::Level,
+    records::Level,
 };
 
 impl Actor {

@@ -15,8 +15,8 @@ use super::{
     actor::Actor,
     client::AgentClient,
     probes::{InstanceProbe, ProbeAnswer, Probed},
+    records::{InstanceKey, InstanceRecord, InstanceState},
     services::probe_of,
-    store::{InstanceKey, InstanceRecord, InstanceState},
 };
 use dunes_shared::model::VmState;
 
@@ -33,7 +33,7 @@ pub(super) struct LastCheck {
 impl Actor {
     /// Whether an instance's workload runs on a host that is online now: what the checks
     /// of its applications need.
-    pub(super) fn instance_runs(&self, instance: &super::store::InstanceRecord) -> bool {
+    pub(super) fn instance_runs(&self, instance: &super::records::InstanceRecord) -> bool {
         instance.state == InstanceState::Created
             && self.hosts.get(&instance.host).is_some_and(|h| {
                 h.view.link == LinkState::Online

@@ -21,9 +21,9 @@ use super::{
     actor::{Actor, Internal, now_ms},
     client::AgentClient,
     placement::{Action, Existing, HostOffer, Override, Plan, Resources, place_instances_with},
+    records::{InstanceRecord, InstanceState, Level, ServiceRecord},
     service_file::parse_service_file,
     snapshot::HostView,
-    store::{InstanceRecord, InstanceState, Level, ServiceRecord},
 };
 
 /// What a service is busy with, when it is.
@@ -598,7 +598,7 @@ impl Actor {
         only: Vec<String>,
         reply: Reply<OperationReport>,
     ) {
-        let running: Vec<super::store::InstanceKey> = self
+        let running: Vec<super::records::InstanceKey> = self
             .instances_of(name)
             .into_iter()
             .filter(|i| {

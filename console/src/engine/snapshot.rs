@@ -8,7 +8,7 @@ use std::{
 use dunes_shared::model::{HostId, HostInventory, HostStatus, VmName, VmStatus};
 use serde::Serialize;
 
-use super::store::{EventRecord, HostRecord};
+use super::records::{EventRecord, HostRecord};
 
 /// How the console's link to an agent stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]

@@ -8,8 +8,8 @@ use super::{
     EngineError, HostView, Reply, VmCloned,
     actor::{Actor, Internal},
     migration::{MigrationOptions, MigrationOrigin},
+    records::Level,
     services::host_offer,
-    store::Level,
 };
 
 /// Why `vm` on `host` cannot get these vCPUs and memory, if it cannot.

@@ -6,7 +6,7 @@ use dunes_shared::model::{AppName, HostId, ServiceName, VmName};
 use egui::{Color32, CornerRadius, RichText, Role, Sense, Stroke, StrokeKind, WidgetInfo};
 
 use super::{Actions, Selection, UiAction, VmDrag, service_color, service_tag_color, state_color};
-use crate::engine::{ServiceStatus, ServiceView, Snapshot, store::InstanceState};
+use crate::engine::{ServiceStatus, ServiceView, Snapshot, records::InstanceState};
 
 #[derive(Debug, Default)]
 pub struct ServicesPanel;

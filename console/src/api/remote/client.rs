@@ -17,20 +17,6 @@ use crate::{
     engine::Snapshot,
 };
 
-async fn read_frame(recv: &mut quinn::RecvStream) -> Result<feed::SnapshotFrame, String> {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.map_err(|e| e.to_string())?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > feed::MAX_FRAME_BYTES {
-        return Err(format!("a snapshot frame of {len} bytes is over the limit"));
-    }
-    let mut body = vec![0; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&body).map_err(|e| format!("a snapshot frame does not parse: {e}"))
-}
-
 /// A session with an engine elsewhere, as an operator.
 #[derive(Debug)]
 pub struct RemoteEngine {
@@ -208,12 +194,11 @@ impl RemoteEngine {
     /// The engine's snapshot as it changes: the whole of it first, then a delta per change.
     /// The receiver sees no more changes once the session ends.
     pub async fn watch(&self) -> Result<tokio::sync::watch::Receiver<Arc<Snapshot>>, ApiError> {
-        use feed::{SnapshotFrame, apply};
         let lost = |message: String| ApiError {
             code: ApiErrorCode::Unavailable,
             message: format!("the snapshot of the engine at {}: {message}", self.address),
         };
-        let (mut send, mut recv) = self
+        let (mut send, recv) = self
             .connection
             .open_bi()
             .await
@@ -227,28 +212,10 @@ impl RemoteEngine {
             .await
             .map_err(|e| lost(e.to_string()))?;
         send.finish().map_err(|e| lost(e.to_string()))?;
-        let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv))
+        tokio::time::timeout(HELLO_TIMEOUT, feed::receive_feed(send, recv))
             .await
             .map_err(|_| lost("no snapshot in time".into()))?
-            .map_err(lost)?;
-        let SnapshotFrame::Full(base) = first else {
-            return Err(lost("the feed did not start with a whole snapshot".into()));
-        };
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(base));
-        tokio::spawn(async move {
-            // The send side stays open while the feed runs: the engine sees a watcher.
-            let _send = send;
-            while let Ok(frame) = read_frame(&mut recv).await {
-                let next = match frame {
-                    SnapshotFrame::Full(whole) => whole,
-                    SnapshotFrame::Delta(delta) => apply(&tx.borrow(), delta),
-                };
-                if tx.send(Arc::new(next)).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(rx)
+            .map_err(lost)
     }
 
     /// Resolves once the session ends, with why.

@@ -19,7 +19,7 @@ use crate::{
         feed,
         types::{Answer, ApiError, ApiErrorCode, Caller, Envelope},
     },
-    engine::{EngineHandle, Snapshot, operators::access},
+    engine::{EngineHandle, operators::access},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -247,36 +247,10 @@ async fn request(
     let _ = send.finish();
 }
 
-/// Sends the whole snapshot, then a delta per change, until the watcher or the engine
-/// goes; every role may watch.
-async fn feed_snapshots(engine: EngineHandle, mut send: quinn::SendStream) {
-    use feed::{SnapshotFrame, delta, encode, frame_gap};
-    let mut snapshots = engine.subscribe();
-    let mut last = snapshots.borrow_and_update().clone();
-    let Ok(first) = encode(&SnapshotFrame::Full(Snapshot::clone(&last))) else {
-        return;
-    };
-    if send.write_all(&first).await.is_err() {
-        return;
-    }
-    loop {
-        tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { break },
-            // The watcher went away.
-            _ = send.stopped() => return,
-        }
-        // Changes in the gap go in the same frame.
-        tokio::time::sleep(frame_gap()).await;
-        let now = snapshots.borrow_and_update().clone();
-        let Ok(frame) = encode(&SnapshotFrame::Delta(delta(&last, &now))) else {
-            break;
-        };
-        if send.write_all(&frame).await.is_err() {
-            return;
-        }
-        last = now;
-    }
-    let _ = send.finish();
+/// Sends the engine's snapshot as it changes, until the watcher or the engine goes; every
+/// role may watch.
+async fn feed_snapshots(engine: EngineHandle, send: quinn::SendStream) {
+    feed::send_feed(engine.subscribe(), send).await;
 }
 
 fn engine_name(engine: &EngineHandle) -> String {

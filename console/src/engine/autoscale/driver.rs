@@ -14,9 +14,10 @@ use crate::engine::{
     actor::{Actor, Internal, now_ms},
     autoscale::{AutoscaleMetric, AutoscaleRule, Change, Decision, decide, period_means, replay},
     placement::Action,
+    records::{InstanceState, Level},
     rollup,
     stats::{self, Metric, Subject},
-    store::{AutoscaleRecord, InstanceState, Level},
+    store::AutoscaleRecord,
 };
 
 /// Readings come in batches of 5 s: a period is measured this long after it ends.

@@ -12,7 +12,7 @@ use crate::engine::{
     actor::{Actor, Internal, now_ms},
     evacuation::{DrainProgress, FleetParts, drain_step, service_move_step},
     migration::{MigrationOrigin, MigrationStep},
-    store::{Level, Maintenance, MovePhase, ServiceMove},
+    records::{Level, Maintenance, MovePhase, ServiceMove},
 };
 
 /// What a move does once a service operation it started has ended: with the move as it

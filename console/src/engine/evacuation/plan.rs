@@ -12,8 +12,8 @@ use crate::engine::{
     HostView, ServiceView,
     migration::{MigrationEstimate, MigrationJournal, MigrationOrigin, MigrationStep, precheck},
     placement::{Action, place_instances},
+    records::{InstanceRecord, Maintenance},
     services::{host_offer, plan_inputs},
-    store::{InstanceRecord, Maintenance},
 };
 
 /// A VM and where it goes next.

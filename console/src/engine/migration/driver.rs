@@ -22,9 +22,9 @@ use crate::engine::{
         DiskMove, Effect, MigrationJournal, MigrationOptions, MigrationOrigin, MigrationStep,
         Outcome, advance, resume,
     },
+    records::InstanceRecord,
+    records::Level,
     services::probe_of,
-    store::InstanceRecord,
-    store::Level,
 };
 
 /// How long a target holds a ticket.

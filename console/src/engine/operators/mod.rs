@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 pub use access::{OperatorRecord, Role};
 
-use super::{EngineError, Reply, actor::Actor, snapshot::unix_ms, store::Level};
+use super::{EngineError, Reply, actor::Actor, records::Level, snapshot::unix_ms};
 
 /// The operators, owned by the engine; every change is published to the endpoint, which
 /// ends the sessions of a revoked operator.

@@ -11,7 +11,10 @@ use dunes_shared::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{EventRecord, HostRecord, Level};
+use crate::engine::records::{
+    EventRecord, HostRecord, InstanceRecord, InstanceState, Level, Maintenance, MovePhase,
+    ServiceMove, ServiceRecord,
+};
 
 /// A row that does not make a valid record (a name that no longer validates, say).
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +204,7 @@ impl TryFrom<HostRow> for HostRecord {
             enrolled_at_ms: row.enrolled_at_ms,
             inventory,
             cert_expires_ms: row.cert_expires_ms,
-            maintenance: row.maintenance.map(|m| super::Maintenance {
+            maintenance: row.maintenance.map(|m| Maintenance {
                 since_ms: m.since_ms,
                 paused: m.paused,
                 resumed_ms: m.resumed_ms,
@@ -429,7 +432,7 @@ pub struct ServiceRow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceMoveRow {
     pub site: String,
-    /// As [`super::MovePhase::as_str`].
+    /// As [`MovePhase::as_str`].
     pub phase: String,
     pub was_running: bool,
     pub since_ms: u64,
@@ -437,8 +440,8 @@ pub struct ServiceMoveRow {
     pub error: Option<String>,
 }
 
-impl From<&super::ServiceRecord> for ServiceRow {
-    fn from(s: &super::ServiceRecord) -> Self {
+impl From<&ServiceRecord> for ServiceRow {
+    fn from(s: &ServiceRecord) -> Self {
         ServiceRow {
             name: s.name.to_string(),
             source: s.source.clone(),
@@ -454,17 +457,17 @@ impl From<&super::ServiceRecord> for ServiceRow {
     }
 }
 
-impl TryFrom<ServiceRow> for super::ServiceRecord {
+impl TryFrom<ServiceRow> for ServiceRecord {
     type Error = RowError;
     fn try_from(row: ServiceRow) -> Result<Self, RowError> {
-        Ok(super::ServiceRecord {
+        Ok(ServiceRecord {
             name: dunes_shared::model::ServiceName::new(row.name)
                 .map_err(invalid("service name"))?,
             source: row.source,
             defined_at_ms: row.defined_at_ms,
             moving: match row.moving {
-                Some(m) => Some(super::ServiceMove {
-                    phase: super::MovePhase::parse(&m.phase).ok_or_else(|| RowError {
+                Some(m) => Some(ServiceMove {
+                    phase: MovePhase::parse(&m.phase).ok_or_else(|| RowError {
                         what: "service move phase",
                         why: m.phase.clone(),
                     })?,
@@ -486,7 +489,7 @@ pub struct InstanceRow {
     pub index: u32,
     pub host: String,
     pub vm: String,
-    /// As [`super::InstanceState::as_str`].
+    /// As [`InstanceState::as_str`].
     pub state: String,
     #[serde(default)]
     pub runtime: Option<String>,
@@ -494,8 +497,8 @@ pub struct InstanceRow {
     pub adopted: bool,
 }
 
-impl From<&super::InstanceRecord> for InstanceRow {
-    fn from(i: &super::InstanceRecord) -> Self {
+impl From<&InstanceRecord> for InstanceRow {
+    fn from(i: &InstanceRecord) -> Self {
         InstanceRow {
             service: i.service.to_string(),
             app: i.app.to_string(),
@@ -509,20 +512,20 @@ impl From<&super::InstanceRecord> for InstanceRow {
     }
 }
 
-impl TryFrom<InstanceRow> for super::InstanceRecord {
+impl TryFrom<InstanceRow> for InstanceRecord {
     type Error = RowError;
     fn try_from(row: InstanceRow) -> Result<Self, RowError> {
         use dunes_shared::model::{AppName, ServiceName};
-        Ok(super::InstanceRecord {
+        Ok(InstanceRecord {
             service: ServiceName::new(row.service).map_err(invalid("service name"))?,
             app: AppName::new(row.app).map_err(invalid("application name"))?,
             index: row.index,
             host: HostId::new(row.host).map_err(invalid("host id"))?,
             vm: VmName::new(row.vm).map_err(invalid("VM name"))?,
             state: match row.state.as_str() {
-                "created" => super::InstanceState::Created,
-                "removing" => super::InstanceState::Removing,
-                _ => super::InstanceState::Creating,
+                "created" => InstanceState::Created,
+                "removing" => InstanceState::Removing,
+                _ => InstanceState::Creating,
             },
             runtime: runtime_kind(row.runtime.as_deref()),
             adopted: row.adopted,
