@@ -56,8 +56,60 @@ pub(super) enum Internal {
         reply: Reply<HostAdded>,
     },
     GateHostId(enroll::GateRequest),
-    /// An agent call finished: its result is applied to the engine's state here.
-    CallDone(Box<dyn FnOnce(&mut Actor) + Send>),
+    /// An agent answered a call the engine made for an operator: what it changes here.
+    AgentAnswered(super::client::AgentAnswer),
+    /// A VM was copied on its host (or the copy failed); a copy for another host moves there.
+    VmCopied(super::vm_changes::VmCopied),
+    /// A migration's side effects ran: its outcome, and what was learned on the way.
+    MigrationEnded {
+        id: u64,
+        outcome: super::migration::Outcome,
+        learned: super::migration::Learned,
+    },
+    /// A host's agent refused the site's address list sent on link `stable_id`.
+    SiteAddressesRefused {
+        host: HostId,
+        stable_id: usize,
+        digest: u64,
+        reason: String,
+    },
+    /// The mean of an application's metric over the autoscaling period ending at `end`.
+    AutoscaleMeasured {
+        key: String,
+        end: u64,
+        mean: Option<f64>,
+    },
+    /// An autoscaling deploy made these instances of `service`: they are started.
+    AutoscaleMade {
+        service: dunes_shared::model::ServiceName,
+        made: Vec<String>,
+    },
+    /// The way to a host's agent, for a service operation's next step.
+    ClientFor {
+        host: HostId,
+        answer:
+            tokio::sync::oneshot::Sender<Result<super::client::AgentClient, super::EngineError>>,
+    },
+    /// One step of a service operation ran on its agent; the engine records it and answers
+    /// what to report.
+    StepDone {
+        step: super::services::Step,
+        result: Result<Option<dunes_shared::model::VmStatus>, super::EngineError>,
+        answer: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+    /// Every step of a service operation ran.
+    OperationEnded {
+        service: dunes_shared::model::ServiceName,
+        operation: super::services::Operation,
+        report: super::OperationReport,
+        reply: super::Reply<super::OperationReport>,
+    },
+    /// The stop or start a service's move to another site asked for ended.
+    MoveOperationEnded {
+        service: dunes_shared::model::ServiceName,
+        after: super::evacuation::AfterMoveOperation,
+        failed: Option<String>,
+    },
     /// A running instance answered one of the questions asked of it every few seconds.
     Probe(super::probes::ProbeAnswer),
 }
@@ -189,7 +241,47 @@ impl Actor {
                 reply,
             } => self.enrolled(enrolled, address, reply),
             Internal::GateHostId(request) => self.gate(request),
-            Internal::CallDone(apply) => apply(self),
+            Internal::AgentAnswered(answer) => self.agent_answered(answer),
+            Internal::VmCopied(copied) => self.vm_copied(copied),
+            Internal::MigrationEnded {
+                id,
+                outcome,
+                learned,
+            } => self.migration_outcome(id, outcome, learned),
+            Internal::SiteAddressesRefused {
+                host,
+                stable_id,
+                digest,
+                reason,
+            } => self.site_addresses_refused(&host, stable_id, digest, &reason),
+            Internal::AutoscaleMeasured { key, end, mean } => {
+                self.autoscale_measured(&key, end, mean)
+            }
+            Internal::AutoscaleMade { service, made } => {
+                let (tx, _rx) = tokio::sync::oneshot::channel();
+                self.start_stopped(&service, made, tx);
+            }
+            Internal::ClientFor { host, answer } => {
+                let _ = answer.send(self.client(&host));
+            }
+            Internal::StepDone {
+                step,
+                result,
+                answer,
+            } => {
+                let _ = answer.send(self.step_done(&step, result));
+            }
+            Internal::OperationEnded {
+                service,
+                operation,
+                report,
+                reply,
+            } => self.end_operation(&service, operation, report, reply),
+            Internal::MoveOperationEnded {
+                service,
+                after,
+                failed,
+            } => self.move_operation_ended(&service, after, failed),
             Internal::Probe(answer) => self.probe_answered(answer),
         }
     }

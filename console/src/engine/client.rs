@@ -103,16 +103,17 @@ impl Actor {
         })
     }
 
-    /// Sends one request to a host's agent in the background. The result comes back to the
-    /// engine as a message: on success `apply` updates the engine's state, and the caller gets
-    /// the reply once that is committed; a failure goes to the event log.
+    /// Sends one request to a host's agent in the background. Its answer comes back to the
+    /// engine as an [`AgentAnswer`]: `change` says what a successful one changes in the
+    /// engine's state (it only describes it: the engine applies it), and the caller gets the answer once that is committed; a failure goes
+    /// to the event log.
     pub(super) fn agent_call<R>(
         &mut self,
         host: HostId,
         what: String,
         reply: Reply<R::Response>,
         request: R,
-        apply: impl FnOnce(&mut Actor, &HostId, &R::Response) + Send + 'static,
+        change: impl FnOnce(&R::Response) -> StateChange + Send + 'static,
     ) where
         R: Rpc + Send + 'static,
     {
@@ -127,22 +128,96 @@ impl Actor {
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
             let result = client.call(request).await;
-            let done = move |actor: &mut Actor| match result {
-                Ok(response) => {
-                    apply(actor, &host, &response);
-                    actor.reply_after_commit(reply, response);
-                }
-                Err(e) => {
-                    actor.log(Level::Error, Some(host), format!("{what} failed: {e}"));
-                    // After the logged failure is published and saved, like a success.
-                    actor.store.after_commit(Box::new(move |_| {
-                        let _ = reply.send(Err(e));
+            let change = match &result {
+                Ok(response) => Ok(change(response)),
+                Err(e) => Err(e.to_string()),
+            };
+            let answer = AgentAnswer {
+                host,
+                what,
+                change,
+                deliver: Box::new(move |committed| {
+                    let _ = reply.send(result.and_then(|response| {
+                        committed.map(|()| response).map_err(EngineError::Store)
                     }));
-                }
+                }),
             };
             // A full queue makes this wait; a stopped engine has no one to tell.
-            let _ = internal.send(Internal::CallDone(Box::new(done))).await;
+            let _ = internal.send(Internal::AgentAnswered(answer)).await;
         });
+    }
+
+    /// Takes in an agent's answer: its change to the engine's state, or its failure in the
+    /// event log; who asked hears once that is committed.
+    pub(super) fn agent_answered(&mut self, answer: AgentAnswer) {
+        let AgentAnswer {
+            host,
+            what,
+            change,
+            deliver,
+        } = answer;
+        match change {
+            Ok(StateChange::Nothing) => {}
+            Ok(StateChange::Vm(status)) => self.apply_vm(&host, &status),
+            Ok(StateChange::Resized {
+                status,
+                at_next_start,
+            }) => {
+                self.apply_vm(&host, &status);
+                if at_next_start {
+                    self.log(
+                        Level::Info,
+                        Some(host.clone()),
+                        format!(
+                            "VM {} runs on; its new vCPUs and memory apply at its next start",
+                            status.name
+                        ),
+                    );
+                }
+            }
+            Ok(StateChange::VmGone(name)) => self.remove_vm(&host, &name),
+            Err(e) => self.log(Level::Error, Some(host), format!("{what} failed: {e}")),
+        }
+        // A failure too: after the logged failure is published and saved, like a success.
+        self.store.after_commit(deliver);
+    }
+}
+
+/// What an agent's answer changes in the engine's state.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum StateChange {
+    /// Nothing: the answer only goes back to who asked.
+    Nothing,
+    /// The VM as its agent reports it now (made, started, stopped, rebooted, paused…).
+    Vm(dunes_shared::model::VmStatus),
+    /// The VM with its new vCPUs and memory, which may apply only at its next start.
+    Resized {
+        status: dunes_shared::model::VmStatus,
+        at_next_start: bool,
+    },
+    /// The VM is gone from its host.
+    VmGone(dunes_shared::model::VmName),
+}
+
+/// An agent's answer, as the engine takes it in.
+pub(super) struct AgentAnswer {
+    pub(super) host: HostId,
+    /// What was asked, for the event log.
+    pub(super) what: String,
+    /// What the answer changes, or why the call failed.
+    pub(super) change: Result<StateChange, String>,
+    /// Hands the answer to who asked, with whether the change was committed; it changes
+    /// nothing in the engine.
+    pub(super) deliver: Box<dyn FnOnce(Result<(), String>) + Send>,
+}
+
+impl std::fmt::Debug for AgentAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentAnswer")
+            .field("host", &self.host)
+            .field("what", &self.what)
+            .field("change", &self.change)
+            .finish_non_exhaustive()
     }
 }
 

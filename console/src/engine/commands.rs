@@ -10,6 +10,7 @@ use dunes_shared::{
 use super::{
     Command, EngineError, Reply,
     actor::{Actor, Internal},
+    client::StateChange,
     enroll::{self, enroll},
     records::Level,
 };
@@ -128,7 +129,7 @@ impl Actor {
                     start,
                     runtime: RuntimeKind::Libvirt,
                 };
-                self.agent_call(host, what, reply, create, Actor::apply_vm);
+                self.agent_call(host, what, reply, create, vm_change);
             }
             Command::GuestExec {
                 host,
@@ -152,7 +153,7 @@ impl Actor {
                         command,
                         timeout_secs,
                     },
-                    |_, _, _| {},
+                    |_| StateChange::Nothing,
                 );
             }
             Command::PowerVm {
@@ -176,7 +177,7 @@ impl Actor {
                         action,
                         runtime,
                     },
-                    Actor::apply_vm,
+                    vm_change,
                 );
             }
             Command::ConfigureVm {
@@ -225,18 +226,9 @@ impl Actor {
                         memory_mib,
                         autostart,
                     },
-                    |actor, host, configured| {
-                        actor.apply_vm(host, &configured.status);
-                        if configured.at_next_start {
-                            actor.log(
-                                Level::Info,
-                                Some(host.clone()),
-                                format!(
-                                    "VM {} runs on; its new vCPUs and memory apply at its next start",
-                                    configured.status.name
-                                ),
-                            );
-                        }
+                    |configured| StateChange::Resized {
+                        status: configured.status.clone(),
+                        at_next_start: configured.at_next_start,
                     },
                 );
             }
@@ -279,7 +271,9 @@ impl Actor {
                     snapshot,
                 };
                 match what {
-                    Some(what) => self.agent_call(host, what, reply, request, |_, _, _| {}),
+                    Some(what) => {
+                        self.agent_call(host, what, reply, request, |_| StateChange::Nothing)
+                    }
                     // A list changes nothing: no event for it.
                     None => match self.client(&host) {
                         Ok(client) => {
@@ -307,7 +301,7 @@ impl Actor {
                     format!("starting VM {name}"),
                     reply,
                     StartVm { runtime, name },
-                    Actor::apply_vm,
+                    vm_change,
                 );
             }
             Command::StopVm {
@@ -332,7 +326,7 @@ impl Actor {
                         force,
                         timeout_secs: 0,
                     },
-                    Actor::apply_vm,
+                    vm_change,
                 );
             }
             Command::DefineService {
@@ -463,7 +457,7 @@ impl Actor {
                     format!("deleting VM {name}"),
                     reply,
                     DeleteVm { runtime, name },
-                    move |actor, host, ()| actor.remove_vm(host, &deleted),
+                    move |()| StateChange::VmGone(deleted),
                 );
             }
         }
@@ -1076,4 +1070,9 @@ impl SentSeries {
             read(&self.out_key, self.open_out)?,
         ))
     }
+}
+
+/// A VM's status in an agent's answer, recorded on its host.
+fn vm_change(status: &VmStatus) -> StateChange {
+    StateChange::Vm(status.clone())
 }

@@ -339,7 +339,7 @@ pub fn service_status(
 }
 
 /// One agent call of an operation.
-enum Step {
+pub(in crate::engine) enum Step {
     Create {
         instance: InstanceRecord,
         spec: VmSpec,
@@ -828,7 +828,7 @@ impl Actor {
     }
 
     /// The outcome of one step, applied to the engine's state.
-    fn step_done(
+    pub(in crate::engine) fn step_done(
         &mut self,
         step: &Step,
         result: Result<Option<VmStatus>, EngineError>,
@@ -918,7 +918,7 @@ impl Actor {
         }
     }
 
-    fn end_operation(
+    pub(in crate::engine) fn end_operation(
         &mut self,
         name: &ServiceName,
         operation: Operation,
@@ -1098,9 +1098,9 @@ async fn run_steps(
                 format!("{}-{}", instance.app, instance.index),
             ),
         };
-        let client = ask(&internal, {
-            let host = host.clone();
-            move |actor: &mut Actor| actor.client(&host)
+        let client = ask(&internal, |answer| Internal::ClientFor {
+            host: host.clone(),
+            answer,
         })
         .await;
         let result = match client {
@@ -1112,8 +1112,10 @@ async fn run_steps(
             Step::Start { instance, .. } => Some(instance.app.clone()),
             _ => None,
         };
-        let Some(outcome) = ask(&internal, move |actor: &mut Actor| {
-            actor.step_done(&step, result)
+        let Some(outcome) = ask(&internal, |answer| Internal::StepDone {
+            step,
+            result,
+            answer,
         })
         .await
         else {
@@ -1131,20 +1133,25 @@ async fn run_steps(
         } else {
             Level::Error
         };
-        let host_for_log = host.clone();
-        let _ = ask(&internal, move |actor: &mut Actor| {
-            actor.log(level, Some(host_for_log), line)
-        })
-        .await;
+        let _ = internal
+            .send(Internal::Log {
+                level,
+                host: Some(host.clone()),
+                message: line,
+            })
+            .await;
         match outcome {
             Ok(what) => report.done.push((instance_name, host, what)),
             Err(why) => report.failed.push((instance_name, why)),
         }
     }
     let _ = internal
-        .send(Internal::CallDone(Box::new(move |actor: &mut Actor| {
-            actor.end_operation(&service, operation, report, reply)
-        })))
+        .send(Internal::OperationEnded {
+            service,
+            operation,
+            report,
+            reply,
+        })
         .await;
 }
 
@@ -1196,18 +1203,14 @@ pub(super) async fn wait_until_ready(
     }
 }
 
-/// Runs `f` in the engine and returns what it gives; `None` when the engine is gone.
+/// Asks the engine the question `message` carries and waits for its answer; `None` when the
+/// engine is gone.
 async fn ask<T: Send + 'static>(
     internal: &mpsc::Sender<Internal>,
-    f: impl FnOnce(&mut Actor) -> T + Send + 'static,
+    message: impl FnOnce(oneshot::Sender<T>) -> Internal,
 ) -> Option<T> {
     let (tx, rx) = oneshot::channel();
-    internal
-        .send(Internal::CallDone(Box::new(move |actor: &mut Actor| {
-            let _ = tx.send(f(actor));
-        })))
-        .await
-        .ok()?;
+    internal.send(message(tx)).await.ok()?;
     rx.await.ok()
 }
 

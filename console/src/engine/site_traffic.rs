@@ -112,22 +112,36 @@ impl Actor {
                 let Err(e) = result else {
                     return;
                 };
-                let reason = error_chain(&e);
-                let done = move |actor: &mut Actor| {
-                    let Some(entry) = actor.hosts.get_mut(&host) else {
-                        return;
-                    };
-                    let same_link = entry
-                        .peer
-                        .as_ref()
-                        .is_some_and(|p| p.conn.stable_id() == stable_id);
-                    if same_link && entry.site_addresses_told == Some(digest) {
-                        entry.site_addresses_told = None;
-                        tracing::debug!("{host}: site addresses not taken: {reason}");
-                    }
+                let refused = Internal::SiteAddressesRefused {
+                    host,
+                    stable_id,
+                    digest,
+                    reason: error_chain(&e),
                 };
-                let _ = internal.send(Internal::CallDone(Box::new(done))).await;
+                let _ = internal.send(refused).await;
             });
+        }
+    }
+
+    /// An agent did not take the site's address list: it is sent again at the next tick,
+    /// unless the link it went out on is gone or a newer list went out since.
+    pub(super) fn site_addresses_refused(
+        &mut self,
+        host: &dunes_shared::model::HostId,
+        stable_id: usize,
+        digest: u64,
+        reason: &str,
+    ) {
+        let Some(entry) = self.hosts.get_mut(host) else {
+            return;
+        };
+        let same_link = entry
+            .peer
+            .as_ref()
+            .is_some_and(|p| p.conn.stable_id() == stable_id);
+        if same_link && entry.site_addresses_told == Some(digest) {
+            entry.site_addresses_told = None;
+            tracing::debug!("{host}: site addresses not taken: {reason}");
         }
     }
 }

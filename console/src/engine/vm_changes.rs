@@ -182,57 +182,90 @@ impl Actor {
                     new_name,
                 })
                 .await;
-            let done = move |actor: &mut Actor| match result {
-                Ok(status) => {
-                    actor.apply_vm(&host, &status);
-                    actor.log(
-                        Level::Info,
-                        Some(host.clone()),
-                        format!("VM {} is a copy of {name}", status.name),
-                    );
-                    let migration = if to == host {
-                        None
-                    } else {
-                        match actor.start_migration(
-                            &host,
-                            &status.name,
-                            &to,
-                            MigrationOrigin::Operator,
-                            MigrationOptions::default(),
-                        ) {
-                            Ok(journal) => Some(journal),
-                            Err(e) => {
-                                let e = format!(
-                                    "the copy {} stays on {host}: its move to {to} cannot start: {e}",
-                                    status.name
-                                );
-                                actor.log(Level::Error, Some(host), e.clone());
-                                actor.store.after_commit(Box::new(move |_| {
-                                    let _ = reply.send(Err(EngineError::Invalid(e)));
-                                }));
-                                return;
-                            }
-                        }
-                    };
-                    actor.reply_after_commit(
-                        reply,
-                        VmCloned {
-                            host,
-                            status,
-                            migration,
-                        },
-                    );
-                }
-                Err(e) => {
-                    actor.log(Level::Error, Some(host), format!("{what} failed: {e}"));
-                    actor.store.after_commit(Box::new(move |_| {
-                        let _ = reply.send(Err(e));
-                    }));
-                }
+            let copied = VmCopied {
+                host,
+                source: name,
+                to,
+                what,
+                result,
+                reply,
             };
-            let _ = internal.send(Internal::CallDone(Box::new(done))).await;
+            let _ = internal.send(Internal::VmCopied(copied)).await;
         });
     }
+
+    /// Takes in a copy its agent made (or its failure); a copy for another host starts its
+    /// migration there.
+    pub(super) fn vm_copied(&mut self, copied: VmCopied) {
+        let VmCopied {
+            host,
+            source,
+            to,
+            what,
+            result,
+            reply,
+        } = copied;
+        match result {
+            Ok(status) => {
+                self.apply_vm(&host, &status);
+                self.log(
+                    Level::Info,
+                    Some(host.clone()),
+                    format!("VM {} is a copy of {source}", status.name),
+                );
+                let migration = if to == host {
+                    None
+                } else {
+                    match self.start_migration(
+                        &host,
+                        &status.name,
+                        &to,
+                        MigrationOrigin::Operator,
+                        MigrationOptions::default(),
+                    ) {
+                        Ok(journal) => Some(journal),
+                        Err(e) => {
+                            let e = format!(
+                                "the copy {} stays on {host}: its move to {to} cannot start: {e}",
+                                status.name
+                            );
+                            self.log(Level::Error, Some(host), e.clone());
+                            self.store.after_commit(Box::new(move |_| {
+                                let _ = reply.send(Err(EngineError::Invalid(e)));
+                            }));
+                            return;
+                        }
+                    }
+                };
+                self.reply_after_commit(
+                    reply,
+                    VmCloned {
+                        host,
+                        status,
+                        migration,
+                    },
+                );
+            }
+            Err(e) => {
+                self.log(Level::Error, Some(host), format!("{what} failed: {e}"));
+                self.store.after_commit(Box::new(move |_| {
+                    let _ = reply.send(Err(e));
+                }));
+            }
+        }
+    }
+}
+
+/// A VM copied on its host by its agent, or why not.
+#[derive(Debug)]
+pub(super) struct VmCopied {
+    host: HostId,
+    source: VmName,
+    /// Where the copy goes: its host, or another one it migrates to.
+    to: HostId,
+    what: String,
+    result: Result<VmStatus, EngineError>,
+    reply: Reply<VmCloned>,
 }
 
 #[cfg(test)]

@@ -369,14 +369,21 @@ impl Actor {
                 }
                 let mean = (!per_instance.is_empty())
                     .then(|| per_instance.iter().sum::<f64>() / per_instance.len() as f64);
-                let _ = internal.blocking_send(Internal::CallDone(Box::new(
-                    move |actor: &mut Actor| actor.autoscale_measured(&entry_key, end, mean),
-                )));
+                let _ = internal.blocking_send(Internal::AutoscaleMeasured {
+                    key: entry_key,
+                    end,
+                    mean,
+                });
             });
         }
     }
 
-    fn autoscale_measured(&mut self, entry_key: &str, end: u64, mean: Option<f64>) {
+    pub(in crate::engine) fn autoscale_measured(
+        &mut self,
+        entry_key: &str,
+        end: u64,
+        mean: Option<f64>,
+    ) {
         let instances = {
             let Some(entry) = self.autoscaling.get(entry_key) else {
                 return;
@@ -491,10 +498,10 @@ impl Actor {
                 return;
             }
             let _ = internal
-                .send(Internal::CallDone(Box::new(move |actor: &mut Actor| {
-                    let (tx, _rx) = tokio::sync::oneshot::channel();
-                    actor.start_stopped(&name, made, tx);
-                })))
+                .send(Internal::AutoscaleMade {
+                    service: name,
+                    made,
+                })
                 .await;
         });
     }

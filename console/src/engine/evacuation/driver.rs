@@ -17,7 +17,14 @@ use crate::engine::{
 
 /// What a move does once a service operation it started has ended: with the move as it
 /// stands and why the operation failed, if it did.
-type AfterOperation = Box<dyn FnOnce(&mut Actor, &ServiceName, ServiceMove, Option<String>) + Send>;
+/// What a service's move does once the stop or start it asked for has ended.
+#[derive(Debug)]
+pub(in crate::engine) enum AfterMoveOperation {
+    /// Stopped: its instances move next (this is the move's next state).
+    Stopped { next: ServiceMove },
+    /// Started again on the new site (or where it stands): the move ends.
+    Started,
+}
 
 /// Where each host in maintenance stands with its drain, owned by the engine, and what was
 /// last published.
@@ -361,19 +368,7 @@ impl Actor {
                 }
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 self.stop_service(name, reply);
-                self.after_operation(
-                    name.clone(),
-                    answer,
-                    Box::new(move |actor, name, moving, failed| match failed {
-                        None => {
-                            actor.set_move(name, Some(next));
-                            actor.advance_evacuations();
-                        }
-                        Some(why) => {
-                            actor.end_move_early(name, moving, format!("stopping failed: {why}"))
-                        }
-                    }),
-                );
+                self.after_operation(name.clone(), answer, AfterMoveOperation::Stopped { next });
             }
             MovePhase::Moving => {
                 let origin = MigrationOrigin::ServiceMove(name.clone());
@@ -444,24 +439,18 @@ impl Actor {
                 }
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 self.start_service(name, reply);
-                self.after_operation(
-                    name.clone(),
-                    answer,
-                    Box::new(|actor, name, moving, failed| {
-                        actor.finish_move(name, &moving, failed)
-                    }),
-                );
+                self.after_operation(name.clone(), answer, AfterMoveOperation::Started);
             }
         }
     }
 
-    /// Waits for a service operation the move started, then goes on to `next` (or ends the
-    /// move when the operation failed).
+    /// Waits for a service operation the move started; the engine then goes on with the move
+    /// (or ends it when the operation failed).
     fn after_operation(
         &mut self,
         name: ServiceName,
         answer: tokio::sync::oneshot::Receiver<Result<crate::engine::OperationReport, EngineError>>,
-        then: AfterOperation,
+        after: AfterMoveOperation,
     ) {
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -478,17 +467,39 @@ impl Actor {
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("the engine stopped".into()),
             };
-            let done = move |actor: &mut Actor| {
-                let still = actor
-                    .services
-                    .get(&name)
-                    .and_then(|e| e.record.moving.clone());
-                if let Some(moving) = still {
-                    then(actor, &name, moving, failed);
-                }
+            let ended = Internal::MoveOperationEnded {
+                service: name,
+                after,
+                failed,
             };
-            let _ = internal.send(Internal::CallDone(Box::new(done))).await;
+            let _ = internal.send(ended).await;
         });
+    }
+
+    /// The stop or start a move asked for ended: the move goes on, or ends early.
+    pub(in crate::engine) fn move_operation_ended(
+        &mut self,
+        name: &ServiceName,
+        after: AfterMoveOperation,
+        failed: Option<String>,
+    ) {
+        let Some(moving) = self
+            .services
+            .get(name)
+            .and_then(|e| e.record.moving.clone())
+        else {
+            return;
+        };
+        match (after, failed) {
+            (AfterMoveOperation::Stopped { next }, None) => {
+                self.set_move(name, Some(next));
+                self.advance_evacuations();
+            }
+            (AfterMoveOperation::Stopped { .. }, Some(why)) => {
+                self.end_move_early(name, moving, format!("stopping failed: {why}"))
+            }
+            (AfterMoveOperation::Started, failed) => self.finish_move(name, &moving, failed),
+        }
     }
 
     /// The move cannot go on: the service is started again where it stands, if it ran.

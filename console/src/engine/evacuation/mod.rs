@@ -4,5 +4,5 @@
 mod driver;
 mod plan;
 
-pub(in crate::engine) use driver::DrainsState;
+pub(in crate::engine) use driver::{AfterMoveOperation, DrainsState};
 pub use plan::*;

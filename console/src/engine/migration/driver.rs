@@ -34,7 +34,7 @@ const STOP_TIMEOUT_SECS: u32 = 120;
 
 /// What an effect learned besides its outcome.
 #[derive(Debug, Default)]
-struct Learned {
+pub(in crate::engine) struct Learned {
     bytes_total: Option<u64>,
     bytes_done: Option<u64>,
     digest: Option<String>,
@@ -356,14 +356,22 @@ impl Actor {
                     readiness.as_ref(),
                 )
                 .await;
-                let id = journal.id;
-                let done = move |actor: &mut Actor| actor.migration_outcome(id, outcome, learned);
-                let _ = internal.send(Internal::CallDone(Box::new(done))).await;
+                let ended = Internal::MigrationEnded {
+                    id: journal.id,
+                    outcome,
+                    learned,
+                };
+                let _ = internal.send(ended).await;
             });
         }));
     }
 
-    fn migration_outcome(&mut self, id: u64, outcome: Outcome, learned: Learned) {
+    pub(in crate::engine) fn migration_outcome(
+        &mut self,
+        id: u64,
+        outcome: Outcome,
+        learned: Learned,
+    ) {
         self.migrations.running.remove(&id);
         let Some(mut journal) = self.migrations.journals.get(&id).cloned() else {
             return;

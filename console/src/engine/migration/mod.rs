@@ -5,5 +5,5 @@
 mod driver;
 mod machine;
 
-pub(in crate::engine) use driver::MigrationsState;
+pub(in crate::engine) use driver::{Learned, MigrationsState};
 pub use machine::*;
