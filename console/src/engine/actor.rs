@@ -114,6 +114,60 @@ pub(super) enum Internal {
     Probe(super::probes::ProbeAnswer),
 }
 
+/// The fleet: every enrolled host with its link and view, and the host ids that
+/// enrollments under way hold.
+#[derive(Default)]
+pub(super) struct FleetState {
+    pub(super) hosts: BTreeMap<HostId, HostEntry>,
+    pub(super) enrolling: enroll::HeldHostIds,
+}
+
+/// Services: their definitions, their instances, what their running instances last
+/// answered, and what was last published of them.
+pub(super) struct ServicesState {
+    pub(super) entries: BTreeMap<dunes_shared::model::ServiceName, super::services::ServiceEntry>,
+    /// Every service's instances.
+    pub(super) instances: BTreeMap<super::records::InstanceKey, super::records::InstanceRecord>,
+    /// Something changed that their published views show.
+    pub(super) dirty: bool,
+    pub(super) published: Arc<Vec<Arc<super::ServiceView>>>,
+    /// The last readiness answer of each running instance.
+    pub(super) readiness: super::probes::Probed<super::readiness::LastCheck>,
+    /// The last look at each running instance's guest applications.
+    pub(super) guest_looks: super::probes::Probed<super::guest_apps::GuestLook>,
+    /// The last read of each running instance's application metric.
+    pub(super) metric_reads: super::probes::Probed<Result<f64, String>>,
+}
+
+impl Default for ServicesState {
+    fn default() -> Self {
+        ServicesState {
+            entries: BTreeMap::new(),
+            instances: BTreeMap::new(),
+            // Published once at start, empty or not.
+            dirty: true,
+            published: Arc::new(Vec::new()),
+            readiness: Default::default(),
+            guest_looks: Default::default(),
+            metric_reads: Default::default(),
+        }
+    }
+}
+
+/// Statistics: the open part of every time series (what closed is in the store).
+#[derive(Default)]
+pub(super) struct StatisticsState {
+    pub(super) series: super::stats::TimeSeries,
+    /// Readings before this time (unix seconds) were made up (the demo's history).
+    pub(super) generated_until_secs: Option<u64>,
+}
+
+/// Autoscaling of applications, by `service/app`.
+#[derive(Default)]
+pub(super) struct AutoscalingState {
+    pub(super) entries: BTreeMap<String, super::autoscale::AutoscaleEntry>,
+}
+
 pub(super) struct Actor {
     pub(super) store: Store,
     pub(super) operators: super::operators::OperatorsState,
@@ -122,35 +176,19 @@ pub(super) struct Actor {
     pub(super) endpoint: quinn::Endpoint,
     /// What every link task gets; its client setup follows console certificate renewals.
     pub(super) links: LinkContext,
-    pub(super) hosts: BTreeMap<HostId, HostEntry>,
-    /// Host ids held by enrollments under way.
-    pub(super) enrolling: enroll::HeldHostIds,
+    pub(super) fleet: FleetState,
     pub(super) events: super::event_log::EventsState,
-    pub(super) services: BTreeMap<dunes_shared::model::ServiceName, super::services::ServiceEntry>,
-    /// Every service's instances, by `service/app/index`.
-    pub(super) instances: BTreeMap<super::records::InstanceKey, super::records::InstanceRecord>,
-    pub(super) services_dirty: bool,
-    pub(super) published_services: Arc<Vec<Arc<super::ServiceView>>>,
+    pub(super) services: ServicesState,
     pub(super) internal_tx: mpsc::Sender<Internal>,
     pub(super) snapshot_tx: watch::Sender<Arc<Snapshot>>,
     pub(super) repaint: Repaint,
     pub(super) version: u64,
     pub(super) migrations: super::migration::MigrationsState,
     pub(super) drains: super::evacuation::DrainsState,
-    /// The last readiness answer of each running instance, by `service/app/index`.
-    pub(super) readiness: super::probes::Probed<super::readiness::LastCheck>,
-    /// The last look at each running instance's guest applications, by `service/app/index`.
-    pub(super) guest_looks: super::probes::Probed<super::guest_apps::GuestLook>,
-    /// The last read of each running instance's application metric, by `service/app/index`.
-    pub(super) metric_reads: super::probes::Probed<Result<f64, String>>,
     /// Service status changes for the desktop, when notifications are on.
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
-    /// The open part of every time series (what closed is in the store).
-    pub(super) stats: super::stats::TimeSeries,
-    /// Autoscaling of applications, by `service/app`.
-    pub(super) autoscaling: BTreeMap<String, super::autoscale::AutoscaleEntry>,
-    /// Readings before this time (unix seconds) were made up (the demo's history).
-    pub(super) generated_until_secs: Option<u64>,
+    pub(super) statistics: StatisticsState,
+    pub(super) autoscaling: AutoscalingState,
 }
 
 /// How often autoscaling rules look for a period that ended.
@@ -192,7 +230,7 @@ impl Actor {
                 }
                 _ = stats_flush.tick() => {
                     flush_share = flush_share.wrapping_add(1);
-                    let writes = self.stats.flush_share(now_ms() / 1000, flush_share);
+                    let writes = self.statistics.series.flush_share(now_ms() / 1000, flush_share);
                     self.store.put_stats(writes);
                 }
                 _ = readiness.tick() => {
@@ -223,7 +261,7 @@ impl Actor {
             dunes_shared::protocol::codes::CLOSE_NORMAL,
             b"console stopping",
         );
-        let writes = self.stats.flush(now_ms() / 1000);
+        let writes = self.statistics.series.flush(now_ms() / 1000);
         self.store.put_stats(writes);
         let _ = self.store.flush().await;
     }

@@ -64,17 +64,17 @@ impl InstanceProbe for AppMetricProbe {
     }
 
     fn probed(actor: &mut Actor) -> &mut Probed<Result<f64, String>> {
-        &mut actor.metric_reads
+        &mut actor.services.metric_reads
     }
 
     /// Keeps the value and feeds the instance's `app-metric` series.
     fn answered(actor: &mut Actor, key: InstanceKey, answer: Self::Answer) -> bool {
-        let Some(instance) = actor.instances.get(&key) else {
+        let Some(instance) = actor.services.instances.get(&key) else {
             return false;
         };
         let shown = match answer {
             Ok(reply) => {
-                let writes = actor.stats.ingest_value(
+                let writes = actor.statistics.series.ingest_value(
                     &Subject::Workload(instance.vm.clone()),
                     Metric::AppMetric,
                     reply.at_unix_ms,
@@ -85,7 +85,7 @@ impl InstanceProbe for AppMetricProbe {
             }
             Err(e) => Err(e),
         };
-        actor.metric_reads.keep(key, shown)
+        actor.services.metric_reads.keep(key, shown)
     }
 }
 

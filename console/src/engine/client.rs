@@ -11,7 +11,7 @@ use dunes_shared::{
 
 use super::{
     EngineError, Reply,
-    actor::{Actor, Internal},
+    actor::{Actor, FleetState, Internal},
     records::Level,
 };
 
@@ -89,18 +89,7 @@ impl AgentClient {
 impl Actor {
     /// The client of a host's agent, when its link is up.
     pub(super) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
-        let entry = self
-            .hosts
-            .get(host)
-            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?;
-        let peer = entry
-            .peer
-            .clone()
-            .ok_or_else(|| EngineError::Unreachable(host.clone()))?;
-        Ok(AgentClient {
-            host: host.clone(),
-            peer,
-        })
+        self.fleet.client(host)
     }
 
     /// Sends one request to a host's agent in the background. Its answer comes back to the
@@ -218,6 +207,24 @@ impl std::fmt::Debug for AgentAnswer {
             .field("what", &self.what)
             .field("change", &self.change)
             .finish_non_exhaustive()
+    }
+}
+
+impl FleetState {
+    /// The client of a host's agent, when its link is up.
+    pub(super) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
+        let entry = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?;
+        let peer = entry
+            .peer
+            .clone()
+            .ok_or_else(|| EngineError::Unreachable(host.clone()))?;
+        Ok(AgentClient {
+            host: host.clone(),
+            peer,
+        })
     }
 }
 

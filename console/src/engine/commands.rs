@@ -9,7 +9,7 @@ use dunes_shared::{
 
 use super::{
     Command, EngineError, Reply,
-    actor::{Actor, Internal},
+    actor::{Actor, FleetState, Internal},
     client::StateChange,
     enroll::{self, enroll},
     records::Level,
@@ -114,6 +114,7 @@ impl Actor {
                     return;
                 }
                 if self
+                    .fleet
                     .hosts
                     .get(&host)
                     .is_some_and(|h| h.view.record.maintenance.is_some())
@@ -195,7 +196,7 @@ impl Actor {
                         return;
                     }
                 };
-                let view = &self.hosts[&host].view;
+                let view = &self.fleet.hosts[&host].view;
                 if let Some(why) = super::vm_changes::resize_refusal(&vm, view, vcpus, memory_mib) {
                     let _ = reply.send(Err(EngineError::Invalid(why)));
                     return;
@@ -389,18 +390,18 @@ impl Actor {
                 reply,
             } => self.cost_query(by, since_secs, reply),
             Command::LatestValues { reply } => {
-                let _ = reply.send(Ok(self.stats.latest()));
+                let _ = reply.send(Ok(self.statistics.series.latest()));
             }
             Command::ImportSamples {
                 host,
                 samples,
                 reply,
             } => {
-                if !self.hosts.contains_key(&host) {
+                if !self.fleet.hosts.contains_key(&host) {
                     let _ = reply.send(Err(EngineError::UnknownHost(host)));
                     return;
                 }
-                let writes = self.stats.ingest(&host, &samples);
+                let writes = self.statistics.series.ingest(&host, &samples);
                 self.store.put_stats(writes);
                 let taken = samples.len();
                 // Answered once what closed is on disk.
@@ -419,11 +420,15 @@ impl Actor {
                 reply,
             } => {
                 let now_secs = super::actor::now_ms() / 1000;
-                let writes = self.stats.ingest_history(&host, &samples, now_secs);
+                let writes = self
+                    .statistics
+                    .series
+                    .ingest_history(&host, &samples, now_secs);
                 let count = writes.len();
                 self.store.put_stats(writes);
-                self.generated_until_secs = Some(
-                    self.generated_until_secs
+                self.statistics.generated_until_secs = Some(
+                    self.statistics
+                        .generated_until_secs
                         .map_or(generated_until_secs, |t| t.max(generated_until_secs)),
                 );
                 // Published with the next snapshot.
@@ -463,32 +468,24 @@ impl Actor {
         }
     }
 
-    /// The runtime a host reports for a workload; libvirt for one it does not know.
     /// The VM as the engine knows it.
     pub(super) fn vm_of(
         &self,
         host: &HostId,
         name: &dunes_shared::model::VmName,
     ) -> Result<VmStatus, EngineError> {
-        self.hosts
-            .get(host)
-            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?
-            .view
-            .vm(name)
-            .cloned()
-            .ok_or_else(|| EngineError::Invalid(format!("host {host} has no VM {name}")))
+        self.fleet.vm_of(host, name)
     }
 
+    /// The runtime a host reports for a workload; libvirt for one it does not know.
     fn runtime_of(&self, host: &HostId, name: &dunes_shared::model::VmName) -> RuntimeKind {
-        self.hosts
-            .get(host)
-            .and_then(|h| h.view.vm(name))
-            .map_or(RuntimeKind::Libvirt, |v| v.runtime)
+        self.fleet.runtime_of(host, name)
     }
 
     fn set_address(&mut self, host: &HostId, address: String) -> Result<(), EngineError> {
         enroll::validate_address(&address).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let entry = self
+            .fleet
             .hosts
             .get_mut(host)
             .ok_or_else(|| EngineError::UnknownHost(host.clone()))?;
@@ -524,7 +521,7 @@ impl Actor {
     ) {
         use super::{capacity, forecast, stats};
         const HISTORY_SECS: u64 = 30 * 86_400;
-        let views: Vec<&super::HostView> = self.hosts.values().map(|e| &e.view).collect();
+        let views: Vec<&super::HostView> = self.fleet.hosts.values().map(|e| &e.view).collect();
         let mut sites = capacity::site_capacity(views.iter().copied(), &what_if);
         let cpus: std::collections::HashMap<_, f64> = views
             .iter()
@@ -540,7 +537,7 @@ impl Actor {
                     capacity::site_history(cap, resource, |h| cpus.get(h).copied().unwrap_or(0.0))
                         .into_iter()
                         .map(|(key, factor)| {
-                            let open = self.stats.open(&key, 2);
+                            let open = self.statistics.series.open(&key, 2);
                             (key, factor, open)
                         })
                         .collect();
@@ -612,12 +609,13 @@ impl Actor {
         let level = if since_secs <= 7 * 86_400 { 1 } else { 2 };
         let step = rollup::RESOLUTIONS[level].step_secs;
         let service_of: std::collections::HashMap<_, _> = self
+            .services
             .instances
             .values()
             .map(|i| (i.vm.clone(), (i.service.clone(), i.app.clone())))
             .collect();
         let mut workloads = Vec::new();
-        for entry in self.hosts.values() {
+        for entry in self.fleet.hosts.values() {
             let Some(inv) = entry.view.inventory() else {
                 continue;
             };
@@ -635,8 +633,8 @@ impl Actor {
                 };
                 let subject = Subject::Workload(vm.name.clone());
                 let cpu = series_key(&subject, Metric::Cpu);
-                let sent = SentSeries::of(&self.stats, &subject, level);
-                let open_cpu = self.stats.open(&cpu, level);
+                let sent = SentSeries::of(&self.statistics.series, &subject, level);
+                let open_cpu = self.statistics.series.open(&cpu, level);
                 workloads.push((
                     key,
                     inv.prices,
@@ -651,7 +649,8 @@ impl Actor {
         // Disk streams of migrations between sites: traffic that left the source's site,
         // at its host's price (as many bytes as the stream carried, compressed or not).
         let site_of = |h: &HostId| {
-            self.hosts
+            self.fleet
+                .hosts
                 .get(h)
                 .and_then(|e| e.view.inventory())
                 .map(|i| (i.site.name.to_string(), i.prices))
@@ -678,6 +677,7 @@ impl Actor {
             streams.push((key, m.bytes_done as f64 / 1e9, prices.per_gb_transferred));
         }
         let present: std::collections::BTreeSet<dunes_shared::model::VmName> = self
+            .fleet
             .hosts
             .values()
             .flat_map(|e| e.view.vms.iter().map(|v| v.name.clone()))
@@ -768,6 +768,7 @@ impl Actor {
         let instances: std::collections::BTreeSet<(&HostId, &dunes_shared::model::VmName)> =
             match subject {
                 Subject::Service(s) | Subject::Application(s, _) => self
+                    .services
                     .instances
                     .values()
                     .filter(|i| {
@@ -789,7 +790,7 @@ impl Actor {
             Subject::GuestApp(..) => false,
         };
         let mut out = Vec::new();
-        for entry in self.hosts.values() {
+        for entry in self.fleet.hosts.values() {
             let Some(inv) = entry.view.inventory() else {
                 continue;
             };
@@ -798,8 +799,8 @@ impl Actor {
                 let workload = Subject::Workload(vm.name.clone());
                 let cpu_key = series_key(&workload, Metric::Cpu);
                 out.push(Costed {
-                    open_cpu: self.stats.open(&cpu_key, level),
-                    sent: SentSeries::of(&self.stats, &workload, level),
+                    open_cpu: self.statistics.series.open(&cpu_key, level),
+                    sent: SentSeries::of(&self.statistics.series, &workload, level),
                     cpu_key,
                     vcpus: vm.vcpus,
                     disk_bytes: vm.disk_bytes,
@@ -819,7 +820,8 @@ impl Actor {
         use super::stats::Subject;
         let instances = |service: &dunes_shared::model::ServiceName,
                          app: Option<&dunes_shared::model::AppName>| {
-            self.instances
+            self.services
+                .instances
                 .values()
                 .filter(|i| &i.service == service && app.is_none_or(|a| &i.app == a))
                 .map(|i| Subject::Workload(i.vm.clone()))
@@ -830,7 +832,7 @@ impl Actor {
                 vec![subject.clone()]
             }
             Subject::Service(name) => {
-                if !self.services.contains_key(name) {
+                if !self.services.entries.contains_key(name) {
                     return Err(EngineError::Invalid(format!(
                         "service {name} does not exist"
                     )));
@@ -838,7 +840,7 @@ impl Actor {
                 instances(name, None)
             }
             Subject::Application(name, app) => {
-                let Some(entry) = self.services.get(name) else {
+                let Some(entry) = self.services.entries.get(name) else {
                     return Err(EngineError::Invalid(format!(
                         "service {name} does not exist"
                     )));
@@ -863,6 +865,7 @@ impl Actor {
             }
             Subject::Site(site) => {
                 let hosts: Vec<Subject> = self
+                    .fleet
                     .hosts
                     .values()
                     .filter(|e| {
@@ -924,7 +927,7 @@ impl Actor {
                     .iter()
                     .map(|member| {
                         let key = stats::series_key(member, m);
-                        let open = self.stats.open(&key, level);
+                        let open = self.statistics.series.open(&key, level);
                         (key, open)
                     })
                     .collect();
@@ -1075,4 +1078,33 @@ impl SentSeries {
 /// A VM's status in an agent's answer, recorded on its host.
 fn vm_change(status: &VmStatus) -> StateChange {
     StateChange::Vm(status.clone())
+}
+
+impl FleetState {
+    /// The VM as the engine knows it.
+    pub(super) fn vm_of(
+        &self,
+        host: &HostId,
+        name: &dunes_shared::model::VmName,
+    ) -> Result<VmStatus, EngineError> {
+        self.hosts
+            .get(host)
+            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?
+            .view
+            .vm(name)
+            .cloned()
+            .ok_or_else(|| EngineError::Invalid(format!("host {host} has no VM {name}")))
+    }
+
+    /// The runtime a host reports for a workload; libvirt for one it does not know.
+    pub(super) fn runtime_of(
+        &self,
+        host: &HostId,
+        name: &dunes_shared::model::VmName,
+    ) -> RuntimeKind {
+        self.hosts
+            .get(host)
+            .and_then(|h| h.view.vm(name))
+            .map_or(RuntimeKind::Libvirt, |v| v.runtime)
+    }
 }

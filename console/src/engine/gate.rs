@@ -24,7 +24,7 @@ impl Actor {
             fingerprint,
             hold,
         } = enrolled;
-        if let Some(old) = self.hosts.remove(&host_id)
+        if let Some(old) = self.fleet.hosts.remove(&host_id)
             && old.view.record.fingerprint != fingerprint
         {
             self.log(
@@ -72,6 +72,7 @@ impl Actor {
             answer,
         } = request;
         let taken_by: Option<Fingerprint> = self
+            .fleet
             .hosts
             .get(&host_id)
             .map(|e| e.view.record.fingerprint)
@@ -81,7 +82,7 @@ impl Actor {
                 host: host_id,
                 enrolled,
             }),
-            None => enroll::HostIdHold::take(host_id.clone(), &self.enrolling)
+            None => enroll::HostIdHold::take(host_id.clone(), &self.fleet.enrolling)
                 .ok_or(enroll::EnrollError::HostIdBusy(host_id)),
         };
         // If the enrollment is gone already, its hold is dropped here and released.

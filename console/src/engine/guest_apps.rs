@@ -181,24 +181,25 @@ impl InstanceProbe for GuestAppsProbe {
     }
 
     fn probed(actor: &mut Actor) -> &mut Probed<GuestLook> {
-        &mut actor.guest_looks
+        &mut actor.services.guest_looks
     }
 
     /// Keeps the look, and feeds the statistics of the applications with a process.
     fn answered(actor: &mut Actor, key: InstanceKey, answer: Self::Answer) -> bool {
-        let Some(instance) = actor.instances.get(&key) else {
+        let Some(instance) = actor.services.instances.get(&key) else {
             return false;
         };
         let mut cpu_percent = Vec::new();
         if let Ok(reply) = &answer {
             if let Some(GuestLook {
                 answer: Ok(before), ..
-            }) = actor.guest_looks.get(&key)
+            }) = actor.services.guest_looks.get(&key)
             {
                 cpu_percent = cpu_between(before, reply);
             }
             let with_process: Vec<_> = actor
                 .services
+                .entries
                 .get(&instance.service)
                 .and_then(|s| s.spec.as_ref().ok())
                 .and_then(|spec| spec.application(&instance.app))
@@ -210,14 +211,17 @@ impl InstanceProbe for GuestAppsProbe {
                         .collect()
                 })
                 .unwrap_or_default();
-            let writes = actor.stats.ingest_guest(&instance.vm, reply, &with_process);
+            let writes = actor
+                .statistics
+                .series
+                .ingest_guest(&instance.vm, reply, &with_process);
             actor.store.put_stats(writes);
         }
         let look = GuestLook {
             answer,
             cpu_percent,
         };
-        let before = actor.guest_looks.replace(key, look.clone());
+        let before = actor.services.guest_looks.replace(key, look.clone());
         // Republished only when what the views show changed, not at every reading.
         let shown = |l: &GuestLook| {
             l.answer.as_ref().map_err(Clone::clone).map(|r| {

@@ -34,7 +34,7 @@ impl Actor {
             vms,
             skipped_events: Default::default(),
         };
-        self.hosts.insert(
+        self.fleet.hosts.insert(
             view.record.id.clone(),
             HostEntry {
                 published: Arc::new(view.clone()),
@@ -58,7 +58,7 @@ impl Actor {
                 hello,
                 cert_expires,
             } => {
-                let Some(entry) = self.hosts.get_mut(&host) else {
+                let Some(entry) = self.fleet.hosts.get_mut(&host) else {
                     return;
                 };
                 let was = entry.view.link;
@@ -85,7 +85,7 @@ impl Actor {
             }
             LinkMessage::Event { host, event } => self.agent_event(host, event),
             LinkMessage::CertRenewed { host, expires } => {
-                let Some(entry) = self.hosts.get_mut(&host) else {
+                let Some(entry) = self.fleet.hosts.get_mut(&host) else {
                     return;
                 };
                 entry.view.record.cert_expires_ms = Some(unix_ms(expires));
@@ -110,7 +110,7 @@ impl Actor {
                 ),
             ),
             LinkMessage::Skipped { host, kind, count } => {
-                let Some(entry) = self.hosts.get_mut(&host) else {
+                let Some(entry) = self.fleet.hosts.get_mut(&host) else {
                     return;
                 };
                 entry.view.skipped_events.insert(kind.clone(), count);
@@ -128,7 +128,7 @@ impl Actor {
                 stable_id,
                 reason,
             } => {
-                let Some(entry) = self.hosts.get_mut(&host) else {
+                let Some(entry) = self.fleet.hosts.get_mut(&host) else {
                     return;
                 };
                 let current = entry.peer.as_ref().map(|p| p.conn.stable_id());
@@ -168,8 +168,8 @@ impl Actor {
         }
         if let AgentEvent::Samples(samples) = &event {
             // Only from a host the engine knows: a removed host's last batch is dropped.
-            if self.hosts.contains_key(&host) {
-                let writes = self.stats.ingest(&host, samples);
+            if self.fleet.hosts.contains_key(&host) {
+                let writes = self.statistics.series.ingest(&host, samples);
                 self.store.put_stats(writes);
             }
             return;
@@ -188,7 +188,7 @@ impl Actor {
             }
             _ => None,
         };
-        let Some(entry) = self.hosts.get_mut(&host) else {
+        let Some(entry) = self.fleet.hosts.get_mut(&host) else {
             return;
         };
         let mut note = None;
@@ -253,7 +253,7 @@ impl Actor {
 
     /// A VM as an agent's reply reports it: into the view and the store.
     pub(super) fn apply_vm(&mut self, host: &HostId, vm: &VmStatus) {
-        let Some(entry) = self.hosts.get_mut(host) else {
+        let Some(entry) = self.fleet.hosts.get_mut(host) else {
             return;
         };
         match entry.view.vms.iter_mut().find(|v| v.name == vm.name) {
@@ -269,13 +269,14 @@ impl Actor {
 
     /// Keeps what a cost report needs of a workload about to go from `host`'s view.
     fn note_departed(&mut self, host: &HostId, name: &VmName) {
-        let Some(entry) = self.hosts.get(host) else {
+        let Some(entry) = self.fleet.hosts.get(host) else {
             return;
         };
         let (Some(vm), Some(inv)) = (entry.view.vm(name), entry.view.inventory()) else {
             return;
         };
         let owner = self
+            .services
             .instances
             .values()
             .find(|i| &i.host == host && &i.vm == name)
@@ -292,7 +293,7 @@ impl Actor {
         };
         self.store.put_departed(record);
         // Everything it measured is stored now: a report right after it went counts all.
-        let writes = self.stats.flush_subject(
+        let writes = self.statistics.series.flush_subject(
             &super::stats::Subject::Workload(name.clone()),
             super::actor::now_ms() / 1000,
         );
@@ -301,7 +302,7 @@ impl Actor {
 
     pub(super) fn remove_vm(&mut self, host: &HostId, name: &VmName) {
         self.note_departed(host, name);
-        let Some(entry) = self.hosts.get_mut(host) else {
+        let Some(entry) = self.fleet.hosts.get_mut(host) else {
             return;
         };
         entry.view.vms.retain(|v| &v.name != name);

@@ -636,26 +636,18 @@ pub async fn start_with(
         pki,
         endpoint,
         links,
-        hosts: BTreeMap::new(),
-        enrolling: Default::default(),
+        fleet: Default::default(),
         events: event_log::EventsState::new(loaded.events, next_seq),
         services: Default::default(),
-        instances: Default::default(),
-        services_dirty: true,
-        published_services: Arc::new(Vec::new()),
         internal_tx,
         snapshot_tx,
         repaint: repaint.clone(),
         version: 0,
         notices: notify::start(&options.desktop_notifications),
-        readiness: Default::default(),
-        guest_looks: Default::default(),
-        metric_reads: Default::default(),
         migrations: migration::MigrationsState::new(&loaded.migrations),
-        stats: stats::TimeSeries::default(),
-        autoscaling: BTreeMap::new(),
+        statistics: Default::default(),
+        autoscaling: Default::default(),
         drains: Default::default(),
-        generated_until_secs: None,
         operators,
         audit,
     };
@@ -665,7 +657,7 @@ pub async fn start_with(
     }
     actor.load_services(loaded.services, loaded.instances);
     actor.load_autoscaling(loaded.autoscale);
-    actor.stats.restore(loaded.stats_open);
+    actor.statistics.series.restore(loaded.stats_open);
     for record in loaded.hosts {
         let vms = vms_by_host.remove(&record.id).unwrap_or_default();
         actor.add_host_entry(record, vms);

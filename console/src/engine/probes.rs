@@ -105,11 +105,13 @@ impl Actor {
     /// `P` under way; forgets `P`'s answers of instances that no longer run.
     pub(super) fn poll_instances<P: InstanceProbe>(&mut self) {
         let wanted: Vec<(InstanceKey, InstanceRecord, P::Question, bool)> = self
+            .services
             .instances
             .iter()
             .filter_map(|(key, instance)| {
                 let question = self
                     .services
+                    .entries
                     .get(&instance.service)
                     .and_then(|s| s.spec.as_ref().ok())
                     .and_then(|spec| spec.application(&instance.app))
@@ -125,7 +127,7 @@ impl Actor {
         for (key, instance, question, running) in wanted {
             if !running {
                 if P::probed(self).forget(&key) {
-                    self.services_dirty = true;
+                    self.services.dirty = true;
                 }
                 continue;
             }
@@ -161,11 +163,11 @@ impl Actor {
 
     fn take<P: InstanceProbe>(&mut self, key: InstanceKey, answer: P::Answer) {
         P::probed(self).asking.remove(&key);
-        if !self.instances.contains_key(&key) {
+        if !self.services.instances.contains_key(&key) {
             return;
         }
         if P::answered(self, key, answer) {
-            self.services_dirty = true;
+            self.services.dirty = true;
         }
     }
 }

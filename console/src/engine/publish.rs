@@ -41,9 +41,9 @@ impl Actor {
     pub(super) fn publish(&mut self) {
         let mut changed = false;
         // A service's status follows its instances' VMs: any host change may change it.
-        let hosts_changed = self.hosts.values().any(|e| e.dirty);
+        let hosts_changed = self.fleet.hosts.values().any(|e| e.dirty);
         let mut readings_of = Vec::new();
-        for (id, entry) in self.hosts.iter_mut() {
+        for (id, entry) in self.fleet.hosts.iter_mut() {
             if entry.dirty || entry.readings_dirty {
                 entry.published = Arc::new(entry.view.clone());
                 changed |= entry.dirty;
@@ -54,11 +54,12 @@ impl Actor {
                 entry.readings_dirty = false;
             }
         }
-        if self.services_dirty || (hosts_changed && !self.services.is_empty()) {
+        if self.services.dirty || (hosts_changed && !self.services.entries.is_empty()) {
             let views = self.service_views();
             // Every change of a service's status reaches the operator as an event.
             let before: Vec<(ServiceName, ServiceStatus)> = self
-                .published_services
+                .services
+                .published
                 .iter()
                 .map(|s| (s.name().clone(), s.status))
                 .collect();
@@ -81,8 +82,8 @@ impl Actor {
                     self.notify(view);
                 }
             }
-            self.published_services = Arc::new(views);
-            self.services_dirty = false;
+            self.services.published = Arc::new(views);
+            self.services.dirty = false;
             changed = true;
         }
         if self.migrations.dirty {
@@ -101,22 +102,26 @@ impl Actor {
             self.events.dirty = false;
             changed = true;
         }
-        let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.hosts.len();
+        let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.fleet.hosts.len();
         if !changed && readings_of.is_empty() && !host_count_changed && self.version > 0 {
             return;
         }
         let readings_only = !changed && !host_count_changed && self.version > 0;
         self.version += 1;
-        let mut hosts: Vec<Arc<HostView>> =
-            self.hosts.values().map(|e| e.published.clone()).collect();
+        let mut hosts: Vec<Arc<HostView>> = self
+            .fleet
+            .hosts
+            .values()
+            .map(|e| e.published.clone())
+            .collect();
         hosts.sort_by(|a, b| (a.site_name(), a.id()).cmp(&(b.site_name(), b.id())));
         let _ = self.snapshot_tx.send(Arc::new(Snapshot {
             hosts,
             events: self.events.published.clone(),
-            services: self.published_services.clone(),
+            services: self.services.published.clone(),
             migrations: self.migrations.published.clone(),
             drains: self.drains.published.clone(),
-            generated_until_secs: self.generated_until_secs,
+            generated_until_secs: self.statistics.generated_until_secs,
             version: self.version,
         }));
         if let Some(repaint) = self

@@ -35,7 +35,7 @@ impl Actor {
     /// of its applications need.
     pub(super) fn instance_runs(&self, instance: &super::records::InstanceRecord) -> bool {
         instance.state == InstanceState::Created
-            && self.hosts.get(&instance.host).is_some_and(|h| {
+            && self.fleet.hosts.get(&instance.host).is_some_and(|h| {
                 h.view.link == LinkState::Online
                     && h.view
                         .vm(&instance.vm)
@@ -86,10 +86,10 @@ impl InstanceProbe for Readiness {
     }
 
     fn probed(actor: &mut Actor) -> &mut Probed<LastCheck> {
-        &mut actor.readiness
+        &mut actor.services.readiness
     }
 
     fn answered(actor: &mut Actor, key: InstanceKey, answer: LastCheck) -> bool {
-        actor.readiness.keep(key, answer)
+        actor.services.readiness.keep(key, answer)
     }
 }

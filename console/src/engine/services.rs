@@ -360,6 +360,7 @@ pub(in crate::engine) enum Step {
 impl Actor {
     fn service_entry(&self, name: &ServiceName) -> Result<&ServiceEntry, EngineError> {
         self.services
+            .entries
             .get(name)
             .ok_or_else(|| EngineError::Invalid(format!("service {name} does not exist")))
     }
@@ -374,7 +375,8 @@ impl Actor {
     }
 
     fn instances_of(&self, name: &ServiceName) -> Vec<InstanceRecord> {
-        self.instances
+        self.services
+            .instances
             .values()
             .filter(|i| &i.service == name)
             .cloned()
@@ -403,7 +405,7 @@ impl Actor {
             let _ = reply.send(Err(EngineError::Invalid(too_long)));
             return;
         }
-        let existing = self.services.get(&name);
+        let existing = self.services.entries.get(&name);
         if let Some(existing) = existing {
             if !replace {
                 let _ = reply.send(Err(EngineError::Invalid(format!(
@@ -428,8 +430,9 @@ impl Actor {
         };
         self.store.put_service(&record);
         self.services
+            .entries
             .insert(name.clone(), ServiceEntry::new(record));
-        self.services_dirty = true;
+        self.services.dirty = true;
         let verb = if existed { "changed" } else { "defined" };
         self.log(Level::Info, None, format!("service {name} {verb}"));
         self.reply_after_commit(reply, name);
@@ -443,7 +446,7 @@ impl Actor {
         let spec = self.readable_spec(name)?;
         let (hosts, existing) = plan_inputs(
             &spec,
-            self.hosts.values().map(|e| &e.view),
+            self.fleet.hosts.values().map(|e| &e.view),
             &self.instances_of(name),
         );
         let plan = place_instances_with(&spec, &hosts, &existing, overrides);
@@ -494,7 +497,7 @@ impl Actor {
         // the agent creates it, or says it has it.
         let unfinished = |p: &&super::placement::Placement| {
             p.action == Action::Keep
-                && self.instances.values().any(|i| {
+                && self.services.instances.values().any(|i| {
                     &i.service == name
                         && i.app == p.app
                         && i.index == p.index
@@ -519,6 +522,7 @@ impl Actor {
             // A VM of that name that no instance accounts for is someone else's.
             if p.action == Action::Create
                 && self
+                    .fleet
                     .hosts
                     .get(&p.host)
                     .is_some_and(|h| h.view.vm(&vm).is_some())
@@ -551,6 +555,7 @@ impl Actor {
         }
         for removal in &plan.removals {
             if let Some(instance) = self
+                .services
                 .instances
                 .values()
                 .find(|i| &i.service == name && i.app == removal.app && i.index == removal.index)
@@ -602,7 +607,8 @@ impl Actor {
             .instances_of(name)
             .into_iter()
             .filter(|i| {
-                self.hosts
+                self.fleet
+                    .hosts
                     .get(&i.host)
                     .and_then(|h| h.view.vm(&i.vm))
                     .is_some_and(|v| v.state == VmState::Running)
@@ -689,6 +695,7 @@ impl Actor {
                 EngineError::Invalid(format!("service {name} has no application {app}"))
             })?;
             let status = self
+                .fleet
                 .hosts
                 .get(host)
                 .ok_or_else(|| EngineError::Invalid(format!("host {host} is not in the fleet")))?
@@ -703,6 +710,7 @@ impl Actor {
                 )));
             }
             if let Some(i) = self
+                .services
                 .instances
                 .values()
                 .find(|i| &i.host == host && &i.vm == vm)
@@ -713,6 +721,7 @@ impl Actor {
                 )));
             }
             let used: std::collections::BTreeSet<u32> = self
+                .services
                 .instances
                 .values()
                 .filter(|i| &i.service == name && &i.app == app)
@@ -733,8 +742,10 @@ impl Actor {
         match adopted {
             Ok(instance) => {
                 self.store.put_instance(&instance);
-                self.instances.insert(instance.key(), instance.clone());
-                self.services_dirty = true;
+                self.services
+                    .instances
+                    .insert(instance.key(), instance.clone());
+                self.services.dirty = true;
                 self.log(
                     Level::Info,
                     Some(host.clone()),
@@ -775,7 +786,7 @@ impl Actor {
         steps: Vec<Step>,
         reply: Reply<OperationReport>,
     ) {
-        if let Some(entry) = self.services.get_mut(name) {
+        if let Some(entry) = self.services.entries.get_mut(name) {
             entry.busy = Some(operation);
             match operation {
                 Operation::Starting => entry.started = Some(true),
@@ -783,12 +794,14 @@ impl Actor {
                 _ => {}
             }
         }
-        self.services_dirty = true;
+        self.services.dirty = true;
         for step in &steps {
             match step {
                 Step::Create { instance, .. } => {
                     self.store.put_instance(instance);
-                    self.instances.insert(instance.key(), instance.clone());
+                    self.services
+                        .instances
+                        .insert(instance.key(), instance.clone());
                 }
                 Step::Remove { instance } => {
                     let removing = InstanceRecord {
@@ -796,7 +809,7 @@ impl Actor {
                         ..instance.clone()
                     };
                     self.store.put_instance(&removing);
-                    self.instances.insert(removing.key(), removing);
+                    self.services.instances.insert(removing.key(), removing);
                 }
                 Step::Start { .. } | Step::Stop { .. } => {}
             }
@@ -843,7 +856,7 @@ impl Actor {
                     ..instance.clone()
                 };
                 self.store.put_instance(&created);
-                self.instances.insert(created.key(), created);
+                self.services.instances.insert(created.key(), created);
                 Ok("created".into())
             }
             (Step::Create { instance, .. }, Err(e)) => {
@@ -851,6 +864,7 @@ impl Actor {
                 // have carried out the create): then it is the instance.
                 let exists = e.is_exists()
                     || self
+                        .fleet
                         .hosts
                         .get(&instance.host)
                         .is_some_and(|h| h.view.vm(&instance.vm).is_some());
@@ -860,7 +874,7 @@ impl Actor {
                         ..instance.clone()
                     };
                     self.store.put_instance(&created);
-                    self.instances.insert(created.key(), created);
+                    self.services.instances.insert(created.key(), created);
                     Ok("found, created before".into())
                 } else if matches!(
                     e,
@@ -872,14 +886,14 @@ impl Actor {
                     Err(format!("{e}; it stays `creating` until the next deploy"))
                 } else {
                     self.store.delete_instance(instance);
-                    self.instances.remove(&instance.key());
+                    self.services.instances.remove(&instance.key());
                     Err(e.to_string())
                 }
             }
             (Step::Remove { instance }, Ok(_)) => {
                 self.remove_vm(&instance.host, &instance.vm);
                 self.store.delete_instance(instance);
-                self.instances.remove(&instance.key());
+                self.services.instances.remove(&instance.key());
                 Ok("removed".into())
             }
             (Step::Remove { .. }, Err(e)) => Err(e.to_string()),
@@ -894,7 +908,7 @@ impl Actor {
                 }
                 if probe.kind != ProbeKind::Running {
                     // It passed its check just now: ready until the next check says otherwise.
-                    self.readiness.replace(
+                    self.services.readiness.replace(
                         instance.key(),
                         super::readiness::LastCheck {
                             ready: true,
@@ -925,14 +939,14 @@ impl Actor {
         report: OperationReport,
         reply: Reply<OperationReport>,
     ) {
-        if let Some(entry) = self.services.get_mut(name) {
+        if let Some(entry) = self.services.entries.get_mut(name) {
             entry.busy = None;
         }
         if operation == Operation::Deleting && report.failed.is_empty() {
-            self.services.remove(name);
+            self.services.entries.remove(name);
             self.store.delete_service(name);
         }
-        self.services_dirty = true;
+        self.services.dirty = true;
         let what = match operation {
             Operation::Deploying => "deployed",
             Operation::Starting => "started",
@@ -974,22 +988,24 @@ impl Actor {
             }
             services.insert(entry.record.name.clone(), entry);
         }
-        self.services = services;
-        self.instances = instances.into_iter().map(|i| (i.key(), i)).collect();
-        self.services_dirty = true;
+        self.services.entries = services;
+        self.services.instances = instances.into_iter().map(|i| (i.key(), i)).collect();
+        self.services.dirty = true;
     }
 
     /// The services as the snapshot shows them, with the VM states their hosts report.
     pub(super) fn service_views(&self) -> Vec<Arc<ServiceView>> {
         self.services
+            .entries
             .values()
             .map(|entry| {
                 let instances: Vec<InstanceView> = self
+                    .services
                     .instances
                     .values()
                     .filter(|i| i.service == entry.record.name)
                     .map(|i| {
-                        let host = self.hosts.get(&i.host);
+                        let host = self.fleet.hosts.get(&i.host);
                         let vm_state = host.and_then(|h| h.view.vm(&i.vm)).map(|v| v.state);
                         let cost_per_hour =
                             match (&entry.spec, host.and_then(|h| h.view.inventory())) {
@@ -1013,7 +1029,7 @@ impl Actor {
                         let (ready, ready_detail) = match (running, checked) {
                             (false, _) => (false, None),
                             (true, false) => (true, None),
-                            (true, true) => match self.readiness.get(&i.key()) {
+                            (true, true) => match self.services.readiness.get(&i.key()) {
                                 Some(c) => (c.ready, Some(c.detail.clone())),
                                 None => (false, Some("not checked yet".to_string())),
                             },
@@ -1027,7 +1043,7 @@ impl Actor {
                                 super::guest_apps::guest_app_views(
                                     &a.guest_apps,
                                     running,
-                                    self.guest_looks.get(&i.key()),
+                                    self.services.guest_looks.get(&i.key()),
                                 )
                             })
                             .unwrap_or_default();
@@ -1038,7 +1054,7 @@ impl Actor {
                             ready_detail,
                             cost_per_hour,
                             guest_apps,
-                            metric: self.metric_reads.get(&i.key()).cloned(),
+                            metric: self.services.metric_reads.get(&i.key()).cloned(),
                         }
                     })
                     .collect();

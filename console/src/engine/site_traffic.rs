@@ -57,6 +57,7 @@ impl Actor {
         // A host's address: where its live connection comes from, else its recorded
         // address when that is a literal one.
         let hosts: Vec<(String, Option<IpAddr>)> = self
+            .fleet
             .hosts
             .values()
             .filter_map(|entry| {
@@ -78,7 +79,7 @@ impl Actor {
             })
             .collect();
         let lists = site_address_lists(hosts.iter().map(|(site, ip)| (site.as_str(), *ip)));
-        for (id, entry) in &mut self.hosts {
+        for (id, entry) in &mut self.fleet.hosts {
             let Some(peer) = entry.peer.clone() else {
                 continue;
             };
@@ -132,7 +133,7 @@ impl Actor {
         digest: u64,
         reason: &str,
     ) {
-        let Some(entry) = self.hosts.get_mut(host) else {
+        let Some(entry) = self.fleet.hosts.get_mut(host) else {
             return;
         };
         let same_link = entry

@@ -132,10 +132,11 @@ impl Actor {
         let to = to.unwrap_or_else(|| host.clone());
         let checked = self.vm_of(&host, &name).and_then(|vm| {
             let target = self
+                .fleet
                 .hosts
                 .get(&to)
                 .ok_or_else(|| EngineError::UnknownHost(to.clone()))?;
-            let from = &self.hosts[&host].view;
+            let from = &self.fleet.hosts[&host].view;
             let mut reasons = clone_refusals(&vm, from, &target.view, &new_name);
             if reasons.is_empty() && to != host {
                 // What the copy's migration will check, checked before it is made.

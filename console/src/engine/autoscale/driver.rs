@@ -107,7 +107,7 @@ impl Actor {
             // A rule on the application, or on one inside its VMs (which scales the VMs).
             let entry = std::iter::once(&app.name)
                 .chain(app.guest_apps.iter().map(|g| &g.name))
-                .find_map(|a| self.autoscaling.get(&key(name, a)));
+                .find_map(|a| self.autoscaling.entries.get(&key(name, a)));
             if let Some(entry) = entry {
                 app.instances = entry.record.desired;
             }
@@ -119,7 +119,7 @@ impl Actor {
     /// application inside VMs, the one whose VMs hold it. `None` when the service has no
     /// such application (or no longer reads).
     fn scaled_app(&self, service: &ServiceName, app: &AppName) -> Option<AppName> {
-        let spec = self.services.get(service)?.spec.as_ref().ok()?;
+        let spec = self.services.entries.get(service)?.spec.as_ref().ok()?;
         if spec.application(app).is_some() {
             return Some(app.clone());
         }
@@ -141,7 +141,8 @@ impl Actor {
             return Vec::new();
         };
         let inside = &scaled != app;
-        self.instances
+        self.services
+            .instances
             .values()
             .filter(|i| {
                 &i.service == service
@@ -159,14 +160,14 @@ impl Actor {
                     }
                 };
                 let k = stats::series_key(&subject, m);
-                let open = self.stats.open(&k, level);
+                let open = self.statistics.series.open(&k, level);
                 (k, open)
             })
             .collect()
     }
 
     pub(in crate::engine) fn load_autoscaling(&mut self, records: Vec<AutoscaleRecord>) {
-        self.autoscaling = records
+        self.autoscaling.entries = records
             .into_iter()
             .map(|r| (r.key(), AutoscaleEntry::new(r)))
             .collect();
@@ -174,7 +175,8 @@ impl Actor {
 
     fn instance_count(&self, service: &ServiceName, app: &AppName) -> u32 {
         let app = &self.scaled_app(service, app).unwrap_or_else(|| app.clone());
-        self.instances
+        self.services
+            .instances
             .values()
             .filter(|i| {
                 &i.service == service && &i.app == app && i.state != InstanceState::Removing
@@ -184,6 +186,7 @@ impl Actor {
 
     pub(in crate::engine) fn autoscale_views(&self) -> Vec<AutoscaleView> {
         self.autoscaling
+            .entries
             .values()
             .map(|e| AutoscaleView {
                 service: e.record.service.clone(),
@@ -207,7 +210,7 @@ impl Actor {
     ) {
         let entry_key = key(&service, &app);
         let Some(rule) = rule else {
-            if self.autoscaling.remove(&entry_key).is_none() {
+            if self.autoscaling.entries.remove(&entry_key).is_none() {
                 let _ = reply.send(Err(EngineError::Invalid(format!(
                     "{entry_key} has no autoscaling"
                 ))));
@@ -219,7 +222,7 @@ impl Actor {
                 None,
                 format!("autoscaling of {entry_key} removed; its instances stay as they are"),
             );
-            self.services_dirty = true;
+            self.services.dirty = true;
             self.reply_after_commit(reply, None);
             return;
         };
@@ -228,6 +231,7 @@ impl Actor {
                 .map_err(|e| EngineError::Invalid(e.to_string()))?;
             let spec = self
                 .services
+                .entries
                 .get(&service)
                 .ok_or_else(|| EngineError::Invalid(format!("service {service} does not exist")))?
                 .spec
@@ -253,7 +257,11 @@ impl Actor {
                             holder.name
                         )));
                     }
-                    if self.autoscaling.contains_key(&key(&service, &holder.name)) {
+                    if self
+                        .autoscaling
+                        .entries
+                        .contains_key(&key(&service, &holder.name))
+                    {
                         return Err(EngineError::Invalid(format!(
                             "{} already has a rule, which scales the VMs {app} runs in",
                             key(&service, &holder.name)
@@ -261,11 +269,11 @@ impl Actor {
                     }
                 }
                 (Some(a), None) => {
-                    if let Some(g) = a
-                        .guest_apps
-                        .iter()
-                        .find(|g| self.autoscaling.contains_key(&key(&service, &g.name)))
-                    {
+                    if let Some(g) = a.guest_apps.iter().find(|g| {
+                        self.autoscaling
+                            .entries
+                            .contains_key(&key(&service, &g.name))
+                    }) {
                         return Err(EngineError::Invalid(format!(
                             "{} already has a rule, which scales {app}'s VMs",
                             key(&service, &g.name)
@@ -289,18 +297,20 @@ impl Actor {
             desired,
             last_change_secs: self
                 .autoscaling
+                .entries
                 .get(&entry_key)
                 .and_then(|e| e.record.last_change_secs),
         };
         self.store.put_autoscale(&record);
         self.autoscaling
+            .entries
             .insert(entry_key.clone(), AutoscaleEntry::new(record));
         self.log(
             Level::Info,
             None,
             format!("autoscaling of {entry_key}: {}", rule.describe()),
         );
-        self.services_dirty = true;
+        self.services.dirty = true;
         let view = self
             .autoscale_views()
             .into_iter()
@@ -312,21 +322,21 @@ impl Actor {
     /// rule set that is not there yet (a deploy refused while the service was busy).
     pub(in crate::engine) fn autoscale_tick(&mut self) {
         let now = now_ms() / 1000;
-        let keys: Vec<String> = self.autoscaling.keys().cloned().collect();
+        let keys: Vec<String> = self.autoscaling.entries.keys().cloned().collect();
         for entry_key in keys {
-            let Some(entry) = self.autoscaling.get(&entry_key) else {
+            let Some(entry) = self.autoscaling.entries.get(&entry_key) else {
                 continue;
             };
             let (service, app) = (entry.record.service.clone(), entry.record.app.clone());
             let desired = entry.record.desired;
             // The service or the application went away: so does its rule.
-            let gone = self.services.get(&service).is_none_or(|s| {
+            let gone = self.services.entries.get(&service).is_none_or(|s| {
                 s.spec.as_ref().is_ok_and(|spec| {
                     spec.application(&app).is_none() && spec.guest_app(&app).is_none()
                 })
             });
             if gone {
-                self.autoscaling.remove(&entry_key);
+                self.autoscaling.entries.remove(&entry_key);
                 self.store.delete_autoscale(entry_key.clone());
                 self.log(
                     Level::Info,
@@ -338,7 +348,7 @@ impl Actor {
             if self.instance_count(&service, &app) != desired && self.not_busy(&service).is_ok() {
                 self.apply_scale(&service);
             }
-            let Some(entry) = self.autoscaling.get_mut(&entry_key) else {
+            let Some(entry) = self.autoscaling.entries.get_mut(&entry_key) else {
                 continue;
             };
             // The last period whose readings are all in.
@@ -385,12 +395,12 @@ impl Actor {
         mean: Option<f64>,
     ) {
         let instances = {
-            let Some(entry) = self.autoscaling.get(entry_key) else {
+            let Some(entry) = self.autoscaling.entries.get(entry_key) else {
                 return;
             };
             self.instance_count(&entry.record.service, &entry.record.app)
         };
-        let Some(entry) = self.autoscaling.get_mut(entry_key) else {
+        let Some(entry) = self.autoscaling.entries.get_mut(entry_key) else {
             return;
         };
         entry.measuring = false;
@@ -430,7 +440,7 @@ impl Actor {
         entry.recent.clear();
         let record = entry.record.clone();
         self.store.put_autoscale(&record);
-        self.services_dirty = true;
+        self.services.dirty = true;
         // Where the change lands, for the log: placement's host of a new instance, or the
         // host of the instance that goes.
         let service = record.service.clone();
@@ -516,7 +526,7 @@ impl Actor {
         reply: Reply<ReplayAnswer>,
     ) {
         let entry_key = key(&service, &app);
-        let Some(entry) = self.autoscaling.get(&entry_key) else {
+        let Some(entry) = self.autoscaling.entries.get(&entry_key) else {
             let _ = reply.send(Err(EngineError::Invalid(format!(
                 "{entry_key} has no autoscaling: set a rule first (autoscale set)"
             ))));

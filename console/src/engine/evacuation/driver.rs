@@ -48,7 +48,7 @@ impl Default for DrainsState {
 impl Actor {
     /// Marks `host` as in maintenance and moves everything off it; resumes a paused drain.
     pub(in crate::engine) fn drain_host(&mut self, host: &HostId, reply: Reply<DrainProgress>) {
-        let Some(entry) = self.hosts.get_mut(host) else {
+        let Some(entry) = self.fleet.hosts.get_mut(host) else {
             let _ = reply.send(Err(EngineError::UnknownHost(host.clone())));
             return;
         };
@@ -93,7 +93,7 @@ impl Actor {
 
     /// Stops a drain from starting further migrations; the one under way finishes.
     pub(in crate::engine) fn pause_drain(&mut self, host: &HostId, reply: Reply<()>) {
-        let Some(entry) = self.hosts.get_mut(host) else {
+        let Some(entry) = self.fleet.hosts.get_mut(host) else {
             let _ = reply.send(Err(EngineError::UnknownHost(host.clone())));
             return;
         };
@@ -118,7 +118,7 @@ impl Actor {
 
     /// Ends maintenance: the host takes new work again and its drain stops.
     pub(in crate::engine) fn undrain_host(&mut self, host: &HostId, reply: Reply<()>) {
-        let Some(entry) = self.hosts.get_mut(host) else {
+        let Some(entry) = self.fleet.hosts.get_mut(host) else {
             let _ = reply.send(Err(EngineError::UnknownHost(host.clone())));
             return;
         };
@@ -151,11 +151,11 @@ impl Actor {
     ) {
         match self.plan_service_move(name, site) {
             Ok(moving) => {
-                if let Some(entry) = self.services.get_mut(name) {
+                if let Some(entry) = self.services.entries.get_mut(name) {
                     entry.record.moving = Some(moving.clone());
                     self.store.put_service(&entry.record);
                 }
-                self.services_dirty = true;
+                self.services.dirty = true;
                 self.log(
                     Level::Info,
                     None,
@@ -175,6 +175,7 @@ impl Actor {
     fn plan_service_move(&self, name: &ServiceName, site: &str) -> Result<ServiceMove, String> {
         let entry = self
             .services
+            .entries
             .get(name)
             .ok_or_else(|| format!("no service named {name}"))?;
         if let Some(m) = &entry.record.moving {
@@ -186,7 +187,12 @@ impl Actor {
         if entry.busy.is_some() {
             return Err(format!("service {name} is busy; try again when it is done"));
         }
-        if !self.hosts.values().any(|h| h.view.site_name() == site) {
+        if !self
+            .fleet
+            .hosts
+            .values()
+            .any(|h| h.view.site_name() == site)
+        {
             return Err(format!("no enrolled host is at site {site}"));
         }
         let parts = self.fleet_parts();
@@ -199,7 +205,12 @@ impl Actor {
         if mine.is_empty() {
             return Err(format!("service {name} has no instance to move"));
         }
-        let site_of = |h: &HostId| self.hosts.get(h).map(|e| e.view.site_name().to_string());
+        let site_of = |h: &HostId| {
+            self.fleet
+                .hosts
+                .get(h)
+                .map(|e| e.view.site_name().to_string())
+        };
         let outside: Vec<_> = mine
             .iter()
             .filter(|i| site_of(&i.host).as_deref() != Some(site))
@@ -211,7 +222,7 @@ impl Actor {
         // stops the move before anything is stopped.
         let mut reasons = Vec::new();
         for i in &outside {
-            let Some(from) = self.hosts.get(&i.host) else {
+            let Some(from) = self.fleet.hosts.get(&i.host) else {
                 reasons.push(format!("{}: host {} is not enrolled", i.vm, i.host));
                 continue;
             };
@@ -232,7 +243,8 @@ impl Actor {
             ));
         }
         let was_running = mine.iter().any(|i| {
-            self.hosts
+            self.fleet
+                .hosts
                 .get(&i.host)
                 .and_then(|h| h.view.vm(&i.vm))
                 .is_some_and(|v| v.state.is_active())
@@ -249,12 +261,14 @@ impl Actor {
     /// One step of every drain and service move that can take one.
     pub(in crate::engine) fn advance_evacuations(&mut self) {
         let draining: Vec<(HostId, Maintenance)> = self
+            .fleet
             .hosts
             .iter()
             .filter_map(|(id, e)| e.view.record.maintenance.map(|m| (id.clone(), m)))
             .collect();
         let moving: Vec<(ServiceName, ServiceMove)> = self
             .services
+            .entries
             .iter()
             .filter_map(|(n, e)| e.record.moving.clone().map(|m| (n.clone(), m)))
             .collect();
@@ -272,18 +286,19 @@ impl Actor {
     fn fleet_parts(&self) -> FleetParts {
         FleetParts {
             hosts: self
+                .fleet
                 .hosts
                 .values()
                 .map(|h| Arc::new(h.view.clone()))
                 .collect(),
             services: self.service_views(),
-            instances: self.instances.values().cloned().collect(),
+            instances: self.services.instances.values().cloned().collect(),
             migrations: self.migrations.journals.values().cloned().collect(),
         }
     }
 
     fn drain_once(&mut self, host: &HostId, maintenance: &Maintenance) {
-        let Some(entry) = self.hosts.get(host) else {
+        let Some(entry) = self.fleet.hosts.get(host) else {
             return;
         };
         let view = entry.view.clone();
@@ -339,15 +354,15 @@ impl Actor {
     }
 
     fn set_move(&mut self, name: &ServiceName, moving: Option<ServiceMove>) {
-        if let Some(entry) = self.services.get_mut(name) {
+        if let Some(entry) = self.services.entries.get_mut(name) {
             entry.record.moving = moving;
             self.store.put_service(&entry.record);
-            self.services_dirty = true;
+            self.services.dirty = true;
         }
     }
 
     fn move_once(&mut self, name: &ServiceName, moving: ServiceMove) {
-        let Some(entry) = self.services.get(name) else {
+        let Some(entry) = self.services.entries.get(name) else {
             return;
         };
         if entry.busy.is_some() {
@@ -363,7 +378,11 @@ impl Actor {
                     self.set_move(name, Some(next));
                     return self.move_once(
                         name,
-                        self.services[name].record.moving.clone().expect("set"),
+                        self.services.entries[name]
+                            .record
+                            .moving
+                            .clone()
+                            .expect("set"),
                     );
                 }
                 let (reply, answer) = tokio::sync::oneshot::channel();
@@ -423,7 +442,11 @@ impl Actor {
                                 ..moving
                             }),
                         );
-                        let moving = self.services[name].record.moving.clone().expect("set");
+                        let moving = self.services.entries[name]
+                            .record
+                            .moving
+                            .clone()
+                            .expect("set");
                         self.move_once(name, moving);
                     }
                     Err(blocked) => self.end_move_early(
@@ -485,6 +508,7 @@ impl Actor {
     ) {
         let Some(moving) = self
             .services
+            .entries
             .get(name)
             .and_then(|e| e.record.moving.clone())
         else {
@@ -520,7 +544,11 @@ impl Actor {
                 ..moving
             }),
         );
-        let moving = self.services[name].record.moving.clone().expect("set");
+        let moving = self.services.entries[name]
+            .record
+            .moving
+            .clone()
+            .expect("set");
         self.move_once(name, moving);
     }
 

@@ -149,6 +149,7 @@ impl Actor {
             return Err(format!("{vm} is on {to} already"));
         }
         let source = self
+            .fleet
             .hosts
             .get(host)
             .ok_or_else(|| format!("host {host} is not enrolled"))?;
@@ -157,6 +158,7 @@ impl Actor {
             .vm(vm)
             .ok_or_else(|| format!("host {host} has no VM {vm}"))?;
         let target = self
+            .fleet
             .hosts
             .get(to)
             .ok_or_else(|| format!("host {to} is not enrolled"))?;
@@ -336,6 +338,7 @@ impl Actor {
         self.migrations.running.insert(journal.id);
         let clients = (self.client(&journal.from), self.client(&journal.to));
         let target_address = self
+            .fleet
             .hosts
             .get(&journal.to)
             .map(|h| h.view.record.address.clone())
@@ -409,6 +412,7 @@ impl Actor {
         if next.step == MigrationStep::Confirmed && journal.step != MigrationStep::Confirmed {
             // The instance is where its VM now runs, written in the journal's batch.
             let moved: Vec<InstanceRecord> = self
+                .services
                 .instances
                 .values()
                 .filter(|i| i.host == next.from && i.vm == next.vm)
@@ -419,9 +423,9 @@ impl Actor {
                 .collect();
             for instance in moved {
                 self.store.put_instance(&instance);
-                self.readiness.forget(&instance.key());
-                self.instances.insert(instance.key(), instance);
-                self.services_dirty = true;
+                self.services.readiness.forget(&instance.key());
+                self.services.instances.insert(instance.key(), instance);
+                self.services.dirty = true;
             }
         }
         if next.step == MigrationStep::SourceDeleted {
@@ -445,11 +449,13 @@ impl Actor {
             return None;
         }
         let instance = self
+            .services
             .instances
             .values()
             .find(|i| i.host == journal.from && i.vm == journal.vm)?;
         let probe = self
             .services
+            .entries
             .get(&instance.service)
             .and_then(|s| s.spec.as_ref().ok())
             .and_then(|spec| spec.application(&instance.app))
@@ -473,7 +479,8 @@ impl Actor {
             .filter(|m| !m.step.is_finished() && !self.migrations.running.contains(&m.id))
             .filter(|m| {
                 [&m.from, &m.to].iter().all(|h| {
-                    self.hosts
+                    self.fleet
+                        .hosts
                         .get(*h)
                         .is_some_and(|e| e.view.link == LinkState::Online)
                 })
