@@ -66,6 +66,8 @@ mod dispatch;
 pub mod feed;
 pub mod ops;
 pub mod remote;
+#[cfg(test)]
+mod role_matrix;
 pub mod socket;
 mod types;
 pub mod views;
