@@ -15,8 +15,8 @@ use std::time::Instant;
 use dunes_console::{
     api::views::StatsView,
     engine::{
-        rollup::Bucket,
-        stats::{Metric, SeriesPoints, StatsAnswer, Subject},
+        statistics::rollup::Bucket,
+        statistics::series::{Metric, SeriesPoints, StatsAnswer, Subject},
     },
     ui::{ChartsWindow, EngineLink, TimeRange},
 };

@@ -4,7 +4,9 @@
 //! the same history, carried on, really reaches it. Run: `cargo bench -p dunes-tests --bench
 //! forecast`. Method and results: docs/BENCHMARKS.md.
 
-use dunes_console::engine::forecast::{Method, Outlook, daily_peaks, forecast, synthetic_hourly};
+use dunes_console::engine::statistics::forecast::{
+    Method, Outlook, daily_peaks, forecast, synthetic_hourly,
+};
 
 const HISTORY_DAYS: u64 = 28;
 const BASE: f64 = 100.0;

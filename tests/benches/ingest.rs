@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use dunes_console::engine::{stats::TimeSeries, store::Store};
+use dunes_console::engine::{statistics::series::TimeSeries, store::Store};
 use dunes_shared::model::{Counters, HostId, Sample, VmName, WorkloadSample};
 
 const VMS_PER_HOST: usize = 20;

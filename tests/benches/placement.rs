@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use dunes_console::engine::placement::{HostOffer, Interpreter, Resources, place_instances};
+use dunes_console::engine::services::placement::{
+    HostOffer, Interpreter, Resources, place_instances,
+};
 use dunes_shared::{
     model::{AppName, HostId, Prices, RuntimeKind, ServiceName, SiteName, TemplateName},
     service::{

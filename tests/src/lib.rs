@@ -322,7 +322,7 @@ pub async fn sent_and_out_of_site(
     engine: &EngineHandle,
     vm: &dunes_shared::model::VmName,
 ) -> anyhow::Result<(f64, f64)> {
-    use engine::stats::{Metric, Subject};
+    use engine::statistics::series::{Metric, Subject};
     let answer = engine
         .request(|reply| EngineCommand::Stats {
             subject: Subject::Workload(vm.clone()),

@@ -13,7 +13,7 @@ use std::{
 
 use dunes_console::engine::{
     console_pki::ConsolePki,
-    link::{LinkContext, LinkMessage, connect, run_link},
+    fleet::link::{LinkContext, LinkMessage, connect, run_link},
 };
 use dunes_shared::{
     codec::{encode_frame, read_frame},

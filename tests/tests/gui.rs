@@ -941,7 +941,7 @@ fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let answer = runtime.block_on(engine.request(|reply| Command::Stats {
-            subject: dunes_console::engine::stats::Subject::Service(
+            subject: dunes_console::engine::statistics::series::Subject::Service(
                 dunes_shared::model::ServiceName::new("shopfront").unwrap(),
             ),
             since_secs: 600,
@@ -952,7 +952,7 @@ fn statistics_charts_show_a_host_and_a_vm_over_the_range_picked() {
             .unwrap()
             .series
             .into_iter()
-            .find(|s| s.metric == dunes_console::engine::stats::Metric::Memory);
+            .find(|s| s.metric == dunes_console::engine::statistics::series::Metric::Memory);
         if memory
             .as_ref()
             .is_some_and(|m| m.points.iter().any(|b| b.mean() == 128.0))

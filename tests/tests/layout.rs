@@ -16,12 +16,12 @@ use dunes_console::{
     demo,
     engine::{
         EngineHandle, Snapshot,
-        capacity::{Resource, ResourceUse, SiteCapacity},
-        forecast::{self, Method},
         migration::{DiskMove, MigrationJournal, MigrationOrigin, MigrationStep},
         records::{EventRecord, Level},
-        rollup::Bucket,
-        stats::{Metric, SeriesPoints, StatsAnswer, Subject},
+        statistics::capacity::{Resource, ResourceUse, SiteCapacity},
+        statistics::forecast::{self, Method},
+        statistics::rollup::Bucket,
+        statistics::series::{Metric, SeriesPoints, StatsAnswer, Subject},
     },
     ui::{ConsoleApp, TimeRange},
 };

@@ -9,8 +9,8 @@ use dunes_agent::{
 };
 use dunes_console::engine::{
     console_pki::ConsolePki,
-    enroll::{EnrollError, EnrollPolicy, enroll, probe},
-    link::{LinkError, connect},
+    fleet::enroll::{EnrollError, EnrollPolicy, enroll, probe},
+    fleet::link::{LinkError, connect},
 };
 use dunes_shared::{
     model::HostId,
@@ -138,7 +138,7 @@ async fn mutual_tls_is_accepted_after_enrollment() {
     assert_eq!(hello.inventory.host_id, f.agent.host_id);
     assert!(hello.features.iter().any(|f| f == features::VM_LIFECYCLE));
     // The certificate the agent now presents is CA-signed, with the same pinned key.
-    let cert = dunes_console::engine::link::peer_certificate(&conn).unwrap();
+    let cert = dunes_console::engine::fleet::link::peer_certificate(&conn).unwrap();
     pki::verify_host_cert(&cert, f.console.ca.cert_der(), &f.agent.host_id).unwrap();
     assert_eq!(
         Fingerprint::of_certificate(&cert).unwrap(),

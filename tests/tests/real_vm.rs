@@ -564,8 +564,8 @@ async fn vm_traffic_is_split_at_the_site_edge(
 async fn applications_inside_a_tiny_guest_are_watched_and_a_killed_one_degrades_the_service() {
     use dunes_console::engine::{
         ServiceStatus,
-        guest_apps::GuestAppState,
-        stats::{Metric, Subject},
+        services::guest_apps::GuestAppState,
+        statistics::series::{Metric, Subject},
     };
     use dunes_shared::model::{AppName, ServiceName};
 

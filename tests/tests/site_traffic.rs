@@ -90,7 +90,7 @@ async fn only_what_leaves_the_site_counts_as_leaving_it() {
     // The cost report prices what left the site at the host's price.
     let lines = engine
         .request(|reply| Command::Cost {
-            by: dunes_console::engine::cost::CostBy::Site,
+            by: dunes_console::engine::statistics::cost::CostBy::Site,
             since_secs: 3600,
             reply,
         })

@@ -19,7 +19,7 @@ use dunes_agent::{
 };
 use dunes_console::engine::{
     console_pki::ConsolePki,
-    enroll::{EnrollPolicy, enroll},
+    fleet::enroll::{EnrollPolicy, enroll},
 };
 use dunes_shared::{
     model::{HostId, RuntimeKind, VmName},

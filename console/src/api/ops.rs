@@ -13,12 +13,12 @@ use super::{ApiError, Operation, views::*};
 use crate::engine::{
     Command, EngineHandle, Snapshot,
     autoscale::{AutoscaleMetric, AutoscaleRule},
-    capacity::{Extra, WhatIf},
-    cost::CostBy,
     migration::MigrationOptions,
     operators::access::Target,
-    placement::{Action, Override},
-    stats::Subject,
+    services::placement::{Action, Override},
+    statistics::capacity::{Extra, WhatIf},
+    statistics::cost::CostBy,
+    statistics::series::Subject,
 };
 
 /// `SERVICE/APP` as names.
@@ -1275,7 +1275,7 @@ impl Operation for DefineService {
     changes!();
     fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
         // The service the file defines; a file that does not read names none.
-        crate::engine::service_file::parse_service_file(&self.source)
+        crate::engine::services::service_file::parse_service_file(&self.source)
             .ok()
             .and_then(|spec| ServiceName::new(spec.name).ok())
             .map(Target::Service)

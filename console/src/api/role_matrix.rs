@@ -14,8 +14,8 @@ use dunes_shared::{
 use super::{Caller, OPERATION_NAMES, Operation, ops::*};
 use crate::engine::{
     Snapshot,
-    capacity::tests::host,
     operators::access::{Role, Scope},
+    statistics::capacity::tests::host,
 };
 
 type Permits = Box<dyn Fn(&Caller, &Snapshot) -> Result<(), String>>;

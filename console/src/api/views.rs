@@ -14,14 +14,14 @@ use crate::engine::{
     AutoscaleView, EventRecord, HostView, OperationReport, ReplayAnswer, ServicePlan, ServiceView,
     Snapshot,
     autoscale::Change,
-    capacity::SiteCapacity,
-    cost::CostLine,
     evacuation::DrainProgress,
-    forecast::Outlook,
     migration::{MigrationEstimate, MigrationJournal, MigrationOptions},
-    placement::Action,
+    services::placement::Action,
     snapshot::rfc3339,
-    stats::StatsAnswer,
+    statistics::capacity::SiteCapacity,
+    statistics::cost::CostLine,
+    statistics::forecast::Outlook,
+    statistics::series::StatsAnswer,
 };
 
 fn rfc3339_ms(ms: u64) -> String {

@@ -16,8 +16,8 @@ use tokio::{
 use super::{
     Command, HostAdded, HostView, Repaint, Reply, Snapshot,
     console_pki::ConsolePki,
-    enroll::{self, Enrolled},
-    link::{LinkContext, LinkMessage},
+    fleet::enroll::{self, Enrolled},
+    fleet::link::{LinkContext, LinkMessage},
     records::Level,
     store::Store,
 };
@@ -57,9 +57,9 @@ pub(super) enum Internal {
     },
     GateHostId(enroll::GateRequest),
     /// An agent answered a call the engine made for an operator: what it changes here.
-    AgentAnswered(super::client::AgentAnswer),
+    AgentAnswered(super::fleet::client::AgentAnswer),
     /// A VM was copied on its host (or the copy failed); a copy for another host moves there.
-    VmCopied(super::vm_changes::VmCopied),
+    VmCopied(super::fleet::vm_changes::VmCopied),
     /// A migration's side effects ran: its outcome, and what was learned on the way.
     MigrationEnded {
         id: u64,
@@ -87,20 +87,21 @@ pub(super) enum Internal {
     /// The way to a host's agent, for a service operation's next step.
     ClientFor {
         host: HostId,
-        answer:
-            tokio::sync::oneshot::Sender<Result<super::client::AgentClient, super::EngineError>>,
+        answer: tokio::sync::oneshot::Sender<
+            Result<super::fleet::client::AgentClient, super::EngineError>,
+        >,
     },
     /// One step of a service operation ran on its agent; the engine records it and answers
     /// what to report.
     StepDone {
-        step: super::services::Step,
+        step: super::services::driver::Step,
         result: Result<Option<dunes_shared::model::VmStatus>, super::EngineError>,
         answer: tokio::sync::oneshot::Sender<Result<String, String>>,
     },
     /// Every step of a service operation ran.
     OperationEnded {
         service: dunes_shared::model::ServiceName,
-        operation: super::services::Operation,
+        operation: super::services::driver::Operation,
         report: super::OperationReport,
         reply: super::Reply<super::OperationReport>,
     },
@@ -111,7 +112,7 @@ pub(super) enum Internal {
         failed: Option<String>,
     },
     /// A running instance answered one of the questions asked of it every few seconds.
-    Probe(super::probes::ProbeAnswer),
+    Probe(super::services::probes::ProbeAnswer),
 }
 
 /// The fleet: every enrolled host with its link and view, and the host ids that
@@ -125,18 +126,19 @@ pub(super) struct FleetState {
 /// Services: their definitions, their instances, what their running instances last
 /// answered, and what was last published of them.
 pub(super) struct ServicesState {
-    pub(super) entries: BTreeMap<dunes_shared::model::ServiceName, super::services::ServiceEntry>,
+    pub(super) entries:
+        BTreeMap<dunes_shared::model::ServiceName, super::services::driver::ServiceEntry>,
     /// Every service's instances.
     pub(super) instances: BTreeMap<super::records::InstanceKey, super::records::InstanceRecord>,
     /// Something changed that their published views show.
     pub(super) dirty: bool,
     pub(super) published: Arc<Vec<Arc<super::ServiceView>>>,
     /// The last readiness answer of each running instance.
-    pub(super) readiness: super::probes::Probed<super::readiness::LastCheck>,
+    pub(super) readiness: super::services::probes::Probed<super::services::readiness::LastCheck>,
     /// The last look at each running instance's guest applications.
-    pub(super) guest_looks: super::probes::Probed<super::guest_apps::GuestLook>,
+    pub(super) guest_looks: super::services::probes::Probed<super::services::guest_apps::GuestLook>,
     /// The last read of each running instance's application metric.
-    pub(super) metric_reads: super::probes::Probed<Result<f64, String>>,
+    pub(super) metric_reads: super::services::probes::Probed<Result<f64, String>>,
 }
 
 impl Default for ServicesState {
@@ -157,7 +159,7 @@ impl Default for ServicesState {
 /// Statistics: the open part of every time series (what closed is in the store).
 #[derive(Default)]
 pub(super) struct StatisticsState {
-    pub(super) series: super::stats::TimeSeries,
+    pub(super) series: super::statistics::series::TimeSeries,
     /// Readings before this time (unix seconds) were made up (the demo's history).
     pub(super) generated_until_secs: Option<u64>,
 }
@@ -195,7 +197,7 @@ pub(super) struct Actor {
 const AUTOSCALE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How often a share of the time series' open part is written: every series once in
-/// [`super::stats::FLUSH_SHARES`] of these (10 s), which is what a crash can lose.
+/// [`super::statistics::series::FLUSH_SHARES`] of these (10 s), which is what a crash can lose.
 const STATS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) fn now_ms() -> u64 {
@@ -212,21 +214,21 @@ impl Actor {
         mut links: mpsc::Receiver<LinkMessage>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
-        let mut readiness = tokio::time::interval(super::readiness::READINESS_EVERY);
+        let mut readiness = tokio::time::interval(super::services::readiness::READINESS_EVERY);
         readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stats_flush = tokio::time::interval(STATS_FLUSH_EVERY);
         let mut flush_share = 0u32;
         stats_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut autoscale = tokio::time::interval(AUTOSCALE_EVERY);
         autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut guest_apps = tokio::time::interval(super::guest_apps::GUEST_APPS_EVERY);
+        let mut guest_apps = tokio::time::interval(super::services::guest_apps::GUEST_APPS_EVERY);
         guest_apps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = autoscale.tick() => self.autoscale_tick(),
                 _ = guest_apps.tick() => {
-                    self.poll_instances::<super::guest_apps::GuestAppsProbe>();
-                    self.poll_instances::<super::app_metrics::AppMetricProbe>();
+                    self.poll_instances::<super::services::guest_apps::GuestAppsProbe>();
+                    self.poll_instances::<super::services::app_metrics::AppMetricProbe>();
                 }
                 _ = stats_flush.tick() => {
                     flush_share = flush_share.wrapping_add(1);
@@ -234,7 +236,7 @@ impl Actor {
                     self.store.put_stats(writes);
                 }
                 _ = readiness.tick() => {
-                    self.poll_instances::<super::readiness::Readiness>();
+                    self.poll_instances::<super::services::readiness::Readiness>();
                     self.tell_site_addresses();
                     self.retry_migrations();
                     self.advance_evacuations();

@@ -10,8 +10,8 @@ use dunes_shared::{
 use super::{
     Command, EngineError, Reply,
     actor::{Actor, FleetState, Internal},
-    client::StateChange,
-    enroll::{self, enroll},
+    fleet::client::StateChange,
+    fleet::enroll::{self, enroll},
     records::Level,
 };
 
@@ -197,7 +197,9 @@ impl Actor {
                     }
                 };
                 let view = &self.fleet.hosts[&host].view;
-                if let Some(why) = super::vm_changes::resize_refusal(&vm, view, vcpus, memory_mib) {
+                if let Some(why) =
+                    super::fleet::vm_changes::resize_refusal(&vm, view, vcpus, memory_mib)
+                {
                     let _ = reply.send(Err(EngineError::Invalid(why)));
                     return;
                 }
@@ -516,10 +518,10 @@ impl Actor {
     /// thread, with the forecast made from its daily peaks.
     fn capacity_query(
         &mut self,
-        what_if: super::capacity::WhatIf,
-        reply: Reply<Vec<super::capacity::SiteCapacity>>,
+        what_if: super::statistics::capacity::WhatIf,
+        reply: Reply<Vec<super::statistics::capacity::SiteCapacity>>,
     ) {
-        use super::{capacity, forecast, stats};
+        use super::{statistics::capacity, statistics::forecast, statistics::series};
         const HISTORY_SECS: u64 = 30 * 86_400;
         let views: Vec<&super::HostView> = self.fleet.hosts.values().map(|e| &e.view).collect();
         let mut sites = capacity::site_capacity(views.iter().copied(), &what_if);
@@ -533,7 +535,7 @@ impl Actor {
         let mut wanted = Vec::new();
         for (site, cap) in sites.iter().enumerate() {
             for (slot, resource) in cap.resources.iter().map(|r| r.resource).enumerate() {
-                let series: Vec<(String, f64, Vec<super::rollup::Bucket>)> =
+                let series: Vec<(String, f64, Vec<super::statistics::rollup::Bucket>)> =
                     capacity::site_history(cap, resource, |h| cpus.get(h).copied().unwrap_or(0.0))
                         .into_iter()
                         .map(|(key, factor)| {
@@ -558,7 +560,7 @@ impl Actor {
                             return;
                         }
                     };
-                    stats::merge_open(&mut points, open, from_secs);
+                    series::merge_open(&mut points, open, from_secs);
                     per_host.push((
                         points.iter().map(|b| (b.start_secs, b.mean())).collect(),
                         factor,
@@ -595,14 +597,14 @@ impl Actor {
     /// priced at its host's prices and summed by `by`. Workloads removed since are not in it.
     fn cost_query(
         &mut self,
-        by: super::cost::CostBy,
+        by: super::statistics::cost::CostBy,
         since_secs: u64,
-        reply: Reply<Vec<super::cost::CostLine>>,
+        reply: Reply<Vec<super::statistics::cost::CostLine>>,
     ) {
         use super::{
-            cost::{self, CostBy},
-            rollup,
-            stats::{self, Metric, Subject, series_key},
+            statistics::cost::{self, CostBy},
+            statistics::rollup,
+            statistics::series::{self, Metric, Subject, series_key},
         };
         let now = super::actor::now_ms() / 1000;
         let from = now.saturating_sub(since_secs);
@@ -726,7 +728,7 @@ impl Actor {
                 let cpu = reader
                     .buckets(&cpu_key, level, from, now + 1)
                     .map(|mut points| {
-                        stats::merge_open(&mut points, open_cpu, from);
+                        series::merge_open(&mut points, open_cpu, from);
                         points
                     });
                 let (cpu, sent) = match (cpu, sent.read(&reader, level, from, now + 1)) {
@@ -762,8 +764,12 @@ impl Actor {
     /// The workloads whose cost makes `subject`'s, as they are now: a workload itself, a
     /// host's or a site's workloads, an application's or a service's instances (an
     /// application inside VMs has no cost of its own).
-    fn costed_workloads(&self, subject: &super::stats::Subject, level: usize) -> Vec<Costed> {
-        use super::stats::{Metric, Subject, series_key};
+    fn costed_workloads(
+        &self,
+        subject: &super::statistics::series::Subject,
+        level: usize,
+    ) -> Vec<Costed> {
+        use super::statistics::series::{Metric, Subject, series_key};
         // A service's or an application's instances, once.
         let instances: std::collections::BTreeSet<(&HostId, &dunes_shared::model::VmName)> =
             match subject {
@@ -815,9 +821,9 @@ impl Actor {
     /// members as they are now.
     fn members_of(
         &self,
-        subject: &super::stats::Subject,
-    ) -> Result<Vec<super::stats::Subject>, EngineError> {
-        use super::stats::Subject;
+        subject: &super::statistics::series::Subject,
+    ) -> Result<Vec<super::statistics::series::Subject>, EngineError> {
+        use super::statistics::series::Subject;
         let instances = |service: &dunes_shared::model::ServiceName,
                          app: Option<&dunes_shared::model::AppName>| {
             self.services
@@ -887,12 +893,12 @@ impl Actor {
     /// engine's thread, merged there.
     fn stats_query(
         &mut self,
-        subject: super::stats::Subject,
+        subject: super::statistics::series::Subject,
         since_secs: u64,
         resolution_secs: Option<u64>,
-        reply: Reply<super::stats::StatsAnswer>,
+        reply: Reply<super::statistics::series::StatsAnswer>,
     ) {
-        use super::{rollup, stats};
+        use super::{statistics::rollup, statistics::series};
         let now_secs = super::actor::now_ms() / 1000;
         let from_secs = now_secs.saturating_sub(since_secs);
         let level = match resolution_secs {
@@ -905,7 +911,7 @@ impl Actor {
                     return;
                 }
             },
-            None => rollup::level_for(from_secs, now_secs, stats::MAX_POINTS),
+            None => rollup::level_for(from_secs, now_secs, series::MAX_POINTS),
         };
         // An aggregate reads each of its members' series.
         let members = match self.members_of(&subject) {
@@ -917,16 +923,16 @@ impl Actor {
         };
         let aggregate = !matches!(
             subject,
-            stats::Subject::Host(_) | stats::Subject::Workload(_) | stats::Subject::GuestApp(..)
+            series::Subject::Host(_) | series::Subject::Workload(_) | series::Subject::GuestApp(..)
         );
-        type Wanted = Vec<(stats::Metric, Vec<(String, Vec<rollup::Bucket>)>)>;
-        let wanted: Wanted = stats::Metric::ALL
+        type Wanted = Vec<(series::Metric, Vec<(String, Vec<rollup::Bucket>)>)>;
+        let wanted: Wanted = series::Metric::ALL
             .iter()
             .map(|&m| {
                 let keys = members
                     .iter()
                     .map(|member| {
-                        let key = stats::series_key(member, m);
+                        let key = series::series_key(member, m);
                         let open = self.statistics.series.open(&key, level);
                         (key, open)
                     })
@@ -946,29 +952,31 @@ impl Actor {
                     reader
                         .buckets(k, level, from_secs, now_secs + 1)
                         .map(|mut points| {
-                            stats::merge_open(&mut points, open, from_secs);
+                            series::merge_open(&mut points, open, from_secs);
                             points
                         })
                 };
                 let sent = w.sent.read(&reader, level, from_secs, now_secs + 1);
                 match (read(&w.cpu_key, w.open_cpu), sent) {
-                    (Ok(cpu), Ok(sent)) => costs.push(super::cost::cost_per_hour_series(
-                        &cpu,
-                        &sent,
-                        w.vcpus,
-                        w.disk_bytes,
-                        &w.prices,
-                    )),
+                    (Ok(cpu), Ok(sent)) => {
+                        costs.push(super::statistics::cost::cost_per_hour_series(
+                            &cpu,
+                            &sent,
+                            w.vcpus,
+                            w.disk_bytes,
+                            &w.prices,
+                        ))
+                    }
                     (Err(e), _) | (_, Err(e)) => {
                         let _ = reply.send(Err(EngineError::Store(error_chain(&e))));
                         return;
                     }
                 }
             }
-            let cost = super::cost::sum_series(costs);
+            let cost = super::statistics::cost::sum_series(costs);
             if !cost.is_empty() {
-                series.push(stats::SeriesPoints {
-                    metric: stats::Metric::Cost,
+                series.push(series::SeriesPoints {
+                    metric: series::Metric::Cost,
                     points: cost,
                 });
             }
@@ -982,21 +990,21 @@ impl Actor {
                             return;
                         }
                     };
-                    stats::merge_open(&mut points, open, from_secs);
+                    series::merge_open(&mut points, open, from_secs);
                     if !points.is_empty() {
                         per_member.push(points);
                     }
                 }
                 let points = if aggregate {
-                    stats::aggregate(metric, &per_member)
+                    series::aggregate(metric, &per_member)
                 } else {
                     per_member.pop().unwrap_or_default()
                 };
                 if !points.is_empty() {
-                    series.push(stats::SeriesPoints { metric, points });
+                    series.push(series::SeriesPoints { metric, points });
                 }
             }
-            let _ = reply.send(Ok(stats::StatsAnswer {
+            let _ = reply.send(Ok(series::StatsAnswer {
                 subject,
                 resolution_secs: step_secs,
                 from_secs,
@@ -1013,27 +1021,27 @@ type HostEntryRef<'a> = (&'a HostId, &'a str);
 /// A workload whose cost a statistics query adds up: its series and how it is priced.
 struct Costed {
     cpu_key: String,
-    open_cpu: Vec<super::rollup::Bucket>,
+    open_cpu: Vec<super::statistics::rollup::Bucket>,
     sent: SentSeries,
     vcpus: u32,
     disk_bytes: u64,
     prices: dunes_shared::model::Prices,
 }
 
-/// The series of what a workload sent that a cost counts (see [`super::cost::billed_sent`]):
+/// The series of what a workload sent that a cost counts (see [`super::statistics::cost::billed_sent`]):
 /// what left its site where its agent measured it, all it sent elsewhere.
 struct SentSeries {
     all_key: String,
     out_key: String,
-    open_all: Vec<super::rollup::Bucket>,
-    open_out: Vec<super::rollup::Bucket>,
+    open_all: Vec<super::statistics::rollup::Bucket>,
+    open_out: Vec<super::statistics::rollup::Bucket>,
 }
 
 impl SentSeries {
     /// A workload's, with what its series hold open at `level`.
     fn of(
-        stats: &super::stats::TimeSeries,
-        workload: &super::stats::Subject,
+        stats: &super::statistics::series::TimeSeries,
+        workload: &super::statistics::series::Subject,
         level: usize,
     ) -> Self {
         let mut series = Self::stored(workload);
@@ -1043,8 +1051,8 @@ impl SentSeries {
     }
 
     /// A workload's, as the store has them (one that is gone holds nothing open).
-    fn stored(workload: &super::stats::Subject) -> Self {
-        use super::stats::{Metric, series_key};
+    fn stored(workload: &super::statistics::series::Subject) -> Self {
+        use super::statistics::series::{Metric, series_key};
         SentSeries {
             all_key: series_key(workload, Metric::NetTx),
             out_key: series_key(workload, Metric::NetTxOutOfSite),
@@ -1059,16 +1067,16 @@ impl SentSeries {
         level: usize,
         from_secs: u64,
         to_secs: u64,
-    ) -> Result<Vec<super::rollup::Bucket>, super::store::StoreError> {
-        let read = |key: &str, open: Vec<super::rollup::Bucket>| {
+    ) -> Result<Vec<super::statistics::rollup::Bucket>, super::store::StoreError> {
+        let read = |key: &str, open: Vec<super::statistics::rollup::Bucket>| {
             reader
                 .buckets(key, level, from_secs, to_secs)
                 .map(|mut points| {
-                    super::stats::merge_open(&mut points, open, from_secs);
+                    super::statistics::series::merge_open(&mut points, open, from_secs);
                     points
                 })
         };
-        Ok(super::cost::billed_sent(
+        Ok(super::statistics::cost::billed_sent(
             read(&self.all_key, self.open_all)?,
             read(&self.out_key, self.open_out)?,
         ))

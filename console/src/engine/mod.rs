@@ -3,40 +3,24 @@
 //! through [`EngineHandle`].
 
 mod actor;
-pub mod app_metrics;
 pub mod audit;
 pub mod autoscale;
-pub mod capacity;
-pub mod client;
 mod commands;
 pub mod console_pki;
-pub mod cost;
-pub mod enroll;
 pub mod evacuation;
 mod event_log;
-pub mod forecast;
-mod gate;
-pub mod guest_apps;
-mod hosts;
-pub mod link;
+pub mod fleet;
 pub mod migration;
 pub mod notify;
 pub mod operators;
-pub mod placement;
-mod probes;
 mod publish;
-mod readiness;
 pub mod records;
-pub mod rollup;
-pub mod service_file;
 pub mod services;
-pub mod site_traffic;
 pub mod snapshot;
-pub mod stats;
+pub mod statistics;
 pub mod store;
 #[cfg(test)]
 mod tests;
-pub mod vm_changes;
 
 use std::{
     collections::BTreeMap,
@@ -52,18 +36,20 @@ use dunes_shared::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use autoscale::{AutoscaleView, ReplayAnswer};
-pub use client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
+pub use fleet::client::{AGENT_CALL_TIMEOUT, CREATE_CALL_TIMEOUT, STOP_CALL_TIMEOUT};
 pub use records::{
     EventRecord, HostRecord, InstanceKey, InstanceRecord, InstanceState, Level, Maintenance,
     MovePhase, ServiceMove, ServiceRecord,
 };
-pub use services::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
+pub use services::driver::{
+    InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView,
+};
 pub use snapshot::{HostView, LinkState, Snapshot};
 
 use self::{
     actor::{Actor, Internal},
     console_pki::{ConsolePki, ConsolePkiError},
-    link::LinkContext,
+    fleet::link::LinkContext,
     store::{Store, StoreError},
 };
 
@@ -266,7 +252,7 @@ pub enum Command {
         name: dunes_shared::model::ServiceName,
         fingerprint: Option<String>,
         /// Instances the operator placed by hand.
-        overrides: Vec<placement::Override>,
+        overrides: Vec<services::placement::Override>,
         reply: Reply<OperationReport>,
     },
     /// Starts the instances in dependency order: an application after everything it needs
@@ -342,25 +328,25 @@ pub enum Command {
     /// What the workloads used since `since_secs` ago (CPU-hours, GB-months stored, GB
     /// sent) and its cost at their hosts' prices, grouped.
     Cost {
-        by: cost::CostBy,
+        by: statistics::cost::CostBy,
         since_secs: u64,
-        reply: Reply<Vec<cost::CostLine>>,
+        reply: Reply<Vec<statistics::cost::CostLine>>,
     },
     /// The newest value of every time series, by series key (`host/a/cpu`).
     LatestValues { reply: Reply<Vec<(String, f64)>> },
     /// Capacity per site now, with when CPU and memory are full from the stored history;
     /// with a what-if, as if hosts were drained away or a plan's instances added.
     Capacity {
-        what_if: capacity::WhatIf,
-        reply: Reply<Vec<capacity::SiteCapacity>>,
+        what_if: statistics::capacity::WhatIf,
+        reply: Reply<Vec<statistics::capacity::SiteCapacity>>,
     },
     /// A subject's time series since `since_secs` ago, at `resolution_secs` (by default the
-    /// finest level that holds the range in at most [`stats::MAX_POINTS`] buckets).
+    /// finest level that holds the range in at most [`statistics::series::MAX_POINTS`] buckets).
     Stats {
-        subject: stats::Subject,
+        subject: statistics::series::Subject,
         since_secs: u64,
         resolution_secs: Option<u64>,
-        reply: Reply<stats::StatsAnswer>,
+        reply: Reply<statistics::series::StatsAnswer>,
     },
     /// Readings made up for a demo, fed through the ingest path like an agent's; the charts
     /// say that what comes before `generated_until_secs` was generated. Empty `samples` only
@@ -403,7 +389,7 @@ pub enum Command {
     PlanService {
         name: dunes_shared::model::ServiceName,
         /// Instances the operator placed by hand; each gets a verdict.
-        overrides: Vec<placement::Override>,
+        overrides: Vec<services::placement::Override>,
         reply: Reply<ServicePlan>,
     },
 }
@@ -715,7 +701,7 @@ async fn renew_console_cert(
                 return;
             }
         };
-        link::sleep_until_wall(validity.renew_at()).await;
+        fleet::link::sleep_until_wall(validity.renew_at()).await;
         let renewed = {
             let pki = pki.clone();
             tokio::task::spawn_blocking(move || {

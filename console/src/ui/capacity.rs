@@ -13,7 +13,7 @@ use crate::{
         ApiError, ops,
         views::{ResourceView, SiteCapacityView},
     },
-    engine::stats::Subject,
+    engine::statistics::series::Subject,
 };
 
 /// How often the view asks again while open.

@@ -19,7 +19,7 @@ use crate::{
         ops::{self, subject_text},
         views::{SeriesView, StatsView},
     },
-    engine::stats::{Metric, Subject},
+    engine::statistics::series::{Metric, Subject},
 };
 
 /// The ranges offered, with the bucket size asked for each.

@@ -4,7 +4,7 @@ use dunes_shared::model::ServiceName;
 use egui::RichText;
 
 use super::{Actions, Selection, UiAction, human_bytes, link_color, state_color};
-use crate::engine::{LinkState, Snapshot, stats::Subject};
+use crate::engine::{LinkState, Snapshot, statistics::series::Subject};
 
 #[derive(Debug, Default)]
 pub struct DetailsPanel {
@@ -249,7 +249,7 @@ fn guest_apps_ui(
     vm: &dunes_shared::model::VmName,
     actions: &mut Actions<'_>,
 ) {
-    use crate::engine::guest_apps::GuestAppState;
+    use crate::engine::services::guest_apps::GuestAppState;
     let Some((service, instance)) = snapshot
         .services
         .iter()

@@ -15,7 +15,7 @@ use crate::{
         ApiError, ops,
         views::{self, HostEnrolled},
     },
-    engine::{LinkState, Snapshot, enroll::validate_address},
+    engine::{LinkState, Snapshot, fleet::enroll::validate_address},
 };
 
 #[derive(Debug, Default)]

@@ -83,7 +83,7 @@ pub enum UiAction {
         to: HostId,
     },
     /// Show the statistics charts of a host or a workload.
-    OpenCharts(crate::engine::stats::Subject),
+    OpenCharts(crate::engine::statistics::series::Subject),
 }
 
 /// A VM chip being dragged.
@@ -591,7 +591,7 @@ impl ConsoleApp {
     /// fixed data.
     pub fn show_stats(
         &mut self,
-        subject: crate::engine::stats::Subject,
+        subject: crate::engine::statistics::series::Subject,
         answer: crate::api::views::StatsView,
         range: TimeRange,
     ) {

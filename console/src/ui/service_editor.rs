@@ -5,7 +5,7 @@ use dunes_shared::{model::ServiceName, service::ServiceSpec};
 use egui::{Color32, RichText};
 
 use super::Actions;
-use crate::engine::{Snapshot, service_file::parse_service_file};
+use crate::engine::{Snapshot, services::service_file::parse_service_file};
 
 /// The e-commerce example, offered to start from.
 const EXAMPLE: &str = include_str!("../../../assets/examples/shop.toml");

@@ -122,7 +122,7 @@ fn service_card(
                                     .filter(|v| {
                                         v.name == g.name
                                             && v.state
-                                                == crate::engine::guest_apps::GuestAppState::Up
+                                                == crate::engine::services::guest_apps::GuestAppState::Up
                                     })
                                     .count();
                                 format!("{} {up}/{} up", g.name, instances.len())

@@ -17,7 +17,7 @@ use super::{Actions, Selection, UiAction, VmDrag, link_color, service_tag_color,
 type Tags<'a> = BTreeMap<(HostId, VmName), (&'a ServiceName, &'a [GuestAppView])>;
 use crate::engine::{
     HostView, LinkState, Snapshot,
-    guest_apps::{GuestAppState, GuestAppView},
+    services::guest_apps::{GuestAppState, GuestAppView},
 };
 
 const CARD_W: f32 = 236.0;

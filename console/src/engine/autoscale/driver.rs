@@ -13,10 +13,10 @@ use crate::engine::{
     EngineError, Reply,
     actor::{Actor, Internal, now_ms},
     autoscale::{AutoscaleMetric, AutoscaleRule, Change, Decision, decide, period_means, replay},
-    placement::Action,
     records::{InstanceState, Level},
-    rollup,
-    stats::{self, Metric, Subject},
+    services::placement::Action,
+    statistics::rollup,
+    statistics::series::{self, Metric, Subject},
     store::AutoscaleRecord,
 };
 
@@ -159,7 +159,7 @@ impl Actor {
                         (Subject::Workload(i.vm.clone()), Metric::AppMetric)
                     }
                 };
-                let k = stats::series_key(&subject, m);
+                let k = series::series_key(&subject, m);
                 let open = self.statistics.series.open(&k, level);
                 (k, open)
             })
@@ -368,7 +368,7 @@ impl Actor {
                 let mut per_instance = Vec::new();
                 for (k, open) in series {
                     let mut points = reader.buckets(&k, 0, from, end).unwrap_or_default();
-                    stats::merge_open(&mut points, open, from);
+                    series::merge_open(&mut points, open, from);
                     points.retain(|b| b.start_secs < end);
                     if !points.is_empty() {
                         // Each instance counts once, whatever its number of readings.
@@ -551,7 +551,7 @@ impl Actor {
                         return;
                     }
                 };
-                stats::merge_open(&mut points, open, from);
+                series::merge_open(&mut points, open, from);
                 per_instance.push(points);
             }
             let samples = mean_over_instances(&per_instance);

@@ -11,9 +11,9 @@ use dunes_shared::model::{HostId, VmName, VmStatus};
 use crate::engine::{
     HostView, ServiceView,
     migration::{MigrationEstimate, MigrationJournal, MigrationOrigin, MigrationStep, precheck},
-    placement::{Action, place_instances},
     records::{InstanceRecord, Maintenance},
-    services::{host_offer, plan_inputs},
+    services::driver::{host_offer, plan_inputs},
+    services::placement::{Action, place_instances},
 };
 
 /// A VM and where it goes next.

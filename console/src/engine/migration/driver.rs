@@ -17,14 +17,14 @@ use dunes_shared::{
 use crate::engine::{
     EngineError, LinkState, Reply,
     actor::{Actor, Internal, now_ms},
-    client::AgentClient,
+    fleet::client::AgentClient,
     migration::{
         DiskMove, Effect, MigrationJournal, MigrationOptions, MigrationOrigin, MigrationStep,
         Outcome, advance, resume,
     },
     records::InstanceRecord,
     records::Level,
-    services::probe_of,
+    services::driver::probe_of,
 };
 
 /// How long a target holds a ticket.
@@ -693,7 +693,8 @@ async fn run_effect(
                 learned.target_vm = started;
                 // Confirmed only once its application's check passes there too.
                 if let Some((instance, probe)) = readiness {
-                    crate::engine::services::wait_until_ready(target, instance, probe).await?;
+                    crate::engine::services::driver::wait_until_ready(target, instance, probe)
+                        .await?;
                 }
             }
             Ok(())

@@ -117,7 +117,7 @@ pub struct Loaded {
     /// The audit log's last record, which the next one follows.
     pub audit_last: Option<crate::engine::audit::AuditRecord>,
     /// What each time series had open at the last flush.
-    pub stats_open: Vec<crate::engine::stats::OpenState>,
+    pub stats_open: Vec<crate::engine::statistics::series::OpenState>,
     /// The schema the file had before this open upgraded it, if it did.
     pub upgraded_from: Option<u64>,
 }
@@ -168,7 +168,7 @@ enum Op {
     DeleteVm(HostId, VmName),
     ReplaceVms(HostId, Vec<VmRow>),
     PutEvent(EventRow),
-    Stats(crate::engine::stats::StatsWrite),
+    Stats(crate::engine::statistics::series::StatsWrite),
     PutAutoscale(Box<AutoscaleRecord>),
     PutOperator(Box<crate::engine::operators::OperatorRecord>),
     PutAudit(Box<crate::engine::audit::AuditRecord>),
@@ -347,7 +347,7 @@ impl Store {
     }
 
     /// Time-series rows that closed (or a flush of what is open).
-    pub fn put_stats(&mut self, writes: Vec<crate::engine::stats::StatsWrite>) {
+    pub fn put_stats(&mut self, writes: Vec<crate::engine::statistics::series::StatsWrite>) {
         self.pending.extend(writes.into_iter().map(Op::Stats));
     }
 
@@ -997,7 +997,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stats_read_waits_for_the_writes_handed_out_before_it() {
-        use crate::engine::stats::StatsWrite;
+        use crate::engine::statistics::series::StatsWrite;
         let dir = tempfile::tempdir().unwrap();
         let (mut store, _) = Store::open(&dir.path().join("store.redb")).unwrap();
         // A minute of seconds leaves the engine's memory for the store in this turn; a query

@@ -8,8 +8,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::StoreError;
 use crate::engine::{
-    rollup::{Bucket, RESOLUTIONS},
-    stats::{OpenState, StatsWrite},
+    statistics::rollup::{Bucket, RESOLUTIONS},
+    statistics::series::{OpenState, StatsWrite},
 };
 
 pub(super) const STATS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("stats");

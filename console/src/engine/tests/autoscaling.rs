@@ -152,7 +152,7 @@ async fn a_busy_front_end_scales_out_and_back_in_with_its_reasons_logged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_length_metric_scales_workers_out_and_in() {
     use crate::engine::autoscale::{AutoscaleMetric, AutoscaleRule};
-    use crate::engine::stats::{Metric, Subject};
+    use crate::engine::statistics::series::{Metric, Subject};
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     // The queue: a file the instances' own users can read.

@@ -252,8 +252,8 @@ async fn a_service_moves_to_another_site_in_start_order() {
         .sum();
     assert!(streamed > 0.0);
     for (by, key) in [
-        (crate::engine::cost::CostBy::Service, "duo"),
-        (crate::engine::cost::CostBy::Site, "lsn"),
+        (crate::engine::statistics::cost::CostBy::Service, "duo"),
+        (crate::engine::statistics::cost::CostBy::Site, "lsn"),
     ] {
         let lines = engine
             .request(|reply| Command::Cost {

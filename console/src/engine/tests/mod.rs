@@ -184,11 +184,13 @@ async fn define_and_deploy(
         .unwrap();
     let overrides = place
         .iter()
-        .map(|(app, index, host)| crate::engine::placement::Override {
-            app: AppName::new(*app).unwrap(),
-            index: *index,
-            host: (*host).clone(),
-        })
+        .map(
+            |(app, index, host)| crate::engine::services::placement::Override {
+                app: AppName::new(*app).unwrap(),
+                index: *index,
+                host: (*host).clone(),
+            },
+        )
         .collect();
     let report = engine
         .request(|reply| Command::DeployService {

@@ -200,7 +200,7 @@ async fn existing_vms_are_adopted_into_a_service() {
         .plan
         .placements
         .iter()
-        .filter(|p| p.action == crate::engine::placement::Action::Create)
+        .filter(|p| p.action == crate::engine::services::placement::Action::Create)
         .map(|p| p.index)
         .collect();
     assert_eq!(creates, [1], "the adopted VM is web-0: {:?}", plan.plan);

@@ -6,7 +6,7 @@ use super::*;
 /// stored is read again by a console started afresh on the same store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statistics_come_in_batches_and_survive_a_console_restart() {
-    use crate::engine::stats::{Metric, StatsAnswer, Subject};
+    use crate::engine::statistics::series::{Metric, StatsAnswer, Subject};
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), "stats-a").await;
     let engine = engine_with(dir.path(), &agent).await;
@@ -150,7 +150,7 @@ async fn statistics_come_in_batches_and_survive_a_console_restart() {
 /// instance, its service (deleted too) and its site.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_workload_still_counts_in_cost_reports() {
-    use crate::engine::cost::{CostBy, CostLine};
+    use crate::engine::statistics::cost::{CostBy, CostLine};
     let dir = tempfile::tempdir().unwrap();
     let agent = agent_with(
         dir.path(),

@@ -8,12 +8,12 @@ use dunes_shared::{
     service::{AppMetric, ApplicationSpec},
 };
 
-use super::{
+use crate::engine::{
     actor::Actor,
-    client::AgentClient,
-    probes::{InstanceProbe, ProbeAnswer, Probed},
+    fleet::client::AgentClient,
     records::{InstanceKey, InstanceRecord},
-    stats::{Metric, Subject},
+    services::probes::{InstanceProbe, ProbeAnswer, Probed},
+    statistics::series::{Metric, Subject},
 };
 
 /// The probe the agent gets for an application's metric.
@@ -33,7 +33,7 @@ pub fn probe_of_metric(metric: &AppMetric) -> MetricProbe {
 }
 
 /// An application's metric, read every few seconds on each running instance.
-pub(super) struct AppMetricProbe;
+pub(in crate::engine) struct AppMetricProbe;
 
 impl InstanceProbe for AppMetricProbe {
     type Question = MetricProbe;

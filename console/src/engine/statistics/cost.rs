@@ -113,10 +113,10 @@ pub struct CostLine {
 /// QEMU's user-mode network); everything it sent (`all`) where no one could tell (a bridged
 /// VM, whose connections are its guest's).
 pub fn billed_sent(
-    all: Vec<crate::engine::rollup::Bucket>,
-    out_of_site: Vec<crate::engine::rollup::Bucket>,
-) -> Vec<crate::engine::rollup::Bucket> {
-    let mut billed: BTreeMap<u64, crate::engine::rollup::Bucket> =
+    all: Vec<crate::engine::statistics::rollup::Bucket>,
+    out_of_site: Vec<crate::engine::statistics::rollup::Bucket>,
+) -> Vec<crate::engine::statistics::rollup::Bucket> {
+    let mut billed: BTreeMap<u64, crate::engine::statistics::rollup::Bucket> =
         all.into_iter().map(|b| (b.start_secs, b)).collect();
     for b in out_of_site {
         billed.insert(b.start_secs, b);
@@ -128,8 +128,8 @@ pub fn billed_sent(
 /// its `cpus` CPUs, and bytes sent out of its site per second (see [`billed_sent`]). Each bucket stands for its whole step. Its disks' `stored_bytes` count
 /// from its first bucket (or `from_secs`) to `to_secs`.
 pub fn usage_from_buckets(
-    cpu: &[crate::engine::rollup::Bucket],
-    sent: &[crate::engine::rollup::Bucket],
+    cpu: &[crate::engine::statistics::rollup::Bucket],
+    sent: &[crate::engine::statistics::rollup::Bucket],
     cpus: u32,
     stored_bytes: u64,
     step_secs: u64,
@@ -163,8 +163,8 @@ pub fn usage_from_buckets(
 /// what it sent (bytes per second) in that bucket, and its disks held meanwhile, at `prices`.
 /// A bucket where the workload has no CPU reading did not run: no cost.
 pub fn cost_per_hour_series(
-    cpu: &[crate::engine::rollup::Bucket],
-    sent: &[crate::engine::rollup::Bucket],
+    cpu: &[crate::engine::statistics::rollup::Bucket],
+    sent: &[crate::engine::statistics::rollup::Bucket],
     cpus: u32,
     stored_bytes: u64,
     prices: &Prices,
@@ -185,7 +185,7 @@ pub fn cost_per_hour_series(
 /// Several workloads' costs per hour added up by bucket start, as buckets of one value.
 pub fn sum_series(
     members: impl IntoIterator<Item = Vec<(u64, f64)>>,
-) -> Vec<crate::engine::rollup::Bucket> {
+) -> Vec<crate::engine::statistics::rollup::Bucket> {
     let mut by_start: BTreeMap<u64, f64> = BTreeMap::new();
     for series in members {
         for (start, cost) in series {
@@ -194,7 +194,7 @@ pub fn sum_series(
     }
     by_start
         .into_iter()
-        .map(|(start, cost)| crate::engine::rollup::Bucket::new(start, cost))
+        .map(|(start, cost)| crate::engine::statistics::rollup::Bucket::new(start, cost))
         .collect()
 }
 
@@ -226,7 +226,7 @@ mod tests {
 
     #[test]
     fn rolled_up_series_give_cpu_hours_storage_and_traffic() {
-        use crate::engine::rollup::Bucket;
+        use crate::engine::statistics::rollup::Bucket;
         // Two hours of minute buckets at 50 % of 2 CPUs, sending 1 MB/s, 10 GB stored.
         let cpu: Vec<Bucket> = (0..120).map(|m| Bucket::new(m * 60, 50.0)).collect();
         let sent: Vec<Bucket> = (0..120).map(|m| Bucket::new(m * 60, 1e6)).collect();
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn what_left_the_site_is_billed_where_it_was_measured() {
-        use crate::engine::rollup::Bucket;
+        use crate::engine::statistics::rollup::Bucket;
         // Minutes 0 and 1 only know everything sent; minutes 1 and 2 know what left.
         let all = vec![
             Bucket::new(0, 100.0),
@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn cost_per_hour_follows_each_bucket_and_adds_up_over_workloads() {
-        use crate::engine::rollup::Bucket;
+        use crate::engine::statistics::rollup::Bucket;
         let prices = Prices {
             per_gb_month_stored: HOURS_PER_MONTH, // 1 per GB-hour
             per_gb_transferred: 1.0,

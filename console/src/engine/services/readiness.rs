@@ -10,22 +10,22 @@ use dunes_shared::{
     service::ApplicationSpec,
 };
 
-use super::{
+use crate::engine::{
     LinkState,
     actor::Actor,
-    client::AgentClient,
-    probes::{InstanceProbe, ProbeAnswer, Probed},
+    fleet::client::AgentClient,
     records::{InstanceKey, InstanceRecord, InstanceState},
-    services::probe_of,
+    services::driver::probe_of,
+    services::probes::{InstanceProbe, ProbeAnswer, Probed},
 };
 use dunes_shared::model::VmState;
 
 /// How often readiness is checked again.
-pub(super) const READINESS_EVERY: Duration = Duration::from_secs(3);
+pub(in crate::engine) const READINESS_EVERY: Duration = Duration::from_secs(3);
 
 /// The last answer for one instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct LastCheck {
+pub(in crate::engine) struct LastCheck {
     pub ready: bool,
     pub detail: String,
 }
@@ -33,7 +33,10 @@ pub(super) struct LastCheck {
 impl Actor {
     /// Whether an instance's workload runs on a host that is online now: what the checks
     /// of its applications need.
-    pub(super) fn instance_runs(&self, instance: &super::records::InstanceRecord) -> bool {
+    pub(in crate::engine) fn instance_runs(
+        &self,
+        instance: &crate::engine::records::InstanceRecord,
+    ) -> bool {
         instance.state == InstanceState::Created
             && self.fleet.hosts.get(&instance.host).is_some_and(|h| {
                 h.view.link == LinkState::Online
@@ -46,7 +49,7 @@ impl Actor {
 
 /// The readiness check of an application beyond "running" (guest agent, TCP port,
 /// command), asked again every few seconds.
-pub(super) struct Readiness;
+pub(in crate::engine) struct Readiness;
 
 impl InstanceProbe for Readiness {
     type Question = ReadinessProbe;

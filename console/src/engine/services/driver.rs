@@ -16,13 +16,15 @@ use dunes_shared::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
+use crate::engine::{
     EngineError, LinkState, Reply,
     actor::{Actor, Internal, now_ms},
-    client::AgentClient,
-    placement::{Action, Existing, HostOffer, Override, Plan, Resources, place_instances_with},
+    fleet::client::AgentClient,
     records::{InstanceRecord, InstanceState, Level, ServiceRecord},
-    service_file::parse_service_file,
+    services::placement::{
+        Action, Existing, HostOffer, Override, Plan, Resources, place_instances_with,
+    },
+    services::service_file::parse_service_file,
     snapshot::HostView,
 };
 
@@ -83,7 +85,7 @@ pub struct InstanceView {
     pub ready_detail: Option<String>,
     pub cost_per_hour: f64,
     /// The applications inside its VM, as the guest agent last showed them.
-    pub guest_apps: Vec<super::guest_apps::GuestAppView>,
+    pub guest_apps: Vec<crate::engine::services::guest_apps::GuestAppView>,
     /// Its application metric's last value, or why it could not be read; `None` without
     /// a metric or before the first read.
     pub metric: Option<Result<f64, String>>,
@@ -119,7 +121,7 @@ impl ServiceView {
 
 /// A service as the engine keeps it.
 #[derive(Debug, Clone)]
-pub(super) struct ServiceEntry {
+pub(in crate::engine) struct ServiceEntry {
     pub record: ServiceRecord,
     pub spec: Result<ServiceSpec, String>,
     pub busy: Option<Operation>,
@@ -196,7 +198,7 @@ pub fn host_offer(host: &HostView) -> Option<HostOffer> {
         interpreters: inv
             .interpreters
             .iter()
-            .map(|i| super::placement::Interpreter {
+            .map(|i| crate::engine::services::placement::Interpreter {
                 name: i.name.clone(),
                 version: i.version.clone(),
             })
@@ -260,7 +262,7 @@ pub fn fingerprint(
     spec: &ServiceSpec,
     existing: &[Existing],
     overrides: &[Override],
-    plan: &super::placement::Plan,
+    plan: &crate::engine::services::placement::Plan,
 ) -> String {
     let placements: Vec<_> = plan
         .placements
@@ -322,7 +324,7 @@ pub fn service_status(
     let guests_up = instances
         .iter()
         .flat_map(|i| &i.guest_apps)
-        .all(|g| g.state == super::guest_apps::GuestAppState::Up);
+        .all(|g| g.state == crate::engine::services::guest_apps::GuestAppState::Up);
     if ready >= wanted && instances.iter().all(|i| i.ready) && guests_up {
         return ServiceStatus::Available;
     }
@@ -366,7 +368,10 @@ impl Actor {
     }
 
     /// The service's definition, with the instance counts autoscaling set.
-    pub(super) fn readable_spec(&self, name: &ServiceName) -> Result<ServiceSpec, EngineError> {
+    pub(in crate::engine) fn readable_spec(
+        &self,
+        name: &ServiceName,
+    ) -> Result<ServiceSpec, EngineError> {
         let spec =
             self.service_entry(name)?.spec.clone().map_err(|e| {
                 EngineError::Invalid(format!("service {name} no longer reads: {e}"))
@@ -383,7 +388,7 @@ impl Actor {
             .collect()
     }
 
-    pub(super) fn define_service(
+    pub(in crate::engine) fn define_service(
         &mut self,
         source: String,
         replace: bool,
@@ -438,7 +443,7 @@ impl Actor {
         self.reply_after_commit(reply, name);
     }
 
-    pub(super) fn plan_service(
+    pub(in crate::engine) fn plan_service(
         &self,
         name: &ServiceName,
         overrides: &[Override],
@@ -458,7 +463,7 @@ impl Actor {
     }
 
     /// Applies the plan made now, if it is the one the operator saw (`fingerprint`).
-    pub(super) fn deploy_service(
+    pub(in crate::engine) fn deploy_service(
         &mut self,
         name: &ServiceName,
         fingerprint: Option<String>,
@@ -495,7 +500,7 @@ impl Actor {
         let mut steps = Vec::new();
         // What a deploy cut short left `creating` is created again where it was journaled:
         // the agent creates it, or says it has it.
-        let unfinished = |p: &&super::placement::Placement| {
+        let unfinished = |p: &&crate::engine::services::placement::Placement| {
             p.action == Action::Keep
                 && self.services.instances.values().any(|i| {
                     &i.service == name
@@ -567,7 +572,11 @@ impl Actor {
         self.begin(name, Operation::Deploying, steps, reply);
     }
 
-    pub(super) fn start_service(&mut self, name: &ServiceName, reply: Reply<OperationReport>) {
+    pub(in crate::engine) fn start_service(
+        &mut self,
+        name: &ServiceName,
+        reply: Reply<OperationReport>,
+    ) {
         self.in_order(name, Operation::Starting, reply, |app, instance| {
             Step::Start {
                 instance,
@@ -577,7 +586,11 @@ impl Actor {
         });
     }
 
-    pub(super) fn stop_service(&mut self, name: &ServiceName, reply: Reply<OperationReport>) {
+    pub(in crate::engine) fn stop_service(
+        &mut self,
+        name: &ServiceName,
+        reply: Reply<OperationReport>,
+    ) {
         self.in_order(name, Operation::Stopping, reply, |_, instance| Step::Stop {
             instance,
         });
@@ -597,13 +610,13 @@ impl Actor {
 
     /// Starts the instances of `name` named in `only` (`APP-INDEX`) that are not running, in
     /// start order.
-    pub(super) fn start_stopped(
+    pub(in crate::engine) fn start_stopped(
         &mut self,
         name: &ServiceName,
         only: Vec<String>,
         reply: Reply<OperationReport>,
     ) {
-        let running: Vec<super::records::InstanceKey> = self
+        let running: Vec<crate::engine::records::InstanceKey> = self
             .instances_of(name)
             .into_iter()
             .filter(|i| {
@@ -665,7 +678,11 @@ impl Actor {
     }
 
     /// Removes every instance (forced off, VM and disks deleted), then the definition.
-    pub(super) fn delete_service(&mut self, name: &ServiceName, reply: Reply<OperationReport>) {
+    pub(in crate::engine) fn delete_service(
+        &mut self,
+        name: &ServiceName,
+        reply: Reply<OperationReport>,
+    ) {
         if let Err(e) = self.service_entry(name).and_then(|_| self.not_busy(name)) {
             let _ = reply.send(Err(e));
             return;
@@ -680,7 +697,7 @@ impl Actor {
 
     /// Makes VM `vm` on `host` an instance of application `app` of service `name`: the lowest
     /// free index of the application, counted from then on like a deployed instance.
-    pub(super) fn adopt_vm(
+    pub(in crate::engine) fn adopt_vm(
         &mut self,
         name: &ServiceName,
         app: &AppName,
@@ -762,7 +779,7 @@ impl Actor {
         }
     }
 
-    pub(super) fn not_busy(&self, name: &ServiceName) -> Result<(), EngineError> {
+    pub(in crate::engine) fn not_busy(&self, name: &ServiceName) -> Result<(), EngineError> {
         match self.service_entry(name)?.busy {
             Some(op) => Err(EngineError::Invalid(format!(
                 "service {name} is busy ({}); try again when it is done",
@@ -910,7 +927,7 @@ impl Actor {
                     // It passed its check just now: ready until the next check says otherwise.
                     self.services.readiness.replace(
                         instance.key(),
-                        super::readiness::LastCheck {
+                        crate::engine::services::readiness::LastCheck {
                             ready: true,
                             detail: "passed its check when it started".into(),
                         },
@@ -975,7 +992,7 @@ impl Actor {
 
     /// Services and instances loaded from the store at start. An operation the last run cut
     /// short is left as its journal says: the next deploy finds what exists.
-    pub(super) fn load_services(
+    pub(in crate::engine) fn load_services(
         &mut self,
         records: Vec<ServiceRecord>,
         instances: Vec<InstanceRecord>,
@@ -994,7 +1011,7 @@ impl Actor {
     }
 
     /// The services as the snapshot shows them, with the VM states their hosts report.
-    pub(super) fn service_views(&self) -> Vec<Arc<ServiceView>> {
+    pub(in crate::engine) fn service_views(&self) -> Vec<Arc<ServiceView>> {
         self.services
             .entries
             .values()
@@ -1011,7 +1028,10 @@ impl Actor {
                             match (&entry.spec, host.and_then(|h| h.view.inventory())) {
                                 (Ok(spec), Some(inv)) => {
                                     spec.application(&i.app).map_or(0.0, |a| {
-                                        super::placement::instance_cost_per_hour(a, &inv.prices)
+                                        crate::engine::services::placement::instance_cost_per_hour(
+                                            a,
+                                            &inv.prices,
+                                        )
                                     })
                                 }
                                 _ => 0.0,
@@ -1040,7 +1060,7 @@ impl Actor {
                             .ok()
                             .and_then(|s| s.application(&i.app))
                             .map(|a| {
-                                super::guest_apps::guest_app_views(
+                                crate::engine::services::guest_apps::guest_app_views(
                                     &a.guest_apps,
                                     running,
                                     self.services.guest_looks.get(&i.key()),
@@ -1191,7 +1211,7 @@ pub fn probe_of(readiness: &Readiness) -> ReadinessProbe {
 }
 
 /// Asks the agent until the instance passes its check, within [`READY_TIMEOUT`].
-pub(super) async fn wait_until_ready(
+pub(in crate::engine) async fn wait_until_ready(
     client: &AgentClient,
     instance: &InstanceRecord,
     probe: &ReadinessProbe,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use dunes_shared::model::{AppName, Counters, HostId, Sample, ServiceName, VmName};
 
-use super::rollup::{Bucket, RESOLUTIONS, Rollup};
+use crate::engine::statistics::rollup::{Bucket, RESOLUTIONS, Rollup};
 
 /// What a series measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,7 +18,7 @@ use dunes_shared::{
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 
-use super::{EngineError, client::AgentClient, console_pki::ConsolePki};
+use crate::engine::{EngineError, console_pki::ConsolePki, fleet::client::AgentClient};
 
 /// How long one connection attempt, or the hello, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);

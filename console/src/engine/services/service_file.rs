@@ -343,7 +343,7 @@ fn rules_spec(r: RulesFile) -> ServiceRules {
 mod tests {
     use super::*;
 
-    const SHOP: &str = include_str!("../../../assets/examples/shop.toml");
+    const SHOP: &str = include_str!("../../../../assets/examples/shop.toml");
 
     #[test]
     fn guest_applications_are_read_and_a_bad_one_is_named_by_its_line() {

@@ -14,7 +14,7 @@ use dunes_shared::{
     protocol::{SiteAddresses, features},
 };
 
-use super::actor::{Actor, Internal};
+use crate::engine::actor::{Actor, Internal};
 
 /// One site's host addresses, sorted and without repeats, and a digest of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub fn site_address_lists<'a>(
 
 impl Actor {
     /// Tells every online agent whose site's addresses changed since it was last told.
-    pub(super) fn tell_site_addresses(&mut self) {
+    pub(in crate::engine) fn tell_site_addresses(&mut self) {
         // A host's address: where its live connection comes from, else its recorded
         // address when that is a literal one.
         let hosts: Vec<(String, Option<IpAddr>)> = self
@@ -126,7 +126,7 @@ impl Actor {
 
     /// An agent did not take the site's address list: it is sent again at the next tick,
     /// unless the link it went out on is gone or a newer list went out since.
-    pub(super) fn site_addresses_refused(
+    pub(in crate::engine) fn site_addresses_refused(
         &mut self,
         host: &dunes_shared::model::HostId,
         stable_id: usize,

@@ -11,15 +11,15 @@ use dunes_shared::{
     service::{ApplicationSpec, GuestAppSpec},
 };
 
-use super::{
+use crate::engine::{
     actor::Actor,
-    client::AgentClient,
-    probes::{InstanceProbe, ProbeAnswer, Probed},
+    fleet::client::AgentClient,
     records::{InstanceKey, InstanceRecord},
+    services::probes::{InstanceProbe, ProbeAnswer, Probed},
 };
 
 /// How often the applications inside VMs are looked at.
-pub(super) const GUEST_APPS_EVERY: Duration = Duration::from_secs(5);
+pub(in crate::engine) const GUEST_APPS_EVERY: Duration = Duration::from_secs(5);
 
 /// How a guest application stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -145,7 +145,7 @@ pub fn cpu_between(before: &GuestAppsReply, now: &GuestAppsReply) -> Vec<(String
 }
 
 /// The applications inside an instance's VM, looked at every few seconds.
-pub(super) struct GuestAppsProbe;
+pub(in crate::engine) struct GuestAppsProbe;
 
 impl InstanceProbe for GuestAppsProbe {
     type Question = Vec<GuestAppProbe>;

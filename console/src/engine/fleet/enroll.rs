@@ -10,9 +10,9 @@ use dunes_shared::{
     rpc::{CallError, call_limited},
 };
 
-use super::{
+use crate::engine::{
     console_pki::ConsolePki,
-    link::{LinkError, peer_certificate, resolve},
+    fleet::link::{LinkError, peer_certificate, resolve},
 };
 
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,7 +63,7 @@ pub enum EnrollError {
 /// a new agent must not silently take over an enrolled host's id (a cloned machine, say).
 #[derive(Default)]
 pub struct EnrollPolicy {
-    pub(super) gate: Option<tokio::sync::mpsc::Sender<super::actor::Internal>>,
+    pub(in crate::engine) gate: Option<tokio::sync::mpsc::Sender<crate::engine::actor::Internal>>,
     pub replace: bool,
 }
 
@@ -78,7 +78,7 @@ impl std::fmt::Debug for EnrollPolicy {
 
 /// Asks the engine to hold a host id for an enrollment under way.
 #[derive(Debug)]
-pub(super) struct GateRequest {
+pub(in crate::engine) struct GateRequest {
     pub host_id: HostId,
     pub fingerprint: Fingerprint,
     pub replace: bool,
@@ -95,11 +95,12 @@ pub struct HostIdHold {
 
 /// Host ids held by enrollments under way; shared so that a hold is released by its drop,
 /// wherever that happens, without a message.
-pub(super) type HeldHostIds = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<HostId>>>;
+pub(in crate::engine) type HeldHostIds =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashSet<HostId>>>;
 
 impl HostIdHold {
     /// Holds `host_id`, or returns `None` when another enrollment holds it.
-    pub(super) fn take(host_id: HostId, held: &HeldHostIds) -> Option<Self> {
+    pub(in crate::engine) fn take(host_id: HostId, held: &HeldHostIds) -> Option<Self> {
         let inserted = held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -252,7 +253,7 @@ async fn enroll_inner(
         let hold = match &policy.gate {
             Some(gate) => {
                 let (answer, answered) = tokio::sync::oneshot::channel();
-                gate.send(super::actor::Internal::GateHostId(GateRequest {
+                gate.send(crate::engine::actor::Internal::GateHostId(GateRequest {
                     host_id: begin.host_id.clone(),
                     fingerprint: presented,
                     replace: policy.replace,

@@ -4,12 +4,12 @@
 
 use dunes_shared::model::{HostId, RuntimeKind, VmName, VmState, VmStatus};
 
-use super::{
+use crate::engine::{
     EngineError, HostView, Reply, VmCloned,
     actor::{Actor, Internal},
     migration::{MigrationOptions, MigrationOrigin},
     records::Level,
-    services::host_offer,
+    services::driver::host_offer,
 };
 
 /// Why `vm` on `host` cannot get these vCPUs and memory, if it cannot.
@@ -121,7 +121,7 @@ pub fn clone_refusals(
 impl Actor {
     /// Copies a stopped VM on its host, then, when `to` is another host, migrates the copy
     /// there: the disk travels the way every migration's does, journaled.
-    pub(super) fn clone_vm(
+    pub(in crate::engine) fn clone_vm(
         &mut self,
         host: HostId,
         name: VmName,
@@ -142,7 +142,7 @@ impl Actor {
                 // What the copy's migration will check, checked before it is made.
                 let mut copy = vm.clone();
                 copy.name = new_name.clone();
-                if let Err(more) = super::migration::precheck(
+                if let Err(more) = crate::engine::migration::precheck(
                     &copy,
                     from,
                     &target.view,
@@ -197,7 +197,7 @@ impl Actor {
 
     /// Takes in a copy its agent made (or its failure); a copy for another host starts its
     /// migration there.
-    pub(super) fn vm_copied(&mut self, copied: VmCopied) {
+    pub(in crate::engine) fn vm_copied(&mut self, copied: VmCopied) {
         let VmCopied {
             host,
             source,
@@ -259,7 +259,7 @@ impl Actor {
 
 /// A VM copied on its host by its agent, or why not.
 #[derive(Debug)]
-pub(super) struct VmCopied {
+pub(in crate::engine) struct VmCopied {
     host: HostId,
     source: VmName,
     /// Where the copy goes: its host, or another one it migrates to.
@@ -272,7 +272,7 @@ pub(super) struct VmCopied {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::capacity::tests::host;
+    use crate::engine::statistics::capacity::tests::host;
 
     #[test]
     fn memory_beyond_what_the_host_has_free_is_refused() {

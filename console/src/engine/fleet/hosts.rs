@@ -9,16 +9,16 @@ use dunes_shared::{
 };
 use tokio::sync::watch;
 
-use super::{
+use crate::engine::{
     HostView, LinkState,
     actor::{Actor, HostEntry},
-    link::{LinkMessage, run_link},
+    fleet::link::{LinkMessage, run_link},
     records::{HostRecord, Level},
     snapshot::{rfc3339, unix_ms},
 };
 
 impl Actor {
-    pub(super) fn add_host_entry(&mut self, record: HostRecord, vms: Vec<VmStatus>) {
+    pub(in crate::engine) fn add_host_entry(&mut self, record: HostRecord, vms: Vec<VmStatus>) {
         let (address_tx, address_rx) = watch::channel(record.address.clone());
         let link_task = tokio::spawn(run_link(
             record.id.clone(),
@@ -50,7 +50,7 @@ impl Actor {
         );
     }
 
-    pub(super) fn link(&mut self, msg: LinkMessage) {
+    pub(in crate::engine) fn link(&mut self, msg: LinkMessage) {
         match msg {
             LinkMessage::Connected {
                 host,
@@ -252,7 +252,7 @@ impl Actor {
     }
 
     /// A VM as an agent's reply reports it: into the view and the store.
-    pub(super) fn apply_vm(&mut self, host: &HostId, vm: &VmStatus) {
+    pub(in crate::engine) fn apply_vm(&mut self, host: &HostId, vm: &VmStatus) {
         let Some(entry) = self.fleet.hosts.get_mut(host) else {
             return;
         };
@@ -281,7 +281,7 @@ impl Actor {
             .values()
             .find(|i| &i.host == host && &i.vm == name)
             .map(|i| (i.service.clone(), i.app.clone()));
-        let record = super::store::DepartedRecord {
+        let record = crate::engine::store::DepartedRecord {
             vm: name.clone(),
             host: host.clone(),
             site: inv.site.name.to_string(),
@@ -289,18 +289,18 @@ impl Actor {
             disk_bytes: vm.disk_bytes,
             prices: inv.prices,
             owner,
-            removed_at_secs: super::actor::now_ms() / 1000,
+            removed_at_secs: crate::engine::actor::now_ms() / 1000,
         };
         self.store.put_departed(record);
         // Everything it measured is stored now: a report right after it went counts all.
         let writes = self.statistics.series.flush_subject(
-            &super::stats::Subject::Workload(name.clone()),
-            super::actor::now_ms() / 1000,
+            &crate::engine::statistics::series::Subject::Workload(name.clone()),
+            crate::engine::actor::now_ms() / 1000,
         );
         self.store.put_stats(writes);
     }
 
-    pub(super) fn remove_vm(&mut self, host: &HostId, name: &VmName) {
+    pub(in crate::engine) fn remove_vm(&mut self, host: &HostId, name: &VmName) {
         self.note_departed(host, name);
         let Some(entry) = self.fleet.hosts.get_mut(host) else {
             return;

@@ -14,16 +14,16 @@ use dunes_shared::{
     service::ApplicationSpec,
 };
 
-use super::{
+use crate::engine::{
     actor::{Actor, Internal},
-    client::AgentClient,
-    readiness::LastCheck,
+    fleet::client::AgentClient,
     records::{InstanceKey, InstanceRecord},
+    services::readiness::LastCheck,
 };
 
 /// What one kind of probe last heard from each running instance, and whom it is asking.
 #[derive(Debug)]
-pub(super) struct Probed<T> {
+pub(in crate::engine) struct Probed<T> {
     last: BTreeMap<InstanceKey, T>,
     asking: BTreeSet<InstanceKey>,
 }
@@ -38,24 +38,24 @@ impl<T> Default for Probed<T> {
 }
 
 impl<T> Probed<T> {
-    pub(super) fn get(&self, key: &InstanceKey) -> Option<&T> {
+    pub(in crate::engine) fn get(&self, key: &InstanceKey) -> Option<&T> {
         self.last.get(key)
     }
 
     /// Keeps `value`, answering what it replaces.
-    pub(super) fn replace(&mut self, key: InstanceKey, value: T) -> Option<T> {
+    pub(in crate::engine) fn replace(&mut self, key: InstanceKey, value: T) -> Option<T> {
         self.last.insert(key, value)
     }
 
     /// Forgets an instance's answer; answers whether there was one.
-    pub(super) fn forget(&mut self, key: &InstanceKey) -> bool {
+    pub(in crate::engine) fn forget(&mut self, key: &InstanceKey) -> bool {
         self.last.remove(key).is_some()
     }
 }
 
 impl<T: PartialEq> Probed<T> {
     /// Keeps `value`; answers whether it differs from what was kept.
-    pub(super) fn keep(&mut self, key: InstanceKey, value: T) -> bool {
+    pub(in crate::engine) fn keep(&mut self, key: InstanceKey, value: T) -> bool {
         match self.last.get(&key) {
             Some(kept) if *kept == value => false,
             _ => {
@@ -68,14 +68,14 @@ impl<T: PartialEq> Probed<T> {
 
 /// An answer on its way back to the engine.
 #[derive(Debug)]
-pub(super) enum ProbeAnswer {
+pub(in crate::engine) enum ProbeAnswer {
     Readiness(InstanceKey, LastCheck),
     GuestApps(InstanceKey, Result<GuestAppsReply, String>),
     AppMetric(InstanceKey, Result<MetricReply, String>),
 }
 
 /// One kind of question asked of running instances.
-pub(super) trait InstanceProbe {
+pub(in crate::engine) trait InstanceProbe {
     type Question: Send + 'static;
     type Answer: Send + 'static;
     type Kept;
@@ -103,7 +103,7 @@ pub(super) trait InstanceProbe {
 impl Actor {
     /// Asks every running instance whose application asks `P` and that has no question of
     /// `P` under way; forgets `P`'s answers of instances that no longer run.
-    pub(super) fn poll_instances<P: InstanceProbe>(&mut self) {
+    pub(in crate::engine) fn poll_instances<P: InstanceProbe>(&mut self) {
         let wanted: Vec<(InstanceKey, InstanceRecord, P::Question, bool)> = self
             .services
             .instances
@@ -149,14 +149,16 @@ impl Actor {
     }
 
     /// Takes in one answer; the services are published again only when it changed.
-    pub(super) fn probe_answered(&mut self, answer: ProbeAnswer) {
+    pub(in crate::engine) fn probe_answered(&mut self, answer: ProbeAnswer) {
         match answer {
-            ProbeAnswer::Readiness(key, a) => self.take::<super::readiness::Readiness>(key, a),
+            ProbeAnswer::Readiness(key, a) => {
+                self.take::<crate::engine::services::readiness::Readiness>(key, a)
+            }
             ProbeAnswer::GuestApps(key, a) => {
-                self.take::<super::guest_apps::GuestAppsProbe>(key, a)
+                self.take::<crate::engine::services::guest_apps::GuestAppsProbe>(key, a)
             }
             ProbeAnswer::AppMetric(key, a) => {
-                self.take::<super::app_metrics::AppMetricProbe>(key, a)
+                self.take::<crate::engine::services::app_metrics::AppMetricProbe>(key, a)
             }
         }
     }

@@ -3,17 +3,17 @@
 
 use dunes_shared::pki::Fingerprint;
 
-use super::{
+use crate::engine::{
     HostAdded, Reply,
     actor::{Actor, now_ms},
-    enroll::{self, Enrolled},
+    fleet::enroll::{self, Enrolled},
     records::{HostRecord, Level},
 };
 
 impl Actor {
     /// An enrollment finished: the host is recorded, linked and published; the caller hears
     /// of it once the record is committed.
-    pub(super) fn enrolled(
+    pub(in crate::engine) fn enrolled(
         &mut self,
         enrolled: Enrolled,
         address: String,
@@ -64,7 +64,7 @@ impl Actor {
 
     /// May this enrollment take its host id? Not if another enrollment holds it, nor if an
     /// enrolled host has it with another key (unless the operator asked to replace it).
-    pub(super) fn gate(&mut self, request: enroll::GateRequest) {
+    pub(in crate::engine) fn gate(&mut self, request: enroll::GateRequest) {
         let enroll::GateRequest {
             host_id,
             fingerprint,

@@ -9,7 +9,7 @@ use dunes_shared::{
     rpc::{CallError, Peer},
 };
 
-use super::{
+use crate::engine::{
     EngineError, Reply,
     actor::{Actor, FleetState, Internal},
     records::Level,
@@ -88,7 +88,7 @@ impl AgentClient {
 
 impl Actor {
     /// The client of a host's agent, when its link is up.
-    pub(super) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
+    pub(in crate::engine) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
         self.fleet.client(host)
     }
 
@@ -96,7 +96,7 @@ impl Actor {
     /// engine as an [`AgentAnswer`]: `change` says what a successful one changes in the
     /// engine's state (it only describes it: the engine applies it), and the caller gets the answer once that is committed; a failure goes
     /// to the event log.
-    pub(super) fn agent_call<R>(
+    pub(in crate::engine) fn agent_call<R>(
         &mut self,
         host: HostId,
         what: String,
@@ -138,7 +138,7 @@ impl Actor {
 
     /// Takes in an agent's answer: its change to the engine's state, or its failure in the
     /// event log; who asked hears once that is committed.
-    pub(super) fn agent_answered(&mut self, answer: AgentAnswer) {
+    pub(in crate::engine) fn agent_answered(&mut self, answer: AgentAnswer) {
         let AgentAnswer {
             host,
             what,
@@ -174,7 +174,7 @@ impl Actor {
 
 /// What an agent's answer changes in the engine's state.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) enum StateChange {
+pub(in crate::engine) enum StateChange {
     /// Nothing: the answer only goes back to who asked.
     Nothing,
     /// The VM as its agent reports it now (made, started, stopped, rebooted, paused…).
@@ -189,15 +189,15 @@ pub(super) enum StateChange {
 }
 
 /// An agent's answer, as the engine takes it in.
-pub(super) struct AgentAnswer {
-    pub(super) host: HostId,
+pub(in crate::engine) struct AgentAnswer {
+    pub(in crate::engine) host: HostId,
     /// What was asked, for the event log.
-    pub(super) what: String,
+    pub(in crate::engine) what: String,
     /// What the answer changes, or why the call failed.
-    pub(super) change: Result<StateChange, String>,
+    pub(in crate::engine) change: Result<StateChange, String>,
     /// Hands the answer to who asked, with whether the change was committed; it changes
     /// nothing in the engine.
-    pub(super) deliver: Box<dyn FnOnce(Result<(), String>) + Send>,
+    pub(in crate::engine) deliver: Box<dyn FnOnce(Result<(), String>) + Send>,
 }
 
 impl std::fmt::Debug for AgentAnswer {
@@ -212,7 +212,7 @@ impl std::fmt::Debug for AgentAnswer {
 
 impl FleetState {
     /// The client of a host's agent, when its link is up.
-    pub(super) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
+    pub(in crate::engine) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
         let entry = self
             .hosts
             .get(host)

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 
 use dunes_shared::model::HostId;
 
-use super::{
-    forecast::Forecast,
+use crate::engine::{
     snapshot::HostView,
-    stats::{Metric, Subject, series_key},
+    statistics::forecast::Forecast,
+    statistics::series::{Metric, Subject, series_key},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

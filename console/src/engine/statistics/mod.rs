@@ -1,0 +1,8 @@
+//! Statistics: time series of the agents' readings, their rollups, cost, capacity and
+//! forecasts.
+
+pub mod capacity;
+pub mod cost;
+pub mod forecast;
+pub mod rollup;
+pub mod series;
