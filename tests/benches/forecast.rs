@@ -1,4 +1,4 @@
-//! Backtest of the "full in N days" forecasts (`console/src/engine/forecast.rs`): on synthetic
+//! Backtest of the "full in N days" forecasts (`console/src/engine/statistics/forecast.rs`): on synthetic
 //! histories with a known trend, a daily swing and noise, each method forecasts from 28 days
 //! of hourly samples when the daily peak reaches the capacity, and is compared with the day
 //! the same history, carried on, really reaches it. Run: `cargo bench -p dunes-tests --bench

@@ -9,7 +9,7 @@ use dunes_shared::{
 
 use super::{
     Command, EngineError, Reply,
-    actor::{Actor, FleetState, Internal},
+    actor::{Actor, Internal},
     fleet::client::StateChange,
     fleet::enroll::{self, enroll},
     records::Level,
@@ -55,7 +55,7 @@ impl Actor {
                     self.internal_tx.clone(),
                 );
                 let policy = enroll::EnrollPolicy {
-                    gate: Some(self.internal_tx.clone()),
+                    gate: Some(self.gate_tx.clone()),
                     replace,
                 };
                 tokio::spawn(async move {
@@ -1086,33 +1086,4 @@ impl SentSeries {
 /// A VM's status in an agent's answer, recorded on its host.
 fn vm_change(status: &VmStatus) -> StateChange {
     StateChange::Vm(status.clone())
-}
-
-impl FleetState {
-    /// The VM as the engine knows it.
-    pub(super) fn vm_of(
-        &self,
-        host: &HostId,
-        name: &dunes_shared::model::VmName,
-    ) -> Result<VmStatus, EngineError> {
-        self.hosts
-            .get(host)
-            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?
-            .view
-            .vm(name)
-            .cloned()
-            .ok_or_else(|| EngineError::Invalid(format!("host {host} has no VM {name}")))
-    }
-
-    /// The runtime a host reports for a workload; libvirt for one it does not know.
-    pub(super) fn runtime_of(
-        &self,
-        host: &HostId,
-        name: &dunes_shared::model::VmName,
-    ) -> RuntimeKind {
-        self.hosts
-            .get(host)
-            .and_then(|h| h.view.vm(name))
-            .map_or(RuntimeKind::Libvirt, |v| v.runtime)
-    }
 }

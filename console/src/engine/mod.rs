@@ -15,6 +15,7 @@ pub mod notify;
 pub mod operators;
 mod publish;
 pub mod records;
+mod run;
 pub mod services;
 pub mod snapshot;
 pub mod statistics;
@@ -41,9 +42,7 @@ pub use records::{
     EventRecord, HostRecord, InstanceKey, InstanceRecord, InstanceState, Level, Maintenance,
     MovePhase, ServiceMove, ServiceRecord,
 };
-pub use services::driver::{
-    InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView,
-};
+pub use services::views::{InstanceView, OperationReport, ServicePlan, ServiceStatus, ServiceView};
 pub use snapshot::{HostView, LinkState, Snapshot};
 
 use self::{
@@ -57,6 +56,8 @@ use self::{
 const COMMAND_QUEUE: usize = 256;
 /// Results of background work waiting for the engine; senders wait beyond this.
 const INTERNAL_QUEUE: usize = 1024;
+/// Enrollments under way, each asking once whether it may take its host id.
+const GATE_QUEUE: usize = 64;
 /// Agent events waiting for the engine; a full queue slows the links, then the agents.
 const LINK_QUEUE: usize = 4096;
 
@@ -593,6 +594,7 @@ pub async fn start_with(
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (link_tx, link_rx) = mpsc::channel(LINK_QUEUE);
     let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
+    let (gate_tx, gate_rx) = mpsc::channel(GATE_QUEUE);
     let (config_tx, config_rx) = watch::channel(client_config);
     let (identity_tx, identity_rx) = watch::channel(Arc::new(pki::Identity {
         key_pem: pki.identity.key_pem.clone(),
@@ -626,6 +628,7 @@ pub async fn start_with(
         events: event_log::EventsState::new(loaded.events, next_seq),
         services: Default::default(),
         internal_tx,
+        gate_tx,
         snapshot_tx,
         repaint: repaint.clone(),
         version: 0,
@@ -660,7 +663,12 @@ pub async fn start_with(
     }
     actor.log(Level::Info, None, "console started".into());
     actor.publish();
-    tokio::spawn(actor.run(cmd_rx, link_rx, internal_rx));
+    tokio::spawn(actor.run(run::Inbox {
+        commands: cmd_rx,
+        links: link_rx,
+        gates: gate_rx,
+        internal: internal_rx,
+    }));
     Ok(EngineHandle {
         commands: cmd_tx,
         snapshot: snapshot_rx,

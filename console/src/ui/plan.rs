@@ -12,8 +12,8 @@ use crate::{
     api::{ApiError, ops, views::PlanView},
     engine::{
         Snapshot,
-        services::driver::plan_inputs,
         services::placement::{Override, place_instances_with},
+        services::views::plan_inputs,
     },
 };
 

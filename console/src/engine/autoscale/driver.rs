@@ -12,7 +12,10 @@ use dunes_shared::service::ServiceSpec;
 use crate::engine::{
     EngineError, Reply,
     actor::{Actor, Internal, now_ms},
-    autoscale::{AutoscaleMetric, AutoscaleRule, Change, Decision, decide, period_means, replay},
+    autoscale::{
+        AutoscaleEntry, AutoscaleMetric, AutoscaleRule, Change, Decision, decide, period_means,
+        replay,
+    },
     records::{InstanceState, Level},
     services::placement::Action,
     statistics::rollup,
@@ -22,29 +25,6 @@ use crate::engine::{
 
 /// Readings come in batches of 5 s: a period is measured this long after it ends.
 const SAMPLE_DELAY_SECS: u64 = 7;
-
-/// An application's autoscaling as the engine holds it.
-#[derive(Debug, Clone)]
-pub(in crate::engine) struct AutoscaleEntry {
-    pub record: AutoscaleRecord,
-    /// Means of the last periods in a row, oldest first.
-    recent: Vec<f64>,
-    last_period_end: u64,
-    measuring: bool,
-    last_reason: Option<String>,
-}
-
-impl AutoscaleEntry {
-    pub fn new(record: AutoscaleRecord) -> Self {
-        AutoscaleEntry {
-            record,
-            recent: Vec::new(),
-            last_period_end: 0,
-            measuring: false,
-            last_reason: None,
-        }
-    }
-}
 
 /// An application's autoscaling as `autoscale show` prints it.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,8 @@
 
 mod driver;
 mod rule;
+pub(in crate::engine) mod state;
 
-pub(in crate::engine) use driver::AutoscaleEntry;
 pub use driver::{AutoscaleView, ReplayAnswer};
 pub use rule::*;
+pub(in crate::engine) use state::{AutoscaleEntry, AutoscalingState};

@@ -10,40 +10,10 @@ use dunes_shared::model::{HostId, ServiceName};
 use crate::engine::{
     EngineError, Reply,
     actor::{Actor, Internal, now_ms},
-    evacuation::{DrainProgress, FleetParts, drain_step, service_move_step},
+    evacuation::{AfterMoveOperation, DrainProgress, FleetParts, drain_step, service_move_step},
     migration::{MigrationOrigin, MigrationStep},
     records::{Level, Maintenance, MovePhase, ServiceMove},
 };
-
-/// What a move does once a service operation it started has ended: with the move as it
-/// stands and why the operation failed, if it did.
-/// What a service's move does once the stop or start it asked for has ended.
-#[derive(Debug)]
-pub(in crate::engine) enum AfterMoveOperation {
-    /// Stopped: its instances move next (this is the move's next state).
-    Stopped { next: ServiceMove },
-    /// Started again on the new site (or where it stands): the move ends.
-    Started,
-}
-
-/// Where each host in maintenance stands with its drain, owned by the engine, and what was
-/// last published.
-#[derive(Debug)]
-pub(in crate::engine) struct DrainsState {
-    pub(in crate::engine) progress: std::collections::BTreeMap<HostId, DrainProgress>,
-    pub(in crate::engine) dirty: bool,
-    pub(in crate::engine) published: std::sync::Arc<Vec<DrainProgress>>,
-}
-
-impl Default for DrainsState {
-    fn default() -> Self {
-        DrainsState {
-            progress: Default::default(),
-            dirty: true,
-            published: std::sync::Arc::new(Vec::new()),
-        }
-    }
-}
 
 impl Actor {
     /// Marks `host` as in maintenance and moves everything off it; resumes a paused drain.

@@ -3,6 +3,7 @@
 
 mod driver;
 mod plan;
+pub(in crate::engine) mod state;
 
-pub(in crate::engine) use driver::{AfterMoveOperation, DrainsState};
 pub use plan::*;
+pub(in crate::engine) use state::{AfterMoveOperation, DrainsState};

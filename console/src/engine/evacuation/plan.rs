@@ -12,8 +12,8 @@ use crate::engine::{
     HostView, ServiceView,
     migration::{MigrationEstimate, MigrationJournal, MigrationOrigin, MigrationStep, precheck},
     records::{InstanceRecord, Maintenance},
-    services::driver::{host_offer, plan_inputs},
     services::placement::{Action, place_instances},
+    services::views::{host_offer, plan_inputs},
 };
 
 /// A VM and where it goes next.

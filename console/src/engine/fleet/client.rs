@@ -9,11 +9,7 @@ use dunes_shared::{
     rpc::{CallError, Peer},
 };
 
-use crate::engine::{
-    EngineError, Reply,
-    actor::{Actor, FleetState, Internal},
-    records::Level,
-};
+use crate::engine::EngineError;
 
 /// How long an agent gets to answer most calls: long enough for a slow hypervisor, short
 /// enough to tell an agent that hangs with its connection alive.
@@ -86,92 +82,6 @@ impl AgentClient {
     }
 }
 
-impl Actor {
-    /// The client of a host's agent, when its link is up.
-    pub(in crate::engine) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
-        self.fleet.client(host)
-    }
-
-    /// Sends one request to a host's agent in the background. Its answer comes back to the
-    /// engine as an [`AgentAnswer`]: `change` says what a successful one changes in the
-    /// engine's state (it only describes it: the engine applies it), and the caller gets the answer once that is committed; a failure goes
-    /// to the event log.
-    pub(in crate::engine) fn agent_call<R>(
-        &mut self,
-        host: HostId,
-        what: String,
-        reply: Reply<R::Response>,
-        request: R,
-        change: impl FnOnce(&R::Response) -> StateChange + Send + 'static,
-    ) where
-        R: Rpc + Send + 'static,
-    {
-        let client = match self.client(&host) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-        };
-        self.log(Level::Info, Some(host.clone()), what.clone());
-        let internal = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let result = client.call(request).await;
-            let change = match &result {
-                Ok(response) => Ok(change(response)),
-                Err(e) => Err(e.to_string()),
-            };
-            let answer = AgentAnswer {
-                host,
-                what,
-                change,
-                deliver: Box::new(move |committed| {
-                    let _ = reply.send(result.and_then(|response| {
-                        committed.map(|()| response).map_err(EngineError::Store)
-                    }));
-                }),
-            };
-            // A full queue makes this wait; a stopped engine has no one to tell.
-            let _ = internal.send(Internal::AgentAnswered(answer)).await;
-        });
-    }
-
-    /// Takes in an agent's answer: its change to the engine's state, or its failure in the
-    /// event log; who asked hears once that is committed.
-    pub(in crate::engine) fn agent_answered(&mut self, answer: AgentAnswer) {
-        let AgentAnswer {
-            host,
-            what,
-            change,
-            deliver,
-        } = answer;
-        match change {
-            Ok(StateChange::Nothing) => {}
-            Ok(StateChange::Vm(status)) => self.apply_vm(&host, &status),
-            Ok(StateChange::Resized {
-                status,
-                at_next_start,
-            }) => {
-                self.apply_vm(&host, &status);
-                if at_next_start {
-                    self.log(
-                        Level::Info,
-                        Some(host.clone()),
-                        format!(
-                            "VM {} runs on; its new vCPUs and memory apply at its next start",
-                            status.name
-                        ),
-                    );
-                }
-            }
-            Ok(StateChange::VmGone(name)) => self.remove_vm(&host, &name),
-            Err(e) => self.log(Level::Error, Some(host), format!("{what} failed: {e}")),
-        }
-        // A failure too: after the logged failure is published and saved, like a success.
-        self.store.after_commit(deliver);
-    }
-}
-
 /// What an agent's answer changes in the engine's state.
 #[derive(Debug, Clone, PartialEq)]
 pub(in crate::engine) enum StateChange {
@@ -207,24 +117,6 @@ impl std::fmt::Debug for AgentAnswer {
             .field("what", &self.what)
             .field("change", &self.change)
             .finish_non_exhaustive()
-    }
-}
-
-impl FleetState {
-    /// The client of a host's agent, when its link is up.
-    pub(in crate::engine) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
-        let entry = self
-            .hosts
-            .get(host)
-            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?;
-        let peer = entry
-            .peer
-            .clone()
-            .ok_or_else(|| EngineError::Unreachable(host.clone()))?;
-        Ok(AgentClient {
-            host: host.clone(),
-            peer,
-        })
     }
 }
 

@@ -63,7 +63,7 @@ pub enum EnrollError {
 /// a new agent must not silently take over an enrolled host's id (a cloned machine, say).
 #[derive(Default)]
 pub struct EnrollPolicy {
-    pub(in crate::engine) gate: Option<tokio::sync::mpsc::Sender<crate::engine::actor::Internal>>,
+    pub(in crate::engine) gate: Option<tokio::sync::mpsc::Sender<GateRequest>>,
     pub replace: bool,
 }
 
@@ -253,12 +253,12 @@ async fn enroll_inner(
         let hold = match &policy.gate {
             Some(gate) => {
                 let (answer, answered) = tokio::sync::oneshot::channel();
-                gate.send(crate::engine::actor::Internal::GateHostId(GateRequest {
+                gate.send(GateRequest {
                     host_id: begin.host_id.clone(),
                     fingerprint: presented,
                     replace: policy.replace,
                     answer,
-                }))
+                })
                 .await
                 .map_err(|_| EnrollError::EngineGone)?;
                 Some(answered.await.map_err(|_| EnrollError::EngineGone)??)

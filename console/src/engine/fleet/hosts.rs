@@ -11,8 +11,9 @@ use tokio::sync::watch;
 
 use crate::engine::{
     HostView, LinkState,
-    actor::{Actor, HostEntry},
+    actor::Actor,
     fleet::link::{LinkMessage, run_link},
+    fleet::state::HostEntry,
     records::{HostRecord, Level},
     snapshot::{rfc3339, unix_ms},
 };

@@ -7,9 +7,10 @@ use dunes_shared::model::{HostId, RuntimeKind, VmName, VmState, VmStatus};
 use crate::engine::{
     EngineError, HostView, Reply, VmCloned,
     actor::{Actor, Internal},
+    fleet::state::VmCopied,
     migration::{MigrationOptions, MigrationOrigin},
     records::Level,
-    services::driver::host_offer,
+    services::views::host_offer,
 };
 
 /// Why `vm` on `host` cannot get these vCPUs and memory, if it cannot.
@@ -255,18 +256,6 @@ impl Actor {
             }
         }
     }
-}
-
-/// A VM copied on its host by its agent, or why not.
-#[derive(Debug)]
-pub(in crate::engine) struct VmCopied {
-    host: HostId,
-    source: VmName,
-    /// Where the copy goes: its host, or another one it migrates to.
-    to: HostId,
-    what: String,
-    result: Result<VmStatus, EngineError>,
-    reply: Reply<VmCloned>,
 }
 
 #[cfg(test)]

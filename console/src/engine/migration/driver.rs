@@ -19,30 +19,18 @@ use crate::engine::{
     actor::{Actor, Internal, now_ms},
     fleet::client::AgentClient,
     migration::{
-        DiskMove, Effect, MigrationJournal, MigrationOptions, MigrationOrigin, MigrationStep,
-        Outcome, advance, resume,
+        DiskMove, Effect, Learned, MigrationJournal, MigrationOptions, MigrationOrigin,
+        MigrationStep, Outcome, advance, resume,
     },
     records::InstanceRecord,
     records::Level,
-    services::driver::probe_of,
+    services::readiness::probe_of,
 };
 
 /// How long a target holds a ticket.
 const TICKET_SECS: u64 = 3600;
 /// How long a graceful stop of the source may take before it is forced.
 const STOP_TIMEOUT_SECS: u32 = 120;
-
-/// What an effect learned besides its outcome.
-#[derive(Debug, Default)]
-pub(in crate::engine) struct Learned {
-    bytes_total: Option<u64>,
-    bytes_done: Option<u64>,
-    digest: Option<String>,
-    /// The VM as the target last reported it.
-    target_vm: Option<dunes_shared::model::VmStatus>,
-    /// Worth telling the operator, in the event log.
-    note: Option<String>,
-}
 
 /// Fault injection for the test suites: with `DUNES_FAILPOINT=migration-exit-after:STEP`, the
 /// console dies after that step's side effects, before their outcome is journaled. Only in a
@@ -74,37 +62,6 @@ fn outcome_of(e: EngineError) -> Outcome {
             Outcome::Waiting(e.to_string())
         }
         other => Outcome::Failed(other.to_string()),
-    }
-}
-
-/// The migrations, owned by the engine: every journal by id (finished ones are history),
-/// which have effects under way, and what was last published.
-#[derive(Debug)]
-pub(in crate::engine) struct MigrationsState {
-    pub(in crate::engine) journals: std::collections::BTreeMap<u64, MigrationJournal>,
-    /// Migrations with effects under way.
-    pub(in crate::engine) running: std::collections::BTreeSet<u64>,
-    /// Cancels asked while an effect ran: applied when it ends.
-    pub(in crate::engine) cancelled: std::collections::BTreeSet<u64>,
-    /// Migrations a restart picked up again.
-    pub(in crate::engine) resumed: std::collections::BTreeSet<u64>,
-    pub(in crate::engine) dirty: bool,
-    /// The last progress of each running transfer: bytes and when, for its rate.
-    pub(in crate::engine) transfer_samples: std::collections::BTreeMap<u64, (u64, u64)>,
-    pub(in crate::engine) published: std::sync::Arc<Vec<MigrationJournal>>,
-}
-
-impl MigrationsState {
-    pub(in crate::engine) fn new(loaded: &[MigrationJournal]) -> MigrationsState {
-        MigrationsState {
-            journals: loaded.iter().map(|m| (m.id, m.clone())).collect(),
-            running: Default::default(),
-            cancelled: Default::default(),
-            resumed: Default::default(),
-            dirty: true,
-            transfer_samples: Default::default(),
-            published: std::sync::Arc::new(Vec::new()),
-        }
     }
 }
 

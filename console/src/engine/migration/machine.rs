@@ -473,7 +473,7 @@ pub fn precheck(
     // How the disk would travel, and so what it takes on the target and on the link.
     let disk_move = DiskMove::choose(vm, to.inventory());
     let bytes = disk_move.bytes(vm);
-    match crate::engine::services::driver::host_offer(to) {
+    match crate::engine::services::views::host_offer(to) {
         None => reasons.push(format!("{target}: its inventory is not known yet")),
         Some(offer) => {
             if !offer.online {

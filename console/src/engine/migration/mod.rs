@@ -4,6 +4,7 @@
 
 mod driver;
 mod machine;
+pub(in crate::engine) mod state;
 
-pub(in crate::engine) use driver::{Learned, MigrationsState};
 pub use machine::*;
+pub(in crate::engine) use state::{Learned, MigrationsState};

@@ -4,16 +4,8 @@
 //! instance's `app-metric` series, which charts show and autoscaling rules can watch.
 
 use dunes_shared::{
-    protocol::{MetricKind, MetricProbe, MetricReply, ReadMetric},
-    service::{AppMetric, ApplicationSpec},
-};
-
-use crate::engine::{
-    actor::Actor,
-    fleet::client::AgentClient,
-    records::{InstanceKey, InstanceRecord},
-    services::probes::{InstanceProbe, ProbeAnswer, Probed},
-    statistics::series::{Metric, Subject},
+    protocol::{MetricKind, MetricProbe},
+    service::AppMetric,
 };
 
 /// The probe the agent gets for an application's metric.
@@ -29,63 +21,6 @@ pub fn probe_of_metric(metric: &AppMetric) -> MetricProbe {
             port: Some(*port),
             command: None,
         },
-    }
-}
-
-/// An application's metric, read every few seconds on each running instance.
-pub(in crate::engine) struct AppMetricProbe;
-
-impl InstanceProbe for AppMetricProbe {
-    type Question = MetricProbe;
-    type Answer = Result<MetricReply, String>;
-    type Kept = Result<f64, String>;
-
-    fn question(app: &ApplicationSpec) -> Option<MetricProbe> {
-        app.metric.as_ref().map(probe_of_metric)
-    }
-
-    async fn ask(
-        client: AgentClient,
-        instance: InstanceRecord,
-        probe: MetricProbe,
-    ) -> Result<MetricReply, String> {
-        client
-            .call(ReadMetric {
-                name: instance.vm.clone(),
-                probe,
-                runtime: instance.runtime,
-            })
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    fn message(key: InstanceKey, answer: Self::Answer) -> ProbeAnswer {
-        ProbeAnswer::AppMetric(key, answer)
-    }
-
-    fn probed(actor: &mut Actor) -> &mut Probed<Result<f64, String>> {
-        &mut actor.services.metric_reads
-    }
-
-    /// Keeps the value and feeds the instance's `app-metric` series.
-    fn answered(actor: &mut Actor, key: InstanceKey, answer: Self::Answer) -> bool {
-        let Some(instance) = actor.services.instances.get(&key) else {
-            return false;
-        };
-        let shown = match answer {
-            Ok(reply) => {
-                let writes = actor.statistics.series.ingest_value(
-                    &Subject::Workload(instance.vm.clone()),
-                    Metric::AppMetric,
-                    reply.at_unix_ms,
-                    reply.value,
-                );
-                actor.store.put_stats(writes);
-                Ok(reply.value)
-            }
-            Err(e) => Err(e),
-        };
-        actor.services.metric_reads.keep(key, shown)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Applications inside VMs (the seed's arrow LA): every few seconds, each running instance
+//! Applications inside VMs: every few seconds, each running instance
 //! whose application holds guest applications is asked, through its agent and the VM's guest
 //! agent, how they are: their processes, their checks, their CPU and memory. The answers make
 //! the instance's guest application views, count in the service's status, and feed the
@@ -7,15 +7,8 @@
 use std::time::Duration;
 
 use dunes_shared::{
-    protocol::{GuestAppProbe, GuestApps, GuestAppsReply},
-    service::{ApplicationSpec, GuestAppSpec},
-};
-
-use crate::engine::{
-    actor::Actor,
-    fleet::client::AgentClient,
-    records::{InstanceKey, InstanceRecord},
-    services::probes::{InstanceProbe, ProbeAnswer, Probed},
+    protocol::{GuestAppProbe, GuestAppsReply},
+    service::GuestAppSpec,
 };
 
 /// How often the applications inside VMs are looked at.
@@ -142,97 +135,6 @@ pub fn cpu_between(before: &GuestAppsReply, now: &GuestAppsReply) -> Vec<(String
             Some((r.app.clone(), used / secs / f64::from(now.vcpus) * 100.0))
         })
         .collect()
-}
-
-/// The applications inside an instance's VM, looked at every few seconds.
-pub(in crate::engine) struct GuestAppsProbe;
-
-impl InstanceProbe for GuestAppsProbe {
-    type Question = Vec<GuestAppProbe>;
-    type Answer = Result<GuestAppsReply, String>;
-    type Kept = GuestLook;
-
-    fn question(app: &ApplicationSpec) -> Option<Vec<GuestAppProbe>> {
-        Some(
-            app.guest_apps
-                .iter()
-                .map(probe_of_guest_app)
-                .collect::<Vec<_>>(),
-        )
-        .filter(|apps| !apps.is_empty())
-    }
-
-    async fn ask(
-        client: AgentClient,
-        instance: InstanceRecord,
-        apps: Vec<GuestAppProbe>,
-    ) -> Result<GuestAppsReply, String> {
-        client
-            .call(GuestApps {
-                name: instance.vm.clone(),
-                apps,
-            })
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    fn message(key: InstanceKey, answer: Self::Answer) -> ProbeAnswer {
-        ProbeAnswer::GuestApps(key, answer)
-    }
-
-    fn probed(actor: &mut Actor) -> &mut Probed<GuestLook> {
-        &mut actor.services.guest_looks
-    }
-
-    /// Keeps the look, and feeds the statistics of the applications with a process.
-    fn answered(actor: &mut Actor, key: InstanceKey, answer: Self::Answer) -> bool {
-        let Some(instance) = actor.services.instances.get(&key) else {
-            return false;
-        };
-        let mut cpu_percent = Vec::new();
-        if let Ok(reply) = &answer {
-            if let Some(GuestLook {
-                answer: Ok(before), ..
-            }) = actor.services.guest_looks.get(&key)
-            {
-                cpu_percent = cpu_between(before, reply);
-            }
-            let with_process: Vec<_> = actor
-                .services
-                .entries
-                .get(&instance.service)
-                .and_then(|s| s.spec.as_ref().ok())
-                .and_then(|spec| spec.application(&instance.app))
-                .map(|app| {
-                    app.guest_apps
-                        .iter()
-                        .filter(|g| g.process.is_some())
-                        .map(|g| g.name.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let writes = actor
-                .statistics
-                .series
-                .ingest_guest(&instance.vm, reply, &with_process);
-            actor.store.put_stats(writes);
-        }
-        let look = GuestLook {
-            answer,
-            cpu_percent,
-        };
-        let before = actor.services.guest_looks.replace(key, look.clone());
-        // Republished only when what the views show changed, not at every reading.
-        let shown = |l: &GuestLook| {
-            l.answer.as_ref().map_err(Clone::clone).map(|r| {
-                r.apps
-                    .iter()
-                    .map(|a| (a.app.clone(), a.processes, a.check_passed, a.detail.clone()))
-                    .collect::<Vec<_>>()
-            })
-        };
-        before.as_ref().map(shown) != Some(shown(&look)) || !look.cpu_percent.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -8,3 +8,5 @@ pub mod placement;
 pub(super) mod probes;
 pub(super) mod readiness;
 pub mod service_file;
+pub(in crate::engine) mod state;
+pub mod views;

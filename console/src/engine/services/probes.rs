@@ -4,75 +4,30 @@
 //! per instance, forgets the answers of instances that stopped, and brings each answer back
 //! to the engine as a typed message ([`ProbeAnswer`]).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    future::Future,
-};
+use std::future::Future;
 
 use dunes_shared::{
-    protocol::{GuestAppsReply, MetricReply},
+    model::VmState,
+    protocol::{
+        CheckReady, GuestAppProbe, GuestApps, GuestAppsReply, MetricProbe, MetricReply, ProbeKind,
+        ReadMetric, ReadinessProbe,
+    },
     service::ApplicationSpec,
 };
 
 use crate::engine::{
+    LinkState,
     actor::{Actor, Internal},
     fleet::client::AgentClient,
-    records::{InstanceKey, InstanceRecord},
-    services::readiness::LastCheck,
+    records::{InstanceKey, InstanceRecord, InstanceState},
+    services::{
+        app_metrics::probe_of_metric,
+        guest_apps::{GuestLook, cpu_between, probe_of_guest_app},
+        readiness::{LastCheck, probe_of},
+        state::{ProbeAnswer, Probed},
+    },
+    statistics::series::{Metric, Subject},
 };
-
-/// What one kind of probe last heard from each running instance, and whom it is asking.
-#[derive(Debug)]
-pub(in crate::engine) struct Probed<T> {
-    last: BTreeMap<InstanceKey, T>,
-    asking: BTreeSet<InstanceKey>,
-}
-
-impl<T> Default for Probed<T> {
-    fn default() -> Self {
-        Probed {
-            last: BTreeMap::new(),
-            asking: BTreeSet::new(),
-        }
-    }
-}
-
-impl<T> Probed<T> {
-    pub(in crate::engine) fn get(&self, key: &InstanceKey) -> Option<&T> {
-        self.last.get(key)
-    }
-
-    /// Keeps `value`, answering what it replaces.
-    pub(in crate::engine) fn replace(&mut self, key: InstanceKey, value: T) -> Option<T> {
-        self.last.insert(key, value)
-    }
-
-    /// Forgets an instance's answer; answers whether there was one.
-    pub(in crate::engine) fn forget(&mut self, key: &InstanceKey) -> bool {
-        self.last.remove(key).is_some()
-    }
-}
-
-impl<T: PartialEq> Probed<T> {
-    /// Keeps `value`; answers whether it differs from what was kept.
-    pub(in crate::engine) fn keep(&mut self, key: InstanceKey, value: T) -> bool {
-        match self.last.get(&key) {
-            Some(kept) if *kept == value => false,
-            _ => {
-                self.last.insert(key, value);
-                true
-            }
-        }
-    }
-}
-
-/// An answer on its way back to the engine.
-#[derive(Debug)]
-pub(in crate::engine) enum ProbeAnswer {
-    Readiness(InstanceKey, LastCheck),
-    GuestApps(InstanceKey, Result<GuestAppsReply, String>),
-    AppMetric(InstanceKey, Result<MetricReply, String>),
-}
 
 /// One kind of question asked of running instances.
 pub(in crate::engine) trait InstanceProbe {
@@ -134,7 +89,7 @@ impl Actor {
             let Ok(client) = self.client(&instance.host) else {
                 continue;
             };
-            if !P::probed(self).asking.insert(key.clone()) {
+            if !P::probed(self).start_asking(key.clone()) {
                 continue;
             }
             let internal = self.internal_tx.clone();
@@ -151,26 +106,235 @@ impl Actor {
     /// Takes in one answer; the services are published again only when it changed.
     pub(in crate::engine) fn probe_answered(&mut self, answer: ProbeAnswer) {
         match answer {
-            ProbeAnswer::Readiness(key, a) => {
-                self.take::<crate::engine::services::readiness::Readiness>(key, a)
-            }
-            ProbeAnswer::GuestApps(key, a) => {
-                self.take::<crate::engine::services::guest_apps::GuestAppsProbe>(key, a)
-            }
-            ProbeAnswer::AppMetric(key, a) => {
-                self.take::<crate::engine::services::app_metrics::AppMetricProbe>(key, a)
-            }
+            ProbeAnswer::Readiness(key, a) => self.take::<Readiness>(key, a),
+            ProbeAnswer::GuestApps(key, a) => self.take::<GuestAppsProbe>(key, a),
+            ProbeAnswer::AppMetric(key, a) => self.take::<AppMetricProbe>(key, a),
         }
     }
 
     fn take<P: InstanceProbe>(&mut self, key: InstanceKey, answer: P::Answer) {
-        P::probed(self).asking.remove(&key);
+        P::probed(self).done_asking(&key);
         if !self.services.instances.contains_key(&key) {
             return;
         }
         if P::answered(self, key, answer) {
             self.services.dirty = true;
         }
+    }
+}
+
+/// The applications inside an instance's VM, looked at every few seconds.
+pub(in crate::engine) struct GuestAppsProbe;
+
+impl InstanceProbe for GuestAppsProbe {
+    type Question = Vec<GuestAppProbe>;
+    type Answer = Result<GuestAppsReply, String>;
+    type Kept = GuestLook;
+
+    fn question(app: &ApplicationSpec) -> Option<Vec<GuestAppProbe>> {
+        Some(
+            app.guest_apps
+                .iter()
+                .map(probe_of_guest_app)
+                .collect::<Vec<_>>(),
+        )
+        .filter(|apps| !apps.is_empty())
+    }
+
+    async fn ask(
+        client: AgentClient,
+        instance: InstanceRecord,
+        apps: Vec<GuestAppProbe>,
+    ) -> Result<GuestAppsReply, String> {
+        client
+            .call(GuestApps {
+                name: instance.vm.clone(),
+                apps,
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn message(key: InstanceKey, answer: Self::Answer) -> ProbeAnswer {
+        ProbeAnswer::GuestApps(key, answer)
+    }
+
+    fn probed(actor: &mut Actor) -> &mut Probed<GuestLook> {
+        &mut actor.services.guest_looks
+    }
+
+    /// Keeps the look, and feeds the statistics of the applications with a process.
+    fn answered(actor: &mut Actor, key: InstanceKey, answer: Self::Answer) -> bool {
+        let Some(instance) = actor.services.instances.get(&key) else {
+            return false;
+        };
+        let mut cpu_percent = Vec::new();
+        if let Ok(reply) = &answer {
+            if let Some(GuestLook {
+                answer: Ok(before), ..
+            }) = actor.services.guest_looks.get(&key)
+            {
+                cpu_percent = cpu_between(before, reply);
+            }
+            let with_process: Vec<_> = actor
+                .services
+                .entries
+                .get(&instance.service)
+                .and_then(|s| s.spec.as_ref().ok())
+                .and_then(|spec| spec.application(&instance.app))
+                .map(|app| {
+                    app.guest_apps
+                        .iter()
+                        .filter(|g| g.process.is_some())
+                        .map(|g| g.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let writes = actor
+                .statistics
+                .series
+                .ingest_guest(&instance.vm, reply, &with_process);
+            actor.store.put_stats(writes);
+        }
+        let look = GuestLook {
+            answer,
+            cpu_percent,
+        };
+        let before = actor.services.guest_looks.replace(key, look.clone());
+        // Republished only when what the views show changed, not at every reading.
+        let shown = |l: &GuestLook| {
+            l.answer.as_ref().map_err(Clone::clone).map(|r| {
+                r.apps
+                    .iter()
+                    .map(|a| (a.app.clone(), a.processes, a.check_passed, a.detail.clone()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        before.as_ref().map(shown) != Some(shown(&look)) || !look.cpu_percent.is_empty()
+    }
+}
+
+impl Actor {
+    /// Whether an instance's workload runs on a host that is online now: what the checks
+    /// of its applications need.
+    pub(in crate::engine) fn instance_runs(
+        &self,
+        instance: &crate::engine::records::InstanceRecord,
+    ) -> bool {
+        instance.state == InstanceState::Created
+            && self.fleet.hosts.get(&instance.host).is_some_and(|h| {
+                h.view.link == LinkState::Online
+                    && h.view
+                        .vm(&instance.vm)
+                        .is_some_and(|v| v.state == VmState::Running)
+            })
+    }
+}
+
+/// The readiness check of an application beyond "running" (guest agent, TCP port,
+/// command), asked again every few seconds.
+pub(in crate::engine) struct Readiness;
+
+impl InstanceProbe for Readiness {
+    type Question = ReadinessProbe;
+    type Answer = LastCheck;
+    type Kept = LastCheck;
+
+    fn question(app: &ApplicationSpec) -> Option<ReadinessProbe> {
+        Some(probe_of(&app.readiness)).filter(|p| p.kind != ProbeKind::Running)
+    }
+
+    async fn ask(
+        client: AgentClient,
+        instance: InstanceRecord,
+        probe: ReadinessProbe,
+    ) -> LastCheck {
+        match client
+            .call(CheckReady {
+                name: instance.vm.clone(),
+                probe,
+                runtime: instance.runtime,
+            })
+            .await
+        {
+            Ok(a) => LastCheck {
+                ready: a.ready,
+                detail: a.detail,
+            },
+            Err(e) => LastCheck {
+                ready: false,
+                detail: e.to_string(),
+            },
+        }
+    }
+
+    fn message(key: InstanceKey, answer: LastCheck) -> ProbeAnswer {
+        ProbeAnswer::Readiness(key, answer)
+    }
+
+    fn probed(actor: &mut Actor) -> &mut Probed<LastCheck> {
+        &mut actor.services.readiness
+    }
+
+    fn answered(actor: &mut Actor, key: InstanceKey, answer: LastCheck) -> bool {
+        actor.services.readiness.keep(key, answer)
+    }
+}
+
+/// An application's metric, read every few seconds on each running instance.
+pub(in crate::engine) struct AppMetricProbe;
+
+impl InstanceProbe for AppMetricProbe {
+    type Question = MetricProbe;
+    type Answer = Result<MetricReply, String>;
+    type Kept = Result<f64, String>;
+
+    fn question(app: &ApplicationSpec) -> Option<MetricProbe> {
+        app.metric.as_ref().map(probe_of_metric)
+    }
+
+    async fn ask(
+        client: AgentClient,
+        instance: InstanceRecord,
+        probe: MetricProbe,
+    ) -> Result<MetricReply, String> {
+        client
+            .call(ReadMetric {
+                name: instance.vm.clone(),
+                probe,
+                runtime: instance.runtime,
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn message(key: InstanceKey, answer: Self::Answer) -> ProbeAnswer {
+        ProbeAnswer::AppMetric(key, answer)
+    }
+
+    fn probed(actor: &mut Actor) -> &mut Probed<Result<f64, String>> {
+        &mut actor.services.metric_reads
+    }
+
+    /// Keeps the value and feeds the instance's `app-metric` series.
+    fn answered(actor: &mut Actor, key: InstanceKey, answer: Self::Answer) -> bool {
+        let Some(instance) = actor.services.instances.get(&key) else {
+            return false;
+        };
+        let shown = match answer {
+            Ok(reply) => {
+                let writes = actor.statistics.series.ingest_value(
+                    &Subject::Workload(instance.vm.clone()),
+                    Metric::AppMetric,
+                    reply.at_unix_ms,
+                    reply.value,
+                );
+                actor.store.put_stats(writes);
+                Ok(reply.value)
+            }
+            Err(e) => Err(e),
+        };
+        actor.services.metric_reads.keep(key, shown)
     }
 }
 

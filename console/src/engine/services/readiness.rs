@@ -6,19 +6,9 @@
 use std::time::Duration;
 
 use dunes_shared::{
-    protocol::{CheckReady, ProbeKind, ReadinessProbe},
-    service::ApplicationSpec,
+    protocol::{ProbeKind, ReadinessProbe},
+    service::Readiness,
 };
-
-use crate::engine::{
-    LinkState,
-    actor::Actor,
-    fleet::client::AgentClient,
-    records::{InstanceKey, InstanceRecord, InstanceState},
-    services::driver::probe_of,
-    services::probes::{InstanceProbe, ProbeAnswer, Probed},
-};
-use dunes_shared::model::VmState;
 
 /// How often readiness is checked again.
 pub(in crate::engine) const READINESS_EVERY: Duration = Duration::from_secs(3);
@@ -30,69 +20,17 @@ pub(in crate::engine) struct LastCheck {
     pub detail: String,
 }
 
-impl Actor {
-    /// Whether an instance's workload runs on a host that is online now: what the checks
-    /// of its applications need.
-    pub(in crate::engine) fn instance_runs(
-        &self,
-        instance: &crate::engine::records::InstanceRecord,
-    ) -> bool {
-        instance.state == InstanceState::Created
-            && self.fleet.hosts.get(&instance.host).is_some_and(|h| {
-                h.view.link == LinkState::Online
-                    && h.view
-                        .vm(&instance.vm)
-                        .is_some_and(|v| v.state == VmState::Running)
-            })
-    }
-}
-
-/// The readiness check of an application beyond "running" (guest agent, TCP port,
-/// command), asked again every few seconds.
-pub(in crate::engine) struct Readiness;
-
-impl InstanceProbe for Readiness {
-    type Question = ReadinessProbe;
-    type Answer = LastCheck;
-    type Kept = LastCheck;
-
-    fn question(app: &ApplicationSpec) -> Option<ReadinessProbe> {
-        Some(probe_of(&app.readiness)).filter(|p| p.kind != ProbeKind::Running)
-    }
-
-    async fn ask(
-        client: AgentClient,
-        instance: InstanceRecord,
-        probe: ReadinessProbe,
-    ) -> LastCheck {
-        match client
-            .call(CheckReady {
-                name: instance.vm.clone(),
-                probe,
-                runtime: instance.runtime,
-            })
-            .await
-        {
-            Ok(a) => LastCheck {
-                ready: a.ready,
-                detail: a.detail,
-            },
-            Err(e) => LastCheck {
-                ready: false,
-                detail: e.to_string(),
-            },
-        }
-    }
-
-    fn message(key: InstanceKey, answer: LastCheck) -> ProbeAnswer {
-        ProbeAnswer::Readiness(key, answer)
-    }
-
-    fn probed(actor: &mut Actor) -> &mut Probed<LastCheck> {
-        &mut actor.services.readiness
-    }
-
-    fn answered(actor: &mut Actor, key: InstanceKey, answer: LastCheck) -> bool {
-        actor.services.readiness.keep(key, answer)
+/// The agent's check for a readiness rule of the service file.
+pub fn probe_of(readiness: &Readiness) -> ReadinessProbe {
+    let (kind, port, command) = match readiness {
+        Readiness::Running => (ProbeKind::Running, None, None),
+        Readiness::GuestAgent => (ProbeKind::GuestAgent, None, None),
+        Readiness::Tcp { port } => (ProbeKind::Tcp, Some(*port), None),
+        Readiness::Command { command } => (ProbeKind::Command, None, Some(command.clone())),
+    };
+    ReadinessProbe {
+        kind,
+        port,
+        command,
     }
 }

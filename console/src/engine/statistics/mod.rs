@@ -6,3 +6,4 @@ pub mod cost;
 pub mod forecast;
 pub mod rollup;
 pub mod series;
+pub(in crate::engine) mod state;

@@ -1,0 +1,101 @@
+//! What the fleet holds: every enrolled host with its link and view, and the host ids that
+//! enrollments under way hold; and what comes back to it from the agents.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use dunes_shared::{
+    model::{HostId, RuntimeKind, VmName, VmStatus},
+    rpc::Peer,
+};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::engine::{
+    EngineError, HostView, Reply, VmCloned, fleet::client::AgentClient, fleet::enroll,
+};
+
+pub(in crate::engine) struct HostEntry {
+    pub(in crate::engine) view: HostView,
+    pub(in crate::engine) published: Arc<HostView>,
+    pub(in crate::engine) dirty: bool,
+    /// Only its live readings changed (CPU load, memory in use): published, but a window
+    /// repaints for them only where it shows them.
+    pub(in crate::engine) readings_dirty: bool,
+    pub(in crate::engine) peer: Option<Peer>,
+    /// Event kinds from a newer agent already reported in the event log.
+    pub(in crate::engine) skipped_kinds: std::collections::BTreeSet<String>,
+    pub(in crate::engine) address: watch::Sender<String>,
+    pub(in crate::engine) link_task: JoinHandle<()>,
+    /// The digest of the site addresses this host's agent was last told on its current link.
+    pub(in crate::engine) site_addresses_told: Option<u64>,
+}
+
+impl Drop for HostEntry {
+    fn drop(&mut self) {
+        self.link_task.abort();
+    }
+}
+
+/// The fleet: every enrolled host with its link and view, and the host ids that
+/// enrollments under way hold.
+#[derive(Default)]
+pub(in crate::engine) struct FleetState {
+    pub(in crate::engine) hosts: BTreeMap<HostId, HostEntry>,
+    pub(in crate::engine) enrolling: enroll::HeldHostIds,
+}
+
+impl FleetState {
+    /// The VM as the engine knows it.
+    pub(in crate::engine) fn vm_of(
+        &self,
+        host: &HostId,
+        name: &dunes_shared::model::VmName,
+    ) -> Result<VmStatus, EngineError> {
+        self.hosts
+            .get(host)
+            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?
+            .view
+            .vm(name)
+            .cloned()
+            .ok_or_else(|| EngineError::Invalid(format!("host {host} has no VM {name}")))
+    }
+
+    /// The runtime a host reports for a workload; libvirt for one it does not know.
+    pub(in crate::engine) fn runtime_of(
+        &self,
+        host: &HostId,
+        name: &dunes_shared::model::VmName,
+    ) -> RuntimeKind {
+        self.hosts
+            .get(host)
+            .and_then(|h| h.view.vm(name))
+            .map_or(RuntimeKind::Libvirt, |v| v.runtime)
+    }
+
+    /// The client of a host's agent, when its link is up.
+    pub(in crate::engine) fn client(&self, host: &HostId) -> Result<AgentClient, EngineError> {
+        let entry = self
+            .hosts
+            .get(host)
+            .ok_or_else(|| EngineError::UnknownHost(host.clone()))?;
+        let peer = entry
+            .peer
+            .clone()
+            .ok_or_else(|| EngineError::Unreachable(host.clone()))?;
+        Ok(AgentClient {
+            host: host.clone(),
+            peer,
+        })
+    }
+}
+
+/// A VM copied on its host by its agent, or why not.
+#[derive(Debug)]
+pub(in crate::engine) struct VmCopied {
+    pub(in crate::engine) host: HostId,
+    pub(in crate::engine) source: VmName,
+    /// Where the copy goes: its host, or another one it migrates to.
+    pub(in crate::engine) to: HostId,
+    pub(in crate::engine) what: String,
+    pub(in crate::engine) result: Result<VmStatus, EngineError>,
+    pub(in crate::engine) reply: Reply<VmCloned>,
+}
