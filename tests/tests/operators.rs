@@ -110,6 +110,19 @@ fn operators_reach_the_engine_with_their_role_checked_on_every_request() {
         &["forecast"],
         &["whatif", "drain", "lsn-2"],
         &["cost", "--by", "site"],
+        &["whatif", "deploy", "shop"],
+        &["events", "--limit", "10"],
+        &["stats", "gva-1", "--since", "10m", "--resolution", "1m"],
+        &[
+            "stats",
+            "site:geneva",
+            "--since",
+            "10m",
+            "--resolution",
+            "1m",
+        ],
+        &["audit"],
+        &["audit", "verify"],
     ] {
         let mut args = vec!["--json"];
         args.extend_from_slice(read);
@@ -129,10 +142,24 @@ fn operators_reach_the_engine_with_their_role_checked_on_every_request() {
             std::thread::sleep(Duration::from_millis(300));
         }
     }
-    // A plan's exit code travels too (1: changes to make).
+    // A read the engine refuses says the same there as here.
+    let snapshots = ["vm", "snapshot", "list", "wiki"];
+    let (there, here) = (remote(&viewer, &snapshots), ctl(&data, &snapshots));
+    assert!(!there.status.success() && !here.status.success());
+    assert_eq!(refusal(&there), refusal(&here));
+    assert!(
+        refusal(&there).contains("its disk is raw"),
+        "{}",
+        refusal(&there)
+    );
+    // A plan's JSON and its exit code travel too (1: changes to make).
+    let plan = ["--json", "service", "plan", "shop"];
+    let (there, here) = (remote(&viewer, &plan), ctl(&data, &plan));
+    assert_eq!(there.status.code(), Some(1));
+    assert_eq!(here.status.code(), Some(1));
     assert_eq!(
-        remote(&viewer, &["service", "plan", "shop"]).status.code(),
-        Some(1)
+        serde_json::from_slice::<Value>(&there.stdout).unwrap(),
+        serde_json::from_slice::<Value>(&here.stdout).unwrap()
     );
 
     // What each role may not do, refused by the engine with the permission it lacks.

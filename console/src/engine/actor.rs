@@ -2,10 +2,7 @@
 //! background work sends back to it. Its loop is in `run`; what each message does is in the
 //! domain that owns what it changes.
 
-use std::{
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::sync::Arc;
 
 use dunes_shared::model::HostId;
 use tokio::sync::{mpsc, watch};
@@ -20,7 +17,7 @@ use super::{
         link::LinkContext,
         state::FleetState,
     },
-    records::{EventRecord, Level},
+    records::{EventRecord, Level, now_ms},
     services::state::ServicesState,
     statistics::state::StatisticsState,
     store::Store,
@@ -119,13 +116,6 @@ pub(super) struct Actor {
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
     pub(super) statistics: StatisticsState,
     pub(super) autoscaling: AutoscalingState,
-}
-
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Actor {

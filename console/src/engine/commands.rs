@@ -421,7 +421,7 @@ impl Actor {
                 generated_until_secs,
                 reply,
             } => {
-                let now_secs = super::actor::now_ms() / 1000;
+                let now_secs = super::records::now_ms() / 1000;
                 let writes = self
                     .statistics
                     .series
@@ -529,7 +529,7 @@ impl Actor {
             .iter()
             .filter_map(|v| Some((v.id().clone(), f64::from(v.inventory()?.cpus))))
             .collect();
-        let now_secs = super::actor::now_ms() / 1000;
+        let now_secs = super::records::now_ms() / 1000;
         let from_secs = now_secs.saturating_sub(HISTORY_SECS);
         // Which series make each site's use, with what is still open of them.
         let mut wanted = Vec::new();
@@ -606,7 +606,7 @@ impl Actor {
             statistics::rollup,
             statistics::series::{self, Metric, Subject, series_key},
         };
-        let now = super::actor::now_ms() / 1000;
+        let now = super::records::now_ms() / 1000;
         let from = now.saturating_sub(since_secs);
         let level = if since_secs <= 7 * 86_400 { 1 } else { 2 };
         let step = rollup::RESOLUTIONS[level].step_secs;
@@ -899,7 +899,7 @@ impl Actor {
         reply: Reply<super::statistics::series::StatsAnswer>,
     ) {
         use super::{statistics::rollup, statistics::series};
-        let now_secs = super::actor::now_ms() / 1000;
+        let now_secs = super::records::now_ms() / 1000;
         let from_secs = now_secs.saturating_sub(since_secs);
         let level = match resolution_secs {
             Some(step) => match rollup::RESOLUTIONS.iter().position(|r| r.step_secs == step) {

@@ -644,8 +644,8 @@ pub async fn start_with(
     for (host, vm) in loaded.vms {
         vms_by_host.entry(host).or_default().push(vm);
     }
-    actor.load_services(loaded.services, loaded.instances);
-    actor.load_autoscaling(loaded.autoscale);
+    actor.services.load(loaded.services, loaded.instances);
+    actor.autoscaling.load(loaded.autoscale);
     actor.statistics.series.restore(loaded.stats_open);
     for record in loaded.hosts {
         let vms = vms_by_host.remove(&record.id).unwrap_or_default();

@@ -6,6 +6,8 @@ use dunes_shared::{
     model::{HostId, VmName},
     pki::Fingerprint,
 };
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use serde::{Deserialize, Serialize};
 
 /// An enrolled host, as the operator added it.
@@ -172,4 +174,12 @@ impl std::fmt::Display for InstanceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}", self.service, self.app, self.index)
     }
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -6,8 +6,9 @@ use tokio::sync::mpsc;
 
 use super::{
     Command,
-    actor::{Actor, Internal, now_ms},
+    actor::{Actor, Internal},
     fleet::{enroll::GateRequest, link::LinkMessage},
+    records::now_ms,
 };
 
 /// What the actor reads: the operators' commands, the links' messages, enrollments'
@@ -68,7 +69,7 @@ impl Actor {
                     None => break,
                 },
                 Some(msg) = links.recv() => self.link(msg),
-                Some(request) = gates.recv() => self.gate(request),
+                Some(request) = gates.recv() => self.fleet.gate(request),
                 Some(msg) = internal.recv() => self.internal(msg),
             }
             // Take what else is waiting before publishing once.
@@ -115,7 +116,9 @@ impl Actor {
                 stable_id,
                 digest,
                 reason,
-            } => self.site_addresses_refused(&host, stable_id, digest, &reason),
+            } => self
+                .fleet
+                .site_addresses_refused(&host, stable_id, digest, &reason),
             Internal::AutoscaleMeasured { key, end, mean } => {
                 self.autoscale_measured(&key, end, mean)
             }

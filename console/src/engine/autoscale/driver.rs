@@ -7,16 +7,15 @@
 use std::collections::BTreeMap;
 
 use dunes_shared::model::{AppName, ServiceName};
-use dunes_shared::service::ServiceSpec;
 
 use crate::engine::{
     EngineError, Reply,
-    actor::{Actor, Internal, now_ms},
+    actor::{Actor, Internal},
     autoscale::{
         AutoscaleEntry, AutoscaleMetric, AutoscaleRule, Change, Decision, decide, period_means,
-        replay,
+        replay, state::key,
     },
-    records::{InstanceState, Level},
+    records::{InstanceState, Level, now_ms},
     services::placement::Action,
     statistics::rollup,
     statistics::series::{self, Metric, Subject},
@@ -56,10 +55,6 @@ pub struct ReplayAnswer {
     pub changes: Vec<(u64, Decision)>,
 }
 
-fn key(service: &ServiceName, app: &AppName) -> String {
-    format!("{service}/{app}")
-}
-
 /// The per-second (or per-bucket) mean over instances of their series, from each instance's
 /// buckets: `(start, mean of the instances that have it)`.
 fn mean_over_instances(per_instance: &[Vec<rollup::Bucket>]) -> Vec<(u64, f64)> {
@@ -77,24 +72,6 @@ fn mean_over_instances(per_instance: &[Vec<rollup::Bucket>]) -> Vec<(u64, f64)> 
 }
 
 impl Actor {
-    /// A service's definition with the instance counts its rules set.
-    pub(in crate::engine) fn scaled(
-        &self,
-        name: &ServiceName,
-        mut spec: ServiceSpec,
-    ) -> ServiceSpec {
-        for app in &mut spec.applications {
-            // A rule on the application, or on one inside its VMs (which scales the VMs).
-            let entry = std::iter::once(&app.name)
-                .chain(app.guest_apps.iter().map(|g| &g.name))
-                .find_map(|a| self.autoscaling.entries.get(&key(name, a)));
-            if let Some(entry) = entry {
-                app.instances = entry.record.desired;
-            }
-        }
-        spec
-    }
-
     /// The application whose instances a rule on `app` adds and removes: itself, or for an
     /// application inside VMs, the one whose VMs hold it. `None` when the service has no
     /// such application (or no longer reads).
@@ -144,13 +121,6 @@ impl Actor {
                 (k, open)
             })
             .collect()
-    }
-
-    pub(in crate::engine) fn load_autoscaling(&mut self, records: Vec<AutoscaleRecord>) {
-        self.autoscaling.entries = records
-            .into_iter()
-            .map(|r| (r.key(), AutoscaleEntry::new(r)))
-            .collect();
     }
 
     fn instance_count(&self, service: &ServiceName, app: &AppName) -> u32 {

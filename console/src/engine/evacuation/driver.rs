@@ -9,10 +9,10 @@ use dunes_shared::model::{HostId, ServiceName};
 
 use crate::engine::{
     EngineError, Reply,
-    actor::{Actor, Internal, now_ms},
+    actor::{Actor, Internal},
     evacuation::{AfterMoveOperation, DrainProgress, FleetParts, drain_step, service_move_step},
     migration::{MigrationOrigin, MigrationStep},
-    records::{Level, Maintenance, MovePhase, ServiceMove},
+    records::{Level, Maintenance, MovePhase, ServiceMove, now_ms},
 };
 
 impl Actor {

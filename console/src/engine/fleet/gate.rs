@@ -1,13 +1,11 @@
 //! The enrollment gate: the engine answers whether an agent may take a host id, with its live
 //! host list, and records an enrolled host before anyone is told it is added.
 
-use dunes_shared::pki::Fingerprint;
-
 use crate::engine::{
     HostAdded, Reply,
-    actor::{Actor, now_ms},
-    fleet::enroll::{self, Enrolled},
-    records::{HostRecord, Level},
+    actor::Actor,
+    fleet::enroll::Enrolled,
+    records::{HostRecord, Level, now_ms},
 };
 
 impl Actor {
@@ -60,32 +58,5 @@ impl Actor {
         );
         // Released only now that the host is in the list the gate checks.
         drop(hold);
-    }
-
-    /// May this enrollment take its host id? Not if another enrollment holds it, nor if an
-    /// enrolled host has it with another key (unless the operator asked to replace it).
-    pub(in crate::engine) fn gate(&mut self, request: enroll::GateRequest) {
-        let enroll::GateRequest {
-            host_id,
-            fingerprint,
-            replace,
-            answer,
-        } = request;
-        let taken_by: Option<Fingerprint> = self
-            .fleet
-            .hosts
-            .get(&host_id)
-            .map(|e| e.view.record.fingerprint)
-            .filter(|enrolled| *enrolled != fingerprint && !replace);
-        let verdict = match taken_by {
-            Some(enrolled) => Err(enroll::EnrollError::HostIdTaken {
-                host: host_id,
-                enrolled,
-            }),
-            None => enroll::HostIdHold::take(host_id.clone(), &self.fleet.enrolling)
-                .ok_or(enroll::EnrollError::HostIdBusy(host_id)),
-        };
-        // If the enrollment is gone already, its hold is dropped here and released.
-        let _ = answer.send(verdict);
     }
 }

@@ -164,7 +164,8 @@ impl Actor {
             bytes_total,
         } = &event
         {
-            self.transfer_progress(ticket, *bytes_done, *bytes_total);
+            self.migrations
+                .transfer_progress(ticket, *bytes_done, *bytes_total);
             return;
         }
         if let AgentEvent::Samples(samples) = &event {
@@ -290,13 +291,13 @@ impl Actor {
             disk_bytes: vm.disk_bytes,
             prices: inv.prices,
             owner,
-            removed_at_secs: crate::engine::actor::now_ms() / 1000,
+            removed_at_secs: crate::engine::records::now_ms() / 1000,
         };
         self.store.put_departed(record);
         // Everything it measured is stored now: a report right after it went counts all.
         let writes = self.statistics.series.flush_subject(
             &crate::engine::statistics::series::Subject::Workload(name.clone()),
-            crate::engine::actor::now_ms() / 1000,
+            crate::engine::records::now_ms() / 1000,
         );
         self.store.put_stats(writes);
     }

@@ -123,28 +123,6 @@ impl Actor {
             });
         }
     }
-
-    /// An agent did not take the site's address list: it is sent again at the next tick,
-    /// unless the link it went out on is gone or a newer list went out since.
-    pub(in crate::engine) fn site_addresses_refused(
-        &mut self,
-        host: &dunes_shared::model::HostId,
-        stable_id: usize,
-        digest: u64,
-        reason: &str,
-    ) {
-        let Some(entry) = self.fleet.hosts.get_mut(host) else {
-            return;
-        };
-        let same_link = entry
-            .peer
-            .as_ref()
-            .is_some_and(|p| p.conn.stable_id() == stable_id);
-        if same_link && entry.site_addresses_told == Some(digest) {
-            entry.site_addresses_told = None;
-            tracing::debug!("{host}: site addresses not taken: {reason}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -4,13 +4,17 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use dunes_shared::{
-    model::{HostId, RuntimeKind, VmName, VmStatus},
+    model::{HostId, RuntimeKind, VmName, VmState, VmStatus},
+    pki::Fingerprint,
     rpc::Peer,
 };
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::engine::{
-    EngineError, HostView, Reply, VmCloned, fleet::client::AgentClient, fleet::enroll,
+    EngineError, HostView, LinkState, Reply, VmCloned,
+    fleet::client::AgentClient,
+    fleet::enroll,
+    records::{InstanceRecord, InstanceState},
 };
 
 pub(in crate::engine) struct HostEntry {
@@ -85,6 +89,66 @@ impl FleetState {
             host: host.clone(),
             peer,
         })
+    }
+
+    /// An agent did not take the site's address list: it is sent again at the next tick,
+    /// unless the link it went out on is gone or a newer list went out since.
+    pub(in crate::engine) fn site_addresses_refused(
+        &mut self,
+        host: &HostId,
+        stable_id: usize,
+        digest: u64,
+        reason: &str,
+    ) {
+        let Some(entry) = self.hosts.get_mut(host) else {
+            return;
+        };
+        let same_link = entry
+            .peer
+            .as_ref()
+            .is_some_and(|p| p.conn.stable_id() == stable_id);
+        if same_link && entry.site_addresses_told == Some(digest) {
+            entry.site_addresses_told = None;
+            tracing::debug!("{host}: site addresses not taken: {reason}");
+        }
+    }
+
+    /// May this enrollment take its host id? Not if another enrollment holds it, nor if an
+    /// enrolled host has it with another key (unless the operator asked to replace it).
+    pub(in crate::engine) fn gate(&mut self, request: enroll::GateRequest) {
+        let enroll::GateRequest {
+            host_id,
+            fingerprint,
+            replace,
+            answer,
+        } = request;
+        let taken_by: Option<Fingerprint> = self
+            .hosts
+            .get(&host_id)
+            .map(|e| e.view.record.fingerprint)
+            .filter(|enrolled| *enrolled != fingerprint && !replace);
+        let verdict = match taken_by {
+            Some(enrolled) => Err(enroll::EnrollError::HostIdTaken {
+                host: host_id,
+                enrolled,
+            }),
+            None => enroll::HostIdHold::take(host_id.clone(), &self.enrolling)
+                .ok_or(enroll::EnrollError::HostIdBusy(host_id)),
+        };
+        // If the enrollment is gone already, its hold is dropped here and released.
+        let _ = answer.send(verdict);
+    }
+
+    /// Whether an instance's workload runs on a host that is online now: what the checks
+    /// of its applications need.
+    pub(in crate::engine) fn runs(&self, instance: &InstanceRecord) -> bool {
+        instance.state == InstanceState::Created
+            && self.hosts.get(&instance.host).is_some_and(|h| {
+                h.view.link == LinkState::Online
+                    && h.view
+                        .vm(&instance.vm)
+                        .is_some_and(|v| v.state == VmState::Running)
+            })
     }
 }
 

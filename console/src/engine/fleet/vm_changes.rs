@@ -148,7 +148,7 @@ impl Actor {
                     from,
                     &target.view,
                     &self.service_views(),
-                    &self.open_migrations(),
+                    &self.migrations.open(),
                 ) {
                     reasons.extend(more);
                 }

@@ -16,7 +16,7 @@ use dunes_shared::{
 
 use crate::engine::{
     EngineError, LinkState, Reply,
-    actor::{Actor, Internal, now_ms},
+    actor::{Actor, Internal},
     fleet::client::AgentClient,
     migration::{
         DiskMove, Effect, Learned, MigrationJournal, MigrationOptions, MigrationOrigin,
@@ -24,6 +24,7 @@ use crate::engine::{
     },
     records::InstanceRecord,
     records::Level,
+    records::now_ms,
     services::readiness::probe_of,
 };
 
@@ -83,16 +84,6 @@ impl Actor {
         }
     }
 
-    /// Open migrations, for the pre-check's view of what is on its way where.
-    pub(in crate::engine) fn open_migrations(&self) -> Vec<MigrationJournal> {
-        self.migrations
-            .journals
-            .values()
-            .filter(|m| !m.step.is_finished())
-            .cloned()
-            .collect()
-    }
-
     /// Checks, journals and starts a migration; the journal as planned, or why it cannot go.
     pub(in crate::engine) fn start_migration(
         &mut self,
@@ -134,7 +125,7 @@ impl Actor {
             &source.view,
             &target.view,
             &self.service_views(),
-            &self.open_migrations(),
+            &self.migrations.open(),
         )
         .map_err(|reasons| format!("{vm} cannot go to {to}: {}", reasons.join("; ")))?;
         let (limit_mbps, compress) = estimate.transfer_settings(options);
@@ -184,37 +175,6 @@ impl Actor {
         );
         self.commit_migration(journal.clone(), effects);
         Ok(journal)
-    }
-
-    /// A source agent's word on how far a transfer has got: shown live, not journaled (the
-    /// journal's step is what a restart needs).
-    pub(in crate::engine) fn transfer_progress(
-        &mut self,
-        ticket: &str,
-        bytes_done: u64,
-        bytes_total: u64,
-    ) {
-        let now = now_ms();
-        let Some(journal) = self
-            .migrations
-            .journals
-            .values_mut()
-            .find(|m| m.ticket.as_deref() == Some(ticket) && !m.step.is_finished())
-        else {
-            return;
-        };
-        let (last_bytes, last_ms) = self
-            .migrations
-            .transfer_samples
-            .insert(journal.id, (bytes_done, now))
-            .unwrap_or((0, journal.updated_ms));
-        let elapsed_ms = now.saturating_sub(last_ms);
-        if elapsed_ms > 0 && bytes_done >= last_bytes {
-            journal.rate_bps = Some((bytes_done - last_bytes) * 1000 / elapsed_ms);
-        }
-        journal.bytes_done = bytes_done;
-        journal.bytes_total = bytes_total;
-        self.migrations.dirty = true;
     }
 
     /// Asks a migration to stop and roll back (before it is confirmed).

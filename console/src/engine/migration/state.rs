@@ -1,7 +1,7 @@
 //! What the migrations domain holds: every journal by id, which have effects under way, and
 //! what their effects learned.
 
-use crate::engine::migration::machine::MigrationJournal;
+use crate::engine::{migration::machine::MigrationJournal, records::now_ms};
 
 /// What an effect learned besides its outcome.
 #[derive(Debug, Default)]
@@ -43,5 +43,43 @@ impl MigrationsState {
             transfer_samples: Default::default(),
             published: std::sync::Arc::new(Vec::new()),
         }
+    }
+
+    /// Open migrations, for the pre-check's view of what is on its way where.
+    pub(in crate::engine) fn open(&self) -> Vec<MigrationJournal> {
+        self.journals
+            .values()
+            .filter(|m| !m.step.is_finished())
+            .cloned()
+            .collect()
+    }
+
+    /// A source agent's word on how far a transfer has got: shown live, not journaled (the
+    /// journal's step is what a restart needs).
+    pub(in crate::engine) fn transfer_progress(
+        &mut self,
+        ticket: &str,
+        bytes_done: u64,
+        bytes_total: u64,
+    ) {
+        let now = now_ms();
+        let Some(journal) = self
+            .journals
+            .values_mut()
+            .find(|m| m.ticket.as_deref() == Some(ticket) && !m.step.is_finished())
+        else {
+            return;
+        };
+        let (last_bytes, last_ms) = self
+            .transfer_samples
+            .insert(journal.id, (bytes_done, now))
+            .unwrap_or((0, journal.updated_ms));
+        let elapsed_ms = now.saturating_sub(last_ms);
+        if elapsed_ms > 0 && bytes_done >= last_bytes {
+            journal.rate_bps = Some((bytes_done - last_bytes) * 1000 / elapsed_ms);
+        }
+        journal.bytes_done = bytes_done;
+        journal.bytes_total = bytes_total;
+        self.dirty = true;
     }
 }

@@ -3,7 +3,7 @@
 //! to the store before its VM is created or removed), started in dependency order and stopped
 //! in reverse, with a status made from every instance.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use dunes_shared::{
     model::{AppName, HostId, ServiceName, VmName, VmSpec, VmState, VmStatus},
@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{
     EngineError, LinkState, Reply,
-    actor::{Actor, Internal, now_ms},
+    actor::{Actor, Internal},
     fleet::client::AgentClient,
-    records::{InstanceRecord, InstanceState, Level, ServiceRecord},
+    records::{InstanceRecord, InstanceState, Level, ServiceRecord, now_ms},
     services::placement::{Action, Override, place_instances_with},
     services::{
         readiness::probe_of,
@@ -30,32 +30,16 @@ use crate::engine::{
 };
 
 impl Actor {
-    fn service_entry(&self, name: &ServiceName) -> Result<&ServiceEntry, EngineError> {
-        self.services
-            .entries
-            .get(name)
-            .ok_or_else(|| EngineError::Invalid(format!("service {name} does not exist")))
-    }
-
     /// The service's definition, with the instance counts autoscaling set.
     pub(in crate::engine) fn readable_spec(
         &self,
         name: &ServiceName,
     ) -> Result<ServiceSpec, EngineError> {
         let spec =
-            self.service_entry(name)?.spec.clone().map_err(|e| {
+            self.services.entry(name)?.spec.clone().map_err(|e| {
                 EngineError::Invalid(format!("service {name} no longer reads: {e}"))
             })?;
-        Ok(self.scaled(name, spec))
-    }
-
-    fn instances_of(&self, name: &ServiceName) -> Vec<InstanceRecord> {
-        self.services
-            .instances
-            .values()
-            .filter(|i| &i.service == name)
-            .cloned()
-            .collect()
+        Ok(self.autoscaling.scaled(name, spec))
     }
 
     pub(in crate::engine) fn define_service(
@@ -122,7 +106,7 @@ impl Actor {
         let (hosts, existing) = plan_inputs(
             &spec,
             self.fleet.hosts.values().map(|e| &e.view),
-            &self.instances_of(name),
+            &self.services.instances_of(name),
         );
         let plan = place_instances_with(&spec, &hosts, &existing, overrides);
         Ok(ServicePlan {
@@ -287,6 +271,7 @@ impl Actor {
         reply: Reply<OperationReport>,
     ) {
         let running: Vec<crate::engine::records::InstanceKey> = self
+            .services
             .instances_of(name)
             .into_iter()
             .filter(|i| {
@@ -325,7 +310,7 @@ impl Actor {
             if operation == Operation::Stopping {
                 order.reverse();
             }
-            let instances = self.instances_of(name);
+            let instances = self.services.instances_of(name);
             Ok(order
                 .iter()
                 .flat_map(|app| {
@@ -353,11 +338,12 @@ impl Actor {
         name: &ServiceName,
         reply: Reply<OperationReport>,
     ) {
-        if let Err(e) = self.service_entry(name).and_then(|_| self.not_busy(name)) {
+        if let Err(e) = self.services.entry(name).and_then(|_| self.not_busy(name)) {
             let _ = reply.send(Err(e));
             return;
         }
         let steps = self
+            .services
             .instances_of(name)
             .into_iter()
             .map(|instance| Step::Remove { instance })
@@ -450,7 +436,7 @@ impl Actor {
     }
 
     pub(in crate::engine) fn not_busy(&self, name: &ServiceName) -> Result<(), EngineError> {
-        match self.service_entry(name)?.busy {
+        match self.services.entry(name)?.busy {
             Some(op) => Err(EngineError::Invalid(format!(
                 "service {name} is busy ({}); try again when it is done",
                 match op {
@@ -660,26 +646,6 @@ impl Actor {
         self.reply_after_commit(reply, report);
     }
 
-    /// Services and instances loaded from the store at start. An operation the last run cut
-    /// short is left as its journal says: the next deploy finds what exists.
-    pub(in crate::engine) fn load_services(
-        &mut self,
-        records: Vec<ServiceRecord>,
-        instances: Vec<InstanceRecord>,
-    ) {
-        let mut services = BTreeMap::new();
-        for record in records {
-            let entry = ServiceEntry::new(record);
-            if let Err(e) = &entry.spec {
-                tracing::warn!("service {} no longer reads: {e}", entry.record.name);
-            }
-            services.insert(entry.record.name.clone(), entry);
-        }
-        self.services.entries = services;
-        self.services.instances = instances.into_iter().map(|i| (i.key(), i)).collect();
-        self.services.dirty = true;
-    }
-
     /// The services as the snapshot shows them, with the VM states their hosts report.
     pub(in crate::engine) fn service_views(&self) -> Vec<Arc<ServiceView>> {
         self.services
@@ -750,7 +716,7 @@ impl Actor {
                     .collect();
                 let status = match &entry.spec {
                     Ok(spec) => service_status(
-                        &self.scaled(&entry.record.name, spec.clone()),
+                        &self.autoscaling.scaled(&entry.record.name, spec.clone()),
                         &instances,
                         entry.busy,
                         entry.started,

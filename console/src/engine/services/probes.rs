@@ -7,7 +7,6 @@
 use std::future::Future;
 
 use dunes_shared::{
-    model::VmState,
     protocol::{
         CheckReady, GuestAppProbe, GuestApps, GuestAppsReply, MetricProbe, MetricReply, ProbeKind,
         ReadMetric, ReadinessProbe,
@@ -16,10 +15,9 @@ use dunes_shared::{
 };
 
 use crate::engine::{
-    LinkState,
     actor::{Actor, Internal},
     fleet::client::AgentClient,
-    records::{InstanceKey, InstanceRecord, InstanceState},
+    records::{InstanceKey, InstanceRecord},
     services::{
         app_metrics::probe_of_metric,
         guest_apps::{GuestLook, cpu_between, probe_of_guest_app},
@@ -75,7 +73,7 @@ impl Actor {
                     key.clone(),
                     instance.clone(),
                     question,
-                    self.instance_runs(instance),
+                    self.fleet.runs(instance),
                 ))
             })
             .collect();
@@ -211,23 +209,6 @@ impl InstanceProbe for GuestAppsProbe {
             })
         };
         before.as_ref().map(shown) != Some(shown(&look)) || !look.cpu_percent.is_empty()
-    }
-}
-
-impl Actor {
-    /// Whether an instance's workload runs on a host that is online now: what the checks
-    /// of its applications need.
-    pub(in crate::engine) fn instance_runs(
-        &self,
-        instance: &crate::engine::records::InstanceRecord,
-    ) -> bool {
-        instance.state == InstanceState::Created
-            && self.fleet.hosts.get(&instance.host).is_some_and(|h| {
-                h.view.link == LinkState::Online
-                    && h.view
-                        .vm(&instance.vm)
-                        .is_some_and(|v| v.state == VmState::Running)
-            })
     }
 }
 

@@ -13,7 +13,7 @@ use dunes_shared::{
 };
 
 use crate::engine::{
-    ServiceView,
+    EngineError, ServiceView,
     records::{InstanceKey, InstanceRecord, ServiceRecord},
     services::{
         guest_apps::GuestLook, readiness::LastCheck, service_file::parse_service_file,
@@ -156,4 +156,43 @@ pub(in crate::engine) enum ProbeAnswer {
     Readiness(InstanceKey, LastCheck),
     GuestApps(InstanceKey, Result<GuestAppsReply, String>),
     AppMetric(InstanceKey, Result<MetricReply, String>),
+}
+
+impl ServicesState {
+    pub(in crate::engine) fn entry(
+        &self,
+        name: &ServiceName,
+    ) -> Result<&ServiceEntry, EngineError> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| EngineError::Invalid(format!("service {name} does not exist")))
+    }
+
+    pub(in crate::engine) fn instances_of(&self, name: &ServiceName) -> Vec<InstanceRecord> {
+        self.instances
+            .values()
+            .filter(|i| &i.service == name)
+            .cloned()
+            .collect()
+    }
+
+    /// Services and instances loaded from the store at start. An operation the last run cut
+    /// short is left as its journal says: the next deploy finds what exists.
+    pub(in crate::engine) fn load(
+        &mut self,
+        records: Vec<ServiceRecord>,
+        instances: Vec<InstanceRecord>,
+    ) {
+        let mut services = BTreeMap::new();
+        for record in records {
+            let entry = ServiceEntry::new(record);
+            if let Err(e) = &entry.spec {
+                tracing::warn!("service {} no longer reads: {e}", entry.record.name);
+            }
+            services.insert(entry.record.name.clone(), entry);
+        }
+        self.entries = services;
+        self.instances = instances.into_iter().map(|i| (i.key(), i)).collect();
+        self.dirty = true;
+    }
 }
