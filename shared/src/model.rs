@@ -99,6 +99,11 @@ validated_name!(
     "template name"
 );
 validated_name!(
+    /// Name of an image in the console's library: an operating system's disk or installer.
+    ImageName,
+    "image name"
+);
+validated_name!(
     /// Name of a service: a group of applications run as one.
     ServiceName,
     "service name"

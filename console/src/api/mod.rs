@@ -56,6 +56,9 @@ macro_rules! with_operations {
         engine_info => EngineInfo,
         audit => ListAudit,
         verify_audit => VerifyAudit,
+        images => ListImages,
+        import_image => ImportImage,
+        delete_image => DeleteImage,
             }
     };
 }

@@ -3,7 +3,7 @@
 //! so a bad one gets the same sentence from every client.
 
 use dunes_shared::{
-    model::{AppName, HostId, ServiceName, TemplateName, VmName, VmSpec, VmStatus},
+    model::{AppName, HostId, ImageName, ServiceName, TemplateName, VmName, VmSpec, VmStatus},
     pki::Fingerprint,
     protocol::{PowerAction, SnapshotAction},
 };
@@ -1597,6 +1597,80 @@ impl Operation for RevokeOperator {
             .request(|reply| Command::RevokeOperator { name, reply })
             .await?;
         Ok(OperatorView::from(&record))
+    }
+}
+
+fn image_name(text: &str) -> Result<ImageName, ApiError> {
+    Ok(ImageName::new(text).map_err(|e| e.to_string())?)
+}
+
+/// The image library.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListImages {}
+
+impl Operation for ListImages {
+    const NAME: &'static str = "images";
+    const ACTION: &'static str = "list images";
+    type Response = Vec<ImageView>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let records = engine
+            .request(|reply| Command::ListImages { reply })
+            .await?;
+        Ok(records.iter().map(ImageView::from).collect())
+    }
+}
+
+/// Copies a file on the engine's machine into the image library: a qcow2 disk, a raw disk
+/// with a partition table, or an ISO 9660 installer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportImage {
+    pub name: String,
+    /// An absolute path on the engine's machine.
+    pub path: String,
+}
+
+impl Operation for ImportImage {
+    const NAME: &'static str = "image-import";
+    const ACTION: &'static str = "import images";
+    type Response = ImageView;
+    changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        vec![Target::Image(self.name.clone())]
+    }
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = image_name(&self.name)?;
+        let path = std::path::PathBuf::from(&self.path);
+        if !path.is_absolute() {
+            return Err(format!("{}: give the image's absolute path", self.path).into());
+        }
+        let record = engine
+            .request(|reply| Command::ImportImage { name, path, reply })
+            .await?;
+        Ok(ImageView::from(&record))
+    }
+}
+
+/// Removes an image no VM builds on, and the console's copy of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeleteImage {
+    pub name: String,
+}
+
+impl Operation for DeleteImage {
+    const NAME: &'static str = "image-delete";
+    const ACTION: &'static str = "delete images";
+    type Response = ImageView;
+    changes!();
+    fn targets(&self, _snap: &Snapshot) -> Vec<Target> {
+        vec![Target::Image(self.name.clone())]
+    }
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = image_name(&self.name)?;
+        let record = engine
+            .request(|reply| Command::DeleteImage { name, reply })
+            .await?;
+        Ok(ImageView::from(&record))
     }
 }
 

@@ -349,6 +349,22 @@ fn every_operation() -> Vec<Case> {
             false,
         ),
         case(VerifyAudit {}, Viewer, false),
+        case(ListImages {}, Viewer, false),
+        case(
+            ImportImage {
+                name: "debian".into(),
+                path: "/srv/debian.qcow2".into(),
+            },
+            Admin,
+            false,
+        ),
+        case(
+            DeleteImage {
+                name: "debian".into(),
+            },
+            Admin,
+            false,
+        ),
     ]
 }
 

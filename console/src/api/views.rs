@@ -1194,6 +1194,37 @@ impl From<&crate::engine::operators::OperatorRecord> for OperatorView {
     }
 }
 
+/// An image of the library: an operating system's disk or installer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageView {
+    pub name: dunes_shared::model::ImageName,
+    /// `raw`, `qcow2` or `iso`.
+    pub format: String,
+    /// What a guest sees: the disk's size, or the volume's.
+    pub virtual_bytes: u64,
+    /// What the console's copy takes on its storage.
+    pub allocated_bytes: u64,
+    /// BLAKE3 of the whole file, in hex.
+    pub blake3: String,
+    pub imported: String,
+    /// Hosts that hold a copy.
+    pub hosts: Vec<String>,
+}
+
+impl From<&crate::engine::images::ImageRecord> for ImageView {
+    fn from(r: &crate::engine::images::ImageRecord) -> ImageView {
+        ImageView {
+            name: r.name.clone(),
+            format: r.format.as_str().to_string(),
+            virtual_bytes: r.virtual_bytes,
+            allocated_bytes: r.allocated_bytes,
+            blake3: r.blake3.clone(),
+            imported: rfc3339_ms(r.imported_ms),
+            hosts: r.hosts.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+}
+
 /// A new operator's certificate, with the CA that signed it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperatorIssuedView {

@@ -119,6 +119,12 @@ pub enum CtlCommand {
     /// Operators: who may drive this engine from elsewhere, and with which role.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// List the image library: name, format, size for the guest, size on disk, BLAKE3 and
+    /// the hosts that hold a copy.
+    Images,
+    /// Import or delete operating system images (qcow2, raw disks, ISO installers).
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Statistics of a host or a workload (VM or process instance): CPU %, memory MiB, disk
     /// and network bytes per second, each bucket's min, mean and max.
     Stats {
@@ -218,6 +224,21 @@ pub enum OperatorCommand {
     List,
     /// End an operator's sessions and refuse their credential from now on.
     Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Copy FILE into the library as NAME, its format found from its bytes: a qcow2 disk
+    /// (one that builds on a backing file or keeps its data in another file is refused), a
+    /// raw disk with a partition table, or an ISO 9660 installer. FILE is read by the
+    /// engine, so this runs on the engine's machine.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Remove an image from the library; refused while a VM's disk builds on it.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -143,6 +143,10 @@ async fn run(client: &EngineClient, command: &CtlCommand, out: Output) -> anyhow
         )?,
         CtlCommand::Autoscale(command) => run_autoscale(client, command, out).await?,
         CtlCommand::Operator(command) => run_operator(client, command, out).await?,
+        CtlCommand::Images => out.show(&client.images(ops::ListImages {}).await?, |i| {
+            render::images(i)
+        })?,
+        CtlCommand::Image(command) => run_image(client, command, out).await?,
         CtlCommand::Audit(args) => return run_audit(client, args, out).await,
         CtlCommand::Stats {
             subject,
@@ -649,6 +653,47 @@ async fn run_operator(
                 .revoke_operator(ops::RevokeOperator { name: name.clone() })
                 .await?,
             |o| format!("operator {} revoked; their sessions are closed\n", o.name),
+        ),
+    }
+}
+
+async fn run_image(
+    client: &EngineClient,
+    command: &ImageCommand,
+    out: Output,
+) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::Import { file, name } => {
+            if matches!(client, EngineClient::Remote { .. }) {
+                anyhow::bail!(
+                    "image import reads the file on the engine's machine, which --connect does not reach yet: run it there"
+                );
+            }
+            let path = std::fs::canonicalize(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            out.show(
+                &client
+                    .import_image(ops::ImportImage {
+                        name: name.clone(),
+                        path: path.to_string_lossy().into_owned(),
+                    })
+                    .await?,
+                |i| {
+                    format!(
+                        "image {} imported: {}, {} MiB for the guest, {} MiB on disk\n",
+                        i.name,
+                        i.format,
+                        i.virtual_bytes.div_ceil(1 << 20),
+                        i.allocated_bytes.div_ceil(1 << 20)
+                    )
+                },
+            )
+        }
+        ImageCommand::Delete { name } => out.show(
+            &client
+                .delete_image(ops::DeleteImage { name: name.clone() })
+                .await?,
+            |i| format!("image {} deleted\n", i.name),
         ),
     }
 }

@@ -414,6 +414,37 @@ pub fn services(list: &[ServiceSummary]) -> String {
     )
 }
 
+pub fn images(list: &[ImageView]) -> String {
+    table(
+        &[
+            "NAME",
+            "FORMAT",
+            "SIZE_MIB",
+            "ON_DISK_MIB",
+            "HOSTS",
+            "BLAKE3",
+            "IMPORTED",
+        ],
+        list.iter()
+            .map(|i| {
+                vec![
+                    i.name.to_string(),
+                    i.format.clone(),
+                    i.virtual_bytes.div_ceil(1 << 20).to_string(),
+                    i.allocated_bytes.div_ceil(1 << 20).to_string(),
+                    if i.hosts.is_empty() {
+                        "-".into()
+                    } else {
+                        i.hosts.join(",")
+                    },
+                    i.blake3.chars().take(16).collect(),
+                    i.imported.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
 pub fn operators(list: &[OperatorView]) -> String {
     table(
         &["NAME", "ROLE", "SCOPE", "ADDED", "REVOKED", "KEY"],

@@ -325,7 +325,8 @@ pub async fn start(engine: &EngineHandle) -> Result<DemoFleet, DemoError> {
         };
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         write_demo_template(&dir, agent.disk_data_mib)?;
-        let node = dir.join("node.xml");
+        // libvirt's test driver takes an absolute path: a relative data dir is made one.
+        let node = std::path::absolute(dir.join("node.xml")).map_err(io(&dir))?;
         std::fs::write(&node, node_xml(agent)).map_err(io(&node))?;
         let config = dir.join("agent.toml");
         std::fs::write(&config, agent_toml(agent)).map_err(io(&config))?;

@@ -89,6 +89,12 @@ pub(super) enum Internal {
         after: super::evacuation::AfterMoveOperation,
         failed: Option<String>,
     },
+    /// An image's copy into the library is whole, or failed.
+    ImageCopied {
+        name: dunes_shared::model::ImageName,
+        result: Result<super::images::library::Copied, String>,
+        reply: Reply<super::images::ImageRecord>,
+    },
     /// A running instance answered one of the questions asked of it every few seconds.
     Probe(super::services::state::ProbeAnswer),
 }
@@ -116,6 +122,7 @@ pub(super) struct Actor {
     pub(super) notices: Option<mpsc::Sender<super::notify::Notice>>,
     pub(super) statistics: StatisticsState,
     pub(super) autoscaling: AutoscalingState,
+    pub(super) images: super::images::state::ImagesState,
 }
 
 impl Actor {

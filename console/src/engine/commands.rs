@@ -368,6 +368,11 @@ impl Actor {
                 reply,
             } => self.add_operator(name, (role, scopes), csr_der, reply),
             Command::RevokeOperator { name, reply } => self.revoke_operator(name, reply),
+            Command::ImportImage { name, path, reply } => self.import_image(name, path, reply),
+            Command::DeleteImage { name, reply } => self.delete_image(name, reply),
+            Command::ListImages { reply } => {
+                let _ = reply.send(Ok(self.images.records.values().cloned().collect()));
+            }
             Command::Audit { entry, reply } => self.append_audit(entry, reply),
             Command::RenewOperator {
                 name,

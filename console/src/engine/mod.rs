@@ -10,6 +10,7 @@ pub mod console_pki;
 pub mod evacuation;
 mod event_log;
 pub mod fleet;
+pub mod images;
 pub mod migration;
 pub mod notify;
 pub mod operators;
@@ -381,6 +382,21 @@ pub enum Command {
     AuditReader {
         reply: Reply<Arc<store::AuditReader>>,
     },
+    /// Imports the file at `path` (on the engine's machine) into the image library.
+    ImportImage {
+        name: dunes_shared::model::ImageName,
+        path: PathBuf,
+        reply: Reply<images::ImageRecord>,
+    },
+    /// The image library.
+    ListImages {
+        reply: Reply<Vec<images::ImageRecord>>,
+    },
+    /// Removes an image that no VM uses.
+    DeleteImage {
+        name: dunes_shared::model::ImageName,
+        reply: Reply<images::ImageRecord>,
+    },
     /// Ends an operator's sessions and refuses their certificate from now on.
     RevokeOperator {
         name: dunes_shared::model::OperatorName,
@@ -639,6 +655,7 @@ pub async fn start_with(
         drains: Default::default(),
         operators,
         audit,
+        images: images::state::ImagesState::new(data_dir.join("images"), loaded.images),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
     for (host, vm) in loaded.vms {

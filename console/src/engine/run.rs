@@ -148,6 +148,11 @@ impl Actor {
                 failed,
             } => self.move_operation_ended(&service, after, failed),
             Internal::Probe(answer) => self.probe_answered(answer),
+            Internal::ImageCopied {
+                name,
+                result,
+                reply,
+            } => self.image_copied(name, result, reply),
         }
     }
 }

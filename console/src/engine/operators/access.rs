@@ -88,6 +88,8 @@ pub enum Target {
     Host { name: String, site: String },
     /// An operator: no scope covers who may do what.
     Operator(String),
+    /// An image of the library: no scope covers it.
+    Image(String),
 }
 
 impl Target {
@@ -110,6 +112,7 @@ impl Target {
             Target::Workload { name, .. } => name.clone(),
             Target::Host { name, .. } => format!("host {name}"),
             Target::Operator(name) => format!("operator {name}"),
+            Target::Image(name) => format!("image {name}"),
         }
     }
 }
@@ -168,6 +171,8 @@ const ADMIN_ONLY: &[&str] = &[
     "service-delete",
     "operator-add",
     "operator-revoke",
+    "image-import",
+    "image-delete",
 ];
 
 /// Changes every operator may make about themself.

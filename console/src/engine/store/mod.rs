@@ -55,6 +55,8 @@ const OPERATORS: TableDefinition<&str, &[u8]> = TableDefinition::new("operators"
 /// The audit log, by sequence number from 1: appended to, never rewritten (a table an
 /// older console ignores).
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// The image library, by name (a table an older console ignores).
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 /// How long a departed workload is remembered: as long as its hourly series.
 const DEPARTED_KEPT_SECS: u64 = 366 * 86_400;
 
@@ -114,6 +116,7 @@ pub struct Loaded {
     pub migrations: Vec<crate::engine::migration::MigrationJournal>,
     pub autoscale: Vec<AutoscaleRecord>,
     pub operators: Vec<crate::engine::operators::OperatorRecord>,
+    pub images: Vec<crate::engine::images::ImageRecord>,
     /// The audit log's last record, which the next one follows.
     pub audit_last: Option<crate::engine::audit::AuditRecord>,
     /// What each time series had open at the last flush.
@@ -174,6 +177,8 @@ enum Op {
     PutAudit(Box<crate::engine::audit::AuditRecord>),
     DeleteAutoscale(String),
     PutDeparted(Box<DepartedRecord>),
+    PutImage(Box<crate::engine::images::ImageRecord>),
+    DeleteImage(dunes_shared::model::ImageName),
 }
 
 /// Runs once the batch it came with is committed (or failed), with the error as one line.
@@ -338,6 +343,14 @@ impl Store {
         self.pending.push(Op::PutOperator(Box::new(record.clone())));
     }
 
+    pub fn put_image(&mut self, record: &crate::engine::images::ImageRecord) {
+        self.pending.push(Op::PutImage(Box::new(record.clone())));
+    }
+
+    pub fn delete_image(&mut self, name: &dunes_shared::model::ImageName) {
+        self.pending.push(Op::DeleteImage(name.clone()));
+    }
+
     pub fn delete_autoscale(&mut self, key: String) {
         self.pending.push(Op::DeleteAutoscale(key));
     }
@@ -470,6 +483,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(AUTOSCALE)?;
     tx.open_table(OPERATORS)?;
     tx.open_table(AUDIT)?;
+    tx.open_table(IMAGES)?;
     let now_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -605,6 +619,13 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping operator {}: {}", k.value(), error_chain(&e)),
         }
     }
+    for item in tx.open_table(IMAGES)?.iter()? {
+        let (k, v) = item?;
+        match decode::<crate::engine::images::ImageRecord>(v.value()) {
+            Ok(record) => loaded.images.push(record),
+            Err(e) => tracing::warn!("skipping image {}: {}", k.value(), error_chain(&e)),
+        }
+    }
     for item in tx.open_table(MIGRATIONS)?.iter()? {
         let (k, v) = item?;
         match decode::<rows::MigrationRow>(v.value())
@@ -669,10 +690,17 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut departed = tx.open_table(DEPARTED)?;
         let mut operators = tx.open_table(OPERATORS)?;
         let mut audit = tx.open_table(AUDIT)?;
+        let mut images = tx.open_table(IMAGES)?;
         for op in ops {
             match op {
                 Op::PutAudit(record) => {
                     audit.insert(record.seq, encode(record)?.as_slice())?;
+                }
+                Op::PutImage(record) => {
+                    images.insert(record.name.as_str(), encode(record)?.as_slice())?;
+                }
+                Op::DeleteImage(name) => {
+                    images.remove(name.as_str())?;
                 }
                 Op::PutOperator(record) => {
                     operators.insert(record.name.as_str(), encode(record)?.as_slice())?;

@@ -1,0 +1,73 @@
+//! What the image library holds: every image by name, and the names imports under way have
+//! taken.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use dunes_shared::model::{HostId, ImageName};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::images::format::ImageFormat;
+
+/// An image as the console keeps it (and its store holds it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: ImageName,
+    pub format: ImageFormat,
+    /// What a guest sees: the disk's size, or the volume's.
+    pub virtual_bytes: u64,
+    /// What the console's copy takes on its storage.
+    pub allocated_bytes: u64,
+    /// BLAKE3 of the whole file, in hex; the copy is `images/DIGEST.FORMAT`.
+    pub blake3: String,
+    pub imported_ms: u64,
+    /// Hosts that hold a copy.
+    #[serde(default)]
+    pub hosts: Vec<HostId>,
+}
+
+impl ImageRecord {
+    /// The file name of the console's copy in its images directory.
+    pub fn file_name(&self) -> String {
+        format!("{}.{}", self.blake3, self.format.as_str())
+    }
+}
+
+#[derive(Debug)]
+pub(in crate::engine) struct ImagesState {
+    /// Where the console keeps its copies: `DATA_DIR/images`.
+    pub(in crate::engine) dir: PathBuf,
+    pub(in crate::engine) records: BTreeMap<ImageName, ImageRecord>,
+    /// Names whose import is under way: a second import of one of them is refused.
+    pub(in crate::engine) importing: BTreeSet<ImageName>,
+}
+
+impl ImagesState {
+    pub(in crate::engine) fn new(dir: PathBuf, loaded: Vec<ImageRecord>) -> ImagesState {
+        ImagesState {
+            dir,
+            records: loaded.into_iter().map(|r| (r.name.clone(), r)).collect(),
+            importing: BTreeSet::new(),
+        }
+    }
+
+    /// Why `name` cannot be taken by a new import, if it cannot.
+    pub(in crate::engine) fn name_taken(&self, name: &ImageName) -> Option<String> {
+        if self.records.contains_key(name) {
+            Some(format!(
+                "an image named {name} is in the library: delete it first or choose another name"
+            ))
+        } else if self.importing.contains(name) {
+            Some(format!("an import of {name} is under way"))
+        } else {
+            None
+        }
+    }
+
+    /// The image with these bytes, under whatever name.
+    pub(in crate::engine) fn by_digest(&self, blake3: &str) -> Option<&ImageRecord> {
+        self.records.values().find(|r| r.blake3 == blake3)
+    }
+}

@@ -1,0 +1,212 @@
+//! The image library: `ctl image import` copies a file into the console's images directory
+//! with its format found from its bytes and its BLAKE3; what is no image, or a qcow2 that
+//! would read another file, is refused with one line and leaves nothing behind.
+
+use std::{
+    io::{Seek, SeekFrom, Write},
+    path::Path,
+    process::{Command, Output},
+};
+
+use dunes_tests::{
+    console_binary,
+    demo::{Console, ctl, demo_ready, json},
+};
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn refusal(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    stderr
+}
+
+/// `ctl image import FILE --name NAME`, run from `cwd` so that FILE may be relative.
+fn import(data: &Path, cwd: &Path, file: &str, name: &str) -> Output {
+    Command::new(console_binary())
+        .current_dir(cwd)
+        .args(["ctl", "--data-dir"])
+        .arg(data)
+        .args(["--json", "image", "import", file, "--name", name])
+        .output()
+        .unwrap()
+}
+
+/// The files in the console's images directory.
+fn copies(data: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data.join("images"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn images_are_imported_checked_listed_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    // A data dir given relative to where the operator stands, as a new user would.
+    let _console = Console(
+        Command::new(console_binary())
+            .current_dir(dir.path())
+            .args(["--demo", "--headless", "--data-dir", "console"])
+            .stderr(std::fs::File::create(dir.path().join("console.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let data = dir.path().join("console");
+    demo_ready(&data);
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    let at = |name: &str| files.join(name).to_string_lossy().into_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &at("base.qcow2"), "64M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &at("base.qcow2"),
+        "-F",
+        "qcow2",
+        &at("over.qcow2"),
+    ]);
+    // A header this console reads but qemu-img does not: clusters of 2^40 bytes.
+    std::fs::copy(files.join("base.qcow2"), files.join("broken.qcow2")).unwrap();
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(files.join("broken.qcow2"))
+            .unwrap();
+        f.seek(SeekFrom::Start(20)).unwrap();
+        f.write_all(&40u32.to_be_bytes()).unwrap();
+    }
+    // A raw disk: a partition table's signature and a little data in 16 MiB.
+    {
+        let mut f = std::fs::File::create(files.join("disk.raw")).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.seek(SeekFrom::Start(510)).unwrap();
+        f.write_all(&[0x55, 0xaa]).unwrap();
+        f.seek(SeekFrom::Start(5 << 20)).unwrap();
+        f.write_all(&[9u8; 65536]).unwrap();
+    }
+    std::fs::write(files.join("notes.txt"), "not a disk\n").unwrap();
+
+    // A relative path, from where the operator stands.
+    let base = json(&import(&data, &files, "base.qcow2", "base"));
+    assert_eq!(base["name"], "base");
+    assert_eq!(base["format"], "qcow2");
+    assert_eq!(base["virtual_bytes"], 64u64 << 20);
+    let digest = base["blake3"].as_str().unwrap().to_string();
+    let bytes = std::fs::read(files.join("base.qcow2")).unwrap();
+    assert_eq!(digest, blake3::hash(&bytes).to_hex().to_string());
+    let raw = json(&import(&data, &files, &at("disk.raw"), "disk"));
+    assert_eq!(raw["format"], "raw");
+    assert_eq!(raw["virtual_bytes"], 16u64 << 20);
+    assert!(raw["allocated_bytes"].as_u64().unwrap() < 4 << 20, "{raw}");
+
+    let listed = json(&ctl(&data, &["--json", "images"]));
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "disk"]);
+    let table = String::from_utf8(ctl(&data, &["images"]).stdout).unwrap();
+    assert!(
+        table.contains("qcow2") && table.contains(&digest[..16]),
+        "{table}"
+    );
+    let before = copies(&data);
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before.contains(&format!("{digest}.qcow2")));
+
+    // Each bad input: one line, nothing recorded, no copy left behind.
+    let cases = [
+        (
+            "base.qcow2",
+            "base",
+            "an image named base is in the library",
+        ),
+        (
+            "base.qcow2",
+            "again",
+            "holds these bytes already, as image base",
+        ),
+        ("over.qcow2", "over", "builds on the backing file"),
+        (
+            "broken.qcow2",
+            "broken",
+            "qemu-img cannot read the qcow2 header",
+        ),
+        ("notes.txt", "notes", "not a disk image"),
+        ("missing.qcow2", "missing", "cannot read"),
+        ("base.qcow2", "Not_A_Name", "image name"),
+    ];
+    for (file, name, says) in cases {
+        let line = refusal(&import(&data, &files, file, name));
+        assert!(line.contains(says), "{file} as {name}: {line}");
+    }
+    assert_eq!(copies(&data), before);
+    assert_eq!(
+        json(&ctl(&data, &["--json", "images"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // A delete removes the record and the copy; the other image stays.
+    let deleted = json(&ctl(&data, &["--json", "image", "delete", "base"]));
+    assert_eq!(deleted["name"], "base");
+    assert_eq!(
+        copies(&data),
+        [format!("{}.raw", raw["blake3"].as_str().unwrap())]
+    );
+    let line = refusal(&ctl(&data, &["image", "delete", "base"]));
+    assert!(line.contains("there is no image named base"), "{line}");
+    // Gone for good: the name is free again.
+    json(&import(&data, &files, "base.qcow2", "base"));
+
+    // Each import and delete is in the audit log, by image, refusals with their reason.
+    let audit = json(&ctl(&data, &["--json", "audit"]));
+    let records: Vec<(&str, &str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["operation"].as_str().unwrap(),
+                r["target"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        records.contains(&("image-delete", "image base", "ok")),
+        "{records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|(op, target, outcome)| *op == "image-import"
+                && *target == "image over"
+                && outcome.contains("backing file")),
+        "{records:?}"
+    );
+}
