@@ -2,7 +2,7 @@
 # Takes the scenes of docs/screenshots/ under Xvfb: the real console window with the demo
 # fleet (the shop service deployed and started), at 1600×1000 and at 800×500: the topology,
 # a migration to the remote site under way, a VM's details, the plan dialog, the charts of
-# 30 days and the capacity view. docs/screenshot.png (in the README) is the topology at
+# 30 days, the capacity view and the image library. docs/screenshot.png (in the README) is the topology at
 # 1600×1000. Usage: scripts/screenshot.sh [OUT_DIR]
 #
 # The window opens at the screen's origin (Xvfb has no window manager) and the demo's
@@ -28,6 +28,12 @@ for _ in $(seq 150); do
   if [ "$(ctl --json vms 2>/dev/null | grep -c '"name"')" = 7 ]; then break; fi
   sleep 0.2
 done
+# An image in the library: a raw disk with a partition table's signature.
+python3 -c '
+import sys
+with open(sys.argv[1], "wb") as f:
+    f.truncate(2 << 30); f.seek(510); f.write(b"\x55\xaa")' "$work/debian-12.raw"
+ctl image import "$work/debian-12.raw" --name debian-12 >/dev/null
 ctl service create -f assets/examples/shop.toml >/dev/null
 ctl service deploy shop >/dev/null
 ctl service start shop >/dev/null
@@ -83,6 +89,9 @@ key Escape               # closes the charts
 click 293 13             # Capacity… in the toolbar
 shot capacity-1600x1000
 key Escape               # closes the capacity view
+click 376 13             # Images… in the toolbar
+shot images-1600x1000
+key Escape               # closes the image library
 
 # 800×500: the side panels are strips; the details open over the topology.
 size 800 500
@@ -101,3 +110,6 @@ key Escape               # closes the plan
 key Escape               # folds the services drawer
 click 293 13             # Capacity…
 shot capacity-800x500
+key Escape               # closes the capacity view
+click 376 13             # Images…
+shot images-800x500

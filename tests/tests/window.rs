@@ -1,6 +1,7 @@
 //! The window on the demo fleet, as a new operator meets it: a VM dragged to the remote site
 //! with its transfer on screen, Migrate to… by keyboard, a VM its agent cannot move refused
-//! before anything stops, the charts of 30 days on one time axis, and a small window.
+//! before anything stops, the charts of 30 days on one time axis, a small window, and an
+//! image dropped onto the window imported into the library.
 
 mod gui_support;
 
@@ -567,4 +568,106 @@ fn snapshots_are_taken_reverted_and_deleted_from_a_vms_details() {
         "the VM's status without snapshots",
         |_| engine.snapshot().find_vm("notes").unwrap().1.snapshots == Some(0),
     );
+}
+
+/// A file as the desktop hands a drop to the window.
+#[derive(Debug)]
+struct Dropped(std::path::PathBuf);
+
+impl egui::DroppedFile for Dropped {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn an_image_dropped_onto_the_window_is_imported_and_deleted_from_the_library() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, _fleet) = demo_engine(dir.path());
+    // A raw disk: a partition table's signature in 8 MiB.
+    let disk = dir.path().join("Build_Server.raw");
+    {
+        let mut f = std::fs::File::create(&disk).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.seek(SeekFrom::Start(510)).unwrap();
+        f.write_all(&[0x55, 0xaa]).unwrap();
+    }
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "not a disk\n").unwrap();
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the toolbar", |h| {
+        h.query_by_role_and_label(Role::Button, "Images…").is_some()
+    });
+    harness
+        .input_mut()
+        .dropped_files
+        .push(std::sync::Arc::new(Dropped(disk.clone())));
+    step_until(&mut harness, "the Images view with the drop ready", |h| {
+        h.query_by_label("No image yet: import a disk or an installer above.")
+            .is_some()
+    });
+    // The name comes from the file's.
+    let name = harness
+        .get_by_role_and_label(Role::TextInput, "Name")
+        .accesskit_node()
+        .value()
+        .unwrap_or_default();
+    assert_eq!(name, "build-server");
+    harness
+        .get_by_role_and_label(Role::Button, "Import")
+        .click();
+    step_until(&mut harness, "the image imported", |h| {
+        h.query_by_label_contains("Image build-server imported: raw, 8.00 MiB")
+            .is_some()
+    });
+    step_until(&mut harness, "the image listed", |h| {
+        h.query_by_label("build-server").is_some()
+    });
+    assert_eq!(
+        runtime
+            .block_on(engine.request(|reply| dunes_console::engine::Command::ListImages { reply }))
+            .unwrap()
+            .len(),
+        1
+    );
+    // What is no image: the engine's one line, nothing listed.
+    harness
+        .get_by_role_and_label(Role::TextInput, "File")
+        .focus();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::TextInput, "File")
+        .type_text(&notes.display().to_string());
+    harness.step();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::Button, "Import")
+        .click();
+    step_until(&mut harness, "the refusal", |h| {
+        h.query_by_label_contains("Importing notes failed: not a disk image")
+            .is_some()
+    });
+    // Delete, confirmed.
+    harness
+        .get_by_role_and_label(Role::Button, "Delete…")
+        .click();
+    step_until(&mut harness, "the confirmation", |h| {
+        h.query_by_role_and_label(Role::Button, "Delete").is_some()
+    });
+    harness
+        .get_by_role_and_label(Role::Button, "Delete")
+        .click();
+    step_until(&mut harness, "the image deleted", |h| {
+        h.query_by_label("Image build-server deleted").is_some()
+    });
+    step_until(&mut harness, "the empty library", |h| {
+        h.query_by_label("No image yet: import a disk or an installer above.")
+            .is_some()
+    });
 }

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use egui::RichText;
 use tokio::sync::oneshot;
 
+use super::link::{Answer, take};
 use crate::api::{
-    ApiError, EngineClient, Operation, ops,
+    EngineClient, Operation, ops,
     views::{AuditCheck, AuditView},
 };
 
@@ -46,8 +47,6 @@ impl Since {
     }
 }
 
-type Answer<T> = oneshot::Receiver<Result<T, ApiError>>;
-
 #[derive(Default)]
 pub struct AuditWindow {
     open: bool,
@@ -74,18 +73,6 @@ fn ask<O: Operation>(
         let _ = tx.send(client.call(request).await);
     });
     rx
-}
-
-/// Takes an answer once it has come.
-fn take<T>(pending: &mut Option<Answer<T>>) -> Option<Result<T, String>> {
-    let rx = pending.as_mut()?;
-    let got = match rx.try_recv() {
-        Ok(result) => result.map_err(|e| e.message),
-        Err(oneshot::error::TryRecvError::Empty) => return None,
-        Err(oneshot::error::TryRecvError::Closed) => Err("the engine has stopped".into()),
-    };
-    *pending = None;
-    Some(got)
 }
 
 impl AuditWindow {

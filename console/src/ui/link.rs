@@ -25,6 +25,21 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// The longest pause between two tries to reach a lost engine.
 const MAX_RETRY_SECS: u64 = 30;
 
+/// An answer of the engine on its way to a panel.
+pub type Answer<T> = oneshot::Receiver<Result<T, ApiError>>;
+
+/// Takes an answer once it has come.
+pub fn take<T>(pending: &mut Option<Answer<T>>) -> Option<Result<T, String>> {
+    let rx = pending.as_mut()?;
+    let got = match rx.try_recv() {
+        Ok(result) => result.map_err(|e| e.message),
+        Err(oneshot::error::TryRecvError::Empty) => return None,
+        Err(oneshot::error::TryRecvError::Closed) => Err("the engine has stopped".into()),
+    };
+    *pending = None;
+    Some(got)
+}
+
 /// Where the window stands with its engine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LinkStatus {

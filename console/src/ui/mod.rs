@@ -8,6 +8,7 @@ mod details;
 mod dialogs;
 mod event_log;
 mod format;
+mod images;
 mod link;
 mod migrate;
 mod plan;
@@ -35,6 +36,7 @@ pub use details::DetailsPanel;
 pub use dialogs::{AddHostDialog, NewVmDialog};
 pub use event_log::EventLogPanel;
 pub use format::{clock, date_time, human_bytes};
+pub use images::ImagesWindow;
 pub use migrate::MigrateDialog;
 pub use plan::PlanDialog;
 pub use service_editor::ServiceEditor;
@@ -461,6 +463,7 @@ pub struct ConsoleApp {
     adopt: AdoptDialog,
     charts: ChartsWindow,
     capacity: CapacityWindow,
+    images: ImagesWindow,
     audit: AuditWindow,
     migrate: MigrateDialog,
     confirm: Option<Confirm>,
@@ -559,6 +562,7 @@ impl ConsoleApp {
             adopt: AdoptDialog::default(),
             charts: ChartsWindow::new(exports),
             capacity: CapacityWindow::default(),
+            images: ImagesWindow::default(),
             audit: AuditWindow::default(),
             migrate: MigrateDialog::default(),
             confirm: None,
@@ -644,6 +648,8 @@ impl ConsoleApp {
                 self.capacity.close();
             } else if self.audit.is_open() {
                 self.audit.close();
+            } else if self.images.is_open() {
+                self.images.close();
             } else {
                 self.selection = Selection::None;
             }
@@ -701,6 +707,13 @@ impl ConsoleApp {
                     .clicked()
                 {
                     self.capacity.open();
+                }
+                if ui
+                    .button("Images…")
+                    .on_hover_text("The image library: operating system disks and installers")
+                    .clicked()
+                {
+                    self.images.open();
                 }
                 if ui
                     .button("Audit…")
@@ -929,6 +942,18 @@ impl ConsoleApp {
             .capacity_ui(ui.ctx(), &self.link, actions.queue, shared_machine);
         self.audit
             .audit_ui(ui.ctx(), &self.link.client(), self.link.runtime());
+        // A file dropped onto the window is offered for import.
+        let dropped = ui.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .find(|p| !p.as_os_str().is_empty())
+        });
+        if let Some(path) = dropped {
+            self.images.import_dropped(&path);
+        }
+        self.images.images_ui(ui.ctx(), &self.link);
         self.migrate.migrate_ui(ui.ctx(), &snapshot, actions.queue);
         notices_ui(ui.ctx(), &mut actions.outbox.notices);
         self.confirm_ui(ui.ctx());
