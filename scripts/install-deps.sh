@@ -11,7 +11,8 @@ window=(python3 libx11-6 libx11-xcb1 libxcursor1 libxi6 libxrandr2 libxkbcommon-
 # QEMU, libvirt's daemon library and the guest's ingredients are installed by
 # assets/guest/build-tiny-guest.sh, which pins qemu-utils to qemu-system-x86's version.
 # dbus-daemon: a private session bus for the desktop-notification test.
-vms=(xvfb x11-apps xdotool imagemagick iproute2 python3 dbus-daemon)
+# genisoimage: isoinfo reads the cloud-init seeds back, as a second opinion on them.
+vms=(xvfb x11-apps xdotool imagemagick iproute2 python3 dbus-daemon genisoimage)
 
 packages=("${build[@]}")
 case "$level" in

@@ -23,6 +23,9 @@ if [ ! -x "$tools/bin/cargo-deny" ]; then
   cargo install cargo-deny --version 0.20.2 --locked --debug --quiet \
     --root "$tools" --target-dir "$tools/build"
 fi
+# cargo-deny reads the metadata of every platform's dependencies (a build fetches only this
+# one's), so they are fetched first.
+cargo fetch --locked --quiet
 PATH="$tools/bin:$PATH" cargo deny --offline check licenses bans
 # The suites start the real agent binary, so build it first.
 cargo build --workspace --bins

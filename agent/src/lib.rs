@@ -1,6 +1,7 @@
 //! The Dunes host agent: owns the runtimes of one host, reports status and executes the
 //! console's commands over QUIC with mutual TLS.
 
+pub mod cidata;
 pub mod cli;
 pub mod config;
 pub mod identity;

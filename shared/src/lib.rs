@@ -3,6 +3,7 @@
 //!
 //! Nothing here creates a runtime, talks to libvirt, or touches a database.
 
+pub mod cloud_init;
 pub mod codec;
 pub mod durable;
 pub mod model;

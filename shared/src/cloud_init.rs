@@ -1,0 +1,228 @@
+//! cloud-init's NoCloud data for a VM: its meta-data (an instance id that stays with the VM
+//! through migrations, and its host name), the operator's user-data checked before anything
+//! is made, and the usual case (a user who logs in with an SSH key) written as cloud-config.
+
+use base64::Engine as _;
+use saphyr::{LoadableYamlNode as _, YamlOwned};
+
+/// The most user-data a VM gets: cloud-init reads it whole, and it travels in one request.
+pub const USER_DATA_MAX_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserDataError {
+    #[error("user-data line {line}: {message}")]
+    Yaml { line: usize, message: String },
+    #[error("user-data must begin with #cloud-config (a cloud-config document) or #! (a script)")]
+    NoHeader,
+    #[error("user-data's cloud-config is not a mapping of keys (such as users: or packages:)")]
+    NotAMapping,
+    #[error("user-data is {0} bytes; it may be at most 64 KiB")]
+    TooLarge(usize),
+}
+
+/// Checks user-data as cloud-init reads it: a `#cloud-config` document must be YAML whose
+/// top level is a mapping; a script (`#!`) is taken as it is.
+pub fn check_user_data(text: &str) -> Result<(), UserDataError> {
+    if text.len() > USER_DATA_MAX_BYTES {
+        return Err(UserDataError::TooLarge(text.len()));
+    }
+    if text.starts_with("#!") {
+        return Ok(());
+    }
+    if !text.starts_with("#cloud-config") {
+        return Err(UserDataError::NoHeader);
+    }
+    let documents = YamlOwned::load_from_str(text).map_err(|e| UserDataError::Yaml {
+        line: e.marker().line(),
+        message: e.info().to_string(),
+    })?;
+    match documents.first() {
+        // An empty cloud-config does nothing, as cloud-init takes it.
+        None => Ok(()),
+        Some(doc) if doc.is_mapping() || doc.is_null() => Ok(()),
+        Some(_) => Err(UserDataError::NotAMapping),
+    }
+}
+
+/// The meta-data of a VM.
+pub fn meta_data(instance_id: &str, hostname: &str) -> String {
+    format!(
+        "instance-id: {}\nlocal-hostname: {}\n",
+        quoted(instance_id),
+        quoted(hostname)
+    )
+}
+
+/// A string as YAML reads it back exactly (YAML takes JSON's double-quoted strings).
+fn quoted(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serialises")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SshKeyError {
+    #[error("not an SSH public key: expected one line such as \"ssh-ed25519 AAAA… you@host\"")]
+    NotAKey,
+    #[error(
+        "SSH keys of type {0} are not taken: use ssh-ed25519, ssh-rsa or ecdsa-sha2-nistp256/384/521"
+    )]
+    Type(String),
+    #[error("the SSH key's data is not a {0} key")]
+    Body(String),
+}
+
+const KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// The public key in `text` (an `authorized_keys` line, as `ssh-keygen` writes a `.pub`
+/// file), checked: a known type, and data that is a key of that type.
+pub fn parse_ssh_key(text: &str) -> Result<String, SshKeyError> {
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let (Some(line), None) = (lines.next(), lines.next()) else {
+        return Err(SshKeyError::NotAKey);
+    };
+    let mut fields = line.split_whitespace();
+    let (Some(kind), Some(body)) = (fields.next(), fields.next()) else {
+        return Err(SshKeyError::NotAKey);
+    };
+    if !KEY_TYPES.contains(&kind) {
+        return Err(if kind.starts_with("ssh-") || kind.starts_with("ecdsa-") {
+            SshKeyError::Type(kind.to_string())
+        } else {
+            SshKeyError::NotAKey
+        });
+    }
+    // The data begins with its own type, as a length-prefixed string.
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|_| SshKeyError::Body(kind.to_string()))?;
+    let named = data
+        .get(..4)
+        .map(|n| u32::from_be_bytes(n.try_into().expect("four bytes")) as usize)
+        .and_then(|n| data.get(4..4 + n));
+    if named != Some(kind.as_bytes()) || data.len() < 4 + kind.len() + 16 {
+        return Err(SshKeyError::Body(kind.to_string()));
+    }
+    Ok(line.to_string())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a user name: 1 to 32 lower-case letters, digits, _ or -, starting with a letter or _"
+)]
+pub struct UserNameError(pub String);
+
+/// cloud-config that makes `user` (with sudo) who logs in with `ssh_key`.
+pub fn user_with_key(user: &str, ssh_key: &str) -> Result<String, UserNameError> {
+    let valid = (1..=32).contains(&user.len())
+        && user
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(UserNameError(user.to_string()));
+    }
+    Ok(format!(
+        "#cloud-config\nusers:\n  - name: {}\n    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    shell: /bin/bash\n    lock_passwd: true\n    ssh_authorized_keys:\n      - {}\n",
+        quoted(user),
+        quoted(ssh_key)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ed25519 public key's data: its type and 32 bytes.
+    fn ed25519_line(comment: &str) -> String {
+        let mut data = Vec::new();
+        data.extend_from_slice(&11u32.to_be_bytes());
+        data.extend_from_slice(b"ssh-ed25519");
+        data.extend_from_slice(&32u32.to_be_bytes());
+        data.extend_from_slice(&[7u8; 32]);
+        format!(
+            "ssh-ed25519 {} {comment}",
+            base64::engine::general_purpose::STANDARD.encode(data)
+        )
+    }
+
+    #[test]
+    fn user_data_is_checked_as_cloud_init_reads_it() {
+        assert_eq!(check_user_data("#cloud-config\npackages: [htop]\n"), Ok(()));
+        assert_eq!(check_user_data("#cloud-config\n"), Ok(()));
+        assert_eq!(check_user_data("#!/bin/sh\necho hi: [\n"), Ok(()));
+        assert_eq!(
+            check_user_data("packages: [htop]\n"),
+            Err(UserDataError::NoHeader)
+        );
+        assert_eq!(
+            check_user_data("#cloud-config\n- a\n- b\n"),
+            Err(UserDataError::NotAMapping)
+        );
+        match check_user_data("#cloud-config\nusers:\n  - name: a\n packages: [x\n") {
+            Err(UserDataError::Yaml { line, .. }) => assert!((3..=5).contains(&line), "{line}"),
+            other => panic!("{other:?}"),
+        }
+        let big = format!("#cloud-config\n#{}\n", "x".repeat(USER_DATA_MAX_BYTES));
+        assert!(matches!(
+            check_user_data(&big),
+            Err(UserDataError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn an_ssh_key_is_one_line_of_a_known_type_with_its_data() {
+        let line = ed25519_line("ops@laptop");
+        assert_eq!(parse_ssh_key(&format!("\n{line}\n")), Ok(line.clone()));
+        assert_eq!(parse_ssh_key("hello world"), Err(SshKeyError::NotAKey));
+        assert_eq!(parse_ssh_key(""), Err(SshKeyError::NotAKey));
+        assert_eq!(
+            parse_ssh_key(&format!("{line}\n{line}")),
+            Err(SshKeyError::NotAKey)
+        );
+        assert_eq!(
+            parse_ssh_key("ssh-dss AAAAB3NzaC1kc3M= x"),
+            Err(SshKeyError::Type("ssh-dss".into()))
+        );
+        assert_eq!(
+            parse_ssh_key("ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAABAQ== x"),
+            Err(SshKeyError::Body("ssh-ed25519".into()))
+        );
+        assert_eq!(
+            parse_ssh_key(
+                "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END OPENSSH PRIVATE KEY-----"
+            ),
+            Err(SshKeyError::NotAKey)
+        );
+    }
+
+    #[test]
+    fn the_usual_user_reads_back_as_written() {
+        let key = ed25519_line("a: comment # with YAML in it");
+        let config = user_with_key("debian", &key).unwrap();
+        assert_eq!(check_user_data(&config), Ok(()));
+        let doc = &YamlOwned::load_from_str(&config).unwrap()[0];
+        let user = &doc["users"][0];
+        assert_eq!(user["name"].as_str(), Some("debian"));
+        assert_eq!(user["ssh_authorized_keys"][0].as_str(), Some(key.as_str()));
+        assert!(user_with_key("Root", &key).is_err());
+        assert!(user_with_key("", &key).is_err());
+        assert!(user_with_key("9lives", &key).is_err());
+        let meta = meta_data("vm-7f3a", "web-1");
+        let doc = &YamlOwned::load_from_str(&meta).unwrap()[0];
+        assert_eq!(doc["instance-id"].as_str(), Some("vm-7f3a"));
+        assert_eq!(doc["local-hostname"].as_str(), Some("web-1"));
+    }
+}
