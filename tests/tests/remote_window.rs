@@ -291,6 +291,12 @@ fn a_window_elsewhere_acts_as_its_operator_and_catches_up_after_the_engine_resta
         harness.query_by_label(&last).is_some(),
         "the lost window keeps what it showed"
     );
+    // Stopped gracefully, the engine said so to its sessions: the band gives its word, not a
+    // silence (which would read "it stopped answering").
+    assert!(
+        harness.query_by_label("it was stopped").is_some(),
+        "the band says why the link ended"
+    );
 
     // The engine comes back on the same data dir and address, without the demo's agents:
     // the window reconnects by itself and catches up (the hosts are offline now).

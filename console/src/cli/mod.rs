@@ -156,7 +156,7 @@ fn run_console(
         };
         anyhow::Ok((engine, fleet, (metrics, operators)))
     });
-    let (engine, fleet, _served) = match started {
+    let (engine, fleet, (_metrics, operators)) = match started {
         Ok(started) => started,
         Err(e) => {
             if temporary {
@@ -179,6 +179,9 @@ fn run_console(
             crate::ui::ConsoleApp::new(ctx, engine)
         })
     };
+    if let Some(operators) = operators {
+        runtime.block_on(operators.close());
+    }
     if let Some(fleet) = fleet {
         runtime.block_on(fleet.stop());
     }

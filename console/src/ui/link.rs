@@ -51,7 +51,10 @@ pub enum LinkStatus {
     /// `retry_at`.
     Lost {
         address: String,
+        /// Why the session ended.
         why: String,
+        /// Why the last try to reach it again failed, once one has.
+        last_try: Option<String>,
         since: SystemTime,
         retry_at: Instant,
         attempts: u32,
@@ -274,17 +277,19 @@ impl Follower {
         mut feed: watch::Receiver<Arc<Snapshot>>,
     ) {
         loop {
-            let mut why = self.forward(&session, &mut feed).await;
+            let why = self.forward(&session, &mut feed).await;
             tracing::warn!("lost the engine at {}: {why}", session.address);
             let address = session.address.clone();
             let since = SystemTime::now();
             let mut attempts = 0;
+            let mut last_try = None;
             loop {
                 attempts += 1;
                 let delay = retry_delay(attempts);
                 self.status.send_replace(LinkStatus::Lost {
                     address: address.clone(),
                     why: why.clone(),
+                    last_try: last_try.clone(),
                     since,
                     retry_at: Instant::now() + delay,
                     attempts,
@@ -299,7 +304,7 @@ impl Follower {
                         (session, feed) = (new_session, new_feed);
                         break;
                     }
-                    Err(e) => why = dunes_shared::error_chain(&e),
+                    Err(e) => last_try = Some(dunes_shared::error_chain(&e)),
                 }
             }
             tracing::info!("reconnected to the engine at {}", session.address);

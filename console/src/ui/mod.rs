@@ -117,6 +117,14 @@ pub fn gated(
     }
 }
 
+/// Where the window stands with reaching a lost engine again.
+struct Tries<'a> {
+    retry_at: std::time::Instant,
+    attempts: u32,
+    /// Why the last try failed.
+    last: Option<&'a str>,
+}
+
 /// The band under the toolbar while the engine elsewhere cannot be reached: what the window
 /// shows is as old as the link's end, and when it tries again.
 fn lost_banner(
@@ -124,9 +132,13 @@ fn lost_banner(
     address: &str,
     why: &str,
     since: std::time::SystemTime,
-    retry_at: std::time::Instant,
-    attempts: u32,
+    tries: Tries<'_>,
 ) {
+    let Tries {
+        retry_at,
+        attempts,
+        last,
+    } = tries;
     let wait = retry_at.saturating_duration_since(std::time::Instant::now());
     egui::Panel::top("link-lost")
         .frame(
@@ -142,9 +154,10 @@ fn lost_banner(
                         .color(Color32::WHITE),
                 );
                 ui.label(egui::RichText::new(why).color(Color32::from_gray(230)));
+                let last = last.map_or(String::new(), |l| format!(", the last: {l}"));
                 ui.label(
                     egui::RichText::new(format!(
-                        "What you see is as of {} UTC. Trying again in {} s (try {attempts}); changes wait until then.",
+                        "What you see is as of {} UTC. Trying again in {} s (try {attempts}{last}); changes wait until then.",
                         format::clock(crate::engine::snapshot::unix_ms(since)),
                         wait.as_secs() + 1
                     ))
@@ -759,12 +772,18 @@ impl ConsoleApp {
         if let LinkStatus::Lost {
             address,
             why,
+            last_try,
             since,
             retry_at,
             attempts,
         } = &link_status
         {
-            lost_banner(ui, address, why, *since, *retry_at, *attempts);
+            let tries = Tries {
+                retry_at: *retry_at,
+                attempts: *attempts,
+                last: last_try.as_deref(),
+            };
+            lost_banner(ui, address, why, *since, tries);
         }
         // The status bar: what the last thing asked did.
         egui::Panel::bottom("status-bar").show(ui, |ui| {

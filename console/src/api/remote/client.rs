@@ -220,6 +220,12 @@ impl RemoteEngine {
 
     /// Resolves once the session ends, with why.
     pub async fn closed(&self) -> String {
-        self.connection.closed().await.to_string()
+        match self.connection.closed().await {
+            // The engine's own word: stopped, revoked, refused.
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                String::from_utf8_lossy(&close.reason).into_owned()
+            }
+            other => other.to_string(),
+        }
     }
 }

@@ -42,10 +42,23 @@ pub struct OperatorEndpoint {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What an operator's session is told when the engine stops.
+const STOPPING: &[u8] = b"it was stopped";
+
+impl OperatorEndpoint {
+    /// Ends every session with a word to its operator, and waits (a little) until they
+    /// heard it: a window then says at once that the engine stopped.
+    pub async fn close(self) {
+        self.task.abort();
+        self.endpoint.close(close::DONE, STOPPING);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
 impl Drop for OperatorEndpoint {
     fn drop(&mut self) {
         self.task.abort();
-        self.endpoint.close(close::DONE, b"the engine stops");
+        self.endpoint.close(close::DONE, STOPPING);
     }
 }
 
