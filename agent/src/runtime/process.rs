@@ -961,10 +961,12 @@ async fn supervise(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Shut off before the sender goes: a stop waits for the sender to go, then answers
+    // with the state.
+    rt.set_state(&name, VmState::Shutoff);
     if let Some(i) = lock(&rt.inner.instances).get_mut(&name) {
         i.stop = None;
     }
-    rt.set_state(&name, VmState::Shutoff);
 }
 
 impl Runtime for ProcessRuntime {
