@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use dunes_shared::model::{TemplateDisk, TemplateInfo, TemplateName, VmName};
+use dunes_shared::model::{ImageFormat, TemplateDisk, TemplateInfo, TemplateName, VmName};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,10 @@ pub enum StorageError {
         action: &'static str,
         message: String,
     },
+    #[error(
+        "template {0} here holds another image: delete the VMs on it, or push under another name"
+    )]
+    TemplateTaken(TemplateName),
     #[error("{action} {path} failed")]
     Io {
         action: &'static str,
@@ -77,6 +81,21 @@ pub struct TemplateManifest {
     /// The NIC its VMs get on QEMU: `user` (QEMU's user-mode network) or `none`.
     #[serde(default)]
     pub network: TemplateNetwork,
+    /// The image's format; its file is `disk.img` (raw), `disk.qcow2` or `disk.iso`.
+    #[serde(default = "raw_format")]
+    pub format: ImageFormat,
+    /// The console's library image this template holds (its BLAKE3), for one pushed there.
+    #[serde(default)]
+    pub image_blake3: Option<String>,
+}
+
+fn raw_format() -> ImageFormat {
+    ImageFormat::Raw
+}
+
+/// The file name of a template's image in its directory.
+fn template_disk_name(format: ImageFormat) -> String {
+    format!("disk.{}", format.extension())
 }
 
 /// The NIC a template's VMs get on QEMU.
@@ -105,6 +124,10 @@ pub struct Template {
     /// New disks are qcow2 overlays on `disk`.
     pub overlay: bool,
     pub network: TemplateNetwork,
+    /// The image's format: an overlay names it for its backing file.
+    pub format: ImageFormat,
+    /// The console's library image this template holds (its BLAKE3), for one pushed there.
+    pub image_blake3: Option<String>,
 }
 
 /// How a VM's disk file is laid out.
@@ -158,6 +181,7 @@ impl Storage {
         let root = data_dir.join("storage");
         for dir in [
             root.join("images"),
+            root.join("incoming"),
             root.join("disks"),
             root.join("definitions"),
         ] {
@@ -176,6 +200,80 @@ impl Storage {
     pub fn template_dir(&self, name: &TemplateName) -> PathBuf {
         // A validated name holds no '/' and no "..", so this stays inside the root.
         self.root.join("images").join(name.as_str())
+    }
+
+    /// Where images pushed from the console are received, by digest, until they are whole.
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.root.join("incoming")
+    }
+
+    /// The file an image with `blake3` in `format` is received into, in [`Self::incoming_dir`].
+    pub fn incoming_file_name(blake3: &str, format: ImageFormat) -> String {
+        format!("{blake3}.{}", format.extension())
+    }
+
+    /// The template that holds the library image `blake3`, if one does.
+    pub fn template_with_image(&self, blake3: &str) -> Option<Template> {
+        let infos = self.templates().ok()?;
+        infos
+            .iter()
+            .filter_map(|t| self.template(&t.name).ok())
+            .find(|t| t.image_blake3.as_deref() == Some(blake3))
+    }
+
+    /// Makes `file` (a verified image in [`Self::incoming_dir`], or the disk of another
+    /// template with the same bytes, which is linked, not copied) the template `name`. A
+    /// template of that name that holds the same image is left as it is; one that holds
+    /// another is refused.
+    pub fn install_image(
+        &self,
+        name: &TemplateName,
+        format: ImageFormat,
+        blake3: &str,
+        file: &Path,
+        link: bool,
+    ) -> Result<Template, StorageError> {
+        match self.template(name) {
+            Ok(t) if t.image_blake3.as_deref() == Some(blake3) => return Ok(t),
+            Ok(_) => return Err(StorageError::TemplateTaken(name.clone())),
+            Err(StorageError::NoTemplate(_)) => {}
+            Err(StorageError::BadTemplate { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let dir = self.template_dir(name);
+        if dir.join("template.toml").exists() {
+            return Err(StorageError::TemplateTaken(name.clone()));
+        }
+        std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let disk = dir.join(template_disk_name(format));
+        let _ = std::fs::remove_file(&disk);
+        if link {
+            std::fs::hard_link(file, &disk).map_err(io_err("linking", &disk))?;
+        } else {
+            std::fs::rename(file, &disk).map_err(io_err("renaming", file))?;
+        }
+        let manifest = TemplateManifest {
+            description: format!("Image {name} ({})", format.as_str()),
+            default_vcpus: 1,
+            default_memory_mib: 1024,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            placeholder: false,
+            source: None,
+            // A disk image gives overlay disks; an installer is a CD-ROM beside an empty disk.
+            overlay: format != ImageFormat::Iso,
+            network: TemplateNetwork::User,
+            format,
+            image_blake3: Some(blake3.to_string()),
+        };
+        let text = toml::to_string(&manifest).expect("manifest serializes");
+        let path = dir.join("template.toml");
+        // The manifest is written last: a template without one is not there.
+        dunes_shared::durable::write_file(&path, text.as_bytes(), 0o644)
+            .map_err(io_err("writing", &path))?;
+        sync_parent(&dir)?;
+        self.template(name)
     }
 
     pub fn disks_dir(&self) -> PathBuf {
@@ -219,8 +317,18 @@ impl Storage {
 
     /// The digest of a template's image, hashed once per version of the file.
     pub fn template_disk(&self, name: &TemplateName) -> Result<TemplateDisk, StorageError> {
-        let path = self.template_dir(name).join(TEMPLATE_DISK);
+        let template = self.template(name)?;
+        let path = template.disk;
         let meta = std::fs::metadata(&path).map_err(io_err("reading", &path))?;
+        // A pushed image was verified chunk by chunk against the console's copy, whose
+        // digest this is: no need to read it all again.
+        if let Some(blake3) = template.image_blake3 {
+            return Ok(TemplateDisk {
+                template: name.clone(),
+                blake3,
+                allocated_bytes: meta.blocks() * 512,
+            });
+        }
         let stamp = (meta.len(), meta.mtime(), meta.mtime_nsec());
         if let Some((at, disk)) = lock(&self.digests).get(name)
             && *at == stamp
@@ -241,14 +349,17 @@ impl Storage {
         Ok(disk)
     }
 
-    /// The digests of every template that gives overlay disks.
+    /// The digests of every template that gives overlay disks or holds a library image.
     pub fn overlay_template_disks(&self) -> Vec<TemplateDisk> {
         let Ok(infos) = self.templates() else {
             return Vec::new();
         };
         infos
             .iter()
-            .filter(|t| self.template(&t.name).is_ok_and(|t| t.overlay))
+            .filter(|t| {
+                self.template(&t.name)
+                    .is_ok_and(|t| t.overlay || t.image_blake3.is_some())
+            })
             .filter_map(|t| match self.template_disk(&t.name) {
                 Ok(d) => Some(d),
                 Err(e) => {
@@ -296,6 +407,8 @@ impl Storage {
             source: wanted,
             overlay: false,
             network: TemplateNetwork::User,
+            format: ImageFormat::Raw,
+            image_blake3: None,
         };
         match guest_dir {
             Some(src) => {
@@ -343,7 +456,7 @@ impl Storage {
                 Some(r) => Err(bad(format!("{r:?} is not a file name inside the template"))),
             }
         };
-        let disk = dir.join(TEMPLATE_DISK);
+        let disk = dir.join(template_disk_name(manifest.format));
         let disk_bytes = std::fs::metadata(&disk)
             .map_err(io_err("reading", &disk))?
             .len();
@@ -366,6 +479,8 @@ impl Storage {
                     && name.as_str() == "tiny"),
             overlay: manifest.overlay,
             network: manifest.network,
+            format: manifest.format,
+            image_blake3: manifest.image_blake3,
             disk,
         })
     }
@@ -404,22 +519,31 @@ impl Storage {
         let path = self.disk_file(&Self::disk_file_name(vm, format));
         match format {
             DiskFormat::Raw => sparse_copy(&template.disk, &path)?,
-            DiskFormat::Qcow2 => self.create_overlay(&template.info.name, &path)?,
+            DiskFormat::Qcow2 => self.create_overlay(template, &path)?,
         }
         Ok(VmDisk { path, format })
     }
 
     /// A qcow2 overlay whose backing file is named relative to the disks directory, so the
     /// file is the same on every host that keeps the template under the same name.
-    fn create_overlay(&self, template: &TemplateName, path: &Path) -> Result<(), StorageError> {
-        let backing = format!("../images/{template}/{TEMPLATE_DISK}");
+    fn create_overlay(&self, template: &Template, path: &Path) -> Result<(), StorageError> {
+        let name = &template.info.name;
+        let backing = format!("../images/{name}/{}", template_disk_name(template.format));
         let tmp = path.with_extension("partial");
         let output = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                template.format.as_str(),
+            ])
+            .args(["-b", &backing])
             .arg(&tmp)
             .output()
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => StorageError::NoQemuImg(template.clone()),
+                std::io::ErrorKind::NotFound => StorageError::NoQemuImg(name.clone()),
                 _ => io_err("running qemu-img for", &tmp)(e),
             })?;
         if !output.status.success() {
@@ -461,13 +585,17 @@ impl Storage {
         }
         let info: serde_json::Value = serde_json::from_slice(&output.stdout)
             .map_err(|e| foreign(format!("qemu-img info: {e}")))?;
-        let wanted = format!("../images/{template}/{TEMPLATE_DISK}");
+        let format = self.template(template)?.format;
+        let wanted = format!("../images/{template}/{}", template_disk_name(format));
         let backing = info["backing-filename"].as_str().unwrap_or_default();
         if backing != wanted {
             return Err(foreign(format!("backed by {backing:?}, not {wanted:?}")));
         }
-        if info["backing-filename-format"].as_str() != Some("raw") {
-            return Err(foreign("its backing file is not given as raw".into()));
+        if info["backing-filename-format"].as_str() != Some(format.as_str()) {
+            return Err(foreign(format!(
+                "its backing file is not given as {}",
+                format.as_str()
+            )));
         }
         if !info["format-specific"]["data"]["data-file"].is_null() {
             return Err(foreign("it keeps its data in another file".into()));
@@ -881,5 +1009,46 @@ mod tests {
         let dst = dir.path().join("b");
         sparse_copy(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    }
+
+    #[test]
+    fn a_pushed_image_becomes_a_template_once_and_its_name_stays_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let os = TemplateName::new("os").unwrap();
+        let incoming = storage
+            .incoming_dir()
+            .join(Storage::incoming_file_name("aa", ImageFormat::Qcow2));
+        std::fs::write(&incoming, b"QFI\xfbimage").unwrap();
+        let template = storage
+            .install_image(&os, ImageFormat::Qcow2, "aa", &incoming, false)
+            .unwrap();
+        assert!(template.overlay);
+        assert_eq!(template.disk, storage.template_dir(&os).join("disk.qcow2"));
+        assert!(!incoming.exists());
+        // Its digest is the library's, without reading the file again.
+        assert_eq!(storage.template_disk(&os).unwrap().blake3, "aa");
+        assert_eq!(
+            storage.template_with_image("aa").map(|t| t.info.name),
+            Some(os.clone())
+        );
+        // Under another name, the same bytes are linked, not copied.
+        let again = TemplateName::new("os-again").unwrap();
+        storage
+            .install_image(&again, ImageFormat::Qcow2, "aa", &template.disk, true)
+            .unwrap();
+        let linked = std::fs::metadata(storage.template_dir(&again).join("disk.qcow2")).unwrap();
+        assert_eq!(linked.nlink(), 2);
+        // The same image again changes nothing; another image under the name is refused.
+        storage
+            .install_image(&os, ImageFormat::Qcow2, "aa", &template.disk, true)
+            .unwrap();
+        let other = storage.incoming_dir().join("bb.qcow2");
+        std::fs::write(&other, b"other").unwrap();
+        assert!(matches!(
+            storage.install_image(&os, ImageFormat::Qcow2, "bb", &other, false),
+            Err(StorageError::TemplateTaken(_))
+        ));
+        assert_eq!(std::fs::read(&template.disk).unwrap(), b"QFI\xfbimage");
     }
 }

@@ -6,6 +6,7 @@
 pub mod cloud_init;
 pub mod codec;
 pub mod durable;
+pub mod extents;
 pub mod model;
 pub mod pki;
 pub mod protocol;

@@ -539,6 +539,34 @@ pub struct VmDiskInfo {
     pub backing: Option<TemplateName>,
 }
 
+/// What an image in the library is: a disk (raw or qcow2), or an installer (ISO 9660).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+    Iso,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Iso => "iso",
+        }
+    }
+
+    /// The file name extension of an image in this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "img",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Iso => "iso",
+        }
+    }
+}
+
 /// A template's disk image as its agent holds it: two hosts hold the same image when the
 /// BLAKE3 of their files is the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

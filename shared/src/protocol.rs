@@ -60,6 +60,9 @@ pub mod features {
     pub const VM_SNAPSHOTS: &str = "vm-snapshots";
     /// `CloneVm`: a stopped VM copied on its host under a new name.
     pub const VM_CLONE: &str = "vm-clone";
+    /// `ReceiveImage`: a library image streamed from the console, on a stream of its own,
+    /// kept as a template of the image's name.
+    pub const IMAGES: &str = "images";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -79,6 +82,7 @@ pub mod features {
         VM_CONFIGURE,
         VM_SNAPSHOTS,
         VM_CLONE,
+        IMAGES,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -404,6 +408,30 @@ pub struct SendDisk {
     pub compress: bool,
 }
 
+/// To an agent, on a stream of its own: keep the console's library image as the template
+/// `template`. The agent answers with an [`ImageOffer`]; unless it holds the image already,
+/// the console then streams the image's chunks on the same stream as in a disk transfer
+/// ([`crate::transfer::TransferFrame`]: `Chunk`s and `Finish` one way, `Resend`, `Ack` and
+/// `Finished` the other), from where the offer says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceiveImage {
+    pub template: crate::model::TemplateName,
+    pub format: crate::model::ImageFormat,
+    /// BLAKE3 of the whole file, in hex: the same bytes under any template name are not sent
+    /// again.
+    pub blake3: String,
+    pub size_bytes: u64,
+}
+
+/// The agent's answer to [`ReceiveImage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageOffer {
+    /// The host holds these bytes already; the template is there and nothing is sent.
+    pub held: bool,
+    /// Where the chunks go on from: the end of what an earlier, cut push left acknowledged.
+    pub resume_from: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SendReport {
     /// The image's size.
@@ -609,6 +637,7 @@ pub enum Request {
     ConfigureVm(ConfigureVm),
     SnapshotVm(SnapshotVm),
     CloneVm(CloneVm),
+    ReceiveImage(ReceiveImage),
 }
 
 impl Request {
@@ -642,6 +671,7 @@ impl Request {
             Request::ConfigureVm(_) => ConfigureVm::KIND,
             Request::SnapshotVm(_) => SnapshotVm::KIND,
             Request::CloneVm(_) => CloneVm::KIND,
+            Request::ReceiveImage(_) => ReceiveImage::KIND,
         }
     }
 }
@@ -700,6 +730,7 @@ rpc! {
     ConfigureVm => VmConfigured, Some(features::VM_CONFIGURE), "configure-vm";
     SnapshotVm => Vec<SnapshotInfo>, Some(features::VM_SNAPSHOTS), "snapshot-vm";
     CloneVm => VmStatus, Some(features::VM_CLONE), "clone-vm";
+    ReceiveImage => ImageOffer, Some(features::IMAGES), "receive-image";
 }
 
 /// What an agent pushes on its event stream.
@@ -1068,6 +1099,18 @@ mod tests {
                     "c3",
                 ),
             ),
+            (
+                Request::ReceiveImage(ReceiveImage {
+                    template: TemplateName::new("os").unwrap(),
+                    format: crate::model::ImageFormat::Qcow2,
+                    blake3: "ab".into(),
+                    size_bytes: 512,
+                }),
+                concat!(
+                    "81ac52656365697665496d61676584a874656d706c617465a26f73a6666f726d6174a571636f",
+                    "7732a6626c616b6533a26162aa73697a655f6279746573cd0200",
+                ),
+            ),
         ];
         // Every variant is pinned.
         let kinds: std::collections::BTreeSet<&str> = all.iter().map(|(r, _)| r.kind()).collect();
@@ -1079,6 +1122,13 @@ mod tests {
 
     #[test]
     fn golden_responses() {
+        golden::<Result<ImageOffer, WireError>>(
+            &Ok(ImageOffer {
+                held: false,
+                resume_from: 1 << 20,
+            }),
+            "81a24f6b82a468656c64c2ab726573756d655f66726f6dce00100000",
+        );
         golden::<Result<HelloReply, WireError>>(
             &Ok(HelloReply {
                 inventory: inventory(),

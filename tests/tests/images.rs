@@ -1,16 +1,19 @@
 //! The image library: `ctl image import` copies a file into the console's images directory
 //! with its format found from its bytes and its BLAKE3; what is no image, or a qcow2 that
-//! would read another file, is refused with one line and leaves nothing behind.
+//! would read another file, is refused with one line and leaves nothing behind. A push sends
+//! an image to hosts that do not hold it, and goes on from where a cut one stopped.
 
 use std::{
     io::{Seek, SeekFrom, Write},
     path::Path,
     process::{Command, Output},
+    time::Duration,
 };
 
 use dunes_tests::{
     console_binary,
-    demo::{Console, ctl, demo_ready, json},
+    demo::{Console, ctl, demo_ready, demo_with_env, json},
+    poll_until,
 };
 
 fn qemu_img(args: &[&str]) {
@@ -209,4 +212,130 @@ fn images_are_imported_checked_listed_and_deleted() {
                 && outcome.contains("backing file")),
         "{records:?}"
     );
+}
+
+/// A raw disk of `size_mib` with a partition table's signature and `data_mib` of varied bytes
+/// from its second MiB on.
+fn raw_disk(path: &Path, size_mib: u64, data_mib: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    f.seek(SeekFrom::Start(510)).unwrap();
+    f.write_all(&[0x55, 0xaa]).unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    for mib in 0..data_mib {
+        for (i, b) in block.iter_mut().enumerate() {
+            *b = (i as u64 * 7 + mib * 13 + 1) as u8 | 1;
+        }
+        f.write_all(&block).unwrap();
+    }
+}
+
+#[test]
+fn an_image_goes_to_each_host_once_and_a_cut_push_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo_with_env(
+        dir.path(),
+        &[],
+        &[("DUNES_FAILPOINT", "image-push-cut-after:24")],
+    );
+    let file = dir.path().join("os.raw");
+    raw_disk(&file, 64, 40);
+    let imported = json(&ctl(
+        &data,
+        &[
+            "--json",
+            "image",
+            "import",
+            file.to_str().unwrap(),
+            "--name",
+            "os",
+        ],
+    ));
+    let digest = imported["blake3"].as_str().unwrap().to_string();
+    let agent = |host: &str| data.join("demo-agents").join(host).join("storage");
+
+    // The first push is cut after 24 chunks, once the host has acknowledged some.
+    let line = refusal(&ctl(&data, &["image", "push", "os", "--host", "lsn-1"]));
+    assert!(
+        line.contains("lsn-1") && line.contains("link to the host broke"),
+        "{line}"
+    );
+    assert!(!agent("lsn-1").join("images/os").exists());
+    // The next goes on from what the host kept.
+    let pushed = json(&ctl(
+        &data,
+        &["--json", "image", "push", "os", "--host", "lsn-1"],
+    ));
+    let report = &pushed[0];
+    assert_eq!(report["host"], "lsn-1");
+    assert_eq!(report["held"], false);
+    let resumed = report["resumed_from"].as_u64().unwrap();
+    let sent = report["sent_bytes"].as_u64().unwrap();
+    assert!(resumed >= 16 << 20, "{report}");
+    assert!(sent < 40 << 20 && sent > 0, "{report}");
+    // The host keeps the image as a template of its name, byte for byte, and nothing of the
+    // transfer is left over.
+    let copy = std::fs::read(agent("lsn-1").join("images/os/disk.img")).unwrap();
+    assert_eq!(blake3::hash(&copy).to_hex().to_string(), digest);
+    assert_eq!(
+        std::fs::read_dir(agent("lsn-1").join("incoming"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // Again: the host holds it, nothing is sent.
+    let again = json(&ctl(
+        &data,
+        &["--json", "image", "push", "os", "--host", "lsn-1"],
+    ));
+    assert_eq!(again[0]["held"], true, "{again}");
+    assert_eq!(again[0]["sent_bytes"], 0);
+    // To a site: only the host without it receives the image, all of it.
+    let site = json(&ctl(
+        &data,
+        &["--json", "image", "push", "os", "--site", "lausanne"],
+    ));
+    let by_host: Vec<(&str, bool, u64)> = site
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["host"].as_str().unwrap(),
+                r["held"].as_bool().unwrap(),
+                r["sent_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(by_host.len(), 2, "{site}");
+    assert_eq!(by_host[0], ("lsn-1", true, 0));
+    assert_eq!(by_host[1].0, "lsn-2");
+    assert!(by_host[1].2 >= 40 << 20, "{site}");
+    // The library says who holds it.
+    poll_until(Duration::from_secs(60), "the image's hosts listed", || {
+        let listed = json(&ctl(&data, &["--json", "images"]));
+        listed[0]["hosts"] == serde_json::json!(["lsn-1", "lsn-2"])
+    });
+
+    // Bad input: one line each, nothing sent.
+    for (args, says) in [
+        (
+            &["image", "push", "nothing", "--host", "lsn-1"][..],
+            "there is no image named nothing",
+        ),
+        (
+            &["image", "push", "os", "--host", "nowhere"][..],
+            "host nowhere is not enrolled",
+        ),
+        (
+            &["image", "push", "os", "--site", "mars"][..],
+            "site mars has no hosts",
+        ),
+    ] {
+        let line = refusal(&ctl(&data, args));
+        assert!(line.contains(says), "{args:?}: {line}");
+    }
+    assert!(!agent("gva-1").join("images/os").exists());
 }

@@ -135,6 +135,10 @@ pub(super) async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) 
                     return;
                 }
             };
+            // Bulk data has the stream to itself.
+            if let Request::ReceiveImage(push) = request {
+                return super::images::receive_image(shared, push, send, recv).await;
+            }
             let kind = request.kind();
             match dispatch(&shared, request).await {
                 Ok(frame) => {

@@ -5,6 +5,7 @@
 mod control;
 mod endpoint;
 mod enrollment;
+mod images;
 mod status;
 mod transfer;
 
@@ -106,6 +107,8 @@ struct Shared {
     /// by a console that lost its answer waits for the transfer under way instead of
     /// starting a second one.
     sends: Mutex<std::collections::BTreeMap<String, transfer::SendOutcome>>,
+    /// Library images being received, by digest: a second push of one waits its turn.
+    receiving_images: Mutex<std::collections::BTreeSet<String>>,
     /// The TCP traffic of process instances, and where the site ends.
     traffic: Arc<Mutex<crate::traffic::TrafficMeter>>,
 }
@@ -191,6 +194,7 @@ impl RunningAgent {
             tickets: Mutex::new(Default::default()),
             transfer_faults: Mutex::new(false),
             sends: Mutex::new(Default::default()),
+            receiving_images: Mutex::new(Default::default()),
             traffic: Arc::new(Mutex::new(crate::traffic::TrafficMeter::new(
                 opts.config.site.networks.clone(),
             ))),

@@ -469,7 +469,7 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
         tokio::task::spawn_blocking(move || Receiving::open(&dir, &file_name, size)).await
     };
     let receiving = match opened {
-        Ok(Ok(r)) => Arc::new(Mutex::new(Some(r))),
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let _ = write_frame(
                 &mut send,
@@ -484,7 +484,7 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
         }
         Err(_) => return,
     };
-    let resume_from = lock(&receiving).as_ref().map_or(0, |r| r.resume_from());
+    let resume_from = receiving.resume_from();
     tracing::info!(%peer, %vm, size, resume_from, "receiving a disk");
     // This agent reads zstd chunks: it says yes when the source asks.
     if write_frame(&mut send, &TransferFrame::Accepted { resume_from, zstd })
@@ -493,20 +493,70 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
     {
         return;
     }
-    // Runs a blocking step on the receiver, off the async workers.
-    async fn with<T: Send + 'static>(
-        receiving: &Arc<Mutex<Option<Receiving>>>,
-        f: impl FnOnce(&mut Receiving) -> Result<T, ReceiveError> + Send + 'static,
-    ) -> Result<T, ReceiveError> {
-        let receiving = receiving.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = lock(&receiving);
-            let r = guard.as_mut().ok_or(ReceiveError::DigestMismatch)?;
-            f(r)
-        })
-        .await
-        .unwrap_or(Err(ReceiveError::DigestMismatch))
-    }
+    let what = format!("disk of {vm} from {peer}");
+    let ended = receive_chunks(&mut send, recv, receiving, &what).await;
+    let frame = match ended {
+        Ended::Cut => return,
+        Ended::Failed(detail) => TransferFrame::Finished { ok: false, detail },
+        Ended::Finished(Ok(_)) => {
+            // Used: the ticket goes.
+            lock(&shared.tickets).remove(&ticket);
+            tracing::info!(%peer, %vm, "disk received and verified");
+            TransferFrame::Finished {
+                ok: true,
+                detail: "verified".into(),
+            }
+        }
+        Ended::Finished(Err(e)) => {
+            tracing::warn!(%peer, %vm, "disk not verified: {e}");
+            Receiving::abandon(&dir, &file_name);
+            TransferFrame::Finished {
+                ok: false,
+                detail: e.to_string(),
+            }
+        }
+    };
+    let _ = write_frame(&mut send, &frame).await;
+    let _ = send.finish();
+    // The source closes once it has read the answer.
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+}
+
+/// How the chunks of a transfer ended.
+pub(super) enum Ended {
+    /// The link broke or the stream ended: what is acknowledged stays for the next try.
+    Cut,
+    /// A chunk could not be written; the source is to hear why (the partial files stay).
+    Failed(String),
+    /// The source finished: the image verified and has its name, or why not.
+    Finished(Result<std::path::PathBuf, ReceiveError>),
+}
+
+/// Runs a blocking step on the receiver, off the async workers.
+async fn with<T: Send + 'static>(
+    receiving: &Arc<Mutex<Option<Receiving>>>,
+    f: impl FnOnce(&mut Receiving) -> Result<T, ReceiveError> + Send + 'static,
+) -> Result<T, ReceiveError> {
+    let receiving = receiving.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = lock(&receiving);
+        let r = guard.as_mut().ok_or(ReceiveError::DigestMismatch)?;
+        f(r)
+    })
+    .await
+    .unwrap_or(Err(ReceiveError::DigestMismatch))
+}
+
+/// Receives the chunks of a transfer the source was told to send (`Accepted`, or an image
+/// offer) into `receiving`, asking again for a corrupt chunk and acknowledging what is on
+/// disk, until the source finishes or the link breaks. `what` names the image in logs.
+pub(super) async fn receive_chunks(
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    receiving: Receiving,
+    what: &str,
+) -> Ended {
+    let receiving = Arc::new(Mutex::new(Some(receiving)));
     // Frames are read (and unpacked) while earlier chunks are hashed, written and synced,
     // so the link keeps flowing; at most RECEIVE_QUEUE_FRAMES wait.
     let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Incoming>(RECEIVE_QUEUE_FRAMES);
@@ -571,7 +621,7 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
         // The link broke (or the stream ended): what is acknowledged stays for the next try.
         let Some(frame) = frames.recv().await else {
             let _ = with(&receiving, |r| r.checkpoint()).await;
-            return;
+            return Ended::Cut;
         };
         match frame {
             Incoming::Chunk {
@@ -588,7 +638,7 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
                 }
                 let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
                     awaiting = Some(offset);
-                    let _ = write_frame(&mut send, &TransferFrame::Resend { offset }).await;
+                    let _ = write_frame(send, &TransferFrame::Resend { offset }).await;
                     continue;
                 };
                 let record = ChunkRecord {
@@ -599,38 +649,28 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
                 match with(&receiving, move |r| r.write_chunk(record, &payload[data])).await {
                     Ok(()) => {}
                     Err(ReceiveError::Corrupt { offset }) => {
-                        tracing::warn!(%peer, %vm, offset, "a chunk did not match its hash; asked again");
+                        tracing::warn!(what, offset, "a chunk did not match its hash; asked again");
                         awaiting = Some(offset);
-                        if write_frame(&mut send, &TransferFrame::Resend { offset })
+                        if write_frame(send, &TransferFrame::Resend { offset })
                             .await
                             .is_err()
                         {
-                            return;
+                            return Ended::Cut;
                         }
                         continue;
                     }
-                    Err(e) => {
-                        let _ = write_frame(
-                            &mut send,
-                            &TransferFrame::Finished {
-                                ok: false,
-                                detail: e.to_string(),
-                            },
-                        )
-                        .await;
-                        return;
-                    }
+                    Err(e) => return Ended::Failed(e.to_string()),
                 }
                 since_ack += 1;
                 if since_ack >= CHUNKS_PER_ACK {
                     since_ack = 0;
                     match with(&receiving, |r| r.checkpoint()).await {
                         Ok(through) => {
-                            let _ = write_frame(&mut send, &TransferFrame::Ack { through }).await;
+                            let _ = write_frame(send, &TransferFrame::Ack { through }).await;
                         }
                         Err(e) => {
-                            tracing::warn!(%vm, "cannot sync the transfer: {e}");
-                            return;
+                            tracing::warn!(what, "cannot sync the transfer: {e}");
+                            return Ended::Cut;
                         }
                     }
                 }
@@ -646,34 +686,11 @@ pub(super) async fn serve_transfer(shared: Arc<Shared>, conn: quinn::Connection)
                         .unwrap_or(Err(ReceiveError::DigestMismatch)),
                     None => Err(ReceiveError::DigestMismatch),
                 };
-                let frame = match &finished {
-                    Ok(_) => {
-                        // Used: the ticket goes.
-                        lock(&shared.tickets).remove(&ticket);
-                        tracing::info!(%peer, %vm, "disk received and verified");
-                        TransferFrame::Finished {
-                            ok: true,
-                            detail: "verified".into(),
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, %vm, "disk not verified: {e}");
-                        Receiving::abandon(&dir, &file_name);
-                        TransferFrame::Finished {
-                            ok: false,
-                            detail: e.to_string(),
-                        }
-                    }
-                };
-                let _ = write_frame(&mut send, &frame).await;
-                let _ = send.finish();
-                // The source closes once it has read the answer.
-                let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
-                return;
+                return Ended::Finished(finished);
             }
             Incoming::Frame(other) => {
-                tracing::warn!(%peer, "unexpected transfer frame: {other:?}");
-                return;
+                tracing::warn!(what, "unexpected transfer frame: {other:?}");
+                return Ended::Cut;
             }
         }
     }

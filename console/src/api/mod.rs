@@ -59,6 +59,7 @@ macro_rules! with_operations {
         images => ListImages,
         import_image => ImportImage,
         delete_image => DeleteImage,
+        push_image => PushImage,
             }
     };
 }

@@ -1651,6 +1651,67 @@ impl Operation for ImportImage {
     }
 }
 
+/// Sends an image to a host, or to every host of a site, ahead of the VMs that will use
+/// it; a host that holds its bytes receives nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushImage {
+    pub name: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub site: Option<String>,
+}
+
+impl PushImage {
+    /// The hosts the push goes to.
+    fn hosts(&self, snap: &Snapshot) -> Result<Vec<HostId>, ApiError> {
+        match (&self.host, &self.site) {
+            (Some(host), None) => {
+                let id = HostId::new(host).map_err(|e| e.to_string())?;
+                if snap.host(&id).is_none() {
+                    return Err(format!("host {host} is not enrolled").into());
+                }
+                Ok(vec![id])
+            }
+            (None, Some(site)) => {
+                let hosts: Vec<HostId> = snap
+                    .hosts
+                    .iter()
+                    .filter(|h| h.site_name() == site)
+                    .map(|h| h.id().clone())
+                    .collect();
+                if hosts.is_empty() {
+                    return Err(format!("site {site} has no hosts").into());
+                }
+                Ok(hosts)
+            }
+            _ => Err("give either a host or a site".to_string().into()),
+        }
+    }
+}
+
+impl Operation for PushImage {
+    const NAME: &'static str = "image-push";
+    const ACTION: &'static str = "push images";
+    type Response = Vec<ImagePushView>;
+    changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        self.hosts(snap)
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|h| host_target(snap, h.as_str()))
+            .collect()
+    }
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let name = image_name(&self.name)?;
+        let hosts = self.hosts(&engine.snapshot())?;
+        let reports = engine
+            .request(|reply| Command::PushImage { name, hosts, reply })
+            .await?;
+        Ok(reports.iter().map(ImagePushView::from).collect())
+    }
+}
+
 /// Removes an image no VM builds on, and the console's copy of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeleteImage {

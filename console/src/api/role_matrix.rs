@@ -365,6 +365,15 @@ fn every_operation() -> Vec<Case> {
             Admin,
             false,
         ),
+        case(
+            PushImage {
+                name: "debian".into(),
+                host: Some("lsn-1".into()),
+                site: None,
+            },
+            Operator,
+            false,
+        ),
     ]
 }
 
@@ -480,6 +489,22 @@ fn a_site_scope_limits_every_change_to_a_vm_to_that_site() {
     assert_eq!(
         both.permits(&to_geneva, &fleet).map_err(|e| e.message),
         Ok(())
+    );
+    // An image goes only to hosts of the operator's sites.
+    let push = |host: Option<&str>, site: Option<&str>| PushImage {
+        name: "debian".into(),
+        host: host.map(str::to_string),
+        site: site.map(str::to_string),
+    };
+    assert_eq!(
+        here.permits(&push(Some("lsn-1"), None), &fleet)
+            .map_err(|e| e.message),
+        Ok(())
+    );
+    assert_eq!(
+        here.permits(&push(None, Some("geneva")), &fleet)
+            .map_err(|e| e.message),
+        Err("operator gina may not push images on host gva-1: outside site:lausanne".into())
     );
 }
 

@@ -1225,6 +1225,36 @@ impl From<&crate::engine::images::ImageRecord> for ImageView {
     }
 }
 
+/// How a push of an image to one host went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImagePushView {
+    pub host: String,
+    /// The host held the image's bytes already: nothing was sent.
+    pub held: bool,
+    /// Bytes sent now: holes, and what an earlier push that was cut left there, are not.
+    pub sent_bytes: u64,
+    /// Where this push went on from (0: from the start).
+    pub resumed_from: u64,
+    /// Chunks the host found corrupt and asked for again.
+    pub resent_chunks: u32,
+}
+
+impl From<&crate::engine::images::ImagePushReport> for ImagePushView {
+    fn from(r: &crate::engine::images::ImagePushReport) -> ImagePushView {
+        ImagePushView {
+            host: r.host.to_string(),
+            held: r.pushed.held,
+            sent_bytes: r.pushed.sent_bytes,
+            resumed_from: if r.pushed.held {
+                0
+            } else {
+                r.pushed.resumed_from
+            },
+            resent_chunks: r.pushed.resent_chunks,
+        }
+    }
+}
+
 /// A new operator's certificate, with the CA that signed it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperatorIssuedView {

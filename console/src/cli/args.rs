@@ -237,6 +237,16 @@ pub enum ImageCommand {
         #[arg(long)]
         name: String,
     },
+    /// Send an image to a host, or to every host of a site, ahead of the VMs that will use
+    /// it. A host that holds the same bytes (under any name) receives nothing; a push that
+    /// was cut goes on from where it stopped.
+    Push {
+        name: String,
+        #[arg(long, conflicts_with = "site", required_unless_present = "site")]
+        host: Option<String>,
+        #[arg(long)]
+        site: Option<String>,
+    },
     /// Remove an image from the library; refused while a VM's disk builds on it.
     Delete { name: String },
 }

@@ -689,6 +689,34 @@ async fn run_image(
                 },
             )
         }
+        ImageCommand::Push { name, host, site } => out.show(
+            &client
+                .push_image(ops::PushImage {
+                    name: name.clone(),
+                    host: host.clone(),
+                    site: site.clone(),
+                })
+                .await?,
+            |reports| {
+                reports
+                    .iter()
+                    .map(|r| {
+                        if r.held {
+                            format!("{}: holds image {name} already, nothing sent\n", r.host)
+                        } else if r.resumed_from > 0 {
+                            format!(
+                                "{}: {} MiB sent, going on from {} MiB\n",
+                                r.host,
+                                r.sent_bytes.div_ceil(1 << 20),
+                                r.resumed_from >> 20
+                            )
+                        } else {
+                            format!("{}: {} MiB sent\n", r.host, r.sent_bytes.div_ceil(1 << 20))
+                        }
+                    })
+                    .collect()
+            },
+        ),
         ImageCommand::Delete { name } => out.show(
             &client
                 .delete_image(ops::DeleteImage { name: name.clone() })

@@ -95,6 +95,15 @@ pub(super) enum Internal {
         result: Result<super::images::library::Copied, String>,
         reply: Reply<super::images::ImageRecord>,
     },
+    /// Every push of an image has ended.
+    ImagePushed {
+        name: dunes_shared::model::ImageName,
+        results: Vec<(
+            dunes_shared::model::HostId,
+            Result<super::images::push::Pushed, String>,
+        )>,
+        reply: Reply<Vec<super::images::ImagePushReport>>,
+    },
     /// A running instance answered one of the questions asked of it every few seconds.
     Probe(super::services::state::ProbeAnswer),
 }

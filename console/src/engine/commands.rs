@@ -370,8 +370,18 @@ impl Actor {
             Command::RevokeOperator { name, reply } => self.revoke_operator(name, reply),
             Command::ImportImage { name, path, reply } => self.import_image(name, path, reply),
             Command::DeleteImage { name, reply } => self.delete_image(name, reply),
+            Command::PushImage { name, hosts, reply } => self.push_image(name, hosts, reply),
             Command::ListImages { reply } => {
-                let _ = reply.send(Ok(self.images.records.values().cloned().collect()));
+                let records = self
+                    .images
+                    .records
+                    .values()
+                    .map(|r| super::images::ImageRecord {
+                        hosts: self.image_hosts(r),
+                        ..r.clone()
+                    })
+                    .collect();
+                let _ = reply.send(Ok(records));
             }
             Command::Audit { entry, reply } => self.append_audit(entry, reply),
             Command::RenewOperator {

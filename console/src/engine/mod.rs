@@ -392,6 +392,12 @@ pub enum Command {
     ListImages {
         reply: Reply<Vec<images::ImageRecord>>,
     },
+    /// Sends an image to hosts that do not hold it.
+    PushImage {
+        name: dunes_shared::model::ImageName,
+        hosts: Vec<dunes_shared::model::HostId>,
+        reply: Reply<Vec<images::ImagePushReport>>,
+    },
     /// Removes an image that no VM uses.
     DeleteImage {
         name: dunes_shared::model::ImageName,

@@ -153,6 +153,11 @@ impl Actor {
                 result,
                 reply,
             } => self.image_copied(name, result, reply),
+            Internal::ImagePushed {
+                name,
+                results,
+                reply,
+            } => self.image_pushed(name, results, reply),
         }
     }
 }

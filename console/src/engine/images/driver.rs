@@ -3,14 +3,24 @@
 
 use std::path::PathBuf;
 
-use dunes_shared::{error_chain, model::ImageName};
+use dunes_shared::{
+    error_chain,
+    model::{HostId, ImageName, TemplateName},
+    protocol::features,
+};
 
-use super::{library, state::ImageRecord};
+use super::{
+    library,
+    push::{PushJob, Pushed, push_image},
+    state::{ImagePushReport, ImageRecord},
+};
 use crate::engine::{
     EngineError, Reply,
     actor::{Actor, Internal},
     records::{Level, now_ms},
 };
+
+const MIB: u64 = 1024 * 1024;
 
 impl Actor {
     /// Imports the file at `path` (on the engine's machine) as `name`.
@@ -129,6 +139,183 @@ impl Actor {
         }));
         self.log(Level::Info, None, format!("image {name} deleted"));
         self.reply_after_commit(reply, record);
+    }
+
+    /// Pushes the image to each of `hosts` that does not hold it; answered once every push
+    /// has ended. A host whose agent cannot take images, or whose storage is too small, is
+    /// refused before anything is sent.
+    pub(in crate::engine) fn push_image(
+        &mut self,
+        name: ImageName,
+        hosts: Vec<HostId>,
+        reply: Reply<Vec<ImagePushReport>>,
+    ) {
+        let Some(record) = self.images.records.get(&name).cloned() else {
+            let _ = reply.send(Err(EngineError::Invalid(format!(
+                "there is no image named {name}"
+            ))));
+            return;
+        };
+        if hosts.is_empty() {
+            let _ = reply.send(Err(EngineError::Invalid(
+                "no host to push the image to".into(),
+            )));
+            return;
+        }
+        let mut jobs = Vec::new();
+        for host in hosts {
+            let client = match self.fleet.client(&host) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            };
+            if !client.peer.offers(features::IMAGES) {
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "host {host}'s agent cannot take images: update it"
+                ))));
+                return;
+            }
+            if let Some(why) = self.image_does_not_fit(&record, &host) {
+                let _ = reply.send(Err(EngineError::Invalid(why)));
+                return;
+            }
+            jobs.push((host, client.peer.conn.clone()));
+        }
+        let names: Vec<String> = jobs.iter().map(|(h, _)| h.to_string()).collect();
+        self.log(
+            Level::Info,
+            None,
+            format!("pushing image {name} to {}", names.join(", ")),
+        );
+        let file = self.images.dir.join(record.file_name());
+        let internal = self.internal_tx.clone();
+        let template = TemplateName::new(name.as_str()).expect("image names are template names");
+        tokio::spawn(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (host, conn) in jobs {
+                let job = PushJob {
+                    file: file.clone(),
+                    template: template.clone(),
+                    format: record.format,
+                    blake3: record.blake3.clone(),
+                };
+                set.spawn(async move {
+                    let result = push_image(&conn, job, |_, _| {})
+                        .await
+                        .map_err(|e| error_chain(&e));
+                    (host, result)
+                });
+            }
+            let mut results = Vec::new();
+            while let Some(joined) = set.join_next().await {
+                if let Ok(done) = joined {
+                    results.push(done);
+                }
+            }
+            results.sort_by(|a, b| a.0.cmp(&b.0));
+            let _ = internal
+                .send(Internal::ImagePushed {
+                    name,
+                    results,
+                    reply,
+                })
+                .await;
+        });
+    }
+
+    /// Why `host` cannot take `record`, if it cannot: a host that holds it takes nothing.
+    pub(in crate::engine) fn image_does_not_fit(
+        &self,
+        record: &ImageRecord,
+        host: &HostId,
+    ) -> Option<String> {
+        let entry = self.fleet.hosts.get(host)?;
+        let inventory = entry.view.inventory()?;
+        if inventory
+            .template_disks
+            .iter()
+            .any(|d| d.blake3 == record.blake3)
+        {
+            return None;
+        }
+        let free_mib = entry
+            .view
+            .status
+            .as_ref()
+            .map_or(inventory.storage_free_mib, |s| s.storage_free_mib);
+        let needed_mib = record.allocated_bytes.div_ceil(MIB);
+        (needed_mib > free_mib).then(|| {
+            format!(
+                "host {host} has {free_mib} MiB of storage free; image {} needs {needed_mib} MiB",
+                record.name
+            )
+        })
+    }
+
+    /// Every push has ended: each host's outcome is logged, and the caller hears them all, or
+    /// which hosts failed.
+    pub(in crate::engine) fn image_pushed(
+        &mut self,
+        name: ImageName,
+        results: Vec<(HostId, Result<Pushed, String>)>,
+        reply: Reply<Vec<ImagePushReport>>,
+    ) {
+        let mut reports = Vec::new();
+        let mut failed = Vec::new();
+        for (host, result) in results {
+            match result {
+                Ok(pushed) => {
+                    let message = if pushed.held {
+                        format!("host {host} holds image {name} already: nothing sent")
+                    } else {
+                        format!(
+                            "image {name} pushed to {host}: {} MiB sent{}",
+                            pushed.sent_bytes.div_ceil(MIB),
+                            if pushed.resumed_from > 0 {
+                                format!(", going on from {} MiB", pushed.resumed_from / MIB)
+                            } else {
+                                String::new()
+                            }
+                        )
+                    };
+                    self.log(Level::Info, Some(host.clone()), message);
+                    reports.push(ImagePushReport { host, pushed });
+                }
+                Err(e) => {
+                    self.log(
+                        Level::Error,
+                        Some(host.clone()),
+                        format!("pushing image {name} to {host} failed: {e}"),
+                    );
+                    failed.push(format!("{host}: {e}"));
+                }
+            }
+        }
+        let _ = reply.send(if failed.is_empty() {
+            Ok(reports)
+        } else {
+            Err(EngineError::Invalid(format!(
+                "pushing image {name} failed on {}",
+                failed.join("; ")
+            )))
+        });
+    }
+
+    /// The hosts whose agent holds the image's bytes, under any template name.
+    pub(in crate::engine) fn image_hosts(&self, record: &ImageRecord) -> Vec<HostId> {
+        self.fleet
+            .hosts
+            .values()
+            .filter(|entry| {
+                entry
+                    .view
+                    .inventory()
+                    .is_some_and(|i| i.template_disks.iter().any(|d| d.blake3 == record.blake3))
+            })
+            .map(|entry| entry.view.id().clone())
+            .collect()
     }
 
     /// The VMs whose disk builds on the image, as `HOST/VM`: a host holds an image as the

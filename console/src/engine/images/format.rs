@@ -3,8 +3,6 @@
 //! keeps its data in an external file is refused: either would make a host read a file
 //! outside the image.
 
-use serde::{Deserialize, Serialize};
-
 /// How many bytes of a file [`detect`] looks at: the qcow2 header and its backing file
 /// name, and the first volume descriptor of an ISO 9660 volume (sector 16).
 pub const HEAD_BYTES: usize = 64 * 1024;
@@ -15,23 +13,7 @@ const ISO_ID_AT: usize = 16 * 2048 + 1;
 /// qcow2 version 3 incompatible feature: the guest's data is in an external file.
 const QCOW2_EXTERNAL_DATA: u64 = 1 << 2;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageFormat {
-    Raw,
-    Qcow2,
-    Iso,
-}
-
-impl ImageFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageFormat::Raw => "raw",
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Iso => "iso",
-        }
-    }
-}
+pub use dunes_shared::model::ImageFormat;
 
 /// A file recognised as an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,6 +28,14 @@ pub struct ImageRecord {
     pub hosts: Vec<HostId>,
 }
 
+/// How a push of an image to one host went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePushReport {
+    pub host: HostId,
+    #[serde(flatten)]
+    pub pushed: super::push::Pushed,
+}
+
 impl ImageRecord {
     /// The file name of the console's copy in its images directory.
     pub fn file_name(&self) -> String {

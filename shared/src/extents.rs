@@ -1,4 +1,4 @@
-//! What of a disk image crosses the wire: its allocated extents (from `SEEK_DATA` and
+//! What of a disk image crosses the wire (agent to agent, and console to agent): its allocated extents (from `SEEK_DATA` and
 //! `SEEK_HOLE`, so holes never travel), cut into chunks that each carry a BLAKE3 hash, and a
 //! digest of the whole image made from the chunk list, which both ends compute the same way.
 
