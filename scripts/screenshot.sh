@@ -2,7 +2,7 @@
 # Takes the scenes of docs/screenshots/ under Xvfb: the real console window with the demo
 # fleet (the shop service deployed and started), at 1600×1000 and at 800×500: the topology,
 # a migration to the remote site under way, a VM's details, the plan dialog, the charts of
-# 30 days, the capacity view and the image library. docs/screenshot.png (in the README) is the topology at
+# 30 days, the capacity view, the image library and a new VM from an image. docs/screenshot.png (in the README) is the topology at
 # 1600×1000. Usage: scripts/screenshot.sh [OUT_DIR]
 #
 # The window opens at the screen's origin (Xvfb has no window manager) and the demo's
@@ -92,6 +92,13 @@ key Escape               # closes the capacity view
 click 376 13             # Images… in the toolbar
 shot images-1600x1000
 key Escape               # closes the image library
+key ctrl+n               # the New VM dialog, from an image of the library
+xdotool type new-web; sleep 0.5
+click 178 113            # Boot from: Image
+click 201 136            # the image picker
+click 170 162            # debian-12
+shot new-vm-image-1600x1000
+key Escape               # closes the dialog
 
 # 800×500: the side panels are strips; the details open over the topology.
 size 800 500

@@ -37,6 +37,17 @@ pub enum StorageError {
         "template {0} here holds another image: delete the VMs on it, or push under another name"
     )]
     TemplateTaken(TemplateName),
+    #[error(
+        "the disk asked ({asked_gib} GiB) is smaller than image {template} ({image_mib} MiB): ask for at least {least_gib} GiB"
+    )]
+    DiskTooSmall {
+        template: TemplateName,
+        asked_gib: u64,
+        image_mib: u64,
+        least_gib: u64,
+    },
+    #[error("installer {0} needs the size of the disk it installs to (--disk-gib)")]
+    NoDiskSize(TemplateName),
     #[error("{action} {path} failed")]
     Io {
         action: &'static str,
@@ -505,9 +516,15 @@ impl Storage {
         Ok(out)
     }
 
-    /// A new VM's disk: a qcow2 overlay on the template's image if the template says so,
-    /// else a copy of the image that keeps holes as holes.
-    pub fn create_disk(&self, vm: &VmName, template: &Template) -> Result<VmDisk, StorageError> {
+    /// A new VM's disk: a qcow2 overlay on the template's image if the template says so
+    /// (grown to `disk_gib` when asked), an empty sparse disk of `disk_gib` beside an
+    /// installer's ISO, else a copy of the image that keeps holes as holes.
+    pub fn create_disk(
+        &self,
+        vm: &VmName,
+        template: &Template,
+        disk_gib: Option<u64>,
+    ) -> Result<VmDisk, StorageError> {
         if self.vm_disk(vm).is_some() {
             return Err(StorageError::DiskExists(vm.clone()));
         }
@@ -517,16 +534,67 @@ impl Storage {
             DiskFormat::Raw
         };
         let path = self.disk_file(&Self::disk_file_name(vm, format));
-        match format {
-            DiskFormat::Raw => sparse_copy(&template.disk, &path)?,
-            DiskFormat::Qcow2 => self.create_overlay(template, &path)?,
+        let size_bytes = self.disk_size_bytes(template, disk_gib)?;
+        match (format, size_bytes) {
+            (DiskFormat::Raw, Some(bytes)) if template.format == ImageFormat::Iso => {
+                let tmp = path.with_extension("partial");
+                let made = File::create(&tmp)
+                    .and_then(|f| f.set_len(bytes).and_then(|()| f.sync_all()))
+                    .and_then(|()| std::fs::rename(&tmp, &path));
+                if let Err(e) = made {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(io_err("creating", &path)(e));
+                }
+                sync_parent(&path)?;
+            }
+            (DiskFormat::Raw, _) => sparse_copy(&template.disk, &path)?,
+            (DiskFormat::Qcow2, size) => self.create_overlay(template, &path, size)?,
         }
         Ok(VmDisk { path, format })
     }
 
+    /// The size a new disk on `template` gets: none (the image's) unless asked; an installer
+    /// needs one, and a disk image's overlay is never smaller than the image.
+    fn disk_size_bytes(
+        &self,
+        template: &Template,
+        disk_gib: Option<u64>,
+    ) -> Result<Option<u64>, StorageError> {
+        const GIB: u64 = 1 << 30;
+        let name = &template.info.name;
+        if template.format == ImageFormat::Iso {
+            return disk_gib
+                .map(|g| Some(g * GIB))
+                .ok_or_else(|| StorageError::NoDiskSize(name.clone()));
+        }
+        let Some(gib) = disk_gib else {
+            return Ok(None);
+        };
+        let image_bytes = match template.format {
+            ImageFormat::Qcow2 => qcow2_virtual_size(&template.disk).unwrap_or(0),
+            _ => std::fs::metadata(&template.disk)
+                .map_err(io_err("reading", &template.disk))?
+                .len(),
+        };
+        if gib * GIB < image_bytes {
+            return Err(StorageError::DiskTooSmall {
+                template: name.clone(),
+                asked_gib: gib,
+                image_mib: image_bytes.div_ceil(1 << 20),
+                least_gib: image_bytes.div_ceil(GIB),
+            });
+        }
+        Ok(Some(gib * GIB))
+    }
+
     /// A qcow2 overlay whose backing file is named relative to the disks directory, so the
     /// file is the same on every host that keeps the template under the same name.
-    fn create_overlay(&self, template: &Template, path: &Path) -> Result<(), StorageError> {
+    fn create_overlay(
+        &self,
+        template: &Template,
+        path: &Path,
+        size_bytes: Option<u64>,
+    ) -> Result<(), StorageError> {
         let name = &template.info.name;
         let backing = format!("../images/{name}/{}", template_disk_name(template.format));
         let tmp = path.with_extension("partial");
@@ -541,6 +609,7 @@ impl Storage {
             ])
             .args(["-b", &backing])
             .arg(&tmp)
+            .args(size_bytes.map(|b| b.to_string()))
             .output()
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => StorageError::NoQemuImg(name.clone()),
@@ -603,10 +672,11 @@ impl Storage {
         Ok(())
     }
 
-    /// Deletes the VM's disk, whichever its format.
+    /// Deletes the VM's disk, whichever its format, and its cloud-init seed.
     pub fn delete_disk(&self, vm: &VmName) -> Result<(), StorageError> {
-        for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
-            let path = self.disk_file(&Self::disk_file_name(vm, format));
+        let files = [DiskFormat::Raw, DiskFormat::Qcow2]
+            .map(|format| self.disk_file(&Self::disk_file_name(vm, format)));
+        for path in files.into_iter().chain([self.seed_file(vm)]) {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(io_err("deleting", &path)(e));
@@ -663,6 +733,17 @@ impl Storage {
                 (name, path, text)
             })
             .collect()
+    }
+
+    /// A VM's cloud-init seed (made from its definition record, so it goes where the VM goes).
+    pub fn seed_file(&self, vm: &VmName) -> PathBuf {
+        self.disks_dir().join(format!("{vm}.cidata.iso"))
+    }
+
+    /// Writes a VM's cloud-init seed, durably.
+    pub fn write_seed(&self, vm: &VmName, bytes: &[u8]) -> Result<(), StorageError> {
+        let path = self.seed_file(vm);
+        dunes_shared::durable::write_file(&path, bytes, 0o644).map_err(io_err("writing", &path))
     }
 
     /// Where a VM's serial console is logged.
@@ -831,13 +912,13 @@ mod tests {
         assert_eq!(tiny.info.disk_mib, 64);
         assert_eq!(storage.templates().unwrap().len(), 1);
         let vm = VmName::new("web").unwrap();
-        let disk = storage.create_disk(&vm, &tiny).unwrap().path;
+        let disk = storage.create_disk(&vm, &tiny, None).unwrap().path;
         assert!(disk.starts_with(dir.path()));
         assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 * 1024 * 1024);
         // Sparse: almost nothing allocated.
         assert!(storage.disk_allocated_bytes(&vm) < 1024 * 1024);
         assert!(matches!(
-            storage.create_disk(&vm, &tiny),
+            storage.create_disk(&vm, &tiny, None),
             Err(StorageError::DiskExists(_))
         ));
         storage.delete_disk(&vm).unwrap();
@@ -915,7 +996,7 @@ mod tests {
         let template = storage.template(&name).unwrap();
         assert!(template.overlay);
         let vm = VmName::new("web").unwrap();
-        let disk = storage.create_disk(&vm, &template).unwrap();
+        let disk = storage.create_disk(&vm, &template, None).unwrap();
         assert_eq!(disk.format, DiskFormat::Qcow2);
         assert_eq!(storage.vm_disk(&vm), Some(disk.clone()));
         storage.check_overlay("web.qcow2", &name).unwrap();

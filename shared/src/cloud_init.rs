@@ -4,6 +4,25 @@
 
 use base64::Engine as _;
 use saphyr::{LoadableYamlNode as _, YamlOwned};
+use serde::{Deserialize, Serialize};
+
+/// What a VM's NoCloud seed holds besides its instance id, which is the VM's UUID (kept
+/// wherever the VM goes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudInitData {
+    /// The guest's host name (meta-data's `local-hostname`).
+    pub hostname: String,
+    /// Checked with [`check_user_data`].
+    pub user_data: String,
+    #[serde(default)]
+    pub network_config: Option<String>,
+}
+
+/// network-config (version 2) that gives every Ethernet NIC an address by DHCP, as QEMU's
+/// user network and most bridges hand them out.
+pub fn dhcp_network_config() -> String {
+    "version: 2\nethernets:\n  nics:\n    match:\n      name: \"e*\"\n    dhcp4: true\n".into()
+}
 
 /// The most user-data a VM gets: cloud-init reads it whole, and it travels in one request.
 pub const USER_DATA_MAX_BYTES: usize = 64 * 1024;
@@ -220,6 +239,9 @@ mod tests {
         assert!(user_with_key("Root", &key).is_err());
         assert!(user_with_key("", &key).is_err());
         assert!(user_with_key("9lives", &key).is_err());
+        let network = &YamlOwned::load_from_str(&dhcp_network_config()).unwrap()[0];
+        assert_eq!(network["version"].as_integer(), Some(2));
+        assert_eq!(network["ethernets"]["nics"]["dhcp4"].as_bool(), Some(true));
         let meta = meta_data("vm-7f3a", "web-1");
         let doc = &YamlOwned::load_from_str(&meta).unwrap()[0];
         assert_eq!(doc["instance-id"].as_str(), Some("vm-7f3a"));

@@ -567,6 +567,43 @@ impl ImageFormat {
     }
 }
 
+/// What boots a VM: the PC BIOS (SeaBIOS), or UEFI (OVMF, which the host must have).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+impl Firmware {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+
+    pub fn is_bios(&self) -> bool {
+        *self == Firmware::Bios
+    }
+}
+
+/// How a VM made from a library image gets its disk and its firmware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageDisk {
+    /// The disk's size in GiB: a disk image's overlay grown to it (never below the image's
+    /// size), or the empty disk an installer installs to (which needs one). `None` keeps a
+    /// disk image's size.
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
+    #[serde(default)]
+    pub firmware: Firmware,
+}
+
+/// The largest disk a VM is given, in GiB.
+pub const DISK_GIB_MAX: u64 = 64 * 1024;
+
 /// A template's disk image as its agent holds it: two hosts hold the same image when the
 /// BLAKE3 of their files is the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -180,6 +180,14 @@ pub struct CreateVm {
     /// Which runtime runs it (the template is that runtime's).
     #[serde(default)]
     pub runtime: RuntimeKind,
+    /// For a VM from a library image (its template holds the image): the disk's size and
+    /// the firmware. Left out otherwise, so older agents read the request as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_disk: Option<crate::model::ImageDisk>,
+    /// cloud-init's data: the agent makes the NoCloud seed and attaches it as a CD-ROM.
+    /// Left out for a VM without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloud_init::CloudInitData>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -894,6 +902,8 @@ mod tests {
                     },
                     start: true,
                     runtime: RuntimeKind::Process,
+                    image_disk: None,
+                    cloud_init: None,
                 }),
                 concat!(
                     "81a8437265617465566d83a47370656384a46e616d65a161a874656d706c617465a474696e79a576",
@@ -1097,6 +1107,34 @@ mod tests {
                     "74656d706c617465a462617365a6626c616b6533a26364af616c6c6f63617465645f627974657305",
                     "ae7461726765745f61646472657373a3683a31aa6c696d69745f6d62707364a8636f6d7072657373",
                     "c3",
+                ),
+            ),
+            (
+                Request::CreateVm(CreateVm {
+                    spec: VmSpec {
+                        name: name(),
+                        template: TemplateName::new("os").unwrap(),
+                        vcpus: None,
+                        memory_mib: None,
+                    },
+                    start: false,
+                    runtime: RuntimeKind::Libvirt,
+                    image_disk: Some(crate::model::ImageDisk {
+                        disk_gib: Some(8),
+                        firmware: crate::model::Firmware::Uefi,
+                    }),
+                    cloud_init: Some(crate::cloud_init::CloudInitData {
+                        hostname: "a".into(),
+                        user_data: "#!".into(),
+                        network_config: None,
+                    }),
+                }),
+                concat!(
+                    "81a8437265617465566d85a47370656384a46e616d65a161a874656d706c617465a26f73a5766370",
+                    "7573c0aa6d656d6f72795f6d6962c0a57374617274c2a772756e74696d65a76c696276697274aa69",
+                    "6d6167655f6469736b82a86469736b5f67696208a86669726d77617265a475656669aa636c6f7564",
+                    "5f696e697483a8686f73746e616d65a161a9757365725f64617461a22321ae6e6574776f726b5f63",
+                    "6f6e666967c0",
                 ),
             ),
             (

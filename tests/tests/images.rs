@@ -339,3 +339,216 @@ fn an_image_goes_to_each_host_once_and_a_cut_push_goes_on() {
     }
     assert!(!agent("gva-1").join("images/os").exists());
 }
+
+#[test]
+fn vms_are_made_from_images_with_the_disk_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo_with_env(dir.path(), &[], &[]);
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    raw_disk(&files.join("os.raw"), 64, 4);
+    // A disk image bigger than the disks asked below, and an installer.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        files.join("big.qcow2").to_str().unwrap(),
+        "5G",
+    ]);
+    let iso = dunes_agent::cidata::build_seed(&dunes_agent::cidata::Seed {
+        meta_data: "instance-id: x\n".into(),
+        user_data: "#cloud-config\n".into(),
+        network_config: None,
+    })
+    .unwrap();
+    std::fs::write(files.join("installer.iso"), iso).unwrap();
+    for (file, name) in [
+        ("os.raw", "os"),
+        ("big.qcow2", "big"),
+        ("installer.iso", "installer"),
+    ] {
+        json(&import(&data, &files, file, name));
+    }
+    let create = |name: &str, image: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--json", "vm", "create", "--name", name, "--image", image, "--host", "lsn-2",
+        ];
+        args.extend_from_slice(extra);
+        ctl(&data, &args)
+    };
+
+    // The host does not hold the image: it goes there first, then the VM boots from an
+    // overlay on it, grown to the size asked.
+    let vm = json(&create("from-os", "os", &["--disk-gib", "2"]));
+    assert_eq!(vm["template"], "os", "{vm}");
+    let disk = &vm["disks"][0];
+    assert_eq!(disk["format"], "qcow2", "{vm}");
+    assert_eq!(disk["virtual_bytes"], 2u64 << 30, "{vm}");
+    assert_eq!(disk["backing"], "os", "{vm}");
+    let agent = data.join("demo-agents/lsn-2/storage");
+    assert!(agent.join("images/os/disk.img").exists());
+    // The definition names the image by its digest, the same on every host.
+    let record = std::fs::read_to_string(agent.join("definitions/from-os.toml")).unwrap();
+    let digest = json(&ctl(&data, &["--json", "images"]))[2]["blake3"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        record.contains(&format!("image_blake3 = \"{digest}\"")),
+        "{record}"
+    );
+    // Without a size: the image's.
+    let same = json(&create("same-size", "os", &[]));
+    assert_eq!(same["disks"][0]["virtual_bytes"], 64u64 << 20, "{same}");
+
+    // An installer: an empty disk of the size asked, and the ISO as a CD-ROM booted first.
+    let installed = json(&create("from-iso", "installer", &["--disk-gib", "3"]));
+    assert_eq!(installed["disks"][0]["format"], "raw", "{installed}");
+    assert_eq!(installed["disks"][0]["virtual_bytes"], 3u64 << 30);
+    let record = std::fs::read_to_string(agent.join("definitions/from-iso.toml")).unwrap();
+    assert!(record.contains("cdrom = \"disk.iso\""), "{record}");
+    // An installer gets no cloud-init seed unless asked; a disk image's VM always does.
+    assert!(!agent.join("disks/from-iso.cidata.iso").exists());
+    let seed = std::fs::read(agent.join("disks/same-size.cidata.iso")).unwrap();
+    assert!(contains(&seed, b"local-hostname: \"same-size\""));
+
+    // cloud-init: the usual user with a key, and user-data of the operator's.
+    let key = ssh_key_line();
+    std::fs::write(files.join("id.pub"), format!("{key}\n")).unwrap();
+    std::fs::write(
+        files.join("user-data.yaml"),
+        "#cloud-config\npackages: [htop]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        files.join("bad.yaml"),
+        "#cloud-config\nusers:\n  - name: a\n b: [\n",
+    )
+    .unwrap();
+    std::fs::write(files.join("notakey.pub"), "hello\n").unwrap();
+    let at = |f: &str| files.join(f).to_string_lossy().into_owned();
+    let vm = json(&create(
+        "with-key",
+        "os",
+        &["--user", "ops", "--ssh-key", &at("id.pub")],
+    ));
+    assert_eq!(vm["name"], "with-key");
+    let seed = std::fs::read(agent.join("disks/with-key.cidata.iso")).unwrap();
+    assert!(contains(&seed, key.as_bytes()), "the key is on the seed");
+    assert!(contains(&seed, b"name: \"ops\""));
+    let record = std::fs::read_to_string(agent.join("definitions/with-key.toml")).unwrap();
+    assert!(record.contains("[cloud_init]") && record.contains("hostname = \"with-key\""));
+    json(&create(
+        "with-data",
+        "os",
+        &["--user-data", &at("user-data.yaml")],
+    ));
+    let seed = std::fs::read(agent.join("disks/with-data.cidata.iso")).unwrap();
+    assert!(contains(&seed, b"packages: [htop]"));
+    // Deleting the VM takes its seed.
+    ctl(&data, &["vm", "delete", "lsn-2/with-data"]);
+    assert!(!agent.join("disks/with-data.cidata.iso").exists());
+
+    // Bad input: one line each, and no VM, disk or definition left behind.
+    for (name, image, extra, says) in [
+        (
+            "no-size",
+            "installer",
+            &[][..],
+            "image installer is an installer: give the size of the disk it installs to",
+        ),
+        (
+            "too-small",
+            "big",
+            &["--disk-gib", "2"][..],
+            "the disk asked (2 GiB) is smaller than image big (5120 MiB): ask for at least 5 GiB",
+        ),
+        (
+            "no-image",
+            "nothing",
+            &[][..],
+            "there is no image named nothing",
+        ),
+        (
+            "huge",
+            "os",
+            &["--disk-gib", "999999"][..],
+            "a disk is 1 to 65536 GiB",
+        ),
+        (
+            "bad-yaml",
+            "os",
+            &["--user-data", &at("bad.yaml")][..],
+            "user-data line",
+        ),
+        (
+            "bad-key",
+            "os",
+            &["--user", "ops", "--ssh-key", &at("notakey.pub")][..],
+            "not an SSH public key",
+        ),
+        (
+            "bad-user",
+            "os",
+            &["--user", "Root", "--ssh-key", &at("id.pub")][..],
+            "is not a user name",
+        ),
+        (
+            "no-key-file",
+            "os",
+            &["--user", "ops", "--ssh-key", &at("missing.pub")][..],
+            "cannot read",
+        ),
+    ] {
+        let line = refusal(&create(name, image, extra));
+        assert!(line.contains(says), "{name}: {line}");
+        assert!(!agent.join(format!("definitions/{name}.toml")).exists());
+        assert!(!agent.join(format!("disks/{name}.qcow2")).exists());
+        assert!(!agent.join(format!("disks/{name}.img")).exists());
+        assert!(!agent.join(format!("disks/{name}.cidata.iso")).exists());
+    }
+    let line = refusal(&ctl(
+        &data,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "both",
+            "--image",
+            "os",
+            "--template",
+            "demo",
+            "--host",
+            "lsn-2",
+        ],
+    ));
+    assert!(line.contains("cannot be used with"), "{line}");
+
+    // An image a VM is made from cannot be deleted; the refusal names the VMs.
+    let line = refusal(&ctl(&data, &["image", "delete", "os"]));
+    assert!(
+        line.contains("lsn-2/from-os") && line.contains("lsn-2/same-size"),
+        "{line}"
+    );
+    let line = refusal(&ctl(&data, &["image", "delete", "installer"]));
+    assert!(line.contains("lsn-2/from-iso"), "{line}");
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// An ed25519 public key line: its type, then 32 bytes, as ssh-keygen writes one.
+fn ssh_key_line() -> String {
+    use base64::Engine as _;
+    let mut data = Vec::new();
+    data.extend_from_slice(&11u32.to_be_bytes());
+    data.extend_from_slice(b"ssh-ed25519");
+    data.extend_from_slice(&32u32.to_be_bytes());
+    data.extend_from_slice(&[7u8; 32]);
+    format!(
+        "ssh-ed25519 {} ops@laptop",
+        base64::engine::general_purpose::STANDARD.encode(data)
+    )
+}

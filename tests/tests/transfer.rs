@@ -350,6 +350,8 @@ async fn disks_move_only_with_a_ticket_sparse_verified_resumed_and_checked() {
                 memory_mib: Some(64),
             },
             start: false,
+            image_disk: None,
+            cloud_init: None,
             runtime: RuntimeKind::Libvirt,
         },
     )

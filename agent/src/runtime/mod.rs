@@ -143,6 +143,18 @@ pub trait Runtime: Send + Sync + 'static {
     fn capabilities(&self) -> Capabilities;
     fn list(&self) -> RuntimeFuture<'_, Vec<VmStatus>>;
     fn create(&self, spec: VmSpec, start: bool) -> RuntimeFuture<'_, VmStatus>;
+    /// Creates a VM from the library image its template holds, with the disk and firmware
+    /// asked, and cloud-init's seed made from `cloud_init`. Not every runtime can.
+    fn create_from_image(
+        &self,
+        spec: VmSpec,
+        start: bool,
+        disk: dunes_shared::model::ImageDisk,
+        cloud_init: Option<dunes_shared::cloud_init::CloudInitData>,
+    ) -> RuntimeFuture<'_, VmStatus> {
+        let _ = (spec, start, disk, cloud_init);
+        Box::pin(async { Err(RuntimeError::NoRuntime("VMs from images")) })
+    }
     fn start(&self, name: VmName) -> RuntimeFuture<'_, VmStatus>;
     /// Asks the workload to stop and forces it after `timeout_secs`, or at once with `force`.
     fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus>;

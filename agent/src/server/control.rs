@@ -184,9 +184,19 @@ async fn dispatch(
             spec,
             start,
             runtime: kind,
-        }) => encode_reply::<CreateVm>(match runtime(kind) {
-            Ok(rt) => rt.create(spec, start).await.map_err(|e| e.to_wire()),
-            Err(e) => Err(e.to_wire()),
+            image_disk,
+            cloud_init,
+        }) => encode_reply::<CreateVm>(match (runtime(kind), image_disk) {
+            (Ok(_), None) if cloud_init.is_some() => Err(WireError::new(
+                ErrorCode::BadRequest,
+                "cloud-init data is for VMs from library images",
+            )),
+            (Ok(rt), None) => rt.create(spec, start).await.map_err(|e| e.to_wire()),
+            (Ok(rt), Some(disk)) => rt
+                .create_from_image(spec, start, disk, cloud_init)
+                .await
+                .map_err(|e| e.to_wire()),
+            (Err(e), _) => Err(e.to_wire()),
         }),
         Request::PowerVm(PowerVm {
             name,

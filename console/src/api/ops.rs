@@ -3,7 +3,10 @@
 //! so a bad one gets the same sentence from every client.
 
 use dunes_shared::{
-    model::{AppName, HostId, ImageName, ServiceName, TemplateName, VmName, VmSpec, VmStatus},
+    model::{
+        AppName, Firmware, HostId, ImageDisk, ImageName, ServiceName, TemplateName, VmName, VmSpec,
+        VmStatus,
+    },
     pki::Fingerprint,
     protocol::{PowerAction, SnapshotAction},
 };
@@ -13,6 +16,7 @@ use super::{ApiError, Operation, views::*};
 use crate::engine::{
     Command, EngineHandle, Snapshot,
     autoscale::{AutoscaleMetric, AutoscaleRule},
+    images::CreateFromImage,
     migration::MigrationOptions,
     operators::access::Target,
     services::placement::{Action, Override},
@@ -331,11 +335,63 @@ impl Operation for UndrainHost {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateVm {
     pub name: String,
+    /// A template of the host's; empty with `image`.
+    #[serde(default)]
     pub template: String,
     pub host: String,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u64>,
     pub start: bool,
+    /// An image of the library instead of a template: pushed to the host first when it
+    /// does not hold it.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The disk's size in GiB, for a VM from an image.
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
+    /// Boot a VM from an image with UEFI instead of the BIOS.
+    #[serde(default)]
+    pub uefi: bool,
+    /// cloud-init user-data for a VM from an image (`#cloud-config` YAML or a `#!` script).
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// A user cloud-init makes (with sudo) who logs in with `ssh_key`: instead of user-data.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The user's SSH public key, one `authorized_keys` line.
+    #[serde(default)]
+    pub ssh_key: Option<String>,
+}
+
+impl CreateVm {
+    /// The user-data asked: the operator's, checked, or the usual user with a key.
+    fn user_data(&self) -> Result<Option<String>, ApiError> {
+        use dunes_shared::cloud_init::{check_user_data, parse_ssh_key, user_with_key};
+        let asked = self.user_data.is_some() || self.user.is_some() || self.ssh_key.is_some();
+        if asked && self.image.is_none() {
+            return Err("cloud-init data is for VMs from images".to_string().into());
+        }
+        match (&self.user_data, &self.user, &self.ssh_key) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                Err("give user-data, or a user with an SSH key, not both"
+                    .to_string()
+                    .into())
+            }
+            (Some(text), None, None) => {
+                check_user_data(text).map_err(|e| e.to_string())?;
+                Ok(Some(text.clone()))
+            }
+            (None, Some(user), Some(key)) => {
+                let key = parse_ssh_key(key).map_err(|e| e.to_string())?;
+                Ok(Some(user_with_key(user, &key).map_err(|e| e.to_string())?))
+            }
+            (None, Some(_), None) => Err("a user needs the SSH key they log in with"
+                .to_string()
+                .into()),
+            (None, None, Some(_)) => Err("an SSH key needs the user it is for".to_string().into()),
+            (None, None, None) => Ok(None),
+        }
+    }
 }
 
 impl Operation for CreateVm {
@@ -347,22 +403,63 @@ impl Operation for CreateVm {
         new_workload(snap, &self.name, &self.host)
     }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let user_data = self.user_data()?;
+        let template = match (&self.image, self.template.is_empty()) {
+            (Some(_), false) => {
+                return Err("give a template or an image, not both".to_string().into());
+            }
+            (None, _) if self.disk_gib.is_some() || self.uefi => {
+                return Err("a disk size and UEFI are for VMs from images"
+                    .to_string()
+                    .into());
+            }
+            (Some(image), true) => image.clone(),
+            (None, _) => self.template.clone(),
+        };
         let spec = VmSpec {
             name: VmName::new(self.name).map_err(|e| e.to_string())?,
-            template: TemplateName::new(self.template).map_err(|e| e.to_string())?,
+            template: TemplateName::new(template).map_err(|e| e.to_string())?,
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
         };
         let host = host_id(&self.host)?;
         let start = self.start;
-        let vm = engine
-            .request(|reply| Command::CreateVm {
-                host: host.clone(),
-                spec,
-                start,
-                reply,
-            })
-            .await?;
+        let vm = match self.image {
+            Some(image) => {
+                let image = image_name(&image)?;
+                let disk = ImageDisk {
+                    disk_gib: self.disk_gib,
+                    firmware: if self.uefi {
+                        Firmware::Uefi
+                    } else {
+                        Firmware::Bios
+                    },
+                };
+                engine
+                    .request(|reply| {
+                        Command::CreateVmFromImage(CreateFromImage {
+                            host: host.clone(),
+                            spec,
+                            image,
+                            disk,
+                            user_data,
+                            start,
+                            reply,
+                        })
+                    })
+                    .await?
+            }
+            None => {
+                engine
+                    .request(|reply| Command::CreateVm {
+                        host: host.clone(),
+                        spec,
+                        start,
+                        reply,
+                    })
+                    .await?
+            }
+        };
         Ok(VmSummary::new(&host, &vm))
     }
 }

@@ -382,12 +382,33 @@ pub enum HostCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// Create a VM from a template.
+    /// Create a VM from a template of the host's, or from an image of the library (pushed
+    /// to the host first when it does not hold it).
     Create {
         #[arg(long)]
         name: String,
+        #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+        template: Option<String>,
+        /// An image of the library: a disk image boots from a qcow2 overlay on the host's
+        /// copy; an installer (ISO) boots from a CD-ROM beside an empty disk of --disk-gib.
         #[arg(long)]
-        template: String,
+        image: Option<String>,
+        /// The disk's size in GiB (a disk image's by default; an installer needs one).
+        #[arg(long, requires = "image")]
+        disk_gib: Option<u64>,
+        /// Boot with UEFI (OVMF, which the host must have) instead of the BIOS.
+        #[arg(long, requires = "image")]
+        uefi: bool,
+        /// A user cloud-init makes in the guest (with sudo), who logs in with --ssh-key.
+        #[arg(long, requires_all = ["image", "ssh_key"], conflicts_with = "user_data")]
+        user: Option<String>,
+        /// The user's SSH public key file (a .pub, one line), read where ctl runs.
+        #[arg(long, value_name = "FILE", requires = "user")]
+        ssh_key: Option<PathBuf>,
+        /// cloud-init user-data (#cloud-config YAML, or a #! script), read where ctl runs;
+        /// checked before anything is made.
+        #[arg(long, value_name = "FILE", requires = "image")]
+        user_data: Option<PathBuf>,
         #[arg(long)]
         host: String,
         #[arg(long)]

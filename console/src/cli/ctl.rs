@@ -233,6 +233,12 @@ async fn run_vm(
         VmCommand::Create {
             name,
             template,
+            image,
+            disk_gib,
+            uefi,
+            user,
+            ssh_key,
+            user_data,
             host,
             vcpus,
             memory_mib,
@@ -241,11 +247,17 @@ async fn run_vm(
             &client
                 .create_vm(ops::CreateVm {
                     name: name.clone(),
-                    template: template.clone(),
+                    template: template.clone().unwrap_or_default(),
                     host: host.clone(),
                     vcpus: *vcpus,
                     memory_mib: *memory_mib,
                     start: *start,
+                    image: image.clone(),
+                    disk_gib: *disk_gib,
+                    uefi: *uefi,
+                    user_data: user_data.as_deref().map(read_text).transpose()?,
+                    user: user.clone(),
+                    ssh_key: ssh_key.as_deref().map(read_text).transpose()?,
                 })
                 .await?,
             render::vm_state,
@@ -774,4 +786,19 @@ async fn run_audit(
         out.show(&lines, |l| render::audit(l))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A small text file the operator names (a key, user-data), read where ctl runs.
+fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    if meta.len() > dunes_shared::cloud_init::USER_DATA_MAX_BYTES as u64 {
+        anyhow::bail!(
+            "{} is {} bytes; it may be at most 64 KiB",
+            path.display(),
+            meta.len()
+        );
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
 }

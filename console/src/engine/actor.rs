@@ -95,6 +95,8 @@ pub(super) enum Internal {
         result: Result<super::images::library::Copied, String>,
         reply: Reply<super::images::ImageRecord>,
     },
+    /// The push a new VM waited for has ended.
+    ImagePushedForVm(Box<super::images::state::PushedForVm>),
     /// Every push of an image has ended.
     ImagePushed {
         name: dunes_shared::model::ImageName,

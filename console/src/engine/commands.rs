@@ -3,7 +3,7 @@
 
 use dunes_shared::{
     error_chain,
-    model::{HostId, RuntimeKind, VmStatus},
+    model::{HostId, RuntimeKind, VmSpec, VmStatus},
     protocol::{CreateVm, DeleteVm, StartVm, StopVm},
 };
 
@@ -109,29 +109,13 @@ impl Actor {
                 start,
                 reply,
             } => {
-                if let Err(e) = spec.validate() {
-                    let _ = reply.send(Err(EngineError::Invalid(e.to_string())));
+                if let Err(e) = self.may_create_vm(&host, &spec) {
+                    let _ = reply.send(Err(e));
                     return;
                 }
-                if self
-                    .fleet
-                    .hosts
-                    .get(&host)
-                    .is_some_and(|h| h.view.record.maintenance.is_some())
-                {
-                    let _ = reply.send(Err(EngineError::Invalid(format!(
-                        "host {host} is in maintenance and takes nothing new; undrain it first"
-                    ))));
-                    return;
-                }
-                let what = format!("creating VM {} on {host}", spec.name);
-                let create = CreateVm {
-                    spec,
-                    start,
-                    runtime: RuntimeKind::Libvirt,
-                };
-                self.agent_call(host, what, reply, create, vm_change);
+                self.create_vm(host, spec, start, None, reply);
             }
+            Command::CreateVmFromImage(create) => self.create_vm_from_image(create),
             Command::GuestExec {
                 host,
                 name,
@@ -1099,6 +1083,58 @@ impl SentSeries {
 }
 
 /// A VM's status in an agent's answer, recorded on its host.
+impl Actor {
+    /// Why `spec` cannot be created on `host`, if it cannot: a bad spec, or a host in
+    /// maintenance.
+    pub(in crate::engine) fn may_create_vm(
+        &self,
+        host: &HostId,
+        spec: &VmSpec,
+    ) -> Result<(), EngineError> {
+        spec.validate()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if self
+            .fleet
+            .hosts
+            .get(host)
+            .is_some_and(|h| h.view.record.maintenance.is_some())
+        {
+            return Err(EngineError::Invalid(format!(
+                "host {host} is in maintenance and takes nothing new; undrain it first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Asks `host`'s agent to create the VM (from a library image, with cloud-init's data,
+    /// when `from_image` is set).
+    pub(in crate::engine) fn create_vm(
+        &mut self,
+        host: HostId,
+        spec: VmSpec,
+        start: bool,
+        from_image: Option<(
+            dunes_shared::model::ImageDisk,
+            Option<dunes_shared::cloud_init::CloudInitData>,
+        )>,
+        reply: Reply<VmStatus>,
+    ) {
+        let what = format!("creating VM {} on {host}", spec.name);
+        let (image_disk, cloud_init) = match from_image {
+            Some((disk, cloud_init)) => (Some(disk), cloud_init),
+            None => (None, None),
+        };
+        let create = CreateVm {
+            spec,
+            start,
+            runtime: RuntimeKind::Libvirt,
+            image_disk,
+            cloud_init,
+        };
+        self.agent_call(host, what, reply, create, vm_change);
+    }
+}
+
 fn vm_change(status: &VmStatus) -> StateChange {
     StateChange::Vm(status.clone())
 }

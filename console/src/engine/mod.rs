@@ -392,6 +392,9 @@ pub enum Command {
     ListImages {
         reply: Reply<Vec<images::ImageRecord>>,
     },
+    /// Creates a VM from a library image on `host`, pushing the image there first when the
+    /// host does not hold it.
+    CreateVmFromImage(images::CreateFromImage),
     /// Sends an image to hosts that do not hold it.
     PushImage {
         name: dunes_shared::model::ImageName,

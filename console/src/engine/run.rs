@@ -153,6 +153,7 @@ impl Actor {
                 result,
                 reply,
             } => self.image_copied(name, result, reply),
+            Internal::ImagePushedForVm(done) => self.image_pushed_for_vm(*done),
             Internal::ImagePushed {
                 name,
                 results,

@@ -266,11 +266,21 @@ pub struct NewVmDialog {
     open: bool,
     name: String,
     host: Option<HostId>,
+    /// A template of the host's, or an image of the library.
+    from_image: bool,
     template: String,
+    image: Option<String>,
+    /// 0: the image's size.
+    disk_gib: u64,
+    uefi: bool,
     vcpus: u32,
     memory_mib: u64,
     start: bool,
     focus_name: bool,
+    /// The library, asked for when the dialog opens.
+    images: Vec<views::ImageView>,
+    listing: Option<super::link::Answer<Vec<views::ImageView>>>,
+    wants_images: bool,
 }
 
 impl Default for NewVmDialog {
@@ -279,11 +289,18 @@ impl Default for NewVmDialog {
             open: false,
             name: String::new(),
             host: None,
+            from_image: false,
             template: "tiny".into(),
+            image: None,
+            disk_gib: 0,
+            uefi: false,
             vcpus: 1,
             memory_mib: 256,
             start: true,
             focus_name: false,
+            images: Vec::new(),
+            listing: None,
+            wants_images: false,
         }
     }
 }
@@ -292,6 +309,7 @@ impl NewVmDialog {
     pub fn open(&mut self, snapshot: &Snapshot, selection: &Selection) {
         self.open = true;
         self.focus_name = true;
+        self.wants_images = true;
         let preferred = match selection {
             Selection::Host(h) | Selection::Vm(h, _) => Some(h.clone()),
             Selection::None | Selection::Service(_) => None,
@@ -311,7 +329,18 @@ impl NewVmDialog {
 
     fn spec(&self, snapshot: &Snapshot) -> Result<(HostId, VmSpec), String> {
         let name = VmName::new(self.name.trim()).map_err(|e| e.to_string())?;
-        let template = TemplateName::new(self.template.trim()).map_err(|e| e.to_string())?;
+        let template = if self.from_image {
+            let image = self.image.as_deref().ok_or("choose an image")?;
+            let view = self.images.iter().find(|i| i.name.as_str() == image);
+            if view.is_some_and(|i| i.format == "iso") && self.disk_gib == 0 {
+                return Err(format!(
+                    "image {image} is an installer: give the size of the disk it installs to"
+                ));
+            }
+            TemplateName::new(image).map_err(|e| e.to_string())?
+        } else {
+            TemplateName::new(self.template.trim()).map_err(|e| e.to_string())?
+        };
         let host = self.host.clone().ok_or("choose a host")?;
         let view = snapshot
             .host(&host)
@@ -340,6 +369,15 @@ impl NewVmDialog {
     ) {
         if !self.open {
             return;
+        }
+        if std::mem::take(&mut self.wants_images) {
+            self.listing = Some(actions.request(ops::ListImages {}));
+        }
+        match super::link::take(&mut self.listing) {
+            Some(Ok(images)) => self.images = images,
+            Some(Err(e)) => actions.say(format!("Listing images failed: {e}"), true),
+            None if self.listing.is_some() => ctx.request_repaint(),
+            None => {}
         }
         let mut open = true;
         let mut submit = None;
@@ -389,13 +427,24 @@ impl NewVmDialog {
                             .response
                             .labelled_by(host_label.id);
                         ui.end_row();
-                        let template = field(
-                            ui,
-                            "Template",
-                            egui::TextEdit::singleline(&mut self.template)
-                                .hint_text("tiny")
-                                .desired_width(220.0),
-                        );
+                        ui.label("Boot from");
+                        ui.horizontal(|ui| {
+                            ui.radio_value(&mut self.from_image, false, "Template");
+                            ui.radio_value(&mut self.from_image, true, "Image");
+                        });
+                        ui.end_row();
+                        let template = if self.from_image {
+                            self.image_rows(ui);
+                            None
+                        } else {
+                            Some(field(
+                                ui,
+                                "Template",
+                                egui::TextEdit::singleline(&mut self.template)
+                                    .hint_text("tiny")
+                                    .desired_width(220.0),
+                            ))
+                        };
                         field(
                             ui,
                             "vCPUs",
@@ -411,7 +460,7 @@ impl NewVmDialog {
                                 .speed(16.0)
                                 .suffix(" MiB"),
                         );
-                        entered_in(&name_field) || entered_in(&template)
+                        entered_in(&name_field) || template.as_ref().is_some_and(entered_in)
                     })
                     .inner;
                 ui.checkbox(&mut self.start, "Start after creating");
@@ -432,11 +481,21 @@ impl NewVmDialog {
                 format!("Creating {} on {host}", spec.name),
                 crate::api::ops::CreateVm {
                     name: spec.name.to_string(),
-                    template: spec.template.to_string(),
+                    template: if self.from_image {
+                        String::new()
+                    } else {
+                        spec.template.to_string()
+                    },
                     host: host.to_string(),
                     vcpus: spec.vcpus,
                     memory_mib: spec.memory_mib,
                     start: self.start,
+                    image: self.from_image.then(|| spec.template.to_string()),
+                    disk_gib: (self.from_image && self.disk_gib > 0).then_some(self.disk_gib),
+                    uefi: self.from_image && self.uefi,
+                    user_data: None,
+                    user: None,
+                    ssh_key: None,
                 },
             );
             let keep_host = self.host.clone();
@@ -453,5 +512,68 @@ impl NewVmDialog {
 
     pub fn close(&mut self) {
         self.open = false;
+    }
+
+    /// The rows of a VM from an image: which image, its disk's size and the firmware.
+    fn image_rows(&mut self, ui: &mut egui::Ui) {
+        let label = ui.label("Image");
+        if self.images.is_empty() {
+            ui.label(
+                RichText::new(if self.listing.is_some() {
+                    "reading the library…"
+                } else {
+                    "no image in the library: import one with Images…"
+                })
+                .weak(),
+            );
+        } else {
+            let describe = |i: &views::ImageView| {
+                format!(
+                    "{} ({}, {})",
+                    i.name,
+                    i.format,
+                    super::format::human_bytes(i.virtual_bytes)
+                )
+            };
+            let shown = self
+                .image
+                .as_deref()
+                .and_then(|n| self.images.iter().find(|i| i.name.as_str() == n))
+                .map_or("choose…".to_string(), describe);
+            egui::ComboBox::from_id_salt("new-vm-image")
+                .selected_text(shown)
+                .width(220.0)
+                .show_ui(ui, |ui| {
+                    for i in &self.images {
+                        ui.selectable_value(&mut self.image, Some(i.name.to_string()), describe(i));
+                    }
+                })
+                .response
+                .labelled_by(label.id);
+        }
+        ui.end_row();
+        field(
+            ui,
+            "Disk",
+            egui::DragValue::new(&mut self.disk_gib)
+                .range(0..=dunes_shared::model::DISK_GIB_MAX)
+                .custom_formatter(|v, _| {
+                    if v < 1.0 {
+                        "image's size".into()
+                    } else {
+                        format!("{v} GiB")
+                    }
+                }),
+        );
+        let label = ui.label("Firmware");
+        egui::ComboBox::from_id_salt("new-vm-firmware")
+            .selected_text(if self.uefi { "UEFI (OVMF)" } else { "BIOS" })
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut self.uefi, false, "BIOS");
+                ui.selectable_value(&mut self.uefi, true, "UEFI (OVMF)");
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
     }
 }

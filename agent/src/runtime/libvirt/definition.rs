@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use dunes_shared::model::{MEMORY_MIB_MAX, MEMORY_MIB_MIN, TemplateName, VCPUS_MAX, VmName};
+use dunes_shared::model::{
+    Firmware, MEMORY_MIB_MAX, MEMORY_MIB_MIN, TemplateName, VCPUS_MAX, VmName,
+};
 use quick_xml::{
     Reader, Writer,
     events::{BytesText, Event},
@@ -99,6 +101,51 @@ pub struct VmDefinition {
     /// Started by the agent whenever the agent starts.
     #[serde(default)]
     pub autostart: bool,
+    /// What boots it: the PC BIOS, or UEFI (OVMF). Left out for the BIOS.
+    #[serde(default, skip_serializing_if = "Firmware::is_bios")]
+    pub firmware: Firmware,
+    /// An installer's ISO in the template's directory, a read-only CD-ROM booted before the
+    /// disk until it is ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdrom: Option<String>,
+    /// The library image the VM was made from, by its BLAKE3: the same on every host,
+    /// whatever the template there is called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_blake3: Option<String>,
+    /// cloud-init's data: the seed (`storage/disks/NAME.cidata.iso`) is made from it on every
+    /// host that defines the VM, with the VM's UUID as the instance id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitRecord>,
+}
+
+/// cloud-init's data as a VM's record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudInitRecord {
+    pub hostname: String,
+    pub user_data: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
+}
+
+impl From<dunes_shared::cloud_init::CloudInitData> for CloudInitRecord {
+    fn from(d: dunes_shared::cloud_init::CloudInitData) -> Self {
+        CloudInitRecord {
+            hostname: d.hostname,
+            user_data: d.user_data,
+            network_config: d.network_config,
+        }
+    }
+}
+
+impl CloudInitRecord {
+    /// The NoCloud seed of the VM `uuid`.
+    pub fn seed(&self, uuid: &str) -> crate::cidata::Seed {
+        crate::cidata::Seed {
+            meta_data: dunes_shared::cloud_init::meta_data(uuid, &self.hostname),
+            user_data: self.user_data.clone(),
+            network_config: self.network_config.clone(),
+        }
+    }
 }
 
 /// A random MAC address in QEMU's locally administered range (`52:54:00`).
@@ -152,6 +199,25 @@ impl VmDefinition {
             }
             if let Some(initrd) = boot.initrd.as_deref().filter(|i| !is_plain_file_name(i)) {
                 return bad("initrd", initrd);
+            }
+        }
+        if let Some(cdrom) = self.cdrom.as_deref().filter(|c| !is_plain_file_name(c)) {
+            return bad("CD-ROM image", cdrom);
+        }
+        if self.cdrom.is_some() && self.boot.is_some() {
+            return Err(DefinitionError::Invalid(
+                "a VM boots from its kernel or from a CD-ROM, not both".into(),
+            ));
+        }
+        if let Some(ci) = &self.cloud_init {
+            dunes_shared::cloud_init::check_user_data(&ci.user_data)
+                .map_err(|e| DefinitionError::Invalid(e.to_string()))?;
+            // The host name goes into the seed's YAML quoted; it is a plain name all the same.
+            if VmName::new(&ci.hostname).is_err() {
+                return Err(DefinitionError::Invalid(format!(
+                    "{:?} is not a host name",
+                    ci.hostname
+                )));
             }
         }
         if let Some(mac) = self.devices.mac.as_deref().filter(|m| !is_mac(m)) {
@@ -232,7 +298,14 @@ impl VmDefinition {
                     .with_attribute(("unit", "MiB"))
                     .write_text_content(BytesText::new(&self.memory_mib.to_string()))?;
                 text_element(w, "vcpu", &self.vcpus.max(1).to_string())?;
-                w.create_element("os").write_inner_content(|w| {
+                let os = w.create_element("os");
+                // libvirt picks the OVMF build from the firmware descriptors QEMU installs.
+                let os = if qemu && self.firmware == Firmware::Uefi {
+                    os.with_attribute(("firmware", "efi"))
+                } else {
+                    os
+                };
+                os.write_inner_content(|w| {
                     let os_type = w.create_element("type").with_attribute(("arch", "x86_64"));
                     let os_type = if qemu {
                         os_type.with_attribute(("machine", "pc"))
@@ -248,6 +321,15 @@ impl VmDefinition {
                         if let Some(cmdline) = &boot.cmdline {
                             text_element(w, "cmdline", cmdline)?;
                         }
+                    }
+                    if self.cdrom.is_some() {
+                        // The installer first; once it is ejected the disk boots.
+                        w.create_element("boot")
+                            .with_attribute(("dev", "cdrom"))
+                            .write_empty()?;
+                        w.create_element("boot")
+                            .with_attribute(("dev", "hd"))
+                            .write_empty()?;
                     }
                     Ok(())
                 })?;
@@ -283,6 +365,43 @@ impl VmDefinition {
                                         ("bus", "virtio"),
                                     ])
                                     .write_empty()?;
+                                Ok(())
+                            })?;
+                    }
+                    if let Some(iso) = &self.cdrom {
+                        let source = path_text(&template_dir.join(iso));
+                        w.create_element("disk")
+                            .with_attributes([("type", "file"), ("device", "cdrom")])
+                            .write_inner_content(|w| {
+                                w.create_element("driver")
+                                    .with_attributes([("name", "qemu"), ("type", "raw")])
+                                    .write_empty()?;
+                                w.create_element("source")
+                                    .with_attribute(("file", source.as_str()))
+                                    .write_empty()?;
+                                // The PC machine type has IDE, not SATA.
+                                w.create_element("target")
+                                    .with_attributes([("dev", "hdc"), ("bus", "ide")])
+                                    .write_empty()?;
+                                w.create_element("readonly").write_empty()?;
+                                Ok(())
+                            })?;
+                    }
+                    if self.cloud_init.is_some() {
+                        let source = path_text(&storage.seed_file(&self.name));
+                        w.create_element("disk")
+                            .with_attributes([("type", "file"), ("device", "cdrom")])
+                            .write_inner_content(|w| {
+                                w.create_element("driver")
+                                    .with_attributes([("name", "qemu"), ("type", "raw")])
+                                    .write_empty()?;
+                                w.create_element("source")
+                                    .with_attribute(("file", source.as_str()))
+                                    .write_empty()?;
+                                w.create_element("target")
+                                    .with_attributes([("dev", "hdd"), ("bus", "ide")])
+                                    .write_empty()?;
+                                w.create_element("readonly").write_empty()?;
                                 Ok(())
                             })?;
                     }
@@ -436,6 +555,10 @@ impl VmDefinition {
                     .and_then(|n| n.mac.clone()),
             },
             autostart: false,
+            firmware: Firmware::Bios,
+            cdrom: None,
+            image_blake3: None,
+            cloud_init: None,
         };
         def.validate()?;
         Ok(def)
@@ -675,6 +798,10 @@ mod tests {
                 mac: Some("52:54:00:0a:1b:2c".into()),
             },
             autostart: false,
+            firmware: Firmware::Bios,
+            cdrom: None,
+            image_blake3: None,
+            cloud_init: None,
         }
     }
 
@@ -822,5 +949,65 @@ mod tests {
         assert_eq!((def.vcpus, def.memory_mib), (1, 128));
         assert_eq!(def.disks[0].file, "old.img");
         assert!(def.boot.is_none());
+    }
+
+    #[test]
+    fn a_vm_from_an_image_has_its_firmware_installer_and_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let mut def = definition();
+        def.boot = None;
+        def.firmware = Firmware::Uefi;
+        def.cdrom = Some("disk.iso".into());
+        def.image_blake3 = Some("ab".repeat(32));
+        def.cloud_init = Some(CloudInitRecord {
+            hostname: "web-1".into(),
+            user_data: "#cloud-config\n".into(),
+            network_config: None,
+        });
+        let xml = def.domain_xml(DomainType::Qemu, &storage).unwrap();
+        assert!(xml.contains(r#"<os firmware="efi">"#), "{xml}");
+        assert!(
+            xml.contains(r#"<boot dev="cdrom"/><boot dev="hd"/>"#),
+            "{xml}"
+        );
+        let installer = storage.template_dir(&def.template).join("disk.iso");
+        assert!(
+            xml.contains(&format!(
+                r#"<source file="{}"/><target dev="hdc" bus="ide"/><readonly/>"#,
+                installer.display()
+            )),
+            "{xml}"
+        );
+        let seed = storage.seed_file(&def.name);
+        assert!(
+            xml.contains(&format!(
+                r#"<source file="{}"/><target dev="hdd" bus="ide"/><readonly/>"#,
+                seed.display()
+            )),
+            "{xml}"
+        );
+        // The record keeps all of it; one without any of it reads as before.
+        let back = VmDefinition::from_toml(&def.to_toml().unwrap()).unwrap();
+        assert_eq!(back, def);
+        let plain = definition().to_toml().unwrap();
+        assert!(
+            !plain.contains("firmware") && !plain.contains("cloud_init"),
+            "{plain}"
+        );
+        // The test driver has no UEFI to ask for.
+        let xml = def.domain_xml(DomainType::Test, &storage).unwrap();
+        assert!(!xml.contains("efi"), "{xml}");
+
+        // Bad records are refused: a CD-ROM outside the template, both boots, bad user-data.
+        let mut bad = def.clone();
+        bad.cdrom = Some("../../etc/passwd".into());
+        assert!(bad.validate().is_err());
+        let mut bad = def.clone();
+        bad.boot = definition().boot;
+        assert!(bad.validate().is_err());
+        let mut bad = def.clone();
+        bad.cloud_init.as_mut().unwrap().user_data = "no header".into();
+        assert!(bad.validate().is_err());
     }
 }

@@ -20,9 +20,10 @@ use std::{
 };
 
 use dunes_shared::{
+    cloud_init::CloudInitData,
     model::{
-        Counters, RuntimeInfo, RuntimeKind, SnapshotInfo, TemplateName, VmName, VmResources,
-        VmSpec, VmState, VmStatus, WorkloadSample,
+        Counters, DISK_GIB_MAX, Firmware, ImageDisk, ImageFormat, RuntimeInfo, RuntimeKind,
+        SnapshotInfo, TemplateName, VmName, VmResources, VmSpec, VmState, VmStatus, WorkloadSample,
     },
     protocol::{
         CloneVm, ConfigureVm, GuestApps, GuestAppsReply, GuestExec, GuestExecReply, MetricKind,
@@ -324,7 +325,13 @@ impl LibvirtRuntime {
         }
     }
 
-    async fn create_vm(&self, spec: VmSpec, start: bool) -> Result<VmStatus, RuntimeError> {
+    async fn create_vm(
+        &self,
+        spec: VmSpec,
+        start: bool,
+        image_disk: Option<ImageDisk>,
+        cloud_init: Option<CloudInitData>,
+    ) -> Result<VmStatus, RuntimeError> {
         spec.validate()?;
         let runtime = self.clone();
         // Runs to the end even if the caller goes away, so no disk is left without its domain.
@@ -332,10 +339,15 @@ impl LibvirtRuntime {
             let _vm = runtime.lock_vm(&spec.name).await;
             let checked = spec.clone();
             let template = runtime.call(move |i| i.check_create(&checked)).await?;
-            let def = definition_for(&spec, &template);
+            if let Some(disk) = &image_disk {
+                check_image_disk(&template, disk, runtime.inner.domain_type)?;
+            }
+            let mut def = definition_for(&spec, &template, image_disk.as_ref());
+            def.cloud_init = cloud_init.map(Into::into);
             let (storage, name) = (runtime.inner.storage.clone(), spec.name.clone());
+            let disk_gib = image_disk.and_then(|d| d.disk_gib);
             // File I/O, not a libvirt call: it takes no call permit.
-            tokio::task::spawn_blocking(move || storage.create_disk(&name, &template))
+            tokio::task::spawn_blocking(move || storage.create_disk(&name, &template, disk_gib))
                 .await
                 .map_err(|_| RuntimeError::WorkerGone)??;
             runtime.call(move |i| i.define(&def, start)).await
@@ -389,7 +401,56 @@ impl LibvirtRuntime {
 }
 
 /// The definition of a new VM from its spec and template.
-fn definition_for(spec: &VmSpec, template: &Template) -> VmDefinition {
+/// Where OVMF's firmware descriptors are: libvirt picks UEFI builds from them.
+const OVMF_DESCRIPTORS: &str = "/usr/share/qemu/firmware";
+
+/// Whether a VM from `template` can have `disk`: the template holds a library image, the
+/// size is in range, and UEFI needs OVMF on a QEMU host.
+fn check_image_disk(
+    template: &Template,
+    disk: &ImageDisk,
+    domain_type: DomainType,
+) -> Result<(), RuntimeError> {
+    if template.image_blake3.is_none() {
+        return Err(RuntimeError::Invalid(format!(
+            "template {} holds no library image: push the image to this host first",
+            template.info.name
+        )));
+    }
+    if let Some(gib) = disk.disk_gib
+        && !(1..=DISK_GIB_MAX).contains(&gib)
+    {
+        return Err(RuntimeError::Invalid(format!(
+            "a disk is 1 to {DISK_GIB_MAX} GiB, not {gib}"
+        )));
+    }
+    if disk.firmware == Firmware::Uefi
+        && domain_type == DomainType::Qemu
+        && !ovmf_installed(std::path::Path::new(OVMF_DESCRIPTORS))
+    {
+        return Err(RuntimeError::Invalid(
+            "UEFI needs OVMF on this host: apt-get install ovmf (or create the VM with the BIOS)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds a firmware descriptor of an OVMF build (`*ovmf*` or `*edk2*`).
+fn ovmf_installed(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().to_lowercase();
+            name.ends_with(".json") && (name.contains("ovmf") || name.contains("edk2"))
+        })
+    })
+}
+
+fn definition_for(
+    spec: &VmSpec,
+    template: &Template,
+    image_disk: Option<&ImageDisk>,
+) -> VmDefinition {
     let format = if template.overlay {
         DiskFormat::Qcow2
     } else {
@@ -424,6 +485,13 @@ fn definition_for(spec: &VmSpec, template: &Template) -> VmDefinition {
                 .then(definition::random_mac),
         },
         autostart: false,
+        firmware: image_disk.map_or(Firmware::Bios, |d| d.firmware),
+        cdrom: (template.format == ImageFormat::Iso)
+            .then(|| template.disk.file_name())
+            .flatten()
+            .map(|n| n.to_string_lossy().into_owned()),
+        image_blake3: template.image_blake3.clone(),
+        cloud_init: None,
     }
 }
 
@@ -445,7 +513,17 @@ impl Runtime for LibvirtRuntime {
     }
 
     fn create(&self, spec: VmSpec, start: bool) -> RuntimeFuture<'_, VmStatus> {
-        Box::pin(self.create_vm(spec, start))
+        Box::pin(self.create_vm(spec, start, None, None))
+    }
+
+    fn create_from_image(
+        &self,
+        spec: VmSpec,
+        start: bool,
+        disk: ImageDisk,
+        cloud_init: Option<CloudInitData>,
+    ) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(self.create_vm(spec, start, Some(disk), cloud_init))
     }
 
     fn start(&self, name: VmName) -> RuntimeFuture<'_, VmStatus> {
@@ -1000,6 +1078,16 @@ impl Inner {
                 return Err(e.into());
             }
         };
+        // The seed is made again wherever the VM is defined: the same bytes from its record.
+        if let Some(ci) = &def.cloud_init {
+            let written = crate::cidata::build_seed(&ci.seed(&def.uuid))
+                .map_err(|e| RuntimeError::Invalid(e.to_string()))
+                .and_then(|bytes| Ok(self.storage.write_seed(&def.name, &bytes)?));
+            if let Err(e) = written {
+                undo(&self.storage);
+                return Err(e);
+            }
+        }
         let saved = def
             .to_toml()
             .map_err(RuntimeError::from)
@@ -1507,6 +1595,16 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
+
+    #[test]
+    fn ovmf_is_found_by_its_firmware_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!ovmf_installed(&dir.path().join("missing")));
+        std::fs::write(dir.path().join("50-seabios.json"), "{}").unwrap();
+        assert!(!ovmf_installed(dir.path()));
+        std::fs::write(dir.path().join("60-edk2-x86_64.json"), "{}").unwrap();
+        assert!(ovmf_installed(dir.path()));
+    }
 
     #[test]
     fn qemu_pid_files_are_found_where_the_driver_keeps_them() {

@@ -4,15 +4,16 @@
 use std::path::PathBuf;
 
 use dunes_shared::{
+    cloud_init::{CloudInitData, dhcp_network_config},
     error_chain,
-    model::{HostId, ImageName, TemplateName},
+    model::{DISK_GIB_MAX, HostId, ImageDisk, ImageFormat, ImageName, TemplateName},
     protocol::features,
 };
 
 use super::{
     library,
     push::{PushJob, Pushed, push_image},
-    state::{ImagePushReport, ImageRecord},
+    state::{CreateFromImage, ImagePushReport, ImageRecord, PushedForVm},
 };
 use crate::engine::{
     EngineError, Reply,
@@ -164,24 +165,13 @@ impl Actor {
         }
         let mut jobs = Vec::new();
         for host in hosts {
-            let client = match self.fleet.client(&host) {
-                Ok(c) => c,
+            match self.image_target(&record, &host) {
+                Ok(conn) => jobs.push((host, conn)),
                 Err(e) => {
                     let _ = reply.send(Err(e));
                     return;
                 }
-            };
-            if !client.peer.offers(features::IMAGES) {
-                let _ = reply.send(Err(EngineError::Invalid(format!(
-                    "host {host}'s agent cannot take images: update it"
-                ))));
-                return;
             }
-            if let Some(why) = self.image_does_not_fit(&record, &host) {
-                let _ = reply.send(Err(EngineError::Invalid(why)));
-                return;
-            }
-            jobs.push((host, client.peer.conn.clone()));
         }
         let names: Vec<String> = jobs.iter().map(|(h, _)| h.to_string()).collect();
         self.log(
@@ -189,18 +179,12 @@ impl Actor {
             None,
             format!("pushing image {name} to {}", names.join(", ")),
         );
-        let file = self.images.dir.join(record.file_name());
+        let job = self.push_job(&record);
         let internal = self.internal_tx.clone();
-        let template = TemplateName::new(name.as_str()).expect("image names are template names");
         tokio::spawn(async move {
             let mut set = tokio::task::JoinSet::new();
             for (host, conn) in jobs {
-                let job = PushJob {
-                    file: file.clone(),
-                    template: template.clone(),
-                    format: record.format,
-                    blake3: record.blake3.clone(),
-                };
+                let job = job.clone();
                 set.spawn(async move {
                     let result = push_image(&conn, job, |_, _| {})
                         .await
@@ -223,6 +207,158 @@ impl Actor {
                 })
                 .await;
         });
+    }
+
+    /// Creates a VM from a library image: at once where the host holds the image under its
+    /// name, after a push of it otherwise (which sends nothing where the host holds the
+    /// bytes under another name).
+    pub(in crate::engine) fn create_vm_from_image(&mut self, create: CreateFromImage) {
+        let checked = self
+            .may_create_vm(&create.host, &create.spec)
+            .and_then(|()| {
+                let record = self.images.records.get(&create.image).ok_or_else(|| {
+                    EngineError::Invalid(format!("there is no image named {}", create.image))
+                })?;
+                check_image_disk(record, &create.disk).map_err(EngineError::Invalid)?;
+                Ok(record.clone())
+            });
+        let record = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = create.reply.send(Err(e));
+                return;
+            }
+        };
+        if self.host_holds_image(&record, &create.host) {
+            return self.create_from(&record, create);
+        }
+        let conn = match self.image_target(&record, &create.host) {
+            Ok(conn) => conn,
+            Err(e) => {
+                let _ = create.reply.send(Err(e));
+                return;
+            }
+        };
+        self.log(
+            Level::Info,
+            Some(create.host.clone()),
+            format!(
+                "image {} goes to {} first, for VM {}",
+                create.image, create.host, create.spec.name
+            ),
+        );
+        let job = self.push_job(&record);
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = push_image(&conn, job, |_, _| {})
+                .await
+                .map_err(|e| error_chain(&e));
+            let _ = internal
+                .send(Internal::ImagePushedForVm(Box::new(PushedForVm {
+                    create,
+                    result,
+                })))
+                .await;
+        });
+    }
+
+    /// The push a VM waited for has ended: the VM is created, or the caller hears why not.
+    pub(in crate::engine) fn image_pushed_for_vm(&mut self, done: PushedForVm) {
+        let PushedForVm { create, result } = done;
+        let (host, image) = (create.host.clone(), create.image.clone());
+        let record = self.images.records.get(&image).cloned();
+        match (result, record) {
+            (Ok(pushed), Some(record)) => {
+                self.log(
+                    Level::Info,
+                    Some(host.clone()),
+                    format!(
+                        "image {image} is on {host}: {} MiB sent",
+                        pushed.sent_bytes.div_ceil(MIB)
+                    ),
+                );
+                self.create_from(&record, create);
+            }
+            (Ok(_), None) => {
+                let _ = create.reply.send(Err(EngineError::Invalid(format!(
+                    "image {image} was deleted while it went to {host}"
+                ))));
+            }
+            (Err(e), _) => {
+                self.log(
+                    Level::Error,
+                    Some(host.clone()),
+                    format!("pushing image {image} to {host} failed: {e}"),
+                );
+                let _ = create.reply.send(Err(EngineError::Invalid(format!(
+                    "pushing image {image} to {host} failed, so VM {} was not created: {e}",
+                    create.spec.name
+                ))));
+            }
+        }
+    }
+
+    /// Asks the host that holds `record` for the VM, with its cloud-init data: a disk image's
+    /// VM always gets a seed (its host name at least), an installer's only with user-data.
+    fn create_from(&mut self, record: &ImageRecord, create: CreateFromImage) {
+        let installer = record.format == ImageFormat::Iso;
+        let cloud_init = match (create.user_data, installer) {
+            (None, true) => None,
+            (user_data, _) => Some(CloudInitData {
+                hostname: create.spec.name.to_string(),
+                user_data: user_data.unwrap_or_else(|| "#cloud-config\n".into()),
+                network_config: Some(dhcp_network_config()),
+            }),
+        };
+        self.create_vm(
+            create.host,
+            create.spec,
+            create.start,
+            Some((create.disk, cloud_init)),
+            create.reply,
+        );
+    }
+
+    /// Whether `host` holds the image as the template of its name.
+    fn host_holds_image(&self, record: &ImageRecord, host: &HostId) -> bool {
+        self.fleet
+            .hosts
+            .get(host)
+            .and_then(|entry| entry.view.inventory())
+            .is_some_and(|i| {
+                i.template_disks.iter().any(|d| {
+                    d.blake3 == record.blake3 && d.template.as_str() == record.name.as_str()
+                })
+            })
+    }
+
+    /// The link an image goes over to `host`, once the host can take it.
+    fn image_target(
+        &self,
+        record: &ImageRecord,
+        host: &HostId,
+    ) -> Result<quinn::Connection, EngineError> {
+        let client = self.fleet.client(host)?;
+        if !client.peer.offers(features::IMAGES) {
+            return Err(EngineError::Invalid(format!(
+                "host {host}'s agent cannot take images: update it"
+            )));
+        }
+        if let Some(why) = self.image_does_not_fit(record, host) {
+            return Err(EngineError::Invalid(why));
+        }
+        Ok(client.peer.conn.clone())
+    }
+
+    /// What a push of `record` sends: the console's copy, as the template of its name.
+    fn push_job(&self, record: &ImageRecord) -> PushJob {
+        PushJob {
+            file: self.images.dir.join(record.file_name()),
+            template: TemplateName::new(record.name.as_str())
+                .expect("image names are template names"),
+            format: record.format,
+            blake3: record.blake3.clone(),
+        }
     }
 
     /// Why `host` cannot take `record`, if it cannot: a host that holds it takes nothing.
@@ -330,14 +466,42 @@ impl Actor {
                     .vms
                     .iter()
                     .filter(|vm| {
-                        vm.disks.iter().flatten().any(|disk| {
-                            disk.backing
-                                .as_ref()
-                                .is_some_and(|b| b.as_str() == name.as_str())
-                        })
+                        // Made from it (an installer's CD-ROM too), or an overlay on it.
+                        vm.template
+                            .as_ref()
+                            .is_some_and(|t| t.as_str() == name.as_str())
+                            || vm.disks.iter().flatten().any(|disk| {
+                                disk.backing
+                                    .as_ref()
+                                    .is_some_and(|b| b.as_str() == name.as_str())
+                            })
                     })
                     .map(|vm| format!("{}/{}", entry.view.id(), vm.name))
             })
             .collect()
+    }
+}
+
+/// Whether a VM from `record` can have `disk`: an installer needs a size, and a disk is never
+/// smaller than its image.
+fn check_image_disk(record: &ImageRecord, disk: &ImageDisk) -> Result<(), String> {
+    const GIB: u64 = 1 << 30;
+    match disk.disk_gib {
+        None if record.format == ImageFormat::Iso => Err(format!(
+            "image {} is an installer: give the size of the disk it installs to (--disk-gib)",
+            record.name
+        )),
+        Some(gib) if !(1..=DISK_GIB_MAX).contains(&gib) => {
+            Err(format!("a disk is 1 to {DISK_GIB_MAX} GiB, not {gib}"))
+        }
+        Some(gib) if record.format != ImageFormat::Iso && gib * GIB < record.virtual_bytes => {
+            Err(format!(
+                "the disk asked ({gib} GiB) is smaller than image {} ({} MiB): ask for at least {} GiB",
+                record.name,
+                record.virtual_bytes.div_ceil(MIB),
+                record.virtual_bytes.div_ceil(GIB)
+            ))
+        }
+        _ => Ok(()),
     }
 }

@@ -36,6 +36,26 @@ pub struct ImagePushReport {
     pub pushed: super::push::Pushed,
 }
 
+/// A VM to make from a library image.
+#[derive(Debug)]
+pub struct CreateFromImage {
+    pub host: HostId,
+    pub spec: dunes_shared::model::VmSpec,
+    pub image: ImageName,
+    pub disk: dunes_shared::model::ImageDisk,
+    /// The operator's user-data (checked already), if any.
+    pub user_data: Option<String>,
+    pub start: bool,
+    pub reply: crate::engine::Reply<dunes_shared::model::VmStatus>,
+}
+
+/// A VM that waited for its image to reach its host, with how the push went.
+#[derive(Debug)]
+pub(in crate::engine) struct PushedForVm {
+    pub(in crate::engine) create: CreateFromImage,
+    pub(in crate::engine) result: Result<super::push::Pushed, String>,
+}
+
 impl ImageRecord {
     /// The file name of the console's copy in its images directory.
     pub fn file_name(&self) -> String {

@@ -878,6 +878,8 @@ async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>
                 spec: spec.clone(),
                 start: false,
                 runtime: instance.runtime,
+                image_disk: None,
+                cloud_init: None,
             })
             .await
             .map(Some),
