@@ -65,7 +65,7 @@ trap 'rm -rf "$WORK"' EXIT
 # ---------------------------------------------------------------- kernel + initrd
 # vmlinuz and initrd.img are built together: the modules must match the kernel.
 # Bumped whenever the guest's init changes, so that a cached guest is built again.
-RECIPE=6
+RECIPE=7
 if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ||
       "$(cat "$OUT_DIR/recipe" 2>/dev/null)" != "$RECIPE" ]]; then
     # The installable kernel is whatever the linux-image-amd64 metapackage depends on.
@@ -214,6 +214,8 @@ if [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ]; then
 else
     echo "dunes-guest: no guest agent channel"
 fi
+# A shell on the serial console for `ctl vm console`, started again whenever it exits.
+( while :; do setsid sh -c 'exec sh -i </dev/ttyS0 >/dev/ttyS0 2>&1'; sleep 1; done ) &
 echo "dunes-guest: ready"
 while :; do sleep 3600 & wait $!; done   # "wait" returns on a signal so the traps run promptly
 EOF

@@ -62,7 +62,17 @@ async fn serve_one(engine: EngineHandle, stream: UnixStream) -> std::io::Result<
     tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let response = Answer::from_result(match serde_json::from_str::<Envelope>(&line) {
+    let envelope = serde_json::from_str::<Envelope>(&line);
+    // A console session goes on, on this connection, after its answer line.
+    if let Ok(envelope) = &envelope
+        && envelope.cmd == <api::ops::ConsoleVm as api::Operation>::NAME
+    {
+        let early = reader.buffer().to_vec();
+        let read = reader.into_inner().into_inner();
+        return api::console::serve_session(&engine, envelope.clone(), None, early, read, write)
+            .await;
+    }
+    let response = Answer::from_result(match envelope {
         Ok(envelope) => api::dispatch(&engine, envelope).await,
         Err(e) => Err(ApiError::invalid(format!("bad request: {e}"))),
     });

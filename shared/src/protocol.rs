@@ -63,6 +63,8 @@ pub mod features {
     /// `ReceiveImage`: a library image streamed from the console, on a stream of its own,
     /// kept as a template of the image's name.
     pub const IMAGES: &str = "images";
+    /// `OpenConsole`: a running VM's serial console, on a stream of its own.
+    pub const SERIAL_CONSOLE: &str = "serial-console";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -83,6 +85,7 @@ pub mod features {
         VM_SNAPSHOTS,
         VM_CLONE,
         IMAGES,
+        SERIAL_CONSOLE,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -431,6 +434,22 @@ pub struct ReceiveImage {
     pub size_bytes: u64,
 }
 
+/// To an agent, on a stream of its own: attach to the running VM's serial console. The agent
+/// answers one frame, `Result<ConsoleOpened, WireError>`; then the stream carries the
+/// console's bytes as they are, what the guest writes one way and what is typed the other,
+/// until either end finishes it (the VM stopping ends it from the agent's side).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenConsole {
+    pub name: VmName,
+}
+
+/// The agent's answer to [`OpenConsole`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleOpened {
+    /// The guest's device the console is (`serial0`).
+    pub device: String,
+}
+
 /// The agent's answer to [`ReceiveImage`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageOffer {
@@ -646,6 +665,7 @@ pub enum Request {
     SnapshotVm(SnapshotVm),
     CloneVm(CloneVm),
     ReceiveImage(ReceiveImage),
+    OpenConsole(OpenConsole),
 }
 
 impl Request {
@@ -680,6 +700,7 @@ impl Request {
             Request::SnapshotVm(_) => SnapshotVm::KIND,
             Request::CloneVm(_) => CloneVm::KIND,
             Request::ReceiveImage(_) => ReceiveImage::KIND,
+            Request::OpenConsole(_) => OpenConsole::KIND,
         }
     }
 }
@@ -739,6 +760,7 @@ rpc! {
     SnapshotVm => Vec<SnapshotInfo>, Some(features::VM_SNAPSHOTS), "snapshot-vm";
     CloneVm => VmStatus, Some(features::VM_CLONE), "clone-vm";
     ReceiveImage => ImageOffer, Some(features::IMAGES), "receive-image";
+    OpenConsole => ConsoleOpened, Some(features::SERIAL_CONSOLE), "open-console";
 }
 
 /// What an agent pushes on its event stream.
@@ -1138,6 +1160,10 @@ mod tests {
                 ),
             ),
             (
+                Request::OpenConsole(OpenConsole { name: name() }),
+                "81ab4f70656e436f6e736f6c6581a46e616d65a161",
+            ),
+            (
                 Request::ReceiveImage(ReceiveImage {
                     template: TemplateName::new("os").unwrap(),
                     format: crate::model::ImageFormat::Qcow2,
@@ -1160,6 +1186,12 @@ mod tests {
 
     #[test]
     fn golden_responses() {
+        golden::<Result<ConsoleOpened, WireError>>(
+            &Ok(ConsoleOpened {
+                device: "serial0".into(),
+            }),
+            "81a24f6b81a6646576696365a773657269616c30",
+        );
         golden::<Result<ImageOffer, WireError>>(
             &Ok(ImageOffer {
                 held: false,

@@ -197,6 +197,79 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
     }
     eprintln!("guest ready {:?} after start", started.elapsed());
 
+    // Its serial console through the engine: one viewer watches, `ctl vm console` types a
+    // line from a pipe, as a script would, and both see the guest's shell answer it.
+    let _ctl = dunes_console::ctl::serve(engine.clone()).await.unwrap();
+    let client = dunes_console::api::EngineClient::InProcess(engine.clone());
+    let watching = client
+        .call(dunes_console::api::ops::ConsoleVm {
+            vm: "tiny-1".into(),
+            read_only: true,
+        })
+        .await
+        .unwrap();
+    assert!(!watching.typing);
+    let mut watcher = watching.attach.unwrap();
+    let data = dir.path().join("console");
+    let typed = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut ctl = std::process::Command::new(dunes_tests::console_binary())
+            .args(["ctl", "--data-dir"])
+            .arg(&data)
+            .args(["vm", "console", "tiny-1", "--linger-secs", "3"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A first line wakes the shell's prompt; the second is the command.
+        ctl.stdin
+            .take()
+            .unwrap()
+            .write_all(b"\necho hello-$((6*7))\n")
+            .unwrap();
+        ctl.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let shown = String::from_utf8_lossy(&typed.stdout);
+    assert!(
+        typed.status.success() && shown.contains("hello-42"),
+        "ctl vm console: {}\nstdout:\n{shown}\nstderr:\n{}",
+        typed.status,
+        String::from_utf8_lossy(&typed.stderr)
+    );
+    let mut seen = String::from_utf8_lossy(&watcher.backlog).into_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.contains("hello-42") {
+        assert!(
+            Instant::now() < deadline,
+            "the watcher did not see it:\n{seen}"
+        );
+        if let Ok(Ok(bytes)) =
+            tokio::time::timeout(Duration::from_secs(1), watcher.output.recv()).await
+        {
+            seen.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    drop(watcher);
+    // The session is in the audit log: opened, and ended with how long it lasted.
+    let records: Vec<String> = client
+        .call(dunes_console::api::ops::ListAudit {
+            since_secs: None,
+            operator: None,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.operation == "vm-console")
+        .map(|r| r.outcome)
+        .collect();
+    assert!(
+        records.iter().any(|o| o.starts_with("session ended after")),
+        "{records:?}"
+    );
+
     // Graceful stop: the guest powers off by itself, well before the forced-off timeout.
     let stopping = Instant::now();
     let vm = engine
@@ -221,6 +294,21 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         })
         .await
         .expect("the engine shows shutoff");
+    // A console on a stopped VM: one line, nothing opened.
+    let refused = std::process::Command::new(dunes_tests::console_binary())
+        .args(["ctl", "--data-dir"])
+        .arg(dir.path().join("console"))
+        .args(["vm", "console", "tiny-1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && said.trim().lines().count() == 1
+            && said.contains("VM tiny-1 is shutoff: start it to open its console"),
+        "{said}"
+    );
 
     engine
         .request(|reply| Command::DeleteVm {

@@ -131,6 +131,14 @@ pub enum StatusChange {
     Removed(VmName),
 }
 
+/// A serial console attached: what the guest writes comes on `output` (which ends when the
+/// console does), what is sent on `input` is typed; dropping both detaches.
+#[derive(Debug)]
+pub struct ConsolePipe {
+    pub output: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    pub input: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
 /// A runtime of the host. Operations on different workloads run concurrently; operations on
 /// one workload are ordered. The lifecycle is named and typed after VMs (the wire protocol's
 /// `CreateVm` and `VmStatus`), but nothing in it is libvirt's: a workload has a name, a
@@ -164,6 +172,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn import(&self, record: String) -> RuntimeFuture<'_, VmStatus> {
         let _ = record;
         Box::pin(async { Err(RuntimeError::NoRuntime("imported definitions")) })
+    }
+    /// Attaches to the running VM's serial console. Not every runtime can.
+    fn open_console(&self, name: VmName) -> RuntimeFuture<'_, ConsolePipe> {
+        let _ = name;
+        Box::pin(async { Err(RuntimeError::NoRuntime("serial consoles")) })
     }
     /// Whether the workload is ready for the applications that depend on it.
     fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply>;

@@ -136,8 +136,14 @@ pub(super) async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) 
                 }
             };
             // Bulk data has the stream to itself.
-            if let Request::ReceiveImage(push) = request {
-                return super::images::receive_image(shared, push, send, recv).await;
+            match request {
+                Request::ReceiveImage(push) => {
+                    return super::images::receive_image(shared, push, send, recv).await;
+                }
+                Request::OpenConsole(open) => {
+                    return super::console::serve_console(shared, open, send, recv).await;
+                }
+                _ => {}
             }
             let kind = request.kind();
             match dispatch(&shared, request).await {

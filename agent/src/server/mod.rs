@@ -2,6 +2,7 @@
 //! a module of its own (`endpoint`, `control`, `enrollment`, `status`), over the runtimes of
 //! [`crate::runtime`].
 
+mod console;
 mod control;
 mod endpoint;
 mod enrollment;

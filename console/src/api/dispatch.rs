@@ -128,6 +128,36 @@ pub(super) async fn run_checked<O: Operation>(
     result
 }
 
+/// Records the end of a session (a console) that `caller` opened on `target`, with how long
+/// it lasted; a record that cannot be written is logged.
+pub(super) async fn audit_session_end(
+    engine: &EngineHandle,
+    caller: Option<&Caller>,
+    operation: &str,
+    target: String,
+    lasted: std::time::Duration,
+) {
+    let (operator, fingerprint) = match caller {
+        Some(c) => (c.name.to_string(), Some(c.fingerprint.to_string())),
+        None => ("local".to_string(), None),
+    };
+    let duration_ms = u64::try_from(lasted.as_millis()).unwrap_or(u64::MAX);
+    let entry = audit::AuditEntry {
+        time_ms: crate::engine::snapshot::unix_ms(std::time::SystemTime::now()),
+        operator,
+        fingerprint,
+        operation: operation.to_string(),
+        target,
+        parameters: "{}".into(),
+        outcome: format!("session ended after {} s", duration_ms / 1000),
+        duration_ms: Some(duration_ms),
+        request: None,
+    };
+    if let Err(e) = append_audit(engine, entry).await {
+        tracing::error!("the end of a {operation} session was not audited: {e}");
+    }
+}
+
 macro_rules! dispatch_fns {
     ($($method:ident => $op:ident,)*) => {
         /// Runs the request named in `envelope` on `engine` for `caller` (`None`: the local

@@ -60,11 +60,13 @@ macro_rules! with_operations {
         import_image => ImportImage,
         delete_image => DeleteImage,
         push_image => PushImage,
+        console_vm => ConsoleVm,
             }
     };
 }
 
 mod client;
+pub mod console;
 pub mod credential;
 mod dispatch;
 pub mod feed;

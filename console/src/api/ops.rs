@@ -1832,6 +1832,45 @@ impl Operation for DeleteImage {
     }
 }
 
+/// Attaches to a running VM's serial console: its latest output, then what it writes from
+/// now on; the keyboard goes to the first viewer who asks while nobody holds it. Opening a
+/// console is an operator's right, and each session is audited with its duration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsoleVm {
+    /// `NAME` or `HOST/NAME`.
+    pub vm: String,
+    /// Watch only, never type.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Operation for ConsoleVm {
+    const NAME: &'static str = "vm-console";
+    const ACTION: &'static str = "open VM consoles";
+    type Response = ConsoleSession;
+    changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let attach = engine
+            .request(|reply| Command::OpenConsole {
+                host: host.clone(),
+                vm: found.name.clone(),
+                wants_keyboard: !self.read_only,
+                reply,
+            })
+            .await?;
+        Ok(ConsoleSession {
+            vm: found.name,
+            host,
+            typing: attach.keyboard.is_some(),
+            attach: Some(attach),
+        })
+    }
+}
+
 /// Which engine this is, and where operators reach it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineInfo {}

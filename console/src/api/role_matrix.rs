@@ -372,6 +372,14 @@ fn every_operation() -> Vec<Case> {
             false,
         ),
         case(
+            ConsoleVm {
+                vm: vm(),
+                read_only: false,
+            },
+            Operator,
+            true,
+        ),
+        case(
             PushImage {
                 name: "debian".into(),
                 host: Some("lsn-1".into()),

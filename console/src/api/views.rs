@@ -1225,6 +1225,20 @@ impl From<&crate::engine::images::ImageRecord> for ImageView {
     }
 }
 
+/// A viewer's console session: which VM, and whether this viewer types. The console's bytes
+/// travel beside it (after the answer line on the control socket; in the window, through
+/// `attach`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConsoleSession {
+    pub vm: dunes_shared::model::VmName,
+    pub host: dunes_shared::model::HostId,
+    /// This viewer holds the keyboard; when false another viewer does (or watching only was
+    /// asked).
+    pub typing: bool,
+    #[serde(skip)]
+    pub attach: Option<crate::engine::consoles::ConsoleAttach>,
+}
+
 /// How a push of an image to one host went.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImagePushView {

@@ -436,6 +436,20 @@ pub enum VmCommand {
     },
     /// Delete a stopped VM, its disks and its snapshots.
     Delete { vm: String },
+    /// Attach to a running VM's serial console, like virsh console: what the guest writes
+    /// goes to stdout, what you type to the guest; Ctrl-] leaves. With stdin from a pipe its
+    /// text is typed, and ctl leaves once the console has been quiet for --linger-secs after
+    /// it. Several may watch one console; the first to attach types.
+    Console {
+        /// `NAME` or `HOST/NAME`.
+        vm: String,
+        /// Watch only, never type.
+        #[arg(long)]
+        read_only: bool,
+        /// With piped input: how long the console must be quiet after it before ctl leaves.
+        #[arg(long, default_value_t = 2)]
+        linger_secs: u64,
+    },
     /// Change a VM's vCPUs or memory. A running VM keeps what it has until its next start
     /// (the reply says so: `at_next_start`). Refused beyond the host's CPUs or free memory.
     Set {

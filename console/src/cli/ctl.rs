@@ -230,6 +230,19 @@ async fn run_vm(
         action,
     };
     match command {
+        VmCommand::Console {
+            vm,
+            read_only,
+            linger_secs,
+        } => {
+            let EngineClient::Socket { path, .. } = client else {
+                anyhow::bail!(
+                    "vm console runs on the engine's machine for now: --connect does not carry consoles yet"
+                );
+            };
+            return super::console::attach(path, vm, *read_only, Duration::from_secs(*linger_secs))
+                .await;
+        }
         VmCommand::Create {
             name,
             template,

@@ -1,6 +1,7 @@
 //! Command line of `dunes-console`: the window (default), `--headless`, `--demo`, and `ctl`.
 
 mod args;
+mod console;
 mod ctl;
 mod render;
 

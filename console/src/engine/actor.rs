@@ -95,6 +95,14 @@ pub(super) enum Internal {
         result: Result<super::images::library::Copied, String>,
         reply: Reply<super::images::ImageRecord>,
     },
+    /// An agent opened a VM's console, or said why not.
+    ConsoleOpened(Box<super::consoles::driver::ConsoleStreams>),
+    /// A console's relay ended.
+    ConsoleEnded {
+        host: dunes_shared::model::HostId,
+        vm: dunes_shared::model::VmName,
+        id: u64,
+    },
     /// The push a new VM waited for has ended.
     ImagePushedForVm(Box<super::images::state::PushedForVm>),
     /// Every push of an image has ended.
@@ -134,6 +142,7 @@ pub(super) struct Actor {
     pub(super) statistics: StatisticsState,
     pub(super) autoscaling: AutoscalingState,
     pub(super) images: super::images::state::ImagesState,
+    pub(super) consoles: super::consoles::state::ConsolesState,
 }
 
 impl Actor {

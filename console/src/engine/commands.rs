@@ -116,6 +116,12 @@ impl Actor {
                 self.create_vm(host, spec, start, None, reply);
             }
             Command::CreateVmFromImage(create) => self.create_vm_from_image(create),
+            Command::OpenConsole {
+                host,
+                vm,
+                wants_keyboard,
+                reply,
+            } => self.open_console(host, vm, wants_keyboard, reply),
             Command::GuestExec {
                 host,
                 name,

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod autoscale;
 mod commands;
 pub mod console_pki;
+pub mod consoles;
 pub mod evacuation;
 mod event_log;
 pub mod fleet;
@@ -395,6 +396,13 @@ pub enum Command {
     /// Creates a VM from a library image on `host`, pushing the image there first when the
     /// host does not hold it.
     CreateVmFromImage(images::CreateFromImage),
+    /// Attaches to a running VM's serial console (with the keyboard, if asked and free).
+    OpenConsole {
+        host: HostId,
+        vm: VmName,
+        wants_keyboard: bool,
+        reply: Reply<consoles::ConsoleAttach>,
+    },
     /// Sends an image to hosts that do not hold it.
     PushImage {
         name: dunes_shared::model::ImageName,
@@ -665,6 +673,7 @@ pub async fn start_with(
         operators,
         audit,
         images: images::state::ImagesState::new(data_dir.join("images"), loaded.images),
+        consoles: consoles::state::ConsolesState::default(),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();
     for (host, vm) in loaded.vms {

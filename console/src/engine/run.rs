@@ -154,6 +154,8 @@ impl Actor {
                 reply,
             } => self.image_copied(name, result, reply),
             Internal::ImagePushedForVm(done) => self.image_pushed_for_vm(*done),
+            Internal::ConsoleOpened(streams) => self.console_opened(*streams),
+            Internal::ConsoleEnded { host, vm, id } => self.console_ended(host, vm, id),
             Internal::ImagePushed {
                 name,
                 results,

@@ -5,6 +5,7 @@
 //! compares domain states with what it published last, on its own clock: its cost is the
 //! number of VMs per interval, whatever the number of requests.
 
+mod console;
 pub mod definition;
 pub mod embed;
 pub mod guest;
@@ -574,6 +575,14 @@ impl Runtime for LibvirtRuntime {
                 self.release_vm_lock(&name);
             }
             result
+        })
+    }
+
+    fn open_console(&self, name: VmName) -> RuntimeFuture<'_, super::ConsolePipe> {
+        Box::pin(async move {
+            let n = name.clone();
+            let stream = self.call(move |i| i.open_console(&n)).await?;
+            console::pipe(stream, &name)
         })
     }
 

@@ -1,0 +1,92 @@
+//! Console sessions over the control socket: the `vm-console` request is checked and audited
+//! as any change, its answer line follows, and then the same connection carries the
+//! console's bytes both ways until either end closes it; the session's end is audited with
+//! how long it lasted.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::broadcast::error::RecvError,
+};
+
+use super::{
+    dispatch,
+    ops::ConsoleVm,
+    types::{Answer, ApiError, Caller, Envelope, Operation},
+};
+use crate::engine::{EngineHandle, operators::access};
+
+/// Serves a `vm-console` request on a connection: `early` is what the client sent after its
+/// request line (the first keystrokes), `read` and `write` the connection's halves.
+pub async fn serve_session(
+    engine: &EngineHandle,
+    envelope: Envelope,
+    caller: Option<&Caller>,
+    early: Vec<u8>,
+    mut read: impl AsyncRead + Unpin,
+    mut write: impl AsyncWrite + Unpin,
+) -> std::io::Result<()> {
+    let request = serde_json::from_value::<ConsoleVm>(serde_json::Value::Object(envelope.fields))
+        .map_err(|e| ApiError::invalid(format!("bad {} request: {e}", ConsoleVm::NAME)));
+    let target = request
+        .as_ref()
+        .map(|r| access::describe_targets(&r.targets(&engine.snapshot())))
+        .unwrap_or_default();
+    let opened = match request {
+        Ok(request) => dispatch::run_checked(engine, request, caller).await,
+        Err(e) => Err(e),
+    };
+    let (answer, attach) = match opened {
+        Ok(mut session) => {
+            let attach = session.attach.take();
+            let value = serde_json::to_value(&session).unwrap_or_default();
+            (Answer::from_result(Ok(value)), attach)
+        }
+        Err(e) => (Answer::from_result(Err(e)), None),
+    };
+    let mut line = serde_json::to_vec(&answer).unwrap_or_default();
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let Some(mut attach) = attach else {
+        return write.shutdown().await;
+    };
+    let began = Instant::now();
+    write.write_all(&attach.backlog).await?;
+    write.flush().await?;
+    if let Some(keyboard) = &attach.keyboard
+        && !early.is_empty()
+    {
+        keyboard.send(Bytes::from(early)).await;
+    }
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            out = attach.output.recv() => match out {
+                Ok(bytes) => {
+                    write.write_all(&bytes).await?;
+                    write.flush().await?;
+                }
+                // A viewer that fell behind misses some output, not the session.
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
+            },
+            typed = read.read(&mut buf) => match typed {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    // A viewer without the keyboard only watches: its keys go nowhere.
+                    if let Some(keyboard) = &attach.keyboard
+                        && !keyboard.send(Bytes::copy_from_slice(&buf[..n])).await
+                    {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    drop(attach);
+    let _ = write.shutdown().await;
+    dispatch::audit_session_end(engine, caller, ConsoleVm::NAME, target, began.elapsed()).await;
+    Ok(())
+}
