@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod gui_support;
+
 use dunes_console::engine::Command;
 use dunes_shared::model::{TemplateName, VmName, VmSpec, VmState};
 use dunes_tests::{AgentProcess, enroll_online, start_engine};
@@ -253,6 +255,40 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         }
     }
     drop(watcher);
+
+    // The window's console: Console… in the VM's details opens it, the terminal has the
+    // focus, and what is typed there runs in the guest's shell.
+    {
+        use egui_kittest::kittest::Queryable as _;
+        let mut harness = gui_support::window(&engine);
+        gui_support::step_until(&mut harness, "the VM's chip", |h| {
+            h.query_by_role_and_label(egui::Role::Button, "tiny-1")
+                .is_some()
+        });
+        harness
+            .get_by_role_and_label(egui::Role::Button, "tiny-1")
+            .click();
+        gui_support::step_until(&mut harness, "the VM's details", |h| {
+            h.query_by_role_and_label(egui::Role::Button, "Console…")
+                .is_some()
+        });
+        harness
+            .get_by_role_and_label(egui::Role::Button, "Console…")
+            .click();
+        gui_support::step_until(&mut harness, "the console's terminal", |h| {
+            h.state().console_screen().is_some()
+        });
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::Text("echo hi-$((5*5))".into()));
+        harness.key_press(egui::Key::Enter);
+        gui_support::step_until(&mut harness, "the guest's answer on the terminal", |h| {
+            h.state()
+                .console_screen()
+                .is_some_and(|screen| screen.contains("hi-25"))
+        });
+    }
     // The session is in the audit log: opened, and ended with how long it lasted.
     let records: Vec<String> = client
         .call(dunes_console::api::ops::ListAudit {
@@ -968,9 +1004,10 @@ async fn a_tiny_guest_on_an_overlay_reboots_is_resized_snapshotted_cloned_and_sh
     );
     // A reboot: the guest stops in order and boots again in the same QEMU.
     let log = agent_dir.join("storage/disks/cow-1.console.log");
+    // Whole lines only: the shell's prompt waits on a line the guest's next words end.
     let before = std::fs::read_to_string(&log)
         .unwrap_or_default()
-        .lines()
+        .matches('\n')
         .count();
     assert_eq!(
         power(PowerAction::Reboot).await.unwrap().state,

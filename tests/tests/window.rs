@@ -739,3 +739,42 @@ fn the_new_vm_dialog_makes_a_vm_from_an_image() {
     let disk = &vm.disks.as_ref().unwrap()[0];
     assert_eq!(disk.backing.as_ref().map(|b| b.as_str()), Some("os"));
 }
+
+#[test]
+fn a_console_the_host_cannot_open_says_why_in_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, _fleet) = demo_engine(dir.path());
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the wiki VM", |h| {
+        h.query_by_role_and_label(Role::Button, "wiki").is_some()
+    });
+    harness.get_by_role_and_label(Role::Button, "wiki").click();
+    step_until(&mut harness, "its details", |h| {
+        h.query_by_role_and_label(Role::Button, "Console…")
+            .is_some()
+    });
+    // A stopped VM has none to open.
+    step_until(&mut harness, "build-runner", |h| {
+        h.query_by_role_and_label(Role::Button, "build-runner")
+            .is_some()
+    });
+    harness.get_by_role_and_label(Role::Button, "wiki").click();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::Button, "Console…")
+        .click();
+    // libvirt's test driver has no serial consoles: the window says so, in the agent's words.
+    step_until(&mut harness, "the agent's refusal", |h| {
+        h.query_by_label_contains("opening the console failed")
+            .is_some()
+    });
+    assert!(harness.state().console_screen().is_none());
+    harness
+        .get_by_role_and_label(Role::Button, "build-runner")
+        .click();
+    step_until(&mut harness, "a stopped VM's details", |h| {
+        h.query_by_role_and_label(Role::Button, "Console…")
+            .is_some_and(|b| b.accesskit_node().is_disabled())
+    });
+}

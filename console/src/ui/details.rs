@@ -1,6 +1,6 @@
 //! Details of the selected host or VM, with the actions that fit its state.
 
-use dunes_shared::model::ServiceName;
+use dunes_shared::model::{ServiceName, VmState};
 use egui::RichText;
 
 use super::{Actions, Selection, UiAction, human_bytes, link_color, state_color};
@@ -158,6 +158,19 @@ impl DetailsPanel {
                     ui.heading(format!("{} {name}", if is_process { "Process" } else { "VM" }));
                     if ui.button("Statistics…").on_hover_text("CPU, memory, disk and network over time").clicked() {
                         actions.push(UiAction::OpenCharts(Subject::Workload(name.clone())));
+                    }
+                    if !is_process {
+                        let running = matches!(vm.state, VmState::Running | VmState::Paused);
+                        let allowed = actions.may::<crate::api::ops::ConsoleVm>(true);
+                        let button = ui.add_enabled(running && allowed.is_ok(), egui::Button::new("Console…"));
+                        let button = match (&allowed, running) {
+                            (Err(why), _) => button.on_disabled_hover_text(why.as_str()),
+                            (Ok(()), false) => button.on_disabled_hover_text("Start the VM to open its serial console"),
+                            (Ok(()), true) => button.on_hover_text("The VM's serial console"),
+                        };
+                        if button.clicked() {
+                            actions.push(UiAction::OpenConsole(host_id.clone(), name.clone()));
+                        }
                     }
                 });
                 // The actions first: in a small window the facts below may run past the fold.

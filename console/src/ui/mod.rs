@@ -4,6 +4,7 @@
 mod audit;
 mod capacity;
 mod charts;
+mod console;
 mod details;
 mod dialogs;
 mod event_log;
@@ -86,6 +87,8 @@ pub enum UiAction {
     },
     /// Show the statistics charts of a host or a workload.
     OpenCharts(crate::engine::statistics::series::Subject),
+    /// Open a running VM's serial console.
+    OpenConsole(HostId, VmName),
 }
 
 /// A VM chip being dragged.
@@ -477,6 +480,7 @@ pub struct ConsoleApp {
     charts: ChartsWindow,
     capacity: CapacityWindow,
     images: ImagesWindow,
+    console: console::ConsoleWindow,
     audit: AuditWindow,
     migrate: MigrateDialog,
     confirm: Option<Confirm>,
@@ -576,6 +580,7 @@ impl ConsoleApp {
             charts: ChartsWindow::new(exports),
             capacity: CapacityWindow::default(),
             images: ImagesWindow::default(),
+            console: console::ConsoleWindow::default(),
             audit: AuditWindow::default(),
             migrate: MigrateDialog::default(),
             confirm: None,
@@ -593,6 +598,11 @@ impl ConsoleApp {
 
     pub fn selection(&self) -> &Selection {
         &self.selection
+    }
+
+    /// What the console window's terminal shows now, if one is open on a console.
+    pub fn console_screen(&self) -> Option<String> {
+        self.console.screen_text()
     }
 
     /// The time range the charts show.
@@ -631,6 +641,7 @@ impl ConsoleApp {
     fn dialog_open(&self) -> bool {
         self.add_host.is_open()
             || self.new_vm.is_open()
+            || self.console.is_open()
             || self.editor.is_open()
             || self.plan.is_open()
             || self.adopt.is_open()
@@ -973,6 +984,7 @@ impl ConsoleApp {
             self.images.import_dropped(&path);
         }
         self.images.images_ui(ui.ctx(), &self.link);
+        self.console.console_ui(ui.ctx());
         self.migrate.migrate_ui(ui.ctx(), &snapshot, actions.queue);
         notices_ui(ui.ctx(), &mut actions.outbox.notices);
         self.confirm_ui(ui.ctx());
@@ -1013,6 +1025,9 @@ impl ConsoleApp {
                     self.confirm_migrate = Some((vm, host, to));
                 }
                 UiAction::OpenCharts(subject) => self.charts.open(subject),
+                UiAction::OpenConsole(host, vm) => {
+                    self.console.open(format!("{host}/{vm}"), &self.link);
+                }
                 UiAction::Adopt { service, host, vm } => {
                     self.adopt.open(&self.snapshot, service, host, vm);
                 }
