@@ -10,6 +10,9 @@ if [ -x "$HOME/.cargo/bin/cargo" ]; then export PATH="$HOME/.cargo/bin:$PATH"; f
 # The tiny guest for the real-VM test, built from Debian packages (cached under target/).
 export DUNES_GUEST_DIR="$PWD/target/tiny-guest"
 bash assets/guest/build-tiny-guest.sh "$DUNES_GUEST_DIR"
+# A Debian 12 disk image for the real-OS test, built from Debian's packages (cached too).
+export DUNES_DEBIAN_DIR="$PWD/target/debian-image"
+bash assets/guest/build-debian-image.sh "$DUNES_DEBIAN_DIR"
 
 # The GUI test renders with wgpu on the CPU; winit wants a runtime dir.
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}

@@ -256,6 +256,76 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
     }
     drop(watcher);
 
+    // Through the operator endpoint: an operator's console works as the local one, a
+    // viewer's is refused.
+    let endpoint =
+        dunes_console::api::remote::serve(engine.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+    let credential = |name: &str, role: &str| {
+        let operator = dunes_shared::model::OperatorName::new(name).unwrap();
+        let key_pem = dunes_shared::pki::generate_key_pem().unwrap();
+        let csr = dunes_shared::pki::operator_csr(&key_pem, &operator).unwrap();
+        let client = client.clone();
+        let role = role.to_string();
+        let engine_address = endpoint.address.to_string();
+        let file = dir.path().join(format!("{name}.toml"));
+        async move {
+            let issued = client
+                .add_operator(dunes_console::api::ops::AddOperator {
+                    name: operator.to_string(),
+                    role,
+                    scopes: Vec::new(),
+                    csr_pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
+                })
+                .await
+                .unwrap();
+            dunes_console::api::credential::Credential {
+                operator,
+                engine: engine_address,
+                key_pem,
+                certificate_pem: issued.certificate_pem,
+                ca_pem: issued.ca_pem,
+            }
+            .write(&file)
+            .unwrap();
+            file
+        }
+    };
+    let olga = credential("olga", "operator").await;
+    let vera = credential("vera", "viewer").await;
+    let remote_console = |file: PathBuf, typed: &'static [u8]| {
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut ctl = std::process::Command::new(dunes_tests::console_binary())
+                .args(["ctl", "--connect"])
+                .arg(&file)
+                .args(["vm", "console", "tiny-1", "--linger-secs", "3"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            ctl.stdin.take().unwrap().write_all(typed).unwrap();
+            ctl.wait_with_output().unwrap()
+        })
+    };
+    let typed = remote_console(olga, b"echo far-$((7*8))\n").await.unwrap();
+    let shown = String::from_utf8_lossy(&typed.stdout);
+    assert!(
+        typed.status.success() && shown.contains("far-56"),
+        "ctl --connect vm console: {}\nstdout:\n{shown}\nstderr:\n{}",
+        typed.status,
+        String::from_utf8_lossy(&typed.stderr)
+    );
+    let refused = remote_console(vera, b"reboot\n").await.unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && said.contains("viewer vera may not open VM consoles: operators and admins only"),
+        "{said}"
+    );
+
     // The window's console: Console… in the VM's details opens it, the terminal has the
     // focus, and what is typed there runs in the guest's shell.
     {
@@ -299,12 +369,20 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         .unwrap()
         .into_iter()
         .filter(|r| r.operation == "vm-console")
-        .map(|r| r.outcome)
+        .map(|r| format!("{}: {}", r.operator, r.outcome))
         .collect();
-    assert!(
-        records.iter().any(|o| o.starts_with("session ended after")),
-        "{records:?}"
-    );
+    for (who, outcome) in [
+        ("local", "session ended after"),
+        ("olga", "session ended after"),
+        ("vera", "refused: viewer vera may not open VM consoles"),
+    ] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.starts_with(&format!("{who}: {outcome}"))),
+            "{who}: {records:?}"
+        );
+    }
 
     // Graceful stop: the guest powers off by itself, well before the forced-off timeout.
     let stopping = Instant::now();

@@ -12,11 +12,11 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::UnixStream,
 };
 
-use crate::api::{Answer, Envelope, ops, views::ConsoleSession};
+use crate::api::{Answer, Envelope, ops, remote::RemoteEngine, views::ConsoleSession};
 
 /// The key that leaves: Ctrl-] (group separator), as in telnet and virsh.
 const LEAVE: u8 = 0x1d;
@@ -49,7 +49,7 @@ impl Drop for RawMode {
 }
 
 /// Attaches to `vm`'s console through the control socket at `socket`.
-pub async fn attach(
+pub async fn attach_local(
     socket: &Path,
     vm: &str,
     read_only: bool,
@@ -78,6 +78,43 @@ pub async fn attach(
         anyhow::bail!("{}", error.message);
     }
     let session: ConsoleSession = serde_json::from_value(answer.data.unwrap_or_default())?;
+    run(session, Vec::new(), reader, &mut write, linger).await
+}
+
+/// Attaches to `vm`'s console through an engine's operator endpoint.
+pub async fn attach_remote(
+    engine: &RemoteEngine,
+    vm: &str,
+    read_only: bool,
+    linger: Duration,
+) -> anyhow::Result<ExitCode> {
+    let mut streams = engine
+        .open_console(&ops::ConsoleVm {
+            vm: vm.to_string(),
+            read_only,
+        })
+        .await?;
+    let ended = run(
+        streams.session,
+        streams.early,
+        streams.recv,
+        &mut streams.send,
+        linger,
+    )
+    .await;
+    // The engine ends the session (and frees the keyboard) once it has read the end.
+    let _ = tokio::time::timeout(Duration::from_secs(2), streams.send.stopped()).await;
+    ended
+}
+
+/// The session on this terminal, until it ends or the operator leaves.
+async fn run(
+    session: ConsoleSession,
+    early: Vec<u8>,
+    from_console: impl AsyncRead + Unpin,
+    to_console: &mut (impl AsyncWrite + Unpin),
+    linger: Duration,
+) -> anyhow::Result<ExitCode> {
     let terminal = rustix::termios::isatty(std::io::stdin());
     if terminal {
         eprintln!(
@@ -92,7 +129,10 @@ pub async fn attach(
         );
     }
     let raw = terminal.then(RawMode::enter).flatten();
-    let ended = relay(reader, write, terminal, linger).await;
+    std::io::stdout().write_all(&early)?;
+    let ended = relay(from_console, &mut *to_console, terminal, linger).await;
+    // Leaving ends the session at once, not when the link times out.
+    let _ = to_console.shutdown().await;
     drop(raw);
     if terminal {
         eprintln!();
@@ -114,8 +154,8 @@ enum Ended {
 }
 
 async fn relay(
-    mut from_console: BufReader<tokio::net::unix::OwnedReadHalf>,
-    mut to_console: tokio::net::unix::OwnedWriteHalf,
+    mut from_console: impl AsyncRead + Unpin,
+    to_console: &mut (impl AsyncWrite + Unpin),
     terminal: bool,
     linger: Duration,
 ) -> anyhow::Result<Ended> {
@@ -155,9 +195,11 @@ async fn relay(
                 let typed = &keys[..n];
                 if terminal && let Some(at) = typed.iter().position(|b| *b == LEAVE) {
                     to_console.write_all(&typed[..at]).await?;
+                    to_console.flush().await?;
                     return Ok(Ended::Left);
                 }
                 to_console.write_all(typed).await?;
+                to_console.flush().await?;
             }
             () = quiet => return Ok(Ended::Left),
         }

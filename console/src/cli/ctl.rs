@@ -235,13 +235,18 @@ async fn run_vm(
             read_only,
             linger_secs,
         } => {
-            let EngineClient::Socket { path, .. } = client else {
-                anyhow::bail!(
-                    "vm console runs on the engine's machine for now: --connect does not carry consoles yet"
-                );
+            let linger = Duration::from_secs(*linger_secs);
+            return match client {
+                EngineClient::Socket { path, .. } => {
+                    super::console::attach_local(path, vm, *read_only, linger).await
+                }
+                EngineClient::Remote { session, .. } => {
+                    super::console::attach_remote(session, vm, *read_only, linger).await
+                }
+                EngineClient::InProcess(_) => {
+                    anyhow::bail!("a console is attached through the control socket or --connect")
+                }
             };
-            return super::console::attach(path, vm, *read_only, Duration::from_secs(*linger_secs))
-                .await;
         }
         VmCommand::Create {
             name,

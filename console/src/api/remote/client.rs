@@ -5,8 +5,19 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use dunes_shared::pki;
 
 use super::hello::{
-    HELLO_BYTES, HELLO_TIMEOUT, HELLO_VERSION, Hello, HelloAnswer, MAX_ANSWER_BYTES, WATCH, Welcome,
+    HELLO_BYTES, HELLO_TIMEOUT, HELLO_VERSION, Hello, HelloAnswer, MAX_ANSWER_BYTES, WATCH,
+    Welcome, read_message,
 };
+
+/// A console session opened through the operator endpoint.
+#[derive(Debug)]
+pub struct ConsoleStreams {
+    pub session: views::ConsoleSession,
+    /// The console's first bytes, read behind the answer.
+    pub early: Vec<u8>,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
 use crate::{
     api::{
         credential::Credential,
@@ -151,6 +162,45 @@ impl RemoteEngine {
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| lost("no answer in time".into()))?
+    }
+
+    /// Opens a console session: the request line, then its answer line; on success the
+    /// stream's halves carry the console's bytes, after `early` (what came behind the answer).
+    pub async fn open_console(&self, request: &ops::ConsoleVm) -> Result<ConsoleStreams, ApiError> {
+        let lost = |message: String| ApiError {
+            code: ApiErrorCode::Unavailable,
+            message: format!(
+                "the link to the engine at {} failed: {message}",
+                self.address
+            ),
+        };
+        let (mut send, mut recv) = self
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(&Envelope::new(request)?).map_err(|e| lost(e.to_string()))?;
+        line.push(b'\n');
+        send.write_all(&line)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let (answer, early) = read_message(&mut recv, MAX_ANSWER_BYTES)
+            .await
+            .map_err(lost)?;
+        let answer = serde_json::from_slice::<Answer>(&answer)
+            .map_err(|e| lost(format!("the answer does not parse: {e}")))?;
+        if let Some(error) = answer.error {
+            return Err(error);
+        }
+        let session = serde_json::from_value(answer.data.unwrap_or_default())
+            .map_err(|e| lost(format!("the answer does not parse: {e}")))?;
+        Ok(ConsoleStreams {
+            session,
+            early,
+            send,
+            recv,
+        })
     }
 
     /// Renews the credential's certificate over this session when it is two thirds into its

@@ -60,3 +60,30 @@ pub(super) struct HelloAnswer {
 
 /// The request that turns its stream into the snapshot's feed.
 pub const WATCH: &str = "watch";
+
+/// Reads a request or an answer: up to its newline (a console session's request and answer
+/// end with one, and the stream goes on with the console's bytes, returned as the rest), or
+/// to the end of the stream (every other request). At most `max` bytes.
+pub(super) async fn read_message(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let mut message = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match recv.read(&mut chunk).await.map_err(|e| e.to_string())? {
+            None => return Ok((message, Vec::new())),
+            Some(n) => {
+                message.extend_from_slice(&chunk[..n]);
+                if let Some(at) = message.iter().position(|b| *b == b'\n') {
+                    let rest = message.split_off(at + 1);
+                    message.pop();
+                    return Ok((message, rest));
+                }
+                if message.len() > max {
+                    return Err(format!("longer than {max} bytes"));
+                }
+            }
+        }
+    }
+}

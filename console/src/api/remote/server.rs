@@ -11,13 +11,14 @@ use rustls::pki_types::CertificateDer;
 
 use super::hello::{
     HELLO_BYTES, HELLO_TIMEOUT, Hello, HelloAnswer, MAX_REQUEST_BYTES, STREAMS_PER_SESSION,
-    UNAUTHENTICATED_CONCURRENT, WATCH, Welcome, close,
+    UNAUTHENTICATED_CONCURRENT, WATCH, Welcome, close, read_message,
 };
 use crate::{
     api::{
+        console,
         dispatch::dispatch_as,
-        feed,
-        types::{Answer, ApiError, ApiErrorCode, Caller, Envelope},
+        feed, ops,
+        types::{Answer, ApiError, ApiErrorCode, Caller, Envelope, Operation},
     },
     engine::{EngineHandle, operators::access},
 };
@@ -247,11 +248,17 @@ async fn request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let answer = match recv.read_to_end(MAX_REQUEST_BYTES).await {
+    let answer = match read_message(&mut recv, MAX_REQUEST_BYTES).await {
         Err(e) => Err(ApiError::invalid(format!("the request is unreadable: {e}"))),
-        Ok(bytes) => match serde_json::from_slice::<Envelope>(&bytes) {
+        Ok((bytes, early)) => match serde_json::from_slice::<Envelope>(&bytes) {
             Err(e) => Err(ApiError::invalid(format!("bad request: {e}"))),
             Ok(envelope) if envelope.cmd == WATCH => return feed_snapshots(engine, send).await,
+            // A console session goes on, on this stream, after its answer line.
+            Ok(envelope) if envelope.cmd == <ops::ConsoleVm as Operation>::NAME => {
+                let _ = console::serve_session(&engine, envelope, Some(&caller), early, recv, send)
+                    .await;
+                return;
+            }
             Ok(envelope) => dispatch_as(&engine, envelope, Some(&caller)).await,
         },
     };
