@@ -65,7 +65,7 @@ trap 'rm -rf "$WORK"' EXIT
 # ---------------------------------------------------------------- kernel + initrd
 # vmlinuz and initrd.img are built together: the modules must match the kernel.
 # Bumped whenever the guest's init changes, so that a cached guest is built again.
-RECIPE=7
+RECIPE=8
 if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ||
       "$(cat "$OUT_DIR/recipe" 2>/dev/null)" != "$RECIPE" ]]; then
     # The installable kernel is whatever the linux-image-amd64 metapackage depends on.
@@ -216,6 +216,11 @@ else
 fi
 # A shell on the serial console for `ctl vm console`, started again whenever it exits.
 ( while :; do setsid sh -c 'exec sh -i </dev/ttyS0 >/dev/ttyS0 2>&1'; sleep 1; done ) &
+# And one on the screen (the first virtual terminal, on the VGA display) for the screen view.
+if [ -e /dev/tty1 ]; then
+    echo "Dunes tiny guest: this is its screen." >/dev/tty1
+    ( while :; do setsid sh -c 'exec sh -i </dev/tty1 >/dev/tty1 2>&1'; sleep 1; done ) &
+fi
 echo "dunes-guest: ready"
 while :; do sleep 3600 & wait $!; done   # "wait" returns on a signal so the traps run promptly
 EOF

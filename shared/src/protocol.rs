@@ -65,6 +65,8 @@ pub mod features {
     pub const IMAGES: &str = "images";
     /// `OpenConsole`: a running VM's serial console, on a stream of its own.
     pub const SERIAL_CONSOLE: &str = "serial-console";
+    /// `OpenScreen`: a running VM's screen (its VNC display), on a stream of its own.
+    pub const SCREEN: &str = "screen";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -86,6 +88,7 @@ pub mod features {
         VM_CLONE,
         IMAGES,
         SERIAL_CONSOLE,
+        SCREEN,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -450,6 +453,22 @@ pub struct ConsoleOpened {
     pub device: String,
 }
 
+/// To an agent, on a stream of its own: connect to the running VM's screen. The agent
+/// answers one frame, `Result<ScreenOpened, WireError>`; then the stream carries the RFB
+/// (VNC) protocol as QEMU speaks it, from its first byte, until either end finishes it.
+/// The display listens nowhere: each session is a new connection handed over by libvirt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenScreen {
+    pub name: VmName,
+}
+
+/// The agent's answer to [`OpenScreen`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScreenOpened {
+    /// The display's protocol (`vnc`).
+    pub protocol: String,
+}
+
 /// The agent's answer to [`ReceiveImage`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageOffer {
@@ -666,6 +685,7 @@ pub enum Request {
     CloneVm(CloneVm),
     ReceiveImage(ReceiveImage),
     OpenConsole(OpenConsole),
+    OpenScreen(OpenScreen),
 }
 
 impl Request {
@@ -701,6 +721,7 @@ impl Request {
             Request::CloneVm(_) => CloneVm::KIND,
             Request::ReceiveImage(_) => ReceiveImage::KIND,
             Request::OpenConsole(_) => OpenConsole::KIND,
+            Request::OpenScreen(_) => OpenScreen::KIND,
         }
     }
 }
@@ -761,6 +782,7 @@ rpc! {
     CloneVm => VmStatus, Some(features::VM_CLONE), "clone-vm";
     ReceiveImage => ImageOffer, Some(features::IMAGES), "receive-image";
     OpenConsole => ConsoleOpened, Some(features::SERIAL_CONSOLE), "open-console";
+    OpenScreen => ScreenOpened, Some(features::SCREEN), "open-screen";
 }
 
 /// What an agent pushes on its event stream.
@@ -1164,6 +1186,10 @@ mod tests {
                 "81ab4f70656e436f6e736f6c6581a46e616d65a161",
             ),
             (
+                Request::OpenScreen(OpenScreen { name: name() }),
+                "81aa4f70656e53637265656e81a46e616d65a161",
+            ),
+            (
                 Request::ReceiveImage(ReceiveImage {
                     template: TemplateName::new("os").unwrap(),
                     format: crate::model::ImageFormat::Qcow2,
@@ -1191,6 +1217,12 @@ mod tests {
                 device: "serial0".into(),
             }),
             "81a24f6b81a6646576696365a773657269616c30",
+        );
+        golden::<Result<ScreenOpened, WireError>>(
+            &Ok(ScreenOpened {
+                protocol: "vnc".into(),
+            }),
+            "81a24f6b81a870726f746f636f6ca3766e63",
         );
         golden::<Result<ImageOffer, WireError>>(
             &Ok(ImageOffer {

@@ -318,7 +318,7 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         typed.status,
         String::from_utf8_lossy(&typed.stderr)
     );
-    let refused = remote_console(vera, b"reboot\n").await.unwrap();
+    let refused = remote_console(vera.clone(), b"reboot\n").await.unwrap();
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success()
@@ -358,7 +358,77 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
                 .console_screen()
                 .is_some_and(|screen| screen.contains("hi-25"))
         });
+
+        // The VM's screen: Screen… opens it, a picture comes (the guest's shell on its
+        // first virtual terminal), and what is typed there changes it by far more than the
+        // blinking cursor does.
+        harness
+            .get_by_role_and_label(egui::Role::Button, "Screen…")
+            .click();
+        gui_support::step_until(&mut harness, "a picture of the screen", |h| {
+            h.state()
+                .screen_picture()
+                .is_some_and(|(_, has_content)| has_content)
+        });
+        let before = harness.state().screen_frame().unwrap();
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::Text("echo typed-on-the-screen".into()));
+        harness.key_press(egui::Key::Enter);
+        gui_support::step_until(&mut harness, "the screen after typing", |h| {
+            h.state().screen_frame().is_some_and(|after| {
+                after.width == before.width
+                    && after.height == before.height
+                    && after
+                        .rgba
+                        .chunks_exact(4)
+                        .zip(before.rgba.chunks_exact(4))
+                        .filter(|(a, b)| a != b)
+                        .count()
+                        > 1000
+            })
+        });
     }
+
+    // A screenshot through ctl: a PNG of the screen's size.
+    let shot = dir.path().join("shot.png");
+    let taken = std::process::Command::new(dunes_tests::console_binary())
+        .args(["ctl", "--data-dir"])
+        .arg(dir.path().join("console"))
+        .args(["vm", "screenshot", "tiny-1", "--out"])
+        .arg(&shot)
+        .output()
+        .unwrap();
+    assert!(
+        taken.status.success(),
+        "ctl vm screenshot: {}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    let said = String::from_utf8_lossy(&taken.stdout);
+    assert!(
+        width >= 320 && height >= 200 && said.contains(&format!("{width}×{height}")),
+        "{width}×{height}: {said}"
+    );
+    // A viewer sees no screen.
+    let refused = std::process::Command::new(dunes_tests::console_binary())
+        .args(["ctl", "--connect"])
+        .arg(&vera)
+        .args(["vm", "screenshot", "tiny-1", "--out"])
+        .arg(dir.path().join("vera.png"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && said.contains("viewer vera may not see VM screens: operators and admins only")
+            && !dir.path().join("vera.png").exists(),
+        "{said}"
+    );
     // The session is in the audit log: opened, and ended with how long it lasted.
     let records: Vec<String> = client
         .call(dunes_console::api::ops::ListAudit {

@@ -178,6 +178,12 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = name;
         Box::pin(async { Err(RuntimeError::NoRuntime("serial consoles")) })
     }
+    /// A new connection to the running VM's screen, speaking RFB from its first byte. Not
+    /// every runtime has screens.
+    fn open_screen(&self, name: VmName) -> RuntimeFuture<'_, std::os::fd::OwnedFd> {
+        let _ = name;
+        Box::pin(async { Err(RuntimeError::NoRuntime("screens")) })
+    }
     /// Whether the workload is ready for the applications that depend on it.
     fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply>;
     /// The stream of status changes.

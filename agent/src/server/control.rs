@@ -143,6 +143,9 @@ pub(super) async fn serve_control(shared: Arc<Shared>, conn: quinn::Connection) 
                 Request::OpenConsole(open) => {
                     return super::console::serve_console(shared, open, send, recv).await;
                 }
+                Request::OpenScreen(open) => {
+                    return super::screen::serve_screen(shared, open, send, recv).await;
+                }
                 _ => {}
             }
             let kind = request.kind();

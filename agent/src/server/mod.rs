@@ -7,6 +7,7 @@ mod control;
 mod endpoint;
 mod enrollment;
 mod images;
+mod screen;
 mod status;
 mod transfer;
 

@@ -61,6 +61,8 @@ macro_rules! with_operations {
         delete_image => DeleteImage,
         push_image => PushImage,
         console_vm => ConsoleVm,
+        screen_vm => ScreenVm,
+        screenshot_vm => ScreenshotVm,
             }
     };
 }

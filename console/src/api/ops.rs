@@ -2,6 +2,8 @@
 //! it. Names of things arrive as text (a VM as `NAME` or `HOST/NAME`) and are checked here,
 //! so a bad one gets the same sentence from every client.
 
+use std::time::Duration;
+
 use dunes_shared::{
     model::{
         AppName, Firmware, HostId, ImageDisk, ImageName, ServiceName, TemplateName, VmName, VmSpec,
@@ -1867,6 +1869,110 @@ impl Operation for ConsoleVm {
             host,
             typing: attach.keyboard.is_some(),
             attach: Some(attach),
+        })
+    }
+}
+
+/// Attaches to a running VM's screen: its picture as it changes, and (unless watching only)
+/// keys and the pointer. Seeing a screen is an operator's right, as its console is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenVm {
+    /// `NAME` or `HOST/NAME`.
+    pub vm: String,
+    /// Watch only, never type or point.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Operation for ScreenVm {
+    const NAME: &'static str = "vm-screen";
+    const ACTION: &'static str = "see VM screens";
+    type Response = ScreenSession;
+    changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let attach = engine
+            .request(|reply| Command::OpenScreen {
+                host: host.clone(),
+                vm: found.name.clone(),
+                wants_input: !self.read_only,
+                reply,
+            })
+            .await?;
+        Ok(ScreenSession {
+            vm: found.name,
+            host,
+            attach: Some(attach),
+        })
+    }
+}
+
+/// How long a screenshot waits for the display's first picture.
+const SCREENSHOT_TIMEOUT: Duration = Duration::from_secs(20);
+/// A screenshot is taken once the picture has not changed for this long (a display sends a
+/// screen as several updates), or at [`SCREENSHOT_TIMEOUT`].
+const SCREENSHOT_SETTLE: Duration = Duration::from_millis(500);
+
+/// A running VM's screen as a PNG, watching only. The same right as seeing the screen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenshotVm {
+    /// `NAME` or `HOST/NAME`.
+    pub vm: String,
+}
+
+impl Operation for ScreenshotVm {
+    const NAME: &'static str = "vm-screenshot";
+    const ACTION: &'static str = "see VM screens";
+    type Response = Screenshot;
+    changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let mut attach = engine
+            .request(|reply| Command::OpenScreen {
+                host: host.clone(),
+                vm: found.name.clone(),
+                wants_input: false,
+                reply,
+            })
+            .await?;
+        let closed = || ApiError::unavailable(format!("the screen of {} closed", found.name));
+        let deadline = tokio::time::Instant::now() + SCREENSHOT_TIMEOUT;
+        // The first picture, then quiet.
+        while attach.frames.borrow_and_update().generation == 0 {
+            tokio::time::timeout_at(deadline, attach.frames.changed())
+                .await
+                .map_err(|_| {
+                    ApiError::unavailable(format!(
+                        "the screen of {} showed nothing in {} s",
+                        found.name,
+                        SCREENSHOT_TIMEOUT.as_secs()
+                    ))
+                })?
+                .map_err(|_| closed())?;
+        }
+        loop {
+            let quiet = tokio::time::Instant::now() + SCREENSHOT_SETTLE;
+            match tokio::time::timeout_at(quiet.min(deadline), attach.frames.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(closed()),
+                Err(_) => break,
+            }
+        }
+        let frame = attach.frames.borrow().clone();
+        let png = crate::engine::consoles::frame::encode_png(&frame)
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        Ok(Screenshot {
+            vm: found.name,
+            host,
+            width: frame.width,
+            height: frame.height,
+            png: hex::encode(png),
         })
     }
 }

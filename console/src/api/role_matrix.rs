@@ -380,6 +380,15 @@ fn every_operation() -> Vec<Case> {
             true,
         ),
         case(
+            ScreenVm {
+                vm: vm(),
+                read_only: false,
+            },
+            Operator,
+            true,
+        ),
+        case(ScreenshotVm { vm: vm() }, Operator, true),
+        case(
             PushImage {
                 name: "debian".into(),
                 host: Some("lsn-1".into()),

@@ -1239,6 +1239,27 @@ pub struct ConsoleSession {
     pub attach: Option<crate::engine::consoles::ConsoleAttach>,
 }
 
+/// A viewer's screen session: which VM. The pictures travel beside it (in the window,
+/// through `attach`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ScreenSession {
+    pub vm: dunes_shared::model::VmName,
+    pub host: dunes_shared::model::HostId,
+    #[serde(skip)]
+    pub attach: Option<crate::engine::consoles::ScreenAttach>,
+}
+
+/// A VM's screen as it was, as a PNG file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Screenshot {
+    pub vm: dunes_shared::model::VmName,
+    pub host: dunes_shared::model::HostId,
+    pub width: u32,
+    pub height: u32,
+    /// The PNG file's bytes, in hex.
+    pub png: String,
+}
+
 /// How a push of an image to one host went.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImagePushView {

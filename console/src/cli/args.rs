@@ -450,6 +450,14 @@ pub enum VmCommand {
         #[arg(long, default_value_t = 2)]
         linger_secs: u64,
     },
+    /// Save a running VM's screen as a PNG file (watching only: nothing is typed).
+    Screenshot {
+        /// `NAME` or `HOST/NAME`.
+        vm: String,
+        /// Where to write the PNG; a relative path is taken where ctl runs.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Change a VM's vCPUs or memory. A running VM keeps what it has until its next start
     /// (the reply says so: `at_next_start`). Refused beyond the host's CPUs or free memory.
     Set {

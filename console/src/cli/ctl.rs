@@ -369,6 +369,25 @@ async fn run_vm(
                 render::snapshots,
             )?
         }
+        VmCommand::Screenshot { vm, out: file } => {
+            let shot = client
+                .screenshot_vm(ops::ScreenshotVm { vm: vm.clone() })
+                .await?;
+            let png = hex::decode(&shot.png)
+                .map_err(|e| anyhow::anyhow!("the screenshot does not decode: {e}"))?;
+            dunes_shared::durable::write_file(file, &png, 0o644)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+            out.show(&shot, |s| {
+                format!(
+                    "wrote {} ({}×{}, the screen of {}/{})\n",
+                    file.display(),
+                    s.width,
+                    s.height,
+                    s.host,
+                    s.vm
+                )
+            })?;
+        }
         VmCommand::Exec {
             vm,
             timeout_secs,

@@ -103,6 +103,15 @@ pub(super) enum Internal {
         vm: dunes_shared::model::VmName,
         id: u64,
     },
+    /// An agent connected a VM's screen, or said why not.
+    ScreenOpened(Box<super::consoles::screen::ScreenStreams>),
+    /// A screen's session ended, with why if it broke.
+    ScreenEnded {
+        host: dunes_shared::model::HostId,
+        vm: dunes_shared::model::VmName,
+        id: u64,
+        error: Option<String>,
+    },
     /// The push a new VM waited for has ended.
     ImagePushedForVm(Box<super::images::state::PushedForVm>),
     /// Every push of an image has ended.

@@ -122,6 +122,12 @@ impl Actor {
                 wants_keyboard,
                 reply,
             } => self.open_console(host, vm, wants_keyboard, reply),
+            Command::OpenScreen {
+                host,
+                vm,
+                wants_input,
+                reply,
+            } => self.open_screen(host, vm, wants_input, reply),
             Command::GuestExec {
                 host,
                 name,

@@ -403,6 +403,13 @@ pub enum Command {
         wants_keyboard: bool,
         reply: Reply<consoles::ConsoleAttach>,
     },
+    /// Attaches to a running VM's screen (with keys and the pointer, if asked).
+    OpenScreen {
+        host: HostId,
+        vm: VmName,
+        wants_input: bool,
+        reply: Reply<consoles::ScreenAttach>,
+    },
     /// Sends an image to hosts that do not hold it.
     PushImage {
         name: dunes_shared::model::ImageName,

@@ -156,6 +156,13 @@ impl Actor {
             Internal::ImagePushedForVm(done) => self.image_pushed_for_vm(*done),
             Internal::ConsoleOpened(streams) => self.console_opened(*streams),
             Internal::ConsoleEnded { host, vm, id } => self.console_ended(host, vm, id),
+            Internal::ScreenOpened(streams) => self.screen_opened(*streams),
+            Internal::ScreenEnded {
+                host,
+                vm,
+                id,
+                error,
+            } => self.screen_ended(host, vm, id, error),
             Internal::ImagePushed {
                 name,
                 results,

@@ -171,6 +171,16 @@ impl DetailsPanel {
                         if button.clicked() {
                             actions.push(UiAction::OpenConsole(host_id.clone(), name.clone()));
                         }
+                        let allowed = actions.may::<crate::api::ops::ScreenVm>(true);
+                        let button = ui.add_enabled(running && allowed.is_ok(), egui::Button::new("Screen…"));
+                        let button = match (&allowed, running) {
+                            (Err(why), _) => button.on_disabled_hover_text(why.as_str()),
+                            (Ok(()), false) => button.on_disabled_hover_text("Start the VM to see its screen"),
+                            (Ok(()), true) => button.on_hover_text("The VM's screen, with its keyboard and mouse"),
+                        };
+                        if button.clicked() {
+                            actions.push(UiAction::OpenScreen(host_id.clone(), name.clone()));
+                        }
                     }
                 });
                 // The actions first: in a small window the facts below may run past the fold.

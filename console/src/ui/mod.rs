@@ -13,6 +13,7 @@ mod images;
 mod link;
 mod migrate;
 mod plan;
+mod screen;
 mod service_editor;
 mod services;
 mod topology;
@@ -89,6 +90,8 @@ pub enum UiAction {
     OpenCharts(crate::engine::statistics::series::Subject),
     /// Open a running VM's serial console.
     OpenConsole(HostId, VmName),
+    /// Open the VM's screen.
+    OpenScreen(HostId, VmName),
 }
 
 /// A VM chip being dragged.
@@ -481,6 +484,7 @@ pub struct ConsoleApp {
     capacity: CapacityWindow,
     images: ImagesWindow,
     console: console::ConsoleWindow,
+    screen: screen::ScreenWindow,
     audit: AuditWindow,
     migrate: MigrateDialog,
     confirm: Option<Confirm>,
@@ -581,6 +585,7 @@ impl ConsoleApp {
             capacity: CapacityWindow::default(),
             images: ImagesWindow::default(),
             console: console::ConsoleWindow::default(),
+            screen: screen::ScreenWindow::default(),
             audit: AuditWindow::default(),
             migrate: MigrateDialog::default(),
             confirm: None,
@@ -603,6 +608,17 @@ impl ConsoleApp {
     /// What the console window's terminal shows now, if one is open on a console.
     pub fn console_screen(&self) -> Option<String> {
         self.console.screen_text()
+    }
+
+    /// The VM screen window's picture: its generation and whether it shows anything but one
+    /// colour, once one has come.
+    pub fn screen_picture(&self) -> Option<(u64, bool)> {
+        self.screen.picture()
+    }
+
+    /// The pixels the VM screen window shows.
+    pub fn screen_frame(&self) -> Option<std::sync::Arc<crate::engine::consoles::ScreenFrame>> {
+        self.screen.frame()
     }
 
     /// The time range the charts show.
@@ -642,6 +658,7 @@ impl ConsoleApp {
         self.add_host.is_open()
             || self.new_vm.is_open()
             || self.console.is_open()
+            || self.screen.is_open()
             || self.editor.is_open()
             || self.plan.is_open()
             || self.adopt.is_open()
@@ -985,6 +1002,7 @@ impl ConsoleApp {
         }
         self.images.images_ui(ui.ctx(), &self.link);
         self.console.console_ui(ui.ctx());
+        self.screen.screen_ui(ui.ctx());
         self.migrate.migrate_ui(ui.ctx(), &snapshot, actions.queue);
         notices_ui(ui.ctx(), &mut actions.outbox.notices);
         self.confirm_ui(ui.ctx());
@@ -1027,6 +1045,9 @@ impl ConsoleApp {
                 UiAction::OpenCharts(subject) => self.charts.open(subject),
                 UiAction::OpenConsole(host, vm) => {
                     self.console.open(format!("{host}/{vm}"), &self.link);
+                }
+                UiAction::OpenScreen(host, vm) => {
+                    self.screen.open(format!("{host}/{vm}"), &self.link);
                 }
                 UiAction::Adopt { service, host, vm } => {
                     self.adopt.open(&self.snapshot, service, host, vm);

@@ -2,7 +2,10 @@
 //! pumped by a thread of its own between the stream and two channels, so a console never
 //! holds one of the runtime's call permits while it is open.
 
-use std::time::Duration;
+use std::{
+    os::fd::{FromRawFd, OwnedFd, RawFd},
+    time::Duration,
+};
 
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use virt::{domain::Domain, stream::Stream, sys};
@@ -41,6 +44,41 @@ impl Inner {
         dom.open_console(None, &stream, sys::VIR_DOMAIN_CONSOLE_FORCE)
             .map_err(lv("opening the console"))?;
         Ok(stream)
+    }
+
+    /// A new client connection to the running VM `name`'s VNC display, made by libvirt as a
+    /// socket pair (the display listens nowhere); each viewer gets one of its own.
+    pub(super) fn open_screen(&self, name: &VmName) -> Result<OwnedFd, RuntimeError> {
+        let dom: Domain = self.lookup(name)?;
+        match self.state_of(name)? {
+            VmState::Running | VmState::Paused => {}
+            state => {
+                return Err(RuntimeError::WrongState {
+                    name: name.clone(),
+                    state,
+                    hint: "start it to see its screen",
+                });
+            }
+        }
+        let has_screen = dom
+            .xml_desc(0)
+            .ok()
+            .and_then(|xml| super::definition::DomainXml::parse(&xml).ok())
+            .is_some_and(|doc| doc.screen);
+        if !has_screen {
+            return Err(RuntimeError::Unsupported(
+                "this VM has no screen: only VMs this release created under QEMU have one",
+            ));
+        }
+        let fd = dom
+            .open_graphics_fd(0, 0)
+            .map_err(lv("connecting to the screen"))?;
+        let fd = RawFd::try_from(fd).map_err(|_| RuntimeError::WorkerGone)?;
+        // SAFETY: virDomainOpenGraphicsFD returns a new descriptor that the caller owns;
+        // nothing else holds or closes it.
+        #[allow(unsafe_code)]
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(fd)
     }
 }
 

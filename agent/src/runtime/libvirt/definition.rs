@@ -83,6 +83,10 @@ pub struct Devices {
     /// records written before, where libvirt chose one.
     #[serde(default)]
     pub mac: Option<String>,
+    /// A VGA display on VNC that listens nowhere: the agent hands libvirt's connections to
+    /// it to the console (QEMU only). Absent from records written before VMs had screens.
+    #[serde(default)]
+    pub screen: bool,
 }
 
 /// A VM's definition, portable between agents.
@@ -455,6 +459,24 @@ impl VmDefinition {
                                 Ok(())
                             })?;
                     }
+                    if qemu && self.devices.screen {
+                        // No listen address at all: QEMU takes clients only from libvirt
+                        // (virDomainOpenGraphicsFD), so the screen is never on a port.
+                        w.create_element("graphics")
+                            .with_attribute(("type", "vnc"))
+                            .write_inner_content(|w| {
+                                w.create_element("listen")
+                                    .with_attribute(("type", "none"))
+                                    .write_empty()?;
+                                Ok(())
+                            })?;
+                        w.create_element("video").write_inner_content(|w| {
+                            w.create_element("model")
+                                .with_attribute(("type", "vga"))
+                                .write_empty()?;
+                            Ok(())
+                        })?;
+                    }
                     if qemu {
                         w.create_element("controller")
                             .with_attributes([("type", "usb"), ("model", "none")])
@@ -553,6 +575,7 @@ impl VmDefinition {
                     .iter()
                     .find(|n| n.network == "user-mode")
                     .and_then(|n| n.mac.clone()),
+                screen: doc.screen,
             },
             autostart: false,
             firmware: Firmware::Bios,
@@ -593,6 +616,8 @@ pub struct DomainXml {
     pub interfaces: Vec<String>,
     pub serial_log: bool,
     pub guest_agent: bool,
+    /// Whether it has a VNC display.
+    pub screen: bool,
     /// Whether it has a NIC on QEMU's user-mode network.
     pub user_network: bool,
     /// Each network interface as the window shows it.
@@ -682,6 +707,9 @@ impl DomainXml {
                         }
                     }
                     (Some("serial"), "log") => out.serial_log = true,
+                    (Some("devices"), "graphics") => {
+                        out.screen |= attr("type")?.as_deref() == Some("vnc");
+                    }
                     (Some("channel"), "target") => {
                         out.guest_agent |=
                             attr("name")?.as_deref() == Some("org.qemu.guest_agent.0");
@@ -796,6 +824,7 @@ mod tests {
                 guest_agent: true,
                 user_network: true,
                 mac: Some("52:54:00:0a:1b:2c".into()),
+                screen: true,
             },
             autostart: false,
             firmware: Firmware::Bios,

@@ -484,6 +484,7 @@ fn definition_for(
             user_network: template.network == crate::storage::TemplateNetwork::User,
             mac: (template.network == crate::storage::TemplateNetwork::User)
                 .then(definition::random_mac),
+            screen: true,
         },
         autostart: false,
         firmware: image_disk.map_or(Firmware::Bios, |d| d.firmware),
@@ -584,6 +585,10 @@ impl Runtime for LibvirtRuntime {
             let stream = self.call(move |i| i.open_console(&n)).await?;
             console::pipe(stream, &name)
         })
+    }
+
+    fn open_screen(&self, name: VmName) -> RuntimeFuture<'_, std::os::fd::OwnedFd> {
+        Box::pin(self.call(move |i| i.open_screen(&name)))
     }
 
     fn check_ready(&self, name: VmName, probe: ReadinessProbe) -> RuntimeFuture<'_, ReadyReply> {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use dunes_shared::{
     codec::{MAX_FRAME_BYTES, read_frame_limited, write_frame},
     model::{HostId, VmName, VmState},
-    protocol::{ConsoleOpened, OpenConsole, Request, WireError, features},
+    protocol::{OpenConsole, Rpc, WireError, features},
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -85,7 +85,9 @@ impl Actor {
         let conn = client.peer.conn.clone();
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
-            let opened = open_stream(&conn, &vm).await;
+            let opened = open_stream(&conn, OpenConsole { name: vm.clone() }, "the console", &vm)
+                .await
+                .map(|(send, recv, _)| (send, recv));
             let _ = internal
                 .send(Internal::ConsoleOpened(Box::new(ConsoleStreams {
                     host,
@@ -158,29 +160,29 @@ impl Actor {
     }
 }
 
-/// Opens the console stream on the agent and reads its answer.
-async fn open_stream(
+/// Opens a stream of its own on the agent for `request` (a console or a screen) and reads
+/// the agent's answer; the stream is the caller's from then on.
+pub(super) async fn open_stream<R: Rpc>(
     conn: &quinn::Connection,
+    request: R,
+    what: &str,
     vm: &VmName,
-) -> Result<(quinn::SendStream, quinn::RecvStream), EngineError> {
-    let broke = |e: String| EngineError::Invalid(format!("opening the console of {vm}: {e}"));
+) -> Result<(quinn::SendStream, quinn::RecvStream, R::Response), EngineError> {
+    let broke = |e: String| EngineError::Invalid(format!("opening {what} of {vm}: {e}"));
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broke(e.to_string()))?;
-    write_frame(
-        &mut send,
-        &Request::OpenConsole(OpenConsole { name: vm.clone() }),
-    )
-    .await
-    .map_err(|e| broke(e.to_string()))?;
+    write_frame(&mut send, &request.into())
+        .await
+        .map_err(|e| broke(e.to_string()))?;
     let answer = tokio::time::timeout(
         OPEN_TIMEOUT,
-        read_frame_limited::<_, Result<ConsoleOpened, WireError>>(&mut recv, MAX_FRAME_BYTES),
+        read_frame_limited::<_, Result<R::Response, WireError>>(&mut recv, MAX_FRAME_BYTES),
     )
     .await
     .map_err(|_| broke("the agent did not answer".into()))?
     .map_err(|e| broke(e.to_string()))?
     .ok_or_else(|| broke("the agent closed the stream".into()))?;
     match answer {
-        Ok(_) => Ok((send, recv)),
+        Ok(answer) => Ok((send, recv, answer)),
         Err(e) => Err(EngineError::Agent {
             code: e.code,
             message: e.message,

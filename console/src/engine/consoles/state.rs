@@ -54,6 +54,7 @@ impl ConsoleSession {
 #[derive(Debug, Default)]
 pub(in crate::engine) struct ConsolesState {
     pub(in crate::engine) sessions: BTreeMap<(HostId, VmName), ConsoleSession>,
+    pub(in crate::engine) screens: BTreeMap<(HostId, VmName), super::screen::ScreenSession>,
     pub(in crate::engine) next_id: u64,
 }
 
