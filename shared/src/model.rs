@@ -449,6 +449,10 @@ pub struct VmStatus {
     /// How many snapshots it has; `None` from an agent that does not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<u32>,
+    /// The installer (an ISO image of the library) in its CD-ROM drive, booted before its
+    /// disk until it is ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installer: Option<TemplateName>,
 }
 
 /// The vCPUs and memory of a VM.

@@ -67,6 +67,8 @@ pub mod features {
     pub const SERIAL_CONSOLE: &str = "serial-console";
     /// `OpenScreen`: a running VM's screen (its VNC display), on a stream of its own.
     pub const SCREEN: &str = "screen";
+    /// `ConfigureVm { eject_cdrom }`: an installer taken out of a VM's CD-ROM drive.
+    pub const VM_EJECT: &str = "vm-eject";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -89,6 +91,7 @@ pub mod features {
         IMAGES,
         SERIAL_CONSOLE,
         SCREEN,
+        VM_EJECT,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -246,6 +249,10 @@ pub struct ConfigureVm {
     /// Start the VM whenever its agent starts.
     #[serde(default)]
     pub autostart: Option<bool>,
+    /// Take the installer out of its CD-ROM drive (at once, if it runs): it boots from its
+    /// disk from then on. Only for an agent that offers `vm-eject`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eject_cdrom: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -865,6 +872,7 @@ mod tests {
             next_start: None,
             addresses: None,
             snapshots: None,
+            installer: None,
         }
     }
 
@@ -978,6 +986,7 @@ mod tests {
                     vcpus: None,
                     memory_mib: Some(512),
                     autostart: Some(true),
+                    eject_cdrom: false,
                 }),
                 "81ab436f6e666967757265566d84a46e616d65a161a57663707573c0aa6d656d6f72795f6d6962cd0200a96175746f7374617274c3",
             ),

@@ -38,6 +38,7 @@ fn vm(i: usize) -> VmStatus {
         next_start: None,
         addresses: None,
         snapshots: None,
+        installer: None,
     }
 }
 

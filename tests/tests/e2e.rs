@@ -322,6 +322,7 @@ async fn enroll_inventory_lifecycle_and_reconnect() {
             vcpus: None,
             memory_mib: None,
             autostart: Some(true),
+            eject_cdrom: false,
             reply,
         })
         .await

@@ -408,6 +408,19 @@ fn vms_are_made_from_images_with_the_disk_asked() {
     assert_eq!(installed["disks"][0]["virtual_bytes"], 3u64 << 30);
     let record = std::fs::read_to_string(agent.join("definitions/from-iso.toml")).unwrap();
     assert!(record.contains("cdrom = \"disk.iso\""), "{record}");
+    assert_eq!(installed["installer"], "installer", "{installed}");
+    // Ejected, it boots from its disk from then on; a second eject has nothing to take.
+    let ejected = json(&ctl(&data, &["--json", "vm", "eject", "lsn-2/from-iso"]));
+    assert!(
+        ejected.get("installer").is_some_and(|v| v.is_null()),
+        "{ejected}"
+    );
+    let record = std::fs::read_to_string(agent.join("definitions/from-iso.toml")).unwrap();
+    assert!(!record.contains("cdrom"), "{record}");
+    assert_eq!(
+        refusal(&ctl(&data, &["vm", "eject", "lsn-2/from-iso"])),
+        "dunes-console: VM from-iso has no installer in its CD-ROM drive"
+    );
     // An installer gets no cloud-init seed unless asked; a disk image's VM always does.
     assert!(!agent.join("disks/from-iso.cidata.iso").exists());
     let seed = std::fs::read(agent.join("disks/same-size.cidata.iso")).unwrap();
@@ -449,6 +462,43 @@ fn vms_are_made_from_images_with_the_disk_asked() {
     // Deleting the VM takes its seed.
     ctl(&data, &["vm", "delete", "lsn-2/with-data"]);
     assert!(!agent.join("disks/with-data.cidata.iso").exists());
+
+    // A migration to a host without the image sends the image first, then moves the
+    // overlay alone; the VM keeps its cloud-init data on the target.
+    let other = data.join("demo-agents/lsn-1/storage");
+    assert!(!other.join("images/os/disk.img").exists());
+    let started = json(&ctl(
+        &data,
+        &["--json", "vm", "migrate", "lsn-2/with-key", "--to", "lsn-1"],
+    ));
+    assert_eq!(started["disk"], "overlay", "{started}");
+    let id = started["id"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let done = loop {
+        let all = json(&ctl(&data, &["--json", "migrations"]));
+        let m = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .cloned()
+            .unwrap();
+        if m["state"] == "source-deleted" || m["state"] == "rolled-back" {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(done["state"], "source-deleted", "{done}");
+    assert!(other.join("images/os/disk.img").exists());
+    assert_eq!(
+        blake3::hash(&std::fs::read(other.join("images/os/disk.img")).unwrap())
+            .to_hex()
+            .to_string(),
+        digest
+    );
+    let seed = std::fs::read(other.join("disks/with-key.cidata.iso")).unwrap();
+    assert!(contains(&seed, key.as_bytes()), "the key went with the VM");
 
     // Bad input: one line each, and no VM, disk or definition left behind.
     for (name, image, extra, says) in [

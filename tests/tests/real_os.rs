@@ -197,6 +197,7 @@ async fn a_debian_image_boots_from_its_disk_with_cloud_init_and_a_console_login(
 
     let (data2, image2, user_data2) = (data.clone(), image.clone(), user_data.clone());
     let second_storage = dir.path().join("deb-b/storage");
+    let iso = dir.path().join("installer.iso");
     tokio::task::spawn_blocking(move || {
         let data = data2;
         // Imported through ctl, then pushed to the second host ahead of its VM.
@@ -284,6 +285,58 @@ async fn a_debian_image_boots_from_its_disk_with_cloud_init_and_a_console_login(
         );
         console.type_line("exit");
         console.leave();
+
+        // An installer under QEMU: the ISO in the CD-ROM drive of a running VM, ejected at
+        // once; the VM runs on, and boots from its disk from then on. (A cloud-init volume
+        // stands in for an installer: nothing boots from it, and the VM waits in its BIOS.)
+        let volume = dunes_agent::cidata::build_seed(&dunes_agent::cidata::Seed {
+            meta_data: "instance-id: installer\n".into(),
+            user_data: "#cloud-config\n".into(),
+            network_config: None,
+        })
+        .unwrap();
+        std::fs::write(&iso, volume).unwrap();
+        json(&ctl(
+            &data,
+            &[
+                "--json",
+                "image",
+                "import",
+                iso.to_str().unwrap(),
+                "--name",
+                "installer",
+            ],
+        ));
+        let vm = json(&ctl(
+            &data,
+            &[
+                "--json",
+                "vm",
+                "create",
+                "--name",
+                "inst-1",
+                "--image",
+                "installer",
+                "--disk-gib",
+                "1",
+                "--host",
+                "deb-b",
+                "--memory-mib",
+                "256",
+                "--start",
+            ],
+        ));
+        assert_eq!(vm["state"], "running", "{vm}");
+        assert_eq!(vm["installer"], "installer", "{vm}");
+        let ejected = json(&ctl(&data, &["--json", "vm", "eject", "deb-b/inst-1"]));
+        assert_eq!(ejected["state"], "running", "{ejected}");
+        assert!(
+            ejected.get("installer").is_some_and(|v| v.is_null()),
+            "{ejected}"
+        );
+        let record =
+            std::fs::read_to_string(second_storage.join("definitions/inst-1.toml")).unwrap();
+        assert!(!record.contains("cdrom"), "{record}");
         // The first host never received the image.
     })
     .await

@@ -316,6 +316,7 @@ impl ProcessRuntime {
             next_start: None,
             addresses: None,
             snapshots: None,
+            installer: None,
         }
     }
 

@@ -99,6 +99,9 @@ fn valid(request: &ReceiveImage) -> Result<(), WireError> {
     Ok(())
 }
 
+/// How long a new push waits for an earlier push of the same image to let go of it.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves one `ReceiveImage` stream: the offer, then the chunks, then whether the template
 /// is there.
 pub(super) async fn receive_image(
@@ -117,7 +120,14 @@ pub(super) async fn receive_image(
     if let Err(e) = valid(&request) {
         return refuse(send, e).await;
     }
-    if !lock(&shared.receiving_images).insert(request.blake3.clone()) {
+    // A push the console cut a moment ago may hold the image until its stream's reset
+    // reaches this side: wait for it a while before calling the new one a second push.
+    let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+    while !lock(&shared.receiving_images).insert(request.blake3.clone()) {
+        if tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        }
         let e = WireError::new(
             ErrorCode::Conflict,
             "a push of this image to this host is under way",

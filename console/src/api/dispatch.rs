@@ -128,9 +128,62 @@ pub(super) async fn run_checked<O: Operation>(
     result
 }
 
+/// The end of a session (a console or a screen) still to be audited: dropping it, wherever
+/// the viewer lets go of the session, records who had it open on what and for how long.
+pub struct SessionEnd {
+    engine: EngineHandle,
+    caller: Option<Caller>,
+    operation: &'static str,
+    target: String,
+    began: std::time::Instant,
+    /// The engine's runtime: a window drops its sessions on its own thread.
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionEnd")
+            .field("operation", &self.operation)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionEnd {
+    /// A session of `request` for `caller` begins now. Called where the operation runs,
+    /// inside the engine's runtime.
+    pub(super) fn begin<O: Operation>(
+        engine: &EngineHandle,
+        caller: Option<&Caller>,
+        request: &O,
+    ) -> SessionEnd {
+        SessionEnd {
+            engine: engine.clone(),
+            caller: caller.cloned(),
+            operation: O::NAME,
+            target: access::describe_targets(&request.targets(&engine.snapshot())),
+            began: std::time::Instant::now(),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        let engine = self.engine.clone();
+        let caller = self.caller.take();
+        let operation = self.operation;
+        let target = std::mem::take(&mut self.target);
+        let lasted = self.began.elapsed();
+        self.runtime.spawn(async move {
+            audit_session_end(&engine, caller.as_ref(), operation, target, lasted).await;
+        });
+    }
+}
+
 /// Records the end of a session (a console) that `caller` opened on `target`, with how long
 /// it lasted; a record that cannot be written is logged.
-pub(super) async fn audit_session_end(
+async fn audit_session_end(
     engine: &EngineHandle,
     caller: Option<&Caller>,
     operation: &str,

@@ -21,6 +21,7 @@ macro_rules! with_operations {
         power_vm => PowerVm,
         stop_vm => StopVm,
         configure_vm => ConfigureVm,
+        eject_vm => EjectVm,
         clone_vm => CloneVm,
         snapshot_vm => SnapshotVm,
         exec_in_vm => GuestExec,
@@ -81,7 +82,7 @@ mod types;
 pub mod views;
 
 pub use client::EngineClient;
-pub use dispatch::{OPERATION_NAMES, dispatch, dispatch_as};
+pub use dispatch::{OPERATION_NAMES, SessionEnd, dispatch, dispatch_as};
 pub use types::{Answer, ApiError, ApiErrorCode, Caller, Envelope, Operation};
 
 #[cfg(test)]

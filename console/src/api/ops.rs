@@ -583,12 +583,48 @@ impl Operation for ConfigureVm {
                 vcpus,
                 memory_mib,
                 autostart,
+                eject_cdrom: false,
                 reply,
             })
             .await?;
         Ok(VmConfiguredView {
             vm: VmSummary::new(&host, &configured.status),
             at_next_start: configured.at_next_start,
+        })
+    }
+}
+
+/// Takes the installer out of a VM's CD-ROM drive, at once if it runs: it boots from its
+/// disk from then on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EjectVm {
+    pub vm: String,
+}
+
+impl Operation for EjectVm {
+    const NAME: &'static str = "vm-eject";
+    const ACTION: &'static str = "eject VMs' installers";
+    type Response = VmConfiguredView;
+    changes!();
+    fn targets(&self, snap: &Snapshot) -> Vec<Target> {
+        workload(snap, &self.vm)
+    }
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        let (host, found) = find_vm(engine, &self.vm)?;
+        let configured = engine
+            .request(|reply| Command::ConfigureVm {
+                host: host.clone(),
+                name: found.name,
+                vcpus: None,
+                memory_mib: None,
+                autostart: None,
+                eject_cdrom: true,
+                reply,
+            })
+            .await?;
+        Ok(VmConfiguredView {
+            vm: VmSummary::new(&host, &configured.status),
+            at_next_start: false,
         })
     }
 }
@@ -1616,6 +1652,10 @@ pub struct AddOperator {
     pub scopes: Vec<String>,
     /// The certificate request for their key, PEM.
     pub csr_pem: String,
+    /// Whether they may open VMs' consoles and screens; `None`: as their role gives
+    /// (operators and admins may, viewers not).
+    #[serde(default)]
+    pub consoles: Option<bool>,
 }
 
 impl Operation for AddOperator {
@@ -1645,6 +1685,7 @@ impl Operation for AddOperator {
                 name,
                 role,
                 scopes,
+                consoles: self.consoles,
                 csr_der,
                 reply,
             })
@@ -1855,6 +1896,13 @@ impl Operation for ConsoleVm {
         workload(snap, &self.vm)
     }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        self.execute_as(engine, None).await
+    }
+    async fn execute_as(
+        self,
+        engine: &EngineHandle,
+        caller: Option<&super::Caller>,
+    ) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let attach = engine
             .request(|reply| Command::OpenConsole {
@@ -1869,6 +1917,7 @@ impl Operation for ConsoleVm {
             host,
             typing: attach.keyboard.is_some(),
             attach: Some(attach),
+            end: Some(super::dispatch::SessionEnd::begin(engine, caller, &self)),
         })
     }
 }
@@ -1893,6 +1942,13 @@ impl Operation for ScreenVm {
         workload(snap, &self.vm)
     }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        self.execute_as(engine, None).await
+    }
+    async fn execute_as(
+        self,
+        engine: &EngineHandle,
+        caller: Option<&super::Caller>,
+    ) -> Result<Self::Response, ApiError> {
         let (host, found) = find_vm(engine, &self.vm)?;
         let attach = engine
             .request(|reply| Command::OpenScreen {
@@ -1906,6 +1962,7 @@ impl Operation for ScreenVm {
             vm: found.name,
             host,
             attach: Some(attach),
+            end: Some(super::dispatch::SessionEnd::begin(engine, caller, &self)),
         })
     }
 }

@@ -325,6 +325,7 @@ fn every_operation() -> Vec<Case> {
                 role: "viewer".into(),
                 scopes: Vec::new(),
                 csr_pem: String::new(),
+                consoles: None,
             },
             Admin,
             false,
@@ -388,6 +389,7 @@ fn every_operation() -> Vec<Case> {
             true,
         ),
         case(ScreenshotVm { vm: vm() }, Operator, true),
+        case(EjectVm { vm: vm() }, Operator, true),
         case(
             PushImage {
                 name: "debian".into(),
@@ -416,7 +418,49 @@ fn caller(name: &str, role: Role, scopes: &[&str]) -> Caller {
         fingerprint: Fingerprint([3; 32]),
         role,
         scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(),
+        consoles: crate::engine::operators::access::consoles_by_default(role),
     }
+}
+
+/// Opening consoles and screens: the operations the console permission gives.
+const CONSOLE_CASES: &[&str] = &["vm-console", "vm-screen", "vm-screenshot"];
+
+#[test]
+fn consoles_and_screens_go_by_their_own_permission() {
+    let fleet = fleet();
+    let mut viewer = caller("vic", Role::Viewer, &[]);
+    viewer.consoles = true;
+    let mut operator = caller("otto", Role::Operator, &[]);
+    operator.consoles = false;
+    let cases: Vec<Case> = every_operation()
+        .into_iter()
+        .filter(|c| CONSOLE_CASES.contains(&c.name))
+        .collect();
+    assert_eq!(cases.len(), CONSOLE_CASES.len());
+    for case in cases {
+        assert_eq!((case.permits)(&viewer, &fleet), Ok(()), "{}", case.name);
+        assert_eq!(
+            (case.permits)(&operator, &fleet),
+            Err(format!(
+                "operator otto may not {}: they have no console permission (operator add --consoles gives it)",
+                case.action
+            )),
+            "{}",
+            case.name
+        );
+    }
+    // The permission opens consoles only: the viewer still changes nothing else.
+    assert!(
+        viewer
+            .permits(
+                &StopVm {
+                    vm: "lsn-1/vm0".into(),
+                    force: false
+                },
+                &fleet
+            )
+            .is_err()
+    );
 }
 
 #[test]
@@ -440,6 +484,9 @@ fn each_role_is_refused_exactly_what_it_may_not_do_and_told_why() {
                 continue;
             }
             let why = match case.least {
+                _ if CONSOLE_CASES.contains(&case.name) => {
+                    "they have no console permission (operator add --consoles gives it)"
+                }
                 Role::Admin => "admin only",
                 _ => "operators and admins only",
             };

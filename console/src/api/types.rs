@@ -198,6 +198,8 @@ pub struct Caller {
     pub fingerprint: Fingerprint,
     pub role: Role,
     pub scopes: Vec<access::Scope>,
+    /// May open VMs' consoles and screens.
+    pub consoles: bool,
 }
 
 impl Caller {
@@ -232,11 +234,17 @@ impl Caller {
 
     /// Whether the caller's role allows `operation` (scopes aside).
     pub fn check(&self, operation: &str, action: &str, changes: bool) -> Result<(), ApiError> {
-        access::check(&self.name, self.role, operation, action, changes).map_err(|message| {
-            ApiError {
-                code: ApiErrorCode::Forbidden,
-                message,
-            }
+        access::check(
+            &self.name,
+            self.role,
+            self.consoles,
+            operation,
+            action,
+            changes,
+        )
+        .map_err(|message| ApiError {
+            code: ApiErrorCode::Forbidden,
+            message,
         })
     }
 }

@@ -241,6 +241,8 @@ pub struct VmSummary {
     /// The vCPUs and memory its next start brings, when they differ from now's.
     pub next_start: Option<VmResources>,
     pub snapshots: Option<u32>,
+    /// The installer (an image) in its CD-ROM drive, booted before its disk.
+    pub installer: Option<TemplateName>,
 }
 
 impl VmSummary {
@@ -264,6 +266,7 @@ impl VmSummary {
             autostart: vm.autostart,
             next_start: vm.next_start,
             snapshots: vm.snapshots,
+            installer: vm.installer.clone(),
         }
     }
 }
@@ -1179,6 +1182,8 @@ pub struct OperatorView {
     pub added: String,
     /// When they were revoked; `None` while they are active.
     pub revoked: Option<String>,
+    /// Whether they may open VMs' consoles and screens.
+    pub consoles: bool,
 }
 
 impl From<&crate::engine::operators::OperatorRecord> for OperatorView {
@@ -1186,6 +1191,7 @@ impl From<&crate::engine::operators::OperatorRecord> for OperatorView {
         OperatorView {
             name: r.name.clone(),
             role: r.role.as_str().to_string(),
+            consoles: r.may_use_consoles(),
             scopes: r.scopes.iter().map(|s| s.to_string()).collect(),
             fingerprint: r.fingerprint.to_string(),
             added: rfc3339_ms(r.added_ms),
@@ -1237,6 +1243,10 @@ pub struct ConsoleSession {
     pub typing: bool,
     #[serde(skip)]
     pub attach: Option<crate::engine::consoles::ConsoleAttach>,
+    /// Audits the session's end, with how long it lasted, when dropped: the viewer keeps it
+    /// as long as the console is open.
+    #[serde(skip)]
+    pub end: Option<super::dispatch::SessionEnd>,
 }
 
 /// A viewer's screen session: which VM. The pictures travel beside it (in the window,
@@ -1247,6 +1257,9 @@ pub struct ScreenSession {
     pub host: dunes_shared::model::HostId,
     #[serde(skip)]
     pub attach: Option<crate::engine::consoles::ScreenAttach>,
+    /// Audits the session's end when dropped, as a console's.
+    #[serde(skip)]
+    pub end: Option<super::dispatch::SessionEnd>,
 }
 
 /// A VM's screen as it was, as a PNG file.
@@ -1401,6 +1414,7 @@ mod tests {
                 next_start: None,
                 addresses: None,
                 snapshots: None,
+                installer: None,
             },
         )
     }
@@ -1426,6 +1440,7 @@ mod tests {
                 "autostart",
                 "next_start",
                 "snapshots",
+                "installer",
             ])
         );
         let listed = FleetVm {

@@ -213,6 +213,13 @@ pub enum OperatorCommand {
         /// a site's hosts (site:NAME); repeat for more. Reads are not limited.
         #[arg(long = "scope", value_name = "SCOPE")]
         scopes: Vec<String>,
+        /// Let them open VMs' consoles and screens (a shell on a guest), whatever their role.
+        /// Operators and admins may by default, viewers not.
+        #[arg(long, conflicts_with = "no_consoles")]
+        consoles: bool,
+        /// Never let them open VMs' consoles and screens.
+        #[arg(long)]
+        no_consoles: bool,
         /// Where to write the credential; it must not exist.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
@@ -457,6 +464,12 @@ pub enum VmCommand {
         /// Where to write the PNG; a relative path is taken where ctl runs.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Take the installer (an ISO image) out of a VM's CD-ROM drive, at once if it runs: it
+    /// boots from its disk from then on.
+    Eject {
+        /// `NAME` or `HOST/NAME`.
+        vm: String,
     },
     /// Change a VM's vCPUs or memory. A running VM keeps what it has until its next start
     /// (the reply says so: `at_next_start`). Refused beyond the host's CPUs or free memory.

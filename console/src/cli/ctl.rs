@@ -324,6 +324,10 @@ async fn run_vm(
                 .await?,
             |c| render::vm_settings(&c.vm),
         )?,
+        VmCommand::Eject { vm } => out.show(
+            &client.eject_vm(ops::EjectVm { vm: vm.clone() }).await?,
+            |c| render::vm_settings(&c.vm),
+        )?,
         VmCommand::Autostart { vm, state } => out.show(
             &client
                 .configure_vm(ops::ConfigureVm {
@@ -646,6 +650,8 @@ async fn run_operator(
             name,
             role,
             scopes,
+            consoles,
+            no_consoles,
             out: file,
             address,
         } => {
@@ -669,6 +675,11 @@ async fn run_operator(
                     role: role.clone(),
                     scopes: scopes.clone(),
                     csr_pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)),
+                    consoles: match (consoles, no_consoles) {
+                        (true, _) => Some(true),
+                        (_, true) => Some(false),
+                        _ => None,
+                    },
                 })
                 .await?;
             let credential = Credential {

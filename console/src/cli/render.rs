@@ -447,7 +447,9 @@ pub fn images(list: &[ImageView]) -> String {
 
 pub fn operators(list: &[OperatorView]) -> String {
     table(
-        &["NAME", "ROLE", "SCOPE", "ADDED", "REVOKED", "KEY"],
+        &[
+            "NAME", "ROLE", "SCOPE", "CONSOLES", "ADDED", "REVOKED", "KEY",
+        ],
         list.iter()
             .map(|o| {
                 vec![
@@ -458,6 +460,7 @@ pub fn operators(list: &[OperatorView]) -> String {
                     } else {
                         o.scopes.join(",")
                     },
+                    if o.consoles { "yes" } else { "no" }.into(),
                     o.added.clone(),
                     or_dash(o.revoked.as_ref()),
                     o.fingerprint.clone(),

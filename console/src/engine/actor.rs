@@ -112,6 +112,8 @@ pub(super) enum Internal {
         id: u64,
         error: Option<String>,
     },
+    /// The push a migration waited for has ended.
+    ImagePushedForMigration(Box<super::images::state::PushedForMigration>),
     /// The push a new VM waited for has ended.
     ImagePushedForVm(Box<super::images::state::PushedForVm>),
     /// Every push of an image has ended.

@@ -183,6 +183,7 @@ impl Actor {
                 vcpus,
                 memory_mib,
                 autostart,
+                eject_cdrom,
                 reply,
             } => {
                 let vm = match self.vm_of(&host, &name) {
@@ -209,6 +210,31 @@ impl Actor {
                 if let Some(a) = autostart {
                     what.push(format!("autostart {}", if a { "on" } else { "off" }));
                 }
+                if eject_cdrom {
+                    let refusal = match (&vm.installer, self.fleet.client(&host)) {
+                        (None, _) => Some(EngineError::Invalid(format!(
+                            "VM {name} has no installer in its CD-ROM drive"
+                        ))),
+                        (_, Err(e)) => Some(e),
+                        (Some(_), Ok(client))
+                            if !client
+                                .peer
+                                .offers(dunes_shared::protocol::features::VM_EJECT) =>
+                        {
+                            Some(EngineError::Invalid(format!(
+                                "host {host}'s agent cannot eject CD-ROMs: update it"
+                            )))
+                        }
+                        (Some(image), Ok(_)) => {
+                            what.push(format!("no installer ({image} ejected)"));
+                            None
+                        }
+                    };
+                    if let Some(e) = refusal {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                }
                 if what.is_empty() {
                     let _ = reply.send(Err(EngineError::Invalid(
                         "say what to change: vCPUs, memory or autostart".into(),
@@ -224,6 +250,7 @@ impl Actor {
                         vcpus,
                         memory_mib,
                         autostart,
+                        eject_cdrom,
                     },
                     |configured| StateChange::Resized {
                         status: configured.status.clone(),
@@ -360,9 +387,10 @@ impl Actor {
                 name,
                 role,
                 scopes,
+                consoles,
                 csr_der,
                 reply,
-            } => self.add_operator(name, (role, scopes), csr_der, reply),
+            } => self.add_operator(name, (role, scopes, consoles), csr_der, reply),
             Command::RevokeOperator { name, reply } => self.revoke_operator(name, reply),
             Command::ImportImage { name, path, reply } => self.import_image(name, path, reply),
             Command::DeleteImage { name, reply } => self.delete_image(name, reply),

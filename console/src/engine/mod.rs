@@ -196,6 +196,8 @@ pub enum Command {
         vcpus: Option<u32>,
         memory_mib: Option<u64>,
         autostart: Option<bool>,
+        /// Take the installer out of its CD-ROM drive.
+        eject_cdrom: bool,
         reply: Reply<dunes_shared::protocol::VmConfigured>,
     },
     /// Lists a VM's snapshots, or takes, reverts to or deletes one; answered with the list.
@@ -365,6 +367,7 @@ pub enum Command {
         name: dunes_shared::model::OperatorName,
         role: operators::Role,
         scopes: Vec<operators::access::Scope>,
+        consoles: Option<bool>,
         csr_der: Vec<u8>,
         reply: Reply<operators::OperatorIssued>,
     },

@@ -154,6 +154,7 @@ impl Actor {
                 reply,
             } => self.image_copied(name, result, reply),
             Internal::ImagePushedForVm(done) => self.image_pushed_for_vm(*done),
+            Internal::ImagePushedForMigration(done) => self.image_pushed_for_migration(*done),
             Internal::ConsoleOpened(streams) => self.console_opened(*streams),
             Internal::ConsoleEnded { host, vm, id } => self.console_ended(host, vm, id),
             Internal::ScreenOpened(streams) => self.screen_opened(*streams),

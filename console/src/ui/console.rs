@@ -24,6 +24,8 @@ const POLL: Duration = Duration::from_millis(50);
 /// A console being watched.
 struct Live {
     attach: ConsoleAttach,
+    /// Audits the session's end when the window lets go of it.
+    _end: Option<crate::api::SessionEnd>,
     parser: vt100::Parser,
     /// The console ended (the VM stopped): what it last showed stays.
     ended: bool,
@@ -93,6 +95,7 @@ impl ConsoleWindow {
                         .then(|| "Watching only: another viewer types.".to_string());
                     self.live = Some(Live {
                         attach,
+                        _end: session.end.take(),
                         parser,
                         ended: false,
                         scrolled: 0,

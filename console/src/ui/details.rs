@@ -9,6 +9,7 @@ use crate::engine::{LinkState, Snapshot, statistics::series::Subject};
 #[derive(Debug, Default)]
 pub struct DetailsPanel {
     settings: super::vm_settings::VmSettings,
+    thumbnail: super::screen::Thumbnail,
 }
 
 fn row(ui: &mut egui::Ui, key: &str, value: impl Into<egui::WidgetText>) {
@@ -24,6 +25,11 @@ fn value_width(ui: &egui::Ui) -> f32 {
 }
 
 impl DetailsPanel {
+    /// Follows the screen of the VM `vm` (`HOST/NAME`) with `uuid` in its details.
+    pub fn watch_screen(&mut self, uuid: String, vm: String, link: &super::link::EngineLink) {
+        self.thumbnail.watch(uuid, vm, link);
+    }
+
     /// Reverts to or deletes a snapshot of the VM, and shows its snapshots afterwards.
     pub fn snapshot_action(
         &mut self,
@@ -45,10 +51,12 @@ impl DetailsPanel {
     ) {
         egui::ScrollArea::vertical().auto_shrink([false; 2]).show(ui, |ui| match selection.clone() {
             Selection::None => {
+                self.thumbnail.clear();
                 ui.heading("Details");
                 ui.label("Select a host or a VM in the topology.");
             }
             Selection::Host(id) => {
+                self.thumbnail.clear();
                 let Some(host) = snapshot.host(&id) else {
                     ui.label(format!("Host {id} is no longer enrolled."));
                     return;
@@ -191,6 +199,24 @@ impl DetailsPanel {
                 ui.horizontal_wrapped(|ui| {
                     super::vm_actions::vm_actions_ui(ui, snapshot, host, vm, actions, |_| {});
                 });
+                // A live thumbnail of its screen, for those who may see it.
+                let running = matches!(vm.state, VmState::Running | VmState::Paused);
+                if !is_process && running && actions.may::<crate::api::ops::ScreenVm>(true).is_ok() {
+                    if self.thumbnail.wants(&vm.uuid) {
+                        actions.push(UiAction::WatchScreen {
+                            uuid: vm.uuid.clone(),
+                            host: host_id.clone(),
+                            vm: name.clone(),
+                        });
+                    }
+                    if let Some(picture) = self.thumbnail.thumbnail_ui(ui, &vm.uuid)
+                        && picture.on_hover_text("The VM's screen: click to open it").clicked()
+                    {
+                        actions.push(UiAction::OpenScreen(host_id.clone(), name.clone()));
+                    }
+                } else {
+                    self.thumbnail.clear();
+                }
                 egui::Grid::new("vm-details").num_columns(2).striped(true).max_col_width(value_width(ui)).show(ui, |ui| {
                     row(ui, "State", RichText::new(vm.state.as_str()).color(state_color(vm.state)));
                     row(ui, "Host", host_id.as_str());
@@ -214,6 +240,25 @@ impl DetailsPanel {
                         row(ui, "Snapshots", n.to_string());
                     }
                     row(ui, "Template", vm.template.as_ref().map_or("—".to_string(), |t| t.to_string()));
+                    if let Some(image) = &vm.installer {
+                        ui.label(RichText::new("CD-ROM").weak());
+                        ui.horizontal_wrapped(|ui| {
+                            ui.label(format!("installer {image}, booted before the disk"));
+                            let allowed = actions.may::<crate::api::ops::EjectVm>(true);
+                            let button = ui.add_enabled(online && allowed.is_ok(), egui::Button::new("Eject"));
+                            let button = match &allowed {
+                                Err(why) => button.on_disabled_hover_text(why.as_str()),
+                                Ok(()) => button.on_hover_text("Take the installer out: the VM boots from its disk from then on"),
+                            };
+                            if button.clicked() {
+                                actions.call(
+                                    format!("Ejecting the installer of {name}"),
+                                    crate::api::ops::EjectVm { vm: format!("{host_id}/{name}") },
+                                );
+                            }
+                        });
+                        ui.end_row();
+                    }
                     match &vm.disks {
                         Some(disks) if disks.is_empty() && !is_process => {
                             row(ui, "Disks", "none in the agent's storage (defined outside Dunes): it cannot migrate");
@@ -259,7 +304,10 @@ impl DetailsPanel {
                     self.settings.vm_settings_ui(ui, snapshot, host, vm, actions);
                 }
             }
-            Selection::Service(name) => service_details(ui, snapshot, &name, actions),
+            Selection::Service(name) => {
+                self.thumbnail.clear();
+                service_details(ui, snapshot, &name, actions);
+            }
         });
     }
 }

@@ -226,10 +226,14 @@ fn remote_client(session: &Arc<RemoteEngine>) -> EngineClient {
 
 /// Who the engine said the window is, as its checks see them.
 fn caller_of(welcome: &Welcome, fingerprint: &dunes_shared::pki::Fingerprint) -> Option<Caller> {
+    let role = access::Role::parse(&welcome.role)?;
     Some(Caller {
         name: welcome.operator.clone(),
         fingerprint: *fingerprint,
-        role: access::Role::parse(&welcome.role)?,
+        role,
+        consoles: welcome
+            .consoles
+            .unwrap_or_else(|| access::consoles_by_default(role)),
         scopes: welcome
             .scopes
             .iter()

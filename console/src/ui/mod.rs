@@ -92,6 +92,12 @@ pub enum UiAction {
     OpenConsole(HostId, VmName),
     /// Open the VM's screen.
     OpenScreen(HostId, VmName),
+    /// Follow the VM's screen in its details.
+    WatchScreen {
+        uuid: String,
+        host: HostId,
+        vm: VmName,
+    },
 }
 
 /// A VM chip being dragged.
@@ -1048,6 +1054,10 @@ impl ConsoleApp {
                 }
                 UiAction::OpenScreen(host, vm) => {
                     self.screen.open(format!("{host}/{vm}"), &self.link);
+                }
+                UiAction::WatchScreen { uuid, host, vm } => {
+                    self.details
+                        .watch_screen(uuid, format!("{host}/{vm}"), &self.link);
                 }
                 UiAction::Adopt { service, host, vm } => {
                     self.adopt.open(&self.snapshot, service, host, vm);

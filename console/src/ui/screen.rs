@@ -19,6 +19,8 @@ const POLL: Duration = Duration::from_millis(50);
 /// A screen being watched.
 struct Live {
     attach: ScreenAttach,
+    /// Audits the session's end when the window lets go of it.
+    _end: Option<crate::api::SessionEnd>,
     texture: Option<TextureHandle>,
     /// The picture's size in pixels, and its generation (what the texture shows).
     size: [usize; 2],
@@ -30,6 +32,53 @@ struct Live {
     /// The last pointer state sent: moves are sent only when it changes.
     pointer: Option<(u16, u16, u8)>,
     focus_first: bool,
+}
+
+impl Live {
+    fn new(attach: ScreenAttach, end: Option<crate::api::SessionEnd>, focus_first: bool) -> Live {
+        Live {
+            attach,
+            _end: end,
+            texture: None,
+            size: [0, 0],
+            generation: 0,
+            has_content: false,
+            ended: false,
+            pointer: None,
+            focus_first,
+        }
+    }
+
+    /// Takes the session's new picture into the texture, if there is one.
+    fn refresh(&mut self, ctx: &egui::Context, name: &str) {
+        match self.attach.frames.has_changed() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                self.ended = true;
+                return;
+            }
+        }
+        let frame = self.attach.frames.borrow_and_update().clone();
+        if frame.width == 0 || frame.height == 0 {
+            return;
+        }
+        let size = [frame.width as usize, frame.height as usize];
+        let image = egui::ColorImage::from_rgba_unmultiplied(size, &frame.rgba);
+        // Sharp pixels when scaled up (text modes), smooth when scaled down.
+        let options = TextureOptions {
+            magnification: egui::TextureFilter::Nearest,
+            minification: egui::TextureFilter::Linear,
+            ..TextureOptions::default()
+        };
+        match &mut self.texture {
+            Some(texture) => texture.set(image, options),
+            None => self.texture = Some(ctx.load_texture(name, image, options)),
+        }
+        self.size = size;
+        self.generation = frame.generation;
+        self.has_content = frame.has_content();
+    }
 }
 
 #[derive(Default)]
@@ -96,16 +145,7 @@ impl ScreenWindow {
             Some(Ok(mut session)) => match session.attach.take() {
                 Some(attach) => {
                     self.note = attach.input.is_none().then(|| "Watching only.".to_string());
-                    self.live = Some(Live {
-                        attach,
-                        texture: None,
-                        size: [0, 0],
-                        generation: 0,
-                        has_content: false,
-                        ended: false,
-                        pointer: None,
-                        focus_first: true,
-                    });
+                    self.live = Some(Live::new(attach, session.end.take(), true));
                 }
                 None => {
                     self.note = Some(
@@ -117,36 +157,9 @@ impl ScreenWindow {
             Some(Err(e)) => self.note = Some(e),
             None => {}
         }
-        let Some(live) = &mut self.live else {
-            return;
-        };
-        match live.attach.frames.has_changed() {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(_) => {
-                live.ended = true;
-                return;
-            }
+        if let Some(live) = &mut self.live {
+            live.refresh(ctx, "vm-screen");
         }
-        let frame = live.attach.frames.borrow_and_update().clone();
-        if frame.width == 0 || frame.height == 0 {
-            return;
-        }
-        let size = [frame.width as usize, frame.height as usize];
-        let image = egui::ColorImage::from_rgba_unmultiplied(size, &frame.rgba);
-        // Sharp pixels when scaled up (text modes), smooth when scaled down.
-        let options = TextureOptions {
-            magnification: egui::TextureFilter::Nearest,
-            minification: egui::TextureFilter::Linear,
-            ..TextureOptions::default()
-        };
-        match &mut live.texture {
-            Some(texture) => texture.set(image, options),
-            None => live.texture = Some(ctx.load_texture("vm-screen", image, options)),
-        }
-        live.size = size;
-        live.generation = frame.generation;
-        live.has_content = frame.has_content();
     }
 
     pub fn screen_ui(&mut self, ctx: &egui::Context) {
@@ -502,5 +515,90 @@ mod tests {
                 (CONTROL, false)
             ]
         );
+    }
+}
+
+/// How often a thumbnail looks for a new picture.
+const THUMBNAIL_POLL: Duration = Duration::from_secs(1);
+/// A thumbnail's width at most, in points.
+const THUMBNAIL_WIDTH: f32 = 240.0;
+
+/// A small live picture of the selected VM's screen in its details, watching only. A VM
+/// whose screen cannot be had (no display, or through `--connect`) is not asked again.
+#[derive(Default)]
+pub struct Thumbnail {
+    /// The VM it follows, by its UUID (a VM made again under the same name is another).
+    uuid: Option<String>,
+    pending: Option<Answer<ScreenSession>>,
+    live: Option<Live>,
+    refused: std::collections::BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Thumbnail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Thumbnail")
+            .field("uuid", &self.uuid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Thumbnail {
+    /// Whether the thumbnail of the VM with `uuid` is to be asked for.
+    pub fn wants(&self, uuid: &str) -> bool {
+        self.uuid.as_deref() != Some(uuid) && !self.refused.contains(uuid)
+    }
+
+    /// Starts following the VM `vm` (`HOST/NAME`) with `uuid`.
+    pub fn watch(&mut self, uuid: String, vm: String, link: &EngineLink) {
+        self.live = None;
+        self.pending = Some(link.ask(ops::ScreenVm {
+            vm,
+            read_only: true,
+        }));
+        self.uuid = Some(uuid);
+    }
+
+    /// Lets go of the picture (another selection, or the VM stopped).
+    pub fn clear(&mut self) {
+        self.uuid = None;
+        self.pending = None;
+        self.live = None;
+    }
+
+    /// The picture, as wide as the details allow up to [`THUMBNAIL_WIDTH`]; its response
+    /// (a click opens the screen), once there is one.
+    pub fn thumbnail_ui(&mut self, ui: &mut egui::Ui, uuid: &str) -> Option<egui::Response> {
+        match take(&mut self.pending) {
+            Some(Ok(mut session)) => match session.attach.take() {
+                Some(attach) => {
+                    self.live = Some(Live::new(attach, session.end.take(), false));
+                }
+                None => self.refused.extend(self.uuid.clone()),
+            },
+            Some(Err(_)) => self.refused.extend(self.uuid.clone()),
+            None => {}
+        }
+        if self.pending.is_some() {
+            ui.ctx().request_repaint_after(POLL);
+        }
+        if self.uuid.as_deref() != Some(uuid) {
+            return None;
+        }
+        let live = self.live.as_mut()?;
+        live.refresh(ui.ctx(), "vm-thumbnail");
+        if !live.ended {
+            ui.ctx().request_repaint_after(THUMBNAIL_POLL);
+        }
+        let texture = live.texture.as_ref()?;
+        let [w, h] = live.size;
+        let width = ui.available_width().min(THUMBNAIL_WIDTH);
+        let size = egui::vec2(width, width * h as f32 / w.max(1) as f32);
+        Some(
+            ui.add(
+                egui::Image::new((texture.id(), size))
+                    .sense(Sense::click())
+                    .alt_text("The VM's screen"),
+            ),
+        )
     }
 }

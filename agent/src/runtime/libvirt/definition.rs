@@ -588,6 +588,10 @@ impl VmDefinition {
     }
 }
 
+/// The installer's drive, empty: what a running VM's CD-ROM becomes when it is ejected
+/// (libvirt finds the drive by its target).
+pub const EMPTY_CDROM_XML: &str = "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/></disk>";
+
 fn text_element<W: std::io::Write>(
     w: &mut Writer<W>,
     name: &str,

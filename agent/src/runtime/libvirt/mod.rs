@@ -117,6 +117,8 @@ struct Inner {
 struct RecordFacts {
     resources: VmResources,
     autostart: bool,
+    /// An installer is in its CD-ROM drive.
+    installer: bool,
 }
 
 impl RecordFacts {
@@ -127,6 +129,7 @@ impl RecordFacts {
                 memory_mib: def.memory_mib,
             },
             autostart: def.autostart,
+            installer: def.cdrom.is_some(),
         }
     }
 }
@@ -200,6 +203,7 @@ struct Lifecycle {
     next_start: Option<VmResources>,
     addresses: Option<Vec<String>>,
     snapshots: Option<u32>,
+    installer: bool,
 }
 
 /// What came of asking a guest to shut down.
@@ -900,6 +904,7 @@ impl Inner {
                 template,
                 nics,
                 autostart: record.map(|r| r.autostart),
+                installer: record.is_some_and(|r| r.installer),
                 next_start,
                 addresses,
                 snapshots: dom.num_snapshots(0).ok(),
@@ -924,6 +929,7 @@ impl Inner {
             next_start: life.next_start,
             addresses: life.addresses,
             snapshots: life.snapshots,
+            installer: life.installer.then(|| life.template.clone()).flatten(),
             uuid: life.uuid,
             name,
             state: life.state,
@@ -1310,6 +1316,15 @@ impl Inner {
         def.memory_mib = request.memory_mib.unwrap_or(def.memory_mib);
         def.autostart = request.autostart.unwrap_or(def.autostart);
         let resized = def.vcpus != old.vcpus || def.memory_mib != old.memory_mib;
+        if request.eject_cdrom {
+            if def.cdrom.is_none() {
+                return Err(RuntimeError::Invalid(format!(
+                    "VM {name} has no installer in its CD-ROM drive"
+                )));
+            }
+            def.cdrom = None;
+        }
+        let ejected = def.cdrom != old.cdrom;
         if resized && def.devices.user_network && def.devices.mac.is_none() {
             // Defined before MACs were kept: keep the one libvirt chose.
             let uuid = self.lookup(name)?.uuid_string().unwrap_or_default();
@@ -1318,7 +1333,16 @@ impl Inner {
                 .and_then(|(_, nics)| nics.iter().find_map(|n| n.mac.clone()));
         }
         let running = self.state_of(name)?.is_active();
-        if resized {
+        if ejected && running {
+            // The running guest sees its drive empty now; its next start has no drive.
+            self.lookup(name)?
+                .update_device_flags(
+                    definition::EMPTY_CDROM_XML,
+                    virt::sys::VIR_DOMAIN_AFFECT_LIVE,
+                )
+                .map_err(lv("ejecting the CD-ROM"))?;
+        }
+        if resized || ejected {
             let xml = def.domain_xml(self.domain_type, &self.storage)?;
             self.storage.save_definition(name, &def.to_toml()?)?;
             if let Err(e) = self.conn.define_domain_xml(&xml) {

@@ -46,6 +46,10 @@ pub struct Welcome {
     /// What their changes are limited to (`service:shop`); empty: everything.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Whether they may open VMs' consoles and screens; absent from older engines (then as
+    /// their role gives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consoles: Option<bool>,
     #[serde(default)]
     pub features: Vec<String>,
 }

@@ -163,13 +163,13 @@ async fn session(
             Err(e) => Err(ApiError::invalid(format!("the hello does not parse: {e}"))),
             Ok(_hello) => peer_operator(&conn, engine.ca_der())
                 .and_then(|(name, fingerprint)| {
-                    let (role, scopes) =
-                        access::admit(&engine.operators().borrow(), &name, &fingerprint)?;
+                    let grant = access::admit(&engine.operators().borrow(), &name, &fingerprint)?;
                     Ok(Caller {
                         name,
                         fingerprint,
-                        role,
-                        scopes,
+                        role: grant.role,
+                        scopes: grant.scopes,
+                        consoles: grant.consoles,
                     })
                 })
                 .map_err(|message| ApiError {
@@ -185,6 +185,7 @@ async fn session(
                     operator: caller.name.clone(),
                     role: caller.role.as_str().to_string(),
                     scopes: caller.scopes.iter().map(|s| s.to_string()).collect(),
+                    consoles: Some(caller.consoles),
                     features: Vec::new(),
                 }),
                 error: None,

@@ -6,18 +6,19 @@ use std::path::PathBuf;
 use dunes_shared::{
     cloud_init::{CloudInitData, dhcp_network_config},
     error_chain,
-    model::{DISK_GIB_MAX, HostId, ImageDisk, ImageFormat, ImageName, TemplateName},
+    model::{DISK_GIB_MAX, HostId, ImageDisk, ImageFormat, ImageName, TemplateName, VmName},
     protocol::features,
 };
 
 use super::{
     library,
     push::{PushJob, Pushed, push_image},
-    state::{CreateFromImage, ImagePushReport, ImageRecord, PushedForVm},
+    state::{CreateFromImage, ImagePushReport, ImageRecord, PushedForMigration, PushedForVm},
 };
 use crate::engine::{
     EngineError, Reply,
     actor::{Actor, Internal},
+    migration::{MigrationJournal, MigrationOptions},
     records::{Level, now_ms},
 };
 
@@ -262,6 +263,125 @@ impl Actor {
         });
     }
 
+    /// Sends the library image `vm`'s overlay builds on to `to` first, when `to` does not
+    /// hold it, so that the migration moves the overlay alone; the migration starts once the
+    /// image is there. Gives `reply` back when there is nothing to send.
+    pub(in crate::engine) fn send_image_before_migration(
+        &mut self,
+        host: &HostId,
+        vm: &VmName,
+        to: &HostId,
+        options: MigrationOptions,
+        reply: Reply<MigrationJournal>,
+    ) -> Option<Reply<MigrationJournal>> {
+        let base = self
+            .fleet
+            .hosts
+            .get(host)
+            .and_then(|entry| entry.view.vm(vm))
+            .and_then(|status| status.overlay_on.clone());
+        let record = base.and_then(|base| {
+            self.images
+                .records
+                .values()
+                .find(|r| r.name.as_str() == base.template.as_str() && r.blake3 == base.blake3)
+                .cloned()
+        });
+        let Some(record) = record.filter(|r| {
+            !self.host_holds_image(r, to)
+                && !self.images.sent.contains(&(to.clone(), r.blake3.clone()))
+        }) else {
+            return Some(reply);
+        };
+        let conn = match self.image_target(&record, to) {
+            Ok(conn) => conn,
+            Err(e) => {
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "{vm} builds on image {}, which cannot go to {to}: {e}",
+                    record.name
+                ))));
+                return None;
+            }
+        };
+        self.log(
+            Level::Info,
+            Some(to.clone()),
+            format!(
+                "image {} goes to {to} first, for the migration of {vm}",
+                record.name
+            ),
+        );
+        let job = self.push_job(&record);
+        let internal = self.internal_tx.clone();
+        let waiting = (
+            host.clone(),
+            vm.clone(),
+            to.clone(),
+            record.name,
+            record.blake3,
+        );
+        tokio::spawn(async move {
+            let result = push_image(&conn, job, |_, _| {})
+                .await
+                .map_err(|e| error_chain(&e));
+            let (host, vm, to, image, blake3) = waiting;
+            let _ = internal
+                .send(Internal::ImagePushedForMigration(Box::new(
+                    PushedForMigration {
+                        host,
+                        vm,
+                        to,
+                        options,
+                        reply,
+                        image,
+                        blake3,
+                        result,
+                    },
+                )))
+                .await;
+        });
+        None
+    }
+
+    /// The push a migration waited for has ended: the migration starts (moving the overlay
+    /// alone), or the caller hears why not.
+    pub(in crate::engine) fn image_pushed_for_migration(&mut self, done: PushedForMigration) {
+        let PushedForMigration {
+            host,
+            vm,
+            to,
+            options,
+            reply,
+            image,
+            blake3,
+            result,
+        } = done;
+        match result {
+            Ok(pushed) => {
+                self.log(
+                    Level::Info,
+                    Some(to.clone()),
+                    format!(
+                        "image {image} is on {to}: {} MiB sent",
+                        pushed.sent_bytes.div_ceil(MIB)
+                    ),
+                );
+                self.images.sent.insert((to.clone(), blake3));
+                self.migrate_vm(&host, &vm, &to, options, reply);
+            }
+            Err(e) => {
+                self.log(
+                    Level::Error,
+                    Some(to.clone()),
+                    format!("pushing image {image} to {to} failed: {e}"),
+                );
+                let _ = reply.send(Err(EngineError::Invalid(format!(
+                    "sending image {image} to {to} failed, so {vm} did not move: {e}"
+                ))));
+            }
+        }
+    }
+
     /// The push a VM waited for has ended: the VM is created, or the caller hears why not.
     pub(in crate::engine) fn image_pushed_for_vm(&mut self, done: PushedForVm) {
         let PushedForVm { create, result } = done;
@@ -400,6 +520,7 @@ impl Actor {
     ) {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
+        let blake3 = self.images.records.get(&name).map(|r| r.blake3.clone());
         for (host, result) in results {
             match result {
                 Ok(pushed) => {
@@ -417,6 +538,9 @@ impl Actor {
                         )
                     };
                     self.log(Level::Info, Some(host.clone()), message);
+                    if let Some(blake3) = &blake3 {
+                        self.images.sent.insert((host.clone(), blake3.clone()));
+                    }
                     reports.push(ImagePushReport { host, pushed });
                 }
                 Err(e) => {

@@ -36,6 +36,19 @@ pub struct ImagePushReport {
     pub pushed: super::push::Pushed,
 }
 
+/// A migration waiting for the image its VM's disk builds on to reach the target.
+#[derive(Debug)]
+pub(in crate::engine) struct PushedForMigration {
+    pub(in crate::engine) host: HostId,
+    pub(in crate::engine) vm: dunes_shared::model::VmName,
+    pub(in crate::engine) to: HostId,
+    pub(in crate::engine) options: crate::engine::migration::MigrationOptions,
+    pub(in crate::engine) reply: crate::engine::Reply<crate::engine::migration::MigrationJournal>,
+    pub(in crate::engine) image: ImageName,
+    pub(in crate::engine) blake3: String,
+    pub(in crate::engine) result: Result<super::push::Pushed, String>,
+}
+
 /// A VM to make from a library image.
 #[derive(Debug)]
 pub struct CreateFromImage {
@@ -70,6 +83,9 @@ pub(in crate::engine) struct ImagesState {
     pub(in crate::engine) records: BTreeMap<ImageName, ImageRecord>,
     /// Names whose import is under way: a second import of one of them is refused.
     pub(in crate::engine) importing: BTreeSet<ImageName>,
+    /// Hosts this console sent an image to, by the image's BLAKE3: a migration right after
+    /// moves the overlay alone even before the host's next inventory says it holds it.
+    pub(in crate::engine) sent: BTreeSet<(HostId, String)>,
 }
 
 impl ImagesState {
@@ -78,6 +94,7 @@ impl ImagesState {
             dir,
             records: loaded.into_iter().map(|r| (r.name.clone(), r)).collect(),
             importing: BTreeSet::new(),
+            sent: BTreeSet::new(),
         }
     }
 

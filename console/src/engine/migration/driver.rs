@@ -76,6 +76,9 @@ impl Actor {
         options: MigrationOptions,
         reply: Reply<MigrationJournal>,
     ) {
+        let Some(reply) = self.send_image_before_migration(host, vm, to, options, reply) else {
+            return;
+        };
         match self.start_migration(host, vm, to, MigrationOrigin::Operator, options) {
             Ok(journal) => self.reply_after_commit(reply, journal),
             Err(e) => {
@@ -129,6 +132,19 @@ impl Actor {
         )
         .map_err(|reasons| format!("{vm} cannot go to {to}: {}", reasons.join("; ")))?;
         let (limit_mbps, compress) = estimate.transfer_settings(options);
+        // An image this console just sent: the overlay goes alone, though the target's
+        // inventory may not say yet that it holds the image.
+        let disk_move = match (&estimate.disk_move, &status.overlay_on) {
+            (DiskMove::Flattened(_), Some(base))
+                if self
+                    .images
+                    .sent
+                    .contains(&(to.clone(), base.blake3.clone())) =>
+            {
+                DiskMove::Overlay(base.clone())
+            }
+            (chosen, _) => chosen.clone(),
+        };
         let was_running = status.state.is_active();
         let id = self
             .migrations
@@ -157,7 +173,7 @@ impl Actor {
             compress,
             failed_at: None,
             waiting: None,
-            disk_move: estimate.disk_move.clone(),
+            disk_move: disk_move.clone(),
         };
         let (journal, effects) = advance(&planned, Outcome::Done);
         let why = match &journal.origin {
@@ -170,7 +186,7 @@ impl Actor {
             Some(host.clone()),
             format!(
                 "migration {id}: {vm} from {host} to {to}{why}, disk: {}",
-                estimate.disk_move.describe()
+                disk_move.describe()
             ),
         );
         self.commit_migration(journal.clone(), effects);

@@ -175,6 +175,15 @@ const ADMIN_ONLY: &[&str] = &[
     "image-delete",
 ];
 
+/// What a console permission gives: a shell on a guest or its screen, granted apart from
+/// the role (`operator add --consoles`); operators and admins have it unless refused it.
+const CONSOLE_ACCESS: &[&str] = &["vm-console", "vm-screen", "vm-screenshot"];
+
+/// Whether a role has the console permission when the operator's record does not say.
+pub fn consoles_by_default(role: Role) -> bool {
+    role >= Role::Operator
+}
+
 /// Changes every operator may make about themself.
 const OWN: &[&str] = &["operator-renew"];
 
@@ -182,10 +191,20 @@ const OWN: &[&str] = &["operator-renew"];
 pub fn check(
     operator: &OperatorName,
     role: Role,
+    consoles: bool,
     operation: &str,
     action: &str,
     changes: bool,
 ) -> Result<(), String> {
+    if CONSOLE_ACCESS.contains(&operation) {
+        return match consoles {
+            true => Ok(()),
+            false => Err(format!(
+                "{} {operator} may not {action}: they have no console permission (operator add --consoles gives it)",
+                role.as_str()
+            )),
+        };
+    }
     let needed = if ADMIN_ONLY.contains(&operation) {
         Role::Admin
     } else if OWN.contains(&operation) {
@@ -222,12 +241,30 @@ pub struct OperatorRecord {
     /// Set once revoked: their sessions end and their certificate opens none again.
     #[serde(default)]
     pub revoked_ms: Option<u64>,
+    /// Whether they may open VMs' consoles and screens; `None` (and records written before
+    /// there was a choice): as their role gives ([`consoles_by_default`]).
+    #[serde(default)]
+    pub consoles: Option<bool>,
 }
 
 impl OperatorRecord {
     pub fn is_active(&self) -> bool {
         self.revoked_ms.is_none()
     }
+
+    /// Whether they may open VMs' consoles and screens.
+    pub fn may_use_consoles(&self) -> bool {
+        self.consoles
+            .unwrap_or_else(|| consoles_by_default(self.role))
+    }
+}
+
+/// What an admitted operator may do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub role: Role,
+    pub scopes: Vec<Scope>,
+    pub consoles: bool,
 }
 
 /// Why an operator's session is refused at its hello, if it is; else their role and scopes.
@@ -235,7 +272,7 @@ pub fn admit(
     records: &[OperatorRecord],
     name: &OperatorName,
     fingerprint: &Fingerprint,
-) -> Result<(Role, Vec<Scope>), String> {
+) -> Result<Grant, String> {
     let record = records
         .iter()
         .find(|r| &r.name == name)
@@ -248,7 +285,11 @@ pub fn admit(
             "operator {name} presents another key than the one they were given"
         ));
     }
-    Ok((record.role, record.scopes.clone()))
+    Ok(Grant {
+        role: record.role,
+        scopes: record.scopes.clone(),
+        consoles: record.may_use_consoles(),
+    })
 }
 
 #[cfg(test)]
@@ -263,20 +304,62 @@ mod tests {
     fn each_role_runs_what_it_may_and_the_refusal_says_why() {
         let alice = name("alice");
         for role in [Role::Viewer, Role::Operator, Role::Admin] {
-            assert!(check(&alice, role, "hosts", "list hosts", false).is_ok());
+            assert!(check(&alice, role, true, "hosts", "list hosts", false).is_ok());
         }
         assert_eq!(
-            check(&alice, Role::Viewer, "vm-stop", "stop VMs", true).unwrap_err(),
+            check(&alice, Role::Viewer, true, "vm-stop", "stop VMs", true).unwrap_err(),
             "viewer alice may not stop VMs: operators and admins only"
         );
-        assert!(check(&alice, Role::Operator, "vm-stop", "stop VMs", true).is_ok());
+        assert!(check(&alice, Role::Operator, true, "vm-stop", "stop VMs", true).is_ok());
         assert_eq!(
-            check(&alice, Role::Operator, "host-drain", "drain hosts", true).unwrap_err(),
+            check(
+                &alice,
+                Role::Operator,
+                true,
+                "host-drain",
+                "drain hosts",
+                true
+            )
+            .unwrap_err(),
             "operator alice may not drain hosts: admin only"
         );
-        assert!(check(&alice, Role::Admin, "host-drain", "drain hosts", true).is_ok());
+        assert!(check(&alice, Role::Admin, true, "host-drain", "drain hosts", true).is_ok());
         // Admin-only holds even for an operation that reads (a probe reaches out to a host).
-        assert!(check(&alice, Role::Operator, "host-probe", "probe hosts", false).is_err());
+        assert!(
+            check(
+                &alice,
+                Role::Operator,
+                true,
+                "host-probe",
+                "probe hosts",
+                false
+            )
+            .is_err()
+        );
+        // Consoles go by their own permission, whatever the role.
+        assert_eq!(
+            check(
+                &alice,
+                Role::Admin,
+                false,
+                "vm-screen",
+                "see VM screens",
+                true
+            )
+            .unwrap_err(),
+            "admin alice may not see VM screens: they have no console permission (operator add --consoles gives it)"
+        );
+        assert!(
+            check(
+                &alice,
+                Role::Viewer,
+                true,
+                "vm-console",
+                "open VM consoles",
+                true
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -383,10 +466,15 @@ mod tests {
             fingerprint: key,
             added_ms: 1,
             revoked_ms: None,
+            consoles: None,
         }];
         assert_eq!(
             admit(&records, &name("bob"), &key),
-            Ok((Role::Viewer, Vec::new()))
+            Ok(Grant {
+                role: Role::Viewer,
+                scopes: Vec::new(),
+                consoles: false,
+            })
         );
         assert!(
             admit(&records, &name("bob"), &Fingerprint([2; 32]))

@@ -11,7 +11,7 @@ impl Actor {
     pub(in crate::engine) fn add_operator(
         &mut self,
         name: OperatorName,
-        (role, scopes): (Role, Vec<access::Scope>),
+        (role, scopes, consoles): (Role, Vec<access::Scope>, Option<bool>),
         csr_der: Vec<u8>,
         reply: Reply<OperatorIssued>,
     ) {
@@ -52,6 +52,7 @@ impl Actor {
             fingerprint,
             added_ms: unix_ms(std::time::SystemTime::now()),
             revoked_ms: None,
+            consoles,
         };
         self.operators.records.insert(name.clone(), record.clone());
         self.store.put_operator(&record);
@@ -71,7 +72,15 @@ impl Actor {
         self.log(
             Level::Info,
             None,
-            format!("operator {name} added as {}{limited}", role.as_str()),
+            format!(
+                "operator {name} added as {}{limited}{}",
+                role.as_str(),
+                match (consoles, record.may_use_consoles()) {
+                    (Some(_), true) => ", with consoles",
+                    (Some(_), false) => ", without consoles",
+                    (None, _) => "",
+                }
+            ),
         );
         let issued = OperatorIssued {
             record,

@@ -271,6 +271,7 @@ pub(crate) mod tests {
                     next_start: None,
                     addresses: None,
                     snapshots: None,
+                    installer: None,
                 })
                 .collect(),
             skipped_events: Default::default(),

@@ -804,6 +804,7 @@ mod tests {
             next_start: None,
             addresses: None,
             snapshots: None,
+            installer: None,
         }
     }
 

@@ -387,6 +387,7 @@ impl TryFrom<VmRow> for VmStatus {
             next_start: None,
             addresses: None,
             snapshots: None,
+            installer: None,
         })
     }
 }
