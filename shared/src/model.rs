@@ -453,6 +453,9 @@ pub struct VmStatus {
     /// disk until it is ejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installer: Option<TemplateName>,
+    /// It has a display to watch (a QEMU VM this release created); absent: it has none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub screen: bool,
 }
 
 /// The vCPUs and memory of a VM.

@@ -873,6 +873,7 @@ mod tests {
             addresses: None,
             snapshots: None,
             installer: None,
+            screen: false,
         }
     }
 

@@ -39,6 +39,7 @@ fn vm(i: usize) -> VmStatus {
         addresses: None,
         snapshots: None,
         installer: None,
+        screen: false,
     }
 }
 

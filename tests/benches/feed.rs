@@ -65,6 +65,7 @@ fn vm(host: usize, i: usize) -> VmStatus {
         addresses: Some(vec![format!("10.{}.{}.{i}/16", host / 256, host % 256)]),
         snapshots: Some(0),
         installer: None,
+        screen: false,
     }
 }
 

@@ -337,6 +337,41 @@ async fn a_debian_image_boots_from_its_disk_with_cloud_init_and_a_console_login(
         let record =
             std::fs::read_to_string(second_storage.join("definitions/inst-1.toml")).unwrap();
         assert!(!record.contains("cdrom"), "{record}");
+
+        // UEFI where OVMF is installed (scripts/install-deps.sh installs it): the VM starts
+        // with OVMF's firmware, as its QEMU's command line shows.
+        if !Path::new("/usr/share/qemu/firmware").exists() && std::env::var_os("CI").is_none() {
+            eprintln!("SKIPPED the UEFI boot: OVMF is not installed (apt-get install ovmf)");
+        } else {
+            let vm = json(&ctl(
+                &data,
+                &[
+                    "--json",
+                    "vm",
+                    "create",
+                    "--name",
+                    "uefi-1",
+                    "--image",
+                    "installer",
+                    "--disk-gib",
+                    "1",
+                    "--uefi",
+                    "--host",
+                    "deb-b",
+                    "--memory-mib",
+                    "256",
+                    "--start",
+                ],
+            ));
+            assert_eq!(vm["state"], "running", "{vm}");
+            let cmdline = std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .find(|c| c.contains("guest=uefi-1"))
+                .expect("the QEMU of uefi-1");
+            assert!(cmdline.contains("OVMF"), "{cmdline}");
+        }
         // The first host never received the image.
     })
     .await

@@ -317,6 +317,7 @@ impl ProcessRuntime {
             addresses: None,
             snapshots: None,
             installer: None,
+            screen: false,
         }
     }
 

@@ -243,6 +243,8 @@ pub struct VmSummary {
     pub snapshots: Option<u32>,
     /// The installer (an image) in its CD-ROM drive, booted before its disk.
     pub installer: Option<TemplateName>,
+    /// It has a display to watch (`vm screenshot`, the window's Screen…).
+    pub screen: bool,
 }
 
 impl VmSummary {
@@ -267,6 +269,7 @@ impl VmSummary {
             next_start: vm.next_start,
             snapshots: vm.snapshots,
             installer: vm.installer.clone(),
+            screen: vm.screen,
         }
     }
 }
@@ -1415,6 +1418,7 @@ mod tests {
                 addresses: None,
                 snapshots: None,
                 installer: None,
+                screen: false,
             },
         )
     }
@@ -1441,6 +1445,7 @@ mod tests {
                 "next_start",
                 "snapshots",
                 "installer",
+                "screen",
             ])
         );
         let listed = FleetVm {

@@ -180,11 +180,12 @@ impl DetailsPanel {
                             actions.push(UiAction::OpenConsole(host_id.clone(), name.clone()));
                         }
                         let allowed = actions.may::<crate::api::ops::ScreenVm>(true);
-                        let button = ui.add_enabled(running && allowed.is_ok(), egui::Button::new("Screen…"));
-                        let button = match (&allowed, running) {
-                            (Err(why), _) => button.on_disabled_hover_text(why.as_str()),
-                            (Ok(()), false) => button.on_disabled_hover_text("Start the VM to see its screen"),
-                            (Ok(()), true) => button.on_hover_text("The VM's screen, with its keyboard and mouse"),
+                        let button = ui.add_enabled(running && vm.screen && allowed.is_ok(), egui::Button::new("Screen…"));
+                        let button = match (&allowed, running, vm.screen) {
+                            (Err(why), _, _) => button.on_disabled_hover_text(why.as_str()),
+                            (Ok(()), _, false) => button.on_disabled_hover_text("This VM has no screen: only VMs created under QEMU by this release have one"),
+                            (Ok(()), false, true) => button.on_disabled_hover_text("Start the VM to see its screen"),
+                            (Ok(()), true, true) => button.on_hover_text("The VM's screen, with its keyboard and mouse"),
                         };
                         if button.clicked() {
                             actions.push(UiAction::OpenScreen(host_id.clone(), name.clone()));
@@ -201,7 +202,7 @@ impl DetailsPanel {
                 });
                 // A live thumbnail of its screen, for those who may see it.
                 let running = matches!(vm.state, VmState::Running | VmState::Paused);
-                if !is_process && running && actions.may::<crate::api::ops::ScreenVm>(true).is_ok() {
+                if vm.screen && running && actions.may::<crate::api::ops::ScreenVm>(true).is_ok() {
                     if self.thumbnail.wants(&vm.uuid) {
                         actions.push(UiAction::WatchScreen {
                             uuid: vm.uuid.clone(),

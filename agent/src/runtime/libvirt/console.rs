@@ -25,20 +25,23 @@ const IDLE: Duration = Duration::from_millis(10);
 const WOULD_BLOCK: isize = -2;
 
 impl Inner {
+    /// The domain of the running (or paused) VM `name`; `hint` ends the refusal otherwise.
+    fn running_domain(&self, name: &VmName, hint: &'static str) -> Result<Domain, RuntimeError> {
+        let dom: Domain = self.lookup(name)?;
+        match self.state_of(name)? {
+            VmState::Running | VmState::Paused => Ok(dom),
+            state => Err(RuntimeError::WrongState {
+                name: name.clone(),
+                state,
+                hint,
+            }),
+        }
+    }
+
     /// Opens the console stream of the running VM `name`, taking it over from any earlier
     /// session (a console has one reader at libvirt; the console fans it out).
     pub(super) fn open_console(&self, name: &VmName) -> Result<Stream, RuntimeError> {
-        let dom: Domain = self.lookup(name)?;
-        match self.state_of(name)? {
-            VmState::Running | VmState::Paused => {}
-            state => {
-                return Err(RuntimeError::WrongState {
-                    name: name.clone(),
-                    state,
-                    hint: "start it to open its console",
-                });
-            }
-        }
+        let dom = self.running_domain(name, "start it to open its console")?;
         let stream =
             Stream::new(&self.conn, sys::VIR_STREAM_NONBLOCK).map_err(lv("opening a stream"))?;
         dom.open_console(None, &stream, sys::VIR_DOMAIN_CONSOLE_FORCE)
@@ -49,17 +52,7 @@ impl Inner {
     /// A new client connection to the running VM `name`'s VNC display, made by libvirt as a
     /// socket pair (the display listens nowhere); each viewer gets one of its own.
     pub(super) fn open_screen(&self, name: &VmName) -> Result<OwnedFd, RuntimeError> {
-        let dom: Domain = self.lookup(name)?;
-        match self.state_of(name)? {
-            VmState::Running | VmState::Paused => {}
-            state => {
-                return Err(RuntimeError::WrongState {
-                    name: name.clone(),
-                    state,
-                    hint: "start it to see its screen",
-                });
-            }
-        }
+        let dom = self.running_domain(name, "start it to see its screen")?;
         let has_screen = dom
             .xml_desc(0)
             .ok()

@@ -119,6 +119,8 @@ struct RecordFacts {
     autostart: bool,
     /// An installer is in its CD-ROM drive.
     installer: bool,
+    /// It has a display (under QEMU).
+    screen: bool,
 }
 
 impl RecordFacts {
@@ -130,6 +132,7 @@ impl RecordFacts {
             },
             autostart: def.autostart,
             installer: def.cdrom.is_some(),
+            screen: def.devices.screen,
         }
     }
 }
@@ -204,6 +207,7 @@ struct Lifecycle {
     addresses: Option<Vec<String>>,
     snapshots: Option<u32>,
     installer: bool,
+    screen: bool,
 }
 
 /// What came of asking a guest to shut down.
@@ -905,6 +909,7 @@ impl Inner {
                 nics,
                 autostart: record.map(|r| r.autostart),
                 installer: record.is_some_and(|r| r.installer),
+                screen: self.domain_type == DomainType::Qemu && record.is_some_and(|r| r.screen),
                 next_start,
                 addresses,
                 snapshots: dom.num_snapshots(0).ok(),
@@ -930,6 +935,7 @@ impl Inner {
             addresses: life.addresses,
             snapshots: life.snapshots,
             installer: life.installer.then(|| life.template.clone()).flatten(),
+            screen: life.screen,
             uuid: life.uuid,
             name,
             state: life.state,

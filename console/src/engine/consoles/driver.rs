@@ -43,46 +43,21 @@ impl Actor {
         wants_keyboard: bool,
         reply: Reply<ConsoleAttach>,
     ) {
-        let state = self
-            .fleet
-            .hosts
-            .get(&host)
-            .and_then(|e| e.view.vm(&vm))
-            .map(|v| v.state);
-        match state {
-            None => {
-                let _ = reply.send(Err(EngineError::Invalid(format!(
-                    "{host} has no VM named {vm}"
-                ))));
-                return;
-            }
-            Some(VmState::Running | VmState::Paused) => {}
-            Some(state) => {
-                let _ = reply.send(Err(EngineError::Invalid(format!(
-                    "VM {vm} is {}: start it to open its console",
-                    state.as_str()
-                ))));
-                return;
-            }
+        if let Err(e) = self.check_running(&host, &vm, "open its console") {
+            let _ = reply.send(Err(e));
+            return;
         }
         if let Some(session) = self.consoles.sessions.get(&(host.clone(), vm.clone())) {
             let _ = reply.send(Ok(session.attach(wants_keyboard)));
             return;
         }
-        let client = match self.fleet.client(&host) {
-            Ok(c) => c,
+        let conn = match self.stream_link(&host, features::SERIAL_CONSOLE, "serial consoles") {
+            Ok(conn) => conn,
             Err(e) => {
                 let _ = reply.send(Err(e));
                 return;
             }
         };
-        if !client.peer.offers(features::SERIAL_CONSOLE) {
-            let _ = reply.send(Err(EngineError::Invalid(format!(
-                "host {host}'s agent has no serial consoles: update it"
-            ))));
-            return;
-        }
-        let conn = client.peer.conn.clone();
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
             let opened = open_stream(&conn, OpenConsole { name: vm.clone() }, "the console", &vm)
@@ -98,6 +73,47 @@ impl Actor {
                 })))
                 .await;
         });
+    }
+
+    /// Why `vm` on `host` cannot be watched, if it cannot: it must exist and run. `hint`
+    /// ends the sentence for a stopped VM ("open its console").
+    pub(super) fn check_running(
+        &self,
+        host: &HostId,
+        vm: &VmName,
+        hint: &str,
+    ) -> Result<(), EngineError> {
+        let state = self
+            .fleet
+            .hosts
+            .get(host)
+            .and_then(|e| e.view.vm(vm))
+            .map(|v| v.state);
+        match state {
+            None => Err(EngineError::Invalid(format!("{host} has no VM named {vm}"))),
+            Some(VmState::Running | VmState::Paused) => Ok(()),
+            Some(state) => Err(EngineError::Invalid(format!(
+                "VM {vm} is {}: start it to {hint}",
+                state.as_str()
+            ))),
+        }
+    }
+
+    /// The link to `host`'s agent for a stream of its own, if the agent offers `feature`
+    /// (`what` names it in the refusal: "serial consoles").
+    pub(super) fn stream_link(
+        &self,
+        host: &HostId,
+        feature: &str,
+        what: &str,
+    ) -> Result<quinn::Connection, EngineError> {
+        let client = self.fleet.client(host)?;
+        if !client.peer.offers(feature) {
+            return Err(EngineError::Invalid(format!(
+                "host {host}'s agent has no {what}: update it"
+            )));
+        }
+        Ok(client.peer.conn.clone())
     }
 
     /// The agent opened a console (or did not): it is shared from now on.

@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use dunes_shared::{
-    model::{HostId, VmName, VmState},
+    model::{HostId, VmName},
     protocol::{OpenScreen, features},
 };
 use tokio::sync::{mpsc, watch};
@@ -105,46 +105,21 @@ impl Actor {
         wants_input: bool,
         reply: Reply<ScreenAttach>,
     ) {
-        let state = self
-            .fleet
-            .hosts
-            .get(&host)
-            .and_then(|e| e.view.vm(&vm))
-            .map(|v| v.state);
-        match state {
-            None => {
-                let _ = reply.send(Err(EngineError::Invalid(format!(
-                    "{host} has no VM named {vm}"
-                ))));
-                return;
-            }
-            Some(VmState::Running | VmState::Paused) => {}
-            Some(state) => {
-                let _ = reply.send(Err(EngineError::Invalid(format!(
-                    "VM {vm} is {}: start it to see its screen",
-                    state.as_str()
-                ))));
-                return;
-            }
+        if let Err(e) = self.check_running(&host, &vm, "see its screen") {
+            let _ = reply.send(Err(e));
+            return;
         }
         if let Some(session) = self.consoles.screens.get(&(host.clone(), vm.clone())) {
             let _ = reply.send(Ok(session.attach(wants_input)));
             return;
         }
-        let client = match self.fleet.client(&host) {
-            Ok(c) => c,
+        let conn = match self.stream_link(&host, features::SCREEN, "screens") {
+            Ok(conn) => conn,
             Err(e) => {
                 let _ = reply.send(Err(e));
                 return;
             }
         };
-        if !client.peer.offers(features::SCREEN) {
-            let _ = reply.send(Err(EngineError::Invalid(format!(
-                "host {host}'s agent has no screens: update it"
-            ))));
-            return;
-        }
-        let conn = client.peer.conn.clone();
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
             let opened = open_stream(&conn, OpenScreen { name: vm.clone() }, "the screen", &vm)

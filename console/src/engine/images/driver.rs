@@ -496,16 +496,20 @@ impl Actor {
         {
             return None;
         }
-        let free_mib = entry
-            .view
-            .status
-            .as_ref()
-            .map_or(inventory.storage_free_mib, |s| s.storage_free_mib);
+        let free_mib = storage_free_mib(&entry.view)?;
         let needed_mib = record.allocated_bytes.div_ceil(MIB);
+        let others: Vec<(HostId, u64)> = self
+            .fleet
+            .hosts
+            .values()
+            .filter(|e| e.view.id() != host && e.view.link == crate::engine::LinkState::Online)
+            .filter_map(|e| Some((e.view.id().clone(), storage_free_mib(&e.view)?)))
+            .collect();
         (needed_mib > free_mib).then(|| {
             format!(
-                "host {host} has {free_mib} MiB of storage free; image {} needs {needed_mib} MiB",
-                record.name
+                "host {host} has {free_mib} MiB of storage free; image {} needs {needed_mib} MiB; {}",
+                record.name,
+                elsewhere(needed_mib, &others)
             )
         })
     }
@@ -627,5 +631,56 @@ fn check_image_disk(record: &ImageRecord, disk: &ImageDisk) -> Result<(), String
             ))
         }
         _ => Ok(()),
+    }
+}
+
+/// What a host has free on its storage, as it last said.
+fn storage_free_mib(view: &crate::engine::HostView) -> Option<u64> {
+    let inventory = view.inventory()?;
+    Some(
+        view.status
+            .as_ref()
+            .map_or(inventory.storage_free_mib, |s| s.storage_free_mib),
+    )
+}
+
+/// Where else an image of `needed_mib` would go, among `hosts` (online, with their free
+/// storage): the host with the most room, and whether even it is too small.
+fn elsewhere(needed_mib: u64, hosts: &[(HostId, u64)]) -> String {
+    match hosts
+        .iter()
+        .max_by_key(|(id, free)| (*free, std::cmp::Reverse(id.clone())))
+    {
+        None => "no other host is online".into(),
+        Some((id, free)) if *free >= needed_mib => {
+            format!("host {id} has room ({free} MiB free)")
+        }
+        Some((id, free)) => {
+            format!("no host has room: {id} comes closest, with {free} MiB free")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_too_large_for_its_host_names_where_it_would_fit_or_comes_closest() {
+        let host = |id: &str, free: u64| (HostId::new(id).unwrap(), free);
+        assert_eq!(
+            elsewhere(500, &[host("a", 100), host("b", 800), host("c", 600)]),
+            "host b has room (800 MiB free)"
+        );
+        assert_eq!(
+            elsewhere(5000, &[host("a", 100), host("b", 800)]),
+            "no host has room: b comes closest, with 800 MiB free"
+        );
+        // A tie goes to the first by name, so the sentence is the same every time.
+        assert_eq!(
+            elsewhere(5000, &[host("b", 800), host("a", 800)]),
+            "no host has room: a comes closest, with 800 MiB free"
+        );
+        assert_eq!(elsewhere(1, &[]), "no other host is online");
     }
 }

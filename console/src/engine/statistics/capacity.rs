@@ -272,6 +272,7 @@ pub(crate) mod tests {
                     addresses: None,
                     snapshots: None,
                     installer: None,
+                    screen: false,
                 })
                 .collect(),
             skipped_events: Default::default(),

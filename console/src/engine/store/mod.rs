@@ -805,6 +805,7 @@ mod tests {
             addresses: None,
             snapshots: None,
             installer: None,
+            screen: false,
         }
     }
 

@@ -388,6 +388,7 @@ impl TryFrom<VmRow> for VmStatus {
             addresses: None,
             snapshots: None,
             installer: None,
+            screen: false,
         })
     }
 }
