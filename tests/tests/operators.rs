@@ -271,6 +271,50 @@ fn operators_reach_the_engine_with_their_role_checked_on_every_request() {
         );
     }
     assert!(!Path::new("/tmp/never-written.toml").exists());
+    // An image imported through --connect: its bytes go from where ctl runs (sparse on the
+    // engine's side); a viewer's upload and a taken name are refused before any byte is
+    // taken, and no upload is left behind.
+    let disk = dir.path().join("far.raw");
+    {
+        let mut bytes = vec![0u8; 3 << 20];
+        bytes[510] = 0x55;
+        bytes[511] = 0xaa;
+        bytes[(2 << 20)..(2 << 20) + 4].copy_from_slice(b"data");
+        std::fs::write(&disk, &bytes).unwrap();
+    }
+    let upload = |who: &Path, name: &str| {
+        remote(
+            who,
+            &[
+                "--json",
+                "image",
+                "import",
+                disk.to_str().unwrap(),
+                "--name",
+                name,
+            ],
+        )
+    };
+    let imported = json(&upload(&admin, "far"));
+    assert_eq!(imported["format"], "raw", "{imported}");
+    assert_eq!(
+        imported["blake3"],
+        blake3::hash(&std::fs::read(&disk).unwrap())
+            .to_hex()
+            .to_string()
+    );
+    assert!(
+        refusal(&upload(&viewer, "near"))
+            .contains("viewer alice may not import images: admin only")
+    );
+    assert!(refusal(&upload(&admin, "far")).contains("an image named far is in the library"));
+    assert!(
+        std::fs::read_dir(data.join("images/uploads"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+
     // What each may do.
     let stopped = json(&remote(
         &operator,

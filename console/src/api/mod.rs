@@ -79,6 +79,7 @@ pub mod remote;
 mod role_matrix;
 pub mod socket;
 mod types;
+mod upload;
 pub mod views;
 
 pub use client::EngineClient;

@@ -1766,8 +1766,13 @@ impl Operation for ListImages {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImportImage {
     pub name: String,
-    /// An absolute path on the engine's machine.
+    /// An absolute path on the engine's machine; with `upload_bytes`, the file's name where
+    /// ctl runs.
     pub path: String,
+    /// Through the operator endpoint: the file's bytes, this many, follow the request on
+    /// its stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_bytes: Option<u64>,
 }
 
 impl Operation for ImportImage {
@@ -1780,6 +1785,12 @@ impl Operation for ImportImage {
     }
     async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
         let name = image_name(&self.name)?;
+        if self.upload_bytes.is_some() {
+            return Err(
+                "an upload's bytes travel only through the operator endpoint (ctl --connect)"
+                    .into(),
+            );
+        }
         let path = std::path::PathBuf::from(&self.path);
         if !path.is_absolute() {
             return Err(format!("{}: give the image's absolute path", self.path).into());

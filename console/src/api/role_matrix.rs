@@ -361,6 +361,7 @@ fn every_operation() -> Vec<Case> {
             ImportImage {
                 name: "debian".into(),
                 path: "/srv/debian.qcow2".into(),
+                upload_bytes: None,
             },
             Admin,
             false,

@@ -237,8 +237,8 @@ pub enum OperatorCommand {
 pub enum ImageCommand {
     /// Copy FILE into the library as NAME, its format found from its bytes: a qcow2 disk
     /// (one that builds on a backing file or keeps its data in another file is refused), a
-    /// raw disk with a partition table, or an ISO 9660 installer. FILE is read by the
-    /// engine, so this runs on the engine's machine.
+    /// raw disk with a partition table, or an ISO 9660 installer. Through --connect, FILE's
+    /// bytes go to the engine from here.
     Import {
         file: PathBuf,
         #[arg(long)]

@@ -724,10 +724,33 @@ async fn run_image(
 ) -> anyhow::Result<()> {
     match command {
         ImageCommand::Import { file, name } => {
-            if matches!(client, EngineClient::Remote { .. }) {
-                anyhow::bail!(
-                    "image import reads the file on the engine's machine, which --connect does not reach yet: run it there"
-                );
+            if let EngineClient::Remote { session, .. } = client {
+                // The engine is elsewhere: the file's bytes go to it.
+                let last = std::sync::atomic::AtomicU64::new(0);
+                let imported = session
+                    .upload_image(name, file, |sent, total| {
+                        // A line each 10 % on a terminal; a script gets the answer alone.
+                        let tenth = sent * 10 / total.max(1);
+                        if std::io::IsTerminal::is_terminal(&std::io::stderr())
+                            && tenth > last.swap(tenth, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            eprintln!(
+                                "sent {} of {} MiB",
+                                sent.div_ceil(1 << 20),
+                                total.div_ceil(1 << 20)
+                            );
+                        }
+                    })
+                    .await?;
+                return out.show(&imported, |i| {
+                    format!(
+                        "image {} imported: {}, {} MiB for the guest, {} MiB on disk\n",
+                        i.name,
+                        i.format,
+                        i.virtual_bytes.div_ceil(1 << 20),
+                        i.allocated_bytes.div_ceil(1 << 20)
+                    )
+                });
             }
             let path = std::fs::canonicalize(file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
@@ -736,6 +759,7 @@ async fn run_image(
                     .import_image(ops::ImportImage {
                         name: name.clone(),
                         path: path.to_string_lossy().into_owned(),
+                        upload_bytes: None,
                     })
                     .await?,
                 |i| {

@@ -236,6 +236,7 @@ impl ImagesWindow {
                 self.importing = Some(link.ask(ops::ImportImage {
                     name,
                     path: absolute,
+                    upload_bytes: None,
                 }));
             }
             if self.importing.is_some() {

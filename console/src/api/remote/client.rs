@@ -203,6 +203,71 @@ impl RemoteEngine {
         })
     }
 
+    /// Imports the image in `file` (where this runs) into the engine's library: the request
+    /// line, the file's bytes, then the answer. `progress(sent, total)` hears the bytes go.
+    pub async fn upload_image(
+        &self,
+        name: &str,
+        file: &std::path::Path,
+        progress: impl Fn(u64, u64),
+    ) -> Result<crate::api::views::ImageView, ApiError> {
+        use tokio::io::AsyncReadExt;
+        let lost = |message: String| ApiError {
+            code: ApiErrorCode::Unavailable,
+            message: format!(
+                "the link to the engine at {} failed: {message}",
+                self.address
+            ),
+        };
+        let read_err =
+            |e: std::io::Error| ApiError::invalid(format!("cannot read {}: {e}", file.display()));
+        let mut source = tokio::fs::File::open(file).await.map_err(read_err)?;
+        let size = source.metadata().await.map_err(read_err)?.len();
+        let request = ops::ImportImage {
+            name: name.to_string(),
+            path: file.display().to_string(),
+            upload_bytes: Some(size),
+        };
+        let (mut send, mut recv) = self
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(&Envelope::new(&request)?).map_err(|e| lost(e.to_string()))?;
+        line.push(b'\n');
+        send.write_all(&line)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut sent = 0u64;
+        // A refusal comes before the bytes are taken: the engine stops reading, and the
+        // answer says why.
+        while sent < size {
+            let n = source.read(&mut buf).await.map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            if send.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            sent += n as u64;
+            progress(sent, size);
+        }
+        let _ = send.finish();
+        let bytes = recv
+            .read_to_end(MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let answer = serde_json::from_slice::<Answer>(&bytes)
+            .map_err(|e| lost(format!("the answer does not parse: {e}")))?;
+        if let Some(error) = answer.error {
+            return Err(error);
+        }
+        serde_json::from_value(answer.data.unwrap_or_default())
+            .map_err(|e| lost(format!("the answer does not parse: {e}")))
+    }
+
     /// Renews the credential's certificate over this session when it is two thirds into its
     /// life, and writes the credential back to `path`; answers whether it did.
     pub async fn renew_if_due(

@@ -260,6 +260,16 @@ async fn request(
                     .await;
                 return;
             }
+            // An image's bytes follow its import request.
+            Ok(envelope)
+                if envelope.cmd == <ops::ImportImage as Operation>::NAME
+                    && envelope.fields.contains_key("upload_bytes") =>
+            {
+                return super::super::upload::serve_upload(
+                    &engine, envelope, &caller, early, recv, send,
+                )
+                .await;
+            }
             Ok(envelope) => dispatch_as(&engine, envelope, Some(&caller)).await,
         },
     };

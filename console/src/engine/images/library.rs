@@ -133,7 +133,8 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-fn free_bytes(dir: &Path) -> io::Result<u64> {
+/// What the file system holding `dir` has free for this user.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     let stat = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
