@@ -160,6 +160,89 @@ pub fn user_with_key(user: &str, ssh_key: &str) -> Result<String, UserNameError>
     ))
 }
 
+/// A value a service application's user-data names, written `{{name}}` in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placeholder {
+    /// The instance's VM name (`shop-web-1`).
+    Name,
+    /// The instance's index within its application.
+    Index,
+    Service,
+    Application,
+    /// The addresses of an application's instances (`{{addresses.db}}`), comma-separated.
+    Addresses(String),
+}
+
+impl Placeholder {
+    fn parse(text: &str) -> Option<Placeholder> {
+        Some(match text {
+            "name" => Placeholder::Name,
+            "index" => Placeholder::Index,
+            "service" => Placeholder::Service,
+            "application" => Placeholder::Application,
+            _ => {
+                let app = text.strip_prefix("addresses.")?;
+                let plain = !app.is_empty()
+                    && app
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !plain {
+                    return None;
+                }
+                Placeholder::Addresses(app.to_string())
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubstitutionError {
+    #[error(
+        "user-data line {line}: {{{{{text}}}}} is not a value Dunes fills in: use {{{{name}}}}, {{{{index}}}}, {{{{service}}}}, {{{{application}}}} or {{{{addresses.APP}}}}"
+    )]
+    Unknown { line: usize, text: String },
+    #[error("user-data line {line}: {{{{ is not closed by }}}}")]
+    Unclosed { line: usize },
+    #[error("user-data line {line}: {message}")]
+    Value { line: usize, message: String },
+}
+
+/// `template` with each `{{placeholder}}` replaced by what `value` answers for it (spaces
+/// inside the braces are allowed). `value`'s refusal comes back with the placeholder's line.
+pub fn substitute(
+    template: &str,
+    mut value: impl FnMut(&Placeholder) -> Result<String, String>,
+) -> Result<String, SubstitutionError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    let line_of = |rest: &str| {
+        template[..template.len() - rest.len()]
+            .matches('\n')
+            .count()
+            + 1
+    };
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let line = line_of(&rest[open..]);
+        let close = after
+            .find("}}")
+            .filter(|close| !after[..*close].contains('\n'))
+            .ok_or(SubstitutionError::Unclosed { line })?;
+        let text = after[..close].trim();
+        let placeholder = Placeholder::parse(text).ok_or_else(|| SubstitutionError::Unknown {
+            line,
+            text: text.to_string(),
+        })?;
+        out.push_str(
+            &value(&placeholder).map_err(|message| SubstitutionError::Value { line, message })?,
+        );
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +329,54 @@ mod tests {
         let doc = &YamlOwned::load_from_str(&meta).unwrap()[0];
         assert_eq!(doc["instance-id"].as_str(), Some("vm-7f3a"));
         assert_eq!(doc["local-hostname"].as_str(), Some("web-1"));
+    }
+    #[test]
+    fn placeholders_are_filled_in_and_unknown_ones_named_with_their_line() {
+        let template = "#cloud-config\nhostname: {{name}}\nwrite_files:\n  - path: /etc/db\n    content: \"{{ addresses.db }} {{service}}/{{application}}-{{index}}\"\n";
+        let filled = substitute(template, |p| {
+            Ok(match p {
+                Placeholder::Name => "shop-web-1".into(),
+                Placeholder::Index => "1".into(),
+                Placeholder::Service => "shop".into(),
+                Placeholder::Application => "web".into(),
+                Placeholder::Addresses(app) => format!("10.0.0.5,10.0.0.6 of {app}"),
+            })
+        })
+        .unwrap();
+        assert_eq!(
+            filled,
+            "#cloud-config\nhostname: shop-web-1\nwrite_files:\n  - path: /etc/db\n    content: \"10.0.0.5,10.0.0.6 of db shop/web-1\"\n"
+        );
+        assert_eq!(check_user_data(&filled), Ok(()));
+        assert_eq!(
+            substitute("no braces", |_| Err("never".into())).unwrap(),
+            "no braces"
+        );
+        assert_eq!(
+            substitute("#cloud-config\n\na: {{hostname}}\n", |_| Ok(String::new())),
+            Err(SubstitutionError::Unknown {
+                line: 3,
+                text: "hostname".into()
+            })
+        );
+        assert_eq!(
+            substitute("a: {{addresses.}}", |_| Ok(String::new())),
+            Err(SubstitutionError::Unknown {
+                line: 1,
+                text: "addresses.".into()
+            })
+        );
+        assert_eq!(
+            substitute("a\nb: {{name\n}}", |_| Ok(String::new())),
+            Err(SubstitutionError::Unclosed { line: 2 })
+        );
+        assert_eq!(
+            substitute("a\nb\nc: {{addresses.db}}", |_| Err(
+                "db has no address".into()
+            ))
+            .unwrap_err()
+            .to_string(),
+            "user-data line 3: db has no address"
+        );
     }
 }

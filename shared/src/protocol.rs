@@ -69,6 +69,8 @@ pub mod features {
     pub const SCREEN: &str = "screen";
     /// `ConfigureVm { eject_cdrom }`: an installer taken out of a VM's CD-ROM drive.
     pub const VM_EJECT: &str = "vm-eject";
+    /// `StartVm { user_data }`: a VM's cloud-init user-data written anew before it starts.
+    pub const START_USER_DATA: &str = "start-user-data";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -92,6 +94,7 @@ pub mod features {
         SERIAL_CONSOLE,
         SCREEN,
         VM_EJECT,
+        START_USER_DATA,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -204,6 +207,11 @@ pub struct StartVm {
     pub name: VmName,
     #[serde(default)]
     pub runtime: RuntimeKind,
+    /// cloud-init user-data that replaces what the VM's seed holds before it boots (a
+    /// running VM keeps the seed it booted with). Only for an agent that offers
+    /// `start-user-data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
 
 /// What a running VM can be asked besides stopping.
@@ -967,8 +975,20 @@ mod tests {
                 Request::StartVm(StartVm {
                     name: name(),
                     runtime: RuntimeKind::Libvirt,
+                    user_data: None,
                 }),
                 "81a75374617274566d82a46e616d65a161a772756e74696d65a76c696276697274",
+            ),
+            (
+                Request::StartVm(StartVm {
+                    name: name(),
+                    runtime: RuntimeKind::Libvirt,
+                    user_data: Some("#!/bin/sh\n".into()),
+                }),
+                concat!(
+                    "81a75374617274566d83a46e616d65a161a772756e74696d65a76c696276697274a9757365725f",
+                    "64617461aa23212f62696e2f73680a",
+                ),
             ),
             (
                 Request::PowerVm(PowerVm {

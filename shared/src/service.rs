@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AppName, HostId, RuntimeKind, ServiceName, SiteName, TemplateName};
+use crate::model::{AppName, HostId, ImageName, RuntimeKind, ServiceName, SiteName, TemplateName};
 
 /// How the console tells that an instance is ready for the applications that depend on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,8 +76,21 @@ pub const PROCESS_NAME_MAX: usize = 15;
 pub struct ApplicationSpec {
     pub name: AppName,
     pub runtime: RuntimeKind,
-    /// A VM image for libvirt; a process template for the process runtime.
+    /// A VM image for libvirt; a process template for the process runtime. For an
+    /// application made from a library image, the image's name (hosts keep a library image
+    /// as the template of its name).
     pub template: TemplateName,
+    /// The library image its VMs boot from, on a qcow2 overlay of their own.
+    #[serde(default)]
+    pub image: Option<ImageName>,
+    /// The size of each VM's disk made from `image`; its image's size when not given.
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
+    /// cloud-init user-data for each VM made from `image`, in which `{{name}}`, `{{index}}`,
+    /// `{{service}}`, `{{application}}` and `{{addresses.APP}}` (the addresses of the
+    /// instances of an application it depends on) are filled in when the instance starts.
+    #[serde(default)]
+    pub user_data: Option<String>,
     #[serde(default)]
     pub interpreter: Option<InterpreterNeed>,
     pub vcpus: u32,
@@ -228,6 +241,7 @@ impl ApplicationSpec {
             }
             _ => {}
         }
+        self.check_image()?;
         if !self.guest_apps.is_empty() && self.runtime != RuntimeKind::Libvirt {
             return Err(bad(
                 "only a VM (runtime libvirt) holds guest applications".into()
@@ -255,6 +269,74 @@ impl ApplicationSpec {
             }
         }
         Ok(())
+    }
+}
+
+impl ApplicationSpec {
+    fn check_image(&self) -> Result<(), ServiceError> {
+        let bad = |message: String| ServiceError::BadApp {
+            app: self.name.clone(),
+            message,
+        };
+        if self.image.is_some() && self.runtime != RuntimeKind::Libvirt {
+            return Err(bad("only a VM (runtime libvirt) boots from an image".into()));
+        }
+        if self.image.is_none() && (self.disk_gib.is_some() || self.user_data.is_some()) {
+            return Err(bad(
+                "disk_gib and user_data are for VMs made from an image: add image = \"NAME\""
+                    .into(),
+            ));
+        }
+        if let Some(gib) = self.disk_gib
+            && !(1..=crate::model::DISK_GIB_MAX).contains(&gib)
+        {
+            return Err(bad(format!(
+                "disk_gib must be between 1 and {}, not {gib}",
+                crate::model::DISK_GIB_MAX
+            )));
+        }
+        if let Some(template) = &self.user_data {
+            let sample = self.fill_user_data(template, "service-app-0", 0, "service", |_| {
+                Ok(vec!["192.0.2.1".into(), "192.0.2.2".into()])
+            });
+            sample
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    crate::cloud_init::check_user_data(&text).map_err(|e| e.to_string())
+                })
+                .map_err(bad)?;
+        }
+        Ok(())
+    }
+
+    /// This application's `user_data` for instance `index` of `service`, whose VM is `vm`:
+    /// `addresses` answers
+    /// the addresses of a dependency's instances (the application's name as given), or why
+    /// they are not known. An application that is not a dependency is refused.
+    pub fn fill_user_data(
+        &self,
+        template: &str,
+        vm: &str,
+        index: u32,
+        service: &str,
+        mut addresses: impl FnMut(&AppName) -> Result<Vec<String>, String>,
+    ) -> Result<String, crate::cloud_init::SubstitutionError> {
+        use crate::cloud_init::Placeholder;
+        crate::cloud_init::substitute(template, |placeholder| match placeholder {
+            Placeholder::Name => Ok(vm.to_string()),
+            Placeholder::Index => Ok(index.to_string()),
+            Placeholder::Service => Ok(service.to_string()),
+            Placeholder::Application => Ok(self.name.to_string()),
+            Placeholder::Addresses(app) => {
+                let dep = self.depends_on.iter().find(|d| d.as_str() == app).ok_or_else(|| {
+                    format!(
+                        "{{{{addresses.{app}}}}} names {app}, which {} does not depend on: add it to depends_on so that it is up first",
+                        self.name
+                    )
+                })?;
+                addresses(dep).map(|a| a.join(","))
+            }
+        })
     }
 }
 
@@ -439,6 +521,9 @@ mod tests {
             name: AppName::new(name).unwrap(),
             runtime: RuntimeKind::Libvirt,
             template: TemplateName::new("tiny").unwrap(),
+            image: None,
+            disk_gib: None,
+            user_data: None,
             interpreter: None,
             vcpus: 1,
             memory_mib: 256,

@@ -602,3 +602,154 @@ fn ssh_key_line() -> String {
         base64::engine::general_purpose::STANDARD.encode(data)
     )
 }
+
+/// A service application made from a library image: each instance's VM boots from an overlay
+/// on the image, pushed to its host, with the application's user-data filled in for it; a
+/// start writes the user-data again, as the service says then.
+#[test]
+fn a_service_application_boots_from_an_image_with_its_user_data_filled_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo_with_env(dir.path(), &[], &[]);
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    raw_disk(&files.join("os.raw"), 64, 4);
+    json(&import(&data, &files, "os.raw", "os"));
+    let service = |said: &str| {
+        format!(
+            r##"name = "shop"
+
+[[application]]
+name = "db"
+runtime = "libvirt"
+template = "tiny"
+vcpus = 1
+memory_mib = 256
+
+[[application]]
+name = "web"
+runtime = "libvirt"
+image = "os"
+disk_gib = 1
+vcpus = 1
+memory_mib = 256
+instances = 2
+depends_on = ["db"]
+user_data = """#cloud-config
+write_files:
+  - path: /etc/shop-web
+    content: "{said} {{{{name}}}} {{{{ index }}}} {{{{service}}}}/{{{{application}}}}"
+"""
+
+[rules]
+distinct_hosts = ["web"]
+"##
+        )
+    };
+    let file = files.join("shop.toml");
+    std::fs::write(&file, service("first")).unwrap();
+    json(&ctl(
+        &data,
+        &["--json", "service", "create", "-f", file.to_str().unwrap()],
+    ));
+    let deployed = json(&ctl(&data, &["--json", "service", "deploy", "shop"]));
+    assert!(deployed.get("failed").is_none(), "{deployed}");
+    assert_eq!(
+        deployed["done"].as_array().map(Vec::len),
+        Some(3),
+        "{deployed}"
+    );
+
+    // Each web instance's seed, wherever it was placed.
+    let seed = |vm: &str| {
+        std::fs::read_dir(data.join("demo-agents"))
+            .unwrap()
+            .map(|e| {
+                e.unwrap()
+                    .path()
+                    .join(format!("storage/disks/{vm}.cidata.iso"))
+            })
+            .find(|p| p.exists())
+            .map(|p| std::fs::read(p).unwrap())
+            .unwrap_or_else(|| panic!("no seed for {vm}"))
+    };
+    for index in 0..2 {
+        let vm = format!("shop-web-{index}");
+        let bytes = seed(&vm);
+        let filled = format!("\"first {vm} {index} shop/web\"");
+        assert!(
+            contains(&bytes, filled.as_bytes()),
+            "{vm}'s seed has {filled}"
+        );
+        assert!(contains(
+            &bytes,
+            format!("local-hostname: \"{vm}\"").as_bytes()
+        ));
+    }
+    // Each on an overlay of the image on its own host, which received the image.
+    let vms = json(&ctl(&data, &["--json", "vms"]));
+    let webs: Vec<&serde_json::Value> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| {
+            v["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("shop-web-"))
+        })
+        .collect();
+    assert_eq!(webs.len(), 2, "{vms}");
+    assert_ne!(webs[0]["host"], webs[1]["host"], "{vms}");
+    for web in &webs {
+        assert_eq!(web["template"], "os", "{web}");
+        assert_eq!(web["disks"][0]["backing"], "os", "{web}");
+    }
+
+    // The operator changes the user-data: the next start writes it before the VMs boot.
+    std::fs::write(&file, service("second")).unwrap();
+    json(&ctl(
+        &data,
+        &[
+            "--json",
+            "service",
+            "create",
+            "--replace",
+            "-f",
+            file.to_str().unwrap(),
+        ],
+    ));
+    let started = json(&ctl(&data, &["--json", "service", "start", "shop"]));
+    assert!(started.get("failed").is_none(), "{started}");
+    let bytes = seed("shop-web-1");
+    assert!(contains(&bytes, b"\"second shop-web-1 1 shop/web\""));
+    assert!(!contains(&bytes, b"first"));
+
+    // User-data that does not read, or names what the application does not depend on, is
+    // refused with its line, and the service stays as it was.
+    let refused = |text: String| {
+        std::fs::write(&file, text).unwrap();
+        refusal(&ctl(
+            &data,
+            &[
+                "service",
+                "create",
+                "--replace",
+                "-f",
+                file.to_str().unwrap(),
+            ],
+        ))
+    };
+    let line = refused(service("second").replace("{{service}}", "{{services}}"));
+    assert!(
+        line.contains("line 11: application web: user-data line 4: {{services}} is not a value"),
+        "{line}"
+    );
+    let line = refused(service("x").replace("{{name}}", "{{addresses.web}}"));
+    assert!(
+        line.contains("names web, which web does not depend on"),
+        "{line}"
+    );
+    let line = refused(service("x").replace("  - path", " - path: ["));
+    assert!(line.contains("user-data line"), "{line}");
+    let shown = String::from_utf8(ctl(&data, &["service", "show", "shop"]).stdout).unwrap();
+    assert!(shown.contains("second"), "{shown}");
+}

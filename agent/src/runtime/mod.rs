@@ -164,6 +164,12 @@ pub trait Runtime: Send + Sync + 'static {
         Box::pin(async { Err(RuntimeError::NoRuntime("VMs from images")) })
     }
     fn start(&self, name: VmName) -> RuntimeFuture<'_, VmStatus>;
+    /// Starts a VM made from an image after writing `user_data` into its cloud-init seed.
+    /// Not every runtime can.
+    fn start_with_user_data(&self, name: VmName, user_data: String) -> RuntimeFuture<'_, VmStatus> {
+        let _ = (name, user_data);
+        Box::pin(async { Err(RuntimeError::NoRuntime("cloud-init user-data")) })
+    }
     /// Asks the workload to stop and forces it after `timeout_secs`, or at once with `force`.
     fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus>;
     fn delete(&self, name: VmName) -> RuntimeFuture<'_, ()>;

@@ -230,8 +230,13 @@ async fn dispatch(
         Request::StartVm(StartVm {
             name,
             runtime: kind,
+            user_data,
         }) => encode_reply::<StartVm>(match runtime(kind) {
-            Ok(rt) => rt.start(name).await.map_err(|e| e.to_wire()),
+            Ok(rt) => match user_data {
+                None => rt.start(name).await,
+                Some(user_data) => rt.start_with_user_data(name, user_data).await,
+            }
+            .map_err(|e| e.to_wire()),
             Err(e) => Err(e.to_wire()),
         }),
         Request::StopVm(StopVm {

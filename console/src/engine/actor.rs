@@ -69,6 +69,13 @@ pub(super) enum Internal {
             Result<super::fleet::client::AgentClient, super::EngineError>,
         >,
     },
+    /// What an instance's start writes first: its user-data, filled in.
+    StartInputs {
+        instance: super::records::InstanceRecord,
+        answer: tokio::sync::oneshot::Sender<super::services::state::StartInputs>,
+    },
+    /// A service instance's VM, made from a library image (pushed to its host first).
+    CreateVmFromImage(super::images::CreateFromImage),
     /// One step of a service operation ran on its agent; the engine records it and answers
     /// what to report.
     StepDone {

@@ -326,7 +326,11 @@ impl Actor {
                     host,
                     format!("starting VM {name}"),
                     reply,
-                    StartVm { runtime, name },
+                    StartVm {
+                        runtime,
+                        name,
+                        user_data: None,
+                    },
                     vm_change,
                 );
             }

@@ -129,6 +129,10 @@ impl Actor {
             Internal::ClientFor { host, answer } => {
                 let _ = answer.send(self.client(&host));
             }
+            Internal::StartInputs { instance, answer } => {
+                let _ = answer.send(self.instance_user_data(&instance, true));
+            }
+            Internal::CreateVmFromImage(create) => self.create_vm_from_image(create),
             Internal::StepDone {
                 step,
                 result,

@@ -543,6 +543,17 @@ impl Runtime for LibvirtRuntime {
         })
     }
 
+    fn start_with_user_data(&self, name: VmName, user_data: String) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(async move {
+            let _vm = self.lock_vm(&name).await;
+            self.call(move |i| {
+                i.set_user_data(&name, user_data)?;
+                i.start(&name)
+            })
+            .await
+        })
+    }
+
     fn import(&self, record: String) -> RuntimeFuture<'_, VmStatus> {
         Box::pin(async move {
             let def = VmDefinition::from_toml(&record)?;
@@ -1314,6 +1325,33 @@ impl Inner {
 
     /// Writes the new record, and defines the VM again when its resources change: libvirt
     /// keeps a running VM's new definition for its next start.
+    /// Writes `user_data` into a stopped VM's cloud-init seed, its record first (the seed is
+    /// made from it wherever the VM is defined). A running VM keeps the seed it booted with.
+    fn set_user_data(&self, name: &VmName, user_data: String) -> Result<(), RuntimeError> {
+        if self.state_of(name)?.is_active() {
+            return Ok(());
+        }
+        let mut def = self.record_of(name)?;
+        let uuid = def.uuid.clone();
+        let Some(ci) = def.cloud_init.as_mut() else {
+            return Err(RuntimeError::Invalid(format!(
+                "VM {name} has no cloud-init seed: only VMs made from a disk image have one"
+            )));
+        };
+        if ci.user_data == user_data {
+            return Ok(());
+        }
+        dunes_shared::cloud_init::check_user_data(&user_data)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        ci.user_data = user_data;
+        let seed = crate::cidata::build_seed(&ci.seed(&uuid))
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        self.storage.save_definition(name, &def.to_toml()?)?;
+        self.storage.write_seed(name, &seed)?;
+        lock(&self.records).insert(name.clone(), RecordFacts::of(&def));
+        Ok(())
+    }
+
     fn configure(&self, request: &ConfigureVm) -> Result<VmConfigured, RuntimeError> {
         let name = &request.name;
         let old = self.record_of(name)?;

@@ -612,7 +612,14 @@ async fn run_effect(
         }
         Effect::StartOnTarget => {
             if journal.was_running {
-                let started = match target.call(StartVm { name: vm, runtime }).await {
+                let started = match target
+                    .call(StartVm {
+                        name: vm,
+                        runtime,
+                        user_data: None,
+                    })
+                    .await
+                {
                     Ok(vm) => Some(vm),
                     // Started by an earlier try of this step.
                     // libvirt says so in words only.
@@ -659,7 +666,14 @@ async fn run_effect(
             )?;
             target.call(DiscardDisk { name: vm }).await
         }
-        Effect::StartSource => match source.call(StartVm { name: vm, runtime }).await {
+        Effect::StartSource => match source
+            .call(StartVm {
+                name: vm,
+                runtime,
+                user_data: None,
+            })
+            .await
+        {
             Ok(_) => Ok(()),
             Err(EngineError::Agent { message, .. }) if message.contains("already running") => {
                 Ok(())

@@ -6,8 +6,10 @@
 use std::sync::Arc;
 
 use dunes_shared::{
-    model::{AppName, HostId, ServiceName, VmName, VmSpec, VmState, VmStatus},
-    protocol::{CheckReady, CreateVm, DeleteVm, ProbeKind, ReadinessProbe, StartVm, StopVm},
+    model::{AppName, HostId, ImageDisk, ServiceName, VmName, VmSpec, VmState, VmStatus},
+    protocol::{
+        CheckReady, CreateVm, DeleteVm, ProbeKind, ReadinessProbe, StartVm, StopVm, features,
+    },
     service::{Readiness, ServiceSpec},
 };
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +23,8 @@ use crate::engine::{
     services::{
         readiness::probe_of,
         service_file::parse_service_file,
-        state::{ServiceEntry, Step},
+        state::{ImageBoot, ServiceEntry, StartInputs, Step},
+        user_data::ADDRESS_WAIT,
         views::{
             InstanceView, Operation, OperationReport, ServicePlan, ServiceStatus, ServiceView,
             fingerprint, instance_vm_name, plan_inputs, service_status,
@@ -202,6 +205,30 @@ impl Actor {
                 runtime: app.runtime,
                 adopted: false,
             };
+            let image = match &app.image {
+                None => None,
+                Some(image) => {
+                    let user_data = match self.instance_user_data(&instance, false) {
+                        StartInputs::Ready(text) => text,
+                        StartInputs::Waiting(why) => {
+                            let _ = reply.send(Err(EngineError::Invalid(why)));
+                            return;
+                        }
+                        StartInputs::Refused(e) => {
+                            let _ = reply.send(Err(e));
+                            return;
+                        }
+                    };
+                    Some(ImageBoot {
+                        image: image.clone(),
+                        disk: ImageDisk {
+                            disk_gib: app.disk_gib,
+                            firmware: Default::default(),
+                        },
+                        user_data,
+                    })
+                }
+            };
             steps.push(Step::Create {
                 spec: VmSpec {
                     name: vm,
@@ -210,6 +237,7 @@ impl Actor {
                     memory_mib: Some(app.memory_mib),
                 },
                 instance,
+                image,
             });
         }
         for removal in &plan.removals {
@@ -775,10 +803,19 @@ async fn run_steps(
             answer,
         })
         .await;
-        let result = match client {
-            None => return,
-            Some(Err(e)) => Err(e),
-            Some(Ok(client)) => call_step(&client, &step).await,
+        let user_data = match &step {
+            Step::Start { instance, .. } => match start_inputs(&internal, instance).await {
+                None => return,
+                Some(inputs) => inputs,
+            },
+            _ => Ok(None),
+        };
+        let result = match (client, user_data) {
+            (None, _) => return,
+            (Some(Err(e)), _) | (_, Err(e)) => Err(e),
+            (Some(Ok(client)), Ok(user_data)) => {
+                call_step(&client, &internal, &step, user_data).await
+            }
         };
         let started_app = match &step {
             Step::Start { instance, .. } => Some(instance.app.clone()),
@@ -871,9 +908,65 @@ async fn ask<T: Send + 'static>(
     rx.await.ok()
 }
 
-async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>, EngineError> {
+/// The user-data an instance's start writes first, once every dependency it names has
+/// reported its address (within [`ADDRESS_WAIT`]); `None` when the engine is gone.
+async fn start_inputs(
+    internal: &mpsc::Sender<Internal>,
+    instance: &InstanceRecord,
+) -> Option<Result<Option<String>, EngineError>> {
+    let began = tokio::time::Instant::now();
+    loop {
+        let inputs = ask(internal, |answer| Internal::StartInputs {
+            instance: instance.clone(),
+            answer,
+        })
+        .await?;
+        match inputs {
+            StartInputs::Ready(user_data) => return Some(Ok(user_data)),
+            StartInputs::Refused(e) => return Some(Err(e)),
+            StartInputs::Waiting(why) if began.elapsed() >= ADDRESS_WAIT => {
+                return Some(Err(EngineError::Invalid(format!(
+                    "not started after {} s: {why}",
+                    ADDRESS_WAIT.as_secs()
+                ))));
+            }
+            StartInputs::Waiting(_) => tokio::time::sleep(READY_POLL).await,
+        }
+    }
+}
+
+async fn call_step(
+    client: &AgentClient,
+    internal: &mpsc::Sender<Internal>,
+    step: &Step,
+    user_data: Option<String>,
+) -> Result<Option<VmStatus>, EngineError> {
     match step {
-        Step::Create { spec, instance } => client
+        Step::Create {
+            spec,
+            instance,
+            image: Some(boot),
+        } => {
+            let created = ask(internal, |reply| {
+                Internal::CreateVmFromImage(crate::engine::images::CreateFromImage {
+                    host: instance.host.clone(),
+                    spec: spec.clone(),
+                    image: boot.image.clone(),
+                    disk: boot.disk,
+                    user_data: boot.user_data.clone(),
+                    start: false,
+                    reply,
+                })
+            })
+            .await
+            .ok_or(EngineError::Stopped)?;
+            created.map(Some)
+        }
+        Step::Create {
+            spec,
+            instance,
+            image: None,
+        } => client
             .call(CreateVm {
                 spec: spec.clone(),
                 start: false,
@@ -909,10 +1002,17 @@ async fn call_step(client: &AgentClient, step: &Step) -> Result<Option<VmStatus>
         Step::Start {
             instance, probe, ..
         } => {
+            if user_data.is_some() && !client.peer.offers(features::START_USER_DATA) {
+                return Err(EngineError::Invalid(format!(
+                    "host {}'s agent cannot write user-data before a start: update it",
+                    instance.host
+                )));
+            }
             let vm = client
                 .call(StartVm {
                     name: instance.vm.clone(),
                     runtime: instance.runtime,
+                    user_data,
                 })
                 .await?;
             wait_until_ready(client, instance, probe).await?;

@@ -9,4 +9,5 @@ pub(super) mod probes;
 pub(super) mod readiness;
 pub mod service_file;
 pub(in crate::engine) mod state;
+pub(in crate::engine) mod user_data;
 pub mod views;

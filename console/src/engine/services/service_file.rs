@@ -14,6 +14,12 @@
 //! storage_mib = 20480
 //! instances = 1
 //! readiness = "guest-agent"          # running | guest-agent | { tcp = 5432 } | { command = "..." }
+//! # or, instead of template, a library image with cloud-init user-data filled in per
+//! # instance ({{name}}, {{index}}, {{service}}, {{application}}, {{addresses.APP}}):
+//! # image = "debian-12"
+//! # disk_gib = 8
+//! # user_data = """#cloud-config
+//! # write_files: [{ path: /etc/shop-db, content: "{{addresses.db}}" }]"""
 //! metric = { tcp = 5432 }             # or { command = "..." } printing a number (autoscaling)
 //!
 //! [[application.guest_app]]              # runs inside each of db's VMs (guest agent)
@@ -38,7 +44,7 @@
 //! ```
 
 use dunes_shared::{
-    model::{AppName, HostId, RuntimeKind, ServiceName, SiteName, TemplateName},
+    model::{AppName, HostId, ImageName, RuntimeKind, ServiceName, SiteName, TemplateName},
     service::{
         AppMetric, ApplicationSpec, GuestAppSpec, InterpreterNeed, PinRule, Readiness,
         SecurityRule, ServiceError, ServiceRules, ServiceSpec,
@@ -70,7 +76,14 @@ struct File {
 struct AppFile {
     name: Spanned<AppName>,
     runtime: RuntimeFile,
-    template: TemplateName,
+    #[serde(default)]
+    template: Option<TemplateName>,
+    #[serde(default)]
+    image: Option<ImageName>,
+    #[serde(default)]
+    disk_gib: Option<u64>,
+    #[serde(default)]
+    user_data: Option<String>,
     #[serde(default)]
     interpreter: Option<InterpreterFile>,
     vcpus: u32,
@@ -237,9 +250,17 @@ pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
         .rules
         .as_ref()
         .map_or(name_line, |r| line_of(text, r.span().start));
+    let applications = file
+        .applications
+        .into_iter()
+        .map(|a| {
+            let line = line_of(text, a.name.span().start);
+            app_spec(a).map_err(|message| ServiceFileError { line, message })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let spec = ServiceSpec {
         name: file.name.into_inner(),
-        applications: file.applications.into_iter().map(app_spec).collect(),
+        applications,
         rules: file
             .rules
             .map(|r| rules_spec(r.into_inner()))
@@ -271,14 +292,35 @@ pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
     Ok(spec)
 }
 
-fn app_spec(a: AppFile) -> ApplicationSpec {
-    ApplicationSpec {
+fn app_spec(a: AppFile) -> Result<ApplicationSpec, String> {
+    let template = match (a.template, &a.image) {
+        (Some(template), None) => template,
+        (None, Some(image)) => {
+            TemplateName::new(image.as_str()).map_err(|e| format!("image {image}: {e}"))?
+        }
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "application {}: give template or image, not both",
+                a.name.get_ref()
+            ));
+        }
+        (None, None) => {
+            return Err(format!(
+                "application {}: give a template, or an image from the library (image = \"NAME\")",
+                a.name.get_ref()
+            ));
+        }
+    };
+    Ok(ApplicationSpec {
         name: a.name.into_inner(),
         runtime: match a.runtime {
             RuntimeFile::Libvirt => RuntimeKind::Libvirt,
             RuntimeFile::Process => RuntimeKind::Process,
         },
-        template: a.template,
+        template,
+        image: a.image,
+        disk_gib: a.disk_gib,
+        user_data: a.user_data,
         interpreter: a.interpreter.map(|i| InterpreterNeed {
             name: i.name,
             min_version: i.min_version,
@@ -308,7 +350,7 @@ fn app_spec(a: AppFile) -> ApplicationSpec {
             MetricFile::Command(c) => AppMetric::Command { command: c.command },
             MetricFile::Tcp(t) => AppMetric::Tcp { port: t.tcp },
         }),
-    }
+    })
 }
 
 fn rules_spec(r: RulesFile) -> ServiceRules {
@@ -411,6 +453,93 @@ process = "worker"
         assert_eq!(
             err.message,
             "application web: the metric port must not be 0"
+        );
+    }
+
+    #[test]
+    fn an_application_from_an_image_carries_user_data_checked_with_its_placeholders() {
+        let text = r##"name = "shop"
+
+[[application]]
+name = "db"
+runtime = "libvirt"
+image = "debian-12"
+vcpus = 1
+memory_mib = 512
+
+[[application]]
+name = "web"
+runtime = "libvirt"
+image = "debian-12"
+disk_gib = 8
+vcpus = 1
+memory_mib = 512
+depends_on = ["db"]
+user_data = """#cloud-config
+write_files:
+  - path: /etc/shop
+    content: "{{ addresses.db }} for {{name}}"
+"""
+"##;
+        let spec = parse_service_file(text).unwrap();
+        let web = spec.application(&AppName::new("web").unwrap()).unwrap();
+        assert_eq!(web.image.as_ref().map(|i| i.as_str()), Some("debian-12"));
+        assert_eq!(web.template.as_str(), "debian-12");
+        assert_eq!(web.disk_gib, Some(8));
+        let filled = web
+            .fill_user_data(
+                web.user_data.as_deref().unwrap(),
+                "shop-web-1",
+                1,
+                "shop",
+                |app| {
+                    assert_eq!(app.as_str(), "db");
+                    Ok(vec!["10.0.2.15".into()])
+                },
+            )
+            .unwrap();
+        assert!(
+            filled.contains("content: \"10.0.2.15 for shop-web-1\""),
+            "{filled}"
+        );
+
+        let err = |text: &str| parse_service_file(text).unwrap_err();
+        let e = err(&text.replace("addresses.db", "addresses.web"));
+        assert_eq!(e.line, 11, "{e}");
+        assert!(
+            e.message
+                .contains("names web, which web does not depend on"),
+            "{e}"
+        );
+        let e = err(&text.replace("{{name}}", "{{hostname}}"));
+        assert!(
+            e.message
+                .contains("user-data line 4: {{hostname}} is not a value"),
+            "{e}"
+        );
+        let e = err(&text.replace("    content:", "  content: ["));
+        assert!(
+            e.message.starts_with("application web: user-data line"),
+            "{e}"
+        );
+        let e = err(&text.replace("disk_gib = 8", "template = \"tiny\""));
+        assert_eq!(
+            e.message,
+            "application web: give template or image, not both"
+        );
+        let e = err(&text.replace("image = \"debian-12\"\nvcpus", "vcpus"));
+        assert!(e.message.contains("give a template, or an image"), "{e}");
+        let process = text
+            .replace("image = \"debian-12\"\ndisk_gib = 8", "template = \"web\"")
+            .replace(
+                "name = \"web\"\nruntime = \"libvirt\"",
+                "name = \"web\"\nruntime = \"process\"",
+            );
+        let e = err(&process);
+        assert!(
+            e.message
+                .contains("disk_gib and user_data are for VMs made from an image"),
+            "{e}"
         );
     }
 

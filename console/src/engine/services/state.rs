@@ -7,7 +7,7 @@ use std::{
 };
 
 use dunes_shared::{
-    model::{AppName, ServiceName, VmSpec},
+    model::{AppName, ImageDisk, ImageName, ServiceName, VmSpec},
     protocol::{GuestAppsReply, MetricReply, ReadinessProbe},
     service::ServiceSpec,
 };
@@ -77,11 +77,32 @@ impl ServiceEntry {
     }
 }
 
+/// How an instance's VM is made from a library image.
+#[derive(Debug, Clone)]
+pub(in crate::engine) struct ImageBoot {
+    pub image: ImageName,
+    pub disk: ImageDisk,
+    pub user_data: Option<String>,
+}
+
+/// What an instance's start waits for: the user-data to write into its seed first.
+#[derive(Debug)]
+pub(in crate::engine) enum StartInputs {
+    /// Its application has no user-data (`None`), or this is it, filled in.
+    Ready(Option<String>),
+    /// A dependency's address is not known yet; asked again shortly.
+    Waiting(String),
+    Refused(EngineError),
+}
+
 /// One agent call of an operation.
 pub(in crate::engine) enum Step {
     Create {
         instance: InstanceRecord,
         spec: VmSpec,
+        /// For an application made from a library image: the image, the disk, and the
+        /// user-data its seed starts with (written again each time the service starts it).
+        image: Option<ImageBoot>,
     },
     Remove {
         instance: InstanceRecord,
