@@ -53,6 +53,7 @@ fn hosts() -> Vec<HostOffer> {
                 storage_mib: 4 * 1024 * 1024,
             },
             taken_names: Default::default(),
+            images_held: Default::default(),
         })
         .collect()
 }

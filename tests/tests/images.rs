@@ -651,6 +651,37 @@ distinct_hosts = ["web"]
         &data,
         &["--json", "service", "create", "-f", file.to_str().unwrap()],
     ));
+    // The plan sends the image to each web host first (no host holds it), once per host,
+    // with its time over the host's link.
+    let plan = ctl(&data, &["--json", "service", "plan", "shop"]);
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let webs: Vec<&serde_json::Value> = plan["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["application"] == "web")
+        .collect();
+    assert_eq!(webs.len(), 2, "{plan}");
+    let allocated = json(&ctl(&data, &["--json", "images"]))[0]["allocated_bytes"]
+        .as_u64()
+        .unwrap();
+    let mib = allocated.div_ceil(1 << 20);
+    for web in &webs {
+        let sent = &web["image_transfer"];
+        assert_eq!(sent["image"], "os", "{plan}");
+        assert_eq!(sent["mib"], mib, "the image's allocated bytes: {plan}");
+        assert!(sent["secs"].as_u64().is_some(), "{plan}");
+    }
+    let text = String::from_utf8(ctl(&data, &["service", "plan", "shop"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!("(sends image os, {mib} MiB, about ")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("images to send first: {} MiB", 2 * mib)),
+        "{text}"
+    );
+
     let deployed = json(&ctl(&data, &["--json", "service", "deploy", "shop"]));
     assert!(deployed.get("failed").is_none(), "{deployed}");
     assert_eq!(

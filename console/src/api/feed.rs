@@ -55,6 +55,9 @@ pub struct SnapshotDelta {
     pub services: Option<Vec<Arc<ServiceView>>>,
     pub migrations: Option<Vec<MigrationJournal>>,
     pub drains: Option<Vec<DrainProgress>>,
+    /// The image library as placement counts it, when it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<crate::engine::services::placement::ImageNeeds>,
     pub generated_until_secs: Option<u64>,
 }
 
@@ -95,6 +98,7 @@ pub fn delta(before: &Snapshot, now: &Snapshot) -> SnapshotDelta {
         migrations: (!Arc::ptr_eq(&before.migrations, &now.migrations))
             .then(|| now.migrations.as_ref().clone()),
         drains: (!Arc::ptr_eq(&before.drains, &now.drains)).then(|| now.drains.as_ref().clone()),
+        images: (!Arc::ptr_eq(&before.images, &now.images)).then(|| now.images.as_ref().clone()),
         generated_until_secs: now.generated_until_secs,
     }
 }
@@ -152,6 +156,7 @@ pub fn apply(base: &Snapshot, delta: SnapshotDelta) -> Snapshot {
             .migrations
             .map_or_else(|| base.migrations.clone(), Arc::new),
         drains: delta.drains.map_or_else(|| base.drains.clone(), Arc::new),
+        images: delta.images.map_or_else(|| base.images.clone(), Arc::new),
         generated_until_secs: delta.generated_until_secs,
         version: delta.version,
     }
@@ -298,6 +303,7 @@ mod tests {
             services: before.services.clone(),
             migrations: before.migrations.clone(),
             drains: before.drains.clone(),
+            images: before.images.clone(),
             generated_until_secs: None,
             version: 2,
         };

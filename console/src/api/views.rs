@@ -764,6 +764,19 @@ pub struct PlannedInstance {
     /// `create` or `keep`.
     pub action: String,
     pub cost_per_hour: f64,
+    /// The library image sent to the host first, when it does not hold it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_transfer: Option<ImageTransferView>,
+}
+
+/// An image a deploy sends to a host before it makes the instance there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageTransferView {
+    pub image: dunes_shared::model::ImageName,
+    pub mib: u64,
+    /// Its time over the host's link at the link's speed; absent when the speed is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -812,6 +825,11 @@ impl From<&ServicePlan> for PlanView {
                     }
                     .into(),
                     cost_per_hour: p.cost_per_hour,
+                    image_transfer: p.image_transfer.as_ref().map(|t| ImageTransferView {
+                        image: t.image.clone(),
+                        mib: t.mib,
+                        secs: t.secs,
+                    }),
                 })
                 .collect(),
             removals: plan

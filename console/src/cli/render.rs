@@ -503,8 +503,12 @@ pub fn plan(plan: &PlanView) -> String {
     );
     for p in &plan.placements {
         let sign = if p.action == "create" { "+" } else { "=" };
+        let image = p.image_transfer.as_ref().map_or(String::new(), |t| {
+            let time = t.secs.map_or(String::new(), |s| format!(", about {s} s"));
+            format!("  (sends image {}, {} MiB{time})", t.image, t.mib)
+        });
         out.push_str(&format!(
-            "  {sign} {:<16} on {:<12} {:>8.3}/h\n",
+            "  {sign} {:<16} on {:<12} {:>8.3}/h{image}\n",
             p.instance,
             p.host.as_str(),
             p.cost_per_hour
@@ -536,6 +540,19 @@ pub fn plan(plan: &PlanView) -> String {
                 out.push_str(&format!("  {app}: {reason}\n"));
             }
         }
+    }
+    let sent: Vec<&crate::api::views::ImageTransferView> = plan
+        .placements
+        .iter()
+        .filter_map(|p| p.image_transfer.as_ref())
+        .collect();
+    if !sent.is_empty() {
+        let mib: u64 = sent.iter().map(|t| t.mib).sum();
+        // The deploy makes one instance after another, so the sends add up.
+        let secs: u64 = sent.iter().filter_map(|t| t.secs).sum();
+        out.push_str(&format!(
+            "images to send first: {mib} MiB, about {secs} s over the hosts' links\n"
+        ));
     }
     out.push_str(&format!("cost: {:.3}/h\n", plan.cost_per_hour));
     out

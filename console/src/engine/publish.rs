@@ -102,6 +102,11 @@ impl Actor {
             self.events.dirty = false;
             changed = true;
         }
+        let images = self.images.needs();
+        if *self.images.published != images {
+            self.images.published = Arc::new(images);
+            changed = true;
+        }
         let host_count_changed = self.snapshot_tx.borrow().hosts.len() != self.fleet.hosts.len();
         if !changed && readings_of.is_empty() && !host_count_changed && self.version > 0 {
             return;
@@ -121,6 +126,7 @@ impl Actor {
             services: self.services.published.clone(),
             migrations: self.migrations.published.clone(),
             drains: self.drains.published.clone(),
+            images: self.images.published.clone(),
             generated_until_secs: self.statistics.generated_until_secs,
             version: self.version,
         }));

@@ -87,6 +87,9 @@ pub struct Snapshot {
     pub migrations: Arc<Vec<super::migration::MigrationJournal>>,
     /// Every host in maintenance and its drain, by host id.
     pub drains: Arc<Vec<super::evacuation::DrainProgress>>,
+    /// The image library as placement counts it.
+    #[serde(default)]
+    pub images: Arc<super::services::placement::ImageNeeds>,
     /// Readings before this time (unix seconds) were generated, not measured (the demo's).
     pub generated_until_secs: Option<u64>,
     /// Bumped on every publish.

@@ -100,7 +100,7 @@ impl PlanDialog {
             index: drag.index,
             host: host.clone(),
         });
-        let plan = place_instances_with(spec, &offers, &existing, &overrides);
+        let plan = place_instances_with(spec, &offers, &existing, &overrides, &snapshot.images);
         plan.overrides
             .into_iter()
             .find(|o| o.placement.app == drag.app && o.placement.index == drag.index)
@@ -158,8 +158,12 @@ impl PlanDialog {
                     let ui = &mut cols[0];
                     ui.label(RichText::new("Instances").strong());
                     for x in &p.placements {
+                        let image = x.image_transfer.as_ref().map_or(String::new(), |t| {
+                            let time = t.secs.map_or(String::new(), |s| format!(", ~{s} s"));
+                            format!(" · sends image {} ({} MiB{time})", t.image, t.mib)
+                        });
                         let label = format!(
-                            "{} -> {} · {} · {:.3}/h",
+                            "{} -> {} · {} · {:.3}/h{image}",
                             x.instance,
                             x.host,
                             x.action,

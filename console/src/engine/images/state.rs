@@ -86,6 +86,8 @@ pub(in crate::engine) struct ImagesState {
     /// Hosts this console sent an image to, by the image's BLAKE3: a migration right after
     /// moves the overlay alone even before the host's next inventory says it holds it.
     pub(in crate::engine) sent: BTreeSet<(HostId, String)>,
+    /// The library as placement counts it, as last published.
+    pub(in crate::engine) published: std::sync::Arc<crate::engine::services::placement::ImageNeeds>,
 }
 
 impl ImagesState {
@@ -95,7 +97,22 @@ impl ImagesState {
             records: loaded.into_iter().map(|r| (r.name.clone(), r)).collect(),
             importing: BTreeSet::new(),
             sent: BTreeSet::new(),
+            published: Default::default(),
         }
+    }
+
+    /// Each image's digest and the storage a host's copy takes, for placement.
+    pub(in crate::engine) fn needs(&self) -> crate::engine::services::placement::ImageNeeds {
+        self.records
+            .values()
+            .map(|r| {
+                let need = crate::engine::services::placement::ImageNeed {
+                    blake3: r.blake3.clone(),
+                    mib: r.allocated_bytes.div_ceil(1024 * 1024),
+                };
+                (r.name.clone(), need)
+            })
+            .collect()
     }
 
     /// Why `name` cannot be taken by a new import, if it cannot.

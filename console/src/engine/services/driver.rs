@@ -111,7 +111,7 @@ impl Actor {
             self.fleet.hosts.values().map(|e| &e.view),
             &self.services.instances_of(name),
         );
-        let plan = place_instances_with(&spec, &hosts, &existing, overrides);
+        let plan = place_instances_with(&spec, &hosts, &existing, overrides, &self.images.needs());
         Ok(ServicePlan {
             service: name.clone(),
             fingerprint: fingerprint(&spec, &existing, overrides, &plan),

@@ -11,7 +11,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use dunes_shared::{
-    model::{AppName, HostId, Prices, RuntimeKind, SiteName},
+    model::{AppName, HostId, ImageName, Prices, RuntimeKind, SiteName},
     service::{ApplicationSpec, ServiceSpec},
 };
 
@@ -52,6 +52,41 @@ pub struct HostOffer {
     /// Names of VMs on the host that are not this service's: an instance of the same name
     /// cannot be created there.
     pub taken_names: std::collections::BTreeSet<String>,
+    /// BLAKE3 digests of the images the host holds: an image it holds is not sent again.
+    pub images_held: std::collections::BTreeSet<String>,
+}
+
+/// A library image an application's VMs boot from, as placement counts it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageNeed {
+    pub blake3: String,
+    /// What a host's storage takes for its copy.
+    pub mib: u64,
+}
+
+/// The library's images by name.
+pub type ImageNeeds = BTreeMap<ImageName, ImageNeed>;
+
+/// An image a placement sends to its host before the instance is made there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageTransfer {
+    pub image: ImageName,
+    pub mib: u64,
+    /// Its time over the host's link, rounded up; `None` when the link's speed is unknown.
+    pub secs: Option<u64>,
+}
+
+impl ImageTransfer {
+    fn over(image: &ImageName, mib: u64, link_mbps: u32) -> ImageTransfer {
+        // 1 MiB is 8.388608 Mbit.
+        let secs =
+            (link_mbps > 0).then(|| (mib as f64 * 8.388608 / f64::from(link_mbps)).ceil() as u64);
+        ImageTransfer {
+            image: image.clone(),
+            mib,
+            secs,
+        }
+    }
 }
 
 /// An instance of the service that runs already.
@@ -76,6 +111,9 @@ pub struct Placement {
     pub host: HostId,
     pub action: Action,
     pub cost_per_hour: f64,
+    /// The image that goes to the host first, for the first of the service's instances made
+    /// from it there.
+    pub image_transfer: Option<ImageTransfer>,
 }
 
 /// An instance that fits nowhere, and what would make it fit.
@@ -178,6 +216,8 @@ enum Reject {
     Storage {
         free: u64,
         needed: u64,
+        /// Of `needed`, the image the host does not hold yet.
+        image_mib: u64,
     },
     Distinct {
         instance: u32,
@@ -239,6 +279,10 @@ struct Placer<'a> {
     /// The first reason each host gave for each application.
     first_reject: Vec<Vec<Option<Reject>>>,
     cost_so_far: f64,
+    /// `image[app]`: the image the application's VMs boot from, with its name.
+    image: Vec<Option<(&'a ImageName, &'a ImageNeed)>>,
+    /// `held[host]`: the images a host holds, with those sent to it by this plan.
+    held: Vec<std::collections::BTreeSet<String>>,
 }
 
 impl<'a> Placer<'a> {
@@ -309,9 +353,18 @@ impl<'a> Placer<'a> {
             .or_else(|| self.cost_reject(cost))
     }
 
+    /// The MiB of the image application `a`'s instance would send to host `h` first.
+    fn image_mib(&self, a: usize, h: usize) -> u64 {
+        match self.image[a] {
+            Some((_, need)) if !self.held[h].contains(&need.blake3) => need.mib,
+            _ => 0,
+        }
+    }
+
     fn resource_reject(&self, a: usize, h: usize) -> Option<Reject> {
         let app = &self.service.applications[a];
         let free = self.free[h];
+        let image_mib = self.image_mib(a, h);
         if free.vcpus < app.vcpus {
             return Some(Reject::Vcpus {
                 free: free.vcpus,
@@ -324,10 +377,11 @@ impl<'a> Placer<'a> {
                 needed: app.memory_mib,
             });
         }
-        if free.storage_mib < app.storage_mib {
+        if free.storage_mib < app.storage_mib + image_mib {
             return Some(Reject::Storage {
                 free: free.storage_mib,
-                needed: app.storage_mib,
+                needed: app.storage_mib + image_mib,
+                image_mib,
             });
         }
         None
@@ -383,19 +437,41 @@ impl<'a> Placer<'a> {
         }
     }
 
-    fn take(&mut self, a: usize, h: usize, index: u32, count_resources: bool) {
+    /// Counts an instance of `a` on `h`; answers the image sent there first, if any.
+    fn take(
+        &mut self,
+        a: usize,
+        h: usize,
+        index: u32,
+        count_resources: bool,
+    ) -> Option<ImageTransfer> {
         let app = &self.service.applications[a];
+        let mut transfer = None;
         if count_resources {
+            let image_mib = self.image_mib(a, h);
             let free = &mut self.free[h];
             free.vcpus -= app.vcpus;
             free.memory_mib -= app.memory_mib;
-            free.storage_mib -= app.storage_mib;
+            free.storage_mib -= app.storage_mib + image_mib;
+            if let Some((name, need)) = self.image[a]
+                && image_mib > 0
+            {
+                transfer = Some(ImageTransfer::over(
+                    name,
+                    need.mib,
+                    self.hosts[h].link_bandwidth_mbps,
+                ));
+            }
+        }
+        if let Some((_, need)) = self.image[a] {
+            self.held[h].insert(need.blake3.clone());
         }
         if self.count[a][h] == 0 {
             self.some_instance[a][h] = index;
         }
         self.count[a][h] += 1;
         self.service_count[h] += 1;
+        transfer
     }
 
     fn sentence(&self, app: &ApplicationSpec, host: &HostOffer, reject: &Reject) -> String {
@@ -431,9 +507,23 @@ impl<'a> Placer<'a> {
             Reject::Memory { free, needed } => {
                 write!(s, "memory {} free < {} needed", gib(*free), gib(*needed))
             }
-            Reject::Storage { free, needed } => {
-                write!(s, "storage {} free < {} needed", gib(*free), gib(*needed))
-            }
+            Reject::Storage {
+                free,
+                needed,
+                image_mib: 0,
+            } => write!(s, "storage {} free < {} needed", gib(*free), gib(*needed)),
+            Reject::Storage {
+                free,
+                needed,
+                image_mib,
+            } => write!(
+                s,
+                "storage {} free < {} needed (with image {}, {}, which it does not hold yet)",
+                gib(*free),
+                gib(*needed),
+                app.image.as_ref().map_or("", |i| i.as_str()),
+                gib(*image_mib)
+            ),
             Reject::Distinct { instance } => write!(
                 s,
                 "already runs {}-{instance} (distinct hosts for {})",
@@ -494,7 +584,7 @@ impl<'a> Placer<'a> {
             let short = (
                 app.memory_mib.saturating_sub(free.memory_mib),
                 app.vcpus.saturating_sub(free.vcpus),
-                app.storage_mib.saturating_sub(free.storage_mib),
+                (app.storage_mib + self.image_mib(a, h)).saturating_sub(free.storage_mib),
                 h,
             );
             let rules_ok = self.neighbour_reject(a, h).is_none();
@@ -584,18 +674,22 @@ fn placement_order(service: &ServiceSpec) -> Vec<usize> {
 /// Places every instance of `service` on `hosts`, keeping the instances in `existing` where
 /// they are when the rules still allow it (always, for applications that never relocate).
 pub fn place_instances(service: &ServiceSpec, hosts: &[HostOffer], existing: &[Existing]) -> Plan {
-    place_instances_with(service, hosts, existing, &[])
+    place_instances_with(service, hosts, existing, &[], &ImageNeeds::new())
 }
 
 /// As [`place_instances`], with instances the operator placed by hand: each goes to its host
 /// if every rule and the host's free resources allow it (before the other instances of its
 /// application), and is left unplaced with the reason otherwise. An override of an instance
 /// that is kept where it runs is not applied: a running instance is not moved by a plan.
+/// An application made from a library image counts the image against the storage of each
+/// host that does not hold it, once, and its placement there says what goes first and how
+/// long that takes over the host's link; an image the library does not have places nothing.
 pub fn place_instances_with(
     service: &ServiceSpec,
     hosts: &[HostOffer],
     existing: &[Existing],
     overrides: &[Override],
+    images: &ImageNeeds,
 ) -> Plan {
     let n_apps = service.applications.len();
     let n_hosts = hosts.len();
@@ -611,6 +705,15 @@ pub fn place_instances_with(
         distinct: vec![false; n_apps],
         first_reject: vec![vec![None; n_hosts]; n_apps],
         cost_so_far: 0.0,
+        image: service
+            .applications
+            .iter()
+            .map(|a| {
+                let name = a.image.as_ref()?;
+                images.get_key_value(name)
+            })
+            .collect(),
+        held: hosts.iter().map(|h| h.images_held.clone()).collect(),
     };
     for [x, y] in &service.rules.anti_affinity {
         if let (Some(x), Some(y)) = (p.app_index(x), p.app_index(y)) {
@@ -666,6 +769,7 @@ pub fn place_instances_with(
                 host: hosts[h].id.clone(),
                 action: Action::Keep,
                 cost_per_hour: cost,
+                image_transfer: None,
             });
         } else {
             removals.push(e.clone());
@@ -674,6 +778,18 @@ pub fn place_instances_with(
 
     for a in placement_order(service) {
         let app = &service.applications[a];
+        if let Some(image) = app.image.as_ref().filter(|_| p.image[a].is_none()) {
+            for index in (0..app.instances).filter(|&i| !kept[a][i as usize]) {
+                unplaced.push(Unplaced {
+                    app: app.name.clone(),
+                    index,
+                    would_fit: format!(
+                        "needs image {image}, which the library does not have: ctl image import FILE --name {image}"
+                    ),
+                });
+            }
+            continue;
+        }
         let mut candidates = Vec::with_capacity(n_hosts);
         for (h, host) in hosts.iter().enumerate() {
             if host.maintenance && host.online {
@@ -719,13 +835,14 @@ pub fn place_instances_with(
                             Some(r) => Err(p.sentence(app, &hosts[h], &r)),
                             None => {
                                 p.cost_so_far += cost;
-                                p.take(a, h, index, true);
+                                let image_transfer = p.take(a, h, index, true);
                                 placements.push(Placement {
                                     app: app.name.clone(),
                                     index,
                                     host: hosts[h].id.clone(),
                                     action: Action::Create,
                                     cost_per_hour: cost,
+                                    image_transfer,
                                 });
                                 Ok(())
                             }
@@ -776,13 +893,14 @@ pub fn place_instances_with(
                 Some((h, _)) => {
                     let cost = instance_cost_per_hour(app, &hosts[h].prices);
                     p.cost_so_far += cost;
-                    p.take(a, h, index, true);
+                    let image_transfer = p.take(a, h, index, true);
                     placements.push(Placement {
                         app: app.name.clone(),
                         index,
                         host: hosts[h].id.clone(),
                         action: Action::Create,
                         cost_per_hour: cost,
+                        image_transfer,
                     });
                 }
                 None => unplaced.push(Unplaced {
@@ -860,6 +978,7 @@ mod tests {
                 storage_mib: 100 * 1024,
             },
             taken_names: Default::default(),
+            images_held: Default::default(),
         }
     }
 
@@ -915,6 +1034,81 @@ mod tests {
             .get(&name(app))
             .map(|r| r.iter().map(|r| r.reason.clone()).collect())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_image_counts_against_the_storage_of_hosts_without_it_once_and_its_time_is_estimated() {
+        let os = ImageName::new("os").unwrap();
+        let images: ImageNeeds = [(
+            os.clone(),
+            ImageNeed {
+                blake3: "ab".repeat(32),
+                mib: 2000,
+            },
+        )]
+        .into();
+        let mut web = app("web", 2, 512);
+        web.image = Some(os.clone());
+        web.storage_mib = 0;
+        let spec = service(vec![web], ServiceRules::default());
+        // gva-1 holds the image; lsn-1 has room for it; lsn-2 has room for the overlays
+        // alone.
+        let mut hosts = fleet();
+        hosts[0].images_held.insert("ab".repeat(32));
+        hosts[0].free.memory_mib = 512;
+        hosts[1].free.storage_mib = 2100;
+        hosts[1].link_bandwidth_mbps = 100;
+        hosts[2].free.storage_mib = 1500;
+        let plan = place_instances_with(&spec, &hosts, &[], &[], &images);
+        assert!(plan.is_feasible(), "{plan:?}");
+        let by_host = |h: &str| {
+            plan.placements
+                .iter()
+                .find(|p| p.host.as_str() == h)
+                .unwrap_or_else(|| panic!("nothing on {h}: {plan:?}"))
+        };
+        // The host holding it sends nothing; the other gets it once, in 2000 MiB × 8.39 / 100
+        // Mbit/s = 168 s.
+        assert_eq!(by_host("gva-1").image_transfer, None);
+        assert_eq!(
+            by_host("lsn-1").image_transfer,
+            Some(ImageTransfer {
+                image: os.clone(),
+                mib: 2000,
+                secs: Some(168)
+            })
+        );
+        let lsn2 = reasons(&plan, "web");
+        assert!(
+            lsn2.iter().any(|r| r
+                == "lsn-2: storage 1.5 GiB free < 2.0 GiB needed (with image os, 2.0 GiB, which it does not hold yet)"),
+            "{lsn2:?}"
+        );
+        // A third instance: only lsn-1 has memory left, and it holds the image by then, so
+        // nothing more is sent.
+        let mut spec3 = spec.clone();
+        spec3.applications[0].instances = 3;
+        let plan = place_instances_with(&spec3, &hosts, &[], &[], &images);
+        let on_lsn1: Vec<&Placement> = plan
+            .placements
+            .iter()
+            .filter(|p| p.host.as_str() == "lsn-1")
+            .collect();
+        assert_eq!(on_lsn1.len(), 2, "{plan:?}");
+        assert_eq!(
+            on_lsn1
+                .iter()
+                .filter(|p| p.image_transfer.is_some())
+                .count(),
+            1
+        );
+        // An image the library does not have places nothing, and says how to bring it.
+        let plan = place_instances_with(&spec, &hosts, &[], &[], &ImageNeeds::new());
+        assert_eq!(plan.unplaced.len(), 2);
+        assert_eq!(
+            plan.unplaced[0].would_fit,
+            "needs image os, which the library does not have: ctl image import FILE --name os"
+        );
     }
 
     #[test]
@@ -1208,7 +1402,13 @@ mod tests {
             host: HostId::new(host).unwrap(),
         };
         // Allowed: it goes there, and the other web instance works around it.
-        let plan = place_instances_with(&s, &fleet(), &[], &[choice("web", 1, "lsn-2")]);
+        let plan = place_instances_with(
+            &s,
+            &fleet(),
+            &[],
+            &[choice("web", 1, "lsn-2")],
+            &ImageNeeds::new(),
+        );
         assert!(plan.is_feasible(), "{:?}", plan.unplaced);
         assert_eq!(plan.overrides[0].verdict, Ok(()));
         let web1 = plan
@@ -1223,6 +1423,7 @@ mod tests {
             &fleet(),
             &[],
             &[choice("web", 0, "lsn-1"), choice("web", 1, "lsn-1")],
+            &ImageNeeds::new(),
         );
         assert_eq!(plan.overrides[0].verdict, Ok(()));
         assert_eq!(
@@ -1231,7 +1432,13 @@ mod tests {
         );
         assert!(!plan.is_feasible());
         // Payment on a host below its security level.
-        let plan = place_instances_with(&s, &fleet(), &[], &[choice("pay", 0, "lsn-1")]);
+        let plan = place_instances_with(
+            &s,
+            &fleet(),
+            &[],
+            &[choice("pay", 0, "lsn-1")],
+            &ImageNeeds::new(),
+        );
         assert_eq!(
             plan.overrides[0].verdict,
             Err("lsn-1: security level 1 < required 3".into())
@@ -1243,7 +1450,7 @@ mod tests {
         );
         // Without overrides it is the plain plan.
         assert_eq!(
-            place_instances_with(&s, &fleet(), &[], &[]),
+            place_instances_with(&s, &fleet(), &[], &[], &ImageNeeds::new()),
             place_instances(&s, &fleet(), &[])
         );
     }
@@ -1264,6 +1471,7 @@ mod tests {
                 index: 0,
                 host: HostId::new("gva-1").unwrap(),
             }],
+            &ImageNeeds::new(),
         );
         assert_eq!(
             plan.overrides[0].verdict,

@@ -172,6 +172,11 @@ pub fn host_offer(host: &HostView) -> Option<HostOffer> {
             storage_mib: storage_free_mib,
         },
         taken_names: Default::default(),
+        images_held: inv
+            .template_disks
+            .iter()
+            .map(|d| d.blake3.clone())
+            .collect(),
     })
 }
 
