@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds a small bootable Debian 12 disk image from Debian's packages, for the test of a real
-# operating system: linux-image-amd64, systemd, cloud-init (NoCloud) and openssh-server on
+# operating system: linux-image-amd64, systemd, cloud-init (NoCloud), openssh-server and
+# qemu-guest-agent (which reports the guest's addresses) on
 # one ext4 partition, booted by extlinux from the disk's MBR, its console on ttyS0.
 # Writes OUT_DIR/debian-12.qcow2 (and keeps it while the recipe is the same).
 #
@@ -9,7 +10,7 @@
 # Usage: build-debian-image.sh OUT_DIR
 set -euo pipefail
 OUT_DIR=${1:?usage: build-debian-image.sh OUT_DIR}
-RECIPE=2
+RECIPE=3
 SIZE_MIB=2048
 mkdir -p "$OUT_DIR"
 image="$OUT_DIR/debian-12.qcow2"
@@ -29,7 +30,7 @@ trap cleanup EXIT
 
 # The root file system, from Debian's packages.
 mmdebstrap --quiet --variant=important --components=main \
-    --include=linux-image-amd64,systemd-sysv,cloud-init,openssh-server,ifupdown,isc-dhcp-client,sudo \
+    --include=linux-image-amd64,systemd-sysv,cloud-init,openssh-server,qemu-guest-agent,ifupdown,isc-dhcp-client,sudo \
     --customize-hook='echo debian > "$1/etc/hostname"' \
     --customize-hook='printf "/dev/vda1 / ext4 errors=remount-ro 0 1\n" > "$1/etc/fstab"' \
     --customize-hook='chroot "$1" systemctl enable serial-getty@ttyS0.service' \

@@ -18,10 +18,15 @@ pub struct CloudInitData {
     pub network_config: Option<String>,
 }
 
-/// network-config (version 2) that gives every Ethernet NIC an address by DHCP, as QEMU's
-/// user network and most bridges hand them out.
-pub fn dhcp_network_config() -> String {
-    "version: 2\nethernets:\n  nics:\n    match:\n      name: \"e*\"\n    dhcp4: true\n".into()
+/// network-config (version 1) that gives the NIC of MAC address `mac` an address by DHCP,
+/// as QEMU's user network and most bridges hand them out. The NIC is named by its MAC
+/// address (and called eth0), which every renderer of cloud-init takes, Debian's ifupdown
+/// among them; a name pattern is not.
+pub fn dhcp_network_config(mac: &str) -> String {
+    format!(
+        "version: 1\nconfig:\n  - type: physical\n    name: eth0\n    mac_address: {}\n    subnets:\n      - type: dhcp\n",
+        quoted(mac)
+    )
 }
 
 /// The most user-data a VM gets: cloud-init reads it whole, and it travels in one request.
@@ -322,9 +327,12 @@ mod tests {
         assert!(user_with_key("Root", &key).is_err());
         assert!(user_with_key("", &key).is_err());
         assert!(user_with_key("9lives", &key).is_err());
-        let network = &YamlOwned::load_from_str(&dhcp_network_config()).unwrap()[0];
-        assert_eq!(network["version"].as_integer(), Some(2));
-        assert_eq!(network["ethernets"]["nics"]["dhcp4"].as_bool(), Some(true));
+        let network =
+            &YamlOwned::load_from_str(&dhcp_network_config("52:54:00:12:34:56")).unwrap()[0];
+        assert_eq!(network["version"].as_integer(), Some(1));
+        let nic = &network["config"][0];
+        assert_eq!(nic["mac_address"].as_str(), Some("52:54:00:12:34:56"));
+        assert_eq!(nic["subnets"][0]["type"].as_str(), Some("dhcp"));
         let meta = meta_data("vm-7f3a", "web-1");
         let doc = &YamlOwned::load_from_str(&meta).unwrap()[0];
         assert_eq!(doc["instance-id"].as_str(), Some("vm-7f3a"));

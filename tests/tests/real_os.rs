@@ -372,6 +372,116 @@ async fn a_debian_image_boots_from_its_disk_with_cloud_init_and_a_console_login(
                 .expect("the QEMU of uefi-1");
             assert!(cmdline.contains("OVMF"), "{cmdline}");
         }
+        // The VMs above make way for a service's.
+        for vm in ["deb-1", "inst-1", "uefi-1"] {
+            let reference = format!("deb-b/{vm}");
+            let stopped = ctl(&data, &["vm", "stop", &reference, "--force"]);
+            if stopped.status.success() {
+                json(&ctl(&data, &["--json", "vm", "delete", &reference]));
+            }
+        }
+
+        // A service of two Debian VMs from the image: web's user-data gets db's address, as
+        // db's guest agent reports it, when web starts after db is ready.
+        let service = files.join("pair.toml");
+        std::fs::write(
+            &service,
+            r##"name = "pair"
+
+[[application]]
+name = "db"
+runtime = "libvirt"
+image = "debian-12"
+vcpus = 1
+memory_mib = 512
+readiness = "guest-agent"
+
+[[application]]
+name = "web"
+runtime = "libvirt"
+image = "debian-12"
+vcpus = 1
+memory_mib = 512
+depends_on = ["db"]
+user_data = """#cloud-config
+users:
+  - name: ops
+    shell: /bin/bash
+    lock_passwd: false
+    plain_text_passwd: dunes-test
+write_files:
+  - path: /etc/dunes-db
+    content: "db={{addresses.db}} me={{name}} index={{index}}"
+"""
+
+[rules]
+pin = [{ application = "db", hosts = ["deb-b"] }, { application = "web", hosts = ["deb-b"] }]
+"##,
+        )
+        .unwrap();
+        json(&ctl(
+            &data,
+            &[
+                "--json",
+                "service",
+                "create",
+                "-f",
+                service.to_str().unwrap(),
+            ],
+        ));
+        // deb-b holds the image: nothing is sent. (Exit code 1: there are changes.)
+        let plan = Command::new(console_binary())
+            .args(["ctl", "--data-dir"])
+            .arg(&data)
+            .args(["--json", "service", "plan", "pair"])
+            .output()
+            .unwrap();
+        assert_eq!(plan.status.code(), Some(1), "{plan:?}");
+        let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+        assert!(
+            plan["placements"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p.get("image_transfer").is_none() && p["host"] == "deb-b"),
+            "{plan}"
+        );
+        let deployed = json(&ctl(&data, &["--json", "service", "deploy", "pair"]));
+        assert!(deployed.get("failed").is_none(), "{deployed}");
+        let started = Instant::now();
+        let report = json(&ctl(&data, &["--json", "service", "start", "pair"]));
+        eprintln!("service pair started in {:?}", started.elapsed());
+        assert!(report.get("failed").is_none(), "{report}");
+        let vms = json(&ctl(&data, &["--json", "vms"]));
+        let db_address = vms
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "pair-db-0")
+            .and_then(|v| v["addresses"][0].as_str())
+            .unwrap_or_else(|| panic!("db's address: {vms}"))
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let mut console = ConsoleSession::open(&data, "pair-web-0");
+        console.type_line("");
+        let at = console.wait_for("pair-web-0 login:", 0, 600);
+        console.type_line("ops");
+        let at = console.wait_for("Password:", at, 60);
+        console.type_line("dunes-test");
+        let at = console.wait_for("$ ", at, 60);
+        console.type_line("cat /etc/dunes-db; echo; echo END-$((40+2))");
+        let end = console.wait_for("END-42", at, 120);
+        let text = console.text();
+        let answer = &text[at..end];
+        assert!(
+            answer.contains(&format!("db={db_address} me=pair-web-0 index=0")),
+            "{answer}"
+        );
+        console.type_line("exit");
+        console.leave();
+
         // The first host never received the image.
     })
     .await

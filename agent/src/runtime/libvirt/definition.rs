@@ -142,12 +142,16 @@ impl From<dunes_shared::cloud_init::CloudInitData> for CloudInitRecord {
 }
 
 impl CloudInitRecord {
-    /// The NoCloud seed of the VM `uuid`.
-    pub fn seed(&self, uuid: &str) -> crate::cidata::Seed {
+    /// The NoCloud seed of the VM `uuid` whose NIC has MAC address `mac`: without
+    /// network-config of the console's, DHCP on that NIC.
+    pub fn seed(&self, uuid: &str, mac: Option<&str>) -> crate::cidata::Seed {
         crate::cidata::Seed {
             meta_data: dunes_shared::cloud_init::meta_data(uuid, &self.hostname),
             user_data: self.user_data.clone(),
-            network_config: self.network_config.clone(),
+            network_config: self
+                .network_config
+                .clone()
+                .or_else(|| mac.map(dunes_shared::cloud_init::dhcp_network_config)),
         }
     }
 }

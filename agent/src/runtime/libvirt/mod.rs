@@ -54,6 +54,10 @@ const GUEST_EXEC_DEFAULT_SECS: u32 = 30;
 const GUEST_EXEC_MAX_SECS: u32 = 600;
 /// How long a guest-agent ping may take.
 const GUEST_PING_TIMEOUT_SECS: i32 = 2;
+/// How often an eject is asked while the guest holds the CD-ROM's tray shut, and how long
+/// apart.
+const EJECT_ATTEMPTS: u32 = 20;
+const EJECT_RETRY: Duration = Duration::from_millis(500);
 /// How often running VMs' guest agents are asked for their addresses.
 const ADDRESSES_EVERY: Duration = Duration::from_secs(5);
 /// How long one such question may take.
@@ -1117,9 +1121,10 @@ impl Inner {
         };
         // The seed is made again wherever the VM is defined: the same bytes from its record.
         if let Some(ci) = &def.cloud_init {
-            let written = crate::cidata::build_seed(&ci.seed(&def.uuid))
-                .map_err(|e| RuntimeError::Invalid(e.to_string()))
-                .and_then(|bytes| Ok(self.storage.write_seed(&def.name, &bytes)?));
+            let written =
+                crate::cidata::build_seed(&ci.seed(&def.uuid, def.devices.mac.as_deref()))
+                    .map_err(|e| RuntimeError::Invalid(e.to_string()))
+                    .and_then(|bytes| Ok(self.storage.write_seed(&def.name, &bytes)?));
             if let Err(e) = written {
                 undo(&self.storage);
                 return Err(e);
@@ -1144,7 +1149,7 @@ impl Inner {
         if start && let Err(e) = dom.create() {
             // A create that cannot start leaves nothing behind: the operator can fix the
             // cause and create it again.
-            if let Err(gone) = dom.undefine() {
+            if let Err(gone) = dom.undefine_flags(self.undefine_flags()) {
                 tracing::warn!(vm = %def.name, "the VM that could not start stays defined: {}", gone.message());
                 return Err(lv("starting the VM")(e));
             }
@@ -1325,6 +1330,17 @@ impl Inner {
 
     /// Writes the new record, and defines the VM again when its resources change: libvirt
     /// keeps a running VM's new definition for its next start.
+    /// How a VM is undefined: with its snapshots' metadata, and under QEMU its UEFI variables
+    /// file (libvirt keeps one per UEFI VM, and refuses to undefine the VM without the flag;
+    /// the test driver takes no such flag).
+    fn undefine_flags(&self) -> u32 {
+        let nvram = match self.domain_type {
+            DomainType::Qemu => virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM,
+            DomainType::Test => 0,
+        };
+        virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | nvram
+    }
+
     /// Writes `user_data` into a stopped VM's cloud-init seed, its record first (the seed is
     /// made from it wherever the VM is defined). A running VM keeps the seed it booted with.
     fn set_user_data(&self, name: &VmName, user_data: String) -> Result<(), RuntimeError> {
@@ -1332,7 +1348,7 @@ impl Inner {
             return Ok(());
         }
         let mut def = self.record_of(name)?;
-        let uuid = def.uuid.clone();
+        let (uuid, mac) = (def.uuid.clone(), def.devices.mac.clone());
         let Some(ci) = def.cloud_init.as_mut() else {
             return Err(RuntimeError::Invalid(format!(
                 "VM {name} has no cloud-init seed: only VMs made from a disk image have one"
@@ -1344,7 +1360,7 @@ impl Inner {
         dunes_shared::cloud_init::check_user_data(&user_data)
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         ci.user_data = user_data;
-        let seed = crate::cidata::build_seed(&ci.seed(&uuid))
+        let seed = crate::cidata::build_seed(&ci.seed(&uuid, mac.as_deref()))
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.storage.save_definition(name, &def.to_toml()?)?;
         self.storage.write_seed(name, &seed)?;
@@ -1378,13 +1394,24 @@ impl Inner {
         }
         let running = self.state_of(name)?.is_active();
         if ejected && running {
-            // The running guest sees its drive empty now; its next start has no drive.
-            self.lookup(name)?
-                .update_device_flags(
+            // The running guest sees its drive empty now; its next start has no drive. A
+            // guest (or its BIOS) that holds the tray locked lets it open a moment later:
+            // QEMU then refuses the eject with "Tray ... is not open", so it is asked again.
+            let dom = self.lookup(name)?;
+            let mut attempt = 1;
+            loop {
+                match dom.update_device_flags(
                     definition::EMPTY_CDROM_XML,
                     virt::sys::VIR_DOMAIN_AFFECT_LIVE,
-                )
-                .map_err(lv("ejecting the CD-ROM"))?;
+                ) {
+                    Ok(_) => break,
+                    Err(e) if attempt < EJECT_ATTEMPTS && e.message().contains("Tray") => {
+                        attempt += 1;
+                        std::thread::sleep(EJECT_RETRY);
+                    }
+                    Err(e) => return Err(lv("ejecting the CD-ROM")(e)),
+                }
+            }
         }
         if resized || ejected {
             let xml = def.domain_xml(self.domain_type, &self.storage)?;
@@ -1581,8 +1608,8 @@ impl Inner {
         let record = self.storage.definition(name)?;
         self.storage.delete_definition(name)?;
         // Internal snapshots live in the disk, which goes too; libvirt keeps only their
-        // metadata, and refuses to undefine a VM that has any unless told.
-        if let Err(e) = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA) {
+        // metadata, and refuses to undefine a VM that has any (or UEFI variables) unless told.
+        if let Err(e) = dom.undefine_flags(self.undefine_flags()) {
             // Keep the VM whole: put its record back.
             if let Some(record) = record
                 && let Err(lost) = self.storage.save_definition(name, &record)

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use dunes_shared::{
-    cloud_init::{CloudInitData, dhcp_network_config},
+    cloud_init::CloudInitData,
     error_chain,
     model::{DISK_GIB_MAX, HostId, ImageDisk, ImageFormat, ImageName, TemplateName, VmName},
     protocol::features,
@@ -427,7 +427,8 @@ impl Actor {
             (user_data, _) => Some(CloudInitData {
                 hostname: create.spec.name.to_string(),
                 user_data: user_data.unwrap_or_else(|| "#cloud-config\n".into()),
-                network_config: Some(dhcp_network_config()),
+                // The agent writes DHCP on the VM's NIC, whose MAC address it chooses.
+                network_config: None,
             }),
         };
         self.create_vm(
