@@ -294,6 +294,7 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         }
     };
     let olga = credential("olga", "operator").await;
+    let olga_file = olga.clone();
     let vera = credential("vera", "viewer").await;
     let remote_console = |file: PathBuf, typed: &'static [u8]| {
         tokio::task::spawn_blocking(move || {
@@ -396,6 +397,82 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
         });
     }
 
+    // A window through --connect (olga's): its console's bytes come on a stream of their
+    // own, and what is typed there runs in the guest's shell too.
+    {
+        use egui_kittest::kittest::Queryable as _;
+        let link = dunes_console::ui::EngineLink::connect(&olga_file, dir.path().join("exports"))
+            .await
+            .unwrap();
+        let mut harness = egui_kittest::Harness::builder()
+            .with_size([1400.0, 900.0])
+            .build_eframe(move |cc| dunes_console::ui::ConsoleApp::with_link(&cc.egui_ctx, link));
+        gui_support::step_until(&mut harness, "the VM's chip", |h| {
+            h.query_by_role_and_label(egui::Role::Button, "tiny-1")
+                .is_some()
+        });
+        harness
+            .get_by_role_and_label(egui::Role::Button, "tiny-1")
+            .click();
+        gui_support::step_until(&mut harness, "the VM's details", |h| {
+            h.query_by_role_and_label(egui::Role::Button, "Console…")
+                .is_some()
+        });
+        harness
+            .get_by_role_and_label(egui::Role::Button, "Console…")
+            .click();
+        gui_support::step_until(&mut harness, "the console's terminal", |h| {
+            h.state().console_screen().is_some()
+        });
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::Text("echo remote-$((9*9))".into()));
+        harness.key_press(egui::Key::Enter);
+        gui_support::step_until(&mut harness, "the guest's answer through --connect", |h| {
+            h.state()
+                .console_screen()
+                .is_some_and(|screen| screen.contains("remote-81"))
+        });
+        // The screen too: its pictures come as PNGs on a stream of their own, and keys go
+        // back the same way.
+        harness
+            .get_by_role_and_label(egui::Role::Button, "Screen…")
+            .click();
+        gui_support::step_until(
+            &mut harness,
+            "a picture of the screen through --connect",
+            |h| {
+                h.state()
+                    .screen_picture()
+                    .is_some_and(|(_, has_content)| has_content)
+            },
+        );
+        let before = harness.state().screen_frame().unwrap();
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::Text("echo typed-from-afar".into()));
+        harness.key_press(egui::Key::Enter);
+        gui_support::step_until(
+            &mut harness,
+            "the screen after typing through --connect",
+            |h| {
+                h.state().screen_frame().is_some_and(|after| {
+                    after.width == before.width
+                        && after.height == before.height
+                        && after
+                            .rgba
+                            .chunks_exact(4)
+                            .zip(before.rgba.chunks_exact(4))
+                            .filter(|(a, b)| a != b)
+                            .count()
+                            > 1000
+                })
+            },
+        );
+    }
+
     // A screenshot through ctl: a PNG of the screen's size.
     let shot = dir.path().join("shot.png");
     let taken = std::process::Command::new(dunes_tests::console_binary())
@@ -445,6 +522,7 @@ async fn tiny_guest_boots_under_qemu_and_stops() {
             "refused: viewer vera may not open VM consoles",
         ),
         ("vm-screen", "local", "session ended after"),
+        ("vm-screen", "olga", "session ended after"),
         ("vm-screenshot", "local", "ok"),
         (
             "vm-screenshot",

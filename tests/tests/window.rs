@@ -740,6 +740,74 @@ fn the_new_vm_dialog_makes_a_vm_from_an_image() {
     assert_eq!(disk.backing.as_ref().map(|b| b.as_str()), Some("os"));
 }
 
+/// An image on its way to a host: a bar in the toolbar (the slowest push) that opens the
+/// Images view, where each push has its bar with the bytes through; both go once it is there.
+#[test]
+fn an_image_on_its_way_to_a_host_shows_its_progress_until_it_is_there() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, engine, _fleet) = demo_engine(dir.path());
+    // 24 MiB of data: 24 chunks, one each 100 ms (the test build slows an image of this
+    // name down, so that its push is seen under way).
+    let disk = dir.path().join("os.raw");
+    {
+        let mut f = std::fs::File::create(&disk).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all(&vec![7u8; 24 << 20]).unwrap();
+        f.seek(SeekFrom::Start(510)).unwrap();
+        f.write_all(&[0x55, 0xaa]).unwrap();
+    }
+    let name = dunes_shared::model::ImageName::new("failpoint-slow-os").unwrap();
+    runtime
+        .block_on(
+            engine.request(|reply| dunes_console::engine::Command::ImportImage {
+                name: name.clone(),
+                path: disk.clone(),
+                reply,
+            }),
+        )
+        .unwrap();
+    let _enter = runtime.enter();
+    let mut harness = window(&engine);
+    step_until(&mut harness, "the host", |h| {
+        h.query_by_role_and_label(Role::Button, "lsn-2").is_some()
+    });
+    let pushing = {
+        let engine = engine.clone();
+        runtime.spawn(async move {
+            engine
+                .request(|reply| dunes_console::engine::Command::PushImage {
+                    name,
+                    hosts: vec![dunes_shared::model::HostId::new("lsn-2").unwrap()],
+                    reply,
+                })
+                .await
+        })
+    };
+    step_until(&mut harness, "the push in the toolbar", |h| {
+        h.query_by_label_contains("sending 1 image").is_some()
+    });
+    harness.get_by_label_contains("sending 1 image").click();
+    step_until(&mut harness, "the push in the Images view", |h| {
+        h.query_by_label_contains("failpoint-slow-os -> lsn-2: ")
+            .is_some()
+    });
+    let bar = harness
+        .get_by_label_contains("failpoint-slow-os -> lsn-2: ")
+        .accesskit_node()
+        .label()
+        .unwrap_or_default();
+    assert!(bar.ends_with(" of 24.0 MiB"), "{bar}");
+    step_for_until(&mut harness, 60, "the push ended", |h| {
+        h.query_by_label_contains("sending 1 image").is_none()
+            && h.query_by_label_contains("failpoint-slow-os -> lsn-2: ")
+                .is_none()
+    });
+    let reports = runtime.block_on(pushing).unwrap().unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].pushed.sent_bytes, 24 << 20);
+}
+
 #[test]
 fn a_console_the_host_cannot_open_says_why_in_its_window() {
     let dir = tempfile::tempdir().unwrap();

@@ -71,6 +71,79 @@ impl EngineClient {
         }
     }
 
+    /// Opens a VM's serial console. Through `--connect` its bytes come on the request's
+    /// own stream, relayed to the session's `attach` as the engine in this process gives it.
+    pub async fn open_console(
+        &self,
+        request: ops::ConsoleVm,
+    ) -> Result<super::views::ConsoleSession, ApiError> {
+        match self {
+            EngineClient::Remote { session, .. } => {
+                let streams = session.open_console(&request).await?;
+                let mut opened = streams.session;
+                opened.attach = Some(crate::engine::consoles::ConsoleAttach::relayed(
+                    streams.early,
+                    streams.recv,
+                    streams.send,
+                    opened.typing,
+                ));
+                Ok(opened)
+            }
+            _ => self.call(request).await,
+        }
+    }
+
+    /// Imports the image in `file` into the engine's library as `name`: the engine reads a
+    /// file on its own machine (the path made absolute here), and through `--connect` the
+    /// file on this one goes to it, `progress` hearing the bytes sent.
+    pub async fn import_image_file(
+        &self,
+        name: String,
+        file: PathBuf,
+        progress: tokio::sync::watch::Sender<(u64, u64)>,
+    ) -> Result<super::views::ImageView, ApiError> {
+        match self {
+            EngineClient::Remote { session, .. } => {
+                session
+                    .upload_image(&name, &file, |sent, total| {
+                        let _ = progress.send((sent, total));
+                    })
+                    .await
+            }
+            _ => {
+                let path = std::path::absolute(&file).unwrap_or(file);
+                self.call(ops::ImportImage {
+                    name,
+                    path: path.display().to_string(),
+                    upload_bytes: None,
+                })
+                .await
+            }
+        }
+    }
+
+    /// Opens a VM's screen; through `--connect` its pictures come on the request's own
+    /// stream, relayed to the session's `attach`.
+    pub async fn open_screen(
+        &self,
+        request: ops::ScreenVm,
+    ) -> Result<super::views::ScreenSession, ApiError> {
+        match self {
+            EngineClient::Remote { session, .. } => {
+                let streams = session.open_screen(&request).await?;
+                let mut opened = streams.session;
+                opened.attach = Some(crate::engine::consoles::ScreenAttach::relayed(
+                    streams.early,
+                    streams.recv,
+                    streams.send,
+                    !request.read_only,
+                ));
+                Ok(opened)
+            }
+            _ => self.call(request).await,
+        }
+    }
+
     /// Sends `request` and waits for its response.
     pub async fn call<O: Operation>(&self, request: O) -> Result<O::Response, ApiError> {
         match self {

@@ -58,6 +58,9 @@ pub struct SnapshotDelta {
     /// The image library as placement counts it, when it changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images: Option<crate::engine::services::placement::ImageNeeds>,
+    /// Images on their way to hosts, when that changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_transfers: Option<Vec<crate::engine::images::ImageTransferProgress>>,
     pub generated_until_secs: Option<u64>,
 }
 
@@ -99,6 +102,8 @@ pub fn delta(before: &Snapshot, now: &Snapshot) -> SnapshotDelta {
             .then(|| now.migrations.as_ref().clone()),
         drains: (!Arc::ptr_eq(&before.drains, &now.drains)).then(|| now.drains.as_ref().clone()),
         images: (!Arc::ptr_eq(&before.images, &now.images)).then(|| now.images.as_ref().clone()),
+        image_transfers: (!Arc::ptr_eq(&before.image_transfers, &now.image_transfers))
+            .then(|| now.image_transfers.as_ref().clone()),
         generated_until_secs: now.generated_until_secs,
     }
 }
@@ -157,6 +162,9 @@ pub fn apply(base: &Snapshot, delta: SnapshotDelta) -> Snapshot {
             .map_or_else(|| base.migrations.clone(), Arc::new),
         drains: delta.drains.map_or_else(|| base.drains.clone(), Arc::new),
         images: delta.images.map_or_else(|| base.images.clone(), Arc::new),
+        image_transfers: delta
+            .image_transfers
+            .map_or_else(|| base.image_transfers.clone(), Arc::new),
         generated_until_secs: delta.generated_until_secs,
         version: delta.version,
     }
@@ -304,6 +312,7 @@ mod tests {
             migrations: before.migrations.clone(),
             drains: before.drains.clone(),
             images: before.images.clone(),
+            image_transfers: before.image_transfers.clone(),
             generated_until_secs: None,
             version: 2,
         };

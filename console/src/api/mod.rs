@@ -77,6 +77,7 @@ pub mod ops;
 pub mod remote;
 #[cfg(test)]
 mod role_matrix;
+pub mod screen;
 pub mod socket;
 mod types;
 mod upload;

@@ -124,6 +124,12 @@ pub(super) enum Internal {
     /// The push a new VM waited for has ended.
     ImagePushedForVm(Box<super::images::state::PushedForVm>),
     /// Every push of an image has ended.
+    /// How far a push of an image to a host got; `None` once it ended.
+    ImageTransfer {
+        image: dunes_shared::model::ImageName,
+        host: HostId,
+        progress: Option<(u64, u64)>,
+    },
     ImagePushed {
         name: dunes_shared::model::ImageName,
         results: Vec<(

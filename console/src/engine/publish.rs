@@ -102,6 +102,12 @@ impl Actor {
             self.events.dirty = false;
             changed = true;
         }
+        if self.images.transfers_dirty {
+            self.images.published_transfers =
+                Arc::new(self.images.transfers.values().cloned().collect());
+            self.images.transfers_dirty = false;
+            changed = true;
+        }
         let images = self.images.needs();
         if *self.images.published != images {
             self.images.published = Arc::new(images);
@@ -127,6 +133,7 @@ impl Actor {
             migrations: self.migrations.published.clone(),
             drains: self.drains.published.clone(),
             images: self.images.published.clone(),
+            image_transfers: self.images.published_transfers.clone(),
             generated_until_secs: self.statistics.generated_until_secs,
             version: self.version,
         }));

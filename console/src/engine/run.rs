@@ -168,6 +168,11 @@ impl Actor {
                 id,
                 error,
             } => self.screen_ended(host, vm, id, error),
+            Internal::ImageTransfer {
+                image,
+                host,
+                progress,
+            } => self.image_transfer(image, host, progress),
             Internal::ImagePushed {
                 name,
                 results,

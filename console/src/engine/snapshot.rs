@@ -90,6 +90,9 @@ pub struct Snapshot {
     /// The image library as placement counts it.
     #[serde(default)]
     pub images: Arc<super::services::placement::ImageNeeds>,
+    /// Images on their way to hosts, by image and host.
+    #[serde(default)]
+    pub image_transfers: Arc<Vec<super::images::ImageTransferProgress>>,
     /// Readings before this time (unix seconds) were generated, not measured (the demo's).
     pub generated_until_secs: Option<u64>,
     /// Bumped on every publish.

@@ -60,7 +60,7 @@ impl ConsoleWindow {
     pub fn open(&mut self, vm: String, link: &EngineLink) {
         *self = ConsoleWindow {
             open: true,
-            pending: Some(link.ask(ops::ConsoleVm {
+            pending: Some(link.open_console(ops::ConsoleVm {
                 vm: vm.clone(),
                 read_only: false,
             })),
@@ -103,10 +103,7 @@ impl ConsoleWindow {
                     });
                 }
                 None => {
-                    self.note = Some(
-                        "The console's bytes do not travel through --connect yet: open it on the engine's machine."
-                            .into(),
-                    );
+                    self.note = Some("The engine sent no console to attach to.".into());
                 }
             },
             Some(Err(e)) => self.note = Some(e),

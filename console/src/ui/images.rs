@@ -10,7 +10,10 @@ use super::{
     gated,
     link::{Answer, EngineLink, LinkStatus, take},
 };
-use crate::api::{ops, views::ImageView};
+use crate::{
+    api::{ops, views::ImageView},
+    engine::images::ImageTransferProgress,
+};
 
 /// How often the view asks again while open: hosts may get copies meanwhile.
 const REFRESH: Duration = Duration::from_secs(5);
@@ -27,6 +30,8 @@ pub struct ImagesWindow {
     name_follows: bool,
     importing: Option<Answer<ImageView>>,
     importing_name: String,
+    /// The bytes sent of the file being imported into an engine elsewhere.
+    uploaded: Option<tokio::sync::watch::Receiver<(u64, u64)>>,
     /// The image whose delete waits for the operator's word.
     confirm_delete: Option<String>,
     deleting: Option<Answer<ImageView>>,
@@ -125,7 +130,12 @@ impl ImagesWindow {
         }
     }
 
-    pub fn images_ui(&mut self, ctx: &egui::Context, link: &EngineLink) {
+    pub fn images_ui(
+        &mut self,
+        ctx: &egui::Context,
+        link: &EngineLink,
+        transfers: &[ImageTransferProgress],
+    ) {
         if !self.open {
             return;
         }
@@ -150,7 +160,7 @@ impl ImagesWindow {
                 ui.label(
                     RichText::new(
                         if remote {
-                            "Operating system disks (qcow2, raw) and installers (ISO) the console keeps. An import reads the file on the engine's machine."
+                            "Operating system disks (qcow2, raw) and installers (ISO) the console keeps. An import sends a file of this machine to the engine; or drop it onto the window."
                         } else {
                             "Operating system disks (qcow2, raw) and installers (ISO) the console keeps. Import one by its path, or drop it onto the window."
                         },
@@ -158,6 +168,7 @@ impl ImagesWindow {
                     .weak(),
                 );
                 self.import_ui(ui, link, &may_import, remote);
+                transfers_ui(ui, transfers);
                 match &self.outcome {
                     Some(Ok(news)) => {
                         ui.label(RichText::new(news).color(egui::Color32::from_rgb(63, 185, 80)));
@@ -194,7 +205,7 @@ impl ImagesWindow {
                     )
                     .labelled_by(label.id)
                     .on_hover_text(if remote {
-                        "A path on the engine's machine: the engine reads the file"
+                        "A path on this machine: the file goes to the engine; or drop it onto the window"
                     } else {
                         "A path on this machine; or drop a file onto the window"
                     });
@@ -222,29 +233,37 @@ impl ImagesWindow {
                 .on_hover_text("Copied and checked: its format, its BLAKE3, no file outside it")
                 .clicked()
             {
-                let path = self.path.trim().to_string();
-                let absolute = if remote {
-                    path
-                } else {
-                    std::path::absolute(&path)
-                        .map(|p| p.display().to_string())
-                        .unwrap_or(path)
-                };
+                let path = std::path::PathBuf::from(self.path.trim());
                 let name = self.name.trim().to_string();
                 self.outcome = None;
                 self.importing_name = name.clone();
-                self.importing = Some(link.ask(ops::ImportImage {
-                    name,
-                    path: absolute,
-                    upload_bytes: None,
-                }));
+                let (answer, uploaded) = link.import_image(name, path);
+                self.importing = Some(answer);
+                self.uploaded = remote.then_some(uploaded);
             }
             if self.importing.is_some() {
-                ui.spinner();
-                ui.label(format!(
-                    "Importing {}: copying and checking…",
-                    self.importing_name
-                ));
+                let sent = self.uploaded.as_ref().map(|u| *u.borrow());
+                match sent {
+                    Some((sent, total)) if total > 0 && sent < total => {
+                        ui.add(
+                            egui::ProgressBar::new(sent as f32 / total as f32)
+                                .desired_width(240.0)
+                                .text(format!(
+                                    "sending {}: {} of {}",
+                                    self.importing_name,
+                                    human_bytes(sent),
+                                    human_bytes(total)
+                                )),
+                        );
+                    }
+                    _ => {
+                        ui.spinner();
+                        ui.label(format!(
+                            "Importing {}: copying and checking…",
+                            self.importing_name
+                        ));
+                    }
+                }
             }
         });
     }
@@ -326,6 +345,37 @@ impl ImagesWindow {
             self.outcome = None;
             self.deleting = Some(link.ask(ops::DeleteImage { name }));
         }
+    }
+}
+
+/// A bar for each image on its way to a host.
+pub fn transfers_ui(ui: &mut egui::Ui, transfers: &[ImageTransferProgress]) {
+    if transfers.is_empty() {
+        return;
+    }
+    ui.separator();
+    ui.label(RichText::new("Sending to hosts").strong());
+    for t in transfers {
+        ui.add(
+            egui::ProgressBar::new(fraction(t))
+                .desired_width(ui.available_width().min(480.0))
+                .text(format!(
+                    "{} -> {}: {} of {}",
+                    t.image,
+                    t.host,
+                    human_bytes(t.done_bytes),
+                    human_bytes(t.total_bytes)
+                )),
+        );
+    }
+}
+
+/// How far a transfer got, from 0 to 1.
+pub fn fraction(t: &ImageTransferProgress) -> f32 {
+    if t.total_bytes == 0 {
+        1.0
+    } else {
+        (t.done_bytes as f64 / t.total_bytes as f64).clamp(0.0, 1.0) as f32
     }
 }
 

@@ -182,6 +182,51 @@ impl EngineLink {
         }
     }
 
+    /// Opens a VM's serial console from the runtime, wherever the engine is.
+    pub fn open_console(
+        &self,
+        request: crate::api::ops::ConsoleVm,
+    ) -> Answer<crate::api::views::ConsoleSession> {
+        let (tx, rx) = oneshot::channel();
+        let client = self.client();
+        self.runtime.spawn(async move {
+            let _ = tx.send(client.open_console(request).await);
+        });
+        rx
+    }
+
+    /// Imports the image in `file` (on this machine when the engine is elsewhere) from the
+    /// runtime; the watch hears the bytes sent to an engine elsewhere.
+    pub fn import_image(
+        &self,
+        name: String,
+        file: PathBuf,
+    ) -> (
+        Answer<crate::api::views::ImageView>,
+        watch::Receiver<(u64, u64)>,
+    ) {
+        let (tx, rx) = oneshot::channel();
+        let (progress_tx, progress) = watch::channel((0, 0));
+        let client = self.client();
+        self.runtime.spawn(async move {
+            let _ = tx.send(client.import_image_file(name, file, progress_tx).await);
+        });
+        (rx, progress)
+    }
+
+    /// Opens a VM's screen from the runtime, wherever the engine is.
+    pub fn open_screen(
+        &self,
+        request: crate::api::ops::ScreenVm,
+    ) -> Answer<crate::api::views::ScreenSession> {
+        let (tx, rx) = oneshot::channel();
+        let client = self.client();
+        self.runtime.spawn(async move {
+            let _ = tx.send(client.open_screen(request).await);
+        });
+        rx
+    }
+
     /// Sends `request` from the runtime; its answer comes back on the channel.
     pub fn ask<O: Operation>(
         &self,

@@ -785,6 +785,43 @@ impl ConsoleApp {
                     "{online}/{} hosts online · {running}/{vms} VMs running",
                     snapshot.hosts.len()
                 ));
+                if !snapshot.image_transfers.is_empty() {
+                    // Images on their way to hosts: the slowest one, and all on hover.
+                    let transfers = &snapshot.image_transfers;
+                    let least = transfers
+                        .iter()
+                        .map(images::fraction)
+                        .fold(1.0f32, f32::min);
+                    ui.separator();
+                    let bar = ui
+                        .add(
+                            egui::ProgressBar::new(least)
+                                .desired_width(150.0)
+                                .text(format!(
+                                    "sending {} image{}",
+                                    transfers.len(),
+                                    if transfers.len() == 1 { "" } else { "s" }
+                                )),
+                        )
+                        .interact(egui::Sense::click())
+                        .on_hover_text(
+                            transfers
+                                .iter()
+                                .map(|t| {
+                                    format!(
+                                        "{} -> {}: {:.0}%",
+                                        t.image,
+                                        t.host,
+                                        images::fraction(t) * 100.0
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join("\n"),
+                        );
+                    if bar.clicked() {
+                        self.images.open();
+                    }
+                }
                 if let LinkStatus::Connected { address, welcome } = &link_status {
                     ui.separator();
                     // Cut short in a narrow window rather than wrapped over two lines.
@@ -1006,7 +1043,8 @@ impl ConsoleApp {
         if let Some(path) = dropped {
             self.images.import_dropped(&path);
         }
-        self.images.images_ui(ui.ctx(), &self.link);
+        self.images
+            .images_ui(ui.ctx(), &self.link, &snapshot.image_transfers);
         self.console.console_ui(ui.ctx());
         self.screen.screen_ui(ui.ctx());
         self.migrate.migrate_ui(ui.ctx(), &snapshot, actions.queue);

@@ -107,7 +107,7 @@ impl ScreenWindow {
     pub fn open(&mut self, vm: String, link: &EngineLink) {
         *self = ScreenWindow {
             open: true,
-            pending: Some(link.ask(ops::ScreenVm {
+            pending: Some(link.open_screen(ops::ScreenVm {
                 vm: vm.clone(),
                 read_only: false,
             })),
@@ -148,10 +148,7 @@ impl ScreenWindow {
                     self.live = Some(Live::new(attach, session.end.take(), true));
                 }
                 None => {
-                    self.note = Some(
-                        "Screens do not travel through --connect yet: open it on the engine's machine, or take `ctl vm screenshot`."
-                            .into(),
-                    );
+                    self.note = Some("The engine sent no screen to show.".into());
                 }
             },
             Some(Err(e)) => self.note = Some(e),
@@ -551,7 +548,7 @@ impl Thumbnail {
     /// Starts following the VM `vm` (`HOST/NAME`) with `uuid`.
     pub fn watch(&mut self, uuid: String, vm: String, link: &EngineLink) {
         self.live = None;
-        self.pending = Some(link.ask(ops::ScreenVm {
+        self.pending = Some(link.open_screen(ops::ScreenVm {
             vm,
             read_only: true,
         }));

@@ -260,6 +260,19 @@ async fn request(
                     .await;
                 return;
             }
+            // So does a screen session.
+            Ok(envelope) if envelope.cmd == <ops::ScreenVm as Operation>::NAME => {
+                let _ = super::super::screen::serve_session(
+                    &engine,
+                    envelope,
+                    Some(&caller),
+                    early,
+                    recv,
+                    send,
+                )
+                .await;
+                return;
+            }
             // An image's bytes follow its import request.
             Ok(envelope)
                 if envelope.cmd == <ops::ImportImage as Operation>::NAME

@@ -9,6 +9,9 @@ use vnc::{Rect, VncEvent};
 
 /// The largest screen taken: 8K on each side. A display asking for more is refused.
 pub const MAX_SIDE: u32 = 8192;
+/// The longest PNG of a screen a viewer takes from a stream (an 8K screen of noise, stored,
+/// stays below it).
+pub const MAX_PICTURE_BYTES: u32 = 256 * 1024 * 1024;
 
 /// One picture of a screen, shared by every viewer until the next update.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -163,6 +166,52 @@ pub fn encode_png(frame: &ScreenFrame) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// A frame from a PNG that [`encode_png`] wrote (RGB or RGBA, 8 bits a channel, at most
+/// [`MAX_SIDE`] a side), as update `generation` of a screen.
+pub fn decode_png(bytes: &[u8], generation: u64) -> Result<ScreenFrame, FrameError> {
+    let png_err = |e: png::DecodingError| FrameError::Png(e.to_string());
+    let side = MAX_SIDE as usize;
+    let limits = png::Limits {
+        bytes: side * side * 4,
+    };
+    let decoder = png::Decoder::new_with_limits(std::io::Cursor::new(bytes), limits);
+    let mut reader = decoder.read_info().map_err(png_err)?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    if width > MAX_SIDE || height > MAX_SIDE {
+        return Err(FrameError::TooLarge { width, height });
+    }
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| FrameError::Png("the picture is too large".into()))?;
+    let mut buf = vec![0u8; size];
+    let info = reader.next_frame(&mut buf).map_err(png_err)?;
+    buf.truncate(info.line_size * info.height as usize);
+    let rgba = match (info.color_type, info.bit_depth) {
+        (png::ColorType::Rgb, png::BitDepth::Eight) => buf
+            .chunks_exact(3)
+            .flat_map(|p| [p[0], p[1], p[2], 255])
+            .collect(),
+        (png::ColorType::Rgba, png::BitDepth::Eight) => buf,
+        (color, depth) => {
+            return Err(FrameError::Png(format!(
+                "a {color:?} picture of {depth:?} bits is not a screen's"
+            )));
+        }
+    };
+    if rgba.len() != width as usize * height as usize * 4 {
+        return Err(FrameError::ShortImage {
+            got: rgba.len(),
+            want: width as usize * height as usize * 4,
+        });
+    }
+    Ok(ScreenFrame {
+        width,
+        height,
+        rgba,
+        generation,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +277,24 @@ mod tests {
             Err(FrameError::TooLarge { .. })
         ));
         assert_eq!(fb.snapshot().rgba, before.rgba);
+    }
+
+    #[test]
+    fn a_picture_sent_as_a_png_reads_back_as_it_was() {
+        let mut rgba = Vec::new();
+        for i in 0..(7 * 5) {
+            rgba.extend_from_slice(&[i as u8, 255 - i as u8, 7, 255]);
+        }
+        let frame = ScreenFrame {
+            width: 7,
+            height: 5,
+            rgba,
+            generation: 3,
+        };
+        let back = decode_png(&encode_png(&frame).unwrap(), 9).unwrap();
+        assert_eq!((back.width, back.height, back.generation), (7, 5, 9));
+        assert_eq!(back.rgba, frame.rgba);
+        assert!(decode_png(b"not a png", 1).is_err());
     }
 
     #[test]

@@ -32,7 +32,8 @@ const REFRESH: Duration = Duration::from_millis(100);
 const UNWATCHED_CHECK: Duration = Duration::from_secs(2);
 
 /// What a viewer sends to a screen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum ScreenInput {
     /// An X11 keysym pressed or released.
     Key { keysym: u32, down: bool },
@@ -49,6 +50,85 @@ pub struct ScreenAttach {
     pub frames: watch::Receiver<Arc<ScreenFrame>>,
     /// Keys and the pointer; `None` for a viewer who only watches.
     pub input: Option<ScreenKeys>,
+    /// For a viewer through `--connect` who only watches: the unused way to type that holds
+    /// its stream open.
+    _held_open: Option<mpsc::Sender<ScreenInput>>,
+}
+
+impl ScreenAttach {
+    /// A viewer's end of a screen whose pictures come on a stream of their own (a window
+    /// through `--connect`, from `api::screen`): each picture a frame (its length, then a
+    /// PNG), `early` being what came behind the answer; keys and the pointer go back as JSON
+    /// lines. The stream stays open as long as this end lives.
+    pub fn relayed(
+        early: Vec<u8>,
+        recv: quinn::RecvStream,
+        mut send: quinn::SendStream,
+        typing: bool,
+    ) -> ScreenAttach {
+        use tokio::io::AsyncReadExt;
+        let blank = ScreenFrame {
+            width: 0,
+            height: 0,
+            rgba: Vec::new(),
+            generation: 0,
+        };
+        let (frames_tx, frames) = watch::channel(Arc::new(blank));
+        let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut pictures = std::io::Cursor::new(early).chain(recv);
+            let mut generation = 0u64;
+            while let Ok(len) = pictures.read_u32().await {
+                if len > super::frame::MAX_PICTURE_BYTES {
+                    break;
+                }
+                let mut png = vec![0u8; len as usize];
+                if pictures.read_exact(&mut png).await.is_err() {
+                    break;
+                }
+                generation += 1;
+                let decoded =
+                    tokio::task::spawn_blocking(move || super::frame::decode_png(&png, generation))
+                        .await;
+                match decoded {
+                    Ok(Ok(frame)) => {
+                        if frames_tx.send(Arc::new(frame)).is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            drop(ended_tx);
+        });
+        let (input, mut events) = mpsc::channel::<ScreenInput>(INPUT_QUEUE);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    event = events.recv() => {
+                        let Some(event) = event else { break };
+                        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+                        line.push(b'\n');
+                        if send.write_all(&line).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ = &mut ended => break,
+                }
+            }
+            let _ = send.finish();
+        });
+        let (keys, held_open) = if typing {
+            (Some(ScreenKeys { input }), None)
+        } else {
+            (None, Some(input))
+        };
+        ScreenAttach {
+            frames,
+            input: keys,
+            _held_open: held_open,
+        }
+    }
 }
 
 /// The right to type and point on a screen.
@@ -81,6 +161,7 @@ impl ScreenSession {
             input: wants_input.then(|| ScreenKeys {
                 input: self.input.clone(),
             }),
+            _held_open: None,
         }
     }
 }

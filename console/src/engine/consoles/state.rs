@@ -47,6 +47,7 @@ impl ConsoleSession {
             backlog,
             output,
             keyboard,
+            _held_open: None,
         }
     }
 }
@@ -67,6 +68,63 @@ pub struct ConsoleAttach {
     pub output: broadcast::Receiver<Bytes>,
     /// The keyboard, for the one viewer who types; `None` for the others.
     pub keyboard: Option<Keyboard>,
+    /// For a watcher through `--connect`: the unused way to type that holds its stream open.
+    _held_open: Option<mpsc::Sender<Bytes>>,
+}
+
+impl ConsoleAttach {
+    /// A viewer's end of a console whose bytes travel on a stream of their own (a window
+    /// through `--connect`): `early` is what came behind the answer, what arrives after is
+    /// the output, and a viewer who types (`typing`) sends its keys on `send`. The stream is
+    /// held open as long as this end lives; the engine's session ends when it closes.
+    pub fn relayed(
+        early: Vec<u8>,
+        mut recv: quinn::RecvStream,
+        mut send: quinn::SendStream,
+        typing: bool,
+    ) -> ConsoleAttach {
+        let (output_tx, output) = broadcast::channel(VIEWER_QUEUE);
+        let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            // Until the engine ends the session, or the viewer has gone (no one to send to).
+            while let Ok(Some(n)) = recv.read(&mut buf).await {
+                if output_tx.send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                    break;
+                }
+            }
+            drop(ended_tx);
+        });
+        let (input, mut keys) = mpsc::channel::<Bytes>(INPUT_QUEUE);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    key = keys.recv() => match key {
+                        Some(bytes) if send.write_all(&bytes).await.is_ok() => {}
+                        _ => break,
+                    },
+                    _ = &mut ended => break,
+                }
+            }
+            let _ = send.finish();
+        });
+        let (keyboard, held_open) = if typing {
+            let keyboard = Keyboard {
+                input,
+                held: Arc::new(AtomicBool::new(true)),
+            };
+            (Some(keyboard), None)
+        } else {
+            // A watcher types nothing; the sender it keeps holds the stream open.
+            (None, Some(input))
+        };
+        ConsoleAttach {
+            backlog: early,
+            output,
+            keyboard,
+            _held_open: held_open,
+        }
+    }
 }
 
 /// The right to type on a console; dropping it gives it back.

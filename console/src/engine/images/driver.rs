@@ -13,7 +13,10 @@ use dunes_shared::{
 use super::{
     library,
     push::{PushJob, Pushed, push_image},
-    state::{CreateFromImage, ImagePushReport, ImageRecord, PushedForMigration, PushedForVm},
+    state::{
+        CreateFromImage, ImagePushReport, ImageRecord, ImageTransferProgress, PushedForMigration,
+        PushedForVm,
+    },
 };
 use crate::engine::{
     EngineError, Reply,
@@ -185,11 +188,9 @@ impl Actor {
         tokio::spawn(async move {
             let mut set = tokio::task::JoinSet::new();
             for (host, conn) in jobs {
-                let job = job.clone();
+                let (job, internal, image) = (job.clone(), internal.clone(), name.clone());
                 set.spawn(async move {
-                    let result = push_image(&conn, job, |_, _| {})
-                        .await
-                        .map_err(|e| error_chain(&e));
+                    let result = push_reported(&internal, &conn, job, image, host.clone()).await;
                     (host, result)
                 });
             }
@@ -250,10 +251,9 @@ impl Actor {
         );
         let job = self.push_job(&record);
         let internal = self.internal_tx.clone();
+        let (image, host) = (record.name.clone(), create.host.clone());
         tokio::spawn(async move {
-            let result = push_image(&conn, job, |_, _| {})
-                .await
-                .map_err(|e| error_chain(&e));
+            let result = push_reported(&internal, &conn, job, image, host).await;
             let _ = internal
                 .send(Internal::ImagePushedForVm(Box::new(PushedForVm {
                     create,
@@ -321,9 +321,8 @@ impl Actor {
             record.blake3,
         );
         tokio::spawn(async move {
-            let result = push_image(&conn, job, |_, _| {})
-                .await
-                .map_err(|e| error_chain(&e));
+            let result =
+                push_reported(&internal, &conn, job, waiting.3.clone(), waiting.2.clone()).await;
             let (host, vm, to, image, blake3) = waiting;
             let _ = internal
                 .send(Internal::ImagePushedForMigration(Box::new(
@@ -515,6 +514,37 @@ impl Actor {
         })
     }
 
+    /// How far a push got (`None`: it ended), for the window.
+    pub(in crate::engine) fn image_transfer(
+        &mut self,
+        image: ImageName,
+        host: HostId,
+        progress: Option<(u64, u64)>,
+    ) {
+        let key = (image.clone(), host.clone());
+        match progress {
+            Some((done_bytes, total_bytes)) => {
+                let entry =
+                    self.images
+                        .transfers
+                        .entry(key)
+                        .or_insert_with(|| ImageTransferProgress {
+                            image,
+                            host,
+                            done_bytes,
+                            total_bytes,
+                            started_ms: now_ms(),
+                        });
+                entry.done_bytes = done_bytes;
+                entry.total_bytes = total_bytes;
+            }
+            None => {
+                self.images.transfers.remove(&key);
+            }
+        }
+        self.images.transfers_dirty = true;
+    }
+
     /// Every push has ended: each host's outcome is logged, and the caller hears them all, or
     /// which hosts failed.
     pub(in crate::engine) fn image_pushed(
@@ -613,6 +643,40 @@ impl Actor {
 
 /// Whether a VM from `record` can have `disk`: an installer needs a size, and a disk is never
 /// smaller than its image.
+/// Pushes `job` to `host`, telling the engine how far it got (at each whole percent) and when
+/// it ended, so that the window shows the transfer.
+async fn push_reported(
+    internal: &tokio::sync::mpsc::Sender<Internal>,
+    conn: &quinn::Connection,
+    job: PushJob,
+    image: ImageName,
+    host: HostId,
+) -> Result<Pushed, String> {
+    let last_percent = std::sync::atomic::AtomicU64::new(u64::MAX);
+    let report = |done: u64, total: u64| {
+        let percent = done.saturating_mul(100).checked_div(total).unwrap_or(100);
+        if last_percent.swap(percent, std::sync::atomic::Ordering::Relaxed) != percent {
+            // Progress is news, not state: a step the busy engine has no room for is skipped.
+            let _ = internal.try_send(Internal::ImageTransfer {
+                image: image.clone(),
+                host: host.clone(),
+                progress: Some((done, total)),
+            });
+        }
+    };
+    let result = push_image(conn, job, report)
+        .await
+        .map_err(|e| error_chain(&e));
+    let _ = internal
+        .send(Internal::ImageTransfer {
+            image,
+            host,
+            progress: None,
+        })
+        .await;
+    result
+}
+
 fn check_image_disk(record: &ImageRecord, disk: &ImageDisk) -> Result<(), String> {
     const GIB: u64 = 1 << 30;
     match disk.disk_gib {

@@ -11,4 +11,4 @@ pub mod push;
 pub(in crate::engine) mod state;
 
 pub use format::ImageFormat;
-pub use state::{CreateFromImage, ImagePushReport, ImageRecord};
+pub use state::{CreateFromImage, ImagePushReport, ImageRecord, ImageTransferProgress};

@@ -72,6 +72,21 @@ fn cut_after_chunks() -> Option<usize> {
     None
 }
 
+/// Fault injection for the test suites: in a build with the `failpoints` feature, an image
+/// named `failpoint-slow-…` goes a chunk each 100 ms, so that a test sees its push under way.
+#[cfg(feature = "failpoints")]
+fn chunk_delay(template: &TemplateName) -> Option<Duration> {
+    template
+        .as_str()
+        .starts_with("failpoint-slow-")
+        .then_some(Duration::from_millis(100))
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn chunk_delay(_: &TemplateName) -> Option<Duration> {
+    None
+}
+
 /// What is pushed: the console's copy, and the template the host keeps it as.
 #[derive(Debug, Clone)]
 pub struct PushJob {
@@ -93,6 +108,7 @@ pub async fn push_image(
         move |source| PushError::Copy { path, source }
     };
     let file = job.file;
+    let delay = chunk_delay(&job.template);
     let size = std::fs::metadata(&file).map_err(copy_err(&file))?.len();
     let request = ReceiveImage {
         template: job.template,
@@ -193,6 +209,9 @@ pub async fn push_image(
                     let _ = acked.wait_for(|through| *through > 0).await;
                     let _ = send.reset(0u32.into());
                     return Err(PushError::Link("cut by DUNES_FAILPOINT".into()));
+                }
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
                 }
                 let head = chunk_frame_head(false, record.offset, &record.hash, data.len());
                 send.write_all_chunks(&mut [Bytes::from(head), Bytes::from(data)])

@@ -28,6 +28,18 @@ pub struct ImageRecord {
     pub hosts: Vec<HostId>,
 }
 
+/// An image on its way to a host, as the window shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageTransferProgress {
+    pub image: ImageName,
+    pub host: HostId,
+    /// The image's allocated bytes through so far, of `total_bytes` (a resumed push starts
+    /// where the host's copy ended).
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub started_ms: u64,
+}
+
 /// How a push of an image to one host went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImagePushReport {
@@ -86,6 +98,10 @@ pub(in crate::engine) struct ImagesState {
     /// Hosts this console sent an image to, by the image's BLAKE3: a migration right after
     /// moves the overlay alone even before the host's next inventory says it holds it.
     pub(in crate::engine) sent: BTreeSet<(HostId, String)>,
+    /// Pushes under way, by image and host.
+    pub(in crate::engine) transfers: BTreeMap<(ImageName, HostId), ImageTransferProgress>,
+    pub(in crate::engine) transfers_dirty: bool,
+    pub(in crate::engine) published_transfers: std::sync::Arc<Vec<ImageTransferProgress>>,
     /// The library as placement counts it, as last published.
     pub(in crate::engine) published: std::sync::Arc<crate::engine::services::placement::ImageNeeds>,
 }
@@ -97,6 +113,9 @@ impl ImagesState {
             records: loaded.into_iter().map(|r| (r.name.clone(), r)).collect(),
             importing: BTreeSet::new(),
             sent: BTreeSet::new(),
+            transfers: BTreeMap::new(),
+            transfers_dirty: false,
+            published_transfers: Default::default(),
             published: Default::default(),
         }
     }
