@@ -262,9 +262,10 @@ fn headless_demo_answers_ctl() {
         .unwrap()
         .clone();
     assert!(memory["capacity"].as_f64().unwrap() > 0.0, "{memory}");
-    // The demo's generated month gives the forecast its daily peaks, growing.
+    // The demo's generated month gives the forecast its daily peaks, growing (a month of
+    // days, less the part-days at its ends: 29 near midnight UTC, as one CI run saw).
     assert!(
-        memory["forecast"]["daily_peaks"].as_u64().unwrap() >= 30,
+        memory["forecast"]["daily_peaks"].as_u64().unwrap() >= 28,
         "{memory}"
     );
     assert!(

@@ -784,3 +784,52 @@ distinct_hosts = ["web"]
     let shown = String::from_utf8(ctl(&data, &["service", "show", "shop"]).stdout).unwrap();
     assert!(shown.contains("second"), "{shown}");
 }
+
+/// A push under way shows in `ctl images`: the host it goes to and the bytes through (the
+/// test build sends an image of this name a chunk each 100 ms); once it is there, the host
+/// holds it and nothing is under way.
+#[test]
+fn an_image_on_its_way_shows_how_far_it_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, data) = demo_with_env(dir.path(), &[], &[]);
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    raw_disk(&files.join("slow.raw"), 64, 40);
+    json(&import(&data, &files, "slow.raw", "failpoint-slow-os"));
+    let pushing = {
+        let data = data.clone();
+        std::thread::spawn(move || {
+            ctl(
+                &data,
+                &[
+                    "--json",
+                    "image",
+                    "push",
+                    "failpoint-slow-os",
+                    "--host",
+                    "lsn-1",
+                ],
+            )
+        })
+    };
+    let mut seen = serde_json::Value::Null;
+    poll_until(
+        Duration::from_secs(60),
+        "the push under way in ctl images",
+        || {
+            let images = json(&ctl(&data, &["--json", "images"]));
+            seen = images[0]["sending"][0].clone();
+            seen["done_bytes"].as_u64().is_some_and(|done| done > 0)
+        },
+    );
+    assert_eq!(seen["host"], "lsn-1", "{seen}");
+    let total = seen["total_bytes"].as_u64().unwrap();
+    assert!(seen["done_bytes"].as_u64().unwrap() <= total, "{seen}");
+    let table = String::from_utf8(ctl(&data, &["images"]).stdout).unwrap();
+    assert!(table.contains("SENDING"), "{table}");
+    let pushed = json(&pushing.join().unwrap());
+    assert_eq!(pushed[0]["sent_bytes"], total, "{pushed}");
+    let images = json(&ctl(&data, &["--json", "images"]));
+    assert!(images[0].get("sending").is_none(), "{images}");
+    assert_eq!(images[0]["hosts"], serde_json::json!(["lsn-1"]), "{images}");
+}

@@ -449,8 +449,31 @@ pin = [{ application = "db", hosts = ["deb-b"] }, { application = "web", hosts =
         let deployed = json(&ctl(&data, &["--json", "service", "deploy", "pair"]));
         assert!(deployed.get("failed").is_none(), "{deployed}");
         let started = Instant::now();
-        let report = json(&ctl(&data, &["--json", "service", "start", "pair"]));
+        let start = Command::new(console_binary())
+            .args(["ctl", "--data-dir"])
+            .arg(&data)
+            .args(["--json", "service", "start", "pair"])
+            .output()
+            .unwrap();
         eprintln!("service pair started in {:?}", started.elapsed());
+        // What db's guest said, should its address not come.
+        let db_console = second_storage.join("disks/pair-db-0.console.log");
+        assert!(
+            start.status.success(),
+            "service start: {}\ndb's console, last lines:\n{}",
+            String::from_utf8_lossy(&start.stderr),
+            std::fs::read_to_string(&db_console)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let report: serde_json::Value = serde_json::from_slice(&start.stdout).unwrap();
         assert!(report.get("failed").is_none(), "{report}");
         let vms = json(&ctl(&data, &["--json", "vms"]));
         let db_address = vms

@@ -795,6 +795,14 @@ async fn a_tiny_guest_migrates_between_two_namespaces_with_its_data() {
         })
         .await
         .unwrap();
+    // A forced stop may answer while QEMU is still going away: the clone wants it at rest.
+    engine
+        .wait_for(Duration::from_secs(60), |s| {
+            s.find_vm("wanderer")
+                .is_ok_and(|(_, v)| v.state == VmState::Shutoff)
+        })
+        .await
+        .expect("wanderer shut off");
 
     // A clone to the other host: copied beside the original, then carried to the source
     // host by the disk transfer; the two disks hold the same bytes.

@@ -136,7 +136,7 @@ impl EngineClient {
                     streams.early,
                     streams.recv,
                     streams.send,
-                    !request.read_only,
+                    opened.typing,
                 ));
                 Ok(opened)
             }

@@ -1757,7 +1757,11 @@ impl Operation for ListImages {
         let records = engine
             .request(|reply| Command::ListImages { reply })
             .await?;
-        Ok(records.iter().map(ImageView::from).collect())
+        let transfers = engine.snapshot().image_transfers.clone();
+        Ok(records
+            .iter()
+            .map(|r| ImageView::from(r).with_transfers(&transfers))
+            .collect())
     }
 }
 
@@ -1972,6 +1976,7 @@ impl Operation for ScreenVm {
         Ok(ScreenSession {
             vm: found.name,
             host,
+            typing: attach.input.is_some(),
             attach: Some(attach),
             end: Some(super::dispatch::SessionEnd::begin(engine, caller, &self)),
         })

@@ -1236,6 +1236,37 @@ pub struct ImageView {
     pub imported: String,
     /// Hosts that hold a copy.
     pub hosts: Vec<String>,
+    /// Hosts it is on its way to now, with the bytes through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sending: Vec<ImageSendingView>,
+}
+
+/// An image on its way to a host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSendingView {
+    pub host: HostId,
+    /// The image's allocated bytes through so far, of `total_bytes`.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl ImageView {
+    /// The view with the pushes of this image under way among `transfers`.
+    pub fn with_transfers(
+        mut self,
+        transfers: &[crate::engine::images::ImageTransferProgress],
+    ) -> ImageView {
+        self.sending = transfers
+            .iter()
+            .filter(|t| t.image == self.name)
+            .map(|t| ImageSendingView {
+                host: t.host.clone(),
+                done_bytes: t.done_bytes,
+                total_bytes: t.total_bytes,
+            })
+            .collect();
+        self
+    }
 }
 
 impl From<&crate::engine::images::ImageRecord> for ImageView {
@@ -1248,6 +1279,7 @@ impl From<&crate::engine::images::ImageRecord> for ImageView {
             blake3: r.blake3.clone(),
             imported: rfc3339_ms(r.imported_ms),
             hosts: r.hosts.iter().map(|h| h.to_string()).collect(),
+            sending: Vec::new(),
         }
     }
 }
@@ -1276,6 +1308,10 @@ pub struct ConsoleSession {
 pub struct ScreenSession {
     pub vm: dunes_shared::model::VmName,
     pub host: dunes_shared::model::HostId,
+    /// This viewer holds the keys and the pointer; when false another viewer does (or
+    /// watching only was asked).
+    #[serde(default)]
+    pub typing: bool,
     #[serde(skip)]
     pub attach: Option<crate::engine::consoles::ScreenAttach>,
     /// Audits the session's end when dropped, as a console's.

@@ -717,6 +717,47 @@ async fn run_operator(
     }
 }
 
+/// Pushes an image; on a terminal, a line for each host whenever its share grows by a tenth
+/// (asked of the engine each second). A script gets the answer alone.
+async fn push_with_progress(
+    client: &EngineClient,
+    request: ops::PushImage,
+) -> anyhow::Result<Vec<crate::api::views::ImagePushView>> {
+    let name = request.name.clone();
+    let push = client.push_image(request);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return Ok(push.await?);
+    }
+    tokio::pin!(push);
+    let mut told = std::collections::BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            done = &mut push => return Ok(done?),
+            _ = tick.tick() => {
+                let Ok(images) = client.images(ops::ListImages {}).await else {
+                    continue;
+                };
+                let sending = images
+                    .iter()
+                    .filter(|i| i.name.as_str() == name)
+                    .flat_map(|i| &i.sending);
+                for s in sending {
+                    let tenth = s.done_bytes.saturating_mul(10) / s.total_bytes.max(1);
+                    if told.insert(s.host.clone(), tenth) != Some(tenth) {
+                        eprintln!(
+                            "{}: {} of {} MiB sent",
+                            s.host,
+                            s.done_bytes >> 20,
+                            s.total_bytes.div_ceil(1 << 20)
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn run_image(
     client: &EngineClient,
     command: &ImageCommand,
@@ -774,13 +815,15 @@ async fn run_image(
             )
         }
         ImageCommand::Push { name, host, site } => out.show(
-            &client
-                .push_image(ops::PushImage {
+            &push_with_progress(
+                client,
+                ops::PushImage {
                     name: name.clone(),
                     host: host.clone(),
                     site: site.clone(),
-                })
-                .await?,
+                },
+            )
+            .await?,
             |reports| {
                 reports
                     .iter()

@@ -422,6 +422,7 @@ pub fn images(list: &[ImageView]) -> String {
             "SIZE_MIB",
             "ON_DISK_MIB",
             "HOSTS",
+            "SENDING",
             "BLAKE3",
             "IMPORTED",
         ],
@@ -436,6 +437,19 @@ pub fn images(list: &[ImageView]) -> String {
                         "-".into()
                     } else {
                         i.hosts.join(",")
+                    },
+                    if i.sending.is_empty() {
+                        "-".into()
+                    } else {
+                        i.sending
+                            .iter()
+                            .map(|s| {
+                                let percent =
+                                    s.done_bytes.saturating_mul(100) / s.total_bytes.max(1);
+                                format!("{}:{percent}%", s.host)
+                            })
+                            .collect::<Vec<_>>()
+                            .join(",")
                     },
                     i.blake3.chars().take(16).collect(),
                     i.imported.clone(),

@@ -144,7 +144,9 @@ impl ScreenWindow {
         match take(&mut self.pending) {
             Some(Ok(mut session)) => match session.attach.take() {
                 Some(attach) => {
-                    self.note = attach.input.is_none().then(|| "Watching only.".to_string());
+                    self.note = attach.input.is_none().then(|| {
+                        "Watching only: another viewer has the keys and the pointer.".to_string()
+                    });
                     self.live = Some(Live::new(attach, session.end.take(), true));
                 }
                 None => {

@@ -119,7 +119,8 @@ impl ScreenAttach {
             let _ = send.finish();
         });
         let (keys, held_open) = if typing {
-            (Some(ScreenKeys { input }), None)
+            let held = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            (Some(ScreenKeys { input, held }), None)
         } else {
             (None, Some(input))
         };
@@ -131,10 +132,18 @@ impl ScreenAttach {
     }
 }
 
-/// The right to type and point on a screen.
-#[derive(Debug, Clone)]
+/// The right to type and point on a screen: one viewer holds it at a time; dropping it gives
+/// it back.
+#[derive(Debug)]
 pub struct ScreenKeys {
     input: mpsc::Sender<ScreenInput>,
+    held: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for ScreenKeys {
+    fn drop(&mut self) {
+        self.held.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ScreenKeys {
@@ -152,14 +161,24 @@ pub(in crate::engine) struct ScreenSession {
     id: u64,
     frames: watch::Sender<Arc<ScreenFrame>>,
     input: mpsc::Sender<ScreenInput>,
+    /// Whether a viewer holds the keys and the pointer.
+    keyboard: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ScreenSession {
+    /// A new viewer's end: the pictures, and the keys and pointer if it wants them and
+    /// nobody holds them.
     fn attach(&self, wants_input: bool) -> ScreenAttach {
+        let free = || {
+            !self
+                .keyboard
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        };
         ScreenAttach {
             frames: self.frames.subscribe(),
-            input: wants_input.then(|| ScreenKeys {
+            input: (wants_input && free()).then(|| ScreenKeys {
                 input: self.input.clone(),
+                held: self.keyboard.clone(),
             }),
             _held_open: None,
         }
@@ -247,6 +266,7 @@ impl Actor {
             id,
             frames: frames.clone(),
             input,
+            keyboard: Arc::default(),
         };
         let attach = session.attach(wants_input);
         self.consoles.screens.insert(key, session);
@@ -359,4 +379,29 @@ async fn speak_rfb(
     };
     let _ = client.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_viewer_holds_the_keys_of_a_screen_until_it_lets_go() {
+        let (frames, _) = watch::channel(Arc::new(ScreenFrame::default()));
+        let (input, _input_rx) = mpsc::channel(INPUT_QUEUE);
+        let session = ScreenSession {
+            id: 1,
+            frames,
+            input,
+            keyboard: Arc::default(),
+        };
+        let first = session.attach(true);
+        assert!(first.input.is_some());
+        // A second viewer watches: the keys are held.
+        assert!(session.attach(true).input.is_none());
+        // One who only watches never takes them.
+        drop(first);
+        assert!(session.attach(false).input.is_none());
+        assert!(session.attach(true).input.is_some());
+    }
 }

@@ -11,9 +11,11 @@ use crate::engine::{
     services::state::StartInputs,
 };
 
-/// How long an instance's start waits for its dependencies to report their addresses: a
-/// guest agent that answers is asked for them on the agent's own clock.
-pub const ADDRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+/// How long an instance's start waits for its dependencies to report their addresses, as
+/// long as for its readiness: a guest agent answers before the guest's network is up (a
+/// slow guest's DHCP comes a minute or more later), and it is asked for them on the agent's
+/// own clock.
+pub const ADDRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// One address per instance, in index order: its first IPv4 address without the prefix
 /// length, or its first address. `strict`: an instance that reported none is refused;
