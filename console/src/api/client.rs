@@ -71,22 +71,18 @@ impl EngineClient {
         }
     }
 
-    /// Opens a VM's serial console. Through `--connect` its bytes come on the request's
-    /// own stream, relayed to the session's `attach` as the engine in this process gives it.
-    pub async fn open_console(
+    /// Opens a session (a VM's console, its screen). Through `--connect` what it carries
+    /// comes on the request's own stream, relayed to the session's `attach` as the engine
+    /// in this process gives it.
+    pub async fn open_session<O: super::session::SessionOperation>(
         &self,
-        request: ops::ConsoleVm,
-    ) -> Result<super::views::ConsoleSession, ApiError> {
+        request: O,
+    ) -> Result<O::Response, ApiError> {
         match self {
             EngineClient::Remote { session, .. } => {
-                let streams = session.open_console(&request).await?;
+                let streams = session.open_session(&request).await?;
                 let mut opened = streams.session;
-                opened.attach = Some(crate::engine::consoles::ConsoleAttach::relayed(
-                    streams.early,
-                    streams.recv,
-                    streams.send,
-                    opened.typing,
-                ));
+                O::relay(&mut opened, streams.early, streams.recv, streams.send);
                 Ok(opened)
             }
             _ => self.call(request).await,
@@ -119,28 +115,6 @@ impl EngineClient {
                 })
                 .await
             }
-        }
-    }
-
-    /// Opens a VM's screen; through `--connect` its pictures come on the request's own
-    /// stream, relayed to the session's `attach`.
-    pub async fn open_screen(
-        &self,
-        request: ops::ScreenVm,
-    ) -> Result<super::views::ScreenSession, ApiError> {
-        match self {
-            EngineClient::Remote { session, .. } => {
-                let streams = session.open_screen(&request).await?;
-                let mut opened = streams.session;
-                opened.attach = Some(crate::engine::consoles::ScreenAttach::relayed(
-                    streams.early,
-                    streams.recv,
-                    streams.send,
-                    opened.typing,
-                ));
-                Ok(opened)
-            }
-            _ => self.call(request).await,
         }
     }
 

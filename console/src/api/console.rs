@@ -10,9 +10,9 @@ use tokio::{
 };
 
 use super::{
-    dispatch,
     ops::ConsoleVm,
-    types::{Answer, ApiError, Caller, Envelope, Operation},
+    session::{Served, open_served},
+    types::{Caller, Envelope},
 };
 use crate::engine::EngineHandle;
 
@@ -26,26 +26,12 @@ pub async fn serve_session(
     mut read: impl AsyncRead + Unpin,
     mut write: impl AsyncWrite + Unpin,
 ) -> std::io::Result<()> {
-    let request = serde_json::from_value::<ConsoleVm>(serde_json::Value::Object(envelope.fields))
-        .map_err(|e| ApiError::invalid(format!("bad {} request: {e}", ConsoleVm::NAME)));
-    let opened = match request {
-        Ok(request) => dispatch::run_checked(engine, request, caller).await,
-        Err(e) => Err(e),
-    };
-    let (answer, attach, _end) = match opened {
-        Ok(mut session) => {
-            let attach = session.attach.take();
-            let end = session.end.take();
-            let value = serde_json::to_value(&session).unwrap_or_default();
-            (Answer::from_result(Ok(value)), attach, end)
-        }
-        Err(e) => (Answer::from_result(Err(e)), None, None),
-    };
-    let mut line = serde_json::to_vec(&answer).unwrap_or_default();
-    line.push(b'\n');
-    write.write_all(&line).await?;
-    let Some(mut attach) = attach else {
-        return write.shutdown().await;
+    let Some(Served {
+        mut attach,
+        end: _end,
+    }) = open_served::<ConsoleVm>(engine, envelope, caller, &mut write).await?
+    else {
+        return Ok(());
     };
     write.write_all(&attach.backlog).await?;
     write.flush().await?;

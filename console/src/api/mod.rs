@@ -78,6 +78,7 @@ pub mod remote;
 #[cfg(test)]
 mod role_matrix;
 pub mod screen;
+pub mod session;
 pub mod socket;
 mod types;
 mod upload;

@@ -10,9 +10,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::{
-    dispatch,
     ops::ScreenVm,
-    types::{Answer, ApiError, Caller, Envelope, Operation},
+    session::{Served, open_served},
+    types::{Caller, Envelope},
 };
 use crate::engine::{
     EngineHandle,
@@ -34,26 +34,9 @@ pub async fn serve_session(
     read: quinn::RecvStream,
     mut write: quinn::SendStream,
 ) -> std::io::Result<()> {
-    let request = serde_json::from_value::<ScreenVm>(serde_json::Value::Object(envelope.fields))
-        .map_err(|e| ApiError::invalid(format!("bad {} request: {e}", ScreenVm::NAME)));
-    let opened = match request {
-        Ok(request) => dispatch::run_checked(engine, request, caller).await,
-        Err(e) => Err(e),
-    };
-    let (answer, attach, _end) = match opened {
-        Ok(mut session) => {
-            let attach = session.attach.take();
-            let end = session.end.take();
-            let value = serde_json::to_value(&session).unwrap_or_default();
-            (Answer::from_result(Ok(value)), attach, end)
-        }
-        Err(e) => (Answer::from_result(Err(e)), None, None),
-    };
-    let mut line = serde_json::to_vec(&answer).unwrap_or_default();
-    line.push(b'\n');
-    write.write_all(&line).await?;
-    let Some(attach) = attach else {
-        let _ = write.finish();
+    let Some(Served { attach, end: _end }) =
+        open_served::<ScreenVm>(engine, envelope, caller, &mut write).await?
+    else {
         return Ok(());
     };
     let mut frames = attach.frames;

@@ -89,7 +89,7 @@ pub async fn attach_remote(
     linger: Duration,
 ) -> anyhow::Result<ExitCode> {
     let mut streams = engine
-        .open_console(&ops::ConsoleVm {
+        .open_session(&ops::ConsoleVm {
             vm: vm.to_string(),
             read_only,
         })

@@ -60,7 +60,7 @@ impl ConsoleWindow {
     pub fn open(&mut self, vm: String, link: &EngineLink) {
         *self = ConsoleWindow {
             open: true,
-            pending: Some(link.open_console(ops::ConsoleVm {
+            pending: Some(link.open_session(ops::ConsoleVm {
                 vm: vm.clone(),
                 read_only: false,
             })),

@@ -182,15 +182,16 @@ impl EngineLink {
         }
     }
 
-    /// Opens a VM's serial console from the runtime, wherever the engine is.
-    pub fn open_console(
+    /// Opens a session (a VM's console, its screen) from the runtime, wherever the engine
+    /// is.
+    pub fn open_session<O: crate::api::session::SessionOperation>(
         &self,
-        request: crate::api::ops::ConsoleVm,
-    ) -> Answer<crate::api::views::ConsoleSession> {
+        request: O,
+    ) -> Answer<O::Response> {
         let (tx, rx) = oneshot::channel();
         let client = self.client();
         self.runtime.spawn(async move {
-            let _ = tx.send(client.open_console(request).await);
+            let _ = tx.send(client.open_session(request).await);
         });
         rx
     }
@@ -212,19 +213,6 @@ impl EngineLink {
             let _ = tx.send(client.import_image_file(name, file, progress_tx).await);
         });
         (rx, progress)
-    }
-
-    /// Opens a VM's screen from the runtime, wherever the engine is.
-    pub fn open_screen(
-        &self,
-        request: crate::api::ops::ScreenVm,
-    ) -> Answer<crate::api::views::ScreenSession> {
-        let (tx, rx) = oneshot::channel();
-        let client = self.client();
-        self.runtime.spawn(async move {
-            let _ = tx.send(client.open_screen(request).await);
-        });
-        rx
     }
 
     /// Sends `request` from the runtime; its answer comes back on the channel.

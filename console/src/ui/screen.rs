@@ -107,7 +107,7 @@ impl ScreenWindow {
     pub fn open(&mut self, vm: String, link: &EngineLink) {
         *self = ScreenWindow {
             open: true,
-            pending: Some(link.open_screen(ops::ScreenVm {
+            pending: Some(link.open_session(ops::ScreenVm {
                 vm: vm.clone(),
                 read_only: false,
             })),
@@ -550,7 +550,7 @@ impl Thumbnail {
     /// Starts following the VM `vm` (`HOST/NAME`) with `uuid`.
     pub fn watch(&mut self, uuid: String, vm: String, link: &EngineLink) {
         self.live = None;
-        self.pending = Some(link.open_screen(ops::ScreenVm {
+        self.pending = Some(link.open_session(ops::ScreenVm {
             vm,
             read_only: true,
         }));

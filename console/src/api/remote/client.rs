@@ -9,25 +9,16 @@ use super::hello::{
     Welcome, read_message,
 };
 
-/// A screen session opened through the operator endpoint.
+/// A session (a console, a screen) opened through the operator endpoint.
 #[derive(Debug)]
-pub struct ScreenStreams {
-    pub session: views::ScreenSession,
-    /// The first bytes of the pictures, read behind the answer.
+pub struct SessionStreams<S> {
+    pub session: S,
+    /// The session's first bytes, read behind the answer.
     pub early: Vec<u8>,
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
 }
 
-/// A console session opened through the operator endpoint.
-#[derive(Debug)]
-pub struct ConsoleStreams {
-    pub session: views::ConsoleSession,
-    /// The console's first bytes, read behind the answer.
-    pub early: Vec<u8>,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
-}
 use crate::{
     api::{
         credential::Credential,
@@ -174,36 +165,13 @@ impl RemoteEngine {
             .map_err(|_| lost("no answer in time".into()))?
     }
 
-    /// Opens a console session: the request line, then its answer line; on success the
-    /// stream's halves carry the console's bytes, after `early` (what came behind the answer).
-    pub async fn open_console(&self, request: &ops::ConsoleVm) -> Result<ConsoleStreams, ApiError> {
-        let (session, early, send, recv) = self.open_session(request).await?;
-        Ok(ConsoleStreams {
-            session,
-            early,
-            send,
-            recv,
-        })
-    }
-
-    /// Opens a screen session as a console's: on success the stream's halves carry the
-    /// screen's pictures and the viewer's input (`api::screen`).
-    pub async fn open_screen(&self, request: &ops::ScreenVm) -> Result<ScreenStreams, ApiError> {
-        let (session, early, send, recv) = self.open_session(request).await?;
-        Ok(ScreenStreams {
-            session,
-            early,
-            send,
-            recv,
-        })
-    }
-
-    /// A session on a stream of its own: the request line, then its answer line, then what
-    /// the session carries.
-    async fn open_session<O: crate::api::Operation>(
+    /// Opens a session (a console, a screen) on a stream of its own: the request line, then
+    /// its answer line; on success the stream's halves carry what the session carries
+    /// (`api::console`, `api::screen`), after `early`.
+    pub async fn open_session<O: crate::api::Operation>(
         &self,
         request: &O,
-    ) -> Result<(O::Response, Vec<u8>, quinn::SendStream, quinn::RecvStream), ApiError> {
+    ) -> Result<SessionStreams<O::Response>, ApiError> {
         let lost = |message: String| ApiError {
             code: ApiErrorCode::Unavailable,
             message: format!(
@@ -232,7 +200,12 @@ impl RemoteEngine {
         }
         let session = serde_json::from_value(answer.data.unwrap_or_default())
             .map_err(|e| lost(format!("the answer does not parse: {e}")))?;
-        Ok((session, early, send, recv))
+        Ok(SessionStreams {
+            session,
+            early,
+            send,
+            recv,
+        })
     }
 
     /// Imports the image in `file` (where this runs) into the engine's library: the request

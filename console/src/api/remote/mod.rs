@@ -9,6 +9,6 @@ mod client;
 mod hello;
 mod server;
 
-pub use client::{ConnectError, ConsoleStreams, RemoteEngine, ScreenStreams};
+pub use client::{ConnectError, RemoteEngine, SessionStreams};
 pub use hello::{MAX_REQUEST_BYTES, WATCH, Welcome};
 pub use server::{OperatorEndpoint, OperatorEndpointError, serve};
