@@ -8,6 +8,7 @@ pub mod codec;
 pub mod durable;
 pub mod extents;
 pub mod model;
+pub mod network;
 pub mod pki;
 pub mod protocol;
 pub mod rpc;

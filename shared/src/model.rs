@@ -119,6 +119,12 @@ validated_name!(
     OperatorName,
     "operator name"
 );
+validated_name!(
+    /// Name of a service network: a service's own (named as the service), or one that
+    /// several services join.
+    NetworkName,
+    "network name"
+);
 
 /// What runs workloads on a host. Messages from before runtimes were named meant libvirt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

@@ -164,6 +164,10 @@ pub struct ServiceSpec {
     pub applications: Vec<ApplicationSpec>,
     #[serde(default)]
     pub rules: ServiceRules,
+    /// Its instances' network; without one they have their runtime's own (a VM's
+    /// user-mode network, a process's host's).
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkSpec>,
 }
 
 /// Why a service definition is refused; each says what to change.
@@ -181,6 +185,8 @@ pub enum ServiceError {
     BadApp { app: AppName, message: String },
     #[error("{0}")]
     Contradiction(String),
+    #[error("network: {0}")]
+    Network(#[from] crate::network::NetworkError),
 }
 
 impl ApplicationSpec {
@@ -430,6 +436,10 @@ impl ServiceSpec {
         if let Some(cycle) = self.dependency_cycle() {
             return Err(ServiceError::Cycle(cycle));
         }
+        if let Some(network) = &self.network {
+            let apps: Vec<&AppName> = names.iter().copied().collect();
+            network.check(&self.name, &apps)?;
+        }
         Ok(())
     }
 
@@ -542,6 +552,7 @@ mod tests {
             name: ServiceName::new("shop").unwrap(),
             applications: apps,
             rules: ServiceRules::default(),
+            network: None,
         }
     }
 

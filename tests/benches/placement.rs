@@ -122,6 +122,7 @@ fn service() -> ServiceSpec {
                 .collect(),
             max_cost_per_hour: Some(1_000.0),
         },
+        network: None,
     };
     spec.validate().expect("the benchmark's service is valid");
     spec

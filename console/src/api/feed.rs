@@ -61,6 +61,9 @@ pub struct SnapshotDelta {
     /// Images on their way to hosts, when that changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_transfers: Option<Vec<crate::engine::images::ImageTransferProgress>>,
+    /// Service networks, when they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<Vec<crate::engine::networks::NetworkView>>,
     pub generated_until_secs: Option<u64>,
 }
 
@@ -104,6 +107,8 @@ pub fn delta(before: &Snapshot, now: &Snapshot) -> SnapshotDelta {
         images: (!Arc::ptr_eq(&before.images, &now.images)).then(|| now.images.as_ref().clone()),
         image_transfers: (!Arc::ptr_eq(&before.image_transfers, &now.image_transfers))
             .then(|| now.image_transfers.as_ref().clone()),
+        networks: (!Arc::ptr_eq(&before.networks, &now.networks))
+            .then(|| now.networks.as_ref().clone()),
         generated_until_secs: now.generated_until_secs,
     }
 }
@@ -165,6 +170,9 @@ pub fn apply(base: &Snapshot, delta: SnapshotDelta) -> Snapshot {
         image_transfers: delta
             .image_transfers
             .map_or_else(|| base.image_transfers.clone(), Arc::new),
+        networks: delta
+            .networks
+            .map_or_else(|| base.networks.clone(), Arc::new),
         generated_until_secs: delta.generated_until_secs,
         version: delta.version,
     }
@@ -313,6 +321,7 @@ mod tests {
             drains: before.drains.clone(),
             images: before.images.clone(),
             image_transfers: before.image_transfers.clone(),
+            networks: before.networks.clone(),
             generated_until_secs: None,
             version: 2,
         };

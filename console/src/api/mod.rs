@@ -58,6 +58,7 @@ macro_rules! with_operations {
         audit => ListAudit,
         verify_audit => VerifyAudit,
         images => ListImages,
+        networks => ListNetworks,
         import_image => ImportImage,
         delete_image => DeleteImage,
         push_image => PushImage,

@@ -1744,6 +1744,20 @@ fn image_name(text: &str) -> Result<ImageName, ApiError> {
     Ok(ImageName::new(text).map_err(|e| e.to_string())?)
 }
 
+/// Service networks, with their instances and published ports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListNetworks {}
+
+impl Operation for ListNetworks {
+    const NAME: &'static str = "networks";
+    const ACTION: &'static str = "list networks";
+    type Response = Vec<crate::engine::networks::NetworkView>;
+    read_only!();
+    async fn execute(self, engine: &EngineHandle) -> Result<Self::Response, ApiError> {
+        Ok(engine.snapshot().networks.as_ref().clone())
+    }
+}
+
 /// The image library.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListImages {}

@@ -357,6 +357,7 @@ fn every_operation() -> Vec<Case> {
         ),
         case(VerifyAudit {}, Viewer, false),
         case(ListImages {}, Viewer, false),
+        case(ListNetworks {}, Viewer, false),
         case(
             ImportImage {
                 name: "debian".into(),

@@ -122,6 +122,9 @@ pub enum CtlCommand {
     /// List the image library: name, format, size for the guest, size on disk, BLAKE3 and
     /// the hosts that hold a copy.
     Images,
+    /// Service networks: each one's subnet, services, hosts, instances (address, MAC, name,
+    /// readiness) and published ports.
+    Networks,
     /// Import or delete operating system images (qcow2, raw disks, ISO installers).
     #[command(subcommand)]
     Image(ImageCommand),

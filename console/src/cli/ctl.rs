@@ -147,6 +147,9 @@ async fn run(client: &EngineClient, command: &CtlCommand, out: Output) -> anyhow
             render::images(i)
         })?,
         CtlCommand::Image(command) => run_image(client, command, out).await?,
+        CtlCommand::Networks => out.show(&client.networks(ops::ListNetworks {}).await?, |n| {
+            render::networks(n)
+        })?,
         CtlCommand::Audit(args) => return run_audit(client, args, out).await,
         CtlCommand::Stats {
             subject,

@@ -414,6 +414,74 @@ pub fn services(list: &[ServiceSummary]) -> String {
     )
 }
 
+pub fn networks(list: &[crate::engine::networks::NetworkView]) -> String {
+    let join = |items: Vec<String>| {
+        if items.is_empty() {
+            "-".to_string()
+        } else {
+            items.join(",")
+        }
+    };
+    let mut out = table(
+        &[
+            "NETWORK", "SUBNET", "GATEWAY", "VNI", "SERVICES", "CONNECT", "HOSTS",
+        ],
+        list.iter()
+            .map(|n| {
+                vec![
+                    n.name.to_string(),
+                    n.subnet.to_string(),
+                    n.gateway.to_string(),
+                    n.vni.to_string(),
+                    join(n.services.iter().map(|s| s.to_string()).collect()),
+                    join(n.connect.iter().map(|s| s.to_string()).collect()),
+                    join(n.hosts.iter().map(|h| h.to_string()).collect()),
+                ]
+            })
+            .collect(),
+    );
+    let members: Vec<Vec<String>> = list
+        .iter()
+        .flat_map(|n| {
+            n.members.iter().map(|m| {
+                vec![
+                    n.name.to_string(),
+                    m.dns_name.clone(),
+                    m.host.to_string(),
+                    m.address.to_string(),
+                    m.mac.clone(),
+                    if m.ready { "yes" } else { "no" }.to_string(),
+                ]
+            })
+        })
+        .collect();
+    if !members.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &["NETWORK", "INSTANCE", "HOST", "ADDRESS", "MAC", "READY"],
+            members,
+        ));
+    }
+    let published: Vec<Vec<String>> = list
+        .iter()
+        .flat_map(|n| {
+            n.published.iter().map(|p| {
+                vec![
+                    n.name.to_string(),
+                    p.host_port.to_string(),
+                    format!("{}.{}:{}", p.app, p.service, p.port),
+                    p.hosts.clone(),
+                ]
+            })
+        })
+        .collect();
+    if !published.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["NETWORK", "HOST_PORT", "TO", "ON"], published));
+    }
+    out
+}
+
 pub fn images(list: &[ImageView]) -> String {
     table(
         &[

@@ -166,6 +166,7 @@ pub(super) struct Actor {
     pub(super) statistics: StatisticsState,
     pub(super) autoscaling: AutoscalingState,
     pub(super) images: super::images::state::ImagesState,
+    pub(super) networks: super::networks::state::NetworksState,
     pub(super) consoles: super::consoles::state::ConsolesState,
 }
 

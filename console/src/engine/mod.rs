@@ -13,6 +13,7 @@ mod event_log;
 pub mod fleet;
 pub mod images;
 pub mod migration;
+pub mod networks;
 pub mod notify;
 pub mod operators;
 mod publish;
@@ -683,6 +684,15 @@ pub async fn start_with(
         operators,
         audit,
         images: images::state::ImagesState::new(data_dir.join("images"), loaded.images),
+        networks: networks::state::NetworksState {
+            records: loaded
+                .networks
+                .into_iter()
+                .map(|r| (r.name.clone(), r))
+                .collect(),
+            dirty: true,
+            published: Default::default(),
+        },
         consoles: consoles::state::ConsolesState::default(),
     };
     let mut vms_by_host: BTreeMap<HostId, Vec<VmStatus>> = BTreeMap::new();

@@ -84,6 +84,15 @@ impl Actor {
             }
             self.services.published = Arc::new(views);
             self.services.dirty = false;
+            self.networks.dirty = true;
+            changed = true;
+        }
+        if self.networks.dirty {
+            self.networks.published = Arc::new(super::networks::views::network_views(
+                self.networks.records.values().cloned(),
+                &self.services.published,
+            ));
+            self.networks.dirty = false;
             changed = true;
         }
         if self.migrations.dirty {
@@ -134,6 +143,7 @@ impl Actor {
             drains: self.drains.published.clone(),
             images: self.images.published.clone(),
             image_transfers: self.images.published_transfers.clone(),
+            networks: self.networks.published.clone(),
             generated_until_secs: self.statistics.generated_until_secs,
             version: self.version,
         }));

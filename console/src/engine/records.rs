@@ -150,6 +150,17 @@ pub struct InstanceRecord {
     pub runtime: dunes_shared::model::RuntimeKind,
     /// A VM that existed before and was adopted into the service: a deploy never removes it.
     pub adopted: bool,
+    /// Its address on its service's network, kept through stops, starts and migrations.
+    #[serde(default)]
+    pub address: Option<InstanceAddress>,
+}
+
+/// An instance's place on its service's network, chosen by the console.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceAddress {
+    pub network: dunes_shared::model::NetworkName,
+    pub ip: std::net::Ipv4Addr,
+    pub mac: String,
 }
 
 impl InstanceRecord {

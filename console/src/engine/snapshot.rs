@@ -93,6 +93,9 @@ pub struct Snapshot {
     /// Images on their way to hosts, by image and host.
     #[serde(default)]
     pub image_transfers: Arc<Vec<super::images::ImageTransferProgress>>,
+    /// Service networks, by name.
+    #[serde(default)]
+    pub networks: Arc<Vec<super::networks::NetworkView>>,
     /// Readings before this time (unix seconds) were generated, not measured (the demo's).
     pub generated_until_secs: Option<u64>,
     /// Bumped on every publish.

@@ -82,6 +82,13 @@ impl Actor {
                 return;
             }
         }
+        let network = match self.network_for(&spec) {
+            Ok(choice) => choice,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
         let existed = existing.is_some();
         let record = ServiceRecord {
             name: name.clone(),
@@ -94,6 +101,8 @@ impl Actor {
         self.services
             .entries
             .insert(name.clone(), ServiceEntry::new(record));
+        self.keep_network(network);
+        self.forget_unused_networks();
         self.services.dirty = true;
         let verb = if existed { "changed" } else { "defined" };
         self.log(Level::Info, None, format!("service {name} {verb}"));
@@ -155,6 +164,9 @@ impl Actor {
             }
         };
         let mut steps = Vec::new();
+        let mut addresses_taken = crate::engine::networks::plan::network_name(&spec)
+            .map(|n| self.addresses_on(&n))
+            .unwrap_or_default();
         // What a deploy cut short left `creating` is created again where it was journaled:
         // the agent creates it, or says it has it.
         let unfinished = |p: &&crate::engine::services::placement::Placement| {
@@ -195,6 +207,18 @@ impl Actor {
                 ))));
                 return;
             }
+            let key = crate::engine::records::InstanceKey {
+                service: name.clone(),
+                app: p.app.clone(),
+                index: p.index,
+            };
+            let address = match self.address_for(&spec, &key, &mut addresses_taken) {
+                Ok(address) => address,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            };
             let instance = InstanceRecord {
                 service: name.clone(),
                 app: p.app.clone(),
@@ -204,6 +228,7 @@ impl Actor {
                 state: InstanceState::Creating,
                 runtime: app.runtime,
                 adopted: false,
+                address,
             };
             let image = match &app.image {
                 None => None,
@@ -366,7 +391,12 @@ impl Actor {
         name: &ServiceName,
         reply: Reply<OperationReport>,
     ) {
-        if let Err(e) = self.services.entry(name).and_then(|_| self.not_busy(name)) {
+        if let Err(e) = self
+            .services
+            .entry(name)
+            .and_then(|_| self.not_busy(name))
+            .and_then(|_| self.not_connected_to(name))
+        {
             let _ = reply.send(Err(e));
             return;
         }
@@ -395,6 +425,11 @@ impl Actor {
             let app_spec = spec.application(app).ok_or_else(|| {
                 EngineError::Invalid(format!("service {name} has no application {app}"))
             })?;
+            if spec.network.is_some() {
+                return Err(EngineError::Invalid(format!(
+                    "service {name} has a network, which a VM made elsewhere is not on: deploy its instances instead"
+                )));
+            }
             let status = self
                 .fleet
                 .hosts
@@ -438,6 +473,7 @@ impl Actor {
                 state: InstanceState::Created,
                 runtime: status.runtime,
                 adopted: true,
+                address: None,
             })
         })();
         match adopted {
@@ -646,6 +682,7 @@ impl Actor {
         if operation == Operation::Deleting && report.failed.is_empty() {
             self.services.entries.remove(name);
             self.store.delete_service(name);
+            self.forget_unused_networks();
         }
         self.services.dirty = true;
         let what = match operation {

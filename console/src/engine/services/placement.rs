@@ -1008,6 +1008,7 @@ mod tests {
             name: ServiceName::new("shop").unwrap(),
             applications: apps,
             rules,
+            network: None,
         };
         s.validate().unwrap();
         s

@@ -41,10 +41,19 @@
 //! min_security_level = [{ application = "payment", level = 3 }]
 //! allowed_sites = ["lausanne", "geneva"]
 //! max_cost_per_hour = 2.5
+//!
+//! [network]                           # the service's instances on a network of their own
+//! subnet = "10.40.0.0/24"             # chosen by the console when not given
+//! # name = "shared"                   # or a network several services join
+//! connect = ["payments"]              # services its instances may open connections to
+//! publish = [{ app = "web", port = 80, host_port = 8080, hosts = "site:lausanne" }]
 //! ```
 
 use dunes_shared::{
-    model::{AppName, HostId, ImageName, RuntimeKind, ServiceName, SiteName, TemplateName},
+    model::{
+        AppName, HostId, ImageName, NetworkName, RuntimeKind, ServiceName, SiteName, TemplateName,
+    },
+    network::{NetworkError, NetworkSpec, PublishHosts, PublishSpec},
     service::{
         AppMetric, ApplicationSpec, GuestAppSpec, InterpreterNeed, PinRule, Readiness,
         SecurityRule, ServiceError, ServiceRules, ServiceSpec,
@@ -69,6 +78,35 @@ struct File {
     applications: Vec<AppFile>,
     #[serde(default)]
     rules: Option<Spanned<RulesFile>>,
+    #[serde(default)]
+    network: Option<Spanned<NetworkFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkFile {
+    #[serde(default)]
+    name: Option<NetworkName>,
+    #[serde(default)]
+    subnet: Option<ipnet::Ipv4Net>,
+    #[serde(default)]
+    connect: Vec<ServiceName>,
+    #[serde(default)]
+    publish: Vec<PublishFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishFile {
+    app: AppName,
+    port: u16,
+    host_port: u16,
+    #[serde(default = "all_hosts")]
+    hosts: PublishHosts,
+}
+
+fn all_hosts() -> PublishHosts {
+    PublishHosts::All
 }
 
 #[derive(Deserialize)]
@@ -223,6 +261,32 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
     (!key.is_empty() && !key.contains(['[', '{', ' '])).then(|| key.to_string())
 }
 
+/// The key of the network table a refusal is about.
+fn network_key(e: &NetworkError) -> &'static str {
+    match e {
+        NetworkError::HostBits { .. }
+        | NetworkError::Prefix { .. }
+        | NetworkError::Reserved { .. } => "subnet",
+        NetworkError::ConnectSelf => "connect",
+        NetworkError::UnknownApp(_) | NetworkError::ZeroPort | NetworkError::HostPortTwice(_) => {
+            "publish"
+        }
+    }
+}
+
+/// The first line from `from` on that sets `key` (`key = ...`), or `from`.
+fn key_line_after(text: &str, from: usize, key: &str) -> usize {
+    text.lines()
+        .enumerate()
+        .skip(from.saturating_sub(1))
+        .find(|(_, l)| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(from, |(i, _)| i + 1)
+}
+
 /// Parses and checks a service file; nothing is created from a file that fails.
 pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
     let file: File = toml::from_str(text).map_err(|e| {
@@ -250,6 +314,10 @@ pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
         .rules
         .as_ref()
         .map_or(name_line, |r| line_of(text, r.span().start));
+    let network_line = file
+        .network
+        .as_ref()
+        .map_or(name_line, |n| line_of(text, n.span().start));
     let applications = file
         .applications
         .into_iter()
@@ -265,6 +333,24 @@ pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
             .rules
             .map(|r| rules_spec(r.into_inner()))
             .unwrap_or_default(),
+        network: file.network.map(|n| {
+            let n = n.into_inner();
+            NetworkSpec {
+                name: n.name,
+                subnet: n.subnet,
+                connect: n.connect,
+                publish: n
+                    .publish
+                    .into_iter()
+                    .map(|p| PublishSpec {
+                        app: p.app,
+                        port: p.port,
+                        host_port: p.host_port,
+                        hosts: p.hosts,
+                    })
+                    .collect(),
+            }
+        }),
     };
     spec.validate().map_err(|e| {
         let app_line = |a: &AppName| app_lines.iter().find(|(n, _)| n == a).map(|(_, l)| *l);
@@ -283,6 +369,7 @@ pub fn parse_service_file(text: &str) -> Result<ServiceSpec, ServiceFileError> {
                 .find(|a| rule.starts_with(&format!("application {}'s", a.name)))
                 .and_then(|a| app_line(&a.name)),
             ServiceError::UnknownApp { .. } | ServiceError::Contradiction(_) => Some(rules_line),
+            ServiceError::Network(e) => Some(key_line_after(text, network_line, network_key(e))),
         };
         ServiceFileError {
             line: line.unwrap_or(1),
@@ -386,6 +473,56 @@ mod tests {
     use super::*;
 
     const SHOP: &str = include_str!("../../../../assets/examples/shop.toml");
+
+    #[test]
+    fn a_network_is_read_and_a_bad_one_is_named_by_its_line() {
+        let text = r#"name = "shop"
+
+[[application]]
+name = "web"
+runtime = "libvirt"
+template = "tiny"
+vcpus = 1
+memory_mib = 128
+instances = 2
+
+[network]
+subnet = "10.40.0.0/24"
+connect = ["payments"]
+publish = [{ app = "web", port = 80, host_port = 8080, hosts = "site:lausanne" }]
+"#;
+        let spec = parse_service_file(text).unwrap();
+        let network = spec.network.as_ref().unwrap();
+        assert_eq!(network.subnet.unwrap().to_string(), "10.40.0.0/24");
+        assert_eq!(network.connect[0].as_str(), "payments");
+        assert_eq!(network.publish[0].host_port, 8080);
+        assert_eq!(network.publish[0].hosts.to_string(), "site:lausanne");
+        // Without hosts, every host of the network publishes.
+        let everywhere = text.replace(", hosts = \"site:lausanne\"", "");
+        let spec = parse_service_file(&everywhere).unwrap();
+        assert_eq!(spec.network.unwrap().publish[0].hosts, PublishHosts::All);
+        for (bad, line, says) in [
+            (
+                text.replace("10.40.0.0/24", "10.40.0.9/24"),
+                12,
+                "did you mean 10.40.0.0/24",
+            ),
+            (text.replace("10.40.0.0/24", "10.40.0/24"), 12, "subnet"),
+            (text.replace("app = \"web\"", "app = \"db\""), 14, "db"),
+            (text.replace("\"payments\"", "\"shop\""), 13, "itself"),
+            (text.replace("site:lausanne", "rack:4"), 14, "site:NAME"),
+            (text.replace("connect", "conect"), 13, "conect"),
+        ] {
+            let err = parse_service_file(&bad).unwrap_err();
+            assert_eq!(err.line, line, "{err}");
+            assert!(err.message.contains(says), "{err}");
+        }
+        // Names are DNS labels: an application's longer than one is refused, with its line.
+        let long = text.replace("name = \"web\"", &format!("name = \"{}\"", "w".repeat(64)));
+        let err = parse_service_file(&long).unwrap_err();
+        assert_eq!(err.line, 4, "{err}");
+        assert!(err.message.contains("1 to 63 characters"), "{err}");
+    }
 
     #[test]
     fn guest_applications_are_read_and_a_bad_one_is_named_by_its_line() {

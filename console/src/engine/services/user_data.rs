@@ -86,12 +86,17 @@ impl Actor {
                     .iter()
                     .filter(|i| &i.app == dep && i.state == InstanceState::Created)
                     .map(|i| {
-                        let addresses = self
-                            .fleet
-                            .hosts
-                            .get(&i.host)
-                            .and_then(|h| h.view.vm(&i.vm))
-                            .and_then(|v| v.addresses.clone());
+                        // On a service network the console chose the address; otherwise
+                        // the guest agent reports what the guest has.
+                        let addresses = match &i.address {
+                            Some(a) => Some(vec![a.ip.to_string()]),
+                            None => self
+                                .fleet
+                                .hosts
+                                .get(&i.host)
+                                .and_then(|h| h.view.vm(&i.vm))
+                                .and_then(|v| v.addresses.clone()),
+                        };
                         (i.index, addresses)
                     })
                     .collect();

@@ -57,6 +57,8 @@ const OPERATORS: TableDefinition<&str, &[u8]> = TableDefinition::new("operators"
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// The image library, by name (a table an older console ignores).
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+/// Service networks by name.
+const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
 /// How long a departed workload is remembered: as long as its hourly series.
 const DEPARTED_KEPT_SECS: u64 = 366 * 86_400;
 
@@ -117,6 +119,7 @@ pub struct Loaded {
     pub autoscale: Vec<AutoscaleRecord>,
     pub operators: Vec<crate::engine::operators::OperatorRecord>,
     pub images: Vec<crate::engine::images::ImageRecord>,
+    pub networks: Vec<crate::engine::networks::NetworkRecord>,
     /// The audit log's last record, which the next one follows.
     pub audit_last: Option<crate::engine::audit::AuditRecord>,
     /// What each time series had open at the last flush.
@@ -179,6 +182,8 @@ enum Op {
     PutDeparted(Box<DepartedRecord>),
     PutImage(Box<crate::engine::images::ImageRecord>),
     DeleteImage(dunes_shared::model::ImageName),
+    PutNetwork(Box<crate::engine::networks::NetworkRecord>),
+    DeleteNetwork(dunes_shared::model::NetworkName),
 }
 
 /// Runs once the batch it came with is committed (or failed), with the error as one line.
@@ -351,6 +356,14 @@ impl Store {
         self.pending.push(Op::DeleteImage(name.clone()));
     }
 
+    pub fn put_network(&mut self, record: &crate::engine::networks::NetworkRecord) {
+        self.pending.push(Op::PutNetwork(Box::new(record.clone())));
+    }
+
+    pub fn delete_network(&mut self, name: &dunes_shared::model::NetworkName) {
+        self.pending.push(Op::DeleteNetwork(name.clone()));
+    }
+
     pub fn delete_autoscale(&mut self, key: String) {
         self.pending.push(Op::DeleteAutoscale(key));
     }
@@ -484,6 +497,7 @@ fn prepare(db: &Database) -> Result<Option<u64>, StoreError> {
     tx.open_table(OPERATORS)?;
     tx.open_table(AUDIT)?;
     tx.open_table(IMAGES)?;
+    tx.open_table(NETWORKS)?;
     let now_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -626,6 +640,13 @@ fn load(db: &Database) -> Result<Loaded, StoreError> {
             Err(e) => tracing::warn!("skipping image {}: {}", k.value(), error_chain(&e)),
         }
     }
+    for item in tx.open_table(NETWORKS)?.iter()? {
+        let (k, v) = item?;
+        match decode::<crate::engine::networks::NetworkRecord>(v.value()) {
+            Ok(record) => loaded.networks.push(record),
+            Err(e) => tracing::warn!("skipping network {}: {}", k.value(), error_chain(&e)),
+        }
+    }
     for item in tx.open_table(MIGRATIONS)?.iter()? {
         let (k, v) = item?;
         match decode::<rows::MigrationRow>(v.value())
@@ -691,6 +712,7 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
         let mut operators = tx.open_table(OPERATORS)?;
         let mut audit = tx.open_table(AUDIT)?;
         let mut images = tx.open_table(IMAGES)?;
+        let mut networks = tx.open_table(NETWORKS)?;
         for op in ops {
             match op {
                 Op::PutAudit(record) => {
@@ -701,6 +723,12 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>) -> Result<(), Sto
                 }
                 Op::DeleteImage(name) => {
                     images.remove(name.as_str())?;
+                }
+                Op::PutNetwork(record) => {
+                    networks.insert(record.name.as_str(), encode(record)?.as_slice())?;
+                }
+                Op::DeleteNetwork(name) => {
+                    networks.remove(name.as_str())?;
                 }
                 Op::PutOperator(record) => {
                     operators.insert(record.name.as_str(), encode(record)?.as_slice())?;

@@ -497,6 +497,9 @@ pub struct InstanceRow {
     pub runtime: Option<String>,
     #[serde(default)]
     pub adopted: bool,
+    /// Its service network's name, its address on it and its MAC.
+    #[serde(default)]
+    pub network: Option<(String, String, String)>,
 }
 
 impl From<&InstanceRecord> for InstanceRow {
@@ -510,6 +513,10 @@ impl From<&InstanceRecord> for InstanceRow {
             state: i.state.as_str().to_string(),
             runtime: Some(i.runtime.as_str().to_string()),
             adopted: i.adopted,
+            network: i
+                .address
+                .as_ref()
+                .map(|a| (a.network.to_string(), a.ip.to_string(), a.mac.clone())),
         }
     }
 }
@@ -531,6 +538,18 @@ impl TryFrom<InstanceRow> for InstanceRecord {
             },
             runtime: runtime_kind(row.runtime.as_deref()),
             adopted: row.adopted,
+            address: match row.network {
+                None => None,
+                Some((network, ip, mac)) => Some(crate::engine::records::InstanceAddress {
+                    network: dunes_shared::model::NetworkName::new(network)
+                        .map_err(invalid("network name"))?,
+                    ip: ip.parse().map_err(|e: std::net::AddrParseError| RowError {
+                        what: "instance address",
+                        why: e.to_string(),
+                    })?,
+                    mac,
+                }),
+            },
         })
     }
 }
