@@ -12,9 +12,11 @@ window=(python3 libx11-6 libx11-xcb1 libxcursor1 libxi6 libxrandr2 libxkbcommon-
 # assets/guest/build-tiny-guest.sh, which pins qemu-utils to qemu-system-x86's version.
 # dbus-daemon: a private session bus for the desktop-notification test.
 # genisoimage: isoinfo reads the cloud-init seeds back, as a second opinion on them.
+# nftables: the firewall of service networks (the agents write it); tcpdump: the test that
+# looks at what crosses a link.
 # mmdebstrap, extlinux, syslinux-common, fdisk: the Debian 12 disk image of the real-OS test
 # (assets/guest/build-debian-image.sh). ovmf: UEFI for the VM of that test that asks for it.
-vms=(xvfb x11-apps xdotool imagemagick iproute2 python3 dbus-daemon genisoimage
+vms=(xvfb x11-apps xdotool imagemagick iproute2 nftables tcpdump python3 dbus-daemon genisoimage
      mmdebstrap extlinux syslinux-common fdisk ovmf)
 
 packages=("${build[@]}")

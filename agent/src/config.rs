@@ -35,6 +35,16 @@ pub struct AgentConfig {
     /// storage directory holds. Unset: the file system's size and free space.
     #[serde(default)]
     pub storage_capacity_gib: Option<u64>,
+    /// Whether the agent builds the service networks the console describes (bridges, VXLAN,
+    /// instances' namespaces, the firewall) in its network namespace. Off, it keeps the
+    /// addresses the console gives and builds nothing: for agents that share one namespace,
+    /// as the demo's do.
+    #[serde(default = "default_true")]
+    pub service_networks: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,6 +118,7 @@ impl Default for AgentConfig {
             security_level: default_security_level(),
             stop_timeout_secs: default_stop_timeout_secs(),
             storage_capacity_gib: None,
+            service_networks: true,
         }
     }
 }

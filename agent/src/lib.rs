@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod inventory;
+pub mod network;
 pub mod runtime;
 pub mod sampling;
 pub mod server;

@@ -65,7 +65,7 @@ trap 'rm -rf "$WORK"' EXIT
 # ---------------------------------------------------------------- kernel + initrd
 # vmlinuz and initrd.img are built together: the modules must match the kernel.
 # Bumped whenever the guest's init changes, so that a cached guest is built again.
-RECIPE=8
+RECIPE=9
 if [[ ! -s $OUT_DIR/vmlinuz || ! -s $OUT_DIR/initrd.img ||
       "$(cat "$OUT_DIR/recipe" 2>/dev/null)" != "$RECIPE" ]]; then
     # The installable kernel is whatever the linux-image-amd64 metapackage depends on.
@@ -200,9 +200,17 @@ if mountpoint -q /data 2>/dev/null || grep -q ' /data ' /proc/mounts; then
     fi
 fi
 ip link set lo up
-# QEMU's user-mode network: its fixed addresses, no DHCP client needed.
+# On a service network the agent gives the address on the kernel's command line
+# (dunes.ip=ADDRESS/PREFIX dunes.gw=GATEWAY dunes.mtu=MTU); otherwise QEMU's user-mode
+# network, with its fixed addresses: no DHCP client needed either way.
+arg() { sed -n "s/.*dunes\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 i=0; while [ $i -lt 50 ] && [ ! -e /sys/class/net/eth0 ]; do sleep 0.1; i=$((i+1)); done
-if [ -e /sys/class/net/eth0 ]; then
+if [ -e /sys/class/net/eth0 ] && [ -n "$(arg ip)" ]; then
+    gw=$(arg gw)
+    ip link set eth0 mtu "$(arg mtu)" up && ip addr add "$(arg ip)" dev eth0 &&
+        ip route add default via "$gw" && echo "nameserver $gw" > /etc/resolv.conf &&
+        echo "dunes-guest: network up on $(arg ip)"
+elif [ -e /sys/class/net/eth0 ]; then
     ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 &&
         echo "dunes-guest: network up"
 fi

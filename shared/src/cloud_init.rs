@@ -29,6 +29,25 @@ pub fn dhcp_network_config(mac: &str) -> String {
     )
 }
 
+/// network-config (version 1) for a NIC on a service network: its address, gateway and
+/// MTU fixed, the network's resolver (the gateway) and search domains.
+pub fn static_network_config(nic: &crate::network::InstanceNic) -> String {
+    let mut out = format!(
+        "version: 1\nconfig:\n  - type: physical\n    name: eth0\n    mac_address: {}\n    mtu: {}\n    subnets:\n      - type: static\n        address: {}/{}\n        gateway: {}\n        dns_nameservers: [{}]\n",
+        quoted(&nic.mac),
+        nic.mtu,
+        nic.address,
+        nic.prefix_len,
+        nic.gateway,
+        nic.gateway,
+    );
+    if !nic.search.is_empty() {
+        let search: Vec<String> = nic.search.iter().map(|s| quoted(s)).collect();
+        out.push_str(&format!("        dns_search: [{}]\n", search.join(", ")));
+    }
+    out
+}
+
 /// The most user-data a VM gets: cloud-init reads it whole, and it travels in one request.
 pub const USER_DATA_MAX_BYTES: usize = 64 * 1024;
 

@@ -202,6 +202,96 @@ pub fn instance_dns_name(index: u32, app: &AppName, service: &ServiceName) -> St
     format!("{index}.{app}.{service}.{DNS_DOMAIN}")
 }
 
+/// The overhead of VXLAN over IPv4 (outer IPv4, UDP, VXLAN and inner Ethernet headers).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// The bridge of a network on every host: `dnb` and its VXLAN identifier (a device name has
+/// at most 15 bytes).
+pub fn bridge_name(vni: u32) -> String {
+    format!("dnb{vni}")
+}
+
+/// The VXLAN device of a network on every host.
+pub fn vxlan_name(vni: u32) -> String {
+    format!("dnv{vni}")
+}
+
+/// The host's own link into a network (a veth whose other end, [`host_port_name`], is on
+/// the bridge): the host's address on the network is there, with a MAC of its own, and the
+/// subnet's route, so that the host's own connections and the packets it routes to
+/// instances leave through it.
+pub fn host_link_name(vni: u32) -> String {
+    format!("dnh{vni}")
+}
+
+/// The bridge's end of the host's link.
+pub fn host_port_name(vni: u32) -> String {
+    format!("dnk{vni}")
+}
+
+/// An instance's place on its service network, as its agent sets it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceNic {
+    pub network: crate::model::NetworkName,
+    pub vni: u32,
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mac: String,
+    /// The gateway and resolver every host of the network answers.
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+    /// Domains a short name is looked up in (`shop.dunes`).
+    #[serde(default)]
+    pub search: Vec<String>,
+}
+
+/// A service network as one host takes part in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNetwork {
+    pub name: crate::model::NetworkName,
+    pub vni: u32,
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+    /// This host's own address on the network: connections it makes to instances elsewhere
+    /// (to a published port's instances) come from it.
+    pub host_address: Ipv4Addr,
+    /// The other hosts of the network, as this one reaches them.
+    pub peers: Vec<std::net::IpAddr>,
+    /// Every instance on the network, wherever it runs.
+    pub members: Vec<NetworkMember>,
+    /// What the network's resolver answers.
+    pub names: Vec<DnsEntry>,
+    /// Subnets of other networks this one's instances may open connections to.
+    #[serde(default)]
+    pub reach: Vec<Ipv4Net>,
+    /// Host ports this host accepts on for the network's applications.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
+}
+
+/// An instance on a network, and where its frames go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkMember {
+    pub address: Ipv4Addr,
+    pub mac: String,
+    /// The host it runs on, as this host reaches it; `None` for this host.
+    pub peer: Option<std::net::IpAddr>,
+}
+
+/// A name and its addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsEntry {
+    pub name: String,
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+/// A port of this host balanced over an application's ready instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub host_port: u16,
+    pub backends: Vec<std::net::SocketAddrV4>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,9 @@ pub mod features {
     pub const VM_EJECT: &str = "vm-eject";
     /// `StartVm { user_data }`: a VM's cloud-init user-data written anew before it starts.
     pub const START_USER_DATA: &str = "start-user-data";
+    /// `SetNetworks`, and `CreateVm { network }`: service networks (a bridge per network,
+    /// VXLAN between hosts, the instance's NIC or namespace on it, names, published ports).
+    pub const SERVICE_NETWORKS: &str = "service-networks";
 
     /// What this release of the agent offers.
     pub const AGENT: &[&str] = &[
@@ -95,6 +98,7 @@ pub mod features {
         SCREEN,
         VM_EJECT,
         START_USER_DATA,
+        SERVICE_NETWORKS,
     ];
     /// What this release of the console offers to agents.
     pub const CONSOLE: &[&str] = &[SAMPLES];
@@ -200,6 +204,10 @@ pub struct CreateVm {
     /// Left out for a VM without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::cloud_init::CloudInitData>,
+    /// Its place on its service's network: a VM's NIC on the network's bridge, a process's
+    /// namespace with a veth into it. Only for an agent that offers `service-networks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::network::InstanceNic>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -667,6 +675,13 @@ pub struct SiteAddresses {
     pub addresses: Vec<String>,
 }
 
+/// The service networks this host is part of, as the console wants them now. Each message
+/// replaces the one before: a network left out is taken down, with everything of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetNetworks {
+    pub networks: Vec<crate::network::HostNetwork>,
+}
+
 /// Every request, as it travels on a bidirectional stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -701,6 +716,7 @@ pub enum Request {
     ReceiveImage(ReceiveImage),
     OpenConsole(OpenConsole),
     OpenScreen(OpenScreen),
+    SetNetworks(SetNetworks),
 }
 
 impl Request {
@@ -737,6 +753,7 @@ impl Request {
             Request::ReceiveImage(_) => ReceiveImage::KIND,
             Request::OpenConsole(_) => OpenConsole::KIND,
             Request::OpenScreen(_) => OpenScreen::KIND,
+            Request::SetNetworks(_) => SetNetworks::KIND,
         }
     }
 }
@@ -798,6 +815,7 @@ rpc! {
     ReceiveImage => ImageOffer, Some(features::IMAGES), "receive-image";
     OpenConsole => ConsoleOpened, Some(features::SERIAL_CONSOLE), "open-console";
     OpenScreen => ScreenOpened, Some(features::SCREEN), "open-screen";
+    SetNetworks => (), Some(features::SERVICE_NETWORKS), "set-networks";
 }
 
 /// What an agent pushes on its event stream.
@@ -965,6 +983,7 @@ mod tests {
                     runtime: RuntimeKind::Process,
                     image_disk: None,
                     cloud_init: None,
+                    network: None,
                 }),
                 concat!(
                     "81a8437265617465566d83a47370656384a46e616d65a161a874656d706c617465a474696e79a576",
@@ -1202,6 +1221,7 @@ mod tests {
                         user_data: "#!".into(),
                         network_config: None,
                     }),
+                    network: None,
                 }),
                 concat!(
                     "81a8437265617465566d85a47370656384a46e616d65a161a874656d706c617465a26f73a5766370",
@@ -1209,6 +1229,72 @@ mod tests {
                     "6d6167655f6469736b82a86469736b5f67696208a86669726d77617265a475656669aa636c6f7564",
                     "5f696e697483a8686f73746e616d65a161a9757365725f64617461a22321ae6e6574776f726b5f63",
                     "6f6e666967c0",
+                ),
+            ),
+            (
+                Request::CreateVm(CreateVm {
+                    spec: VmSpec {
+                        name: name(),
+                        template: TemplateName::new("tiny").unwrap(),
+                        vcpus: None,
+                        memory_mib: None,
+                    },
+                    start: false,
+                    runtime: RuntimeKind::Process,
+                    image_disk: None,
+                    cloud_init: None,
+                    network: Some(crate::network::InstanceNic {
+                        network: crate::model::NetworkName::new("shop").unwrap(),
+                        vni: 4096,
+                        address: "10.200.0.2".parse().unwrap(),
+                        prefix_len: 24,
+                        mac: "02:d5:0a:c8:00:02".into(),
+                        gateway: "10.200.0.1".parse().unwrap(),
+                        mtu: 1450,
+                        search: vec!["shop.dunes".into()],
+                    }),
+                }),
+                concat!(
+                    "81a8437265617465566d84a47370656384a46e616d65a161a874656d706c617465a474696e79a576",
+                    "63707573c0aa6d656d6f72795f6d6962c0a57374617274c2a772756e74696d65a770726f63657373",
+                    "a76e6574776f726b88a76e6574776f726ba473686f70a3766e69cd1000a761646472657373940acc",
+                    "c80002aa7072656669785f6c656e18a36d6163b130323a64353a30613a63383a30303a3032a76761",
+                    "7465776179940accc80001a36d7475cd05aaa673656172636891aa73686f702e64756e6573",
+                ),
+            ),
+            (
+                Request::SetNetworks(SetNetworks {
+                    networks: vec![crate::network::HostNetwork {
+                        name: crate::model::NetworkName::new("shop").unwrap(),
+                        vni: 4096,
+                        subnet: "10.200.0.0/24".parse().unwrap(),
+                        mtu: 1450,
+                        host_address: "10.200.0.254".parse().unwrap(),
+                        peers: vec!["192.0.2.2".parse().unwrap()],
+                        members: vec![crate::network::NetworkMember {
+                            address: "10.200.0.2".parse().unwrap(),
+                            mac: "02:d5:0a:c8:00:02".into(),
+                            peer: None,
+                        }],
+                        names: vec![crate::network::DnsEntry {
+                            name: "db.shop.dunes".into(),
+                            addresses: vec!["10.200.0.2".parse().unwrap()],
+                        }],
+                        reach: Vec::new(),
+                        published: vec![crate::network::PublishedPort {
+                            host_port: 8080,
+                            backends: vec!["10.200.0.2:80".parse().unwrap()],
+                        }],
+                    }],
+                }),
+                concat!(
+                    "81ab5365744e6574776f726b7381a86e6574776f726b73918aa46e616d65a473686f70a3766e69cd",
+                    "1000a67375626e6574950accc8000018a36d7475cd05aaac686f73745f61646472657373940accc8",
+                    "00ccfea570656572739181a2563494ccc0000202a76d656d626572739183a761646472657373940a",
+                    "ccc80002a36d6163b130323a64353a30613a63383a30303a3032a470656572c0a56e616d65739182",
+                    "a46e616d65ad64622e73686f702e64756e6573a961646472657373657391940accc80002a5726561",
+                    "636890a97075626c69736865649182a9686f73745f706f7274cd1f90a86261636b656e6473919294",
+                    "0accc8000250",
                 ),
             ),
             (

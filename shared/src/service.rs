@@ -166,7 +166,7 @@ pub struct ServiceSpec {
     pub rules: ServiceRules,
     /// Its instances' network; without one they have their runtime's own (a VM's
     /// user-mode network, a process's host's).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::network::NetworkSpec>,
 }
 

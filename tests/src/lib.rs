@@ -40,7 +40,7 @@ pub struct AgentProcess {
     libvirt_uri: String,
     extra_args: Vec<String>,
     /// The network namespace it runs in, if not this one.
-    netns: Option<String>,
+    pub netns: Option<String>,
 }
 
 impl AgentProcess {

@@ -352,6 +352,7 @@ async fn disks_move_only_with_a_ticket_sparse_verified_resumed_and_checked() {
             start: false,
             image_disk: None,
             cloud_init: None,
+            network: None,
             runtime: RuntimeKind::Libvirt,
         },
     )

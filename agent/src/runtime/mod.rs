@@ -170,6 +170,16 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = (name, user_data);
         Box::pin(async { Err(RuntimeError::NoRuntime("cloud-init user-data")) })
     }
+    /// Puts a stopped workload on a service network, with the address and MAC the console
+    /// chose; it has them from its next start on. Not every runtime can.
+    fn join_network(
+        &self,
+        name: VmName,
+        nic: dunes_shared::network::InstanceNic,
+    ) -> RuntimeFuture<'_, VmStatus> {
+        let _ = (name, nic);
+        Box::pin(async { Err(RuntimeError::NoRuntime("service networks")) })
+    }
     /// Asks the workload to stop and forces it after `timeout_secs`, or at once with `force`.
     fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus>;
     fn delete(&self, name: VmName) -> RuntimeFuture<'_, ()>;

@@ -114,6 +114,18 @@ struct ProcessDefinition {
     /// The instance's own user (and group), where the agent runs as root.
     #[serde(default)]
     uid: Option<u32>,
+    /// Its place on a service network: it runs in a network namespace of its own there.
+    #[serde(default)]
+    network: Option<dunes_shared::network::InstanceNic>,
+}
+
+impl ProcessDefinition {
+    /// The namespace it runs in, on a service network.
+    fn namespace(&self) -> Option<String> {
+        self.network
+            .as_ref()
+            .map(|_| crate::network::namespace::namespace_name(&self.uuid))
+    }
 }
 
 /// What stops a supervised process.
@@ -141,6 +153,9 @@ struct Inner {
     limits: CgroupLimits,
     /// Whether instances get users of their own, or why not.
     own_users: Result<(), String>,
+    /// Whether an instance on a service network runs in a namespace of its own there (off
+    /// where the agent builds no networks).
+    build_networks: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Inner {
@@ -278,6 +293,7 @@ impl ProcessRuntime {
                 interpreters: find_interpreters(),
                 limits,
                 own_users,
+                build_networks: std::sync::atomic::AtomicBool::new(true),
             }),
         };
         let wanted: Vec<VmName> = lock(&runtime.inner.instances)
@@ -289,6 +305,25 @@ impl ProcessRuntime {
             runtime.launch(&name);
         }
         Ok(runtime)
+    }
+
+    /// Whether instances on a service network run in a namespace of their own there.
+    pub fn build_networks(&self, build: bool) {
+        self.inner
+            .build_networks
+            .store(build, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The namespace instance `def` runs in, if it has one.
+    fn namespace_of(&self, def: &ProcessDefinition) -> Option<String> {
+        if !self
+            .inner
+            .build_networks
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        def.namespace()
     }
 
     pub fn interpreters(&self) -> &[InterpreterInfo] {
@@ -433,6 +468,7 @@ impl ProcessRuntime {
             command: template.command.clone(),
             want_running: start,
             uid: None,
+            network: None,
         };
         let mut def = def;
         {
@@ -531,7 +567,7 @@ impl ProcessRuntime {
         self.status(&name)
     }
 
-    fn delete_process(&self, name: &VmName) -> Result<(), RuntimeError> {
+    async fn delete_process(&self, name: &VmName) -> Result<(), RuntimeError> {
         {
             let instances = lock(&self.inner.instances);
             let instance = instances
@@ -544,6 +580,14 @@ impl ProcessRuntime {
                     hint: "stop it first",
                 });
             }
+        }
+        let namespace = lock(&self.inner.instances)
+            .get(name)
+            .and_then(|i| self.namespace_of(&i.def));
+        if let Some(namespace) = namespace
+            && let Err(e) = crate::network::namespace::remove(&namespace).await
+        {
+            tracing::warn!(process = %name, "its network namespace stays: {e}");
         }
         let dir = self.dir(name);
         // The definition goes first: a crash in between leaves no instance to come back.
@@ -575,7 +619,14 @@ impl ProcessRuntime {
             ProbeKind::Running => reply(true, "the process runs".into()),
             ProbeKind::Tcp => {
                 let port = probe.port.unwrap_or(0);
-                let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+                // On a service network the instance listens in its own namespace: its
+                // address is reached through the network's bridge.
+                let address = lock(&self.inner.instances)
+                    .get(&name)
+                    .filter(|i| self.namespace_of(&i.def).is_some())
+                    .and_then(|i| i.def.network.as_ref().map(|n| n.address))
+                    .unwrap_or(std::net::Ipv4Addr::LOCALHOST);
+                let connect = tokio::net::TcpStream::connect((address, port));
                 match tokio::time::timeout(Duration::from_secs(1), connect).await {
                     Ok(Ok(_)) => reply(true, format!("port {port} accepts connections")),
                     Ok(Err(e)) => reply(false, format!("port {port}: {e}")),
@@ -584,17 +635,22 @@ impl ProcessRuntime {
             }
             ProbeKind::Command => {
                 let command = probe.command.unwrap_or_default();
-                let uid = lock(&self.inner.instances)
+                let (uid, namespace) = lock(&self.inner.instances)
                     .get(&name)
-                    .and_then(|i| i.def.uid);
-                let run = instance_command("/bin/sh", uid, &self.dir(&name).join("work"))
-                    .arg("-c")
-                    .arg(&command)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .kill_on_drop(true)
-                    .status();
+                    .map_or((None, None), |i| (i.def.uid, self.namespace_of(&i.def)));
+                let run = instance_command(
+                    "/bin/sh",
+                    uid,
+                    &self.dir(&name).join("work"),
+                    namespace.as_deref(),
+                )
+                .arg("-c")
+                .arg(&command)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .status();
                 match tokio::time::timeout(READY_COMMAND_TIMEOUT, run).await {
                     Ok(Ok(s)) if s.success() => reply(true, format!("`{command}` exits 0")),
                     Ok(Ok(s)) => reply(false, format!("`{command}` exits {s}")),
@@ -624,23 +680,35 @@ impl ProcessRuntime {
         }
         match (probe.kind, probe.command, probe.port) {
             (MetricKind::Tcp, _, Some(port)) => {
+                // A process in a namespace of its own: the tables as it sees them.
+                let proc_dir = lock(&self.inner.instances)
+                    .get(&name)
+                    .filter(|i| self.namespace_of(&i.def).is_some())
+                    .and_then(|_| std::fs::read_to_string(self.dir(&name).join("pid")).ok())
+                    .map_or("/proc".to_string(), |pid| format!("/proc/{}", pid.trim()));
                 let mut text = String::new();
-                for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-                    text.push_str(&tokio::fs::read_to_string(table).await.unwrap_or_default());
+                for table in ["net/tcp", "net/tcp6"] {
+                    let path = format!("{proc_dir}/{table}");
+                    text.push_str(&tokio::fs::read_to_string(path).await.unwrap_or_default());
                 }
                 Ok(f64::from(super::metric::established_on(&text, port)))
             }
             (MetricKind::Command, Some(command), _) => {
-                let uid = lock(&self.inner.instances)
+                let (uid, namespace) = lock(&self.inner.instances)
                     .get(&name)
-                    .and_then(|i| i.def.uid);
-                let run = instance_command("/bin/sh", uid, &self.dir(&name).join("work"))
-                    .arg("-c")
-                    .arg(&command)
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .kill_on_drop(true)
-                    .output();
+                    .map_or((None, None), |i| (i.def.uid, self.namespace_of(&i.def)));
+                let run = instance_command(
+                    "/bin/sh",
+                    uid,
+                    &self.dir(&name).join("work"),
+                    namespace.as_deref(),
+                )
+                .arg("-c")
+                .arg(&command)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .output();
                 match tokio::time::timeout(READY_COMMAND_TIMEOUT, run).await {
                     Ok(Ok(out)) if out.status.success() => {
                         super::metric::parse_number(&String::from_utf8_lossy(&out.stdout))
@@ -710,14 +778,34 @@ fn give_to(work: &Path, uid: u32) -> Result<(), RuntimeError> {
 /// The user is dropped by util-linux's `setpriv` after the agent, still root, has entered the
 /// working directory: the instance user need not be able to walk the directories above it
 /// (a data dir is private to root).
-fn instance_command(program: &str, uid: Option<u32>, work: &Path) -> tokio::process::Command {
+///
+/// On a service network it runs in the instance's namespace, through `ip netns exec`, which
+/// also puts the namespace's own resolver file in place.
+fn instance_command(
+    program: &str,
+    uid: Option<u32>,
+    work: &Path,
+    namespace: Option<&str>,
+) -> tokio::process::Command {
+    let mut command = match namespace {
+        Some(namespace) => {
+            let mut command = tokio::process::Command::new("ip");
+            command.args(["netns", "exec", namespace]);
+            command
+        }
+        None => tokio::process::Command::new(if uid.is_some() { SETPRIV } else { program }),
+    };
     let Some(uid) = uid else {
-        let mut command = tokio::process::Command::new(program);
+        if namespace.is_some() {
+            command.arg(program);
+        }
         command.current_dir(work);
         return command;
     };
+    if namespace.is_some() {
+        command.arg(SETPRIV);
+    }
     let uid = uid.to_string();
-    let mut command = tokio::process::Command::new(SETPRIV);
     command
         .args([
             "--reuid",
@@ -845,10 +933,24 @@ async fn supervise(
             }
         };
         let work = dir.join("work");
+        let namespace = rt.namespace_of(&def);
+        if let (Some(namespace), Some(nic)) = (&namespace, &def.network)
+            && let Err(e) = crate::network::namespace::ensure(namespace, nic).await
+        {
+            // Its network comes with the console's description of it: tried again.
+            tracing::warn!(process = %name, "waits for its network: {e}");
+            rt.set_state(&name, VmState::Crashed);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => {}
+            }
+            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+            continue;
+        }
         let mut spawn = if groups.is_some() {
             // The child waits on its stdin until the agent has put it in its groups, so
             // that nothing it runs escapes them.
-            let mut wrapper = instance_command("/bin/sh", def.uid, &work);
+            let mut wrapper = instance_command("/bin/sh", def.uid, &work, namespace.as_deref());
             wrapper
                 .arg("-c")
                 .arg("read -r go; exec \"$@\" </dev/null")
@@ -857,7 +959,7 @@ async fn supervise(
                 .stdin(Stdio::piped());
             wrapper
         } else {
-            let mut direct = instance_command(&command[0], def.uid, &work);
+            let mut direct = instance_command(&command[0], def.uid, &work, namespace.as_deref());
             direct.args(&command[1..]).stdin(Stdio::null());
             direct
         };
@@ -1010,12 +1112,38 @@ impl Runtime for ProcessRuntime {
         Box::pin(self.start_process(name))
     }
 
+    fn join_network(
+        &self,
+        name: VmName,
+        nic: dunes_shared::network::InstanceNic,
+    ) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(async move {
+            let def = {
+                let mut instances = lock(&self.inner.instances);
+                let instance = instances
+                    .get_mut(&name)
+                    .ok_or_else(|| RuntimeError::NotFound(name.clone()))?;
+                if instance.state.is_active() {
+                    return Err(RuntimeError::WrongState {
+                        name: name.clone(),
+                        state: instance.state,
+                        hint: "stop it first",
+                    });
+                }
+                instance.def.network = Some(nic);
+                instance.def.clone()
+            };
+            self.save(&def)?;
+            self.status(&name)
+        })
+    }
+
     fn stop(&self, name: VmName, force: bool, timeout_secs: u32) -> RuntimeFuture<'_, VmStatus> {
         Box::pin(self.stop_process(name, force, timeout_secs))
     }
 
     fn delete(&self, name: VmName) -> RuntimeFuture<'_, ()> {
-        Box::pin(async move { self.delete_process(&name) })
+        Box::pin(async move { self.delete_process(&name).await })
     }
 
     fn sample(&self) -> RuntimeFuture<'_, Vec<WorkloadSample>> {

@@ -12,8 +12,8 @@ use dunes_shared::{
         CancelTransfer, CheckReady, CloneVm, ConfigureVm, CreateVm, DeleteVm, DiscardDisk,
         ErrorCode, ExportVm, GuestApps, GuestExec, HashDisk, Hello, HelloReply, ImportVm,
         ListTemplates, ListVms, MetricReply, PowerVm, PrepareReceive, ReadMetric, RenewBegin,
-        RenewBeginReply, RenewFinish, Request, SendDisk, SiteAddresses, SnapshotVm, StartVm,
-        StopVm, WireError, codes, features,
+        RenewBeginReply, RenewFinish, Request, SendDisk, SetNetworks, SiteAddresses, SnapshotVm,
+        StartVm, StopVm, WireError, codes, features,
     },
     rpc::{Incoming, encode_reply, read_request, send_reply, unsupported_reply},
 };
@@ -195,18 +195,17 @@ async fn dispatch(
             runtime: kind,
             image_disk,
             cloud_init,
-        }) => encode_reply::<CreateVm>(match (runtime(kind), image_disk) {
-            (Ok(_), None) if cloud_init.is_some() => Err(WireError::new(
-                ErrorCode::BadRequest,
-                "cloud-init data is for VMs from library images",
-            )),
-            (Ok(rt), None) => rt.create(spec, start).await.map_err(|e| e.to_wire()),
-            (Ok(rt), Some(disk)) => rt
-                .create_from_image(spec, start, disk, cloud_init)
+            network,
+        }) => encode_reply::<CreateVm>(
+            create_workload(runtime(kind), spec, start, image_disk, cloud_init, network).await,
+        ),
+        Request::SetNetworks(wanted) => encode_reply::<SetNetworks>(
+            shared
+                .networks
+                .apply(&wanted)
                 .await
-                .map_err(|e| e.to_wire()),
-            (Err(e), _) => Err(e.to_wire()),
-        }),
+                .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string())),
+        ),
         Request::PowerVm(PowerVm {
             name,
             action,
@@ -362,6 +361,63 @@ async fn dispatch(
 
 /// The site's hosts, for telling the traffic that leaves the site; a list with an
 /// address that does not parse changes nothing.
+/// Creates a workload; on a service network, stopped first, put on it, then started if
+/// asked.
+async fn create_workload(
+    runtime: Result<&Arc<dyn crate::runtime::Runtime>, RuntimeError>,
+    spec: dunes_shared::model::VmSpec,
+    start: bool,
+    image_disk: Option<dunes_shared::model::ImageDisk>,
+    cloud_init: Option<dunes_shared::cloud_init::CloudInitData>,
+    network: Option<dunes_shared::network::InstanceNic>,
+) -> Result<dunes_shared::model::VmStatus, WireError> {
+    let rt = runtime.map_err(|e| e.to_wire())?;
+    if let Some(nic) = &network
+        && (!crate::network::is_mac(&nic.mac)
+            || !(576..=9000).contains(&nic.mtu)
+            || !(1..=30).contains(&nic.prefix_len))
+    {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "the network of {} is not one this agent can set up",
+                spec.name
+            ),
+        ));
+    }
+    let name = spec.name.clone();
+    let start_now = start && network.is_none();
+    let created = match (image_disk, cloud_init) {
+        (None, Some(_)) => {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "cloud-init data is for VMs from library images",
+            ));
+        }
+        (None, None) => rt.create(spec, start_now).await,
+        (Some(disk), cloud_init) => {
+            rt.create_from_image(spec, start_now, disk, cloud_init)
+                .await
+        }
+    }
+    .map_err(|e| e.to_wire())?;
+    let Some(nic) = network else {
+        return Ok(created);
+    };
+    let joined = match rt.join_network(name.clone(), nic).await {
+        Ok(status) => status,
+        Err(e) => {
+            // Nothing half-made stays: the workload goes, and the console may ask again.
+            let _ = rt.delete(name).await;
+            return Err(e.to_wire());
+        }
+    };
+    if start {
+        return rt.start(name).await.map_err(|e| e.to_wire());
+    }
+    Ok(joined)
+}
+
 fn site_addresses(shared: &Shared, addresses: &[String]) -> Result<(), WireError> {
     const MAX_ADDRESSES: usize = 10_000;
     if addresses.len() > MAX_ADDRESSES {

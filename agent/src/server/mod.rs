@@ -113,6 +113,8 @@ struct Shared {
     receiving_images: Mutex<std::collections::BTreeSet<String>>,
     /// The TCP traffic of process instances, and where the site ends.
     traffic: Arc<Mutex<crate::traffic::TrafficMeter>>,
+    /// Service networks on this host, as the console last described them.
+    networks: crate::network::NetworkHost,
 }
 
 impl RunningAgent {
@@ -151,6 +153,7 @@ impl RunningAgent {
         let mut runtimes = RuntimeRegistry::default();
         runtimes.register(Arc::new(libvirt))?;
         let processes = ProcessRuntime::start(&opts.data_dir)?;
+        processes.build_networks(opts.config.service_networks);
         let interpreters = processes.interpreters().to_vec();
         runtimes.register(Arc::new(processes))?;
         if !libvirt_uri.starts_with("test:")
@@ -200,6 +203,7 @@ impl RunningAgent {
             traffic: Arc::new(Mutex::new(crate::traffic::TrafficMeter::new(
                 opts.config.site.networks.clone(),
             ))),
+            networks: crate::network::NetworkHost::new(opts.config.service_networks),
         });
         let (host_id, fingerprint) = {
             let id = lock(&shared.identity);

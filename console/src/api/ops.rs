@@ -446,6 +446,7 @@ impl Operation for CreateVm {
                             disk,
                             user_data,
                             start,
+                            network: None,
                             reply,
                         })
                     })

@@ -183,7 +183,7 @@ fn write_demo_template(agent_dir: &Path, data_mib: u64) -> Result<(), DemoError>
 
 fn agent_toml(agent: &DemoAgent) -> String {
     format!(
-        "host_id = \"{}\"\nsecurity_level = {}\nstorage_capacity_gib = {}\nstop_timeout_secs = 10\n[site]\nname = \"{}\"\nremote = {}\nlink_bandwidth_mbps = {}\nlink_latency_ms = {}\n{}[prices]\nper_gb_month_stored = {:?}\nper_gb_transferred = {:?}\nper_cpu_hour = {:?}\nper_gb_memory_hour = {:?}\n",
+        "host_id = \"{}\"\nsecurity_level = {}\nstorage_capacity_gib = {}\nstop_timeout_secs = 10\nservice_networks = false\n[site]\nname = \"{}\"\nremote = {}\nlink_bandwidth_mbps = {}\nlink_latency_ms = {}\n{}[prices]\nper_gb_month_stored = {:?}\nper_gb_transferred = {:?}\nper_cpu_hour = {:?}\nper_gb_memory_hour = {:?}\n",
         agent.host_id,
         agent.security_level,
         agent.storage_capacity_gib,

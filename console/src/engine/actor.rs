@@ -45,6 +45,13 @@ pub(super) enum Internal {
         learned: super::migration::Learned,
     },
     /// A host's agent refused the site's address list sent on link `stable_id`.
+    /// A host's agent did not take the description of its networks.
+    NetworksRefused {
+        host: HostId,
+        stable_id: usize,
+        digest: u64,
+        reason: String,
+    },
     SiteAddressesRefused {
         host: HostId,
         stable_id: usize,

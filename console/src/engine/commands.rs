@@ -113,7 +113,7 @@ impl Actor {
                     let _ = reply.send(Err(e));
                     return;
                 }
-                self.create_vm(host, spec, start, None, reply);
+                self.create_vm(host, spec, start, None, None, reply);
             }
             Command::CreateVmFromImage(create) => self.create_vm_from_image(create),
             Command::OpenConsole {
@@ -1161,6 +1161,7 @@ impl Actor {
             dunes_shared::model::ImageDisk,
             Option<dunes_shared::cloud_init::CloudInitData>,
         )>,
+        network: Option<dunes_shared::network::InstanceNic>,
         reply: Reply<VmStatus>,
     ) {
         let what = format!("creating VM {} on {host}", spec.name);
@@ -1174,6 +1175,7 @@ impl Actor {
             runtime: RuntimeKind::Libvirt,
             image_disk,
             cloud_init,
+            network,
         };
         self.agent_call(host, what, reply, create, vm_change);
     }

@@ -692,6 +692,8 @@ pub async fn start_with(
                 .collect(),
             dirty: true,
             published: Default::default(),
+            tell: true,
+            refusals: Default::default(),
         },
         consoles: consoles::state::ConsolesState::default(),
     };

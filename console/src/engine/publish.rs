@@ -93,6 +93,7 @@ impl Actor {
                 &self.services.published,
             ));
             self.networks.dirty = false;
+            self.networks.tell = true;
             changed = true;
         }
         if self.migrations.dirty {

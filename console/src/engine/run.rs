@@ -61,6 +61,7 @@ impl Actor {
                 _ = readiness.tick() => {
                     self.poll_instances::<super::services::probes::Readiness>();
                     self.tell_site_addresses();
+                    self.tell_networks();
                     self.retry_migrations();
                     self.advance_evacuations();
                 }
@@ -80,6 +81,9 @@ impl Actor {
                 }
             }
             self.publish();
+            if std::mem::take(&mut self.networks.tell) {
+                self.tell_networks();
+            }
             // Waits while the writer's queue is full: the engine slows down, nothing is lost.
             self.store.submit().await;
         }
@@ -111,6 +115,12 @@ impl Actor {
                 outcome,
                 learned,
             } => self.migration_outcome(id, outcome, learned),
+            Internal::NetworksRefused {
+                host,
+                stable_id,
+                digest,
+                reason,
+            } => self.networks_refused(&host, stable_id, digest, &reason),
             Internal::SiteAddressesRefused {
                 host,
                 stable_id,

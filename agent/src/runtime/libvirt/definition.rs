@@ -87,6 +87,10 @@ pub struct Devices {
     /// it to the console (QEMU only). Absent from records written before VMs had screens.
     #[serde(default)]
     pub screen: bool,
+    /// A NIC on a service network's bridge instead of the user-mode one; the VM keeps its
+    /// address and MAC wherever it is defined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_nic: Option<dunes_shared::network::InstanceNic>,
 }
 
 /// A VM's definition, portable between agents.
@@ -152,6 +156,34 @@ impl CloudInitRecord {
                 .network_config
                 .clone()
                 .or_else(|| mac.map(dunes_shared::cloud_init::dhcp_network_config)),
+        }
+    }
+}
+
+/// The host's end of a VM's NIC on a service network: `dnt` and its address in hex (libvirt
+/// takes a name given, and the agent finds the device by it).
+pub fn tap_name(nic: &dunes_shared::network::InstanceNic) -> String {
+    format!("dnt{:08x}", u32::from(nic.address))
+}
+
+/// The kernel's command line of a directly booted VM: the template's, and on a service
+/// network the address for the guest's init (the tiny guest reads `dunes.ip`, `dunes.gw`
+/// and `dunes.mtu`).
+pub fn kernel_cmdline(
+    template: Option<&str>,
+    nic: Option<&dunes_shared::network::InstanceNic>,
+) -> Option<String> {
+    match (template, nic) {
+        (t, None) => t.map(str::to_string),
+        (t, Some(nic)) => {
+            let network = format!(
+                "dunes.ip={}/{} dunes.gw={} dunes.mtu={}",
+                nic.address, nic.prefix_len, nic.gateway, nic.mtu
+            );
+            Some(match t {
+                Some(t) if !t.is_empty() => format!("{t} {network}"),
+                _ => network,
+            })
         }
     }
 }
@@ -326,8 +358,11 @@ impl VmDefinition {
                         if let Some(initrd) = &boot.initrd {
                             text_element(w, "initrd", &path_text(&template_dir.join(initrd)))?;
                         }
-                        if let Some(cmdline) = &boot.cmdline {
-                            text_element(w, "cmdline", cmdline)?;
+                        if let Some(cmdline) = kernel_cmdline(
+                            boot.cmdline.as_deref(),
+                            self.devices.service_nic.as_ref(),
+                        ) {
+                            text_element(w, "cmdline", &cmdline)?;
                         }
                     }
                     if self.cdrom.is_some() {
@@ -448,7 +483,31 @@ impl VmDefinition {
                                 Ok(())
                             })?;
                     }
-                    if qemu && self.devices.user_network {
+                    if let Some(nic) = &self.devices.service_nic {
+                        let bridge = dunes_shared::network::bridge_name(nic.vni);
+                        let tap = tap_name(nic);
+                        let mtu = nic.mtu.to_string();
+                        w.create_element("interface")
+                            .with_attribute(("type", "bridge"))
+                            .write_inner_content(|w| {
+                                w.create_element("source")
+                                    .with_attribute(("bridge", bridge.as_str()))
+                                    .write_empty()?;
+                                w.create_element("mac")
+                                    .with_attribute(("address", nic.mac.as_str()))
+                                    .write_empty()?;
+                                w.create_element("target")
+                                    .with_attribute(("dev", tap.as_str()))
+                                    .write_empty()?;
+                                w.create_element("model")
+                                    .with_attribute(("type", "virtio"))
+                                    .write_empty()?;
+                                w.create_element("mtu")
+                                    .with_attribute(("size", mtu.as_str()))
+                                    .write_empty()?;
+                                Ok(())
+                            })?;
+                    } else if qemu && self.devices.user_network {
                         w.create_element("interface")
                             .with_attribute(("type", "user"))
                             .write_inner_content(|w| {
@@ -580,6 +639,7 @@ impl VmDefinition {
                     .find(|n| n.network == "user-mode")
                     .and_then(|n| n.mac.clone()),
                 screen: doc.screen,
+                service_nic: None,
             },
             autostart: false,
             firmware: Firmware::Bios,
@@ -833,6 +893,7 @@ mod tests {
                 user_network: true,
                 mac: Some("52:54:00:0a:1b:2c".into()),
                 screen: true,
+                service_nic: None,
             },
             autostart: false,
             firmware: Firmware::Bios,

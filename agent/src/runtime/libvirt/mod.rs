@@ -497,6 +497,7 @@ fn definition_for(
             mac: (template.network == crate::storage::TemplateNetwork::User)
                 .then(definition::random_mac),
             screen: true,
+            service_nic: None,
         },
         autostart: false,
         firmware: image_disk.map_or(Firmware::Bios, |d| d.firmware),
@@ -555,6 +556,17 @@ impl Runtime for LibvirtRuntime {
                 i.start(&name)
             })
             .await
+        })
+    }
+
+    fn join_network(
+        &self,
+        name: VmName,
+        nic: dunes_shared::network::InstanceNic,
+    ) -> RuntimeFuture<'_, VmStatus> {
+        Box::pin(async move {
+            let _vm = self.lock_vm(&name).await;
+            self.call(move |i| i.join_network(&name, nic)).await
         })
     }
 
@@ -1368,6 +1380,49 @@ impl Inner {
         Ok(())
     }
 
+    /// Puts a stopped VM's NIC on a service network's bridge, with the address and MAC the
+    /// console chose (and its cloud-init seed's network-config, when it has one).
+    fn join_network(
+        &self,
+        name: &VmName,
+        nic: dunes_shared::network::InstanceNic,
+    ) -> Result<VmStatus, RuntimeError> {
+        let state = self.state_of(name)?;
+        if state.is_active() {
+            return Err(RuntimeError::WrongState {
+                name: name.clone(),
+                state,
+                hint: "stop it first",
+            });
+        }
+        let old = self.record_of(name)?;
+        let mut def = old.clone();
+        def.devices.user_network = false;
+        def.devices.mac = Some(nic.mac.clone());
+        if let Some(ci) = def.cloud_init.as_mut() {
+            ci.network_config = Some(dunes_shared::cloud_init::static_network_config(&nic));
+        }
+        def.devices.service_nic = Some(nic);
+        if def == old {
+            return self.status_of(name);
+        }
+        let xml = def.domain_xml(self.domain_type, &self.storage)?;
+        if let Some(ci) = &def.cloud_init {
+            let seed = crate::cidata::build_seed(&ci.seed(&def.uuid, def.devices.mac.as_deref()))
+                .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+            self.storage.write_seed(name, &seed)?;
+        }
+        self.storage.save_definition(name, &def.to_toml()?)?;
+        if let Err(e) = self.conn.define_domain_xml(&xml) {
+            let _ = old
+                .to_toml()
+                .map(|r| self.storage.save_definition(name, &r));
+            return Err(lv("putting the VM on its network")(e));
+        }
+        lock(&self.records).insert(name.clone(), RecordFacts::of(&def));
+        self.status_of(name)
+    }
+
     fn configure(&self, request: &ConfigureVm) -> Result<VmConfigured, RuntimeError> {
         let name = &request.name;
         let old = self.record_of(name)?;
@@ -1564,6 +1619,11 @@ impl Inner {
         def.name = request.new_name.clone();
         def.uuid = uuid::Uuid::new_v4().to_string();
         def.autostart = false;
+        // A copy is no instance: it leaves its original's place on a service network to
+        // it, and has the user-mode network instead.
+        if def.devices.service_nic.take().is_some() {
+            def.devices.user_network = true;
+        }
         if def.devices.user_network {
             def.devices.mac = Some(definition::random_mac());
         }

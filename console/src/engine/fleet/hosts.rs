@@ -47,6 +47,7 @@ impl Actor {
                 address: address_tx,
                 link_task,
                 site_addresses_told: None,
+                networks_told: None,
             },
         );
     }
@@ -65,6 +66,7 @@ impl Actor {
                 let was = entry.view.link;
                 entry.peer = Some(peer);
                 entry.site_addresses_told = None;
+                entry.networks_told = None;
                 entry.view.link = LinkState::Online;
                 entry.view.link_error = None;
                 entry.view.skipped_events.clear();

@@ -31,6 +31,9 @@ pub(in crate::engine) struct HostEntry {
     pub(in crate::engine) link_task: JoinHandle<()>,
     /// The digest of the site addresses this host's agent was last told on its current link.
     pub(in crate::engine) site_addresses_told: Option<u64>,
+    /// The digest of the service networks this host's agent was last told on its current
+    /// link.
+    pub(in crate::engine) networks_told: Option<u64>,
 }
 
 impl Drop for HostEntry {

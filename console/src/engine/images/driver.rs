@@ -435,6 +435,7 @@ impl Actor {
             create.spec,
             create.start,
             Some((create.disk, cloud_init)),
+            create.network,
             create.reply,
         );
     }

@@ -71,6 +71,8 @@ pub struct CreateFromImage {
     /// The operator's user-data (checked already), if any.
     pub user_data: Option<String>,
     pub start: bool,
+    /// Its place on its service's network, for a service instance on one.
+    pub network: Option<dunes_shared::network::InstanceNic>,
     pub reply: crate::engine::Reply<dunes_shared::model::VmStatus>,
 }
 

@@ -4,6 +4,7 @@
 //! (pure), `views` what the snapshot shows, the driver the engine's side.
 
 mod driver;
+pub mod hosts;
 pub mod plan;
 pub(in crate::engine) mod state;
 pub mod views;

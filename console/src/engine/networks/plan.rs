@@ -44,6 +44,17 @@ pub fn free_address(subnet: Ipv4Net, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4A
     subnet.hosts().find(|a| *a != gateway && !taken.contains(a))
 }
 
+/// The highest address of `subnet` below its broadcast address that is not in `taken`: a
+/// host's own, so that hosts and instances take from opposite ends.
+pub fn free_address_from_top(subnet: Ipv4Net, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let gateway = gateway(subnet);
+    let hosts: Vec<Ipv4Addr> = subnet.hosts().collect();
+    hosts
+        .into_iter()
+        .rev()
+        .find(|a| *a != gateway && !taken.contains(a))
+}
+
 /// The network a service's instances are on: the one it names, or its own.
 pub fn network_name(spec: &ServiceSpec) -> Option<NetworkName> {
     let network = spec.network.as_ref()?;
@@ -189,6 +200,7 @@ pub fn choose_network(
         subnet,
         vni,
         created_ms: now_ms,
+        hosts: BTreeMap::new(),
     }))
 }
 
@@ -247,6 +259,7 @@ mod tests {
             subnet: net(subnet),
             vni,
             created_ms: 0,
+            hosts: BTreeMap::new(),
         }
     }
 
@@ -305,6 +318,7 @@ mod tests {
                 subnet: net("10.200.1.0/24"),
                 vni: 4097,
                 created_ms: 7,
+                hosts: BTreeMap::new(),
             })
         );
         let plain = service("plain", None);

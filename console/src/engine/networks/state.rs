@@ -15,6 +15,10 @@ pub struct NetworkRecord {
     /// Its VXLAN network identifier between hosts.
     pub vni: u32,
     pub created_ms: u64,
+    /// Each host's own address on the network, from the top of the subnet down, kept while
+    /// the host is part of it.
+    #[serde(default)]
+    pub hosts: std::collections::BTreeMap<dunes_shared::model::HostId, std::net::Ipv4Addr>,
 }
 
 #[derive(Default)]
@@ -23,4 +27,8 @@ pub(in crate::engine) struct NetworksState {
     /// Something changed that the published views show.
     pub(in crate::engine) dirty: bool,
     pub(in crate::engine) published: Arc<Vec<NetworkView>>,
+    /// What the hosts are told may have changed: told after this publish.
+    pub(in crate::engine) tell: bool,
+    /// The last refusal of each host's agent, said once in the event log.
+    pub(in crate::engine) refusals: BTreeMap<dunes_shared::model::HostId, String>,
 }

@@ -254,7 +254,9 @@ impl Actor {
                     })
                 }
             };
+            let nic = instance.address.as_ref().and_then(|a| self.instance_nic(a));
             steps.push(Step::Create {
+                nic,
                 spec: VmSpec {
                     name: vm,
                     template: app.template.clone(),
@@ -983,6 +985,7 @@ async fn call_step(
             spec,
             instance,
             image: Some(boot),
+            nic,
         } => {
             let created = ask(internal, |reply| {
                 Internal::CreateVmFromImage(crate::engine::images::CreateFromImage {
@@ -992,6 +995,7 @@ async fn call_step(
                     disk: boot.disk,
                     user_data: boot.user_data.clone(),
                     start: false,
+                    network: nic.clone(),
                     reply,
                 })
             })
@@ -1003,6 +1007,7 @@ async fn call_step(
             spec,
             instance,
             image: None,
+            nic,
         } => client
             .call(CreateVm {
                 spec: spec.clone(),
@@ -1010,6 +1015,7 @@ async fn call_step(
                 runtime: instance.runtime,
                 image_disk: None,
                 cloud_init: None,
+                network: nic.clone(),
             })
             .await
             .map(Some),

@@ -103,6 +103,8 @@ pub(in crate::engine) enum Step {
         /// For an application made from a library image: the image, the disk, and the
         /// user-data its seed starts with (written again each time the service starts it).
         image: Option<ImageBoot>,
+        /// Its place on its service's network, when the service has one.
+        nic: Option<dunes_shared::network::InstanceNic>,
     },
     Remove {
         instance: InstanceRecord,
