@@ -12,7 +12,9 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use dunes_console::engine::{Command as EngineCommand, EngineHandle};
-use dunes_tests::{AgentProcess, enroll_online, netns, spawn_lab_agent, start_engine};
+use dunes_tests::{
+    AgentProcess, deploy_service, enroll_online, netns, spawn_lab_agent, start_engine,
+};
 
 const PORT: u16 = 8000;
 
@@ -72,34 +74,16 @@ fn reach(pid: &str, target: &str, port: u16) -> Result<String, String> {
     }
 }
 
-async fn define(engine: &EngineHandle, source: &str, replace: bool) {
+/// Defines a service again, replacing the one of its name.
+async fn redefine(engine: &EngineHandle, source: &str) {
     engine
         .request(|reply| EngineCommand::DefineService {
             source: source.to_string(),
-            replace,
+            replace: true,
             reply,
         })
         .await
         .unwrap();
-}
-
-async fn deploy_and_start(engine: &EngineHandle, name: &str) {
-    let name = dunes_shared::model::ServiceName::new(name).unwrap();
-    let report = engine
-        .request(|reply| EngineCommand::DeployService {
-            name: name.clone(),
-            fingerprint: None,
-            overrides: Vec::new(),
-            reply,
-        })
-        .await
-        .unwrap();
-    assert!(report.failed.is_empty(), "deploy: {report:?}");
-    let report = engine
-        .request(|reply| EngineCommand::StartService { name, reply })
-        .await
-        .unwrap();
-    assert!(report.failed.is_empty(), "start: {report:?}");
 }
 
 /// The address the console gave instance `vm`.
@@ -237,8 +221,7 @@ async fn instances_reach_each_other_by_name_and_other_services_only_when_connect
          [rules]\ndistinct_hosts = [\"web\"]\nanti_affinity = [[\"db\", \"web\"]]\n\
          [network]\n"
     );
-    define(&engine, &shop, false).await;
-    deploy_and_start(&engine, "shop").await;
+    deploy_service(&engine, &shop).await.unwrap();
     let outsider = |connect: &str| {
         format!(
             "name = \"outsider\"\n\
@@ -246,8 +229,7 @@ async fn instances_reach_each_other_by_name_and_other_services_only_when_connect
              [network]\n{connect}\n"
         )
     };
-    define(&engine, &outsider(""), false).await;
-    deploy_and_start(&engine, "outsider").await;
+    deploy_service(&engine, &outsider("")).await.unwrap();
 
     let db = address_of(&engine, "shop-db-0");
     let web0 = agent_of(&engine, &agents, "shop-web-0");
@@ -307,7 +289,7 @@ async fn instances_reach_each_other_by_name_and_other_services_only_when_connect
     );
 
     // Connected to shop, it reaches shop's instances, by address and by name.
-    define(&engine, &outsider("connect = [\"shop\"]"), true).await;
+    redefine(&engine, &outsider("connect = [\"shop\"]")).await;
     until(30, "box reaches db once connected", || {
         match reach(&box_ns, "db.shop.dunes", PORT) {
             Ok(said) if said == db => Ok(()),

@@ -635,22 +635,8 @@ impl ProcessRuntime {
             }
             ProbeKind::Command => {
                 let command = probe.command.unwrap_or_default();
-                let (uid, namespace) = lock(&self.inner.instances)
-                    .get(&name)
-                    .map_or((None, None), |i| (i.def.uid, self.namespace_of(&i.def)));
-                let run = instance_command(
-                    "/bin/sh",
-                    uid,
-                    &self.dir(&name).join("work"),
-                    namespace.as_deref(),
-                )
-                .arg("-c")
-                .arg(&command)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .status();
+                let mut shell = self.shell(&name, &command);
+                let run = shell.stdout(Stdio::null()).stderr(Stdio::null()).status();
                 match tokio::time::timeout(READY_COMMAND_TIMEOUT, run).await {
                     Ok(Ok(s)) if s.success() => reply(true, format!("`{command}` exits 0")),
                     Ok(Ok(s)) => reply(false, format!("`{command}` exits {s}")),
@@ -667,6 +653,25 @@ impl ProcessRuntime {
 }
 
 impl ProcessRuntime {
+    /// A shell command run as instance `name` runs: its user, its working directory, its
+    /// network namespace; its input closed, ended if dropped.
+    fn shell(&self, name: &VmName, command: &str) -> tokio::process::Command {
+        let (uid, namespace) = lock(&self.inner.instances)
+            .get(name)
+            .map_or((None, None), |i| (i.def.uid, self.namespace_of(&i.def)));
+        let mut run = instance_command(
+            "/bin/sh",
+            uid,
+            &self.dir(name).join("work"),
+            namespace.as_deref(),
+        );
+        run.arg("-c")
+            .arg(command)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        run
+    }
+
     /// A command run as the instance runs (its user, its work dir), or the connections to a
     /// port on this host (process instances share its network).
     async fn metric(&self, name: VmName, probe: MetricProbe) -> Result<f64, RuntimeError> {
@@ -694,21 +699,8 @@ impl ProcessRuntime {
                 Ok(f64::from(super::metric::established_on(&text, port)))
             }
             (MetricKind::Command, Some(command), _) => {
-                let (uid, namespace) = lock(&self.inner.instances)
-                    .get(&name)
-                    .map_or((None, None), |i| (i.def.uid, self.namespace_of(&i.def)));
-                let run = instance_command(
-                    "/bin/sh",
-                    uid,
-                    &self.dir(&name).join("work"),
-                    namespace.as_deref(),
-                )
-                .arg("-c")
-                .arg(&command)
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .output();
+                let mut shell = self.shell(&name, &command);
+                let run = shell.stderr(Stdio::null()).output();
                 match tokio::time::timeout(READY_COMMAND_TIMEOUT, run).await {
                     Ok(Ok(out)) if out.status.success() => {
                         super::metric::parse_number(&String::from_utf8_lossy(&out.stdout))

@@ -54,28 +54,13 @@ pub fn site_address_lists<'a>(
 impl Actor {
     /// Tells every online agent whose site's addresses changed since it was last told.
     pub(in crate::engine) fn tell_site_addresses(&mut self) {
-        // A host's address: where its live connection comes from, else its recorded
-        // address when that is a literal one.
         let hosts: Vec<(String, Option<IpAddr>)> = self
             .fleet
             .hosts
             .values()
             .filter_map(|entry| {
                 let site = entry.view.inventory()?.site.name.to_string();
-                let ip = entry
-                    .peer
-                    .as_ref()
-                    .map(|p| p.conn.remote_address().ip().to_canonical())
-                    .or_else(|| {
-                        entry
-                            .view
-                            .record
-                            .address
-                            .parse::<std::net::SocketAddr>()
-                            .ok()
-                            .map(|a| a.ip().to_canonical())
-                    });
-                Some((site, ip))
+                Some((site, entry.reached_at()))
             })
             .collect();
         let lists = site_address_lists(hosts.iter().map(|(site, ip)| (site.as_str(), *ip)));

@@ -36,6 +36,24 @@ pub(in crate::engine) struct HostEntry {
     pub(in crate::engine) networks_told: Option<u64>,
 }
 
+impl HostEntry {
+    /// The host's address as this console (and so its peers) reach it: where its live
+    /// connection comes from, else its recorded address when that is a literal one.
+    pub(in crate::engine) fn reached_at(&self) -> Option<std::net::IpAddr> {
+        self.peer
+            .as_ref()
+            .map(|p| p.conn.remote_address().ip().to_canonical())
+            .or_else(|| {
+                self.view
+                    .record
+                    .address
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|a| a.ip().to_canonical())
+            })
+    }
+}
+
 impl Drop for HostEntry {
     fn drop(&mut self) {
         self.link_task.abort();

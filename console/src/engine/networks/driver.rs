@@ -171,8 +171,7 @@ impl Actor {
         taken
     }
 
-    /// Every host as the networks see it: its site, and its address as the others reach
-    /// it (where its live connection comes from, else its recorded address).
+    /// Every host as the networks see it: its site, and its address as the others reach it.
     fn host_facts(&self) -> Vec<HostFacts> {
         self.fleet
             .hosts
@@ -180,19 +179,7 @@ impl Actor {
             .map(|(id, entry)| HostFacts {
                 id: id.clone(),
                 site: entry.view.inventory().map(|i| i.site.name.clone()),
-                underlay: entry
-                    .peer
-                    .as_ref()
-                    .map(|p| p.conn.remote_address().ip().to_canonical())
-                    .or_else(|| {
-                        entry
-                            .view
-                            .record
-                            .address
-                            .parse::<std::net::SocketAddr>()
-                            .ok()
-                            .map(|a| a.ip().to_canonical())
-                    }),
+                underlay: entry.reached_at(),
             })
             .collect()
     }
